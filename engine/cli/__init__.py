@@ -1,0 +1,47 @@
+"""The ``hl7relay`` command. Each verb lives in its own module of this package, exposing
+``HELP`` (one line), ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args) -> exit code``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hl7relay import __version__
+
+__all__ = ["main", "build_parser", "VERBS"]
+
+# Verb name -> module in hl7relay.cli. Later verbs (send, listen, lint, test, run, messages,
+# replay, prune, status) are added here as they land.
+VERBS = {"validate": "hl7relay.cli.validate"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hl7relay",
+        description="hl7relay: an HL7 v2 interface engine. Run 'hl7relay VERB --help' for a verb's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"hl7relay {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, module_name in VERBS.items():
+        module = importlib.import_module(module_name)
+        sub = verbs.add_parser(name, help=module.HELP, description=module.DESCRIPTION,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. piped into head
+        sys.stderr.close()
+        return 0

@@ -1,0 +1,185 @@
+"""``hl7relay validate``: check sample messages against the HL7 standard before go-live."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hl7relay.batch import split_messages
+from hl7relay.errors import ParseError
+from hl7relay.message import Message
+from hl7relay.validation import SUPPORTED_VERSIONS, Validator
+
+HELP = "check HL7 messages against the standard (structure, fields, datatypes, tables)"
+DESCRIPTION = """\
+Check HL7 v2 messages against the standard for their version (MSH-12, or --version):
+the envelope (MSH-1, MSH-2, required header fields), message type, event, processing id and
+version, segment order and groups for the message structure, required fields, datatypes
+(SI, NM, DT, TM, DTM/TS, OBX-5 by OBX-2), table values and lengths.
+
+Each input may be a file (one message, several, or an FHS/BHS batch), a directory (walked for
+*.hl7, *.er7, *.msg, *.dat, *.txt and files without an extension), or - for standard input.
+
+Every finding is printed as:  SEVERITY CODE WHERE: TEXT, e.g.
+  E 100 PID: required segment PID missing; expected after EVN (segment 2), before PV1
+CODE is from HL7 table 0357: 100 segment sequence, 101 required field missing, 102 data type,
+103 table value, 104 length, 200-203 unsupported message type / event / processing id / version.
+
+Exit status: 0 all valid, 1 some message invalid, 2 some input unreadable (no MSH, not HL7)."""
+
+MESSAGE_SUFFIXES = {".hl7", ".er7", ".msg", ".dat", ".txt", ".hl7v2", ""}
+_PROGRESS_THRESHOLD = 20  # inputs; fewer finish before a progress bar would help
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="FILE|DIR|-", help="messages to check")
+    parser.add_argument("--version", dest="hl7_version", metavar="V", choices=SUPPORTED_VERSIONS + ("2.7.1",),
+                        help="check against this HL7 version instead of MSH-12")
+    parser.add_argument("--strict", action="store_true",
+                        help="table values, lengths, LF/CRLF segment endings and non-standard character set names are errors")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="text format: print verdicts and errors only, no warnings")
+
+
+@dataclass
+class FileResult:
+    name: str
+    readable: bool = True
+    problems: list[dict] = field(default_factory=list)  # batch envelope: severity, line, text
+    messages: list[dict] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return (self.readable and not any(p["severity"] == "E" for p in self.problems)
+                and all(m["valid"] for m in self.messages))
+
+
+def _collect(inputs: list[str]) -> list[tuple[str, Path | None]]:
+    found: list[tuple[str, Path | None]] = []
+    for item in inputs:
+        if item == "-":
+            found.append(("<stdin>", None))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    candidate = Path(root) / name
+                    if not name.startswith(".") and candidate.suffix.lower() in MESSAGE_SUFFIXES:
+                        found.append((str(candidate), candidate))
+        else:
+            found.append((item, path))
+    return found
+
+
+def check_bytes(name: str, data: bytes, validator: Validator) -> FileResult:
+    """Split, decode and validate everything in one input."""
+    result = FileResult(name)
+    split = split_messages(data)
+    if not split.is_hl7:
+        result.readable = False
+        result.problems.append({"severity": "E", "line": None, "text": "not HL7: no MSH, FHS or BHS segment found"})
+        return result
+    result.problems.extend({"severity": p.severity, "line": p.line, "text": p.text} for p in split.problems)
+    for index, chunk in enumerate(split.messages, start=1):
+        entry = {"index": index, "line": chunk.line}
+        try:
+            message = Message.from_bytes(chunk.data)
+        except ParseError as exc:
+            entry.update(valid=False, message_type="", control_id="", version=None, structure=None,
+                         findings=[{"severity": "E", "code": 100, "code_text": "Segment sequence error",
+                                    "segment": None, "position": None, "location": "", "path": "message",
+                                    "text": str(exc)}])
+        else:
+            entry.update(validator.validate(message).to_dict())
+        result.messages.append(entry)
+    return result
+
+
+class _Progress:
+    def __init__(self, total: int):
+        self.total = total
+        self.enabled = total >= _PROGRESS_THRESHOLD and sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        if self.enabled:
+            width = 30
+            filled = width * done // self.total
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} inputs")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+
+
+def _text_report(result: FileResult, quiet: bool, out) -> None:
+    if not result.readable:
+        out.write(f"{result.name}: UNREADABLE: {'; '.join(p['text'] for p in result.problems)}\n")
+        return
+    for p in result.problems:
+        if quiet and p["severity"] != "E":
+            continue
+        where = f" line {p['line']}" if p["line"] else ""
+        out.write(f"{result.name}: {p['severity']} 100 batch{where}: {p['text']}\n")
+    several = len(result.messages) > 1
+    for m in result.messages:
+        where = f"{result.name} message {m['index']} (line {m['line']})" if several else result.name
+        errors = sum(1 for f in m["findings"] if f["severity"] == "E")
+        warnings = sum(1 for f in m["findings"] if f["severity"] == "W")
+        about = " ".join(x for x in (m["message_type"], m["control_id"]) if x)
+        checked = f"v{m['version']} {m['structure']}" if m.get("structure") else (f"v{m['version']}" if m.get("version") else "")
+        verdict = "valid" if m["valid"] else "INVALID"
+        counts = f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
+        out.write(f"{where}: {verdict} ({counts}) {about}{' [' + checked + ']' if checked else ''}\n")
+        for f in m["findings"]:
+            if quiet and f["severity"] != "E":
+                continue
+            out.write(f"  {f['severity']} {f['code']} {f['path']}: {f['text']}\n")
+
+
+def run(args) -> int:
+    validator = Validator(version=args.hl7_version, strict=args.strict)
+    inputs = _collect(args.inputs)
+    progress = _Progress(len(inputs))
+    results: list[FileResult] = []
+    out = sys.stdout
+    for done, (name, path) in enumerate(inputs, start=1):
+        try:
+            data = sys.stdin.buffer.read() if path is None else path.read_bytes()
+        except OSError as exc:
+            result = FileResult(name, readable=False,
+                                problems=[{"severity": "E", "line": None, "text": f"cannot read: {exc.strerror or exc}"}])
+        else:
+            result = check_bytes(name, data, validator)
+        results.append(result)
+        if args.format == "text":
+            progress.close()
+            _text_report(result, args.quiet, out)
+        progress.update(done)
+    progress.close()
+    messages = sum(len(r.messages) for r in results)
+    invalid_messages = sum(1 for r in results for m in r.messages if not m["valid"])
+    unreadable = sum(1 for r in results if not r.readable)
+    summary = {"inputs": len(results), "messages": messages, "valid": messages - invalid_messages,
+               "invalid": invalid_messages, "unreadable_inputs": unreadable,
+               "inputs_with_batch_errors": sum(1 for r in results if r.readable and not r.valid
+                                               and all(m["valid"] for m in r.messages))}
+    if args.format == "json":
+        json.dump({"summary": summary, "inputs": [
+            {"input": r.name, "readable": r.readable, "valid": r.valid, "problems": r.problems, "messages": r.messages}
+            for r in results]}, out, indent=2)
+        out.write("\n")
+    else:
+        out.write(f"{messages} message{'s' * (messages != 1)} in {len(results)} input{'s' * (len(results) != 1)}: "
+                  f"{summary['valid']} valid, {invalid_messages} invalid, {unreadable} unreadable\n")
+    if not inputs:
+        return 2
+    if unreadable:
+        return 2
+    return 0 if all(r.valid for r in results) else 1

@@ -1,0 +1,349 @@
+"""The HL7 v2 message model: text in, fields read and written by HL7 path, text out.
+
+Built for the per-message path of an interface engine: nothing is split until it is asked for,
+and what was split is cached. Splitting a 1 KB message into segments costs about a microsecond;
+a field is split only when a path reaches into it. An unmodified message gives back exactly the
+bytes it was read from; a modified one re-joins only the segments that changed, with CR as the
+segment terminator (LF and CRLF are accepted on input).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+from hl7relay.charsets import DEFAULT_CHARSET, DecodedText, decode_message
+from hl7relay.errors import HL7RelayError, ParseError, PathError
+from hl7relay.escape import Delimiters, escape, unescape
+from hl7relay.path import Path, parse_path
+
+__all__ = ["Message", "HEADER_SEGMENTS"]
+
+# Segments whose field 1 is the field separator itself, so their field n sits at split index n-1.
+HEADER_SEGMENTS = frozenset({"MSH", "FHS", "BHS"})
+_LINE_BREAKS = re.compile(r"\r\n|\r|\n")
+
+
+class Message:
+    """One HL7 v2 message.
+
+    ``Message(text)`` reads decoded text; :meth:`from_bytes` decodes bytes by MSH-18 first and
+    keeps them, so :meth:`to_bytes` of an unmodified message returns them untouched.
+    """
+
+    __slots__ = (
+        "text", "raw", "charset", "codec", "decode_problems", "delimiters",
+        "_segments", "_names", "_index", "_fields", "_modified",
+    )
+
+    def __init__(self, text: str, *, raw: bytes | None = None, charset: str = DEFAULT_CHARSET,
+                 codec: str = "utf_8", decode_problems: list[str] | None = None):
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        if not text.startswith("MSH") or len(text) < 4 or text[3] in "\r\n":
+            head = text[:20].encode("unicode_escape").decode("ascii")
+            raise ParseError(f"not an HL7 message: it must start with 'MSH' and a field separator, got {head!r}")
+        self.text = text
+        self.raw = raw
+        self.charset = charset
+        self.codec = codec
+        self.decode_problems = decode_problems or []
+        field_sep = text[3]
+        line_end = len(text)
+        for terminator in ("\r", "\n"):
+            i = text.find(terminator, 4)
+            if i != -1 and i < line_end:
+                line_end = i
+        end = text.find(field_sep, 4, line_end)
+        encoding = text[4 : line_end if end == -1 else end]
+        self.delimiters = Delimiters.from_encoding(field_sep, encoding)
+        self._segments: list[str] | None = None
+        self._names: list[str] | None = None
+        self._index: dict[str, list[int]] | None = None
+        self._fields: dict[int, list[str]] = {}
+        self._modified = False
+
+    @classmethod
+    def from_bytes(cls, data: bytes, default_charset: str = DEFAULT_CHARSET) -> "Message":
+        """Decode by MSH-18 (else ``default_charset``) and read; the bytes are kept."""
+        decoded: DecodedText = decode_message(data, default_charset)
+        return cls(decoded.text, raw=data, charset=decoded.charset, codec=decoded.codec,
+                   decode_problems=decoded.problems)
+
+    # -- segments ---------------------------------------------------------------------------
+    def _split(self) -> list[str]:
+        text = self.text
+        parts = _LINE_BREAKS.split(text) if "\n" in text else text.split("\r")
+        segments = [p for p in parts if p]
+        self._segments = segments
+        fs = self.delimiters.field
+        self._names = [s.split(fs, 1)[0] for s in segments]
+        return segments
+
+    @property
+    def segments(self) -> list[str]:
+        """The segments' text, in order (a copy)."""
+        return list(self._segments if self._segments is not None else self._split())
+
+    def segment_names(self) -> list[str]:
+        if self._names is None:
+            self._split()
+        return list(self._names)
+
+    def _locate(self, name: str, occurrence: int) -> int | None:
+        index = self._index
+        if index is None:
+            if self._names is None:
+                self._split()
+            index = {}
+            for i, segment_name in enumerate(self._names):
+                index.setdefault(segment_name, []).append(i)
+            self._index = index
+        positions = index.get(name)
+        if positions is None or occurrence > len(positions):
+            return None
+        return positions[occurrence - 1]
+
+    def count(self, name: str) -> int:
+        """How many segments of that name the message has."""
+        self._locate(name, 1)
+        return len(self._index.get(name, ()))
+
+    def fields(self, position: int) -> list[str]:
+        """Fields of the segment at ``position`` (0-based), so that ``fields[n]`` is SEG-n.
+
+        For MSH (and FHS/BHS) ``fields[1]`` is the field separator and ``fields[2]`` the encoding
+        characters, as the standard numbers them. Returns the cached list: do not modify it.
+        """
+        cached = self._fields.get(position)
+        if cached is not None:
+            return cached
+        segments = self._segments if self._segments is not None else self._split()
+        segment = segments[position]
+        fs = self.delimiters.field
+        parts = segment.split(fs)
+        if self._names[position] in HEADER_SEGMENTS:
+            parts.insert(1, fs)
+        self._fields[position] = parts
+        return parts
+
+    def _store(self, position: int, fields: list[str]) -> None:
+        fs = self.delimiters.field
+        if self._names[position] in HEADER_SEGMENTS:
+            text = fields[0] + fs + fs.join(fields[2:])
+        else:
+            text = fs.join(fields)
+        self._segments[position] = text
+        self._fields[position] = fields
+        self._modified = True
+
+    # -- reading ----------------------------------------------------------------------------
+    def get(self, path: str | Path) -> str:
+        """The value at ``path``; ``''`` when absent.
+
+        A leaf (no deeper delimiter in it) comes back with its escapes decoded. A composite
+        (``PID-5`` of ``DOE^JOHN``) comes back as its encoded HL7 text, so no structure is lost;
+        address a component to get a decoded value. Without ``[r]`` the first repetition is read.
+        """
+        p = path if isinstance(path, Path) else parse_path(path)
+        position = self._locate(p.segment, p.occurrence)
+        if position is None:
+            return ""
+        fields = self.fields(position)
+        if p.field >= len(fields):
+            return ""
+        value = fields[p.field]
+        if p.field <= 2 and p.segment in HEADER_SEGMENTS:
+            return value  # MSH-1 and MSH-2 are the delimiters themselves: never decoded
+        d = self.delimiters
+        rep = d.repetition
+        if rep and rep in value:
+            reps = value.split(rep)
+            r = p.repetition or 1
+            value = reps[r - 1] if r <= len(reps) else ""
+        elif p.repetition is not None and p.repetition > 1:
+            return ""
+        if p.component is None:
+            return self._leaf(value, (d.component, d.subcomponent))
+        value = _nth(value, d.component, p.component)
+        if p.subcomponent is None:
+            return self._leaf(value, (d.subcomponent,))
+        return self._leaf(_nth(value, d.subcomponent, p.subcomponent), ())
+
+    def _leaf(self, value: str, deeper: tuple) -> str:
+        for sep in deeper:
+            if sep and sep in value:
+                return value
+        return unescape(value, self.delimiters, self.codec)
+
+    def repetitions(self, path: str | Path) -> list[str]:
+        """Every repetition of a field, each read as :meth:`get` reads one."""
+        p = path if isinstance(path, Path) else parse_path(path)
+        if p.repetition is not None or p.component is not None:
+            raise PathError(f"{p}: repetitions() takes a field path such as {p.segment}-{p.field}")
+        position = self._locate(p.segment, p.occurrence)
+        if position is None:
+            return []
+        fields = self.fields(position)
+        if p.field >= len(fields) or not fields[p.field]:
+            return []
+        rep = self.delimiters.repetition
+        count = fields[p.field].count(rep) + 1 if rep else 1
+        return [self.get(p._replace(repetition=r)) for r in range(1, count + 1)]
+
+    def __getitem__(self, path: str) -> str:
+        return self.get(path)
+
+    # -- writing ----------------------------------------------------------------------------
+    def set(self, path: str | Path, value: str) -> None:
+        """Write plain text at ``path``; delimiters in it are escaped, so :meth:`get` returns it."""
+        d = self.delimiters
+        if not d.escape and any(c and c in value for c in d):
+            raise PathError(f"{path}: the message declares no escape character, so {value!r} cannot be written")
+        self.set_raw(path, escape(value, d))
+
+    def __setitem__(self, path: str, value: str) -> None:
+        self.set(path, value)
+
+    def set_raw(self, path: str | Path, er7: str) -> None:
+        """Write already-encoded HL7 text at ``path`` (e.g. ``'DOE^JOHN'`` into PID-5)."""
+        p = path if isinstance(path, Path) else parse_path(path)
+        if p.segment in HEADER_SEGMENTS and p.field <= 2:
+            raise PathError(f"{p}: the delimiters in {p.segment}-1 and {p.segment}-2 cannot be rewritten")
+        if "\r" in er7 or "\n" in er7:
+            raise PathError(f"{p}: a value cannot contain a segment terminator")
+        position = self._locate(p.segment, p.occurrence)
+        while position is None:
+            self.append_segment(p.segment)
+            position = self._locate(p.segment, p.occurrence)
+        fields = list(self.fields(position))
+        if len(fields) <= p.field:
+            fields.extend([""] * (p.field + 1 - len(fields)))
+        d = self.delimiters
+        value = fields[p.field]
+        if p.repetition is None and p.component is None and not (d.repetition and d.repetition in value):
+            value = er7
+        else:
+            reps = value.split(d.repetition) if d.repetition else [value]
+            r = p.repetition or 1
+            if r > 1 and not d.repetition:
+                raise PathError(f"{p}: this message declares no repetition separator")
+            reps.extend([""] * (r - len(reps)))
+            target = reps[r - 1]
+            if p.component is None:
+                target = er7
+            else:
+                target = _replace_nth(target, d.component, p.component, p, lambda component: (
+                    er7 if p.subcomponent is None
+                    else _replace_nth(component, d.subcomponent, p.subcomponent, p, lambda _: er7)
+                ))
+            reps[r - 1] = target
+            value = d.repetition.join(reps) if d.repetition else reps[0]
+        fields[p.field] = value
+        self._store(position, fields)
+
+    def append_segment(self, text: str) -> None:
+        """Add a segment (its HL7 text, e.g. ``'NTE|1||note'``) at the end of the message."""
+        self.insert_segment(len(self.segments), text)
+
+    def insert_segment(self, position: int, text: str) -> None:
+        """Insert a segment before the 0-based ``position``."""
+        if "\r" in text or "\n" in text or not text:
+            raise PathError("a segment is one non-empty line of HL7 text")
+        if self._segments is None:
+            self._split()
+        self._segments.insert(position, text)
+        self._names.insert(position, text.split(self.delimiters.field, 1)[0])
+        self._reindex()
+
+    def delete_segment(self, name: str, occurrence: int = 1) -> bool:
+        """Remove the ``occurrence``-th segment called ``name``; False when there is none."""
+        position = self._locate(name, occurrence)
+        if position is None:
+            return False
+        del self._segments[position]
+        del self._names[position]
+        self._reindex()
+        return True
+
+    def _reindex(self) -> None:
+        self._index = None
+        self._fields = {}
+        self._modified = True
+
+    # -- output -----------------------------------------------------------------------------
+    @property
+    def modified(self) -> bool:
+        return self._modified
+
+    def to_text(self) -> str:
+        """The message as text: the input itself when unmodified, else segments joined by CR."""
+        if not self._modified:
+            return self.text
+        return "\r".join(self._segments) + "\r"
+
+    __str__ = to_text
+
+    def to_bytes(self) -> bytes:
+        """The message as bytes in its own character set (the input bytes when unmodified)."""
+        if not self._modified and self.raw is not None:
+            return self.raw
+        try:
+            return self.to_text().encode(self.codec, "surrogateescape")
+        except UnicodeEncodeError as exc:
+            raise HL7RelayError(
+                f"the message holds text that {self.charset} cannot encode "
+                f"({exc.object[exc.start:exc.end]!r}); change MSH-18 or the value"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"<Message {self.get('MSH-9')!r} {self.get('MSH-10')!r}>"
+
+    # -- header shortcuts -------------------------------------------------------------------
+    @property
+    def message_type(self) -> str:
+        return self.get("MSH-9.1")
+
+    @property
+    def trigger_event(self) -> str:
+        return self.get("MSH-9.2")
+
+    @property
+    def structure_id(self) -> str:
+        return self.get("MSH-9.3")
+
+    @property
+    def control_id(self) -> str:
+        return self.get("MSH-10")
+
+    @property
+    def processing_id(self) -> str:
+        return self.get("MSH-11.1")
+
+    @property
+    def version(self) -> str:
+        return self.get("MSH-12.1")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.segments)
+
+
+def _nth(value: str, sep: str | None, n: int) -> str:
+    if not sep:
+        return value if n == 1 else ""
+    if n == 1:
+        i = value.find(sep)
+        return value if i == -1 else value[:i]
+    parts = value.split(sep)
+    return parts[n - 1] if n <= len(parts) else ""
+
+
+def _replace_nth(value: str, sep: str | None, n: int, p: Path, change) -> str:
+    if not sep:
+        if n > 1:
+            raise PathError(f"{p}: this message does not declare the separator that path needs")
+        return change(value)
+    parts = value.split(sep)
+    parts.extend([""] * (n - len(parts)))
+    parts[n - 1] = change(parts[n - 1])
+    return sep.join(parts)

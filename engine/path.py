@@ -1,0 +1,83 @@
+"""HL7 paths: ``PID-5``, ``PID-5.1``, ``PID-5.1.2``, ``PID-3[2].1``, ``OBX[3]-5``, ``MSH-9.2``.
+
+Every index is 1-based, as analysts write them. ``SEG[n]`` is the n-th segment of that name,
+``F[r]`` the r-th repetition of the field. ``.`` and ``-`` are both accepted between the parts
+(``PID.5.1`` as Mirth writes it, ``PID-5-1`` as HAPI's terser does).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import NamedTuple
+
+from hl7relay.errors import PathError
+
+__all__ = ["Path", "parse_path"]
+
+_PATH = re.compile(
+    r"""
+    (?P<segment>[A-Z][A-Z0-9]{2})
+    (?:\[(?P<occurrence>\d+)\])?
+    [-.](?P<field>\d+)
+    (?:\[(?P<repetition>\d+)\])?
+    (?:[-.](?P<component>\d+)
+        (?:[-.](?P<subcomponent>\d+))?
+    )?
+    """,
+    re.VERBOSE,
+)
+
+
+class Path(NamedTuple):
+    segment: str
+    occurrence: int
+    field: int
+    repetition: int | None
+    component: int | None
+    subcomponent: int | None
+
+    def __str__(self) -> str:
+        text = self.segment
+        if self.occurrence != 1:
+            text += f"[{self.occurrence}]"
+        text += f"-{self.field}"
+        if self.repetition is not None:
+            text += f"[{self.repetition}]"
+        if self.component is not None:
+            text += f".{self.component}"
+        if self.subcomponent is not None:
+            text += f".{self.subcomponent}"
+        return text
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_path(text: str) -> Path:
+    """Parse an HL7 path; raises :class:`PathError` with the reason when it is not one."""
+    if not isinstance(text, str):
+        raise PathError(f"an HL7 path is text, not {type(text).__name__}")
+    match = _PATH.fullmatch(text.strip())
+    if match is None:
+        raise PathError(
+            f"{text!r} is not an HL7 path; expected SEG[-n]-FIELD[.COMPONENT[.SUBCOMPONENT]], "
+            "e.g. PID-5.1, PID-3[2].1, OBX[3]-5"
+        )
+    groups = match.groupdict()
+    numbers = {}
+    for key in ("occurrence", "field", "repetition", "component", "subcomponent"):
+        value = groups[key]
+        if value is not None:
+            number = int(value)
+            if number < 1:
+                raise PathError(f"{text!r}: {key} numbers start at 1")
+            numbers[key] = number
+        else:
+            numbers[key] = None
+    return Path(
+        groups["segment"],
+        numbers["occurrence"] or 1,
+        numbers["field"],
+        numbers["repetition"],
+        numbers["component"],
+        numbers["subcomponent"],
+    )

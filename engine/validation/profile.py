@@ -1,0 +1,269 @@
+"""hl7apy's definitions of each HL7 version, compiled once into what the validator walks.
+
+hl7apy carries every message structure, segment, field, datatype and table of v2.1-2.8.2; it is
+the source of truth. Running hl7apy on a message costs ~17 ms, so it is never used per message:
+its tables are read once per version (lazily, per structure and segment) into small slotted
+objects with the sets the structure matcher needs (first and follow sets) precomputed.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass, field
+
+from hl7relay.validation.datatypes import BASE_MAX_LENGTH, PRIMITIVE_CHECKS
+from hl7relay.validation.events import resolve_structure
+
+__all__ = [
+    "SUPPORTED_VERSIONS", "Profile", "get_profile", "definition_version",
+    "Leaf", "Composite", "FieldDef", "SegmentDef", "Node",
+]
+
+SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.8.1", "2.8.2")
+# Versions hl7apy has no tables for, checked against the closest release it has.
+_NEAREST = {"2.7.1": "2.7"}
+
+
+def definition_version(version: str) -> str | None:
+    """The version whose definitions check ``version``; None when there are none."""
+    if version in SUPPORTED_VERSIONS:
+        return version
+    return _NEAREST.get(version)
+
+
+@dataclass(slots=True, frozen=True)
+class Leaf:
+    """A primitive value: its datatype, format check, HL7 table and base length."""
+
+    datatype: str
+    table: str | None
+    values: frozenset | None  # the table's values, when hl7apy lists any
+    check: object  # callable(str) -> str | None, or None
+    max_length: int | None
+
+
+@dataclass(slots=True, frozen=True)
+class Composite:
+    datatype: str
+    components: tuple  # of (name, Leaf | Composite)
+
+
+@dataclass(slots=True, frozen=True)
+class FieldDef:
+    number: int
+    name: str  # e.g. PATIENT_NAME
+    datatype: str
+    min: int
+    max: int  # -1: unlimited repetitions
+    element: Leaf | Composite | None  # None: "varies" (OBX-5 takes its type from OBX-2)
+
+
+@dataclass(slots=True, frozen=True)
+class SegmentDef:
+    name: str
+    fields: tuple  # FieldDef or None (not defined in this version), index 0 is field 1
+    required: tuple  # numbers of the required fields
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """A segment reference or a group in a message structure."""
+
+    name: str
+    kind: str  # "segment", "sequence" or "choice"
+    min: int
+    max: int  # -1: unlimited
+    children: tuple = ()
+    first: frozenset = frozenset()  # segment names that can start this node
+    nullable: bool = False  # can this node's content be empty
+    follow: frozenset = frozenset()  # segment names that may come right after this node
+    later: frozenset = frozenset()  # segment names that may come anywhere after this node
+    segments: frozenset = frozenset()  # every segment name anywhere inside
+
+    @property
+    def label(self) -> str:
+        return self.name if self.kind == "segment" else f"group {self.name}"
+
+
+def _table_values(tables: dict, table_id: str | None) -> frozenset | None:
+    if not table_id or table_id not in tables:
+        return None
+    values = tables[table_id][1]
+    return frozenset(values) if values else None
+
+
+class Profile:
+    """Compiled definitions of one HL7 version."""
+
+    def __init__(self, version: str):
+        from hl7apy import load_library
+
+        self.version = version
+        lib = load_library(version)
+        self._messages = lib.MESSAGES
+        self._segments = lib.SEGMENTS
+        self._datatype_structs = lib.DATATYPES_STRUCTS
+        self._tables = getattr(lib, "TABLES", {})
+        self.structures = frozenset(self._messages)
+        self.segment_names = frozenset(self._segments)
+        self.message_types = frozenset(name.split("_")[0] for name in self._messages) | frozenset(
+            _table_values(self._tables, "HL70076") or ()
+        )
+        self._lock = threading.Lock()
+        self._structure_cache: dict[str, Node] = {}
+        self._segment_cache: dict[str, SegmentDef] = {}
+        self._leaf_cache: dict[tuple, Leaf] = {}
+        self._composite_cache: dict[str, Composite | Leaf | None] = {}
+
+    # -- lookups ---------------------------------------------------------------------------
+    def resolve(self, message_type: str, event: str) -> str | None:
+        return resolve_structure(message_type, event, self.version, self.structures)
+
+    def table(self, table_id: str) -> frozenset | None:
+        return _table_values(self._tables, table_id)
+
+    def structure(self, name: str) -> Node | None:
+        node = self._structure_cache.get(name)
+        if node is None and name in self._messages:
+            with self._lock:
+                kind, children = self._messages[name]
+                node = self._compile_group(name, kind, children, 1, 1)
+                _annotate_follow(node, frozenset(), frozenset())
+                self._structure_cache[name] = node
+        return node
+
+    def segment(self, name: str) -> SegmentDef | None:
+        seg = self._segment_cache.get(name)
+        if seg is None and name in self._segments:
+            with self._lock:
+                seg = self._compile_segment(name)
+                self._segment_cache[name] = seg
+        return seg
+
+    def datatype(self, name: str) -> Leaf | Composite | None:
+        """A datatype by name, for OBX-5 whose type OBX-2 names."""
+        if name not in self._composite_cache:
+            with self._lock:
+                struct = self._datatype_structs.get(name)
+                if struct:
+                    element = self._compile_composite(name, struct)
+                elif name in PRIMITIVE_CHECKS or name in BASE_MAX_LENGTH or name in ("ID", "IS", "ST", "TX", "FT"):
+                    element = self._leaf(name, None)
+                else:
+                    element = None
+                self._composite_cache[name] = element
+        return self._composite_cache[name]
+
+    # -- compiling -------------------------------------------------------------------------
+    def _compile_group(self, name, kind, children, low, high) -> Node:
+        nodes = []
+        for child in children:
+            child_name, ref, (cmin, cmax), child_kind = child[0], child[1], child[2], child[3]
+            if child_kind == "SEG":
+                nodes.append(Node(child_name, "segment", cmin, cmax, first=frozenset({child_name}),
+                                  nullable=cmin == 0, segments=frozenset({child_name})))
+            else:
+                group_kind, group_children = ref
+                nodes.append(self._compile_group(child_name, group_kind, group_children, cmin, cmax))
+        node = Node(name, kind, low, high, tuple(nodes))
+        first: set[str] = set()
+        if kind == "choice":
+            for child in nodes:
+                first |= child.first
+            content_nullable = any(c.nullable for c in nodes)
+        else:
+            content_nullable = True
+            for child in nodes:
+                first |= child.first
+                if not child.nullable:
+                    content_nullable = False
+                    break
+        node.first = frozenset(first)
+        node.nullable = low == 0 or content_nullable
+        node.segments = frozenset().union(*(c.segments for c in nodes)) if nodes else frozenset()
+        return node
+
+    def _leaf(self, datatype: str, table: str | None) -> Leaf:
+        key = (datatype, table)
+        leaf = self._leaf_cache.get(key)
+        if leaf is None:
+            values = _table_values(self._tables, table) if datatype in ("ID", "IS") else None
+            leaf = Leaf(datatype, table, values, PRIMITIVE_CHECKS.get(datatype), BASE_MAX_LENGTH.get(datatype))
+            self._leaf_cache[key] = leaf
+        return leaf
+
+    def _compile_composite(self, datatype: str, struct) -> Composite:
+        components = []
+        for component in struct:
+            comp_name, (kind, sub_struct, comp_type, _long, table, _len) = component[0], component[1][:6]
+            if datatype == "TS" and comp_name == "TS_1":
+                comp_type = "DTM"  # hl7apy types TS.1 as ST before v2.5; the standard says time stamp
+            if kind == "leaf" or not sub_struct:
+                components.append((comp_name, self._leaf(comp_type, table)))
+            else:
+                components.append((comp_name, self._compile_composite(comp_type, sub_struct)))
+        return Composite(datatype, tuple(components))
+
+    def _compile_segment(self, name: str) -> SegmentDef:
+        definition = self._segments[name]
+        children = definition[1] if len(definition) > 1 else ()  # withdrawn segments list no fields
+        by_number: dict[int, FieldDef] = {}
+        for child in children:
+            # Number from the name: hl7apy leaves withdrawn fields out of some versions' lists.
+            number = int(child[0].rsplit("_", 1)[1])
+            kind, struct, datatype, long_name, table = child[1][:5]
+            cmin, cmax = child[2]
+            if (name, number) in _CONDITIONAL and self.version in _CONDITIONAL[(name, number)]:
+                cmin = 0
+            if datatype == "varies" or datatype == "WD":
+                element = None
+            elif kind == "leaf" or not struct:
+                element = self._leaf(datatype, table)
+            else:
+                element = self._compile_composite(datatype, struct)
+            by_number[number] = FieldDef(number, long_name or child[0], datatype, cmin, cmax, element)
+        fields = tuple(by_number.get(n) for n in range(1, max(by_number, default=0) + 1))
+        required = tuple(n for n, f in by_number.items() if f.min >= 1 and f.datatype != "WD")
+        return SegmentDef(name, fields, tuple(sorted(required)))
+
+
+# Fields the standard makes conditional (C) that hl7apy records as required in some versions;
+# a condition cannot be checked from the structure alone, so they are treated as optional there.
+_CONDITIONAL = {("OBX", 4): {"2.7", "2.8", "2.8.1"}}
+
+
+def _annotate_follow(node: Node, follow: frozenset, later: frozenset) -> None:
+    """Give every node the segment names that may come right after it, and anywhere after it."""
+    node.follow = follow
+    node.later = later
+    if node.kind == "segment":
+        return
+    repeating = node.max != 1  # a repeating group may start over
+    again = node.first if repeating else frozenset()
+    again_any = node.segments if repeating else frozenset()
+    if node.kind == "choice":
+        for child in node.children:
+            _annotate_follow(child, follow | again, later | again_any)
+        return
+    children = node.children
+    for i, child in enumerate(children):
+        after: set[str] = set()
+        rest_nullable = True
+        for nxt in children[i + 1:]:
+            after |= nxt.first
+            if not nxt.nullable:
+                rest_nullable = False
+                break
+        if rest_nullable:
+            after |= follow | again
+        anywhere = set(later | again_any)
+        for nxt in children[i + 1:]:
+            anywhere |= nxt.segments
+        _annotate_follow(child, frozenset(after), frozenset(anywhere))
+
+
+@functools.lru_cache(maxsize=None)
+def get_profile(version: str) -> Profile:
+    """The compiled profile of a supported version (compiled on first use, then shared)."""
+    return Profile(version)

@@ -1,0 +1,534 @@
+"""Validate a message against the standard for its version.
+
+Reports every finding, not only the first: envelope (MSH-1/MSH-2 and the header fields), message
+type/event/processing id/version, segment order against the message structure (groups,
+optional, repeating and required segments; Z-segments are allowed anywhere after MSH), required
+fields, datatype formats, table values and lengths. Each finding carries an HL7 table 0357 code,
+a severity, where it is (segment number and an ERR-2 style location) and a plain sentence.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from hl7relay.ack.codes import ErrorCode, Severity
+from hl7relay.message import HEADER_SEGMENTS, Message
+from hl7relay.validation.profile import (
+    SUPPORTED_VERSIONS, Composite, FieldDef, Leaf, Node, Profile, definition_version, get_profile,
+)
+
+__all__ = ["Finding", "Report", "Validator", "validate"]
+
+E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFORMATION
+_SEGMENT_NAME = re.compile(r"[A-Z][A-Z0-9]{2}")
+_PROCESSING_IDS = frozenset({"D", "P", "T"})  # HL7 table 0103
+_MSH_REQUIRED = {7: "date/time of message", 9: "message type", 10: "message control id",
+                 11: "processing id", 12: "version id"}
+
+
+@dataclass(slots=True, frozen=True)
+class Finding:
+    severity: Severity
+    code: ErrorCode
+    text: str
+    segment: str | None = None  # segment id, e.g. PID
+    position: int | None = None  # 1-based segment number in the message
+    sequence: int | None = None  # which PID (1-based) among the message's PIDs
+    field: int | None = None
+    repetition: int | None = None
+    component: int | None = None
+    subcomponent: int | None = None
+
+    @property
+    def location(self) -> str:
+        """ERR-2 (ERL) form: ``SEG^sequence^field^repetition^component^subcomponent``."""
+        parts = [self.segment or "", self.sequence, self.field, self.repetition, self.component, self.subcomponent]
+        while parts and parts[-1] is None:
+            parts.pop()
+        return "^".join("" if p is None else str(p) for p in parts)
+
+    @property
+    def path(self) -> str:
+        """HL7 path form, as analysts write it: ``PID-5.1``, ``OBX[2]-5``."""
+        if not self.segment:
+            return "message"
+        text = self.segment if not self.sequence or self.sequence == 1 else f"{self.segment}[{self.sequence}]"
+        if self.field is not None:
+            text += f"-{self.field}"
+            if self.repetition and self.repetition > 1:
+                text += f"[{self.repetition}]"
+            if self.component is not None:
+                text += f".{self.component}"
+                if self.subcomponent is not None:
+                    text += f".{self.subcomponent}"
+        return text
+
+    def __str__(self) -> str:
+        return f"{self.severity.value} {int(self.code)} {self.path}: {self.text}"
+
+    def to_dict(self) -> dict:
+        return {
+            "severity": self.severity.value, "code": int(self.code), "code_text": self.code.text,
+            "segment": self.segment, "position": self.position, "location": self.location,
+            "path": self.path, "text": self.text,
+        }
+
+
+@dataclass(slots=True)
+class Report:
+    """What validating one message found."""
+
+    findings: list[Finding] = field(default_factory=list)
+    version: str | None = None  # the version the message was checked against
+    structure: str | None = None  # the message structure used, e.g. ADT_A01
+    message_type: str = ""
+    control_id: str = ""
+
+    @property
+    def valid(self) -> bool:
+        return not any(f.severity is E for f in self.findings)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity is E]
+
+    def to_dict(self) -> dict:
+        return {
+            "valid": self.valid, "message_type": self.message_type, "control_id": self.control_id,
+            "version": self.version, "structure": self.structure,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+
+class Validator:
+    """Checks messages; ``version`` overrides MSH-12, ``strict`` turns warnings about table values,
+    lengths, line endings and character set names into errors."""
+
+    def __init__(self, version: str | None = None, strict: bool = False):
+        if version is not None and definition_version(version) is None:
+            raise ValueError(f"unsupported HL7 version {version!r}; supported: {', '.join(SUPPORTED_VERSIONS)}, 2.7.1")
+        self.version = version
+        self.strict = strict
+        self._soft = E if strict else W
+
+    def validate(self, message: Message) -> Report:
+        return _Run(self, message).run()
+
+
+def validate(message: Message, version: str | None = None, strict: bool = False) -> Report:
+    """Validate one message (see :class:`Validator`)."""
+    return Validator(version, strict).validate(message)
+
+
+class _Run:
+    """One validation: the message, its segments and the findings so far."""
+
+    def __init__(self, validator: Validator, message: Message):
+        self.v = validator
+        self.msg = message
+        self.report = Report()
+        self.findings = self.report.findings
+        self.names = message.segment_names()
+        self.sequence_of: list[int] = []  # per segment position: its occurrence among same-named ones
+        seen: dict[str, int] = {}
+        for name in self.names:
+            seen[name] = seen.get(name, 0) + 1
+            self.sequence_of.append(seen[name])
+
+    def add(self, severity, code, text, position=None, field=None, repetition=None, component=None, subcomponent=None):
+        segment = sequence = None
+        if position is not None:
+            segment = self.names[position]
+            sequence = self.sequence_of[position]
+        self.findings.append(Finding(severity, code, text, segment, None if position is None else position + 1,
+                                     sequence, field, repetition, component, subcomponent))
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> Report:
+        msg = self.msg
+        self.report.message_type = msg.get("MSH-9")
+        self.report.control_id = msg.get("MSH-10")
+        for problem in msg.decode_problems:
+            severity = E if "not valid" in problem or "decoded as" in problem else self.v._soft
+            self.add(severity, ErrorCode.DATA_TYPE_ERROR, f"character set: {problem}", 0, 18)
+        if ("\n" in msg.text) and self.v.strict:
+            self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, "segments end with LF or CRLF; the standard's terminator is CR")
+        if not self._check_delimiters():
+            return self.report  # with ambiguous delimiters nothing further can be read reliably
+        self._check_header()
+        profile = self._profile()
+        if profile is None:
+            return self.report
+        structure = self._structure(profile)
+        segments = self._classify_segments(profile)
+        if structure is not None:
+            _Matcher(self, structure, segments).match()
+        self._check_fields(profile, segments)
+        return self.report
+
+    def _check_delimiters(self) -> bool:
+        d = self.msg.delimiters
+        encoding = self.msg.fields(0)[2]
+        version = self.msg.get("MSH-12.1")
+        allowed = 5 if (definition_version(version) or version) >= "2.7" else 4
+        ok = True
+        if d.field.isalnum() or d.field.isspace():
+            self.add(E, ErrorCode.DATA_TYPE_ERROR, f"MSH-1 field separator {d.field!r} must not be a letter, digit or space", 0, 1)
+            ok = False
+        if len(encoding) < 4:
+            self.add(E, ErrorCode.REQUIRED_FIELD_MISSING if not encoding else ErrorCode.DATA_TYPE_ERROR,
+                     f"MSH-2 encoding characters {encoding!r}: four are required (component, repetition, escape, subcomponent)", 0, 2)
+            ok = False
+        elif len(encoding) > allowed:
+            why = "a fifth (truncation) character only from v2.7" if allowed == 4 else "at most five"
+            self.add(E, ErrorCode.DATA_TYPE_ERROR, f"MSH-2 encoding characters {encoding!r}: {why}", 0, 2)
+            ok = False
+        chars = d.field + encoding
+        if len(set(chars)) != len(chars):
+            self.add(E, ErrorCode.DATA_TYPE_ERROR, f"MSH-1/MSH-2 delimiters {chars!r} are not distinct characters", 0, 2)
+            ok = False
+        bad = [c for c in encoding if c.isalnum() or c.isspace()]
+        if bad:
+            self.add(E, ErrorCode.DATA_TYPE_ERROR, f"MSH-2 encoding characters must not be letters, digits or spaces: {''.join(bad)!r}", 0, 2)
+            ok = False
+        return ok
+
+    def _check_header(self) -> None:
+        fields = self.msg.fields(0)
+        for number, what in _MSH_REQUIRED.items():
+            if len(fields) <= number or not fields[number]:
+                self.add(E, ErrorCode.REQUIRED_FIELD_MISSING, f"required field MSH-{number} ({what}) is missing", 0, number)
+        processing = self.msg.get("MSH-11.1")
+        if processing and processing not in _PROCESSING_IDS:
+            self.add(E, ErrorCode.UNSUPPORTED_PROCESSING_ID,
+                     f"processing id {processing!r} is not one of D (debugging), P (production), T (training)", 0, 11, component=1)
+
+    def _profile(self) -> Profile | None:
+        declared = self.msg.get("MSH-12.1").strip()
+        version = self.v.version or declared
+        if not version:
+            return None  # MSH-12 missing was reported; nothing to check the structure against
+        defs = definition_version(version)
+        if defs is None:
+            self.add(E, ErrorCode.UNSUPPORTED_VERSION_ID,
+                     f"version {version!r} is not supported; supported: {', '.join(SUPPORTED_VERSIONS)}, 2.7.1", 0, 12)
+            return None
+        if defs != version:
+            self.add(I, ErrorCode.MESSAGE_ACCEPTED, f"version {version} is checked against the {defs} definitions", 0, 12)
+        self.report.version = defs
+        return get_profile(defs)
+
+    def _structure(self, profile: Profile) -> Node | None:
+        msg = self.msg
+        message_type = msg.get("MSH-9.1").strip()
+        event = msg.get("MSH-9.2").strip()
+        declared = msg.get("MSH-9.3").strip()
+        if not message_type:
+            return None  # MSH-9 missing was reported
+        if message_type not in profile.message_types:
+            self.add(E, ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+                     f"message type {message_type!r} is not defined in v{profile.version}", 0, 9, component=1)
+            return None
+        name = profile.resolve(message_type, event)
+        if declared and declared in profile.structures:
+            if name and name != declared:
+                self.add(W, ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+                         f"MSH-9.3 says structure {declared} but {message_type}^{event} uses {name} in v{profile.version}; checked as {declared}",
+                         0, 9, component=3)
+            name = declared
+        elif declared:
+            self.add(W, ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+                     f"MSH-9.3 names structure {declared!r}, which v{profile.version} does not define", 0, 9, component=3)
+        if name is None:
+            if not event:
+                self.add(E, ErrorCode.REQUIRED_FIELD_MISSING, f"MSH-9.2 trigger event is missing for {message_type}", 0, 9, component=2)
+            else:
+                self.add(E, ErrorCode.UNSUPPORTED_EVENT_CODE,
+                         f"event {event!r} is not defined for {message_type} in v{profile.version}", 0, 9, component=2)
+            return None
+        self.report.structure = name
+        return profile.structure(name)
+
+    def _classify_segments(self, profile: Profile) -> list[int]:
+        """Positions of the segments the structure is matched against (known, non-Z, after MSH)."""
+        known = []
+        for position, name in enumerate(self.names):
+            if position == 0:
+                continue
+            if _SEGMENT_NAME.fullmatch(name) is None:
+                self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, f"segment {position + 1}: {name[:10]!r} is not a segment name (three letters or digits)", position)
+            elif name[0] == "Z":
+                continue  # Z-segments are site-defined and allowed anywhere after MSH
+            elif name not in profile.segment_names:
+                self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, f"segment {position + 1}: {name} is not a segment of v{profile.version}", position)
+            else:
+                known.append(position)
+        if self.names[0] != "MSH":
+            self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, "the message does not start with MSH", 0)
+        return known
+
+    # -- fields ---------------------------------------------------------------------------------
+    def _check_fields(self, profile: Profile, positions: list[int]) -> None:
+        d = self.msg.delimiters
+        checker = _FieldChecker(self, profile, d)
+        checker.segment(0, profile.segment("MSH"), skip=frozenset({1, 2, *_MSH_REQUIRED}))
+        for position in positions:
+            checker.segment(position, profile.segment(self.names[position]))
+
+
+class _FieldChecker:
+    def __init__(self, run: _Run, profile: Profile, d):
+        self.run = run
+        self.profile = profile
+        self.rep = d.repetition
+        self.comp = d.component
+        self.sub = d.subcomponent
+        self.esc = d.escape
+        self.soft = run.v._soft
+        self.d = d
+
+    def segment(self, position: int, seg, skip=frozenset()) -> None:
+        if seg is None:
+            return
+        fields = self.run.msg.fields(position)
+        defs = seg.fields
+        count = len(fields)
+        for number in seg.required:
+            if number not in skip and (number >= count or not fields[number]):
+                fdef = defs[number - 1]
+                self.run.add(E, ErrorCode.REQUIRED_FIELD_MISSING,
+                             f"required field {seg.name}-{number} ({_human(fdef.name)}) is missing", position, number)
+        first = 3 if seg.name in HEADER_SEGMENTS else 1
+        for number in range(first, min(count, len(defs) + 1)):
+            value = fields[number]
+            if not value or value == '""' or number in skip:
+                continue
+            fdef = defs[number - 1]
+            if fdef is None:
+                continue
+            element = fdef.element
+            if fdef.datatype == "WD":
+                self.run.add(W, ErrorCode.DATA_TYPE_ERROR,
+                             f"{seg.name}-{number} was withdrawn from the standard in v{self.profile.version}; receivers ignore it",
+                             position, number)
+                continue
+            if element is None:
+                if seg.name == "OBX" and number == 5:
+                    element = self._obx_type(position, fields)
+                if element is None:
+                    continue
+            reps = value.split(self.rep) if self.rep and self.rep in value else (value,)
+            if fdef.max != -1 and len(reps) > max(fdef.max, 1):
+                self.run.add(W, ErrorCode.DATA_TYPE_ERROR,
+                             f"{seg.name}-{number} ({_human(fdef.name)}) repeats {len(reps)} times; the standard allows {fdef.max}",
+                             position, number)
+            for r, rep_value in enumerate(reps, start=1):
+                if rep_value and rep_value != '""':
+                    self.value(element, rep_value, position, number, r, fdef)
+
+    def _obx_type(self, position: int, fields: list[str]):
+        value_type = fields[2].split(self.comp)[0] if len(fields) > 2 and self.comp else (fields[2] if len(fields) > 2 else "")
+        if not value_type:
+            self.run.add(E, ErrorCode.REQUIRED_FIELD_MISSING, "OBX-2 (value type) is missing but OBX-5 is valued", position, 2)
+            return None
+        element = self.profile.datatype(value_type)
+        if element is None:
+            self.run.add(E, ErrorCode.TABLE_VALUE_NOT_FOUND,
+                         f"OBX-2 value type {value_type!r} is not a v{self.profile.version} datatype, so OBX-5 cannot be checked", position, 2)
+        return element
+
+    def value(self, element, value: str, position, number, rep, fdef: FieldDef) -> None:
+        if isinstance(element, Leaf):
+            self.leaf(element, value, position, number, rep, None, None, fdef)
+            return
+        comps = value.split(self.comp) if self.comp and self.comp in value else (value,)
+        components = element.components
+        if len(comps) > len(components):
+            self.run.add(W, ErrorCode.DATA_TYPE_ERROR,
+                         f"{self.run.names[position]}-{number} has {len(comps)} components; {element.datatype} has {len(components)}",
+                         position, number, rep)
+        for c, comp_value in enumerate(comps[: len(components)], start=1):
+            if not comp_value:
+                continue
+            sub_element = components[c - 1][1]
+            if isinstance(sub_element, Leaf):
+                if self.sub and self.sub in comp_value and sub_element.check is not None:
+                    comp_value = comp_value.split(self.sub)[0]
+                self.leaf(sub_element, comp_value, position, number, rep, c, None, fdef)
+                continue
+            subs = comp_value.split(self.sub) if self.sub and self.sub in comp_value else (comp_value,)
+            subcomponents = sub_element.components
+            for s, sub_value in enumerate(subs[: len(subcomponents)], start=1):
+                leaf = subcomponents[s - 1][1]
+                if sub_value and isinstance(leaf, Leaf):
+                    self.leaf(leaf, sub_value, position, number, rep, c, s, fdef)
+
+    def leaf(self, leaf: Leaf, value: str, position, number, rep, comp, sub, fdef: FieldDef) -> None:
+        if value == '""':
+            return
+        check = leaf.check
+        if check is not None:
+            problem = check(value)
+            if problem:
+                self.run.add(E, ErrorCode.DATA_TYPE_ERROR, f"{value[:40]!r} {problem}", position, number, rep, comp, sub)
+                return
+        if leaf.max_length is not None and len(value) > leaf.max_length:
+            length = len(self._text(value))
+            if length > leaf.max_length:
+                self.run.add(self.soft, ErrorCode.VALUE_TOO_LONG,
+                             f"value is {length} characters; {leaf.datatype} allows {leaf.max_length}", position, number, rep, comp, sub)
+        values = leaf.values
+        if values is not None:
+            text = self._text(value)
+            if text not in values:
+                if leaf.datatype == "ID":
+                    self.run.add(self.soft, ErrorCode.TABLE_VALUE_NOT_FOUND,
+                                 f"{text[:40]!r} is not in HL7 table {leaf.table[3:]}", position, number, rep, comp, sub)
+                else:
+                    # IS tables are user-defined: the standard's values are only suggestions.
+                    self.run.add(W, ErrorCode.TABLE_VALUE_NOT_FOUND,
+                                 f"{text[:40]!r} is not among the suggested values of user-defined table {leaf.table[3:]}",
+                                 position, number, rep, comp, sub)
+
+    def _text(self, value: str) -> str:
+        if self.esc and self.esc in value:
+            from hl7relay.escape import unescape
+            return unescape(value, self.d, self.run.msg.codec)
+        return value
+
+
+def _human(name: str) -> str:
+    return name.replace("_", " ").lower()
+
+
+class _Matcher:
+    """Greedy walk of the message structure with recovery, so every problem is reported once.
+
+    At each step the next segment either starts the current node (consume it), may come after
+    the node (move on; a required node not seen is missing), or fits nowhere here: it is reported
+    (out of order when the structure has it elsewhere, else not allowed) and skipped.
+    """
+
+    def __init__(self, run: _Run, structure: Node, positions: list[int]):
+        self.ctx = run
+        self.structure = structure
+        self.positions = positions
+        self.names = [run.names[p] for p in positions]
+        self.missing: dict[str, int] = {}  # segment name -> index of its "missing" finding
+        self.pos = 0
+
+    def match(self) -> None:
+        root = self.structure
+        # MSH was consumed before: start after it, at the root's second child
+        self._sequence(root, skip_first=True)
+        while self.pos < len(self.names):
+            self._unexpected(root, None)
+
+    def _consume(self, node: Node) -> None:
+        if node.kind == "segment":
+            self.pos += 1
+        elif node.kind == "choice":
+            name = self.names[self.pos]
+            for child in node.children:
+                if name in child.first:
+                    self._consume(child)
+                    return
+        else:
+            self._sequence(node)
+
+    def _sequence(self, group: Node, skip_first: bool = False) -> None:
+        names = self.names
+        n = len(names)
+        children = group.children[1:] if skip_first else group.children
+        for child in children:
+            count = 0
+            while self.pos < n:
+                name = names[self.pos]
+                if name in child.first and (child.max == -1 or count < child.max):
+                    before = self.pos
+                    if child.kind != "segment" and count >= child.min and (name in child.follow or name in child.later):
+                        # Ambiguous: this segment may open the group or belong to something after
+                        # it (OML_O21: an ORC opens a prior result or the next order). Enter only
+                        # if that reads without errors.
+                        if not self._attempt(child):
+                            break
+                    else:
+                        self._consume(child)
+                    if self.pos == before:
+                        break
+                    count += 1
+                elif name in child.follow or name in child.later:
+                    break  # ends this node; a required node never seen is reported missing
+                else:
+                    self._unexpected(child, count)
+            if count < child.min:
+                self._missing(child)
+
+    def _attempt(self, node: Node) -> bool:
+        """Consume ``node`` tentatively; undo and return False when that added an error."""
+        findings = self.ctx.findings
+        saved = (self.pos, len(findings), dict(self.missing))
+        self._consume(node)
+        if len(findings) == saved[1]:
+            return True
+        self.pos = saved[0]
+        del findings[saved[1]:]
+        self.missing = saved[2]
+        return False
+
+    def _neighbours(self) -> str:
+        run = self.ctx
+        if self.pos > 0:
+            p = self.positions[self.pos - 1]
+            before = f"after {run.names[p]} (segment {p + 1})"
+        else:
+            before = "after MSH (segment 1)"
+        if self.pos < len(self.names):
+            return f"{before}, before {self.names[self.pos]}"
+        return before
+
+    def _missing(self, node: Node) -> None:
+        run = self.ctx
+        structure = self.structure.name
+        if node.kind == "segment":
+            text = f"required segment {node.name} missing; expected {self._neighbours()}"
+            self.missing[node.name] = len(run.findings)
+            name = node.name
+        else:
+            starts = "/".join(sorted(node.first)) or "?"
+            short = node.name[len(structure) + 1:] if node.name.startswith(structure + "_") else node.name
+            text = f"required group {short} (starting with {starts}) missing; expected {self._neighbours()}"
+            name = None
+        run.findings.append(Finding(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, text, name or self._segment_here(), None))
+
+    def _segment_here(self) -> str | None:
+        return self.names[self.pos] if self.pos < len(self.names) else None
+
+    def _unexpected(self, node: Node | None, count: int | None) -> None:
+        run = self.ctx
+        name = self.names[self.pos]
+        position = self.positions[self.pos]
+        where = self._neighbours_of(self.pos)
+        if node is not None and count is not None and node.kind == "segment" and node.name == name:
+            text = f"segment {position + 1}: {name} repeats; {self.structure.name} allows {node.max} here"
+        elif name in self.missing:
+            index = self.missing.pop(name)
+            old = run.findings[index]
+            expected = old.text.split("expected ", 1)[1]
+            run.findings[index] = Finding(E, ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                                          f"segment {position + 1}: {name} is out of order; expected {expected}",
+                                          name, position + 1, run.sequence_of[position])
+            self.pos += 1
+            return
+        elif name in self.structure.segments:
+            text = f"segment {position + 1}: {name} is out of order or not expected here ({where})"
+        else:
+            text = f"segment {position + 1}: {name} is not part of the {self.structure.name} structure"
+        run.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, text, position)
+        self.pos += 1
+
+    def _neighbours_of(self, i: int) -> str:
+        if i == 0:
+            return "after MSH"
+        return f"after {self.names[i - 1]} (segment {self.positions[i - 1] + 1})"
