@@ -76,7 +76,7 @@ def codec_for(name: str) -> tuple[str | None, bool]:
     if key.startswith("ISO IR ") and key.replace("ISO IR ", "ISO IR") in _TABLE_0211:
         return _TABLE_0211[key.replace("ISO IR ", "ISO IR")], True
     try:
-        return codecs.lookup(name.strip()).name, False
+        return codecs.lookup(name.strip()).name.replace("-", "_"), False
     except LookupError:
         return None, False
 
@@ -119,7 +119,7 @@ def decode_message(data: bytes, default_charset: str = DEFAULT_CHARSET) -> Decod
         codec = codec or "utf_8"
     elif declared and not standard:
         problems.append(f"character set {declared!r} in MSH-18 is not an HL7 table 0211 name")
-    if bom and codec not in ("utf_8", "utf-8"):
+    if bom and codec != "utf_8":
         problems.append(f"UTF-8 byte-order mark before MSH but MSH-18 says {charset}")
     try:
         text = body.decode(codec)

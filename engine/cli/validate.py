@@ -11,7 +11,7 @@ from pathlib import Path
 from hl7relay.batch import split_messages
 from hl7relay.errors import ParseError
 from hl7relay.message import Message
-from hl7relay.validation import SUPPORTED_VERSIONS, Validator
+from hl7relay.validation import ACCEPTED_VERSIONS, Validator
 
 HELP = "check HL7 messages against the standard (structure, fields, datatypes, tables)"
 DESCRIPTION = """\
@@ -36,7 +36,7 @@ _PROGRESS_THRESHOLD = 20  # inputs; fewer finish before a progress bar would hel
 
 def add_arguments(parser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE|DIR|-", help="messages to check")
-    parser.add_argument("--version", dest="hl7_version", metavar="V", choices=SUPPORTED_VERSIONS + ("2.7.1",),
+    parser.add_argument("--version", dest="hl7_version", metavar="V", choices=ACCEPTED_VERSIONS,
                         help="check against this HL7 version instead of MSH-12")
     parser.add_argument("--strict", action="store_true",
                         help="table values, lengths, LF/CRLF segment endings and non-standard character set names are errors")

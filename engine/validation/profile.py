@@ -16,13 +16,15 @@ from hl7relay.validation.datatypes import BASE_MAX_LENGTH, PRIMITIVE_CHECKS
 from hl7relay.validation.events import resolve_structure
 
 __all__ = [
-    "SUPPORTED_VERSIONS", "Profile", "get_profile", "definition_version",
+    "SUPPORTED_VERSIONS", "ACCEPTED_VERSIONS", "Profile", "get_profile", "definition_version",
     "Leaf", "Composite", "FieldDef", "SegmentDef", "Node",
 ]
 
 SUPPORTED_VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.8.1", "2.8.2")
 # Versions hl7apy has no tables for, checked against the closest release it has.
 _NEAREST = {"2.7.1": "2.7"}
+# What MSH-12 / --version may say, in release order.
+ACCEPTED_VERSIONS = tuple(sorted(SUPPORTED_VERSIONS + tuple(_NEAREST), key=lambda v: tuple(map(int, v.split(".")))))
 
 
 def definition_version(version: str) -> str | None:

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from hl7relay.ack.codes import ErrorCode, Severity
 from hl7relay.message import HEADER_SEGMENTS, Message
 from hl7relay.validation.profile import (
-    SUPPORTED_VERSIONS, Composite, FieldDef, Leaf, Node, Profile, definition_version, get_profile,
+    ACCEPTED_VERSIONS, SUPPORTED_VERSIONS, Composite, FieldDef, Leaf, Node, Profile, definition_version, get_profile,
 )
 
 __all__ = ["Finding", "Report", "Validator", "validate"]
 
 E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFORMATION
 _SEGMENT_NAME = re.compile(r"[A-Z][A-Z0-9]{2}")
+# Table 0396 (coding systems) also admits HL7nnnn (an HL7 table), 99zzz and L (local codes).
+_CODING_SYSTEM = re.compile(r"HL7\d{4}|99[A-Za-z0-9]+|L")
 _PROCESSING_IDS = frozenset({"D", "P", "T"})  # HL7 table 0103
 _MSH_REQUIRED = {7: "date/time of message", 9: "message type", 10: "message control id",
                  11: "processing id", 12: "version id"}
@@ -107,7 +109,7 @@ class Validator:
 
     def __init__(self, version: str | None = None, strict: bool = False):
         if version is not None and definition_version(version) is None:
-            raise ValueError(f"unsupported HL7 version {version!r}; supported: {', '.join(SUPPORTED_VERSIONS)}, 2.7.1")
+            raise ValueError(f"unsupported HL7 version {version!r}; supported: {', '.join(ACCEPTED_VERSIONS)}")
         self.version = version
         self.strict = strict
         self._soft = E if strict else W
@@ -212,7 +214,7 @@ class _Run:
         defs = definition_version(version)
         if defs is None:
             self.add(E, ErrorCode.UNSUPPORTED_VERSION_ID,
-                     f"version {version!r} is not supported; supported: {', '.join(SUPPORTED_VERSIONS)}, 2.7.1", 0, 12)
+                     f"version {version!r} is not supported; supported: {', '.join(ACCEPTED_VERSIONS)}", 0, 12)
             return None
         if defs != version:
             self.add(I, ErrorCode.MESSAGE_ACCEPTED, f"version {version} is checked against the {defs} definitions", 0, 12)
@@ -272,7 +274,7 @@ class _Run:
     def _check_fields(self, profile: Profile, positions: list[int]) -> None:
         d = self.msg.delimiters
         checker = _FieldChecker(self, profile, d)
-        checker.segment(0, profile.segment("MSH"), skip=frozenset({1, 2, *_MSH_REQUIRED}))
+        checker.segment(0, profile.segment("MSH"), skip_required=frozenset(_MSH_REQUIRED))
         for position in positions:
             checker.segment(position, profile.segment(self.names[position]))
 
@@ -288,21 +290,21 @@ class _FieldChecker:
         self.soft = run.v._soft
         self.d = d
 
-    def segment(self, position: int, seg, skip=frozenset()) -> None:
+    def segment(self, position: int, seg, skip_required=frozenset()) -> None:
         if seg is None:
             return
         fields = self.run.msg.fields(position)
         defs = seg.fields
         count = len(fields)
         for number in seg.required:
-            if number not in skip and (number >= count or not fields[number]):
+            if number not in skip_required and (number >= count or not fields[number]):
                 fdef = defs[number - 1]
                 self.run.add(E, ErrorCode.REQUIRED_FIELD_MISSING,
                              f"required field {seg.name}-{number} ({_human(fdef.name)}) is missing", position, number)
         first = 3 if seg.name in HEADER_SEGMENTS else 1
         for number in range(first, min(count, len(defs) + 1)):
             value = fields[number]
-            if not value or value == '""' or number in skip:
+            if not value or value == '""':
                 continue
             fdef = defs[number - 1]
             if fdef is None:
@@ -381,7 +383,7 @@ class _FieldChecker:
         values = leaf.values
         if values is not None:
             text = self._text(value)
-            if text not in values:
+            if text not in values and not (leaf.table == "HL70396" and _CODING_SYSTEM.fullmatch(text)):
                 if leaf.datatype == "ID":
                     self.run.add(self.soft, ErrorCode.TABLE_VALUE_NOT_FOUND,
                                  f"{text[:40]!r} is not in HL7 table {leaf.table[3:]}", position, number, rep, comp, sub)

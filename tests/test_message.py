@@ -1,0 +1,178 @@
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from hl7relay.errors import ParseError, PathError
+from hl7relay.escape import Delimiters, escape
+from hl7relay.message import Message
+
+ADT = ("MSH|^~\\&|APP|FAC|REC|RFAC|20200101120000||ADT^A01^ADT_A01|MSG1|P|2.5\r"
+       "EVN|A01|20200101\r"
+       "PID|1||123^^^H^MR~456^^^X^PI||DOE^JOHN\\T\\X^A||19800101|M\r"
+       "OBX|1|NM|x||5\rOBX|2|ST|y||a\\F\\b\rOBX|3|ST|z||last\\.br\\line\r")
+
+
+def test_reads_by_path():
+    m = Message(ADT)
+    assert m.get("MSH-1") == "|" and m.get("MSH-2") == "^~\\&"
+    assert m.get("MSH-9.2") == "A01" and m.message_type == "ADT" and m.structure_id == "ADT_A01"
+    assert m.get("PID-5") == "DOE^JOHN\\T\\X^A"  # a composite keeps its encoding
+    assert m.get("PID-5.2") == "JOHN&X"  # a leaf is decoded
+    assert m.get("PID-5.2.1") == "JOHN&X" and m.get("PID-5.2.2") == ""  # \T\ is data, not a boundary
+    assert m.get("PID-3") == "123^^^H^MR" and m.get("PID-3[2].5") == "PI"
+    assert m.get("OBX[2]-5") == "a|b" and m.get("OBX[3]-5") == "last\\.br\\line"
+    assert m["PID-8"] == "M"
+    assert m.repetitions("PID-3") == ["123^^^H^MR", "456^^^X^PI"]
+
+
+def test_absent_things_read_as_empty():
+    m = Message(ADT)
+    for path in ("PID-99", "PID-3[3]", "PID-5.9", "PV1-2", "OBX[4]-5", "EVN-1.2.2"):
+        assert m.get(path) == ""
+    assert m.repetitions("PV1-3") == []
+
+
+def test_unmodified_message_is_returned_byte_for_byte():
+    for text in (ADT, ADT.replace("\r", "\n"), ADT.replace("\r", "\r\n"), ADT.rstrip("\r"), ADT + "\r\r"):
+        m = Message(text)
+        m.get("PID-5.1")
+        assert m.to_text() == text
+        assert Message.from_bytes(text.encode()).to_bytes() == text.encode()
+
+
+def test_modification_changes_only_what_was_changed():
+    m = Message(ADT)
+    m.set("PID-5.1", "SMITH")
+    before = ADT.split("\r")
+    after = m.to_text().split("\r")
+    changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    assert changed == [2]
+    assert after[2] == "PID|1||123^^^H^MR~456^^^X^PI||SMITH^JOHN\\T\\X^A||19800101|M"
+
+
+def test_set_escapes_and_pads():
+    m = Message(ADT)
+    m.set("PID-30", "a|b")
+    m.set("PID-3[3].4.2", "x&y")
+    m.set("OBX[2]-5", "line1\nline2")
+    assert m.get("PID-30") == "a|b" and m.get("PID-3[3].4.2") == "x&y" and m.get("OBX[2]-5") == "line1\nline2"
+    assert "\\X0A\\" in m.to_text()
+    assert m.get("PID-3[2].5") == "PI"  # neighbours untouched
+
+
+def test_set_raw_inserts_encoded_text():
+    m = Message(ADT)
+    m.set_raw("PID-5", "ROE^RICHARD")
+    assert m.get("PID-5.1") == "ROE" and m.get("PID-5.2") == "RICHARD"
+
+
+def test_set_creates_a_missing_segment_and_segments_can_be_edited():
+    m = Message(ADT)
+    m.set("PV1-2", "O")
+    assert m.segment_names()[-1] == "PV1" and m.get("PV1-2") == "O"
+    m.insert_segment(2, "PD1|||CLINIC")
+    assert m.segment_names()[:4] == ["MSH", "EVN", "PD1", "PID"]
+    assert m.delete_segment("OBX", 2) and m.count("OBX") == 2 and m.get("OBX[2]-5") == "last\\.br\\line"
+    assert not m.delete_segment("NTE")
+    assert m.to_text().endswith("PV1||O\r")
+
+
+def test_delimiters_cannot_be_rewritten_and_bad_values_are_refused():
+    m = Message(ADT)
+    with pytest.raises(PathError):
+        m.set("MSH-2", "#")
+    with pytest.raises(PathError):
+        m.set_raw("PID-5", "A\rB")
+
+
+def test_not_a_message():
+    for text in ("", "PID|1", "MSH", "MSH\rPID|1"):
+        with pytest.raises(ParseError):
+            Message(text)
+
+
+def test_bytes_are_decoded_by_msh18_and_reencoded():
+    text = "MSH|^~\\&|A|B|C|D|20240101||ADT^A08|1|P|2.5||||||8859/1\rPID|1||1||M\u00fcller^J\r"
+    m = Message.from_bytes(text.encode("latin-1"))
+    assert m.get("PID-5.1") == "M\u00fcller" and m.charset == "8859/1"
+    m.set("PID-5.2", "J\u00f6rg")
+    assert m.to_bytes() == text.replace("^J", "^J\u00f6rg").encode("latin-1")
+
+
+def test_v27_truncation_character_is_a_delimiter():
+    m = Message("MSH|^~\\&#|A|B|C|D|20240101||ADT^A01|1|P|2.7\rPID|1||1||LONGNAM#^J\\P\\X\r")
+    assert m.delimiters.truncation == "#"
+    assert m.get("PID-5.2") == "J#X"
+    m.set("PID-5.2", "A#B")
+    assert m.get("PID-5.2") == "A#B" and "A\\P\\B" in m.to_text()
+
+
+# -- properties --------------------------------------------------------------------------------
+_DELIMITER_POOL = "|^~\\&#$%*!@+:;?/"
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+_NAMES = st.from_regex(r"[A-Z][A-Z0-9]{2}", fullmatch=True).filter(lambda n: n not in ("MSH", "FHS", "BHS"))
+
+
+@st.composite
+def messages(draw):
+    chars = draw(st.permutations(_DELIMITER_POOL).map(lambda p: p[:6]))
+    truncation = chars[5] if draw(st.booleans()) else None
+    d = Delimiters(chars[0], chars[1], chars[2], chars[3], chars[4], truncation)
+    leaves = {}
+    lines = [f"MSH{d.field}{d.encoding_characters}{d.field}APP"]
+    seen = {}
+    for _ in range(draw(st.integers(1, 5))):
+        name = draw(_NAMES)
+        seen[name] = seen.get(name, 0) + 1
+        fields = []
+        for f in range(1, draw(st.integers(1, 4)) + 1):
+            reps = []
+            for r in range(1, draw(st.integers(1, 2)) + 1):
+                comps = []
+                for c in range(1, draw(st.integers(1, 3)) + 1):
+                    subs = []
+                    for s in range(1, draw(st.integers(1, 2)) + 1):
+                        value = draw(_TEXT)
+                        subs.append(escape(value, d))
+                        leaves[f"{name}[{seen[name]}]-{f}[{r}].{c}.{s}"] = value
+                    comps.append(d.subcomponent.join(subs))
+                reps.append(d.component.join(comps))
+            fields.append(d.repetition.join(reps))
+        lines.append(d.field.join([name] + fields))
+    terminator = draw(st.sampled_from(["\r", "\n", "\r\n"]))
+    text = terminator.join(lines) + draw(st.sampled_from(["", terminator]))
+    return text, leaves
+
+
+@given(messages())
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+def test_serialize_parse_round_trip_with_random_delimiters(case):
+    text, leaves = case
+    m = Message(text)
+    for path, value in leaves.items():
+        assert m.get(path) == value, path
+    assert m.to_text() == text
+    assert Message.from_bytes(text.encode("utf-8")).to_bytes() == text.encode("utf-8")
+
+
+@given(messages(), st.data())
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+def test_set_then_get_returns_the_value_for_any_path(case, data):
+    text, _ = case
+    m = Message(text)
+    names = m.segment_names()
+    segment = data.draw(st.sampled_from(names[1:] + ["ZZ9", "MSH"]))
+    occurrence = data.draw(st.integers(1, 3))
+    field = data.draw(st.integers(3 if segment == "MSH" else 1, 12))
+    repetition = data.draw(st.none() | st.integers(1, 3))
+    component = data.draw(st.none() | st.integers(1, 4))
+    sub = data.draw(st.none() | st.integers(1, 3)) if component else None
+    path = f"{segment}{'' if occurrence == 1 else f'[{occurrence}]'}-{field}"
+    path += "" if repetition is None else f"[{repetition}]"
+    path += "" if component is None else f".{component}"
+    path += "" if sub is None else f".{sub}"
+    value = data.draw(_TEXT)
+    assume(segment != "MSH" or occurrence == 1)
+    m.set(path, value)
+    assert m.get(path) == value
+    reread = Message(m.to_text())
+    assert reread.get(path) == value

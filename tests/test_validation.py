@@ -1,0 +1,222 @@
+"""Validator findings: one test per kind of check."""
+
+import pytest
+
+from hl7relay.ack import ErrorCode, Severity
+from hl7relay.message import Message
+from hl7relay.validation import Validator, validate
+from hl7relay.validation.events import resolve_structure
+from hl7relay.validation.profile import get_profile
+
+MSH = "MSH|^~\\&|PMS|CLINIC|LAB|LABFAC|20240105093512||{type}|MSG1|P|{version}\r"
+EVN = "EVN|A01|20240105093512\r"
+PID = "PID|1||100234^^^CLINIC^MR||DOE^JANE||19800412|F\r"
+PV1 = "PV1|1|O\r"
+
+
+def pid_with(**fields):
+    """A valid PID with the given fields (``f7="..."``) set."""
+    values = {1: "1", 3: "100234^^^CLINIC^MR", 5: "DOE^JANE"}
+    values.update({int(k[1:]): v for k, v in fields.items()})
+    return "|".join(["PID"] + [values.get(n, "") for n in range(1, max(values) + 1)]) + "\r"
+
+
+def check(body, type="ADT^A01^ADT_A01", version="2.5.1", **kw):
+    return validate(Message(MSH.format(type=type, version=version) + body), **kw)
+
+
+def texts(report, code=None):
+    return [str(f) for f in report.findings if code is None or f.code == code]
+
+
+def test_valid_message_has_no_findings():
+    report = check(EVN + PID + PV1)
+    assert report.valid and report.findings == [] and report.structure == "ADT_A01"
+
+
+def test_missing_required_segment_names_its_place():
+    report = check(EVN + PV1)
+    assert texts(report) == ["E 100 PID: required segment PID missing; expected after EVN (segment 2), before PV1"]
+
+
+def test_segment_order_is_checked():
+    # hl7apy's own STRICT validation passes EVN after PID; ours does not.
+    report = check(PID + EVN + PV1)
+    assert texts(report) == ["E 100 EVN: segment 3: EVN is out of order; expected after MSH (segment 1), before PID"]
+    assert report.findings[0].position == 3 and report.findings[0].location == "EVN^1"
+
+
+def test_repeating_a_single_segment_is_an_error():
+    report = check(EVN + PID + PID + PV1)
+    assert texts(report, ErrorCode.SEGMENT_SEQUENCE_ERROR) == ["E 100 PID[2]: segment 4: PID repeats; ADT_A01 allows 1 here"]
+
+
+def test_optional_and_repeating_segments_and_groups_pass():
+    body = EVN + PID + "NK1|1|DOE^JOHN\rNK1|2|DOE^JIM\r" + PV1 + "PV2|||^checkup\rAL1|1||^Penicillin\rIN1|1|PLAN1|INS1\rIN2\rIN1|2|PLAN2|INS2\r"
+    assert check(body).valid
+
+
+def test_z_segments_are_allowed_anywhere_after_msh_and_unknown_segments_are_not():
+    assert check("ZX1|a\r" + EVN + "ZX2|b\r" + PID + PV1 + "ZX3|c\r").valid
+    report = check(EVN + PID + "XYZ|1\r" + PV1)
+    assert texts(report) == ["E 100 XYZ: segment 4: XYZ is not a segment of v2.5.1"]
+    report = check(EVN + PID + PV1 + "QRD|20240101|R|I|Q1|||1^RD|PID|DEM\r")
+    assert "QRD is not part of the ADT_A01 structure" in texts(report)[0]
+
+
+def test_groups_and_choices_in_a_deep_structure():
+    oru = (PID + "ORC|RE|1\rOBR|1|1||GLU^Glucose\rOBX|1|NM|GLU||5.5|mmol/L||N|||F\rNTE|1||ok\r"
+           "OBR|2|2||HB^Hb\rOBX|1|NM|HB||13|g/dL||N|||F\r")
+    assert check(oru, type="ORU^R01^ORU_R01").valid
+    report = check(PID + "OBX|1|NM|GLU||5.5|mmol/L||N|||F\r", type="ORU^R01^ORU_R01")
+    assert report.errors and {f.code for f in report.errors} == {ErrorCode.SEGMENT_SEQUENCE_ERROR}
+
+
+def test_ambiguous_structure_prefers_the_reading_without_errors():
+    # OML_O21 (2.5): an ORC after a specimen may open a prior result or the next order
+    body = (PID + PV1 + "ORC|NW|1\rTQ1|||||||||A\rOBR||1||GLU^Glucose\rSPM|1|S1||SER\r"
+            "ORC|NW|2\rTQ1|||||||||A\rOBR||2||GLU^Glucose\rSPM|1|S2||SER\r")
+    assert check(body, type="OML^O21^OML_O21", version="2.5").valid
+
+
+def test_required_fields():
+    report = check(EVN + "PID|1\r" + PV1)
+    assert texts(report, ErrorCode.REQUIRED_FIELD_MISSING) == [
+        "E 101 PID-3: required field PID-3 (patient identifier list) is missing",
+        "E 101 PID-5: required field PID-5 (patient name) is missing",
+    ]
+
+
+def test_header_fields_are_required():
+    report = validate(Message("MSH|^~\\&|A|B|C|D\rPID|1\r"))
+    assert [f.field for f in report.findings if f.code == ErrorCode.REQUIRED_FIELD_MISSING] == [7, 9, 10, 11, 12]
+
+
+@pytest.mark.parametrize("segment, expected", [
+    ("PID|1||1||D^J||1980041|F\r", "PID-7.1: '1980041' is not a date/time"),
+    ("PID|1||1||D^J||19800230|F\r", "it has day 30, which 1980-02 does not have"),
+    ("PID|1||1||D^J||198004121275|F\r", "it has minute 75"),
+    ("PID|x||1||D^J\r", "PID-1: 'x' is not a sequence id"),
+    (pid_with(f25="1.5x"), "PID-25: '1.5x' is not a number"),
+])
+def test_datatype_formats(segment, expected):
+    report = check(EVN + segment + PV1)
+    assert any(expected in t for t in texts(report, ErrorCode.DATA_TYPE_ERROR)), texts(report)
+
+
+def test_valid_datatype_forms_pass():
+    for value in ("1980", "198004", "19800412", "1980041210", "198004121030", "19800412103059.1234+0100", "19800412-0500"):
+        assert check(EVN + f"PID|1||1||D^J||{value}|F\r" + PV1).valid, value
+
+
+def test_obx5_is_checked_by_the_type_obx2_names():
+    body = PID + "OBR|1|1||X^Y\r{obx}"
+    bad = check(body.format(obx="OBX|1|NM|GLU||high||||||F\r"), type="ORU^R01^ORU_R01")
+    assert "OBX-5: 'high' is not a number (NM)" in texts(bad)[0]
+    assert check(body.format(obx="OBX|1|CE|GLU||H^High^HL70078||||||F\r"), type="ORU^R01^ORU_R01").valid
+    assert check(body.format(obx="OBX|1|TS|GLU||20240101||||||F\r"), type="ORU^R01^ORU_R01").valid
+    unknown = check(body.format(obx="OBX|1|QQ|GLU||x||||||F\r"), type="ORU^R01^ORU_R01")
+    assert any("OBX-2 value type 'QQ'" in t for t in texts(unknown))
+
+
+def test_table_values_warn_and_strict_makes_them_errors():
+    hl7_table = EVN + pid_with(f24="Q") + PV1  # PID-24 is ID, HL7 table 0136 (Y/N)
+    report = check(hl7_table)
+    assert report.valid
+    assert texts(report) == ["W 103 PID-24: 'Q' is not in HL7 table 0136"]
+    assert not check(hl7_table, strict=True).valid
+    # IS tables are user-defined: a value outside the suggested ones is a warning, even when strict
+    user_table = EVN + PID + "PV1|1|Q\r"
+    assert check(user_table, strict=True).valid
+    assert "user-defined table 0004" in texts(check(user_table))[0]
+
+
+def test_lengths_warn():
+    report = check(EVN + PID.replace("DOE^JANE", "D" * 250 + "^JANE") + PV1)
+    assert report.valid and [f.code for f in report.findings] == [ErrorCode.VALUE_TOO_LONG]
+    assert not check(EVN + PID.replace("DOE^JANE", "D" * 250 + "^JANE") + PV1, strict=True).valid
+
+
+def test_line_feed_endings_pass_but_strict_flags_them():
+    text = (MSH.format(type="ADT^A01^ADT_A01", version="2.5.1") + EVN + PID + PV1).replace("\r", "\n")
+    assert validate(Message(text)).valid
+    assert not validate(Message(text), strict=True).valid
+
+
+@pytest.mark.parametrize("type, version, code", [
+    ("XYZ^A01", "2.5.1", ErrorCode.UNSUPPORTED_MESSAGE_TYPE),
+    ("ADT^A99", "2.5.1", ErrorCode.UNSUPPORTED_EVENT_CODE),
+    ("ADT^A01", "9.9", ErrorCode.UNSUPPORTED_VERSION_ID),
+])
+def test_unsupported_type_event_version(type, version, code):
+    report = check(EVN + PID + PV1, type=type, version=version)
+    assert [f.code for f in report.errors] == [code]
+
+
+def test_unsupported_processing_id():
+    report = validate(Message("MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|X|2.5.1\r" + EVN + PID + PV1))
+    assert [f.code for f in report.errors] == [ErrorCode.UNSUPPORTED_PROCESSING_ID]
+
+
+def test_version_option_overrides_msh12():
+    message = Message(MSH.format(type="ADT^A01", version="9.9") + EVN + PID + PV1)
+    assert Validator(version="2.5.1").validate(message).valid
+
+
+@pytest.mark.parametrize("encoding, version, fragment", [
+    ("^~\\&#", "2.5.1", "a fifth (truncation) character only from v2.7"),
+    ("^~\\", "2.5.1", "four are required"),
+    ("^^\\&", "2.5.1", "not distinct"),
+    ("^~\\&#$", "2.7", "at most five"),
+    ("^~a&", "2.5.1", "must not be letters"),
+])
+def test_envelope_encoding_characters(encoding, version, fragment):
+    report = validate(Message(f"MSH|{encoding}|A|B|C|D|20240101||ADT^A01|1|P|{version}\r" + EVN + PID + PV1))
+    assert any(fragment in t for t in texts(report)), texts(report)
+
+
+def test_five_encoding_characters_are_fine_from_v27():
+    report = validate(Message("MSH|^~\\&#|A|B|C|D|20240101||ADT^A01^ADT_A01|1|P|2.7\r" + EVN.replace("A01", "")
+                              + "PID|1||1^^^H^MR||DOE^J\rPV1|1|O\r"))
+    assert report.valid, texts(report)
+
+
+def test_events_map_to_shared_structures():
+    assert check(EVN + PID + PV1, type="ADT^A04").structure == "ADT_A01"
+    assert check(EVN + PID + PV1, type="ADT^A08").structure == "ADT_A01"
+    profile = get_profile("2.8")
+    assert resolve_structure("ADT", "A55", "2.8", profile.structures) == "ADT_A54"
+    assert resolve_structure("ADT", "A55", "2.5", get_profile("2.5").structures) == "ADT_A52"
+    assert resolve_structure("SIU", "S14", "2.3", get_profile("2.3").structures) == "SIU_S12"
+    assert resolve_structure("ADT", "A04", "2.2", get_profile("2.2").structures) == "ADT_A04"
+
+
+def test_every_finding_is_reported_not_only_the_first():
+    report = check("PID|x||1||D^J||1980130|F\r" + PV1 + "XYZ|1\r")
+    codes = sorted(int(f.code) for f in report.errors)
+    assert codes == [100, 100, 102, 102]
+
+
+def test_findings_serialise():
+    report = check(EVN + PV1)
+    data = report.to_dict()
+    assert data["valid"] is False and data["structure"] == "ADT_A01"
+    assert data["findings"][0] == {
+        "severity": "E", "code": 100, "code_text": "Segment sequence error", "segment": "PID",
+        "position": None, "location": "PID", "path": "PID",
+        "text": "required segment PID missing; expected after EVN (segment 2), before PV1",
+    }
+
+
+def test_undecodable_bytes_are_an_error():
+    data = (MSH.format(type="ADT^A01^ADT_A01", version="2.5.1") + EVN + PID + PV1).encode() .replace(b"DOE", b"D\xffE")
+    report = validate(Message.from_bytes(data))
+    assert any("not valid UTF-8" in t for t in texts(report, ErrorCode.DATA_TYPE_ERROR))
+
+
+def test_every_supported_version_compiles_its_common_structures():
+    for version in ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8", "2.8.1", "2.8.2"):
+        profile = get_profile(version)
+        for message_type, event in (("ADT", "A01"), ("ORU", "R01"), ("ACK", "A01")):
+            name = profile.resolve(message_type, event)
+            assert name and profile.structure(name).children[0].name == "MSH"
