@@ -10,6 +10,7 @@ is reported in ``DecodedText.problems``.
 from __future__ import annotations
 
 import codecs
+import functools
 from dataclasses import dataclass, field
 
 __all__ = ["DecodedText", "decode_message", "codec_for", "DEFAULT_CHARSET", "UTF8_BOM"]
@@ -64,6 +65,7 @@ def _normalise(name: str) -> str:
     return " ".join(name.upper().replace("_", " ").split())
 
 
+@functools.lru_cache(maxsize=256)
 def codec_for(name: str) -> tuple[str | None, bool]:
     """Python codec for an HL7 character set name: ``(codec, is_table_0211_name)``.
 
@@ -83,21 +85,19 @@ def codec_for(name: str) -> tuple[str | None, bool]:
 
 def _msh18(data: bytes) -> str | None:
     """First repetition, first component of MSH-18, read from undecoded bytes."""
-    if not data.startswith(b"MSH") or len(data) < 8:
+    if data[:3] != b"MSH" or len(data) < 8:
         return None
-    end = len(data)
-    for terminator in (b"\r", b"\n"):
-        i = data.find(terminator, 0, end)
-        if i != -1:
-            end = i
-    header = data[:end]
-    fields = header.split(header[3:4])
+    end = data.find(b"\r")
+    newline = data.find(b"\n", 0, end if end != -1 else len(data))
+    if newline != -1:
+        end = newline
+    fields = data[: end if end != -1 else len(data)].split(data[3:4], 18)
     if len(fields) < 18:
         return None
     value = fields[17]
     encoding = fields[1]
     for sep in encoding[1:2] + encoding[0:1]:  # repetition, then component separator
-        value = value.split(bytes((sep,)))[0]
+        value = value.split(bytes((sep,)), 1)[0]
     try:
         return value.decode("ascii").strip() or None
     except UnicodeDecodeError:

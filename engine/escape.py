@@ -27,9 +27,7 @@ class Delimiters(NamedTuple):
 
     @classmethod
     def from_encoding(cls, field: str, encoding: str) -> "Delimiters":
-        chars = [c for c in encoding[:5]]
-        chars += [None] * (5 - len(chars))
-        return cls(field, *chars)
+        return _from_encoding(cls, field, encoding)
 
     @property
     def encoding_characters(self) -> str:
@@ -37,6 +35,13 @@ class Delimiters(NamedTuple):
 
 
 DEFAULT_DELIMITERS = Delimiters()
+
+
+@functools.lru_cache(maxsize=256)
+def _from_encoding(cls, field: str, encoding: str) -> Delimiters:
+    chars = list(encoding[:5])
+    chars += [None] * (5 - len(chars))
+    return cls(field, *chars)
 
 
 @functools.lru_cache(maxsize=256)

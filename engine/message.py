@@ -91,6 +91,18 @@ class Message:
         return list(self._names)
 
     def _locate(self, name: str, occurrence: int) -> int | None:
+        if name == "MSH" and occurrence == 1:
+            return 0  # every message starts with it; no need to split the rest
+        names = self._names if self._names is not None else (self._split() and self._names)
+        if occurrence == 1:
+            try:
+                return names.index(name)  # the common case, at C speed
+            except ValueError:
+                return None
+        positions = self._positions(name)
+        return positions[occurrence - 1] if occurrence <= len(positions) else None
+
+    def _positions(self, name: str) -> list[int]:
         index = self._index
         if index is None:
             if self._names is None:
@@ -99,15 +111,11 @@ class Message:
             for i, segment_name in enumerate(self._names):
                 index.setdefault(segment_name, []).append(i)
             self._index = index
-        positions = index.get(name)
-        if positions is None or occurrence > len(positions):
-            return None
-        return positions[occurrence - 1]
+        return index.get(name, [])
 
     def count(self, name: str) -> int:
         """How many segments of that name the message has."""
-        self._locate(name, 1)
-        return len(self._index.get(name, ()))
+        return len(self._positions(name))
 
     def fields(self, position: int) -> list[str]:
         """Fields of the segment at ``position`` (0-based), so that ``fields[n]`` is SEG-n.
@@ -118,16 +126,28 @@ class Message:
         cached = self._fields.get(position)
         if cached is not None:
             return cached
-        segments = self._segments if self._segments is not None else self._split()
-        segment = segments[position]
         fs = self.delimiters.field
-        parts = segment.split(fs)
+        if position == 0 and self._segments is None:
+            text = self.text  # MSH alone: cut the first line rather than split the message
+            end = len(text)
+            for terminator in ("\r", "\n"):
+                i = text.find(terminator, 0, end)
+                if i != -1:
+                    end = i
+            parts = text[:end].split(fs)
+            parts.insert(1, fs)
+            self._fields[0] = parts
+            return parts
+        segments = self._segments if self._segments is not None else self._split()
+        parts = segments[position].split(fs)
         if self._names[position] in HEADER_SEGMENTS:
             parts.insert(1, fs)
         self._fields[position] = parts
         return parts
 
     def _store(self, position: int, fields: list[str]) -> None:
+        if self._segments is None:
+            self._split()
         fs = self.delimiters.field
         if self._names[position] in HEADER_SEGMENTS:
             text = fields[0] + fs + fs.join(fields[2:])
@@ -250,6 +270,8 @@ class Message:
         """Insert a segment before the 0-based ``position``."""
         if "\r" in text or "\n" in text or not text:
             raise PathError("a segment is one non-empty line of HL7 text")
+        if position < 1:
+            raise PathError("nothing can be inserted before MSH")
         if self._segments is None:
             self._split()
         self._segments.insert(position, text)
@@ -258,6 +280,8 @@ class Message:
 
     def delete_segment(self, name: str, occurrence: int = 1) -> bool:
         """Remove the ``occurrence``-th segment called ``name``; False when there is none."""
+        if name == "MSH":
+            raise PathError("MSH cannot be deleted: it defines the message")
         position = self._locate(name, occurrence)
         if position is None:
             return False

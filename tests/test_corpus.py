@@ -3,6 +3,7 @@ verdicts agree with MANIFEST.tsv's ``expected`` column except for the reviewed d
 corpus_disagreements.tsv (each with its reason)."""
 
 import csv
+import re
 from pathlib import Path
 
 import hl7
@@ -67,8 +68,9 @@ def test_fields_read_like_python_hl7(corpus):
     for row in _manifest(corpus):
         for chunk in split_messages((corpus / row["file"]).read_bytes()).messages:
             message = Message.from_bytes(chunk.data)
-            if message.decode_problems or "\n" in message.text or len(message.delimiters.encoding_characters) < 4:
-                continue
+            if (message.decode_problems or "\n" in message.text or len(message.delimiters.encoding_characters) < 4
+                    or not all(re.fullmatch("[A-Z][A-Z0-9]{2}", name) for name in message.segment_names())):
+                continue  # fuzzer-made inputs: python-hl7 is no reference for those
             try:
                 reference = hl7.parse(message.text.rstrip("\r"))
             except Exception:
@@ -76,9 +78,10 @@ def test_fields_read_like_python_hl7(corpus):
             ours = message.segments
             assert len(ours) == len(reference), row["file"]
             for position, segment in enumerate(reference):
-                fields = list(message.fields(position))
-                fields[-1] = fields[-1].rstrip()  # python-hl7 trims each segment's trailing blanks
-                assert [str(f) for f in segment] == fields, (row["file"], position)
+                # python-hl7 trims blanks before each delimiter and at the end; we keep them
+                trim = re.compile("\\s+(?=[" + re.escape(message.delimiters.encoding_characters) + "]|$)")
+                fields = [trim.sub("", f) for f in message.fields(position)]
+                assert [trim.sub("", str(f)) for f in segment] == fields, (row["file"], position)
             compared += 1
     assert compared > 150
 
