@@ -220,3 +220,14 @@ def test_every_supported_version_compiles_its_common_structures():
         for message_type, event in (("ADT", "A01"), ("ORU", "R01"), ("ACK", "A01")):
             name = profile.resolve(message_type, event)
             assert name and profile.structure(name).children[0].name == "MSH"
+
+
+@pytest.mark.parametrize("value, ok", [
+    ("20240229", True), ("20230229", False), ("19000229", False), ("20000229", True), ("20240431", False),
+    ("20241301", False), ("20240100", False), ("202401011259", True), ("202401012400", False),
+    ("20240101235959", True), ("20240101235960", False), ("2024", True), ("202401011230+0100", True),
+    ("20240101.5", False), ("\u0662\u0660\u0662\u0664\u0660\u0661\u0660\u0661", False),
+])
+def test_date_time_check_edges(value, ok):
+    from hl7relay.validation.datatypes import PRIMITIVE_CHECKS
+    assert (PRIMITIVE_CHECKS["DTM"](value) is None) == ok

@@ -5,7 +5,6 @@ Each check takes the leaf's text and returns ``None`` when it conforms, else a s
 
 from __future__ import annotations
 
-import calendar
 import re
 
 __all__ = ["PRIMITIVE_CHECKS", "BASE_MAX_LENGTH"]
@@ -31,17 +30,31 @@ def _check_nm(value: str) -> str | None:
     return None if _NM.fullmatch(value) else "is not a number (NM)"
 
 
+_DAYS_IN_MONTH = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
 def _date_problem(year: str, month: str | None, day: str | None) -> str | None:
-    if month is not None and not 1 <= int(month) <= 12:
+    if month is None:
+        return None
+    m = int(month)
+    if not 1 <= m <= 12:
         return f"has month {month}"
     if day is not None:
-        last = calendar.monthrange(int(year), int(month))[1]
+        last = _DAYS_IN_MONTH[m]
+        if m == 2 and _leap(int(year)):
+            last = 29
         if not 1 <= int(day) <= last:
             return f"has day {day}, which {year}-{month} does not have"
     return None
 
 
 def _time_problem(hour, minute, second, offset) -> str | None:
+    if hour is None and offset is None:
+        return None
     if hour is not None and int(hour) > 23:
         return f"has hour {hour}"
     if minute is not None and int(minute) > 59:
@@ -70,6 +83,16 @@ def _check_tm(value: str) -> str | None:
 
 
 def _check_dtm(value: str) -> str | None:
+    n = len(value)
+    if n in (8, 12, 14) and value.isdigit() and value.isascii():
+        # the usual forms (YYYYMMDD, ...HHMM, ...HHMMSS), checked without the regex
+        m = int(value[4:6])
+        if 1 <= m <= 12:
+            d = int(value[6:8])
+            last = 29 if m == 2 and _leap(int(value[:4])) else _DAYS_IN_MONTH[m]
+            if 1 <= d <= last:
+                if n == 8 or (int(value[8:10]) <= 23 and int(value[10:12]) <= 59 and (n == 12 or int(value[12:14]) <= 59)):
+                    return None
     match = _DTM.fullmatch(value)
     if match is None:
         return "is not a date/time (DTM: YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ])"

@@ -34,6 +34,9 @@ def definition_version(version: str) -> str | None:
     return _NEAREST.get(version)
 
 
+_NO_LIMIT = 1 << 30
+
+
 @dataclass(slots=True, frozen=True)
 class Leaf:
     """A primitive value: its datatype, format check, HL7 table and base length."""
@@ -43,12 +46,18 @@ class Leaf:
     values: frozenset | None  # the table's values, when hl7apy lists any
     check: object  # callable(str) -> str | None, or None
     max_length: int | None
+    interesting: bool = False  # has a format check or table values: always visited
+    bound: int = _NO_LIMIT  # for a leaf that is not visited: values up to this long need no look
+    limit: int = _NO_LIMIT  # max_length, or no limit
 
 
 @dataclass(slots=True, frozen=True)
 class Composite:
     datatype: str
     components: tuple  # of (name, Leaf | Composite)
+    checked: tuple = ()  # (1-based index, element) of the components with checks inside
+    bound: int = _NO_LIMIT  # a value up to this long cannot break the length of an unvisited leaf
+    indexed: tuple = ()  # (1-based index, element) of every component
 
 
 @dataclass(slots=True, frozen=True)
@@ -66,6 +75,7 @@ class SegmentDef:
     name: str
     fields: tuple  # FieldDef or None (not defined in this version), index 0 is field 1
     required: tuple  # numbers of the required fields
+    defined: tuple = ()  # the FieldDefs this version defines, in order
 
 
 @dataclass(slots=True, eq=False)
@@ -191,7 +201,12 @@ class Profile:
         leaf = self._leaf_cache.get(key)
         if leaf is None:
             values = _table_values(self._tables, table) if datatype in ("ID", "IS") else None
-            leaf = Leaf(datatype, table, values, PRIMITIVE_CHECKS.get(datatype), BASE_MAX_LENGTH.get(datatype))
+            check = PRIMITIVE_CHECKS.get(datatype)
+            max_length = BASE_MAX_LENGTH.get(datatype)
+            leaf = Leaf(datatype, table, values, check, max_length,
+                        interesting=check is not None or values is not None,
+                        bound=max_length if max_length is not None and check is None and values is None else _NO_LIMIT,
+                        limit=max_length if max_length is not None else _NO_LIMIT)
             self._leaf_cache[key] = leaf
         return leaf
 
@@ -205,7 +220,11 @@ class Profile:
                 components.append((comp_name, self._leaf(comp_type, table)))
             else:
                 components.append((comp_name, self._compile_composite(comp_type, sub_struct)))
-        return Composite(datatype, tuple(components))
+        checked = tuple((i, element) for i, (_, element) in enumerate(components, start=1)
+                        if (element.interesting if isinstance(element, Leaf) else element.checked))
+        bound = min((element.bound for _, element in components), default=_NO_LIMIT)
+        indexed = tuple((i, element) for i, (_, element) in enumerate(components, start=1))
+        return Composite(datatype, tuple(components), checked, bound, indexed)
 
     def _compile_segment(self, name: str) -> SegmentDef:
         definition = self._segments[name]
@@ -227,7 +246,7 @@ class Profile:
             by_number[number] = FieldDef(number, long_name or child[0], datatype, cmin, cmax, element)
         fields = tuple(by_number.get(n) for n in range(1, max(by_number, default=0) + 1))
         required = tuple(n for n, f in by_number.items() if f.min >= 1 and f.datatype != "WD")
-        return SegmentDef(name, fields, tuple(sorted(required)))
+        return SegmentDef(name, fields, tuple(sorted(required)), tuple(f for f in fields if f is not None))
 
 
 # Fields the standard makes conditional (C) that hl7apy records as required in some versions;

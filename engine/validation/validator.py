@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from hl7relay.ack.codes import ErrorCode, Severity
+from hl7relay.escape import unescape
 from hl7relay.message import HEADER_SEGMENTS, Message
 from hl7relay.validation.profile import (
     ACCEPTED_VERSIONS, SUPPORTED_VERSIONS, Composite, FieldDef, Leaf, Node, Profile, definition_version, get_profile,
@@ -29,7 +30,7 @@ _MSH_REQUIRED = {7: "date/time of message", 9: "message type", 10: "message cont
                  11: "processing id", 12: "version id"}
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Finding:
     severity: Severity
     code: ErrorCode
@@ -132,11 +133,32 @@ class _Run:
         self.report = Report()
         self.findings = self.report.findings
         self.names = message.segment_names()
-        self.sequence_of: list[int] = []  # per segment position: its occurrence among same-named ones
-        seen: dict[str, int] = {}
-        for name in self.names:
-            seen[name] = seen.get(name, 0) + 1
-            self.sequence_of.append(seen[name])
+        self._sequence_of: list[int] | None = None
+        msh = message.fields(0)
+        d = message.delimiters
+
+        def component(number: int, index: int) -> str:
+            if number >= len(msh):
+                return ""
+            value = msh[number].split(d.repetition, 1)[0] if d.repetition else msh[number]
+            parts = value.split(d.component) if d.component else [value]
+            value = parts[index - 1] if index <= len(parts) else ""
+            return unescape(value, d, message.codec).strip() if d.escape and d.escape in value else value.strip()
+
+        self.message_type, self.event, self.structure_id = component(9, 1), component(9, 2), component(9, 3)
+        self.processing_id = component(11, 1)
+        self.declared_version = component(12, 1)
+
+    @property
+    def sequence_of(self) -> list[int]:
+        """Per segment position: its occurrence among the segments of the same name (for findings)."""
+        if self._sequence_of is None:
+            seen: dict[str, int] = {}
+            self._sequence_of = []
+            for name in self.names:
+                seen[name] = seen.get(name, 0) + 1
+                self._sequence_of.append(seen[name])
+        return self._sequence_of
 
     def add(self, severity, code, text, position=None, field=None, repetition=None, component=None, subcomponent=None):
         segment = sequence = None
@@ -172,7 +194,7 @@ class _Run:
     def _check_delimiters(self) -> bool:
         d = self.msg.delimiters
         encoding = self.msg.fields(0)[2]
-        version = self.msg.get("MSH-12.1")
+        version = self.declared_version
         allowed = 5 if (definition_version(version) or version) >= "2.7" else 4
         ok = True
         if d.field.isalnum() or d.field.isspace():
@@ -201,14 +223,13 @@ class _Run:
         for number, what in _MSH_REQUIRED.items():
             if len(fields) <= number or not fields[number]:
                 self.add(E, ErrorCode.REQUIRED_FIELD_MISSING, f"required field MSH-{number} ({what}) is missing", 0, number)
-        processing = self.msg.get("MSH-11.1")
+        processing = self.processing_id
         if processing and processing not in _PROCESSING_IDS:
             self.add(E, ErrorCode.UNSUPPORTED_PROCESSING_ID,
                      f"processing id {processing!r} is not one of D (debugging), P (production), T (training)", 0, 11, component=1)
 
     def _profile(self) -> Profile | None:
-        declared = self.msg.get("MSH-12.1").strip()
-        version = self.v.version or declared
+        version = self.v.version or self.declared_version
         if not version:
             return None  # MSH-12 missing was reported; nothing to check the structure against
         defs = definition_version(version)
@@ -222,10 +243,7 @@ class _Run:
         return get_profile(defs)
 
     def _structure(self, profile: Profile) -> Node | None:
-        msg = self.msg
-        message_type = msg.get("MSH-9.1").strip()
-        event = msg.get("MSH-9.2").strip()
-        declared = msg.get("MSH-9.3").strip()
+        message_type, event, declared = self.message_type, self.event, self.structure_id
         if not message_type:
             return None  # MSH-9 missing was reported
         if message_type not in profile.message_types:
@@ -255,17 +273,18 @@ class _Run:
     def _classify_segments(self, profile: Profile) -> list[int]:
         """Positions of the segments the structure is matched against (known, non-Z, after MSH)."""
         known = []
+        segment_names = profile.segment_names
         for position, name in enumerate(self.names):
             if position == 0:
                 continue
-            if _SEGMENT_NAME.fullmatch(name) is None:
+            if name in segment_names:
+                known.append(position)
+            elif _SEGMENT_NAME.fullmatch(name) is None:
                 self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, f"segment {position + 1}: {name[:10]!r} is not a segment name (three letters or digits)", position)
             elif name[0] == "Z":
                 continue  # Z-segments are site-defined and allowed anywhere after MSH
-            elif name not in profile.segment_names:
-                self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, f"segment {position + 1}: {name} is not a segment of v{profile.version}", position)
             else:
-                known.append(position)
+                self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, f"segment {position + 1}: {name} is not a segment of v{profile.version}", position)
         if self.names[0] != "MSH":
             self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, "the message does not start with MSH", 0)
         return known
@@ -301,13 +320,14 @@ class _FieldChecker:
                 fdef = defs[number - 1]
                 self.run.add(E, ErrorCode.REQUIRED_FIELD_MISSING,
                              f"required field {seg.name}-{number} ({_human(fdef.name)}) is missing", position, number)
-        first = 3 if seg.name in HEADER_SEGMENTS else 1
-        for number in range(first, min(count, len(defs) + 1)):
+        header = seg.name in HEADER_SEGMENTS
+        rep_sep = self.rep
+        for fdef in seg.defined:
+            number = fdef.number
+            if number >= count:
+                break
             value = fields[number]
-            if not value or value == '""':
-                continue
-            fdef = defs[number - 1]
-            if fdef is None:
+            if not value or value == '""' or (header and number < 3):
                 continue
             element = fdef.element
             if fdef.datatype == "WD":
@@ -320,7 +340,11 @@ class _FieldChecker:
                     element = self._obx_type(position, fields)
                 if element is None:
                     continue
-            reps = value.split(self.rep) if self.rep and self.rep in value else (value,)
+            if element.__class__ is Leaf and not (rep_sep and rep_sep in value):
+                if element.interesting or len(value) > element.bound:
+                    self.leaf(element, value, position, number, 1, None, None, fdef)
+                continue
+            reps = value.split(rep_sep) if rep_sep and rep_sep in value else (value,)
             if fdef.max != -1 and len(reps) > max(fdef.max, 1):
                 self.run.add(W, ErrorCode.DATA_TYPE_ERROR,
                              f"{seg.name}-{number} ({_human(fdef.name)}) repeats {len(reps)} times; the standard allows {fdef.max}",
@@ -341,34 +365,43 @@ class _FieldChecker:
         return element
 
     def value(self, element, value: str, position, number, rep, fdef: FieldDef) -> None:
-        if isinstance(element, Leaf):
-            self.leaf(element, value, position, number, rep, None, None, fdef)
+        if element.__class__ is Leaf:
+            if element.interesting or len(value) > element.bound:
+                self.leaf(element, value, position, number, rep, None, None, fdef)
             return
-        comps = value.split(self.comp) if self.comp and self.comp in value else (value,)
-        components = element.components
-        if len(comps) > len(components):
+        short = len(value) <= element.bound  # then no unvisited component can be too long
+        if short and not element.checked:
+            return
+        comp_sep, sub_sep = self.comp, self.sub
+        comps = value.split(comp_sep) if comp_sep else (value,)
+        count = len(comps)
+        if count > len(element.components):
             self.run.add(W, ErrorCode.DATA_TYPE_ERROR,
-                         f"{self.run.names[position]}-{number} has {len(comps)} components; {element.datatype} has {len(components)}",
-                         position, number, rep)
-        for c, comp_value in enumerate(comps[: len(components)], start=1):
+                         f"{self.run.names[position]}-{number} has {count} components; "
+                         f"{element.datatype} has {len(element.components)}", position, number, rep)
+        for c, sub_element in (element.checked if short else element.indexed):
+            if c > count:
+                break
+            comp_value = comps[c - 1]
             if not comp_value:
                 continue
-            sub_element = components[c - 1][1]
-            if isinstance(sub_element, Leaf):
-                if self.sub and self.sub in comp_value and sub_element.check is not None:
-                    comp_value = comp_value.split(self.sub)[0]
+            if sub_element.__class__ is Leaf:
+                if sub_element.check is None and len(comp_value) <= sub_element.limit:
+                    values = sub_element.values
+                    if values is None or comp_value in values:
+                        continue  # the common case: nothing to check or a table hit
+                elif sub_sep and sub_sep in comp_value:
+                    comp_value = comp_value.split(sub_sep, 1)[0]
                 self.leaf(sub_element, comp_value, position, number, rep, c, None, fdef)
                 continue
-            subs = comp_value.split(self.sub) if self.sub and self.sub in comp_value else (comp_value,)
+            subs = comp_value.split(sub_sep) if sub_sep else (comp_value,)
             subcomponents = sub_element.components
             for s, sub_value in enumerate(subs[: len(subcomponents)], start=1):
                 leaf = subcomponents[s - 1][1]
-                if sub_value and isinstance(leaf, Leaf):
+                if sub_value and leaf.__class__ is Leaf and (leaf.interesting or len(sub_value) > leaf.bound):
                     self.leaf(leaf, sub_value, position, number, rep, c, s, fdef)
 
     def leaf(self, leaf: Leaf, value: str, position, number, rep, comp, sub, fdef: FieldDef) -> None:
-        if value == '""':
-            return
         check = leaf.check
         if check is not None:
             problem = check(value)
@@ -381,7 +414,7 @@ class _FieldChecker:
                 self.run.add(self.soft, ErrorCode.VALUE_TOO_LONG,
                              f"value is {length} characters; {leaf.datatype} allows {leaf.max_length}", position, number, rep, comp, sub)
         values = leaf.values
-        if values is not None:
+        if values is not None and value not in values:
             text = self._text(value)
             if text not in values and not (leaf.table == "HL70396" and _CODING_SYSTEM.fullmatch(text)):
                 if leaf.datatype == "ID":
@@ -395,7 +428,6 @@ class _FieldChecker:
 
     def _text(self, value: str) -> str:
         if self.esc and self.esc in value:
-            from hl7relay.escape import unescape
             return unescape(value, self.d, self.run.msg.codec)
         return value
 
