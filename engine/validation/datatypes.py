@@ -9,12 +9,12 @@ import re
 
 __all__ = ["PRIMITIVE_CHECKS", "BASE_MAX_LENGTH"]
 
-_SI = re.compile(r"\d+")
-_NM = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
-_DT = re.compile(r"(\d{4})(?:(\d{2})(?:(\d{2}))?)?")
-_TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,4})?)?)?([+-]\d{4})?")
+_SI = re.compile(r"\d+", re.ASCII)
+_NM = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)", re.ASCII)
+_DT = re.compile(r"(\d{4})(?:(\d{2})(?:(\d{2}))?)?", re.ASCII)
+_TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,4})?)?)?([+-]\d{4})?", re.ASCII)
 _DTM = re.compile(
-    r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,4})?)?)?)?)?)?([+-]\d{4})?"
+    r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,4})?)?)?)?)?)?([+-]\d{4})?", re.ASCII
 )
 
 # Maximum lengths hl7apy gives its base datatypes (hl7apy.base_datatypes); per-field lengths are
