@@ -25,7 +25,7 @@ _PATH = re.compile(
         (?:[-.](?P<subcomponent>\d+))?
     )?
     """,
-    re.VERBOSE,
+    re.VERBOSE | re.ASCII,
 )
 
 

@@ -320,14 +320,13 @@ class _FieldChecker:
                 fdef = defs[number - 1]
                 self.run.add(E, ErrorCode.REQUIRED_FIELD_MISSING,
                              f"required field {seg.name}-{number} ({_human(fdef.name)}) is missing", position, number)
-        header = seg.name in HEADER_SEGMENTS
         rep_sep = self.rep
-        for fdef in seg.defined:
-            number = fdef.number
-            if number >= count:
-                break
+        for number in range(3 if seg.name in HEADER_SEGMENTS else 1, min(count, len(defs) + 1)):
             value = fields[number]
-            if not value or value == '""' or (header and number < 3):
+            if not value or value == '""':
+                continue
+            fdef = defs[number - 1]
+            if fdef is None:
                 continue
             element = fdef.element
             if fdef.datatype == "WD":
@@ -345,7 +344,7 @@ class _FieldChecker:
                     self.leaf(element, value, position, number, 1, None, None, fdef)
                 continue
             reps = value.split(rep_sep) if rep_sep and rep_sep in value else (value,)
-            if fdef.max != -1 and len(reps) > max(fdef.max, 1):
+            if len(reps) > fdef.max > -1 and len(reps) > 1:
                 self.run.add(W, ErrorCode.DATA_TYPE_ERROR,
                              f"{seg.name}-{number} ({_human(fdef.name)}) repeats {len(reps)} times; the standard allows {fdef.max}",
                              position, number)
