@@ -76,3 +76,21 @@ def test_python_dash_m_runs_the_cli(samples):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "adt_a04.hl7: valid" in result.stdout
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_for_large_inputs(capsys, monkeypatch, tmp_path, samples):
+    for i in range(25):
+        (tmp_path / f"m{i:02d}.hl7").write_bytes((samples / "adt_a04.hl7").read_bytes())
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["validate", "-q", str(tmp_path)]) == 0
+    assert "25/25 inputs" in terminal.getvalue()
+    plain = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", plain)
+    assert main(["validate", "-q", str(tmp_path)]) == 0
+    assert plain.getvalue() == ""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from hl7relay.ack.codes import ErrorCode, Severity
 from hl7relay.escape import unescape
 from hl7relay.message import HEADER_SEGMENTS, Message
+from hl7relay.path import Path
 from hl7relay.validation.profile import (
     ACCEPTED_VERSIONS, SUPPORTED_VERSIONS, Composite, FieldDef, Leaf, Node, Profile, definition_version, get_profile,
 )
@@ -56,16 +57,11 @@ class Finding:
         """HL7 path form, as analysts write it: ``PID-5.1``, ``OBX[2]-5``."""
         if not self.segment:
             return "message"
-        text = self.segment if not self.sequence or self.sequence == 1 else f"{self.segment}[{self.sequence}]"
-        if self.field is not None:
-            text += f"-{self.field}"
-            if self.repetition and self.repetition > 1:
-                text += f"[{self.repetition}]"
-            if self.component is not None:
-                text += f".{self.component}"
-                if self.subcomponent is not None:
-                    text += f".{self.subcomponent}"
-        return text
+        sequence = self.sequence or 1
+        if self.field is None:
+            return self.segment if sequence == 1 else f"{self.segment}[{sequence}]"
+        repetition = self.repetition if self.repetition and self.repetition > 1 else None
+        return str(Path(self.segment, sequence, self.field, repetition, self.component, self.subcomponent))
 
     def __str__(self) -> str:
         return f"{self.severity.value} {int(self.code)} {self.path}: {self.text}"
