@@ -93,7 +93,9 @@ class Message:
     def _locate(self, name: str, occurrence: int) -> int | None:
         if name == "MSH" and occurrence == 1:
             return 0  # every message starts with it; no need to split the rest
-        names = self._names if self._names is not None else (self._split() and self._names)
+        if self._names is None:
+            self._split()
+        names = self._names
         if occurrence == 1:
             try:
                 return names.index(name)  # the common case, at C speed

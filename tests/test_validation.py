@@ -231,3 +231,11 @@ def test_every_supported_version_compiles_its_common_structures():
 def test_date_time_check_edges(value, ok):
     from hl7relay.validation.datatypes import PRIMITIVE_CHECKS
     assert (PRIMITIVE_CHECKS["DTM"](value) is None) == ok
+
+
+def test_withdrawn_fields_warn_and_strict_makes_them_errors():
+    text = ("MSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|1|P|2.8\r"
+            "EVN|A01|20240101\rPID|1||1^^^H^MR||DOE^J\rPV1|1|O\r")
+    report = validate(Message(text))  # EVN-1 was withdrawn; hl7apy's v2.8 no longer lists it
+    assert report.valid and texts(report) == ["W 102 EVN-1: EVN-1 is withdrawn in v2.8 and should be empty; receivers ignore it"]
+    assert not validate(Message(text), strict=True).valid

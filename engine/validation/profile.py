@@ -244,9 +244,11 @@ class Profile:
             else:
                 element = self._compile_composite(datatype, struct)
             by_number[number] = FieldDef(number, long_name or child[0], datatype, cmin, cmax, element)
-        fields = tuple(by_number.get(n) for n in range(1, max(by_number, default=0) + 1))
+        # A gap in the numbering is a field withdrawn from this version (v2.8 lists them no more).
+        fields = tuple(by_number.get(n) or FieldDef(n, "WITHDRAWN", "WD", 0, 0, None)
+                       for n in range(1, max(by_number, default=0) + 1))
         required = tuple(n for n, f in by_number.items() if f.min >= 1 and f.datatype != "WD")
-        return SegmentDef(name, fields, tuple(sorted(required)), tuple(f for f in fields if f is not None))
+        return SegmentDef(name, fields, tuple(sorted(required)), fields)
 
 
 # Fields the standard makes conditional (C) that hl7apy records as required in some versions;

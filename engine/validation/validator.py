@@ -326,8 +326,8 @@ class _FieldChecker:
                 continue
             element = fdef.element
             if fdef.datatype == "WD":
-                self.run.add(W, ErrorCode.DATA_TYPE_ERROR,
-                             f"{seg.name}-{number} was withdrawn from the standard in v{self.profile.version}; receivers ignore it",
+                self.run.add(self.soft, ErrorCode.DATA_TYPE_ERROR,
+                             f"{seg.name}-{number} is withdrawn in v{self.profile.version} and should be empty; receivers ignore it",
                              position, number)
                 continue
             if element is None:
