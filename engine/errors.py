@@ -5,7 +5,10 @@ readable HL7 message, a path error means a program asked for something that cann
 a validation error means the message was read but breaks the standard.
 """
 
-__all__ = ["HL7RelayError", "ParseError", "PathError", "ValidationError"]
+__all__ = [
+    "HL7RelayError", "ParseError", "PathError", "ValidationError",
+    "PeerApplicationError", "PeerRejected", "AckTimeout", "SendConnectionError",
+]
 
 
 class HL7RelayError(Exception):
@@ -27,3 +30,19 @@ class ValidationError(HL7RelayError):
         self.findings = list(findings)
         first = self.findings[0] if self.findings else None
         super().__init__(str(first) if first is not None else "message is not valid")
+
+
+class PeerApplicationError(HL7RelayError):
+    """The peer answered AE: the message reached it but its content needs a person; do not resend."""
+
+
+class PeerRejected(HL7RelayError):
+    """The peer answered AR or CR: it did not take the message; sending again later may work."""
+
+
+class AckTimeout(HL7RelayError):
+    """No matching ACK arrived in time; the peer may or may not have the message."""
+
+
+class SendConnectionError(HL7RelayError):
+    """The peer could not be reached (refused, unreachable, TLS failure, connect timeout)."""

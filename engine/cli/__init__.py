@@ -13,7 +13,11 @@ __all__ = ["main", "build_parser", "VERBS"]
 
 # Verb name -> module in hl7relay.cli. Later verbs (send, listen, lint, test, run, messages,
 # replay, prune, status) are added here as they land.
-VERBS = {"validate": "hl7relay.cli.validate"}
+VERBS = {
+    "validate": "hl7relay.cli.validate",
+    "send": "hl7relay.cli.send",
+    "listen": "hl7relay.cli.listen",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

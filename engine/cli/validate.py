@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hl7relay.batch import split_messages
+from hl7relay.cli._inputs import collect_inputs
 from hl7relay.errors import ParseError
 from hl7relay.message import Message
 from hl7relay.validation import ACCEPTED_VERSIONS, Validator
@@ -30,7 +30,6 @@ CODE is from HL7 table 0357: 100 segment sequence, 101 required field missing, 1
 
 Exit status: 0 all valid, 1 some message invalid, 2 some input unreadable (no MSH, not HL7)."""
 
-MESSAGE_SUFFIXES = {".hl7", ".er7", ".msg", ".dat", ".txt", ".hl7v2", ""}
 _PROGRESS_THRESHOLD = 20  # inputs; fewer finish before a progress bar would help
 
 
@@ -55,25 +54,6 @@ class FileResult:
     def valid(self) -> bool:
         return (self.readable and not any(p["severity"] == "E" for p in self.problems)
                 and all(m["valid"] for m in self.messages))
-
-
-def _collect(inputs: list[str]) -> list[tuple[str, Path | None]]:
-    found: list[tuple[str, Path | None]] = []
-    for item in inputs:
-        if item == "-":
-            found.append(("<stdin>", None))
-            continue
-        path = Path(item)
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    candidate = Path(root) / name
-                    if not name.startswith(".") and candidate.suffix.lower() in MESSAGE_SUFFIXES:
-                        found.append((str(candidate), candidate))
-        else:
-            found.append((item, path))
-    return found
 
 
 def check_bytes(name: str, data: bytes, validator: Validator) -> FileResult:
@@ -145,7 +125,7 @@ def _text_report(result: FileResult, quiet: bool, out) -> None:
 
 def run(args) -> int:
     validator = Validator(version=args.hl7_version, strict=args.strict)
-    inputs = _collect(args.inputs)
+    inputs = collect_inputs(args.inputs)
     progress = _Progress(len(inputs))
     results: list[FileResult] = []
     out = sys.stdout

@@ -1,0 +1,138 @@
+"""Building ACK messages for a received message.
+
+Header: MSH-1/2 copied; sending and receiving application/facility swapped; MSH-7 now; MSH-9
+``ACK^<trigger>^ACK`` from v2.5 and ``ACK^<trigger>`` before; MSH-10 new and unique; MSH-11/12 (and
+MSH-18) copied; MSA-2 is the received MSH-10. Errors: from v2.5 one ERR per problem with ERR-2
+location, ERR-3 ``code^text^HL70357``, ERR-4 severity and ERR-8 the sentence; before v2.5, MSA-3
+text and ERR-1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+
+from hl7relay.ack.codes import ErrorCode, Severity
+from hl7relay.escape import DEFAULT_DELIMITERS, Delimiters, escape
+from hl7relay.message import Message
+
+__all__ = ["build_ack", "ControlIds", "MAX_ERR_SEGMENTS"]
+
+MAX_ERR_SEGMENTS = 20  # an ACK stays small even for a message with hundreds of findings
+_DEFAULT_VERSION = "2.5.1"
+
+
+class ControlIds:
+    """MSH-10 values for our own messages: unique, also for two ACKs in the same second.
+
+    ``YYMMDDHHMMSS`` plus a 5-digit counter that starts at a random value, so a restart within the
+    same second does not repeat ids: 17 characters, inside v2.3's 20-character limit.
+    """
+
+    def __init__(self, clock=time.time):
+        self._clock = clock
+        self._counter = itertools.count(random.randrange(100000))
+
+    def __call__(self) -> str:
+        stamp = time.strftime("%y%m%d%H%M%S", time.gmtime(self._clock()))
+        return f"{stamp}{next(self._counter) % 100000:05d}"
+
+
+_control_ids = ControlIds()
+
+
+def _timestamp(now: float) -> str:
+    local = time.localtime(now)
+    offset = -time.altzone if local.tm_isdst > 0 else -time.timezone
+    sign = "+" if offset >= 0 else "-"
+    offset = abs(offset) // 60
+    return time.strftime("%Y%m%d%H%M%S", local) + f"{sign}{offset // 60:02d}{offset % 60:02d}"
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".") if p.isdigit()) or (2, 5)
+
+
+def build_ack(
+    received: Message | None,
+    code: str,
+    text: str = "",
+    error: ErrorCode | None = None,
+    findings=(),
+    *,
+    sending_application: str = "HL7RELAY",
+    sending_facility: str = "",
+    now: float | None = None,
+    control_id=None,
+) -> bytes:
+    """The ACK (``code`` = AA/AE/AR/CA/CE/CR) for ``received``, as bytes in its character set.
+
+    ``received`` is None for a payload that could not be read as HL7: the ACK then uses standard
+    delimiters, our own application name and v2.5.1, and MSA-2 stays empty.
+    """
+    now = time.time() if now is None else now
+    control_id = (control_id or _control_ids)()
+    d: Delimiters = received.delimiters if received is not None else DEFAULT_DELIMITERS
+    if received is not None and (not d.component or not d.escape or len(set(d)) != len(d)):
+        d = DEFAULT_DELIMITERS  # the sender's delimiters are unusable; answer in the standard ones
+    fs, cs = d.field, d.component
+    get = received.get if received is not None else (lambda path: "")
+    raw = (lambda n: _raw_field(received, n)) if received is not None else (lambda n: "")
+    version = get("MSH-12.1") or _DEFAULT_VERSION
+    trigger = get("MSH-9.2")
+    if _version_key(version) >= (2, 5):
+        message_type = cs.join(["ACK", trigger, "ACK"]) if trigger else cs.join(["ACK", "", "ACK"])
+    elif _version_key(version) >= (2, 3):
+        message_type = cs.join(["ACK", trigger]) if trigger else "ACK"
+    else:
+        message_type = "ACK"
+    header = [
+        "MSH", d.encoding_characters,
+        raw(5) or escape(sending_application, d), raw(6) or escape(sending_facility, d),
+        raw(3), raw(4),
+        _timestamp(now), "", message_type, escape(control_id, d),
+        raw(11) or "P", raw(12) or _DEFAULT_VERSION,
+    ]
+    if received is not None and raw(18):
+        header += [""] * 5 + [raw(18)]  # MSH-13..17 empty, MSH-18 copied so the reply decodes alike
+    segments = [header[0] + fs + fs.join(header[1:])]
+    modern = _version_key(version) >= (2, 5)
+    msa = ["MSA", code, escape(get("MSH-10"), d)]
+    if text and not modern:
+        msa.append(escape(text[:80], d))
+    segments.append(fs.join(msa))
+    problems = list(findings)[:MAX_ERR_SEGMENTS]
+    if error is not None and not problems:
+        problems = [None]
+    for finding in problems:
+        segments.append(_err_segment(finding, error, text, d, modern))
+    text_out = "\r".join(segments) + "\r"
+    codec = received.codec if received is not None else "utf_8"
+    return text_out.encode(codec, "surrogateescape")
+
+
+def _raw_field(message: Message, number: int) -> str:
+    fields = message.fields(0)
+    return fields[number] if number < len(fields) else ""
+
+
+def _err_segment(finding, error: ErrorCode | None, text: str, d: Delimiters, modern: bool) -> str:
+    fs, cs, ss = d.field, d.component, d.subcomponent or "&"
+    if finding is not None:
+        code, severity, message = finding.code, finding.severity, finding.text
+        segment, sequence, field_number = finding.segment or "", finding.sequence, finding.field
+        location = finding.location
+    else:
+        code, severity, message = error, Severity.ERROR, text
+        segment, sequence, field_number, location = "", None, None, ""
+    code = ErrorCode(code)
+    if modern:
+        err3 = cs.join([str(int(code)), escape(code.text, d), "HL70357"])
+        location = location.replace("^", cs)
+        # ERR-8 (user message) carries the sentence a person reads
+        return fs.join(["ERR", "", location, err3, Severity(severity).value, "", "", "", escape(message[:200], d)])
+    # ERR-1 (ELD): segment^sequence^field^code&text&HL70357
+    eld = cs.join([segment, "" if sequence is None else str(sequence), "" if field_number is None else str(field_number),
+                   ss.join([str(int(code)), escape(code.text, d), "HL70357"])])
+    return fs.join(["ERR", eld])

@@ -1,0 +1,53 @@
+"""What processing a received message came to: the handler's answer, from which ACKs are made."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from hl7relay.ack.codes import ErrorCode
+
+__all__ = ["Status", "Outcome"]
+
+
+class Status(enum.Enum):
+    ACCEPTED = "accepted"  # stored and processed: AA / CA
+    ERROR = "error"  # stored, but content or processing failed (validation, transformer): AE
+    REJECTED = "rejected"  # not accepted (unsupported type/event/version, unreadable): AR / CR
+    FILTERED = "filtered"  # stored, deliberately not processed by a channel filter: AR by default
+    INTERNAL_ERROR = "internal_error"  # the engine itself failed (store unavailable): AR / CR, never AA
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The handler's answer for one message.
+
+    ``stored`` says whether the message is durably committed: an accept acknowledgement (CA) is
+    only ever sent for a stored message. ``findings`` (validation findings) become ERR segments.
+    """
+
+    status: Status
+    code: ErrorCode | None = None
+    text: str = ""
+    findings: list = field(default_factory=list)
+    stored: bool = True
+
+    @classmethod
+    def accepted(cls) -> "Outcome":
+        return cls(Status.ACCEPTED)
+
+    @classmethod
+    def error(cls, text: str, code: ErrorCode = ErrorCode.APPLICATION_INTERNAL_ERROR, findings=()) -> "Outcome":
+        return cls(Status.ERROR, code, text, list(findings))
+
+    @classmethod
+    def rejected(cls, text: str, code: ErrorCode, findings=(), stored: bool = True) -> "Outcome":
+        return cls(Status.REJECTED, code, text, list(findings), stored)
+
+    @classmethod
+    def filtered(cls, text: str = "filtered by the channel") -> "Outcome":
+        return cls(Status.FILTERED, None, text)
+
+    @classmethod
+    def internal_error(cls, text: str) -> "Outcome":
+        return cls(Status.INTERNAL_ERROR, ErrorCode.APPLICATION_INTERNAL_ERROR, text, stored=False)

@@ -1,0 +1,82 @@
+"""Which acknowledgements a received message gets, in original and in enhanced mode.
+
+Original mode (MSH-15 and MSH-16 both empty): one application ACK. AA when processed; AE for
+content, validation and processing errors; AR for unsupported type/event/processing id/version and
+for engine failures (never AA when the message was not stored).
+
+Enhanced mode (MSH-15 or MSH-16 valued, table 0155: AL always, NE never, ER on error or reject
+only, SU on success only): the accept ACK (CA/CR) as MSH-15 asks, sent only once the message is
+stored; then the application ACK (AA/AE/AR) as MSH-16 asks, only for an accepted message. An empty
+MSH-15 or MSH-16 in enhanced mode counts as NE, so the sender never gets a frame it did not ask
+for. A message that is itself an ACK is never acknowledged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hl7relay.ack.builder import build_ack
+from hl7relay.ack.codes import ErrorCode
+from hl7relay.ack.outcome import Outcome, Status
+from hl7relay.message import Message
+
+__all__ = ["AckPolicy", "is_enhanced_mode", "is_ack", "unreadable_ack"]
+
+_CONDITIONS = {"AL", "NE", "ER", "SU"}
+
+
+def is_ack(message: Message) -> bool:
+    return message.get("MSH-9.1").strip().upper() == "ACK"
+
+
+def is_enhanced_mode(message: Message) -> bool:
+    return bool(message.get("MSH-15").strip() or message.get("MSH-16").strip())
+
+
+def _wanted(condition: str, success: bool) -> bool:
+    condition = condition.strip().upper()
+    if condition not in _CONDITIONS or condition == "NE":
+        return False
+    return condition == "AL" or (condition == "SU" and success) or (condition == "ER" and not success)
+
+
+def unreadable_ack(text: str, **header) -> bytes:
+    """The answer to a payload that is not an HL7 message (empty, or not starting with MSH)."""
+    return build_ack(None, "AR", text, ErrorCode.SEGMENT_SEQUENCE_ERROR, **header)
+
+
+@dataclass(slots=True)
+class AckPolicy:
+    """Turns a handler's :class:`Outcome` into the ACK frames to write, in order."""
+
+    filtered_code: str = "AR"  # what a filtered message is answered with (AA to hide filtering)
+    sending_application: str = "HL7RELAY"
+    sending_facility: str = ""
+
+    def acks(self, message: Message, outcome: Outcome) -> list[bytes]:
+        if is_ack(message):
+            return []
+        header = {"sending_application": self.sending_application, "sending_facility": self.sending_facility}
+        application = self._application_code(outcome)
+        if not is_enhanced_mode(message):
+            return [build_ack(message, application, outcome.text, outcome.code, outcome.findings, **header)]
+        accepted = outcome.stored and outcome.status is not Status.REJECTED and outcome.status is not Status.INTERNAL_ERROR
+        frames = []
+        if _wanted(message.get("MSH-15"), accepted):
+            if accepted:
+                frames.append(build_ack(message, "CA", **header))
+            else:
+                frames.append(build_ack(message, "CR", outcome.text, outcome.code, outcome.findings, **header))
+        if accepted and _wanted(message.get("MSH-16"), application == "AA"):
+            frames.append(build_ack(message, application, outcome.text, outcome.code, outcome.findings, **header))
+        return frames
+
+    def _application_code(self, outcome: Outcome) -> str:
+        status = outcome.status
+        if status is Status.ACCEPTED:
+            return "AA" if outcome.stored else "AR"
+        if status is Status.ERROR:
+            return "AE" if outcome.stored else "AR"
+        if status is Status.FILTERED:
+            return self.filtered_code if outcome.stored or self.filtered_code != "AA" else "AR"
+        return "AR"  # REJECTED, INTERNAL_ERROR

@@ -1,0 +1,240 @@
+"""The MLLP listener: Twisted wiring around :class:`~hl7relay.framing.MLLPFramer`.
+
+Each connection hands its messages, one at a time and in order, to a handler that returns an
+:class:`~hl7relay.ack.Outcome` (or a Deferred of one); the ACK frames the outcome calls for are
+written only when it arrives, so a handler that commits to a store first gives ACK-after-commit.
+Nothing is ever answered AA unless the handler said so; a payload that is not HL7 gets AR; a
+handler that fails gets AR (207). Time comes from the injected reactor, so tests drive it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from hl7relay.ack import AckPolicy, Outcome, unreadable_ack
+from hl7relay.charsets import DEFAULT_CHARSET, UTF8_BOM
+from hl7relay.errors import ParseError
+from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES, Discarded, Frame, FrameTooLarge, MLLPFramer, frame
+from hl7relay.message import Message
+from hl7relay.tls import TLSConfig, server_options
+
+__all__ = ["ListenerConfig", "MLLPListenerFactory", "MLLPServerProtocol", "Peer", "listen"]
+
+log = Logger(namespace="hl7relay.listener")
+
+
+@dataclass(slots=True)
+class ListenerConfig:
+    """Options of one MLLP listener, with their defaults."""
+
+    host: str = "127.0.0.1"  # localhost only unless told otherwise
+    port: int = 2575  # HL7's registered port
+    max_connections: int = 64  # further connections are refused at once
+    read_timeout: float = 30.0  # seconds a started frame may take to complete
+    idle_timeout: float = 0.0  # seconds without any byte before the connection is closed; 0: never
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    charset: str = DEFAULT_CHARSET  # for messages whose MSH-18 is empty
+    tls: TLSConfig | None = None
+    keepalive: bool = True  # TCP keepalive, so dead peers are noticed
+    policy: AckPolicy = field(default_factory=AckPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who sent a message: address, port and (with mutual TLS) the client certificate subject."""
+
+    host: str
+    port: int
+    certificate_subject: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class MLLPServerProtocol(Protocol):
+    def __init__(self, factory: "MLLPListenerFactory"):
+        self.factory = factory
+        self.framer = MLLPFramer(factory.config.max_frame_bytes)
+        self.queue: deque[bytes] = deque()
+        self.busy = False
+        self.closed = False
+        self.peer: Peer | None = None
+        self._read_timer = None
+        self._idle_timer = None
+
+    # -- connection ----------------------------------------------------------------------------
+    def connectionMade(self):
+        factory = self.factory
+        address = self.transport.getPeer()
+        self.peer = Peer(getattr(address, "host", "?"), getattr(address, "port", 0))
+        if factory.open_connections >= factory.config.max_connections:
+            factory.refused_connections += 1
+            log.warn("refusing connection from {peer}: {limit} connections already open",
+                     peer=str(self.peer), limit=factory.config.max_connections)
+            self.closed = True
+            self.transport.abortConnection()
+            return
+        factory.open_connections += 1
+        factory.connections.add(self)
+        if factory.config.keepalive and hasattr(self.transport, "setTcpKeepAlive"):
+            try:
+                self.transport.setTcpKeepAlive(True)
+            except (AttributeError, OSError):  # not every transport has a socket under it
+                pass
+        self._touch()
+
+    def connectionLost(self, reason=None):
+        if self in self.factory.connections:
+            self.factory.connections.discard(self)
+            self.factory.open_connections -= 1
+        self.closed = True
+        self._cancel("_read_timer")
+        self._cancel("_idle_timer")
+
+    # -- bytes in ------------------------------------------------------------------------------
+    def dataReceived(self, data: bytes):
+        if self.closed:
+            return
+        self._touch()
+        for event in self.framer.feed(data):
+            if isinstance(event, Frame):
+                self.queue.append(event.payload)
+            elif isinstance(event, Discarded):
+                self.factory.discarded_bytes += event.count
+                log.warn("discarded {count} bytes outside MLLP frames from {peer}", count=event.count, peer=str(self.peer))
+            elif isinstance(event, FrameTooLarge):
+                self.factory.oversized_frames += 1
+                log.error("frame from {peer} exceeds {limit} bytes; closing the connection",
+                          peer=str(self.peer), limit=event.limit)
+                self._abort()
+                return
+        self._arm_read_timer()
+        self._next()
+
+    def _arm_read_timer(self):
+        if self.framer.in_frame:
+            if self._read_timer is None:
+                self._read_timer = self.factory.reactor.callLater(self.factory.config.read_timeout, self._read_timed_out)
+        else:
+            self._cancel("_read_timer")
+
+    def _read_timed_out(self):
+        self._read_timer = None
+        self.factory.timed_out_frames += 1
+        log.warn("frame from {peer} incomplete after {timeout}s ({size} bytes); resetting the connection",
+                 peer=str(self.peer), timeout=self.factory.config.read_timeout, size=self.framer.buffered)
+        self.framer.reset()
+        self._abort()
+
+    def _touch(self):
+        timeout = self.factory.config.idle_timeout
+        if timeout > 0:
+            self._cancel("_idle_timer")
+            self._idle_timer = self.factory.reactor.callLater(timeout, self._idle_timed_out)
+
+    def _idle_timed_out(self):
+        self._idle_timer = None
+        if self.busy or self.queue:
+            self._touch()  # still working on what this peer sent
+            return
+        log.info("closing idle connection from {peer}", peer=str(self.peer))
+        self.transport.loseConnection()
+
+    def _cancel(self, name):
+        timer = getattr(self, name)
+        if timer is not None and timer.active():
+            timer.cancel()
+        setattr(self, name, None)
+
+    def _abort(self):
+        self.closed = True
+        self.queue.clear()
+        self.transport.abortConnection()
+
+    # -- messages, one at a time per connection -------------------------------------------------
+    def _next(self):
+        if self.busy or not self.queue or self.closed:
+            return
+        self.busy = True
+        payload = self.queue.popleft()
+        d = defer.maybeDeferred(self._process, payload)
+        d.addErrback(self._failed)
+        d.addBoth(self._write)
+
+    def _process(self, payload: bytes):
+        config = self.factory.config
+        body = payload[len(UTF8_BOM):] if payload.startswith(UTF8_BOM) else payload
+        if not body.strip(b"\r\n\t "):
+            return [unreadable_ack("empty MLLP frame", **self._header())]
+        if not body.startswith(b"MSH"):
+            return [unreadable_ack("the payload does not start with an MSH segment", **self._header())]
+        try:
+            message = Message.from_bytes(payload, config.charset)
+        except ParseError as exc:
+            return [unreadable_ack(str(exc), **self._header())]
+        d = defer.maybeDeferred(self.factory.handler, message, self.peer)
+        d.addErrback(self._handler_failed, message)
+        d.addCallback(lambda outcome: config.policy.acks(message, outcome))
+        return d
+
+    def _header(self) -> dict:
+        policy = self.factory.config.policy
+        return {"sending_application": policy.sending_application, "sending_facility": policy.sending_facility}
+
+    def _handler_failed(self, failure, message: Message) -> Outcome:
+        log.failure("handler failed for message {control_id} from {peer}", failure,
+                    control_id=message.control_id, peer=str(self.peer))
+        return Outcome.internal_error("the engine could not process the message")
+
+    def _failed(self, failure):
+        log.failure("internal error answering {peer}", failure, peer=str(self.peer))
+        return [unreadable_ack("internal error", **self._header())]
+
+    def _write(self, acks):
+        self.busy = False
+        if self.closed:
+            if acks:
+                log.warn("connection from {peer} closed before its ACK could be sent", peer=str(self.peer))
+            return
+        for ack in acks or ():
+            self.transport.write(frame(ack))
+        self._next()
+
+
+class MLLPListenerFactory(Factory):
+    """One listener: its configuration, its handler and its counters."""
+
+    def __init__(self, handler, config: ListenerConfig | None = None, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.handler = handler
+        self.config = config or ListenerConfig()
+        self.reactor = reactor
+        self.connections: set[MLLPServerProtocol] = set()
+        self.open_connections = 0
+        self.refused_connections = 0
+        self.discarded_bytes = 0
+        self.oversized_frames = 0
+        self.timed_out_frames = 0
+
+    def buildProtocol(self, addr):
+        return MLLPServerProtocol(self)
+
+
+def listen(handler, config: ListenerConfig, reactor=None):
+    """Start listening; returns the IListeningPort (``.getHost().port`` tells the bound port)."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    factory = MLLPListenerFactory(handler, config, reactor)
+    if config.tls is not None:
+        return reactor.listenSSL(config.port, factory, server_options(config.tls), interface=config.host)
+    return reactor.listenTCP(config.port, factory, interface=config.host)

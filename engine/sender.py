@@ -1,0 +1,308 @@
+"""The MLLP sender: one kept-open connection, one message at a time, typed outcomes.
+
+``send()`` writes a message and waits for the ACK whose MSA-2 is the message's MSH-10 (other
+frames are logged and ignored). In enhanced mode it waits for the application ACK when MSH-16 is
+AL; otherwise the accept ACK is the answer. A lost connection is reopened on the next send, after
+an exponential backoff with jitter when connecting keeps failing.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from twisted.internet import defer, error as net_error
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+
+from hl7relay.errors import AckTimeout, ParseError, PeerApplicationError, PeerRejected, SendConnectionError
+from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES, Frame, FrameTooLarge, MLLPFramer, frame
+from hl7relay.message import Message
+from hl7relay.tls import TLSConfig, client_options
+
+__all__ = ["SendStatus", "SendResult", "SenderConfig", "MLLPSender", "expects_ack"]
+
+log = Logger(namespace="hl7relay.sender")
+
+
+class SendStatus(enum.Enum):
+    ACCEPTED = "accepted"  # AA, or CA when no application ACK was asked for
+    APPLICATION_ERROR = "application_error"  # AE: needs a person, not resent
+    REJECTED = "rejected"  # AR / CR (and CE): retryable
+    TIMED_OUT = "timed_out"  # no matching ACK in time: retryable
+    CONNECTION_FAILED = "connection_failed"  # could not connect: retryable
+
+
+@dataclass(slots=True)
+class SendResult:
+    status: SendStatus
+    control_id: str
+    ack_code: str = ""  # MSA-1
+    text: str = ""  # MSA-3 and the ERR texts, or what went wrong
+    ack: Message | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is SendStatus.ACCEPTED
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in (SendStatus.REJECTED, SendStatus.TIMED_OUT, SendStatus.CONNECTION_FAILED)
+
+    def raise_for_status(self) -> "SendResult":
+        errors = {SendStatus.APPLICATION_ERROR: PeerApplicationError, SendStatus.REJECTED: PeerRejected,
+                  SendStatus.TIMED_OUT: AckTimeout, SendStatus.CONNECTION_FAILED: SendConnectionError}
+        if self.status in errors:
+            raise errors[self.status](f"{self.control_id}: {self.ack_code or self.status.value} {self.text}".strip())
+        return self
+
+
+@dataclass(slots=True)
+class SenderConfig:
+    host: str
+    port: int
+    connect_timeout: float = 10.0
+    ack_timeout: float = 30.0
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    backoff_initial: float = 1.0  # first wait after a failed connection attempt
+    backoff_max: float = 60.0
+    tls: TLSConfig | None = None
+
+
+def ack_text(ack: Message) -> str:
+    """MSA-3 and every ERR's text, for people."""
+    parts = [ack.get("MSA-3")]
+    for occurrence in range(1, ack.count("ERR") + 1):
+        text = ack.get(f"ERR[{occurrence}]-8") or ack.get(f"ERR[{occurrence}]-3.2") or ack.get(f"ERR[{occurrence}]-1.4.2")
+        location = ack.get(f"ERR[{occurrence}]-2") or ack.get(f"ERR[{occurrence}]-1.1")
+        parts.append(f"{location.replace(ack.delimiters.component or '^', '^')}: {text}" if location else text)
+    return "; ".join(p for p in parts if p)
+
+
+class _SenderProtocol(Protocol):
+    def __init__(self, sender: "MLLPSender"):
+        self.sender = sender
+        self.framer = MLLPFramer(sender.config.max_frame_bytes)
+
+    def connectionMade(self):
+        self.sender._connected(self)
+
+    def dataReceived(self, data: bytes):
+        for event in self.framer.feed(data):
+            if isinstance(event, Frame):
+                self.sender._frame_received(event.payload)
+            elif isinstance(event, FrameTooLarge):
+                log.error("ACK frame larger than {limit} bytes; dropping the connection", limit=event.limit)
+                self.transport.abortConnection()
+                return
+
+    def connectionLost(self, reason=None):
+        self.sender._disconnected(self, reason)
+
+
+class _Factory(ClientFactory):
+    def __init__(self, sender: "MLLPSender", ready: defer.Deferred):
+        self.sender = sender
+        self.ready = ready
+
+    def buildProtocol(self, addr):
+        return _SenderProtocol(self.sender)
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.ready.called:
+            self.ready.errback(reason)
+
+
+@dataclass(slots=True)
+class _Pending:
+    control_id: str
+    want_application_ack: bool
+    done: defer.Deferred
+    protocol: object = None  # the connection it was written on
+    timer: object = None
+    accept_ack: Message | None = None
+
+
+def expects_ack(message: Message) -> bool:
+    """False for an ACK (never acknowledged) and for enhanced mode with NE/NE."""
+    if message.get("MSH-9.1").strip().upper() == "ACK":
+        return False
+    accept, application = message.get("MSH-15").strip().upper(), message.get("MSH-16").strip().upper()
+    if not accept and not application:
+        return True  # original mode
+    return accept not in ("", "NE") or application not in ("", "NE")
+
+
+class MLLPSender:
+    """Sends messages to one peer over one kept-open MLLP connection."""
+
+    def __init__(self, config: SenderConfig, reactor=None, rng: random.Random | None = None):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        self.rng = rng or random.Random()
+        self.protocol: _SenderProtocol | None = None
+        self._connecting: defer.Deferred | None = None
+        self._queue: deque = deque()
+        self._pending: _Pending | None = None
+        self._failures = 0
+        self._not_before = 0.0  # no connection attempt before this reactor time (backoff)
+        self.mismatched_acks = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.protocol is not None
+
+    def backoff_delay(self) -> float:
+        """The wait before the next attempt after ``self._failures`` failed ones (full jitter)."""
+        if self._failures == 0:
+            return 0.0
+        ceiling = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (self._failures - 1))
+        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+
+    def send(self, message: Message | bytes) -> defer.Deferred:
+        """Send one message; fires with a :class:`SendResult` (it never errbacks for peer answers)."""
+        if isinstance(message, (bytes, bytearray)):
+            message = Message.from_bytes(bytes(message))
+        done = defer.Deferred()
+        self._queue.append((message, done))
+        self._pump()
+        return done
+
+    def close(self) -> None:
+        """Drop the connection (pending sends fail as connection failures)."""
+        if self.protocol is not None:
+            self.protocol.transport.loseConnection()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _pump(self):
+        if self._pending is not None or not self._queue or self._connecting is not None:
+            return
+        if self.protocol is None:
+            self._connect()
+            return
+        message, done = self._queue.popleft()
+        control_id = message.control_id
+        if not expects_ack(message):
+            self.protocol.transport.write(frame(message.to_bytes()))
+            done.callback(SendResult(SendStatus.ACCEPTED, control_id, text="sent; no acknowledgement is expected for it"))
+            self._pump()
+            return
+        want_app = bool(message.get("MSH-15").strip() or message.get("MSH-16").strip()) and \
+            message.get("MSH-16").strip().upper() == "AL"
+        pending = _Pending(control_id, want_app, done, self.protocol)
+        pending.timer = self.reactor.callLater(self.config.ack_timeout, self._ack_timed_out, pending)
+        self._pending = pending
+        self.protocol.transport.write(frame(message.to_bytes()))
+
+    def _connect(self):
+        delay = max(0.0, self._not_before - self.reactor.seconds())
+        ready = defer.Deferred()
+        self._connecting = ready
+        ready.addCallbacks(self._connect_done, self._connect_failed)
+        factory = _Factory(self, ready)
+
+        def attempt():
+            cfg = self.config
+            if cfg.tls is not None:
+                self.reactor.connectSSL(cfg.host, cfg.port, factory, client_options(cfg.tls, cfg.host),
+                                        timeout=cfg.connect_timeout)
+            else:
+                self.reactor.connectTCP(cfg.host, cfg.port, factory, timeout=cfg.connect_timeout)
+
+        if delay > 0:
+            self.reactor.callLater(delay, attempt)
+        else:
+            attempt()
+
+    def _connected(self, protocol: _SenderProtocol):
+        self.protocol = protocol
+        if self._connecting is not None and not self._connecting.called:
+            self._connecting.callback(protocol)
+
+    def _connect_done(self, _):
+        self._connecting = None
+        self._failures = 0
+        self._not_before = 0.0
+        self._pump()
+
+    def _connect_failed(self, failure):
+        self._connecting = None
+        self._failures += 1
+        self._not_before = self.reactor.seconds() + self.backoff_delay()
+        reason = failure.getErrorMessage() if failure.check(net_error.ConnectError, net_error.TimeoutError) else str(failure.value)
+        log.warn("cannot connect to {host}:{port}: {reason}", host=self.config.host, port=self.config.port, reason=reason)
+        # every queued message learns of it now; the caller decides when to try again
+        queued, self._queue = self._queue, deque()
+        for message, done in queued:
+            done.callback(SendResult(SendStatus.CONNECTION_FAILED, message.control_id, text=reason))
+
+    def _disconnected(self, protocol, reason):
+        if self.protocol is protocol:
+            self.protocol = None
+        if self._connecting is not None and not self._connecting.called:
+            self._connecting.errback(reason)
+            return
+        pending = self._pending
+        if pending is not None and pending.protocol is protocol:
+            self._pending = None
+            self._cancel(pending)
+            pending.done.callback(SendResult(SendStatus.TIMED_OUT, pending.control_id,
+                                             text="the connection closed before the ACK arrived"))
+        self._pump()
+
+    def _frame_received(self, payload: bytes):
+        pending = self._pending
+        try:
+            ack = Message.from_bytes(payload)
+        except ParseError:
+            log.warn("ignoring a frame that is not HL7 from {host}:{port}", host=self.config.host, port=self.config.port)
+            return
+        acked = ack.get("MSA-2")
+        if pending is None or acked != pending.control_id:
+            self.mismatched_acks += 1
+            log.warn("ignoring an ACK for {acked!r} while waiting for {expected!r}", acked=acked,
+                     expected=pending.control_id if pending else None)
+            return
+        code = ack.get("MSA-1").strip().upper()
+        if code == "CA" and pending.want_application_ack:
+            pending.accept_ack = ack  # the peer has it stored; the application ACK is still to come
+            return
+        status = {"AA": SendStatus.ACCEPTED, "CA": SendStatus.ACCEPTED, "AE": SendStatus.APPLICATION_ERROR,
+                  "AR": SendStatus.REJECTED, "CR": SendStatus.REJECTED, "CE": SendStatus.REJECTED}.get(code)
+        if status is None:
+            log.warn("ACK with unknown MSA-1 {code!r}; treated as a reject", code=code)
+            status = SendStatus.REJECTED
+        self._finish(SendResult(status, pending.control_id, code, ack_text(ack), ack))
+
+    def _ack_timed_out(self, pending: _Pending):
+        pending.timer = None
+        if self._pending is not pending:
+            return
+        text = f"no ACK within {self.config.ack_timeout:g}s"
+        if pending.accept_ack is not None:
+            text = f"accepted (CA) but no application ACK within {self.config.ack_timeout:g}s"
+        # a late ACK could be taken for the next message's: the next one goes on a fresh connection
+        self._pending = None
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.transport.abortConnection()
+        pending.done.callback(SendResult(SendStatus.TIMED_OUT, pending.control_id, text=text, ack=pending.accept_ack))
+        self._pump()
+
+    def _finish(self, result: SendResult):
+        pending, self._pending = self._pending, None
+        self._cancel(pending)
+        pending.done.callback(result)
+        self._pump()
+
+    @staticmethod
+    def _cancel(pending: _Pending):
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        pending.timer = None
