@@ -1,0 +1,181 @@
+"""Listener protocol tests: StringTransport for the wire, task.Clock for time."""
+
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from hl7relay.ack import ErrorCode, Outcome
+from hl7relay.framing import END, START, MLLPFramer, frame
+from hl7relay.listener import ListenerConfig, MLLPListenerFactory
+from hl7relay.message import Message
+
+MSG = b"MSH|^~\\&|PMS|CLINIC|LAB|LABFAC|20240105||ADT^A01^ADT_A01|%s|P|2.5.1\rEVN|A01|20240105\rPID|1||1^^^H^MR||DOE^J\rPV1|1|O\r"
+
+
+class Harness:
+    def __init__(self, handler=None, **config):
+        self.clock = task.Clock()
+        self.calls = []
+        self.results = []
+        self.factory = MLLPListenerFactory(handler or self.handler, ListenerConfig(**config), self.clock)
+
+    def handler(self, message, peer):
+        self.calls.append((message, peer))
+        d = defer.Deferred()
+        self.results.append(d)
+        return d
+
+    def connect(self, port=4000):
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.5", port))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+
+def acks(transport) -> list[Message]:
+    events = MLLPFramer().feed(transport.value())
+    return [Message.from_bytes(e.payload) for e in events]
+
+
+def test_ack_is_written_only_when_the_handler_answers():
+    h = Harness()
+    protocol, transport = h.connect()
+    protocol.dataReceived(frame(MSG % b"1"))
+    assert len(h.calls) == 1 and transport.value() == b""
+    h.results[0].callback(Outcome.accepted())
+    [a] = acks(transport)
+    assert a.get("MSA-1") == "AA" and a.get("MSA-2") == "1"
+    assert not transport.disconnecting  # the connection stays open after ACKs
+    assert str(h.calls[0][1]) == "10.0.0.5:4000"
+
+
+def test_frames_in_any_chunking_are_processed_in_order_one_at_a_time():
+    h = Harness()
+    protocol, transport = h.connect()
+    stream = b"".join(frame(MSG % str(i).encode()) for i in range(5))
+    for i in range(0, len(stream), 7):
+        protocol.dataReceived(stream[i:i + 7])
+    for i in range(5):
+        assert len(h.calls) == i + 1  # the next message waits for this one's answer
+        assert h.calls[i][0].control_id == str(i)
+        h.results[i].callback(Outcome.accepted())
+    assert [a.get("MSA-2") for a in acks(transport)] == ["0", "1", "2", "3", "4"]
+
+
+def test_bytes_outside_frames_are_discarded_and_counted():
+    h = Harness(handler=lambda m, p: Outcome.accepted())
+    protocol, transport = h.connect()
+    protocol.dataReceived(b"\r\nnoise" + frame(MSG % b"1") + b"more")
+    assert h.factory.discarded_bytes == 11
+    assert [a.get("MSA-1") for a in acks(transport)] == ["AA"]
+
+
+def test_empty_or_non_msh_payload_gets_a_negative_ack_and_the_connection_stays_usable():
+    h = Harness(handler=lambda m, p: Outcome.accepted())
+    protocol, transport = h.connect()
+    protocol.dataReceived(frame(b"") + frame(b"PID|1||1") + frame(b"\r\n") + frame(MSG % b"ok"))
+    answers = acks(transport)
+    assert [a.get("MSA-1") for a in answers] == ["AR", "AR", "AR", "AA"]
+    assert "does not start with an MSH" in answers[1].get("ERR-8")
+    assert not transport.disconnecting
+
+
+def test_handler_failure_is_ar_207_never_aa():
+    def broken(message, peer):
+        raise RuntimeError("store unavailable")
+
+    h = Harness(handler=broken)
+    protocol, transport = h.connect()
+    protocol.dataReceived(frame(MSG % b"1"))
+    [a] = acks(transport)
+    assert a.get("MSA-1") == "AR" and a.get("ERR-3.1") == str(int(ErrorCode.APPLICATION_INTERNAL_ERROR))
+
+
+def test_failed_deferred_is_ar_as_well():
+    h = Harness()
+    protocol, transport = h.connect()
+    protocol.dataReceived(frame(MSG % b"1"))
+    h.results[0].errback(OSError("disk full"))
+    assert [a.get("MSA-1") for a in acks(transport)] == ["AR"]
+
+
+def test_stalled_frame_is_discarded_and_the_connection_reset():
+    h = Harness(read_timeout=5)
+    protocol, transport = h.connect()
+    protocol.dataReceived(START + b"MSH|^~\\&|slow")
+    h.clock.advance(4.9)
+    assert not transport.disconnecting
+    h.clock.advance(0.2)
+    assert transport.disconnecting and h.factory.timed_out_frames == 1 and h.calls == []
+
+
+def test_read_timeout_is_per_frame_and_cleared_when_it_completes():
+    h = Harness(handler=lambda m, p: Outcome.accepted(), read_timeout=5)
+    protocol, transport = h.connect()
+    protocol.dataReceived(START + MSG % b"1")
+    h.clock.advance(4)
+    protocol.dataReceived(END)
+    h.clock.advance(10)
+    assert not transport.disconnecting and len(acks(transport)) == 1
+
+
+def test_oversized_frame_closes_only_that_connection():
+    h = Harness(handler=lambda m, p: Outcome.accepted(), max_frame_bytes=1000)
+    big, big_transport = h.connect(1)
+    other, other_transport = h.connect(2)
+    big.dataReceived(START + b"MSH|" + b"x" * 2000)
+    assert big_transport.disconnecting and h.factory.oversized_frames == 1
+    assert big.framer.buffered == 0  # memory released
+    other.dataReceived(frame(MSG % b"2"))
+    assert [a.get("MSA-1") for a in acks(other_transport)] == ["AA"] and not other_transport.disconnecting
+
+
+def test_connections_over_the_limit_are_refused_at_once():
+    h = Harness(max_connections=2)
+    first, t1 = h.connect(1)
+    second, t2 = h.connect(2)
+    third, t3 = h.connect(3)
+    assert t3.disconnecting and not t1.disconnecting and not t2.disconnecting
+    assert h.factory.refused_connections == 1 and h.factory.open_connections == 2
+    first.connectionLost(None)
+    fourth, t4 = h.connect(4)
+    assert not t4.disconnecting
+
+
+def test_idle_connections_are_closed_when_configured():
+    h = Harness(handler=lambda m, p: Outcome.accepted(), idle_timeout=60)
+    protocol, transport = h.connect()
+    h.clock.advance(59)
+    protocol.dataReceived(frame(MSG % b"1"))
+    h.clock.advance(59)
+    assert not transport.disconnecting
+    h.clock.advance(2)
+    assert transport.disconnecting
+
+
+def test_ack_messages_are_not_acknowledged_and_enhanced_mode_is_honoured():
+    h = Harness(handler=lambda m, p: Outcome.accepted())
+    protocol, transport = h.connect()
+    protocol.dataReceived(frame(b"MSH|^~\\&|A|B|C|D|20240101||ACK^A01^ACK|9|P|2.5.1\rMSA|AA|1\r"))
+    assert transport.value() == b""
+    enhanced = (MSG % b"7").replace(b"|P|2.5.1\r", b"|P|2.5.1|||AL|AL\r")
+    protocol.dataReceived(frame(enhanced))
+    assert [a.get("MSA-1") for a in acks(transport)] == ["CA", "AA"]
+
+
+def test_default_charset_applies_when_msh18_is_empty():
+    seen = []
+    h = Harness(handler=lambda m, p: seen.append(m.get("PID-5.1")) or Outcome.accepted(), charset="8859/1")
+    protocol, _ = h.connect()
+    protocol.dataReceived(frame((MSG % b"1").replace(b"DOE", "D\u00d6E".encode("latin-1"))))
+    assert seen == ["D\u00d6E"]
+
+
+def test_answer_after_disconnect_is_dropped_quietly():
+    h = Harness()
+    protocol, transport = h.connect()
+    protocol.dataReceived(frame(MSG % b"1"))
+    protocol.connectionLost(None)
+    h.results[0].callback(Outcome.accepted())
+    assert transport.value() == b""
+    assert h.factory.open_connections == 0

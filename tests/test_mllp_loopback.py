@@ -1,0 +1,150 @@
+"""Real sockets on 127.0.0.1: `hl7relay listen` and `hl7relay send` as separate processes,
+in plain TCP, TLS, and mutual TLS (certificates generated here, at test time)."""
+
+import datetime
+import ipaddress
+import selectors
+import signal
+import subprocess
+import sys
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+def _name(common_name):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _issue(subject, key, issuer, issuer_key, *, ca=False, server=False):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    if not ca:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _issue("hl7relay test CA", ca_key, "hl7relay test CA", ca_key, ca=True)
+    files = {}
+
+    def write(name, cert, key=None):
+        (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        files[name] = str(folder / f"{name}.pem")
+        if key is not None:
+            (folder / f"{name}.key").write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            files[name + "_key"] = str(folder / f"{name}.key")
+
+    write("ca", ca)
+    for name, server in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(name, _issue(f"hl7relay {name}", key, "hl7relay test CA", ca_key, server=server), key)
+    return files
+
+
+def hl7relay(*args):
+    return [sys.executable, "-m", "hl7relay", *args]
+
+
+class Listener:
+    def __init__(self, *args):
+        self.process = subprocess.Popen(hl7relay("listen", "--port", "0", *args), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+        first = self._line(timeout=30)
+        assert first and "MLLP on 127.0.0.1:" in first, first
+        self.port = first.split("MLLP on 127.0.0.1:")[1].split()[0]
+        self.lines = []
+
+    def _line(self, timeout):
+        selector = selectors.DefaultSelector()
+        selector.register(self.process.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            return None
+        return self.process.stdout.readline()
+
+    def stop(self):
+        self.process.send_signal(signal.SIGINT)
+        try:
+            out, _ = self.process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, _ = self.process.communicate()
+        return out
+
+
+def send(port, *args, timeout=60):
+    return subprocess.run(hl7relay("send", "--port", port, "--timeout", "10", "--connect-timeout", "5", *args),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def plain_listener():
+    listener = Listener()
+    yield listener
+    listener.stop()
+
+
+def test_send_to_listen_over_loopback(plain_listener, samples):
+    result = send(plain_listener.port, str(samples / "adt_a01.hl7"), str(samples / "batch_adt.hl7"),
+                  str(samples / "malformed" / "lf_endings.hl7"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        f"{samples / 'adt_a01.hl7'} MSG00001: CA MSG00001",
+        f"{samples / 'batch_adt.hl7'} MSG00101: CA MSG00101",
+        f"{samples / 'batch_adt.hl7'} MSG00102: CA MSG00102",
+        f"{samples / 'malformed' / 'lf_endings.hl7'} BAD00006: CA BAD00006",
+    ]
+    log = plain_listener.stop()
+    assert log.count("-> ACK CA") == 4 and "DOE" not in log  # summaries carry no patient data
+
+
+def test_original_mode_gets_aa_and_stdin_works(plain_listener, samples):
+    data = (samples / "adt_a04.hl7").read_bytes().replace(b"|AL|NE|", b"|||")
+    result = subprocess.run(hl7relay("send", "--port", plain_listener.port, "-"), input=data, capture_output=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.decode().strip() == "<stdin> MSG00003: AA MSG00003"
+
+
+def test_send_reports_a_refused_connection():
+    result = subprocess.run(hl7relay("send", "--port", "9", "--connect-timeout", "3", "-"),
+                            input=b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5\r", capture_output=True, timeout=60)
+    assert result.returncode == 1 and b"CONNECTION FAILED" in result.stdout
+
+
+def test_tls(pki, samples):
+    listener = Listener("--tls-cert", pki["server"], "--tls-key", pki["server_key"])
+    try:
+        result = send(listener.port, "--tls-ca", pki["ca"], "--host", "127.0.0.1", str(samples / "adt_a03.hl7"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.strip().endswith("CA MSG00002")
+        untrusted = send(listener.port, "--tls", str(samples / "adt_a03.hl7"))  # system CAs do not know ours
+        assert untrusted.returncode == 1
+    finally:
+        listener.stop()
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(pki, samples):
+    listener = Listener("--tls-cert", pki["server"], "--tls-key", pki["server_key"], "--tls-ca", pki["ca"],
+                        "--require-client-cert")
+    try:
+        anonymous = send(listener.port, "--tls-ca", pki["ca"], str(samples / "adt_a03.hl7"))
+        assert anonymous.returncode == 1 and "CA MSG00002" not in anonymous.stdout
+        with_cert = send(listener.port, "--tls-ca", pki["ca"], "--tls-cert", pki["client"], "--tls-key", pki["client_key"],
+                         str(samples / "adt_a03.hl7"))
+        assert with_cert.returncode == 0, with_cert.stdout + with_cert.stderr
+    finally:
+        log = listener.stop()
+    assert log.count("-> ACK CA") == 1  # only the client with a certificate got through

@@ -1,0 +1,165 @@
+"""Sender tests: MemoryReactorClock records connection attempts; StringTransport is the wire."""
+
+import random
+
+import pytest
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from hl7relay.errors import AckTimeout, PeerApplicationError, PeerRejected, SendConnectionError
+from hl7relay.framing import MLLPFramer, frame
+from hl7relay.message import Message
+from hl7relay.sender import MLLPSender, SenderConfig, SendStatus
+
+MSG = "MSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|{id}|P|2.5.1{extra}\rEVN|A01|20240101\rPID|1||1^^^H^MR||DOE^J\rPV1|1|O\r"
+
+
+def message(control_id="M1", extra=""):
+    return Message(MSG.format(id=control_id, extra=extra))
+
+
+def ack_frame(code, control_id, text=""):
+    return frame(f"MSH|^~\\&|C|D|A|B|20240101||ACK^A01^ACK|X{control_id}|P|2.5.1\rMSA|{code}|{control_id}|{text}\r".encode())
+
+
+class Harness:
+    def __init__(self, **config):
+        self.reactor = MemoryReactorClock()
+        self.sender = MLLPSender(SenderConfig("127.0.0.1", 2575, **config), self.reactor, random.Random(7))
+        self.transport = None
+        self.results = []
+
+    def send(self, msg):
+        d = self.sender.send(msg)
+        d.addCallback(self.results.append)
+        return d
+
+    def accept_connection(self, index=-1):
+        factory = self.reactor.tcpClients[index][2]
+        protocol = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        protocol.makeConnection(self.transport)
+        self.protocol = protocol
+        return protocol
+
+    def refuse_connection(self, index=-1):
+        self.reactor.tcpClients[index][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+
+    def written(self):
+        return [Message.from_bytes(e.payload).control_id for e in MLLPFramer().feed(self.transport.value())]
+
+
+def test_sends_on_one_kept_open_connection_and_matches_acks_by_msa2():
+    h = Harness()
+    h.send(message("M1"))
+    h.send(message("M2"))
+    assert len(h.reactor.tcpClients) == 1
+    protocol = h.accept_connection()
+    assert h.written() == ["M1"]  # one at a time
+    protocol.dataReceived(ack_frame("AA", "OTHER"))  # not ours: logged and ignored
+    assert h.results == [] and h.sender.mismatched_acks == 1
+    protocol.dataReceived(ack_frame("AA", "M1"))
+    assert h.written() == ["M1", "M2"]
+    protocol.dataReceived(ack_frame("AA", "M2"))
+    assert [(r.status, r.ack_code) for r in h.results] == [(SendStatus.ACCEPTED, "AA")] * 2
+    assert len(h.reactor.tcpClients) == 1
+
+
+@pytest.mark.parametrize("code, status, retryable, error", [
+    ("AE", SendStatus.APPLICATION_ERROR, False, PeerApplicationError),
+    ("AR", SendStatus.REJECTED, True, PeerRejected),
+    ("CR", SendStatus.REJECTED, True, PeerRejected),
+])
+def test_negative_acks_are_typed(code, status, retryable, error):
+    h = Harness()
+    h.send(message())
+    h.accept_connection().dataReceived(ack_frame(code, "M1", "PID-3 missing"))
+    [result] = h.results
+    assert result.status is status and result.retryable is retryable and "PID-3 missing" in result.text
+    with pytest.raises(error):
+        result.raise_for_status()
+
+
+def test_ack_timeout_resets_the_connection_and_the_next_send_reconnects():
+    h = Harness(ack_timeout=10)
+    h.send(message("M1"))
+    h.accept_connection()
+    h.reactor.advance(9)
+    assert h.results == []
+    h.reactor.advance(2)
+    [result] = h.results
+    assert result.status is SendStatus.TIMED_OUT and result.retryable
+    with pytest.raises(AckTimeout):
+        result.raise_for_status()
+    assert h.transport.disconnecting
+    h.send(message("M2"))
+    assert len(h.reactor.tcpClients) == 2
+
+
+def test_enhanced_mode_waits_for_the_application_ack():
+    h = Harness(ack_timeout=10)
+    h.send(message("M1", "|||AL|AL"))
+    protocol = h.accept_connection()
+    protocol.dataReceived(ack_frame("CA", "M1"))
+    assert h.results == []
+    protocol.dataReceived(ack_frame("AA", "M1"))
+    assert [(r.status, r.ack_code) for r in h.results] == [(SendStatus.ACCEPTED, "AA")]
+
+
+def test_enhanced_mode_accept_only_and_missing_application_ack():
+    h = Harness(ack_timeout=10)
+    h.send(message("M1", "|||AL|NE"))
+    protocol = h.accept_connection()
+    protocol.dataReceived(ack_frame("CA", "M1"))
+    assert [(r.status, r.ack_code) for r in h.results] == [(SendStatus.ACCEPTED, "CA")]
+    h.send(message("M2", "|||AL|AL"))
+    protocol.dataReceived(ack_frame("CA", "M2"))
+    h.reactor.advance(11)
+    assert h.results[-1].status is SendStatus.TIMED_OUT and "accepted (CA)" in h.results[-1].text
+
+
+def test_messages_that_expect_no_ack_complete_once_written():
+    h = Harness()
+    h.send(Message("MSH|^~\\&|A|B|C|D|20240101||ACK^A01^ACK|K1|P|2.5.1\rMSA|AA|M0\r"))
+    h.send(message("M9", "|||NE|NE"))
+    h.accept_connection()
+    assert h.written() == ["K1", "M9"]
+    assert [r.status for r in h.results] == [SendStatus.ACCEPTED, SendStatus.ACCEPTED]
+
+
+def test_connection_failure_then_exponential_backoff_with_jitter():
+    h = Harness(backoff_initial=1, backoff_max=8)
+    h.send(message("M1"))
+    h.refuse_connection()
+    [result] = h.results
+    assert result.status is SendStatus.CONNECTION_FAILED and result.retryable
+    with pytest.raises(SendConnectionError):
+        result.raise_for_status()
+    delays = []
+    for attempt in range(2, 7):
+        before = len(h.reactor.tcpClients)
+        h.send(message(f"M{attempt}"))
+        waited = 0.0
+        while len(h.reactor.tcpClients) == before:
+            h.reactor.advance(0.05)
+            waited += 0.05
+        delays.append(waited)
+        h.refuse_connection()
+    ceilings = [1, 2, 4, 8, 8]
+    for delay, ceiling in zip(delays, ceilings):
+        assert ceiling / 2 - 0.05 <= delay <= ceiling + 0.05
+    h.send(message("M7"))
+    h.reactor.advance(8.1)
+    h.accept_connection()
+    h.protocol.dataReceived(ack_frame("AA", "M7"))
+    assert h.results[-1].status is SendStatus.ACCEPTED
+    assert h.sender.backoff_delay() == 0.0  # success resets the backoff
+
+
+def test_connection_lost_while_waiting():
+    h = Harness()
+    h.send(message("M1"))
+    protocol = h.accept_connection()
+    protocol.connectionLost(None)
+    assert h.results[0].status is SendStatus.TIMED_OUT and "closed" in h.results[0].text
