@@ -1,0 +1,8 @@
+"""Channels: YAML files declaring a source, filters, transformers, validators, response and
+destinations; lint; the message pipeline shared by `run` and `test`."""
+
+from hl7relay.channels.channel import Channel, Destination, load_channel, load_channels
+from hl7relay.channels.pipeline import Processed, Result, process
+from hl7relay.channels.yamlsource import ConfigError
+
+__all__ = ["Channel", "Destination", "load_channel", "load_channels", "process", "Processed", "Result", "ConfigError"]

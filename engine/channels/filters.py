@@ -1,0 +1,113 @@
+"""Filter rules. A channel's (or destination's) ``filters`` is one rule or a list of rules (all
+must match); ``all:``, ``any:`` and ``not:`` combine rules. A message that does not pass is
+FILTERED: stored, not processed further, and answered AR by default."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from hl7relay.channels.spec import Option, register
+from hl7relay.message import Message
+
+__all__ = ["Rule", "AllOf", "AnyOf", "Not"]
+
+
+class Rule:
+    def matches(self, message: Message) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class AllOf(Rule):
+    rules: list
+
+    def matches(self, message):
+        return all(rule.matches(message) for rule in self.rules)
+
+
+@dataclass(slots=True)
+class AnyOf(Rule):
+    rules: list
+
+    def matches(self, message):
+        return any(rule.matches(message) for rule in self.rules)
+
+
+@dataclass(slots=True)
+class Not(Rule):
+    rule: Rule
+
+    def matches(self, message):
+        return not self.rule.matches(message)
+
+
+@dataclass(slots=True)
+class _HeaderIn(Rule):
+    path: str
+    values: frozenset
+
+    def matches(self, message):
+        return message.get(self.path) in self.values
+
+
+@register("filter", "message_type", "MSH-9.1 is one of the values, e.g. message_type: ADT or [ADT, SIU]",
+          [Option("values", "strlist", description="message types")], shorthand="values")
+def _message_type(options, context=None):
+    return _HeaderIn("MSH-9.1", frozenset(options["values"]))
+
+
+@register("filter", "event", "MSH-9.2 (trigger event) is one of the values, e.g. event: [A01, A04, A08]",
+          [Option("values", "strlist", description="trigger events")], shorthand="values")
+def _event(options, context=None):
+    return _HeaderIn("MSH-9.2", frozenset(options["values"]))
+
+
+@register("filter", "sending_application", "MSH-3.1 is one of the values",
+          [Option("values", "strlist", description="sending applications")], shorthand="values")
+def _sending_application(options, context=None):
+    return _HeaderIn("MSH-3.1", frozenset(options["values"]))
+
+
+@register("filter", "sending_facility", "MSH-4.1 is one of the values",
+          [Option("values", "strlist", description="sending facilities")], shorthand="values")
+def _sending_facility(options, context=None):
+    return _HeaderIn("MSH-4.1", frozenset(options["values"]))
+
+
+@dataclass(slots=True)
+class FieldRule(Rule):
+    path: str
+    equals: str | None = None
+    values: frozenset | None = None
+    pattern: re.Pattern | None = None
+    exists: bool | None = None
+    empty: bool | None = None
+
+    def matches(self, message):
+        value = message.get(self.path)
+        if self.exists is not None and bool(value) != self.exists:
+            return False
+        if self.empty is not None and (value == "" or value == '""') != self.empty:
+            return False
+        if self.equals is not None and value != self.equals:
+            return False
+        if self.values is not None and value not in self.values:
+            return False
+        if self.pattern is not None and self.pattern.search(value) is None:
+            return False
+        return True
+
+
+@register("filter", "field", "a field test: equals, in, regex, exists, empty (all given must hold)", [
+    Option("path", "hl7path", description="the field, e.g. PID-3.1"),
+    Option("equals", "str", None, "the value equals this"),
+    Option("in", "strlist", None, "the value is one of these"),
+    Option("regex", "regex", None, "the value matches this regular expression (search)"),
+    Option("exists", "bool", None, "true: the field has a value; false: it has none"),
+    Option("empty", "bool", None, "true: the field is empty or \"\""),
+])
+def _field(options, context=None):
+    pattern = re.compile(options["regex"]) if options["regex"] is not None else None
+    values = frozenset(options["in"]) if options["in"] is not None else None
+    return FieldRule(options["path"], options["equals"], values, pattern, options["exists"], options["empty"])

@@ -1,0 +1,87 @@
+"""Running a message through a channel, with no I/O: what `hl7relay run` and `hl7relay test` share.
+
+The message is parsed once by the caller; transformers edit it in place (the raw bytes stay on it);
+each destination works on its own copy so one destination's transformers never leak into another.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from hl7relay.ack.codes import ErrorCode, Severity
+from hl7relay.channels.channel import Channel
+from hl7relay.errors import HL7RelayError
+from hl7relay.message import Message
+
+__all__ = ["Result", "Processed", "DestinationOutput", "process"]
+
+
+class Result(enum.Enum):
+    PROCESSED = "PROCESSED"  # passed; destinations get their outputs
+    FILTERED = "FILTERED"
+    ERROR = "ERROR"  # a transformer failed or a rejecting validator found errors
+
+
+@dataclass(slots=True)
+class DestinationOutput:
+    name: str
+    message: Message | None  # None: the destination's filter skipped it
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Processed:
+    result: Result
+    message: Message  # after the channel's transformers
+    findings: list = field(default_factory=list)
+    error: str = ""
+    error_code: ErrorCode | None = None
+    outputs: list = field(default_factory=list)
+    transformed: bool = False
+
+
+def _copy(message: Message) -> Message:
+    copy = Message(message.to_text(), charset=message.charset, codec=message.codec)
+    if not message.modified:
+        copy.raw = message.raw
+    return copy
+
+
+def process(channel: Channel, message: Message) -> Processed:
+    if channel.filter is not None and not channel.filter.matches(message):
+        return Processed(Result.FILTERED, message)
+    for index, step in enumerate(channel.steps, start=1):
+        try:
+            step.apply(message)
+        except (HL7RelayError, ValueError) as exc:
+            return Processed(Result.ERROR, message, error=f"transformer {index}: {exc}",
+                             error_code=ErrorCode.APPLICATION_INTERNAL_ERROR, transformed=True)
+    findings = []
+    rejected = False
+    for validator in channel.validators:
+        found = validator.check(message)
+        findings += found
+        if validator.on_error == "reject" and any(f.severity is Severity.ERROR for f in found):
+            rejected = True
+    if rejected:
+        first = next(f for f in findings if f.severity is Severity.ERROR)
+        return Processed(Result.ERROR, message, findings, f"validation failed: {first}", first.code, transformed=bool(channel.steps))
+    outputs = []
+    for destination in channel.destinations:
+        if destination.filter is not None and not destination.filter.matches(message):
+            outputs.append(DestinationOutput(destination.name, None))
+            continue
+        output = _copy(message) if destination.steps else message
+        error = ""
+        for index, step in enumerate(destination.steps, start=1):
+            try:
+                step.apply(output)
+            except (HL7RelayError, ValueError) as exc:
+                error = f"destination {destination.name} transformer {index}: {exc}"
+                break
+        if error:
+            return Processed(Result.ERROR, message, findings, error, ErrorCode.APPLICATION_INTERNAL_ERROR,
+                             transformed=bool(channel.steps))
+        outputs.append(DestinationOutput(destination.name, output))
+    return Processed(Result.PROCESSED, message, findings, outputs=outputs, transformed=bool(channel.steps))

@@ -1,0 +1,149 @@
+"""YAML with positions: every key and value keeps its ``file:line:col``, so config errors are data.
+
+Loading uses PyYAML's safe composer (no tags, no Python objects, no eval). ``${VAR}``,
+``${VAR:-default}`` and ``${file:PATH}`` in string values are replaced from the environment or a
+file, so one channel file serves development, test and production; values that came from there are
+remembered as secrets and can be masked wherever config is shown.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["Mark", "ConfigError", "Document", "load_document", "SECRET_MASK"]
+
+SECRET_MASK = "******"
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*|file:[^}]+)(?::-(?P<default>[^}]*))?\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    file: str
+    line: int  # 1-based
+    column: int  # 1-based
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigError:
+    """One problem in a config file: ``channels/adt.yaml:12:5: unknown key 'fitler' (did you mean 'filter')``."""
+
+    mark: Mark
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.mark}: {self.message}"
+
+
+@dataclass(slots=True)
+class Document:
+    """Plain data (dicts, lists, scalars) plus where each piece came from.
+
+    ``marks[path]`` is the position of the value at ``path`` (a tuple of keys and indexes);
+    ``key_marks[path]`` the position of the key that introduced it.
+    """
+
+    file: str
+    data: object
+    marks: dict = field(default_factory=dict)
+    key_marks: dict = field(default_factory=dict)
+    errors: list = field(default_factory=list)
+    secrets: set = field(default_factory=set)
+
+    def mark(self, path: tuple, key: bool = False) -> Mark:
+        table = self.key_marks if key else self.marks
+        while path not in table and path:
+            path = path[:-1]
+        return table.get(path) or self.marks.get((), Mark(self.file, 1, 1))
+
+    def error(self, path: tuple, message: str, key: bool = False) -> None:
+        self.errors.append(ConfigError(self.mark(path, key), message))
+
+
+def _mark(file: str, node) -> Mark:
+    return Mark(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+class _Builder:
+    def __init__(self, doc: Document, environ, base: Path):
+        self.doc = doc
+        self.environ = environ
+        self.base = base
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    def build(self, node, path: tuple):
+        doc = self.doc
+        doc.marks[path] = _mark(doc.file, node)
+        if isinstance(node, yaml.MappingNode):
+            result = {}
+            for key_node, value_node in node.value:
+                key = self.constructor.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+                if not isinstance(key, (str, int)) or isinstance(key, bool):
+                    doc.errors.append(ConfigError(_mark(doc.file, key_node), "keys must be plain names"))
+                    continue
+                key = str(key)
+                if key in result:
+                    doc.errors.append(ConfigError(_mark(doc.file, key_node), f"duplicate key {key!r}"))
+                    continue
+                doc.key_marks[path + (key,)] = _mark(doc.file, key_node)
+                result[key] = self.build(value_node, path + (key,))
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+        value = self.constructor.construct_object(node, deep=True)
+        if isinstance(value, str) and "${" in value:
+            value = self.substitute(value, path)
+        return value
+
+    def substitute(self, value: str, path: tuple) -> str:
+        def replace(match):
+            name, default = match.group("name"), match.group("default")
+            if name.startswith("file:"):
+                target = Path(os.path.expanduser(name[5:].strip()))
+                target = target if target.is_absolute() else self.base / target
+                try:
+                    secret = target.read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    self.doc.error(path, f"cannot read {target}: {exc.strerror}")
+                    return ""
+                self.doc.secrets.add(secret)
+                return secret
+            if name in self.environ:
+                return self.environ[name]
+            if default is not None:
+                return default
+            self.doc.error(path, f"environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+            return ""
+
+        return _VARIABLE.sub(replace, value)
+
+
+def load_document(path: str | Path, environ=None, display_name: str | None = None) -> Document:
+    """Read one YAML file; syntax errors come back in ``errors`` with their position."""
+    path = Path(path)
+    name = display_name or str(path)
+    doc = Document(name, None)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        doc.errors.append(ConfigError(Mark(name, 1, 1), f"cannot read: {getattr(exc, 'strerror', None) or exc}"))
+        return doc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Mark(name, mark.line + 1, mark.column + 1) if mark else Mark(name, 1, 1)
+        doc.errors.append(ConfigError(where, f"YAML syntax: {exc.problem or exc.context}"))
+        return doc
+    if node is None:
+        doc.errors.append(ConfigError(Mark(name, 1, 1), "the file is empty"))
+        return doc
+    doc.data = _Builder(doc, os.environ if environ is None else environ, path.parent).build(node, ())
+    return doc
