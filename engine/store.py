@@ -1,0 +1,255 @@
+"""The message store: every message is committed here before it is acknowledged.
+
+SQLAlchemy 2 (Core): SQLite by default (one file under the data directory, WAL journal,
+``synchronous=FULL`` so a commit survives a power cut), PostgreSQL by URL
+(``postgresql+psycopg://user@host/db``). The schema is created and migrated on start by numbered
+migrations. Calls here are blocking; :mod:`hl7relay.storewriter` runs them on one writer thread
+and groups concurrent messages into one commit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+__all__ = ["Store", "MessageRecord", "DeliveryRecord", "StoreError", "MIGRATIONS", "open_store"]
+
+
+class StoreError(Exception):
+    """The store could not commit (disk full, database down...): the message must not be ACKed AA."""
+
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "hl7relay_schema", metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+messages = sa.Table(
+    "messages", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("channel", sa.String(200), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),  # epoch seconds (UTC)
+    sa.Column("peer", sa.String(200), nullable=False, default=""),
+    sa.Column("raw", sa.LargeBinary, nullable=False),
+    sa.Column("charset", sa.String(40), nullable=False, default=""),
+    sa.Column("sending_application", sa.String(200), nullable=False, default=""),
+    sa.Column("sending_facility", sa.String(200), nullable=False, default=""),
+    sa.Column("message_type", sa.String(40), nullable=False, default=""),
+    sa.Column("control_id", sa.String(200), nullable=False, default=""),
+    sa.Column("patient_id", sa.String(200), nullable=False, default=""),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("ack_code", sa.String(2), nullable=False, default=""),
+)
+sa.Index("ix_messages_channel_time", messages.c.channel, messages.c.received_at)
+sa.Index("ix_messages_status_time", messages.c.status, messages.c.received_at)
+sa.Index("ix_messages_control_id", messages.c.control_id)
+sa.Index("ix_messages_patient_id", messages.c.patient_id)
+sa.Index("ix_messages_type_time", messages.c.message_type, messages.c.received_at)
+sa.Index("ix_messages_facility_time", messages.c.sending_facility, messages.c.received_at)
+
+stages = sa.Table(
+    "message_stages", metadata,
+    sa.Column("message_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+              sa.ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("stage", sa.String(220), primary_key=True),  # transformed, destination:<name>, ack
+    sa.Column("content", sa.LargeBinary, nullable=False),
+)
+
+deliveries = sa.Table(
+    "deliveries", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+              sa.ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("destination", sa.String(200), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # QUEUED, SENT, ERROR, FILTERED
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("last_ack", sa.Text, nullable=False, default=""),
+    sa.Column("last_error", sa.Text, nullable=False, default=""),
+    sa.Column("next_attempt_at", sa.Float, nullable=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+sa.Index("ix_deliveries_message", deliveries.c.message_id)
+sa.Index("ix_deliveries_queue", deliveries.c.destination, deliveries.c.status, deliveries.c.next_attempt_at)
+
+
+def _migration_1(connection) -> None:
+    metadata.create_all(connection, tables=[messages, stages, deliveries])
+
+
+# (version, description, function). Append; never edit a released one.
+MIGRATIONS = [
+    (1, "messages, stages and deliveries", _migration_1),
+]
+
+
+@dataclass(slots=True)
+class DeliveryRecord:
+    destination: str
+    status: str  # QUEUED or FILTERED at first
+    content: bytes | None = None  # kept as stage destination:<name> when the policy says so
+
+
+@dataclass(slots=True)
+class MessageRecord:
+    channel: str
+    raw: bytes
+    status: str
+    received_at: float = field(default_factory=time.time)
+    peer: str = ""
+    charset: str = ""
+    sending_application: str = ""
+    sending_facility: str = ""
+    message_type: str = ""
+    control_id: str = ""
+    patient_id: str = ""
+    error: str = ""
+    ack_code: str = ""
+    stages: dict = field(default_factory=dict)  # name -> bytes
+    deliveries: list = field(default_factory=list)
+
+
+def _sqlite_pragmas(dbapi_connection, _record):
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+            Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        self.engine = sa.create_engine(url, future=True, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    @property
+    def display_url(self) -> str:
+        """The URL without its password, for startup lines and logs."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    # -- schema ------------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Create or upgrade the schema; returns the version now in place."""
+        with self.engine.begin() as connection:
+            schema_version.create(connection, checkfirst=True)
+            current = connection.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+            for version, _description, function in MIGRATIONS:
+                if version > current:
+                    function(connection)
+                    connection.execute(schema_version.insert().values(version=version))
+                    current = version
+        return current
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as connection:
+            return connection.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+
+    # -- writing (one transaction per batch: the group commit) ---------------------------------------
+    def write_messages(self, records: list[MessageRecord]) -> list[int]:
+        """Insert messages with their stages and deliveries in one transaction; their ids, in order."""
+        try:
+            with self.engine.begin() as connection:
+                ids = []
+                for record in records:
+                    ids.append(self._insert(connection, record))
+                return ids
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"store commit failed: {exc.__class__.__name__}: {getattr(exc, 'orig', exc)}") from exc
+
+    def commit(self, records: list[MessageRecord], updates: list[tuple]) -> list[int]:
+        """New messages and updates in one transaction (what the writer batches)."""
+        try:
+            with self.engine.begin() as connection:
+                ids = [self._insert(connection, record) for record in records]
+                self._update(connection, updates)
+                return ids
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"store commit failed: {exc.__class__.__name__}: {getattr(exc, 'orig', exc)}") from exc
+
+    def _insert(self, connection, record: MessageRecord) -> int:
+        values = {k: getattr(record, k) for k in (
+            "channel", "received_at", "peer", "raw", "charset", "sending_application", "sending_facility",
+            "message_type", "control_id", "patient_id", "status", "error", "ack_code")}
+        message_id = connection.execute(messages.insert().values(**values)).inserted_primary_key[0]
+        rows = [{"message_id": message_id, "stage": name, "content": content} for name, content in record.stages.items()]
+        for delivery in record.deliveries:
+            if delivery.content is not None:
+                rows.append({"message_id": message_id, "stage": f"destination:{delivery.destination}", "content": delivery.content})
+        if rows:
+            connection.execute(stages.insert(), rows)
+        if record.deliveries:
+            connection.execute(deliveries.insert(), [
+                {"message_id": message_id, "destination": d.destination, "status": d.status, "attempts": 0,
+                 "last_ack": "", "last_error": "", "next_attempt_at": record.received_at if d.status == "QUEUED" else None,
+                 "updated_at": record.received_at} for d in record.deliveries])
+        return message_id
+
+    def apply_updates(self, updates: list[tuple]) -> None:
+        """Batch of ``(kind, key, values)``: ("delivery", (message_id, destination), {...}) or
+        ("message", message_id, {...}) or ("stage", (message_id, stage), content)."""
+        try:
+            with self.engine.begin() as connection:
+                self._update(connection, updates)
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"store update failed: {getattr(exc, 'orig', exc)}") from exc
+
+    @staticmethod
+    def _update(connection, updates) -> None:
+        for kind, key, values in updates:
+            if kind == "delivery":
+                message_id, destination = key
+                connection.execute(deliveries.update().where(
+                    deliveries.c.message_id == message_id, deliveries.c.destination == destination).values(**values))
+            elif kind == "message":
+                connection.execute(messages.update().where(messages.c.id == key).values(**values))
+            elif kind == "stage":
+                message_id, stage = key
+                connection.execute(stages.delete().where(stages.c.message_id == message_id, stages.c.stage == stage))
+                connection.execute(stages.insert().values(message_id=message_id, stage=stage, content=values))
+
+    # -- reading ----------------------------------------------------------------------------------
+    def get_message(self, message_id: int) -> dict | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(messages).where(messages.c.id == message_id)).mappings().first()
+            if row is None:
+                return None
+            result = dict(row)
+            result["stages"] = {r.stage: r.content for r in connection.execute(
+                sa.select(stages.c.stage, stages.c.content).where(stages.c.message_id == message_id))}
+            result["deliveries"] = [dict(r) for r in connection.execute(
+                sa.select(deliveries).where(deliveries.c.message_id == message_id).order_by(deliveries.c.id)).mappings()]
+            return result
+
+    def count(self, **where) -> int:
+        with self.engine.connect() as connection:
+            query = sa.select(sa.func.count()).select_from(messages)
+            for column, value in where.items():
+                query = query.where(messages.c[column] == value)
+            return connection.execute(query).scalar()
+
+    def latest(self, limit: int = 20, channel: str | None = None) -> list[dict]:
+        with self.engine.connect() as connection:
+            query = sa.select(messages.c.id, messages.c.channel, messages.c.received_at, messages.c.message_type,
+                              messages.c.control_id, messages.c.status, messages.c.error, messages.c.ack_code)
+            if channel:
+                query = query.where(messages.c.channel == channel)
+            return [dict(r) for r in connection.execute(query.order_by(messages.c.id.desc()).limit(limit)).mappings()]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_store(url: str) -> Store:
+    store = Store(url)
+    store.migrate()
+    return store

@@ -1,0 +1,129 @@
+"""Group commit: concurrent messages from many connections share one transaction.
+
+Store calls block, so they run on one writer thread. While a commit is on disk, new records
+queue; when it returns, everything queued goes in the next single transaction. Durability then
+costs one disk flush per batch, not per message, and a busy engine batches more. If a batch
+fails, each record is tried alone, so one bad record cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from hl7relay.store import MessageRecord, Store, StoreError
+
+__all__ = ["StoreWriter"]
+
+log = Logger(namespace="hl7relay.store")
+
+
+class StoreWriter:
+    def __init__(self, store: Store, reactor=None, executor=None):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.store = store
+        self.reactor = reactor
+        self._pool = None
+        if executor is None:
+            self._pool = ThreadPool(1, 1, name="hl7relay-store")
+            self._pool.start()
+            executor = lambda fn, *args: threads.deferToThreadPool(reactor, self._pool, fn, *args)  # noqa: E731
+        self.executor = executor
+        self._records: list[tuple[MessageRecord, defer.Deferred]] = []
+        self._updates: list[tuple[tuple, defer.Deferred]] = []
+        self._busy = False
+        self._idle_waiters: list[defer.Deferred] = []
+        self.batches = 0
+        self.last_batch_size = 0
+        self.largest_batch = 0
+
+    def write(self, record: MessageRecord) -> defer.Deferred:
+        """Commit a message; fires with its id once it is durable, or fails with StoreError."""
+        d = defer.Deferred()
+        self._records.append((record, d))
+        self._flush()
+        return d
+
+    def update(self, *updates: tuple) -> defer.Deferred:
+        """Commit updates (see Store.apply_updates); fires once durable."""
+        d = defer.Deferred()
+        self._updates.append((updates, d))
+        self._flush()
+        return d
+
+    @property
+    def pending(self) -> int:
+        return len(self._records) + len(self._updates) + (1 if self._busy else 0)
+
+    def _flush(self):
+        if self._busy or not (self._records or self._updates):
+            if not self._busy and self._idle_waiters:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+            return
+        records, self._records = self._records, []
+        updates, self._updates = self._updates, []
+        self._busy = True
+        size = len(records) + len(updates)
+        self.batches += 1
+        self.last_batch_size = size
+        self.largest_batch = max(self.largest_batch, size)
+        flat_updates = [u for group, _ in updates for u in group]
+        d = self.executor(self.store.commit, [r for r, _ in records], flat_updates)
+        d.addCallbacks(self._committed, self._batch_failed, callbackArgs=(records, updates), errbackArgs=(records, updates))
+        d.addBoth(self._done)
+
+    def _committed(self, ids, records, updates):
+        for (_, waiter), message_id in zip(records, ids):
+            waiter.callback(message_id)
+        for _, waiter in updates:
+            waiter.callback(None)
+
+    @defer.inlineCallbacks
+    def _batch_failed(self, failure, records, updates):
+        if len(records) + len(updates) == 1:
+            waiter = (records or updates)[0][1]
+            waiter.errback(failure if failure.check(StoreError) else StoreError(str(failure.value)))
+            return
+        log.warn("a batch of {size} failed ({reason}); retrying one by one", size=len(records) + len(updates),
+                 reason=failure.getErrorMessage())
+        for record, waiter in records:
+            try:
+                [message_id] = yield self.executor(self.store.commit, [record], [])
+                waiter.callback(message_id)
+            except Exception as exc:  # the store said no for this one: the caller answers AR, never AA
+                waiter.errback(exc if isinstance(exc, StoreError) else StoreError(str(exc)))
+        for group, waiter in updates:
+            try:
+                yield self.executor(self.store.commit, [], list(group))
+                waiter.callback(None)
+            except Exception as exc:
+                waiter.errback(exc if isinstance(exc, StoreError) else StoreError(str(exc)))
+
+    def _done(self, _):
+        self._busy = False
+        self._flush()
+
+    def drain(self) -> defer.Deferred:
+        """Fires when nothing is queued or being committed."""
+        if not self._busy and not self._records and not self._updates:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def close(self) -> defer.Deferred:
+        d = self.drain()
+
+        def stop(_):
+            if self._pool is not None:
+                self._pool.stop()
+            self.store.close()
+
+        d.addCallback(stop)
+        return d
