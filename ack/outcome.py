@@ -31,6 +31,7 @@ class Outcome:
     text: str = ""
     findings: list = field(default_factory=list)
     stored: bool = True
+    acks: list | None = None  # ACK frames already built (and stored) for this outcome: sent as they are
 
     @classmethod
     def accepted(cls) -> "Outcome":

@@ -56,6 +56,8 @@ class AckPolicy:
     def acks(self, message: Message, outcome: Outcome) -> list[bytes]:
         if is_ack(message):
             return []
+        if outcome.acks is not None:
+            return list(outcome.acks)
         header = {"sending_application": self.sending_application, "sending_facility": self.sending_facility}
         application = self._application_code(outcome)
         if not is_enhanced_mode(message):

@@ -209,6 +209,8 @@ class MLLPServerProtocol(Protocol):
 class MLLPListenerFactory(Factory):
     """One listener: its configuration, its handler and its counters."""
 
+    noisy = False  # the engine prints its own startup lines
+
     def __init__(self, handler, config: ListenerConfig | None = None, reactor=None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor

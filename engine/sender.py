@@ -103,6 +103,7 @@ class _SenderProtocol(Protocol):
 
 
 class _Factory(ClientFactory):
+    noisy = False
     def __init__(self, sender: "MLLPSender", ready: defer.Deferred):
         self.sender = sender
         self.ready = ready

@@ -58,15 +58,15 @@ def process(channel: Channel, message: Message) -> Processed:
             return Processed(Result.ERROR, message, error=f"transformer {index}: {exc}",
                              error_code=ErrorCode.APPLICATION_INTERNAL_ERROR, transformed=True)
     findings = []
-    rejected = False
+    rejecting = None  # the first error of a validator that rejects
     for validator in channel.validators:
         found = validator.check(message)
         findings += found
-        if validator.on_error == "reject" and any(f.severity is Severity.ERROR for f in found):
-            rejected = True
-    if rejected:
-        first = next(f for f in findings if f.severity is Severity.ERROR)
-        return Processed(Result.ERROR, message, findings, f"validation failed: {first}", first.code, transformed=bool(channel.steps))
+        if validator.on_error == "reject" and rejecting is None:
+            rejecting = next((f for f in found if f.severity is Severity.ERROR), None)
+    if rejecting is not None:
+        return Processed(Result.ERROR, message, findings, f"validation failed: {rejecting}", rejecting.code,
+                         transformed=bool(channel.steps))
     outputs = []
     for destination in channel.destinations:
         if destination.filter is not None and not destination.filter.matches(message):

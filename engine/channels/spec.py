@@ -133,6 +133,8 @@ def _check_value(option: Option, value, doc: Document, path: tuple):
             doc.error(path, f"{option.name} must be {what}")
             return None
         return str(value)
+    if isinstance(value, str) and t in ("int", "float", "duration") and value.strip().lstrip("-").replace(".", "", t != "int").isdigit():
+        value = int(value) if t == "int" else float(value)  # e.g. port: ${LAB_PORT:-2576}
     if t == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             doc.error(path, f"{option.name} must be {what}, not {value!r}")

@@ -17,6 +17,10 @@ VERBS = {
     "validate": "hl7relay.cli.validate",
     "send": "hl7relay.cli.send",
     "listen": "hl7relay.cli.listen",
+    "lint": "hl7relay.cli.lint",
+    "test": "hl7relay.cli.test",
+    "list": "hl7relay.cli.list",
+    "run": "hl7relay.cli.run",
 }
 
 

@@ -1,0 +1,40 @@
+"""``hl7relay list``: the channel components and their options (from their specs)."""
+
+from __future__ import annotations
+
+import json
+
+HELP = "list channel components and their options, or print the channel JSON Schema"
+DESCRIPTION = """\
+List every source, filter rule, transformer step, validator and destination with its options
+(type, default, description), straight from the specs the components declare. --schema prints a
+JSON Schema of the channel file format for editors."""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--schema", action="store_true", help="print the JSON Schema of channel files")
+
+
+def run(args) -> int:
+    from hl7relay.channels.schema import channel_schema
+    from hl7relay.channels.spec import KINDS, REQUIRED, registry
+
+    if args.schema:
+        print(json.dumps(channel_schema(), indent=2))
+        return 0
+    if args.format == "json":
+        print(json.dumps([{"kind": s.kind, "name": s.name, "description": s.description, "options": [
+            {"name": o.name, "type": o.type, "required": o.required, "default": None if o.default is REQUIRED else o.default,
+             "description": o.description, "choices": list(o.choices) or None} for o in s.options]} for s in registry()], indent=2))
+        return 0
+    for kind in KINDS:
+        print(f"{kind}s:")
+        for spec in registry(kind):
+            print(f"  {spec.name}: {spec.description}")
+            for option in spec.options:
+                default = "required" if option.required else f"default {option.default!r}"
+                choices = f" ({' | '.join(map(str, option.choices))})" if option.choices else ""
+                print(f"      {option.name}: {option.type}{choices}, {default}. {option.description}")
+        print()
+    return 0

@@ -1,0 +1,130 @@
+"""``hl7relay run``: start every enabled channel."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HELP = "run the engine: every enabled channel, with the message store"
+DESCRIPTION = """\
+Start every enabled channel found in the channel folders. Each message is committed to the store
+before its ACK is written; concurrent messages share commits. SIGTERM or Ctrl-C stops accepting,
+finishes the messages in flight, flushes the store and exits 0.
+
+Defaults (no edits needed in a checkout): channels from ./channels, SQLite at
+./data/hl7relay.db. A config file (--config, or config/hl7relay.yaml when it exists) may set:
+
+  store: {url: "postgresql+psycopg://hl7relay@db/hl7relay"}   # or sqlite:///path.db
+  data_dir: data
+  channels: [channels]
+  log_level: info"""
+
+DEFAULT_CONFIG = Path("config/hl7relay.yaml")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="engine config file (default: config/hl7relay.yaml if present)")
+    parser.add_argument("--channels", action="append", metavar="DIR", help="channel folder or file (repeatable; default: channels)")
+    parser.add_argument("--store", metavar="URL", help="store URL (default: sqlite:///DATA_DIR/hl7relay.db)")
+    parser.add_argument("--data-dir", metavar="DIR", help="where the SQLite store and file outputs live (default: data)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warn", "error"), help="default: info")
+
+
+def _settings(args) -> tuple[dict, list[str]]:
+    from hl7relay.channels.spec import did_you_mean
+    from hl7relay.channels.yamlsource import load_document
+
+    settings = {"store": None, "data_dir": "data", "channels": ["channels"], "log_level": "info"}
+    problems = []
+    path = Path(args.config) if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is not None:
+        doc = load_document(path)
+        problems += [str(e) for e in doc.errors]
+        data = doc.data if isinstance(doc.data, dict) else {}
+        for key, value in data.items():
+            if key == "store":
+                if not isinstance(value, dict) or not isinstance(value.get("url"), str):
+                    problems.append(f"{doc.mark((key,))}: store is {{url: ...}}")
+                else:
+                    settings["store"] = value["url"]
+            elif key == "channels":
+                settings["channels"] = value if isinstance(value, list) else [value]
+            elif key in ("data_dir", "log_level"):
+                settings[key] = str(value)
+            else:
+                problems.append(f"{doc.mark((key,), key=True)}: unknown key {key!r}"
+                                f"{did_you_mean(key, ['store', 'channels', 'data_dir', 'log_level'])}")
+    if args.channels:
+        settings["channels"] = args.channels
+    if args.data_dir:
+        settings["data_dir"] = args.data_dir
+    if args.store:
+        settings["store"] = args.store
+    if args.log_level:
+        settings["log_level"] = args.log_level
+    if not settings["store"]:
+        settings["store"] = f"sqlite:///{Path(settings['data_dir']) / 'hl7relay.db'}"
+    return settings, problems
+
+
+def run(args) -> int:
+    from twisted.internet import defer, reactor
+
+    from hl7relay import __version__
+    from hl7relay.channels import load_channels
+    from hl7relay.channels.channel import channel_files
+    from hl7relay.cli._logging import start_logging
+    from hl7relay.runtime import Engine
+    from hl7relay.store import Store
+    from hl7relay.storewriter import StoreWriter
+
+    settings, problems = _settings(args)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 1
+    if not channel_files(settings["channels"]):
+        print(f"no channel files in {', '.join(map(str, settings['channels']))}; pass --channels DIR", file=sys.stderr)
+        return 1
+    channels, errors = load_channels(settings["channels"])
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors:
+        print(f"not starting: {len(errors)} problem{'s' * (len(errors) != 1)} in the channel files (see hl7relay lint)", file=sys.stderr)
+        return 1
+    enabled = [c for c in channels if c.enabled]
+    if not enabled:
+        print("no enabled channels", file=sys.stderr)
+        return 1
+    start_logging(settings["log_level"])
+    try:
+        store = Store(settings["store"])
+        version = store.migrate()
+    except Exception as exc:  # noqa: BLE001 - any driver error: say it plainly and stop
+        print(f"cannot open the store {settings['store']}: {exc}", file=sys.stderr)
+        return 1
+    writer = StoreWriter(store, reactor)
+    engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"])
+    print(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", flush=True)
+    try:
+        lines = engine.start()
+    except Exception as exc:  # noqa: BLE001 - e.g. the port is taken
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line, flush=True)
+    print("ready; Ctrl-C or SIGTERM stops", flush=True)
+    stopped = {"clean": True}
+
+    @defer.inlineCallbacks
+    def shutdown():
+        try:
+            yield engine.stop()
+        except Exception:  # noqa: BLE001
+            stopped["clean"] = False
+            raise
+        print("stopped: in-flight messages finished, store flushed", flush=True)
+
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.run()
+    return 0 if stopped["clean"] else 1

@@ -1,0 +1,364 @@
+"""The running engine: sources feed channels; each message is processed, committed, then ACKed,
+then delivered.
+
+For every message: parse once (the listener does), run the channel pipeline, commit the message
+with its stages and one delivery row per destination (group commit), and only then answer. A
+commit that fails is answered AR (CR in enhanced mode), never AA. With ``response.when:
+after_delivery`` the answer waits for the destinations and reflects them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from hl7relay.ack import AckPolicy, Outcome, Status
+from hl7relay.ack.policy import is_ack
+from hl7relay.batch import split_messages
+from hl7relay.channels.channel import Channel
+from hl7relay.channels.destinations import (
+    ChannelDestinationConfig, FileDestinationConfig, MLLPDestinationConfig, render_filename,
+)
+from hl7relay.channels.pipeline import Result, process
+from hl7relay.channels.sources import FileSourceConfig, MLLPSourceConfig
+from hl7relay.errors import HL7RelayError, ParseError
+from hl7relay.listener import Peer, listen
+from hl7relay.message import Message
+from hl7relay.sender import MLLPSender, SendStatus
+from hl7relay.store import DeliveryRecord, MessageRecord, StoreError
+from hl7relay.storewriter import StoreWriter
+
+__all__ = ["Engine", "DeliveryResult"]
+
+log = Logger(namespace="hl7relay.engine")
+
+
+@dataclass(slots=True)
+class DeliveryResult:
+    ok: bool
+    application_error: bool = False  # AE from the peer: needs a person
+    ack: str = ""
+    error: str = ""
+
+
+@dataclass(slots=True)
+class _RunningChannel:
+    channel: Channel
+    policy: AckPolicy
+    destinations: dict = field(default_factory=dict)  # name -> deliver(Message) -> Deferred[DeliveryResult]
+    ports: list = field(default_factory=list)
+    pollers: list = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data"):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.writer = writer
+        self.clock = clock
+        self.data_dir = Path(data_dir)
+        self.channels: dict[str, _RunningChannel] = {}
+        self.in_flight = 0
+        self._senders: list[MLLPSender] = []
+        self._stopping = False
+        for channel in channels:
+            if channel.enabled:
+                policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
+                self.channels[channel.name] = _RunningChannel(channel, policy)
+        for running in self.channels.values():
+            for destination in running.channel.destinations:
+                running.destinations[destination.name] = self._destination(destination)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> list[str]:
+        """Open every source; returns one line per channel saying what listens where."""
+        lines = []
+        for running in self.channels.values():
+            channel = running.channel
+            targets = ", ".join(f"{d.name} ({d.type})" for d in channel.destinations) or "no destinations"
+            if isinstance(channel.source, MLLPSourceConfig):
+                config = channel.source.listener
+                config.policy = running.policy
+                port = listen(lambda message, peer, c=channel: self.handle(c, message, peer), config, self.reactor)
+                running.ports.append(port)
+                address = port.getHost()
+                tls = " TLS" if config.tls else ""
+                lines.append(f"channel {channel.name}: MLLP{tls} on {address.host}:{address.port} -> {targets}")
+            elif isinstance(channel.source, FileSourceConfig):
+                poller = _FilePoller(self, channel, channel.source)
+                poller.start()
+                running.pollers.append(poller)
+                lines.append(f"channel {channel.name}: files {channel.source.glob} in {channel.source.directory} -> {targets}")
+        return lines
+
+    @defer.inlineCallbacks
+    def stop(self):
+        """Stop accepting, finish what is in flight, flush the store."""
+        self._stopping = True
+        for running in self.channels.values():
+            for port in running.ports:
+                yield port.stopListening()
+            for poller in running.pollers:
+                poller.stop()
+        for _ in range(600):  # in-flight messages get up to a minute
+            if self.in_flight == 0:
+                break
+            yield task.deferLater(self.reactor, 0.1, lambda: None)
+        for sender in self._senders:
+            sender.close()
+        yield self.writer.close()
+
+    # -- one message --------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def handle(self, channel: Channel, message: Message, peer) -> Outcome:
+        self.in_flight += 1
+        try:
+            outcome = yield self._handle(channel, message, peer)
+        finally:
+            self.in_flight -= 1
+        return outcome
+
+    @defer.inlineCallbacks
+    def _handle(self, channel: Channel, message: Message, peer):
+        running = self.channels[channel.name]
+        received_at = self.clock()
+        raw = message.raw if message.raw is not None else message.to_bytes()
+        header = {  # read before the transformers change anything
+            "sending_application": message.get("MSH-3.1"), "sending_facility": message.get("MSH-4.1"),
+            "message_type": message.get("MSH-9.1") + ("^" + message.get("MSH-9.2") if message.get("MSH-9.2") else ""),
+            "control_id": message.control_id, "patient_id": message.get("PID-3.1"),
+        }
+        original = Message(message.text, raw=message.raw, charset=message.charset, codec=message.codec)
+        try:
+            processed = process(channel, message)
+        except Exception as exc:  # a bug in a component must not lose the message: store it as ERROR
+            log.failure("channel {channel} failed on message {control_id}", channel=channel.name,
+                        control_id=header["control_id"])
+            processed = None
+            outcome = Outcome.error(f"internal error in the channel: {type(exc).__name__}")
+            status, error = "ERROR", outcome.text
+        if processed is not None:
+            status, error, outcome = self._outcome(processed)
+        record = MessageRecord(channel.name, raw, status, received_at, str(peer), message.charset,
+                               error=error, **header)
+        if processed is not None and processed.transformed and "transformed" in channel.stages:
+            record.stages["transformed"] = processed.message.to_bytes()
+        outputs = processed.outputs if processed is not None and processed.result is Result.PROCESSED else []
+        for output in outputs:
+            content = output.message.to_bytes() if output.message is not None and "destinations" in channel.stages else None
+            record.deliveries.append(DeliveryRecord(output.name, "QUEUED" if output.message is not None else "FILTERED", content))
+        if channel.response.when == "on_store" or is_ack(original) or not outputs:
+            acks = running.policy.acks(original, outcome)
+            record.ack_code = _ack_code(acks)
+            if acks and "acks" in channel.stages:
+                record.stages["ack"] = b"\r".join(acks)
+            outcome.acks = acks
+        try:
+            message_id = yield self.writer.write(record)
+        except StoreError as exc:
+            log.error("channel {channel}: message {control_id} could not be stored: {error}",
+                      channel=channel.name, control_id=header["control_id"], error=str(exc))
+            return Outcome.internal_error("the message could not be stored")
+        log.debug("channel {channel}: message {control_id} stored as {id} ({status})", channel=channel.name,
+                  control_id=header["control_id"], id=message_id, status=status)
+        deliveries = [self._deliver(running, message_id, output) for output in outputs if output.message is not None]
+        if outcome.acks is not None:
+            return outcome
+        # after_delivery: the answer reflects the destinations
+        results = yield defer.gatherResults(deliveries) if deliveries else defer.succeed([])
+        if all(r.ok for r in results):
+            final = Outcome.accepted()
+        elif any(r.application_error for r in results):
+            final = Outcome.error("; ".join(r.error for r in results if not r.ok))
+        else:
+            final = Outcome.rejected("; ".join(r.error for r in results if not r.ok), outcome.code or _internal())
+        acks = running.policy.acks(original, final)
+        final.acks = acks
+        updates = [("message", message_id, {"ack_code": _ack_code(acks)})]
+        if acks and "acks" in channel.stages:
+            updates.append(("stage", (message_id, "ack"), b"\r".join(acks)))
+        try:
+            yield self.writer.update(*updates)
+        except StoreError as exc:
+            log.error("could not record the ACK of message {id}: {error}", id=message_id, error=str(exc))
+        return final
+
+    @staticmethod
+    def _outcome(processed):
+        if processed.result is Result.FILTERED:
+            return "FILTERED", "", Outcome.filtered()
+        if processed.result is Result.ERROR:
+            return "ERROR", processed.error, Outcome.error(processed.error, processed.error_code or _internal(), processed.findings)
+        return "PROCESSED", "", Outcome.accepted()
+
+    # -- deliveries -----------------------------------------------------------------------------
+    def _deliver(self, running: _RunningChannel, message_id: int, output) -> defer.Deferred:
+        deliver = running.destinations[output.name]
+        d = defer.maybeDeferred(deliver, output.message)
+
+        def failed(failure):
+            log.failure("destination {name} failed", failure, name=output.name)
+            return DeliveryResult(False, error=f"{type(failure.value).__name__}: {failure.value}")
+
+        def record(result: DeliveryResult):
+            values = {"status": "SENT" if result.ok else "ERROR", "attempts": 1, "last_ack": result.ack,
+                      "last_error": result.error, "next_attempt_at": None, "updated_at": self.clock()}
+            if not result.ok:
+                log.warn("channel {channel}: delivery of message {id} to {name} failed: {error}",
+                         channel=running.channel.name, id=message_id, name=output.name, error=result.error)
+            update = self.writer.update(("delivery", (message_id, output.name), values))
+            update.addErrback(lambda f: log.error("could not record a delivery: {e}", e=f.getErrorMessage()))
+            update.addCallback(lambda _: result)
+            return update
+
+        d.addErrback(failed)
+        d.addCallback(record)
+        return d
+
+    def _destination(self, destination):
+        config = destination.config
+        if isinstance(config, MLLPDestinationConfig):
+            sender = MLLPSender(config.sender, self.reactor)
+            self._senders.append(sender)
+
+            def deliver_mllp(message):
+                d = sender.send(message)
+                d.addCallback(lambda r: DeliveryResult(r.ok, r.status is SendStatus.APPLICATION_ERROR,
+                                                       ack=(r.ack_code + " " + r.text).strip(),
+                                                       error="" if r.ok else f"{r.status.value}: {r.text}".strip()))
+                return d
+
+            return deliver_mllp
+        if isinstance(config, FileDestinationConfig):
+            directory = Path(config.directory)
+            directory = directory if directory.is_absolute() else Path(os.getcwd()) / directory
+
+            def deliver_file(message):
+                name = render_filename(config.filename, message, datetime.now())
+                data = message.to_bytes()
+                return threads.deferToThread(_write_atomically, directory, name, data)
+
+            return deliver_file
+        if isinstance(config, ChannelDestinationConfig):
+            def deliver_channel(message):
+                target = self.channels.get(config.channel)
+                if target is None:
+                    return DeliveryResult(False, error=f"channel {config.channel!r} is not running")
+                copy = Message(message.to_text(), charset=message.charset, codec=message.codec)
+                d = self.handle(target.channel, copy, f"channel:{config.channel}")
+                d.addCallback(lambda o: DeliveryResult(o.status in (Status.ACCEPTED, Status.FILTERED),
+                                                       o.status is Status.ERROR, ack=o.status.value,
+                                                       error="" if o.status in (Status.ACCEPTED, Status.FILTERED) else o.text))
+                return d
+
+            return deliver_channel
+        raise HL7RelayError(f"destination {destination.name}: unknown type")
+
+
+def _ack_code(acks: list[bytes]) -> str:
+    if not acks:
+        return ""
+    try:
+        return Message.from_bytes(acks[-1]).get("MSA-1")
+    except ParseError:
+        return ""
+
+
+def _internal():
+    from hl7relay.ack.codes import ErrorCode
+
+    return ErrorCode.APPLICATION_INTERNAL_ERROR
+
+
+def _write_atomically(directory: Path, name: str, data: bytes) -> DeliveryResult:
+    """Write to a temporary name in the same folder, flush it to disk, then rename over the target."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    temporary = directory / f".{name}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, target)
+    return DeliveryResult(True, ack=f"written {target}")
+
+
+class _FilePoller:
+    """Reads message files from a folder: only files unchanged for ``settle`` seconds (never a
+    half-written one); every message in a file is committed before the file is moved or deleted."""
+
+    def __init__(self, engine: Engine, channel: Channel, config: FileSourceConfig):
+        self.engine = engine
+        self.channel = channel
+        self.config = config
+        self.directory = Path(config.directory)
+        self.seen: dict[Path, tuple] = {}  # path -> (size, mtime, first seen at)
+        self.loop = task.LoopingCall(self.poll)
+        self.loop.clock = engine.reactor
+        self.busy = False
+
+    def start(self):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.loop.start(self.config.poll_interval, now=True)
+
+    def stop(self):
+        if self.loop.running:
+            self.loop.stop()
+
+    @defer.inlineCallbacks
+    def poll(self):
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            now = self.engine.reactor.seconds()
+            for path in sorted(self.directory.glob(self.config.glob)):
+                if not path.is_file():
+                    continue
+                stat = path.stat()
+                state = (stat.st_size, stat.st_mtime_ns)
+                previous = self.seen.get(path)
+                if previous is None or previous[:2] != state:
+                    self.seen[path] = (*state, now)
+                    continue
+                if now - previous[2] < self.config.settle:
+                    continue
+                yield self._read(path)
+                self.seen.pop(path, None)
+        finally:
+            self.busy = False
+
+    @defer.inlineCallbacks
+    def _read(self, path: Path):
+        data = path.read_bytes()
+        split = split_messages(data)
+        peer = Peer(f"file:{path.name}", 0)
+        failed = False
+        for chunk in split.messages:
+            try:
+                message = Message.from_bytes(chunk.data, self.config.charset)
+            except ParseError as exc:
+                log.warn("{file} line {line}: {error}", file=str(path), line=chunk.line, error=str(exc))
+                continue
+            outcome = yield self.engine.handle(self.channel, message, peer)
+            if outcome.status is Status.INTERNAL_ERROR:
+                failed = True  # not stored: leave the file for the next poll
+                break
+        if failed:
+            log.error("{file} was not fully stored; it stays for the next poll", file=str(path))
+            return
+        if self.config.after == "delete":
+            path.unlink()
+        else:
+            target = Path(self.config.move_to) if self.config.move_to else self.directory / "processed"
+            target.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target / path.name)
