@@ -200,6 +200,8 @@ class FormatDate(Step):
             return
         try:
             moment = _parse_hl7_datetime(value) if self.input == "hl7" else datetime.datetime.strptime(value, self.input)
+        except TransformError as exc:
+            raise TransformError(f"{self.path}: {exc}") from None
         except ValueError as exc:
             raise TransformError(f"{self.path}: {value!r} does not match {self.input!r}: {exc}") from None
         message.set(self.path, moment.strftime("%Y%m%d%H%M%S") if self.output == "hl7" else moment.strftime(self.output))
