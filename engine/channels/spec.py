@@ -117,6 +117,9 @@ def _schema_of(option: Option) -> dict:
         out = {}
     else:
         out = {"type": "string"}
+    if t in ("int", "float", "duration", "bool", "enum"):
+        # ${VAR} / ${VAR:-default} stand for the value until the file is loaded
+        out = {"anyOf": [out, {"type": "string", "pattern": r"^\$\{[^}]+\}$"}]}
     if option.description:
         out["description"] = option.description
     if not option.required and option.default is not None and not isinstance(option.default, (list, dict)):
