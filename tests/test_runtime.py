@@ -1,0 +1,210 @@
+"""The engine: stored before ACK, store failure never AA, outcomes stored; end to end over sockets."""
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from twisted.internet import defer, task
+
+from hl7relay.ack import Status
+from hl7relay.channels import load_channel
+from hl7relay.message import Message
+from hl7relay.runtime import Engine
+from hl7relay.store import Store, StoreError
+from hl7relay.storewriter import StoreWriter
+
+ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P|2.5.1{extra}\r"
+       "EVN|A01|20240105093512\rPID|1||100234^^^CLINIC^MR||DOE^JANE\rPV1|1|O\r")
+
+
+class ManualExecutor:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, fn, *args):
+        d = defer.Deferred()
+        self.calls.append((fn, args, d))
+        return d
+
+    def run_all(self):
+        while self.calls:
+            fn, args, d = self.calls.pop(0)
+            try:
+                d.callback(fn(*args))
+            except Exception as exc:  # noqa: BLE001
+                d.errback(exc)
+
+
+def make_engine(tmp_path, body="", store=None):
+    path = tmp_path / "ch.yaml"
+    path.write_text("name: ch\nsource: {type: mllp, port: 12650}\n" + textwrap.dedent(body))
+    channel, errors = load_channel(path, {})
+    assert not errors, errors
+    store = store or Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    executor = ManualExecutor()
+    engine = Engine([channel], StoreWriter(store, executor=executor), reactor=task.Clock(), clock=lambda: 1700000000.0)
+    return engine, channel, store, executor
+
+
+def answer(engine, channel, text):
+    results = []
+    engine.handle(channel, Message(text), "10.0.0.1:5000").addCallback(results.append)
+    return results
+
+
+def ack_codes(outcome):
+    return [Message.from_bytes(a).get("MSA-1") for a in outcome.acks]
+
+
+def test_the_ack_waits_for_the_commit(tmp_path):
+    engine, channel, store, executor = make_engine(tmp_path)
+    results = answer(engine, channel, ADT.format(id="M1", extra=""))
+    assert results == [] and store.count() == 0  # not durable yet: nothing answered
+    executor.run_all()
+    [outcome] = results
+    assert outcome.status is Status.ACCEPTED and ack_codes(outcome) == ["AA"]
+    stored = store.get_message(1)
+    assert stored["status"] == "PROCESSED" and stored["ack_code"] == "AA" and stored["peer"] == "10.0.0.1:5000"
+    assert Message.from_bytes(stored["stages"]["ack"]).get("MSA-2") == "M1"  # the very ACK that is sent
+
+
+class FailingStore(Store):
+    def commit(self, records, updates):
+        raise StoreError("disk full")
+
+
+@pytest.mark.parametrize("extra, expected", [("", ["AR"]), ("|||AL|AL", ["CR"]), ("|||NE|AL", [])])
+def test_a_store_failure_is_never_aa(tmp_path, extra, expected):
+    engine, channel, _, executor = make_engine(tmp_path, store=FailingStore(f"sqlite:///{tmp_path / 'f.db'}"))
+    results = answer(engine, channel, ADT.format(id="M1", extra=extra))
+    executor.run_all()
+    [outcome] = results
+    assert outcome.status is Status.INTERNAL_ERROR
+    codes = [Message.from_bytes(a).get("MSA-1") for a in engine.channels["ch"].policy.acks(Message(ADT.format(id="M1", extra=extra)), outcome)]
+    assert codes == expected and "AA" not in codes and "CA" not in codes
+
+
+def test_filtered_and_error_messages_are_stored_with_their_outcome(tmp_path):
+    engine, channel, store, executor = make_engine(tmp_path, """\
+        filters: [{event: [A01]}]
+        transformers: [{format_date: {path: PID-5.1, output: "%Y"}}]
+        """)
+    filtered = answer(engine, channel, ADT.format(id="F1", extra="").replace("ADT^A01^", "ADT^A08^"))
+    failed = answer(engine, channel, ADT.format(id="E1", extra=""))
+    executor.run_all()
+    assert ack_codes(filtered[0]) == ["AR"] and ack_codes(failed[0]) == ["AE"]
+    rows = {m["control_id"]: m for m in store.latest()}
+    assert rows["F1"]["status"] == "FILTERED" and rows["F1"]["ack_code"] == "AR"
+    assert rows["E1"]["status"] == "ERROR" and "PID-5.1" in rows["E1"]["error"] and rows["E1"]["ack_code"] == "AE"
+    assert Message.from_bytes(store.get_message(rows["E1"]["id"])["raw"]).get("PID-5.1") == "DOE"  # raw untouched
+
+
+def test_storage_policy_controls_the_stages(tmp_path):
+    engine, channel, store, executor = make_engine(tmp_path, """\
+        transformers: [{set: {path: MSH-5, value: X}}]
+        storage: {stages: []}
+        """)
+    answer(engine, channel, ADT.format(id="S1", extra=""))
+    executor.run_all()
+    assert store.get_message(1)["stages"] == {}
+
+
+# -- end to end: hl7relay run, hl7relay listen, hl7relay send, over loopback ---------------------------
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_buffers: dict = {}
+
+
+def wait_for_line(process, fragment, timeout=30):
+    """Lines the process printed until one contains ``fragment`` (reads the pipe's fd directly)."""
+    fd = process.stdout.fileno()
+    os.set_blocking(fd, False)
+    selector = selectors.DefaultSelector()
+    selector.register(fd, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        buffer = _buffers.get(fd, b"")
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            _buffers[fd] = buffer
+            seen.append(line.decode(errors="replace") + "\n")
+            if fragment in seen[-1]:
+                return seen
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not selector.select(remaining):
+            raise AssertionError(f"{fragment!r} not seen; output so far: {''.join(seen)}")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise AssertionError(f"{fragment!r} not seen before the process ended: {''.join(seen)}")
+        _buffers[fd] = _buffers.get(fd, b"") + chunk
+
+
+def test_end_to_end_stored_then_delivered_to_a_file_and_an_mllp_receiver(tmp_path, samples):
+    engine_port, lab_port = free_port(), free_port()
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    (channels / "adt.yaml").write_text(textwrap.dedent(f"""\
+        name: adt
+        source: {{type: mllp, port: {engine_port}}}
+        filters: [{{message_type: ADT}}]
+        transformers: [{{set: {{path: MSH-5, value: LAB}}}}]
+        destinations:
+          - {{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}}}
+          - {{name: files, type: file, directory: "{tmp_path / 'out'}", filename: "{{MSH-10}}.hl7"}}
+        """))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", str(lab_port)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
+                               "--data-dir", str(tmp_path / "data")], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for_line(lab, "MLLP on")
+        startup = "".join(wait_for_line(engine, "ready"))
+        assert f"channel adt: MLLP on 127.0.0.1:{engine_port} -> lab (mllp), files (file)" in startup
+        messages = [samples / "adt_a01.hl7", samples / "adt_a04.hl7", samples / "adt_a08.hl7"]
+        sent = subprocess.run([sys.executable, "-m", "hl7relay", "send", "--port", str(engine_port), *map(str, messages)],
+                              capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        received = "".join(wait_for_line(lab, "MSG00004"))
+        assert all(f" {cid} " in received for cid in ("MSG00001", "MSG00003", "MSG00004"))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(list((tmp_path / "out").glob("*.hl7"))) < 3:
+            time.sleep(0.1)
+        assert sorted(p.name for p in (tmp_path / "out").glob("*.hl7")) == ["MSG00001.hl7", "MSG00003.hl7", "MSG00004.hl7"]
+        assert Message.from_bytes((tmp_path / "out" / "MSG00001.hl7").read_bytes()).get("MSH-5") == "LAB"
+        engine.send_signal(signal.SIGTERM)
+        out = "".join(wait_for_line(engine, "stopped:"))
+        assert engine.wait(timeout=30) == 0 and "stopped: in-flight messages finished, store flushed" in out
+    finally:
+        for process in (engine, lab):
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
+            process.stdout.close()
+    store = Store(f"sqlite:///{tmp_path / 'data' / 'hl7relay.db'}")
+    rows = store.latest()
+    assert [r["control_id"] for r in rows] == ["MSG00004", "MSG00003", "MSG00001"]
+    assert all(r["status"] == "PROCESSED" for r in rows)
+    deliveries = store.get_message(rows[-1]["id"])["deliveries"]
+    assert {(d["destination"], d["status"]) for d in deliveries} == {("lab", "SENT"), ("files", "SENT")}
+
+
+def test_run_refuses_to_start_on_lint_errors(tmp_path):
+    (tmp_path / "bad.yaml").write_text("name: bad\nsource: {type: mllp, port: nope}\n")
+    result = subprocess.run([sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path), "--data-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "bad.yaml:2:28: port must be a whole number" in result.stderr
+    assert "not starting" in result.stderr

@@ -1,0 +1,152 @@
+"""The store on SQLite and on PostgreSQL (127.0.0.1:5432, database test), and group commit."""
+
+import os
+
+import pytest
+import sqlalchemy as sa
+from twisted.internet import defer
+
+from hl7relay.store import MIGRATIONS, DeliveryRecord, MessageRecord, Store, StoreError, metadata, schema_version
+from hl7relay.storewriter import StoreWriter
+
+POSTGRES_URL = os.environ.get("HL7RELAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_store():
+    store = Store(POSTGRES_URL)
+    try:
+        with store.engine.begin() as connection:
+            metadata.drop_all(connection)
+            schema_version.drop(connection, checkfirst=True)
+    except sa.exc.OperationalError as exc:
+        store.close()
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc.orig}); .ci/run starts it")
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
+    return store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}") if request.param == "sqlite" else _postgres_store()
+    store.migrate()
+    yield store
+    store.close()
+
+
+def record(control_id="M1", raw=b"MSH|^~\\&|A|B\rPID|1\r", **kw):
+    values = dict(channel="adt", raw=raw, status="PROCESSED", control_id=control_id, message_type="ADT^A01",
+                  patient_id="100234", sending_facility="CLINIC", received_at=1700000000.0)
+    values.update(kw)
+    return MessageRecord(**values)
+
+
+def test_migrations_are_versioned_and_idempotent(store):
+    assert store.schema_version() == MIGRATIONS[-1][0]
+    assert store.migrate() == MIGRATIONS[-1][0]  # again: nothing to do
+    with store.engine.connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(schema_version)).scalar() == len(MIGRATIONS)
+
+
+def test_messages_stages_and_deliveries_round_trip(store):
+    raw = b"MSH|^~\\&|A|B|C|D|2024||ADT^A01|M1|P|2.5|||||8859/1\rPID|1||1||M\xfcller\r"
+    r = record(raw=raw, stages={"transformed": b"MSH|x", "ack": b"MSH|ack"},
+               deliveries=[DeliveryRecord("lab", "QUEUED", b"MSH|lab"), DeliveryRecord("archive", "FILTERED")])
+    [message_id] = store.commit([r], [])
+    stored = store.get_message(message_id)
+    assert stored["raw"] == raw and stored["control_id"] == "M1" and stored["status"] == "PROCESSED"
+    assert stored["stages"] == {"transformed": b"MSH|x", "ack": b"MSH|ack", "destination:lab": b"MSH|lab"}
+    assert [(d["destination"], d["status"], d["attempts"]) for d in stored["deliveries"]] == [
+        ("lab", "QUEUED", 0), ("archive", "FILTERED", 0)]
+    store.apply_updates([("delivery", (message_id, "lab"), {"status": "SENT", "attempts": 1, "last_ack": "AA", "updated_at": 2.0}),
+                         ("message", message_id, {"ack_code": "AA"}), ("stage", (message_id, "ack"), b"MSH|ack2")])
+    stored = store.get_message(message_id)
+    assert stored["deliveries"][0]["status"] == "SENT" and stored["ack_code"] == "AA" and stored["stages"]["ack"] == b"MSH|ack2"
+
+
+def test_one_transaction_per_batch_keeps_order(store):
+    ids = store.commit([record(f"M{i}") for i in range(50)], [])
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    assert store.count(channel="adt") == 50 and [m["control_id"] for m in store.latest(3)] == ["M49", "M48", "M47"]
+
+
+def test_a_failed_batch_writes_nothing(store):
+    bad = record("BAD")
+    bad.status = None  # NOT NULL: the database refuses it
+    with pytest.raises(StoreError):
+        store.commit([record("GOOD"), bad], [])
+    assert store.count() == 0
+
+
+def test_search_columns_are_indexed(store):
+    names = {ix["name"] for ix in sa.inspect(store.engine).get_indexes("messages")}
+    assert {"ix_messages_channel_time", "ix_messages_status_time", "ix_messages_control_id",
+            "ix_messages_patient_id"} <= names
+    assert "ix_deliveries_queue" in {ix["name"] for ix in sa.inspect(store.engine).get_indexes("deliveries")}
+
+
+def test_sqlite_is_durable(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'd.db'}")
+    store.migrate()
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    assert store.display_url == f"sqlite:///{tmp_path / 'd.db'}"
+    store.close()
+
+
+def test_display_url_hides_passwords():
+    assert "s3cret" not in Store("postgresql+psycopg://u:s3cret@127.0.0.1:1/x").display_url
+
+
+# -- group commit --------------------------------------------------------------------------------
+class ManualExecutor:
+    """Runs store calls only when told, so a test can see what queued meanwhile."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, fn, *args):
+        d = defer.Deferred()
+        self.calls.append((fn, args, d))
+        return d
+
+    def run(self, index=-1):
+        fn, args, d = self.calls[index]
+        try:
+            d.callback(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - deliver it as the thread would
+            d.errback(exc)
+
+
+def test_concurrent_writes_share_one_commit(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'g.db'}")
+    store.migrate()
+    executor = ManualExecutor()
+    writer = StoreWriter(store, executor=executor)
+    ids = []
+    writer.write(record("A")).addCallback(ids.append)
+    for name in ("B", "C", "D"):  # arrive while A's commit is on disk
+        writer.write(record(name)).addCallback(ids.append)
+    assert len(executor.calls) == 1 and len(executor.calls[0][1][0]) == 1
+    executor.run(0)
+    assert len(executor.calls) == 2 and [r.control_id for r in executor.calls[1][1][0]] == ["B", "C", "D"]
+    assert ids and len(ids) == 1  # B, C, D are not durable yet: not answered yet
+    executor.run(1)
+    assert len(ids) == 4 and writer.batches == 2 and writer.largest_batch == 3
+
+
+def test_one_bad_record_does_not_fail_its_batch(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'p.db'}")
+    store.migrate()
+    writer = StoreWriter(store, executor=lambda fn, *a: defer.maybeDeferred(fn, *a))
+    writer._busy = True  # hold the queue so both land in one batch
+    good, bad = [], []
+    writer.write(record("GOOD")).addCallback(good.append)
+    poison = record("BAD")
+    poison.status = None
+    writer.write(poison).addErrback(lambda f: bad.append(f.check(StoreError)))
+    writer._busy = False
+    writer._flush()
+    assert good and bad == [StoreError]
+    assert store.count() == 1
