@@ -297,6 +297,26 @@ class Message:
         self._fields = {}
         self._modified = True
 
+    # -- copies -----------------------------------------------------------------------------
+    def copy(self) -> "Message":
+        """An independent copy that shares nothing mutable (segments already split stay split)."""
+        other = Message.__new__(Message)
+        other.text, other.raw, other.charset, other.codec = self.text, self.raw, self.charset, self.codec
+        other.decode_problems = list(self.decode_problems)
+        other.delimiters = self.delimiters
+        other._segments = None if self._segments is None else list(self._segments)
+        other._names = None if self._names is None else list(self._names)
+        other._index = None
+        other._fields = {position: list(fields) for position, fields in self._fields.items()}
+        other._modified = self._modified
+        return other
+
+    def header(self) -> "Message":
+        """The MSH segment alone, as a message: what an ACK needs, without copying the body."""
+        fields = self.fields(0)
+        text = "MSH" + self.delimiters.field + self.delimiters.field.join(fields[2:]) + "\r"
+        return Message(text, charset=self.charset, codec=self.codec)
+
     # -- output -----------------------------------------------------------------------------
     @property
     def modified(self) -> bool:

@@ -137,7 +137,7 @@ class Engine:
             "message_type": message.get("MSH-9.1") + ("^" + message.get("MSH-9.2") if message.get("MSH-9.2") else ""),
             "control_id": message.control_id, "patient_id": message.get("PID-3.1"),
         }
-        original = Message(message.text, raw=message.raw, charset=message.charset, codec=message.codec)
+        original = message.header()  # the ACK answers what was received, before any transformer
         try:
             processed = process(channel, message)
         except Exception as exc:  # a bug in a component must not lose the message: store it as ERROR
@@ -253,8 +253,7 @@ class Engine:
                 target = self.channels.get(config.channel)
                 if target is None:
                     return DeliveryResult(False, error=f"channel {config.channel!r} is not running")
-                copy = Message(message.to_text(), charset=message.charset, codec=message.codec)
-                d = self.handle(target.channel, copy, f"channel:{config.channel}")
+                d = self.handle(target.channel, message.copy(), f"channel:{config.channel}")
                 d.addCallback(lambda o: DeliveryResult(o.status in (Status.ACCEPTED, Status.FILTERED),
                                                        o.status is Status.ERROR, ack=o.status.value,
                                                        error="" if o.status in (Status.ACCEPTED, Status.FILTERED) else o.text))

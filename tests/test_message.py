@@ -176,3 +176,15 @@ def test_set_then_get_returns_the_value_for_any_path(case, data):
     assert m.get(path) == value
     reread = Message(m.to_text())
     assert reread.get(path) == value
+
+
+def test_copy_is_independent_and_header_is_msh_only():
+    m = Message(ADT)
+    m.get("PID-5.1")
+    c = m.copy()
+    c.set("PID-5.1", "ROE")
+    c.delete_segment("OBX", 1)
+    assert m.get("PID-5.1") == "DOE" and m.count("OBX") == 3 and m.to_text() == ADT
+    assert c.get("PID-5.1") == "ROE" and c.count("OBX") == 2
+    h = m.header()
+    assert h.segment_names() == ["MSH"] and h.get("MSH-10") == "MSG1" and h.delimiters == m.delimiters

@@ -208,3 +208,53 @@ def test_run_refuses_to_start_on_lint_errors(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "bad.yaml:2:28: port must be a whole number" in result.stderr
     assert "not starting" in result.stderr
+
+
+def file_engine(tmp_path, after="move"):
+    inbox = tmp_path / "inbox"
+    path = tmp_path / "files.yaml"
+    path.write_text(f"name: files\nsource: {{type: file, directory: '{inbox}', poll_interval: 2, settle: 1, after: {after}}}\n")
+    channel, errors = load_channel(path, {})
+    assert not errors, errors
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    clock = task.Clock()
+    engine = Engine([channel], StoreWriter(store, executor=lambda fn, *a: defer.maybeDeferred(fn, *a)), reactor=clock)
+    assert engine.start() == [f"channel files: files *.hl7 in {inbox} -> no destinations"]
+    return engine, store, clock, inbox
+
+
+def test_file_source_reads_batches_once_they_are_complete_then_moves_them(tmp_path, samples):
+    engine, store, clock, inbox = file_engine(tmp_path)
+    batch = (samples / "batch_adt.hl7").read_bytes()
+    target = inbox / "drop.hl7"
+    target.write_bytes(batch[:100])  # a sender is still writing it
+    clock.advance(2)
+    target.write_bytes(batch[:300])
+    clock.advance(2)
+    assert store.count() == 0  # it changed since the last look: not read
+    target.write_bytes(batch)
+    clock.advance(2)
+    assert store.count() == 0  # unchanged for less than a look: still waiting
+    clock.advance(2)
+    assert [m["control_id"] for m in store.latest()] == ["MSG00102", "MSG00101"]
+    assert not target.exists() and (inbox / "processed" / "drop.hl7").read_bytes() == batch
+    clock.advance(10)
+    assert store.count() == 2  # read once
+
+
+def test_file_source_can_delete_and_leaves_unstored_files(tmp_path, samples):
+    engine, store, clock, inbox = file_engine(tmp_path, after="delete")
+    (inbox / "a.hl7").write_bytes((samples / "adt_a01.hl7").read_bytes())
+    clock.advance(2)
+    clock.advance(2)
+    assert store.count() == 1 and not (inbox / "a.hl7").exists()
+
+    def refuse(records, updates):
+        raise StoreError("database down")
+
+    store.commit = refuse
+    (inbox / "b.hl7").write_bytes((samples / "adt_a03.hl7").read_bytes())
+    for _ in range(3):
+        clock.advance(2)
+    assert (inbox / "b.hl7").exists()  # not stored, so not deleted: read again on a later look

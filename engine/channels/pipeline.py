@@ -41,13 +41,6 @@ class Processed:
     transformed: bool = False
 
 
-def _copy(message: Message) -> Message:
-    copy = Message(message.to_text(), charset=message.charset, codec=message.codec)
-    if not message.modified:
-        copy.raw = message.raw
-    return copy
-
-
 def process(channel: Channel, message: Message) -> Processed:
     if channel.filter is not None and not channel.filter.matches(message):
         return Processed(Result.FILTERED, message)
@@ -72,7 +65,7 @@ def process(channel: Channel, message: Message) -> Processed:
         if destination.filter is not None and not destination.filter.matches(message):
             outputs.append(DestinationOutput(destination.name, None))
             continue
-        output = _copy(message) if destination.steps else message
+        output = message.copy() if destination.steps else message
         error = ""
         for index, step in enumerate(destination.steps, start=1):
             try:

@@ -117,7 +117,7 @@ def run_test_file(test_file: Path, environ=None) -> tuple[list[CaseResult], list
 
 def _run_case(channel: Channel, message: Message, expect: dict) -> tuple[bool, list]:
     problems = []
-    original = Message(message.text, raw=message.raw, charset=message.charset, codec=message.codec)
+    original = message.header()  # the ACK answers what was received, before any transformer
     processed = process(channel, message)
     status = processed.result.value
     if "status" in expect and str(expect["status"]).upper() != status:
