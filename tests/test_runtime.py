@@ -23,32 +23,13 @@ ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P
        "EVN|A01|20240105093512\rPID|1||100234^^^CLINIC^MR||DOE^JANE\rPV1|1|O\r")
 
 
-class ManualExecutor:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, fn, *args):
-        d = defer.Deferred()
-        self.calls.append((fn, args, d))
-        return d
-
-    def run_all(self):
-        while self.calls:
-            fn, args, d = self.calls.pop(0)
-            try:
-                d.callback(fn(*args))
-            except Exception as exc:  # noqa: BLE001
-                d.errback(exc)
-
-
-def make_engine(tmp_path, body="", store=None):
+def make_engine(tmp_path, executor, body="", store=None):
     path = tmp_path / "ch.yaml"
     path.write_text("name: ch\nsource: {type: mllp, port: 12650}\n" + textwrap.dedent(body))
     channel, errors = load_channel(path, {})
     assert not errors, errors
     store = store or Store(f"sqlite:///{tmp_path / 's.db'}")
     store.migrate()
-    executor = ManualExecutor()
     engine = Engine([channel], StoreWriter(store, executor=executor), reactor=task.Clock(), clock=lambda: 1700000000.0)
     return engine, channel, store, executor
 
@@ -63,8 +44,8 @@ def ack_codes(outcome):
     return [Message.from_bytes(a).get("MSA-1") for a in outcome.acks]
 
 
-def test_the_ack_waits_for_the_commit(tmp_path):
-    engine, channel, store, executor = make_engine(tmp_path)
+def test_the_ack_waits_for_the_commit(tmp_path, manual_executor):
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor)
     results = answer(engine, channel, ADT.format(id="M1", extra=""))
     assert results == [] and store.count() == 0  # not durable yet: nothing answered
     executor.run_all()
@@ -81,8 +62,8 @@ class FailingStore(Store):
 
 
 @pytest.mark.parametrize("extra, expected", [("", ["AR"]), ("|||AL|AL", ["CR"]), ("|||NE|AL", [])])
-def test_a_store_failure_is_never_aa(tmp_path, extra, expected):
-    engine, channel, _, executor = make_engine(tmp_path, store=FailingStore(f"sqlite:///{tmp_path / 'f.db'}"))
+def test_a_store_failure_is_never_aa(tmp_path, manual_executor, extra, expected):
+    engine, channel, _, executor = make_engine(tmp_path, manual_executor, store=FailingStore(f"sqlite:///{tmp_path / 'f.db'}"))
     results = answer(engine, channel, ADT.format(id="M1", extra=extra))
     executor.run_all()
     [outcome] = results
@@ -91,8 +72,8 @@ def test_a_store_failure_is_never_aa(tmp_path, extra, expected):
     assert codes == expected and "AA" not in codes and "CA" not in codes
 
 
-def test_filtered_and_error_messages_are_stored_with_their_outcome(tmp_path):
-    engine, channel, store, executor = make_engine(tmp_path, """\
+def test_filtered_and_error_messages_are_stored_with_their_outcome(tmp_path, manual_executor):
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor, """\
         filters: [{event: [A01]}]
         transformers: [{format_date: {path: PID-5.1, output: "%Y"}}]
         """)
@@ -106,8 +87,8 @@ def test_filtered_and_error_messages_are_stored_with_their_outcome(tmp_path):
     assert Message.from_bytes(store.get_message(rows["E1"]["id"])["raw"]).get("PID-5.1") == "DOE"  # raw untouched
 
 
-def test_storage_policy_controls_the_stages(tmp_path):
-    engine, channel, store, executor = make_engine(tmp_path, """\
+def test_storage_policy_controls_the_stages(tmp_path, manual_executor):
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor, """\
         transformers: [{set: {path: MSH-5, value: X}}]
         storage: {stages: []}
         """)

@@ -100,39 +100,20 @@ def test_display_url_hides_passwords():
 
 
 # -- group commit --------------------------------------------------------------------------------
-class ManualExecutor:
-    """Runs store calls only when told, so a test can see what queued meanwhile."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, fn, *args):
-        d = defer.Deferred()
-        self.calls.append((fn, args, d))
-        return d
-
-    def run(self, index=-1):
-        fn, args, d = self.calls[index]
-        try:
-            d.callback(fn(*args))
-        except Exception as exc:  # noqa: BLE001 - deliver it as the thread would
-            d.errback(exc)
-
-
-def test_concurrent_writes_share_one_commit(tmp_path):
+def test_concurrent_writes_share_one_commit(tmp_path, manual_executor):
     store = Store(f"sqlite:///{tmp_path / 'g.db'}")
     store.migrate()
-    executor = ManualExecutor()
+    executor = manual_executor
     writer = StoreWriter(store, executor=executor)
     ids = []
     writer.write(record("A")).addCallback(ids.append)
     for name in ("B", "C", "D"):  # arrive while A's commit is on disk
         writer.write(record(name)).addCallback(ids.append)
     assert len(executor.calls) == 1 and len(executor.calls[0][1][0]) == 1
-    executor.run(0)
-    assert len(executor.calls) == 2 and [r.control_id for r in executor.calls[1][1][0]] == ["B", "C", "D"]
+    executor.run()
+    assert len(executor.calls) == 1 and [r.control_id for r in executor.calls[0][1][0]] == ["B", "C", "D"]
     assert ids and len(ids) == 1  # B, C, D are not durable yet: not answered yet
-    executor.run(1)
+    executor.run()
     assert len(ids) == 4 and writer.batches == 2 and writer.largest_batch == 3
 
 

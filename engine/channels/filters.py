@@ -51,28 +51,16 @@ class _HeaderIn(Rule):
         return message.get(self.path) in self.values
 
 
-@register("filter", "message_type", "MSH-9.1 is one of the values, e.g. message_type: ADT or [ADT, SIU]",
-          [Option("values", "strlist", description="message types")], shorthand="values")
-def _message_type(options, context=None):
-    return _HeaderIn("MSH-9.1", frozenset(options["values"]))
-
-
-@register("filter", "event", "MSH-9.2 (trigger event) is one of the values, e.g. event: [A01, A04, A08]",
-          [Option("values", "strlist", description="trigger events")], shorthand="values")
-def _event(options, context=None):
-    return _HeaderIn("MSH-9.2", frozenset(options["values"]))
-
-
-@register("filter", "sending_application", "MSH-3.1 is one of the values",
-          [Option("values", "strlist", description="sending applications")], shorthand="values")
-def _sending_application(options, context=None):
-    return _HeaderIn("MSH-3.1", frozenset(options["values"]))
-
-
-@register("filter", "sending_facility", "MSH-4.1 is one of the values",
-          [Option("values", "strlist", description="sending facilities")], shorthand="values")
-def _sending_facility(options, context=None):
-    return _HeaderIn("MSH-4.1", frozenset(options["values"]))
+# Header rules: ``message_type: ADT`` or ``event: [A01, A04]`` (a value or a list of values).
+_HEADER_RULES = (
+    ("message_type", "MSH-9.1", "MSH-9.1 is one of the values, e.g. message_type: ADT or [ADT, SIU]", "message types"),
+    ("event", "MSH-9.2", "MSH-9.2 (trigger event) is one of the values, e.g. event: [A01, A04, A08]", "trigger events"),
+    ("sending_application", "MSH-3.1", "MSH-3.1 is one of the values", "sending applications"),
+    ("sending_facility", "MSH-4.1", "MSH-4.1 is one of the values", "sending facilities"),
+)
+for _name, _path, _description, _what in _HEADER_RULES:
+    register("filter", _name, _description, [Option("values", "strlist", description=_what)], shorthand="values")(
+        lambda options, context=None, path=_path: _HeaderIn(path, frozenset(options["values"])))
 
 
 @dataclass(slots=True)
