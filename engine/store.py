@@ -45,6 +45,10 @@ messages = sa.Table(
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("error", sa.Text, nullable=False, default=""),
     sa.Column("ack_code", sa.String(2), nullable=False, default=""),
+    sa.Column("duplicate_key", sa.String(600), nullable=True),
+    sa.Column("replay_of", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=True),
+    sa.Column("replay_reason", sa.Text, nullable=True),
+    sa.Column("replay_operator", sa.String(200), nullable=True),
 )
 sa.Index("ix_messages_channel_time", messages.c.channel, messages.c.received_at)
 sa.Index("ix_messages_status_time", messages.c.status, messages.c.received_at)
@@ -52,6 +56,7 @@ sa.Index("ix_messages_control_id", messages.c.control_id)
 sa.Index("ix_messages_patient_id", messages.c.patient_id)
 sa.Index("ix_messages_type_time", messages.c.message_type, messages.c.received_at)
 sa.Index("ix_messages_facility_time", messages.c.sending_facility, messages.c.received_at)
+sa.Index("ix_messages_duplicate", messages.c.channel, messages.c.duplicate_key, messages.c.received_at)
 
 stages = sa.Table(
     "message_stages", metadata,
@@ -73,18 +78,60 @@ deliveries = sa.Table(
     sa.Column("last_error", sa.Text, nullable=False, default=""),
     sa.Column("next_attempt_at", sa.Float, nullable=True),
     sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("order_key", sa.String(200), nullable=True),  # order: per_key: deliveries with one key go in order
 )
 sa.Index("ix_deliveries_message", deliveries.c.message_id)
+sa.Index("ix_deliveries_order", deliveries.c.destination, deliveries.c.status, deliveries.c.order_key, deliveries.c.message_id)
 sa.Index("ix_deliveries_queue", deliveries.c.destination, deliveries.c.status, deliveries.c.next_attempt_at)
 
 
-def _migration_1(connection) -> None:
-    metadata.create_all(connection, tables=[messages, stages, deliveries])
+destination_state = sa.Table(
+    "destination_state", metadata,
+    sa.Column("channel", sa.String(200), primary_key=True),
+    sa.Column("destination", sa.String(200), primary_key=True),
+    sa.Column("connected", sa.Boolean, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=False, default=""),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
 
+
+def _migration_1(connection) -> None:
+    for table in (messages, stages, deliveries):
+        # version 1 of these tables: the columns added by later migrations are left out
+        columns = [c._copy() for c in table.columns if c.name not in _ADDED_LATER.get(table.name, ())]
+        version_1 = sa.Table(table.name, sa.MetaData(), *columns)
+        version_1.create(connection)
+    for index in (*messages.indexes, *deliveries.indexes):
+        if index.name not in _ADDED_LATER_INDEXES:
+            index.create(connection)
+
+
+def _migration_2(connection) -> None:
+    """Queues (per-key order), duplicate keys, replay links, destination state."""
+    ddl = connection.dialect.ddl_compiler(connection.dialect, None)
+    for table_name, names in _ADDED_LATER.items():
+        table = metadata.tables[table_name]
+        for name in names:
+            column = table.c[name]
+            spec = ddl.get_column_specification(column)
+            connection.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {spec}")
+    for table in (messages, deliveries):
+        for index in table.indexes:
+            if index.name in _ADDED_LATER_INDEXES:
+                index.create(connection)
+    destination_state.create(connection)
+
+
+_ADDED_LATER = {
+    "messages": ("duplicate_key", "replay_of", "replay_reason", "replay_operator"),
+    "deliveries": ("order_key",),
+}
+_ADDED_LATER_INDEXES = {"ix_messages_duplicate", "ix_deliveries_order"}
 
 # (version, description, function). Append; never edit a released one.
 MIGRATIONS = [
     (1, "messages, stages and deliveries", _migration_1),
+    (2, "queues, duplicates, replay links, destination state", _migration_2),
 ]
 
 

@@ -9,12 +9,42 @@ from hl7relay.channels.sources import TLS_OPTIONS, tls_config
 from hl7relay.channels.spec import Option, register
 from hl7relay.sender import SenderConfig
 
-__all__ = ["MLLPDestinationConfig", "FileDestinationConfig", "ChannelDestinationConfig", "render_filename"]
+__all__ = ["MLLPDestinationConfig", "FileDestinationConfig", "ChannelDestinationConfig", "render_filename",
+           "QueueOptions", "QUEUE_OPTIONS"]
+
+
+@dataclass(slots=True, frozen=True)
+class QueueOptions:
+    """How a destination's durable queue delivers: retries, backoff, order."""
+
+    max_attempts: int = 10
+    retry_initial: float = 1.0
+    retry_max: float = 300.0
+    order: str = "in_order"  # or per_key
+    order_key: str = "PID-3.1"
+
+
+QUEUE_OPTIONS = [
+    Option("max_attempts", "int", 10, "attempts before the delivery goes to ERROR (the dead letter state)"),
+    Option("retry_initial", "duration", 1.0, "seconds before the first retry (doubles each time, with jitter)"),
+    Option("retry_max", "duration", 300.0, "longest wait between retries"),
+    Option("order", "enum", "in_order", "in_order: one at a time in order of receipt (a failing head blocks); "
+           "per_key: in order per order_key, keys in parallel", ("in_order", "per_key")),
+    Option("order_key", "hl7path", "PID-3.1", "with order: per_key, what keeps messages in order (e.g. the patient)"),
+]
+
+
+def queue_options(options) -> QueueOptions:
+    if options["max_attempts"] < 1:
+        raise ValueError("max_attempts must be at least 1")
+    return QueueOptions(options["max_attempts"], options["retry_initial"], options["retry_max"], options["order"],
+                        options["order_key"])
 
 
 @dataclass(slots=True)
 class MLLPDestinationConfig:
     sender: SenderConfig
+    queue: QueueOptions = QueueOptions()
 
 
 @register("destination", "mllp", "send over MLLP and record the peer's ACK", [
@@ -24,11 +54,13 @@ class MLLPDestinationConfig:
     Option("ack_timeout", "duration", 30.0, "seconds to wait for the ACK"),
     *TLS_OPTIONS,
     Option("tls", "bool", False, "use TLS (verify against the system trust store or tls_ca)"),
+    *QUEUE_OPTIONS,
 ])
 def _mllp(options, context=None):
     return MLLPDestinationConfig(SenderConfig(options["host"], options["port"], options["connect_timeout"],
                                               options["ack_timeout"],
-                                              tls=tls_config(options, False, getattr(context, "base_dir", None))))
+                                              tls=tls_config(options, False, getattr(context, "base_dir", None))),
+                                 queue_options(options))
 
 
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")
@@ -52,11 +84,13 @@ def render_filename(template: str, message, now) -> str:
 class FileDestinationConfig:
     directory: str
     filename: str
+    queue: QueueOptions = QueueOptions()
 
 
 @register("destination", "file", "write each message to a file (atomically: temp file, then rename)", [
     Option("directory", "str", description="output folder (created if missing)"),
     Option("filename", "str", "{MSH-10}.hl7", "name template: HL7 paths and {now:%Y%m%d...} in braces"),
+    *QUEUE_OPTIONS,
 ])
 def _file(options, context=None):
     for key in _TEMPLATE.findall(options["filename"]):
@@ -64,15 +98,16 @@ def _file(options, context=None):
             from hl7relay.path import parse_path
 
             parse_path(key)  # a bad path is a lint error now, not a delivery error later
-    return FileDestinationConfig(options["directory"], options["filename"])
+    return FileDestinationConfig(options["directory"], options["filename"], queue_options(options))
 
 
 @dataclass(slots=True)
 class ChannelDestinationConfig:
     channel: str
+    queue: QueueOptions = QueueOptions()
 
 
 @register("destination", "channel", "hand the message to another channel of this engine", [
-    Option("channel", "str", description="the other channel's name")], shorthand="channel")
+    Option("channel", "str", description="the other channel's name"), *QUEUE_OPTIONS], shorthand="channel")
 def _channel(options, context=None):
-    return ChannelDestinationConfig(options["channel"])
+    return ChannelDestinationConfig(options["channel"], queue_options(options))
