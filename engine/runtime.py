@@ -30,6 +30,7 @@ from hl7relay.channels.sources import FileSourceConfig, MLLPSourceConfig
 from hl7relay.errors import HL7RelayError, ParseError
 from hl7relay.listener import Peer, listen
 from hl7relay.message import Message
+from hl7relay.queues import DeliveryResult, DestinationQueue
 from hl7relay.sender import MLLPSender, SendStatus
 from hl7relay.store import DeliveryRecord, MessageRecord, StoreError
 from hl7relay.storewriter import StoreWriter
@@ -40,24 +41,17 @@ log = Logger(namespace="hl7relay.engine")
 
 
 @dataclass(slots=True)
-class DeliveryResult:
-    ok: bool
-    application_error: bool = False  # AE from the peer: needs a person
-    ack: str = ""
-    error: str = ""
-
-
-@dataclass(slots=True)
 class _RunningChannel:
     channel: Channel
     policy: AckPolicy
-    destinations: dict = field(default_factory=dict)  # name -> deliver(Message) -> Deferred[DeliveryResult]
+    queues: dict = field(default_factory=dict)  # destination name -> DestinationQueue
     ports: list = field(default_factory=list)
     pollers: list = field(default_factory=list)
 
 
 class Engine:
-    def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data"):
+    def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data",
+                 queue_poll_interval: float = 1.0):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -76,13 +70,17 @@ class Engine:
                 self.channels[channel.name] = _RunningChannel(channel, policy)
         for running in self.channels.values():
             for destination in running.channel.destinations:
-                running.destinations[destination.name] = self._destination(destination)
+                running.queues[destination.name] = DestinationQueue(
+                    running.channel.name, destination.name, self._destination(destination), destination.config.queue,
+                    writer, self.reactor, self.clock, queue_poll_interval)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> list[str]:
         """Open every source; returns one line per channel saying what listens where."""
         lines = []
         for running in self.channels.values():
+            for queue in running.queues.values():
+                queue.start()
             channel = running.channel
             targets = ", ".join(f"{d.name} ({d.type})" for d in channel.destinations) or "no destinations"
             if isinstance(channel.source, MLLPSourceConfig):
@@ -109,6 +107,8 @@ class Engine:
                 yield port.stopListening()
             for poller in running.pollers:
                 poller.stop()
+            for queue in running.queues.values():
+                queue.stop()
         for _ in range(600):  # in-flight messages get up to a minute
             if self.in_flight == 0:
                 break
@@ -154,8 +154,13 @@ class Engine:
             record.stages["transformed"] = processed.message.to_bytes()
         outputs = processed.outputs if processed is not None and processed.result is Result.PROCESSED else []
         for output in outputs:
-            content = output.message.to_bytes() if output.message is not None and "destinations" in channel.stages else None
-            record.deliveries.append(DeliveryRecord(output.name, "QUEUED" if output.message is not None else "FILTERED", content))
+            if output.message is None:
+                record.deliveries.append(DeliveryRecord(output.name, "FILTERED"))
+                continue
+            # the queue resends from this stored content, so it is kept whatever the storage policy says
+            options = running.queues[output.name].options
+            key = output.message.get(options.order_key) if options.order == "per_key" else None
+            record.deliveries.append(DeliveryRecord(output.name, "QUEUED", output.message.to_bytes(), key))
         if channel.response.when == "on_store" or is_ack(original) or not outputs:
             acks = running.policy.acks(original, outcome)
             record.ack_code = _ack_code(acks)
@@ -170,7 +175,10 @@ class Engine:
             return Outcome.internal_error("the message could not be stored")
         log.debug("channel {channel}: message {control_id} stored as {id} ({status})", channel=channel.name,
                   control_id=header["control_id"], id=message_id, status=status)
-        deliveries = [self._deliver(running, message_id, output) for output in outputs if output.message is not None]
+        queued = [running.queues[o.name] for o in outputs if o.message is not None]
+        deliveries = [queue.first_result(message_id) for queue in queued] if outcome.acks is None else []
+        for queue in queued:
+            queue.nudge()
         if outcome.acks is not None:
             return outcome
         # after_delivery: the answer reflects the destinations
@@ -201,29 +209,6 @@ class Engine:
         return "PROCESSED", "", Outcome.accepted()
 
     # -- deliveries -----------------------------------------------------------------------------
-    def _deliver(self, running: _RunningChannel, message_id: int, output) -> defer.Deferred:
-        deliver = running.destinations[output.name]
-        d = defer.maybeDeferred(deliver, output.message)
-
-        def failed(failure):
-            log.failure("destination {name} failed", failure, name=output.name)
-            return DeliveryResult(False, error=f"{type(failure.value).__name__}: {failure.value}")
-
-        def record(result: DeliveryResult):
-            values = {"status": "SENT" if result.ok else "ERROR", "attempts": 1, "last_ack": result.ack,
-                      "last_error": result.error, "next_attempt_at": None, "updated_at": self.clock()}
-            if not result.ok:
-                log.warn("channel {channel}: delivery of message {id} to {name} failed: {error}",
-                         channel=running.channel.name, id=message_id, name=output.name, error=result.error)
-            update = self.writer.update(("delivery", (message_id, output.name), values))
-            update.addErrback(lambda f: log.error("could not record a delivery: {e}", e=f.getErrorMessage()))
-            update.addCallback(lambda _: result)
-            return update
-
-        d.addErrback(failed)
-        d.addCallback(record)
-        return d
-
     def _destination(self, destination):
         config = destination.config
         if isinstance(config, MLLPDestinationConfig):

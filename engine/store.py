@@ -139,7 +139,8 @@ MIGRATIONS = [
 class DeliveryRecord:
     destination: str
     status: str  # QUEUED or FILTERED at first
-    content: bytes | None = None  # kept as stage destination:<name> when the policy says so
+    content: bytes | None = None  # stage destination:<name>: what the queue sends (always kept while queued)
+    order_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -157,6 +158,10 @@ class MessageRecord:
     patient_id: str = ""
     error: str = ""
     ack_code: str = ""
+    duplicate_key: str | None = None
+    replay_of: int | None = None
+    replay_reason: str | None = None
+    replay_operator: str | None = None
     stages: dict = field(default_factory=dict)  # name -> bytes
     deliveries: list = field(default_factory=list)
 
@@ -226,7 +231,8 @@ class Store:
     def _insert(self, connection, record: MessageRecord) -> int:
         values = {k: getattr(record, k) for k in (
             "channel", "received_at", "peer", "raw", "charset", "sending_application", "sending_facility",
-            "message_type", "control_id", "patient_id", "status", "error", "ack_code")}
+            "message_type", "control_id", "patient_id", "status", "error", "ack_code", "duplicate_key", "replay_of",
+            "replay_reason", "replay_operator")}
         message_id = connection.execute(messages.insert().values(**values)).inserted_primary_key[0]
         rows = [{"message_id": message_id, "stage": name, "content": content} for name, content in record.stages.items()]
         for delivery in record.deliveries:
@@ -238,7 +244,7 @@ class Store:
             connection.execute(deliveries.insert(), [
                 {"message_id": message_id, "destination": d.destination, "status": d.status, "attempts": 0,
                  "last_ack": "", "last_error": "", "next_attempt_at": record.received_at if d.status == "QUEUED" else None,
-                 "updated_at": record.received_at} for d in record.deliveries])
+                 "updated_at": record.received_at, "order_key": d.order_key} for d in record.deliveries])
         return message_id
 
     def apply_updates(self, updates: list[tuple]) -> None:
@@ -291,6 +297,31 @@ class Store:
             if channel:
                 query = query.where(messages.c.channel == channel)
             return [dict(r) for r in connection.execute(query.order_by(messages.c.id.desc()).limit(limit)).mappings()]
+
+    # -- queues ------------------------------------------------------------------------------
+    def queued_deliveries(self, channel: str, destination: str, limit: int = 200) -> list[dict]:
+        """The destination's QUEUED deliveries in order of receipt, with what to send."""
+        content = stages.alias("content")
+        query = (
+            sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.next_attempt_at,
+                      deliveries.c.order_key, content.c.content, messages.c.raw)
+            .join(messages, messages.c.id == deliveries.c.message_id)
+            .outerjoin(content, sa.and_(content.c.message_id == deliveries.c.message_id,
+                                        content.c.stage == "destination:" + destination))
+            .where(deliveries.c.destination == destination, deliveries.c.status == "QUEUED", messages.c.channel == channel)
+            .order_by(deliveries.c.message_id).limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()]
+
+    def set_destination_state(self, channel: str, destination: str, connected: bool, error: str, now: float) -> None:
+        with self.engine.begin() as connection:
+            updated = connection.execute(destination_state.update().where(
+                destination_state.c.channel == channel, destination_state.c.destination == destination).values(
+                connected=connected, last_error=error, updated_at=now)).rowcount
+            if not updated:
+                connection.execute(destination_state.insert().values(
+                    channel=channel, destination=destination, connected=connected, last_error=error, updated_at=now))
 
     def close(self) -> None:
         self.engine.dispose()

@@ -55,6 +55,17 @@ class StoreWriter:
         self._flush()
         return d
 
+    def read(self, fn, *args) -> defer.Deferred:
+        """Run a store call (a query) on the writer thread, after what is already queued."""
+        d = self.executor(fn, *args)
+
+        def wrap(failure):
+            if failure.check(StoreError):
+                return failure
+            raise StoreError(f"store query failed: {failure.getErrorMessage()}")
+
+        return d.addErrback(wrap)
+
     @property
     def pending(self) -> int:
         return len(self._records) + len(self._updates) + (1 if self._busy else 0)
