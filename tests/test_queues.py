@@ -1,0 +1,159 @@
+"""Destination queues, driven by task.Clock: retries, dead letter, order, restart."""
+
+import random
+
+import pytest
+from twisted.internet import defer, task
+
+from hl7relay.channels.destinations import QueueOptions
+from hl7relay.queues import DeliveryResult, DestinationQueue, retry_delay
+from hl7relay.store import DeliveryRecord, MessageRecord, Store
+from hl7relay.storewriter import StoreWriter
+
+MSG = "MSH|^~\\&|A|B|C|D|20240101||ADT^A08|{id}|P|2.5.1\rPID|1||{key}^^^H^MR\r"
+
+
+@pytest.fixture
+def setup(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'q.db'}")
+    store.migrate()
+    clock = task.Clock()
+    writer = StoreWriter(store, executor=lambda fn, *a: defer.maybeDeferred(fn, *a))
+    return store, clock, writer
+
+
+def enqueue(store, control_id, key="P1", destination="lab"):
+    content = MSG.format(id=control_id, key=key).encode()
+    store.commit([MessageRecord("ch", content, "PROCESSED", received_at=0.0, control_id=control_id,
+                                deliveries=[DeliveryRecord(destination, "QUEUED", content, key)])], [])
+
+
+class Peer:
+    """A destination whose answers the test scripts: a list of DeliveryResults, then success."""
+
+    def __init__(self, answers=()):
+        self.answers = list(answers)
+        self.received = []
+
+    def __call__(self, message):
+        self.received.append(message.control_id)
+        return self.answers.pop(0) if self.answers else DeliveryResult(True, ack="AA")
+
+
+def make_queue(setup, peer, **options):
+    store, clock, writer = setup
+    queue = DestinationQueue("ch", "lab", peer, QueueOptions(**options), writer, clock, clock.seconds,
+                             poll_interval=1.0, rng=random.Random(3))
+    queue.start()
+    return queue
+
+
+def statuses(store):
+    rows = store.latest(100)
+    return {r["control_id"]: store.get_message(r["id"])["deliveries"][0] for r in rows}
+
+
+DOWN = DeliveryResult(False, error="connection_failed: refused")
+
+
+def test_destination_down_then_up_delivers_everything_in_order(setup):
+    store, clock, _ = setup
+    for i in range(5):
+        enqueue(store, f"M{i}")
+    peer = Peer([DOWN] * 4)
+    make_queue(setup, peer, retry_initial=1, retry_max=8)
+    for _ in range(200):
+        clock.advance(0.5)
+    assert [s["status"] for s in statuses(store).values()] == ["SENT"] * 5
+    delivered = [c for c in peer.received]
+    assert delivered[:5] == ["M0"] * 5 and delivered[5:] == ["M1", "M2", "M3", "M4"]  # the head was retried, none lost
+    assert statuses(store)["M0"]["attempts"] == 5
+
+
+def test_retry_spacing_follows_the_policy(setup):
+    store, clock, _ = setup
+    enqueue(store, "M0")
+    peer = Peer([DOWN] * 6)
+    times = []
+
+    def timed(message):
+        times.append(clock.seconds())
+        return peer(message)
+
+    queue = make_queue(setup, timed, max_attempts=10, retry_initial=2, retry_max=10)
+    for _ in range(2000):
+        clock.advance(0.05)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(gaps) == 6 and queue.sent == 1 and queue.retried == 6
+    for gap, ceiling in zip(gaps, [2, 4, 8, 10, 10, 10]):
+        assert ceiling / 2 - 0.06 <= gap <= ceiling + 0.06, (gap, ceiling)
+    options = QueueOptions(retry_initial=2, retry_max=10)
+    for attempts in range(1, 8):
+        ceiling = min(10, 2 * 2 ** (attempts - 1))
+        assert ceiling / 2 <= retry_delay(attempts, options, random.Random(attempts)) <= ceiling
+
+
+def test_application_error_is_not_retried(setup):
+    store, clock, _ = setup
+    enqueue(store, "M0")
+    enqueue(store, "M1")
+    peer = Peer([DeliveryResult(False, application_error=True, ack="AE", error="application_error: PID-3 unknown")])
+    make_queue(setup, peer)
+    for _ in range(20):
+        clock.advance(0.5)
+    rows = statuses(store)
+    assert rows["M0"]["status"] == "ERROR" and rows["M0"]["attempts"] == 1 and "PID-3 unknown" in rows["M0"]["last_error"]
+    assert rows["M1"]["status"] == "SENT"  # an AE does not block the queue
+    assert peer.received == ["M0", "M1"]
+
+
+def test_exhausted_retries_go_to_error(setup):
+    store, clock, _ = setup
+    enqueue(store, "M0")
+    peer = Peer([DOWN] * 100)
+    make_queue(setup, peer, max_attempts=3, retry_initial=1, retry_max=1)
+    for _ in range(100):
+        clock.advance(0.5)
+    row = statuses(store)["M0"]
+    assert row["status"] == "ERROR" and row["attempts"] == 3 and row["last_error"].startswith("gave up after 3 attempts")
+    assert peer.received == ["M0"] * 3
+
+
+def test_in_order_head_blocks_and_per_key_does_not(setup):
+    store, clock, _ = setup
+    enqueue(store, "A1", key="A")
+    enqueue(store, "B1", key="B")
+    blocked = Peer([DOWN] * 1000)
+    queue = make_queue(setup, blocked, max_attempts=1000, retry_initial=1, retry_max=1)
+    for _ in range(20):
+        clock.advance(0.5)
+    assert set(blocked.received) == {"A1"}  # B1 waits behind the failing head
+    queue.stop()
+
+    def answer(message):
+        return DOWN if message.get("PID-3.1") == "A" else DeliveryResult(True, ack="AA")
+
+    make_queue(setup, answer, order="per_key", max_attempts=1000, retry_initial=1, retry_max=1)
+    for _ in range(10):
+        clock.advance(0.5)
+    rows = statuses(store)
+    assert rows["B1"]["status"] == "SENT" and rows["A1"]["status"] == "QUEUED"
+
+
+def test_a_new_worker_resumes_what_is_queued_at_least_once(setup):
+    store, clock, _ = setup
+    for i in range(3):
+        enqueue(store, f"M{i}")
+    hung = defer.Deferred()  # M1's answer never comes: the engine dies meanwhile
+
+    def first_peer(message):
+        return DeliveryResult(True, ack="AA") if message.control_id == "M0" else hung
+
+    first = make_queue(setup, first_peer)
+    first.stop()
+    peer = Peer()
+    make_queue(setup, peer)
+    for _ in range(10):
+        clock.advance(0.5)
+    assert all(s["status"] == "SENT" for s in statuses(store).values())
+    assert peer.received == ["M1", "M2"]  # M0 was recorded as sent; M1 is sent again (at-least-once)
