@@ -45,6 +45,7 @@ class _RunningChannel:
     channel: Channel
     policy: AckPolicy
     queues: dict = field(default_factory=dict)  # destination name -> DestinationQueue
+    in_flight_keys: dict = field(default_factory=dict)  # duplicate key -> Deferred firing with the ACK code
     ports: list = field(default_factory=list)
     pollers: list = field(default_factory=list)
 
@@ -138,6 +139,57 @@ class Engine:
             "control_id": message.control_id, "patient_id": message.get("PID-3.1"),
         }
         original = message.header()  # the ACK answers what was received, before any transformer
+        if channel.duplicates is None:
+            outcome = yield self._process_and_store(running, channel, message, original, raw, header, received_at, peer, None)
+            return outcome
+        # Messages with one key go one at a time, so a repeat that arrives while the original is
+        # still being stored is recognised and answered as the original was.
+        key = "|".join(message.get(path) for path in channel.duplicates.key)
+        previous = running.in_flight_keys.get(key)
+        mine = running.in_flight_keys[key] = defer.Deferred()
+        try:
+            if previous is not None:
+                wait = defer.Deferred()
+                previous.addBoth(lambda result: (wait.callback(None), result)[1])
+                yield wait
+            try:
+                first = yield self.writer.read(self.writer.store.find_original, channel.name, key,
+                                               received_at - channel.duplicates.window)
+            except StoreError:
+                first = None  # cannot tell: process it (at-least-once beats losing it)
+            if first is not None:
+                outcome = yield self._duplicate(channel, original, raw, header, received_at, peer, key, first)
+            else:
+                outcome = yield self._process_and_store(running, channel, message, original, raw, header, received_at,
+                                                        peer, key)
+        finally:
+            if running.in_flight_keys.get(key) is mine:
+                del running.in_flight_keys[key]
+            mine.callback(None)
+        return outcome
+
+    @defer.inlineCallbacks
+    def _duplicate(self, channel, original, raw, header, received_at, peer, key, first):
+        from hl7relay.ack.builder import build_ack
+
+        code = first["ack_code"]
+        acks = [] if not code or is_ack(original) else [build_ack(
+            original, code, f"duplicate of message {first['id']}", sending_application=channel.response.application,
+            sending_facility=channel.response.facility)]
+        record = MessageRecord(channel.name, raw, "DUPLICATE", received_at, str(peer), original.charset,
+                               error=f"duplicate of message {first['id']}", ack_code=code, duplicate_key=key, **header)
+        if acks and "acks" in channel.stages:
+            record.stages["ack"] = b"\r".join(acks)
+        try:
+            yield self.writer.write(record)
+        except StoreError:
+            return Outcome.internal_error("the message could not be stored")
+        log.info("channel {channel}: message {control_id} is a duplicate of {id}", channel=channel.name,
+                 control_id=header["control_id"], id=first["id"])
+        return Outcome(Status.ACCEPTED, acks=acks)
+
+    @defer.inlineCallbacks
+    def _process_and_store(self, running, channel, message, original, raw, header, received_at, peer, duplicate_key):
         try:
             processed = process(channel, message)
         except Exception as exc:  # a bug in a component must not lose the message: store it as ERROR
@@ -149,7 +201,7 @@ class Engine:
         if processed is not None:
             status, error, outcome = self._outcome(processed)
         record = MessageRecord(channel.name, raw, status, received_at, str(peer), message.charset,
-                               error=error, **header)
+                               error=error, duplicate_key=duplicate_key, **header)
         if processed is not None and processed.transformed and "transformed" in channel.stages:
             record.stages["transformed"] = processed.message.to_bytes()
         outputs = processed.outputs if processed is not None and processed.result is Result.PROCESSED else []

@@ -298,6 +298,16 @@ class Store:
                 query = query.where(messages.c.channel == channel)
             return [dict(r) for r in connection.execute(query.order_by(messages.c.id.desc()).limit(limit)).mappings()]
 
+    def find_original(self, channel: str, key: str, since: float) -> dict | None:
+        """The first non-duplicate message of the channel with this duplicate key since ``since``."""
+        query = (sa.select(messages.c.id, messages.c.ack_code, messages.c.status)
+                 .where(messages.c.channel == channel, messages.c.duplicate_key == key, messages.c.received_at >= since,
+                        messages.c.status != "DUPLICATE")
+                 .order_by(messages.c.id).limit(1))
+        with self.engine.connect() as connection:
+            row = connection.execute(query).mappings().first()
+            return dict(row) if row else None
+
     # -- queues ------------------------------------------------------------------------------
     def queued_deliveries(self, channel: str, destination: str, limit: int = 200) -> list[dict]:
         """The destination's QUEUED deliveries in order of receipt, with what to send."""

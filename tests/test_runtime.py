@@ -239,3 +239,38 @@ def test_file_source_can_delete_and_leaves_unstored_files(tmp_path, samples):
     for _ in range(3):
         clock.advance(2)
     assert (inbox / "b.hl7").exists()  # not stored, so not deleted: read again on a later look
+
+
+DUPLICATES = """\
+duplicates: {window: 3600}
+destinations: [{name: out, type: file, directory: out}]
+"""
+
+
+def test_duplicates_are_stored_not_processed_and_answered_like_the_original(tmp_path, manual_executor):
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor, DUPLICATES)
+    first = answer(engine, channel, ADT.format(id="D1", extra=""))
+    second = answer(engine, channel, ADT.format(id="D1", extra=""))  # arrives while the first is being stored
+    executor.run_all()
+    assert ack_codes(first[0]) == ["AA"] and ack_codes(second[0]) == ["AA"]
+    third = answer(engine, channel, ADT.format(id="D1", extra=""))
+    other = answer(engine, channel, ADT.format(id="D2", extra=""))
+    executor.run_all()
+    assert ack_codes(third[0]) == ["AA"] and ack_codes(other[0]) == ["AA"]
+    rows = {(r["control_id"], r["status"]) for r in store.latest(10)}
+    assert rows == {("D1", "PROCESSED"), ("D1", "DUPLICATE"), ("D2", "PROCESSED")} and store.count(status="DUPLICATE") == 2
+    duplicate = next(r for r in store.latest(10) if r["status"] == "DUPLICATE")
+    stored = store.get_message(duplicate["id"])
+    assert stored["deliveries"] == [] and stored["error"] == "duplicate of message 1"
+
+
+def test_a_repeat_outside_the_window_is_processed(tmp_path, manual_executor):
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor, DUPLICATES)
+    now = [1700000000.0]
+    engine.clock = lambda: now[0]
+    answer(engine, channel, ADT.format(id="W1", extra=""))
+    executor.run_all()
+    now[0] += 7200
+    answer(engine, channel, ADT.format(id="W1", extra=""))
+    executor.run_all()
+    assert store.count(status="PROCESSED") == 2 and store.count(status="DUPLICATE") == 0

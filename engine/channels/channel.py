@@ -25,7 +25,7 @@ from hl7relay.channels.filters import AllOf, AnyOf, Not
 from hl7relay.channels.spec import ComponentSpec, Option, check_options, did_you_mean, lookup, registry
 from hl7relay.channels.yamlsource import ConfigError, Document, load_document
 
-__all__ = ["Channel", "Destination", "Response", "load_channel", "load_channels", "channel_files", "CHANNEL_KEYS"]
+__all__ = ["Channel", "Destination", "Duplicates", "Response", "load_channel", "load_channels", "channel_files", "CHANNEL_KEYS"]
 
 STAGES = ("transformed", "destinations", "acks")
 
@@ -36,6 +36,12 @@ class Response:
     filtered: str = "AR"
     application: str = "HL7RELAY"
     facility: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class Duplicates:
+    key: tuple
+    window: float
 
 
 @dataclass(slots=True)
@@ -62,6 +68,7 @@ class Channel:
     destinations: list = field(default_factory=list)
     stages: frozenset = frozenset(STAGES)
     secrets: frozenset = frozenset()
+    duplicates: Duplicates | None = None
 
 
 @dataclass(slots=True)
@@ -80,6 +87,7 @@ CHANNEL_KEYS = {
     "response": "ACK behaviour: when (on_store | after_delivery), filtered (AR | AA | AE)",
     "destinations": "where messages go: - {name, type: mllp | file | channel, ..., filters, transformers}",
     "storage": "stages kept besides the raw message: stages: [transformed, destinations, acks]",
+    "duplicates": "duplicate detection: {key: [MSH-3, MSH-4, MSH-10], window: 86400}",
 }
 _RESPONSE = ComponentSpec("setting", "response", "ACK behaviour", (
     Option("when", "enum", "on_store", "on_store: ACK once stored; after_delivery: ACK reflects the destinations' answers",
@@ -87,6 +95,10 @@ _RESPONSE = ComponentSpec("setting", "response", "ACK behaviour", (
     Option("filtered", "enum", "AR", "the ACK code for a filtered message", ("AR", "AA", "AE")),
     Option("application", "str", "HL7RELAY", "MSH-3 of our ACKs when the message's MSH-5 is empty"),
     Option("facility", "str", "", "MSH-4 of our ACKs when the message's MSH-6 is empty"),
+))
+_DUPLICATES = ComponentSpec("setting", "duplicates", "duplicate detection", (
+    Option("key", "list", ["MSH-3", "MSH-4", "MSH-10"], "fields that identify a message", item="hl7path"),
+    Option("window", "duration", 86400.0, "seconds within which a repeated key is a duplicate"),
 ))
 _STORAGE = ComponentSpec("setting", "storage", "what is stored", (
     Option("stages", "list", list(STAGES), "stages kept besides the raw message (always kept)", item="str"),
@@ -195,13 +207,19 @@ class _Loader:
                     self.error(("storage", "stages", i), f"unknown stage {stage!r}; stages: {', '.join(STAGES)}"
                                + did_you_mean(stage, STAGES))
         destinations = self.destinations(data.get("destinations"))
+        duplicates = None
+        if data.get("duplicates") is not None:
+            value = data["duplicates"]
+            checked = check_options(_DUPLICATES, {} if value is True else value, self.doc, ("duplicates",))
+            if checked is not None:
+                duplicates = Duplicates(tuple(checked["key"]), checked["window"])
         if self.doc.errors:
             return None
         return Channel(
             name=name.strip(), file=self.doc.file, source_type=source_type, source=source,
             description=str(data.get("description") or ""), enabled=enabled, filter=rule, steps=steps,
             validators=validators, response=Response(**response), destinations=destinations,
-            stages=frozenset(storage["stages"]), secrets=frozenset(self.doc.secrets),
+            stages=frozenset(storage["stages"]), secrets=frozenset(self.doc.secrets), duplicates=duplicates,
         )
 
     def typed(self, kind: str, value, path, required=False, reserved=()):
