@@ -308,6 +308,104 @@ class Store:
             row = connection.execute(query).mappings().first()
             return dict(row) if row else None
 
+    # -- support: search, replay links, prune, status ---------------------------------------------
+    def search(self, *, channel=None, status=None, since=None, until=None, message_type=None, control_id=None,
+               patient_id=None, facility=None, delivery_status=None, text: bytes | None = None,
+               before_id=None, limit=50, scan_limit=100000) -> list[dict]:
+        """Newest first, ``limit`` at a time (keyset paging: pass the last id as ``before_id``).
+
+        Every filter but ``text`` is answered by an index; ``text`` (a substring of the raw message)
+        scans the candidates the other filters leave, at most ``scan_limit`` of them.
+        """
+        query = sa.select(messages.c.id, messages.c.channel, messages.c.received_at, messages.c.message_type,
+                          messages.c.control_id, messages.c.patient_id, messages.c.sending_facility, messages.c.status,
+                          messages.c.error, messages.c.ack_code, messages.c.replay_of)
+        for column, value in (("channel", channel), ("status", status), ("control_id", control_id),
+                              ("patient_id", patient_id), ("sending_facility", facility)):
+            if value is not None:
+                query = query.where(messages.c[column] == value)
+        if message_type is not None:
+            query = query.where(messages.c.message_type == message_type if "^" in message_type
+                                else messages.c.message_type.like(message_type.replace("%", "") + "^%") | (messages.c.message_type == message_type))
+        if since is not None:
+            query = query.where(messages.c.received_at >= since)
+        if until is not None:
+            query = query.where(messages.c.received_at < until)
+        if delivery_status is not None:
+            query = query.where(sa.exists().where(deliveries.c.message_id == messages.c.id,
+                                                  deliveries.c.status == delivery_status))
+        query = query.order_by(messages.c.id.desc())
+        with self.engine.connect() as connection:
+            if text is None:
+                if before_id is not None:
+                    query = query.where(messages.c.id < before_id)
+                return [dict(r) for r in connection.execute(query.limit(limit)).mappings()]
+            found, scanned, cursor = [], 0, before_id
+            while len(found) < limit and scanned < scan_limit:
+                page = query.add_columns(messages.c.raw)
+                if cursor is not None:
+                    page = page.where(messages.c.id < cursor)
+                rows = [dict(r) for r in connection.execute(page.limit(500)).mappings()]
+                if not rows:
+                    break
+                scanned += len(rows)
+                cursor = rows[-1]["id"]
+                found += [{k: v for k, v in r.items() if k != "raw"} for r in rows if text in r["raw"]]
+            return found[:limit]
+
+    def prune(self, older_than: float, statuses=None, channel: str | None = None, batch: int = 500) -> int:
+        """Delete messages received before ``older_than`` (epoch), in small transactions; messages
+        with a QUEUED delivery are never deleted. Returns how many were deleted."""
+        queued = sa.exists().where(deliveries.c.message_id == messages.c.id, deliveries.c.status == "QUEUED")
+        query = sa.select(messages.c.id).where(messages.c.received_at < older_than, ~queued)
+        if statuses:
+            query = query.where(messages.c.status.in_(list(statuses)))
+        if channel is not None:
+            query = query.where(messages.c.channel == channel)
+        deleted = 0
+        while True:
+            with self.engine.begin() as connection:  # one short transaction per batch: live traffic keeps flowing
+                ids = [r[0] for r in connection.execute(query.order_by(messages.c.id).limit(batch))]
+                if not ids:
+                    return deleted
+                connection.execute(stages.delete().where(stages.c.message_id.in_(ids)))
+                connection.execute(deliveries.delete().where(deliveries.c.message_id.in_(ids)))
+                connection.execute(sa.update(messages).where(messages.c.replay_of.in_(ids)).values(replay_of=None))
+                connection.execute(messages.delete().where(messages.c.id.in_(ids)))
+                deleted += len(ids)
+
+    def channel_status(self, now: float) -> dict:
+        """Per channel: counts by status, queued deliveries, oldest queued age, last error; per
+        destination: queued, errors, oldest queued age, connected (as the engine last recorded)."""
+        out: dict = {}
+        with self.engine.connect() as connection:
+            for channel, status, count in connection.execute(
+                    sa.select(messages.c.channel, messages.c.status, sa.func.count()).group_by(messages.c.channel, messages.c.status)):
+                out.setdefault(channel, {"counts": {}, "destinations": {}})["counts"][status] = count
+            rows = connection.execute(
+                sa.select(messages.c.channel, deliveries.c.destination, deliveries.c.status, sa.func.count(),
+                          sa.func.min(messages.c.received_at))
+                .join(messages, messages.c.id == deliveries.c.message_id)
+                .group_by(messages.c.channel, deliveries.c.destination, deliveries.c.status))
+            for channel, destination, status, count, oldest in rows:
+                entry = out.setdefault(channel, {"counts": {}, "destinations": {}})["destinations"].setdefault(
+                    destination, {"counts": {}, "oldest_queued_age": None, "connected": None, "last_error": ""})
+                entry["counts"][status] = count
+                if status == "QUEUED":
+                    entry["oldest_queued_age"] = now - oldest
+            for row in connection.execute(sa.select(destination_state)).mappings():
+                entry = out.setdefault(row["channel"], {"counts": {}, "destinations": {}})["destinations"].setdefault(
+                    row["destination"], {"counts": {}, "oldest_queued_age": None, "connected": None, "last_error": ""})
+                entry["connected"] = row["connected"]
+                entry["last_error"] = row["last_error"]
+            for channel, entry in out.items():
+                last = connection.execute(
+                    sa.select(messages.c.id, messages.c.received_at, messages.c.error)
+                    .where(messages.c.channel == channel, messages.c.status == "ERROR")
+                    .order_by(messages.c.id.desc()).limit(1)).mappings().first()
+                entry["last_error"] = dict(last) if last else None
+        return out
+
     # -- queues ------------------------------------------------------------------------------
     def queued_deliveries(self, channel: str, destination: str, limit: int = 200) -> list[dict]:
         """The destination's QUEUED deliveries in order of receipt, with what to send."""

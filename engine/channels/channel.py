@@ -44,6 +44,12 @@ class Duplicates:
     window: float
 
 
+@dataclass(slots=True, frozen=True)
+class Retention:
+    days: float
+    errors_days: float
+
+
 @dataclass(slots=True)
 class Destination:
     name: str
@@ -69,6 +75,7 @@ class Channel:
     stages: frozenset = frozenset(STAGES)
     secrets: frozenset = frozenset()
     duplicates: Duplicates | None = None
+    retention: Retention | None = None
 
 
 @dataclass(slots=True)
@@ -88,6 +95,7 @@ CHANNEL_KEYS = {
     "destinations": "where messages go: - {name, type: mllp | file | channel, ..., filters, transformers}",
     "storage": "stages kept besides the raw message: stages: [transformed, destinations, acks]",
     "duplicates": "duplicate detection: {key: [MSH-3, MSH-4, MSH-10], window: 86400}",
+    "retention": "how long hl7relay prune keeps messages: {days: 30, errors_days: 90}",
 }
 _RESPONSE = ComponentSpec("setting", "response", "ACK behaviour", (
     Option("when", "enum", "on_store", "on_store: ACK once stored; after_delivery: ACK reflects the destinations' answers",
@@ -99,6 +107,10 @@ _RESPONSE = ComponentSpec("setting", "response", "ACK behaviour", (
 _DUPLICATES = ComponentSpec("setting", "duplicates", "duplicate detection", (
     Option("key", "list", ["MSH-3", "MSH-4", "MSH-10"], "fields that identify a message", item="hl7path"),
     Option("window", "duration", 86400.0, "seconds within which a repeated key is a duplicate"),
+))
+_RETENTION = ComponentSpec("setting", "retention", "how long messages are kept (hl7relay prune)", (
+    Option("days", "float", 30.0, "days to keep messages"),
+    Option("errors_days", "float", 90.0, "days to keep ERROR messages"),
 ))
 _STORAGE = ComponentSpec("setting", "storage", "what is stored", (
     Option("stages", "list", list(STAGES), "stages kept besides the raw message (always kept)", item="str"),
@@ -213,6 +225,11 @@ class _Loader:
             checked = check_options(_DUPLICATES, {} if value is True else value, self.doc, ("duplicates",))
             if checked is not None:
                 duplicates = Duplicates(tuple(checked["key"]), checked["window"])
+        retention = None
+        if data.get("retention") is not None:
+            checked = check_options(_RETENTION, data["retention"], self.doc, ("retention",))
+            if checked is not None:
+                retention = Retention(checked["days"], checked["errors_days"])
         if self.doc.errors:
             return None
         return Channel(
@@ -220,6 +237,7 @@ class _Loader:
             description=str(data.get("description") or ""), enabled=enabled, filter=rule, steps=steps,
             validators=validators, response=Response(**response), destinations=destinations,
             stages=frozenset(storage["stages"]), secrets=frozenset(self.doc.secrets), duplicates=duplicates,
+            retention=retention,
         )
 
     def typed(self, kind: str, value, path, required=False, reserved=()):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hl7relay.channels.channel import _DUPLICATES, _RESPONSE, _STORAGE, CHANNEL_KEYS
+from hl7relay.channels.channel import _DUPLICATES, _RESPONSE, _RETENTION, _STORAGE, CHANNEL_KEYS
 from hl7relay.channels.spec import registry
 
 __all__ = ["channel_schema"]
@@ -47,6 +47,7 @@ def channel_schema() -> dict:
                 "name": {"type": "string"}, "filters": rules,
                 "transformers": {"type": "array", "items": {"oneOf": _one_key("transformer")}}})}},
             "storage": _STORAGE.json_schema(),
+            "retention": _RETENTION.json_schema(),
             "duplicates": {"anyOf": [{"type": "boolean"}, _DUPLICATES.json_schema()], "description": CHANNEL_KEYS["duplicates"]},
         },
         "$defs": {"rule": {"oneOf": [

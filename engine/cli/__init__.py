@@ -21,6 +21,10 @@ VERBS = {
     "test": "hl7relay.cli.test",
     "list": "hl7relay.cli.list",
     "run": "hl7relay.cli.run",
+    "messages": "hl7relay.cli.messages",
+    "replay": "hl7relay.cli.replay",
+    "prune": "hl7relay.cli.prune",
+    "status": "hl7relay.cli.status",
 }
 
 

@@ -19,52 +19,12 @@ Defaults (no edits needed in a checkout): channels from ./channels, SQLite at
   channels: [channels]
   log_level: info"""
 
-DEFAULT_CONFIG = Path("config/hl7relay.yaml")
+from hl7relay.cli._settings import add_settings_arguments, resolve_settings
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="engine config file (default: config/hl7relay.yaml if present)")
-    parser.add_argument("--channels", action="append", metavar="DIR", help="channel folder or file (repeatable; default: channels)")
-    parser.add_argument("--store", metavar="URL", help="store URL (default: sqlite:///DATA_DIR/hl7relay.db)")
-    parser.add_argument("--data-dir", metavar="DIR", help="where the SQLite store and file outputs live (default: data)")
+    add_settings_arguments(parser)
     parser.add_argument("--log-level", choices=("debug", "info", "warn", "error"), help="default: info")
-
-
-def _settings(args) -> tuple[dict, list[str]]:
-    from hl7relay.channels.spec import did_you_mean
-    from hl7relay.channels.yamlsource import load_document
-
-    settings = {"store": None, "data_dir": "data", "channels": ["channels"], "log_level": "info"}
-    problems = []
-    path = Path(args.config) if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    if path is not None:
-        doc = load_document(path)
-        problems += [str(e) for e in doc.errors]
-        data = doc.data if isinstance(doc.data, dict) else {}
-        for key, value in data.items():
-            if key == "store":
-                if not isinstance(value, dict) or not isinstance(value.get("url"), str):
-                    problems.append(f"{doc.mark((key,))}: store is {{url: ...}}")
-                else:
-                    settings["store"] = value["url"]
-            elif key == "channels":
-                settings["channels"] = value if isinstance(value, list) else [value]
-            elif key in ("data_dir", "log_level"):
-                settings[key] = str(value)
-            else:
-                problems.append(f"{doc.mark((key,), key=True)}: unknown key {key!r}"
-                                f"{did_you_mean(key, ['store', 'channels', 'data_dir', 'log_level'])}")
-    if args.channels:
-        settings["channels"] = args.channels
-    if args.data_dir:
-        settings["data_dir"] = args.data_dir
-    if args.store:
-        settings["store"] = args.store
-    if args.log_level:
-        settings["log_level"] = args.log_level
-    if not settings["store"]:
-        settings["store"] = f"sqlite:///{Path(settings['data_dir']) / 'hl7relay.db'}"
-    return settings, problems
 
 
 def run(args) -> int:
@@ -78,7 +38,7 @@ def run(args) -> int:
     from hl7relay.store import Store
     from hl7relay.storewriter import StoreWriter
 
-    settings, problems = _settings(args)
+    settings, problems = resolve_settings(args)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:

@@ -1,0 +1,88 @@
+"""Pieces the support verbs share: opening the store, parsing times and ages, filters, progress."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from datetime import datetime, timezone
+
+__all__ = ["open_store_from_args", "parse_age", "parse_time", "add_filter_arguments", "filters_from_args", "Progress"]
+
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_age(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``1w2d`` -> seconds."""
+    parts = _AGE.findall(text)
+    if not parts or _AGE.sub("", text).strip():
+        raise ValueError(f"{text!r} is not an age such as 30d, 12h or 90m")
+    return sum(float(n) * _UNITS[u.lower()] for n, u in parts)
+
+
+def parse_time(text: str) -> float:
+    """An ISO date/time (2024-01-05, 2024-01-05T09:30) or an age ago (2h)."""
+    try:
+        return time.time() - parse_age(text)
+    except ValueError:
+        pass
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.timestamp()
+
+
+def format_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def open_store_from_args(args):
+    from hl7relay.cli._settings import resolve_settings
+    from hl7relay.store import Store
+
+    settings, problems = resolve_settings(args)
+    if problems:
+        raise SystemExit("\n".join(problems))
+    store = Store(settings["store"])
+    store.migrate()
+    return store, settings
+
+
+def add_filter_arguments(parser) -> None:
+    group = parser.add_argument_group("filters (each one indexed)")
+    group.add_argument("--channel")
+    group.add_argument("--status", choices=("PROCESSED", "FILTERED", "ERROR", "DUPLICATE"))
+    group.add_argument("--since", metavar="TIME", help="ISO date/time, or an age: 2h, 7d")
+    group.add_argument("--until", metavar="TIME")
+    group.add_argument("--type", dest="message_type", metavar="TYPE", help="ADT, or ADT^A01")
+    group.add_argument("--control-id", metavar="MSH-10")
+    group.add_argument("--patient-id", metavar="PID-3.1")
+    group.add_argument("--facility", metavar="MSH-4.1", help="sending facility")
+    group.add_argument("--delivery-status", choices=("QUEUED", "SENT", "ERROR", "FILTERED"))
+
+
+def filters_from_args(args) -> dict:
+    return {"channel": args.channel, "status": args.status,
+            "since": parse_time(args.since) if args.since else None,
+            "until": parse_time(args.until) if args.until else None,
+            "message_type": args.message_type, "control_id": args.control_id, "patient_id": args.patient_id,
+            "facility": args.facility, "delivery_status": args.delivery_status}
+
+
+class Progress:
+    """A progress bar on standard error, only when it is a terminal and the job is large."""
+
+    def __init__(self, total: int, label: str, threshold: int = 20):
+        self.total, self.label = total, label
+        self.enabled = total >= threshold and sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        if self.enabled:
+            filled = 30 * done // max(self.total, 1)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} {self.label}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 70 + "\r")

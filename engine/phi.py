@@ -1,0 +1,45 @@
+"""Keeping patient data out of what support tools print, unless asked (``--show-phi``).
+
+Segments that describe a person (PID, PD1, NK1, GT1, IN1-IN3, MRG...) keep their set id and
+shape but every value becomes ``***``; free text that may name a patient (NTE-3, OBX-5) too.
+"""
+
+from __future__ import annotations
+
+from hl7relay.errors import ParseError
+from hl7relay.message import Message
+
+__all__ = ["mask_message", "mask_value", "MASK"]
+
+MASK = "***"
+_PERSON_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2", "IN3", "MRG", "ACC", "GT1", "PV2", "ROL", "PRT"})
+_FREE_TEXT = {"NTE": {3}, "OBX": {5}, "TXA": {}, "DG1": {4}}
+
+
+def mask_value(value: str) -> str:
+    if not value:
+        return value
+    return value[:1] + MASK if len(value) > 3 else MASK
+
+
+def mask_message(data: bytes) -> str:
+    """The message as text with patient data masked (segments joined by newlines for reading)."""
+    try:
+        message = Message.from_bytes(data)
+    except ParseError:
+        return f"<{len(data)} bytes that are not an HL7 message; not shown without --show-phi>"
+    fs = message.delimiters.field
+    lines = []
+    for position, name in enumerate(message.segment_names()):
+        fields = list(message.fields(position))
+        if name in _PERSON_SEGMENTS:
+            fields = fields[:2] + [MASK if f else f for f in fields[2:]]
+        elif name in _FREE_TEXT:
+            for number in _FREE_TEXT[name]:
+                if number < len(fields) and fields[number]:
+                    fields[number] = MASK
+        if name in ("MSH", "FHS", "BHS"):
+            lines.append(fields[0] + fs + fs.join(fields[2:]))
+        else:
+            lines.append(fs.join(fields))
+    return "\n".join(lines)

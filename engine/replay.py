@@ -1,0 +1,99 @@
+"""Replaying stored messages through a channel's current configuration.
+
+A replay is a new message row linked to the original (``replay_of``), with the operator and
+reason recorded, and QUEUED deliveries that the running engine's queues pick up. A message that
+was already delivered to a chosen destination is only replayed with ``force``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from dataclasses import dataclass, field
+
+from hl7relay.channels.channel import Channel
+from hl7relay.channels.pipeline import Result, process
+from hl7relay.errors import ParseError
+from hl7relay.message import Message
+from hl7relay.store import DeliveryRecord, MessageRecord, Store
+
+__all__ = ["ReplayPlan", "plan_replay", "commit_replay"]
+
+
+@dataclass(slots=True)
+class ReplayPlan:
+    original_id: int
+    channel: str
+    control_id: str
+    skipped: str = ""  # why it will not be replayed
+    outputs: dict = field(default_factory=dict)  # destination -> bytes to send
+    changes: dict = field(default_factory=dict)  # destination -> diff against what was sent before
+    result: str = ""
+    error: str = ""
+
+
+def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, destinations=None, force=False) -> ReplayPlan:
+    stored = store.get_message(message_id)
+    if stored is None:
+        return ReplayPlan(message_id, "", "", skipped=f"no message {message_id}")
+    plan = ReplayPlan(message_id, stored["channel"], stored["control_id"])
+    channel = channels.get(stored["channel"])
+    if channel is None:
+        plan.skipped = f"channel {stored['channel']!r} is not configured any more"
+        return plan
+    if stored["status"] == "DUPLICATE":
+        plan.skipped = "a duplicate; replay the original instead"
+        return plan
+    names = {d.name for d in channel.destinations}
+    chosen = set(destinations or names)
+    unknown = chosen - names
+    if unknown:
+        plan.skipped = f"channel {channel.name!r} has no destination {', '.join(sorted(unknown))}"
+        return plan
+    delivered = {d["destination"] for d in stored["deliveries"] if d["status"] == "SENT"} & chosen
+    if delivered and not force:
+        plan.skipped = f"already delivered to {', '.join(sorted(delivered))} (use --force to send again)"
+        return plan
+    try:
+        message = Message.from_bytes(stored["raw"])
+    except ParseError as exc:
+        plan.skipped = f"the stored message is not readable: {exc}"
+        return plan
+    processed = process(channel, message)
+    plan.result = processed.result.value
+    plan.error = processed.error
+    if processed.result is not Result.PROCESSED:
+        plan.skipped = f"the channel now says {processed.result.value}" + (f": {processed.error}" if processed.error else "")
+        return plan
+    for output in processed.outputs:
+        if output.name in chosen and output.message is not None:
+            data = output.message.to_bytes()
+            plan.outputs[output.name] = data
+            before = stored["stages"].get(f"destination:{output.name}")
+            if before is not None and before != data:
+                plan.changes[output.name] = "\n".join(difflib.unified_diff(
+                    before.decode("utf-8", "replace").split("\r"), data.decode("utf-8", "replace").split("\r"),
+                    "sent before", "now", lineterm=""))
+    if not plan.outputs:
+        plan.skipped = "no chosen destination takes it now (their filters skip it)"
+    return plan
+
+
+def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, reason: str, operator: str) -> int:
+    stored = store.get_message(plan.original_id)
+    channel = channels[plan.channel]
+    now = time.time()
+    record = MessageRecord(
+        plan.channel, stored["raw"], "PROCESSED", now, f"replay by {operator}", stored["charset"],
+        sending_application=stored["sending_application"], sending_facility=stored["sending_facility"],
+        message_type=stored["message_type"], control_id=stored["control_id"], patient_id=stored["patient_id"],
+        replay_of=plan.original_id, replay_reason=reason, replay_operator=operator,
+    )
+    for destination in channel.destinations:
+        if destination.name in plan.outputs:
+            data = plan.outputs[destination.name]
+            options = destination.config.queue
+            key = Message.from_bytes(data).get(options.order_key) if options.order == "per_key" else None
+            record.deliveries.append(DeliveryRecord(destination.name, "QUEUED", data, key))
+    [message_id] = store.commit([record], [])
+    return message_id
