@@ -1,0 +1,178 @@
+"""Support tools: messages, replay, prune, status; searches use indexes on a large store."""
+
+import json
+import random
+import textwrap
+import time
+
+import pytest
+import sqlalchemy as sa
+from twisted.internet import defer, task
+
+from hl7relay.channels import load_channels
+from hl7relay.channels.destinations import QueueOptions
+from hl7relay.cli import main
+from hl7relay.queues import DeliveryResult, DestinationQueue
+from hl7relay.store import DeliveryRecord, MessageRecord, Store, messages
+from hl7relay.storewriter import StoreWriter
+
+ADT = "MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105||ADT^A08^ADT_A01|{id}|P|2.5.1\rEVN|A08|20240105\rPID|1||{pid}^^^H^MR||DOE^JANE||{dob}|F\rPV1|1|O\r"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "channels").mkdir()
+    store = Store(f"sqlite:///{tmp_path / 'data' / 'hl7relay.db'}")
+    store.migrate()
+    return tmp_path, store
+
+
+def write_channel(tmp_path, date_format="%Y"):
+    (tmp_path / "channels" / "adt.yaml").write_text(textwrap.dedent(f"""\
+        name: adt
+        source: {{type: mllp, port: 12900}}
+        transformers: [{{format_date: {{path: PID-7, output: "{date_format}"}}}}]
+        destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: 12901}}]
+        retention: {{days: 10, errors_days: 40}}
+        """))
+
+
+def add(store, control_id, status="PROCESSED", received_at=None, pid="100234", delivery="SENT", channel="adt", dob="19800412"):
+    raw = ADT.format(id=control_id, pid=pid, dob=dob).encode()
+    record = MessageRecord(channel, raw, status, received_at or time.time(), control_id=control_id, patient_id=pid,
+                           message_type="ADT^A08", sending_facility="CLINIC", error="bad date" if status == "ERROR" else "",
+                           deliveries=[DeliveryRecord("lab", delivery, raw)] if delivery else [])
+    [message_id] = store.commit([record], [])
+    return message_id
+
+
+def cli(capsys, *args):
+    code = main(list(args))
+    return code, capsys.readouterr().out
+
+
+def test_list_search_show_with_phi_masked(env, capsys):
+    _, store = env
+    first = add(store, "M1", pid="999111")
+    add(store, "M2", status="ERROR", pid="999222")
+    code, out = cli(capsys, "messages", "list")
+    assert code == 0 and "M2" in out and "M1" in out and "999111" not in out and "9***" in out
+    code, out = cli(capsys, "messages", "list", "--status", "ERROR", "--format", "json")
+    rows = json.loads(out)
+    assert [r["control_id"] for r in rows] == ["M2"] and rows[0]["patient_id"] == "9***"
+    code, out = cli(capsys, "messages", "search", "--text", "999111", "--show-phi")
+    assert "M1" in out and "M2" not in out and "999111" in out
+    code, out = cli(capsys, "messages", "show", str(first))
+    assert "PID|1||***||***||***|***" in out and "DOE" not in out and "lab: SENT" in out
+    code, out = cli(capsys, "messages", "show", str(first), "--show-phi")
+    assert "DOE^JANE" in out
+    code, out = cli(capsys, "messages", "list", "--limit", "1")
+    assert "-- more: --before 2" in out
+    code, out = cli(capsys, "messages", "list", "--limit", "1", "--before", "2")
+    assert "M1" in out and "M2" not in out
+
+
+def test_searches_on_100k_messages_use_indexes(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'big.db'}")
+    store.migrate()
+    rng = random.Random(1)
+    rows = [{"channel": f"ch{i % 5}", "received_at": 1.7e9 + i, "peer": "", "raw": b"MSH|x", "charset": "",
+             "sending_application": "PMS", "sending_facility": f"F{i % 50}", "message_type": "ADT^A0%d" % (i % 9),
+             "control_id": f"C{i}", "patient_id": f"P{rng.randrange(20000)}", "status": "PROCESSED", "error": "",
+             "ack_code": "AA"} for i in range(100_000)]
+    with store.engine.begin() as connection:
+        connection.execute(messages.insert(), rows)
+    start = time.perf_counter()
+    for filters in ({"control_id": "C99999"}, {"patient_id": "P123"}, {"channel": "ch3"}, {"status": "ERROR"},
+                    {"facility": "F7", "since": 1.7e9 + 50_000}, {"message_type": "ADT^A03"}):
+        found = store.search(**filters, limit=50)
+        assert found is not None
+    elapsed = time.perf_counter() - start
+    with store.engine.connect() as connection:
+        compiled = lambda q: str(q.compile(store.engine, compile_kwargs={"literal_binds": True}))  # noqa: E731
+        base = sa.select(messages.c.id).order_by(messages.c.id.desc()).limit(50)
+        for where, index in ((messages.c.control_id == "C99999", "ix_messages_control_id"),
+                             (messages.c.patient_id == "P123", "ix_messages_patient_id"),
+                             (messages.c.channel == "ch3", "ix_messages_channel_time"),
+                             (messages.c.status == "ERROR", "ix_messages_status_time"),
+                             (messages.c.sending_facility == "F7", "ix_messages_facility_time")):
+            plan = " ".join(str(r) for r in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled(base.where(where))))
+            assert index in plan, plan
+    assert elapsed < 60  # a sanity bound only; the index use above is the check
+
+
+def test_replay_after_fixing_the_channel_delivers_the_errored_messages(env, capsys):
+    tmp_path, store = env
+    write_channel(tmp_path)
+    bad = add(store, "E1", status="ERROR", delivery=None, dob="1980-04-12")
+    add(store, "OK1")
+    # the channel is fixed: PID-7 is now read as an ISO date
+    (tmp_path / "channels" / "adt.yaml").write_text((tmp_path / "channels" / "adt.yaml").read_text().replace(
+        '{format_date: {path: PID-7, output: "%Y"}}', '{format_date: {path: PID-7, input: "%Y-%m-%d", output: "%Y%m%d"}}'))
+    code, out = cli(capsys, "replay", "--status", "ERROR", "--dry-run")
+    assert code == 0 and f"{bad} E1: would send to lab" in out
+    code, out = cli(capsys, "replay", "--status", "ERROR")
+    assert code == 2  # a replay needs a reason
+    code, out = cli(capsys, "replay", "--status", "ERROR", "--reason", "date format fixed", "--operator", "ana")
+    assert code == 0 and "queued as message" in out
+    replay = store.latest(1)[0]
+    stored = store.get_message(replay["id"])
+    assert stored["replay_of"] == bad and stored["replay_reason"] == "date format fixed" and stored["replay_operator"] == "ana"
+    assert stored["deliveries"][0]["status"] == "QUEUED"
+    # the running engine's queue sends it
+    clock, received = task.Clock(), []
+    writer = StoreWriter(store, executor=lambda fn, *a: defer.maybeDeferred(fn, *a))
+    queue = DestinationQueue("adt", "lab", lambda m: received.append(m.get("PID-7")) or DeliveryResult(True, ack="AA"),
+                             QueueOptions(), writer, clock, time.time)
+    queue.start()
+    clock.advance(1)
+    assert received == ["19800412"] and store.get_message(replay["id"])["deliveries"][0]["status"] == "SENT"
+
+
+def test_replaying_a_delivered_message_needs_force_and_shows_changes(env, capsys):
+    tmp_path, store = env
+    write_channel(tmp_path, date_format="%Y")  # the channel now keeps only the year of PID-7
+    sent = add(store, "S1")
+    code, out = cli(capsys, "replay", str(sent), "--reason", "again")
+    assert code == 1 and "already delivered to lab (use --force" in out
+    code, out = cli(capsys, "replay", str(sent), "--dry-run", "--force")
+    assert "would send to lab" in out and "the channel changed since it was sent" in out
+    code, out = cli(capsys, "replay", str(sent), "--force", "--reason", "lab lost it", "--destination", "lab")
+    assert code == 0 and "queued as message" in out
+
+
+def test_prune_keeps_queued_and_keeps_errors_longer(env, capsys):
+    tmp_path, store = env
+    write_channel(tmp_path)
+    day = 86400
+    now = time.time()
+    old = add(store, "OLD", received_at=now - 20 * day)
+    queued = add(store, "QUEUED", received_at=now - 400 * day, delivery="QUEUED")
+    old_error = add(store, "ERR20", status="ERROR", received_at=now - 20 * day, delivery=None)
+    ancient_error = add(store, "ERR50", status="ERROR", received_at=now - 50 * day, delivery=None)
+    recent = add(store, "NEW", received_at=now - day)
+    code, out = cli(capsys, "prune")  # the channel's retention: 10 days, errors 40
+    assert code == 0 and "pruned 2 message(s)" in out
+    left = {r["control_id"] for r in store.latest(10)}
+    assert left == {"QUEUED", "ERR20", "NEW"}
+    assert store.get_message(old) is None and store.get_message(ancient_error) is None
+    assert store.get_message(queued)["deliveries"][0]["status"] == "QUEUED"
+    code, out = cli(capsys, "prune", "--older-than", "12h", "--errors-older-than", "12h")
+    assert {r["control_id"] for r in store.latest(10)} == {"QUEUED"} and store.get_message(old_error) is None
+    assert store.get_message(recent) is None
+
+
+def test_status_reports_channels_and_destinations(env, capsys):
+    _, store = env
+    add(store, "A")
+    add(store, "B", status="ERROR", delivery=None)
+    add(store, "C", delivery="QUEUED", received_at=time.time() - 7200)
+    store.set_destination_state("adt", "lab", False, "connection_failed: refused", time.time())
+    code, out = cli(capsys, "status")
+    assert code == 0
+    assert "adt: received 3, processed 2, filtered 0, errored 1, duplicates 0, queued 1 (oldest 2.0h)" in out
+    assert "last error: message 2" in out
+    assert "-> lab: NOT connected; queued 1 (oldest 2.0h), sent 1, errors 0; connection_failed: refused" in out
+    data = json.loads(cli(capsys, "status", "--format", "json")[1])
+    assert data["adt"]["destinations"]["lab"]["connected"] is False
