@@ -22,6 +22,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--status", action="append", choices=("PROCESSED", "FILTERED", "ERROR", "DUPLICATE"),
                         help="only these statuses (repeatable)")
     parser.add_argument("--channel")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
     add_settings_arguments(parser)
 
 
@@ -47,7 +48,7 @@ def run(args) -> int:
         if not plans:
             print("no --older-than given and no channel declares retention: nothing to do")
             return 0
-    total = 0
+    total, report = 0, []
     for channel, age, errors_age in plans:
         statuses = set(args.status or ("PROCESSED", "FILTERED", "ERROR", "DUPLICATE"))
         normal = statuses - {"ERROR"}
@@ -55,7 +56,15 @@ def run(args) -> int:
         if "ERROR" in statuses:
             deleted += store.prune(now - errors_age, {"ERROR"}, channel)
         total += deleted
-        print(f"{channel or 'all channels'}: deleted {deleted} message(s) (older than {age / 86400:g}d, "
-              f"errors older than {errors_age / 86400:g}d; queued ones kept)")
+        report.append({"channel": channel, "deleted": deleted, "older_than_days": age / 86400,
+                       "errors_older_than_days": errors_age / 86400})
+    if args.format == "json":
+        import json
+
+        print(json.dumps({"deleted": total, "channels": report}, indent=2))
+        return 0
+    for entry in report:
+        print(f"{entry['channel'] or 'all channels'}: deleted {entry['deleted']} message(s) (older than "
+              f"{entry['older_than_days']:g}d, errors older than {entry['errors_older_than_days']:g}d; queued ones kept)")
     print(f"pruned {total} message(s)")
     return 0
