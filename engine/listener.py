@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from hl7relay.ack import AckPolicy, Outcome, unreadable_ack
+from hl7relay.events import emit
 from hl7relay.charsets import DEFAULT_CHARSET, UTF8_BOM
 from hl7relay.errors import ParseError
 from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES, Discarded, Frame, FrameTooLarge, MLLPFramer, frame
@@ -74,6 +75,7 @@ class MLLPServerProtocol(Protocol):
         self.peer = Peer(getattr(address, "host", "?"), getattr(address, "port", 0))
         if factory.open_connections >= factory.config.max_connections:
             factory.refused_connections += 1
+            emit("connection_refused", listener=factory.name)
             log.warn("refusing connection from {peer}: {limit} connections already open",
                      peer=str(self.peer), limit=factory.config.max_connections)
             self.closed = True
@@ -81,6 +83,7 @@ class MLLPServerProtocol(Protocol):
             return
         factory.open_connections += 1
         factory.connections.add(self)
+        emit("connection_opened", listener=factory.name)
         if factory.config.keepalive and hasattr(self.transport, "setTcpKeepAlive"):
             try:
                 self.transport.setTcpKeepAlive(True)
@@ -92,6 +95,7 @@ class MLLPServerProtocol(Protocol):
         if self in self.factory.connections:
             self.factory.connections.discard(self)
             self.factory.open_connections -= 1
+            emit("connection_closed", listener=self.factory.name)
         self.closed = True
         self._cancel("_read_timer")
         self._cancel("_idle_timer")
@@ -106,9 +110,11 @@ class MLLPServerProtocol(Protocol):
                 self.queue.append(event.payload)
             elif isinstance(event, Discarded):
                 self.factory.discarded_bytes += event.count
+                emit("bytes_discarded", listener=self.factory.name, count=event.count)
                 log.warn("discarded {count} bytes outside MLLP frames from {peer}", count=event.count, peer=str(self.peer))
             elif isinstance(event, FrameTooLarge):
                 self.factory.oversized_frames += 1
+                emit("frame_discarded", listener=self.factory.name, reason="oversize")
                 log.error("frame from {peer} exceeds {limit} bytes; closing the connection",
                           peer=str(self.peer), limit=event.limit)
                 self._abort()
@@ -126,6 +132,7 @@ class MLLPServerProtocol(Protocol):
     def _read_timed_out(self):
         self._read_timer = None
         self.factory.timed_out_frames += 1
+        emit("frame_discarded", listener=self.factory.name, reason="read_timeout")
         log.warn("frame from {peer} incomplete after {timeout}s ({size} bytes); resetting the connection",
                  peer=str(self.peer), timeout=self.factory.config.read_timeout, size=self.framer.buffered)
         self.framer.reset()
@@ -211,12 +218,13 @@ class MLLPListenerFactory(Factory):
 
     noisy = False  # the engine prints its own startup lines
 
-    def __init__(self, handler, config: ListenerConfig | None = None, reactor=None):
+    def __init__(self, handler, config: ListenerConfig | None = None, reactor=None, name: str = "mllp"):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.handler = handler
+        self.name = name  # labels this listener's metrics and logs
         self.config = config or ListenerConfig()
         self.reactor = reactor
         self.connections: set[MLLPServerProtocol] = set()
@@ -230,13 +238,13 @@ class MLLPListenerFactory(Factory):
         return MLLPServerProtocol(self)
 
 
-def listen(handler, config: ListenerConfig, reactor=None):
+def listen(handler, config: ListenerConfig, reactor=None, name: str = "mllp"):
     """Start listening; returns the IListeningPort (``.getHost().port`` tells the bound port)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    factory = MLLPListenerFactory(handler, config, reactor)
+    factory = MLLPListenerFactory(handler, config, reactor, name)
     if config.tls is not None:
         return reactor.listenSSL(config.port, factory, server_options(config.tls), interface=config.host)
     return reactor.listenTCP(config.port, factory, interface=config.host)

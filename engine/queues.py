@@ -19,12 +19,14 @@ from twisted.logger import Logger
 
 from hl7relay.channels.destinations import QueueOptions
 from hl7relay.errors import ParseError
+from hl7relay.events import emit
 from hl7relay.message import Message
 from hl7relay.store import StoreError
 
 __all__ = ["DestinationQueue", "DeliveryResult", "retry_delay"]
 
 log = Logger(namespace="hl7relay.queue")
+_FETCH = 200  # deliveries read per look
 
 
 def retry_delay(attempts: int, options: QueueOptions, rng: random.Random) -> float:
@@ -92,11 +94,15 @@ class DestinationQueue:
             while not self.stopped:
                 self.again = False
                 try:
-                    rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination)
+                    rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH)
                 except StoreError as exc:
                     log.error("queue {channel}/{destination}: cannot read the queue: {error}", channel=self.channel,
                               destination=self.destination, error=str(exc))
                     return
+                depth = len(rows)
+                if depth >= _FETCH:
+                    depth = yield self.writer.read(self.writer.store.queue_depth, self.channel, self.destination)
+                self._report(rows, depth)
                 due = self._due(rows)
                 for row in due:
                     if self.stopped:
@@ -107,6 +113,11 @@ class DestinationQueue:
                     return
         finally:
             self.busy = False
+
+    def _report(self, rows: list[dict], depth: int) -> None:
+        oldest = min((row["received_at"] for row in rows), default=None)
+        emit("queue_state", channel=self.channel, destination=self.destination, depth=depth,
+             oldest_age=None if oldest is None else max(0.0, self.clock() - oldest))
 
     def _due(self, rows: list[dict]) -> list[dict]:
         now = self.clock()
@@ -147,16 +158,21 @@ class DestinationQueue:
         attempts = row["attempts"] + 1
         now = self.clock()
         values = {"attempts": attempts, "updated_at": now, "last_ack": result.ack}
+        labels = {"channel": self.channel, "destination": self.destination}
         if result.ok:
             values.update(status="SENT", last_error="", next_attempt_at=None)
             self.sent += 1
+            emit("delivery_sent", **labels)
         elif result.application_error:
             values.update(status="ERROR", last_error=result.error, next_attempt_at=None)
             self.failed += 1
+            emit("delivery_failed", **labels)
         elif attempts >= self.options.max_attempts:
             values.update(status="ERROR", last_error=f"gave up after {attempts} attempts: {result.error}", next_attempt_at=None)
             self.failed += 1
+            emit("delivery_failed", **labels)
         else:
+            emit("delivery_retried", **labels)
             delay = retry_delay(attempts, self.options, self.rng)
             values.update(status="QUEUED", last_error=result.error, next_attempt_at=now + delay)
             self.retried += 1
@@ -176,6 +192,7 @@ class DestinationQueue:
         connected = result.ok or result.application_error or not result.error.startswith(("connection_failed", "timed_out"))
         if connected != self.connected:
             self.connected = connected
+            emit("destination_state", channel=self.channel, destination=self.destination, connected=connected)
             d = self.writer.read(self.writer.store.set_destination_state, self.channel, self.destination, connected,
                                  "" if connected else result.error, self.clock())
             d.addErrback(lambda f: log.warn("could not record destination state: {e}", e=f.getErrorMessage()))

@@ -28,6 +28,7 @@ from hl7relay.channels.destinations import (
 from hl7relay.channels.pipeline import Result, process
 from hl7relay.channels.sources import FileSourceConfig, MLLPSourceConfig
 from hl7relay.errors import HL7RelayError, ParseError
+from hl7relay.events import emit
 from hl7relay.listener import Peer, listen
 from hl7relay.message import Message
 from hl7relay.queues import DeliveryResult, DestinationQueue
@@ -64,7 +65,8 @@ class Engine:
         self.channels: dict[str, _RunningChannel] = {}
         self.in_flight = 0
         self._senders: list[MLLPSender] = []
-        self._stopping = False
+        self.started = False
+        self.stopping = False
         for channel in channels:
             if channel.enabled:
                 policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
@@ -87,7 +89,8 @@ class Engine:
             if isinstance(channel.source, MLLPSourceConfig):
                 config = channel.source.listener
                 config.policy = running.policy
-                port = listen(lambda message, peer, c=channel: self.handle(c, message, peer), config, self.reactor)
+                port = listen(lambda message, peer, c=channel: self.handle(c, message, peer), config, self.reactor,
+                              name=channel.name)
                 running.ports.append(port)
                 address = port.getHost()
                 tls = " TLS" if config.tls else ""
@@ -97,12 +100,13 @@ class Engine:
                 poller.start()
                 running.pollers.append(poller)
                 lines.append(f"channel {channel.name}: files {channel.source.glob} in {channel.source.directory} -> {targets}")
+        self.started = True
         return lines
 
     @defer.inlineCallbacks
     def stop(self):
         """Stop accepting, finish what is in flight, flush the store."""
-        self._stopping = True
+        self.stopping = True
         for running in self.channels.values():
             for port in running.ports:
                 yield port.stopListening()
@@ -122,10 +126,16 @@ class Engine:
     @defer.inlineCallbacks
     def handle(self, channel: Channel, message: Message, peer) -> Outcome:
         self.in_flight += 1
+        started = time.perf_counter()
+        emit("message_received", channel=channel.name)
         try:
             outcome = yield self._handle(channel, message, peer)
         finally:
             self.in_flight -= 1
+        acks = outcome.acks or []
+        emit("message_processed", channel=channel.name, status=getattr(outcome, "stored_status", outcome.status.value),
+             ack_codes=[_ack_code([a]) for a in acks], ack_latency=time.perf_counter() - started,
+             stages=getattr(outcome, "timings", {}))
         return outcome
 
     @defer.inlineCallbacks
@@ -186,10 +196,13 @@ class Engine:
             return Outcome.internal_error("the message could not be stored")
         log.info("channel {channel}: message {control_id} is a duplicate of {id}", channel=channel.name,
                  control_id=header["control_id"], id=first["id"])
-        return Outcome(Status.ACCEPTED, acks=acks)
+        duplicate = Outcome(Status.ACCEPTED, acks=acks)
+        duplicate.stored_status = "DUPLICATE"
+        return duplicate
 
     @defer.inlineCallbacks
     def _process_and_store(self, running, channel, message, original, raw, header, received_at, peer, duplicate_key):
+        pipeline_started = time.perf_counter()
         try:
             processed = process(channel, message)
         except Exception as exc:  # a bug in a component must not lose the message: store it as ERROR
@@ -219,12 +232,19 @@ class Engine:
             if acks and "acks" in channel.stages:
                 record.stages["ack"] = b"\r".join(acks)
             outcome.acks = acks
+        pipeline_seconds = time.perf_counter() - pipeline_started
+        store_started = time.perf_counter()
         try:
             message_id = yield self.writer.write(record)
         except StoreError as exc:
             log.error("channel {channel}: message {control_id} could not be stored: {error}",
                       channel=channel.name, control_id=header["control_id"], error=str(exc))
-            return Outcome.internal_error("the message could not be stored")
+            emit("store_failed", channel=channel.name)
+            failed = Outcome.internal_error("the message could not be stored")
+            failed.stored_status = "NOT_STORED"
+            return failed
+        outcome.timings = {"pipeline": pipeline_seconds, "store": time.perf_counter() - store_started}
+        outcome.stored_status = status
         log.debug("channel {channel}: message {control_id} stored as {id} ({status})", channel=channel.name,
                   control_id=header["control_id"], id=message_id, status=status)
         queued = [running.queues[o.name] for o in outputs if o.message is not None]
@@ -243,6 +263,7 @@ class Engine:
             final = Outcome.rejected("; ".join(r.error for r in results if not r.ok), outcome.code or _internal())
         acks = running.policy.acks(original, final)
         final.acks = acks
+        final.timings, final.stored_status = outcome.timings, outcome.stored_status
         updates = [("message", message_id, {"ack_code": _ack_code(acks)})]
         if acks and "acks" in channel.stages:
             updates.append(("stage", (message_id, "ack"), b"\r".join(acks)))

@@ -412,7 +412,7 @@ class Store:
         content = stages.alias("content")
         query = (
             sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.next_attempt_at,
-                      deliveries.c.order_key, content.c.content, messages.c.raw)
+                      deliveries.c.order_key, content.c.content, messages.c.raw, messages.c.received_at)
             .join(messages, messages.c.id == deliveries.c.message_id)
             .outerjoin(content, sa.and_(content.c.message_id == deliveries.c.message_id,
                                         content.c.stage == "destination:" + destination))
@@ -421,6 +421,17 @@ class Store:
         )
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(query).mappings()]
+
+    def queue_depth(self, channel: str, destination: str) -> int:
+        query = (sa.select(sa.func.count()).select_from(deliveries).join(messages, messages.c.id == deliveries.c.message_id)
+                 .where(deliveries.c.destination == destination, deliveries.c.status == "QUEUED", messages.c.channel == channel))
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar()
+
+    def ping(self) -> bool:
+        with self.engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+        return True
 
     def set_destination_state(self, channel: str, destination: str, connected: bool, error: str, now: float) -> None:
         with self.engine.begin() as connection:

@@ -12,6 +12,9 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+import time
+
+from hl7relay.events import emit
 from hl7relay.store import MessageRecord, Store, StoreError
 
 __all__ = ["StoreWriter"]
@@ -85,9 +88,16 @@ class StoreWriter:
         self.last_batch_size = size
         self.largest_batch = max(self.largest_batch, size)
         flat_updates = [u for group, _ in updates for u in group]
+        started = time.perf_counter()
         d = self.executor(self.store.commit, [r for r, _ in records], flat_updates)
+        d.addBoth(self._timed, started, size)
         d.addCallbacks(self._committed, self._batch_failed, callbackArgs=(records, updates), errbackArgs=(records, updates))
         d.addBoth(self._done)
+
+    @staticmethod
+    def _timed(result, started, size):
+        emit("store_commit", seconds=time.perf_counter() - started, size=size)
+        return result
 
     def _committed(self, ids, records, updates):
         for (_, waiter), message_id in zip(records, ids):

@@ -24,7 +24,10 @@ from hl7relay.cli._settings import add_settings_arguments, resolve_settings
 
 def add_arguments(parser) -> None:
     add_settings_arguments(parser)
-    parser.add_argument("--log-level", choices=("debug", "info", "warn", "error"), help="default: info")
+    parser.add_argument("--log-level", choices=("trace", "debug", "info", "warn", "error"), help="default: info")
+    parser.add_argument("--log-format", choices=("text", "json"), help="default: text")
+    parser.add_argument("--admin-port", type=int, metavar="PORT", help="/metrics, /healthz, /readyz (default 9102; 0: off)")
+    parser.add_argument("--admin-host", metavar="HOST", help="default 127.0.0.1")
 
 
 def run(args) -> int:
@@ -73,6 +76,16 @@ def run(args) -> int:
         return 1
     for line in lines:
         print(line, flush=True)
+    admin = settings["admin"]
+    if admin["port"]:
+        from hl7relay.admin import start_admin
+        from hl7relay.metrics import Metrics
+
+        try:
+            site = start_admin(engine, Metrics().install(), admin["host"], int(admin["port"]), reactor)
+            print(f"admin: http://{admin['host']}:{site.getHost().port}/metrics, /healthz, /readyz", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the engine runs without its admin port rather than not at all
+            print(f"warning: admin endpoints not started on {admin['host']}:{admin['port']}: {exc}", file=sys.stderr)
     print("ready; Ctrl-C or SIGTERM stops", flush=True)
     stopped = {"clean": True}
 

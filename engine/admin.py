@@ -1,0 +1,90 @@
+"""The admin HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz`` (the process is up) and
+``/readyz`` (listeners bound and the store reachable). Bound to 127.0.0.1 unless told otherwise."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.web import resource, server
+
+from hl7relay.metrics import Metrics
+
+__all__ = ["AdminSite", "start_admin"]
+
+
+class _Metrics(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics):
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self.metrics.render()
+
+
+class _Health(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+
+class _Ready(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, engine, timeout: float = 5.0):
+        super().__init__()
+        self.engine = engine
+        self.timeout = timeout
+
+    def render_GET(self, request):
+        d = self.check()
+
+        def answer(problems):
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            if problems:
+                request.setResponseCode(503)
+                request.write(("not ready: " + "; ".join(problems) + "\n").encode())
+            else:
+                request.write(b"ready\n")
+            request.finish()
+
+        d.addCallback(answer)
+        return server.NOT_DONE_YET
+
+    @defer.inlineCallbacks
+    def check(self):
+        problems = []
+        engine = self.engine
+        if not engine.started:
+            problems.append("the engine is starting")
+        elif engine.stopping:
+            problems.append("the engine is stopping")
+        unbound = [name for name, running in engine.channels.items()
+                   if running.channel.source_type == "mllp" and not running.ports]
+        if unbound:
+            problems.append("listeners not bound: " + ", ".join(unbound))
+        ping = engine.writer.read(engine.writer.store.ping)
+        ping.addTimeout(self.timeout, engine.reactor)
+        try:
+            yield ping
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            problems.append(f"store unreachable: {type(exc).__name__}")
+        return problems
+
+
+class AdminSite(server.Site):
+    noisy = False
+
+    def __init__(self, engine, metrics: Metrics):
+        root = resource.Resource()
+        root.putChild(b"metrics", _Metrics(metrics))
+        root.putChild(b"healthz", _Health())
+        root.putChild(b"readyz", _Ready(engine))
+        super().__init__(root)
+
+
+def start_admin(engine, metrics: Metrics, host: str, port: int, reactor):
+    return reactor.listenTCP(port, AdminSite(engine, metrics), interface=host)

@@ -1,0 +1,103 @@
+"""Every Prometheus metric of hl7relay, in one place, fed by events.
+
+Names start with ``hl7relay_``. Components never touch prometheus-client: they emit events
+(:mod:`hl7relay.events`) and :class:`Metrics` turns them into counters, gauges and histograms.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from hl7relay import events
+
+__all__ = ["Metrics", "METRIC_NAMES"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The metric objects in their own registry, and the event observer that updates them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.received = Counter("hl7relay_messages_received", "Messages received", ["channel"], registry=r)
+        self.filtered = Counter("hl7relay_messages_filtered", "Messages filtered out by the channel", ["channel"], registry=r)
+        self.errored = Counter("hl7relay_messages_errored", "Messages stored as ERROR (transformer or validator)", ["channel"], registry=r)
+        self.duplicates = Counter("hl7relay_messages_duplicate", "Messages stored as DUPLICATE", ["channel"], registry=r)
+        self.acked = Counter("hl7relay_messages_acked", "ACKs sent, by code (AA, AE, AR, CA, CE, CR)", ["channel", "code"], registry=r)
+        self.store_failures = Counter("hl7relay_store_failures", "Messages that could not be stored (answered AR/CR)", ["channel"], registry=r)
+        self.sent = Counter("hl7relay_deliveries_sent", "Deliveries that succeeded", ["channel", "destination"], registry=r)
+        self.failed = Counter("hl7relay_deliveries_failed", "Deliveries that went to ERROR (AE or retries exhausted)", ["channel", "destination"], registry=r)
+        self.retried = Counter("hl7relay_deliveries_retried", "Delivery attempts that failed and will be retried", ["channel", "destination"], registry=r)
+        self.queue_depth = Gauge("hl7relay_queue_depth", "Deliveries queued", ["channel", "destination"], registry=r)
+        self.queue_age = Gauge("hl7relay_queue_oldest_age_seconds", "Age of the oldest queued delivery", ["channel", "destination"], registry=r)
+        self.destination_up = Gauge("hl7relay_destination_up", "1 when the destination's last attempt reached it", ["channel", "destination"], registry=r)
+        self.ack_latency = Histogram("hl7relay_ack_latency_seconds", "From a message's arrival to its ACK being ready",
+                                     ["channel"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.stage_latency = Histogram("hl7relay_stage_latency_seconds", "Time per stage (pipeline, store)",
+                                       ["channel", "stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.connections = Gauge("hl7relay_open_connections", "Open MLLP connections", ["listener"], registry=r)
+        self.refused = Counter("hl7relay_refused_connections", "Connections refused (over max_connections)", ["listener"], registry=r)
+        self.discarded_bytes = Counter("hl7relay_discarded_bytes", "Bytes outside MLLP frames", ["listener"], registry=r)
+        self.discarded_frames = Counter("hl7relay_discarded_frames", "Frames dropped (oversize, read timeout)", ["listener", "reason"], registry=r)
+        self.commit_latency = Histogram("hl7relay_store_commit_seconds", "Store commit duration", buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("hl7relay_store_batch_size", "Messages and updates per group commit", buckets=_BATCH_BUCKETS, registry=r)
+        self._handlers = {
+            "message_received": lambda f: self.received.labels(f["channel"]).inc(),
+            "message_processed": self._processed,
+            "store_failed": lambda f: self.store_failures.labels(f["channel"]).inc(),
+            "delivery_sent": lambda f: self.sent.labels(f["channel"], f["destination"]).inc(),
+            "delivery_failed": lambda f: self.failed.labels(f["channel"], f["destination"]).inc(),
+            "delivery_retried": lambda f: self.retried.labels(f["channel"], f["destination"]).inc(),
+            "queue_state": self._queue_state,
+            "destination_state": lambda f: self.destination_up.labels(f["channel"], f["destination"]).set(1 if f["connected"] else 0),
+            "connection_opened": lambda f: self.connections.labels(f["listener"]).inc(),
+            "connection_closed": lambda f: self.connections.labels(f["listener"]).dec(),
+            "connection_refused": lambda f: self.refused.labels(f["listener"]).inc(),
+            "bytes_discarded": lambda f: self.discarded_bytes.labels(f["listener"]).inc(f["count"]),
+            "frame_discarded": lambda f: self.discarded_frames.labels(f["listener"], f["reason"]).inc(),
+            "store_commit": self._commit,
+        }
+
+    def observe(self, event: str, fields: dict) -> None:
+        handler = self._handlers.get(event)
+        if handler is not None:
+            handler(fields)
+
+    def install(self) -> "Metrics":
+        events.subscribe(self.observe)
+        return self
+
+    def uninstall(self) -> None:
+        events.unsubscribe(self.observe)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def _processed(self, f):
+        channel = f["channel"]
+        status = f["status"]
+        if status == "FILTERED":
+            self.filtered.labels(channel).inc()
+        elif status == "ERROR":
+            self.errored.labels(channel).inc()
+        elif status == "DUPLICATE":
+            self.duplicates.labels(channel).inc()
+        for code in f.get("ack_codes", ()):
+            self.acked.labels(channel, code).inc()
+        if f.get("ack_latency") is not None:
+            self.ack_latency.labels(channel).observe(f["ack_latency"])
+        for stage, seconds in f.get("stages", {}).items():
+            self.stage_latency.labels(channel, stage).observe(seconds)
+
+    def _queue_state(self, f):
+        self.queue_depth.labels(f["channel"], f["destination"]).set(f["depth"])
+        self.queue_age.labels(f["channel"], f["destination"]).set(f["oldest_age"] or 0)
+
+    def _commit(self, f):
+        self.commit_latency.observe(f["seconds"])
+        self.batch_size.observe(f["size"])
+
+
+METRIC_NAMES = frozenset(m.name for m in Metrics().registry.collect())
