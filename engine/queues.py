@@ -176,15 +176,15 @@ class DestinationQueue:
             delay = retry_delay(attempts, self.options, self.rng)
             values.update(status="QUEUED", last_error=result.error, next_attempt_at=now + delay)
             self.retried += 1
-            log.warn("queue {channel}/{destination}: message {id} attempt {n} failed ({error}); retry in {delay:.1f}s",
-                     channel=self.channel, destination=self.destination, id=row["message_id"], n=attempts,
+            log.warn("queue {channel}/{destination}: message {message_id} attempt {n} failed ({error}); retry in {delay:.1f}s",
+                     channel=self.channel, destination=self.destination, message_id=row["message_id"], n=attempts,
                      error=result.error, delay=delay)
         self._state(result)
         try:
             yield self.writer.update(("delivery", (row["message_id"], self.destination), values))
         except StoreError as exc:
-            log.error("queue {channel}/{destination}: could not record delivery of {id}: {error}", channel=self.channel,
-                      destination=self.destination, id=row["message_id"], error=str(exc))
+            log.error("queue {channel}/{destination}: could not record delivery of {message_id}: {error}", channel=self.channel,
+                      destination=self.destination, message_id=row["message_id"], error=str(exc))
         for waiter in self._waiters.pop(row["message_id"], ()):
             waiter.callback(result)
 

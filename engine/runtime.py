@@ -53,7 +53,7 @@ class _RunningChannel:
 
 class Engine:
     def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data",
-                 queue_poll_interval: float = 1.0):
+                 queue_poll_interval: float = 1.0, log_phi_bytes: int = 512):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -67,6 +67,7 @@ class Engine:
         self._senders: list[MLLPSender] = []
         self.started = False
         self.stopping = False
+        self.log_phi_bytes = log_phi_bytes
         for channel in channels:
             if channel.enabled:
                 policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
@@ -194,8 +195,8 @@ class Engine:
             yield self.writer.write(record)
         except StoreError:
             return Outcome.internal_error("the message could not be stored")
-        log.info("channel {channel}: message {control_id} is a duplicate of {id}", channel=channel.name,
-                 control_id=header["control_id"], id=first["id"])
+        log.info("channel {channel}: message {control_id} is a duplicate of message {original_id}", channel=channel.name,
+                 control_id=header["control_id"], original_id=first["id"])
         duplicate = Outcome(Status.ACCEPTED, acks=acks)
         duplicate.stored_status = "DUPLICATE"
         return duplicate
@@ -245,8 +246,12 @@ class Engine:
             return failed
         outcome.timings = {"pipeline": pipeline_seconds, "store": time.perf_counter() - store_started}
         outcome.stored_status = status
-        log.debug("channel {channel}: message {control_id} stored as {id} ({status})", channel=channel.name,
-                  control_id=header["control_id"], id=message_id, status=status)
+        log.debug("channel {channel}: message {control_id} stored as {message_id} ({status})", channel=channel.name,
+                  control_id=header["control_id"], message_id=message_id, status=status, trace=True)
+        if channel.log_phi:
+            content = raw[: self.log_phi_bytes].decode(message.codec, "replace").replace("\r", "\n")
+            log.debug("channel {channel}: message {control_id} content ({size} bytes): {content}", channel=channel.name,
+                      control_id=header["control_id"], message_id=message_id, size=len(raw), content=content, trace=True)
         queued = [running.queues[o.name] for o in outputs if o.message is not None]
         deliveries = [queue.first_result(message_id) for queue in queued] if outcome.acks is None else []
         for queue in queued:
@@ -270,7 +275,8 @@ class Engine:
         try:
             yield self.writer.update(*updates)
         except StoreError as exc:
-            log.error("could not record the ACK of message {id}: {error}", id=message_id, error=str(exc))
+            log.error("channel {channel}: could not record the ACK of message {message_id}: {error}",
+                      channel=channel.name, message_id=message_id, error=str(exc))
         return final
 
     @staticmethod
@@ -404,14 +410,16 @@ class _FilePoller:
             try:
                 message = Message.from_bytes(chunk.data, self.config.charset)
             except ParseError as exc:
-                log.warn("{file} line {line}: {error}", file=str(path), line=chunk.line, error=str(exc))
+                log.warn("channel {channel}: {file} line {line}: {error}", channel=self.channel.name, file=str(path),
+                         line=chunk.line, error=str(exc))
                 continue
             outcome = yield self.engine.handle(self.channel, message, peer)
             if outcome.status is Status.INTERNAL_ERROR:
                 failed = True  # not stored: leave the file for the next poll
                 break
         if failed:
-            log.error("{file} was not fully stored; it stays for the next poll", file=str(path))
+            log.error("channel {channel}: {file} was not fully stored; it stays for the next poll",
+                      channel=self.channel.name, file=str(path))
             return
         if self.config.after == "delete":
             path.unlink()

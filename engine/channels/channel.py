@@ -76,6 +76,8 @@ class Channel:
     secrets: frozenset = frozenset()
     duplicates: Duplicates | None = None
     retention: Retention | None = None
+    log_level: str | None = None
+    log_phi: bool = False
 
 
 @dataclass(slots=True)
@@ -96,6 +98,8 @@ CHANNEL_KEYS = {
     "storage": "stages kept besides the raw message: stages: [transformed, destinations, acks]",
     "duplicates": "duplicate detection: {key: [MSH-3, MSH-4, MSH-10], window: 86400}",
     "retention": "how long hl7relay prune keeps messages: {days: 30, errors_days: 90}",
+    "log_level": "this channel's log level: error, warn, info, debug, trace",
+    "log_phi": "true: message content may appear in this channel's trace logs (capped); default false",
 }
 _RESPONSE = ComponentSpec("setting", "response", "ACK behaviour", (
     Option("when", "enum", "on_store", "on_store: ACK once stored; after_delivery: ACK reflects the destinations' answers",
@@ -225,6 +229,12 @@ class _Loader:
             checked = check_options(_DUPLICATES, {} if value is True else value, self.doc, ("duplicates",))
             if checked is not None:
                 duplicates = Duplicates(tuple(checked["key"]), checked["window"])
+        log_level = data.get("log_level")
+        if log_level is not None and log_level not in ("error", "warn", "info", "debug", "trace"):
+            self.error(("log_level",), f"log_level must be one of error, warn, info, debug, trace, not {log_level!r}"
+                       + did_you_mean(str(log_level), ("error", "warn", "info", "debug", "trace")))
+        if not isinstance(data.get("log_phi", False), bool):
+            self.error(("log_phi",), "log_phi must be true or false")
         retention = None
         if data.get("retention") is not None:
             checked = check_options(_RETENTION, data["retention"], self.doc, ("retention",))
@@ -237,7 +247,7 @@ class _Loader:
             description=str(data.get("description") or ""), enabled=enabled, filter=rule, steps=steps,
             validators=validators, response=Response(**response), destinations=destinations,
             stages=frozenset(storage["stages"]), secrets=frozenset(self.doc.secrets), duplicates=duplicates,
-            retention=retention,
+            retention=retention, log_level=log_level, log_phi=data.get("log_phi", False),
         )
 
     def typed(self, kind: str, value, path, required=False, reserved=()):

@@ -48,6 +48,8 @@ def channel_schema() -> dict:
                 "transformers": {"type": "array", "items": {"oneOf": _one_key("transformer")}}})}},
             "storage": _STORAGE.json_schema(),
             "retention": _RETENTION.json_schema(),
+            "log_level": {"enum": ["error", "warn", "info", "debug", "trace"]},
+            "log_phi": {"type": "boolean", "default": False},
             "duplicates": {"anyOf": [{"type": "boolean"}, _DUPLICATES.json_schema()], "description": CHANNEL_KEYS["duplicates"]},
         },
         "$defs": {"rule": {"oneOf": [

@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=2575, help="port (default: 2575, HL7's registered port)")
     parser.add_argument("--charset", default="UTF-8", help="character set for messages with an empty MSH-18 (default: UTF-8)")
     parser.add_argument("--max-connections", type=int, default=64)
-    parser.add_argument("--log-level", default="warn", choices=("debug", "info", "warn", "error"),
+    parser.add_argument("--log-level", default="warn", choices=("trace", "debug", "info", "warn", "error"),
                         help="what the engine logs to standard error (default: warn)")
     add_tls_arguments(parser, server=True)
 

@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=2575, help="listener port (default: 2575)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK (default: 30)")
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait to connect (default: 10)")
-    parser.add_argument("--log-level", default="warn", choices=("debug", "info", "warn", "error"),
+    parser.add_argument("--log-level", default="warn", choices=("trace", "debug", "info", "warn", "error"),
                         help="what the engine logs to standard error (default: warn)")
     add_tls_arguments(parser, server=False)
 
