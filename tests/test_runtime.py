@@ -274,3 +274,25 @@ def test_a_repeat_outside_the_window_is_processed(tmp_path, manual_executor):
     answer(engine, channel, ADT.format(id="W1", extra=""))
     executor.run_all()
     assert store.count(status="PROCESSED") == 2 and store.count(status="DUPLICATE") == 0
+
+
+@pytest.mark.parametrize("log_phi", [False, True])
+def test_message_content_is_logged_only_with_log_phi(tmp_path, manual_executor, log_phi):
+    from twisted.logger import globalLogPublisher
+
+    captured = []
+    globalLogPublisher.addObserver(captured.append)
+    try:
+        engine, channel, store, executor = make_engine(tmp_path, manual_executor, f"log_phi: {str(log_phi).lower()}\n")
+        engine.log_phi_bytes = 40
+        answer(engine, channel, ADT.format(id="L1", extra=""))
+        executor.run_all()
+    finally:
+        globalLogPublisher.removeObserver(captured.append)
+    about_message = [e for e in captured if e.get("control_id") == "L1"]
+    assert about_message and all(e.get("channel") == "ch" for e in about_message)
+    contents = [e["content"] for e in about_message if "content" in e]
+    if log_phi:
+        assert contents and len(contents[0]) <= 40 and contents[0].startswith("MSH|")
+    else:
+        assert not contents and not any("DOE" in str(e) for e in captured)

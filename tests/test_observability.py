@@ -1,0 +1,145 @@
+"""Metrics, admin endpoints, logs; the shipped alert rules and dashboard use only metrics that exist."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from twisted.internet import defer, task
+from twisted.logger import LogLevel
+from twisted.web.test.requesthelper import DummyRequest
+
+from hl7relay import events
+from hl7relay.admin import AdminSite
+from hl7relay.cli._logging import ChannelLevels
+from hl7relay.metrics import Metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def exposed_names(metrics: Metrics) -> set:
+    names = set()
+    for family in metrics.registry.collect():
+        if family.type == "counter":
+            names |= {family.name + "_total", family.name + "_created"}
+        elif family.type == "histogram":
+            names |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count", "_created")}
+        else:
+            names.add(family.name)
+    return names
+
+
+def used_names(text: str) -> set:
+    return set(re.findall(r"\bhl7relay_[a-z_]+", text))
+
+
+def test_every_metric_the_alerts_and_dashboard_use_exists():
+    names = exposed_names(Metrics())
+    rules = yaml.safe_load((REPO / "config" / "prometheus" / "hl7relay-alerts.yml").read_text())
+    expressions = " ".join(rule["expr"] for group in rules["groups"] for rule in group["rules"])
+    dashboard = json.loads((REPO / "config" / "grafana" / "hl7relay-dashboard.json").read_text())
+    queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for used in (used_names(expressions), used_names(queries)):
+        assert used and used <= names, used - names
+    assert {"HL7RelayQueueStuck", "HL7RelayErrorRate", "HL7RelayDestinationDown"} <= {
+        r["alert"] for g in rules["groups"] for r in g["rules"]}
+
+
+def test_events_become_metrics():
+    metrics = Metrics().install()
+    try:
+        events.emit("message_received", channel="adt")
+        events.emit("message_processed", channel="adt", status="ERROR", ack_codes=["AE"], ack_latency=0.002,
+                    stages={"pipeline": 0.0001, "store": 0.001})
+        events.emit("delivery_retried", channel="adt", destination="lab")
+        events.emit("queue_state", channel="adt", destination="lab", depth=7, oldest_age=42.0)
+        events.emit("connection_opened", listener="adt")
+        events.emit("store_commit", seconds=0.0004, size=8)
+        text = metrics.render().decode()
+    finally:
+        metrics.uninstall()
+    for line in ('hl7relay_messages_received_total{channel="adt"} 1.0', 'hl7relay_messages_errored_total{channel="adt"} 1.0',
+                 'hl7relay_messages_acked_total{channel="adt",code="AE"} 1.0',
+                 'hl7relay_deliveries_retried_total{channel="adt",destination="lab"} 1.0',
+                 'hl7relay_queue_depth{channel="adt",destination="lab"} 7.0',
+                 'hl7relay_queue_oldest_age_seconds{channel="adt",destination="lab"} 42.0',
+                 'hl7relay_open_connections{listener="adt"} 1.0', "hl7relay_store_batch_size_sum 8.0",
+                 'hl7relay_ack_latency_seconds_count{channel="adt"} 1.0'):
+        assert line in text, line
+    assert all(name.startswith("hl7relay_") for name in used_names(text) | {f.name for f in metrics.registry.collect()})
+
+
+class _FakeStore:
+    def __init__(self, ok=True):
+        self.ok = ok
+
+    def ping(self):
+        if not self.ok:
+            raise OSError("connection refused")
+        return True
+
+
+class _FakeWriter:
+    def __init__(self, ok):
+        self.store = _FakeStore(ok)
+
+    def read(self, fn, *args):
+        return defer.maybeDeferred(fn, *args)
+
+
+class _FakeEngine:
+    def __init__(self, ok=True, started=True):
+        self.writer = _FakeWriter(ok)
+        self.reactor = task.Clock()
+        self.started, self.stopping, self.channels = started, False, {}
+
+
+def get(site, path):
+    request = DummyRequest([path.encode()])
+    resource = site.resource.getChildWithDefault(path.encode(), request)
+    body = resource.render(request)
+    if isinstance(body, bytes):
+        request.write(body)
+        request.finish()
+    return request.responseCode or 200, b"".join(request.written).decode()
+
+
+@pytest.mark.parametrize("engine, code, text", [
+    (_FakeEngine(), 200, "ready"),
+    (_FakeEngine(ok=False), 503, "store unreachable"),
+    (_FakeEngine(started=False), 503, "starting"),
+])
+def test_readyz(engine, code, text):
+    assert get(AdminSite(engine, Metrics()), "readyz")[0] == code
+    assert text in get(AdminSite(engine, Metrics()), "readyz")[1]
+
+
+def test_healthz_and_metrics_endpoints():
+    site = AdminSite(_FakeEngine(), Metrics())
+    assert get(site, "healthz") == (200, "ok\n")
+    code, body = get(site, "metrics")
+    assert code == 200 and "# HELP hl7relay_messages_received_total Messages received" in body
+
+
+def test_channel_log_levels_and_trace():
+    levels = ChannelLevels("warn", {"adt": "trace", "siu": "error"})
+
+    def passes(**event):
+        return levels(event).name == "yes"
+
+    assert passes(log_level=LogLevel.debug, channel="adt", trace=True)
+    assert not passes(log_level=LogLevel.debug, channel="oru", trace=True)
+    assert not passes(log_level=LogLevel.info, channel="oru") and passes(log_level=LogLevel.warn, channel="oru")
+    assert not passes(log_level=LogLevel.warn, channel="siu") and passes(log_level=LogLevel.error, channel="siu")
+
+
+def test_admin_binds_to_localhost_by_default():
+    from hl7relay.cli._settings import resolve_settings
+
+    class Args:
+        config = None
+        store = data_dir = None
+
+    settings, _ = resolve_settings(Args())
+    assert settings["admin"]["host"] == "127.0.0.1"
