@@ -1,0 +1,193 @@
+"""The engine under MLLP load, next to the raw stack's ceiling measured in the same run.
+
+    python bench/bench_engine.py [--connections 8] [--messages 2500] [--json results.json]
+
+1. Baseline: a raw Twisted MLLP server that only frames and ACKs (bench/mllp_sink.py) on core 0,
+   driven by the load generator (bench/loadgen.py) on core 1.
+2. The engine (`hl7relay run`, durable SQLite) on core 0 with a benchmark channel: a filter, three
+   transformer steps, validation off and then on, one MLLP destination to a sink on core 1.
+   Reported: msgs/s accepted and stored, ACK latency p50/p95/p99, end-to-end msgs/s through the
+   destination, RSS, and the ratio to the baseline.
+
+Targets (issue #6): >= 6,000 msgs/s stored, >= 4,000 msgs/s end to end, ACK p99 <= 5 ms,
+RSS <= 100 MB, 8 connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import adt_a01_1kb  # noqa: E402
+
+TARGETS = {"stored_msgs_per_s": 6000, "end_to_end_msgs_per_s": 4000, "p99_ms": 5.0, "rss_mb": 100}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    return (["taskset", "-c", str(core)] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 else []) + argv
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def load(port: int, connections: int, per_connection: int, message: Path) -> dict:
+    out = subprocess.run(pinned(1, [sys.executable, str(HERE / "loadgen.py"), "127.0.0.1", str(port), str(connections),
+                                    str(per_connection), str(message)]), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def start_sink(port: int, core: int, stats: Path) -> subprocess.Popen:
+    process = subprocess.Popen(pinned(core, [sys.executable, str(HERE / "mllp_sink.py"), str(port), str(stats)]),
+                               stdout=subprocess.PIPE, text=True)
+    process.stdout.readline()
+    return process
+
+
+def sink_stats(process: subprocess.Popen, stats: Path) -> dict:
+    stats.unlink(missing_ok=True)
+    process.send_signal(signal.SIGUSR1)
+    for _ in range(100):
+        if stats.exists() and stats.stat().st_size:
+            try:
+                return json.loads(stats.read_text())
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.02)
+    return {"received": 0, "first": None, "last": None}
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+CHANNEL = """\
+name: bench
+source: {{type: mllp, port: {port}, max_connections: 256}}
+filters: [{{message_type: ADT}}]
+transformers:
+  - set: {{path: MSH-5, value: LAB}}
+  - upper: PID-5.1
+  - map: {{path: PV1-2, table: {{I: IP, O: OP, E: ER}}, default: U}}
+{validators}
+destinations:
+  - {{name: sink, type: mllp, host: 127.0.0.1, port: {sink}, retry_initial: 0.1, retry_max: 1}}
+"""
+
+
+def run_engine(work: Path, validation: bool, connections: int, per_connection: int, message: Path) -> dict:
+    engine_port, sink_port = free_port(), free_port()
+    channels = work / f"channels-{validation}"
+    channels.mkdir()
+    validators = "validators: [{structure: {on_error: warn}}]" if validation else ""
+    (channels / "bench.yaml").write_text(CHANNEL.format(port=engine_port, sink=sink_port, validators=validators))
+    stats = work / f"sink-{validation}.json"
+    sink = start_sink(sink_port, 1, stats)
+    data = work / f"data-{validation}"
+    engine = subprocess.Popen(pinned(0, [sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
+                                         "--data-dir", str(data), "--admin-port", "0", "--log-level", "error"]),
+                              cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_port(engine_port)
+        load(engine_port, connections, max(50, per_connection // 20), message)  # warm-up
+        warm = sink_stats(sink, stats)["received"]
+        result = load(engine_port, connections, per_connection, message)
+        expected = warm + result["acked"]
+        started = time.monotonic() - result["seconds"]
+        deadline = time.monotonic() + 120
+        delivered = sink_stats(sink, stats)
+        while delivered["received"] < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+            delivered = sink_stats(sink, stats)
+        rss, peak = rss_mb(engine.pid)
+        end_to_end = (delivered["received"] - warm) / max(1e-9, (delivered["last"] or time.monotonic()) - started)
+        result.update(end_to_end_msgs_per_s=end_to_end, delivered=delivered["received"] - warm, rss_mb=rss, rss_peak_mb=peak)
+    finally:
+        stop(engine)
+        stop(sink)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--messages", type=int, default=2500, help="per connection")
+    parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="hl7relay-bench-"))
+    message = work / "message.hl7"
+    message.write_bytes(adt_a01_1kb().replace(b"MSG00001", b"@@ID@@").replace(b"|AL|NE|", b"|||"))
+    try:
+        port, stats = free_port(), work / "raw.json"
+        raw_server = start_sink(port, 0, stats)
+        try:
+            load(port, args.connections, 200, message)
+            baseline = load(port, args.connections, args.messages, message)
+        finally:
+            stop(raw_server)
+        results = {"connections": args.connections, "messages": args.connections * args.messages,
+                   "message_bytes": message.stat().st_size, "baseline": baseline}
+        for validation in (False, True):
+            results[f"engine_validation_{'on' if validation else 'off'}"] = run_engine(
+                work, validation, args.connections, args.messages, message)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{args.connections} connections x {args.messages} messages of {results['message_bytes']} B; "
+          f"engine on core 0, load on core 1")
+    print(f"{'':26}{'msgs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'e2e/s':>9}{'RSS MB':>9}{'vs raw':>8}")
+    rows = [("raw MLLP (frame + ACK)", baseline)] + [(f"engine, validation {v}", results[f"engine_validation_{v}"]) for v in ("off", "on")]
+    for name, r in rows:
+        print(f"{name:26}{r['msgs_per_s']:9.0f}{r['p50_ms']:9.2f}{r['p95_ms']:9.2f}{r['p99_ms']:9.2f}"
+              f"{r.get('end_to_end_msgs_per_s', float('nan')):9.0f}{r.get('rss_mb', float('nan')):9.1f}"
+              f"{r['msgs_per_s'] / baseline['msgs_per_s']:8.0%}")
+    for v in ("off", "on"):
+        r = results[f"engine_validation_{v}"]
+        checks = {"stored_msgs_per_s": r["msgs_per_s"] >= TARGETS["stored_msgs_per_s"],
+                  "end_to_end_msgs_per_s": r["end_to_end_msgs_per_s"] >= TARGETS["end_to_end_msgs_per_s"],
+                  "p99_ms": r["p99_ms"] <= TARGETS["p99_ms"], "rss_mb": r["rss_peak_mb"] <= TARGETS["rss_mb"]}
+        r["targets_met"] = checks
+        print(f"targets, validation {v}: " + ", ".join(f"{k} {'ok' if ok else 'MISSED'}" for k, ok in checks.items())
+              + f"; answers {r['answers']}, delivered {r['delivered']}/{r['acked']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""A raw Twisted MLLP server: frames and ACKs, nothing else (no parsing, no storage).
+
+It is both the ceiling of our stack (the benchmark's baseline) and the sink the engine's MLLP
+destination delivers to. MSA-2 echoes MSH-10, cut from the bytes, so senders can match ACKs.
+
+    python bench/mllp_sink.py PORT STATS_FILE
+"""
+
+import json
+import signal
+import sys
+import time
+
+from twisted.internet import protocol, reactor
+
+from hl7relay.framing import Frame, MLLPFramer, frame  # the framer only: the baseline is framing + ACK
+
+HEAD = b"MSH|^~\\&|SINK|SINK|||20240101000000||ACK^A01^ACK|1|P|2.5.1\rMSA|AA|"
+stats = {"received": 0, "first": None, "last": None}
+
+
+class Sink(protocol.Protocol):
+    def connectionMade(self):
+        self.framer = MLLPFramer()
+
+    def dataReceived(self, data):
+        out = []
+        for event in self.framer.feed(data):
+            if isinstance(event, Frame):
+                fields = event.payload.split(b"|", 10)
+                control_id = fields[9] if len(fields) > 9 else b""
+                out.append(frame(HEAD + control_id + b"\r"))
+                stats["received"] += 1
+        if out:
+            now = time.monotonic()
+            stats["first"] = stats["first"] or now
+            stats["last"] = now
+            self.transport.write(b"".join(out))
+
+
+def main():
+    port, stats_file = int(sys.argv[1]), sys.argv[2]
+    factory = protocol.Factory.forProtocol(Sink)
+    factory.noisy = False
+    reactor.listenTCP(port, factory, interface="127.0.0.1")
+
+    def dump(*_):
+        with open(stats_file, "w") as f:
+            json.dump(stats, f)
+
+    def stop(*_):
+        dump()
+        reactor.stop()
+
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(dump))
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop))
+    print("ready", flush=True)
+    reactor.run(installSignalHandlers=False)
+
+
+if __name__ == "__main__":
+    main()
