@@ -42,6 +42,10 @@ class _Waiter:
 
 
 class DestinationQueue:
+    """One destination's queue. New deliveries arrive in memory from the engine (``enqueue``)
+    right after their commit; the delivery rows are read again every ``poll_interval`` to pick up
+    what memory does not know (after a restart, or replays written by another process)."""
+
     def __init__(self, channel: str, destination: str, deliver, options: QueueOptions, writer, reactor, clock,
                  poll_interval: float = 1.0, rng: random.Random | None = None):
         self.channel = channel
@@ -52,13 +56,16 @@ class DestinationQueue:
         self.reactor = reactor
         self.clock = clock
         self.rng = rng or random.Random()
-        self.loop = task.LoopingCall(self.run)
-        self.loop.clock = reactor
         self.poll_interval = poll_interval
+        self.loop = task.LoopingCall(self._poll)
+        self.loop.clock = reactor
+        self.pending: dict[int, dict] = {}  # message id -> row, in order of receipt (dicts keep insertion order)
+        self.known: set[int] = set()  # pending, in flight, or finished but not yet recorded
         self.busy = False
         self.again = False
         self.stopped = False
         self.connected: bool | None = None
+        self.backlog = 0  # queued rows the last poll saw beyond what memory holds
         self.sent = self.failed = self.retried = 0
         self._waiters: dict[int, list[defer.Deferred]] = {}
         self._wake = None
@@ -73,16 +80,47 @@ class DestinationQueue:
         if self._wake is not None and self._wake.active():
             self._wake.cancel()
 
+    def enqueue(self, message_id: int, content: bytes, order_key: str | None, received_at: float) -> None:
+        """A delivery row was just committed: send it without reading it back."""
+        if message_id in self.known or self.stopped:
+            return
+        self.known.add(message_id)
+        self.pending[message_id] = {"message_id": message_id, "attempts": 0, "next_attempt_at": received_at,
+                                    "order_key": order_key, "content": content, "raw": content, "received_at": received_at}
+        self.nudge()
+
     def nudge(self) -> None:
-        """New deliveries were committed: look now rather than at the next poll."""
-        if not self.stopped:
+        if not self.stopped and not self.busy:
             self.reactor.callLater(0, self.run)
+        else:
+            self.again = True
 
     def first_result(self, message_id: int) -> defer.Deferred:
         """Fires with the DeliveryResult of the message's next attempt (for response.when: after_delivery)."""
         d = defer.Deferred()
         self._waiters.setdefault(message_id, []).append(d)
         return d
+
+    @defer.inlineCallbacks
+    def _poll(self):
+        try:
+            rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH)
+        except StoreError as exc:
+            log.error("queue {channel}/{destination}: cannot read the queue: {error}", channel=self.channel,
+                      destination=self.destination, error=str(exc))
+            return
+        fresh = [row for row in rows if row["message_id"] not in self.known]
+        for row in fresh:
+            self.known.add(row["message_id"])
+            self.pending[row["message_id"]] = row
+        if fresh:  # keep the order of receipt when older rows join newer ones
+            self.pending = dict(sorted(self.pending.items()))
+        self.backlog = 0
+        if len(rows) >= _FETCH:
+            self.backlog = max(0, (yield self.writer.read(self.writer.store.queue_depth, self.channel, self.destination))
+                               - len(self.pending))
+        self._report()
+        self.run()
 
     @defer.inlineCallbacks
     def run(self):
@@ -93,31 +131,16 @@ class DestinationQueue:
         try:
             while not self.stopped:
                 self.again = False
-                try:
-                    rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH)
-                except StoreError as exc:
-                    log.error("queue {channel}/{destination}: cannot read the queue: {error}", channel=self.channel,
-                              destination=self.destination, error=str(exc))
-                    return
-                depth = len(rows)
-                if depth >= _FETCH:
-                    depth = yield self.writer.read(self.writer.store.queue_depth, self.channel, self.destination)
-                self._report(rows, depth)
-                due = self._due(rows)
+                due = self._due(list(self.pending.values()))
                 for row in due:
                     if self.stopped:
                         return
                     yield self._attempt(row)
                 if not due and not self.again:
-                    self._sleep_until(rows)
+                    self._sleep_until()
                     return
         finally:
             self.busy = False
-
-    def _report(self, rows: list[dict], depth: int) -> None:
-        oldest = min((row["received_at"] for row in rows), default=None)
-        emit("queue_state", channel=self.channel, destination=self.destination, depth=depth,
-             oldest_age=None if oldest is None else max(0.0, self.clock() - oldest))
 
     def _due(self, rows: list[dict]) -> list[dict]:
         now = self.clock()
@@ -132,18 +155,23 @@ class DestinationQueue:
                     heads.append(row)
         return [row for row in heads if (row["next_attempt_at"] or 0) <= now]
 
-    def _sleep_until(self, rows: list[dict]) -> None:
-        pending = [row["next_attempt_at"] for row in rows if row["next_attempt_at"]]
+    def _sleep_until(self) -> None:
+        pending = [row["next_attempt_at"] for row in self.pending.values() if row["next_attempt_at"]]
         if not pending:
             return
         delay = max(0.0, min(pending) - self.clock())
-        if delay < self.poll_interval:
-            if self._wake is not None and self._wake.active():
-                self._wake.cancel()
-            self._wake = self.reactor.callLater(delay, self.run)
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = self.reactor.callLater(delay, self.run)
+
+    def _report(self) -> None:
+        oldest = min((row["received_at"] for row in self.pending.values()), default=None)
+        emit("queue_state", channel=self.channel, destination=self.destination, depth=len(self.pending) + self.backlog,
+             oldest_age=None if oldest is None else max(0.0, self.clock() - oldest))
 
     @defer.inlineCallbacks
     def _attempt(self, row: dict):
+        message_id = row["message_id"]
         data = row["content"] if row["content"] is not None else row["raw"]
         try:
             message = Message.from_bytes(data)
@@ -159,6 +187,7 @@ class DestinationQueue:
         now = self.clock()
         values = {"attempts": attempts, "updated_at": now, "last_ack": result.ack}
         labels = {"channel": self.channel, "destination": self.destination}
+        final = True
         if result.ok:
             values.update(status="SENT", last_error="", next_attempt_at=None)
             self.sent += 1
@@ -172,21 +201,34 @@ class DestinationQueue:
             self.failed += 1
             emit("delivery_failed", **labels)
         else:
+            final = False
             emit("delivery_retried", **labels)
             delay = retry_delay(attempts, self.options, self.rng)
             values.update(status="QUEUED", last_error=result.error, next_attempt_at=now + delay)
+            row["attempts"], row["next_attempt_at"] = attempts, now + delay
             self.retried += 1
             log.warn("queue {channel}/{destination}: message {message_id} attempt {n} failed ({error}); retry in {delay:.1f}s",
-                     channel=self.channel, destination=self.destination, message_id=row["message_id"], n=attempts,
+                     channel=self.channel, destination=self.destination, message_id=message_id, n=attempts,
                      error=result.error, delay=delay)
+        if final:
+            self.pending.pop(message_id, None)
         self._state(result)
-        try:
-            yield self.writer.update(("delivery", (row["message_id"], self.destination), values))
-        except StoreError as exc:
-            log.error("queue {channel}/{destination}: could not record delivery of {message_id}: {error}", channel=self.channel,
-                      destination=self.destination, message_id=row["message_id"], error=str(exc))
-        for waiter in self._waiters.pop(row["message_id"], ()):
+        for waiter in self._waiters.pop(message_id, ()):
             waiter.callback(result)
+        # recorded through the group commit; the id stays "known" until then so a poll cannot resend it
+        update = self.writer.update(("delivery", (message_id, self.destination), values))
+
+        def recorded(outcome):
+            if final:
+                self.known.discard(message_id)
+            return outcome
+
+        update.addBoth(recorded)
+        update.addErrback(lambda f: log.error("queue {channel}/{destination}: could not record delivery of {message_id}: {error}",
+                                              channel=self.channel, destination=self.destination, message_id=message_id,
+                                              error=f.getErrorMessage()))
+        if not self.pending:
+            self._report()
 
     def _state(self, result) -> None:
         connected = result.ok or result.application_error or not result.error.startswith(("connection_failed", "timed_out"))

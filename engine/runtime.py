@@ -252,10 +252,10 @@ class Engine:
             content = raw[: self.log_phi_bytes].decode(message.codec, "replace").replace("\r", "\n")
             log.debug("channel {channel}: message {control_id} content ({size} bytes): {content}", channel=channel.name,
                       control_id=header["control_id"], message_id=message_id, size=len(raw), content=content, trace=True)
-        queued = [running.queues[o.name] for o in outputs if o.message is not None]
-        deliveries = [queue.first_result(message_id) for queue in queued] if outcome.acks is None else []
-        for queue in queued:
-            queue.nudge()
+        queued = [(running.queues[d.destination], d) for d in record.deliveries if d.status == "QUEUED"]
+        deliveries = [queue.first_result(message_id) for queue, _ in queued] if outcome.acks is None else []
+        for queue, delivery in queued:
+            queue.enqueue(message_id, delivery.content, delivery.order_key, received_at)
         if outcome.acks is not None:
             return outcome
         # after_delivery: the answer reflects the destinations

@@ -180,7 +180,8 @@ class Store:
         self.url = url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url, future=True, pool_pre_ping=True)
+        sqlite = url.startswith("sqlite")
+        self.engine = sa.create_engine(url, future=True, pool_pre_ping=not sqlite)  # a file needs no liveness probe
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
@@ -211,41 +212,48 @@ class Store:
         """Insert messages with their stages and deliveries in one transaction; their ids, in order."""
         try:
             with self.engine.begin() as connection:
-                ids = []
-                for record in records:
-                    ids.append(self._insert(connection, record))
-                return ids
+                return self._insert_many(connection, records)
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"store commit failed: {exc.__class__.__name__}: {getattr(exc, 'orig', exc)}") from exc
 
     def commit(self, records: list[MessageRecord], updates: list[tuple]) -> list[int]:
-        """New messages and updates in one transaction (what the writer batches)."""
+        """New messages and updates in one transaction (what the writer batches), with a few
+        statements per batch rather than per message: one multi-row INSERT ... RETURNING for the
+        messages, executemany for their stages and deliveries, and for delivery updates."""
         try:
             with self.engine.begin() as connection:
-                ids = [self._insert(connection, record) for record in records]
+                ids = self._insert_many(connection, records) if records else []
                 self._update(connection, updates)
                 return ids
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"store commit failed: {exc.__class__.__name__}: {getattr(exc, 'orig', exc)}") from exc
 
-    def _insert(self, connection, record: MessageRecord) -> int:
-        values = {k: getattr(record, k) for k in (
-            "channel", "received_at", "peer", "raw", "charset", "sending_application", "sending_facility",
-            "message_type", "control_id", "patient_id", "status", "error", "ack_code", "duplicate_key", "replay_of",
-            "replay_reason", "replay_operator")}
-        message_id = connection.execute(messages.insert().values(**values)).inserted_primary_key[0]
-        rows = [{"message_id": message_id, "stage": name, "content": content} for name, content in record.stages.items()]
-        for delivery in record.deliveries:
-            if delivery.content is not None:
-                rows.append({"message_id": message_id, "stage": f"destination:{delivery.destination}", "content": delivery.content})
-        if rows:
-            connection.execute(stages.insert(), rows)
-        if record.deliveries:
-            connection.execute(deliveries.insert(), [
-                {"message_id": message_id, "destination": d.destination, "status": d.status, "attempts": 0,
-                 "last_ack": "", "last_error": "", "next_attempt_at": record.received_at if d.status == "QUEUED" else None,
-                 "updated_at": record.received_at, "order_key": d.order_key} for d in record.deliveries])
-        return message_id
+    _MESSAGE_COLUMNS = ("channel", "received_at", "peer", "raw", "charset", "sending_application", "sending_facility",
+                        "message_type", "control_id", "patient_id", "status", "error", "ack_code", "duplicate_key",
+                        "replay_of", "replay_reason", "replay_operator")
+
+    def _insert_many(self, connection, records: list[MessageRecord]) -> list[int]:
+        rows = [{k: getattr(r, k) for k in self._MESSAGE_COLUMNS} for r in records]
+        if len(rows) == 1:
+            ids = [connection.execute(messages.insert(), rows[0]).inserted_primary_key[0]]
+        else:
+            result = connection.execute(messages.insert().returning(messages.c.id, sort_by_parameter_order=True), rows)
+            ids = [row[0] for row in result]
+        stage_rows, delivery_rows = [], []
+        for message_id, record in zip(ids, records):
+            stage_rows += [{"message_id": message_id, "stage": name, "content": content} for name, content in record.stages.items()]
+            for d in record.deliveries:
+                if d.content is not None:
+                    stage_rows.append({"message_id": message_id, "stage": f"destination:{d.destination}", "content": d.content})
+                delivery_rows.append({"message_id": message_id, "destination": d.destination, "status": d.status,
+                                      "attempts": 0, "last_ack": "", "last_error": "",
+                                      "next_attempt_at": record.received_at if d.status == "QUEUED" else None,
+                                      "updated_at": record.received_at, "order_key": d.order_key})
+        if stage_rows:
+            connection.execute(stages.insert(), stage_rows)
+        if delivery_rows:
+            connection.execute(deliveries.insert(), delivery_rows)
+        return ids
 
     def apply_updates(self, updates: list[tuple]) -> None:
         """Batch of ``(kind, key, values)``: ("delivery", (message_id, destination), {...}) or
@@ -258,11 +266,22 @@ class Store:
 
     @staticmethod
     def _update(connection, updates) -> None:
+        # delivery results, the most frequent update, go in one executemany per set of columns
+        grouped: dict[tuple, list] = {}
         for kind, key, values in updates:
             if kind == "delivery":
-                message_id, destination = key
-                connection.execute(deliveries.update().where(
-                    deliveries.c.message_id == message_id, deliveries.c.destination == destination).values(**values))
+                row = {f"v_{k}": v for k, v in values.items()}
+                row["k_message_id"], row["k_destination"] = key
+                grouped.setdefault(tuple(sorted(values)), []).append(row)
+        for columns, rows in grouped.items():
+            statement = deliveries.update().where(
+                deliveries.c.message_id == sa.bindparam("k_message_id"),
+                deliveries.c.destination == sa.bindparam("k_destination"),
+            ).values({c: sa.bindparam(f"v_{c}") for c in columns})
+            connection.execute(statement, rows)
+        for kind, key, values in updates:
+            if kind == "delivery":
+                continue
             elif kind == "message":
                 connection.execute(messages.update().where(messages.c.id == key).values(**values))
             elif kind == "stage":
