@@ -9,7 +9,6 @@ import pytest
 import sqlalchemy as sa
 from twisted.internet import defer, task
 
-from hl7relay.channels import load_channels
 from hl7relay.channels.destinations import QueueOptions
 from hl7relay.cli import main
 from hl7relay.queues import DeliveryResult, DestinationQueue

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hl7relay.ack import ErrorCode, Severity
+from hl7relay.ack import ErrorCode
 from hl7relay.message import Message
 from hl7relay.validation import Validator, validate
 from hl7relay.validation.events import resolve_structure

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hl7relay.channels.yamlsource import Document
 from hl7relay.errors import PathError

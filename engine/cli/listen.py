@@ -6,7 +6,6 @@ original mode, and what MSH-15/MSH-16 ask for in enhanced mode; one line per mes
 
 from __future__ import annotations
 
-import sys
 import time
 
 from hl7relay.cli._tls import add_tls_arguments, tls_from_args
@@ -33,7 +32,7 @@ def run(args) -> int:
     from hl7relay.cli._logging import start_logging
 
     start_logging(args.log_level)
-    from twisted.internet import defer, reactor
+    from twisted.internet import reactor
 
     from hl7relay.ack import AckPolicy, Outcome, is_ack
     from hl7relay.listener import ListenerConfig, listen

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 HELP = "run the engine: every enabled channel, with the message store"
 DESCRIPTION = """\

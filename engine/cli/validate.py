@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hl7relay.batch import split_messages
 from hl7relay.cli._inputs import collect_inputs

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hl7relay.validation.datatypes import BASE_MAX_LENGTH, PRIMITIVE_CHECKS
 from hl7relay.validation.events import resolve_structure

@@ -17,7 +17,7 @@ from hl7relay.escape import unescape
 from hl7relay.message import HEADER_SEGMENTS, Message
 from hl7relay.path import Path
 from hl7relay.validation.profile import (
-    ACCEPTED_VERSIONS, SUPPORTED_VERSIONS, Composite, FieldDef, Leaf, Node, Profile, definition_version, get_profile,
+    ACCEPTED_VERSIONS, FieldDef, Leaf, Node, Profile, definition_version, get_profile,
 )
 
 __all__ = ["Finding", "Report", "Validator", "validate"]
