@@ -53,25 +53,38 @@ class AckPolicy:
     sending_application: str = "HL7RELAY"
     sending_facility: str = ""
 
-    def acks(self, message: Message, outcome: Outcome) -> list[bytes]:
+    def codes(self, message: Message, outcome: Outcome) -> list[str]:
+        """The MSA-1 codes of the ACKs this outcome calls for, in order (no ACK is built)."""
         if is_ack(message):
             return []
         if outcome.acks is not None:
-            return list(outcome.acks)
-        header = {"sending_application": self.sending_application, "sending_facility": self.sending_facility}
+            return list(outcome.ack_codes)
         application = self._application_code(outcome)
         if not is_enhanced_mode(message):
-            return [build_ack(message, application, outcome.text, outcome.code, outcome.findings, **header)]
+            return [application]
         accepted = outcome.stored and outcome.status is not Status.REJECTED and outcome.status is not Status.INTERNAL_ERROR
-        frames = []
+        codes = []
         if _wanted(message.get("MSH-15"), accepted):
-            if accepted:
-                frames.append(build_ack(message, "CA", **header))
-            else:
-                frames.append(build_ack(message, "CR", outcome.text, outcome.code, outcome.findings, **header))
+            codes.append("CA" if accepted else "CR")
         if accepted and _wanted(message.get("MSH-16"), application == "AA"):
-            frames.append(build_ack(message, application, outcome.text, outcome.code, outcome.findings, **header))
-        return frames
+            codes.append(application)
+        return codes
+
+    def acks(self, message: Message, outcome: Outcome) -> list[bytes]:
+        """The ACK frames to write, in order: one per code of :meth:`codes`."""
+        if outcome.acks is not None and not is_ack(message):
+            return list(outcome.acks)
+        header = {"sending_application": self.sending_application, "sending_facility": self.sending_facility}
+        # a CA never carries errors; every other code carries the outcome's text and findings
+        return [build_ack(message, code, **header) if code == "CA" else
+                build_ack(message, code, outcome.text, outcome.code, outcome.findings, **header)
+                for code in self.codes(message, outcome)]
+
+    def prepare(self, message: Message, outcome: Outcome) -> Outcome:
+        """Build the outcome's ACKs once and keep them (and their codes) on it."""
+        outcome.ack_codes = self.codes(message, outcome)
+        outcome.acks = self.acks(message, outcome)
+        return outcome
 
     def _application_code(self, outcome: Outcome) -> str:
         status = outcome.status

@@ -133,9 +133,8 @@ class Engine:
             outcome = yield self._handle(channel, message, peer)
         finally:
             self.in_flight -= 1
-        acks = outcome.acks or []
         emit("message_processed", channel=channel.name, status=getattr(outcome, "stored_status", outcome.status.value),
-             ack_codes=[_ack_code([a]) for a in acks], ack_latency=time.perf_counter() - started,
+             ack_codes=outcome.ack_codes, ack_latency=time.perf_counter() - started,
              stages=getattr(outcome, "timings", {}))
         return outcome
 
@@ -197,7 +196,7 @@ class Engine:
             return Outcome.internal_error("the message could not be stored")
         log.info("channel {channel}: message {control_id} is a duplicate of message {original_id}", channel=channel.name,
                  control_id=header["control_id"], original_id=first["id"])
-        duplicate = Outcome(Status.ACCEPTED, acks=acks)
+        duplicate = Outcome(Status.ACCEPTED, acks=acks, ack_codes=[code] if acks else [])
         duplicate.stored_status = "DUPLICATE"
         return duplicate
 
@@ -228,11 +227,10 @@ class Engine:
             key = output.message.get(options.order_key) if options.order == "per_key" else None
             record.deliveries.append(DeliveryRecord(output.name, "QUEUED", output.message.to_bytes(), key))
         if channel.response.when == "on_store" or is_ack(original) or not outputs:
-            acks = running.policy.acks(original, outcome)
-            record.ack_code = _ack_code(acks)
-            if acks and "acks" in channel.stages:
-                record.stages["ack"] = b"\r".join(acks)
-            outcome.acks = acks
+            running.policy.prepare(original, outcome)
+            record.ack_code = outcome.ack_codes[-1] if outcome.ack_codes else ""
+            if outcome.acks and "acks" in channel.stages:
+                record.stages["ack"] = b"\r".join(outcome.acks)
         pipeline_seconds = time.perf_counter() - pipeline_started
         store_started = time.perf_counter()
         try:
@@ -266,10 +264,9 @@ class Engine:
             final = Outcome.error("; ".join(r.error for r in results if not r.ok))
         else:
             final = Outcome.rejected("; ".join(r.error for r in results if not r.ok), outcome.code or _internal())
-        acks = running.policy.acks(original, final)
-        final.acks = acks
+        acks = running.policy.prepare(original, final).acks
         final.timings, final.stored_status = outcome.timings, outcome.stored_status
-        updates = [("message", message_id, {"ack_code": _ack_code(acks)})]
+        updates = [("message", message_id, {"ack_code": final.ack_codes[-1] if final.ack_codes else ""})]
         if acks and "acks" in channel.stages:
             updates.append(("stage", (message_id, "ack"), b"\r".join(acks)))
         try:
@@ -325,15 +322,6 @@ class Engine:
 
             return deliver_channel
         raise HL7RelayError(f"destination {destination.name}: unknown type")
-
-
-def _ack_code(acks: list[bytes]) -> str:
-    if not acks:
-        return ""
-    try:
-        return Message.from_bytes(acks[-1]).get("MSA-1")
-    except ParseError:
-        return ""
 
 
 def _internal():

@@ -208,14 +208,6 @@ class Store:
             return connection.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
 
     # -- writing (one transaction per batch: the group commit) ---------------------------------------
-    def write_messages(self, records: list[MessageRecord]) -> list[int]:
-        """Insert messages with their stages and deliveries in one transaction; their ids, in order."""
-        try:
-            with self.engine.begin() as connection:
-                return self._insert_many(connection, records)
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"store commit failed: {exc.__class__.__name__}: {getattr(exc, 'orig', exc)}") from exc
-
     def commit(self, records: list[MessageRecord], updates: list[tuple]) -> list[int]:
         """New messages and updates in one transaction (what the writer batches), with a few
         statements per batch rather than per message: one multi-row INSERT ... RETURNING for the
@@ -254,15 +246,6 @@ class Store:
         if delivery_rows:
             connection.execute(deliveries.insert(), delivery_rows)
         return ids
-
-    def apply_updates(self, updates: list[tuple]) -> None:
-        """Batch of ``(kind, key, values)``: ("delivery", (message_id, destination), {...}) or
-        ("message", message_id, {...}) or ("stage", (message_id, stage), content)."""
-        try:
-            with self.engine.begin() as connection:
-                self._update(connection, updates)
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"store update failed: {getattr(exc, 'orig', exc)}") from exc
 
     @staticmethod
     def _update(connection, updates) -> None:

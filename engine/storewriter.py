@@ -32,6 +32,7 @@ class StoreWriter:
         self.reactor = reactor
         self._pool = None
         self.inline = False
+        self._scheduled = False  # a flush is due on the next reactor turn (inline commits)
         if executor is None and store.engine.dialect.name == "sqlite":
             # A local SQLite commit (with its fsync) is ~1-3 ms of mostly GIL-holding work: on a
             # thread it would fight the reactor for the GIL (measured: 476 vs 746 msgs/s), so it
@@ -59,7 +60,7 @@ class StoreWriter:
         return d
 
     def update(self, *updates: tuple) -> defer.Deferred:
-        """Commit updates (see Store.apply_updates); fires once durable."""
+        """Commit updates (see Store._update for their form); fires once durable."""
         d = defer.Deferred()
         self._updates.append((updates, d))
         self._schedule()
@@ -68,7 +69,7 @@ class StoreWriter:
     def _schedule(self):
         if not self.inline:
             self._flush()
-        elif not self._busy and not getattr(self, "_scheduled", False):
+        elif not self._busy and not self._scheduled:
             # committing on this thread: wait for the rest of this read burst, so it forms one batch
             self._scheduled = True
 

@@ -73,7 +73,9 @@ policy = AckPolicy()
 
 
 def codes(message, outcome, p=policy):
-    return [ack(f).get("MSA-1") for f in p.acks(message, outcome)]
+    built = [ack(f).get("MSA-1") for f in p.acks(message, outcome)]
+    assert p.codes(message, outcome) == built  # the planned codes are the built ones
+    return built
 
 
 @pytest.mark.parametrize("outcome, expected", [

@@ -58,7 +58,7 @@ def test_messages_stages_and_deliveries_round_trip(store):
     assert stored["stages"] == {"transformed": b"MSH|x", "ack": b"MSH|ack", "destination:lab": b"MSH|lab"}
     assert [(d["destination"], d["status"], d["attempts"]) for d in stored["deliveries"]] == [
         ("lab", "QUEUED", 0), ("archive", "FILTERED", 0)]
-    store.apply_updates([("delivery", (message_id, "lab"), {"status": "SENT", "attempts": 1, "last_ack": "AA", "updated_at": 2.0}),
+    store.commit([], [("delivery", (message_id, "lab"), {"status": "SENT", "attempts": 1, "last_ack": "AA", "updated_at": 2.0}),
                          ("message", message_id, {"ack_code": "AA"}), ("stage", (message_id, "ack"), b"MSH|ack2")])
     stored = store.get_message(message_id)
     assert stored["deliveries"][0]["status"] == "SENT" and stored["ack_code"] == "AA" and stored["stages"]["ack"] == b"MSH|ack2"

@@ -131,7 +131,7 @@ def _run_case(channel: Channel, message: Message, expect: dict) -> tuple[bool, l
 
         _, _, outcome = Engine._outcome(processed)
         policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
-        codes = [Message.from_bytes(a).get("MSA-1") for a in policy.acks(original, outcome)]
+        codes = policy.codes(original, outcome)
         expected = expect["ack"] if isinstance(expect["ack"], list) else [expect["ack"]]
         if codes != [str(c) for c in expected]:
             problems.append(f"ack: expected {'+'.join(map(str, expected)) or 'none'}, got {'+'.join(codes) or 'none'}")

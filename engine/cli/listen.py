@@ -44,7 +44,7 @@ def run(args) -> int:
 
     def handler(message: Message, peer):
         outcome = Outcome.accepted()
-        codes = [Message.from_bytes(a).get("MSA-1") for a in policy.acks(message, outcome)]
+        codes = policy.codes(message, outcome)
         answer = "no ACK (it is an ACK)" if is_ack(message) else ("ACK " + "+".join(codes) if codes else "no ACK (NE)")
         print(f"{time.strftime('%H:%M:%S')} {peer} {message.get('MSH-9') or '?'} {message.control_id or '-'} "
               f"v{message.version or '?'} {len(message.raw or b'')}B -> {answer}", flush=True)
