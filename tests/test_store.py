@@ -85,6 +85,26 @@ def test_search_columns_are_indexed(store):
     assert "ix_deliveries_queue" in {ix["name"] for ix in sa.inspect(store.engine).get_indexes("deliveries")}
 
 
+def test_delivery_updates_find_their_row_by_index(tmp_path):
+    # the planner once chose the destination index and scanned the destination's whole history
+    store = Store(f"sqlite:///{tmp_path / 'plan.db'}")
+    store.migrate()
+    with store.engine.connect() as connection:
+        plan = connection.exec_driver_sql(
+            "EXPLAIN QUERY PLAN UPDATE deliveries SET status = 'SENT' WHERE message_id = 1 AND destination = 'lab'").all()
+    assert "ix_deliveries_message_destination (message_id=? AND destination=?)" in plan[0][-1]
+    store.close()
+
+
+def test_one_delivery_row_per_destination(store):
+    [message_id] = store.commit([record(deliveries=[DeliveryRecord("lab", "QUEUED", b"MSH|x")])], [])
+    with pytest.raises(sa.exc.IntegrityError):
+        with store.engine.begin() as connection:
+            connection.execute(sa.insert(metadata.tables["deliveries"]).values(
+                message_id=message_id, destination="lab", status="QUEUED", attempts=0, last_ack="", last_error="",
+                updated_at=0.0))
+
+
 def test_sqlite_is_durable(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'd.db'}")
     store.migrate()
