@@ -107,16 +107,19 @@ transformers:
   - map: {{path: PV1-2, table: {{I: IP, O: OP, E: ER}}, default: U}}
 {validators}
 destinations:
-  - {{name: sink, type: mllp, host: 127.0.0.1, port: {sink}, retry_initial: 0.1, retry_max: 1}}
+  - {{name: sink, type: mllp, host: 127.0.0.1, port: {sink}, retry_initial: 0.1, retry_max: 1,
+     order: per_key, order_key: PID-3.1, parallel: {parallel}}}
 """
 
 
-def run_engine(work: Path, validation: bool, connections: int, per_connection: int, message: Path) -> dict:
+def run_engine(work: Path, validation: bool, connections: int, per_connection: int, message: Path,
+               parallel: int = 8) -> dict:
     engine_port, sink_port = free_port(), free_port()
     channels = work / f"channels-{validation}"
     channels.mkdir()
     validators = "validators: [{structure: {on_error: warn}}]" if validation else ""
-    (channels / "bench.yaml").write_text(CHANNEL.format(port=engine_port, sink=sink_port, validators=validators))
+    (channels / "bench.yaml").write_text(CHANNEL.format(port=engine_port, sink=sink_port, validators=validators,
+                                                                parallel=parallel))
     stats = work / f"sink-{validation}.json"
     sink = start_sink(sink_port, 1, stats)
     data = work / f"data-{validation}"
@@ -151,11 +154,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--messages", type=int, default=2500, help="per connection")
+    parser.add_argument("--parallel", type=int, default=8, help="the destination's deliveries in flight (connections)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hl7relay-bench-"))
     message = work / "message.hl7"
-    message.write_bytes(adt_a01_1kb().replace(b"MSG00001", b"@@ID@@").replace(b"|AL|NE|", b"|||"))
+    # every message its own control id; patients spread over 250 per connection (order is kept per patient)
+    message.write_bytes(adt_a01_1kb().replace(b"MSG00001", b"@@ID@@").replace(b"|100234^", b"|@@PID@@^")
+                        .replace(b"|AL|NE|", b"|||"))
     try:
         port, stats = free_port(), work / "raw.json"
         raw_server = start_sink(port, 0, stats)
@@ -168,7 +174,7 @@ def main() -> None:
                    "message_bytes": message.stat().st_size, "baseline": baseline}
         for validation in (False, True):
             results[f"engine_validation_{'on' if validation else 'off'}"] = run_engine(
-                work, validation, args.connections, args.messages, message)
+                work, validation, args.connections, args.messages, message, args.parallel)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{args.connections} connections x {args.messages} messages of {results['message_bytes']} B; "

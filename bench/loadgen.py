@@ -17,7 +17,8 @@ async def connection(host, port, template, prefix, count, latencies, answers):
     buffer = b""
     for i in range(count):
         control_id = f"{prefix}{i:07d}".encode()
-        writer.write(VT + template.replace(b"@@ID@@", control_id) + END)
+        patient = f"{prefix}{i % 250:03d}".encode()
+        writer.write(VT + template.replace(b"@@ID@@", control_id).replace(b"@@PID@@", patient) + END)
         started = time.perf_counter()
         while END not in buffer:
             chunk = await reader.read(65536)

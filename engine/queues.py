@@ -3,10 +3,12 @@
 Retries with exponential backoff and jitter on connection failure, timeout, AR or CR; AE is not
 retried (an application error needs a person) and goes to ERROR, as do exhausted retries (the
 dead-letter state, visible and replayable). Order: one at a time in order of receipt (a failing
-head blocks the queue, visibly), or ``per_key``: in order per key (e.g. per patient), keys in
-parallel. The rows are the truth: the worker polls them, so a restart, or a replay written by
-another process, is picked up. Delivery is at-least-once: a crash between sending and recording
-the answer sends the message again after the restart.
+head blocks the queue, visibly), ``per_key``: in order per key (e.g. per patient), keys in
+parallel, or ``none``. With ``parallel: N`` up to N deliveries are in flight at once (like
+Mirth's queue threads); a key never has more than one. The rows are the truth: the worker polls
+them, so a restart, or a replay written by another process, is picked up. Delivery is
+at-least-once: a crash between sending and recording the answer sends the message again after
+the restart.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = ["DestinationQueue", "DeliveryResult", "retry_delay"]
 
 log = Logger(namespace="hl7relay.queue")
 _FETCH = 200  # deliveries read per look
+_MEMORY_LIMIT = 2000  # deliveries held in memory per destination; the rest are read back from the store
 
 
 def retry_delay(attempts: int, options: QueueOptions, rng: random.Random) -> float:
@@ -63,6 +66,9 @@ class DestinationQueue:
         self.known: set[int] = set()  # pending, in flight, or finished but not yet recorded
         self.busy = False
         self.again = False
+        self._nudged = False
+        self._polling = False
+        self.in_flight: dict[int, dict] = {}  # message id -> row being delivered
         self.stopped = False
         self.connected: bool | None = None
         self.backlog = 0  # queued rows the last poll saw beyond what memory holds
@@ -84,16 +90,26 @@ class DestinationQueue:
         """A delivery row was just committed: send it without reading it back."""
         if message_id in self.known or self.stopped:
             return
+        if len(self.pending) >= _MEMORY_LIMIT:
+            self.backlog += 1  # a slow or down destination: the rest waits on disk, read back as memory drains
+            return
         self.known.add(message_id)
         self.pending[message_id] = {"message_id": message_id, "attempts": 0, "next_attempt_at": received_at,
                                     "order_key": order_key, "content": content, "raw": content, "received_at": received_at}
         self.nudge()
 
     def nudge(self) -> None:
-        if not self.stopped and not self.busy:
-            self.reactor.callLater(0, self.run)
-        else:
+        if self.stopped:
+            return
+        if self.busy:
             self.again = True
+        elif not self._nudged:
+            self._nudged = True
+            self.reactor.callLater(0, self._nudge_run)
+
+    def _nudge_run(self):
+        self._nudged = False
+        self.run()
 
     def first_result(self, message_id: int) -> defer.Deferred:
         """Fires with the DeliveryResult of the message's next attempt (for response.when: after_delivery)."""
@@ -103,27 +119,39 @@ class DestinationQueue:
 
     @defer.inlineCallbacks
     def _poll(self):
+        if self._polling:
+            return
+        self._polling = True
         try:
             rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH)
         except StoreError as exc:
             log.error("queue {channel}/{destination}: cannot read the queue: {error}", channel=self.channel,
                       destination=self.destination, error=str(exc))
             return
-        fresh = [row for row in rows if row["message_id"] not in self.known]
+        finally:
+            self._polling = False
+        room = max(0, _MEMORY_LIMIT - len(self.pending))
+        fresh = [row for row in rows if row["message_id"] not in self.known][:room]
         for row in fresh:
             self.known.add(row["message_id"])
             self.pending[row["message_id"]] = row
         if fresh:  # keep the order of receipt when older rows join newer ones
             self.pending = dict(sorted(self.pending.items()))
         self.backlog = 0
-        if len(rows) >= _FETCH:
-            self.backlog = max(0, (yield self.writer.read(self.writer.store.queue_depth, self.channel, self.destination))
-                               - len(self.pending))
+        if len(rows) >= _FETCH or room < len(rows):
+            self._polling = True
+            try:
+                depth = yield self.writer.read(self.writer.store.queue_depth, self.channel, self.destination)
+                self.backlog = max(0, depth - len(self.pending))
+            except StoreError:
+                pass
+            finally:
+                self._polling = False
         self._report()
         self.run()
 
-    @defer.inlineCallbacks
     def run(self):
+        """Start due deliveries until ``parallel`` are in flight; each finished one calls again."""
         if self.busy:
             self.again = True
             return
@@ -131,38 +159,66 @@ class DestinationQueue:
         try:
             while not self.stopped:
                 self.again = False
-                due = self._due(list(self.pending.values()))
-                for row in due:
-                    if self.stopped:
-                        return
-                    yield self._attempt(row)
-                if not due and not self.again:
-                    self._sleep_until()
-                    return
+                while len(self.in_flight) < self.options.parallel:
+                    row = self._next_due()
+                    if row is None:
+                        break
+                    self._start(row)
+                if not self.again:
+                    break
         finally:
             self.busy = False
+        if not self.stopped:
+            self._sleep_until()
 
-    def _due(self, rows: list[dict]) -> list[dict]:
+    def _next_due(self) -> dict | None:
         now = self.clock()
-        if self.options.order == "in_order":
-            heads = rows[:1]  # the head blocks: nothing overtakes it
-        else:
-            seen, heads = set(), []
-            for row in rows:
+        order, in_flight = self.options.order, self.in_flight
+        if order == "in_order":
+            if in_flight or not self.pending:
+                return None  # the head blocks: nothing overtakes it
+            row = next(iter(self.pending.values()))
+            return row if (row["next_attempt_at"] or 0) <= now else None
+        blocked = {row["order_key"] or "" for row in in_flight.values()} if order == "per_key" else None
+        for message_id, row in self.pending.items():
+            if message_id in in_flight:
+                continue
+            if blocked is not None:
                 key = row["order_key"] or ""
-                if key not in seen:
-                    seen.add(key)
-                    heads.append(row)
-        return [row for row in heads if (row["next_attempt_at"] or 0) <= now]
+                if key in blocked:
+                    continue
+                blocked.add(key)  # later rows of this key wait for this one
+            if (row["next_attempt_at"] or 0) <= now:
+                return row
+        return None
+
+    def _start(self, row: dict) -> None:
+        message_id = row["message_id"]
+        self.in_flight[message_id] = row
+        d = self._attempt(row)
+
+        def finished(result):
+            self.in_flight.pop(message_id, None)
+            if self.pending:
+                self.run()
+            elif self.backlog and not self.stopped:
+                self.reactor.callLater(0, self._poll)  # memory drained: read what waits on disk
+            return result
+
+        d.addBoth(finished)
+        d.addErrback(lambda f: log.failure("queue {channel}/{destination}: delivery bookkeeping failed", f,
+                                           channel=self.channel, destination=self.destination))
 
     def _sleep_until(self) -> None:
-        pending = [row["next_attempt_at"] for row in self.pending.values() if row["next_attempt_at"]]
-        if not pending:
-            return
-        delay = max(0.0, min(pending) - self.clock())
+        # rows that are due but wait behind one in flight are started when it finishes
+        now = self.clock()
+        later = [at for row in self.pending.values() if (at := row["next_attempt_at"]) and at > now]
         if self._wake is not None and self._wake.active():
+            if later and self._wake.getTime() - self.reactor.seconds() <= min(later) - now:
+                return  # already set to wake in time
             self._wake.cancel()
-        self._wake = self.reactor.callLater(delay, self.run)
+        if later:
+            self._wake = self.reactor.callLater(min(later) - now, self.run)
 
     def _report(self) -> None:
         oldest = min((row["received_at"] for row in self.pending.values()), default=None)

@@ -288,15 +288,20 @@ class Engine:
     def _destination(self, destination):
         config = destination.config
         if isinstance(config, MLLPDestinationConfig):
-            sender = MLLPSender(config.sender, self.reactor)
-            self._senders.append(sender)
+            # one connection per delivery in flight; the queue never has more than `parallel` out
+            idle = [MLLPSender(config.sender, self.reactor) for _ in range(config.queue.parallel)]
+            self._senders.extend(idle)
 
             def deliver_mllp(message):
-                d = sender.send(message)
-                d.addCallback(lambda r: DeliveryResult(r.ok, r.status is SendStatus.APPLICATION_ERROR,
-                                                       ack=(r.ack_code + " " + r.text).strip(),
-                                                       error="" if r.ok else f"{r.status.value}: {r.text}".strip()))
-                return d
+                sender = idle.pop()
+
+                def answered(r):
+                    idle.append(sender)
+                    return DeliveryResult(r.ok, r.status is SendStatus.APPLICATION_ERROR,
+                                          ack=(r.ack_code + " " + r.text).strip(),
+                                          error="" if r.ok else f"{r.status.value}: {r.text}".strip())
+
+                return sender.send(message).addCallback(answered)
 
             return deliver_mllp
         if isinstance(config, FileDestinationConfig):

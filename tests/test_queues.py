@@ -157,3 +157,73 @@ def test_a_new_worker_resumes_what_is_queued_at_least_once(setup):
         clock.advance(0.5)
     assert all(s["status"] == "SENT" for s in statuses(store).values())
     assert peer.received == ["M1", "M2"]  # M0 was recorded as sent; M1 is sent again (at-least-once)
+
+
+class HeldPeer:
+    """A destination that answers only when the test says so, to see what is in flight at once."""
+
+    def __init__(self):
+        self.open: list[tuple[str, str, defer.Deferred]] = []
+        self.received = []
+
+    def __call__(self, message):
+        d = defer.Deferred()
+        self.open.append((message.control_id, message.get("PID-3.1"), d))
+        self.received.append(message.control_id)
+        return d
+
+    def answer_all(self, result=None):
+        held, self.open = self.open, []
+        for _, _, d in held:
+            d.callback(result or DeliveryResult(True, ack="AA"))
+
+
+def test_parallel_deliveries_keep_one_message_per_key_in_flight(setup):
+    store, clock, _ = setup
+    for i, key in enumerate("AABBCCDD"):
+        enqueue(store, f"M{i}", key=key)
+    peer = HeldPeer()
+    make_queue(setup, peer, order="per_key", parallel=3)
+    clock.advance(0)
+    first = [(cid, key) for cid, key, _ in peer.open]
+    assert first == [("M0", "A"), ("M2", "B"), ("M4", "C")]  # three at once, one per key, oldest first
+    while peer.open:
+        peer.answer_all()
+        assert len({key for _, key, _ in peer.open}) == len(peer.open) <= 3
+    assert sorted(peer.received) == [f"M{i}" for i in range(8)]
+    for key in "ABCD":  # within a key, in order of receipt
+        mine = [cid for cid in peer.received if int(cid[1:]) // 2 == "ABCD".index(key)]
+        assert mine == sorted(mine)
+    clock.advance(1)
+    assert all(s["status"] == "SENT" for s in statuses(store).values())
+
+
+def test_parallel_without_order_fills_every_slot_and_retries_do_not_block(setup):
+    store, clock, _ = setup
+    for i in range(5):
+        enqueue(store, f"M{i}", key="same")
+    peer = HeldPeer()
+    make_queue(setup, peer, order="none", parallel=4, retry_initial=10, retry_max=10)
+    clock.advance(0)
+    assert [cid for cid, _, _ in peer.open] == ["M0", "M1", "M2", "M3"]
+    peer.answer_all(DOWN)  # all four fail: they wait 5-10 s; M4 goes now
+    assert [cid for cid, _, _ in peer.open] == ["M4"]
+    peer.answer_all()
+    clock.advance(10)
+    peer.answer_all()
+    clock.advance(1)
+    assert all(s["status"] == "SENT" for s in statuses(store).values())
+
+
+def test_parallel_needs_an_order_that_allows_it(tmp_path):
+    from hl7relay.channels.channel import load_channel
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\nsource: {type: mllp, port: 2599}\n"
+                    "destinations:\n  - {name: lab, type: mllp, host: 127.0.0.1, port: 2600, parallel: 4}\n")
+    channel, errors = load_channel(path)
+    assert channel is None and len(errors) == 1
+    assert "c.yaml:4" in str(errors[0]) and "parallel > 1 needs order: per_key or none" in str(errors[0])
+    path.write_text(path.read_text().replace("parallel: 4", "parallel: 4, order: per_key"))
+    channel, errors = load_channel(path)
+    assert not errors and channel.destinations[0].config.queue.parallel == 4

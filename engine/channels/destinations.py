@@ -20,8 +20,9 @@ class QueueOptions:
     max_attempts: int = 10
     retry_initial: float = 1.0
     retry_max: float = 300.0
-    order: str = "in_order"  # or per_key
+    order: str = "in_order"  # or per_key, none
     order_key: str = "PID-3.1"
+    parallel: int = 1  # deliveries in flight at once (MLLP: one connection each)
 
 
 QUEUE_OPTIONS = [
@@ -29,16 +30,23 @@ QUEUE_OPTIONS = [
     Option("retry_initial", "duration", 1.0, "seconds before the first retry (doubles each time, with jitter)"),
     Option("retry_max", "duration", 300.0, "longest wait between retries"),
     Option("order", "enum", "in_order", "in_order: one at a time in order of receipt (a failing head blocks); "
-           "per_key: in order per order_key, keys in parallel", ("in_order", "per_key")),
+           "per_key: in order per order_key, keys in parallel; none: no order kept",
+           ("in_order", "per_key", "none")),
     Option("order_key", "hl7path", "PID-3.1", "with order: per_key, what keeps messages in order (e.g. the patient)"),
+    Option("parallel", "int", 1, "deliveries in flight at once, each on its own connection for MLLP "
+           "(needs order: per_key or none; a key still goes one message at a time)"),
 ]
 
 
 def queue_options(options) -> QueueOptions:
     if options["max_attempts"] < 1:
         raise ValueError("max_attempts must be at least 1")
+    if not 1 <= options["parallel"] <= 64:
+        raise ValueError("parallel must be between 1 and 64")
+    if options["parallel"] > 1 and options["order"] == "in_order":
+        raise ValueError("parallel > 1 needs order: per_key or none (in_order sends one message at a time)")
     return QueueOptions(options["max_attempts"], options["retry_initial"], options["retry_max"], options["order"],
-                        options["order_key"])
+                        options["order_key"], options["parallel"])
 
 
 @dataclass(slots=True)
