@@ -9,6 +9,7 @@ text and ERR-1.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import time
@@ -33,23 +34,32 @@ class ControlIds:
     def __init__(self, clock=time.time):
         self._clock = clock
         self._counter = itertools.count(random.randrange(100000))
+        self._second, self._stamp = None, ""
 
     def __call__(self) -> str:
-        stamp = time.strftime("%y%m%d%H%M%S", time.gmtime(self._clock()))
-        return f"{stamp}{next(self._counter) % 100000:05d}"
+        second = int(self._clock())
+        if second != self._second:  # formatting the time is most of the cost: once per second
+            self._second, self._stamp = second, time.strftime("%y%m%d%H%M%S", time.gmtime(second))
+        return f"{self._stamp}{next(self._counter) % 100000:05d}"
 
 
 _control_ids = ControlIds()
 
 
-def _timestamp(now: float) -> str:
-    local = time.localtime(now)
+@functools.lru_cache(maxsize=4)
+def _timestamp_of_second(second: int) -> str:
+    local = time.localtime(second)
     offset = -time.altzone if local.tm_isdst > 0 else -time.timezone
     sign = "+" if offset >= 0 else "-"
     offset = abs(offset) // 60
     return time.strftime("%Y%m%d%H%M%S", local) + f"{sign}{offset // 60:02d}{offset % 60:02d}"
 
 
+def _timestamp(now: float) -> str:
+    return _timestamp_of_second(int(now))  # MSH-7 to the second: formatted once per second
+
+
+@functools.lru_cache(maxsize=64)
 def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".") if p.isdigit()) or (2, 5)
 

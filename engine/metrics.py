@@ -43,22 +43,30 @@ class Metrics:
         self.discarded_frames = Counter("hl7relay_discarded_frames", "Frames dropped (oversize, read timeout)", ["listener", "reason"], registry=r)
         self.commit_latency = Histogram("hl7relay_store_commit_seconds", "Store commit duration", buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("hl7relay_store_batch_size", "Messages and updates per group commit", buckets=_BATCH_BUCKETS, registry=r)
+        self._children: dict = {}  # (metric, label values) -> child: labels() validates and locks on every call
         self._handlers = {
-            "message_received": lambda f: self.received.labels(f["channel"]).inc(),
+            "message_received": lambda f: self._labels(self.received, f["channel"]).inc(),
             "message_processed": self._processed,
-            "store_failed": lambda f: self.store_failures.labels(f["channel"]).inc(),
-            "delivery_sent": lambda f: self.sent.labels(f["channel"], f["destination"]).inc(),
-            "delivery_failed": lambda f: self.failed.labels(f["channel"], f["destination"]).inc(),
-            "delivery_retried": lambda f: self.retried.labels(f["channel"], f["destination"]).inc(),
+            "store_failed": lambda f: self._labels(self.store_failures, f["channel"]).inc(),
+            "delivery_sent": lambda f: self._labels(self.sent, f["channel"], f["destination"]).inc(),
+            "delivery_failed": lambda f: self._labels(self.failed, f["channel"], f["destination"]).inc(),
+            "delivery_retried": lambda f: self._labels(self.retried, f["channel"], f["destination"]).inc(),
             "queue_state": self._queue_state,
-            "destination_state": lambda f: self.destination_up.labels(f["channel"], f["destination"]).set(1 if f["connected"] else 0),
-            "connection_opened": lambda f: self.connections.labels(f["listener"]).inc(),
-            "connection_closed": lambda f: self.connections.labels(f["listener"]).dec(),
-            "connection_refused": lambda f: self.refused.labels(f["listener"]).inc(),
-            "bytes_discarded": lambda f: self.discarded_bytes.labels(f["listener"]).inc(f["count"]),
-            "frame_discarded": lambda f: self.discarded_frames.labels(f["listener"], f["reason"]).inc(),
+            "destination_state": lambda f: self._labels(self.destination_up, f["channel"], f["destination"]).set(1 if f["connected"] else 0),
+            "connection_opened": lambda f: self._labels(self.connections, f["listener"]).inc(),
+            "connection_closed": lambda f: self._labels(self.connections, f["listener"]).dec(),
+            "connection_refused": lambda f: self._labels(self.refused, f["listener"]).inc(),
+            "bytes_discarded": lambda f: self._labels(self.discarded_bytes, f["listener"]).inc(f["count"]),
+            "frame_discarded": lambda f: self._labels(self.discarded_frames, f["listener"], f["reason"]).inc(),
             "store_commit": self._commit,
         }
+
+    def _labels(self, metric, *values):
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def observe(self, event: str, fields: dict) -> None:
         handler = self._handlers.get(event)
@@ -79,21 +87,21 @@ class Metrics:
         channel = f["channel"]
         status = f["status"]
         if status == "FILTERED":
-            self.filtered.labels(channel).inc()
+            self._labels(self.filtered, channel).inc()
         elif status == "ERROR":
-            self.errored.labels(channel).inc()
+            self._labels(self.errored, channel).inc()
         elif status == "DUPLICATE":
-            self.duplicates.labels(channel).inc()
+            self._labels(self.duplicates, channel).inc()
         for code in f.get("ack_codes", ()):
-            self.acked.labels(channel, code).inc()
+            self._labels(self.acked, channel, code).inc()
         if f.get("ack_latency") is not None:
-            self.ack_latency.labels(channel).observe(f["ack_latency"])
+            self._labels(self.ack_latency, channel).observe(f["ack_latency"])
         for stage, seconds in f.get("stages", {}).items():
-            self.stage_latency.labels(channel, stage).observe(seconds)
+            self._labels(self.stage_latency, channel, stage).observe(seconds)
 
     def _queue_state(self, f):
-        self.queue_depth.labels(f["channel"], f["destination"]).set(f["depth"])
-        self.queue_age.labels(f["channel"], f["destination"]).set(f["oldest_age"] or 0)
+        self._labels(self.queue_depth, f["channel"], f["destination"]).set(f["depth"])
+        self._labels(self.queue_age, f["channel"], f["destination"]).set(f["oldest_age"] or 0)
 
     def _commit(self, f):
         self.commit_latency.observe(f["seconds"])

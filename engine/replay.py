@@ -15,7 +15,7 @@ from hl7relay.channels.channel import Channel
 from hl7relay.channels.pipeline import Result, process
 from hl7relay.errors import ParseError
 from hl7relay.message import Message
-from hl7relay.store import DeliveryRecord, MessageRecord, Store
+from hl7relay.store import DeliveryRecord, MessageRecord, Store, delivery_content
 
 __all__ = ["ReplayPlan", "plan_replay", "commit_replay"]
 
@@ -65,11 +65,12 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
     if processed.result is not Result.PROCESSED:
         plan.skipped = f"the channel now says {processed.result.value}" + (f": {processed.error}" if processed.error else "")
         return plan
+    sent = {d["destination"] for d in stored["deliveries"] if d["status"] != "FILTERED"}
     for output in processed.outputs:
         if output.name in chosen and output.message is not None:
             data = output.message.to_bytes()
             plan.outputs[output.name] = data
-            before = stored["stages"].get(f"destination:{output.name}")
+            before = delivery_content(stored["stages"], stored["raw"], output.name) if output.name in sent else None
             if before is not None and before != data:
                 plan.changes[output.name] = "\n".join(difflib.unified_diff(
                     before.decode("utf-8", "replace").split("\r"), data.decode("utf-8", "replace").split("\r"),

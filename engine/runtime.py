@@ -17,6 +17,7 @@ from pathlib import Path
 
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hl7relay.ack import AckPolicy, Outcome, Status
 from hl7relay.ack.policy import is_ack
@@ -53,7 +54,7 @@ class _RunningChannel:
 
 class Engine:
     def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data",
-                 queue_poll_interval: float = 1.0, log_phi_bytes: int = 512):
+                 queue_poll_interval: float = 1.0, log_phi_bytes: int = 512, log_levels=None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -68,6 +69,7 @@ class Engine:
         self.started = False
         self.stopping = False
         self.log_phi_bytes = log_phi_bytes
+        self.log_levels = log_levels  # what the log output lets through (None: everything)
         for channel in channels:
             if channel.enabled:
                 policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
@@ -124,22 +126,30 @@ class Engine:
         yield self.writer.close()
 
     # -- one message --------------------------------------------------------------------------
-    @defer.inlineCallbacks
-    def handle(self, channel: Channel, message: Message, peer) -> Outcome:
+    # The hot path is plain Deferred callbacks, not inlineCallbacks: a generator and its
+    # Deferreds per layer cost more than the pipeline itself (profiled under load).
+    def handle(self, channel: Channel, message: Message, peer) -> defer.Deferred:
+        """Process, store and answer one message: a Deferred firing with its :class:`Outcome`."""
         self.in_flight += 1
         started = time.perf_counter()
         emit("message_received", channel=channel.name)
         try:
-            outcome = yield self._handle(channel, message, peer)
-        finally:
+            d = self._handle(channel, message, peer)
+        except BaseException:
             self.in_flight -= 1
-        emit("message_processed", channel=channel.name, status=getattr(outcome, "stored_status", outcome.status.value),
+            raise
+        return d.addBoth(self._handled, channel.name, started)
+
+    def _handled(self, outcome, channel_name: str, started: float):
+        self.in_flight -= 1
+        if isinstance(outcome, Failure):
+            return outcome
+        emit("message_processed", channel=channel_name, status=getattr(outcome, "stored_status", outcome.status.value),
              ack_codes=outcome.ack_codes, ack_latency=time.perf_counter() - started,
              stages=getattr(outcome, "timings", {}))
         return outcome
 
-    @defer.inlineCallbacks
-    def _handle(self, channel: Channel, message: Message, peer):
+    def _handle(self, channel: Channel, message: Message, peer) -> defer.Deferred:
         running = self.channels[channel.name]
         received_at = self.clock()
         raw = message.raw if message.raw is not None else message.to_bytes()
@@ -150,8 +160,11 @@ class Engine:
         }
         original = message.header()  # the ACK answers what was received, before any transformer
         if channel.duplicates is None:
-            outcome = yield self._process_and_store(running, channel, message, original, raw, header, received_at, peer, None)
-            return outcome
+            return self._process_and_store(running, channel, message, original, raw, header, received_at, peer, None)
+        return self._handle_duplicates(running, channel, message, original, raw, header, received_at, peer)
+
+    @defer.inlineCallbacks
+    def _handle_duplicates(self, running, channel, message, original, raw, header, received_at, peer):
         # Messages with one key go one at a time, so a repeat that arrives while the original is
         # still being stored is recognised and answered as the original was.
         key = "|".join(message.get(path) for path in channel.duplicates.key)
@@ -178,6 +191,9 @@ class Engine:
             mine.callback(None)
         return outcome
 
+    def _tracing(self, channel: Channel) -> bool:
+        return self.log_levels is None or self.log_levels.wants(channel.name, "trace")
+
     @defer.inlineCallbacks
     def _duplicate(self, channel, original, raw, header, received_at, peer, key, first):
         from hl7relay.ack.builder import build_ack
@@ -200,8 +216,8 @@ class Engine:
         duplicate.stored_status = "DUPLICATE"
         return duplicate
 
-    @defer.inlineCallbacks
-    def _process_and_store(self, running, channel, message, original, raw, header, received_at, peer, duplicate_key):
+    def _process_and_store(self, running, channel, message, original, raw, header, received_at, peer,
+                           duplicate_key) -> defer.Deferred:
         pipeline_started = time.perf_counter()
         try:
             processed = process(channel, message)
@@ -215,48 +231,70 @@ class Engine:
             status, error, outcome = self._outcome(processed)
         record = MessageRecord(channel.name, raw, status, received_at, str(peer), message.charset,
                                error=error, duplicate_key=duplicate_key, **header)
-        if processed is not None and processed.transformed and "transformed" in channel.stages:
-            record.stages["transformed"] = processed.message.to_bytes()
+        transformed = None
+        if processed is not None and processed.transformed:
+            transformed = processed.message.to_bytes()
+            if "transformed" in channel.stages:
+                record.stages["transformed"] = transformed
         outputs = processed.outputs if processed is not None and processed.result is Result.PROCESSED else []
         for output in outputs:
             if output.message is None:
                 record.deliveries.append(DeliveryRecord(output.name, "FILTERED"))
                 continue
-            # the queue resends from this stored content, so it is kept whatever the storage policy says
             options = running.queues[output.name].options
             key = output.message.get(options.order_key) if options.order == "per_key" else None
-            record.deliveries.append(DeliveryRecord(output.name, "QUEUED", output.message.to_bytes(), key))
+            content = output.message.to_bytes()
+            # the queue resends from the stored content; it is stored apart only when it differs
+            # from the transformed stage (or the raw message) that the queue falls back to
+            kept = transformed if transformed is not None and "transformed" in channel.stages else raw
+            record.deliveries.append(DeliveryRecord(output.name, "QUEUED", content if content != kept else None, key,
+                                                    payload=content))
         if channel.response.when == "on_store" or is_ack(original) or not outputs:
             running.policy.prepare(original, outcome)
             record.ack_code = outcome.ack_codes[-1] if outcome.ack_codes else ""
             if outcome.acks and "acks" in channel.stages:
                 record.stages["ack"] = b"\r".join(outcome.acks)
         pipeline_seconds = time.perf_counter() - pipeline_started
-        store_started = time.perf_counter()
-        try:
-            message_id = yield self.writer.write(record)
-        except StoreError as exc:
-            log.error("channel {channel}: message {control_id} could not be stored: {error}",
-                      channel=channel.name, control_id=header["control_id"], error=str(exc))
-            emit("store_failed", channel=channel.name)
-            failed = Outcome.internal_error("the message could not be stored")
-            failed.stored_status = "NOT_STORED"
-            return failed
+        d = self.writer.write(record)
+        d.addCallbacks(self._stored, self._not_stored,
+                       callbackArgs=(running, channel, message, original, raw, header, received_at, record, outcome,
+                                     status, pipeline_seconds, time.perf_counter()),
+                       errbackArgs=(channel, header))
+        return d
+
+    def _not_stored(self, failure, channel, header):
+        failure.trap(StoreError)
+        log.error("channel {channel}: message {control_id} could not be stored: {error}",
+                  channel=channel.name, control_id=header["control_id"], error=failure.getErrorMessage())
+        emit("store_failed", channel=channel.name)
+        failed = Outcome.internal_error("the message could not be stored")
+        failed.stored_status = "NOT_STORED"
+        return failed
+
+    def _stored(self, message_id, running, channel, message, original, raw, header, received_at, record, outcome,
+                status, pipeline_seconds, store_started):
         outcome.timings = {"pipeline": pipeline_seconds, "store": time.perf_counter() - store_started}
         outcome.stored_status = status
-        log.debug("channel {channel}: message {control_id} stored as {message_id} ({status})", channel=channel.name,
-                  control_id=header["control_id"], message_id=message_id, status=status, trace=True)
-        if channel.log_phi:
-            content = raw[: self.log_phi_bytes].decode(message.codec, "replace").replace("\r", "\n")
-            log.debug("channel {channel}: message {control_id} content ({size} bytes): {content}", channel=channel.name,
-                      control_id=header["control_id"], message_id=message_id, size=len(raw), content=content, trace=True)
+        if self._tracing(channel):
+            log.debug("channel {channel}: message {control_id} stored as {message_id} ({status})", channel=channel.name,
+                      control_id=header["control_id"], message_id=message_id, status=status, trace=True)
+            if channel.log_phi:
+                content = raw[: self.log_phi_bytes].decode(message.codec, "replace").replace("\r", "\n")
+                log.debug("channel {channel}: message {control_id} content ({size} bytes): {content}",
+                          channel=channel.name, control_id=header["control_id"], message_id=message_id, size=len(raw),
+                          content=content, trace=True)
         queued = [(running.queues[d.destination], d) for d in record.deliveries if d.status == "QUEUED"]
         deliveries = [queue.first_result(message_id) for queue, _ in queued] if outcome.acks is None else []
         for queue, delivery in queued:
-            queue.enqueue(message_id, delivery.content, delivery.order_key, received_at)
+            queue.enqueue(message_id, delivery.payload if delivery.payload is not None else delivery.content,
+                          delivery.order_key, received_at)
         if outcome.acks is not None:
             return outcome
-        # after_delivery: the answer reflects the destinations
+        return self._after_delivery(running, channel, original, message_id, outcome, deliveries)
+
+    @defer.inlineCallbacks
+    def _after_delivery(self, running, channel, original, message_id, outcome, deliveries):
+        """response.when: after_delivery: the answer reflects the destinations."""
         results = yield defer.gatherResults(deliveries) if deliveries else defer.succeed([])
         if all(r.ok for r in results):
             final = Outcome.accepted()

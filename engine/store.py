@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-__all__ = ["Store", "MessageRecord", "DeliveryRecord", "StoreError", "MIGRATIONS", "open_store"]
+__all__ = ["Store", "MessageRecord", "DeliveryRecord", "StoreError", "MIGRATIONS", "open_store", "delivery_content"]
 
 
 class StoreError(Exception):
@@ -153,8 +153,19 @@ MIGRATIONS = [
 class DeliveryRecord:
     destination: str
     status: str  # QUEUED or FILTERED at first
-    content: bytes | None = None  # stage destination:<name>: what the queue sends (always kept while queued)
+    # stage destination:<name>, stored only when it differs from what the queue falls back to
+    # (the transformed stage, else the raw message): see delivery_content()
+    content: bytes | None = None
     order_key: str | None = None
+    payload: bytes | None = None  # what the queue sends now (in memory; not a column)
+
+
+def delivery_content(stages: dict, raw: bytes, destination: str) -> bytes:
+    """What a destination is (or was) sent: its own stage, else the transformed message, else the raw one."""
+    content = stages.get("destination:" + destination)
+    if content is None:
+        content = stages.get("transformed")
+    return raw if content is None else content
 
 
 @dataclass(slots=True)
@@ -433,13 +444,16 @@ class Store:
     # -- queues ------------------------------------------------------------------------------
     def queued_deliveries(self, channel: str, destination: str, limit: int = 200) -> list[dict]:
         """The destination's QUEUED deliveries in order of receipt, with what to send."""
-        content = stages.alias("content")
-        query = (
+        content, transformed = stages.alias("content"), stages.alias("transformed")
+        query = (  # the content as delivery_content() finds it
             sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.next_attempt_at,
-                      deliveries.c.order_key, content.c.content, messages.c.raw, messages.c.received_at)
+                      deliveries.c.order_key, sa.func.coalesce(content.c.content, transformed.c.content).label("content"),
+                      messages.c.raw, messages.c.received_at)
             .join(messages, messages.c.id == deliveries.c.message_id)
             .outerjoin(content, sa.and_(content.c.message_id == deliveries.c.message_id,
                                         content.c.stage == "destination:" + destination))
+            .outerjoin(transformed, sa.and_(transformed.c.message_id == deliveries.c.message_id,
+                                            transformed.c.stage == "transformed"))
             .where(deliveries.c.destination == destination, deliveries.c.status == "QUEUED", messages.c.channel == channel)
             .order_by(deliveries.c.message_id).limit(limit)
         )

@@ -132,6 +132,12 @@ def test_channel_log_levels_and_trace():
     assert not passes(log_level=LogLevel.debug, channel="oru", trace=True)
     assert not passes(log_level=LogLevel.info, channel="oru") and passes(log_level=LogLevel.warn, channel="oru")
     assert not passes(log_level=LogLevel.warn, channel="siu") and passes(log_level=LogLevel.error, channel="siu")
+    # wants() (asked before a line is built) agrees with the filter for every level and channel
+    twisted_levels = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
+    for channel in ("adt", "oru", "siu"):
+        assert levels.wants(channel, "trace") == passes(log_level=LogLevel.debug, channel=channel, trace=True)
+        for name, level in twisted_levels.items():
+            assert levels.wants(channel, name) == passes(log_level=level, channel=channel), (channel, name)
 
 
 def test_admin_binds_to_localhost_by_default():

@@ -56,6 +56,29 @@ def test_the_ack_waits_for_the_commit(tmp_path, manual_executor):
     assert Message.from_bytes(stored["stages"]["ack"]).get("MSA-2") == "M1"  # the very ACK that is sent
 
 
+def test_a_destination_copy_is_stored_only_when_it_differs(tmp_path, manual_executor):
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor, """
+        transformers: [{set: {path: MSH-5, value: LAB}}]
+        destinations:
+          - {name: same, type: file, directory: out}
+          - name: own
+            type: file
+            directory: out
+            transformers: [{set: {path: MSH-6, value: WARD}}]
+    """)
+    answer(engine, channel, ADT.format(id="M1", extra=""))
+    executor.run_all()
+    stored = store.get_message(1)
+    assert set(stored["stages"]) == {"transformed", "ack", "destination:own"}  # 'same' is the transformed message
+    [row_same] = store.queued_deliveries("ch", "same")
+    [row_own] = store.queued_deliveries("ch", "own")
+    # what a restarted queue sends: its own copy, else the transformed stage
+    assert row_same["content"] == stored["stages"]["transformed"]
+    assert Message.from_bytes(row_same["content"]).get("MSH-5") == "LAB"
+    assert Message.from_bytes(row_own["content"]).get("MSH-6") == "WARD"
+    assert Message.from_bytes(row_own["content"]).get("MSH-5") == "LAB"
+
+
 class FailingStore(Store):
     def commit(self, records, updates):
         raise StoreError("disk full")

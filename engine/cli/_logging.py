@@ -28,6 +28,11 @@ class ChannelLevels:
         self.default = LEVELS[default]
         self.per_channel = {name: LEVELS[level] for name, level in (per_channel or {}).items()}
 
+    def wants(self, channel: str, level: str) -> bool:
+        """Whether a line of ``level`` about ``channel`` would be written (to skip building it)."""
+        threshold = self.per_channel.get(channel, self.default)
+        return threshold == 0 if level == "trace" else max(LEVELS[level], 1) >= max(threshold, 1)
+
     def __call__(self, event) -> PredicateResult:
         threshold = self.per_channel.get(event.get("channel"), self.default)
         if event.get("trace"):

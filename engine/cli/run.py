@@ -58,7 +58,7 @@ def run(args) -> int:
     if not enabled:
         print("no enabled channels", file=sys.stderr)
         return 1
-    start_logging(settings["log_level"], settings["log_format"],
+    log_levels = start_logging(settings["log_level"], settings["log_format"],
                   {c.name: c.log_level for c in enabled if c.log_level})
     try:
         store = Store(settings["store"])
@@ -67,7 +67,8 @@ def run(args) -> int:
         print(f"cannot open the store {settings['store']}: {exc}", file=sys.stderr)
         return 1
     writer = StoreWriter(store, reactor)
-    engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"])
+    engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
+                    log_levels=log_levels)
     print(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", flush=True)
     try:
         lines = engine.start()
