@@ -74,17 +74,20 @@ class AckPolicy:
         """The ACK frames to write, in order: one per code of :meth:`codes`."""
         if outcome.acks is not None and not is_ack(message):
             return list(outcome.acks)
+        return self._build(message, outcome, self.codes(message, outcome))
+
+    def prepare(self, message: Message, outcome: Outcome) -> Outcome:
+        """Build the outcome's ACKs once and keep them (and their codes) on it."""
+        codes = outcome.ack_codes = self.codes(message, outcome)
+        outcome.acks = list(outcome.acks) if outcome.acks is not None and codes else self._build(message, outcome, codes)
+        return outcome
+
+    def _build(self, message: Message, outcome: Outcome, codes: list[str]) -> list[bytes]:
         header = {"sending_application": self.sending_application, "sending_facility": self.sending_facility}
         # a CA never carries errors; every other code carries the outcome's text and findings
         return [build_ack(message, code, **header) if code == "CA" else
                 build_ack(message, code, outcome.text, outcome.code, outcome.findings, **header)
-                for code in self.codes(message, outcome)]
-
-    def prepare(self, message: Message, outcome: Outcome) -> Outcome:
-        """Build the outcome's ACKs once and keep them (and their codes) on it."""
-        outcome.ack_codes = self.codes(message, outcome)
-        outcome.acks = self.acks(message, outcome)
-        return outcome
+                for code in codes]
 
     def _application_code(self, outcome: Outcome) -> str:
         status = outcome.status

@@ -225,20 +225,26 @@ class DestinationQueue:
         emit("queue_state", channel=self.channel, destination=self.destination, depth=len(self.pending) + self.backlog,
              oldest_age=None if oldest is None else max(0.0, self.clock() - oldest))
 
-    @defer.inlineCallbacks
-    def _attempt(self, row: dict):
-        message_id = row["message_id"]
+    def _attempt(self, row: dict) -> defer.Deferred:
+        """Send one delivery; the Deferred fires once its result is handled (not yet recorded)."""
         data = row["content"] if row["content"] is not None else row["raw"]
         try:
             message = Message.from_bytes(data)
         except ParseError as exc:
-            result = DeliveryResult(False, application_error=True, error=f"stored content is not HL7: {exc}")
-        else:
-            try:
-                result = yield defer.maybeDeferred(self.deliver, message)
-            except Exception as exc:  # noqa: BLE001 - a destination bug must not stop the queue
-                log.failure("queue {channel}/{destination}: delivery raised", channel=self.channel, destination=self.destination)
-                result = DeliveryResult(False, error=f"{type(exc).__name__}: {exc}")
+            return defer.succeed(self._handle_result(
+                DeliveryResult(False, application_error=True, error=f"stored content is not HL7: {exc}"), row))
+        d = defer.maybeDeferred(self.deliver, message)
+        d.addErrback(self._raised)
+        return d.addCallback(self._handle_result, row)
+
+    def _raised(self, failure) -> "DeliveryResult":
+        # a destination bug must not stop the queue: it counts as a failed (retried) attempt
+        log.failure("queue {channel}/{destination}: delivery raised", failure, channel=self.channel,
+                    destination=self.destination)
+        return DeliveryResult(False, error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
+
+    def _handle_result(self, result: "DeliveryResult", row: dict) -> None:
+        message_id = row["message_id"]
         attempts = row["attempts"] + 1
         now = self.clock()
         values = {"attempts": attempts, "updated_at": now, "last_ack": result.ack}

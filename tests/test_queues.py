@@ -227,3 +227,24 @@ def test_parallel_needs_an_order_that_allows_it(tmp_path):
     path.write_text(path.read_text().replace("parallel: 4", "parallel: 4, order: per_key"))
     channel, errors = load_channel(path)
     assert not errors and channel.destinations[0].config.queue.parallel == 4
+
+
+def test_a_destination_that_raises_is_retried_and_the_queue_goes_on(setup):
+    store, clock, _ = setup
+    enqueue(store, "M0", key="A")
+    enqueue(store, "M1", key="B")
+    calls = []
+
+    def buggy(message):
+        calls.append(message.control_id)
+        if message.control_id == "M0" and calls.count("M0") == 1:
+            raise RuntimeError("bug in the destination")
+        return DeliveryResult(True, ack="AA")
+
+    make_queue(setup, buggy, order="per_key", retry_initial=1, retry_max=1)
+    clock.advance(0)
+    rows = statuses(store)
+    assert rows["M0"]["status"] == "QUEUED" and "RuntimeError: bug in the destination" in rows["M0"]["last_error"]
+    assert rows["M1"]["status"] == "SENT"
+    clock.advance(1)
+    assert statuses(store)["M0"]["status"] == "SENT" and calls == ["M0", "M1", "M0"]
