@@ -124,7 +124,8 @@ def run_engine(work: Path, validation: bool, connections: int, per_connection: i
     sink = start_sink(sink_port, 1, stats)
     data = work / f"data-{validation}"
     engine = subprocess.Popen(pinned(0, [sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
-                                         "--data-dir", str(data), "--admin-port", "0", "--log-level", "error"]),
+                                         "--data-dir", str(data), "--admin-port", str(free_port()),  # metrics on, as deployed
+                                         "--log-level", "error"]),
                               cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_port(engine_port)

@@ -278,7 +278,7 @@ class DestinationQueue:
         for waiter in self._waiters.pop(message_id, ()):
             waiter.callback(result)
         # recorded through the group commit; the id stays "known" until then so a poll cannot resend it
-        update = self.writer.update(("delivery", (message_id, self.destination), values))
+        update = self.writer.update(("delivery", (message_id, self.destination), values), lazy=True)
 
         def recorded(outcome):
             if final:

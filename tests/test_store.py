@@ -151,3 +151,42 @@ def test_one_bad_record_does_not_fail_its_batch(tmp_path):
     writer._flush()
     assert good and bad == [StoreError]
     assert store.count() == 1
+
+
+def test_lazy_updates_ride_with_the_next_messages_or_go_after_their_delay(tmp_path):
+    from twisted.internet import task
+
+    store = Store(f"sqlite:///{tmp_path / 'lazy.db'}")
+    store.migrate()
+    clock = task.Clock()
+    commits = []
+    real_commit = store.commit
+
+    def counting_commit(records, updates):
+        commits.append((len(records), len(updates)))
+        return real_commit(records, updates)
+
+    store.commit = counting_commit
+    writer = StoreWriter(store, clock, executor=lambda fn, *a: defer.maybeDeferred(fn, *a), lazy_delay=0.05)
+    ids = []
+    writer.write(record("A", deliveries=[DeliveryRecord("lab", "QUEUED", b"MSH|x")])).addCallback(ids.append)
+    clock.advance(0)
+    [message_id] = ids
+    sent = ("delivery", (message_id, "lab"), {"status": "SENT", "attempts": 1})
+    recorded = []
+    writer.update(sent, lazy=True).addCallback(recorded.append)
+    clock.advance(0.01)
+    assert commits == [(1, 0)] and not recorded  # waiting for company
+    writer.write(record("B"))
+    clock.advance(0)
+    assert commits == [(1, 0), (1, 1)] and recorded == [None]  # rode along with B
+    writer.update(("delivery", (message_id, "lab"), {"attempts": 2}), lazy=True).addCallback(recorded.append)
+    clock.advance(0.049)
+    assert len(commits) == 2
+    clock.advance(0.002)
+    assert commits[-1] == (0, 1) and len(recorded) == 2  # alone, once its delay passed
+    writer.update(("delivery", (message_id, "lab"), {"attempts": 3}), lazy=True)
+    closed = []
+    writer.drain().addCallback(closed.append)  # shutting down: no waiting for the timer
+    assert commits[-1] == (0, 1) and len(commits) == 4 and closed == [None]
+    assert store.get_message(message_id)["deliveries"][0]["attempts"] == 3

@@ -66,7 +66,7 @@ def run(args) -> int:
     except Exception as exc:  # noqa: BLE001 - any driver error: say it plainly and stop
         print(f"cannot open the store {settings['store']}: {exc}", file=sys.stderr)
         return 1
-    writer = StoreWriter(store, reactor)
+    writer = StoreWriter(store, reactor, lazy_delay=0.05)
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
                     log_levels=log_levels)
     print(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", flush=True)
