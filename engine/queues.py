@@ -168,8 +168,8 @@ class DestinationQueue:
                     break
         finally:
             self.busy = False
-        if not self.stopped:
-            self._sleep_until()
+        if not self.stopped and len(self.in_flight) < self.options.parallel:
+            self._sleep_until()  # a free slot and nothing due: wake for the next retry (a full queue wakes on answers)
 
     def _next_due(self) -> dict | None:
         now = self.clock()
