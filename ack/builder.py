@@ -86,27 +86,15 @@ def build_ack(
     d: Delimiters = received.delimiters if received is not None else DEFAULT_DELIMITERS
     if received is not None and (not d.component or not d.escape or len(set(d)) != len(d)):
         d = DEFAULT_DELIMITERS  # the sender's delimiters are unusable; answer in the standard ones
-    fs, cs = d.field, d.component
+    fs = d.field
     get = received.get if received is not None else (lambda path: "")
     raw = (lambda n: _raw_field(received, n)) if received is not None else (lambda n: "")
     version = get("MSH-12.1") or _DEFAULT_VERSION
-    trigger = get("MSH-9.2")
-    if _version_key(version) >= (2, 5):
-        message_type = cs.join(["ACK", trigger, "ACK"]) if trigger else cs.join(["ACK", "", "ACK"])
-    elif _version_key(version) >= (2, 3):
-        message_type = cs.join(["ACK", trigger]) if trigger else "ACK"
-    else:
-        message_type = "ACK"
-    header = [
-        "MSH", d.encoding_characters,
-        raw(5) or escape(sending_application, d), raw(6) or escape(sending_facility, d),
-        raw(3), raw(4),
-        _timestamp(now), "", message_type, escape(control_id, d),
-        raw(11) or "P", raw(12) or _DEFAULT_VERSION,
-    ]
-    if received is not None and raw(18):
-        header += [""] * 5 + [raw(18)]  # MSH-13..17 empty, MSH-18 copied so the reply decodes alike
-    segments = [header[0] + fs + fs.join(header[1:])]
+    # everything in MSH but MSH-7 and MSH-10 depends only on the sender's header: built once per sender
+    before_time, before_id, after_id = _header_template(
+        d, raw(3), raw(4), raw(5), raw(6), raw(11), raw(12), raw(18) if received is not None else "",
+        version, get("MSH-9.2"), sending_application, sending_facility)
+    segments = [before_time + _timestamp(now) + before_id + escape(control_id, d) + after_id]
     modern = _version_key(version) >= (2, 5)
     msa = ["MSA", code, escape(get("MSH-10"), d)]
     if text and not modern:
@@ -120,6 +108,25 @@ def build_ack(
     text_out = "\r".join(segments) + "\r"
     codec = received.codec if received is not None else "utf_8"
     return text_out.encode(codec, "surrogateescape")
+
+
+@functools.lru_cache(maxsize=256)
+def _header_template(d: Delimiters, f3: str, f4: str, f5: str, f6: str, f11: str, f12: str, f18: str, version: str,
+                     trigger: str, sending_application: str, sending_facility: str) -> tuple[str, str, str]:
+    """The ACK's MSH around MSH-7 and MSH-10: (up to MSH-7, MSH-8..9, after MSH-10)."""
+    fs, cs = d.field, d.component
+    if _version_key(version) >= (2, 5):
+        message_type = cs.join(["ACK", trigger, "ACK"]) if trigger else cs.join(["ACK", "", "ACK"])
+    elif _version_key(version) >= (2, 3):
+        message_type = cs.join(["ACK", trigger]) if trigger else "ACK"
+    else:
+        message_type = "ACK"
+    before_time = fs.join(["MSH" + fs + d.encoding_characters, f5 or escape(sending_application, d),
+                           f6 or escape(sending_facility, d), f3, f4, ""])
+    after_id = fs + fs.join([f11 or "P", f12 or _DEFAULT_VERSION])
+    if f18:
+        after_id += fs * 6 + f18  # MSH-13..17 empty, MSH-18 copied so the reply decodes alike
+    return before_time, fs + fs + message_type + fs, after_id
 
 
 def _raw_field(message: Message, number: int) -> str:
