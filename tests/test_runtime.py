@@ -165,7 +165,7 @@ def test_end_to_end_stored_then_delivered_to_a_file_and_an_mllp_receiver(tmp_pat
         filters: [{{message_type: ADT}}]
         transformers: [{{set: {{path: MSH-5, value: LAB}}}}]
         destinations:
-          - {{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}}}
+          - {{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}, order: per_key, parallel: 3}}
           - {{name: files, type: file, directory: "{tmp_path / 'out'}", filename: "{{MSH-10}}.hl7"}}
         """))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -183,7 +183,9 @@ def test_end_to_end_stored_then_delivered_to_a_file_and_an_mllp_receiver(tmp_pat
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stdout + sent.stderr
         received = "".join(wait_for_line(lab, "MSG00004"))
-        assert all(f" {cid} " in received for cid in ("MSG00001", "MSG00003", "MSG00004"))
+        # one patient: in order of receipt, even with three connections to the lab
+        assert [received.index(f" {cid} ") for cid in ("MSG00001", "MSG00003", "MSG00004")] == sorted(
+            received.index(f" {cid} ") for cid in ("MSG00001", "MSG00003", "MSG00004"))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and len(list((tmp_path / "out").glob("*.hl7"))) < 3:
             time.sleep(0.1)
