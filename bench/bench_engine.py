@@ -1,13 +1,16 @@
 """The engine under MLLP load, next to the raw stack's ceiling measured in the same run.
 
-    python bench/bench_engine.py [--connections 8] [--messages 2500] [--json results.json]
+    python bench/bench_engine.py [--connections 8] [--messages 2500] [--parallel 8] [--json results.json]
 
 1. Baseline: a raw Twisted MLLP server that only frames and ACKs (bench/mllp_sink.py) on core 0,
-   driven by the load generator (bench/loadgen.py) on core 1.
-2. The engine (`hl7relay run`, durable SQLite) on core 0 with a benchmark channel: a filter, three
-   transformer steps, validation off and then on, one MLLP destination to a sink on core 1.
+   driven by the load generator (bench/loadgen.py) on core 1: the ceiling for msgs/s accepted.
+2. Baseline: a raw Twisted relay that frames, ACKs and forwards each message to the sink over
+   --parallel connections (bench/mllp_relay.py): the ceiling for end to end (two MLLP hops).
+3. The engine (`hl7relay run`, durable SQLite, metrics on) on core 0 with a benchmark channel: a
+   filter, three transformer steps, validation off and then on, one MLLP destination (per patient
+   order, --parallel connections) to a sink on core 1.
    Reported: msgs/s accepted and stored, ACK latency p50/p95/p99, end-to-end msgs/s through the
-   destination, RSS, and the ratio to the baseline.
+   destination, RSS, and the ratios to the baselines.
 
 Targets (issue #6): >= 6,000 msgs/s stored, >= 4,000 msgs/s end to end, ACK p99 <= 5 ms,
 RSS <= 100 MB, 8 connections.
@@ -112,6 +115,42 @@ destinations:
 """
 
 
+def end_to_end(engine_port: int, sink: subprocess.Popen, stats: Path, connections: int, per_connection: int,
+               message: Path) -> dict:
+    """Warm up, then load; msgs/s ACKed and msgs/s that reached the sink, counted from the load's start."""
+    warm = load(engine_port, connections, max(50, per_connection // 20), message)["acked"]
+    deadline = time.monotonic() + 60
+    while sink_stats(sink, stats)["received"] < warm and time.monotonic() < deadline:
+        time.sleep(0.1)  # the warm-up's deliveries must not be counted in the measured run
+    warm = sink_stats(sink, stats)["received"]
+    result = load(engine_port, connections, per_connection, message)
+    expected = warm + result["acked"]
+    started = time.monotonic() - result["seconds"]
+    deadline = time.monotonic() + 120
+    delivered = sink_stats(sink, stats)
+    while delivered["received"] < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        delivered = sink_stats(sink, stats)
+    rate = (delivered["received"] - warm) / max(1e-9, (delivered["last"] or time.monotonic()) - started)
+    result.update(end_to_end_msgs_per_s=rate, delivered=delivered["received"] - warm)
+    return result
+
+
+def run_relay(work: Path, connections: int, per_connection: int, message: Path, parallel: int) -> dict:
+    """The second baseline: frame + ACK + forward over `parallel` connections (bench/mllp_relay.py)."""
+    relay_port, sink_port = free_port(), free_port()
+    stats = work / "sink-relay.json"
+    sink = start_sink(sink_port, 1, stats)
+    relay = subprocess.Popen(pinned(0, [sys.executable, str(HERE / "mllp_relay.py"), str(relay_port), str(sink_port),
+                                        str(parallel)]), stdout=subprocess.PIPE, text=True)
+    try:
+        relay.stdout.readline()
+        return end_to_end(relay_port, sink, stats, connections, per_connection, message)
+    finally:
+        stop(relay)
+        stop(sink)
+
+
 def run_engine(work: Path, validation: bool, connections: int, per_connection: int, message: Path,
                parallel: int = 8) -> dict:
     engine_port, sink_port = free_port(), free_port()
@@ -129,22 +168,9 @@ def run_engine(work: Path, validation: bool, connections: int, per_connection: i
                               cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_port(engine_port)
-        warm = load(engine_port, connections, max(50, per_connection // 20), message)["acked"]  # warm-up
-        deadline = time.monotonic() + 60
-        while sink_stats(sink, stats)["received"] < warm and time.monotonic() < deadline:
-            time.sleep(0.1)  # the warm-up's deliveries must not be counted in the measured run
-        warm = sink_stats(sink, stats)["received"]
-        result = load(engine_port, connections, per_connection, message)
-        expected = warm + result["acked"]
-        started = time.monotonic() - result["seconds"]
-        deadline = time.monotonic() + 120
-        delivered = sink_stats(sink, stats)
-        while delivered["received"] < expected and time.monotonic() < deadline:
-            time.sleep(0.2)
-            delivered = sink_stats(sink, stats)
+        result = end_to_end(engine_port, sink, stats, connections, per_connection, message)
         rss, peak = rss_mb(engine.pid)
-        end_to_end = (delivered["received"] - warm) / max(1e-9, (delivered["last"] or time.monotonic()) - started)
-        result.update(end_to_end_msgs_per_s=end_to_end, delivered=delivered["received"] - warm, rss_mb=rss, rss_peak_mb=peak)
+        result.update(rss_mb=rss, rss_peak_mb=peak)
     finally:
         stop(engine)
         stop(sink)
@@ -171,8 +197,9 @@ def main() -> None:
             baseline = load(port, args.connections, args.messages, message)
         finally:
             stop(raw_server)
+        relay = run_relay(work, args.connections, args.messages, message, args.parallel)
         results = {"connections": args.connections, "messages": args.connections * args.messages,
-                   "message_bytes": message.stat().st_size, "baseline": baseline}
+                   "message_bytes": message.stat().st_size, "baseline": baseline, "relay_baseline": relay}
         for validation in (False, True):
             results[f"engine_validation_{'on' if validation else 'off'}"] = run_engine(
                 work, validation, args.connections, args.messages, message, args.parallel)
@@ -180,12 +207,16 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{args.connections} connections x {args.messages} messages of {results['message_bytes']} B; "
           f"engine on core 0, load on core 1")
-    print(f"{'':26}{'msgs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'e2e/s':>9}{'RSS MB':>9}{'vs raw':>8}")
-    rows = [("raw MLLP (frame + ACK)", baseline)] + [(f"engine, validation {v}", results[f"engine_validation_{v}"]) for v in ("off", "on")]
+    print(f"{'':26}{'msgs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'e2e/s':>9}{'RSS MB':>9}{'vs raw':>8}"
+          f"{'vs relay':>9}")
+    rows = [("raw MLLP (frame + ACK)", baseline), ("raw relay (+ forward)", relay)] + [
+        (f"engine, validation {v}", results[f"engine_validation_{v}"]) for v in ("off", "on")]
     for name, r in rows:
+        e2e = r.get("end_to_end_msgs_per_s", float("nan"))
         print(f"{name:26}{r['msgs_per_s']:9.0f}{r['p50_ms']:9.2f}{r['p95_ms']:9.2f}{r['p99_ms']:9.2f}"
-              f"{r.get('end_to_end_msgs_per_s', float('nan')):9.0f}{r.get('rss_mb', float('nan')):9.1f}"
-              f"{r['msgs_per_s'] / baseline['msgs_per_s']:8.0%}")
+              f"{e2e:9.0f}{r.get('rss_mb', float('nan')):9.1f}"
+              f"{r['msgs_per_s'] / baseline['msgs_per_s']:8.0%}"
+              + (f"{e2e / relay['end_to_end_msgs_per_s']:9.0%}" if e2e == e2e else ""))
     for v in ("off", "on"):
         r = results[f"engine_validation_{v}"]
         checks = {"stored_msgs_per_s": r["msgs_per_s"] >= TARGETS["stored_msgs_per_s"],
