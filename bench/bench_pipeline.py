@@ -30,7 +30,7 @@ from bench_engine import CHANNEL  # noqa: E402
 
 from hl7relay.channels import load_channel  # noqa: E402
 from hl7relay.framing import frame  # noqa: E402
-from hl7relay.listener import ListenerConfig, MLLPListenerFactory  # noqa: E402
+from hl7relay.listener import MLLPListenerFactory  # noqa: E402
 from hl7relay.metrics import Metrics  # noqa: E402
 from hl7relay.queues import DeliveryResult  # noqa: E402
 from hl7relay.runtime import Engine  # noqa: E402
