@@ -167,15 +167,22 @@ class Message:
         (``PID-5`` of ``DOE^JOHN``) comes back as its encoded HL7 text, so no structure is lost;
         address a component to get a decoded value. Without ``[r]`` the first repetition is read.
         """
+        # the engine reads a couple of dozen values per message: the common cases are inlined
         p = path if isinstance(path, Path) else parse_path(path)
-        position = self._locate(p.segment, p.occurrence)
-        if position is None:
+        segment, number = p.segment, p.field
+        if segment == "MSH" and p.occurrence == 1:
+            fields = self._fields.get(0) or self.fields(0)
+        else:
+            position = self._locate(segment, p.occurrence)
+            if position is None:
+                return ""
+            fields = self._fields.get(position) or self.fields(position)
+        if number >= len(fields):
             return ""
-        fields = self.fields(position)
-        if p.field >= len(fields):
+        value = fields[number]
+        if not value:
             return ""
-        value = fields[p.field]
-        if p.field <= 2 and p.segment in HEADER_SEGMENTS:
+        if number <= 2 and segment in HEADER_SEGMENTS:
             return value  # MSH-1 and MSH-2 are the delimiters themselves: never decoded
         d = self.delimiters
         rep = d.repetition
@@ -185,11 +192,22 @@ class Message:
             value = reps[r - 1] if r <= len(reps) else ""
         elif p.repetition is not None and p.repetition > 1:
             return ""
-        if p.component is None:
+        component = p.component
+        if component is None:
             return self._leaf(value, (d.component, d.subcomponent))
-        value = _nth(value, d.component, p.component)
+        cs = d.component
+        if component == 1 and cs:
+            i = value.find(cs)
+            if i != -1:
+                value = value[:i]
+        else:
+            value = _nth(value, cs, component)
         if p.subcomponent is None:
-            return self._leaf(value, (d.subcomponent,))
+            ss = d.subcomponent
+            if ss and ss in value:
+                return value
+            esc = d.escape
+            return unescape(value, d, self.codec) if esc and esc in value else value
         return self._leaf(_nth(value, d.subcomponent, p.subcomponent), ())
 
     def _leaf(self, value: str, deeper: tuple) -> str:
