@@ -153,9 +153,10 @@ class Engine:
         running = self.channels[channel.name]
         received_at = self.clock()
         raw = message.raw if message.raw is not None else message.to_bytes()
+        trigger = message.get("MSH-9.2")
         header = {  # read before the transformers change anything
             "sending_application": message.get("MSH-3.1"), "sending_facility": message.get("MSH-4.1"),
-            "message_type": message.get("MSH-9.1") + ("^" + message.get("MSH-9.2") if message.get("MSH-9.2") else ""),
+            "message_type": message.get("MSH-9.1") + ("^" + trigger if trigger else ""),
             "control_id": message.control_id, "patient_id": message.get("PID-3.1"),
         }
         original = message.header()  # the ACK answers what was received, before any transformer

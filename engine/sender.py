@@ -73,6 +73,8 @@ class SenderConfig:
 
 def ack_text(ack: Message) -> str:
     """MSA-3 and every ERR's text, for people."""
+    if not ack.get("MSA-3") and not ack.count("ERR"):
+        return ""  # the usual AA
     parts = [ack.get("MSA-3")]
     for occurrence in range(1, ack.count("ERR") + 1):
         text = ack.get(f"ERR[{occurrence}]-8") or ack.get(f"ERR[{occurrence}]-3.2") or ack.get(f"ERR[{occurrence}]-1.4.2")
@@ -128,12 +130,17 @@ class _Pending:
 
 def expects_ack(message: Message) -> bool:
     """False for an ACK (never acknowledged) and for enhanced mode with NE/NE."""
+    return _ack_expectations(message)[0]
+
+
+def _ack_expectations(message: Message) -> tuple[bool, bool]:
+    """(an ACK is expected at all, the application ACK is awaited: enhanced mode with MSH-16 AL)."""
     if message.get("MSH-9.1").strip().upper() == "ACK":
-        return False
+        return False, False
     accept, application = message.get("MSH-15").strip().upper(), message.get("MSH-16").strip().upper()
     if not accept and not application:
-        return True  # original mode
-    return accept not in ("", "NE") or application not in ("", "NE")
+        return True, False  # original mode
+    return accept not in ("", "NE") or application not in ("", "NE"), application == "AL"
 
 
 class MLLPSender:
@@ -189,13 +196,12 @@ class MLLPSender:
             return
         message, done = self._queue.popleft()
         control_id = message.control_id
-        if not expects_ack(message):
+        expected, want_app = _ack_expectations(message)
+        if not expected:
             self.protocol.transport.write(frame(message.to_bytes()))
             done.callback(SendResult(SendStatus.ACCEPTED, control_id, text="sent; no acknowledgement is expected for it"))
             self._pump()
             return
-        want_app = bool(message.get("MSH-15").strip() or message.get("MSH-16").strip()) and \
-            message.get("MSH-16").strip().upper() == "AL"
         pending = _Pending(control_id, want_app, done, self.protocol)
         pending.timer = self.reactor.callLater(self.config.ack_timeout, self._ack_timed_out, pending)
         self._pending = pending
