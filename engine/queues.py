@@ -86,8 +86,10 @@ class DestinationQueue:
         if self._wake is not None and self._wake.active():
             self._wake.cancel()
 
-    def enqueue(self, message_id: int, content: bytes, order_key: str | None, received_at: float) -> None:
-        """A delivery row was just committed: send it without reading it back."""
+    def enqueue(self, message_id: int, content: bytes, order_key: str | None, received_at: float,
+                message: Message | None = None) -> None:
+        """A delivery row was just committed: send it without reading it back (``message``: the
+        content already parsed; nothing may change it afterwards)."""
         if message_id in self.known or self.stopped:
             return
         if len(self.pending) >= _MEMORY_LIMIT:
@@ -95,7 +97,8 @@ class DestinationQueue:
             return
         self.known.add(message_id)
         self.pending[message_id] = {"message_id": message_id, "attempts": 0, "next_attempt_at": received_at,
-                                    "order_key": order_key, "content": content, "raw": content, "received_at": received_at}
+                                    "order_key": order_key, "content": content, "raw": content, "received_at": received_at,
+                                    "message": message}
         self.nudge()
 
     def nudge(self) -> None:
@@ -229,7 +232,7 @@ class DestinationQueue:
         """Send one delivery; the Deferred fires once its result is handled (not yet recorded)."""
         data = row["content"] if row["content"] is not None else row["raw"]
         try:
-            message = Message.from_bytes(data)
+            message = row.get("message") or Message.from_bytes(data)
         except ParseError as exc:
             return defer.succeed(self._handle_result(
                 DeliveryResult(False, application_error=True, error=f"stored content is not HL7: {exc}"), row))

@@ -249,7 +249,7 @@ class Engine:
             # from the transformed stage (or the raw message) that the queue falls back to
             kept = transformed if transformed is not None and "transformed" in channel.stages else raw
             record.deliveries.append(DeliveryRecord(output.name, "QUEUED", content if content != kept else None, key,
-                                                    payload=content))
+                                                    payload=content, message=output.message))
         if channel.response.when == "on_store" or is_ack(original) or not outputs:
             running.policy.prepare(original, outcome)
             record.ack_code = outcome.ack_codes[-1] if outcome.ack_codes else ""
@@ -288,7 +288,7 @@ class Engine:
         deliveries = [queue.first_result(message_id) for queue, _ in queued] if outcome.acks is None else []
         for queue, delivery in queued:
             queue.enqueue(message_id, delivery.payload if delivery.payload is not None else delivery.content,
-                          delivery.order_key, received_at)
+                          delivery.order_key, received_at, delivery.message)
         if outcome.acks is not None:
             return outcome
         return self._after_delivery(running, channel, original, message_id, outcome, deliveries)

@@ -158,6 +158,7 @@ class DeliveryRecord:
     content: bytes | None = None
     order_key: str | None = None
     payload: bytes | None = None  # what the queue sends now (in memory; not a column)
+    message: object = None  # the payload as the pipeline left it (a Message), so the queue need not parse it again
 
 
 def delivery_content(stages: dict, raw: bytes, destination: str) -> bytes:
