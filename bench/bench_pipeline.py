@@ -87,12 +87,13 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--no-metrics", action="store_true", help="without Prometheus metrics (to see what they cost)")
     parser.add_argument("--profile", nargs="?", const="tottime", choices=("tottime", "cumulative"),
                         help="print the top functions by own (default) or cumulative time")
     args = parser.parse_args()
     template = (adt_a01_1kb().replace(b"MSG00001", b"@@ID@@").replace(b"|100234^", b"|@@PID@@^")
                 .replace(b"|AL|NE|", b"|||"))
-    metrics = Metrics().install()
+    metrics = None if args.no_metrics else Metrics().install()
     with tempfile.TemporaryDirectory(prefix="hl7relay-pipeline-") as work:
         engine, clock, protocols, store = build(Path(work), args.validation, args.connections)
         run(engine, clock, protocols, 50, template, 0)  # warm-up: caches, compiled profiles
@@ -110,7 +111,8 @@ def main() -> None:
         sent = sum(q.sent for q in engine.channels["bench"].queues.values())
         total = (50 + args.rounds * args.repeat) * len(protocols)
         assert acks == total and store.count() == total and sent == total, (acks, store.count(), sent, total)
-        metrics.uninstall()
+        if metrics is not None:
+            metrics.uninstall()
     print(f"validation {'on' if args.validation else 'off'}: {min(results):.0f} µs CPU per message "
           f"(in, stored, ACKed, delivered, recorded; best of {args.repeat}: "
           f"{', '.join(f'{r:.0f}' for r in results)}) -> at most {1e6 / min(results):,.0f} msgs/s on one core")

@@ -65,7 +65,14 @@ def test_events_become_metrics():
                  'hl7relay_queue_depth{channel="adt",destination="lab"} 7.0',
                  'hl7relay_queue_oldest_age_seconds{channel="adt",destination="lab"} 42.0',
                  'hl7relay_open_connections{listener="adt"} 1.0', "hl7relay_store_batch_size_sum 8.0",
-                 'hl7relay_ack_latency_seconds_count{channel="adt"} 1.0'):
+                 'hl7relay_ack_latency_seconds_count{channel="adt"} 1.0',
+                 # buckets are cumulative and their bounds inclusive (le), as Prometheus defines them
+                 'hl7relay_ack_latency_seconds_bucket{channel="adt",le="0.001"} 0.0',
+                 'hl7relay_ack_latency_seconds_bucket{channel="adt",le="0.002"} 1.0',
+                 'hl7relay_ack_latency_seconds_bucket{channel="adt",le="+Inf"} 1.0',
+                 'hl7relay_ack_latency_seconds_sum{channel="adt"} 0.002',
+                 'hl7relay_stage_latency_seconds_count{channel="adt",stage="store"} 1.0',
+                 "hl7relay_store_commit_seconds_count 1.0"):
         assert line in text, line
     assert all(name.startswith("hl7relay_") for name in used_names(text) | {f.name for f in metrics.registry.collect()})
 
