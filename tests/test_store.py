@@ -82,7 +82,27 @@ def test_search_columns_are_indexed(store):
     names = {ix["name"] for ix in sa.inspect(store.engine).get_indexes("messages")}
     assert {"ix_messages_channel_time", "ix_messages_status_time", "ix_messages_control_id",
             "ix_messages_patient_id"} <= names
-    assert "ix_deliveries_queue" in {ix["name"] for ix in sa.inspect(store.engine).get_indexes("deliveries")}
+    assert {ix["name"] for ix in sa.inspect(store.engine).get_indexes("deliveries")} == {
+        "ix_deliveries_queued", "ix_deliveries_message_destination"}  # migration 4 dropped the two it replaced
+
+
+def test_the_queue_reads_its_backlog_in_order_from_the_partial_index(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'queue.db'}")
+    store.migrate()
+    store.commit([record(f"M{i}", deliveries=[DeliveryRecord("lab", "QUEUED" if i % 2 else "FILTERED", b"MSH|x")])
+                  for i in range(6)], [])
+    assert [r["message_id"] for r in store.queued_deliveries("adt", "lab")] == [2, 4, 6]
+    assert store.queue_depth("adt", "lab") == 3
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+    from hl7relay.store import deliveries, _QUEUED
+    query = sa.select(deliveries.c.message_id).where(deliveries.c.destination == "lab", _QUEUED).order_by(
+        deliveries.c.message_id)
+    sql = str(query.compile(dialect=sqlite_dialect.dialect(), compile_kwargs={"literal_binds": True}))
+    with store.engine.connect() as connection:
+        plan = " ".join(row[-1] for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+    assert "ix_deliveries_queued" in plan and "TEMP B-TREE" not in plan  # no sort of the backlog
+    store.close()
 
 
 def test_delivery_updates_find_their_row_by_index(tmp_path):
