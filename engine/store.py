@@ -56,7 +56,10 @@ sa.Index("ix_messages_control_id", messages.c.control_id)
 sa.Index("ix_messages_patient_id", messages.c.patient_id)
 sa.Index("ix_messages_type_time", messages.c.message_type, messages.c.received_at)
 sa.Index("ix_messages_facility_time", messages.c.sending_facility, messages.c.received_at)
-sa.Index("ix_messages_duplicate", messages.c.channel, messages.c.duplicate_key, messages.c.received_at)
+# only messages of channels with duplicate detection have a key: the others skip this index (migration 4)
+_HAS_DUPLICATE_KEY = messages.c.duplicate_key.isnot(None)
+sa.Index("ix_messages_duplicate_key", messages.c.channel, messages.c.duplicate_key, messages.c.received_at,
+         sqlite_where=_HAS_DUPLICATE_KEY, postgresql_where=_HAS_DUPLICATE_KEY)
 
 stages = sa.Table(
     "message_stages", metadata,
@@ -122,10 +125,7 @@ def _migration_2(connection) -> None:
             column = table.c[name]
             spec = ddl.get_column_specification(column)
             connection.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {spec}")
-    for table in (messages, deliveries):
-        for index in table.indexes:
-            if _ADDED_LATER_INDEXES.get(index.name) == 2:
-                index.create(connection)
+    connection.exec_driver_sql("CREATE INDEX ix_messages_duplicate ON messages (channel, duplicate_key, received_at)")
     connection.exec_driver_sql("CREATE INDEX ix_deliveries_order ON deliveries (destination, status, order_key, message_id)")
     destination_state.create(connection)
 
@@ -142,29 +142,30 @@ def _migration_3(connection) -> None:
 
 
 def _migration_4(connection) -> None:
-    """One partial index of what is QUEUED, in order, instead of two over every delivery.
+    """Partial indexes: what is QUEUED, in order, instead of two indexes over every delivery; and
+    duplicate keys only for the messages that have one.
 
     The queue reads its destination's QUEUED rows in order of receipt; neither old index gave that
     order (a backlog was sorted on every poll), and each delivery updated both."""
-    for index in deliveries.indexes:
+    for index in (*messages.indexes, *deliveries.indexes):
         if _ADDED_LATER_INDEXES.get(index.name) == 4:
             index.create(connection)
-    connection.exec_driver_sql("DROP INDEX ix_deliveries_order")
-    connection.exec_driver_sql("DROP INDEX ix_deliveries_queue")
+    for name in ("ix_deliveries_order", "ix_deliveries_queue", "ix_messages_duplicate"):
+        connection.exec_driver_sql(f"DROP INDEX {name}")
 
 
 _ADDED_LATER = {
     "messages": ("duplicate_key", "replay_of", "replay_reason", "replay_operator"),
     "deliveries": ("order_key",),
 }
-_ADDED_LATER_INDEXES = {"ix_messages_duplicate": 2, "ix_deliveries_message_destination": 3, "ix_deliveries_queued": 4}
+_ADDED_LATER_INDEXES = {"ix_deliveries_message_destination": 3, "ix_deliveries_queued": 4, "ix_messages_duplicate_key": 4}
 
 # (version, description, function). Append; never edit a released one.
 MIGRATIONS = [
     (1, "messages, stages and deliveries", _migration_1),
     (2, "queues, duplicates, replay links, destination state", _migration_2),
     (3, "unique (message, destination) index for delivery updates", _migration_3),
-    (4, "partial index of queued deliveries", _migration_4),
+    (4, "partial indexes: queued deliveries, duplicate keys", _migration_4),
 ]
 
 

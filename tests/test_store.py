@@ -82,6 +82,7 @@ def test_search_columns_are_indexed(store):
     names = {ix["name"] for ix in sa.inspect(store.engine).get_indexes("messages")}
     assert {"ix_messages_channel_time", "ix_messages_status_time", "ix_messages_control_id",
             "ix_messages_patient_id"} <= names
+    assert "ix_messages_duplicate_key" in names
     assert {ix["name"] for ix in sa.inspect(store.engine).get_indexes("deliveries")} == {
         "ix_deliveries_queued", "ix_deliveries_message_destination"}  # migration 4 dropped the two it replaced
 
@@ -123,6 +124,21 @@ def test_one_delivery_row_per_destination(store):
             connection.execute(sa.insert(metadata.tables["deliveries"]).values(
                 message_id=message_id, destination="lab", status="QUEUED", attempts=0, last_ack="", last_error="",
                 updated_at=0.0))
+
+
+def test_duplicate_lookups_use_the_partial_index_of_keyed_messages(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'dup.db'}")
+    store.migrate()
+    store.commit([record("A", duplicate_key="k1"), record("B")], [])
+    assert store.find_original("adt", "k1", 0)["id"] == 1 and store.find_original("adt", "k2", 0) is None
+    with store.engine.connect() as connection:
+        plan = connection.exec_driver_sql(
+            "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE channel = ? AND duplicate_key = ? AND received_at >= ?",
+            ("adt", "k1", 0)).all()
+        keyed = connection.exec_driver_sql("SELECT count(*) FROM messages INDEXED BY ix_messages_duplicate_key "
+                                           "WHERE duplicate_key IS NOT NULL").scalar()
+    assert "ix_messages_duplicate_key" in plan[0][-1] and keyed == 1
+    store.close()
 
 
 def test_sqlite_is_durable(tmp_path):
