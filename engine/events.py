@@ -8,22 +8,21 @@ from __future__ import annotations
 
 __all__ = ["emit", "subscribe", "unsubscribe"]
 
-_subscribers: list = []
+_subscribers: tuple = ()  # replaced, never changed in place: emit() iterates it without a copy
 
 
 def subscribe(observer) -> None:
     """``observer(event: str, fields: dict)`` is called for every event."""
+    global _subscribers
     if observer not in _subscribers:
-        _subscribers.append(observer)
+        _subscribers = (*_subscribers, observer)
 
 
 def unsubscribe(observer) -> None:
-    if observer in _subscribers:
-        _subscribers.remove(observer)
+    global _subscribers
+    _subscribers = tuple(o for o in _subscribers if o != observer)
 
 
 def emit(event: str, **fields) -> None:
-    if not _subscribers:
-        return
-    for observer in list(_subscribers):
+    for observer in _subscribers:
         observer(event, fields)
