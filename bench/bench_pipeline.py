@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-metrics", action="store_true", help="without Prometheus metrics (to see what they cost)")
-    parser.add_argument("--profile", nargs="?", const="tottime", choices=("tottime", "cumulative"),
+    parser.add_argument("--profile", nargs="?", const="tottime", choices=("tottime", "cumulative", "ncalls"),
                         help="print the top functions by own (default) or cumulative time")
     args = parser.parse_args()
     template = (adt_a01_1kb().replace(b"MSG00001", b"@@ID@@").replace(b"|100234^", b"|@@PID@@^")
