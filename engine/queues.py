@@ -121,12 +121,17 @@ class DestinationQueue:
         return d
 
     @defer.inlineCallbacks
-    def _poll(self):
+    def _poll(self, after_id: int | None = None):
+        """Read QUEUED rows that memory does not hold: every poll_interval all of them from the
+        oldest (restarts, replays, anything missed), and right away only those after ``after_id``
+        when memory has drained a backlog (the rows just sent may still read as QUEUED until their
+        results are committed, and must not fill the window)."""
         if self._polling:
             return
         self._polling = True
         try:
-            rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH)
+            rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH,
+                                          after_id)
         except StoreError as exc:
             log.error("queue {channel}/{destination}: cannot read the queue: {error}", channel=self.channel,
                       destination=self.destination, error=str(exc))
@@ -204,8 +209,8 @@ class DestinationQueue:
             self.in_flight.pop(message_id, None)
             if self.pending:
                 self.run()
-            elif self.backlog and not self.stopped:
-                self.reactor.callLater(0, self._poll)  # memory drained: read what waits on disk
+            elif self.backlog and not self.stopped:  # memory drained: read what waits on disk, after what it held
+                self.reactor.callLater(0, self._poll, max(self.known, default=None))
             return result
 
         d.addBoth(finished)

@@ -463,8 +463,9 @@ class Store:
         return out
 
     # -- queues ------------------------------------------------------------------------------
-    def queued_deliveries(self, channel: str, destination: str, limit: int = 200) -> list[dict]:
-        """The destination's QUEUED deliveries in order of receipt, with what to send."""
+    def queued_deliveries(self, channel: str, destination: str, limit: int = 200, after_id: int | None = None) -> list[dict]:
+        """The destination's QUEUED deliveries in order of receipt, with what to send (those of
+        messages after ``after_id`` only, when given)."""
         content, transformed = stages.alias("content"), stages.alias("transformed")
         query = (  # the content as delivery_content() finds it
             sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.next_attempt_at,
@@ -478,6 +479,8 @@ class Store:
             .where(deliveries.c.destination == destination, _QUEUED, messages.c.channel == channel)
             .order_by(deliveries.c.message_id).limit(limit)
         )
+        if after_id is not None:
+            query = query.where(deliveries.c.message_id > after_id)
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(query).mappings()]
 

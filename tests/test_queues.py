@@ -248,3 +248,25 @@ def test_a_destination_that_raises_is_retried_and_the_queue_goes_on(setup):
     assert rows["M1"]["status"] == "SENT"
     clock.advance(1)
     assert statuses(store)["M0"]["status"] == "SENT" and calls == ["M0", "M1", "M0"]
+
+
+def test_a_backlog_beyond_memory_drains_without_waiting_for_the_poll(setup, monkeypatch):
+    import hl7relay.queues as queues_module
+
+    store, clock, _ = setup
+    monkeypatch.setattr(queues_module, "_MEMORY_LIMIT", 10)
+    monkeypatch.setattr(queues_module, "_FETCH", 10)
+    # results ride along lazily, as under `hl7relay run`: rows sent but not yet recorded are still QUEUED on disk
+    writer = StoreWriter(store, clock, executor=lambda fn, *a: defer.maybeDeferred(fn, *a), lazy_delay=0.05)
+    peer = Peer()
+    queue = DestinationQueue("ch", "lab", peer, QueueOptions(), writer, clock, clock.seconds, poll_interval=1.0)
+    for i in range(30):
+        enqueue(store, f"M{i:02d}")
+    queue.start()  # the first poll reads what is queued: 10 fit in memory
+    for i in range(30):  # and the engine hands over the same rows as it commits them
+        queue.enqueue(i + 1, MSG.format(id=f"M{i:02d}", key="P1").encode(), "P1", 0.0)
+    for _ in range(20):
+        clock.advance(0.01)
+    assert peer.received == [f"M{i:02d}" for i in range(30)]  # all of it, in order, well inside one poll interval
+    clock.advance(0.1)
+    assert all(s["status"] == "SENT" for s in statuses(store).values())
