@@ -59,7 +59,7 @@ def run(args) -> int:
         print("no enabled channels", file=sys.stderr)
         return 1
     log_levels = start_logging(settings["log_level"], settings["log_format"],
-                  {c.name: c.log_level for c in enabled if c.log_level})
+                               {c.name: c.log_level for c in enabled if c.log_level})
     try:
         store = Store(settings["store"])
         version = store.migrate()
