@@ -13,6 +13,8 @@ from collections import deque
 
 from twisted.internet import protocol, reactor
 
+from mllp_sink import answer  # the sink's framing and ACKs (this folder is on sys.path when run as a script)
+
 from hl7relay.framing import Frame, MLLPFramer, frame
 
 HEAD = b"MSH|^~\\&|RELAY|RELAY|||20240101000000||ACK^A01^ACK|1|P|2.5.1\rMSA|AA|"
@@ -25,12 +27,8 @@ class Inbound(protocol.Protocol):
         self.framer = MLLPFramer()
 
     def dataReceived(self, data):
-        out = []
-        for event in self.framer.feed(data):
-            if isinstance(event, Frame):
-                fields = event.payload.split(b"|", 10)
-                out.append(frame(HEAD + (fields[9] if len(fields) > 9 else b"") + b"\r"))
-                backlog.append(event.payload)
+        payloads, out = answer(self.framer, data, HEAD)
+        backlog.extend(payloads)
         if out:
             self.transport.write(b"".join(out))
         while idle and backlog:

@@ -19,18 +19,23 @@ HEAD = b"MSH|^~\\&|SINK|SINK|||20240101000000||ACK^A01^ACK|1|P|2.5.1\rMSA|AA|"
 stats = {"received": 0, "first": None, "last": None}
 
 
+def answer(framer: MLLPFramer, data: bytes, head: bytes = HEAD) -> tuple[list[bytes], list[bytes]]:
+    """The payloads ``data`` completes, and an AA frame for each (MSA-2 = its MSH-10, cut from the bytes)."""
+    payloads = [event.payload for event in framer.feed(data) if isinstance(event, Frame)]
+    acks = []
+    for payload in payloads:
+        fields = payload.split(b"|", 10)
+        acks.append(frame(head + (fields[9] if len(fields) > 9 else b"") + b"\r"))
+    return payloads, acks
+
+
 class Sink(protocol.Protocol):
     def connectionMade(self):
         self.framer = MLLPFramer()
 
     def dataReceived(self, data):
-        out = []
-        for event in self.framer.feed(data):
-            if isinstance(event, Frame):
-                fields = event.payload.split(b"|", 10)
-                control_id = fields[9] if len(fields) > 9 else b""
-                out.append(frame(HEAD + control_id + b"\r"))
-                stats["received"] += 1
+        payloads, out = answer(self.framer, data)
+        stats["received"] += len(payloads)
         if out:
             now = time.monotonic()
             stats["first"] = stats["first"] or now
