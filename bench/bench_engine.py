@@ -4,9 +4,12 @@
 
 1. Baseline: a raw Twisted MLLP server that only frames and ACKs (bench/mllp_sink.py) on core 0,
    driven by the load generator (bench/loadgen.py) on core 1: the ceiling for msgs/s accepted.
-2. Baseline: a raw Twisted relay that frames, ACKs and forwards each message to the sink over
+2. Baseline: the same server, but it commits each message's bytes to a SQLite file (WAL,
+   synchronous=FULL: fsync before the ACK, one group commit per reactor turn) before it ACKs
+   (bench/mllp_durable.py): the ceiling for msgs/s accepted *and stored* on this disk.
+3. Baseline: a raw Twisted relay that frames, ACKs and forwards each message to the sink over
    --parallel connections (bench/mllp_relay.py): the ceiling for end to end (two MLLP hops).
-3. The engine (`hl7relay run`, durable SQLite, metrics on) on core 0 with a benchmark channel: a
+4. The engine (`hl7relay run`, durable SQLite, metrics on) on core 0 with a benchmark channel: a
    filter, three transformer steps, validation off and then on, one MLLP destination (per patient
    order, --parallel connections) to a sink on core 1.
    Reported: msgs/s accepted and stored, ACK latency p50/p95/p99, end-to-end msgs/s through the
@@ -151,6 +154,19 @@ def run_relay(work: Path, connections: int, per_connection: int, message: Path, 
         stop(sink)
 
 
+def run_durable(work: Path, connections: int, per_connection: int, message: Path) -> dict:
+    """The third baseline: frame + commit the bytes to SQLite with fsync + ACK (bench/mllp_durable.py)."""
+    port = free_port()
+    server = subprocess.Popen(pinned(0, [sys.executable, str(HERE / "mllp_durable.py"), str(port),
+                                         str(work / "durable.db")]), stdout=subprocess.PIPE, text=True)
+    try:
+        server.stdout.readline()
+        load(port, connections, max(50, per_connection // 20), message)
+        return load(port, connections, per_connection, message)
+    finally:
+        stop(server)
+
+
 def run_engine(work: Path, validation: bool, connections: int, per_connection: int, message: Path,
                parallel: int = 8) -> dict:
     engine_port, sink_port = free_port(), free_port()
@@ -197,9 +213,11 @@ def main() -> None:
             baseline = load(port, args.connections, args.messages, message)
         finally:
             stop(raw_server)
+        durable = run_durable(work, args.connections, args.messages, message)
         relay = run_relay(work, args.connections, args.messages, message, args.parallel)
         results = {"connections": args.connections, "messages": args.connections * args.messages,
-                   "message_bytes": message.stat().st_size, "baseline": baseline, "relay_baseline": relay}
+                   "message_bytes": message.stat().st_size, "baseline": baseline, "durable_baseline": durable,
+                   "relay_baseline": relay}
         for validation in (False, True):
             results[f"engine_validation_{'on' if validation else 'off'}"] = run_engine(
                 work, validation, args.connections, args.messages, message, args.parallel)
@@ -208,14 +226,15 @@ def main() -> None:
     print(f"{args.connections} connections x {args.messages} messages of {results['message_bytes']} B; "
           f"engine on core 0, load on core 1")
     print(f"{'':26}{'msgs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'e2e/s':>9}{'RSS MB':>9}{'vs raw':>8}"
-          f"{'vs relay':>9}")
-    rows = [("raw MLLP (frame + ACK)", baseline), ("raw relay (+ forward)", relay)] + [
+          f"{'vs durable':>11}{'vs relay':>9}")
+    rows = [("raw MLLP (frame + ACK)", baseline), ("raw durable (+ fsync)", durable), ("raw relay (+ forward)", relay)] + [
         (f"engine, validation {v}", results[f"engine_validation_{v}"]) for v in ("off", "on")]
     for name, r in rows:
         e2e = r.get("end_to_end_msgs_per_s", float("nan"))
         print(f"{name:26}{r['msgs_per_s']:9.0f}{r['p50_ms']:9.2f}{r['p95_ms']:9.2f}{r['p99_ms']:9.2f}"
               f"{e2e:9.0f}{r.get('rss_mb', float('nan')):9.1f}"
               f"{r['msgs_per_s'] / baseline['msgs_per_s']:8.0%}"
+              + (f"{r['msgs_per_s'] / durable['msgs_per_s']:11.0%}" if "rss_mb" in r or r is durable else f"{'':11}")
               + (f"{e2e / relay['end_to_end_msgs_per_s']:9.0%}" if e2e == e2e else ""))
     for v in ("off", "on"):
         r = results[f"engine_validation_{v}"]
