@@ -13,7 +13,9 @@
    filter, three transformer steps, validation off and then on, one MLLP destination (per patient
    order, --parallel connections) to a sink on core 1.
    Reported: msgs/s accepted and stored, ACK latency p50/p95/p99, end-to-end msgs/s through the
-   destination, RSS, and the ratios to the baselines.
+   destination, RSS, the ratios to the baselines, and the CPU the server used per message (from
+   the load's start until the last delivery: steadier than msgs/s on a shared VM, whose disk
+   sync time moves run to run).
 
 Targets (issue #6): >= 6,000 msgs/s stored, >= 4,000 msgs/s end to end, ACK p99 <= 5 ms,
 RSS <= 100 MB, 8 connections.
@@ -103,6 +105,12 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU the process has used (Linux /proc): steadier than msgs/s on a shared VM."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 CHANNEL = """\
 name: bench
 source: {{type: mllp, port: {port}, max_connections: 256}}
@@ -119,13 +127,16 @@ destinations:
 
 
 def end_to_end(engine_port: int, sink: subprocess.Popen, stats: Path, connections: int, per_connection: int,
-               message: Path) -> dict:
-    """Warm up, then load; msgs/s ACKed and msgs/s that reached the sink, counted from the load's start."""
+               message: Path, server_pid: int | None = None) -> dict:
+    """Warm up, then load; msgs/s ACKed and msgs/s that reached the sink, counted from the load's start.
+
+    With ``server_pid``, also the CPU it used per message, from the load's start until the last delivery."""
     warm = load(engine_port, connections, max(50, per_connection // 20), message)["acked"]
     deadline = time.monotonic() + 60
     while sink_stats(sink, stats)["received"] < warm and time.monotonic() < deadline:
         time.sleep(0.1)  # the warm-up's deliveries must not be counted in the measured run
     warm = sink_stats(sink, stats)["received"]
+    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
     result = load(engine_port, connections, per_connection, message)
     expected = warm + result["acked"]
     started = time.monotonic() - result["seconds"]
@@ -136,6 +147,8 @@ def end_to_end(engine_port: int, sink: subprocess.Popen, stats: Path, connection
         delivered = sink_stats(sink, stats)
     rate = (delivered["received"] - warm) / max(1e-9, (delivered["last"] or time.monotonic()) - started)
     result.update(end_to_end_msgs_per_s=rate, delivered=delivered["received"] - warm)
+    if server_pid:
+        result["cpu_us_per_msg"] = (cpu_seconds(server_pid) - cpu_before) / max(1, result["acked"]) * 1e6
     return result
 
 
@@ -148,7 +161,7 @@ def run_relay(work: Path, connections: int, per_connection: int, message: Path, 
                                         str(parallel)]), stdout=subprocess.PIPE, text=True)
     try:
         relay.stdout.readline()
-        return end_to_end(relay_port, sink, stats, connections, per_connection, message)
+        return end_to_end(relay_port, sink, stats, connections, per_connection, message, relay.pid)
     finally:
         stop(relay)
         stop(sink)
@@ -162,7 +175,10 @@ def run_durable(work: Path, connections: int, per_connection: int, message: Path
     try:
         server.stdout.readline()
         load(port, connections, max(50, per_connection // 20), message)
-        return load(port, connections, per_connection, message)
+        before = cpu_seconds(server.pid)
+        result = load(port, connections, per_connection, message)
+        result["cpu_us_per_msg"] = (cpu_seconds(server.pid) - before) / max(1, result["acked"]) * 1e6
+        return result
     finally:
         stop(server)
 
@@ -184,7 +200,7 @@ def run_engine(work: Path, validation: bool, connections: int, per_connection: i
                               cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_port(engine_port)
-        result = end_to_end(engine_port, sink, stats, connections, per_connection, message)
+        result = end_to_end(engine_port, sink, stats, connections, per_connection, message, engine.pid)
         rss, peak = rss_mb(engine.pid)
         result.update(rss_mb=rss, rss_peak_mb=peak)
     finally:
@@ -226,7 +242,7 @@ def main() -> None:
     print(f"{args.connections} connections x {args.messages} messages of {results['message_bytes']} B; "
           f"engine on core 0, load on core 1")
     print(f"{'':26}{'msgs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'e2e/s':>9}{'RSS MB':>9}{'vs raw':>8}"
-          f"{'vs durable':>11}{'vs relay':>9}")
+          f"{'vs durable':>11}{'vs relay':>9}{'CPU µs':>8}")
     rows = [("raw MLLP (frame + ACK)", baseline), ("raw durable (+ fsync)", durable), ("raw relay (+ forward)", relay)] + [
         (f"engine, validation {v}", results[f"engine_validation_{v}"]) for v in ("off", "on")]
     for name, r in rows:
@@ -235,7 +251,8 @@ def main() -> None:
               f"{e2e:9.0f}{r.get('rss_mb', float('nan')):9.1f}"
               f"{r['msgs_per_s'] / baseline['msgs_per_s']:8.0%}"
               + (f"{r['msgs_per_s'] / durable['msgs_per_s']:11.0%}" if "rss_mb" in r or r is durable else f"{'':11}")
-              + (f"{e2e / relay['end_to_end_msgs_per_s']:9.0%}" if e2e == e2e else ""))
+              + (f"{e2e / relay['end_to_end_msgs_per_s']:9.0%}" if e2e == e2e else f"{'':9}")
+              + (f"{r['cpu_us_per_msg']:8.0f}" if "cpu_us_per_msg" in r else ""))
     for v in ("off", "on"):
         r = results[f"engine_validation_{v}"]
         checks = {"stored_msgs_per_s": r["msgs_per_s"] >= TARGETS["stored_msgs_per_s"],
