@@ -131,7 +131,7 @@ class DestinationQueue:
         self._polling = True
         try:
             rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH,
-                                          after_id)
+                                          after_id, frozenset(self.known))
         except StoreError as exc:
             log.error("queue {channel}/{destination}: cannot read the queue: {error}", channel=self.channel,
                       destination=self.destination, error=str(exc))
@@ -146,11 +146,13 @@ class DestinationQueue:
         if fresh:  # keep the order of receipt when older rows join newer ones
             self.pending = dict(sorted(self.pending.items()))
         self.backlog = 0
-        if len(rows) >= _FETCH or room < len(rows):
+        if len(rows) + len(self.known) >= _FETCH or room < len(rows):
             self._polling = True
             try:
                 depth = yield self.writer.read(self.writer.store.queue_depth, self.channel, self.destination)
-                self.backlog = max(0, depth - len(self.pending))
+                # what memory holds (pending, in flight, sent but not yet recorded) is not backlog;
+                # counting it would make every finished delivery poll again
+                self.backlog = max(0, depth - len(self.known))
             except StoreError:
                 pass
             finally:

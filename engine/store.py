@@ -463,26 +463,22 @@ class Store:
         return out
 
     # -- queues ------------------------------------------------------------------------------
-    def queued_deliveries(self, channel: str, destination: str, limit: int = 200, after_id: int | None = None) -> list[dict]:
-        """The destination's QUEUED deliveries in order of receipt, with what to send (those of
-        messages after ``after_id`` only, when given)."""
-        content, transformed = stages.alias("content"), stages.alias("transformed")
-        query = (  # the content as delivery_content() finds it
-            sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.next_attempt_at,
-                      deliveries.c.order_key, sa.func.coalesce(content.c.content, transformed.c.content).label("content"),
-                      messages.c.raw, messages.c.received_at)
-            .join(messages, messages.c.id == deliveries.c.message_id)
-            .outerjoin(content, sa.and_(content.c.message_id == deliveries.c.message_id,
-                                        content.c.stage == "destination:" + destination))
-            .outerjoin(transformed, sa.and_(transformed.c.message_id == deliveries.c.message_id,
-                                            transformed.c.stage == "transformed"))
-            .where(deliveries.c.destination == destination, _QUEUED, messages.c.channel == channel)
-            .order_by(deliveries.c.message_id).limit(limit)
-        )
-        if after_id is not None:
-            query = query.where(deliveries.c.message_id > after_id)
+    def queued_deliveries(self, channel: str, destination: str, limit: int = 200, after_id: int | None = None,
+                          skip: frozenset[int] | set[int] = frozenset()) -> list[dict]:
+        """The destination's QUEUED deliveries in order of receipt, with what to send: of the first
+        ``limit`` (only those of messages after ``after_id``, when given), all but the ``skip`` ids.
+
+        The ids are read first, then the content of the others only: a queue polls with what it
+        holds in memory as ``skip``, so a poll that finds nothing new reads no message bodies."""
         with self.engine.connect() as connection:
-            return [dict(r) for r in connection.execute(query).mappings()]
+            ids = connection.execute(_QUEUED_IDS, {"destination": destination, "channel": channel, "limit": limit,
+                                                   "after_id": -1 if after_id is None else after_id}).scalars().all()
+            wanted = [i for i in ids if i not in skip]
+            if not wanted:
+                return []
+            rows = connection.execute(_QUEUED_ROWS, {"destination": destination, "stage": "destination:" + destination,
+                                                     "ids": wanted}).mappings()
+            return [dict(r) for r in rows]
 
     def queue_depth(self, channel: str, destination: str) -> int:
         query = (sa.select(sa.func.count()).select_from(deliveries).join(messages, messages.c.id == deliveries.c.message_id)
@@ -509,6 +505,28 @@ class Store:
             self._sqlite_batch.close()
             self._sqlite_batch = None
         self.engine.dispose()
+
+
+# the queue's poll, built once (statements with bound parameters, not rebuilt per poll)
+_QUEUED_IDS = (
+    sa.select(deliveries.c.message_id).join(messages, messages.c.id == deliveries.c.message_id)
+    .where(deliveries.c.destination == sa.bindparam("destination"), _QUEUED, messages.c.channel == sa.bindparam("channel"),
+           deliveries.c.message_id > sa.bindparam("after_id"))
+    .order_by(deliveries.c.message_id).limit(sa.bindparam("limit"))
+)
+_content, _transformed = stages.alias("content"), stages.alias("transformed")
+_QUEUED_ROWS = (  # the content as delivery_content() finds it
+    sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.next_attempt_at,
+              deliveries.c.order_key, sa.func.coalesce(_content.c.content, _transformed.c.content).label("content"),
+              messages.c.raw, messages.c.received_at)
+    .join(messages, messages.c.id == deliveries.c.message_id)
+    .outerjoin(_content, sa.and_(_content.c.message_id == deliveries.c.message_id, _content.c.stage == sa.bindparam("stage")))
+    .outerjoin(_transformed, sa.and_(_transformed.c.message_id == deliveries.c.message_id,
+                                     _transformed.c.stage == "transformed"))
+    .where(deliveries.c.destination == sa.bindparam("destination"), _QUEUED,
+           deliveries.c.message_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(deliveries.c.message_id)
+)
 
 
 class _SQLiteBatch:

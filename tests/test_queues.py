@@ -270,3 +270,35 @@ def test_a_backlog_beyond_memory_drains_without_waiting_for_the_poll(setup, monk
     assert peer.received == [f"M{i:02d}" for i in range(30)]  # all of it, in order, well inside one poll interval
     clock.advance(0.1)
     assert all(s["status"] == "SENT" for s in statuses(store).values())
+
+
+def test_rows_held_in_memory_are_not_taken_for_a_backlog(setup, monkeypatch):
+    # sent but not yet recorded rows still read QUEUED on disk; counting them as backlog made
+    # every finished delivery poll the store again
+    import hl7relay.queues as queues_module
+
+    store, clock, _ = setup
+    monkeypatch.setattr(queues_module, "_FETCH", 10)
+    writer = StoreWriter(store, clock, executor=lambda fn, *a: defer.maybeDeferred(fn, *a), lazy_delay=5.0)
+    peer = HeldPeer()
+    queue = DestinationQueue("ch", "lab", peer, QueueOptions(order="none", parallel=8), writer, clock, clock.seconds,
+                             poll_interval=1.0)
+    polls = []
+    read = store.queued_deliveries
+    monkeypatch.setattr(store, "queued_deliveries", lambda *a: polls.append(a[3]) or read(*a))
+    queue.start()
+    for i in range(30):
+        enqueue(store, f"M{i:02d}", key=f"K{i}")
+        queue.enqueue(i + 1, MSG.format(id=f"M{i:02d}", key=f"K{i}").encode(), None, 0.0)
+    clock.advance(0)
+    peer.answer_all()  # eight sent; their results wait for the lazy commit, so they still read QUEUED
+    clock.advance(1)  # the periodic poll: nothing on disk that memory does not hold
+    assert queue.backlog == 0 and len(polls) == 2 and polls[-1] is None  # from the oldest, not after an id
+    peer.answer_all()
+    clock.advance(0)
+    assert len(polls) == 2  # finishing deliveries did not poll again
+    while peer.open:
+        peer.answer_all()
+    clock.advance(5)
+    assert peer.received == [f"M{i:02d}" for i in range(30)]
+    assert all(s["status"] == "SENT" for s in statuses(store).values())

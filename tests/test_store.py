@@ -94,14 +94,19 @@ def test_the_queue_reads_its_backlog_in_order_from_the_partial_index(tmp_path):
                   for i in range(6)], [])
     assert [r["message_id"] for r in store.queued_deliveries("adt", "lab")] == [2, 4, 6]
     assert store.queue_depth("adt", "lab") == 3
+    assert [r["message_id"] for r in store.queued_deliveries("adt", "lab", skip={2, 6})] == [4]  # held in memory
+    assert [r["message_id"] for r in store.queued_deliveries("adt", "lab", after_id=2)] == [4, 6]
+    assert [r["message_id"] for r in store.queued_deliveries("adt", "lab", limit=2)] == [2, 4]
+    assert store.queued_deliveries("adt", "lab", skip={2, 4, 6}) == []
+    assert store.queued_deliveries("other", "lab") == []  # another channel's destination of that name
     from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-    from hl7relay.store import deliveries, _QUEUED
-    query = sa.select(deliveries.c.message_id).where(deliveries.c.destination == "lab", _QUEUED).order_by(
-        deliveries.c.message_id)
-    sql = str(query.compile(dialect=sqlite_dialect.dialect(), compile_kwargs={"literal_binds": True}))
+    from hl7relay.store import _QUEUED_IDS
+    compiled = _QUEUED_IDS.compile(dialect=sqlite_dialect.dialect())
+    values = compiled.construct_params({"destination": "lab", "channel": "adt", "after_id": -1, "limit": 200})
     with store.engine.connect() as connection:
-        plan = " ".join(row[-1] for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+        plan = " ".join(row[-1] for row in connection.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + str(compiled), tuple(values[name] for name in compiled.positiontup)))
     assert "ix_deliveries_queued" in plan and "TEMP B-TREE" not in plan  # no sort of the backlog
     store.close()
 
