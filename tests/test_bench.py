@@ -13,3 +13,31 @@ def test_bench_pipeline_stores_acks_and_delivers_every_message():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "validation off:" in result.stdout and "µs CPU per message" in result.stdout
+
+
+def test_the_durable_baseline_commits_before_it_acks(tmp_path):
+    import socket
+    import sqlite3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    database = tmp_path / "durable.db"
+    server = subprocess.Popen([sys.executable, str(BENCH / "mllp_durable.py"), str(port), str(database)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        messages = [b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|CTRL%d|P|2.5.1\rPID|1||%d\r" % (i, i) for i in range(3)]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"".join(b"\x0b" + m + b"\x1c\r" for m in messages))  # three in one read: one batch
+            answer = b""
+            while answer.count(b"\x1c\r") < 3:
+                answer += client.recv(65536)
+            with sqlite3.connect(database) as db:  # what was ACKed is in the file, readable from outside
+                assert [row[0] for row in db.execute("SELECT raw FROM messages ORDER BY id")] == messages
+                assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert [a.split(b"MSA|")[1].split(b"\r")[0] for a in answer.split(b"\x1c\r")[:3]] == [
+            b"AA|CTRL0", b"AA|CTRL1", b"AA|CTRL2"]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
