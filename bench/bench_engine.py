@@ -1,6 +1,6 @@
 """The engine under MLLP load, next to the raw stack's ceiling measured in the same run.
 
-    python bench/bench_engine.py [--connections 8] [--messages 2500] [--parallel 8] [--json results.json]
+    python bench/bench_engine.py [--connections 8] [--messages 2500] [--parallel 8] [--repeat 1] [--json results.json]
 
 1. Baseline: a raw Twisted MLLP server that only frames and ACKs (bench/mllp_sink.py) on core 0,
    driven by the load generator (bench/loadgen.py) on core 1: the ceiling for msgs/s accepted.
@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -209,11 +210,65 @@ def run_engine(work: Path, validation: bool, connections: int, per_connection: i
     return result
 
 
+ROWS = (("baseline", "raw MLLP (frame + ACK)"), ("durable_baseline", "raw durable (+ fsync)"),
+        ("relay_baseline", "raw relay (+ forward)"), ("engine_validation_off", "engine, validation off"),
+        ("engine_validation_on", "engine, validation on"))
+
+
+def one_round(work: Path, args, message: Path) -> dict:
+    """Every server once, one after the other, and each one's ratios to the baselines of this round."""
+    work.mkdir()
+    port, stats = free_port(), work / "raw.json"
+    raw_server = start_sink(port, 0, stats)
+    try:
+        load(port, args.connections, 200, message)
+        results = {"baseline": load(port, args.connections, args.messages, message)}
+    finally:
+        stop(raw_server)
+    results["durable_baseline"] = run_durable(work, args.connections, args.messages, message)
+    results["relay_baseline"] = run_relay(work, args.connections, args.messages, message, args.parallel)
+    for validation in ("off", "on"):
+        results[f"engine_validation_{validation}"] = run_engine(work, validation == "on", args.connections,
+                                                                args.messages, message, args.parallel)
+    raw, durable, relay = results["baseline"], results["durable_baseline"], results["relay_baseline"]
+    for key, r in results.items():
+        r["vs_raw"] = r["msgs_per_s"] / raw["msgs_per_s"]
+        if key == "durable_baseline" or key.startswith("engine"):
+            r["vs_durable"] = r["msgs_per_s"] / durable["msgs_per_s"]
+        if "end_to_end_msgs_per_s" in r:
+            r["vs_relay"] = r["end_to_end_msgs_per_s"] / relay["end_to_end_msgs_per_s"]
+    return results
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per server: the median of every figure over the rounds, the range of msgs/s, the worst RSS,
+    and the answers and deliveries of all rounds together."""
+    summary = {}
+    for key, _ in ROWS:
+        rounds = [run[key] for run in runs]
+        merged = {}
+        for field, value in rounds[0].items():
+            if field == "answers":
+                merged[field] = {code: sum(r[field].get(code, 0) for r in rounds) for code in rounds[0][field]}
+            elif field in ("sent", "acked", "delivered"):
+                merged[field] = sum(r[field] for r in rounds)
+            elif field == "rss_peak_mb":
+                merged[field] = max(r[field] for r in rounds)
+            elif isinstance(value, (int, float)):
+                merged[field] = statistics.median(r[field] for r in rounds)
+        merged["msgs_per_s_range"] = (min(r["msgs_per_s"] for r in rounds), max(r["msgs_per_s"] for r in rounds))
+        summary[key] = merged
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--messages", type=int, default=2500, help="per connection")
     parser.add_argument("--parallel", type=int, default=8, help="the destination's deliveries in flight (connections)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every server; figures are the medians (a VM's disk and scheduling move "
+                             "single runs by tens of percent)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hl7relay-bench-"))
@@ -222,39 +277,28 @@ def main() -> None:
     message.write_bytes(adt_a01_1kb().replace(b"MSG00001", b"@@ID@@").replace(b"|100234^", b"|@@PID@@^")
                         .replace(b"|AL|NE|", b"|||"))
     try:
-        port, stats = free_port(), work / "raw.json"
-        raw_server = start_sink(port, 0, stats)
-        try:
-            load(port, args.connections, 200, message)
-            baseline = load(port, args.connections, args.messages, message)
-        finally:
-            stop(raw_server)
-        durable = run_durable(work, args.connections, args.messages, message)
-        relay = run_relay(work, args.connections, args.messages, message, args.parallel)
-        results = {"connections": args.connections, "messages": args.connections * args.messages,
-                   "message_bytes": message.stat().st_size, "baseline": baseline, "durable_baseline": durable,
-                   "relay_baseline": relay}
-        for validation in (False, True):
-            results[f"engine_validation_{'on' if validation else 'off'}"] = run_engine(
-                work, validation, args.connections, args.messages, message, args.parallel)
+        runs = [one_round(work / f"round-{i}", args, message) for i in range(args.repeat)]
+        size = message.stat().st_size
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{args.connections} connections x {args.messages} messages of {results['message_bytes']} B; "
-          f"engine on core 0, load on core 1")
+    summary = summarize(runs)
+    print(f"{args.connections} connections x {args.messages} messages of {size} B; engine on core 0, load on core 1"
+          + (f"; medians of {args.repeat} rounds" if args.repeat > 1 else ""))
     print(f"{'':26}{'msgs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'e2e/s':>9}{'RSS MB':>9}{'vs raw':>8}"
-          f"{'vs durable':>11}{'vs relay':>9}{'CPU µs':>8}")
-    rows = [("raw MLLP (frame + ACK)", baseline), ("raw durable (+ fsync)", durable), ("raw relay (+ forward)", relay)] + [
-        (f"engine, validation {v}", results[f"engine_validation_{v}"]) for v in ("off", "on")]
-    for name, r in rows:
-        e2e = r.get("end_to_end_msgs_per_s", float("nan"))
+          f"{'vs durable':>11}{'vs relay':>9}{'CPU µs':>8}" + ("   msgs/s range" if args.repeat > 1 else ""))
+    for key, name in ROWS:
+        r = summary[key]
+        low, high = r["msgs_per_s_range"]
         print(f"{name:26}{r['msgs_per_s']:9.0f}{r['p50_ms']:9.2f}{r['p95_ms']:9.2f}{r['p99_ms']:9.2f}"
-              f"{e2e:9.0f}{r.get('rss_mb', float('nan')):9.1f}"
-              f"{r['msgs_per_s'] / baseline['msgs_per_s']:8.0%}"
-              + (f"{r['msgs_per_s'] / durable['msgs_per_s']:11.0%}" if "rss_mb" in r or r is durable else f"{'':11}")
-              + (f"{e2e / relay['end_to_end_msgs_per_s']:9.0%}" if e2e == e2e else f"{'':9}")
-              + (f"{r['cpu_us_per_msg']:8.0f}" if "cpu_us_per_msg" in r else ""))
+              + (f"{r['end_to_end_msgs_per_s']:9.0f}" if "end_to_end_msgs_per_s" in r else f"{'':9}")
+              + (f"{r['rss_mb']:9.1f}" if "rss_mb" in r else f"{'':9}")
+              + f"{r['vs_raw']:8.0%}"
+              + (f"{r['vs_durable']:11.0%}" if "vs_durable" in r else f"{'':11}")
+              + (f"{r['vs_relay']:9.0%}" if "vs_relay" in r else f"{'':9}")
+              + (f"{r['cpu_us_per_msg']:8.0f}" if "cpu_us_per_msg" in r else f"{'':8}")
+              + (f"   {low:,.0f}–{high:,.0f}" if args.repeat > 1 else ""))
     for v in ("off", "on"):
-        r = results[f"engine_validation_{v}"]
+        r = summary[f"engine_validation_{v}"]
         checks = {"stored_msgs_per_s": r["msgs_per_s"] >= TARGETS["stored_msgs_per_s"],
                   "end_to_end_msgs_per_s": r["end_to_end_msgs_per_s"] >= TARGETS["end_to_end_msgs_per_s"],
                   "p99_ms": r["p99_ms"] <= TARGETS["p99_ms"], "rss_mb": r["rss_peak_mb"] <= TARGETS["rss_mb"]}
@@ -262,7 +306,9 @@ def main() -> None:
         print(f"targets, validation {v}: " + ", ".join(f"{k} {'ok' if ok else 'MISSED'}" for k, ok in checks.items())
               + f"; answers {r['answers']}, delivered {r['delivered']}/{r['acked']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"connections": args.connections, "messages": args.connections * args.messages,
+                                               "message_bytes": size, "repeat": args.repeat, "median": summary,
+                                               "rounds": runs}, indent=2))
 
 
 if __name__ == "__main__":
