@@ -6,7 +6,8 @@ import pytest
 import sqlalchemy as sa
 from twisted.internet import defer
 
-from hl7relay.store import MIGRATIONS, DeliveryRecord, MessageRecord, Store, StoreError, metadata, schema_version
+from hl7relay.store import (MIGRATIONS, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT_BYTES, DeliveryRecord, MessageRecord, Store,
+                            StoreError, metadata, schema_version)
 from hl7relay.storewriter import StoreWriter
 
 POSTGRES_URL = os.environ.get("HL7RELAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -152,6 +153,11 @@ def test_sqlite_is_durable(tmp_path):
     with store.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    store.commit([record("C1")], [])  # the group commit's own connection has the same settings
+    committing = store._sqlite_batch._connection
+    assert committing.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert committing.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES > 1000  # not the 4 MB default
+    assert committing.execute("PRAGMA journal_size_limit").fetchone()[0] == WAL_SIZE_LIMIT_BYTES
     assert store.display_url == f"sqlite:///{tmp_path / 'd.db'}"
     store.close()
 
