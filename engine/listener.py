@@ -23,6 +23,7 @@ from hl7relay.errors import ParseError
 from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES, Discarded, Frame, FrameTooLarge, MLLPFramer, frame
 from hl7relay.message import Message
 from hl7relay.tls import TLSConfig, server_options
+from hl7relay.transport import write_now
 
 __all__ = ["ListenerConfig", "MLLPListenerFactory", "MLLPServerProtocol", "Peer", "listen"]
 
@@ -208,8 +209,8 @@ class MLLPServerProtocol(Protocol):
             if acks:
                 log.warn("connection from {peer} closed before its ACK could be sent", peer=str(self.peer))
             return
-        for ack in acks or ():
-            self.transport.write(frame(ack))
+        if acks:
+            write_now(self.transport, b"".join([frame(ack) for ack in acks]))
         self._next()
 
 

@@ -21,6 +21,7 @@ from hl7relay.errors import AckTimeout, ParseError, PeerApplicationError, PeerRe
 from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES, Frame, FrameTooLarge, MLLPFramer, frame
 from hl7relay.message import Message
 from hl7relay.tls import TLSConfig, client_options
+from hl7relay.transport import write_now
 
 __all__ = ["SendStatus", "SendResult", "SenderConfig", "MLLPSender", "expects_ack"]
 
@@ -198,14 +199,14 @@ class MLLPSender:
         control_id = message.control_id
         expected, want_app = _ack_expectations(message)
         if not expected:
-            self.protocol.transport.write(frame(message.to_bytes()))
+            write_now(self.protocol.transport, frame(message.to_bytes()))
             done.callback(SendResult(SendStatus.ACCEPTED, control_id, text="sent; no acknowledgement is expected for it"))
             self._pump()
             return
         pending = _Pending(control_id, want_app, done, self.protocol)
         pending.timer = self.reactor.callLater(self.config.ack_timeout, self._ack_timed_out, pending)
         self._pending = pending
-        self.protocol.transport.write(frame(message.to_bytes()))
+        write_now(self.protocol.transport, frame(message.to_bytes()))
 
     def _connect(self):
         delay = max(0.0, self._not_before - self.reactor.seconds())
