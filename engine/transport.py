@@ -23,7 +23,8 @@ _PLAIN_TCP = (tcp.Server, tcp.Client)
 def write_now(transport, data: bytes) -> None:
     """Write ``data`` to ``transport``, sending it immediately when the transport allows."""
     if (type(transport) in _PLAIN_TCP and not transport.TLS and transport.connected and not transport.disconnecting
-            and not transport._writeDisconnected and not transport.dataBuffer and not transport._tempDataBuffer):
+            and not transport._aborting and not transport._writeDisconnected and not transport.dataBuffer
+            and not transport._tempDataBuffer):
         try:
             sent = transport.socket.send(data)
         except OSError:  # EAGAIN, or an error Twisted will report through connectionLost

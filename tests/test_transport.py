@@ -80,3 +80,18 @@ def test_a_closing_connection_is_left_to_twisted():
         assert transport._tempDataBuffer == [b"late"]
     finally:
         _close(reactor, port, client)
+
+
+def test_an_aborted_connection_gets_nothing_more():
+    reactor, port, client, transport = _connection()
+    try:
+        transport.abortConnection()
+        write_now(transport, b"late")  # Twisted discards it; it must not reach the socket either
+        client.settimeout(2)
+        for _ in range(5):
+            reactor.iterate(0)
+        assert client.recv(100) == b""  # closed (or reset) without the late bytes
+    except ConnectionResetError:
+        pass
+    finally:
+        _close(reactor, port, client)
