@@ -125,7 +125,6 @@ class _Pending:
     want_application_ack: bool
     done: defer.Deferred
     protocol: object = None  # the connection it was written on
-    timer: object = None
     accept_ack: Message | None = None
 
 
@@ -161,6 +160,7 @@ class MLLPSender:
         self._pending: _Pending | None = None
         self._failures = 0
         self._not_before = 0.0  # no connection attempt before this reactor time (backoff)
+        self._ack_timer = None  # fires ack_timeout after the latest send
         self.mismatched_acks = 0
 
     @property
@@ -204,8 +204,14 @@ class MLLPSender:
             self._pump()
             return
         pending = _Pending(control_id, want_app, done, self.protocol)
-        pending.timer = self.reactor.callLater(self.config.ack_timeout, self._ack_timed_out, pending)
         self._pending = pending
+        # one ACK timer per sender, pushed back at each send (one message is in flight at a time):
+        # a timer created and cancelled per message churned the reactor's heap
+        timer = self._ack_timer
+        if timer is not None and timer.active():
+            timer.reset(self.config.ack_timeout)
+        else:
+            self._ack_timer = self.reactor.callLater(self.config.ack_timeout, self._ack_timer_fired)
         write_now(self.protocol.transport, frame(message.to_bytes()))
 
     def _connect(self):
@@ -259,7 +265,6 @@ class MLLPSender:
         pending = self._pending
         if pending is not None and pending.protocol is protocol:
             self._pending = None
-            self._cancel(pending)
             pending.done.callback(SendResult(SendStatus.TIMED_OUT, pending.control_id,
                                              text="the connection closed before the ACK arrived"))
         self._pump()
@@ -288,10 +293,12 @@ class MLLPSender:
             status = SendStatus.REJECTED
         self._finish(SendResult(status, pending.control_id, code, ack_text(ack), ack))
 
+    def _ack_timer_fired(self):
+        self._ack_timer = None
+        if self._pending is not None:  # sent when the timer was last pushed back, and still unanswered
+            self._ack_timed_out(self._pending)
+
     def _ack_timed_out(self, pending: _Pending):
-        pending.timer = None
-        if self._pending is not pending:
-            return
         text = f"no ACK within {self.config.ack_timeout:g}s"
         if pending.accept_ack is not None:
             text = f"accepted (CA) but no application ACK within {self.config.ack_timeout:g}s"
@@ -305,12 +312,5 @@ class MLLPSender:
 
     def _finish(self, result: SendResult):
         pending, self._pending = self._pending, None
-        self._cancel(pending)
         pending.done.callback(result)
         self._pump()
-
-    @staticmethod
-    def _cancel(pending: _Pending):
-        if pending.timer is not None and pending.timer.active():
-            pending.timer.cancel()
-        pending.timer = None

@@ -97,6 +97,24 @@ def test_ack_timeout_resets_the_connection_and_the_next_send_reconnects():
     assert len(h.reactor.tcpClients) == 2
 
 
+def test_each_message_gets_the_whole_ack_timeout_from_its_own_send():
+    h = Harness(ack_timeout=10)
+    h.send(message("M1"))
+    protocol = h.accept_connection()
+    h.reactor.advance(6)
+    protocol.dataReceived(ack_frame("AA", "M1"))
+    h.reactor.advance(3)
+    h.send(message("M2"))  # at t=9: the timer armed for M1 (t=10) must not time M2 out
+    h.reactor.advance(9.5)
+    assert [r.status for r in h.results] == [SendStatus.ACCEPTED]
+    h.reactor.advance(1)  # t=19.5: ten seconds after M2 was sent
+    assert [r.status for r in h.results] == [SendStatus.ACCEPTED, SendStatus.TIMED_OUT]
+    assert h.transport.disconnecting
+    assert len(h.reactor.getDelayedCalls()) == 0  # one timer per sender, gone once it has fired
+    h.reactor.advance(60)  # and nothing fires late for a message already answered
+    assert len(h.results) == 2
+
+
 def test_enhanced_mode_waits_for_the_application_ack():
     h = Harness(ack_timeout=10)
     h.send(message("M1", "|||AL|AL"))
