@@ -16,6 +16,7 @@ the kernel and waiting on the disk are not in it (bench_engine.py reports those)
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -66,7 +67,7 @@ def main() -> None:
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "hl7relay", "run",
          "--channels", str(channels), "--data-dir", str(work / "data"), "--admin-port", str(free_port()),
          "--log-level", "error"],
-        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"PYTHONHASHSEED": "0", **_env()})
+        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONHASHSEED": "0"})
     try:
         wait_port(engine_port, timeout=300)
         warm = load(engine_port, args.connections, 30, message)["acked"]  # caches, first connections
@@ -88,12 +89,6 @@ def main() -> None:
     count = measured["acked"]
     print(f"validation {'on' if args.validation else 'off'}: {instructions / count / 1e6:.3f} M instructions per message "
           f"in the engine's process ({count} messages in, stored, ACKed, delivered; answers {measured['answers']})")
-
-
-def _env() -> dict:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
 
 
 if __name__ == "__main__":
