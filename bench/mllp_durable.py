@@ -9,13 +9,12 @@ How fast it goes is mostly how fast this disk syncs, which on a VM moves a lot b
     python bench/mllp_durable.py PORT DATABASE_FILE
 """
 
-import signal
 import sqlite3
 import sys
 
 from twisted.internet import protocol, reactor
 
-from mllp_sink import answer  # the sink's framing and ACKs (this folder is on sys.path when run as a script)
+from mllp_sink import answer, serve  # the sink's framing and ACKs (this folder is on sys.path when run as a script)
 
 from hl7relay.framing import MLLPFramer
 
@@ -63,12 +62,7 @@ def main():
     global store
     port, path = int(sys.argv[1]), sys.argv[2]
     store = GroupCommit(path)
-    factory = protocol.Factory.forProtocol(Durable)
-    factory.noisy = False
-    reactor.listenTCP(port, factory, interface="127.0.0.1")
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
-    print("ready", flush=True)
-    reactor.run(installSignalHandlers=False)
+    serve(port, Durable)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ core): the benchmark's second baseline.
     python bench/mllp_relay.py PORT DOWNSTREAM_PORT CONNECTIONS
 """
 
-import signal
 import sys
 from collections import deque
 
 from twisted.internet import protocol, reactor
 
-from mllp_sink import answer  # the sink's framing and ACKs (this folder is on sys.path when run as a script)
+from mllp_sink import answer, serve  # the sink's framing and ACKs (this folder is on sys.path when run as a script)
 
 from hl7relay.framing import Frame, MLLPFramer, frame
 
@@ -61,12 +60,7 @@ def main():
     outbound.noisy = False
     for _ in range(connections):
         reactor.connectTCP("127.0.0.1", downstream, outbound)
-    inbound = protocol.Factory.forProtocol(Inbound)
-    inbound.noisy = False
-    reactor.listenTCP(port, inbound, interface="127.0.0.1")
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
-    print("ready", flush=True)
-    reactor.run(installSignalHandlers=False)
+    serve(port, Inbound)
 
 
 if __name__ == "__main__":

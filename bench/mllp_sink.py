@@ -43,24 +43,31 @@ class Sink(protocol.Protocol):
             self.transport.write(b"".join(out))
 
 
-def main():
-    port, stats_file = int(sys.argv[1]), sys.argv[2]
-    factory = protocol.Factory.forProtocol(Sink)
+def serve(port: int, protocol_class, on_stop=None) -> None:
+    """Listen on 127.0.0.1:``port``, print "ready", run until SIGTERM (calling ``on_stop`` first)."""
+    factory = protocol.Factory.forProtocol(protocol_class)
     factory.noisy = False
     reactor.listenTCP(port, factory, interface="127.0.0.1")
+
+    def stop(*_):
+        if on_stop is not None:
+            on_stop()
+        reactor.stop()
+
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop))
+    print("ready", flush=True)
+    reactor.run(installSignalHandlers=False)
+
+
+def main():
+    port, stats_file = int(sys.argv[1]), sys.argv[2]
 
     def dump(*_):
         with open(stats_file, "w") as f:
             json.dump(stats, f)
 
-    def stop(*_):
-        dump()
-        reactor.stop()
-
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(dump))
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop))
-    print("ready", flush=True)
-    reactor.run(installSignalHandlers=False)
+    serve(port, Sink, on_stop=dump)
 
 
 if __name__ == "__main__":
