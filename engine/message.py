@@ -22,6 +22,23 @@ __all__ = ["Message", "HEADER_SEGMENTS"]
 # Segments whose field 1 is the field separator itself, so their field n sits at split index n-1.
 HEADER_SEGMENTS = frozenset({"MSH", "FHS", "BHS"})
 _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
+# A segment id is three of these. HL7 lets MSH-1 be any character, so when it is one of them the
+# id cannot be found by splitting on it: it is then the first three characters (see _name_of).
+_ID_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+def _name_of(segment: str, fs: str) -> str:
+    """The segment id of one segment's text, for a field separator that may occur in ids."""
+    if len(segment) >= 3 and segment[3:4] in (fs, ""):
+        return segment[:3]
+    return segment.split(fs, 1)[0]
+
+
+def _split_fields(segment: str, fs: str) -> list[str]:
+    """``segment.split(fs)`` with the segment id kept whole when ``fs`` may occur in it."""
+    if len(segment) >= 3 and segment[3:4] in (fs, ""):
+        return [segment[:3], *segment[4:].split(fs)] if len(segment) > 3 else [segment]
+    return segment.split(fs)
 
 
 class Message:
@@ -33,7 +50,7 @@ class Message:
 
     __slots__ = (
         "text", "raw", "charset", "codec", "decode_problems", "delimiters",
-        "_segments", "_names", "_index", "_fields", "_modified",
+        "_segments", "_names", "_index", "_fields", "_modified", "_fs_in_ids",
     )
 
     def __init__(self, text: str, *, raw: bytes | None = None, charset: str = DEFAULT_CHARSET,
@@ -57,6 +74,7 @@ class Message:
         end = text.find(field_sep, 4, line_end)
         encoding = text[4 : line_end if end == -1 else end]
         self.delimiters = Delimiters.from_encoding(field_sep, encoding)
+        self._fs_in_ids = field_sep in _ID_CHARACTERS
         self._segments: list[str] | None = None
         self._names: list[str] | None = None
         self._index: dict[str, list[int]] | None = None
@@ -77,7 +95,10 @@ class Message:
         segments = [p for p in parts if p]
         self._segments = segments
         fs = self.delimiters.field
-        self._names = [s.split(fs, 1)[0] for s in segments]
+        if self._fs_in_ids:
+            self._names = [_name_of(s, fs) for s in segments]
+        else:
+            self._names = [s.split(fs, 1)[0] for s in segments]
         return segments
 
     @property
@@ -136,12 +157,13 @@ class Message:
                 i = text.find(terminator, 0, end)
                 if i != -1:
                     end = i
-            parts = text[:end].split(fs)
+            parts = _split_fields(text[:end], fs) if self._fs_in_ids else text[:end].split(fs)
             parts.insert(1, fs)
             self._fields[0] = parts
             return parts
         segments = self._segments if self._segments is not None else self._split()
-        parts = segments[position].split(fs)
+        text = segments[position]
+        parts = _split_fields(text, fs) if self._fs_in_ids else text.split(fs)
         if self._names[position] in HEADER_SEGMENTS:
             parts.insert(1, fs)
         self._fields[position] = parts
@@ -253,9 +275,13 @@ class Message:
         if "\r" in er7 or "\n" in er7:
             raise PathError(f"{p}: a value cannot contain a segment terminator")
         position = self._locate(p.segment, p.occurrence)
-        while position is None:
-            self.append_segment(p.segment)
+        if position is None:
+            # create the missing segments (PV1[2]-3 on a message with no PV1 adds two)
+            for _ in range(p.occurrence - self.count(p.segment)):
+                self.append_segment(p.segment)
             position = self._locate(p.segment, p.occurrence)
+            if position is None:  # cannot happen with _name_of; never loop on it
+                raise PathError(f"{p}: segment {p.segment} could not be added to this message")
         fields = list(self.fields(position))
         if len(fields) <= p.field:
             fields.extend([""] * (p.field + 1 - len(fields)))
@@ -294,8 +320,9 @@ class Message:
             raise PathError("nothing can be inserted before MSH")
         if self._segments is None:
             self._split()
+        fs = self.delimiters.field
         self._segments.insert(position, text)
-        self._names.insert(position, text.split(self.delimiters.field, 1)[0])
+        self._names.insert(position, _name_of(text, fs) if self._fs_in_ids else text.split(fs, 1)[0])
         self._reindex()
 
     def delete_segment(self, name: str, occurrence: int = 1) -> bool:
@@ -322,6 +349,7 @@ class Message:
         other.text, other.raw, other.charset, other.codec = self.text, self.raw, self.charset, self.codec
         other.decode_problems = list(self.decode_problems)
         other.delimiters = self.delimiters
+        other._fs_in_ids = self._fs_in_ids
         other._segments = None if self._segments is None else list(self._segments)
         other._names = None if self._names is None else list(self._names)
         other._index = None

@@ -29,6 +29,12 @@ _PATH = re.compile(
 )
 
 
+# Upper bounds, far above anything a real message holds (HL7 numbers fields below 100, and a
+# segment rarely repeats a thousand times): a write past the end pads with empty items, so an
+# unbounded number in a path would let one typo allocate gigabytes.
+LIMITS = {"occurrence": 9999, "field": 999, "repetition": 9999, "component": 999, "subcomponent": 999}
+
+
 class Path(NamedTuple):
     segment: str
     occurrence: int
@@ -70,6 +76,8 @@ def parse_path(text: str) -> Path:
             number = int(value)
             if number < 1:
                 raise PathError(f"{text!r}: {key} numbers start at 1")
+            if number > LIMITS[key]:
+                raise PathError(f"{text!r}: {key} {number} is beyond the largest allowed ({LIMITS[key]})")
             numbers[key] = number
         else:
             numbers[key] = None

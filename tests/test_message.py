@@ -188,3 +188,120 @@ def test_copy_is_independent_and_header_is_msh_only():
     assert c.get("PID-5.1") == "ROE" and c.count("OBX") == 2
     h = m.header()
     assert h.segment_names() == ["MSH"] and h.get("MSH-10") == "MSG1" and h.delimiters == m.delimiters
+
+
+# -- any input terminates ------------------------------------------------------------------------
+# HL7 lets MSH-1 and MSH-2 be any characters. Each example below runs under a wall-clock alarm, so
+# an endless loop fails the test instead of hanging the suite (the engine once looped for ever in
+# set() when the field separator was a digit of a segment id it had to add).
+import contextlib
+import signal
+
+from hl7relay.errors import HL7RelayError
+
+_ANY_DELIMITER = st.sampled_from(list("|^~\\&#1AZS0 .\t\x00é\r\n")) | st.characters(
+    min_codepoint=1, max_codepoint=0x2FF, blacklist_categories=("Cs",))
+_SEGMENT_IDS = st.sampled_from(["PID", "PV1", "ZX1", "OBX", "NTE", "MSH", "EVN", "A1B", "S11", "ZZZ"])
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    def expired(signum, frame):
+        raise TimeoutError(f"did not finish within {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@st.composite
+def _hostile_messages(draw):
+    fs = draw(_ANY_DELIMITER)
+    encoding = "".join(draw(st.lists(_ANY_DELIMITER, max_size=6)))
+    segments = [f"MSH{fs}{encoding}{fs}APP{fs}FAC"]
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(_SEGMENT_IDS)
+        values = draw(st.lists(st.text(st.sampled_from(list("ab1|^~\\&#") + [fs]), max_size=6), max_size=4))
+        segments.append(fs.join([name, *values]))
+    terminator = draw(st.sampled_from(["\r", "\n", "\r\n"]))
+    return terminator.join(segments) + terminator
+
+
+@st.composite
+def _paths(draw):
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.text(max_size=12))  # not a path at all: a PathError, never a hang
+    path = draw(_SEGMENT_IDS)
+    occurrence = draw(st.integers(1, 3))
+    path += "" if occurrence == 1 else f"[{occurrence}]"
+    path += f"-{draw(st.integers(1, 30))}"
+    repetition = draw(st.none() | st.integers(1, 3))
+    path += "" if repetition is None else f"[{repetition}]"
+    component = draw(st.none() | st.integers(1, 5))
+    if component is not None:
+        path += f".{component}"
+        sub = draw(st.none() | st.integers(1, 3))
+        path += "" if sub is None else f".{sub}"
+    return path
+
+
+_OPERATIONS = st.lists(st.tuples(st.sampled_from(["set", "set_raw", "get", "insert", "delete", "append"]),
+                                 _paths(), st.text(max_size=8), st.integers(-1, 6)), max_size=8)
+
+
+@given(_hostile_messages(), _OPERATIONS)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_every_operation_terminates_whatever_the_delimiters(text, operations):
+    with _deadline(2.0):
+        try:
+            m = Message(text)
+        except ParseError:
+            return
+        for operation, path, value, position in operations:
+            try:
+                if operation == "set":
+                    m.set(path, value)
+                elif operation == "set_raw":
+                    m.set_raw(path, value)
+                elif operation == "get":
+                    m.get(path)
+                elif operation == "insert":
+                    m.insert_segment(position, path[:3] + m.delimiters.field + value)
+                elif operation == "append":
+                    m.append_segment(path[:3] + m.delimiters.field + value)
+                else:
+                    m.delete_segment(path[:3], max(position, 1))
+            except HL7RelayError:
+                continue  # a clear refusal is an answer
+            m.segment_names()
+        out = m.to_text()
+        m.to_bytes()
+        again = Message(out)
+        again.segment_names()
+        for _, path, _, _ in operations:
+            with contextlib.suppress(HL7RelayError):
+                again.get(path)
+
+
+@given(st.sampled_from(list("1ADHSMP09Z")), st.text(st.sampled_from(list("abc123XYZ |")), min_size=1, max_size=10))
+@settings(max_examples=200, deadline=None)
+def test_a_field_separator_from_segment_ids_still_reads_and_writes_by_path(fs, value):
+    text = f"MSH{fs}^~\\&{fs}QUX{fs}FAC\rPID{fs}{fs}{fs}QQQ\r"
+    with _deadline(2.0):
+        m = Message(text)
+        assert m.segment_names() == ["MSH", "PID"] and m.get("PID-3") == "QQQ" and m.get("MSH-3") == "QUX"
+        m.set("PV1-2", value)
+        m.set("ZX1[2]-3.2", value)
+        assert m.get("PV1-2") == value and m.get("ZX1[2]-3.2") == value
+        again = Message(m.to_text())
+        assert again.segment_names() == ["MSH", "PID", "PV1", "ZX1", "ZX1"]
+        assert again.get("PV1-2") == value and again.get("ZX1[2]-3.2") == value and again.get("PID-3") == "QQQ"
+
+
+def test_path_numbers_are_bounded():
+    with pytest.raises(PathError, match="beyond"):
+        Message(ADT).set("PID-3[99999999]", "x")
