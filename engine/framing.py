@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["START", "END", "MLLPFramer", "Frame", "Discarded", "FrameTooLarge", "frame", "DEFAULT_MAX_FRAME_BYTES"]
+__all__ = ["START", "END", "MLLPFramer", "Frame", "Discarded", "FrameTooLarge", "frame", "DEFAULT_MAX_FRAME_BYTES", "HEAD_BYTES"]
 
 START = b"\x0b"
 END = b"\x1c\x0d"
@@ -31,10 +31,18 @@ class Discarded:
 
 @dataclass(frozen=True, slots=True)
 class FrameTooLarge:
-    """A frame grew past the limit; the connection should be closed."""
+    """A frame grew past the limit; the connection should be closed.
+
+    ``head`` is the frame's first line (at most :data:`HEAD_BYTES`), kept so that the listener can
+    answer AR naming the message, and the sender can tell "too big" from a network fault.
+    """
 
     size: int
     limit: int
+    head: bytes = b""
+
+
+HEAD_BYTES = 8192
 
 
 def frame(payload: bytes) -> bytes:
@@ -65,10 +73,15 @@ class MLLPFramer:
     def feed(self, data: bytes) -> list:
         if self.broken:
             return []
+        if not isinstance(data, bytes):
+            data = bytes(data)
         events: list = []
-        view = memoryview(data)
+        buffer = self._buffer
+        limit = self.max_frame_bytes
         i = 0
         n = len(data)
+        # Offsets into ``data`` only: a read holding many frames is scanned once, never copied
+        # per frame; only a frame still open at the end of the read is kept in the buffer.
         while i < n:
             if not self._in_frame:
                 start = data.find(START, i)
@@ -78,33 +91,61 @@ class MLLPFramer:
                 if start > i:
                     self._discard(events, start - i)
                 self._in_frame = True
-                self._buffer.clear()
                 self._searched = 0
                 i = start + 1
                 continue
-            # inside a frame: append, then look for <FS><CR> from where the last search stopped
-            self._buffer += view[i:]
-            i = n
-            end = self._buffer.find(END, self._searched)
-            if end != -1:
-                events.append(Frame(bytes(self._buffer[:end])))
-                # what follows the frame is read again from the top, as fresh input
-                data = bytes(self._buffer[end + len(END):])
-                view = memoryview(data)
-                i, n = 0, len(data)
-                self._in_frame = False
-                self._buffer.clear()
-                self._searched = 0
-                continue
-            # keep one byte back: an <FS> at the very end may pair with a <CR> still to come
-            self._searched = max(0, len(self._buffer) - 1)
-            if len(self._buffer) > self.max_frame_bytes:
-                size = len(self._buffer)
-                self._buffer = bytearray()
-                self._in_frame = False
-                self.broken = True
-                events.append(FrameTooLarge(size, self.max_frame_bytes))
-                return events
+            if buffer:
+                # this frame began in an earlier read: its <FS> may have ended that read
+                if buffer[-1] == 0x1C and data[i] == 0x0D:
+                    end, resume = i, i + 1
+                    del buffer[-1]
+                else:
+                    end = data.find(END, i)
+                    resume = end + len(END)
+                if end == -1:
+                    buffer += data[i:]
+                    i = n
+                elif len(buffer) + end - i > limit:
+                    buffer += data[i:end]
+                    return self._too_large(events)
+                else:
+                    buffer += data[i:end]
+                    events.append(Frame(bytes(buffer)))
+                    buffer.clear()
+                    self._in_frame = False
+                    i = resume
+                    continue
+            else:
+                end = data.find(END, i)
+                if end == -1:
+                    buffer += data[i:]
+                    i = n
+                elif end - i > limit:
+                    buffer += data[i:end]
+                    return self._too_large(events)
+                else:
+                    events.append(Frame(data[i:end]))
+                    self._in_frame = False
+                    i = end + len(END)
+                    continue
+            # the read ended inside a frame: the next search starts at its last byte
+            self._searched = max(0, len(buffer) - 1)
+            if len(buffer) > limit:
+                return self._too_large(events)
+        return events
+
+    def _too_large(self, events: list) -> list:
+        buffer = self._buffer
+        head = bytes(buffer[:HEAD_BYTES])
+        for terminator in (b"\r", b"\n"):
+            cut = head.find(terminator)
+            if cut != -1:
+                head = head[:cut]
+        events.append(FrameTooLarge(len(buffer), self.max_frame_bytes, head))
+        self._buffer = bytearray()
+        self._in_frame = False
+        self._searched = 0
+        self.broken = True
         return events
 
     def _discard(self, events: list, count: int) -> None:

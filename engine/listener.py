@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from hl7relay.ack import AckPolicy, Outcome, unreadable_ack
+from hl7relay.ack import AckPolicy, ErrorCode, Outcome, build_ack, unreadable_ack
 from hl7relay.events import emit
 from hl7relay.charsets import DEFAULT_CHARSET, UTF8_BOM
 from hl7relay.errors import ParseError
@@ -68,6 +68,7 @@ class MLLPServerProtocol(Protocol):
         self.peer: Peer | None = None
         self._read_timer = None
         self._idle_timer = None
+        self.closing_after_answer = False
 
     # -- connection ----------------------------------------------------------------------------
     def connectionMade(self):
@@ -116,9 +117,13 @@ class MLLPServerProtocol(Protocol):
             elif isinstance(event, FrameTooLarge):
                 self.factory.oversized_frames += 1
                 emit("frame_discarded", listener=self.factory.name, reason="oversize")
-                log.error("frame from {peer} exceeds {limit} bytes; closing the connection",
+                log.error("frame from {peer} exceeds {limit} bytes; answering AR and closing the connection",
                           peer=str(self.peer), limit=event.limit)
-                self._abort()
+                # answered in turn, after the frames before it, then the connection is closed:
+                # the sender reads "too big" instead of guessing at a network fault
+                self.queue.append(event)
+                self._cancel("_read_timer")
+                self._next()
                 return
         self._arm_read_timer()
         self._next()
@@ -174,8 +179,10 @@ class MLLPServerProtocol(Protocol):
         d.addErrback(self._failed)
         d.addBoth(self._write)
 
-    def _process(self, payload: bytes):
+    def _process(self, payload):
         config = self.factory.config
+        if isinstance(payload, FrameTooLarge):
+            return self._too_large(payload)
         body = payload[len(UTF8_BOM):] if payload.startswith(UTF8_BOM) else payload
         if not body.strip(b"\r\n\t "):
             return [unreadable_ack("empty MLLP frame", **self._header())]
@@ -189,6 +196,20 @@ class MLLPServerProtocol(Protocol):
         d.addErrback(self._handler_failed, message)
         d.addCallback(lambda outcome: config.policy.acks(message, outcome))
         return d
+
+    def _too_large(self, event: FrameTooLarge) -> list[bytes]:
+        self.closing_after_answer = True
+        text = f"the message is {event.size:,}+ bytes, over this listener's limit of {event.limit:,} bytes; not accepted"
+        head = event.head[len(UTF8_BOM):] if event.head.startswith(UTF8_BOM) else event.head
+        if head.startswith(b"MSH"):
+            try:
+                header = Message.from_bytes(head + b"\r", self.factory.config.charset)
+            except ParseError:
+                header = None
+            if header is not None:
+                code = "CR" if header.get("MSH-15").strip() else "AR"
+                return [build_ack(header, code, text, ErrorCode.VALUE_TOO_LONG, **self._header())]
+        return [unreadable_ack(text, **self._header())]
 
     def _header(self) -> dict:
         policy = self.factory.config.policy
@@ -211,6 +232,11 @@ class MLLPServerProtocol(Protocol):
             return
         if acks:
             write_now(self.transport, b"".join([frame(ack) for ack in acks]))
+        if self.closing_after_answer:
+            self.closed = True
+            self.queue.clear()
+            self.transport.loseConnection()  # after the answer is written
+            return
         self._next()
 
 

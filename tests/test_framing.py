@@ -49,11 +49,37 @@ def test_oversized_frame_is_reported_once_and_memory_released():
     events = framer.feed(START + b"x" * 60)
     assert events == [] and framer.in_frame
     events = framer.feed(b"y" * 60)
-    assert events == [FrameTooLarge(120, 100)]
+    assert events == [FrameTooLarge(120, 100, b"x" * 60 + b"y" * 60)]
     assert framer.buffered == 0 and framer.broken
     assert framer.feed(frame(b"MSH|ok")) == []  # the connection is to be closed: nothing more
     framer.reset()
     assert framer.feed(frame(b"MSH|ok")) == [Frame(b"MSH|ok")]
+
+
+def test_an_oversized_frame_keeps_its_first_line_for_the_answer():
+    framer = MLLPFramer(max_frame_bytes=50)
+    [event] = framer.feed(START + b"MSH|^~\\&|A|B|C|D|1||ADT^A01|X1|P|2.5\rPID|" + b"z" * 80 + END + frame(b"MSH|next"))
+    assert event == FrameTooLarge(event.size, 50, b"MSH|^~\\&|A|B|C|D|1||ADT^A01|X1|P|2.5") and event.size > 50
+    assert framer.broken
+
+
+def test_a_read_of_many_frames_is_not_copied_per_frame():
+    """Many frames in one read are cut out of it by offset; the old framer copied the rest of the
+    read once per frame (quadratic), which shows as several copies of the read alive at once."""
+    import tracemalloc
+
+    payloads = [b"MSH|^~\\&|%05d|" % i + b"x" * 200 for i in range(5000)]
+    data = b"".join(frame(p) for p in payloads) + START + b"MSH|open"
+    framer = MLLPFramer()
+    tracemalloc.start()
+    try:
+        events = framer.feed(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [e.payload for e in events] == payloads and framer.buffered == len(b"MSH|open")
+    # the frames themselves are one copy of the read; nothing else of that size
+    assert peak < 1.5 * len(data), (peak, len(data))
 
 
 def test_a_slow_sender_is_searched_once():

@@ -125,6 +125,8 @@ def test_oversized_frame_closes_only_that_connection():
     other, other_transport = h.connect(2)
     big.dataReceived(START + b"MSH|" + b"x" * 2000)
     assert big_transport.disconnecting and h.factory.oversized_frames == 1
+    [answer] = acks(big_transport)
+    assert answer.get("MSA-1") == "AR" and "over this listener's limit of 1,000 bytes" in answer.get("ERR-8")
     assert big.framer.buffered == 0  # memory released
     other.dataReceived(frame(MSG % b"2"))
     assert [a.get("MSA-1") for a in acks(other_transport)] == ["AA"] and not other_transport.disconnecting
@@ -179,3 +181,16 @@ def test_answer_after_disconnect_is_dropped_quietly():
     h.results[0].callback(Outcome.accepted())
     assert transport.value() == b""
     assert h.factory.open_connections == 0
+
+
+def test_an_oversized_frame_is_answered_ar_after_the_frames_before_it_then_closed():
+    h = Harness(max_frame_bytes=1000)
+    protocol, transport = h.connect()
+    protocol.dataReceived(frame(MSG % b"OK1") + START + (MSG % b"BIG1") + b"OBX|1|ST|x||" + b"y" * 2000)
+    assert transport.value() == b"" and not transport.disconnecting  # the first is still being processed
+    h.results[0].callback(Outcome.accepted())
+    first, refused = acks(transport)
+    assert (first.get("MSA-1"), first.get("MSA-2")) == ("AA", "OK1")
+    assert (refused.get("MSA-1"), refused.get("MSA-2")) == ("AR", "BIG1")  # it names the message
+    assert "over this listener's limit" in refused.get("ERR-8") and refused.get("ERR-3.1") == "104"
+    assert transport.disconnecting and len(h.calls) == 1  # the big one never reached the handler
