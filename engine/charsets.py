@@ -9,11 +9,10 @@ is reported in ``DecodedText.problems``.
 
 from __future__ import annotations
 
-import codecs
 import functools
 from dataclasses import dataclass, field
 
-__all__ = ["DecodedText", "decode_message", "codec_for", "DEFAULT_CHARSET", "UTF8_BOM"]
+__all__ = ["DecodedText", "decode_message", "codec_for", "ALIASES", "DEFAULT_CHARSET", "UTF8_BOM"]
 
 DEFAULT_CHARSET = "UTF-8"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -49,6 +48,24 @@ for _n in range(1, 17):
     if _n != 12:  # there is no ISO 8859-12
         _TABLE_0211[f"8859/{_n}"] = f"iso8859_{_n}"
 
+# Names outside table 0211 that senders really put in MSH-18 (the IANA names of the same and of
+# the Windows code pages), compared without case, spaces, hyphens or underscores. Nothing else
+# selects a decoder: Python's codec registry also holds byte transforms (base64, hex, zlib, uu,
+# rot13...) and oddities (punycode, unicode_escape), and a sender must not pick those.
+ALIASES = {
+    "UTF8": "utf_8", "UTF16": "utf_16", "UTF16LE": "utf_16_le", "UTF16BE": "utf_16_be",
+    "UTF32": "utf_32", "UTF32LE": "utf_32_le", "UTF32BE": "utf_32_be",
+    "USASCII": "ascii", "LATIN1": "iso8859_1", "LATIN2": "iso8859_2", "LATIN9": "iso8859_15",
+    "SHIFTJIS": "shift_jis", "SJIS": "shift_jis", "EUCJP": "euc_jp", "EUCKR": "euc_kr",
+    "ISO2022JP": "iso2022_jp", "GB2312": "gb2312", "GBK": "gbk", "GB18030": "gb18030",
+    "BIG5": "big5", "KOI8R": "koi8_r", "KOI8U": "koi8_u", "TIS620": "tis_620",
+}
+for _n in range(1, 17):
+    if _n != 12:
+        ALIASES[f"ISO8859{_n}"] = f"iso8859_{_n}"
+for _n in range(1250, 1259):
+    ALIASES[f"WINDOWS{_n}"] = ALIASES[f"CP{_n}"] = f"cp{_n}"
+
 
 @dataclass(slots=True)
 class DecodedText:
@@ -69,18 +86,15 @@ def _normalise(name: str) -> str:
 def codec_for(name: str) -> tuple[str | None, bool]:
     """Python codec for an HL7 character set name: ``(codec, is_table_0211_name)``.
 
-    Names outside table 0211 that Python knows (``UTF-8``, ``windows-1252``) are accepted but
-    flagged, since a receiver following the standard may not know them.
+    Names from :data:`ALIASES` (``UTF-8``, ``windows-1252``) are accepted but flagged, since a
+    receiver following the standard may not know them; any other name gives ``(None, False)``.
     """
     key = _normalise(name)
     if key in _TABLE_0211:
         return _TABLE_0211[key], True
     if key.startswith("ISO IR ") and key.replace("ISO IR ", "ISO IR") in _TABLE_0211:
         return _TABLE_0211[key.replace("ISO IR ", "ISO IR")], True
-    try:
-        return codecs.lookup(name.strip()).name.replace("-", "_"), False
-    except LookupError:
-        return None, False
+    return ALIASES.get("".join(c for c in key if c not in " -"), None), False
 
 
 def _msh18(data: bytes) -> str | None:
@@ -113,7 +127,8 @@ def decode_message(data: bytes, default_charset: str = DEFAULT_CHARSET) -> Decod
     charset = declared or default_charset
     codec, standard = codec_for(charset)
     if codec is None:
-        problems.append(f"unknown character set {charset!r} in MSH-18; decoded as {default_charset}")
+        problems.append(f"unknown character set {charset!r} in MSH-18 (not an HL7 table 0211 name or a "
+                        f"known alias); decoded as {default_charset}")
         charset = default_charset
         codec, _ = codec_for(default_charset)
         codec = codec or "utf_8"

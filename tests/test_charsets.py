@@ -65,3 +65,19 @@ def test_codec_lookup_flags_non_table_names():
     assert codec_for("ISO IR 100") == ("iso8859_1", True)
     assert codec_for("windows-1252") == ("cp1252", False)
     assert codec_for("nonsense-set") == (None, False)
+
+
+@pytest.mark.parametrize("name", [b"base64", b"hex", b"rot13", b"zlib", b"uu", b"punycode", b"bz2", b"unicode_escape",
+                                  b"undefined", b"idna", b"UTF\x008", b"\x00", b"quopri"])
+def test_msh18_naming_no_text_encoding_is_a_finding_and_decodes_with_the_default(name):
+    data = MSH % (name, "M\u00fcller".encode())
+    decoded = decode_message(data)
+    assert decoded.codec == "utf_8" and decoded.charset == "UTF-8"
+    assert decoded.text.endswith("PID|1||1||M\u00fcller\r")
+    assert len(decoded.problems) == 1 and "unknown character set" in decoded.problems[0]
+
+
+@pytest.mark.parametrize("name, codec", [("utf-8", "utf_8"), ("UTF8", "utf_8"), ("windows-1252", "cp1252"),
+                                         ("ISO-8859-15", "iso8859_15"), ("Latin1", "iso8859_1"), ("Shift_JIS", "shift_jis")])
+def test_documented_aliases_select_a_decoder_but_are_flagged(name, codec):
+    assert codec_for(name) == (codec, False)

@@ -94,3 +94,11 @@ def test_progress_bar_only_on_a_terminal_for_large_inputs(capsys, monkeypatch, t
     monkeypatch.setattr(sys, "stderr", plain)
     assert main(["validate", "-q", str(tmp_path)]) == 0
     assert plain.getvalue() == ""
+
+
+@pytest.mark.parametrize("charset", [b"base64", b"hex", b"rot13", b"zlib", b"uu", b"punycode", b"UTF-8\x00"])
+def test_msh18_naming_no_text_encoding_is_a_finding_not_a_traceback(capsys, tmp_path, charset):
+    path = tmp_path / "m.hl7"
+    path.write_bytes(b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|X9|P|2.5||||||" + charset + b"\rPID|1||1\r")
+    code, out = run(capsys, "validate", str(path))
+    assert code == 1 and "unknown character set" in out and "X9" in out

@@ -194,3 +194,13 @@ def test_an_oversized_frame_is_answered_ar_after_the_frames_before_it_then_close
     assert (refused.get("MSA-1"), refused.get("MSA-2")) == ("AR", "BIG1")  # it names the message
     assert "over this listener's limit" in refused.get("ERR-8") and refused.get("ERR-3.1") == "104"
     assert transport.disconnecting and len(h.calls) == 1  # the big one never reached the handler
+
+
+def test_msh18_naming_a_byte_codec_is_decoded_with_the_default_and_acknowledged_by_its_control_id():
+    h = Harness(handler=lambda m, p: Outcome.accepted())
+    protocol, transport = h.connect()
+    for codec in (b"base64", b"zlib", b"UNICODE\x00"):
+        msg = (MSG % (b"C-" + codec.strip(b"\x00"))).replace(b"|2.5.1\r", b"|2.5.1||||||" + codec + b"\r", 1)
+        protocol.dataReceived(frame(msg))
+    answers = acks(transport)
+    assert [(a.get("MSA-1"), a.get("MSA-2")) for a in answers] == [("AA", "C-base64"), ("AA", "C-zlib"), ("AA", "C-UNICODE")]
