@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-__all__ = ["Store", "MessageRecord", "DeliveryRecord", "StoreError", "MIGRATIONS", "open_store", "delivery_content"]
+__all__ = ["Store", "MessageRecord", "DeliveryRecord", "StoreError", "MIGRATIONS", "open_store", "delivery_content", "storable"]
 
 
 class StoreError(Exception):
@@ -189,6 +189,36 @@ def delivery_content(stages: dict, raw: bytes, destination: str) -> bytes:
     return raw if content is None else content
 
 
+def storable(text):
+    """Text a database can hold, whatever the message's bytes were.
+
+    Bytes that did not decode in their character set are carried as lone surrogates (see
+    hl7relay.charsets); no database driver accepts those. In the columns that index a message
+    (control id, patient id...) they become ``\\xHH``, the way Python prints such a byte; the
+    raw message keeps the bytes themselves, so nothing is lost, and a search for the same value
+    (as bytes, or typed as ``\\xHH``) goes through the same conversion and finds it. NUL, which
+    PostgreSQL's text cannot hold, becomes ``\\x00`` on every backend alike.
+    """
+    if type(text) is not str:
+        return text
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that no undecodable byte produced
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _storable_values(values: dict) -> dict:
+    return {k: storable(v) for k, v in values.items()}
+
+
 @dataclass(slots=True)
 class MessageRecord:
     channel: str
@@ -290,7 +320,7 @@ class Store:
                         "replay_of", "replay_reason", "replay_operator")
 
     def _insert_many(self, connection, records: list[MessageRecord]) -> list[int]:
-        rows = [{k: getattr(r, k) for k in self._MESSAGE_COLUMNS} for r in records]
+        rows = [{k: storable(getattr(r, k)) for k in self._MESSAGE_COLUMNS} for r in records]
         if len(rows) == 1:
             ids = [connection.execute(messages.insert(), rows[0]).inserted_primary_key[0]]
         else:
@@ -305,7 +335,7 @@ class Store:
                 delivery_rows.append({"message_id": message_id, "destination": d.destination, "status": d.status,
                                       "attempts": 0, "last_ack": "", "last_error": "",
                                       "next_attempt_at": record.received_at if d.status == "QUEUED" else None,
-                                      "updated_at": record.received_at, "order_key": d.order_key})
+                                      "updated_at": record.received_at, "order_key": storable(d.order_key)})
         if stage_rows:
             connection.execute(stages.insert(), stage_rows)
         if delivery_rows:
@@ -318,7 +348,7 @@ class Store:
         grouped: dict[tuple, list] = {}
         for kind, key, values in updates:
             if kind == "delivery":
-                row = {f"v_{k}": v for k, v in values.items()}
+                row = {f"v_{k}": storable(v) for k, v in values.items()}
                 row["k_message_id"], row["k_destination"] = key
                 grouped.setdefault(tuple(sorted(values)), []).append(row)
         for columns, rows in grouped.items():
@@ -331,7 +361,7 @@ class Store:
             if kind == "delivery":
                 continue
             elif kind == "message":
-                connection.execute(messages.update().where(messages.c.id == key).values(**values))
+                connection.execute(messages.update().where(messages.c.id == key).values(**_storable_values(values)))
             elif kind == "stage":
                 message_id, stage = key
                 connection.execute(stages.delete().where(stages.c.message_id == message_id, stages.c.stage == stage))
@@ -368,7 +398,7 @@ class Store:
     def find_original(self, channel: str, key: str, since: float) -> dict | None:
         """The first non-duplicate message of the channel with this duplicate key since ``since``."""
         query = (sa.select(messages.c.id, messages.c.ack_code, messages.c.status)
-                 .where(messages.c.channel == channel, messages.c.duplicate_key == key, messages.c.received_at >= since,
+                 .where(messages.c.channel == channel, messages.c.duplicate_key == storable(key), messages.c.received_at >= since,
                         messages.c.status != "DUPLICATE")
                  .order_by(messages.c.id).limit(1))
         with self.engine.connect() as connection:
@@ -390,8 +420,9 @@ class Store:
         for column, value in (("channel", channel), ("status", status), ("control_id", control_id),
                               ("patient_id", patient_id), ("sending_facility", facility)):
             if value is not None:
-                query = query.where(messages.c[column] == value)
+                query = query.where(messages.c[column] == storable(value))
         if message_type is not None:
+            message_type = storable(message_type)
             query = query.where(messages.c.message_type == message_type if "^" in message_type
                                 else messages.c.message_type.like(message_type.replace("%", "") + "^%") | (messages.c.message_type == message_type))
         if since is not None:
@@ -586,16 +617,21 @@ class _SQLiteBatch:
         ids = list(range(first, first + len(records)))
         message_rows, stage_rows, delivery_rows = [], [], []
         for message_id, r in zip(ids, records):
-            message_rows.append((message_id, r.channel, r.received_at, r.peer, r.raw, r.charset, r.sending_application,
-                                 r.sending_facility, r.message_type, r.control_id, r.patient_id, r.status, r.error,
-                                 r.ack_code, r.duplicate_key, r.replay_of, r.replay_reason, r.replay_operator))
+            row = (message_id, r.channel, r.received_at, r.peer, r.raw, r.charset, r.sending_application,
+                   r.sending_facility, r.message_type, r.control_id, r.patient_id, r.status, r.error,
+                   r.ack_code, r.duplicate_key, r.replay_of, r.replay_reason, r.replay_operator)
+            text = "".join([r.sending_application, r.sending_facility, r.message_type, r.control_id, r.patient_id,
+                            r.error, r.duplicate_key or "", r.peer, r.replay_reason or ""])
+            if not text.isascii() or "\x00" in text:
+                row = tuple(storable(v) for v in row)
+            message_rows.append(row)
             for name, content in r.stages.items():
                 stage_rows.append((message_id, name, content))
             for d in r.deliveries:
                 if d.content is not None:
                     stage_rows.append((message_id, "destination:" + d.destination, d.content))
                 delivery_rows.append((message_id, d.destination, d.status,
-                                      r.received_at if d.status == "QUEUED" else None, r.received_at, d.order_key))
+                                      r.received_at if d.status == "QUEUED" else None, r.received_at, storable(d.order_key)))
         connection.executemany(self._INSERT_MESSAGE, message_rows)
         if stage_rows:
             connection.executemany(self._INSERT_STAGE, stage_rows)
@@ -608,12 +644,12 @@ class _SQLiteBatch:
         for kind, key, values in updates:
             if kind == "delivery":
                 columns = tuple(sorted(values))
-                grouped.setdefault(columns, []).append((*(values[c] for c in columns), *key))
+                grouped.setdefault(columns, []).append((*(storable(values[c]) for c in columns), *key))
             elif kind == "message":
                 columns = tuple(sorted(values))
                 self._check(columns, self._MESSAGE_UPDATE_COLUMNS)
                 connection.execute(f"UPDATE messages SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?",
-                                   (*(values[c] for c in columns), key))
+                                   (*(storable(values[c]) for c in columns), key))
             elif kind == "stage":
                 connection.execute("INSERT OR REPLACE INTO message_stages (message_id, stage, content) VALUES (?, ?, ?)",
                                    (*key, values))

@@ -321,3 +321,21 @@ def test_message_content_is_logged_only_with_log_phi(tmp_path, manual_executor, 
         assert contents and len(contents[0]) <= 40 and contents[0].startswith("MSH|")
     else:
         assert not contents and not any("DOE" in str(e) for e in captured)
+
+
+def test_undecodable_bytes_in_msh10_and_pid3_are_stored_and_answered_aa(tmp_path, manual_executor):
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor, """
+        duplicates: {window: 86400}
+        destinations: [{name: lab, type: file, directory: out, filename: "{MSH-10}.hl7"}]
+    """)
+    raw = ADT.format(id="M@@", extra="").replace("100234", "10##34").encode()
+    raw = raw.replace(b"@@", b"\xe9\x00").replace(b"##", b"\xff")  # not UTF-8, and no MSH-18
+    results = []
+    for _ in range(2):
+        engine.handle(channel, Message.from_bytes(raw), "10.0.0.1:5000").addCallback(results.append)
+        executor.run_all()
+    assert [ack_codes(o) for o in results] == [["AA"], ["AA"]]
+    assert Message.from_bytes(results[0].acks[0]).get("MSA-2") == Message.from_bytes(raw).control_id
+    first, second = store.get_message(1), store.get_message(2)
+    assert first["raw"] == raw and first["status"] == "PROCESSED" and second["status"] == "DUPLICATE"
+    assert [r["id"] for r in store.search(patient_id="10\\xff34")] == [2, 1]

@@ -245,3 +245,25 @@ def test_lazy_updates_ride_with_the_next_messages_or_go_after_their_delay(tmp_pa
     writer.drain().addCallback(closed.append)  # shutting down: no waiting for the timer
     assert commits[-1] == (0, 1) and len(commits) == 4 and closed == [None]
     assert store.get_message(message_id)["deliveries"][0]["attempts"] == 3
+
+
+def test_undecodable_bytes_in_indexed_fields_are_stored_losslessly_and_searchable(store):
+    """A stray Latin-1 byte in a UTF-8 message (no MSH-18) once failed the commit for ever
+    ('surrogates not allowed'), so the sender was answered AR again and again."""
+    from hl7relay.message import Message
+
+    raw = b"MSH|^~\\&|PMS\xe9|CLINIC|A|B|20240101||ADT^A01|CTL\xe9\x00|P|2.5\rPID|1||P\xff42^^^H^MR\r"
+    m = Message.from_bytes(raw)
+    assert m.decode_problems  # the bytes did not decode; they are kept
+    [message_id] = store.commit([record(control_id=m.control_id, patient_id=m.get("PID-3.1"), raw=raw,
+                                        sending_application=m.get("MSH-3"), error=f"bad {m.control_id}",
+                                        deliveries=[DeliveryRecord("lab", "QUEUED", order_key=m.get("PID-3.1"))])], [])
+    stored = store.get_message(message_id)
+    assert stored["raw"] == raw  # the bytes themselves
+    assert stored["control_id"] == "CTL\\xe9\\x00" and stored["patient_id"] == "P\\xff42"
+    # found by the value as the message holds it, and as a person types it
+    for control_id in (m.control_id, "CTL\\xe9\\x00"):
+        assert [r["id"] for r in store.search(control_id=control_id)] == [message_id]
+    assert [r["id"] for r in store.search(patient_id=m.get("PID-3.1"))] == [message_id]
+    store.commit([], [("delivery", (message_id, "lab"), {"last_error": f"peer said {m.control_id}"})])
+    assert store.get_message(message_id)["deliveries"][0]["last_error"] == "peer said CTL\\xe9\\x00"
