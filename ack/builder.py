@@ -15,7 +15,7 @@ import random
 import time
 
 from hl7relay.ack.codes import ErrorCode, Severity
-from hl7relay.escape import DEFAULT_DELIMITERS, Delimiters, escape
+from hl7relay.escape import DEFAULT_DELIMITERS, Delimiters, escape, unescape
 from hl7relay.message import Message
 
 __all__ = ["build_ack", "ControlIds", "MAX_ERR_SEGMENTS"]
@@ -84,11 +84,14 @@ def build_ack(
     now = time.time() if now is None else now
     control_id = (control_id or _control_ids)()
     d: Delimiters = received.delimiters if received is not None else DEFAULT_DELIMITERS
-    if received is not None and (not d.component or not d.escape or len(set(d)) != len(d)):
-        d = DEFAULT_DELIMITERS  # the sender's delimiters are unusable; answer in the standard ones
-    fs = d.field
     get = received.get if received is not None else (lambda path: "")
     raw = (lambda n: _raw_field(received, n)) if received is not None else (lambda n: "")
+    if received is not None and not _usable(d):
+        # the sender's delimiters cannot carry an ACK (missing, repeated, or characters our own
+        # timestamps and ids are made of): answer in the standard ones, its header re-encoded
+        old, d = d, DEFAULT_DELIMITERS
+        raw = (lambda n: _recode(_raw_field(received, n), old, d))
+    fs = d.field
     version = get("MSH-12.1") or _DEFAULT_VERSION
     # everything in MSH but MSH-7 and MSH-10 depends only on the sender's header: built once per sender
     before_time, before_id, after_id = _header_template(
@@ -127,6 +130,25 @@ def _header_template(d: Delimiters, f3: str, f4: str, f5: str, f6: str, f11: str
     if f18:
         after_id += fs * 6 + f18  # MSH-13..17 empty, MSH-18 copied so the reply decodes alike
     return before_time, fs + fs + message_type + fs, after_id
+
+
+@functools.lru_cache(maxsize=64)
+def _usable(d: Delimiters) -> bool:
+    chars = [c for c in d if c]
+    return bool(d.component and d.escape and len(set(chars)) == len(chars)
+                and not any(c.isalnum() or c in "+-. \t\x00" for c in chars))
+
+
+def _recode(value: str, old: Delimiters, new: Delimiters) -> str:
+    """One field from the sender's delimiters into ``new`` ones (components and subcomponents kept)."""
+    if not value:
+        return value
+    components = value.split(old.component) if old.component else [value]
+    out = []
+    for component in components:
+        subs = component.split(old.subcomponent) if old.subcomponent else [component]
+        out.append(new.subcomponent.join(escape(unescape(sub, old), new) for sub in subs))
+    return new.component.join(out)
 
 
 def _raw_field(message: Message, number: int) -> str:

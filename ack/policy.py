@@ -7,8 +7,10 @@ for engine failures (never AA when the message was not stored).
 Enhanced mode (MSH-15 or MSH-16 valued, table 0155: AL always, NE never, ER on error or reject
 only, SU on success only): the accept ACK (CA/CR) as MSH-15 asks, sent only once the message is
 stored; then the application ACK (AA/AE/AR) as MSH-16 asks, only for an accepted message. An empty
-MSH-15 or MSH-16 in enhanced mode counts as NE, so the sender never gets a frame it did not ask
-for. A message that is itself an ACK is never acknowledged.
+MSH-15 or MSH-16 in enhanced mode, or one that is not a table 0155 value, counts as AL: HL7 makes both
+required in enhanced mode, and a sender left waiting for an answer that never comes blocks its
+queue, while an extra ACK is only read and dropped. Only an explicit NE (or ER/SU whose condition
+is not met) withholds an ACK. A message that is itself an ACK is never acknowledged.
 """
 
 from __future__ import annotations
@@ -22,9 +24,6 @@ from hl7relay.message import Message
 
 __all__ = ["AckPolicy", "is_enhanced_mode", "is_ack", "unreadable_ack"]
 
-_CONDITIONS = {"AL", "NE", "ER", "SU"}
-
-
 def is_ack(message: Message) -> bool:
     return message.get("MSH-9.1").strip().upper() == "ACK"
 
@@ -35,9 +34,15 @@ def is_enhanced_mode(message: Message) -> bool:
 
 def _wanted(condition: str, success: bool) -> bool:
     condition = condition.strip().upper()
-    if condition not in _CONDITIONS or condition == "NE":
+    if condition == "NE":
         return False
-    return condition == "AL" or (condition == "SU" and success) or (condition == "ER" and not success)
+    if condition == "SU":
+        return success
+    if condition == "ER":
+        return not success
+    # AL, and also an empty or garbled value: HL7 requires both fields in enhanced mode, so a
+    # half-filled header (one field shifted away, a typo) is answered rather than left waiting
+    return True
 
 
 def unreadable_ack(text: str, **header) -> bytes:

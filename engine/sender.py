@@ -119,6 +119,14 @@ class _Factory(ClientFactory):
             self.ready.errback(reason)
 
 
+def _comparable(control_id: str) -> str:
+    """A control id as a peer may echo it: receivers drop or replace what they cannot carry
+    (NUL and other control characters, undecodable bytes, U+FFFD, surrounding spaces). With one
+    message in flight per connection and a fresh connection after every timeout, such an echo
+    can only be of the message in flight; refusing it blocked an in-order queue for ever."""
+    return "".join(c for c in control_id if c >= " " and c != "\ufffd" and not "\ud800" <= c <= "\udfff").strip()
+
+
 @dataclass(slots=True)
 class _Pending:
     control_id: str
@@ -277,7 +285,7 @@ class MLLPSender:
             log.warn("ignoring a frame that is not HL7 from {host}:{port}", host=self.config.host, port=self.config.port)
             return
         acked = ack.get("MSA-2")
-        if pending is None or acked != pending.control_id:
+        if pending is None or (acked != pending.control_id and _comparable(acked) != _comparable(pending.control_id)):
             self.mismatched_acks += 1
             log.warn("ignoring an ACK for {acked!r} while waiting for {expected!r}", acked=acked,
                      expected=pending.control_id if pending else None)

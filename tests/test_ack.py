@@ -112,7 +112,11 @@ def test_a_message_that_is_an_ack_is_never_acknowledged():
     ("SU", "AL", Outcome.internal_error("store down"), []),
     ("AL", "AL", Outcome.internal_error("store down"), ["CR"]),
     ("AL", "AL", Outcome.rejected("unsupported", ErrorCode.UNSUPPORTED_EVENT_CODE), ["CR"]),
-    ("AL", "", Outcome.accepted(), ["CA"]),  # an empty field in enhanced mode means NE
+    # HL7 requires both in enhanced mode: an empty or garbled one is answered as AL, never left waiting
+    ("AL", "", Outcome.accepted(), ["CA", "AA"]),
+    ("NE", "", Outcome.accepted(), ["AA"]),
+    ("A L", "NE", Outcome.accepted(), ["CA"]),
+    ("NE", "XX", Outcome.error("bad"), ["AE"]),
 ])
 def test_enhanced_mode(accept, application, outcome, expected):
     assert codes(received(accept=accept, application=application), outcome) == expected

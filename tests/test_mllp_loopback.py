@@ -77,7 +77,7 @@ class Listener:
         return self.process.stdout.readline()
 
     def stop(self):
-        self.process.send_signal(signal.SIGINT)
+        self.process.send_signal(signal.SIGTERM)  # SIGINT is ignored in a background job
         try:
             out, _ = self.process.communicate(timeout=15)
         except subprocess.TimeoutExpired:

@@ -339,3 +339,127 @@ def test_undecodable_bytes_in_msh10_and_pid3_are_stored_and_answered_aa(tmp_path
     first, second = store.get_message(1), store.get_message(2)
     assert first["raw"] == raw and first["status"] == "PROCESSED" and second["status"] == "DUPLICATE"
     assert [r["id"] for r in store.search(patient_id="10\\xff34")] == [2, 1]
+
+
+# -- hostile input over MLLP: every frame gets an answer, and nobody else waits for it ---------------
+def _start_engine(tmp_path, channel_yaml):
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    (channels / "ch.yaml").write_text(textwrap.dedent(channel_yaml))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
+                               "--data-dir", str(tmp_path / "data"), "--admin-port", "0"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    startup = "".join(wait_for_line(engine, "ready"))
+    port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
+    return engine, port
+
+
+def _stop_engine(engine):
+    engine.send_signal(signal.SIGTERM)
+    try:
+        assert engine.wait(timeout=30) == 0
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
+        engine.stdout.close()
+
+
+def _answers(sock, framer, timeout=10.0):
+    """The ACK frames that arrive within ``timeout`` of asking (at least one, else fails)."""
+    from hl7relay.framing import Frame
+
+    sock.settimeout(timeout)
+    frames = []
+    while not frames:
+        data = sock.recv(65536)
+        assert data, "the engine closed the connection without answering"
+        frames += [e.payload for e in framer.feed(data) if isinstance(e, Frame)]
+    return frames
+
+
+def test_a_message_with_a_digit_field_separator_is_answered_and_others_keep_being_served(tmp_path):
+    """MSH-1 '1' made Message.set() loop for ever adding a PV1 it could never find: the reactor
+    stopped, every connection hung and SIGTERM was ignored."""
+    from hl7relay.framing import MLLPFramer, frame
+
+    engine, port = _start_engine(tmp_path, """\
+        name: ch
+        source: {type: mllp, port: 0}
+        transformers:
+          - set: {path: MSH-5, value: LAB}
+          - set: {path: PV1-2, value: U}
+          - upper: PID-5.1
+    """)
+    try:
+        hostile = b"MSH1^~\\&1PMS1CLINIC1X1Y111ADT^A041HANG1P12.5\rPID111ID77\r"  # no PV1
+        normal = ADT.format(id="OK1", extra="").replace("PV1|1|O\r", "").encode()
+        with socket.create_connection(("127.0.0.1", port)) as a, socket.create_connection(("127.0.0.1", port)) as b:
+            a.sendall(frame(hostile))
+            b.sendall(frame(normal))
+            [answer_b] = _answers(b, MLLPFramer())
+            [answer_a] = _answers(a, MLLPFramer())
+        assert (Message.from_bytes(answer_b).get("MSA-1"), Message.from_bytes(answer_b).get("MSA-2")) == ("AA", "OK1")
+        reply = Message.from_bytes(answer_a)
+        assert reply.get("MSA-2") == "HANG" and reply.get("MSH-5") == "PMS" and reply.get("MSA-1") in ("AA", "AE", "AR")
+    finally:
+        _stop_engine(engine)
+
+
+def _mutations(seed: int, count: int):
+    import random
+
+    rng = random.Random(seed)
+    bases = [ADT.format(id="F1", extra="").encode(),
+             ADT.format(id="F2", extra="|||AL|NE||UNICODE UTF-8").encode(),
+             b"MSH|^~\\&|A|B|C|D|20240101||ORU^R01|F3|P|2.3\rPID|1||9\rOBX|1|NM|x||5\r"]
+    specials = [0, 10, 13, 0x0B, 0x1C, 0x7C, 0x5E, 0x5C, 0x26, 0x7E, 0xFF, 0xC3, 0x31]
+    for _ in range(count):
+        data = bytearray(rng.choice(bases))
+        if rng.random() < 0.3:
+            data = data[:rng.randint(0, len(data))]
+        for _ in range(rng.randint(1, 10)):
+            i = rng.randrange(len(data) + 1)
+            choice = rng.random()
+            if choice < 0.4 and data:
+                data[min(i, len(data) - 1)] = rng.randrange(256)
+            elif choice < 0.75:
+                data[i:i] = bytes([rng.choice(specials)])
+            elif data:
+                del data[min(i, len(data) - 1)]
+        payload = bytes(data).replace(b"\x1c\r", b"\x1c")
+        try:  # leave out what is legitimately not answered: an ACK, and an explicit NE/NE
+            m = Message.from_bytes(payload)
+            if m.get("MSH-9.1").strip().upper() == "ACK" or (
+                    m.get("MSH-15").strip().upper() == m.get("MSH-16").strip().upper() == "NE"):
+                continue
+        except Exception:  # noqa: BLE001 - unreadable frames are answered AR
+            pass
+        yield payload
+
+
+def test_every_fuzzed_frame_gets_an_answer(tmp_path):
+    from hl7relay.framing import MLLPFramer, frame
+
+    engine, port = _start_engine(tmp_path, """\
+        name: ch
+        source: {type: mllp, port: 0}
+        validators: [{structure: {on_error: warn}}]
+        destinations: [{name: out, type: file, directory: out}]
+    """)
+    answered = 0
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        framer = MLLPFramer()
+        for n, payload in enumerate(_mutations(seed=11, count=1500)):
+            sock.sendall(frame(payload))
+            try:
+                _answers(sock, framer)
+            except (OSError, AssertionError) as exc:
+                raise AssertionError(f"frame {n} got no answer ({exc}): {payload!r}") from None
+            answered += 1
+        sock.close()
+    finally:
+        _stop_engine(engine)
+    assert answered > 1000

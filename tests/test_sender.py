@@ -181,3 +181,22 @@ def test_connection_lost_while_waiting():
     protocol = h.accept_connection()
     protocol.connectionLost(None)
     assert h.results[0].status is SendStatus.TIMED_OUT and "closed" in h.results[0].text
+
+
+@pytest.mark.parametrize("echo", ["C7\x00 ", "C7", "C7\ufffd", " C7\x00"])
+def test_an_ack_echoing_a_control_id_without_its_nul_or_undecodable_bytes_still_matches(echo):
+    """A peer that drops a NUL or replaces an undecodable byte in MSA-2 once left the message
+    unanswered for ever, blocking an in-order queue behind it."""
+    h = Harness()
+    h.send(Message.from_bytes(MSG.format(id="C7@", extra="").encode().replace(b"@", b"\x00\xff")))
+    protocol = h.accept_connection()
+    protocol.dataReceived(frame(f"MSH|^~\\&|C|D|A|B|20240101||ACK^A01^ACK|X1|P|2.5.1\rMSA|AA|{echo}\r".encode()))
+    assert [r.status for r in h.results] == [SendStatus.ACCEPTED]
+
+
+def test_an_ack_for_another_control_id_is_still_ignored():
+    h = Harness()
+    h.send(message("C7\x00"))
+    protocol = h.accept_connection()
+    protocol.dataReceived(ack_frame("AA", "C8"))
+    assert h.results == [] and h.sender.mismatched_acks == 1
