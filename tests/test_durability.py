@@ -19,10 +19,70 @@ MSG = ("MSH|^~\\&|PMS|CLINIC|LAB|LABFAC|20240105||ADT^A08^ADT_A01|{id}|P|2.5.1\r
        "EVN|A08|20240105\rPID|1||{id}^^^H^MR||DOE^JANE\rPV1|1|O\r")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Lab:
+    """An MLLP receiver in the test: its socket is bound to port 0 at once, so the channel can
+    name the port, but it only listens when told; until then connections are refused (the
+    destination is down). Records the control ids it acknowledged, in order."""
+
+    def __init__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.received: list[str] = []
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+
+    def start(self):
+        self.socket.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed.is_set():
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection):
+        from hl7relay.ack import build_ack
+
+        framer = MLLPFramer()
+        with connection:
+            while not self.closed.is_set():
+                try:
+                    data = connection.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                for event in framer.feed(data):
+                    message = Message.from_bytes(event.payload)
+                    with self.lock:
+                        self.received.append(message.control_id)
+                    connection.sendall(frame(build_ack(message, "AA")))
+
+    def ids(self):
+        with self.lock:
+            return list(self.received)
+
+    def close(self):
+        self.closed.set()
+        self.socket.close()
+
+
+def bound_port(log_path, timeout=30):
+    """The port a process reported binding ("MLLP on 127.0.0.1:PORT") in its log."""
+    found = []
+
+    def seen():
+        text = log_path.read_text() if log_path.exists() else ""
+        if "MLLP on 127.0.0.1:" in text:
+            found.append(int(text.split("MLLP on 127.0.0.1:")[1].split()[0]))
+        return bool(found)
+
+    wait_for(seen, timeout, f"a bound port in {log_path.name}")
+    return found[0]
 
 
 def start(*args, log):
@@ -38,11 +98,6 @@ def wait_for(predicate, timeout, what):
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def port_open(port):
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def received_ids(log_path):
@@ -104,35 +159,36 @@ def processes():
 
 
 def test_destination_down_then_up_every_message_delivered(tmp_path, processes):
-    engine_port, lab_port = free_port(), free_port()
-    write_channel(tmp_path / "channels", engine_port, lab_port)
+    lab = Lab()  # bound, not listening: down
+    write_channel(tmp_path / "channels", 0, lab.port)
+    engine_log = tmp_path / "engine.log"
     engine = start("run", "--channels", str(tmp_path / "channels"), "--data-dir", str(tmp_path / "data"),
-                   log=open(tmp_path / "engine.log", "w"))
+                   "--admin-port", "0", log=open(engine_log, "w"))
     processes.append(engine)
-    wait_for(lambda: port_open(engine_port), 30, "the engine")
-    acked = []
-    send_many(engine_port, [f"D{i:03d}" for i in range(30)], acked, threading.Event())
-    assert len(acked) == 30  # stored, so ACKed, while the lab is down
-    time.sleep(1)
-    lab_log = tmp_path / "lab.log"
-    lab = start("listen", "--port", str(lab_port), log=open(lab_log, "w"))
-    processes.append(lab)
-    wait_for(lambda: set(acked) <= set(received_ids(lab_log)), 60, "every message at the lab")
-    received = received_ids(lab_log)
-    assert received[: len(acked)] == acked  # in order of receipt
-    assert len(received) - len(set(received)) == 0  # no duplicates needed here
+    engine_port = bound_port(engine_log)
+    try:
+        acked = []
+        send_many(engine_port, [f"D{i:03d}" for i in range(30)], acked, threading.Event())
+        assert len(acked) == 30  # stored, so ACKed, while the lab is down
+        time.sleep(1)
+        lab.start()
+        wait_for(lambda: set(acked) <= set(lab.ids()), 60, "every message at the lab")
+        received = lab.ids()
+        assert received[: len(acked)] == acked  # in order of receipt
+        assert len(received) - len(set(received)) == 0  # no duplicates needed here
+    finally:
+        lab.close()
 
 
 def test_kill_9_under_load_then_restart_loses_nothing_acked(tmp_path, processes):
-    engine_port, lab_port = free_port(), free_port()
-    write_channel(tmp_path / "channels", engine_port, lab_port)
     lab_log = tmp_path / "lab.log"
-    processes.append(start("listen", "--port", str(lab_port), log=open(lab_log, "w")))
-    wait_for(lambda: port_open(lab_port), 30, "the lab")
-    run = ["run", "--channels", str(tmp_path / "channels"), "--data-dir", str(tmp_path / "data")]
+    processes.append(start("listen", "--port", "0", log=open(lab_log, "w")))
+    lab_port = bound_port(lab_log)
+    write_channel(tmp_path / "channels", 0, lab_port)
+    run = ["run", "--channels", str(tmp_path / "channels"), "--data-dir", str(tmp_path / "data"), "--admin-port", "0"]
     engine = start(*run, log=open(tmp_path / "engine1.log", "w"))
     processes.append(engine)
-    wait_for(lambda: port_open(engine_port), 30, "the engine")
+    engine_port = bound_port(tmp_path / "engine1.log")
     acked, stop = [], threading.Event()
     senders = [threading.Thread(target=send_many, args=(engine_port, [f"K{c}-{i:03d}" for i in range(400)], acked, stop))
                for c in range(4)]

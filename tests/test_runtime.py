@@ -121,12 +121,6 @@ def test_storage_policy_controls_the_stages(tmp_path, manual_executor):
 
 
 # -- end to end: hl7relay run, hl7relay listen, hl7relay send, over loopback ---------------------------
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _buffers: dict = {}
 
 
@@ -156,27 +150,28 @@ def wait_for_line(process, fragment, timeout=30):
 
 
 def test_end_to_end_stored_then_delivered_to_a_file_and_an_mllp_receiver(tmp_path, samples):
-    engine_port, lab_port = free_port(), free_port()
-    channels = tmp_path / "channels"
-    channels.mkdir()
-    (channels / "adt.yaml").write_text(textwrap.dedent(f"""\
-        name: adt
-        source: {{type: mllp, port: {engine_port}}}
-        filters: [{{message_type: ADT}}]
-        transformers: [{{set: {{path: MSH-5, value: LAB}}}}]
-        destinations:
-          - {{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}, order: per_key, parallel: 3}}
-          - {{name: files, type: file, directory: "{tmp_path / 'out'}", filename: "{{MSH-10}}.hl7"}}
-        """))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", str(lab_port)],
+    lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", "0"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
-                               "--data-dir", str(tmp_path / "data")], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    engine = None
     try:
-        wait_for_line(lab, "MLLP on")
+        lab_port = int("".join(wait_for_line(lab, "MLLP on")).split("MLLP on 127.0.0.1:")[1].split()[0])
+        channels = tmp_path / "channels"
+        channels.mkdir()
+        (channels / "adt.yaml").write_text(textwrap.dedent(f"""\
+            name: adt
+            source: {{type: mllp, port: 0}}
+            filters: [{{message_type: ADT}}]
+            transformers: [{{set: {{path: MSH-5, value: LAB}}}}]
+            destinations:
+              - {{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}, order: per_key, parallel: 3}}
+              - {{name: files, type: file, directory: "{tmp_path / 'out'}", filename: "{{MSH-10}}.hl7"}}
+            """))
+        engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
+                                   "--data-dir", str(tmp_path / "data"), "--admin-port", "0"], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         startup = "".join(wait_for_line(engine, "ready"))
+        engine_port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
         assert f"channel adt: MLLP on 127.0.0.1:{engine_port} -> lab (mllp), files (file)" in startup
         messages = [samples / "adt_a01.hl7", samples / "adt_a04.hl7", samples / "adt_a08.hl7"]
         sent = subprocess.run([sys.executable, "-m", "hl7relay", "send", "--port", str(engine_port), *map(str, messages)],
@@ -196,6 +191,8 @@ def test_end_to_end_stored_then_delivered_to_a_file_and_an_mllp_receiver(tmp_pat
         assert engine.wait(timeout=30) == 0 and "stopped: in-flight messages finished, store flushed" in out
     finally:
         for process in (engine, lab):
+            if process is None:
+                continue
             if process.poll() is None:
                 process.kill()
             process.wait(timeout=30)
