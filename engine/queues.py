@@ -268,12 +268,21 @@ class DestinationQueue:
             values.update(status="ERROR", last_error=result.error, next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
-        elif attempts >= self.options.max_attempts:
-            values.update(status="ERROR", last_error=f"gave up after {attempts} attempts: {result.error}", next_attempt_at=None)
+        elif result.rejected and row.get("rejections", 0) + 1 >= self.options.max_attempts:
+            values.update(status="ERROR", last_error=f"gave up after {attempts} attempts "
+                          f"({row.get('rejections', 0) + 1} refused by the peer): {result.error}", next_attempt_at=None)
+            self.failed += 1
+            emit("delivery_failed", **labels)
+        elif (not result.rejected and self.options.give_up_after
+              and now - row["received_at"] >= self.options.give_up_after):
+            values.update(status="ERROR", last_error=f"gave up after {attempts} attempts over "
+                          f"{now - row['received_at']:.0f}s (give_up_after): {result.error}", next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
         else:
             final = False
+            if result.rejected:  # counted in memory: a restart gives a refused message its full count again
+                row["rejections"] = row.get("rejections", 0) + 1
             emit("delivery_retried", **labels)
             delay = retry_delay(attempts, self.options, self.rng)
             values.update(status="QUEUED", last_error=result.error, next_attempt_at=now + delay)
@@ -318,3 +327,7 @@ class DeliveryResult:
     application_error: bool = False  # AE from the peer: needs a person, not retried
     ack: str = ""
     error: str = ""
+    # the peer answered and refused (AR/CR): counts towards max_attempts. A failure that is
+    # neither this nor application_error (unreachable, no ACK in time, a local write failing)
+    # is not the message's fault and is retried for as long as give_up_after allows
+    rejected: bool = False

@@ -338,7 +338,8 @@ class Engine:
                     idle.append(sender)
                     return DeliveryResult(r.ok, r.status is SendStatus.APPLICATION_ERROR,
                                           ack=(r.ack_code + " " + r.text).strip(),
-                                          error="" if r.ok else f"{r.status.value}: {r.text}".strip())
+                                          error="" if r.ok else f"{r.status.value}: {r.text}".strip(),
+                                          rejected=r.status is SendStatus.REJECTED)
 
                 return sender.send(message).addCallback(answered)
 
@@ -361,7 +362,8 @@ class Engine:
                 d = self.handle(target.channel, message.copy(), f"channel:{config.channel}")
                 d.addCallback(lambda o: DeliveryResult(o.status in (Status.ACCEPTED, Status.FILTERED),
                                                        o.status is Status.ERROR, ack=o.status.value,
-                                                       error="" if o.status in (Status.ACCEPTED, Status.FILTERED) else o.text))
+                                                       error="" if o.status in (Status.ACCEPTED, Status.FILTERED) else o.text,
+                                                       rejected=o.status is Status.REJECTED))
                 return d
 
             return deliver_channel

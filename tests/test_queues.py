@@ -107,16 +107,55 @@ def test_application_error_is_not_retried(setup):
     assert peer.received == ["M0", "M1"]
 
 
+REFUSED = DeliveryResult(False, ack="AR", error="rejected: not now", rejected=True)
+
+
 def test_exhausted_retries_go_to_error(setup):
     store, clock, _ = setup
     enqueue(store, "M0")
-    peer = Peer([DOWN] * 100)
+    peer = Peer([DOWN, REFUSED, DOWN, REFUSED, REFUSED] + [REFUSED] * 100)
     make_queue(setup, peer, max_attempts=3, retry_initial=1, retry_max=1)
     for _ in range(100):
         clock.advance(0.5)
     row = statuses(store)["M0"]
-    assert row["status"] == "ERROR" and row["attempts"] == 3 and row["last_error"].startswith("gave up after 3 attempts")
-    assert peer.received == ["M0"] * 3
+    # only the peer's refusals count: three of them, after two connection failures
+    assert row["status"] == "ERROR" and row["attempts"] == 5
+    assert row["last_error"].startswith("gave up after 5 attempts (3 refused by the peer)")
+    assert peer.received == ["M0"] * 5
+
+
+def test_an_unreachable_peer_is_retried_indefinitely_by_default_and_found_within_retry_max(setup):
+    """The old defaults dead-lettered an in_order head after ~8.5 minutes of outage (10 attempts,
+    waits up to 300 s), and the queue moved on without it."""
+    store, clock, _ = setup
+    enqueue(store, "M0")
+    enqueue(store, "M1")
+    outage = 3 * 3600
+    times = []
+
+    def peer(message):
+        times.append(clock.seconds())
+        return DOWN if clock.seconds() < outage else DeliveryResult(True, ack="AA")
+
+    queue = make_queue(setup, peer)  # the defaults
+    while clock.seconds() < outage + 120:
+        clock.advance(1)
+    rows = statuses(store)
+    assert rows["M0"]["status"] == rows["M1"]["status"] == "SENT" and queue.failed == 0
+    assert len(times) > 300 and max(b - a for a, b in zip(times, times[1:])) <= 30 + 1  # retry_max 30 s
+    first_after = min(t for t in times if t >= outage)
+    assert first_after - outage <= 31  # the peer is found again within retry_max
+
+
+def test_give_up_after_dead_letters_a_long_unreachable_delivery(setup):
+    store, clock, _ = setup
+    enqueue(store, "M0")
+    peer = Peer([DOWN] * 10000)
+    queue = make_queue(setup, peer, retry_initial=1, retry_max=5, give_up_after=60)
+    for _ in range(200):
+        clock.advance(0.5)
+    row = statuses(store)["M0"]
+    assert row["status"] == "ERROR" and "(give_up_after)" in row["last_error"] and queue.failed == 1
 
 
 def test_in_order_head_blocks_and_per_key_does_not(setup):

@@ -19,16 +19,25 @@ class QueueOptions:
 
     max_attempts: int = 10
     retry_initial: float = 1.0
-    retry_max: float = 300.0
+    retry_max: float = 30.0
     order: str = "in_order"  # or per_key, none
     order_key: str = "PID-3.1"
     parallel: int = 1  # deliveries in flight at once (MLLP: one connection each)
+    give_up_after: float = 0.0  # seconds; 0: failures that are not the peer's refusal are retried for ever
 
 
+# Why these defaults: a peer that is down or slow (connection refused, no ACK in time, disk full)
+# says nothing about the message, and dead-lettering it would park a message and, with in_order,
+# let the ones behind it overtake it. So only the peer's explicit refusals (AR/CR) count towards
+# max_attempts (AE goes to ERROR at once: it needs a person), everything else is retried for
+# ever, and retry_max is short so a peer that comes back is served within 30 s.
 QUEUE_OPTIONS = [
-    Option("max_attempts", "int", 10, "attempts before the delivery goes to ERROR (the dead letter state)"),
+    Option("max_attempts", "int", 10, "attempts the peer refuses (AR/CR) before the delivery goes to ERROR "
+           "(the dead-letter state); AE goes there at once; connection failures and timeouts do not count"),
     Option("retry_initial", "duration", 1.0, "seconds before the first retry (doubles each time, with jitter)"),
-    Option("retry_max", "duration", 300.0, "longest wait between retries"),
+    Option("retry_max", "duration", 30.0, "longest wait between retries"),
+    Option("give_up_after", "duration", 0.0, "dead-letter a delivery still failing to reach the peer (refused, "
+           "timed out) this many seconds after the message arrived; 0: retry indefinitely"),
     Option("order", "enum", "in_order", "in_order: one at a time in order of receipt (a failing head blocks); "
            "per_key: in order per order_key, keys in parallel; none: no order kept",
            ("in_order", "per_key", "none")),
@@ -45,8 +54,10 @@ def queue_options(options) -> QueueOptions:
         raise ValueError("parallel must be between 1 and 64")
     if options["parallel"] > 1 and options["order"] == "in_order":
         raise ValueError("parallel > 1 needs order: per_key or none (in_order sends one message at a time)")
+    if options["give_up_after"] < 0:
+        raise ValueError("give_up_after must be 0 (never) or more")
     return QueueOptions(options["max_attempts"], options["retry_initial"], options["retry_max"], options["order"],
-                        options["order_key"], options["parallel"])
+                        options["order_key"], options["parallel"], options["give_up_after"])
 
 
 @dataclass(slots=True)
