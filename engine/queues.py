@@ -72,6 +72,11 @@ class DestinationQueue:
         self.stopped = False
         self.connected: bool | None = None
         self.backlog = 0  # queued rows the last poll saw beyond what memory holds
+        # True while queued rows may wait on disk that memory does not hold (always newer than
+        # what memory holds); cleared only by a poll that read all of them with no spill meanwhile.
+        # True at first: until the first poll, what a restart left queued is unknown
+        self.spilled = True
+        self._spills = 0
         self.sent = self.failed = self.retried = 0
         self._waiters: dict[int, list[defer.Deferred]] = {}
         self._wake = None
@@ -92,8 +97,13 @@ class DestinationQueue:
         content already parsed; nothing may change it afterwards)."""
         if message_id in self.known or self.stopped:
             return
-        if len(self.pending) >= _MEMORY_LIMIT:
-            self.backlog += 1  # a slow or down destination: the rest waits on disk, read back as memory drains
+        if self.spilled or len(self.pending) >= _MEMORY_LIMIT:
+            # a slow or down destination: the rest waits on disk, read back in order as memory
+            # drains. Once anything waits there, newer rows wait there too: memory must hold the
+            # oldest queued rows only, or a new message would overtake older ones of its key
+            self.spilled = True
+            self._spills += 1
+            self.backlog += 1
             return
         self.known.add(message_id)
         self.pending[message_id] = {"message_id": message_id, "attempts": 0, "next_attempt_at": received_at,
@@ -123,12 +133,18 @@ class DestinationQueue:
     @defer.inlineCallbacks
     def _poll(self, after_id: int | None = None):
         """Read QUEUED rows that memory does not hold: every poll_interval all of them from the
-        oldest (restarts, replays, anything missed), and right away only those after ``after_id``
-        when memory has drained a backlog (the rows just sent may still read as QUEUED until their
-        results are committed, and must not fill the window)."""
+        oldest (restarts, replays, anything missed), and only those after what memory holds while
+        rows wait on disk (``spilled``): memory then holds the oldest queued rows, the disk the
+        newer ones, so reading after the newest in memory keeps the order of receipt (the rows
+        just sent may still read as QUEUED until their results are committed, and must not fill
+        the window)."""
         if self._polling:
             return
+        if after_id is None and self.spilled and self.known:
+            after_id = max(self.known)
         self._polling = True
+        spills_before = self._spills
+        known_before = len(self.known)
         try:
             rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH,
                                           after_id, frozenset(self.known))
@@ -139,24 +155,34 @@ class DestinationQueue:
         finally:
             self._polling = False
         room = max(0, _MEMORY_LIMIT - len(self.pending))
-        fresh = [row for row in rows if row["message_id"] not in self.known][:room]
+        unknown = [row for row in rows if row["message_id"] not in self.known]
+        fresh = unknown[:room]
         for row in fresh:
             self.known.add(row["message_id"])
             self.pending[row["message_id"]] = row
         if fresh:  # keep the order of receipt when older rows join newer ones
             self.pending = dict(sorted(self.pending.items()))
+        # the read saw every queued row when its window was not full: after an id, the window
+        # held only rows memory did not know; from the oldest, at most what memory knew besides
+        window = len(rows) if after_id is not None else len(rows) + known_before
+        complete = window < _FETCH and len(fresh) == len(unknown)
         self.backlog = 0
-        if len(rows) + len(self.known) >= _FETCH or room < len(rows):
+        if not complete:
             self._polling = True
             try:
                 depth = yield self.writer.read(self.writer.store.queue_depth, self.channel, self.destination)
                 # what memory holds (pending, in flight, sent but not yet recorded) is not backlog;
                 # counting it would make every finished delivery poll again
                 self.backlog = max(0, depth - len(self.known))
+                complete = self.backlog == 0
+                if not complete:
+                    self.spilled = True  # e.g. a restart with more queued than memory holds
             except StoreError:
                 pass
             finally:
                 self._polling = False
+        if complete and self._spills == spills_before:
+            self.spilled = False  # everything queued on disk is in memory: new rows may join it directly
         self._report()
         self.run()
 
@@ -209,10 +235,10 @@ class DestinationQueue:
 
         def finished(result):
             self.in_flight.pop(message_id, None)
+            if self.spilled and not self.stopped and not self._polling and len(self.pending) <= _MEMORY_LIMIT // 2:
+                self.reactor.callLater(0, self._poll)  # room again: read what waits on disk, after what memory holds
             if self.pending:
                 self.run()
-            elif self.backlog and not self.stopped:  # memory drained: read what waits on disk, after what it held
-                self.reactor.callLater(0, self._poll, max(self.known, default=None))
             return result
 
         d.addBoth(finished)
