@@ -79,6 +79,7 @@ class DestinationQueue:
         self._spills = 0
         self.sent = self.failed = self.retried = 0
         self._waiters: dict[int, list[defer.Deferred]] = {}
+        self._holding: set[int] = set()  # after_delivery: a failed first attempt waits for release/withdraw
         self._wake = None
 
     def start(self) -> None:
@@ -125,10 +126,40 @@ class DestinationQueue:
         self.run()
 
     def first_result(self, message_id: int) -> defer.Deferred:
-        """Fires with the DeliveryResult of the message's next attempt (for response.when: after_delivery)."""
+        """Fires with the DeliveryResult of the message's next attempt (for response.when:
+        after_delivery). A failed attempt is then *held*, not retried, until the caller says
+        :meth:`release` (retry as usual) or :meth:`withdraw` (the sender was told to resend)."""
         d = defer.Deferred()
         self._waiters.setdefault(message_id, []).append(d)
+        self._holding.add(message_id)
         return d
+
+    def release(self, message_id: int) -> None:
+        """A held delivery goes back to its retries."""
+        self._holding.discard(message_id)
+        row = self.pending.get(message_id)
+        if row is not None and row.pop("held", False):
+            self.nudge()
+
+    def withdraw(self, message_id: int, reason: str) -> defer.Deferred | None:
+        """A held delivery is taken out of the queue and recorded WITHDRAWN: the sender was
+        answered with a request to send again, so this copy must never reach the peer too."""
+        self._holding.discard(message_id)
+        row = self.pending.get(message_id)
+        if row is None or not row.get("held") or message_id in self.in_flight:
+            return None
+        del self.pending[message_id]
+        update = self.writer.update(("delivery", (message_id, self.destination),
+                                     {"status": "WITHDRAWN", "last_error": reason, "next_attempt_at": None,
+                                      "updated_at": self.clock()}))
+
+        def recorded(outcome):
+            self.known.discard(message_id)
+            return outcome
+
+        update.addBoth(recorded)
+        self.nudge()
+        return update
 
     @defer.inlineCallbacks
     def _poll(self, after_id: int | None = None):
@@ -214,7 +245,7 @@ class DestinationQueue:
             if in_flight or not self.pending:
                 return None  # the head blocks: nothing overtakes it
             row = next(iter(self.pending.values()))
-            return row if (row["next_attempt_at"] or 0) <= now else None
+            return row if (row["next_attempt_at"] or 0) <= now and not row.get("held") else None
         blocked = {row["order_key"] or "" for row in in_flight.values()} if order == "per_key" else None
         for message_id, row in self.pending.items():
             if message_id in in_flight:
@@ -224,7 +255,7 @@ class DestinationQueue:
                 if key in blocked:
                     continue
                 blocked.add(key)  # later rows of this key wait for this one
-            if (row["next_attempt_at"] or 0) <= now:
+            if (row["next_attempt_at"] or 0) <= now and not row.get("held"):
                 return row
         return None
 
@@ -307,6 +338,8 @@ class DestinationQueue:
             emit("delivery_failed", **labels)
         else:
             final = False
+            if message_id in self._holding:
+                row["held"] = True  # the engine decides, from every destination's answer, what happens next
             if result.rejected:  # counted in memory: a restart gives a refused message its full count again
                 row["rejections"] = row.get("rejections", 0) + 1
             emit("delivery_retried", **labels)

@@ -286,23 +286,43 @@ class Engine:
                           content=content, trace=True)
         queued = [(running.queues[d.destination], d) for d in record.deliveries if d.status == "QUEUED"]
         deliveries = [queue.first_result(message_id) for queue, _ in queued] if outcome.acks is None else []
+        waiting = [queue for queue, _ in queued] if outcome.acks is None else []
         for queue, delivery in queued:
             queue.enqueue(message_id, delivery.payload if delivery.payload is not None else delivery.content,
                           delivery.order_key, received_at, delivery.message)
         if outcome.acks is not None:
             return outcome
-        return self._after_delivery(running, channel, original, message_id, outcome, deliveries)
+        return self._after_delivery(running, channel, original, message_id, outcome, deliveries, waiting)
 
     @defer.inlineCallbacks
-    def _after_delivery(self, running, channel, original, message_id, outcome, deliveries):
-        """response.when: after_delivery: the answer reflects the destinations."""
+    def _after_delivery(self, running, channel, original, message_id, outcome, deliveries, queues):
+        """response.when: after_delivery: the answer reflects the destinations.
+
+        The rule that keeps a message from arriving twice: when the answer asks the sender to
+        send again (AR/CR: a destination refused it, was unreachable or did not answer in time),
+        the deliveries that failed are withdrawn, never retried, since the resend carries them.
+        When a destination answered AE (not to be resent: it needs a person), the sender gets AE
+        and the other failed deliveries are retried as usual. A failed delivery is held, not
+        retried, until every destination's first answer is in."""
         results = yield defer.gatherResults(deliveries) if deliveries else defer.succeed([])
         if all(r.ok for r in results):
             final = Outcome.accepted()
+            for queue in queues:
+                queue.release(message_id)
         elif any(r.application_error for r in results):
             final = Outcome.error("; ".join(r.error for r in results if not r.ok))
+            for queue in queues:
+                queue.release(message_id)
         else:
             final = Outcome.rejected("; ".join(r.error for r in results if not r.ok), outcome.code or _internal())
+            withdrawn = [queue.withdraw(message_id, "withdrawn: the sender was answered "
+                                        f"{'CR' if original.get('MSH-15').strip() else 'AR'} and will send it again")
+                         for queue in queues]
+            try:
+                yield defer.gatherResults([d for d in withdrawn if d is not None])
+            except Exception:  # noqa: BLE001 - recorded through the store writer, which logs its own failures
+                log.error("channel {channel}: could not record the withdrawal of message {message_id}",
+                          channel=channel.name, message_id=message_id)
         acks = running.policy.prepare(original, final).acks
         final.timings, final.stored_status = outcome.timings, outcome.stored_status
         updates = [("message", message_id, {"ack_code": final.ack_codes[-1] if final.ack_codes else ""})]

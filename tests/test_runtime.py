@@ -460,3 +460,68 @@ def test_every_fuzzed_frame_gets_an_answer(tmp_path):
     finally:
         _stop_engine(engine)
     assert answered > 1000
+
+
+# -- response.when: after_delivery --------------------------------------------------------------------
+def _after_delivery_engine(tmp_path, answers):
+    from hl7relay.queues import DeliveryResult
+
+    engine, channel, store, _ = make_engine(tmp_path, lambda fn, *a: defer.maybeDeferred(fn, *a), """
+        response: {when: after_delivery}
+        destinations:
+          - {name: lab, type: file, directory: out, retry_initial: 1, retry_max: 1}
+          - {name: billing, type: file, directory: out2, retry_initial: 1, retry_max: 1}
+    """)
+    received = {"lab": [], "billing": []}
+    engine.clock = engine.reactor.seconds  # time moves in these tests, for the engine and its queues alike
+    for name, queue in engine.channels["ch"].queues.items():
+        queue.clock = engine.reactor.seconds
+        def deliver(message, name=name):
+            received[name].append(message.control_id)
+            script = answers[name]
+            return script.pop(0) if script else DeliveryResult(True, ack="AA")
+        queue.deliver = deliver
+        queue.start()  # the queues alone: no listener on a task.Clock
+    return engine, channel, store, received
+
+
+def _run(engine, seconds):
+    for _ in range(int(seconds * 10)):
+        engine.reactor.advance(0.1)
+
+
+def test_after_delivery_a_request_to_resend_withdraws_the_failed_copy(tmp_path):
+    """The sender was answered CR ("send it again") while the engine kept the message queued too,
+    so the lab later got it twice."""
+    from hl7relay.queues import DeliveryResult
+
+    down = DeliveryResult(False, error="connection_failed: refused")
+    engine, channel, store, received = _after_delivery_engine(tmp_path, {"lab": [down], "billing": []})
+    results = []
+    engine.handle(channel, Message(ADT.format(id="R1", extra="|||AL|AL")), "peer").addCallback(results.append)
+    _run(engine, 1)
+    assert ack_codes(results[0]) == ["CR"]
+    _run(engine, 30)  # the lab comes back: the withdrawn copy is not sent
+    assert received["lab"] == ["R1"] and received["billing"] == ["R1"]
+    lab = {d["destination"]: d for d in store.get_message(1)["deliveries"]}
+    assert lab["lab"]["status"] == "WITHDRAWN" and "will send it again" in lab["lab"]["last_error"]
+    assert lab["billing"]["status"] == "SENT"
+    engine.handle(channel, Message(ADT.format(id="R1", extra="|||AL|AL")), "peer").addCallback(results.append)
+    _run(engine, 2)  # the resend is the one copy the lab gets
+    assert ack_codes(results[1]) == ["CA", "AA"] and received["lab"] == ["R1", "R1"]
+
+
+def test_after_delivery_an_application_error_is_not_resent_and_other_failures_are_retried(tmp_path):
+    from hl7relay.queues import DeliveryResult
+
+    engine, channel, store, received = _after_delivery_engine(tmp_path, {
+        "lab": [DeliveryResult(False, application_error=True, ack="AE", error="application_error: unknown patient")],
+        "billing": [DeliveryResult(False, error="timed_out: no ACK")]})
+    results = []
+    engine.handle(channel, Message(ADT.format(id="E1", extra="")), "peer").addCallback(results.append)
+    _run(engine, 0.5)
+    assert ack_codes(results[0]) == ["AE"]
+    _run(engine, 5)  # billing was held while waiting for the lab's answer, then retried
+    assert received["billing"] == ["E1", "E1"] and received["lab"] == ["E1"]
+    rows = {d["destination"]: d["status"] for d in store.get_message(1)["deliveries"]}
+    assert rows == {"lab": "ERROR", "billing": "SENT"}
