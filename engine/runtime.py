@@ -54,7 +54,8 @@ class _RunningChannel:
 
 class Engine:
     def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data",
-                 queue_poll_interval: float = 1.0, log_phi_bytes: int = 512, log_levels=None):
+                 queue_poll_interval: float = 1.0, log_phi_bytes: int = 512, log_levels=None,
+                 stop_timeout: float = 10.0):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -70,6 +71,7 @@ class Engine:
         self.stopping = False
         self.log_phi_bytes = log_phi_bytes
         self.log_levels = log_levels  # what the log output lets through (None: everything)
+        self.stop_timeout = stop_timeout  # how long a stop waits for the ACKs of deliveries on the wire
         for channel in channels:
             if channel.enabled:
                 policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
@@ -121,9 +123,21 @@ class Engine:
             if self.in_flight == 0:
                 break
             yield task.deferLater(self.reactor, 0.1, lambda: None)
+        # Deliveries already on the wire: their ACKs are waited for (bounded), so a clean restart
+        # does not send them again; what is still unanswered then is resent after the restart.
+        deadline = self.reactor.seconds() + self.stop_timeout
+        while self._deliveries_in_flight() and self.reactor.seconds() < deadline:
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        unanswered = self._deliveries_in_flight()
+        if unanswered:
+            log.warn("stopping with {count} deliveries unanswered after {timeout:g}s; they will be sent again "
+                     "after the restart (at-least-once)", count=unanswered, timeout=self.stop_timeout)
         for sender in self._senders:
             sender.close()
         yield self.writer.close()
+
+    def _deliveries_in_flight(self) -> int:
+        return sum(len(queue.in_flight) for running in self.channels.values() for queue in running.queues.values())
 
     # -- one message --------------------------------------------------------------------------
     # The hot path is plain Deferred callbacks, not inlineCallbacks: a generator and its

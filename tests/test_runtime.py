@@ -30,7 +30,8 @@ def make_engine(tmp_path, executor, body="", store=None):
     assert not errors, errors
     store = store or Store(f"sqlite:///{tmp_path / 's.db'}")
     store.migrate()
-    engine = Engine([channel], StoreWriter(store, executor=executor), reactor=task.Clock(), clock=lambda: 1700000000.0)
+    reactor = task.Clock()
+    engine = Engine([channel], StoreWriter(store, reactor, executor=executor), reactor=reactor, clock=lambda: 1700000000.0)
     return engine, channel, store, executor
 
 
@@ -525,3 +526,50 @@ def test_after_delivery_an_application_error_is_not_resent_and_other_failures_ar
     assert received["billing"] == ["E1", "E1"] and received["lab"] == ["E1"]
     rows = {d["destination"]: d["status"] for d in store.get_message(1)["deliveries"]}
     assert rows == {"lab": "ERROR", "billing": "SENT"}
+
+
+def test_a_stop_waits_for_the_acks_of_deliveries_on_the_wire_then_closes(tmp_path):
+    """A clean stop closed the sender connections at once, so what was on the wire was resent after the restart."""
+    from hl7relay.queues import DeliveryResult
+
+    engine, channel, store, _ = make_engine(tmp_path, lambda fn, *a: defer.maybeDeferred(fn, *a), """
+        destinations: [{name: lab, type: file, directory: out}]
+    """)
+    queue = engine.channels["ch"].queues["lab"]
+    answers = []
+
+    def slow_peer(message):
+        d = defer.Deferred()
+        engine.reactor.callLater(3, d.callback, DeliveryResult(True, ack="AA"))
+        answers.append(d)
+        return d
+
+    queue.deliver = slow_peer
+    queue.start()
+    answer(engine, channel, ADT.format(id="W1", extra=""))
+    engine.reactor.advance(0.1)
+    assert len(answers) == 1 and queue.in_flight
+    stopped = []
+    engine.stop().addCallback(stopped.append)
+    _run(engine, 2)
+    assert not stopped  # still waiting for the ACK on the wire
+    _run(engine, 1.5)
+    assert stopped and store.get_message(1)["deliveries"][0]["status"] == "SENT"  # answered and recorded
+
+
+def test_a_stop_gives_up_on_an_unanswered_delivery_after_stop_timeout(tmp_path):
+    engine, channel, store, _ = make_engine(tmp_path, lambda fn, *a: defer.maybeDeferred(fn, *a), """
+        destinations: [{name: lab, type: file, directory: out}]
+    """)
+    engine.stop_timeout = 4
+    queue = engine.channels["ch"].queues["lab"]
+    queue.deliver = lambda message: defer.Deferred()  # never answers
+    queue.start()
+    answer(engine, channel, ADT.format(id="W2", extra=""))
+    engine.reactor.advance(0.1)
+    stopped = []
+    engine.stop().addCallback(stopped.append)
+    _run(engine, 3.8)
+    assert not stopped
+    _run(engine, 0.5)
+    assert stopped and store.get_message(1)["deliveries"][0]["status"] == "QUEUED"  # resent after the restart

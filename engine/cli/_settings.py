@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("config/hl7relay.yaml")
+CHOICES = {"log_level": ["trace", "debug", "info", "warn", "error"], "log_format": ["text", "json"]}
+KEYS = ["store", "channels", "data_dir", "log_level", "log_format", "log_phi", "log_phi_bytes", "admin", "stop_timeout"]
 
 
 def add_settings_arguments(parser, channels: bool = True) -> None:
@@ -20,7 +22,8 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
     from hl7relay.channels.yamlsource import load_document
 
     settings = {"store": None, "data_dir": "data", "channels": ["channels"], "log_level": "info",
-                "admin": {"host": "127.0.0.1", "port": 9102}, "log_format": "text", "log_phi": False, "log_phi_bytes": 512}
+                "admin": {"host": "127.0.0.1", "port": 9102}, "log_format": "text", "log_phi": False, "log_phi_bytes": 512,
+                "stop_timeout": 10.0}
     problems = []
     path = Path(args.config) if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if path is not None:
@@ -28,27 +31,53 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
         problems += [str(e) for e in doc.errors]
         data = doc.data if isinstance(doc.data, dict) else {}
         for key, value in data.items():
+            where = doc.mark((key,))
             if key == "store":
                 if not isinstance(value, dict) or not isinstance(value.get("url"), str):
-                    problems.append(f"{doc.mark((key,))}: store is {{url: ...}}")
+                    problems.append(f"{where}: store is {{url: ...}}")
                 else:
                     settings["store"] = value["url"]
             elif key == "channels":
-                settings["channels"] = value if isinstance(value, list) else [value]
-            elif key in ("data_dir", "log_level", "log_format"):
-                settings[key] = str(value)
+                values = value if isinstance(value, list) else [value]
+                if not all(isinstance(v, str) and v for v in values):
+                    problems.append(f"{where}: channels is a folder or a list of folders")
+                else:
+                    settings["channels"] = values
+            elif key == "data_dir":
+                if not isinstance(value, str) or not value:
+                    problems.append(f"{where}: data_dir is a folder")
+                else:
+                    settings[key] = value
+            elif key in CHOICES:
+                if str(value).lower() not in CHOICES[key]:
+                    problems.append(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, not {value!r}"
+                                    f"{did_you_mean(str(value).lower(), CHOICES[key])}")
+                else:
+                    settings[key] = str(value).lower()
             elif key == "log_phi":
-                settings[key] = bool(value)
-            elif key == "log_phi_bytes":
-                settings[key] = int(value)
+                if not isinstance(value, bool):
+                    problems.append(f"{where}: log_phi is true or false")
+                else:
+                    settings[key] = value
+            elif key in ("log_phi_bytes", "stop_timeout"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                        key == "log_phi_bytes" and not isinstance(value, int)):
+                    kind = "a whole number of bytes" if key == "log_phi_bytes" else "a number of seconds"
+                    problems.append(f"{where}: {key} must be {kind}, 0 or more, not {value!r}")
+                else:
+                    settings[key] = value
             elif key == "admin":
                 if not isinstance(value, dict) or set(value) - {"host", "port"}:
-                    problems.append(f"{doc.mark((key,))}: admin is {{host: 127.0.0.1, port: 9102}} (port 0: off)")
+                    problems.append(f"{where}: admin is {{host: 127.0.0.1, port: 9102}} (port 0: off)")
+                elif "port" in value and (isinstance(value["port"], bool) or not isinstance(value["port"], int)
+                                          or not 0 <= value["port"] <= 65535):
+                    problems.append(f"{doc.mark((key, 'port'))}: admin port must be a whole number from 0 to 65535")
+                elif "host" in value and not isinstance(value["host"], str):
+                    problems.append(f"{doc.mark((key, 'host'))}: admin host is an address such as 127.0.0.1")
                 else:
                     settings["admin"].update(value)
             else:
-                problems.append(f"{doc.mark((key,), key=True)}: unknown key {key!r}"
-                                f"{did_you_mean(key, ['store', 'channels', 'data_dir', 'log_level', 'log_format', 'log_phi', 'log_phi_bytes', 'admin'])}")
+                problems.append(f"{doc.mark((key,), key=True)}: unknown key {key!r}{did_you_mean(str(key), KEYS)}")
     if getattr(args, "channels", None):
         settings["channels"] = args.channels
     if args.data_dir:
@@ -63,6 +92,8 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
         settings["admin"]["port"] = args.admin_port
     if getattr(args, "admin_host", None):
         settings["admin"]["host"] = args.admin_host
+    if getattr(args, "stop_timeout", None) is not None:
+        settings["stop_timeout"] = args.stop_timeout
     if not settings["store"]:
         settings["store"] = f"sqlite:///{Path(settings['data_dir']) / 'hl7relay.db'}"
     return settings, problems

@@ -16,7 +16,8 @@ Defaults (no edits needed in a checkout): channels from ./channels, SQLite at
   store: {url: "postgresql+psycopg://hl7relay@db/hl7relay"}   # or sqlite:///path.db
   data_dir: data
   channels: [channels]
-  log_level: info"""
+  log_level: info
+  stop_timeout: 10      # seconds a stop waits for the ACKs of deliveries already sent"""
 
 from hl7relay.cli._settings import add_settings_arguments, resolve_settings
 
@@ -27,6 +28,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--log-format", choices=("text", "json"), help="default: text")
     parser.add_argument("--admin-port", type=int, metavar="PORT", help="/metrics, /healthz, /readyz (default 9102; 0: off)")
     parser.add_argument("--admin-host", metavar="HOST", help="default 127.0.0.1")
+    parser.add_argument("--stop-timeout", type=_seconds, metavar="SECONDS",
+                        help="on SIGTERM, how long to wait for the ACKs of deliveries already sent (default 10)")
+
+
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
+    return value
 
 
 def run(args) -> int:
@@ -68,7 +83,7 @@ def run(args) -> int:
         return 1
     writer = StoreWriter(store, reactor, lazy_delay=0.05)
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
-                    log_levels=log_levels)
+                    log_levels=log_levels, stop_timeout=settings["stop_timeout"])
     print(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", flush=True)
     try:
         lines = engine.start()
