@@ -148,3 +148,62 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(pki, samples):
     finally:
         log = listener.stop()
     assert log.count("-> ACK CA") == 1  # only the client with a certificate got through
+
+
+def _original_mode(samples, tmp_path, count=1):
+    """adt_a04 in original mode, ``count`` times with distinct control ids, as one file."""
+    data = (samples / "adt_a04.hl7").read_bytes().replace(b"|AL|NE|", b"|||").rstrip(b"\r\n") + b"\r"
+    path = tmp_path / "messages.hl7"
+    path.write_bytes(b"".join(data.replace(b"MSG00003", b"R%05d" % i) for i in range(count)))
+    return str(path)
+
+
+@pytest.mark.parametrize("code", ["AE", "AR", "CR"])
+def test_listen_rehearses_a_receiver_that_answers_with_an_error_code(samples, tmp_path, code):
+    listener = Listener("--answer", code)
+    try:
+        result = send(listener.port, _original_mode(samples, tmp_path))
+    finally:
+        log = listener.stop()
+    assert result.returncode == 1 and f": {code} R00000 hl7relay listen --answer {code}: rehearsing" in result.stdout
+    assert f"-> ACK {code}" in log
+
+
+def test_listen_fails_the_first_messages_only_then_recovers(samples, tmp_path):
+    listener = Listener("--answer", "AR", "--fail-first", "2")
+    try:
+        result = send(listener.port, _original_mode(samples, tmp_path, 3))
+    finally:
+        listener.stop()
+    assert [line.split(": ")[1][:2] for line in result.stdout.splitlines()] == ["AR", "AR", "AA"]
+
+
+def test_listen_no_answer_and_delay_make_the_sender_time_out(samples, tmp_path):
+    for args in (["--no-answer"], ["--delay", "5"]):
+        listener = Listener(*args)
+        try:
+            result = subprocess.run(hl7relay("send", "--port", listener.port, "--timeout", "1", _original_mode(samples, tmp_path)),
+                                    capture_output=True, text=True, timeout=60)
+        finally:
+            log = listener.stop()
+        assert result.returncode == 1 and "TIMED OUT" in result.stdout, result.stdout
+        assert ("no answer (--no-answer)" if args == ["--no-answer"] else "ACK AA in 5s (--delay)") in log
+
+
+def test_listen_delay_shorter_than_the_timeout_is_answered(samples, tmp_path):
+    listener = Listener("--delay", "0.3")
+    try:
+        result = send(listener.port, _original_mode(samples, tmp_path))
+    finally:
+        listener.stop()
+    assert result.returncode == 0 and result.stdout.strip().endswith("AA R00000")
+
+
+def test_listen_drop_closes_the_connection_without_an_answer(samples, tmp_path):
+    listener = Listener("--drop")
+    try:
+        result = send(listener.port, _original_mode(samples, tmp_path))
+    finally:
+        log = listener.stop()
+    assert result.returncode == 1 and "closed before the ACK" in result.stdout, result.stdout
+    assert "connection dropped (--drop)" in log

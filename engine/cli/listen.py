@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from hl7relay.cli._args import count, port, seconds
 from hl7relay.cli._tls import add_tls_arguments, tls_from_args
 
 HELP = "listen for MLLP and acknowledge every message (a test double for a receiver)"
@@ -15,17 +16,50 @@ DESCRIPTION = """\
 Accept MLLP connections and acknowledge every message: AA in original mode; in enhanced mode
 (MSH-15/MSH-16 valued) the accept and application ACKs those fields ask for. Each message is
 summarised on one line (time, peer, type, control id, version, size, ACKs sent); message content
-is not printed. Listens on 127.0.0.1 unless --host says otherwise. Ctrl-C stops it."""
+is not printed. Listens on 127.0.0.1 unless --host says otherwise. Ctrl-C or SIGTERM stops it.
+
+To rehearse a failing receiver (what a channel's retries, dead letters and alerts do about it):
+  --answer AE|AR|CR     answer every message with that code (AE: application error, not to be
+                        resent; AR/CR: rejected, send again later)
+  --delay SECONDS       answer only after that long (longer than the sender's ACK timeout: a timeout)
+  --no-answer           read messages and never answer them
+  --drop                close the connection as soon as a message arrives, without answering
+  --fail-first N        behave so for the first N messages only, then acknowledge normally"""
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=2575, help="port (default: 2575, HL7's registered port)")
+    parser.add_argument("--port", type=port, default=2575, help="port (default: 2575, HL7's registered port)")
     parser.add_argument("--charset", default="UTF-8", help="character set for messages with an empty MSH-18 (default: UTF-8)")
-    parser.add_argument("--max-connections", type=int, default=64)
+    parser.add_argument("--max-connections", type=count, default=64)
     parser.add_argument("--log-level", default="warn", choices=("trace", "debug", "info", "warn", "error"),
                         help="what the engine logs to standard error (default: warn)")
+    failing = parser.add_argument_group("rehearsing a failing receiver")
+    failing.add_argument("--answer", choices=("AA", "AE", "AR", "CR"), default="AA", help="the code to answer with")
+    failing.add_argument("--delay", type=seconds, default=0.0, metavar="SECONDS", help="wait before answering")
+    mode = failing.add_mutually_exclusive_group()
+    mode.add_argument("--no-answer", action="store_true", help="never answer")
+    mode.add_argument("--drop", action="store_true", help="close the connection instead of answering")
+    failing.add_argument("--fail-first", type=count, metavar="N",
+                         help="apply --answer/--delay/--no-answer/--drop to the first N messages only")
     add_tls_arguments(parser, server=True)
+
+
+def outcome_for(code: str, message):
+    """The handler's outcome for ``--answer code``: AE and AR as the message's ACK mode has them
+    (AR is CR in enhanced mode); CR exactly, in either mode."""
+    from hl7relay.ack import ErrorCode, Outcome, build_ack
+
+    if code == "AE":
+        return Outcome.error("hl7relay listen --answer AE: rehearsing an application error")
+    if code == "AR":
+        return Outcome.rejected("hl7relay listen --answer AR: rehearsing a rejection", ErrorCode.APPLICATION_INTERNAL_ERROR)
+    if code == "CR":
+        text = "hl7relay listen --answer CR: rehearsing a commit reject"
+        outcome = Outcome.internal_error(text)
+        outcome.acks, outcome.ack_codes = [build_ack(message, "CR", text, ErrorCode.APPLICATION_INTERNAL_ERROR)], ["CR"]
+        return outcome
+    return Outcome.accepted()
 
 
 def run(args) -> int:
@@ -33,6 +67,8 @@ def run(args) -> int:
 
     start_logging(args.log_level)
     from twisted.internet import reactor
+
+    from twisted.internet.error import CannotListenError
 
     from hl7relay.ack import AckPolicy, Outcome, is_ack
     from hl7relay.listener import ListenerConfig, listen
@@ -42,15 +78,42 @@ def run(args) -> int:
     config = ListenerConfig(host=args.host, port=args.port, charset=args.charset, max_connections=args.max_connections,
                             tls=tls_from_args(args, server=True), policy=policy)
 
+    from twisted.internet import defer, task
+
+    seen = {"messages": 0}
+    rehearsing = args.answer != "AA" or args.delay or args.no_answer or args.drop
+
     def handler(message: Message, peer):
-        outcome = Outcome.accepted()
+        seen["messages"] += 1
+        failing = rehearsing and (args.fail_first is None or seen["messages"] <= args.fail_first)
+        line = (f"{time.strftime('%H:%M:%S')} {peer} {message.get('MSH-9') or '?'} {message.control_id or '-'} "
+                f"v{message.version or '?'} {len(message.raw or b'')}B -> ")
+        if failing and args.drop:
+            print(line + "connection dropped (--drop)", flush=True)
+            for protocol in list(port.factory.connections):
+                if protocol.peer == peer:
+                    protocol.transport.abortConnection()
+            return defer.Deferred()  # never answered: the connection is gone
+        if failing and args.no_answer:
+            print(line + "no answer (--no-answer)", flush=True)
+            return defer.Deferred()
+        outcome = outcome_for(args.answer, message) if failing else Outcome.accepted()
         codes = policy.codes(message, outcome)
         answer = "no ACK (it is an ACK)" if is_ack(message) else ("ACK " + "+".join(codes) if codes else "no ACK (NE)")
-        print(f"{time.strftime('%H:%M:%S')} {peer} {message.get('MSH-9') or '?'} {message.control_id or '-'} "
-              f"v{message.version or '?'} {len(message.raw or b'')}B -> {answer}", flush=True)
+        if failing and args.delay:
+            print(line + f"{answer} in {args.delay:g}s (--delay)", flush=True)
+            return task.deferLater(reactor, args.delay, lambda: outcome)
+        print(line + answer, flush=True)
         return outcome
 
-    port = listen(handler, config, reactor)
+    try:
+        port = listen(handler, config, reactor)
+    except CannotListenError as exc:
+        import sys
+
+        reason = exc.socketError.strerror if getattr(exc, "socketError", None) is not None else str(exc)
+        print(f"hl7relay listen: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return 1
     address = port.getHost()
     tls = "TLS" + (" with client certificates" if args.require_client_cert else "") if config.tls else "no TLS"
     print(f"hl7relay listen: MLLP on {address.host}:{address.port} ({tls}); Ctrl-C to stop", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from hl7relay.cli._args import count
 from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "find stored messages and show their stages, deliveries and ACKs"
@@ -28,11 +29,11 @@ def add_arguments(parser) -> None:
         add_filter_arguments(p)
         if name == "search":
             p.add_argument("--text", help="substring of the raw message (scans; slower)")
-        p.add_argument("--limit", type=int, default=50)
-        p.add_argument("--before", type=int, metavar="ID", help="next page: the last id shown")
+        p.add_argument("--limit", type=count, default=50)
+        p.add_argument("--before", type=count, metavar="ID", help="next page: the last id shown")
         _common(p)
     show = sub.add_parser("show", help="one message: stages, deliveries, ACKs")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=count)
     _common(show)
 
 

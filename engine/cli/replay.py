@@ -6,6 +6,7 @@ import getpass
 import json
 import sys
 
+from hl7relay.cli._args import count
 from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "replay stored messages (by id or filters) through the current channel configuration"
@@ -23,9 +24,9 @@ is only replayed with --force."""
 def add_arguments(parser) -> None:
     from hl7relay.cli._support import add_filter_arguments
 
-    parser.add_argument("ids", nargs="*", type=int, metavar="ID")
+    parser.add_argument("ids", nargs="*", type=count, metavar="ID")
     add_filter_arguments(parser)
-    parser.add_argument("--limit", type=int, default=1000, help="at most this many messages from the filters (default 1000)")
+    parser.add_argument("--limit", type=count, default=1000, help="at most this many messages from the filters (default 1000)")
     parser.add_argument("--destination", action="append", metavar="NAME", help="only these destinations (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="show what would be sent; change nothing")
     parser.add_argument("--force", action="store_true", help="also replay messages already delivered")

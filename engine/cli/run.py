@@ -19,6 +19,7 @@ Defaults (no edits needed in a checkout): channels from ./channels, SQLite at
   log_level: info
   stop_timeout: 10      # seconds a stop waits for the ACKs of deliveries already sent"""
 
+from hl7relay.cli._args import port, seconds
 from hl7relay.cli._settings import add_settings_arguments, resolve_settings
 
 
@@ -26,22 +27,10 @@ def add_arguments(parser) -> None:
     add_settings_arguments(parser)
     parser.add_argument("--log-level", choices=("trace", "debug", "info", "warn", "error"), help="default: info")
     parser.add_argument("--log-format", choices=("text", "json"), help="default: text")
-    parser.add_argument("--admin-port", type=int, metavar="PORT", help="/metrics, /healthz, /readyz (default 9102; 0: off)")
+    parser.add_argument("--admin-port", type=port, metavar="PORT", help="/metrics, /healthz, /readyz (default 9102; 0: off)")
     parser.add_argument("--admin-host", metavar="HOST", help="default 127.0.0.1")
-    parser.add_argument("--stop-timeout", type=_seconds, metavar="SECONDS",
+    parser.add_argument("--stop-timeout", type=seconds, metavar="SECONDS",
                         help="on SIGTERM, how long to wait for the ACKs of deliveries already sent (default 10)")
-
-
-def _seconds(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
-    return value
 
 
 def run(args) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from hl7relay.cli._args import port, seconds
 from hl7relay.batch import split_messages
 from hl7relay.cli._tls import add_tls_arguments, tls_from_args
 from hl7relay.cli._inputs import collect_inputs
@@ -26,9 +27,9 @@ connection refused), 2 when an input is not readable HL7."""
 def add_arguments(parser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="FILE|DIR|-")
     parser.add_argument("--host", default="127.0.0.1", help="listener host (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=2575, help="listener port (default: 2575)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK (default: 30)")
-    parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait to connect (default: 10)")
+    parser.add_argument("--port", type=port, default=2575, help="listener port (default: 2575)")
+    parser.add_argument("--timeout", type=seconds, default=30.0, help="seconds to wait for each ACK (default: 30)")
+    parser.add_argument("--connect-timeout", type=seconds, default=10.0, help="seconds to wait to connect (default: 10)")
     parser.add_argument("--log-level", default="warn", choices=("trace", "debug", "info", "warn", "error"),
                         help="what the engine logs to standard error (default: warn)")
     add_tls_arguments(parser, server=False)
