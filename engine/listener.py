@@ -25,18 +25,40 @@ from hl7relay.message import Message
 from hl7relay.tls import TLSConfig, server_options
 from hl7relay.transport import write_now
 
-__all__ = ["ListenerConfig", "MLLPListenerFactory", "MLLPServerProtocol", "Peer", "listen"]
+__all__ = ["ListenerConfig", "MLLPListenerFactory", "MLLPServerProtocol", "Peer", "listen", "default_max_connections"]
 
 log = Logger(namespace="hl7relay.listener")
 
 
+def default_max_connections() -> int:
+    """A global limit sized from the process's file limit: half of it (the other half is for the
+    store, destinations, logs), at least 64 and at most 10,000."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1024
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    return max(64, min(10_000, soft // 2))
+
+
 @dataclass(slots=True)
 class ListenerConfig:
-    """Options of one MLLP listener, with their defaults."""
+    """Options of one MLLP listener, with their defaults.
+
+    Connection slots cannot be used to lock a hospital out: one address may hold at most
+    ``max_connections_per_peer`` connections (a PMS needs a few), the global limit is sized from
+    the file limit, and when it is reached the longest-idle connection is closed to make room
+    for the new one rather than the new one being refused. ``allow`` (CIDRs) refuses everyone else.
+    """
 
     host: str = "127.0.0.1"  # localhost only unless told otherwise
     port: int = 2575  # HL7's registered port
-    max_connections: int = 64  # further connections are refused at once
+    max_connections: int = field(default_factory=default_max_connections)
+    max_connections_per_peer: int = 16  # from one address; further ones are refused
+    allow: tuple = ()  # ip_network objects; empty: any address
     read_timeout: float = 30.0  # seconds a started frame may take to complete
     idle_timeout: float = 0.0  # seconds without any byte before the connection is closed; 0: never
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
@@ -58,6 +80,18 @@ class Peer:
         return f"{self.host}:{self.port}"
 
 
+def _allowed(host: str, networks) -> bool:
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
 class MLLPServerProtocol(Protocol):
     def __init__(self, factory: "MLLPListenerFactory"):
         self.factory = factory
@@ -69,21 +103,27 @@ class MLLPServerProtocol(Protocol):
         self._read_timer = None
         self._idle_timer = None
         self.closing_after_answer = False
+        self.last_activity = 0.0
 
     # -- connection ----------------------------------------------------------------------------
     def connectionMade(self):
         factory = self.factory
+        config = factory.config
         address = self.transport.getPeer()
         self.peer = Peer(getattr(address, "host", "?"), getattr(address, "port", 0))
-        if factory.open_connections >= factory.config.max_connections:
-            factory.refused_connections += 1
-            emit("connection_refused", listener=factory.name)
-            log.warn("refusing connection from {peer}: {limit} connections already open",
-                     peer=str(self.peer), limit=factory.config.max_connections)
-            self.closed = True
-            self.transport.abortConnection()
+        if config.allow and not _allowed(self.peer.host, config.allow):
+            self._refuse("not_allowed", "{peer} is not in the listener's allow list")
+            return
+        if factory.per_peer.get(self.peer.host, 0) >= config.max_connections_per_peer:
+            self._refuse("per_peer", "{host} already has {limit} connections open (max_connections_per_peer)",
+                         host=self.peer.host, limit=config.max_connections_per_peer)
+            return
+        if factory.open_connections >= config.max_connections and not factory.evict_idlest(self):
+            self._refuse("max_connections", "{limit} connections open, none idle to close (max_connections)",
+                         limit=config.max_connections)
             return
         factory.open_connections += 1
+        factory.per_peer[self.peer.host] = factory.per_peer.get(self.peer.host, 0) + 1
         factory.connections.add(self)
         emit("connection_opened", listener=factory.name)
         if factory.config.keepalive and hasattr(self.transport, "setTcpKeepAlive"):
@@ -93,11 +133,25 @@ class MLLPServerProtocol(Protocol):
                 pass
         self._touch()
 
+    def _refuse(self, reason: str, text: str, **fields):
+        factory = self.factory
+        factory.refused_connections += 1
+        emit("connection_refused", listener=factory.name, reason=reason)
+        log.warn("refusing connection from {peer}: " + text, peer=str(self.peer), **fields)
+        self.closed = True
+        self.transport.abortConnection()
+
     def connectionLost(self, reason=None):
         if self in self.factory.connections:
-            self.factory.connections.discard(self)
-            self.factory.open_connections -= 1
-            emit("connection_closed", listener=self.factory.name)
+            factory = self.factory
+            factory.connections.discard(self)
+            factory.open_connections -= 1
+            remaining = factory.per_peer.get(self.peer.host, 1) - 1
+            if remaining > 0:
+                factory.per_peer[self.peer.host] = remaining
+            else:
+                factory.per_peer.pop(self.peer.host, None)
+            emit("connection_closed", listener=factory.name)
         self.closed = True
         self._cancel("_read_timer")
         self._cancel("_idle_timer")
@@ -144,7 +198,13 @@ class MLLPServerProtocol(Protocol):
         self.framer.reset()
         self._abort()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing half-received, nothing being processed or waiting to be: safe to close."""
+        return not (self.busy or self.queue or self.framer.in_frame or self.closed)
+
     def _touch(self):
+        self.last_activity = self.factory.reactor.seconds()
         timeout = self.factory.config.idle_timeout
         if timeout > 0:
             self._cancel("_idle_timer")
@@ -232,6 +292,7 @@ class MLLPServerProtocol(Protocol):
             return
         if acks:
             write_now(self.transport, b"".join([frame(ack) for ack in acks]))
+            self.last_activity = self.factory.reactor.seconds()
         if self.closing_after_answer:
             self.closed = True
             self.queue.clear()
@@ -255,6 +316,8 @@ class MLLPListenerFactory(Factory):
         self.config = config or ListenerConfig()
         self.reactor = reactor
         self.connections: set[MLLPServerProtocol] = set()
+        self.per_peer: dict[str, int] = {}  # open connections by peer address
+        self.evicted_connections = 0
         self.open_connections = 0
         self.refused_connections = 0
         self.discarded_bytes = 0
@@ -263,6 +326,32 @@ class MLLPListenerFactory(Factory):
 
     def buildProtocol(self, addr):
         return MLLPServerProtocol(self)
+
+    def evict_idlest(self, newcomer: MLLPServerProtocol) -> bool:
+        """Close the connection idle the longest to make room; False when every one is busy."""
+        idle = [p for p in self.connections if p.idle]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda p: p.last_activity)
+        self.evicted_connections += 1
+        emit("connection_evicted", listener=self.name)
+        log.warn("closing the connection from {victim}, idle {seconds:.0f}s, to make room for {peer} "
+                 "({limit} connections open: max_connections)", victim=str(victim.peer), peer=str(newcomer.peer),
+                 seconds=self.reactor.seconds() - victim.last_activity, limit=self.config.max_connections)
+        # counted out now, so the newcomer's slot is free at once; connectionLost will not count it again
+        self.connections.discard(victim)
+        self.open_connections -= 1
+        remaining = self.per_peer.get(victim.peer.host, 1) - 1
+        if remaining > 0:
+            self.per_peer[victim.peer.host] = remaining
+        else:
+            self.per_peer.pop(victim.peer.host, None)
+        emit("connection_closed", listener=self.name)
+        victim.closed = True
+        victim._cancel("_read_timer")
+        victim._cancel("_idle_timer")
+        victim.transport.abortConnection()
+        return True
 
 
 def listen(handler, config: ListenerConfig, reactor=None, name: str = "mllp"):

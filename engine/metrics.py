@@ -99,7 +99,10 @@ class Metrics:
         self.stage_latency = _HotHistogram("hl7relay_stage_latency_seconds", "Time per stage (pipeline, store)",
                                            ["channel", "stage"], _LATENCY_BUCKETS)
         self.connections = Gauge("hl7relay_open_connections", "Open MLLP connections", ["listener"], registry=r)
-        self.refused = Counter("hl7relay_refused_connections", "Connections refused (over max_connections)", ["listener"], registry=r)
+        self.refused = Counter("hl7relay_refused_connections", "Connections refused (not_allowed, per_peer, max_connections)",
+                               ["listener", "reason"], registry=r)
+        self.evicted = Counter("hl7relay_evicted_connections", "Idle connections closed to make room for a new one",
+                               ["listener"], registry=r)
         self.discarded_bytes = Counter("hl7relay_discarded_bytes", "Bytes outside MLLP frames", ["listener"], registry=r)
         self.discarded_frames = Counter("hl7relay_discarded_frames", "Frames dropped (oversize, read timeout)", ["listener", "reason"], registry=r)
         self.commit_latency = _HotHistogram("hl7relay_store_commit_seconds", "Store commit duration", [], _LATENCY_BUCKETS)
@@ -118,7 +121,8 @@ class Metrics:
             "destination_state": lambda f: self._labels(self.destination_up, f["channel"], f["destination"]).set(1 if f["connected"] else 0),
             "connection_opened": lambda f: self._labels(self.connections, f["listener"]).inc(),
             "connection_closed": lambda f: self._labels(self.connections, f["listener"]).dec(),
-            "connection_refused": lambda f: self._labels(self.refused, f["listener"]).inc(),
+            "connection_refused": lambda f: self._labels(self.refused, f["listener"], f.get("reason", "max_connections")).inc(),
+            "connection_evicted": lambda f: self._labels(self.evicted, f["listener"]).inc(),
             "bytes_discarded": lambda f: self._labels(self.discarded_bytes, f["listener"]).inc(f["count"]),
             "frame_discarded": lambda f: self._labels(self.discarded_frames, f["listener"], f["reason"]).inc(),
             "store_commit": self._commit,

@@ -71,6 +71,9 @@ def errors_of(tmp_path, text, environ=None):
     (GOOD.replace("directory: out", "directory: '${OUT_DIR}'"), "channels/demo.yaml:8:40: environment variable OUT_DIR is not set"),
     # duplicate keys
     (GOOD + "name: again\n", "channels/demo.yaml:9:1: duplicate key 'name'"),
+    # an allow list entry that is not a CIDR
+    (GOOD.replace("port: 12575}", "port: 12575, allow: [10.1.2.0/24, 10.1.300.0/24]}"),
+     "channels/demo.yaml:2:9: source 'mllp': allow: '10.1.300.0/24' is not an address or CIDR"),
 ])
 def test_each_lint_error_has_its_position(tmp_path, text, expected):
     errors = errors_of(tmp_path, text)

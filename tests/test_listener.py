@@ -25,9 +25,9 @@ class Harness:
         self.results.append(d)
         return d
 
-    def connect(self, port=4000):
+    def connect(self, port=4000, host="10.0.0.5"):
         protocol = self.factory.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.5", port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
         protocol.makeConnection(transport)
         return protocol, transport
 
@@ -132,16 +132,51 @@ def test_oversized_frame_closes_only_that_connection():
     assert [a.get("MSA-1") for a in acks(other_transport)] == ["AA"] and not other_transport.disconnecting
 
 
-def test_connections_over_the_limit_are_refused_at_once():
-    h = Harness(max_connections=2)
+def test_at_the_global_limit_the_longest_idle_connection_makes_room():
+    """64 idle connections once locked every new client out for as long as they stayed open."""
+    h = Harness(handler=lambda m, p: Outcome.accepted(), max_connections=2)
+    first, t1 = h.connect(1)
+    h.clock.advance(5)
+    second, t2 = h.connect(2)
+    h.clock.advance(5)
+    first.dataReceived(frame(MSG % b"1"))  # the first is now the more recently active one
+    h.clock.advance(5)
+    third, t3 = h.connect(3)
+    assert t2.disconnecting and not t1.disconnecting and not t3.disconnecting
+    assert h.factory.evicted_connections == 1 and h.factory.refused_connections == 0 and h.factory.open_connections == 2
+    second.connectionLost(None)  # the eviction is not counted twice
+    assert h.factory.open_connections == 2
+
+
+def test_at_the_global_limit_busy_connections_are_kept_and_the_newcomer_refused():
+    h = Harness(max_connections=2)  # the handler never answers: both connections stay busy
     first, t1 = h.connect(1)
     second, t2 = h.connect(2)
+    first.dataReceived(frame(MSG % b"1"))
+    second.dataReceived(START + b"MSH|^~\\&|half a frame")
     third, t3 = h.connect(3)
     assert t3.disconnecting and not t1.disconnecting and not t2.disconnecting
     assert h.factory.refused_connections == 1 and h.factory.open_connections == 2
-    first.connectionLost(None)
-    fourth, t4 = h.connect(4)
-    assert not t4.disconnecting
+
+
+def test_one_address_cannot_take_every_slot():
+    h = Harness(max_connections=100, max_connections_per_peer=3)
+    mine = [h.connect(port, host="10.0.0.66") for port in range(1, 5)]
+    assert [t.disconnecting for _, t in mine] == [False, False, False, True]
+    _, other = h.connect(9, host="10.0.0.7")
+    assert not other.disconnecting
+    mine[0][0].connectionLost(None)
+    _, again = h.connect(5, host="10.0.0.66")
+    assert not again.disconnecting and h.factory.per_peer["10.0.0.66"] == 3
+
+
+def test_an_allow_list_refuses_other_addresses():
+    import ipaddress
+
+    h = Harness(allow=(ipaddress.ip_network("10.1.2.0/24"), ipaddress.ip_network("192.168.5.7/32")))
+    results = {host: h.connect(1, host=host)[1].disconnecting for host in ("10.1.2.9", "192.168.5.7", "10.1.3.1", "192.168.5.8")}
+    assert results == {"10.1.2.9": False, "192.168.5.7": False, "10.1.3.1": True, "192.168.5.8": True}
+    assert h.factory.refused_connections == 2
 
 
 def test_idle_connections_are_closed_when_configured():

@@ -573,3 +573,25 @@ def test_a_stop_gives_up_on_an_unanswered_delivery_after_stop_timeout(tmp_path):
     assert not stopped
     _run(engine, 0.5)
     assert stopped and store.get_message(1)["deliveries"][0]["status"] == "QUEUED"  # resent after the restart
+
+
+def test_idle_connections_cannot_lock_a_sender_out(tmp_path):
+    from hl7relay.framing import MLLPFramer, frame
+
+    engine, port = _start_engine(tmp_path, """\
+        name: ch
+        source: {type: mllp, port: 0, max_connections: 5, max_connections_per_peer: 50}
+    """)
+    idle = []
+    try:
+        for _ in range(20):  # four times the limit, all silent
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port)) as pms:
+            pms.sendall(frame(ADT.format(id="IN1", extra="").encode()))
+            [reply] = _answers(pms, MLLPFramer())
+        assert Message.from_bytes(reply).get("MSA-2") == "IN1"
+    finally:
+        for s in idle:
+            s.close()
+        _stop_engine(engine)

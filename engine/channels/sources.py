@@ -40,7 +40,11 @@ def tls_config(options, server: bool, base_dir=None) -> TLSConfig | None:
 @register("source", "mllp", "an MLLP listener", [
     Option("host", "str", "127.0.0.1", "address to listen on (0.0.0.0 for all)"),
     Option("port", "int", 2575, "TCP port"),
-    Option("max_connections", "int", 64, "further connections are refused at once"),
+    Option("max_connections", "int", 0, "connections open at once (0: half the process's file limit, 64 to "
+           "10,000); when reached, the longest-idle connection is closed to make room for a new one"),
+    Option("max_connections_per_peer", "int", 16, "connections one address may hold; further ones are refused"),
+    Option("allow", "list", [], "addresses allowed to connect, as CIDRs (10.1.2.0/24, 10.1.2.3); "
+           "empty: any address", item="str"),
     Option("read_timeout", "duration", 30.0, "seconds a started frame may take"),
     Option("idle_timeout", "duration", 0.0, "close connections silent this long (0: never)"),
     Option("max_frame_bytes", "int", DEFAULT_MAX_FRAME_BYTES, "larger frames close the connection"),
@@ -50,10 +54,24 @@ def tls_config(options, server: bool, base_dir=None) -> TLSConfig | None:
     Option("require_client_cert", "bool", False, "mutual TLS: clients need a certificate from tls_ca"),
 ])
 def _mllp(options, context=None):
+    import ipaddress
+
+    from hl7relay.listener import default_max_connections
+
     if not 0 <= options["port"] <= 65535:
         raise ValueError(f"port {options['port']} is not a TCP port")
+    if options["max_connections"] < 0 or options["max_connections_per_peer"] < 1:
+        raise ValueError("max_connections must be 0 (automatic) or more, max_connections_per_peer 1 or more")
+    allow = []
+    for cidr in options["allow"]:
+        try:
+            allow.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"allow: {cidr!r} is not an address or CIDR (e.g. 10.1.2.0/24)") from None
     config = ListenerConfig(
-        host=options["host"], port=options["port"], max_connections=options["max_connections"],
+        host=options["host"], port=options["port"],
+        max_connections=options["max_connections"] or default_max_connections(),
+        max_connections_per_peer=options["max_connections_per_peer"], allow=tuple(allow),
         read_timeout=options["read_timeout"], idle_timeout=options["idle_timeout"],
         max_frame_bytes=options["max_frame_bytes"], charset=options["charset"], keepalive=options["keepalive"],
         tls=tls_config(options, True, getattr(context, "base_dir", None)),

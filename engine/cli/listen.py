@@ -31,7 +31,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=port, default=2575, help="port (default: 2575, HL7's registered port)")
     parser.add_argument("--charset", default="UTF-8", help="character set for messages with an empty MSH-18 (default: UTF-8)")
-    parser.add_argument("--max-connections", type=count, default=64)
+    parser.add_argument("--max-connections", type=count, default=0,
+                        help="connections open at once (default 0: sized from the file limit); the longest-idle "
+                             "one is closed to make room")
+    parser.add_argument("--max-connections-per-peer", type=count, default=16, help="from one address (default 16)")
     parser.add_argument("--log-level", default="warn", choices=("trace", "debug", "info", "warn", "error"),
                         help="what the engine logs to standard error (default: warn)")
     failing = parser.add_argument_group("rehearsing a failing receiver")
@@ -75,7 +78,11 @@ def run(args) -> int:
     from hl7relay.message import Message
 
     policy = AckPolicy()
-    config = ListenerConfig(host=args.host, port=args.port, charset=args.charset, max_connections=args.max_connections,
+    from hl7relay.listener import default_max_connections
+
+    config = ListenerConfig(host=args.host, port=args.port, charset=args.charset,
+                            max_connections=args.max_connections or default_max_connections(),
+                            max_connections_per_peer=max(1, args.max_connections_per_peer),
                             tls=tls_from_args(args, server=True), policy=policy)
 
     from twisted.internet import defer, task
