@@ -6,20 +6,35 @@ shape but every value becomes ``***``; free text that may name a patient (NTE-3,
 
 from __future__ import annotations
 
+import re
+
 from hl7relay.errors import ParseError
 from hl7relay.message import Message
 
-__all__ = ["mask_message", "mask_value", "MASK"]
+__all__ = ["mask_message", "mask_value", "mask_text", "MASK"]
 
 MASK = "***"
 _PERSON_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2", "IN3", "MRG", "ACC", "GT1", "PV2", "ROL", "PRT"})
 _FREE_TEXT = {"NTE": {3}, "OBX": {5}, "TXA": {}, "DG1": {4}}
+_ERROR_TEXT = {"ERR": {8}, "MSA": {3}}  # an ACK's sentences: the values they quote are masked (mask_text)
 
 
 def mask_value(value: str) -> str:
     if not value:
         return value
     return value[:1] + MASK if len(value) > 3 else MASK
+
+
+_QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'" + r'|"((?:[^"\\]|\\.)*)"')
+
+
+def mask_text(text: str) -> str:
+    """An error text with the values it quotes masked. Our own errors quote the value they are
+    about (``'19800412' is not an HL7 date/time``): useful to someone allowed to see it, PHI to
+    anyone else. Paths and codes are not quoted, so what went wrong where stays readable."""
+    if not text or ("'" not in text and '"' not in text):
+        return text
+    return _QUOTED.sub(lambda m: "'" + mask_value(m.group(1) if m.group(1) is not None else m.group(2)) + "'", text)
 
 
 def mask_message(data: bytes) -> str:
@@ -38,6 +53,10 @@ def mask_message(data: bytes) -> str:
             for number in _FREE_TEXT[name]:
                 if number < len(fields) and fields[number]:
                     fields[number] = MASK
+        elif name in _ERROR_TEXT:
+            for number in _ERROR_TEXT[name]:
+                if number < len(fields) and fields[number]:
+                    fields[number] = mask_text(fields[number])
         if name in ("MSH", "FHS", "BHS"):
             lines.append(fields[0] + fs + fs.join(fields[2:]))
         else:

@@ -8,6 +8,7 @@ was already delivered to a chosen destination is only replayed with ``force``.
 from __future__ import annotations
 
 import difflib
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +33,30 @@ class ReplayPlan:
     error: str = ""
 
 
-def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, destinations=None, force=False) -> ReplayPlan:
+def _plain(data: bytes) -> list[str]:
+    """The segments of a message, one per line (empty lines dropped, as the message model does)."""
+    return [line for line in re.split(r"\r\n|\r|\n", data.decode("utf-8", "replace")) if line]
+
+
+def _diff(before: bytes, after: bytes, render) -> str:
+    """Changed segments, before (-) and after (+). The comparison is of the real content; what is
+    printed is ``render``'s lines (masked for people not asked to see patient data), so a change
+    hidden by the mask still shows which segment changed."""
+    raw_before, raw_after = _plain(before), _plain(after)
+    shown_before, shown_after = render(before), render(after)
+    if len(shown_before) != len(raw_before) or len(shown_after) != len(raw_after):
+        shown_before, shown_after = ["(not shown)"] * len(raw_before), ["(not shown)"] * len(raw_after)
+    out = ["--- sent before", "+++ now"]
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, raw_before, raw_after, autojunk=False).get_opcodes():
+        if tag != "equal":
+            out += ["-" + line for line in shown_before[i1:i2]] + ["+" + line for line in shown_after[j1:j2]]
+    return "\n".join(out)
+
+
+def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, destinations=None, force=False,
+                render=_plain) -> ReplayPlan:
+    """What replaying ``message_id`` would do. ``render`` turns a message into the lines its diff
+    shows (the CLI masks patient data with it unless asked not to)."""
     stored = store.get_message(message_id)
     if stored is None:
         return ReplayPlan(message_id, "", "", skipped=f"no message {message_id}")
@@ -72,9 +96,7 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
             plan.outputs[output.name] = data
             before = delivery_content(stored["stages"], stored["raw"], output.name) if output.name in sent else None
             if before is not None and before != data:
-                plan.changes[output.name] = "\n".join(difflib.unified_diff(
-                    before.decode("utf-8", "replace").split("\r"), data.decode("utf-8", "replace").split("\r"),
-                    "sent before", "now", lineterm=""))
+                plan.changes[output.name] = _diff(before, data, render)
     if not plan.outputs:
         plan.skipped = "no chosen destination takes it now (their filters skip it)"
     return plan

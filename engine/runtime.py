@@ -246,6 +246,9 @@ class Engine:
             status, error, outcome = self._outcome(processed)
         record = MessageRecord(channel.name, raw, status, received_at, str(peer), message.charset,
                                error=error, duplicate_key=duplicate_key, **header)
+        if processed is not None and processed.findings:
+            # what validators with on_error: warn found stays with the message (messages show)
+            record.stages["findings"] = _findings_json(processed.findings)
         transformed = None
         if processed is not None and processed.transformed:
             transformed = processed.message.to_bytes()
@@ -370,8 +373,9 @@ class Engine:
 
                 def answered(r):
                     idle.append(sender)
+                    # the peer's ACK itself is kept, so support can read what it said (masked)
                     return DeliveryResult(r.ok, r.status is SendStatus.APPLICATION_ERROR,
-                                          ack=(r.ack_code + " " + r.text).strip(),
+                                          ack=r.ack.to_text() if r.ack is not None else (r.ack_code + " " + r.text).strip(),
                                           error="" if r.ok else f"{r.status.value}: {r.text}".strip(),
                                           rejected=r.status is SendStatus.REJECTED)
 
@@ -385,7 +389,7 @@ class Engine:
             def deliver_file(message):
                 name = render_filename(config.filename, message, datetime.now())
                 data = message.to_bytes()
-                return threads.deferToThread(_write_atomically, directory, name, data)
+                return threads.deferToThread(_write_atomically, directory, name, data, config.mode)
 
             return deliver_file
         if isinstance(config, ChannelDestinationConfig):
@@ -404,18 +408,30 @@ class Engine:
         raise HL7RelayError(f"destination {destination.name}: unknown type")
 
 
+def _findings_json(findings) -> bytes:
+    import json
+
+    return json.dumps([{"severity": getattr(f.severity, "value", str(f.severity)), "code": int(f.code),
+                        "location": f.path, "text": f.text} for f in findings[:200]]).encode()
+
+
 def _internal():
     from hl7relay.ack.codes import ErrorCode
 
     return ErrorCode.APPLICATION_INTERNAL_ERROR
 
 
-def _write_atomically(directory: Path, name: str, data: bytes) -> DeliveryResult:
-    """Write to a temporary name in the same folder, flush it to disk, then rename over the target."""
-    directory.mkdir(parents=True, exist_ok=True)
+def _write_atomically(directory: Path, name: str, data: bytes, mode: int = 0o640) -> DeliveryResult:
+    """Write to a temporary name in the same folder, flush it to disk, then rename over the target.
+    The file gets ``mode`` whatever the umask (the engine runs with 077), never more."""
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True, mode=0o750 if mode & 0o070 else 0o700)
+        os.chmod(directory, 0o750 if mode & 0o070 else 0o700)  # mkdir's mode passes through the umask
     target = directory / name
     temporary = directory / f".{name}.{os.getpid()}.tmp"
-    with open(temporary, "wb") as f:
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as f:
+        os.fchmod(f.fileno(), mode)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

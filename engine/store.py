@@ -9,13 +9,15 @@ and groups concurrent messages into one commit.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
 
-__all__ = ["Store", "MessageRecord", "DeliveryRecord", "StoreError", "MIGRATIONS", "open_store", "delivery_content", "storable"]
+__all__ = ["Store", "MessageRecord", "DeliveryRecord", "StoreError", "MIGRATIONS", "open_store", "delivery_content", "storable",
+           "sqlite_path", "readable_by_others"]
 
 
 class StoreError(Exception):
@@ -169,6 +171,33 @@ MIGRATIONS = [
 ]
 
 
+def _make_private_file(path: Path) -> None:
+    missing = []
+    folder = path.parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # an empty file is an empty SQLite database
+
+
+def readable_by_others(url: str) -> list[str]:
+    """The store's files and folder that other users of the machine can read (for a warning)."""
+    path = sqlite_path(url)
+    if path is None or not path.exists():
+        return []
+    found = []
+    for item in (path.parent, path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            mode = item.stat().st_mode
+        except OSError:
+            continue
+        if mode & 0o004 or (mode & 0o040 and not item.is_dir()):
+            found.append(f"{item} ({oct(mode & 0o777)})")
+    return found
+
+
 @dataclass(slots=True)
 class DeliveryRecord:
     destination: str
@@ -262,13 +291,35 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cursor.close()
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (None for other backends and in-memory databases)."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        return Path(url[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+    return None
+
+
 class Store:
-    def __init__(self, url: str):
+    """The message store. ``create``: make the SQLite file (and its folder) when missing, private
+    to this user (0600 in a 0700 folder: SQLite gives its WAL and SHM files the database file's
+    mode); without it a missing file is an error, so a support verb run in the wrong folder says
+    so instead of creating an empty store."""
+
+    def __init__(self, url: str, create: bool = True):
         self.url = url
-        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-            Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_path(url)
+        if path is not None:
+            if not path.exists():
+                if not create:
+                    raise StoreError(f"no store at {path}")
+                _make_private_file(path)
         sqlite = url.startswith("sqlite")
-        self.engine = sa.create_engine(url, future=True, pool_pre_ping=not sqlite)  # a file needs no liveness probe
+        try:
+            self.engine = sa.create_engine(url, future=True, pool_pre_ping=not sqlite)  # a file needs no liveness probe
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as exc:
+            raise StoreError(f"not a store URL ({exc}); expected sqlite:///PATH or postgresql+psycopg://USER@HOST/DB") from None
+        except ImportError as exc:
+            raise StoreError(f"the driver for {url.split(':', 1)[0]} is not installed ({exc}); "
+                             "for PostgreSQL: pip install 'hl7relay[postgresql]'") from None
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sqlite_batch: _SQLiteBatch | None = None
@@ -451,15 +502,19 @@ class Store:
                 found += [{k: v for k, v in r.items() if k != "raw"} for r in rows if text in r["raw"]]
             return found[:limit]
 
-    def prune(self, older_than: float, statuses=None, channel: str | None = None, batch: int = 500) -> int:
+    def prune(self, older_than: float, statuses=None, channel: str | None = None, batch: int = 500,
+              dry_run: bool = False) -> int:
         """Delete messages received before ``older_than`` (epoch), in small transactions; messages
-        with a QUEUED delivery are never deleted. Returns how many were deleted."""
+        with a QUEUED delivery are never deleted. Returns how many were (``dry_run``: would be) deleted."""
         queued = sa.exists().where(deliveries.c.message_id == messages.c.id, deliveries.c.status == "QUEUED")
         query = sa.select(messages.c.id).where(messages.c.received_at < older_than, ~queued)
         if statuses:
             query = query.where(messages.c.status.in_(list(statuses)))
         if channel is not None:
             query = query.where(messages.c.channel == channel)
+        if dry_run:
+            with self.engine.connect() as connection:
+                return connection.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar()
         deleted = 0
         while True:
             with self.engine.begin() as connection:  # one short transaction per batch: live traffic keeps flowing

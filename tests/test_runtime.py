@@ -595,3 +595,72 @@ def test_idle_connections_cannot_lock_a_sender_out(tmp_path):
         for s in idle:
             s.close()
         _stop_engine(engine)
+
+
+def test_file_outputs_get_their_configured_mode_whatever_the_umask(tmp_path):
+    import stat
+
+    from hl7relay.runtime import _write_atomically
+
+    old = os.umask(0o077)  # as under hl7relay run
+    try:
+        _write_atomically(tmp_path / "out", "a.hl7", b"MSH|", 0o640)
+        _write_atomically(tmp_path / "out", "b.hl7", b"MSH|", 0o600)
+        _write_atomically(tmp_path / "private", "c.hl7", b"MSH|", 0o600)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out" / "a.hl7").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "out" / "b.hl7").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o700
+
+
+def test_run_warns_when_the_store_is_readable_by_others_and_creates_nothing_readable(tmp_path):
+    import stat
+
+    store_path = tmp_path / "data" / "hl7relay.db"
+    engine, _ = _start_engine(tmp_path, "name: ch\nsource: {type: mllp, port: 0}\n")
+    _stop_engine(engine)
+    assert stat.S_IMODE(store_path.stat().st_mode) == 0o600 and stat.S_IMODE(store_path.parent.stat().st_mode) == 0o700
+    os.chmod(store_path, 0o644)
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path / "channels"),
+                                "--data-dir", str(tmp_path / "data"), "--admin-port", "0"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    output = "".join(wait_for_line(process, "ready"))
+    _stop_engine(process)
+    assert "warning: the store is readable by other users of this machine" in output and "0o644" in output
+
+
+def test_sighup_is_logged_and_ignored_not_a_kill(tmp_path):
+    from hl7relay.framing import MLLPFramer, frame
+
+    engine, port = _start_engine(tmp_path, "name: ch\nsource: {type: mllp, port: 0}\n")
+    try:
+        engine.send_signal(signal.SIGHUP)
+        wait_for_line(engine, "SIGHUP ignored")
+        with socket.create_connection(("127.0.0.1", port)) as pms:
+            pms.sendall(frame(ADT.format(id="H1", extra="").encode()))
+            [reply] = _answers(pms, MLLPFramer())
+        assert Message.from_bytes(reply).get("MSA-1") == "AA"
+    finally:
+        _stop_engine(engine)  # and the stop is still the graceful one: exit 0
+
+
+def test_warn_findings_are_kept_with_the_stored_message_and_shown(tmp_path, manual_executor, capsys, monkeypatch):
+    """validators: {structure: {on_error: warn}} once dropped its findings."""
+    from hl7relay.cli import main
+
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor, """
+        validators: [{structure: {on_error: warn}}, {required: {paths: [PID-8], on_error: warn}}]
+    """)
+    results = answer(engine, channel, ADT.format(id="V1", extra="").replace("EVN|A01|20240105093512\r", ""))
+    executor.run_all()
+    assert ack_codes(results[0]) == ["AA"]
+    import json
+    findings = json.loads(store.get_message(1)["stages"]["findings"])
+    assert any(f["code"] == 100 and "EVN" in f["text"] for f in findings)
+    assert any(f["code"] == 101 and f["location"] == "PID-8" for f in findings)
+    monkeypatch.chdir(tmp_path)
+    assert main(["messages", "show", "1", "--store", f"sqlite:///{tmp_path / 's.db'}"]) == 0
+    out = capsys.readouterr().out
+    assert "validation findings" in out and "PID-8 is required by this channel" in out and "EVN" in out

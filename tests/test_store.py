@@ -267,3 +267,39 @@ def test_undecodable_bytes_in_indexed_fields_are_stored_losslessly_and_searchabl
     assert [r["id"] for r in store.search(patient_id=m.get("PID-3.1"))] == [message_id]
     store.commit([], [("delivery", (message_id, "lab"), {"last_error": f"peer said {m.control_id}"})])
     assert store.get_message(message_id)["deliveries"][0]["last_error"] == "peer said CTL\\xe9\\x00"
+
+
+def test_a_new_sqlite_store_is_private_to_its_user(tmp_path):
+    """The store, its WAL/SHM files and the data folder were created 0644/0755: any local user
+    could read every message."""
+    import stat
+
+    old = os.umask(0o022)  # a typical login umask: the store must not depend on it
+    try:
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'deep' / 'hl7relay.db'}")
+        store.migrate()
+        store.commit([record()], [])
+        folder = tmp_path / "data" / "deep"
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+        assert modes == {"hl7relay.db": 0o600, "hl7relay.db-wal": 0o600, "hl7relay.db-shm": 0o600}, modes
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+        store.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_store_that_must_exist_is_not_created(tmp_path):
+    with pytest.raises(StoreError, match="no store at"):
+        Store(f"sqlite:///{tmp_path / 'nothing' / 'hl7relay.db'}", create=False)
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_files_readable_by_others_are_found(tmp_path):
+    from hl7relay.store import readable_by_others
+
+    os.chmod(tmp_path, 0o700)
+    url = f"sqlite:///{tmp_path / 'hl7relay.db'}"
+    Store(url).close()
+    assert readable_by_others(url) == []
+    os.chmod(tmp_path / "hl7relay.db", 0o644)
+    assert any(f.startswith(str(tmp_path / "hl7relay.db")) and "0o644" in f for f in readable_by_others(url))

@@ -168,10 +168,57 @@ def test_status_reports_channels_and_destinations(env, capsys):
     add(store, "B", status="ERROR", delivery=None)
     add(store, "C", delivery="QUEUED", received_at=time.time() - 7200)
     store.set_destination_state("adt", "lab", False, "connection_failed: refused", time.time())
+    write_channel(env[0])
+    (env[0] / "channels" / "idle.yaml").write_text(textwrap.dedent("""\
+        name: idle
+        source: {type: mllp, port: 12902}
+        destinations: [{name: archive, type: file, directory: out}]
+        """))
     code, out = cli(capsys, "status")
     assert code == 0
-    assert "adt: received 3, processed 2, filtered 0, errored 1, duplicates 0, queued 1 (oldest 2.0h)" in out
+    assert "adt: received 3, processed 2, filtered 0, errored 1, duplicates 0, queued 1 (oldest 2.0h)\n" in out
     assert "last error: message 2" in out
-    assert "-> lab: NOT connected; queued 1 (oldest 2.0h), sent 1, errors 0; connection_failed: refused" in out
+    assert "-> lab (mllp): NOT connected; queued 1 (oldest 2.0h), sent 1, errors 0; connection_failed: refused" in out
+    # a configured channel that has seen nothing yet is listed; a file destination has no "connected"
+    assert "idle: received 0, processed 0" in out and "-> archive (file): queued 0 (oldest -), sent 0, errors 0" in out
     data = json.loads(cli(capsys, "status", "--format", "json")[1])
     assert data["adt"]["destinations"]["lab"]["connected"] is False
+
+
+def test_replay_dry_run_masks_patient_data_unless_asked(env, capsys):
+    """replay --dry-run printed message content unmasked, in text and JSON."""
+    tmp_path, store = env
+    write_channel(tmp_path, date_format="%Y")
+    sent = add(store, "S1", pid="999333", dob="19800412")
+    for extra in ((), ("--format", "json")):
+        code, out = cli(capsys, "replay", str(sent), "--dry-run", "--force", *extra)
+        assert code == 0 and "changed since it was sent" in out.replace("\\n", "\n") or "sent before" in out
+        assert "19800412" not in out and "DOE" not in out and "999333" not in out, out
+        assert "***" in out
+    code, out = cli(capsys, "replay", str(sent), "--dry-run", "--force", "--show-phi")
+    assert "-PID|1||999333^^^H^MR||DOE^JANE||19800412|F" in out and "+PID|1||999333^^^H^MR||DOE^JANE||1980|F" in out
+
+
+def test_error_texts_quoting_values_are_masked_and_never_cut(env, capsys):
+    _, store = env
+    error = ("transformer 1: format_date PID-7: '19800412' does not match '%Y-%m-%d'; " + "and a long explanation " * 8).strip()
+    store.commit([MessageRecord("adt", ADT.format(id="E9", pid="5", dob="19800412").encode(), "ERROR", time.time(),
+                                control_id="E9", error=error)], [])
+    store.set_destination_state("adt", "lab", False, "application_error: patient '19800412' unknown", time.time())
+    for argv in (("messages", "list"), ("messages", "show", "1"), ("status",)):
+        code, out = cli(capsys, *argv)
+        assert code == 0 and "19800412" not in out, (argv, out)
+    code, out = cli(capsys, "messages", "list")
+    assert out.splitlines()[0].split()[:3] == ["ID", "RECEIVED", "CHANNEL"]  # a header
+    assert "'1***' does not match" in out and out.rstrip().endswith("and a long explanation")  # whole, masked
+    code, out = cli(capsys, "messages", "list", "--show-phi")
+    assert "'19800412' does not match" in out
+
+
+def test_messages_show_has_each_destinations_answer_masked(env, capsys):
+    _, store = env
+    message_id = add(store, "A1", pid="999444")
+    ack = "MSH|^~\\&|LAB|LABFAC|PMS|CLINIC|20240105||ACK^A08^ACK|X1|P|2.5.1\rMSA|AE|A1\rERR|||204^Unknown key identifier^HL70357|E||||patient '999444' unknown\r"
+    store.commit([], [("delivery", (message_id, "lab"), {"status": "ERROR", "last_ack": ack, "last_error": "application_error: patient '999444' unknown"})])
+    code, out = cli(capsys, "messages", "show", str(message_id))
+    assert "answer:" in out and "MSA|AE|A1" in out and "999444" not in out, out

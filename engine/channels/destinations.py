@@ -104,20 +104,30 @@ class FileDestinationConfig:
     directory: str
     filename: str
     queue: QueueOptions = QueueOptions()
+    mode: int = 0o640  # the files hold PHI: owner read/write, group read, nobody else
 
 
 @register("destination", "file", "write each message to a file (atomically: temp file, then rename)", [
     Option("directory", "str", description="output folder (created if missing)"),
     Option("filename", "str", "{MSH-10}.hl7", "name template: HL7 paths and {now:%Y%m%d...} in braces"),
+    Option("mode", "str", "0640", "permissions of the files written, in octal (they hold PHI: never readable by "
+           "others unless you say so); a folder created for them gets 0750 (or 0700 with a mode without group bits)"),
     *QUEUE_OPTIONS,
 ])
 def _file(options, context=None):
+    text = str(options["mode"]).strip()
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"mode {text!r} is not an octal file mode such as 0640 or 0600") from None
+    if not 0o400 <= mode <= 0o777 or not mode & 0o400:
+        raise ValueError(f"mode {text!r} must let the engine read its own files (0400 to 0777, e.g. 0640)")
     for key in _TEMPLATE.findall(options["filename"]):
         if not key.startswith("now"):
             from hl7relay.path import parse_path
 
             parse_path(key)  # a bad path is a lint error now, not a delivery error later
-    return FileDestinationConfig(options["directory"], options["filename"], queue_options(options))
+    return FileDestinationConfig(options["directory"], options["filename"], queue_options(options), mode)
 
 
 @dataclass(slots=True)

@@ -218,9 +218,17 @@ def check_options(spec: ComponentSpec, value, doc: Document, path: tuple, reserv
                       + did_you_mean(key, names + list(reserved)), key=True)
             ok = False
     for option in spec.options:
-        if option.name in value:
+        if option.name in value and value[option.name] is None:
+            # an empty value (`port:` or `port: null`) means the default; a required option has none
+            if option.required:
+                doc.error(path + (option.name,), f"{option.name} is empty; it needs "
+                          f"{option.description or _TYPE_NAMES.get(option.type, option.type)}")
+                ok = False
+            else:
+                result[option.name] = option.default
+        elif option.name in value:
             checked = _check_value(option, value[option.name], doc, path + (option.name,))
-            if checked is None and value[option.name] is not None:
+            if checked is None:
                 ok = False
             result[option.name] = checked
         elif option.required:

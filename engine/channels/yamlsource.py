@@ -1,6 +1,8 @@
 """YAML with positions: every key and value keeps its ``file:line:col``, so config errors are data.
 
-Loading uses PyYAML's safe composer (no tags, no Python objects, no eval). ``${VAR}``,
+Loading uses PyYAML's safe composer (no Python objects, no eval), and only YAML's plain types:
+a tag (``!foo``, ``!!python/object``, ``!!binary``, ``!!set``...) is an error at its position, and
+so is an alias that contains itself. ``${VAR}``,
 ``${VAR:-default}`` and ``${file:PATH}`` in string values are replaced from the environment or a
 file, so one channel file serves development, test and production; values that came from there are
 remembered as secrets and can be masked wherever config is shown.
@@ -71,20 +73,56 @@ def _mark(file: str, node) -> Mark:
     return Mark(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+_PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in
+                        ("str", "int", "float", "bool", "null", "seq", "map", "timestamp"))
+_MAX_DEPTH = 64  # channel files are shallow; deeper is an alias bomb or a mistake
+
+
 class _Builder:
     def __init__(self, doc: Document, environ, base: Path):
         self.doc = doc
         self.environ = environ
         self.base = base
         self.constructor = yaml.constructor.SafeConstructor()
+        self._open: set[int] = set()  # nodes being built: an alias back to one of them is a cycle
 
     def build(self, node, path: tuple):
         doc = self.doc
         doc.marks[path] = _mark(doc.file, node)
+        if node.tag not in _PLAIN_TAGS:
+            doc.errors.append(ConfigError(_mark(doc.file, node), f"YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')!r} "
+                                          "is not allowed: channel files hold plain values, lists and mappings"))
+            return None
+        if id(node) in self._open or len(path) > _MAX_DEPTH:
+            doc.errors.append(ConfigError(_mark(doc.file, node), "a YAML alias that contains itself (or nesting "
+                                          f"deeper than {_MAX_DEPTH} levels)"))
+            return None
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            self._open.add(id(node))
+            try:
+                return self._build_collection(node, path)
+            finally:
+                self._open.discard(id(node))
+        try:
+            value = self.constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError) as exc:
+            doc.errors.append(ConfigError(_mark(doc.file, node), f"cannot read {node.value!r} as "
+                                          f"{node.tag.replace('tag:yaml.org,2002:', '')}: {getattr(exc, 'problem', None) or exc}"))
+            return None
+        if isinstance(value, str) and "${" in value:
+            value = self.substitute(value, path)
+        return value
+
+    def _build_collection(self, node, path: tuple):
+        doc = self.doc
         if isinstance(node, yaml.MappingNode):
             result = {}
             for key_node, value_node in node.value:
-                key = self.constructor.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+                try:
+                    key = (self.constructor.construct_object(key_node, deep=True)
+                           if isinstance(key_node, yaml.ScalarNode) and key_node.tag in _PLAIN_TAGS else None)
+                except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError):
+                    key = None
                 if not isinstance(key, (str, int)) or isinstance(key, bool):
                     doc.errors.append(ConfigError(_mark(doc.file, key_node), "keys must be plain names"))
                     continue
@@ -95,12 +133,7 @@ class _Builder:
                 doc.key_marks[path + (key,)] = _mark(doc.file, key_node)
                 result[key] = self.build(value_node, path + (key,))
             return result
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
-        value = self.constructor.construct_object(node, deep=True)
-        if isinstance(value, str) and "${" in value:
-            value = self.substitute(value, path)
-        return value
+        return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
 
     def substitute(self, value: str, path: tuple) -> str:
         def replace(match):

@@ -57,3 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. piped into head
         sys.stderr.close()
         return 0
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
+        import os
+
+        if os.environ.get("HL7RELAY_DEBUG"):
+            raise
+        detail = str(exc).strip().splitlines()
+        print(f"hl7relay {args.verb}: internal error: {exc.__class__.__name__}"
+              f"{': ' + detail[0] if detail else ''} (HL7RELAY_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 70

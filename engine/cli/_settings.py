@@ -10,7 +10,8 @@ KEYS = ["store", "channels", "data_dir", "log_level", "log_format", "log_phi", "
 
 
 def add_settings_arguments(parser, channels: bool = True) -> None:
-    parser.add_argument("--config", metavar="FILE", help="engine config file (default: config/hl7relay.yaml if present)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="engine config file (default: $HL7RELAY_CONFIG, else config/hl7relay.yaml if present)")
     if channels:
         parser.add_argument("--channels", action="append", metavar="DIR", help="channel folder or file (repeatable; default: channels)")
     parser.add_argument("--store", metavar="URL", help="store URL (default: sqlite:///DATA_DIR/hl7relay.db)")
@@ -25,8 +26,14 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
                 "admin": {"host": "127.0.0.1", "port": 9102}, "log_format": "text", "log_phi": False, "log_phi_bytes": 512,
                 "stop_timeout": 10.0}
     problems = []
-    path = Path(args.config) if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-    if path is not None:
+    import os
+
+    config = args.config or os.environ.get("HL7RELAY_CONFIG")
+    path = Path(config) if config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    settings["config_file"] = str(path) if path is not None else None
+    if path is not None and not path.is_file():
+        problems.append(f"{path}: no such config file" + (" (from HL7RELAY_CONFIG)" if not args.config else ""))
+    elif path is not None:
         doc = load_document(path)
         problems += [str(e) for e in doc.errors]
         data = doc.data if isinstance(doc.data, dict) else {}

@@ -7,7 +7,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
-__all__ = ["open_store_from_args", "parse_age", "parse_time", "add_filter_arguments", "filters_from_args", "Progress"]
+__all__ = ["open_store_from_args", "parse_age", "parse_time", "add_filter_arguments", "filters_from_args", "Progress",
+           "time_argument", "age_argument"]
 
 _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -33,6 +34,28 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
+def time_argument(text: str) -> float:
+    """argparse type for --since/--until: the moment as an epoch, or one clear line."""
+    import argparse
+
+    try:
+        return parse_time(text)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time ({exc}); give an age ago (90m, 12h, 7d) or an ISO date or date-time "
+            "(2024-01-05, 2024-01-05T09:30)") from None
+
+
+def age_argument(text: str) -> float:
+    """argparse type for --older-than: seconds, or one clear line."""
+    import argparse
+
+    try:
+        return parse_age(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age; give a number and a unit: 30d, 12h, 90m, 2w") from None
+
+
 def format_time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
@@ -41,20 +64,44 @@ def open_store_from_args(args):
     from hl7relay.cli._settings import resolve_settings
     from hl7relay.store import Store
 
+    from hl7relay.store import MIGRATIONS, StoreError
+
     settings, problems = resolve_settings(args)
     if problems:
         raise SystemExit("\n".join(problems))
-    store = Store(settings["store"])
-    store.migrate()
+    where = ("from --store" if getattr(args, "store", None) else "from --data-dir" if getattr(args, "data_dir", None)
+             else f"from {settings['config_file']}" if settings.get("config_file") and settings["store"] != _default_store()
+             else "the default, data/hl7relay.db under the current folder")
+    hint = "run this in the engine's folder, or pass --config FILE, --store URL or --data-dir DIR (or set HL7RELAY_CONFIG)"
+    try:
+        # a support verb never creates a store: run in the wrong folder it says so instead
+        store = Store(settings["store"], create=False)
+        version = store.schema_version()
+    except StoreError as exc:
+        raise SystemExit(f"{exc} ({where}); {hint}") from None
+    except Exception as exc:  # noqa: BLE001 - a driver error (server down, bad credentials): one line
+        raise SystemExit(f"cannot open the store {settings['store']}: {exc.__class__.__name__}: "
+                         f"{str(getattr(exc, 'orig', exc)).strip().splitlines()[0]}") from None
+    if version == 0:
+        store.close()
+        raise SystemExit(f"{settings['store']} is not an hl7relay store (no schema) ({where}); {hint}")
+    if version < MIGRATIONS[-1][0]:
+        store.migrate()  # an older engine's store: bring it up to date, as `run` would
     return store, settings
+
+
+def _default_store() -> str:
+    from pathlib import Path
+
+    return f"sqlite:///{Path('data') / 'hl7relay.db'}"
 
 
 def add_filter_arguments(parser) -> None:
     group = parser.add_argument_group("filters (each one indexed)")
     group.add_argument("--channel")
     group.add_argument("--status", choices=("PROCESSED", "FILTERED", "ERROR", "DUPLICATE"))
-    group.add_argument("--since", metavar="TIME", help="ISO date/time, or an age: 2h, 7d")
-    group.add_argument("--until", metavar="TIME")
+    group.add_argument("--since", metavar="TIME", type=time_argument, help="ISO date/time, or an age: 2h, 7d")
+    group.add_argument("--until", metavar="TIME", type=time_argument)
     group.add_argument("--type", dest="message_type", metavar="TYPE", help="ADT, or ADT^A01")
     group.add_argument("--control-id", metavar="MSH-10")
     group.add_argument("--patient-id", metavar="PID-3.1")
@@ -64,8 +111,7 @@ def add_filter_arguments(parser) -> None:
 
 def filters_from_args(args) -> dict:
     return {"channel": args.channel, "status": args.status,
-            "since": parse_time(args.since) if args.since else None,
-            "until": parse_time(args.until) if args.until else None,
+            "since": args.since, "until": args.until,  # epochs already (time_argument)
             "message_type": args.message_type, "control_id": args.control_id, "patient_id": args.patient_id,
             "facility": args.facility, "delivery_status": args.delivery_status}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from hl7relay.cli._args import count
 from hl7relay.cli._settings import add_settings_arguments
@@ -45,19 +46,26 @@ def _common(parser) -> None:
 
 def run(args) -> int:
     from hl7relay.cli._support import filters_from_args, format_time, open_store_from_args
-    from hl7relay.phi import mask_message, mask_value
+    from hl7relay.phi import mask_message, mask_text, mask_value
 
     store, _ = open_store_from_args(args)
     if args.action == "show":
         message = store.get_message(args.id)
         if message is None:
-            print(f"no message {args.id}")
+            print(f"no message {args.id}", file=sys.stderr)
             return 1
         show = (lambda data: data.decode("utf-8", "replace").replace("\r", "\n").rstrip()) if args.show_phi else mask_message
+        text = (lambda value: value) if args.show_phi else mask_text
+        for d in message["deliveries"]:
+            d["last_error"] = text(d["last_error"])
+            d["last_ack"] = _ack(d["last_ack"], show)
+        message["error"] = text(message["error"])
+        findings = message["stages"].pop("findings", None)
         if args.format == "json":
             out = {k: v for k, v in message.items() if k not in ("raw", "stages")}
             out["raw"] = show(message["raw"])
             out["stages"] = {name: show(content) for name, content in message["stages"].items()}
+            out["findings"] = _findings(findings, text)
             out["patient_id"] = message["patient_id"] if args.show_phi else mask_value(message["patient_id"])
             print(json.dumps(out, indent=2, default=str))
             return 0
@@ -66,26 +74,38 @@ def run(args) -> int:
               + (f"  error: {message['error']}" if message["error"] else ""))
         if message.get("replay_of"):
             print(f"  replay of message {message['replay_of']} by {message['replay_operator']}: {message['replay_reason']}")
+        if findings:
+            print("\nvalidation findings (kept as the channel's validators said: warn):")
+            for finding in _findings(findings, text):
+                print(f"  {finding}")
         print("\nreceived:\n" + _indent(show(message["raw"])))
         for name, content in sorted(message["stages"].items()):
             print(f"\n{name}:\n" + _indent(show(content)))
         print("\ndeliveries:")
-        for d in message["deliveries"] or [{"destination": "(none)", "status": "", "attempts": 0, "last_ack": "", "last_error": ""}]:
+        if not message["deliveries"]:
+            print("  (none)")
+        for d in message["deliveries"]:
             print(f"  {d['destination']}: {d['status']} after {d['attempts']} attempt(s)"
-                  + (f"; ACK {d['last_ack']}" if d["last_ack"] else "") + (f"; {d['last_error']}" if d["last_error"] else ""))
+                  + (f"; {d['last_error']}" if d["last_error"] else ""))
+            if d["last_ack"]:
+                print("    answer:\n" + _indent(d["last_ack"], "      "))
         return 0
     filters = filters_from_args(args)
     text = args.text.encode() if getattr(args, "text", None) else None
     rows = store.search(**filters, text=text, before_id=args.before, limit=args.limit)
     for row in rows:
         row["patient_id"] = row["patient_id"] if args.show_phi else mask_value(row["patient_id"])
+        row["error"] = row["error"] if args.show_phi else mask_text(row["error"])
     if args.format == "json":
         print(json.dumps(rows, indent=2, default=str))
         return 0
+    if rows:
+        print(f"{'ID':>8}  {'RECEIVED':<19}  {'CHANNEL':<16} {'TYPE':<10} {'CONTROL ID':<20} {'STATUS':<9} ACK PATIENT")
     for row in rows:
         print(f"{row['id']:>8}  {format_time(row['received_at'])}  {row['channel']:<16} {row['message_type']:<10} "
-              f"{row['control_id']:<20} {row['status']:<9} {row['ack_code'] or '-':<2}  {row['patient_id']}"
-              + (f"  {row['error'][:60]}" if row["error"] else ""))
+              f"{row['control_id']:<20} {row['status']:<9} {row['ack_code'] or '-':<3} {row['patient_id']}")
+        if row["error"]:
+            print(f"{'':>10}error: {row['error']}")  # whole, on its own line: never cut
     if len(rows) == args.limit:
         print(f"-- more: --before {rows[-1]['id']}")
     elif not rows:
@@ -93,5 +113,24 @@ def run(args) -> int:
     return 0
 
 
-def _indent(text: str) -> str:
-    return "\n".join("  " + line for line in text.splitlines())
+def _ack(stored: str, show) -> str:
+    """A destination's answer: the ACK message itself (masked like any message), or what a file
+    or channel destination recorded."""
+    if stored.startswith("MSH"):
+        return show(stored.encode("utf-8", "surrogateescape"))
+    return stored
+
+
+def _findings(data, text) -> list[str]:
+    if not data:
+        return []
+    try:
+        items = json.loads(data)
+    except ValueError:
+        return [text(data.decode("utf-8", "replace"))]
+    return [text(f"{f.get('severity', '?')} {f.get('code', '')} {f.get('location', '')}: {f.get('text', '')}".strip())
+            for f in items]
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())

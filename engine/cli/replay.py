@@ -33,6 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reason", help="why (recorded with the replay; required unless --dry-run)")
     parser.add_argument("--operator", default=None, help="who (default: the login name)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--show-phi", action="store_true", help="show patient data in diffs and reasons (masked by default)")
     add_settings_arguments(parser)
 
 
@@ -62,8 +63,14 @@ def run(args) -> int:
     operator = args.operator or getpass.getuser()
     progress = Progress(len(ids), "messages")
     report, replayed, skipped = [], 0, 0
+    from hl7relay.phi import mask_message, mask_text
+
+    render = None if args.show_phi else (lambda data: mask_message(data).split("\n"))
     for done, message_id in enumerate(ids, start=1):
-        plan = plan_replay(store, by_name, message_id, args.destination, args.force)
+        plan = (plan_replay(store, by_name, message_id, args.destination, args.force) if render is None
+                else plan_replay(store, by_name, message_id, args.destination, args.force, render))
+        if not args.show_phi:
+            plan.skipped = mask_text(plan.skipped)
         entry = {"id": message_id, "control_id": plan.control_id, "destinations": sorted(plan.outputs),
                  "skipped": plan.skipped, "changed": plan.changes}
         if not plan.skipped and not args.dry_run:
@@ -88,4 +95,7 @@ def run(args) -> int:
                 print("    " + diff.replace("\n", "\n    "))
         done_text = "would replay" if args.dry_run else "replayed"
         print(f"{done_text} {len(ids) - skipped}, skipped {skipped}")
+    missing = sum(1 for entry in report if entry["skipped"].startswith("no message "))
+    if missing:
+        return 1  # an id that names nothing is a mistake to point out, dry run or not
     return 0 if not skipped or replayed or args.dry_run else 1

@@ -64,12 +64,23 @@ def run(args) -> int:
         return 1
     log_levels = start_logging(settings["log_level"], settings["log_format"],
                                {c.name: c.log_level for c in enabled if c.log_level})
+    import os
+
+    os.umask(0o077)  # what the engine creates (store, WAL, data folder) is readable by its own user only
     try:
         store = Store(settings["store"])
         version = store.migrate()
     except Exception as exc:  # noqa: BLE001 - any driver error: say it plainly and stop
-        print(f"cannot open the store {settings['store']}: {exc}", file=sys.stderr)
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        print(f"cannot open the store {settings['store']}: {detail[0] if detail else exc.__class__.__name__}",
+              file=sys.stderr)
         return 1
+    from hl7relay.store import readable_by_others
+
+    exposed = readable_by_others(settings["store"])
+    if exposed:
+        print(f"warning: the store is readable by other users of this machine: {', '.join(exposed)}; "
+              "chmod 600 the files and 700 their folder", file=sys.stderr)
     writer = StoreWriter(store, reactor, lazy_delay=0.05)
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
                     log_levels=log_levels, stop_timeout=settings["stop_timeout"])
@@ -91,7 +102,6 @@ def run(args) -> int:
             print(f"admin: http://{admin['host']}:{site.getHost().port}/metrics, /healthz, /readyz", flush=True)
         except Exception as exc:  # noqa: BLE001 - the engine runs without its admin port rather than not at all
             print(f"warning: admin endpoints not started on {admin['host']}:{admin['port']}: {exc}", file=sys.stderr)
-    print("ready; Ctrl-C or SIGTERM stops", flush=True)
     stopped = {"clean": True}
 
     @defer.inlineCallbacks
@@ -104,5 +114,18 @@ def run(args) -> int:
         print("stopped: in-flight messages finished, store flushed", flush=True)
 
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    import signal
+
+    from twisted.logger import Logger
+
+    def hangup(signum, frame):
+        # until `hl7relay reload` exists, SIGHUP (a closed terminal, a reload by habit) must not
+        # kill the engine without its graceful stop
+        reactor.callFromThread(Logger(namespace="hl7relay.run").warn,
+                               "SIGHUP ignored: reloading channels needs a restart (SIGTERM stops gracefully)")
+
+    signal.signal(signal.SIGHUP, hangup)
+    # "ready" only once the reactor runs, so its SIGTERM/SIGINT handlers (the graceful stop) are in place
+    reactor.callWhenRunning(print, "ready; Ctrl-C or SIGTERM stops", flush=True)
     reactor.run()
     return 0 if stopped["clean"] else 1

@@ -16,7 +16,20 @@ running engine last found it connected."""
 
 def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=("text", "json"), default="text")
-    add_settings_arguments(parser, channels=False)
+    parser.add_argument("--show-phi", action="store_true", help="show values quoted in error texts (masked by default)")
+    add_settings_arguments(parser)
+
+
+def _configured(settings) -> dict:
+    """Channel name -> {destination name: type} from the channel files (what is configured,
+    busy or idle); channel files with problems are left out here (hl7relay lint says why)."""
+    from hl7relay.channels import load_channels
+
+    try:
+        channels, _ = load_channels(settings["channels"])
+    except Exception:  # noqa: BLE001 - status still shows what the store knows
+        return {}
+    return {c.name: {d.name: d.type for d in c.destinations} for c in channels}
 
 
 def _age(seconds) -> str:
@@ -31,27 +44,52 @@ def _age(seconds) -> str:
 def run(args) -> int:
     from hl7relay.cli._support import format_time, open_store_from_args
 
-    store, _ = open_store_from_args(args)
+    from hl7relay.phi import mask_text
+
+    store, settings = open_store_from_args(args)
     status = store.channel_status(time.time())
+    configured = _configured(settings)
+    text = (lambda value: value) if args.show_phi else mask_text
+    for channel, destinations in configured.items():  # idle channels are listed too
+        entry = status.setdefault(channel, {"counts": {}, "destinations": {}, "last_error": None})
+        for name, kind in destinations.items():
+            entry["destinations"].setdefault(name, {"counts": {}, "oldest_queued_age": None, "connected": None,
+                                                    "last_error": ""})
+    for channel, entry in status.items():
+        entry["configured"] = channel in configured
+        if entry.get("last_error"):
+            entry["last_error"]["error"] = text(entry["last_error"]["error"])
+        for name, d in entry["destinations"].items():
+            d["type"] = configured.get(channel, {}).get(name)
+            d["last_error"] = text(d["last_error"])
+            if d["type"] not in (None, "mllp"):
+                d["connected"] = None  # a file or channel destination has no connection to speak of
     if args.format == "json":
         print(json.dumps(status, indent=2, default=str))
         return 0
     if not status:
-        print("no messages stored yet")
+        print("no channels configured and no messages stored yet")
         return 0
     for channel, entry in sorted(status.items()):
         counts = entry["counts"]
         received = sum(counts.values())
         queued = sum(d["counts"].get("QUEUED", 0) for d in entry["destinations"].values())
         oldest = max((d["oldest_queued_age"] for d in entry["destinations"].values() if d["oldest_queued_age"] is not None), default=None)
+        note = "" if entry["configured"] else "  (not in the channel files any more)"
         print(f"{channel}: received {received}, processed {counts.get('PROCESSED', 0)}, filtered {counts.get('FILTERED', 0)}, "
-              f"errored {counts.get('ERROR', 0)}, duplicates {counts.get('DUPLICATE', 0)}, queued {queued} (oldest {_age(oldest)})")
+              f"errored {counts.get('ERROR', 0)}, duplicates {counts.get('DUPLICATE', 0)}, queued {queued} (oldest {_age(oldest)})"
+              + note)
         if entry["last_error"]:
             last = entry["last_error"]
-            print(f"  last error: message {last['id']} at {format_time(last['received_at'])}: {last['error'][:100]}")
+            print(f"  last error: message {last['id']} at {format_time(last['received_at'])}: {last['error']}")
         for name, d in sorted(entry["destinations"].items()):
-            connected = {True: "connected", False: "NOT connected", None: "not tried yet"}[d["connected"]]
-            print(f"  -> {name}: {connected}; queued {d['counts'].get('QUEUED', 0)} (oldest {_age(d['oldest_queued_age'])}), "
+            kind = d["type"] or "?"
+            if kind == "mllp" or (kind == "?" and d["connected"] is not None):
+                state = {True: "connected", False: "NOT connected", None: "not tried yet"}[d["connected"]] + "; "
+            else:
+                state = ""
+            print(f"  -> {name} ({kind}): {state}queued {d['counts'].get('QUEUED', 0)} (oldest {_age(d['oldest_queued_age'])}), "
                   f"sent {d['counts'].get('SENT', 0)}, errors {d['counts'].get('ERROR', 0)}"
-                  + (f"; {d['last_error'][:80]}" if d["last_error"] and d["connected"] is False else ""))
+                  + (f", withdrawn {d['counts']['WITHDRAWN']}" if d["counts"].get("WITHDRAWN") else "")
+                  + (f"; {d['last_error']}" if d["last_error"] and d["connected"] is False else ""))
     return 0

@@ -1,0 +1,128 @@
+"""Every verb with ordinary mistakes: one clear line, a non-zero exit, never a traceback."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hl7relay.cli import main
+from hl7relay.store import Store
+
+
+def run(capsys, argv):
+    if argv[0] == "run":  # it starts logging and a reactor: a process of its own
+        result = subprocess.run([sys.executable, "-m", "hl7relay", *argv], capture_output=True, text=True, timeout=60)
+        return result.returncode, result.stdout + result.stderr
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse, and verbs that exit with a message
+        code = exc.code if isinstance(exc.code, int) else (print(exc.code, file=sys.stderr) or 1)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HL7RELAY_CONFIG", raising=False)
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "ok.yaml").write_text("name: ok\nsource: {type: mllp, port: 0}\n")
+    return tmp_path
+
+
+def with_store(folder):
+    Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}").migrate()
+
+
+MISTAKES = [
+    # (argv, text the answer contains, needs a store)
+    (["listen", "--port", "99999"], "out of range", False),
+    (["listen", "--port", "http"], "not a port number", False),
+    (["send", "--port", "-1", "x.hl7"], "out of range", False),
+    (["send", "--timeout", "soon", "x.hl7"], "not a number of seconds", False),
+    (["run", "--admin-port", "70000"], "out of range", False),
+    (["run", "--stop-timeout", "-3"], "0 or more", False),
+    (["run", "--store", "nosuch://x"], "not a store URL", False),
+    (["run", "--store", "sqlite:////etc/passwd/x.db"], "cannot open the store", False),
+    (["run", "--data-dir", "/etc/passwd/sub"], "cannot open the store", False),
+    (["run", "--log-level", "loud"], "invalid choice", False),
+    (["status"], "no store at", False),
+    (["messages", "list"], "no store at", False),
+    (["messages", "search", "--text", "DOE"], "no store at", False),
+    (["replay", "1", "--dry-run"], "no store at", False),
+    (["prune", "--older-than", "30d"], "no store at", False),
+    (["status", "--store", "postgresql+psycopg://nobody@127.0.0.1:1/none"], "cannot open the store", False),
+    (["messages", "list", "--since", "30"], "not a time", True),
+    (["messages", "list", "--since", "yesterday"], "not a time", True),
+    (["messages", "list", "--until", "2024-13-45"], "not a time", True),
+    (["messages", "show", "abc"], "not a whole number", True),
+    (["messages", "show", "99"], "no message 99", True),
+    (["prune", "--older-than", "30"], "not an age", True),
+    (["prune", "--older-than", "0d"], "add --yes", True),
+    (["replay", "42", "--dry-run"], "42", True),
+    (["validate", "/nonexistent/file.hl7"], "nonexistent", False),
+    (["lint", "/nonexistent/dir"], "nonexistent", False),
+    (["test", "/nonexistent/x.test.yaml"], "nonexistent", False),
+    (["status", "--config", "missing.yaml"], "no such config file", False),
+]
+
+
+@pytest.mark.parametrize("argv, expected, store", MISTAKES, ids=[" ".join(m[0]) for m in MISTAKES])
+def test_an_ordinary_mistake_gets_a_clear_line_not_a_traceback(capsys, folder, argv, expected, store):
+    if store:
+        with_store(folder)
+    code, output = run(capsys, argv)
+    assert code not in (0, None), output
+    assert "Traceback" not in output and "internal error" not in output, output
+    assert expected in output, output
+    if not store:
+        assert not (folder / "data").exists() or argv[0] == "run"  # a support verb never creates a store
+
+
+def test_a_bad_config_value_is_a_position_not_a_traceback(capsys, folder):
+    (folder / "bad.yaml").write_text("log_level: loud\nlog_phi_bytes: lots\nadmin: {port: 99999}\nstop_timeout: -1\n")
+    code, output = run(capsys, ["run", "--config", "bad.yaml"])
+    assert code == 1 and "Traceback" not in output
+    for fragment in ("bad.yaml:1:12: log_level must be one of", "bad.yaml:2:16: log_phi_bytes must be",
+                     "bad.yaml:3:15: admin port must be", "bad.yaml:4:15: stop_timeout must be"):
+        assert fragment in output, output
+
+
+def test_hl7relay_config_names_the_store_for_support_verbs(capsys, folder, monkeypatch):
+    (folder / "elsewhere").mkdir()
+    Store(f"sqlite:///{folder / 'elsewhere' / 'store.db'}").migrate()
+    (folder / "engine.yaml").write_text(f"store: {{url: 'sqlite:///{folder / 'elsewhere' / 'store.db'}'}}\n")
+    monkeypatch.setenv("HL7RELAY_CONFIG", str(folder / "engine.yaml"))
+    monkeypatch.chdir(folder / "elsewhere")
+    code, output = run(capsys, ["status"])
+    assert code == 0 and "no store" not in output, output
+
+
+def test_listen_next_to_a_running_listener_says_the_port_is_taken():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "hl7relay", "listen", "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "in use" in result.stderr
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("name: a\nsource: {type: mllp, port: !!python/object:os.system x}\n", "a.yaml:2:28: YAML tag '!!python/object:os.system' is not allowed"),
+    ("name: a\nsource: !foo {type: mllp, port: 1}\n", "a.yaml:2:9: YAML tag '!foo' is not allowed"),
+    ("name: !!binary 'YWJj'\nsource: {type: mllp, port: 1}\n", "a.yaml:1:7: YAML tag '!!binary' is not allowed"),
+    ("name: a\nsource: {type: mllp, port: !!int 'x'}\n", "a.yaml:2:28: cannot read 'x' as int"),
+    ("name: a\nsource: {type: mllp, port: 1}\nx: &a [*a]\n", "a.yaml:3:4: a YAML alias that contains itself"),
+    ("name: a\nsource: {type: mllp}\ndestinations: [{name: l, type: mllp, host: x, port: null}]\n",
+     "a.yaml:3:53: port is empty"),
+])
+def test_lint_reports_yaml_tags_and_empty_values_at_their_position(capsys, tmp_path, monkeypatch, yaml_text, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text(yaml_text)
+    code, output = run(capsys, ["lint", "a.yaml"])
+    assert code == 1 and "Traceback" not in output and expected in output, output
