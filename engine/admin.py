@@ -1,5 +1,5 @@
 """The admin HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz`` (the process is up) and
-``/readyz`` (listeners bound and the store reachable). Bound to 127.0.0.1 unless told otherwise."""
+``/readyz`` (listeners bound, the store reachable and, after a failed commit, writable again). Bound to 127.0.0.1 unless told otherwise."""
 
 from __future__ import annotations
 
@@ -72,6 +72,12 @@ class _Ready(resource.Resource):
             yield ping
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             problems.append(f"store unreachable: {type(exc).__name__}")
+        else:
+            # reachable is not enough: a full disk still reads; ready again once a write succeeds
+            if engine.writer.commit_failure is not None:
+                failure = yield engine.writer.probe()
+                if failure is not None:
+                    problems.append(f"store cannot commit: {failure}")
         return problems
 
 

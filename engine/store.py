@@ -271,6 +271,7 @@ class MessageRecord:
     deliveries: list = field(default_factory=list)
 
 
+PROBE_BYTES = 256 * 1024  # what a readiness probe writes after a failed commit: a generous batch
 WAL_CHECKPOINT_PAGES = 10_000  # ~40 MB of 4 KB pages
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
@@ -582,6 +583,20 @@ class Store:
                  .where(deliveries.c.destination == destination, _QUEUED, messages.c.channel == channel))
         with self.engine.connect() as connection:
             return connection.execute(query).scalar()
+
+    def probe_write(self) -> None:
+        """A real write of the size of a small batch, committed and leaving nothing behind (a row
+        inserted and deleted in one transaction): fails like a message commit would while the disk
+        is full or the database refuses writes (a one-row update can still fit in pages SQLite has)."""
+        key = {"channel": "~probe", "destination": "~probe"}
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(destination_state.insert().values(
+                    **key, connected=False, last_error="x" * PROBE_BYTES, updated_at=0.0))
+                connection.execute(destination_state.delete().where(
+                    destination_state.c.channel == key["channel"], destination_state.c.destination == key["destination"]))
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"store write failed: {getattr(exc, 'orig', exc)}") from exc
 
     def ping(self) -> bool:
         with self.engine.connect() as connection:

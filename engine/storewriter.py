@@ -49,6 +49,9 @@ class StoreWriter:
         # flush per delivery. 0 commits them at once.
         self.lazy_delay = lazy_delay
         self._lazy_timer = None
+        # why the latest commit failed when nothing in it could be committed (disk full, database
+        # gone): /readyz reports it until a commit, or a probe write, succeeds again
+        self.commit_failure: str | None = None
         self._urgent = 0  # updates queued that someone waits for
         self._records: list[tuple[MessageRecord, defer.Deferred]] = []
         self._updates: list[tuple[tuple, defer.Deferred]] = []
@@ -143,6 +146,7 @@ class StoreWriter:
         return result
 
     def _committed(self, ids, records, updates):
+        self.commit_failure = None
         for (_, waiter), message_id in zip(records, ids):
             waiter.callback(message_id)
         for _, waiter in updates:
@@ -151,27 +155,46 @@ class StoreWriter:
     @defer.inlineCallbacks
     def _batch_failed(self, failure, records, updates):
         if len(records) + len(updates) == 1:
+            self.commit_failure = failure.getErrorMessage()
             waiter = (records or updates)[0][1]
             waiter.errback(failure if failure.check(StoreError) else StoreError(str(failure.value)))
             return
+        succeeded = 0
         log.warn("a batch of {size} failed ({reason}); retrying one by one", size=len(records) + len(updates),
                  reason=failure.getErrorMessage())
         for record, waiter in records:
             try:
                 [message_id] = yield self.executor(self.store.commit, [record], [])
+                succeeded += 1
                 waiter.callback(message_id)
             except Exception as exc:  # the store said no for this one: the caller answers AR, never AA
                 waiter.errback(exc if isinstance(exc, StoreError) else StoreError(str(exc)))
         for group, waiter in updates:
             try:
                 yield self.executor(self.store.commit, [], list(group))
+                succeeded += 1
                 waiter.callback(None)
             except Exception as exc:
                 waiter.errback(exc if isinstance(exc, StoreError) else StoreError(str(exc)))
+        # one bad row is that row's problem; nothing committing at all is the store's (disk full...)
+        self.commit_failure = None if succeeded else failure.getErrorMessage()
 
     def _done(self, _):
         self._busy = False
         self._flush()
+
+    @defer.inlineCallbacks
+    def probe(self):
+        """After a failed commit: can the store take a write again? Clears the failure when it can."""
+        if self.commit_failure is None:
+            return None
+        try:
+            yield self.read(self.store.probe_write)
+        except Exception as exc:  # noqa: BLE001 - still failing: say why
+            self.commit_failure = str(exc) or type(exc).__name__
+        else:
+            self.commit_failure = None
+        return self.commit_failure
 
     def drain(self) -> defer.Deferred:
         """Fires when nothing is queued or being committed."""

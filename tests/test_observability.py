@@ -88,6 +88,8 @@ class _FakeStore:
 
 
 class _FakeWriter:
+    commit_failure = None
+
     def __init__(self, ok):
         self.store = _FakeStore(ok)
 
@@ -156,3 +158,41 @@ def test_admin_binds_to_localhost_by_default():
 
     settings, _ = resolve_settings(Args())
     assert settings["admin"]["host"] == "127.0.0.1"
+
+
+def test_readyz_goes_503_while_commits_fail_and_back_when_the_store_takes_writes(tmp_path):
+    """/readyz stayed "ready" while every commit failed for lack of disk space."""
+    from hl7relay.store import MessageRecord, Store, StoreError
+    from hl7relay.storewriter import StoreWriter
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    clock = task.Clock()
+    writer = StoreWriter(store, clock, executor=lambda fn, *a: defer.maybeDeferred(fn, *a))
+    engine = _FakeEngine()
+    engine.writer, engine.reactor = writer, clock
+    site = AdminSite(engine, Metrics())
+    full = {"on": True}
+    real_commit, real_probe = store.commit, store.probe_write
+
+    def commit(records, updates):
+        if full["on"]:
+            raise StoreError("store commit failed: OperationalError: database or disk is full")
+        return real_commit(records, updates)
+
+    def probe_write():
+        if full["on"]:
+            raise StoreError("store write failed: database or disk is full")
+        return real_probe()
+
+    store.commit, store.probe_write = commit, probe_write
+    failures = []
+    for i in range(3):
+        writer.write(MessageRecord("ch", b"MSH|", "PROCESSED", control_id=str(i))).addErrback(failures.append)
+        clock.advance(0)
+    assert len(failures) == 3
+    code, body = get(site, "readyz")
+    assert code == 503 and "store cannot commit" in body and "disk is full" in body
+    full["on"] = False  # space freed: no message needs to arrive for readiness to come back
+    code, body = get(site, "readyz")
+    assert (code, body) == (200, "ready\n") and writer.commit_failure is None
