@@ -196,3 +196,68 @@ def test_readyz_goes_503_while_commits_fail_and_back_when_the_store_takes_writes
     full["on"] = False  # space freed: no message needs to arrive for readiness to come back
     code, body = get(site, "readyz")
     assert (code, body) == (200, "ready\n") and writer.commit_failure is None
+
+
+def test_repeated_log_lines_are_bounded_and_summarised():
+    """Log volume was in a sender's hands: one line per junk read, one per refused message."""
+    from twisted.logger import LogLevel
+
+    from hl7relay.cli._logging import RepeatLimiter
+
+    now = [0.0]
+    written = []
+    limiter = RepeatLimiter(written.append, limit=10, window=60, clock=lambda: now[0])
+    junk = {"log_namespace": "hl7relay.listener", "log_level": LogLevel.warn,
+            "log_format": "discarded {count} bytes outside MLLP frames from {peer}"}
+    for i in range(3586 + 10):
+        limiter(dict(junk, count=i, peer=f"10.0.0.{i % 200}:4000"))
+    limiter({"log_namespace": "hl7relay.run", "log_level": LogLevel.info, "log_format": "something else"})
+    assert len(written) == 11  # ten of the kind, and the other kind
+    now[0] = 61.0
+    limiter.flush()
+    from twisted.logger import formatEvent
+
+    summary = formatEvent(written[-1])
+    assert summary.startswith("... 3,586 more like this in the last 61s (the last: discarded 3595 bytes")
+    limiter(dict(junk, count=1, peer="x"))
+    assert len(written) == 13  # a new window starts afresh
+
+
+def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "ch.yaml").write_text("name: ch\nsource: {type: mllp, port: 0}\n")
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path / "channels"),
+                                "--data-dir", str(tmp_path / "data"), "--admin-port", "0", "--log-format", "json"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        lines = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            lines.append(line)
+            if '"event": "ready"' in line:
+                break
+        port = int(next(json.loads(x)["text"] for x in lines if '"channel_started"' in x).split("127.0.0.1:")[1].split()[0])
+        with socket.create_connection(("127.0.0.1", port)) as junk:
+            for _ in range(30):
+                junk.sendall(b"junk outside any frame")
+                time.sleep(0.005)
+    finally:
+        process.send_signal(15)
+        out, err = process.communicate(timeout=30)
+    lines += err.splitlines()
+    objects = [json.loads(line) for line in lines if line.strip()]
+    assert process.returncode == 0 and objects
+    for obj in objects:
+        assert {"time", "level", "logger", "event", "text"} <= set(obj) and not any(k.startswith("log_") for k in obj), obj
+    events = [o["event"] for o in objects]
+    assert events[0] == "starting" and "ready" in events and events[-1] != "" and "stopped" in events
+    discarded = [o for o in objects if "outside MLLP frames" in o["text"]]
+    assert 1 <= len(discarded) <= 10 and discarded[0]["peer"].startswith("127.0.0.1:")

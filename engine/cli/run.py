@@ -39,7 +39,7 @@ def run(args) -> int:
     from hl7relay import __version__
     from hl7relay.channels import load_channels
     from hl7relay.channels.channel import channel_files
-    from hl7relay.cli._logging import start_logging
+    from hl7relay.cli._logging import announce, start_logging
     from hl7relay.runtime import Engine
     from hl7relay.store import Store
     from hl7relay.storewriter import StoreWriter
@@ -84,14 +84,14 @@ def run(args) -> int:
     writer = StoreWriter(store, reactor, lazy_delay=0.05)
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
                     log_levels=log_levels, stop_timeout=settings["stop_timeout"])
-    print(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", flush=True)
+    announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
     try:
         lines = engine.start()
     except Exception as exc:  # noqa: BLE001 - e.g. the port is taken
         print(f"cannot start: {exc}", file=sys.stderr)
         return 1
     for line in lines:
-        print(line, flush=True)
+        announce(line, "channel_started")
     admin = settings["admin"]
     if admin["port"]:
         from hl7relay.admin import start_admin
@@ -99,7 +99,7 @@ def run(args) -> int:
 
         try:
             site = start_admin(engine, Metrics().install(), admin["host"], int(admin["port"]), reactor)
-            print(f"admin: http://{admin['host']}:{site.getHost().port}/metrics, /healthz, /readyz", flush=True)
+            announce(f"admin: http://{admin['host']}:{site.getHost().port}/metrics, /healthz, /readyz", "admin_started")
         except Exception as exc:  # noqa: BLE001 - the engine runs without its admin port rather than not at all
             print(f"warning: admin endpoints not started on {admin['host']}:{admin['port']}: {exc}", file=sys.stderr)
     stopped = {"clean": True}
@@ -111,7 +111,7 @@ def run(args) -> int:
         except Exception:  # noqa: BLE001
             stopped["clean"] = False
             raise
-        print("stopped: in-flight messages finished, store flushed", flush=True)
+        announce("stopped: in-flight messages finished, store flushed", "stopped")
 
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
     import signal
@@ -126,6 +126,6 @@ def run(args) -> int:
 
     signal.signal(signal.SIGHUP, hangup)
     # "ready" only once the reactor runs, so its SIGTERM/SIGINT handlers (the graceful stop) are in place
-    reactor.callWhenRunning(print, "ready; Ctrl-C or SIGTERM stops", flush=True)
+    reactor.callWhenRunning(announce, "ready; Ctrl-C or SIGTERM stops", "ready")
     reactor.run()
     return 0 if stopped["clean"] else 1
