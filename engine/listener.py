@@ -22,7 +22,7 @@ from hl7relay.charsets import DEFAULT_CHARSET, UTF8_BOM
 from hl7relay.errors import ParseError
 from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES, Discarded, Frame, FrameTooLarge, MLLPFramer, frame
 from hl7relay.message import Message
-from hl7relay.tls import TLSConfig, server_options
+from hl7relay.tls import TLSConfig, describe_tls_failure, is_tls_failure, server_options
 from hl7relay.transport import write_now
 
 __all__ = ["ListenerConfig", "MLLPListenerFactory", "MLLPServerProtocol", "Peer", "listen", "default_max_connections"]
@@ -142,6 +142,10 @@ class MLLPServerProtocol(Protocol):
         self.transport.abortConnection()
 
     def connectionLost(self, reason=None):
+        if self.factory.config.tls is not None and is_tls_failure(reason):
+            self.factory.tls_failures += 1
+            emit("connection_refused", listener=self.factory.name, reason="tls")
+            log.warn("TLS with {peer} failed: {text}", peer=str(self.peer), text=describe_tls_failure(reason))
         if self in self.factory.connections:
             factory = self.factory
             factory.connections.discard(self)
@@ -318,6 +322,7 @@ class MLLPListenerFactory(Factory):
         self.connections: set[MLLPServerProtocol] = set()
         self.per_peer: dict[str, int] = {}  # open connections by peer address
         self.evicted_connections = 0
+        self.tls_failures = 0
         self.open_connections = 0
         self.refused_connections = 0
         self.discarded_bytes = 0

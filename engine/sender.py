@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from hl7relay.errors import AckTimeout, ParseError, PeerApplicationError, PeerRejected, SendConnectionError
 from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES, Frame, FrameTooLarge, MLLPFramer, frame
 from hl7relay.message import Message
-from hl7relay.tls import TLSConfig, client_options
+from hl7relay.tls import TLSConfig, client_options, describe_tls_failure, is_tls_failure, looks_like_tls
 from hl7relay.transport import write_now
 
 __all__ = ["SendStatus", "SendResult", "SenderConfig", "MLLPSender", "expects_ack"]
@@ -88,11 +88,16 @@ class _SenderProtocol(Protocol):
     def __init__(self, sender: "MLLPSender"):
         self.sender = sender
         self.framer = MLLPFramer(sender.config.max_frame_bytes)
+        self.tls_answer = False  # the peer answered plain MLLP with TLS bytes: a TLS port
+        self.received = False
 
     def connectionMade(self):
         self.sender._connected(self)
 
     def dataReceived(self, data: bytes):
+        self.received = True
+        if not self.framer.in_frame and self.sender.config.tls is None and looks_like_tls(data):
+            self.tls_answer = True
         for event in self.framer.feed(data):
             if isinstance(event, Frame):
                 self.sender._frame_received(event.payload)
@@ -273,8 +278,29 @@ class MLLPSender:
         pending = self._pending
         if pending is not None and pending.protocol is protocol:
             self._pending = None
-            pending.done.callback(SendResult(SendStatus.TIMED_OUT, pending.control_id,
-                                             text="the connection closed before the ACK arrived"))
+            where = f"{self.config.host}:{self.config.port}"
+            if is_tls_failure(reason):
+                text = f"{where}: {describe_tls_failure(reason)}"
+                log.error("TLS with {where} failed: {text}", where=where, text=text)
+                result = SendResult(SendStatus.CONNECTION_FAILED, pending.control_id, text=text)
+            elif getattr(protocol, "tls_answer", False):
+                text = f"{where} answered with TLS: it is a TLS port (configure tls / --tls and tls_ca)"
+                log.error("{text}", text=text)
+                result = SendResult(SendStatus.CONNECTION_FAILED, pending.control_id, text=text)
+            elif self.config.tls is not None and not getattr(protocol, "received", False):
+                # TLS 1.3 finishes the client's handshake before the server checks its certificate:
+                # a refused client certificate then shows only as the server closing at once
+                hint = ("; no client certificate was presented and the server may require one (tls_cert, tls_key)"
+                        if not self.config.tls.certificate else "; the server may not accept this client certificate")
+                text = f"{where} closed the TLS connection without answering{hint}"
+                log.error("{text}", text=text)
+                result = SendResult(SendStatus.CONNECTION_FAILED, pending.control_id, text=text)
+            else:
+                text = "the connection closed before the ACK arrived"
+                if not getattr(protocol, "received", False) and self.config.tls is None:
+                    text += " (the peer closed without a byte: if it is a TLS port, configure TLS)"
+                result = SendResult(SendStatus.TIMED_OUT, pending.control_id, text=text)
+            pending.done.callback(result)
         self._pump()
 
     def _frame_received(self, payload: bytes):

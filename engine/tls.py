@@ -5,7 +5,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TLSConfig", "server_options", "client_options"]
+__all__ = ["TLSConfig", "server_options", "client_options", "describe_tls_failure", "is_tls_failure", "looks_like_tls"]
+
+
+def is_tls_failure(reason) -> bool:
+    """Whether a connection was lost to a TLS error (handshake, certificate, protocol)."""
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover - Twisted[tls] brings it
+        return False
+    return reason is not None and reason.check(SSL.Error) is not None
+
+
+def describe_tls_failure(reason) -> str:
+    """A TLS failure in words a support engineer can act on."""
+    value = reason.value
+    parts = []
+    for item in (value.args[0] if value.args and isinstance(value.args[0], list) else []):
+        if isinstance(item, tuple) and item:
+            parts.append(str(item[-1]))
+    text = "; ".join(p for p in parts if p) or str(value) or type(value).__name__
+    lowered = text.lower()
+    if "wrong version number" in lowered or "http request" in lowered or "unknown protocol" in lowered \
+            or "packet length too long" in lowered or "record layer failure" in lowered:
+        return f"not TLS: the other side sent plain text ({text}); is it set up for TLS?"
+    if "certificate required" in lowered or "peer did not return a certificate" in lowered:
+        return f"a client certificate is required and none was accepted ({text})"
+    if "certificate verify failed" in lowered or "unknown ca" in lowered or "bad certificate" in lowered:
+        return f"certificate not trusted ({text})"
+    return f"TLS failed: {text}"
+
+
+def looks_like_tls(data: bytes) -> bool:
+    """The start of a TLS record (handshake or alert): what a TLS port answers to plain text."""
+    return len(data) >= 3 and data[0] in (0x15, 0x16) and data[1] == 0x03 and data[2] <= 0x04
 
 
 @dataclass(slots=True)

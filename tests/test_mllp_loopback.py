@@ -207,3 +207,20 @@ def test_listen_drop_closes_the_connection_without_an_answer(samples, tmp_path):
         log = listener.stop()
     assert result.returncode == 1 and "closed before the ACK" in result.stdout, result.stdout
     assert "connection dropped (--drop)" in log
+
+
+def test_tls_failures_are_named_on_both_sides(pki, samples):
+    """A refused client certificate and plain text to a TLS port were reported as timeouts by
+    send, and the listener logged nothing."""
+    listener = Listener("--tls-cert", pki["server"], "--tls-key", pki["server_key"], "--tls-ca", pki["ca"],
+                        "--require-client-cert")
+    try:
+        anonymous = send(listener.port, "--tls-ca", pki["ca"], str(samples / "adt_a03.hl7"))
+        plain = send(listener.port, str(samples / "adt_a03.hl7"))
+    finally:
+        log = listener.stop()
+    assert anonymous.returncode == 1 and "TIMED OUT" not in anonymous.stdout, anonymous.stdout
+    assert "CONNECTION FAILED" in anonymous.stdout and "certificate" in anonymous.stdout, anonymous.stdout
+    assert plain.returncode == 1 and "if it is a TLS port, configure TLS" in plain.stdout, plain.stdout
+    assert log.count("TLS with 127.0.0.1:") >= 2, log
+    assert "plain text" in log, log
