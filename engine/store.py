@@ -463,8 +463,8 @@ class Store:
                before_id=None, limit=50, scan_limit=100000) -> list[dict]:
         """Newest first, ``limit`` at a time (keyset paging: pass the last id as ``before_id``).
 
-        Every filter but ``text`` is answered by an index; ``text`` (a substring of the raw message)
-        scans the candidates the other filters leave, at most ``scan_limit`` of them.
+        Every filter but ``text`` is answered by an index; ``text`` (a substring of the raw message,
+        ignoring ASCII case) scans the candidates the other filters leave, at most ``scan_limit`` of them.
         """
         query = sa.select(messages.c.id, messages.c.channel, messages.c.received_at, messages.c.message_type,
                           messages.c.control_id, messages.c.patient_id, messages.c.sending_facility, messages.c.status,
@@ -491,6 +491,7 @@ class Store:
                     query = query.where(messages.c.id < before_id)
                 return [dict(r) for r in connection.execute(query.limit(limit)).mappings()]
             found, scanned, cursor = [], 0, before_id
+            needle = text.lower()
             while len(found) < limit and scanned < scan_limit:
                 page = query.add_columns(messages.c.raw)
                 if cursor is not None:
@@ -500,7 +501,8 @@ class Store:
                     break
                 scanned += len(rows)
                 cursor = rows[-1]["id"]
-                found += [{k: v for k, v in r.items() if k != "raw"} for r in rows if text in r["raw"]]
+                # case-insensitive (ASCII), as an analyst typing "penicillin" expects
+                found += [{k: v for k, v in r.items() if k != "raw"} for r in rows if needle in r["raw"].lower()]
             return found[:limit]
 
     def prune(self, older_than: float, statuses=None, channel: str | None = None, batch: int = 500,

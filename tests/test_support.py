@@ -62,6 +62,8 @@ def test_list_search_show_with_phi_masked(env, capsys):
     assert [r["control_id"] for r in rows] == ["M2"] and rows[0]["patient_id"] == "9***"
     code, out = cli(capsys, "messages", "search", "--text", "999111", "--show-phi")
     assert "M1" in out and "M2" not in out and "999111" in out
+    code, out = cli(capsys, "messages", "search", "--text", "doe^jane")  # whatever the case
+    assert "M1" in out and "M2" in out
     code, out = cli(capsys, "messages", "show", str(first))
     assert "PID|1||***||***||***|***" in out and "DOE" not in out and "lab: SENT" in out
     code, out = cli(capsys, "messages", "show", str(first), "--show-phi")
