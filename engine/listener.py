@@ -146,16 +146,7 @@ class MLLPServerProtocol(Protocol):
             self.factory.tls_failures += 1
             emit("connection_refused", listener=self.factory.name, reason="tls")
             log.warn("TLS with {peer} failed: {text}", peer=str(self.peer), text=describe_tls_failure(reason))
-        if self in self.factory.connections:
-            factory = self.factory
-            factory.connections.discard(self)
-            factory.open_connections -= 1
-            remaining = factory.per_peer.get(self.peer.host, 1) - 1
-            if remaining > 0:
-                factory.per_peer[self.peer.host] = remaining
-            else:
-                factory.per_peer.pop(self.peer.host, None)
-            emit("connection_closed", listener=factory.name)
+        self.factory.forget(self)
         self.closed = True
         self._cancel("_read_timer")
         self._cancel("_idle_timer")
@@ -332,6 +323,19 @@ class MLLPListenerFactory(Factory):
     def buildProtocol(self, addr):
         return MLLPServerProtocol(self)
 
+    def forget(self, protocol: MLLPServerProtocol) -> None:
+        """Count a connection out (once: closing, or evicted before its close arrives)."""
+        if protocol not in self.connections:
+            return
+        self.connections.discard(protocol)
+        self.open_connections -= 1
+        remaining = self.per_peer.get(protocol.peer.host, 1) - 1
+        if remaining > 0:
+            self.per_peer[protocol.peer.host] = remaining
+        else:
+            self.per_peer.pop(protocol.peer.host, None)
+        emit("connection_closed", listener=self.name)
+
     def evict_idlest(self, newcomer: MLLPServerProtocol) -> bool:
         """Close the connection idle the longest to make room; False when every one is busy."""
         idle = [p for p in self.connections if p.idle]
@@ -343,15 +347,7 @@ class MLLPListenerFactory(Factory):
         log.warn("closing the connection from {victim}, idle {seconds:.0f}s, to make room for {peer} "
                  "({limit} connections open: max_connections)", victim=str(victim.peer), peer=str(newcomer.peer),
                  seconds=self.reactor.seconds() - victim.last_activity, limit=self.config.max_connections)
-        # counted out now, so the newcomer's slot is free at once; connectionLost will not count it again
-        self.connections.discard(victim)
-        self.open_connections -= 1
-        remaining = self.per_peer.get(victim.peer.host, 1) - 1
-        if remaining > 0:
-            self.per_peer[victim.peer.host] = remaining
-        else:
-            self.per_peer.pop(victim.peer.host, None)
-        emit("connection_closed", listener=self.name)
+        self.forget(victim)  # counted out now, so the newcomer's slot is free at once
         victim.closed = True
         victim._cancel("_read_timer")
         victim._cancel("_idle_timer")

@@ -73,10 +73,12 @@ class DestinationQueue:
         self.connected: bool | None = None
         self.backlog = 0  # queued rows the last poll saw beyond what memory holds
         # True while queued rows may wait on disk that memory does not hold (always newer than
-        # what memory holds); cleared only by a poll that read all of them with no spill meanwhile.
-        # True at first: until the first poll, what a restart left queued is unknown
+        # what memory holds); cleared by a poll that read all of them, including the newest row
+        # sent to disk (ids grow in commit order). True at first: until the first poll, what a
+        # restart left queued is unknown
         self.spilled = True
-        self._spills = 0
+        self._spilled_max = 0  # the newest message id sent to disk instead of memory
+        self._loaded_max = 0  # the newest message id ever taken into memory
         self.sent = self.failed = self.retried = 0
         self._waiters: dict[int, list[defer.Deferred]] = {}
         self._holding: set[int] = set()  # after_delivery: a failed first attempt waits for release/withdraw
@@ -103,10 +105,11 @@ class DestinationQueue:
             # drains. Once anything waits there, newer rows wait there too: memory must hold the
             # oldest queued rows only, or a new message would overtake older ones of its key
             self.spilled = True
-            self._spills += 1
+            self._spilled_max = max(self._spilled_max, message_id)
             self.backlog += 1
             return
         self.known.add(message_id)
+        self._loaded_max = max(self._loaded_max, message_id)
         self.pending[message_id] = {"message_id": message_id, "attempts": 0, "next_attempt_at": received_at,
                                     "order_key": order_key, "content": content, "raw": content, "received_at": received_at,
                                     "message": message}
@@ -174,7 +177,6 @@ class DestinationQueue:
         if after_id is None and self.spilled and self.known:
             after_id = max(self.known)
         self._polling = True
-        spills_before = self._spills
         known_before = len(self.known)
         try:
             rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH,
@@ -191,6 +193,7 @@ class DestinationQueue:
         for row in fresh:
             self.known.add(row["message_id"])
             self.pending[row["message_id"]] = row
+            self._loaded_max = max(self._loaded_max, row["message_id"])
         if fresh:  # keep the order of receipt when older rows join newer ones
             self.pending = dict(sorted(self.pending.items()))
         # the read saw every queued row when its window was not full: after an id, the window
@@ -212,8 +215,10 @@ class DestinationQueue:
                 pass
             finally:
                 self._polling = False
-        if complete and self._spills == spills_before:
-            self.spilled = False  # everything queued on disk is in memory: new rows may join it directly
+        if complete and self._spilled_max <= self._loaded_max:
+            # everything queued on disk is in memory, the newest row sent there included (one
+            # sent there while this read ran is newer than what it loaded): new rows join memory
+            self.spilled = False
         self._report()
         self.run()
 

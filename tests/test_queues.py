@@ -399,3 +399,36 @@ def test_order_holds_after_an_outage_longer_than_memory_while_messages_keep_arri
         if not restart:
             assert len(mine) == len(first_times)  # and each once
     assert all(s["status"] == "SENT" for s in statuses(store).values())
+
+
+def test_after_a_backlog_drains_new_messages_go_straight_to_memory_again(setup, monkeypatch):
+    """Rows go to disk while older ones wait there; once a read has taken them all, new rows are
+    handed over in memory again even while messages keep arriving (no detour through the store)."""
+    import hl7relay.queues as queues_module
+
+    store, clock, _ = setup
+    monkeypatch.setattr(queues_module, "_MEMORY_LIMIT", 10)
+    monkeypatch.setattr(queues_module, "_FETCH", 8)
+    writer = StoreWriter(store, clock, executor=lambda fn, *a: defer.maybeDeferred(fn, *a), lazy_delay=0.05)
+    down = {"on": True}
+    delivered = []
+
+    def peer(message):
+        if down["on"]:
+            return DeliveryResult(False, error="connection_failed: refused")
+        delivered.append(message.control_id)
+        return DeliveryResult(True, ack="AA")
+
+    queue = DestinationQueue("ch", "lab", peer, QueueOptions(retry_initial=0.5, retry_max=1), writer, clock,
+                             clock.seconds, poll_interval=1.0, rng=random.Random(1))
+    queue.start()
+    n = 0
+    for step in range(400):
+        n += 1
+        enqueue(store, f"M{n:04d}")
+        queue.enqueue(n, MSG.format(id=f"M{n:04d}", key="P1").encode(), "P1", clock.seconds())
+        if step == 100:
+            down["on"] = False
+        clock.advance(0.1)
+    assert not queue.spilled and delivered == [f"M{i:04d}" for i in range(1, len(delivered) + 1)]
+    assert len(delivered) >= n - 2
