@@ -125,11 +125,25 @@ class _Factory(ClientFactory):
 
 
 def _comparable(control_id: str) -> str:
-    """A control id as a peer may echo it: receivers drop or replace what they cannot carry
-    (NUL and other control characters, undecodable bytes, U+FFFD, surrounding spaces). With one
-    message in flight per connection and a fresh connection after every timeout, such an echo
-    can only be of the message in flight; refusing it blocked an in-order queue for ever."""
     return "".join(c for c in control_id if c >= " " and c != "\ufffd" and not "\ud800" <= c <= "\udfff").strip()
+
+
+def same_control_id(acked: str, sent: str) -> bool:
+    """Whether MSA-2 echoes ``sent`` as a peer may echo it. Receivers drop or replace what they
+    cannot carry (NUL and other control characters, undecodable bytes, U+FFFD, surrounding
+    spaces), C-based ones stop at a NUL, and some cut MSA-2 to the 20 characters of older
+    versions. With one message in flight per connection and a fresh connection after every
+    timeout, such an echo can only be of the message in flight; refusing it once blocked an
+    in-order queue for ever."""
+    if acked == sent:
+        return True
+    echo = _comparable(acked)
+    if not echo:
+        return False
+    forms = {_comparable(sent), _comparable(sent.split("\x00", 1)[0])}
+    if echo in forms:
+        return True
+    return len(echo) >= 20 and any(form.startswith(echo) for form in forms)
 
 
 @dataclass(slots=True)
@@ -311,7 +325,7 @@ class MLLPSender:
             log.warn("ignoring a frame that is not HL7 from {host}:{port}", host=self.config.host, port=self.config.port)
             return
         acked = ack.get("MSA-2")
-        if pending is None or (acked != pending.control_id and _comparable(acked) != _comparable(pending.control_id)):
+        if pending is None or not same_control_id(acked, pending.control_id):
             self.mismatched_acks += 1
             log.warn("ignoring an ACK for {acked!r} while waiting for {expected!r}", acked=acked,
                      expected=pending.control_id if pending else None)

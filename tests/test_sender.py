@@ -183,12 +183,12 @@ def test_connection_lost_while_waiting():
     assert h.results[0].status is SendStatus.TIMED_OUT and "closed" in h.results[0].text
 
 
-@pytest.mark.parametrize("echo", ["C7\x00 ", "C7", "C7\ufffd", " C7\x00"])
+@pytest.mark.parametrize("echo", ["C7\x00 ", "C7", "C7\ufffd", " C7\x00", "C7\ufffdX"])
 def test_an_ack_echoing_a_control_id_without_its_nul_or_undecodable_bytes_still_matches(echo):
     """A peer that drops a NUL or replaces an undecodable byte in MSA-2 once left the message
     unanswered for ever, blocking an in-order queue behind it."""
     h = Harness()
-    h.send(Message.from_bytes(MSG.format(id="C7@", extra="").encode().replace(b"@", b"\x00\xff")))
+    h.send(Message.from_bytes(MSG.format(id="C7@X", extra="").encode().replace(b"@", b"\x00\xff")))
     protocol = h.accept_connection()
     protocol.dataReceived(frame(f"MSH|^~\\&|C|D|A|B|20240101||ACK^A01^ACK|X1|P|2.5.1\rMSA|AA|{echo}\r".encode()))
     assert [r.status for r in h.results] == [SendStatus.ACCEPTED]
@@ -200,3 +200,12 @@ def test_an_ack_for_another_control_id_is_still_ignored():
     protocol = h.accept_connection()
     protocol.dataReceived(ack_frame("AA", "C8"))
     assert h.results == [] and h.sender.mismatched_acks == 1
+
+
+def test_an_echo_cut_at_a_nul_or_at_20_characters_matches():
+    from hl7relay.sender import same_control_id
+
+    assert same_control_id("AB", "AB\x00CD") and same_control_id("ABCD", "AB\x00CD")
+    assert same_control_id("12345678901234567890", "12345678901234567890123")
+    assert not same_control_id("1234567890", "1234567890123") and not same_control_id("", "\x00")
+    assert not same_control_id("AC", "AB\x00CD")
