@@ -126,3 +126,15 @@ def test_lint_reports_yaml_tags_and_empty_values_at_their_position(capsys, tmp_p
     (tmp_path / "a.yaml").write_text(yaml_text)
     code, output = run(capsys, ["lint", "a.yaml"])
     assert code == 1 and "Traceback" not in output and expected in output, output
+
+
+def test_run_on_a_taken_port_says_so_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "ch.yaml").write_text(f"name: ch\nsource: {{type: mllp, port: {port}}}\n")
+        result = subprocess.run([sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path), "--data-dir",
+                                 str(tmp_path / "data"), "--admin-port", "0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot start" in result.stderr and "in use" in result.stderr and str(port) in result.stderr
