@@ -59,6 +59,7 @@ ALIASES = {
     "SHIFTJIS": "shift_jis", "SJIS": "shift_jis", "EUCJP": "euc_jp", "EUCKR": "euc_kr",
     "ISO2022JP": "iso2022_jp", "GB2312": "gb2312", "GBK": "gbk", "GB18030": "gb18030",
     "BIG5": "big5", "KOI8R": "koi8_r", "KOI8U": "koi8_u", "TIS620": "tis_620",
+    "8859": "iso8859_1",  # the family without its part, as some senders write it: read as 8859/1
 }
 for _n in range(1, 17):
     if _n != 12:

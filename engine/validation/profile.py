@@ -12,6 +12,7 @@ import functools
 import threading
 from dataclasses import dataclass
 
+from hl7relay.validation.corrections import CONDITIONAL_FIELDS, correct_structure
 from hl7relay.validation.datatypes import BASE_MAX_LENGTH, PRIMITIVE_CHECKS
 from hl7relay.validation.events import resolve_structure
 
@@ -117,6 +118,7 @@ class Profile:
         self._segments = lib.SEGMENTS
         self._datatype_structs = lib.DATATYPES_STRUCTS
         self._tables = getattr(lib, "TABLES", {})
+        self._fields = getattr(lib, "FIELDS", {})
         self.structures = frozenset(self._messages)
         self.segment_names = frozenset(self._segments)
         self.message_types = frozenset(name.split("_")[0] for name in self._messages) | frozenset(
@@ -139,7 +141,7 @@ class Profile:
         node = self._structure_cache.get(name)
         if node is None and name in self._messages:
             with self._lock:
-                kind, children = self._messages[name]
+                kind, children = correct_structure(self.version, name, self._messages[name])
                 node = self._compile_group(name, kind, children, 1, 1)
                 _annotate_follow(node, frozenset(), frozenset())
                 self._structure_cache[name] = node
@@ -211,15 +213,20 @@ class Profile:
         return leaf
 
     def _compile_composite(self, datatype: str, struct) -> Composite:
-        components = []
-        for component in struct:
+        by_number: dict[int, tuple] = {}
+        for position, component in enumerate(struct, start=1):
             comp_name, (kind, sub_struct, comp_type, _long, table, _len) = component[0], component[1][:6]
             if datatype == "TS" and comp_name == "TS_1":
                 comp_type = "DTM"  # hl7apy types TS.1 as ST before v2.5; the standard says time stamp
+            # numbered by the name, not the position: v2.6's XTN lists XTN_2..XTN_18 (corrections.py)
+            suffix = comp_name.rsplit("_", 1)[-1]
+            number = int(suffix) if suffix.isdigit() else position
             if kind == "leaf" or not sub_struct:
-                components.append((comp_name, self._leaf(comp_type, table)))
+                by_number[number] = (comp_name, self._leaf(comp_type, table))
             else:
-                components.append((comp_name, self._compile_composite(comp_type, sub_struct)))
+                by_number[number] = (comp_name, self._compile_composite(comp_type, sub_struct))
+        components = [by_number.get(n) or (f"{datatype}_{n}", self._leaf("ST", None))
+                      for n in range(1, max(by_number, default=0) + 1)]
         checked = tuple((i, element) for i, (_, element) in enumerate(components, start=1)
                         if (element.interesting if isinstance(element, Leaf) else element.checked))
         bound = min((element.bound for _, element in components), default=_NO_LIMIT)
@@ -235,8 +242,12 @@ class Profile:
             number = int(child[0].rsplit("_", 1)[1])
             kind, struct, datatype, long_name, table = child[1][:5]
             cmin, cmax = child[2]
-            if (name, number) in _CONDITIONAL and self.version in _CONDITIONAL[(name, number)]:
+            if self.version in CONDITIONAL_FIELDS.get((name, number), ()):
                 cmin = 0
+            field_definition = self._fields.get(child[0])
+            if field_definition is not None and len(field_definition) > 2 and field_definition[2] == "WD":
+                # the field table says withdrawn: that wins over the segment table (corrections.py)
+                datatype, long_name = "WD", field_definition[3] or long_name
             if datatype == "varies" or datatype == "WD":
                 element = None
             elif kind == "leaf" or not struct:
@@ -249,11 +260,6 @@ class Profile:
                        for n in range(1, max(by_number, default=0) + 1))
         required = tuple(n for n, f in by_number.items() if f.min >= 1 and f.datatype != "WD")
         return SegmentDef(name, fields, tuple(sorted(required)), fields)
-
-
-# Fields the standard makes conditional (C) that hl7apy records as required in some versions;
-# a condition cannot be checked from the structure alone, so they are treated as optional there.
-_CONDITIONAL = {("OBX", 4): {"2.7", "2.8", "2.8.1"}}
 
 
 def _annotate_follow(node: Node, follow: frozenset, later: frozenset) -> None:

@@ -175,7 +175,7 @@ class _Run:
         if ("\n" in msg.text) and self.v.strict:
             self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, "segments end with LF or CRLF; the standard's terminator is CR")
         if not self._check_delimiters():
-            return self.report  # with ambiguous delimiters nothing further can be read reliably
+            return self.report  # ambiguous delimiters: nothing further can be read reliably
         self._check_header()
         profile = self._profile()
         if profile is None:
@@ -188,31 +188,39 @@ class _Run:
         return self.report
 
     def _check_delimiters(self) -> bool:
+        """MSH-1 and MSH-2. False only when the message cannot be read reliably (a delimiter that
+        is a letter, digit or space, or one used twice): every other envelope problem is reported
+        and the field and structure checks go on."""
         d = self.msg.delimiters
         encoding = self.msg.fields(0)[2]
         version = self.declared_version
-        allowed = 5 if (definition_version(version) or version) >= "2.7" else 4
-        ok = True
+        modern = (definition_version(version) or version) >= "2.7"
+        readable = True
         if d.field.isalnum() or d.field.isspace():
             self.add(E, ErrorCode.DATA_TYPE_ERROR, f"MSH-1 field separator {d.field!r} must not be a letter, digit or space", 0, 1)
-            ok = False
+            readable = False
         if len(encoding) < 4:
             self.add(E, ErrorCode.REQUIRED_FIELD_MISSING if not encoding else ErrorCode.DATA_TYPE_ERROR,
-                     f"MSH-2 encoding characters {encoding!r}: four are required (component, repetition, escape, subcomponent)", 0, 2)
-            ok = False
-        elif len(encoding) > allowed:
-            why = "a fifth (truncation) character only from v2.7" if allowed == 4 else "at most five"
-            self.add(E, ErrorCode.DATA_TYPE_ERROR, f"MSH-2 encoding characters {encoding!r}: {why}", 0, 2)
-            ok = False
-        chars = d.field + encoding
+                     f"MSH-2 encoding characters {encoding!r}: four are required (component, repetition, escape, "
+                     f"subcomponent); {len(encoding)} given", 0, 2)
+        elif len(encoding) == 5 and not modern:
+            # US ELR and PHLIP guides prescribe ^~\&# in v2.5.1: the fifth is read as v2.7's truncation character
+            self.add(self.v._soft, ErrorCode.DATA_TYPE_ERROR,
+                     f"MSH-2 encoding characters {encoding!r}: the fifth, {encoding[4]!r} (truncation), is defined from "
+                     f"v2.7; v{version or '?'} has four", 0, 2)
+        elif len(encoding) > 5:
+            self.add(E, ErrorCode.DATA_TYPE_ERROR,
+                     f"MSH-2 encoding characters {encoding!r}: {len(encoding)} characters is too many; "
+                     f"at most {'five' if modern else 'four'} (five from v2.7)", 0, 2)
+        chars = d.field + encoding[:5]
         if len(set(chars)) != len(chars):
             self.add(E, ErrorCode.DATA_TYPE_ERROR, f"MSH-1/MSH-2 delimiters {chars!r} are not distinct characters", 0, 2)
-            ok = False
-        bad = [c for c in encoding if c.isalnum() or c.isspace()]
+            readable = False
+        bad = [c for c in encoding[:5] if c.isalnum() or c.isspace()]
         if bad:
             self.add(E, ErrorCode.DATA_TYPE_ERROR, f"MSH-2 encoding characters must not be letters, digits or spaces: {''.join(bad)!r}", 0, 2)
-            ok = False
-        return ok
+            readable = False
+        return readable
 
     def _check_header(self) -> None:
         fields = self.msg.fields(0)
@@ -336,7 +344,9 @@ class _FieldChecker:
                 if element is None:
                     continue
             if element.__class__ is Leaf and not (rep_sep and rep_sep in value):
-                if element.interesting or len(value) > element.bound:
+                if self.comp and self.comp in value:
+                    value = self._primitive_with_components(element, value, position, number, 1, seg.name)
+                if value and value != '""' and (element.interesting or len(value) > element.bound):
                     self.leaf(element, value, position, number, 1, None, None, fdef)
                 continue
             reps = value.split(rep_sep) if rep_sep and rep_sep in value else (value,)
@@ -359,9 +369,23 @@ class _FieldChecker:
                          f"OBX-2 value type {value_type!r} is not a v{self.profile.version} datatype, so OBX-5 cannot be checked", position, 2)
         return element
 
+    def _primitive_with_components(self, leaf: Leaf, value: str, position, number, rep, segment: str) -> str:
+        """HL7's receiving rules: components a primitive field does not have are ignored. Say so
+        (a warning, an error under --strict) and check the first component as the value."""
+        comps = value.split(self.comp)
+        extra = sum(1 for c in comps[1:] if c)
+        if extra:
+            self.run.add(self.soft, ErrorCode.DATA_TYPE_ERROR,
+                         f"{segment}-{number} is {leaf.datatype}, which has no components, but has {len(comps)}; "
+                         f"receivers ignore all but the first", position, number, rep)
+        first = comps[0]
+        return first.split(self.sub, 1)[0] if self.sub and self.sub in first else first
+
     def value(self, element, value: str, position, number, rep, fdef: FieldDef) -> None:
         if element.__class__ is Leaf:
-            if element.interesting or len(value) > element.bound:
+            if self.comp and self.comp in value:
+                value = self._primitive_with_components(element, value, position, number, rep, self.run.names[position])
+            if value and value != '""' and (element.interesting or len(value) > element.bound):
                 self.leaf(element, value, position, number, rep, None, None, fdef)
             return
         short = len(value) <= element.bound  # then no unvisited component can be too long
@@ -378,7 +402,7 @@ class _FieldChecker:
             if c > count:
                 break
             comp_value = comps[c - 1]
-            if not comp_value:
+            if not comp_value or comp_value == '""':  # "" is HL7's explicit null, in a component too
                 continue
             if sub_element.__class__ is Leaf:
                 if sub_element.check is None and len(comp_value) <= sub_element.limit:
@@ -393,7 +417,7 @@ class _FieldChecker:
             subcomponents = sub_element.components
             for s, sub_value in enumerate(subs[: len(subcomponents)], start=1):
                 leaf = subcomponents[s - 1][1]
-                if sub_value and leaf.__class__ is Leaf and (leaf.interesting or len(sub_value) > leaf.bound):
+                if sub_value and sub_value != '""' and leaf.__class__ is Leaf and (leaf.interesting or len(sub_value) > leaf.bound):
                     self.leaf(leaf, sub_value, position, number, rep, c, s, fdef)
 
     def leaf(self, leaf: Leaf, value: str, position, number, rep, comp, sub, fdef: FieldDef) -> None:
@@ -445,6 +469,8 @@ class _Matcher:
         self.positions = positions
         self.names = [run.names[p] for p in positions]
         self.missing: dict[str, int] = {}  # segment name -> index of its "missing" finding
+        self.displaced: set[str] = set()  # segments reported out of order before their place
+        self.displacements = 0
         self.pos = 0
 
     def match(self) -> None:
@@ -470,7 +496,7 @@ class _Matcher:
         names = self.names
         n = len(names)
         children = group.children[1:] if skip_first else group.children
-        for child in children:
+        for index, child in enumerate(children):
             count = 0
             while self.pos < n:
                 name = names[self.pos]
@@ -487,23 +513,64 @@ class _Matcher:
                     if self.pos == before:
                         break
                     count += 1
-                elif name in child.follow or name in child.later:
+                elif name in child.follow:
                     break  # ends this node; a required node never seen is reported missing
+                elif name in child.later:
+                    # It belongs further on. If what comes right after it fits here, it is this
+                    # one segment that is misplaced: report it once and carry on here, rather
+                    # than jumping ahead and flagging every correct segment in between.
+                    if self._fits_here(children, index, count):
+                        self._displaced(name)
+                        continue
+                    break
                 else:
                     self._unexpected(child, count)
             if count < child.min:
                 self._missing(child)
 
+    def _fits_here(self, children: tuple, index: int, count: int) -> bool:
+        """Whether the two segments after the current one read on from here, in order: then the
+        current one is misplaced, not everything between here and its own place."""
+        names = self.names
+        following = self.pos + 1
+        if following >= len(names):
+            return False
+        taker = None
+        for j in range(index, len(children)):
+            child = children[j]
+            room = j > index or child.max == -1 or count < child.max
+            if names[following] in child.first and room:
+                taker = child
+                break
+            if not child.nullable and not (j == index and count >= child.min):
+                return False  # a required node comes first: the next one does not fit here either
+        if taker is None:
+            return False
+        after = following + 1
+        return after >= len(names) or names[after] in taker.segments or names[after] in taker.follow
+
+    def _displaced(self, name: str) -> None:
+        run = self.ctx
+        position = self.positions[self.pos]
+        run.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                f"segment {position + 1}: {name} is out of order or not expected here ({self._neighbours_of(self.pos)})",
+                position)
+        self.displaced.add(name)  # its own place, if required, is not reported missing again
+        self.displacements += 1
+        self.pos += 1
+
     def _attempt(self, node: Node) -> bool:
         """Consume ``node`` tentatively; undo and return False when that added an error."""
         findings = self.ctx.findings
-        saved = (self.pos, len(findings), dict(self.missing))
+        saved = (self.pos, len(findings), dict(self.missing), set(self.displaced), self.displacements)
         self._consume(node)
-        if len(findings) == saved[1]:
+        # a segment found misplaced inside does not count against entering: the two after it
+        # read on in this group, which is evidence for it
+        if len(findings) - saved[1] == self.displacements - saved[4]:
             return True
         self.pos = saved[0]
         del findings[saved[1]:]
-        self.missing = saved[2]
+        self.missing, self.displaced, self.displacements = saved[2], saved[3], saved[4]
         return False
 
     def _neighbours(self) -> str:
@@ -521,6 +588,9 @@ class _Matcher:
         run = self.ctx
         structure = self.structure.name
         if node.kind == "segment":
+            if node.name in self.displaced:
+                self.displaced.discard(node.name)
+                return  # it came early and was reported then
             text = f"required segment {node.name} missing; expected {self._neighbours()}"
             self.missing[node.name] = len(run.findings)
             name = node.name

@@ -1,0 +1,109 @@
+"""Where hl7apy's definitions disagree with the HL7 standard, and what we use instead.
+
+hl7apy is the source of truth for every version's structures, segments, fields and datatypes, but
+its tables were generated from the standard's databases and carry a few mistakes that make correct
+messages fail. Each correction here names the rule of the standard it restores and has a test
+(tests/test_validation.py). ``hl7relay.validation.audit`` (and ``bench/audit_hl7apy.py``) looks
+for the kinds of mistake that can be found mechanically, so a new hl7apy release cannot bring new
+ones in unseen.
+
+General rules, applied while compiling (profile.py):
+
+- Components are numbered by the number in their name (``XTN_4`` is XTN.4), never by their
+  position in hl7apy's list: v2.6's XTN lists XTN_2..XTN_18 without XTN_1, which shifted every
+  component by one (the e-mail address checked as a number). A component missing from the list is
+  a string of unknown meaning, not checked.
+- A field that the field table (``FIELDS``) says is withdrawn (WD) is withdrawn, whatever type the
+  segment table gives it: where the two disagree on a withdrawn field, the segment table copied
+  its neighbour's definition (v2.6 IN1-40/41 "POLICY_LIMIT_DAYS" as NM, v2.8 PR1-11/12 as NM, v2.8
+  PID-4 as CX, v2.7 OBR-27 as PRL). For other disagreements (v2.7 PID-28: CWE in the segment
+  table, ST in the field table) the segment table is kept: it is what places the field in its
+  segment, and the standard's v2.7 chapter 3 lists PID-28 as CWE.
+"""
+
+from __future__ import annotations
+
+__all__ = ["correct_structure", "STRUCTURE_CORRECTIONS", "CONDITIONAL_FIELDS", "ACCEPTED_REQUIRED_NTE"]
+
+
+def _at(struct, path: tuple, change):
+    """``struct`` with the group at ``path`` (child names from the root) replaced by ``change(group)``."""
+    kind, children = struct
+    if not path:
+        return change((kind, children))
+    head, rest = path[0], path[1:]
+    out, found = [], False
+    for child in children:
+        if not found and child[0] == head and child[3] == "GRP":
+            child = (child[0], _at(child[1], rest, change), child[2], child[3])
+            found = True
+        out.append(child)
+    if not found:
+        raise KeyError(f"no group {head!r} here")
+    return kind, tuple(out)
+
+
+def _segment(name: str, low: int, high: int) -> tuple:
+    return (name, None, (low, high), "SEG")
+
+
+def _group(name: str, kind: str, children: tuple, low: int, high: int) -> tuple:
+    return (name, (kind, tuple(children)), (low, high), "GRP")
+
+
+def _v21_order_choice(prefix: str):
+    """v2.1 chapter 4 ORM and ORR: an order is ``ORC [< OBR | ORO | RX1 >] ...``: one order
+    segment of the three. hl7apy requires all three in a row (and, in ORM, flattens the
+    observations ``[{OBX [{NTE}]}]`` that follow)."""
+
+    def change(group):
+        kind, children = group
+        names = [c[0] for c in children]
+        choice = _group(f"{prefix}_CHOICE", "choice", tuple(_segment(n, 1, 1) for n in ("OBR", "ORO", "RX1")), 1, 1)
+        if names == ["OBR", "ORO", "RX1"]:
+            return kind, (choice,)
+        if names == ["OBR", "ORO", "RX1", "NTE", "OBX", "NTE"]:
+            observation = _group(f"{prefix}_OBSERVATION", "sequence", (_segment("OBX", 1, 1), _segment("NTE", 0, -1)), 0, -1)
+            return kind, (choice, _segment("NTE", 0, -1), observation)
+        raise KeyError(f"unexpected v2.1 {prefix} ORDER_DETAIL: {names}")
+
+    return change
+
+
+def _orm_o01_v22_detail(group):
+    """v2.2 chapter 4 ORM: ``[< OBR | RQD | RQ1 | RXO | ODS | ODT > [{NTE}] [{OBX [{NTE}]}]]``:
+    hl7apy flattens the observations and makes the last NTE required, so an order without notes
+    after its observations (the usual ORC + OBR order) was invalid."""
+    kind, children = group
+    names = [c[0] for c in children]
+    if names != ["ORM_O01_CHOICE", "NTE", "OBX", "NTE"]:
+        raise KeyError(f"unexpected v2.2 ORM_O01 ORDER_DETAIL: {names}")
+    observation = _group("ORM_O01_OBSERVATION", "sequence", (_segment("OBX", 1, 1), _segment("NTE", 0, -1)), 0, -1)
+    return kind, (children[0], _segment("NTE", 0, -1), observation)
+
+
+# (version, structure) -> [(path of the group, change)]
+STRUCTURE_CORRECTIONS = {
+    ("2.1", "ORM_O01"): [(("ORM_O01_ORDER", "ORM_O01_ORDER_DETAIL"), _v21_order_choice("ORM_O01"))],
+    ("2.1", "ORR_O02"): [(("ORR_O02_PATIENT", "ORR_O02_ORDER", "ORR_O02_ORDER_DETAIL"), _v21_order_choice("ORR_O02"))],
+    ("2.2", "ORM_O01"): [(("ORM_O01_ORDER", "ORM_O01_ORDER_DETAIL"), _orm_o01_v22_detail)],
+}
+
+# Fields the standard makes conditional (C) that hl7apy records as required in some versions;
+# a condition cannot be checked from the structure alone, so they are treated as optional there.
+# OBX-4 (observation sub-id) is C in v2.7-2.8.1 (required when OBX-3 repeats within an OBR).
+CONDITIONAL_FIELDS = {("OBX", 4): frozenset({"2.7", "2.8", "2.8.1"})}
+
+# Required NTE segments that the audit finds and that the standard does define as required: a
+# note that opens an optional supplement group (chapter 4A pharmacy: ``[{NTE} {RXR} [{RXC}]]``)
+# or closes a facility's details (chapter 7, SUR_P09: ``{FAC PDC NTE}``).
+ACCEPTED_REQUIRED_NTE = frozenset({
+    "RAS_O01", "RDS_O01", "RGV_O01", "RAS_O17", "RDS_O13", "RGV_O15", "SUR_P09",
+})
+
+
+def correct_structure(version: str, name: str, struct):
+    """hl7apy's structure ``name`` of ``version`` with our corrections applied."""
+    for path, change in STRUCTURE_CORRECTIONS.get((version, name), ()):
+        struct = _at(struct, path, change)
+    return struct
