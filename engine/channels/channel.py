@@ -305,13 +305,16 @@ def load_channel(path: str | Path, environ=None, display_name: str | None = None
 
 
 def channel_files(paths) -> list[Path]:
-    """The channel files among ``paths`` (folders are searched for *.yaml; *.test.yaml are tests)."""
+    """The channel files among ``paths`` (folders are searched for *.yaml; *.test.yaml are tests,
+    and files that start ``profile:`` are conformance profiles)."""
     files = []
     for item in paths:
         item = Path(item)
         candidates = sorted(item.glob("*.yaml")) + sorted(item.glob("*.yml")) if item.is_dir() else [item]
         files += [f for f in candidates if not f.name.endswith((".test.yaml", ".test.yml"))]
-    return files
+    from hl7relay.validation.conformance import is_profile_file
+
+    return [f for f in files if not is_profile_file(f)]  # conformance profiles say `profile:` on top
 
 
 def load_channels(paths, environ=None) -> tuple[list[Channel], list[ConfigError]]:

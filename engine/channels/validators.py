@@ -65,3 +65,33 @@ class RequiredFields(ChannelValidator):
 ], shorthand="paths")
 def _required(options, context=None):
     return RequiredFields(options["paths"], options["on_error"])
+
+
+@dataclass(slots=True)
+class ProfileValidator(ChannelValidator):
+    profile: object  # ConformanceProfile
+    on_error: str
+
+    def check(self, message):
+        return self.profile.check(message)
+
+
+@register("validator", "profile", "check a conformance profile (YAML: required, forbidden and allowed values, "
+          "lengths, segment counts; see config/profiles/)", [
+    Option("file", "str", description="the profile file (relative to the channel file)"),
+    _ON_ERROR,
+], shorthand="file")
+def _profile(options, context=None):
+    from pathlib import Path
+
+    from hl7relay.validation.conformance import load_conformance_profile
+
+    path = Path(options["file"])
+    base = getattr(context, "base_dir", None)
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    profile, errors = load_conformance_profile(path)
+    if errors:
+        raise ValueError("the profile has problems: " + "; ".join(str(e) for e in errors[:5])
+                         + (f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""))
+    return ProfileValidator(profile, options["on_error"])

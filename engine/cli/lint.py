@@ -11,7 +11,8 @@ duplicate channel names or ports, destinations naming channels that do not exist
   channels/adt.yaml:12:5: unknown key 'fitler' for source 'mllp' (did you mean 'filter')
 
 PATHS are channel files or folders (default: channels). *.test.yaml files are channel tests and
-are not linted as channels. Exit status: 0 clean, 1 any problem."""
+are not linted as channels; a file whose top level says `profile:` is a conformance profile and
+is checked as one (config/profiles/). Exit status: 0 clean, 1 any problem."""
 
 
 def add_arguments(parser) -> None:
@@ -19,16 +20,34 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from hl7relay.channels import load_channels
     from hl7relay.channels.channel import channel_files
+    from hl7relay.validation.conformance import is_profile_file, load_conformance_profile
 
+    profiles = []
+    for item in map(Path, args.paths):
+        candidates = sorted(item.glob("*.yaml")) + sorted(item.glob("*.yml")) if item.is_dir() else [item]
+        profiles += [f for f in candidates if f.is_file() and is_profile_file(f)]
+    profile_errors = []
+    for path in profiles:
+        _, errors = load_conformance_profile(path)
+        profile_errors += errors
+    for error in profile_errors:
+        print(error)
     files = channel_files(args.paths)
     if not files:
+        if profiles:
+            print(f"{len(profiles)} profile{'s' * (len(profiles) != 1)}: "
+                  + (f"{len(profile_errors)} problem{'s' * (len(profile_errors) != 1)}" if profile_errors else "OK"))
+            return 1 if profile_errors else 0
         print(f"no channel files in {', '.join(args.paths)}")
         return 1
     channels, errors = load_channels(args.paths)
     for error in errors:
         print(error)
+    errors = list(errors) + profile_errors
     if errors:
         print(f"{len(errors)} problem{'s' * (len(errors) != 1)} in {len(files)} file{'s' * (len(files) != 1)}")
         return 1

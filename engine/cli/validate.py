@@ -27,7 +27,11 @@ Every finding is printed as:  SEVERITY CODE WHERE: TEXT, e.g.
 CODE is from HL7 table 0357: 100 segment sequence, 101 required field missing, 102 data type,
 103 table value, 104 length, 200-203 unsupported message type / event / processing id / version.
 
-Exit status: 0 all valid, 1 some message invalid, 2 some input unreadable (no MSH, not HL7)."""
+--profile FILE adds the rules of an interface's conformance profile (config/profiles/ has an
+example); its findings say "profile NAME".
+
+Exit status: 0 all valid, 1 some message invalid, 2 some input unreadable (no MSH, not HL7) or
+a profile with problems (each printed as FILE:LINE:COL)."""
 
 _PROGRESS_THRESHOLD = 20  # inputs; fewer finish before a progress bar would help
 
@@ -40,6 +44,9 @@ def add_arguments(parser) -> None:
                         help="table values, lengths, LF/CRLF segment endings and non-standard character set names are errors")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     parser.add_argument("-q", "--quiet", action="store_true", help="text format: print verdicts and errors only, no warnings")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="also check a conformance profile (YAML; see config/profiles/): required, forbidden "
+                             "and allowed values of fields, lengths, segment counts")
 
 
 @dataclass
@@ -123,7 +130,17 @@ def _text_report(result: FileResult, quiet: bool, out) -> None:
 
 
 def run(args) -> int:
-    validator = Validator(version=args.hl7_version, strict=args.strict)
+    profile = None
+    if args.profile:
+        from hl7relay.validation.conformance import load_conformance_profile
+
+        profile, errors = load_conformance_profile(args.profile)
+        for error in errors:
+            print(error, file=sys.stderr)
+        if errors:
+            print(f"not validating: {len(errors)} problem{'s' * (len(errors) != 1)} in the profile", file=sys.stderr)
+            return 2
+    validator = Validator(version=args.hl7_version, strict=args.strict, profile=profile)
     inputs = collect_inputs(args.inputs)
     progress = _Progress(len(inputs))
     results: list[FileResult] = []

@@ -102,17 +102,22 @@ class Report:
 
 class Validator:
     """Checks messages; ``version`` overrides MSH-12, ``strict`` turns warnings about table values,
-    lengths, line endings and character set names into errors."""
+    lengths, line endings and character set names into errors; ``profile`` (a
+    :class:`~hl7relay.validation.conformance.ConformanceProfile`) adds its rules."""
 
-    def __init__(self, version: str | None = None, strict: bool = False):
+    def __init__(self, version: str | None = None, strict: bool = False, profile=None):
         if version is not None and definition_version(version) is None:
             raise ValueError(f"unsupported HL7 version {version!r}; supported: {', '.join(ACCEPTED_VERSIONS)}")
         self.version = version
         self.strict = strict
+        self.profile = profile
         self._soft = E if strict else W
 
     def validate(self, message: Message) -> Report:
-        return _Run(self, message).run()
+        report = _Run(self, message).run()
+        if self.profile is not None:
+            report.findings.extend(self.profile.check(message))
+        return report
 
 
 def validate(message: Message, version: str | None = None, strict: bool = False) -> Report:
