@@ -102,7 +102,10 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
     return plan
 
 
-def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, reason: str, operator: str) -> int:
+def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, reason: str, operator: str,
+                  audit: dict | None = None) -> int:
+    """Store the replay as a new message with QUEUED deliveries; ``audit`` (an audit entry) is
+    committed in the same transaction."""
     stored = store.get_message(plan.original_id)
     channel = channels[plan.channel]
     now = time.time()
@@ -118,5 +121,7 @@ def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, 
             options = destination.config.queue
             key = Message.from_bytes(data).get(options.order_key) if options.order == "per_key" else None
             record.deliveries.append(DeliveryRecord(destination.name, "QUEUED", data, key))
-    [message_id] = store.commit([record], [])
+    updates = [("audit", None, dict(audit, target=f"message {plan.original_id}", reason=reason,
+                                    detail=f"to {', '.join(sorted(plan.outputs))}"))] if audit else []
+    [message_id] = store.commit([record], updates)
     return message_id

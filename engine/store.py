@@ -17,7 +17,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 __all__ = ["Store", "MessageRecord", "DeliveryRecord", "StoreError", "MIGRATIONS", "open_store", "delivery_content", "storable",
-           "sqlite_path", "readable_by_others"]
+           "sqlite_path", "readable_by_others", "AUDIT_FIELDS"]
 
 
 class StoreError(Exception):
@@ -104,6 +104,60 @@ destination_state = sa.Table(
 )
 
 
+# Who may operate the engine, and what was done: migration 5.
+users = sa.Table(
+    "users", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+api_tokens = sa.Table(
+    "api_tokens", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),  # SHA-256 of a 256-bit random token
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(200), nullable=False, default=""),
+    sa.Column("last_used_at", sa.Float),
+)
+
+audit_log = sa.Table(
+    "audit_log", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),  # user:NAME, token:NAME, os:LOGIN
+    sa.Column("source", sa.String(200), nullable=False, default=""),  # cli@host, or the client's address
+    sa.Column("action", sa.String(100), nullable=False),
+    sa.Column("target", sa.String(500), nullable=False, default=""),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("result", sa.String(50), nullable=False, default="ok"),
+    sa.Column("detail", sa.Text, nullable=False, default=""),
+)
+sa.Index("ix_audit_log_at", audit_log.c.at)
+
+
+AUDIT_FIELDS = ("at", "actor", "source", "action", "target", "reason", "result", "detail")
+
+
+def _audit_row(values: dict) -> dict:
+    unknown = set(values) - set(AUDIT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown audit fields {sorted(unknown)}")
+    row = {"at": values.get("at") or time.time(), "actor": values.get("actor") or "?", "source": values.get("source", ""),
+           "action": values["action"], "target": str(values.get("target", "")), "reason": values.get("reason", ""),
+           "result": values.get("result", "ok"), "detail": values.get("detail", "")}
+    return {k: storable(v) for k, v in row.items()}
+
+
+def _migration_5(connection) -> None:
+    """Users, API tokens and the audit log."""
+    for table in (users, api_tokens, audit_log):
+        table.create(connection)  # with its indexes
+
+
 def _migration_1(connection) -> None:
     for table in (messages, stages, deliveries):
         # version 1 of these tables: the columns added by later migrations are left out
@@ -168,6 +222,7 @@ MIGRATIONS = [
     (2, "queues, duplicates, replay links, destination state", _migration_2),
     (3, "unique (message, destination) index for delivery updates", _migration_3),
     (4, "partial indexes: queued deliveries, duplicate keys", _migration_4),
+    (5, "users, API tokens, audit log", _migration_5),
 ]
 
 
@@ -418,6 +473,8 @@ class Store:
                 message_id, stage = key
                 connection.execute(stages.delete().where(stages.c.message_id == message_id, stages.c.stage == stage))
                 connection.execute(stages.insert().values(message_id=message_id, stage=stage, content=values))
+            elif kind == "audit":  # an action's audit entry, in the action's own transaction
+                connection.execute(audit_log.insert().values(**_audit_row(values)))
 
     # -- reading ----------------------------------------------------------------------------------
     def get_message(self, message_id: int) -> dict | None:
@@ -600,6 +657,98 @@ class Store:
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"store write failed: {getattr(exc, 'orig', exc)}") from exc
 
+    # -- users, tokens, audit ----------------------------------------------------------------------
+    def add_user(self, name: str, role: str, password_hash: str, audit: dict) -> None:
+        """A new user; StoreError when the name is taken. ``audit`` is committed with it."""
+        now = time.time()
+        try:
+            with self.engine.begin() as connection:
+                if connection.execute(sa.select(users.c.name).where(users.c.name == name)).first() is not None:
+                    raise StoreError(f"user {name!r} exists already")
+                connection.execute(users.insert().values(name=name, role=role, password_hash=password_hash,
+                                                         created_at=now, updated_at=now))
+                connection.execute(audit_log.insert().values(**_audit_row(audit)))
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"could not add user {name!r}: {getattr(exc, 'orig', exc)}") from exc
+
+    def update_user(self, name: str, audit: dict, **values) -> bool:
+        """Change a user's role or password hash; False when there is no such user."""
+        with self.engine.begin() as connection:
+            changed = connection.execute(users.update().where(users.c.name == name)
+                                         .values(updated_at=time.time(), **values)).rowcount
+            if changed:
+                connection.execute(audit_log.insert().values(**_audit_row(audit)))
+            return bool(changed)
+
+    def remove_user(self, name: str, audit: dict) -> bool:
+        with self.engine.begin() as connection:
+            removed = connection.execute(users.delete().where(users.c.name == name)).rowcount
+            if removed:
+                connection.execute(audit_log.insert().values(**_audit_row(audit)))
+            return bool(removed)
+
+    def get_user(self, name: str) -> dict | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(users).where(users.c.name == name)).mappings().first()
+            return dict(row) if row else None
+
+    def list_users(self) -> list[dict]:
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(
+                sa.select(users.c.name, users.c.role, users.c.created_at, users.c.updated_at).order_by(users.c.name)).mappings()]
+
+    def add_token(self, name: str, role: str, token_hash: str, created_by: str, audit: dict) -> None:
+        try:
+            with self.engine.begin() as connection:
+                if connection.execute(sa.select(api_tokens.c.name).where(api_tokens.c.name == name)).first() is not None:
+                    raise StoreError(f"token {name!r} exists already")
+                connection.execute(api_tokens.insert().values(name=name, role=role, token_hash=token_hash,
+                                                              created_at=time.time(), created_by=created_by))
+                connection.execute(audit_log.insert().values(**_audit_row(audit)))
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"could not add token {name!r}: {getattr(exc, 'orig', exc)}") from exc
+
+    def find_token(self, token_hash: str) -> dict | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(api_tokens).where(api_tokens.c.token_hash == token_hash)).mappings().first()
+            return dict(row) if row else None
+
+    def list_tokens(self) -> list[dict]:
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(
+                sa.select(api_tokens.c.name, api_tokens.c.role, api_tokens.c.created_at, api_tokens.c.created_by,
+                          api_tokens.c.last_used_at).order_by(api_tokens.c.name)).mappings()]
+
+    def revoke_token(self, name: str, audit: dict) -> bool:
+        with self.engine.begin() as connection:
+            removed = connection.execute(api_tokens.delete().where(api_tokens.c.name == name)).rowcount
+            if removed:
+                connection.execute(audit_log.insert().values(**_audit_row(audit)))
+            return bool(removed)
+
+    def audit(self, entry: dict) -> None:
+        """One audit entry on its own (an action that is itself a read, such as viewing PHI)."""
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(audit_log.insert().values(**_audit_row(entry)))
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"could not write the audit log: {getattr(exc, 'orig', exc)}") from exc
+
+    def audit_entries(self, *, since: float | None = None, actor: str | None = None, action: str | None = None,
+                      before_id: int | None = None, limit: int = 100) -> list[dict]:
+        """Newest first, keyset paged (``before_id``); ``action`` matches a prefix (``user.``)."""
+        query = sa.select(audit_log)
+        if since is not None:
+            query = query.where(audit_log.c.at >= since)
+        if actor:
+            query = query.where(audit_log.c.actor == storable(actor))
+        if action:
+            query = query.where(audit_log.c.action.like(action.replace("%", "") + "%"))
+        if before_id is not None:
+            query = query.where(audit_log.c.id < before_id)
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query.order_by(audit_log.c.id.desc()).limit(limit)).mappings()]
+
     def ping(self) -> bool:
         with self.engine.connect() as connection:
             connection.execute(sa.text("SELECT 1"))
@@ -725,6 +874,10 @@ class _SQLiteBatch:
             elif kind == "stage":
                 connection.execute("INSERT OR REPLACE INTO message_stages (message_id, stage, content) VALUES (?, ?, ?)",
                                    (*key, values))
+            elif kind == "audit":
+                row = _audit_row(values)
+                connection.execute(f"INSERT INTO audit_log ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                                   tuple(row.values()))
             else:
                 raise ValueError(f"unknown update {kind!r}")
         for columns, rows in grouped.items():

@@ -60,13 +60,13 @@ def test_list_search_show_with_phi_masked(env, capsys):
     code, out = cli(capsys, "messages", "list", "--status", "ERROR", "--format", "json")
     rows = json.loads(out)
     assert [r["control_id"] for r in rows] == ["M2"] and rows[0]["patient_id"] == "9***"
-    code, out = cli(capsys, "messages", "search", "--text", "999111", "--show-phi")
+    code, out = cli(capsys, "messages", "search", "--text", "999111", "--show-phi", "--reason", "ticket 1")
     assert "M1" in out and "M2" not in out and "999111" in out
     code, out = cli(capsys, "messages", "search", "--text", "doe^jane")  # whatever the case
     assert "M1" in out and "M2" in out
     code, out = cli(capsys, "messages", "show", str(first))
     assert "PID|1||***||***||***|***" in out and "DOE" not in out and "lab: SENT" in out
-    code, out = cli(capsys, "messages", "show", str(first), "--show-phi")
+    code, out = cli(capsys, "messages", "show", str(first), "--show-phi", "--reason", "ticket 1")
     assert "DOE^JANE" in out
     code, out = cli(capsys, "messages", "list", "--limit", "1")
     assert "-- more: --before 2" in out
@@ -197,7 +197,7 @@ def test_replay_dry_run_masks_patient_data_unless_asked(env, capsys):
         assert code == 0 and "changed since it was sent" in out.replace("\\n", "\n") or "sent before" in out
         assert "19800412" not in out and "DOE" not in out and "999333" not in out, out
         assert "***" in out
-    code, out = cli(capsys, "replay", str(sent), "--dry-run", "--force", "--show-phi")
+    code, out = cli(capsys, "replay", str(sent), "--dry-run", "--force", "--show-phi", "--reason", "ticket 2")
     assert "-PID|1||999333^^^H^MR||DOE^JANE||19800412|F" in out and "+PID|1||999333^^^H^MR||DOE^JANE||1980|F" in out
 
 
@@ -213,7 +213,7 @@ def test_error_texts_quoting_values_are_masked_and_never_cut(env, capsys):
     code, out = cli(capsys, "messages", "list")
     assert out.splitlines()[0].split()[:3] == ["ID", "RECEIVED", "CHANNEL"]  # a header
     assert "'1***' does not match" in out and out.rstrip().endswith("and a long explanation")  # whole, masked
-    code, out = cli(capsys, "messages", "list", "--show-phi")
+    code, out = cli(capsys, "messages", "list", "--show-phi", "--reason", "ticket 3")
     assert "'19800412' does not match" in out
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-__all__ = ["open_store_from_args", "parse_age", "parse_time", "add_filter_arguments", "filters_from_args", "Progress",
+__all__ = ["open_store_from_args", "phi_permitted", "parse_age", "parse_time", "add_filter_arguments", "filters_from_args", "Progress",
            "time_argument", "age_argument"]
 
 _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
@@ -88,6 +88,21 @@ def open_store_from_args(args):
     if version < MIGRATIONS[-1][0]:
         store.migrate()  # an older engine's store: bring it up to date, as `run` would
     return store, settings
+
+
+def phi_permitted(args, store, target: str) -> bool:
+    """--show-phi needs a reason, and is written to the audit log before anything is shown."""
+    if not getattr(args, "show_phi", False):
+        return True
+    reason = (getattr(args, "reason", None) or "").strip()
+    if not reason:
+        print("--show-phi needs --reason: seeing patient data unmasked is written to the audit log with why",
+              file=sys.stderr)
+        return False
+    from hl7relay.auth import cli_source, os_actor
+
+    store.audit({"actor": os_actor(), "source": cli_source(), "action": "phi.view", "target": target, "reason": reason})
+    return True
 
 
 def _default_store() -> str:

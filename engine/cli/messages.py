@@ -39,16 +39,24 @@ def add_arguments(parser) -> None:
 
 
 def _common(parser) -> None:
-    parser.add_argument("--show-phi", action="store_true", help="show patient data (masked by default)")
+    parser.add_argument("--show-phi", action="store_true",
+                        help="show patient data (masked by default); needs --reason, and is audited")
+    parser.add_argument("--reason", help="why patient data is shown unmasked (written to the audit log)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     add_settings_arguments(parser, channels=False)
 
 
 def run(args) -> int:
-    from hl7relay.cli._support import filters_from_args, format_time, open_store_from_args
+    from hl7relay.cli._support import filters_from_args, format_time, open_store_from_args, phi_permitted
     from hl7relay.phi import mask_message, mask_text, mask_value
 
     store, _ = open_store_from_args(args)
+    target = f"message {args.id}" if args.action == "show" else "messages " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+        if k in ("channel", "status", "message_type", "control_id", "patient_id", "facility", "delivery_status", "text")
+        and v is not None)
+    if not phi_permitted(args, store, target.strip()):
+        return 2
     if args.action == "show":
         message = store.get_message(args.id)
         if message is None:

@@ -33,7 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reason", help="why (recorded with the replay; required unless --dry-run)")
     parser.add_argument("--operator", default=None, help="who (default: the login name)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
-    parser.add_argument("--show-phi", action="store_true", help="show patient data in diffs and reasons (masked by default)")
+    parser.add_argument("--show-phi", action="store_true",
+                        help="show patient data in diffs (masked by default); needs --reason, and is audited")
     add_settings_arguments(parser)
 
 
@@ -45,7 +46,12 @@ def run(args) -> int:
     if not args.dry_run and not args.reason:
         print("say why with --reason (it is recorded with the replay), or use --dry-run", file=sys.stderr)
         return 2
+    from hl7relay.auth import cli_source, os_actor
+    from hl7relay.cli._support import phi_permitted
+
     store, settings = open_store_from_args(args)
+    if not phi_permitted(args, store, "replay " + " ".join(map(str, args.ids)) if args.ids else "replay (filters)"):
+        return 2
     channels, errors = load_channels(settings["channels"])
     if errors:
         for error in errors:
@@ -74,7 +80,8 @@ def run(args) -> int:
         entry = {"id": message_id, "control_id": plan.control_id, "destinations": sorted(plan.outputs),
                  "skipped": plan.skipped, "changed": plan.changes}
         if not plan.skipped and not args.dry_run:
-            entry["replay_id"] = commit_replay(store, by_name, plan, args.reason, operator)
+            entry["replay_id"] = commit_replay(store, by_name, plan, args.reason, operator,
+                                               audit={"actor": os_actor(), "source": cli_source(), "action": "replay"})
             replayed += 1
         elif plan.skipped:
             skipped += 1

@@ -16,7 +16,9 @@ running engine last found it connected."""
 
 def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=("text", "json"), default="text")
-    parser.add_argument("--show-phi", action="store_true", help="show values quoted in error texts (masked by default)")
+    parser.add_argument("--show-phi", action="store_true",
+                        help="show values quoted in error texts (masked by default); needs --reason, and is audited")
+    parser.add_argument("--reason", help="why patient data is shown unmasked (written to the audit log)")
     add_settings_arguments(parser)
 
 
@@ -46,7 +48,11 @@ def run(args) -> int:
 
     from hl7relay.phi import mask_text
 
+    from hl7relay.cli._support import phi_permitted
+
     store, settings = open_store_from_args(args)
+    if not phi_permitted(args, store, "status"):
+        return 2
     status = store.channel_status(time.time())
     configured = _configured(settings)
     text = (lambda value: value) if args.show_phi else mask_text

@@ -1,0 +1,96 @@
+"""Users, roles, API tokens and who did what: what every way into the engine checks.
+
+There is no default account: ``hl7relay user add NAME --role ROLE`` makes the first one. Roles:
+
+- ``viewer``: counters, states, queues, masked messages;
+- ``operator``: a viewer who may also pause, resume and retry destinations, enable and disable
+  channels, and replay messages;
+- ``admin``: an operator who may also reload channels, prune, manage users and tokens, read the
+  audit log, and see patient data unmasked.
+
+Seeing unmasked patient data (``phi``) is a permission of its own: it takes a reason and always
+writes an audit entry. Passwords are hashed with scrypt (memory-hard, in the standard library);
+API tokens are 256-bit random strings shown once and stored as their SHA-256 (a token has no
+dictionary to guess from, so a slow hash would only slow every request).
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import socket
+
+__all__ = ["ROLES", "PERMISSIONS", "can", "hash_password", "verify_password", "new_token", "token_hash",
+           "valid_name", "os_actor", "cli_source"]
+
+ROLES = ("viewer", "operator", "admin")
+# permission -> the least role that has it
+PERMISSIONS = {
+    "read": "viewer",
+    "control": "operator",  # pause / resume / retry destinations, enable / disable channels
+    "replay": "operator",
+    "reload": "admin",
+    "prune": "admin",
+    "users": "admin",
+    "audit": "admin",
+    "phi": "admin",  # and always a reason and an audit entry
+}
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+# scrypt with 16 MiB of memory per hash (n=2**14, r=8): slow to guess on any hardware
+_SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
+
+
+def can(role: str, permission: str) -> bool:
+    """Whether ``role`` has ``permission`` (unknown roles and permissions have nothing)."""
+    least = PERMISSIONS.get(permission)
+    return least is not None and role in ROLES and ROLES.index(role) >= ROLES.index(least)
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME.fullmatch(name or ""))
+
+
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, dklen=32, maxmem=64 * 1024 * 1024, **_SCRYPT)
+    encode = lambda data: base64.b64encode(data).decode("ascii")  # noqa: E731
+    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${encode(salt)}${encode(digest)}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(password.encode("utf-8"), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
+                                dklen=len(expected), maxmem=64 * 1024 * 1024)
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def new_token() -> str:
+    return "hl7r_" + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def os_actor() -> str:
+    """Who runs a CLI verb that works on the store directly: the operating system's user."""
+    try:
+        return "os:" + getpass.getuser()
+    except (KeyError, OSError):
+        return f"os:uid{os.getuid()}"
+
+
+def cli_source() -> str:
+    return f"cli@{socket.gethostname()}"
