@@ -83,6 +83,9 @@ class DestinationQueue:
         self._waiters: dict[int, list[defer.Deferred]] = {}
         self._holding: set[int] = set()  # after_delivery: a failed first attempt waits for release/withdraw
         self._wake = None
+        self.paused = False  # an operator's pause: the queue keeps filling, nothing is sent
+        self.last_error = ""
+        self.last_error_at: float | None = None
 
     def start(self) -> None:
         self.loop.start(self.poll_interval, now=True)
@@ -114,6 +117,44 @@ class DestinationQueue:
                                     "order_key": order_key, "content": content, "raw": content, "received_at": received_at,
                                     "message": message}
         self.nudge()
+
+    # -- operators' controls -----------------------------------------------------------------------
+    def pause(self) -> None:
+        """Send nothing more (deliveries in flight finish); new deliveries keep queueing."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.nudge()
+
+    def retry_now(self) -> int:
+        """Skip the backoff of every delivery waiting for its next attempt; how many there were."""
+        now = self.clock()
+        waiting = [row for row in self.pending.values()
+                   if (row.get("next_attempt_at") or 0) > now and row["message_id"] not in self.in_flight]
+        for row in waiting:
+            row["next_attempt_at"] = now
+        if waiting:
+            self.nudge()
+        return len(waiting)
+
+    def view(self) -> dict:
+        """The queue as an operator sees it (from memory: no store read)."""
+        now = self.clock()
+        head = next(iter(self.pending.values()), None)
+        oldest = min((row["received_at"] for row in self.pending.values()), default=None)
+        return {
+            "channel": self.channel, "destination": self.destination, "paused": self.paused,
+            "connected": self.connected, "depth": len(self.pending) + self.backlog, "in_memory": len(self.pending),
+            "on_disk": self.backlog, "in_flight": len(self.in_flight),
+            "oldest_age": None if oldest is None else max(0.0, now - oldest),
+            "head": None if head is None else {
+                "message_id": head["message_id"], "attempts": head.get("attempts", 0),
+                "next_attempt_in": max(0.0, (head.get("next_attempt_at") or now) - now), "held": bool(head.get("held")),
+            },
+            "last_error": self.last_error, "last_error_at": self.last_error_at,
+            "sent": self.sent, "failed": self.failed, "retried": self.retried,
+        }
 
     def nudge(self) -> None:
         if self.stopped:
@@ -244,6 +285,8 @@ class DestinationQueue:
             self._sleep_until()  # a free slot and nothing due: wake for the next retry (a full queue wakes on answers)
 
     def _next_due(self) -> dict | None:
+        if self.paused:
+            return None
         now = self.clock()
         order, in_flight = self.options.order, self.in_flight
         if order == "in_order":
@@ -357,6 +400,8 @@ class DestinationQueue:
                      error=result.error, delay=delay)
         if final:
             self.pending.pop(message_id, None)
+        if not result.ok:
+            self.last_error, self.last_error_at = result.error, now
         self._state(result)
         for waiter in self._waiters.pop(message_id, ()):
             waiter.callback(result)

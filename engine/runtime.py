@@ -50,6 +50,8 @@ class _RunningChannel:
     in_flight_keys: dict = field(default_factory=dict)  # duplicate key -> Deferred firing with the ACK code
     ports: list = field(default_factory=list)
     pollers: list = field(default_factory=list)
+    enabled: bool = True  # an operator may disable a configured channel at run time (hl7relay channel disable)
+    address: str = ""  # where it listens, once open
 
 
 class Engine:
@@ -76,49 +78,157 @@ class Engine:
             if channel.enabled:
                 policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
                 self.channels[channel.name] = _RunningChannel(channel, policy)
+        self.queue_poll_interval = queue_poll_interval
+        self._senders_of: dict[tuple[str, str], list[MLLPSender]] = {}
+        self._deliver: dict[tuple[str, str], object] = {}
         for running in self.channels.values():
             for destination in running.channel.destinations:
-                running.queues[destination.name] = DestinationQueue(
-                    running.channel.name, destination.name, self._destination(destination), destination.config.queue,
-                    writer, self.reactor, self.clock, queue_poll_interval)
+                self._deliver[(running.channel.name, destination.name)] = self._destination(destination, running.channel.name)
+                running.queues[destination.name] = self._new_queue(running, destination)
+
+    def _new_queue(self, running: _RunningChannel, destination) -> DestinationQueue:
+        return DestinationQueue(running.channel.name, destination.name, self._deliver[(running.channel.name, destination.name)],
+                                destination.config.queue, self.writer, self.reactor, self.clock, self.queue_poll_interval)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> list[str]:
-        """Open every source; returns one line per channel saying what listens where."""
+    def start(self, controls: set | None = None) -> list[str]:
+        """Open every channel that is not disabled; returns one line per channel saying what
+        listens where. ``controls`` are the operators' switches kept in the store (read from it
+        when not given): disabled channels stay closed, paused destinations stay paused."""
+        if controls is None:
+            try:
+                controls = self.writer.store.controls()
+            except Exception:  # noqa: BLE001 - an older test double of the store: no controls
+                controls = set()
         lines = []
         for running in self.channels.values():
-            for queue in running.queues.values():
-                queue.start()
-            channel = running.channel
-            targets = ", ".join(f"{d.name} ({d.type})" for d in channel.destinations) or "no destinations"
-            if isinstance(channel.source, MLLPSourceConfig):
-                config = channel.source.listener
-                config.policy = running.policy
-                port = listen(lambda message, peer, c=channel: self.handle(c, message, peer), config, self.reactor,
-                              name=channel.name)
-                running.ports.append(port)
-                address = port.getHost()
-                tls = " TLS" if config.tls else ""
-                lines.append(f"channel {channel.name}: MLLP{tls} on {address.host}:{address.port} -> {targets}")
-            elif isinstance(channel.source, FileSourceConfig):
-                poller = _FilePoller(self, channel, channel.source)
-                poller.start()
-                running.pollers.append(poller)
-                lines.append(f"channel {channel.name}: files {channel.source.glob} in {channel.source.directory} -> {targets}")
+            name = running.channel.name
+            for destination, queue in running.queues.items():
+                queue.paused = (name, destination, "paused") in controls
+            if (name, "", "disabled") in controls:
+                running.enabled = False
+                lines.append(f"channel {name}: disabled (hl7relay channel enable {name})")
+                continue
+            lines.append(self._open(running))
         self.started = True
         return lines
+
+    def _open(self, running: _RunningChannel) -> str:
+        """Start a channel's queues and its source; the line that says where it listens."""
+        for queue in running.queues.values():
+            queue.start()
+        channel = running.channel
+        targets = ", ".join(f"{d.name} ({d.type})" for d in channel.destinations) or "no destinations"
+        running.enabled = True
+        if isinstance(channel.source, MLLPSourceConfig):
+            config = channel.source.listener
+            config.policy = running.policy
+            port = listen(lambda message, peer, c=channel: self.handle(c, message, peer), config, self.reactor,
+                          name=channel.name)
+            running.ports.append(port)
+            address = port.getHost()
+            tls = " TLS" if config.tls else ""
+            running.address = f"{address.host}:{address.port}"
+            return f"channel {channel.name}: MLLP{tls} on {address.host}:{address.port} -> {targets}"
+        if isinstance(channel.source, FileSourceConfig):
+            poller = _FilePoller(self, channel, channel.source)
+            poller.start()
+            running.pollers.append(poller)
+            running.address = str(channel.source.directory)
+            return f"channel {channel.name}: files {channel.source.glob} in {channel.source.directory} -> {targets}"
+        return f"channel {channel.name}: no source"
+
+    @defer.inlineCallbacks
+    def _close(self, running: _RunningChannel, close_connections: bool):
+        """Stop a channel accepting (and, when asked, close its open connections) and stop its
+        queues; what they hold stays stored and resumes when the channel opens again."""
+        running.enabled = False
+        ports, running.ports = running.ports, []
+        for port in ports:
+            factory = getattr(port, "factory", None)
+            yield port.stopListening()
+            if close_connections and factory is not None:
+                for protocol in list(getattr(factory, "connections", ())):
+                    protocol.transport.loseConnection()
+        pollers, running.pollers = running.pollers, []
+        for poller in pollers:
+            poller.stop()
+        for queue in running.queues.values():
+            queue.stop()
+
+    # -- operators' controls (the operations API and the CLI call these) ---------------------------
+    def _running(self, channel: str) -> _RunningChannel:
+        running = self.channels.get(channel)
+        if running is None:
+            raise KeyError(f"no channel {channel!r}")
+        return running
+
+    def _queue(self, channel: str, destination: str) -> DestinationQueue:
+        queue = self._running(channel).queues.get(destination)
+        if queue is None:
+            raise KeyError(f"channel {channel!r} has no destination {destination!r}")
+        return queue
+
+    @defer.inlineCallbacks
+    def set_channel_enabled(self, channel: str, enabled: bool, actor: str = "", audit: dict | None = None):
+        """Enable or disable a channel now, and remember it across restarts."""
+        running = self._running(channel)
+        yield self.writer.read(self.writer.store.set_control, channel, "", "disabled", not enabled, actor, audit)
+        if enabled and not running.enabled:
+            for destination in running.channel.destinations:
+                queue = self._new_queue(running, destination)
+                queue.paused = running.queues[destination.name].paused
+                running.queues[destination.name] = queue
+            line = self._open(running)
+            log.info("{line} (enabled by {actor})", line=line, actor=actor or "?", channel=channel)
+        elif not enabled and running.enabled:
+            yield self._close(running, close_connections=True)
+            log.info("channel {channel} disabled by {actor}: not accepting; its queued deliveries wait", channel=channel,
+                     actor=actor or "?")
+        return self.channel_view(channel)
+
+    @defer.inlineCallbacks
+    def set_destination_paused(self, channel: str, destination: str, paused: bool, actor: str = "",
+                               audit: dict | None = None):
+        queue = self._queue(channel, destination)
+        yield self.writer.read(self.writer.store.set_control, channel, destination, "paused", paused, actor, audit)
+        if paused:
+            queue.pause()
+        else:
+            queue.resume()
+        log.info("destination {channel}/{destination} {what} by {actor}", channel=channel, destination=destination,
+                 what="paused" if paused else "resumed", actor=actor or "?")
+        return queue.view()
+
+    @defer.inlineCallbacks
+    def retry_now(self, channel: str, destination: str, actor: str = "", audit: dict | None = None):
+        """Skip the backoff of the destination's waiting deliveries and of its connections."""
+        queue = self._queue(channel, destination)
+        for sender in self._senders_of.get((channel, destination), ()):
+            sender.skip_backoff()
+        count = queue.retry_now()
+        if audit:
+            yield self.writer.read(self.writer.store.audit, dict(audit, detail=f"{count} waiting deliveries"))
+        return dict(queue.view(), retried_now=count)
+
+    def channel_view(self, channel: str) -> dict:
+        running = self._running(channel)
+        view = {"name": channel, "enabled": running.enabled, "source": running.channel.source_type,
+                "address": running.address if running.enabled else "",
+                "open_connections": sum(getattr(getattr(port, "factory", None), "open_connections", 0) for port in running.ports),
+                "destinations": {name: queue.view() for name, queue in running.queues.items()}}
+        return view
+
+    def status(self) -> dict:
+        return {"started": self.started, "stopping": self.stopping, "in_flight": self.in_flight,
+                "channels": {name: self.channel_view(name) for name in self.channels}}
 
     @defer.inlineCallbacks
     def stop(self):
         """Stop accepting, finish what is in flight, flush the store."""
         self.stopping = True
         for running in self.channels.values():
-            for port in running.ports:
-                yield port.stopListening()
-            for poller in running.pollers:
-                poller.stop()
-            for queue in running.queues.values():
-                queue.stop()
+            yield self._close(running, close_connections=False)
         for _ in range(600):  # in-flight messages get up to a minute
             if self.in_flight == 0:
                 break
@@ -361,12 +471,13 @@ class Engine:
         return "PROCESSED", "", Outcome.accepted()
 
     # -- deliveries -----------------------------------------------------------------------------
-    def _destination(self, destination):
+    def _destination(self, destination, channel_name: str = ""):
         config = destination.config
         if isinstance(config, MLLPDestinationConfig):
             # one connection per delivery in flight; the queue never has more than `parallel` out
             idle = [MLLPSender(config.sender, self.reactor) for _ in range(config.queue.parallel)]
             self._senders.extend(idle)
+            self._senders_of[(channel_name, destination.name)] = list(idle)
 
             def deliver_mllp(message):
                 sender = idle.pop()
@@ -395,7 +506,7 @@ class Engine:
         if isinstance(config, ChannelDestinationConfig):
             def deliver_channel(message):
                 target = self.channels.get(config.channel)
-                if target is None:
+                if target is None or not target.enabled:
                     return DeliveryResult(False, error=f"channel {config.channel!r} is not running")
                 d = self.handle(target.channel, message.copy(), f"channel:{config.channel}")
                 d.addCallback(lambda o: DeliveryResult(o.status in (Status.ACCEPTED, Status.FILTERED),

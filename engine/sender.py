@@ -210,6 +210,11 @@ class MLLPSender:
         self._pump()
         return done
 
+    def skip_backoff(self) -> None:
+        """Connect again at the next send instead of after the backoff (an operator's retry now)."""
+        self._failures = 0
+        self._not_before = 0.0
+
     def close(self) -> None:
         """Drop the connection (pending sends fail as connection failures)."""
         if self.protocol is not None:

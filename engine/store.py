@@ -139,6 +139,16 @@ audit_log = sa.Table(
 sa.Index("ix_audit_log_at", audit_log.c.at)
 
 
+# What operators switched at run time (a channel disabled, a destination paused): survives restarts.
+control_state = sa.Table(
+    "control_state", metadata,
+    sa.Column("channel", sa.String(200), primary_key=True),
+    sa.Column("destination", sa.String(200), primary_key=True),  # "" for the channel itself
+    sa.Column("setting", sa.String(20), primary_key=True),  # disabled (channel) or paused (destination)
+    sa.Column("changed_at", sa.Float, nullable=False),
+    sa.Column("changed_by", sa.String(200), nullable=False, default=""),
+)
+
 AUDIT_FIELDS = ("at", "actor", "source", "action", "target", "reason", "result", "detail")
 
 
@@ -223,6 +233,7 @@ MIGRATIONS = [
     (3, "unique (message, destination) index for delivery updates", _migration_3),
     (4, "partial indexes: queued deliveries, duplicate keys", _migration_4),
     (5, "users, API tokens, audit log", _migration_5),
+    (6, "channel and destination controls that survive a restart", lambda connection: control_state.create(connection)),
 ]
 
 
@@ -748,6 +759,24 @@ class Store:
             query = query.where(audit_log.c.id < before_id)
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(query.order_by(audit_log.c.id.desc()).limit(limit)).mappings()]
+
+    def set_control(self, channel: str, destination: str, setting: str, on: bool, actor: str, audit: dict | None) -> None:
+        """Record (``on``) or clear a control (``disabled`` for a channel, ``paused`` for a
+        destination), with its audit entry in the same transaction."""
+        with self.engine.begin() as connection:
+            key = (control_state.c.channel == channel, control_state.c.destination == destination,
+                   control_state.c.setting == setting)
+            connection.execute(control_state.delete().where(*key))
+            if on:
+                connection.execute(control_state.insert().values(channel=channel, destination=destination, setting=setting,
+                                                                 changed_at=time.time(), changed_by=actor))
+            if audit:
+                connection.execute(audit_log.insert().values(**_audit_row(audit)))
+
+    def controls(self) -> set[tuple[str, str, str]]:
+        """Every control in force: (channel, destination or "", setting)."""
+        with self.engine.connect() as connection:
+            return {(r.channel, r.destination, r.setting) for r in connection.execute(sa.select(control_state))}
 
     def ping(self) -> bool:
         with self.engine.connect() as connection:
