@@ -1,5 +1,6 @@
-"""The admin HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz`` (the process is up) and
-``/readyz`` (listeners bound, the store reachable and, after a failed commit, writable again). Bound to 127.0.0.1 unless told otherwise."""
+"""The admin HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz`` (the process is up),
+``/readyz`` (listeners bound, the store reachable and, after a failed commit, writable again) and
+the operations API under ``/api/v1/`` (hl7relay.api; it needs a token). Bound to 127.0.0.1 unless told otherwise."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class _Ready(resource.Resource):
         elif engine.stopping:
             problems.append("the engine is stopping")
         unbound = [name for name, running in engine.channels.items()
-                   if running.channel.source_type == "mllp" and not running.ports]
+                   if running.channel.source_type == "mllp" and running.enabled and not running.ports]
         if unbound:
             problems.append("listeners not bound: " + ", ".join(unbound))
         ping = engine.writer.read(engine.writer.store.ping)
@@ -84,13 +85,16 @@ class _Ready(resource.Resource):
 class AdminSite(server.Site):
     noisy = False
 
-    def __init__(self, engine, metrics: Metrics):
+    def __init__(self, engine, metrics: Metrics, local_token: str | None = None):
+        from hl7relay.api import ApiResource
+
         root = resource.Resource()
         root.putChild(b"metrics", _Metrics(metrics))
         root.putChild(b"healthz", _Health())
         root.putChild(b"readyz", _Ready(engine))
+        root.putChild(b"api", ApiResource(engine, local_token))
         super().__init__(root)
 
 
-def start_admin(engine, metrics: Metrics, host: str, port: int, reactor):
-    return reactor.listenTCP(port, AdminSite(engine, metrics), interface=host)
+def start_admin(engine, metrics: Metrics, host: str, port: int, reactor, local_token: str | None = None):
+    return reactor.listenTCP(port, AdminSite(engine, metrics, local_token), interface=host)

@@ -28,6 +28,8 @@ VERBS = {
     "user": "hl7relay.cli.user",
     "token": "hl7relay.cli.token",
     "audit": "hl7relay.cli.audit",
+    "channel": "hl7relay.cli.channel",
+    "destination": "hl7relay.cli.destination",
 }
 
 

@@ -76,9 +76,10 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
             elif key == "admin":
                 if not isinstance(value, dict) or set(value) - {"host", "port"}:
                     problems.append(f"{where}: admin is {{host: 127.0.0.1, port: 9102}} (port 0: off)")
-                elif "port" in value and (isinstance(value["port"], bool) or not isinstance(value["port"], int)
-                                          or not 0 <= value["port"] <= 65535):
-                    problems.append(f"{doc.mark((key, 'port'))}: admin port must be a whole number from 0 to 65535")
+                elif "port" in value and value["port"] != "auto" and (
+                        isinstance(value["port"], bool) or not isinstance(value["port"], int) or not 0 <= value["port"] <= 65535):
+                    problems.append(f"{doc.mark((key, 'port'))}: admin port must be a whole number from 0 to 65535 "
+                                    "(0: off), or auto")
                 elif "host" in value and not isinstance(value["host"], str):
                     problems.append(f"{doc.mark((key, 'host'))}: admin host is an address such as 127.0.0.1")
                 else:

@@ -27,10 +27,16 @@ def add_arguments(parser) -> None:
     add_settings_arguments(parser)
     parser.add_argument("--log-level", choices=("trace", "debug", "info", "warn", "error"), help="default: info")
     parser.add_argument("--log-format", choices=("text", "json"), help="default: text")
-    parser.add_argument("--admin-port", type=port, metavar="PORT", help="/metrics, /healthz, /readyz (default 9102; 0: off)")
+    parser.add_argument("--admin-port", type=_admin_port, metavar="PORT",
+                        help="/metrics, /healthz, /readyz, /api/v1 (default 9102; 0: off; auto: any free port, "
+                             "written to DATA_DIR/api-endpoint)")
     parser.add_argument("--admin-host", metavar="HOST", help="default 127.0.0.1")
     parser.add_argument("--stop-timeout", type=seconds, metavar="SECONDS",
                         help="on SIGTERM, how long to wait for the ACKs of deliveries already sent (default 10)")
+
+
+def _admin_port(text: str):
+    return "auto" if text.strip().lower() == "auto" else port(text)
 
 
 def run(args) -> int:
@@ -98,8 +104,15 @@ def run(args) -> int:
         from hl7relay.metrics import Metrics
 
         try:
-            site = start_admin(engine, Metrics().install(), admin["host"], int(admin["port"]), reactor)
-            announce(f"admin: http://{admin['host']}:{site.getHost().port}/metrics, /healthz, /readyz", "admin_started")
+            from hl7relay.api import write_endpoint, write_local_token
+
+            # the CLI on this host reaches the API with it (hl7relay channel / destination ...)
+            local_token = write_local_token(settings["data_dir"])
+            site = start_admin(engine, Metrics().install(), admin["host"],
+                               0 if admin["port"] == "auto" else int(admin["port"]), reactor, local_token)
+            write_endpoint(settings["data_dir"], admin["host"], site.getHost().port)
+            announce(f"admin: http://{admin['host']}:{site.getHost().port}/metrics, /healthz, /readyz, /api/v1/",
+                     "admin_started")
         except Exception as exc:  # noqa: BLE001 - the engine runs without its admin port rather than not at all
             print(f"warning: admin endpoints not started on {admin['host']}:{admin['port']}: {exc}", file=sys.stderr)
     stopped = {"clean": True}

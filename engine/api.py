@@ -1,0 +1,275 @@
+"""The operations API: JSON over HTTP on the admin listener, under ``/api/v1/``.
+
+Every request carries ``Authorization: Bearer TOKEN``: a token made with ``hl7relay token create``
+(its role decides what it may do), or the local token the engine writes (0600) into its data
+folder at each start, which the CLI on the same host uses (role admin; the CLI names the OS user
+in ``X-Hl7relay-Actor`` for the audit log, which only the local token may do). Reads come from
+memory (counters, states, queues); every action that changes the engine is written to the audit
+log with who, from where, the target, the reason (``{"reason": "..."}`` in the body) and the result.
+
+Routes (``ROUTES`` is the single table the dispatcher, the permission checks and the OpenAPI
+document at ``/api/v1/openapi.json`` are made from):
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from hl7relay.auth import can, new_token, token_hash
+
+__all__ = ["ROUTES", "ApiResource", "write_local_token", "write_endpoint", "LOCAL_TOKEN_FILE", "ENDPOINT_FILE",
+           "openapi_document"]
+
+log = Logger(namespace="hl7relay.api")
+LOCAL_TOKEN_FILE = "api-token"
+ENDPOINT_FILE = "api-endpoint"  # where the running engine's admin listener is bound (port 0 included)
+_MAX_BODY = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    pattern: str  # with {name} parts
+    permission: str
+    handler: str  # ApiResource method
+    summary: str
+    action: str | None = None  # audit action, for routes that change the engine
+
+    @property
+    def regex(self):
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.pattern) + "$")
+
+
+ROUTES = (
+    Route("GET", "/api/v1/status", "read", "get_status", "the engine, its channels, destinations and queues"),
+    Route("GET", "/api/v1/channels", "read", "get_channels", "every channel: state, address, connections, queues"),
+    Route("GET", "/api/v1/channels/{channel}", "read", "get_channel", "one channel"),
+    Route("POST", "/api/v1/channels/{channel}/enable", "control", "post_enable", "open a disabled channel",
+          "channel.enable"),
+    Route("POST", "/api/v1/channels/{channel}/disable", "control", "post_disable",
+          "stop accepting on a channel (its queued deliveries wait)", "channel.disable"),
+    Route("GET", "/api/v1/channels/{channel}/destinations/{destination}", "read", "get_destination",
+          "a destination's queue: head, depth, oldest age, last error"),
+    Route("POST", "/api/v1/channels/{channel}/destinations/{destination}/pause", "control", "post_pause",
+          "send nothing more (the queue keeps filling)", "destination.pause"),
+    Route("POST", "/api/v1/channels/{channel}/destinations/{destination}/resume", "control", "post_resume",
+          "send again", "destination.resume"),
+    Route("POST", "/api/v1/channels/{channel}/destinations/{destination}/retry", "control", "post_retry",
+          "skip the backoff of what waits to be retried", "destination.retry"),
+    Route("GET", "/api/v1/audit", "audit", "get_audit", "the audit log, newest first (?limit=, ?action=, ?before=)"),
+    Route("GET", "/api/v1/openapi.json", "read", "get_openapi", "this API's OpenAPI document"),
+)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def write_local_token(data_dir) -> str:
+    """A fresh local token, written 0600 into the data folder; returns it."""
+    token = new_token()
+    folder = Path(data_dir)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / LOCAL_TOKEN_FILE
+    temporary = folder / f".{LOCAL_TOKEN_FILE}.{os.getpid()}"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(token + "\n")
+    os.replace(temporary, path)
+    return token
+
+
+def write_endpoint(data_dir, host: str, port: int) -> None:
+    """Where the admin listener is, for the CLI on this host (it may have been given port 0)."""
+    path = Path(data_dir) / ENDPOINT_FILE
+    temporary = path.with_name(f".{ENDPOINT_FILE}.{os.getpid()}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(f"http://{'[' + host + ']' if ':' in host else host}:{port}\n")
+    os.replace(temporary, path)
+
+
+def openapi_document() -> dict:
+    paths: dict = {}
+    for route in ROUTES:
+        parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                      for name in re.findall(r"\{(\w+)\}", route.pattern)]
+        operation = {
+            "summary": route.summary, "operationId": route.handler,
+            "x-permission": route.permission,
+            "parameters": parameters,
+            "security": [{"bearer": []}],
+            "responses": {"200": {"description": "OK", "content": {"application/json": {}}},
+                          "401": {"description": "no or unknown token"},
+                          "403": {"description": "the token's role may not do this"},
+                          "404": {"description": "no such channel or destination"}},
+        }
+        if route.method == "POST":
+            operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"reason": {"type": "string"}}}}}}
+        paths.setdefault(route.pattern, {})[route.method.lower()] = operation
+    return {"openapi": "3.0.3", "info": {"title": "hl7relay operations API", "version": "1"},
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}, "paths": paths}
+
+
+class ApiResource(resource.Resource):
+    """``/api`` on the admin site."""
+
+    isLeaf = True
+
+    def __init__(self, engine, local_token: str | None = None):
+        super().__init__()
+        self.engine = engine
+        self.local_token_hash = token_hash(local_token) if local_token else None
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def render(self, request):
+        request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        d = defer.maybeDeferred(self._dispatch, request)
+
+        def done(body):
+            request.write(json.dumps(body, indent=1, default=str).encode() + b"\n")
+            request.finish()
+
+        def failed(failure):
+            if failure.check(ApiError):
+                request.setResponseCode(failure.value.status)
+                body = {"error": failure.value.text}
+            elif failure.check(KeyError):
+                request.setResponseCode(404)
+                body = {"error": str(failure.value.args[0]) if failure.value.args else "not found"}
+            else:
+                log.failure("API request failed", failure)
+                request.setResponseCode(500)
+                body = {"error": "internal error (logged)"}
+            request.write(json.dumps(body).encode() + b"\n")
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return server.NOT_DONE_YET
+
+    @defer.inlineCallbacks
+    def _dispatch(self, request):
+        path = request.path.decode("utf-8", "replace").rstrip("/")
+        method = request.method.decode("ascii", "replace")
+        matches = [(route, route.regex.match(path)) for route in ROUTES]
+        matches = [(route, m) for route, m in matches if m]
+        if not matches:
+            raise ApiError(404, f"no route {path}")
+        route = next((r for r, m in matches if r.method == method), None)
+        if route is None:
+            request.setHeader(b"Allow", ", ".join(sorted({r.method for r, _ in matches})).encode())
+            raise ApiError(405, f"{method} is not allowed on {path}")
+        params = next(m for r, m in matches if r is route).groupdict()
+        caller = yield self._authenticate(request)
+        if not can(caller["role"], route.permission):
+            raise ApiError(403, f"{caller['actor']} ({caller['role']}) may not {route.permission}")
+        body = self._body(request) if method == "POST" else {}
+        result = yield getattr(self, route.handler)(request, caller, body, **params)
+        return result
+
+    @defer.inlineCallbacks
+    def _authenticate(self, request):
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "send Authorization: Bearer TOKEN (hl7relay token create)")
+        hashed = token_hash(token.strip())
+        peer = request.getClientAddress()
+        source = getattr(peer, "host", "?")
+        if self.local_token_hash is not None and hashed == self.local_token_hash:
+            actor = (request.getHeader(b"x-hl7relay-actor") or b"local").decode("utf-8", "replace")[:200]
+            return {"actor": actor, "role": "admin", "source": f"local:{source}"}
+        row = yield self.engine.writer.read(self.engine.writer.store.find_token, hashed)
+        if row is None:
+            raise ApiError(401, "unknown or revoked token")
+        return {"actor": f"token:{row['name']}", "role": row["role"], "source": source}
+
+    @staticmethod
+    def _body(request) -> dict:
+        data = request.content.read(_MAX_BODY + 1) if request.content is not None else b""
+        if len(data) > _MAX_BODY:
+            raise ApiError(413, "request body too large")
+        if not data.strip():
+            return {}
+        try:
+            body = json.loads(data)
+        except ValueError:
+            raise ApiError(400, "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body is a JSON object")
+        return body
+
+    @staticmethod
+    def _audit(caller: dict, action: str, target: str, body: dict) -> dict:
+        reason = body.get("reason", "")
+        return {"actor": caller["actor"], "source": caller["source"], "action": action, "target": target,
+                "reason": reason if isinstance(reason, str) else str(reason)}
+
+    # -- handlers ---------------------------------------------------------------------------------
+    def get_status(self, request, caller, body):
+        return self.engine.status()
+
+    def get_channels(self, request, caller, body):
+        return [self.engine.channel_view(name) for name in self.engine.channels]
+
+    def get_channel(self, request, caller, body, channel):
+        return self.engine.channel_view(channel)
+
+    def post_enable(self, request, caller, body, channel):
+        self.engine._running(channel)
+        return self.engine.set_channel_enabled(channel, True, caller["actor"],
+                                               self._audit(caller, "channel.enable", channel, body))
+
+    def post_disable(self, request, caller, body, channel):
+        self.engine._running(channel)
+        return self.engine.set_channel_enabled(channel, False, caller["actor"],
+                                               self._audit(caller, "channel.disable", channel, body))
+
+    def get_destination(self, request, caller, body, channel, destination):
+        return self.engine._queue(channel, destination).view()
+
+    def post_pause(self, request, caller, body, channel, destination):
+        self.engine._queue(channel, destination)
+        return self.engine.set_destination_paused(channel, destination, True, caller["actor"],
+                                                  self._audit(caller, "destination.pause", f"{channel}/{destination}", body))
+
+    def post_resume(self, request, caller, body, channel, destination):
+        self.engine._queue(channel, destination)
+        return self.engine.set_destination_paused(channel, destination, False, caller["actor"],
+                                                  self._audit(caller, "destination.resume", f"{channel}/{destination}", body))
+
+    def post_retry(self, request, caller, body, channel, destination):
+        self.engine._queue(channel, destination)
+        return self.engine.retry_now(channel, destination, caller["actor"],
+                                     self._audit(caller, "destination.retry", f"{channel}/{destination}", body))
+
+    def get_audit(self, request, caller, body):
+        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items() if v}
+        try:
+            limit = min(1000, max(1, int(args.get("limit", "100"))))
+            before = int(args["before"]) if "before" in args else None
+        except ValueError:
+            raise ApiError(400, "limit and before are whole numbers") from None
+        store = self.engine.writer.store
+        return self.engine.writer.read(functools.partial(store.audit_entries, action=args.get("action"),
+                                                         actor=args.get("actor"), before_id=before, limit=limit))
+
+    def get_openapi(self, request, caller, body):
+        return openapi_document()
+
+
+__doc__ += "\n".join(f"    {r.method:<5} {r.pattern:<62} {r.permission:<8} {r.summary}" for r in ROUTES)

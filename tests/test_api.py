@@ -1,0 +1,155 @@
+"""The operations API against a real `hl7relay run`: every route x every role, and what it does."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hl7relay.api import ROUTES, openapi_document
+from hl7relay.auth import token_hash
+from hl7relay.framing import MLLPFramer, frame
+from hl7relay.store import Store
+
+ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P|2.5.1\r"
+       "EVN|A01|20240105093512\rPID|1||100234^^^CLINIC^MR||SAMPLEPATIENT^JANE\rPV1|1|O\r")
+TOKENS = {"viewer": "hl7r_viewer-token-for-tests-0123456789abcdef", "operator": "hl7r_operator-token-for-tests-0123456789",
+          "admin": "hl7r_admin-token-for-tests-0123456789abcdefgh"}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api")
+    (folder / "channels").mkdir()
+    (folder / "channels" / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\n"
+        "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 9, retry_initial: 30, retry_max: 30}]\n")
+    store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
+    store.migrate()
+    for role, token in TOKENS.items():
+        store.add_token(role, role, token_hash(token), "test", {"actor": "test", "action": "token.create", "target": role})
+    store.close()
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto"], cwd=folder,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_runtime import wait_for_line
+
+    startup = "".join(wait_for_line(process, "ready"))
+    mllp_port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
+    base = (folder / "data" / "api-endpoint").read_text().strip()
+    local = (folder / "data" / "api-token").read_text().strip()
+    assert oct((folder / "data" / "api-token").stat().st_mode & 0o777) == "0o600"
+    import socket
+
+    with socket.create_connection(("127.0.0.1", mllp_port)) as pms:  # one message with a patient name in it
+        pms.sendall(frame(ADT.format(id="API1").encode()))
+        framer, got = MLLPFramer(), []
+        while not got:
+            got = framer.feed(pms.recv(65536))
+    yield {"base": base, "local": local, "folder": folder, "store": Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")}
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    process.stdout.close()
+
+
+def call(engine, method, path, token=None, body=None, headers=None):
+    request = urllib.request.Request(engine["base"] + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None))
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+ROLE_ORDER = ["viewer", "operator", "admin"]
+PERMISSION_LEAST = {"read": "viewer", "control": "operator", "audit": "admin"}
+
+
+def _concrete(pattern):
+    return pattern.replace("{channel}", "adt").replace("{destination}", "lab")
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=[f"{r.method} {r.pattern}" for r in ROUTES])
+def test_every_route_for_every_role(engine, route):
+    path = _concrete(route.pattern)
+    assert call(engine, route.method, path)[0] == 401  # no credentials
+    assert call(engine, route.method, path, token="hl7r_made-up")[0] == 401
+    least = PERMISSION_LEAST[route.permission]
+    for role in ROLE_ORDER:
+        status, body = call(engine, route.method, path, token=TOKENS[role], body={"reason": "matrix"} if route.method == "POST" else None)
+        expected = 200 if ROLE_ORDER.index(role) >= ROLE_ORDER.index(least) else 403
+        assert status == expected, (role, status, body)
+        assert "SAMPLEPATIENT" not in body  # no response carries the sample patient's name
+        if route.pattern.endswith("/disable") and status == 200:
+            call(engine, "POST", "/api/v1/channels/adt/enable", token=TOKENS["admin"])  # leave it open
+        if route.pattern.endswith("/pause") and status == 200:
+            call(engine, "POST", "/api/v1/channels/adt/destinations/lab/resume", token=TOKENS["admin"])
+
+
+def test_wrong_method_unknown_route_and_unknown_names(engine):
+    admin = TOKENS["admin"]
+    assert call(engine, "POST", "/api/v1/status", token=admin)[0] == 405
+    assert call(engine, "GET", "/api/v1/nothing", token=admin)[0] == 404
+    status, body = call(engine, "GET", "/api/v1/channels/nope", token=admin)
+    assert status == 404 and "no channel 'nope'" in body
+    assert call(engine, "POST", "/api/v1/channels/adt/destinations/nope/pause", token=admin)[0] == 404
+    assert call(engine, "POST", "/api/v1/channels/adt/disable", token=admin, body=["not", "an", "object"])[0] == 400
+
+
+def test_pause_is_audited_with_the_token_and_the_reason(engine):
+    status, body = call(engine, "POST", "/api/v1/channels/adt/destinations/lab/pause", token=TOKENS["operator"],
+                        body={"reason": "lab maintenance window"})
+    assert status == 200 and json.loads(body)["paused"] is True
+    assert ("adt", "lab", "paused") in engine["store"].controls()
+    entry = engine["store"].audit_entries(action="destination.pause")[0]
+    assert (entry["actor"], entry["reason"], entry["source"]) == ("token:operator", "lab maintenance window", "127.0.0.1")
+    call(engine, "POST", "/api/v1/channels/adt/destinations/lab/resume", token=TOKENS["operator"])
+    status, body = call(engine, "GET", "/api/v1/channels/adt", token=TOKENS["viewer"])
+    view = json.loads(body)
+    assert view["enabled"] and view["destinations"]["lab"]["depth"] == 1 and not view["destinations"]["lab"]["paused"]
+
+
+def test_only_the_local_token_names_its_actor(engine):
+    status, _ = call(engine, "POST", "/api/v1/channels/adt/destinations/lab/retry", token=engine["local"],
+                     headers={"X-Hl7relay-Actor": "os:alice"})
+    assert status == 200 and engine["store"].audit_entries(action="destination.retry")[0]["actor"] == "os:alice"
+    call(engine, "POST", "/api/v1/channels/adt/destinations/lab/retry", token=TOKENS["operator"],
+         headers={"X-Hl7relay-Actor": "os:mallory"})
+    assert engine["store"].audit_entries(action="destination.retry")[0]["actor"] == "token:operator"
+
+
+def test_the_cli_drives_the_running_engine(engine):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "hl7relay", *args], cwd=engine["folder"], capture_output=True,
+                              text=True, timeout=60)
+
+    result = cli("channel", "disable", "adt", "--reason", "go-live rehearsal")
+    assert result.returncode == 0 and "adt: DISABLED" in result.stdout, result.stdout + result.stderr
+    assert "DISABLED" in cli("channel", "show").stdout
+    assert cli("channel", "enable", "adt").returncode == 0
+    result = cli("destination", "pause", "adt", "lab")
+    assert result.returncode == 0 and "PAUSED" in result.stdout
+    result = cli("destination", "show", "adt", "lab", "--format", "json")
+    assert json.loads(result.stdout)["paused"] is True
+    assert cli("destination", "resume", "adt", "lab").returncode == 0
+    result = cli("channel", "show", "nope")
+    assert result.returncode == 1 and "404" in result.stderr and "Traceback" not in result.stderr
+    assert engine["store"].audit_entries(action="channel.disable")[0]["reason"] == "go-live rehearsal"
+
+
+def test_the_openapi_document_describes_every_route():
+    document = openapi_document()
+    described = {(method.upper(), path) for path, operations in document["paths"].items() for method in operations}
+    assert described == {(r.method, r.pattern) for r in ROUTES}
+    assert all(op["x-permission"] in PERMISSION_LEAST for ops in document["paths"].values() for op in ops.values())
