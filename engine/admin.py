@@ -85,6 +85,9 @@ class _Ready(resource.Resource):
 class AdminSite(server.Site):
     noisy = False
 
+    def log(self, request):
+        """No access log: Prometheus scrapes would fill it, and API actions are in the audit log."""
+
     def __init__(self, engine, metrics: Metrics, local_token: str | None = None):
         from hl7relay.api import ApiResource
 

@@ -65,6 +65,8 @@ ROUTES = (
           "send again", "destination.resume"),
     Route("POST", "/api/v1/channels/{channel}/destinations/{destination}/retry", "control", "post_retry",
           "skip the backoff of what waits to be retried", "destination.retry"),
+    Route("POST", "/api/v1/reload", "reload", "post_reload",
+          "lint the channel files, then apply them without a restart (422 with the problems: nothing changed)", "reload"),
     Route("GET", "/api/v1/audit", "audit", "get_audit", "the audit log, newest first (?limit=, ?action=, ?before=)"),
     Route("GET", "/api/v1/openapi.json", "read", "get_openapi", "this API's OpenAPI document"),
 )
@@ -114,7 +116,8 @@ def openapi_document() -> dict:
             "responses": {"200": {"description": "OK", "content": {"application/json": {}}},
                           "401": {"description": "no or unknown token"},
                           "403": {"description": "the token's role may not do this"},
-                          "404": {"description": "no such channel or destination"}},
+                          "404": {"description": "no such channel or destination"},
+                          "422": {"description": "reload: the channel files have problems; nothing changed"}},
         }
         if route.method == "POST":
             operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": {
@@ -256,6 +259,13 @@ class ApiResource(resource.Resource):
         self.engine._queue(channel, destination)
         return self.engine.retry_now(channel, destination, caller["actor"],
                                      self._audit(caller, "destination.retry", f"{channel}/{destination}", body))
+
+    @defer.inlineCallbacks
+    def post_reload(self, request, caller, body):
+        result = yield self.engine.reload_from_files(caller["actor"], self._audit(caller, "reload", "channels", body))
+        if "errors" in result:
+            request.setResponseCode(422)
+        return result
 
     def get_audit(self, request, caller, body):
         args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items() if v}

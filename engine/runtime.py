@@ -9,6 +9,7 @@ after_delivery`` the answer waits for the destinations and reflects them.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ class Engine:
                 policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
                 self.channels[channel.name] = _RunningChannel(channel, policy)
         self.queue_poll_interval = queue_poll_interval
+        self.channel_paths: list = ["channels"]  # where reload_from_files reads the channel files
+        self._reloading: defer.Deferred | None = None
         self._senders_of: dict[tuple[str, str], list[MLLPSender]] = {}
         self._deliver: dict[tuple[str, str], object] = {}
         for running in self.channels.values():
@@ -123,8 +126,10 @@ class Engine:
         if isinstance(channel.source, MLLPSourceConfig):
             config = channel.source.listener
             config.policy = running.policy
-            port = listen(lambda message, peer, c=channel: self.handle(c, message, peer), config, self.reactor,
-                          name=channel.name)
+            # the channel is looked up at each message: after a reload the next message takes the new
+            # configuration, while the messages in flight finish under the one they started with
+            port = listen(lambda message, peer, name=channel.name: self.handle(self._running(name).channel, message, peer),
+                          config, self.reactor, name=channel.name)
             running.ports.append(port)
             address = port.getHost()
             tls = " TLS" if config.tls else ""
@@ -155,6 +160,144 @@ class Engine:
             poller.stop()
         for queue in running.queues.values():
             queue.stop()
+
+    # -- reload ----------------------------------------------------------------------------------
+    def reload_from_files(self, actor: str = "", audit: dict | None = None) -> defer.Deferred:
+        """Lint the channel files first; on any problem change nothing and return the problems
+        (``{"errors": ["file:line:col: ..."]}``); otherwise apply them (:meth:`reload`)."""
+        from hl7relay.channels import load_channels
+
+        if self._reloading is not None:  # one at a time: a second SIGHUP waits for the first
+            return self._reloading.addCallback(lambda _: self.reload_from_files(actor, audit))
+        try:
+            channels, errors = load_channels(self.channel_paths)
+        except Exception as exc:  # noqa: BLE001 - unreadable folders are problems like any other
+            channels, errors = [], [f"cannot read the channel files: {exc}"]
+        if errors:
+            texts = [str(e) for e in errors]
+            for text in texts:
+                log.error("reload refused: {problem}", problem=text)
+            log.error("reload refused: {count} problem(s) in the channel files; nothing changed", count=len(texts))
+            result = defer.succeed({"errors": texts})
+            outcome = "refused"
+        else:
+            result = self.reload(channels)
+            outcome = "ok"
+
+        def audited(summary):
+            if audit:
+                entry = dict(audit, result=outcome, detail=json.dumps(summary)[:2000])
+                return self.writer.read(self.writer.store.audit, entry).addBoth(lambda _: summary)
+            return summary
+
+        def done(value):
+            self._reloading = None
+            return value
+
+        result.addCallback(audited)
+        self._reloading = defer.Deferred()
+        waiting = self._reloading
+        result.addBoth(lambda value: (waiting.callback(None), done(value))[1])
+        return result
+
+    @defer.inlineCallbacks
+    def reload(self, channels: list[Channel]):
+        """Apply new channel definitions (already linted) without a restart. Unchanged channels
+        are not touched (their connections stay open); a changed one takes its new configuration
+        for the next message, rebinding its listener only when its address or TLS changed; a
+        removed or disabled one stops accepting and its queued deliveries stay stored (they resume
+        when it comes back); a new one opens. Returns what was done, by channel."""
+        wanted = {c.name: c for c in channels if c.enabled}
+        summary = {"unchanged": [], "changed": [], "rebound": [], "added": [], "removed": []}
+        for name in [n for n in self.channels if n not in wanted]:
+            running = self.channels.pop(name)
+            yield self._close(running, close_connections=True)
+            yield self._retire_queues(running, list(running.queues.values()))
+            summary["removed"].append(name)
+        try:
+            controls = yield self.writer.read(self.writer.store.controls)
+        except Exception:  # noqa: BLE001 - a store without controls: nothing disabled or paused
+            controls = set()
+        for name, channel in wanted.items():
+            running = self.channels.get(name)
+            if running is None:
+                running = _RunningChannel(channel, self._policy(channel))
+                self.channels[name] = running
+                self._make_queues(running, controls)
+                if (name, "", "disabled") in controls:
+                    running.enabled = False
+                else:
+                    self._open(running)
+                summary["added"].append(name)
+            elif running.channel.fingerprint and running.channel.fingerprint == channel.fingerprint:
+                summary["unchanged"].append(name)
+            else:
+                rebound = yield self._replace(running, channel, controls)
+                summary["rebound" if rebound else "changed"].append(name)
+        log.info("reload: {summary}", summary=", ".join(f"{k} {', '.join(v)}" for k, v in summary.items() if v) or "nothing to do")
+        return summary
+
+    @staticmethod
+    def _policy(channel: Channel) -> AckPolicy:
+        return AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
+
+    def _make_queues(self, running: _RunningChannel, controls) -> None:
+        name = running.channel.name
+        running.queues = {}
+        for destination in running.channel.destinations:
+            self._deliver[(name, destination.name)] = self._destination(destination, name)
+            queue = self._new_queue(running, destination)
+            queue.paused = (name, destination.name, "paused") in controls
+            running.queues[destination.name] = queue
+
+    @defer.inlineCallbacks
+    def _retire_queues(self, running: _RunningChannel, queues: list) -> None:
+        """Stop queues and wait (bounded) for their deliveries on the wire, then for their results
+        to be committed: a queue that replaces them must not send those again."""
+        for queue in queues:
+            queue.stop()
+        deadline = self.reactor.seconds() + self.stop_timeout
+        while any(queue.in_flight for queue in queues) and self.reactor.seconds() < deadline:
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+        yield self.writer.drain()
+        name = running.channel.name
+        for queue in queues:
+            for sender in self._senders_of.pop((name, queue.destination), ()):
+                sender.close()
+                if sender in self._senders:
+                    self._senders.remove(sender)
+
+    @defer.inlineCallbacks
+    def _replace(self, running: _RunningChannel, channel: Channel, controls):
+        """A changed channel: new configuration, new queues; the listener rebound only when its
+        address or TLS changed (or the source is not an MLLP listener). True when it was rebound."""
+        old_listener = getattr(running.channel.source, "listener", None)
+        new_listener = getattr(channel.source, "listener", None)
+        keep_socket = (running.enabled and old_listener is not None and new_listener is not None
+                       and (old_listener.host, old_listener.port, old_listener.tls)
+                       == (new_listener.host, new_listener.port, new_listener.tls))
+        was_enabled = running.enabled
+        old_queues = list(running.queues.values())
+        if was_enabled and not keep_socket:
+            yield self._close(running, close_connections=True)  # stops its queues too
+        yield self._retire_queues(running, old_queues)
+        running.channel = channel
+        running.policy = self._policy(channel)
+        self._make_queues(running, controls)
+        if not was_enabled:
+            return False
+        if keep_socket:
+            # same socket, new options: open connections read their factory's config as they go
+            new_listener.policy = running.policy
+            for port in running.ports:
+                factory = getattr(port, "factory", None)
+                if factory is not None:
+                    factory.config = new_listener
+            for queue in running.queues.values():
+                queue.start()
+            return False
+        self._open(running)
+        return True
 
     # -- operators' controls (the operations API and the CLI call these) ---------------------------
     def _running(self, channel: str) -> _RunningChannel:

@@ -73,7 +73,7 @@ def call(engine, method, path, token=None, body=None, headers=None):
 
 
 ROLE_ORDER = ["viewer", "operator", "admin"]
-PERMISSION_LEAST = {"read": "viewer", "control": "operator", "audit": "admin"}
+PERMISSION_LEAST = {"read": "viewer", "control": "operator", "audit": "admin", "reload": "admin"}
 
 
 def _concrete(pattern):

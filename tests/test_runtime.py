@@ -631,19 +631,88 @@ def test_run_warns_when_the_store_is_readable_by_others_and_creates_nothing_read
     assert "warning: the store is readable by other users of this machine" in output and "0o644" in output
 
 
-def test_sighup_is_logged_and_ignored_not_a_kill(tmp_path):
+def test_reload_under_load_leaves_unchanged_channels_alone_and_applies_the_changed_ones(tmp_path):
+    """SIGHUP and `hl7relay reload`: lint first (a broken file changes nothing), then per channel."""
+    import json
+    import threading
+
     from hl7relay.framing import MLLPFramer, frame
 
-    engine, port = _start_engine(tmp_path, "name: ch\nsource: {type: mllp, port: 0}\n")
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    (channels / "a.yaml").write_text("name: a\nsource: {type: mllp, port: 0}\n")
+    b_file = channels / "b.yaml"
+    b_file.write_text("name: b\nsource: {type: mllp, port: 0}\ntransformers: [{set: {path: MSH-5, value: OLD}}]\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "hl7relay", *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+
+    def address(name):
+        return json.loads(cli("channel", "show", name, "--format", "json").stdout)["address"]
+
+    def replace(text):  # as editors do: the engine never reads a half-written file
+        temporary = channels / ".b.yaml.tmp"
+        temporary.write_text(text)
+        os.replace(temporary, b_file)
+
+    answers, stop = [], threading.Event()
     try:
+        startup = "".join(wait_for_line(engine, "ready"))
+        port_a = int(startup.split("channel a: MLLP on 127.0.0.1:")[1].split()[0])
+        b_before = address("b")
+
+        def keep_sending():
+            with socket.create_connection(("127.0.0.1", port_a)) as connection:
+                framer, n = MLLPFramer(), 0
+                while not stop.is_set() and n < 3000:
+                    n += 1
+                    connection.sendall(frame(ADT.format(id=f"L{n}", extra="").encode()))
+                    [reply] = _answers(connection, framer)
+                    answers.append(Message.from_bytes(reply).get("MSA-1"))
+
+        sender = threading.Thread(target=keep_sending)
+        sender.start()
+        time.sleep(0.5)
+        # 1. a broken file: nothing changes
+        replace("name: b\nsource: {type: mllp, port: 0}\ntransformers: [{sett: {path: MSH-5, value: NEW}}]\n")
+        result = cli("reload")
+        assert result.returncode == 1 and "b.yaml:3:17: unknown transformer 'sett'" in result.stderr, result.stderr
+        wait_for_line(engine, "nothing changed")
         engine.send_signal(signal.SIGHUP)
-        wait_for_line(engine, "SIGHUP ignored")
-        with socket.create_connection(("127.0.0.1", port)) as pms:
-            pms.sendall(frame(ADT.format(id="H1", extra="").encode()))
-            [reply] = _answers(pms, MLLPFramer())
+        wait_for_line(engine, "nothing changed")
+        # 2. a changed transformer: same socket, new behaviour
+        replace("name: b\nsource: {type: mllp, port: 0}\ntransformers: [{set: {path: MSH-5, value: NEW}}]\n")
+        engine.send_signal(signal.SIGHUP)
+        wait_for_line(engine, "reload: unchanged a, changed b")
+        assert address("b") == b_before
+        port_b = int(b_before.split(":")[1])
+        with socket.create_connection(("127.0.0.1", port_b)) as connection:
+            connection.sendall(frame(ADT.format(id="B1", extra="").encode()))
+            [reply] = _answers(connection, MLLPFramer())
         assert Message.from_bytes(reply).get("MSA-1") == "AA"
+        # 3. a changed address: rebound
+        replace("name: b\nsource: {type: mllp, host: 127.0.0.2, port: 0}\n")
+        result = cli("reload", "--reason", "move b")
+        assert result.returncode == 0 and "rebound b" in result.stdout and "unchanged a" in result.stdout, result.stdout
+        assert address("b").startswith("127.0.0.2:")
+        time.sleep(0.5)
+        stop.set()
+        sender.join(timeout=60)
     finally:
-        _stop_engine(engine)  # and the stop is still the graceful one: exit 0
+        stop.set()
+        _stop_engine(engine)
+    assert len(answers) > 20 and set(answers) == {"AA"}  # channel a: nothing refused, nothing lost
+    store = Store(f"sqlite:///{tmp_path / 'data' / 'hl7relay.db'}")
+    assert store.count(channel="a") == len(answers)
+    [b1] = [r for r in store.latest(5000) if r["control_id"] == "B1"]
+    assert Message.from_bytes(store.get_message(b1["id"])["stages"]["transformed"]).get("MSH-5") == "NEW"
+    actions = [(e["action"], e["result"]) for e in store.audit_entries(action="reload")][::-1]
+    assert actions == [("reload", "refused"), ("reload", "refused"), ("reload", "ok"), ("reload", "ok")]
+
 
 
 def test_warn_findings_are_kept_with_the_stored_message_and_shown(tmp_path, manual_executor, capsys, monkeypatch):

@@ -78,6 +78,9 @@ class Channel:
     retention: Retention | None = None
     log_level: str | None = None
     log_phi: bool = False
+    # what the file says, after ${...} substitution: a reload leaves a channel whose fingerprint
+    # did not change untouched (files it names, such as lookup tables, are read when it changes)
+    fingerprint: str = ""
 
 
 @dataclass(slots=True)
@@ -301,6 +304,11 @@ def load_channel(path: str | Path, environ=None, display_name: str | None = None
     if doc.errors:
         return None, doc.errors
     channel = _Loader(doc, _Context(Path(path).resolve().parent)).channel()
+    if channel is not None:
+        import hashlib
+        import json
+
+        channel.fingerprint = hashlib.sha256(json.dumps(doc.data, sort_keys=True, default=str).encode()).hexdigest()
     return channel, sorted(doc.errors, key=lambda e: (e.mark.line, e.mark.column))
 
 
@@ -331,7 +339,7 @@ def load_channels(paths, environ=None) -> tuple[list[Channel], list[ConfigError]
         if first is not channel:
             errors.append(ConfigError(_name_mark(channel), f"duplicate channel name {channel.name!r} (also in {first.file})"))
         listener = getattr(channel.source, "listener", None)
-        if listener is not None and channel.enabled:
+        if listener is not None and channel.enabled and listener.port != 0:  # 0: any free port, never shared
             key = (listener.host, listener.port)
             other = seen_ports.setdefault(key, channel)
             if other is not channel:

@@ -30,6 +30,7 @@ VERBS = {
     "audit": "hl7relay.cli.audit",
     "channel": "hl7relay.cli.channel",
     "destination": "hl7relay.cli.destination",
+    "reload": "hl7relay.cli.reload",
 }
 
 

@@ -90,6 +90,7 @@ def run(args) -> int:
     writer = StoreWriter(store, reactor, lazy_delay=0.05)
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
                     log_levels=log_levels, stop_timeout=settings["stop_timeout"])
+    engine.channel_paths = settings["channels"]
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
     try:
         lines = engine.start()
@@ -132,10 +133,12 @@ def run(args) -> int:
     from twisted.logger import Logger
 
     def hangup(signum, frame):
-        # until `hl7relay reload` exists, SIGHUP (a closed terminal, a reload by habit) must not
-        # kill the engine without its graceful stop
-        reactor.callFromThread(Logger(namespace="hl7relay.run").warn,
-                               "SIGHUP ignored: reloading channels needs a restart (SIGTERM stops gracefully)")
+        # SIGHUP reloads the channel files (lint first: on any problem nothing changes)
+        from hl7relay.auth import os_actor
+
+        audit = {"actor": "signal:SIGHUP", "source": os_actor(), "action": "reload", "target": "channels"}
+        reactor.callFromThread(lambda: engine.reload_from_files("SIGHUP", audit).addErrback(
+            lambda failure: Logger(namespace="hl7relay.run").failure("reload failed", failure)))
 
     signal.signal(signal.SIGHUP, hangup)
     # "ready" only once the reactor runs, so its SIGTERM/SIGINT handlers (the graceful stop) are in place
