@@ -65,6 +65,15 @@ ROUTES = (
           "send again", "destination.resume"),
     Route("POST", "/api/v1/channels/{channel}/destinations/{destination}/retry", "control", "post_retry",
           "skip the backoff of what waits to be retried", "destination.retry"),
+    Route("GET", "/api/v1/messages", "read", "get_messages",
+          "search stored messages, newest first (?channel= ?status= ?message_type= ?control_id= ?patient_id= "
+          "?facility= ?delivery_status= ?since= ?until= (epoch) ?text= ?before= ?limit=); masked"),
+    Route("GET", "/api/v1/messages/{message_id}", "read", "get_message",
+          "one message: every stage, validation findings, each destination's ACK; masked unless ?show_phi=1&reason=..."),
+    Route("POST", "/api/v1/messages/{message_id}/replay", "replay", "post_replay",
+          "replay through the channel's current configuration ({reason, destinations?, force?, dry_run?})", "replay"),
+    Route("POST", "/api/v1/prune", "prune", "post_prune",
+          "delete old messages ({older_than_days, errors_older_than_days?, channel?, dry_run?}); queued ones never", "prune"),
     Route("POST", "/api/v1/reload", "reload", "post_reload",
           "lint the channel files, then apply them without a restart (422 with the problems: nothing changed)", "reload"),
     Route("GET", "/api/v1/audit", "audit", "get_audit", "the audit log, newest first (?limit=, ?action=, ?before=)"),
@@ -136,6 +145,23 @@ class ApiResource(resource.Resource):
         super().__init__()
         self.engine = engine
         self.local_token_hash = token_hash(local_token) if local_token else None
+        self._support_store = None
+
+    # Support reads and writes (search, show, replay, prune) run on a connection of their own in a
+    # thread of the reactor's pool: never on the reactor, and never queued behind the engine's
+    # commits on its writer thread, so a large search cannot hold up an ACK.
+    def _off_reactor(self, fn, *args, **kwargs):
+        from twisted.internet import threads
+
+        def call():
+            if self._support_store is None:
+                from hl7relay.store import Store
+
+                self._support_store = Store(self.engine.writer.store.url, create=False)
+            return fn(self._support_store, *args, **kwargs)
+
+        reactor = self.engine.reactor
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), call)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def render(self, request):
@@ -265,6 +291,130 @@ class ApiResource(resource.Resource):
         result = yield self.engine.reload_from_files(caller["actor"], self._audit(caller, "reload", "channels", body))
         if "errors" in result:
             request.setResponseCode(422)
+        return result
+
+    @staticmethod
+    def _args(request) -> dict:
+        return {k.decode(): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items() if v}
+
+    @staticmethod
+    def _number(args: dict, name: str, default=None, kind=int, low=None, high=None):
+        if name not in args:
+            return default
+        try:
+            value = kind(args[name])
+        except ValueError:
+            raise ApiError(400, f"{name} must be a number") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ApiError(400, f"{name} must be between {low} and {high}")
+        return value
+
+    @defer.inlineCallbacks
+    def _phi(self, request, caller, args, target: str):
+        """?show_phi=1 needs the phi permission and a reason, and writes an audit entry first."""
+        if args.get("show_phi") not in ("1", "true", "yes"):
+            return False
+        if not can(caller["role"], "phi"):
+            raise ApiError(403, f"{caller['actor']} ({caller['role']}) may not see patient data unmasked")
+        reason = args.get("reason", "").strip()
+        if not reason:
+            raise ApiError(400, "show_phi needs a reason (?reason=...): it is written to the audit log")
+        yield self._off_reactor(lambda store: store.audit({"actor": caller["actor"], "source": caller["source"],
+                                                           "action": "phi.view", "target": target, "reason": reason}))
+        return True
+
+    @defer.inlineCallbacks
+    def get_messages(self, request, caller, body):
+        from hl7relay.support import SEARCH_FILTERS, row_view
+
+        args = self._args(request)
+        filters = {name: args[name] for name in SEARCH_FILTERS if args.get(name)}
+        limit = self._number(args, "limit", 50, int, 1, 500)
+        before = self._number(args, "before", None, int, 1)
+        since = self._number(args, "since", None, float)
+        until = self._number(args, "until", None, float)
+        text = args.get("text") or None  # a substring of the raw message (scans at most 100,000 candidates)
+        target = "messages " + " ".join(f"{k}={v}" for k, v in sorted(filters.items())) + (f" text={text}" if text else "")
+        show_phi = yield self._phi(request, caller, args, target.strip())
+        rows = yield self._off_reactor(lambda store: store.search(
+            **filters, since=since, until=until, before_id=before, limit=limit,
+            text=text.encode("utf-8", "surrogateescape") if text else None))
+        return {"messages": [row_view(row, show_phi) for row in rows],
+                "next_before": rows[-1]["id"] if len(rows) == limit else None}
+
+    @defer.inlineCallbacks
+    def get_message(self, request, caller, body, message_id):
+        from hl7relay.support import message_view
+
+        number = self._id(message_id)
+        args = self._args(request)
+        stored = yield self._off_reactor(lambda store: store.get_message(number))
+        if stored is None:
+            raise ApiError(404, f"no message {number}")
+        show_phi = yield self._phi(request, caller, args, f"message {number}")
+        return message_view(stored, show_phi)
+
+    @staticmethod
+    def _id(text: str) -> int:
+        if not text.isdigit():
+            raise ApiError(404, f"no message {text!r}")
+        return int(text)
+
+    @defer.inlineCallbacks
+    def post_replay(self, request, caller, body, message_id):
+        from hl7relay.channels.channel import Channel
+        from hl7relay.phi import mask_message
+        from hl7relay.replay import commit_replay, plan_replay
+
+        number = self._id(message_id)
+        reason = body.get("reason")
+        dry_run = bool(body.get("dry_run"))
+        if not dry_run and (not isinstance(reason, str) or not reason.strip()):
+            raise ApiError(400, "a replay needs a reason ({\"reason\": \"...\"}), or dry_run")
+        destinations = body.get("destinations")
+        if destinations is not None and (not isinstance(destinations, list) or not all(isinstance(d, str) for d in destinations)):
+            raise ApiError(400, "destinations is a list of names")
+        channels: dict[str, Channel] = {name: running.channel for name, running in self.engine.channels.items()}
+        render = lambda data: mask_message(data).split("\n")  # noqa: E731 - diffs are masked here, always
+
+        def replay(store):
+            plan = plan_replay(store, channels, number, destinations, bool(body.get("force")), render)
+            result = {"message_id": number, "destinations": sorted(plan.outputs), "skipped": plan.skipped,
+                      "changed": plan.changes, "dry_run": dry_run}
+            if not plan.skipped and not dry_run:
+                result["replay_id"] = commit_replay(store, channels, plan, reason, caller["actor"], audit={
+                    "actor": caller["actor"], "source": caller["source"], "action": "replay"})
+            return result
+
+        result = yield self._off_reactor(replay)
+        if result["skipped"].startswith("no message"):
+            raise ApiError(404, result["skipped"])
+        return result
+
+    @defer.inlineCallbacks
+    def post_prune(self, request, caller, body):
+        import time as _time
+
+        days = body.get("older_than_days")
+        if isinstance(days, bool) or not isinstance(days, (int, float)) or days <= 0:
+            raise ApiError(400, "older_than_days is a number of days, more than 0")
+        errors_days = body.get("errors_older_than_days", 3 * days)
+        if isinstance(errors_days, bool) or not isinstance(errors_days, (int, float)) or errors_days <= 0:
+            raise ApiError(400, "errors_older_than_days is a number of days, more than 0")
+        channel = body.get("channel")
+        dry_run = bool(body.get("dry_run"))
+        now = _time.time()
+
+        def prune(store):
+            normal = store.prune(now - days * 86400, {"PROCESSED", "FILTERED", "DUPLICATE"}, channel, dry_run=dry_run)
+            errors = store.prune(now - errors_days * 86400, {"ERROR"}, channel, dry_run=dry_run)
+            if not dry_run:
+                store.audit({"actor": caller["actor"], "source": caller["source"], "action": "prune",
+                             "target": channel or "all channels", "reason": str(body.get("reason", "")),
+                             "detail": f"deleted {normal + errors} message(s): older than {days:g}d, errors {errors_days:g}d"})
+            return {"deleted" if not dry_run else "would_delete": normal + errors, "dry_run": dry_run}
+
+        result = yield self._off_reactor(prune)
         return result
 
     def get_audit(self, request, caller, body):

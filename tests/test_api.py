@@ -73,11 +73,13 @@ def call(engine, method, path, token=None, body=None, headers=None):
 
 
 ROLE_ORDER = ["viewer", "operator", "admin"]
-PERMISSION_LEAST = {"read": "viewer", "control": "operator", "audit": "admin", "reload": "admin"}
+PERMISSION_LEAST = {"read": "viewer", "control": "operator", "audit": "admin", "reload": "admin", "replay": "operator",
+                    "prune": "admin"}
+BODIES = {"post_replay": {"reason": "matrix", "force": True}, "post_prune": {"older_than_days": 3650, "reason": "matrix"}}
 
 
 def _concrete(pattern):
-    return pattern.replace("{channel}", "adt").replace("{destination}", "lab")
+    return pattern.replace("{channel}", "adt").replace("{destination}", "lab").replace("{message_id}", "1")
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=[f"{r.method} {r.pattern}" for r in ROUTES])
@@ -87,7 +89,8 @@ def test_every_route_for_every_role(engine, route):
     assert call(engine, route.method, path, token="hl7r_made-up")[0] == 401
     least = PERMISSION_LEAST[route.permission]
     for role in ROLE_ORDER:
-        status, body = call(engine, route.method, path, token=TOKENS[role], body={"reason": "matrix"} if route.method == "POST" else None)
+        body = BODIES.get(route.handler, {"reason": "matrix"}) if route.method == "POST" else None
+        status, body = call(engine, route.method, path, token=TOKENS[role], body=body)
         expected = 200 if ROLE_ORDER.index(role) >= ROLE_ORDER.index(least) else 403
         assert status == expected, (role, status, body)
         assert "SAMPLEPATIENT" not in body  # no response carries the sample patient's name
@@ -153,3 +156,91 @@ def test_the_openapi_document_describes_every_route():
     described = {(method.upper(), path) for path, operations in document["paths"].items() for method in operations}
     assert described == {(r.method, r.pattern) for r in ROUTES}
     assert all(op["x-permission"] in PERMISSION_LEAST for ops in document["paths"].values() for op in ops.values())
+
+
+def test_messages_are_masked_and_phi_needs_the_permission_a_reason_and_an_audit_entry(engine):
+    status, body = call(engine, "GET", "/api/v1/messages?control_id=API1", token=TOKENS["viewer"])
+    rows = json.loads(body)["messages"]
+    assert status == 200 and rows and {r["control_id"] for r in rows} == {"API1"}  # the original and its replays
+    assert {r["patient_id"] for r in rows} == {"1***"}
+    status, body = call(engine, "GET", "/api/v1/messages/1", token=TOKENS["viewer"])
+    message = json.loads(body)
+    assert status == 200 and "SAMPLEPATIENT" not in body and message["deliveries"][0]["destination"] == "lab"
+    for role in ("viewer", "operator"):
+        assert call(engine, "GET", "/api/v1/messages/1?show_phi=1&reason=x", token=TOKENS[role])[0] == 403
+    assert call(engine, "GET", "/api/v1/messages/1?show_phi=1", token=TOKENS["admin"])[0] == 400
+    status, body = call(engine, "GET", "/api/v1/messages/1?show_phi=1&reason=INC-7", token=TOKENS["admin"])
+    assert status == 200 and "SAMPLEPATIENT" in body
+    entry = engine["store"].audit_entries(action="phi.view")[0]
+    assert (entry["actor"], entry["target"], entry["reason"]) == ("token:admin", "message 1", "INC-7")
+    assert call(engine, "GET", "/api/v1/messages/99999", token=TOKENS["viewer"])[0] == 404
+    assert call(engine, "GET", "/api/v1/messages?limit=lots", token=TOKENS["viewer"])[0] == 400
+
+
+def test_replay_and_prune_through_the_api_are_audited(engine):
+    status, body = call(engine, "POST", "/api/v1/messages/1/replay", token=TOKENS["operator"], body={"dry_run": True, "force": True})
+    assert status == 200 and json.loads(body)["destinations"] == ["lab"] and "replay_id" not in json.loads(body)
+    assert call(engine, "POST", "/api/v1/messages/1/replay", token=TOKENS["operator"], body={"force": True})[0] == 400
+    status, body = call(engine, "POST", "/api/v1/messages/1/replay", token=TOKENS["operator"],
+                        body={"force": True, "reason": "lab lost it"})
+    assert status == 200 and json.loads(body)["replay_id"] > 1
+    entry = engine["store"].audit_entries(action="replay")[0]
+    assert (entry["actor"], entry["reason"], entry["target"]) == ("token:operator", "lab lost it", "message 1")
+    status, body = call(engine, "POST", "/api/v1/prune", token=TOKENS["admin"], body={"older_than_days": 3650, "dry_run": True})
+    assert status == 200 and json.loads(body) == {"would_delete": 0, "dry_run": True}
+    assert call(engine, "POST", "/api/v1/prune", token=TOKENS["admin"], body={"older_than_days": 0})[0] == 400
+
+
+def test_a_large_search_does_not_hold_up_acks(tmp_path):
+    """Support reads run on their own connection off the reactor thread: while a text search
+    scans 100,000 stored messages, the engine keeps storing and acknowledging (an ordering check:
+    ACKs arrive before the search answers; no timing threshold)."""
+    import socket
+    import threading
+
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n")
+    store = Store(f"sqlite:///{tmp_path / 'data' / 'hl7relay.db'}")
+    store.migrate()
+    from hl7relay.store import MessageRecord
+
+    filler = ADT.format(id="F").encode() + b"NTE|1||" + b"x" * 900 + b"\r"
+    for start in range(0, 100_000, 5000):
+        store.commit([MessageRecord("adt", filler, "PROCESSED", 1.0, control_id=f"F{i}") for i in range(start, start + 5000)], [])
+    store.add_token("v", "viewer", token_hash(TOKENS["viewer"]), "test", {"actor": "test", "action": "token.create"})
+    store.close()
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_runtime import wait_for_line
+
+    try:
+        startup = "".join(wait_for_line(process, "ready"))
+        port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
+        engine = {"base": (tmp_path / "data" / "api-endpoint").read_text().strip()}
+        searched = threading.Event()
+        result = {}
+
+        def search():
+            result["answer"] = call(engine, "GET", "/api/v1/messages?text=NOT-IN-ANY-MESSAGE&limit=5", token=TOKENS["viewer"])
+            searched.set()
+
+        acks_during_search = 0
+        with socket.create_connection(("127.0.0.1", port)) as pms:
+            framer = MLLPFramer()
+            threading.Thread(target=search).start()
+            for n in range(200):
+                pms.sendall(frame(ADT.format(id=f"D{n}").encode()))
+                got = []
+                while not got:
+                    got = framer.feed(pms.recv(65536))
+                if searched.is_set():
+                    break
+                acks_during_search += 1
+        searched.wait(timeout=120)
+        assert result["answer"][0] == 200 and json.loads(result["answer"][1])["messages"] == []
+        assert acks_during_search >= 3, acks_during_search
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        process.stdout.close()

@@ -48,7 +48,7 @@ def _common(parser) -> None:
 
 def run(args) -> int:
     from hl7relay.cli._support import filters_from_args, format_time, open_store_from_args, phi_permitted
-    from hl7relay.phi import mask_message, mask_text, mask_value
+    from hl7relay.support import message_view, row_view
 
     store, _ = open_store_from_args(args)
     target = f"message {args.id}" if args.action == "show" else "messages " + " ".join(
@@ -58,37 +58,26 @@ def run(args) -> int:
     if not phi_permitted(args, store, target.strip()):
         return 2
     if args.action == "show":
-        message = store.get_message(args.id)
-        if message is None:
+        stored = store.get_message(args.id)
+        if stored is None:
             print(f"no message {args.id}", file=sys.stderr)
             return 1
-        show = (lambda data: data.decode("utf-8", "replace").replace("\r", "\n").rstrip()) if args.show_phi else mask_message
-        text = (lambda value: value) if args.show_phi else mask_text
-        for d in message["deliveries"]:
-            d["last_error"] = text(d["last_error"])
-            d["last_ack"] = _ack(d["last_ack"], show)
-        message["error"] = text(message["error"])
-        findings = message["stages"].pop("findings", None)
+        message = message_view(stored, args.show_phi)
         if args.format == "json":
-            out = {k: v for k, v in message.items() if k not in ("raw", "stages")}
-            out["raw"] = show(message["raw"])
-            out["stages"] = {name: show(content) for name, content in message["stages"].items()}
-            out["findings"] = _findings(findings, text)
-            out["patient_id"] = message["patient_id"] if args.show_phi else mask_value(message["patient_id"])
-            print(json.dumps(out, indent=2, default=str))
+            print(json.dumps(message, indent=2, default=str))
             return 0
         print(f"message {message['id']}  channel {message['channel']}  {format_time(message['received_at'])}  from {message['peer']}")
         print(f"  {message['message_type']} {message['control_id']}  status {message['status']}  ACK {message['ack_code'] or '-'}"
               + (f"  error: {message['error']}" if message["error"] else ""))
         if message.get("replay_of"):
             print(f"  replay of message {message['replay_of']} by {message['replay_operator']}: {message['replay_reason']}")
-        if findings:
+        if message["findings"]:
             print("\nvalidation findings (kept as the channel's validators said: warn):")
-            for finding in _findings(findings, text):
+            for finding in message["findings"]:
                 print(f"  {finding}")
-        print("\nreceived:\n" + _indent(show(message["raw"])))
+        print("\nreceived:\n" + _indent(message["raw"]))
         for name, content in sorted(message["stages"].items()):
-            print(f"\n{name}:\n" + _indent(show(content)))
+            print(f"\n{name}:\n" + _indent(content))
         print("\ndeliveries:")
         if not message["deliveries"]:
             print("  (none)")
@@ -101,9 +90,7 @@ def run(args) -> int:
     filters = filters_from_args(args)
     text = args.text.encode() if getattr(args, "text", None) else None
     rows = store.search(**filters, text=text, before_id=args.before, limit=args.limit)
-    for row in rows:
-        row["patient_id"] = row["patient_id"] if args.show_phi else mask_value(row["patient_id"])
-        row["error"] = row["error"] if args.show_phi else mask_text(row["error"])
+    rows = [row_view(row, args.show_phi) for row in rows]
     if args.format == "json":
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -119,25 +106,6 @@ def run(args) -> int:
     elif not rows:
         print("no messages match")
     return 0
-
-
-def _ack(stored: str, show) -> str:
-    """A destination's answer: the ACK message itself (masked like any message), or what a file
-    or channel destination recorded."""
-    if stored.startswith("MSH"):
-        return show(stored.encode("utf-8", "surrogateescape"))
-    return stored
-
-
-def _findings(data, text) -> list[str]:
-    if not data:
-        return []
-    try:
-        items = json.loads(data)
-    except ValueError:
-        return [text(data.decode("utf-8", "replace"))]
-    return [text(f"{f.get('severity', '?')} {f.get('code', '')} {f.get('location', '')}: {f.get('text', '')}".strip())
-            for f in items]
 
 
 def _indent(text: str, prefix: str = "  ") -> str:

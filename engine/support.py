@@ -1,0 +1,62 @@
+"""What support tools show of stored messages, masked unless patient data may be seen: shared by
+the CLI (``hl7relay messages``) and the operations API, so both mask alike."""
+
+from __future__ import annotations
+
+import json
+
+from hl7relay.phi import mask_message, mask_text, mask_value
+
+__all__ = ["message_view", "row_view", "SEARCH_FILTERS"]
+
+# the search filters both expose (Store.search keyword arguments)
+SEARCH_FILTERS = ("channel", "status", "message_type", "control_id", "patient_id", "facility", "delivery_status")
+
+
+def _plain(data: bytes) -> str:
+    return data.decode("utf-8", "replace").replace("\r", "\n").rstrip()
+
+
+def _ack(stored: str, show) -> str:
+    """A destination's answer: the ACK message itself (shown like any message), or what a file or
+    channel destination recorded."""
+    if stored.startswith("MSH"):
+        return show(stored.encode("utf-8", "surrogateescape"))
+    return stored
+
+
+def _findings(data, text) -> list[str]:
+    if not data:
+        return []
+    try:
+        items = json.loads(data)
+    except ValueError:
+        return [text(data.decode("utf-8", "replace"))]
+    return [text(f"{f.get('severity', '?')} {f.get('code', '')} {f.get('location', '')}: {f.get('text', '')}".strip())
+            for f in items]
+
+
+def message_view(stored: dict, show_phi: bool) -> dict:
+    """One stored message (Store.get_message) for people: content, stages, validation findings,
+    deliveries with each destination's answer; masked unless ``show_phi``."""
+    show = _plain if show_phi else mask_message
+    text = (lambda value: value) if show_phi else mask_text
+    out = {k: v for k, v in stored.items() if k not in ("raw", "stages", "deliveries")}
+    stages = dict(stored["stages"])
+    findings = stages.pop("findings", None)
+    out["error"] = text(stored["error"])
+    out["patient_id"] = stored["patient_id"] if show_phi else mask_value(stored["patient_id"])
+    out["replay_reason"] = text(stored.get("replay_reason") or "") or None
+    out["raw"] = show(stored["raw"])
+    out["stages"] = {name: show(content) for name, content in stages.items()}
+    out["findings"] = _findings(findings, text)
+    out["deliveries"] = [dict(d, last_error=text(d["last_error"]), last_ack=_ack(d["last_ack"], show))
+                         for d in stored["deliveries"]]
+    return out
+
+
+def row_view(row: dict, show_phi: bool) -> dict:
+    """One row of a search, masked unless ``show_phi``."""
+    if show_phi:
+        return dict(row)
+    return dict(row, patient_id=mask_value(row["patient_id"]), error=mask_text(row["error"]))
