@@ -99,5 +99,12 @@ class AdminSite(server.Site):
         super().__init__(root)
 
 
-def start_admin(engine, metrics: Metrics, host: str, port: int, reactor, local_token: str | None = None):
-    return reactor.listenTCP(port, AdminSite(engine, metrics, local_token), interface=host)
+def start_admin(engine, metrics: Metrics, host: str, port: int, reactor, local_token: str | None = None, tls=None):
+    """Listen for the admin endpoints; with ``tls`` (a TLSConfig) over TLS, mutual TLS when it
+    requires client certificates."""
+    site = AdminSite(engine, metrics, local_token)
+    if tls is not None:
+        from hl7relay.tls import server_options
+
+        return reactor.listenSSL(port, site, server_options(tls), interface=host)
+    return reactor.listenTCP(port, site, interface=host)

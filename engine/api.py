@@ -102,13 +102,13 @@ def write_local_token(data_dir) -> str:
     return token
 
 
-def write_endpoint(data_dir, host: str, port: int) -> None:
+def write_endpoint(data_dir, host: str, port: int, scheme: str = "http") -> None:
     """Where the admin listener is, for the CLI on this host (it may have been given port 0)."""
     path = Path(data_dir) / ENDPOINT_FILE
     temporary = path.with_name(f".{ENDPOINT_FILE}.{os.getpid()}")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as f:
-        f.write(f"http://{'[' + host + ']' if ':' in host else host}:{port}\n")
+        f.write(f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}\n")
     os.replace(temporary, path)
 
 

@@ -244,3 +244,47 @@ def test_a_large_search_does_not_hold_up_acks(tmp_path):
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         process.stdout.close()
+
+
+def test_the_admin_listener_can_take_tls(tmp_path):
+    import ssl
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_mllp_loopback import _issue
+    from cryptography.hazmat.primitives import serialization
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _issue("test CA", ca_key, "test CA", ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue("hl7relay admin", key, "test CA", ca_key, server=True)
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "admin.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "admin.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    (tmp_path / "engine.yaml").write_text(f"admin: {{host: 127.0.0.1, port: auto, tls_cert: {tmp_path / 'admin.pem'}, "
+                                          f"tls_key: {tmp_path / 'admin.key'}, tls_ca: {tmp_path / 'ca.pem'}}}\n")
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n")
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--config", "engine.yaml"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    from test_runtime import wait_for_line
+
+    try:
+        startup = "".join(wait_for_line(process, "ready"))
+        assert "admin: https://127.0.0.1:" in startup and "(TLS)" in startup
+        endpoint = (tmp_path / "data" / "api-endpoint").read_text().strip()
+        assert endpoint.startswith("https://")
+        result = subprocess.run([sys.executable, "-m", "hl7relay", "channel", "show", "--config", "engine.yaml"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "adt: enabled" in result.stdout, result.stdout + result.stderr
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(endpoint.replace("https:", "http:") + "/healthz", timeout=10).read()
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with urllib.request.urlopen(endpoint + "/healthz", timeout=10, context=context) as response:
+            assert response.read() == b"ok\n"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        process.stdout.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("config/hl7relay.yaml")
+ADMIN_KEYS = {"host", "port", "tls_cert", "tls_key", "tls_ca", "require_client_cert"}
 CHOICES = {"log_level": ["trace", "debug", "info", "warn", "error"], "log_format": ["text", "json"]}
 KEYS = ["store", "channels", "data_dir", "log_level", "log_format", "log_phi", "log_phi_bytes", "admin", "stop_timeout"]
 
@@ -74,8 +75,13 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
                 else:
                     settings[key] = value
             elif key == "admin":
-                if not isinstance(value, dict) or set(value) - {"host", "port"}:
-                    problems.append(f"{where}: admin is {{host: 127.0.0.1, port: 9102}} (port 0: off)")
+                if not isinstance(value, dict) or set(value) - ADMIN_KEYS:
+                    problems.append(f"{where}: admin is {{host: 127.0.0.1, port: 9102}} (port 0: off), optionally with "
+                                    "tls_cert, tls_key, tls_ca and require_client_cert")
+                elif any(value.get(k) is not None and not isinstance(value[k], str) for k in ("tls_cert", "tls_key", "tls_ca")) \
+                        or not isinstance(value.get("require_client_cert", False), bool):
+                    problems.append(f"{where}: admin tls_cert, tls_key and tls_ca are file names; require_client_cert "
+                                    "is true or false")
                 elif "port" in value and value["port"] != "auto" and (
                         isinstance(value["port"], bool) or not isinstance(value["port"], int) or not 0 <= value["port"] <= 65535):
                     problems.append(f"{doc.mark((key, 'port'))}: admin port must be a whole number from 0 to 65535 "

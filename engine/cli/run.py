@@ -109,10 +109,18 @@ def run(args) -> int:
 
             # the CLI on this host reaches the API with it (hl7relay channel / destination ...)
             local_token = write_local_token(settings["data_dir"])
+            from hl7relay.tls import TLSConfig
+
+            tls = None
+            if admin.get("tls_cert"):
+                tls = TLSConfig(admin["tls_cert"], admin.get("tls_key"), admin.get("tls_ca"),
+                                require_client_cert=bool(admin.get("require_client_cert")))
             site = start_admin(engine, Metrics().install(), admin["host"],
-                               0 if admin["port"] == "auto" else int(admin["port"]), reactor, local_token)
-            write_endpoint(settings["data_dir"], admin["host"], site.getHost().port)
-            announce(f"admin: http://{admin['host']}:{site.getHost().port}/metrics, /healthz, /readyz, /api/v1/",
+                               0 if admin["port"] == "auto" else int(admin["port"]), reactor, local_token, tls)
+            scheme = "https" if tls else "http"
+            write_endpoint(settings["data_dir"], admin["host"], site.getHost().port, scheme)
+            announce(f"admin: {scheme}://{admin['host']}:{site.getHost().port}/metrics, /healthz, /readyz, /api/v1/"
+                     + (" (TLS" + (", client certificates required)" if tls.require_client_cert else ")") if tls else ""),
                      "admin_started")
         except Exception as exc:  # noqa: BLE001 - the engine runs without its admin port rather than not at all
             print(f"warning: admin endpoints not started on {admin['host']}:{admin['port']}: {exc}", file=sys.stderr)
