@@ -5,7 +5,7 @@ label every validation finding, so what ``hl7relay validate`` reports is what a 
 """
 
 from hl7relay.ack.builder import ControlIds, build_ack
-from hl7relay.ack.codes import ErrorCode, Severity
+from hl7relay.outcomes import ErrorCode, Severity
 from hl7relay.ack.outcome import Outcome, Status
 from hl7relay.ack.policy import AckPolicy, is_ack, is_enhanced_mode, unreadable_ack
 

@@ -14,7 +14,7 @@ import itertools
 import random
 import time
 
-from hl7relay.ack.codes import ErrorCode, Severity
+from hl7relay.outcomes import ErrorCode, Severity
 from hl7relay.escape import DEFAULT_DELIMITERS, Delimiters, escape, unescape
 from hl7relay.message import Message
 

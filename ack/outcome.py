@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from hl7relay.ack.codes import ErrorCode
+from hl7relay.outcomes import ErrorCode
 
 __all__ = ["Status", "Outcome"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hl7relay.ack.builder import build_ack
-from hl7relay.ack.codes import ErrorCode
+from hl7relay.outcomes import ErrorCode
 from hl7relay.ack.outcome import Outcome, Status
 from hl7relay.message import Message
 

@@ -6,7 +6,28 @@ do with it. Emitting costs one check when nobody listens.
 
 from __future__ import annotations
 
-__all__ = ["emit", "subscribe", "unsubscribe"]
+__all__ = ["emit", "subscribe", "unsubscribe", "EVENTS"]
+
+# Every event, with the fields it carries. emit() does not check them (it is on the hot path);
+# tests/test_observability.py checks every emit() in the code against this table, and that the
+# metrics module handles every event.
+EVENTS = {
+    "message_received": {"channel"},
+    "message_processed": {"channel", "status", "ack_codes", "ack_latency", "stages"},
+    "store_failed": {"channel"},
+    "store_commit": {"seconds", "size"},
+    "delivery_sent": {"channel", "destination"},
+    "delivery_failed": {"channel", "destination"},
+    "delivery_retried": {"channel", "destination"},
+    "queue_state": {"channel", "destination", "depth", "oldest_age"},
+    "destination_state": {"channel", "destination", "connected"},
+    "connection_opened": {"listener"},
+    "connection_closed": {"listener"},
+    "connection_refused": {"listener", "reason"},
+    "connection_evicted": {"listener"},
+    "bytes_discarded": {"listener", "count"},
+    "frame_discarded": {"listener", "reason"},
+}
 
 _subscribers: tuple = ()  # replaced, never changed in place: emit() iterates it without a copy
 

@@ -23,6 +23,7 @@ from hl7relay.channels.destinations import QueueOptions
 from hl7relay.errors import ParseError
 from hl7relay.events import emit
 from hl7relay.message import Message
+from hl7relay.outcomes import DeliveryOutcome, DeliveryStatus
 from hl7relay.store import StoreError
 
 __all__ = ["DestinationQueue", "DeliveryResult", "retry_delay"]
@@ -194,7 +195,7 @@ class DestinationQueue:
             return None
         del self.pending[message_id]
         update = self.writer.update(("delivery", (message_id, self.destination),
-                                     {"status": "WITHDRAWN", "last_error": reason, "next_attempt_at": None,
+                                     {"status": DeliveryStatus.WITHDRAWN, "last_error": reason, "next_attempt_at": None,
                                       "updated_at": self.clock()}))
 
         def recorded(outcome):
@@ -366,21 +367,21 @@ class DestinationQueue:
         labels = {"channel": self.channel, "destination": self.destination}
         final = True
         if result.ok:
-            values.update(status="SENT", last_error="", next_attempt_at=None)
+            values.update(status=DeliveryStatus.SENT, last_error="", next_attempt_at=None)
             self.sent += 1
             emit("delivery_sent", **labels)
         elif result.application_error:
-            values.update(status="ERROR", last_error=result.error, next_attempt_at=None)
+            values.update(status=DeliveryStatus.ERROR, last_error=result.error, next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
         elif result.rejected and row.get("rejections", 0) + 1 >= self.options.max_attempts:
-            values.update(status="ERROR", last_error=f"gave up after {attempts} attempts "
+            values.update(status=DeliveryStatus.ERROR, last_error=f"gave up after {attempts} attempts "
                           f"({row.get('rejections', 0) + 1} refused by the peer): {result.error}", next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
         elif (not result.rejected and self.options.give_up_after
               and now - row["received_at"] >= self.options.give_up_after):
-            values.update(status="ERROR", last_error=f"gave up after {attempts} attempts over "
+            values.update(status=DeliveryStatus.ERROR, last_error=f"gave up after {attempts} attempts over "
                           f"{now - row['received_at']:.0f}s (give_up_after): {result.error}", next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
@@ -392,7 +393,7 @@ class DestinationQueue:
                 row["rejections"] = row.get("rejections", 0) + 1
             emit("delivery_retried", **labels)
             delay = retry_delay(attempts, self.options, self.rng)
-            values.update(status="QUEUED", last_error=result.error, next_attempt_at=now + delay)
+            values.update(status=DeliveryStatus.QUEUED, last_error=result.error, next_attempt_at=now + delay)
             row["attempts"], row["next_attempt_at"] = attempts, now + delay
             self.retried += 1
             log.warn("queue {channel}/{destination}: message {message_id} attempt {n} failed ({error}); retry in {delay:.1f}s",
@@ -421,7 +422,7 @@ class DestinationQueue:
             self._report()
 
     def _state(self, result) -> None:
-        connected = result.ok or result.application_error or not result.error.startswith(("connection_failed", "timed_out"))
+        connected = result.outcome.reached_peer
         if connected != self.connected:
             self.connected = connected
             emit("destination_state", channel=self.channel, destination=self.destination, connected=connected)
@@ -440,3 +441,10 @@ class DeliveryResult:
     # neither this nor application_error (unreachable, no ACK in time, a local write failing)
     # is not the message's fault and is retried for as long as give_up_after allows
     rejected: bool = False
+    outcome: DeliveryOutcome | None = None  # what the attempt came to; derived from the flags when not given
+
+    def __post_init__(self):
+        if self.outcome is None:
+            self.outcome = (DeliveryOutcome.ACCEPTED if self.ok else DeliveryOutcome.APPLICATION_ERROR
+                            if self.application_error else DeliveryOutcome.REJECTED if self.rejected
+                            else DeliveryOutcome.FAILED)

@@ -16,6 +16,7 @@ from hl7relay.channels.channel import Channel
 from hl7relay.channels.pipeline import Result, process
 from hl7relay.errors import ParseError
 from hl7relay.message import Message
+from hl7relay.outcomes import DeliveryStatus, MessageStatus
 from hl7relay.store import DeliveryRecord, MessageRecord, Store, delivery_content
 
 __all__ = ["ReplayPlan", "plan_replay", "commit_replay"]
@@ -65,7 +66,7 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
     if channel is None:
         plan.skipped = f"channel {stored['channel']!r} is not configured any more"
         return plan
-    if stored["status"] == "DUPLICATE":
+    if stored["status"] == MessageStatus.DUPLICATE:
         plan.skipped = "a duplicate; replay the original instead"
         return plan
     names = {d.name for d in channel.destinations}
@@ -74,7 +75,7 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
     if unknown:
         plan.skipped = f"channel {channel.name!r} has no destination {', '.join(sorted(unknown))}"
         return plan
-    delivered = {d["destination"] for d in stored["deliveries"] if d["status"] == "SENT"} & chosen
+    delivered = {d["destination"] for d in stored["deliveries"] if d["status"] == DeliveryStatus.SENT} & chosen
     if delivered and not force:
         plan.skipped = f"already delivered to {', '.join(sorted(delivered))} (use --force to send again)"
         return plan
@@ -89,7 +90,7 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
     if processed.result is not Result.PROCESSED:
         plan.skipped = f"the channel now says {processed.result.value}" + (f": {processed.error}" if processed.error else "")
         return plan
-    sent = {d["destination"] for d in stored["deliveries"] if d["status"] != "FILTERED"}
+    sent = {d["destination"] for d in stored["deliveries"] if d["status"] != DeliveryStatus.FILTERED}
     for output in processed.outputs:
         if output.name in chosen and output.message is not None:
             data = output.message.to_bytes()
@@ -110,7 +111,7 @@ def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, 
     channel = channels[plan.channel]
     now = time.time()
     record = MessageRecord(
-        plan.channel, stored["raw"], "PROCESSED", now, f"replay by {operator}", stored["charset"],
+        plan.channel, stored["raw"], MessageStatus.PROCESSED, now, f"replay by {operator}", stored["charset"],
         sending_application=stored["sending_application"], sending_facility=stored["sending_facility"],
         message_type=stored["message_type"], control_id=stored["control_id"], patient_id=stored["patient_id"],
         replay_of=plan.original_id, replay_reason=reason, replay_operator=operator,
@@ -120,7 +121,7 @@ def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, 
             data = plan.outputs[destination.name]
             options = destination.config.queue
             key = Message.from_bytes(data).get(options.order_key) if options.order == "per_key" else None
-            record.deliveries.append(DeliveryRecord(destination.name, "QUEUED", data, key))
+            record.deliveries.append(DeliveryRecord(destination.name, DeliveryStatus.QUEUED, data, key))
     updates = [("audit", None, dict(audit, target=f"message {plan.original_id}", reason=reason,
                                     detail=f"to {', '.join(sorted(plan.outputs))}"))] if audit else []
     [message_id] = store.commit([record], updates)

@@ -33,6 +33,7 @@ from hl7relay.errors import HL7RelayError, ParseError
 from hl7relay.events import emit
 from hl7relay.listener import Peer, listen
 from hl7relay.message import Message
+from hl7relay.outcomes import DeliveryOutcome, DeliveryStatus, MessageStatus
 from hl7relay.queues import DeliveryResult, DestinationQueue
 from hl7relay.sender import MLLPSender, SendStatus
 from hl7relay.store import DeliveryRecord, MessageRecord, StoreError
@@ -470,7 +471,7 @@ class Engine:
         acks = [] if not code or is_ack(original) else [build_ack(
             original, code, f"duplicate of message {first['id']}", sending_application=channel.response.application,
             sending_facility=channel.response.facility)]
-        record = MessageRecord(channel.name, raw, "DUPLICATE", received_at, str(peer), original.charset,
+        record = MessageRecord(channel.name, raw, MessageStatus.DUPLICATE, received_at, str(peer), original.charset,
                                error=f"duplicate of message {first['id']}", ack_code=code, duplicate_key=key, **header)
         if acks and "acks" in channel.stages:
             record.stages["ack"] = b"\r".join(acks)
@@ -481,7 +482,7 @@ class Engine:
         log.info("channel {channel}: message {control_id} is a duplicate of message {original_id}", channel=channel.name,
                  control_id=header["control_id"], original_id=first["id"])
         duplicate = Outcome(Status.ACCEPTED, acks=acks, ack_codes=[code] if acks else [])
-        duplicate.stored_status = "DUPLICATE"
+        duplicate.stored_status = MessageStatus.DUPLICATE
         return duplicate
 
     def _process_and_store(self, running, channel, message, original, raw, header, received_at, peer,
@@ -494,7 +495,7 @@ class Engine:
                         control_id=header["control_id"])
             processed = None
             outcome = Outcome.error(f"internal error in the channel: {type(exc).__name__}")
-            status, error = "ERROR", outcome.text
+            status, error = MessageStatus.ERROR, outcome.text
         if processed is not None:
             status, error, outcome = self._outcome(processed)
         record = MessageRecord(channel.name, raw, status, received_at, str(peer), message.charset,
@@ -510,7 +511,7 @@ class Engine:
         outputs = processed.outputs if processed is not None and processed.result is Result.PROCESSED else []
         for output in outputs:
             if output.message is None:
-                record.deliveries.append(DeliveryRecord(output.name, "FILTERED"))
+                record.deliveries.append(DeliveryRecord(output.name, DeliveryStatus.FILTERED))
                 continue
             options = running.queues[output.name].options
             key = output.message.get(options.order_key) if options.order == "per_key" else None
@@ -518,7 +519,7 @@ class Engine:
             # the queue resends from the stored content; it is stored apart only when it differs
             # from the transformed stage (or the raw message) that the queue falls back to
             kept = transformed if transformed is not None and "transformed" in channel.stages else raw
-            record.deliveries.append(DeliveryRecord(output.name, "QUEUED", content if content != kept else None, key,
+            record.deliveries.append(DeliveryRecord(output.name, DeliveryStatus.QUEUED, content if content != kept else None, key,
                                                     payload=content, message=output.message))
         if channel.response.when == "on_store" or is_ack(original) or not outputs:
             running.policy.prepare(original, outcome)
@@ -554,7 +555,7 @@ class Engine:
                 log.debug("channel {channel}: message {control_id} content ({size} bytes): {content}",
                           channel=channel.name, control_id=header["control_id"], message_id=message_id, size=len(raw),
                           content=content, trace=True)
-        queued = [(running.queues[d.destination], d) for d in record.deliveries if d.status == "QUEUED"]
+        queued = [(running.queues[d.destination], d) for d in record.deliveries if d.status == DeliveryStatus.QUEUED]
         deliveries = [queue.first_result(message_id) for queue, _ in queued] if outcome.acks is None else []
         waiting = [queue for queue, _ in queued] if outcome.acks is None else []
         for queue, delivery in queued:
@@ -608,10 +609,10 @@ class Engine:
     @staticmethod
     def _outcome(processed):
         if processed.result is Result.FILTERED:
-            return "FILTERED", "", Outcome.filtered()
+            return MessageStatus.FILTERED, "", Outcome.filtered()
         if processed.result is Result.ERROR:
-            return "ERROR", processed.error, Outcome.error(processed.error, processed.error_code or _internal(), processed.findings)
-        return "PROCESSED", "", Outcome.accepted()
+            return MessageStatus.ERROR, processed.error, Outcome.error(processed.error, processed.error_code or _internal(), processed.findings)
+        return MessageStatus.PROCESSED, "", Outcome.accepted()
 
     # -- deliveries -----------------------------------------------------------------------------
     def _destination(self, destination, channel_name: str = ""):
@@ -631,7 +632,7 @@ class Engine:
                     return DeliveryResult(r.ok, r.status is SendStatus.APPLICATION_ERROR,
                                           ack=r.ack.to_text() if r.ack is not None else (r.ack_code + " " + r.text).strip(),
                                           error="" if r.ok else f"{r.status.value}: {r.text}".strip(),
-                                          rejected=r.status is SendStatus.REJECTED)
+                                          rejected=r.status is SendStatus.REJECTED, outcome=_OUTCOMES[r.status])
 
                 return sender.send(message).addCallback(answered)
 
@@ -650,7 +651,8 @@ class Engine:
             def deliver_channel(message):
                 target = self.channels.get(config.channel)
                 if target is None or not target.enabled:
-                    return DeliveryResult(False, error=f"channel {config.channel!r} is not running")
+                    return DeliveryResult(False, error=f"channel {config.channel!r} is not running",
+                                          outcome=DeliveryOutcome.UNREACHABLE)
                 d = self.handle(target.channel, message.copy(), f"channel:{config.channel}")
                 d.addCallback(lambda o: DeliveryResult(o.status in (Status.ACCEPTED, Status.FILTERED),
                                                        o.status is Status.ERROR, ack=o.status.value,
@@ -662,6 +664,11 @@ class Engine:
         raise HL7RelayError(f"destination {destination.name}: unknown type")
 
 
+_OUTCOMES = {SendStatus.ACCEPTED: DeliveryOutcome.ACCEPTED, SendStatus.APPLICATION_ERROR: DeliveryOutcome.APPLICATION_ERROR,
+             SendStatus.REJECTED: DeliveryOutcome.REJECTED, SendStatus.TIMED_OUT: DeliveryOutcome.TIMED_OUT,
+             SendStatus.CONNECTION_FAILED: DeliveryOutcome.UNREACHABLE}
+
+
 def _findings_json(findings) -> bytes:
     import json
 
@@ -670,7 +677,7 @@ def _findings_json(findings) -> bytes:
 
 
 def _internal():
-    from hl7relay.ack.codes import ErrorCode
+    from hl7relay.outcomes import ErrorCode
 
     return ErrorCode.APPLICATION_INTERNAL_ERROR
 

@@ -7,6 +7,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from hl7relay.channels import load_channel
 from hl7relay.message import Message
+from hl7relay.outcomes import DeliveryOutcome
 from hl7relay.queues import DeliveryResult
 from hl7relay.runtime import Engine
 from hl7relay.store import Store
@@ -72,7 +73,7 @@ def test_a_paused_destination_keeps_queueing_and_sends_in_order_when_resumed(tmp
 def test_retry_now_skips_the_backoff(tmp_path):
     engine, channel, store, reactor, delivered, answers = make(tmp_path)
     engine.start()
-    answers.append(DeliveryResult(False, error="connection_failed: refused"))
+    answers.append(DeliveryResult(False, error="connection_failed: refused", outcome=DeliveryOutcome.UNREACHABLE))
     send(engine, channel, "R1")
     run(reactor, 5)
     assert delivered == ["R1"] and engine.channel_view("ch")["destinations"]["lab"]["head"]["next_attempt_in"] > 20

@@ -261,3 +261,28 @@ def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
     assert events[0] == "starting" and "ready" in events and events[-1] != "" and "stopped" in events
     discarded = [o for o in objects if "outside MLLP frames" in o["text"]]
     assert 1 <= len(discarded) <= 10 and discarded[0]["peer"].startswith("127.0.0.1:")
+
+
+def test_every_event_is_declared_emitted_as_declared_and_measured():
+    """Events are typed: each emit() in the engine names a declared event with exactly its
+    declared fields (checked from the source, since emit() itself does not check: hot path), and
+    the metrics module has a handler for every declared event."""
+    import ast
+    from pathlib import Path
+
+    from hl7relay.events import EVENTS
+
+    root = Path(__file__).resolve().parent.parent
+    emitted = {}
+    for path in [*(root / "engine").rglob("*.py"), *(root / "ack").rglob("*.py"), *(root / "transformers").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "emit":
+                assert node.args and isinstance(node.args[0], ast.Constant), f"{path}:{node.lineno}: emit() needs a literal name"
+                name = node.args[0].value
+                fields = {k.arg for k in node.keywords if k.arg}
+                assert name in EVENTS, f"{path}:{node.lineno}: undeclared event {name!r}"
+                if all(k.arg for k in node.keywords):  # **labels: checked where the dict is built
+                    assert fields == EVENTS[name], f"{path}:{node.lineno}: {name} with {sorted(fields)}"
+                emitted[name] = path
+    assert set(emitted) == set(EVENTS), f"declared but never emitted: {set(EVENTS) - set(emitted)}"
+    assert set(Metrics()._handlers) == set(EVENTS)

@@ -6,6 +6,7 @@ import pytest
 from twisted.internet import defer, task
 
 from hl7relay.channels.destinations import QueueOptions
+from hl7relay.outcomes import DeliveryOutcome
 from hl7relay.queues import DeliveryResult, DestinationQueue, retry_delay
 from hl7relay.store import DeliveryRecord, MessageRecord, Store
 from hl7relay.storewriter import StoreWriter
@@ -53,7 +54,7 @@ def statuses(store):
     return {r["control_id"]: store.get_message(r["id"])["deliveries"][0] for r in rows}
 
 
-DOWN = DeliveryResult(False, error="connection_failed: refused")
+DOWN = DeliveryResult(False, error="connection_failed: refused", outcome=DeliveryOutcome.UNREACHABLE)
 
 
 def test_destination_down_then_up_delivers_everything_in_order(setup):
@@ -360,7 +361,7 @@ def test_order_holds_after_an_outage_longer_than_memory_while_messages_keep_arri
 
     def peer(message):
         if clock.seconds() < 40 or rng.random() < 0.2:  # down, then flaky
-            return DeliveryResult(False, error="connection_failed: refused")
+            return DeliveryResult(False, error="connection_failed: refused", outcome=DeliveryOutcome.UNREACHABLE)
         delivered.append(message.control_id)
         return DeliveryResult(True, ack="AA")
 
@@ -415,7 +416,7 @@ def test_after_a_backlog_drains_new_messages_go_straight_to_memory_again(setup, 
 
     def peer(message):
         if down["on"]:
-            return DeliveryResult(False, error="connection_failed: refused")
+            return DeliveryResult(False, error="connection_failed: refused", outcome=DeliveryOutcome.UNREACHABLE)
         delivered.append(message.control_id)
         return DeliveryResult(True, ack="AA")
 

@@ -15,6 +15,7 @@ from twisted.internet import defer, task
 from hl7relay.ack import Status
 from hl7relay.channels import load_channel
 from hl7relay.message import Message
+from hl7relay.outcomes import DeliveryOutcome
 from hl7relay.runtime import Engine
 from hl7relay.store import Store, StoreError
 from hl7relay.storewriter import StoreWriter
@@ -496,7 +497,7 @@ def test_after_delivery_a_request_to_resend_withdraws_the_failed_copy(tmp_path):
     so the lab later got it twice."""
     from hl7relay.queues import DeliveryResult
 
-    down = DeliveryResult(False, error="connection_failed: refused")
+    down = DeliveryResult(False, error="connection_failed: refused", outcome=DeliveryOutcome.UNREACHABLE)
     engine, channel, store, received = _after_delivery_engine(tmp_path, {"lab": [down], "billing": []})
     results = []
     engine.handle(channel, Message(ADT.format(id="R1", extra="|||AL|AL")), "peer").addCallback(results.append)
@@ -517,7 +518,7 @@ def test_after_delivery_an_application_error_is_not_resent_and_other_failures_ar
 
     engine, channel, store, received = _after_delivery_engine(tmp_path, {
         "lab": [DeliveryResult(False, application_error=True, ack="AE", error="application_error: unknown patient")],
-        "billing": [DeliveryResult(False, error="timed_out: no ACK")]})
+        "billing": [DeliveryResult(False, error="timed_out: no ACK", outcome=DeliveryOutcome.TIMED_OUT)]})
     results = []
     engine.handle(channel, Message(ADT.format(id="E1", extra="")), "peer").addCallback(results.append)
     _run(engine, 0.5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from hl7relay.ack.codes import ErrorCode, Severity
+from hl7relay.outcomes import ErrorCode, Severity
 from hl7relay.channels.channel import Channel
 from hl7relay.errors import HL7RelayError
 from hl7relay.message import Message

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hl7relay.ack.codes import ErrorCode, Severity
+from hl7relay.outcomes import ErrorCode, Severity
 from hl7relay.channels.spec import Option, register
 from hl7relay.message import Message
 from hl7relay.path import parse_path

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hl7relay.ack.codes import ErrorCode, Severity
+from hl7relay.outcomes import ErrorCode, Severity
 from hl7relay.channels.spec import did_you_mean
 from hl7relay.channels.yamlsource import ConfigError, Document, load_document
 from hl7relay.errors import PathError

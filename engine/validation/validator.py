@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from hl7relay.ack.codes import ErrorCode, Severity
+from hl7relay.outcomes import ErrorCode, Severity
 from hl7relay.escape import unescape
 from hl7relay.message import HEADER_SEGMENTS, Message
 from hl7relay.path import Path

@@ -1,0 +1,111 @@
+"""The vocabulary every layer shares, in one neutral module: HL7 table 0357 (message error
+condition codes) and 0516 (error severity), ACK codes (table 0008), the statuses a stored message
+and a delivery can have, and what a delivery attempt came to. Validation, ACK building, the
+queues and the store all use these; none of them depends on another for its words.
+
+The statuses are ``StrEnum``s: they compare equal to, print as, and are stored as their plain values.
+"""
+
+import enum
+
+__all__ = ["ErrorCode", "Severity", "AckCode", "MessageStatus", "DeliveryStatus", "DeliveryOutcome"]
+
+
+class ErrorCode(enum.IntEnum):
+    """HL7 table 0357. The text is what ERR-3.2 carries."""
+
+    MESSAGE_ACCEPTED = 0
+    SEGMENT_SEQUENCE_ERROR = 100
+    REQUIRED_FIELD_MISSING = 101
+    DATA_TYPE_ERROR = 102
+    TABLE_VALUE_NOT_FOUND = 103
+    VALUE_TOO_LONG = 104
+    UNSUPPORTED_MESSAGE_TYPE = 200
+    UNSUPPORTED_EVENT_CODE = 201
+    UNSUPPORTED_PROCESSING_ID = 202
+    UNSUPPORTED_VERSION_ID = 203
+    UNKNOWN_KEY_IDENTIFIER = 204
+    DUPLICATE_KEY_IDENTIFIER = 205
+    APPLICATION_RECORD_LOCKED = 206
+    APPLICATION_INTERNAL_ERROR = 207
+
+    @property
+    def text(self) -> str:
+        return _TEXTS[self]
+
+
+_TEXTS = {
+    ErrorCode.MESSAGE_ACCEPTED: "Message accepted",
+    ErrorCode.SEGMENT_SEQUENCE_ERROR: "Segment sequence error",
+    ErrorCode.REQUIRED_FIELD_MISSING: "Required field missing",
+    ErrorCode.DATA_TYPE_ERROR: "Data type error",
+    ErrorCode.TABLE_VALUE_NOT_FOUND: "Table value not found",
+    ErrorCode.VALUE_TOO_LONG: "Value too long",
+    ErrorCode.UNSUPPORTED_MESSAGE_TYPE: "Unsupported message type",
+    ErrorCode.UNSUPPORTED_EVENT_CODE: "Unsupported event code",
+    ErrorCode.UNSUPPORTED_PROCESSING_ID: "Unsupported processing id",
+    ErrorCode.UNSUPPORTED_VERSION_ID: "Unsupported version id",
+    ErrorCode.UNKNOWN_KEY_IDENTIFIER: "Unknown key identifier",
+    ErrorCode.DUPLICATE_KEY_IDENTIFIER: "Duplicate key identifier",
+    ErrorCode.APPLICATION_RECORD_LOCKED: "Application record locked",
+    ErrorCode.APPLICATION_INTERNAL_ERROR: "Application internal error",
+}
+
+
+class Severity(str, enum.Enum):
+    """HL7 table 0516, as the one letter that ERR-4 carries."""
+
+    ERROR = "E"
+    WARNING = "W"
+    INFORMATION = "I"
+
+
+class AckCode(enum.StrEnum):
+    """HL7 table 0008, MSA-1."""
+
+    AA = "AA"  # application accept
+    AE = "AE"  # application error: the content needs a person; do not resend
+    AR = "AR"  # application reject: send again later
+    CA = "CA"  # commit accept (enhanced mode)
+    CE = "CE"  # commit error
+    CR = "CR"  # commit reject
+
+    @property
+    def accepted(self) -> bool:
+        return self in (AckCode.AA, AckCode.CA)
+
+
+class MessageStatus(enum.StrEnum):
+    """How a message is stored."""
+
+    PROCESSED = "PROCESSED"
+    FILTERED = "FILTERED"
+    ERROR = "ERROR"
+    DUPLICATE = "DUPLICATE"
+
+
+class DeliveryStatus(enum.StrEnum):
+    """Where a delivery stands."""
+
+    QUEUED = "QUEUED"  # to be sent (or being retried)
+    SENT = "SENT"  # the destination accepted it
+    ERROR = "ERROR"  # dead letter: AE, refusals exhausted, or give_up_after
+    FILTERED = "FILTERED"  # the destination's filter skipped it
+    WITHDRAWN = "WITHDRAWN"  # after_delivery: the sender was told to resend, so this copy is never sent
+
+
+class DeliveryOutcome(enum.Enum):
+    """What one delivery attempt came to."""
+
+    ACCEPTED = "accepted"
+    APPLICATION_ERROR = "application_error"  # AE: not retried
+    REJECTED = "rejected"  # AR/CR: counts towards max_attempts
+    TIMED_OUT = "timed_out"  # no answer in time: the peer may have it
+    UNREACHABLE = "unreachable"  # no connection
+    FAILED = "failed"  # a local failure (a file write, a bug): retried
+
+    @property
+    def reached_peer(self) -> bool:
+        """Whether the attempt shows the destination is up (it answered, whatever it said)."""
+        return self in (DeliveryOutcome.ACCEPTED, DeliveryOutcome.APPLICATION_ERROR, DeliveryOutcome.REJECTED,
+                        DeliveryOutcome.FAILED)
