@@ -24,7 +24,7 @@ from hl7relay.errors import ParseError
 from hl7relay.events import emit
 from hl7relay.message import Message
 from hl7relay.outcomes import DeliveryOutcome, DeliveryStatus
-from hl7relay.store import StoreError
+from hl7relay.store import DeliveryUpdate, StoreError
 
 __all__ = ["DestinationQueue", "DeliveryResult", "retry_delay"]
 
@@ -194,9 +194,8 @@ class DestinationQueue:
         if row is None or not row.get("held") or message_id in self.in_flight:
             return None
         del self.pending[message_id]
-        update = self.writer.update(("delivery", (message_id, self.destination),
-                                     {"status": DeliveryStatus.WITHDRAWN, "last_error": reason, "next_attempt_at": None,
-                                      "updated_at": self.clock()}))
+        update = self.writer.update(DeliveryUpdate(message_id, self.destination, {
+            "status": DeliveryStatus.WITHDRAWN, "last_error": reason, "next_attempt_at": None, "updated_at": self.clock()}))
 
         def recorded(outcome):
             self.known.discard(message_id)
@@ -407,7 +406,7 @@ class DestinationQueue:
         for waiter in self._waiters.pop(message_id, ()):
             waiter.callback(result)
         # recorded through the group commit; the id stays "known" until then so a poll cannot resend it
-        update = self.writer.update(("delivery", (message_id, self.destination), values), lazy=True)
+        update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), lazy=True)
 
         def recorded(outcome):
             if final:

@@ -17,7 +17,7 @@ from hl7relay.channels.pipeline import Result, process
 from hl7relay.errors import ParseError
 from hl7relay.message import Message
 from hl7relay.outcomes import DeliveryStatus, MessageStatus
-from hl7relay.store import DeliveryRecord, MessageRecord, Store, delivery_content
+from hl7relay.store import AuditUpdate, DeliveryRecord, MessageRecord, Store, delivery_content
 
 __all__ = ["ReplayPlan", "plan_replay", "commit_replay"]
 
@@ -122,7 +122,7 @@ def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, 
             options = destination.config.queue
             key = Message.from_bytes(data).get(options.order_key) if options.order == "per_key" else None
             record.deliveries.append(DeliveryRecord(destination.name, DeliveryStatus.QUEUED, data, key))
-    updates = [("audit", None, dict(audit, target=f"message {plan.original_id}", reason=reason,
-                                    detail=f"to {', '.join(sorted(plan.outputs))}"))] if audit else []
+    updates = [AuditUpdate(dict(audit, target=f"message {plan.original_id}", reason=reason,
+                                detail=f"to {', '.join(sorted(plan.outputs))}"))] if audit else []
     [message_id] = store.commit([record], updates)
     return message_id

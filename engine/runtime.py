@@ -36,7 +36,7 @@ from hl7relay.message import Message
 from hl7relay.outcomes import DeliveryOutcome, DeliveryStatus, MessageStatus
 from hl7relay.queues import DeliveryResult, DestinationQueue
 from hl7relay.sender import MLLPSender, SendStatus
-from hl7relay.store import DeliveryRecord, MessageRecord, StoreError
+from hl7relay.store import DeliveryRecord, MessageRecord, MessageUpdate, StageUpdate, StoreError
 from hl7relay.storewriter import StoreWriter
 
 __all__ = ["Engine", "DeliveryResult"]
@@ -596,9 +596,9 @@ class Engine:
                           channel=channel.name, message_id=message_id)
         acks = running.policy.prepare(original, final).acks
         final.timings, final.stored_status = outcome.timings, outcome.stored_status
-        updates = [("message", message_id, {"ack_code": final.ack_codes[-1] if final.ack_codes else ""})]
+        updates = [MessageUpdate(message_id, {"ack_code": final.ack_codes[-1] if final.ack_codes else ""})]
         if acks and "acks" in channel.stages:
-            updates.append(("stage", (message_id, "ack"), b"\r".join(acks)))
+            updates.append(StageUpdate(message_id, "ack", b"\r".join(acks)))
         try:
             yield self.writer.update(*updates)
         except StoreError as exc:

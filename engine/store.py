@@ -16,7 +16,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-__all__ = ["Store", "MessageRecord", "DeliveryRecord", "StoreError", "MIGRATIONS", "open_store", "delivery_content", "storable",
+__all__ = ["Store", "MessageRecord", "DeliveryRecord", "DeliveryUpdate", "MessageUpdate", "StageUpdate", "AuditUpdate",
+           "as_update", "StoreError", "MIGRATIONS", "open_store", "delivery_content", "storable",
            "sqlite_path", "readable_by_others", "AUDIT_FIELDS"]
 
 
@@ -310,10 +311,6 @@ def storable(text):
             return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _storable_values(values: dict) -> dict:
-    return {k: storable(v) for k, v in values.items()}
-
-
 @dataclass(slots=True)
 class MessageRecord:
     channel: str
@@ -338,6 +335,155 @@ class MessageRecord:
 
 
 PROBE_BYTES = 256 * 1024  # what a readiness probe writes after a failed commit: a generous batch
+@dataclass(slots=True, frozen=True)
+class DeliveryUpdate:
+    """A delivery's new values (status, attempts, last_ack, last_error, next_attempt_at, updated_at)."""
+
+    message_id: int
+    destination: str
+    values: dict
+
+
+@dataclass(slots=True, frozen=True)
+class MessageUpdate:
+    message_id: int
+    values: dict  # e.g. {"ack_code": "AA"}
+
+
+@dataclass(slots=True, frozen=True)
+class StageUpdate:
+    """A stage written (or rewritten): the ACK of an after_delivery message."""
+
+    message_id: int
+    stage: str
+    content: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class AuditUpdate:
+    """An audit entry committed in the same transaction as the action it records."""
+
+    entry: dict
+
+
+Update = DeliveryUpdate | MessageUpdate | StageUpdate | AuditUpdate
+
+
+def as_update(update) -> Update:
+    """A typed update; the older ``(kind, key, values)`` tuples are still accepted."""
+    if isinstance(update, (DeliveryUpdate, MessageUpdate, StageUpdate, AuditUpdate)):
+        return update
+    kind, key, values = update
+    if kind == "delivery":
+        return DeliveryUpdate(key[0], key[1], values)
+    if kind == "message":
+        return MessageUpdate(key, values)
+    if kind == "stage":
+        return StageUpdate(key[0], key[1], values)
+    if kind == "audit":
+        return AuditUpdate(values)
+    raise ValueError(f"unknown update {kind!r}")
+
+
+_MESSAGE_COLUMNS = ("channel", "received_at", "peer", "raw", "charset", "sending_application", "sending_facility",
+                    "message_type", "control_id", "patient_id", "status", "error", "ack_code", "duplicate_key",
+                    "replay_of", "replay_reason", "replay_operator")
+_DELIVERY_UPDATE_COLUMNS = frozenset(c.name for c in deliveries.columns) - {"id", "message_id", "destination"}
+_MESSAGE_UPDATE_COLUMNS = frozenset(_MESSAGE_COLUMNS)
+
+
+def _checked(columns, allowed) -> tuple:
+    # column names go into SQL text: only the schema's own names are accepted
+    unknown = set(columns) - allowed
+    if unknown:
+        raise ValueError(f"unknown columns {sorted(unknown)}")
+    return columns
+
+
+class _Rows:
+    """The rows of one batch, built once for every backend: what each backend does differently
+    is only how it sends them (the SQLite driver directly, PostgreSQL through SQLAlchemy)."""
+
+    __slots__ = ("records", "messages", "delivery_updates", "message_updates", "stage_upserts", "audit")
+
+    def __init__(self, records, updates):
+        self.records = records
+        self.messages = [self._message(r) for r in records]  # in _MESSAGE_COLUMNS order, no id
+        self.delivery_updates: dict[tuple, list] = {}  # columns -> [(values..., message_id, destination)]
+        self.message_updates: list = []  # (columns, (values..., id))
+        self.stage_upserts: list = []  # (message_id, stage, content)
+        self.audit: list = []  # dicts in AUDIT_FIELDS order
+        for update in map(as_update, updates):
+            if update.__class__ is DeliveryUpdate:
+                values = update.values
+                columns = tuple(sorted(values))
+                self.delivery_updates.setdefault(columns, []).append(
+                    (*(storable(values[c]) for c in columns), update.message_id, update.destination))
+            elif update.__class__ is MessageUpdate:
+                columns = _checked(tuple(sorted(update.values)), _MESSAGE_UPDATE_COLUMNS)
+                self.message_updates.append((columns, (*(storable(update.values[c]) for c in columns), update.message_id)))
+            elif update.__class__ is StageUpdate:
+                self.stage_upserts.append((update.message_id, update.stage, update.content))
+            else:
+                self.audit.append(_audit_row(update.entry))
+        for columns in self.delivery_updates:
+            _checked(columns, _DELIVERY_UPDATE_COLUMNS)
+
+    @staticmethod
+    def _message(r: MessageRecord) -> tuple:
+        row = (r.channel, r.received_at, r.peer, r.raw, r.charset, r.sending_application, r.sending_facility,
+               r.message_type, r.control_id, r.patient_id, r.status, r.error, r.ack_code, r.duplicate_key,
+               r.replay_of, r.replay_reason, r.replay_operator)
+        text = "".join([r.sending_application, r.sending_facility, r.message_type, r.control_id, r.patient_id,
+                        r.error, r.duplicate_key or "", r.peer, r.replay_reason or "", r.replay_operator or ""])
+        if not text.isascii() or "\x00" in text:
+            row = tuple(storable(v) for v in row)
+        return row
+
+    def children(self, ids: list[int]) -> tuple[list, list]:
+        """Stage rows (message_id, stage, content) and delivery rows (message_id, destination,
+        status, next_attempt_at, updated_at, order_key), once the messages have their ids."""
+        stage_rows, delivery_rows = [], []
+        for message_id, r in zip(ids, self.records):
+            for name, content in r.stages.items():
+                stage_rows.append((message_id, name, content))
+            for d in r.deliveries:
+                if d.content is not None:
+                    stage_rows.append((message_id, "destination:" + d.destination, d.content))
+                delivery_rows.append((message_id, d.destination, d.status,
+                                      r.received_at if d.status == "QUEUED" else None, r.received_at, storable(d.order_key)))
+        return stage_rows, delivery_rows
+
+
+def _sql(placeholder: str) -> dict:
+    """The batch's statements, with the driver's placeholder (``?`` or ``%s``)."""
+    p = placeholder
+    audit_columns = ", ".join(AUDIT_FIELDS)
+    return {
+        "stage": f"INSERT INTO message_stages (message_id, stage, content) VALUES ({p}, {p}, {p})",
+        "delivery": ("INSERT INTO deliveries (message_id, destination, status, attempts, last_ack, last_error, "
+                     f"next_attempt_at, updated_at, order_key) VALUES ({p}, {p}, {p}, 0, '', '', {p}, {p}, {p})"),
+        "stage_upsert": (f"INSERT INTO message_stages (message_id, stage, content) VALUES ({p}, {p}, {p}) "
+                         "ON CONFLICT (message_id, stage) DO UPDATE SET content = excluded.content"),
+        "audit": f"INSERT INTO audit_log ({audit_columns}) VALUES ({', '.join([p] * len(AUDIT_FIELDS))})",
+        "delivery_update": lambda columns: (f"UPDATE deliveries SET {', '.join(f'{c} = {p}' for c in columns)} "
+                                            f"WHERE message_id = {p} AND destination = {p}"),
+        "message_update": lambda columns: f"UPDATE messages SET {', '.join(f'{c} = {p}' for c in columns)} WHERE id = {p}",
+    }
+
+
+def _send_updates(execute, executemany, sql: dict, rows: _Rows) -> None:
+    """The batch's updates through a driver's execute/executemany: the same for both backends."""
+    for columns, values in rows.delivery_updates.items():
+        executemany(sql["delivery_update"](columns), values)
+    for columns, values in rows.message_updates:
+        execute(sql["message_update"](columns), values)
+    if rows.stage_upserts:
+        executemany(sql["stage_upsert"], rows.stage_upserts)
+    if rows.audit:
+        executemany(sql["audit"], [tuple(entry[c] for c in AUDIT_FIELDS) for entry in rows.audit])
+
+
 WAL_CHECKPOINT_PAGES = 10_000  # ~40 MB of 4 KB pages
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
@@ -426,66 +572,31 @@ class Store:
                 self._sqlite_batch = _SQLiteBatch(self.engine)
             return self._sqlite_batch.commit(records, updates)
         try:
+            rows = _Rows(records, updates)
             with self.engine.begin() as connection:
-                ids = self._insert_many(connection, records) if records else []
-                self._update(connection, updates)
+                ids = []
+                if rows.messages:
+                    dicts = [dict(zip(_MESSAGE_COLUMNS, row)) for row in rows.messages]
+                    if len(dicts) == 1:
+                        ids = [connection.execute(messages.insert(), dicts[0]).inserted_primary_key[0]]
+                    else:
+                        result = connection.execute(
+                            messages.insert().returning(messages.c.id, sort_by_parameter_order=True), dicts)
+                        ids = [row[0] for row in result]
+                stage_rows, delivery_rows = rows.children(ids)
+                driver = connection.exec_driver_sql
+                sql = _POSTGRES_SQL
+                if stage_rows:
+                    driver(sql["stage"], stage_rows)
+                if delivery_rows:
+                    driver(sql["delivery"], delivery_rows)
+                _send_updates(lambda statement, values: driver(statement, values),
+                              lambda statement, many: driver(statement, many), sql, rows)
                 return ids
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"store commit failed: {exc.__class__.__name__}: {getattr(exc, 'orig', exc)}") from exc
 
-    _MESSAGE_COLUMNS = ("channel", "received_at", "peer", "raw", "charset", "sending_application", "sending_facility",
-                        "message_type", "control_id", "patient_id", "status", "error", "ack_code", "duplicate_key",
-                        "replay_of", "replay_reason", "replay_operator")
-
-    def _insert_many(self, connection, records: list[MessageRecord]) -> list[int]:
-        rows = [{k: storable(getattr(r, k)) for k in self._MESSAGE_COLUMNS} for r in records]
-        if len(rows) == 1:
-            ids = [connection.execute(messages.insert(), rows[0]).inserted_primary_key[0]]
-        else:
-            result = connection.execute(messages.insert().returning(messages.c.id, sort_by_parameter_order=True), rows)
-            ids = [row[0] for row in result]
-        stage_rows, delivery_rows = [], []
-        for message_id, record in zip(ids, records):
-            stage_rows += [{"message_id": message_id, "stage": name, "content": content} for name, content in record.stages.items()]
-            for d in record.deliveries:
-                if d.content is not None:
-                    stage_rows.append({"message_id": message_id, "stage": f"destination:{d.destination}", "content": d.content})
-                delivery_rows.append({"message_id": message_id, "destination": d.destination, "status": d.status,
-                                      "attempts": 0, "last_ack": "", "last_error": "",
-                                      "next_attempt_at": record.received_at if d.status == "QUEUED" else None,
-                                      "updated_at": record.received_at, "order_key": storable(d.order_key)})
-        if stage_rows:
-            connection.execute(stages.insert(), stage_rows)
-        if delivery_rows:
-            connection.execute(deliveries.insert(), delivery_rows)
-        return ids
-
-    @staticmethod
-    def _update(connection, updates) -> None:
-        # delivery results, the most frequent update, go in one executemany per set of columns
-        grouped: dict[tuple, list] = {}
-        for kind, key, values in updates:
-            if kind == "delivery":
-                row = {f"v_{k}": storable(v) for k, v in values.items()}
-                row["k_message_id"], row["k_destination"] = key
-                grouped.setdefault(tuple(sorted(values)), []).append(row)
-        for columns, rows in grouped.items():
-            statement = deliveries.update().where(
-                deliveries.c.message_id == sa.bindparam("k_message_id"),
-                deliveries.c.destination == sa.bindparam("k_destination"),
-            ).values({c: sa.bindparam(f"v_{c}") for c in columns})
-            connection.execute(statement, rows)
-        for kind, key, values in updates:
-            if kind == "delivery":
-                continue
-            elif kind == "message":
-                connection.execute(messages.update().where(messages.c.id == key).values(**_storable_values(values)))
-            elif kind == "stage":
-                message_id, stage = key
-                connection.execute(stages.delete().where(stages.c.message_id == message_id, stages.c.stage == stage))
-                connection.execute(stages.insert().values(message_id=message_id, stage=stage, content=values))
-            elif kind == "audit":  # an action's audit entry, in the action's own transaction
-                connection.execute(audit_log.insert().values(**_audit_row(values)))
+    _MESSAGE_COLUMNS = _MESSAGE_COLUMNS
 
     # -- reading ----------------------------------------------------------------------------------
     def get_message(self, message_id: int) -> dict | None:
@@ -830,30 +941,38 @@ class _SQLiteBatch:
     so the ids handed out after ``max(id)`` cannot collide with another process (a replay from
     the CLI) writing at the same time. The schema stays SQLAlchemy's (``metadata``)."""
 
-    _INSERT_MESSAGE = (f"INSERT INTO messages (id, {', '.join(Store._MESSAGE_COLUMNS)}) "
-                       f"VALUES ({', '.join('?' * (len(Store._MESSAGE_COLUMNS) + 1))})")
-    _INSERT_STAGE = "INSERT INTO message_stages (message_id, stage, content) VALUES (?, ?, ?)"
-    _INSERT_DELIVERY = ("INSERT INTO deliveries (message_id, destination, status, attempts, last_ack, last_error, "
-                        "next_attempt_at, updated_at, order_key) VALUES (?, ?, ?, 0, '', '', ?, ?, ?)")
-    _DELIVERY_COLUMNS = frozenset(c.name for c in deliveries.columns) - {"id", "message_id", "destination"}
-    _MESSAGE_UPDATE_COLUMNS = frozenset(Store._MESSAGE_COLUMNS)
+    _INSERT_MESSAGE = (f"INSERT INTO messages (id, {', '.join(_MESSAGE_COLUMNS)}) "
+                       f"VALUES ({', '.join('?' * (len(_MESSAGE_COLUMNS) + 1))})")
+    _SQL = None  # built once: _sql("?")
 
     def __init__(self, engine: sa.Engine):
         self._proxy = engine.raw_connection()  # has the pragmas (WAL, synchronous=FULL) from the pool's connect hook
         self._connection = self._proxy.driver_connection
+        if _SQLiteBatch._SQL is None:
+            _SQLiteBatch._SQL = _sql("?")
 
-    def commit(self, records: list[MessageRecord], updates: list[tuple]) -> list[int]:
+    def commit(self, records: list[MessageRecord], updates: list) -> list[int]:
         import sqlite3
 
         connection = self._connection
         try:
+            rows = _Rows(records, updates)
             if connection.in_transaction:  # left open by a failure we could not roll back
                 connection.rollback()
             connection.execute("BEGIN IMMEDIATE")
             try:
-                ids = self._insert(connection, records) if records else []
-                if updates:
-                    self._update(connection, updates)
+                ids = []
+                if rows.messages:
+                    first = connection.execute("SELECT coalesce(max(id), 0) + 1 FROM messages").fetchone()[0]
+                    ids = list(range(first, first + len(rows.messages)))
+                    connection.executemany(self._INSERT_MESSAGE, [(i, *row) for i, row in zip(ids, rows.messages)])
+                    stage_rows, delivery_rows = rows.children(ids)
+                    sql = self._SQL
+                    if stage_rows:
+                        connection.executemany(sql["stage"], stage_rows)
+                    if delivery_rows:
+                        connection.executemany(sql["delivery"], delivery_rows)
+                _send_updates(connection.execute, connection.executemany, self._SQL, rows)
                 connection.commit()
             except BaseException:
                 connection.rollback()
@@ -862,71 +981,15 @@ class _SQLiteBatch:
         except (sqlite3.Error, ValueError, TypeError) as exc:
             raise StoreError(f"store commit failed: {exc.__class__.__name__}: {exc}") from exc
 
-    def _insert(self, connection, records: list[MessageRecord]) -> list[int]:
-        first = connection.execute("SELECT coalesce(max(id), 0) + 1 FROM messages").fetchone()[0]
-        ids = list(range(first, first + len(records)))
-        message_rows, stage_rows, delivery_rows = [], [], []
-        for message_id, r in zip(ids, records):
-            row = (message_id, r.channel, r.received_at, r.peer, r.raw, r.charset, r.sending_application,
-                   r.sending_facility, r.message_type, r.control_id, r.patient_id, r.status, r.error,
-                   r.ack_code, r.duplicate_key, r.replay_of, r.replay_reason, r.replay_operator)
-            text = "".join([r.sending_application, r.sending_facility, r.message_type, r.control_id, r.patient_id,
-                            r.error, r.duplicate_key or "", r.peer, r.replay_reason or ""])
-            if not text.isascii() or "\x00" in text:
-                row = tuple(storable(v) for v in row)
-            message_rows.append(row)
-            for name, content in r.stages.items():
-                stage_rows.append((message_id, name, content))
-            for d in r.deliveries:
-                if d.content is not None:
-                    stage_rows.append((message_id, "destination:" + d.destination, d.content))
-                delivery_rows.append((message_id, d.destination, d.status,
-                                      r.received_at if d.status == "QUEUED" else None, r.received_at, storable(d.order_key)))
-        connection.executemany(self._INSERT_MESSAGE, message_rows)
-        if stage_rows:
-            connection.executemany(self._INSERT_STAGE, stage_rows)
-        if delivery_rows:
-            connection.executemany(self._INSERT_DELIVERY, delivery_rows)
-        return ids
-
-    def _update(self, connection, updates) -> None:
-        grouped: dict[tuple, list] = {}
-        for kind, key, values in updates:
-            if kind == "delivery":
-                columns = tuple(sorted(values))
-                grouped.setdefault(columns, []).append((*(storable(values[c]) for c in columns), *key))
-            elif kind == "message":
-                columns = tuple(sorted(values))
-                self._check(columns, self._MESSAGE_UPDATE_COLUMNS)
-                connection.execute(f"UPDATE messages SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?",
-                                   (*(storable(values[c]) for c in columns), key))
-            elif kind == "stage":
-                connection.execute("INSERT OR REPLACE INTO message_stages (message_id, stage, content) VALUES (?, ?, ?)",
-                                   (*key, values))
-            elif kind == "audit":
-                row = _audit_row(values)
-                connection.execute(f"INSERT INTO audit_log ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                                   tuple(row.values()))
-            else:
-                raise ValueError(f"unknown update {kind!r}")
-        for columns, rows in grouped.items():
-            self._check(columns, self._DELIVERY_COLUMNS)
-            connection.executemany(f"UPDATE deliveries SET {', '.join(c + ' = ?' for c in columns)} "
-                                   "WHERE message_id = ? AND destination = ?", rows)
-
-    @staticmethod
-    def _check(columns, allowed) -> None:
-        # column names go into the SQL text: only the schema's own names are accepted
-        unknown = set(columns) - allowed
-        if unknown:
-            raise ValueError(f"unknown columns {sorted(unknown)}")
-
     def close(self) -> None:
         try:
             if self._connection.in_transaction:
                 self._connection.rollback()
         finally:
             self._proxy.close()
+
+
+_POSTGRES_SQL = _sql("%s")
 
 
 def open_store(url: str) -> Store:

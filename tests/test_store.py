@@ -303,3 +303,42 @@ def test_files_readable_by_others_are_found(tmp_path):
     assert readable_by_others(url) == []
     os.chmod(tmp_path / "hl7relay.db", 0o644)
     assert any(f.startswith(str(tmp_path / "hl7relay.db")) and "0o644" in f for f in readable_by_others(url))
+
+
+def test_sqlite_and_postgresql_store_the_same_rows_from_the_same_batches(tmp_path):
+    """One row builder for both backends: the same batches (messages with stages and deliveries,
+    delivery/message/stage updates, audit entries, odd bytes) leave the same rows in each."""
+    from hl7relay.store import AuditUpdate, DeliveryUpdate, MessageUpdate, StageUpdate, audit_log, deliveries, messages, stages
+
+    sqlite = Store(f"sqlite:///{tmp_path / 'a.db'}")
+    postgres = _postgres_store()
+    batches = [
+        ([record("B1", deliveries=[DeliveryRecord("lab", "QUEUED", b"MSH|lab", "P1"), DeliveryRecord("files", "FILTERED")],
+                 stages={"transformed": b"MSH|t"}),
+          record("B2\udce9", patient_id="P\x002", error="it's 'bad'", duplicate_key="k1")], []),
+        ([record("B3", received_at=1700000100.0, deliveries=[DeliveryRecord("lab", "QUEUED", None, "P3")])],
+         [DeliveryUpdate(1, "lab", {"status": "SENT", "attempts": 1, "last_ack": "MSH|ack\rMSA|AA|B1", "updated_at": 2.0}),
+          MessageUpdate(2, {"ack_code": "AE", "error": "now \udcff"}),
+          StageUpdate(1, "ack", b"MSH|first"), StageUpdate(1, "ack", b"MSH|second"),
+          AuditUpdate({"at": 5.0, "actor": "os:me", "action": "replay", "target": "message 1", "reason": "why"})]),
+        ([], [("delivery", (3, "lab"), {"status": "ERROR", "last_error": "gave up", "next_attempt_at": None, "updated_at": 3.0})]),
+    ]
+    try:
+        for store in (sqlite, postgres):
+            store.migrate()
+            for records, updates in batches:
+                store.commit(records, updates)
+        def dump(store):
+            with store.engine.connect() as connection:
+                return {table.name: [tuple(row) for row in connection.execute(
+                            sa.select(*[c for c in table.columns if c.name != "id" or table is messages])
+                            .order_by(*table.primary_key.columns))]
+                        for table in (messages, stages, deliveries, audit_log)}
+        left, right = dump(sqlite), dump(postgres)
+        for table in left:
+            assert left[table] == right[table], table
+        assert len(left["messages"]) == 3 and len(left["audit_log"]) == 1
+        assert [r for r in left["message_stages"] if r[1] == "ack"] == [(1, "ack", b"MSH|second")]
+    finally:
+        sqlite.close()
+        postgres.close()
