@@ -107,5 +107,7 @@ class DeliveryOutcome(enum.Enum):
     @property
     def reached_peer(self) -> bool:
         """Whether the attempt shows the destination is up (it answered, whatever it said)."""
-        return self in (DeliveryOutcome.ACCEPTED, DeliveryOutcome.APPLICATION_ERROR, DeliveryOutcome.REJECTED,
-                        DeliveryOutcome.FAILED)
+        return self not in _NOT_REACHED
+
+
+_NOT_REACHED = frozenset({DeliveryOutcome.TIMED_OUT, DeliveryOutcome.UNREACHABLE})
