@@ -27,7 +27,7 @@ from hl7relay.channels.channel import Channel
 from hl7relay.channels.destinations import (
     ChannelDestinationConfig, FileDestinationConfig, MLLPDestinationConfig, render_filename,
 )
-from hl7relay.channels.pipeline import Result, process
+from hl7relay.channels.pipeline import Result, process, stored_outcome
 from hl7relay.channels.sources import FileSourceConfig, MLLPSourceConfig
 from hl7relay.errors import HL7RelayError, ParseError
 from hl7relay.events import emit
@@ -497,7 +497,7 @@ class Engine:
             outcome = Outcome.error(f"internal error in the channel: {type(exc).__name__}")
             status, error = MessageStatus.ERROR, outcome.text
         if processed is not None:
-            status, error, outcome = self._outcome(processed)
+            status, error, outcome = stored_outcome(processed)
         record = MessageRecord(channel.name, raw, status, received_at, str(peer), message.charset,
                                error=error, duplicate_key=duplicate_key, **header)
         if processed is not None and processed.findings:
@@ -605,14 +605,6 @@ class Engine:
             log.error("channel {channel}: could not record the ACK of message {message_id}: {error}",
                       channel=channel.name, message_id=message_id, error=str(exc))
         return final
-
-    @staticmethod
-    def _outcome(processed):
-        if processed.result is Result.FILTERED:
-            return MessageStatus.FILTERED, "", Outcome.filtered()
-        if processed.result is Result.ERROR:
-            return MessageStatus.ERROR, processed.error, Outcome.error(processed.error, processed.error_code or _internal(), processed.findings)
-        return MessageStatus.PROCESSED, "", Outcome.accepted()
 
     # -- deliveries -----------------------------------------------------------------------------
     def _destination(self, destination, channel_name: str = ""):

@@ -1,10 +1,8 @@
 """Every verb with ordinary mistakes: one clear line, a non-zero exit, never a traceback."""
 
-import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 

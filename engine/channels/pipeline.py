@@ -14,7 +14,7 @@ from hl7relay.channels.channel import Channel
 from hl7relay.errors import HL7RelayError
 from hl7relay.message import Message
 
-__all__ = ["Result", "Processed", "DestinationOutput", "process"]
+__all__ = ["Result", "Processed", "DestinationOutput", "process", "stored_outcome"]
 
 
 class Result(enum.Enum):
@@ -78,3 +78,17 @@ def process(channel: Channel, message: Message) -> Processed:
                              transformed=bool(channel.steps))
         outputs.append(DestinationOutput(destination.name, output))
     return Processed(Result.PROCESSED, message, findings, outputs=outputs, transformed=bool(channel.steps))
+
+
+def stored_outcome(processed: Processed):
+    """How a processed message is stored and answered: (status, error text, Outcome). The engine
+    and `hl7relay test` both use it, so a channel test answers as the engine would."""
+    from hl7relay.ack.outcome import Outcome
+    from hl7relay.outcomes import MessageStatus
+
+    if processed.result is Result.FILTERED:
+        return MessageStatus.FILTERED, "", Outcome.filtered()
+    if processed.result is Result.ERROR:
+        return MessageStatus.ERROR, processed.error, Outcome.error(
+            processed.error, processed.error_code or ErrorCode.APPLICATION_INTERNAL_ERROR, processed.findings)
+    return MessageStatus.PROCESSED, "", Outcome.accepted()

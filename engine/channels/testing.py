@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hl7relay.ack import AckPolicy
 from hl7relay.channels.channel import Channel, load_channel
-from hl7relay.channels.pipeline import Result, process
+from hl7relay.channels.pipeline import Result, process, stored_outcome
 from hl7relay.channels.spec import did_you_mean
 from hl7relay.channels.yamlsource import ConfigError, load_document
 from hl7relay.errors import HL7RelayError
@@ -127,9 +127,8 @@ def _run_case(channel: Channel, message: Message, expect: dict) -> tuple[bool, l
     if "error" in expect and str(expect["error"]) not in processed.error:
         problems.append(f"error: expected a text containing {expect['error']!r}, got {processed.error!r}")
     if "ack" in expect:
-        from hl7relay.runtime import Engine  # the same outcome mapping the engine uses (imported late: Twisted)
 
-        _, _, outcome = Engine._outcome(processed)
+        _, _, outcome = stored_outcome(processed)  # the same mapping the engine uses
         policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
         codes = policy.codes(original, outcome)
         expected = expect["ack"] if isinstance(expect["ack"], list) else [expect["ack"]]

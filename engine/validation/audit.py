@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hl7relay.validation.corrections import ACCEPTED_REQUIRED_NTE, STRUCTURE_CORRECTIONS, correct_structure
+from hl7relay.validation.corrections import ACCEPTED_REQUIRED_NTE, correct_structure
 from hl7relay.validation.profile import SUPPORTED_VERSIONS
 
 __all__ = ["AuditFinding", "audit"]
