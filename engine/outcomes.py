@@ -107,7 +107,4 @@ class DeliveryOutcome(enum.Enum):
     @property
     def reached_peer(self) -> bool:
         """Whether the attempt shows the destination is up (it answered, whatever it said)."""
-        return self not in _NOT_REACHED
-
-
-_NOT_REACHED = frozenset({DeliveryOutcome.TIMED_OUT, DeliveryOutcome.UNREACHABLE})
+        return self is not DeliveryOutcome.TIMED_OUT and self is not DeliveryOutcome.UNREACHABLE

@@ -29,6 +29,10 @@ from hl7relay.store import DeliveryUpdate, StoreError
 __all__ = ["DestinationQueue", "DeliveryResult", "retry_delay"]
 
 log = Logger(namespace="hl7relay.queue")
+_UNREACHABLE, _TIMED_OUT = DeliveryOutcome.UNREACHABLE, DeliveryOutcome.TIMED_OUT
+# the statuses as plain str: what the store binds on the hot path (a StrEnum costs the driver an adapter lookup)
+_SENT, _ERROR, _QUEUED, _WITHDRAWN = (s.value for s in (DeliveryStatus.SENT, DeliveryStatus.ERROR, DeliveryStatus.QUEUED,
+                                                         DeliveryStatus.WITHDRAWN))
 _FETCH = 200  # deliveries read per look
 _MEMORY_LIMIT = 2000  # deliveries held in memory per destination; the rest are read back from the store
 
@@ -195,7 +199,7 @@ class DestinationQueue:
             return None
         del self.pending[message_id]
         update = self.writer.update(DeliveryUpdate(message_id, self.destination, {
-            "status": DeliveryStatus.WITHDRAWN, "last_error": reason, "next_attempt_at": None, "updated_at": self.clock()}))
+            "status": _WITHDRAWN, "last_error": reason, "next_attempt_at": None, "updated_at": self.clock()}))
 
         def recorded(outcome):
             self.known.discard(message_id)
@@ -366,21 +370,21 @@ class DestinationQueue:
         labels = {"channel": self.channel, "destination": self.destination}
         final = True
         if result.ok:
-            values.update(status=DeliveryStatus.SENT, last_error="", next_attempt_at=None)
+            values.update(status=_SENT, last_error="", next_attempt_at=None)
             self.sent += 1
             emit("delivery_sent", **labels)
         elif result.application_error:
-            values.update(status=DeliveryStatus.ERROR, last_error=result.error, next_attempt_at=None)
+            values.update(status=_ERROR, last_error=result.error, next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
         elif result.rejected and row.get("rejections", 0) + 1 >= self.options.max_attempts:
-            values.update(status=DeliveryStatus.ERROR, last_error=f"gave up after {attempts} attempts "
+            values.update(status=_ERROR, last_error=f"gave up after {attempts} attempts "
                           f"({row.get('rejections', 0) + 1} refused by the peer): {result.error}", next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
         elif (not result.rejected and self.options.give_up_after
               and now - row["received_at"] >= self.options.give_up_after):
-            values.update(status=DeliveryStatus.ERROR, last_error=f"gave up after {attempts} attempts over "
+            values.update(status=_ERROR, last_error=f"gave up after {attempts} attempts over "
                           f"{now - row['received_at']:.0f}s (give_up_after): {result.error}", next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
@@ -392,7 +396,7 @@ class DestinationQueue:
                 row["rejections"] = row.get("rejections", 0) + 1
             emit("delivery_retried", **labels)
             delay = retry_delay(attempts, self.options, self.rng)
-            values.update(status=DeliveryStatus.QUEUED, last_error=result.error, next_attempt_at=now + delay)
+            values.update(status=_QUEUED, last_error=result.error, next_attempt_at=now + delay)
             row["attempts"], row["next_attempt_at"] = attempts, now + delay
             self.retried += 1
             log.warn("queue {channel}/{destination}: message {message_id} attempt {n} failed ({error}); retry in {delay:.1f}s",
@@ -421,7 +425,7 @@ class DestinationQueue:
             self._report()
 
     def _state(self, result) -> None:
-        connected = result.outcome.reached_peer
+        connected = result.reached_peer
         if connected != self.connected:
             self.connected = connected
             emit("destination_state", channel=self.channel, destination=self.destination, connected=connected)
@@ -440,10 +444,11 @@ class DeliveryResult:
     # neither this nor application_error (unreachable, no ACK in time, a local write failing)
     # is not the message's fault and is retried for as long as give_up_after allows
     rejected: bool = False
-    outcome: DeliveryOutcome | None = None  # what the attempt came to; derived from the flags when not given
+    # What the attempt came to when the flags do not say it (the peer unreachable, no answer in
+    # time); None: the flags say it (accepted, AE, AR/CR, or a local failure).
+    outcome: DeliveryOutcome | None = None
 
-    def __post_init__(self):
-        if self.outcome is None:
-            self.outcome = (DeliveryOutcome.ACCEPTED if self.ok else DeliveryOutcome.APPLICATION_ERROR
-                            if self.application_error else DeliveryOutcome.REJECTED if self.rejected
-                            else DeliveryOutcome.FAILED)
+    @property
+    def reached_peer(self) -> bool:
+        outcome = self.outcome
+        return outcome is not _UNREACHABLE and outcome is not _TIMED_OUT

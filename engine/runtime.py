@@ -42,6 +42,9 @@ from hl7relay.storewriter import StoreWriter
 __all__ = ["Engine", "DeliveryResult"]
 
 log = Logger(namespace="hl7relay.engine")
+# statuses as plain str on the hot path (the store binds a StrEnum through an adapter lookup)
+_DUPLICATE, _ERROR = MessageStatus.DUPLICATE.value, MessageStatus.ERROR.value
+_D_QUEUED, _D_FILTERED = DeliveryStatus.QUEUED.value, DeliveryStatus.FILTERED.value
 
 
 @dataclass(slots=True)
@@ -127,9 +130,9 @@ class Engine:
         if isinstance(channel.source, MLLPSourceConfig):
             config = channel.source.listener
             config.policy = running.policy
-            # the channel is looked up at each message: after a reload the next message takes the new
-            # configuration, while the messages in flight finish under the one they started with
-            port = listen(lambda message, peer, name=channel.name: self.handle(self._running(name).channel, message, peer),
+            # the running channel's current configuration is read at each message: after a reload the
+            # next message takes the new one, while the messages in flight finish under theirs
+            port = listen(lambda message, peer, r=running: self.handle(r.channel, message, peer),
                           config, self.reactor, name=channel.name)
             running.ports.append(port)
             address = port.getHost()
@@ -471,7 +474,7 @@ class Engine:
         acks = [] if not code or is_ack(original) else [build_ack(
             original, code, f"duplicate of message {first['id']}", sending_application=channel.response.application,
             sending_facility=channel.response.facility)]
-        record = MessageRecord(channel.name, raw, MessageStatus.DUPLICATE, received_at, str(peer), original.charset,
+        record = MessageRecord(channel.name, raw, _DUPLICATE, received_at, str(peer), original.charset,
                                error=f"duplicate of message {first['id']}", ack_code=code, duplicate_key=key, **header)
         if acks and "acks" in channel.stages:
             record.stages["ack"] = b"\r".join(acks)
@@ -482,7 +485,7 @@ class Engine:
         log.info("channel {channel}: message {control_id} is a duplicate of message {original_id}", channel=channel.name,
                  control_id=header["control_id"], original_id=first["id"])
         duplicate = Outcome(Status.ACCEPTED, acks=acks, ack_codes=[code] if acks else [])
-        duplicate.stored_status = MessageStatus.DUPLICATE
+        duplicate.stored_status = _DUPLICATE
         return duplicate
 
     def _process_and_store(self, running, channel, message, original, raw, header, received_at, peer,
@@ -495,7 +498,7 @@ class Engine:
                         control_id=header["control_id"])
             processed = None
             outcome = Outcome.error(f"internal error in the channel: {type(exc).__name__}")
-            status, error = MessageStatus.ERROR, outcome.text
+            status, error = _ERROR, outcome.text
         if processed is not None:
             status, error, outcome = stored_outcome(processed)
         record = MessageRecord(channel.name, raw, status, received_at, str(peer), message.charset,
@@ -511,7 +514,7 @@ class Engine:
         outputs = processed.outputs if processed is not None and processed.result is Result.PROCESSED else []
         for output in outputs:
             if output.message is None:
-                record.deliveries.append(DeliveryRecord(output.name, DeliveryStatus.FILTERED))
+                record.deliveries.append(DeliveryRecord(output.name, _D_FILTERED))
                 continue
             options = running.queues[output.name].options
             key = output.message.get(options.order_key) if options.order == "per_key" else None
@@ -519,7 +522,7 @@ class Engine:
             # the queue resends from the stored content; it is stored apart only when it differs
             # from the transformed stage (or the raw message) that the queue falls back to
             kept = transformed if transformed is not None and "transformed" in channel.stages else raw
-            record.deliveries.append(DeliveryRecord(output.name, DeliveryStatus.QUEUED, content if content != kept else None, key,
+            record.deliveries.append(DeliveryRecord(output.name, _D_QUEUED, content if content != kept else None, key,
                                                     payload=content, message=output.message))
         if channel.response.when == "on_store" or is_ack(original) or not outputs:
             running.policy.prepare(original, outcome)
@@ -555,7 +558,7 @@ class Engine:
                 log.debug("channel {channel}: message {control_id} content ({size} bytes): {content}",
                           channel=channel.name, control_id=header["control_id"], message_id=message_id, size=len(raw),
                           content=content, trace=True)
-        queued = [(running.queues[d.destination], d) for d in record.deliveries if d.status == DeliveryStatus.QUEUED]
+        queued = [(running.queues[d.destination], d) for d in record.deliveries if d.status == _D_QUEUED]
         deliveries = [queue.first_result(message_id) for queue, _ in queued] if outcome.acks is None else []
         waiting = [queue for queue, _ in queued] if outcome.acks is None else []
         for queue, delivery in queued:
@@ -624,7 +627,9 @@ class Engine:
                     return DeliveryResult(r.ok, r.status is SendStatus.APPLICATION_ERROR,
                                           ack=r.ack.to_text() if r.ack is not None else (r.ack_code + " " + r.text).strip(),
                                           error="" if r.ok else f"{r.status.value}: {r.text}".strip(),
-                                          rejected=r.status is SendStatus.REJECTED, outcome=_OUTCOMES[r.status])
+                                          rejected=r.status is SendStatus.REJECTED,
+                                          outcome=_UNREACHABLE if r.status is _CONNECTION_FAILED
+                                          else _TIMED_OUT if r.status is _SEND_TIMED_OUT else None)
 
                 return sender.send(message).addCallback(answered)
 
@@ -656,9 +661,8 @@ class Engine:
         raise HL7RelayError(f"destination {destination.name}: unknown type")
 
 
-_OUTCOMES = {SendStatus.ACCEPTED: DeliveryOutcome.ACCEPTED, SendStatus.APPLICATION_ERROR: DeliveryOutcome.APPLICATION_ERROR,
-             SendStatus.REJECTED: DeliveryOutcome.REJECTED, SendStatus.TIMED_OUT: DeliveryOutcome.TIMED_OUT,
-             SendStatus.CONNECTION_FAILED: DeliveryOutcome.UNREACHABLE}
+_UNREACHABLE, _TIMED_OUT = DeliveryOutcome.UNREACHABLE, DeliveryOutcome.TIMED_OUT
+_CONNECTION_FAILED, _SEND_TIMED_OUT = SendStatus.CONNECTION_FAILED, SendStatus.TIMED_OUT
 
 
 def _findings_json(findings) -> bytes:

@@ -335,7 +335,7 @@ class MessageRecord:
 
 
 PROBE_BYTES = 256 * 1024  # what a readiness probe writes after a failed commit: a generous batch
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class DeliveryUpdate:
     """A delivery's new values (status, attempts, last_ack, last_error, next_attempt_at, updated_at)."""
 
@@ -344,13 +344,13 @@ class DeliveryUpdate:
     values: dict
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class MessageUpdate:
     message_id: int
     values: dict  # e.g. {"ack_code": "AA"}
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class StageUpdate:
     """A stage written (or rewritten): the ACK of an after_delivery message."""
 
@@ -359,7 +359,7 @@ class StageUpdate:
     content: bytes
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class AuditUpdate:
     """An audit entry committed in the same transaction as the action it records."""
 
@@ -413,7 +413,9 @@ class _Rows:
         self.message_updates: list = []  # (columns, (values..., id))
         self.stage_upserts: list = []  # (message_id, stage, content)
         self.audit: list = []  # dicts in AUDIT_FIELDS order
-        for update in map(as_update, updates):
+        for update in updates:
+            if update.__class__ is tuple:
+                update = as_update(update)
             if update.__class__ is DeliveryUpdate:
                 values = update.values
                 columns = tuple(sorted(values))

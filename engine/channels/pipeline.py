@@ -9,7 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from hl7relay.outcomes import ErrorCode, Severity
+from hl7relay.ack.outcome import Outcome
+from hl7relay.outcomes import ErrorCode, MessageStatus, Severity
 from hl7relay.channels.channel import Channel
 from hl7relay.errors import HL7RelayError
 from hl7relay.message import Message
@@ -83,12 +84,13 @@ def process(channel: Channel, message: Message) -> Processed:
 def stored_outcome(processed: Processed):
     """How a processed message is stored and answered: (status, error text, Outcome). The engine
     and `hl7relay test` both use it, so a channel test answers as the engine would."""
-    from hl7relay.ack.outcome import Outcome
-    from hl7relay.outcomes import MessageStatus
-
     if processed.result is Result.FILTERED:
-        return MessageStatus.FILTERED, "", Outcome.filtered()
+        return _FILTERED, "", Outcome.filtered()
     if processed.result is Result.ERROR:
-        return MessageStatus.ERROR, processed.error, Outcome.error(
+        return _ERROR, processed.error, Outcome.error(
             processed.error, processed.error_code or ErrorCode.APPLICATION_INTERNAL_ERROR, processed.findings)
-    return MessageStatus.PROCESSED, "", Outcome.accepted()
+    return _PROCESSED, "", Outcome.accepted()
+
+
+# plain str: the store binds these on the hot path
+_PROCESSED, _FILTERED, _ERROR = MessageStatus.PROCESSED.value, MessageStatus.FILTERED.value, MessageStatus.ERROR.value
