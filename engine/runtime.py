@@ -194,14 +194,16 @@ class Engine:
                 return self.writer.read(self.writer.store.audit, entry).addBoth(lambda _: summary)
             return summary
 
-        def done(value):
-            self._reloading = None
+        def finished(value):
+            # cleared before the waiting reloads run, so the next one starts rather than waits again
+            waiting, self._reloading = self._reloading, None
+            if waiting is not None:
+                waiting.callback(None)
             return value
 
         result.addCallback(audited)
         self._reloading = defer.Deferred()
-        waiting = self._reloading
-        result.addBoth(lambda value: (waiting.callback(None), done(value))[1])
+        result.addBoth(finished)
         return result
 
     @defer.inlineCallbacks

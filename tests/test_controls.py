@@ -108,3 +108,16 @@ def test_controls_survive_a_restart(tmp_path):
     assert lines == ["channel ch: disabled (hl7relay channel enable ch)"] and reactor.tcpServers == []
     view = engine.channel_view("ch")
     assert not view["enabled"] and view["destinations"]["lab"]["paused"]
+
+
+def test_reloads_asked_for_at_once_run_one_after_the_other(tmp_path):
+    """Two SIGHUPs in a row: the second waits for the first, then runs (no overlap, no recursion)."""
+    engine, channel, store, reactor, delivered, _ = make(tmp_path)
+    engine.start()
+    engine.channel_paths = [str(tmp_path / "ch.yaml")]
+    first = engine.reload_from_files("test")
+    second = engine.reload_from_files("test")
+    third = engine.reload_from_files("test")
+    run(reactor, 3)
+    results = [d.result for d in (first, second, third)]
+    assert all(r["unchanged"] == ["ch"] for r in results), results
