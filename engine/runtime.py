@@ -365,7 +365,8 @@ class Engine:
         view = {"name": channel, "enabled": running.enabled, "source": running.channel.source_type,
                 "address": running.address if running.enabled else "",
                 "open_connections": sum(getattr(getattr(port, "factory", None), "open_connections", 0) for port in running.ports),
-                "destinations": {name: queue.view() for name, queue in running.queues.items()}}
+                "destinations": {d.name: dict(running.queues[d.name].view(), type=d.type)
+                                 for d in running.channel.destinations if d.name in running.queues}}
         return view
 
     def status(self) -> dict:

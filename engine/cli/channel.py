@@ -39,8 +39,11 @@ def describe(view: dict) -> list[str]:
 
 
 def destination_line(name: str, q: dict) -> str:
-    connected = {True: "connected", False: "NOT connected", None: "not tried yet"}[q["connected"]]
-    text = (f"{name}: {'PAUSED, ' if q['paused'] else ''}{connected}; queued {q['depth']}"
+    # only a network destination has a connection to speak of
+    connected = ({True: "connected", False: "NOT connected", None: "not tried yet"}[q["connected"]] + "; "
+                 if q.get("type", "mllp") == "mllp" else "")
+    text = (f"{name}{' (' + q['type'] + ')' if q.get('type') else ''}: {'PAUSED, ' if q['paused'] else ''}"
+            f"{connected}queued {q['depth']}"
             f" ({q['in_flight']} in flight), sent {q['sent']}, failed {q['failed']}, retried {q['retried']}")
     if q.get("head"):
         head = q["head"]
