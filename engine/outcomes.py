@@ -7,8 +7,9 @@ The statuses are ``StrEnum``s: they compare equal to, print as, and are stored a
 """
 
 import enum
+from dataclasses import dataclass
 
-__all__ = ["ErrorCode", "Severity", "AckCode", "MessageStatus", "DeliveryStatus", "DeliveryOutcome"]
+__all__ = ["ErrorCode", "Severity", "AckCode", "MessageStatus", "DeliveryStatus", "DeliveryOutcome", "DeliveryResult"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -108,3 +109,26 @@ class DeliveryOutcome(enum.Enum):
     def reached_peer(self) -> bool:
         """Whether the attempt shows the destination is up (it answered, whatever it said)."""
         return self is not DeliveryOutcome.TIMED_OUT and self is not DeliveryOutcome.UNREACHABLE
+
+
+@dataclass(slots=True)
+class DeliveryResult:
+    ok: bool
+    application_error: bool = False  # AE from the peer: needs a person, not retried
+    ack: str = ""
+    error: str = ""
+    # the peer answered and refused (AR/CR): counts towards max_attempts. A failure that is
+    # neither this nor application_error (unreachable, no ACK in time, a local write failing)
+    # is not the message's fault and is retried for as long as give_up_after allows
+    rejected: bool = False
+    # What the attempt came to when the flags do not say it (the peer unreachable, no answer in
+    # time); None: the flags say it (accepted, AE, AR/CR, or a local failure).
+    outcome: DeliveryOutcome | None = None
+
+    @property
+    def reached_peer(self) -> bool:
+        outcome = self.outcome
+        return outcome is not _UNREACHABLE and outcome is not _TIMED_OUT
+
+
+_UNREACHABLE, _TIMED_OUT = DeliveryOutcome.UNREACHABLE, DeliveryOutcome.TIMED_OUT

@@ -23,13 +23,12 @@ from hl7relay.channels.destinations import QueueOptions
 from hl7relay.errors import ParseError
 from hl7relay.events import emit
 from hl7relay.message import Message
-from hl7relay.outcomes import DeliveryOutcome, DeliveryStatus
+from hl7relay.outcomes import DeliveryResult, DeliveryStatus
 from hl7relay.store import DeliveryUpdate, StoreError
 
 __all__ = ["DestinationQueue", "DeliveryResult", "retry_delay"]
 
 log = Logger(namespace="hl7relay.queue")
-_UNREACHABLE, _TIMED_OUT = DeliveryOutcome.UNREACHABLE, DeliveryOutcome.TIMED_OUT
 # the statuses as plain str: what the store binds on the hot path (a StrEnum costs the driver an adapter lookup)
 _SENT, _ERROR, _QUEUED, _WITHDRAWN = (s.value for s in (DeliveryStatus.SENT, DeliveryStatus.ERROR, DeliveryStatus.QUEUED,
                                                          DeliveryStatus.WITHDRAWN))
@@ -432,23 +431,3 @@ class DestinationQueue:
             d = self.writer.read(self.writer.store.set_destination_state, self.channel, self.destination, connected,
                                  "" if connected else result.error, self.clock())
             d.addErrback(lambda f: log.warn("could not record destination state: {e}", e=f.getErrorMessage()))
-
-
-@dataclass(slots=True)
-class DeliveryResult:
-    ok: bool
-    application_error: bool = False  # AE from the peer: needs a person, not retried
-    ack: str = ""
-    error: str = ""
-    # the peer answered and refused (AR/CR): counts towards max_attempts. A failure that is
-    # neither this nor application_error (unreachable, no ACK in time, a local write failing)
-    # is not the message's fault and is retried for as long as give_up_after allows
-    rejected: bool = False
-    # What the attempt came to when the flags do not say it (the peer unreachable, no answer in
-    # time); None: the flags say it (accepted, AE, AR/CR, or a local failure).
-    outcome: DeliveryOutcome | None = None
-
-    @property
-    def reached_peer(self) -> bool:
-        outcome = self.outcome
-        return outcome is not _UNREACHABLE and outcome is not _TIMED_OUT

@@ -13,10 +13,9 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -24,18 +23,15 @@ from hl7relay.ack import AckPolicy, Outcome, Status
 from hl7relay.ack.policy import is_ack
 from hl7relay.batch import split_messages
 from hl7relay.channels.channel import Channel
-from hl7relay.channels.destinations import (
-    ChannelDestinationConfig, FileDestinationConfig, MLLPDestinationConfig, render_filename,
-)
+from hl7relay.channels.destinations import write_atomically
 from hl7relay.channels.pipeline import Result, process, stored_outcome
 from hl7relay.channels.sources import FileSourceConfig, MLLPSourceConfig
-from hl7relay.errors import HL7RelayError, ParseError
+from hl7relay.errors import ParseError
 from hl7relay.events import emit
 from hl7relay.listener import Peer, listen
 from hl7relay.message import Message
-from hl7relay.outcomes import DeliveryOutcome, DeliveryStatus, MessageStatus
+from hl7relay.outcomes import DeliveryStatus, MessageStatus
 from hl7relay.queues import DeliveryResult, DestinationQueue
-from hl7relay.sender import MLLPSender, SendStatus
 from hl7relay.store import DeliveryRecord, MessageRecord, MessageUpdate, StageUpdate, StoreError
 from hl7relay.storewriter import StoreWriter
 
@@ -73,7 +69,7 @@ class Engine:
         self.data_dir = Path(data_dir)
         self.channels: dict[str, _RunningChannel] = {}
         self.in_flight = 0
-        self._senders: list[MLLPSender] = []
+        self._deliveries: dict = {}  # (channel, destination) -> its Delivery (destinations.py: one per type)
         self.started = False
         self.stopping = False
         self.log_phi_bytes = log_phi_bytes
@@ -86,12 +82,16 @@ class Engine:
         self.queue_poll_interval = queue_poll_interval
         self.channel_paths: list = ["channels"]  # where reload_from_files reads the channel files
         self._reloading: defer.Deferred | None = None
-        self._senders_of: dict[tuple[str, str], list[MLLPSender]] = {}
-        self._deliver: dict[tuple[str, str], object] = {}
+        self._deliver: dict[tuple[str, str], object] = {}  # (channel, destination) -> deliver(message)
         for running in self.channels.values():
             for destination in running.channel.destinations:
-                self._deliver[(running.channel.name, destination.name)] = self._destination(destination, running.channel.name)
+                self._build_delivery(running.channel.name, destination)
                 running.queues[destination.name] = self._new_queue(running, destination)
+
+    def _build_delivery(self, channel: str, destination) -> None:
+        delivery = destination.config.runner(destination.config, self)
+        self._deliveries[(channel, destination.name)] = delivery
+        self._deliver[(channel, destination.name)] = delivery.deliver
 
     def _new_queue(self, running: _RunningChannel, destination) -> DestinationQueue:
         return DestinationQueue(running.channel.name, destination.name, self._deliver[(running.channel.name, destination.name)],
@@ -251,7 +251,7 @@ class Engine:
         name = running.channel.name
         running.queues = {}
         for destination in running.channel.destinations:
-            self._deliver[(name, destination.name)] = self._destination(destination, name)
+            self._build_delivery(name, destination)
             queue = self._new_queue(running, destination)
             queue.paused = (name, destination.name, "paused") in controls
             running.queues[destination.name] = queue
@@ -268,10 +268,9 @@ class Engine:
         yield self.writer.drain()
         name = running.channel.name
         for queue in queues:
-            for sender in self._senders_of.pop((name, queue.destination), ()):
-                sender.close()
-                if sender in self._senders:
-                    self._senders.remove(sender)
+            delivery = self._deliveries.pop((name, queue.destination), None)
+            if delivery is not None:
+                delivery.close()
 
     @defer.inlineCallbacks
     def _replace(self, running: _RunningChannel, channel: Channel, controls):
@@ -353,8 +352,9 @@ class Engine:
     def retry_now(self, channel: str, destination: str, actor: str = "", audit: dict | None = None):
         """Skip the backoff of the destination's waiting deliveries and of its connections."""
         queue = self._queue(channel, destination)
-        for sender in self._senders_of.get((channel, destination), ()):
-            sender.skip_backoff()
+        delivery = self._deliveries.get((channel, destination))
+        if delivery is not None:
+            delivery.skip_backoff()
         count = queue.retry_now()
         if audit:
             yield self.writer.read(self.writer.store.audit, dict(audit, detail=f"{count} waiting deliveries"))
@@ -392,8 +392,8 @@ class Engine:
         if unanswered:
             log.warn("stopping with {count} deliveries unanswered after {timeout:g}s; they will be sent again "
                      "after the restart (at-least-once)", count=unanswered, timeout=self.stop_timeout)
-        for sender in self._senders:
-            sender.close()
+        for delivery in self._deliveries.values():
+            delivery.close()
         yield self.writer.close()
 
     def _deliveries_in_flight(self) -> int:
@@ -612,62 +612,6 @@ class Engine:
                       channel=channel.name, message_id=message_id, error=str(exc))
         return final
 
-    # -- deliveries -----------------------------------------------------------------------------
-    def _destination(self, destination, channel_name: str = ""):
-        config = destination.config
-        if isinstance(config, MLLPDestinationConfig):
-            # one connection per delivery in flight; the queue never has more than `parallel` out
-            idle = [MLLPSender(config.sender, self.reactor) for _ in range(config.queue.parallel)]
-            self._senders.extend(idle)
-            self._senders_of[(channel_name, destination.name)] = list(idle)
-
-            def deliver_mllp(message):
-                sender = idle.pop()
-
-                def answered(r):
-                    idle.append(sender)
-                    # the peer's ACK itself is kept, so support can read what it said (masked)
-                    return DeliveryResult(r.ok, r.status is SendStatus.APPLICATION_ERROR,
-                                          ack=r.ack.to_text() if r.ack is not None else (r.ack_code + " " + r.text).strip(),
-                                          error="" if r.ok else f"{r.status.value}: {r.text}".strip(),
-                                          rejected=r.status is SendStatus.REJECTED,
-                                          outcome=_UNREACHABLE if r.status is _CONNECTION_FAILED
-                                          else _TIMED_OUT if r.status is _SEND_TIMED_OUT else None)
-
-                return sender.send(message).addCallback(answered)
-
-            return deliver_mllp
-        if isinstance(config, FileDestinationConfig):
-            directory = Path(config.directory)
-            directory = directory if directory.is_absolute() else Path(os.getcwd()) / directory
-
-            def deliver_file(message):
-                name = render_filename(config.filename, message, datetime.now())
-                data = message.to_bytes()
-                return threads.deferToThread(_write_atomically, directory, name, data, config.mode)
-
-            return deliver_file
-        if isinstance(config, ChannelDestinationConfig):
-            def deliver_channel(message):
-                target = self.channels.get(config.channel)
-                if target is None or not target.enabled:
-                    return DeliveryResult(False, error=f"channel {config.channel!r} is not running",
-                                          outcome=DeliveryOutcome.UNREACHABLE)
-                d = self.handle(target.channel, message.copy(), f"channel:{config.channel}")
-                d.addCallback(lambda o: DeliveryResult(o.status in (Status.ACCEPTED, Status.FILTERED),
-                                                       o.status is Status.ERROR, ack=o.status.value,
-                                                       error="" if o.status in (Status.ACCEPTED, Status.FILTERED) else o.text,
-                                                       rejected=o.status is Status.REJECTED))
-                return d
-
-            return deliver_channel
-        raise HL7RelayError(f"destination {destination.name}: unknown type")
-
-
-_UNREACHABLE, _TIMED_OUT = DeliveryOutcome.UNREACHABLE, DeliveryOutcome.TIMED_OUT
-_CONNECTION_FAILED, _SEND_TIMED_OUT = SendStatus.CONNECTION_FAILED, SendStatus.TIMED_OUT
-
-
 def _findings_json(findings) -> bytes:
     import json
 
@@ -681,22 +625,7 @@ def _internal():
     return ErrorCode.APPLICATION_INTERNAL_ERROR
 
 
-def _write_atomically(directory: Path, name: str, data: bytes, mode: int = 0o640) -> DeliveryResult:
-    """Write to a temporary name in the same folder, flush it to disk, then rename over the target.
-    The file gets ``mode`` whatever the umask (the engine runs with 077), never more."""
-    if not directory.is_dir():
-        directory.mkdir(parents=True, exist_ok=True, mode=0o750 if mode & 0o070 else 0o700)
-        os.chmod(directory, 0o750 if mode & 0o070 else 0o700)  # mkdir's mode passes through the umask
-    target = directory / name
-    temporary = directory / f".{name}.{os.getpid()}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as f:
-        os.fchmod(f.fileno(), mode)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, target)
-    return DeliveryResult(True, ack=f"written {target}")
+_write_atomically = write_atomically  # where it lived before (destinations.py now)
 
 
 class _FilePoller:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
 from hl7relay.channels.sources import TLS_OPTIONS, tls_config
 from hl7relay.channels.spec import Option, register
+from hl7relay.outcomes import DeliveryOutcome, DeliveryResult
 from hl7relay.sender import SenderConfig
 
 __all__ = ["MLLPDestinationConfig", "FileDestinationConfig", "ChannelDestinationConfig", "render_filename",
-           "QueueOptions", "QUEUE_OPTIONS"]
+           "QueueOptions", "QUEUE_OPTIONS", "Delivery", "MLLPDelivery", "FileDelivery", "ChannelDelivery",
+           "write_atomically"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -140,3 +145,115 @@ class ChannelDestinationConfig:
     Option("channel", "str", description="the other channel's name"), *QUEUE_OPTIONS], shorthand="channel")
 def _channel(options, context=None):
     return ChannelDestinationConfig(options["channel"], queue_options(options))
+
+
+
+# -- the running part of each destination type -------------------------------------------------------
+# A destination's config names its runner (``runner``): what the engine builds to deliver, one per
+# destination, started with its queue and closed when the destination goes (stop, reload, removal).
+# Adding a destination type touches this module only.
+
+class Delivery:
+    """Delivers one message: returns a DeliveryResult or a Deferred of one."""
+
+    def __init__(self, config, engine):
+        self.config = config
+        self.engine = engine  # reactor, handle(), running channels
+
+    def deliver(self, message):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def skip_backoff(self) -> None:
+        """An operator's retry now: connect again at once."""
+
+    def close(self) -> None:
+        """The destination goes: drop what it holds open."""
+
+
+class MLLPDelivery(Delivery):
+    """One connection per delivery in flight (the queue never has more than ``parallel`` out)."""
+
+    def __init__(self, config, engine):
+        super().__init__(config, engine)
+        from hl7relay.sender import MLLPSender
+
+        self.senders = [MLLPSender(config.sender, engine.reactor) for _ in range(config.queue.parallel)]
+        self._idle = list(self.senders)
+
+    def deliver(self, message):
+        from hl7relay.sender import SendStatus
+
+        sender = self._idle.pop()
+
+        def answered(r):
+            self._idle.append(sender)
+            status = r.status
+            # the peer's ACK itself is kept, so support can read what it said (masked)
+            return DeliveryResult(r.ok, status is SendStatus.APPLICATION_ERROR,
+                                  ack=r.ack.to_text() if r.ack is not None else (r.ack_code + " " + r.text).strip(),
+                                  error="" if r.ok else f"{status.value}: {r.text}".strip(),
+                                  rejected=status is SendStatus.REJECTED,
+                                  outcome=_UNREACHABLE if status is SendStatus.CONNECTION_FAILED
+                                  else _TIMED_OUT if status is SendStatus.TIMED_OUT else None)
+
+        return sender.send(message).addCallback(answered)
+
+    def skip_backoff(self) -> None:
+        for sender in self.senders:
+            sender.skip_backoff()
+
+    def close(self) -> None:
+        for sender in self.senders:
+            sender.close()
+
+
+class FileDelivery(Delivery):
+    def __init__(self, config, engine):
+        super().__init__(config, engine)
+        directory = Path(config.directory)
+        self.directory = directory if directory.is_absolute() else Path(os.getcwd()) / directory
+
+    def deliver(self, message):
+        from twisted.internet import threads
+
+        name = render_filename(self.config.filename, message, datetime.now())
+        return threads.deferToThread(write_atomically, self.directory, name, message.to_bytes(), self.config.mode)
+
+
+class ChannelDelivery(Delivery):
+    def deliver(self, message):
+        from hl7relay.ack.outcome import Status
+
+        target = self.engine.channels.get(self.config.channel)
+        if target is None or not target.enabled:
+            return DeliveryResult(False, error=f"channel {self.config.channel!r} is not running", outcome=_UNREACHABLE)
+        d = self.engine.handle(target.channel, message.copy(), f"channel:{self.config.channel}")
+        d.addCallback(lambda o: DeliveryResult(o.status in (Status.ACCEPTED, Status.FILTERED), o.status is Status.ERROR,
+                                               ack=o.status.value,
+                                               error="" if o.status in (Status.ACCEPTED, Status.FILTERED) else o.text,
+                                               rejected=o.status is Status.REJECTED))
+        return d
+
+
+def write_atomically(directory: Path, name: str, data: bytes, mode: int = 0o640) -> DeliveryResult:
+    """Write to a temporary name in the same folder, flush it to disk, then rename over the target.
+    The file gets ``mode`` whatever the umask (the engine runs with 077), never more."""
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True, mode=0o750 if mode & 0o070 else 0o700)
+        os.chmod(directory, 0o750 if mode & 0o070 else 0o700)  # mkdir's mode passes through the umask
+    target = directory / name
+    temporary = directory / f".{name}.{os.getpid()}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, target)
+    return DeliveryResult(True, ack=f"written {target}")
+
+
+_UNREACHABLE, _TIMED_OUT = DeliveryOutcome.UNREACHABLE, DeliveryOutcome.TIMED_OUT
+MLLPDestinationConfig.runner = MLLPDelivery
+FileDestinationConfig.runner = FileDelivery
+ChannelDestinationConfig.runner = ChannelDelivery
