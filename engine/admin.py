@@ -64,7 +64,7 @@ class _Ready(resource.Resource):
         elif engine.stopping:
             problems.append("the engine is stopping")
         unbound = [name for name, running in engine.channels.items()
-                   if running.channel.source_type == "mllp" and running.enabled and not running.ports]
+                   if running.enabled and (running.source is None or not running.source.bound)]
         if unbound:
             problems.append("listeners not bound: " + ", ".join(unbound))
         ping = engine.writer.read(engine.writer.store.ping)

@@ -10,7 +10,6 @@ after_delivery`` the answer waits for the destinations and reflects them.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +20,10 @@ from twisted.python.failure import Failure
 
 from hl7relay.ack import AckPolicy, Outcome, Status
 from hl7relay.ack.policy import is_ack
-from hl7relay.batch import split_messages
 from hl7relay.channels.channel import Channel
 from hl7relay.channels.destinations import write_atomically
 from hl7relay.channels.pipeline import Result, process, stored_outcome
-from hl7relay.channels.sources import FileSourceConfig, MLLPSourceConfig
-from hl7relay.errors import ParseError
 from hl7relay.events import emit
-from hl7relay.listener import Peer, listen
 from hl7relay.message import Message
 from hl7relay.outcomes import DeliveryStatus, MessageStatus
 from hl7relay.queues import DeliveryResult, DestinationQueue
@@ -49,8 +44,7 @@ class _RunningChannel:
     policy: AckPolicy
     queues: dict = field(default_factory=dict)  # destination name -> DestinationQueue
     in_flight_keys: dict = field(default_factory=dict)  # duplicate key -> Deferred firing with the ACK code
-    ports: list = field(default_factory=list)
-    pollers: list = field(default_factory=list)
+    source: object = None  # the open source's runner (sources.py), None while closed
     enabled: bool = True  # an operator may disable a configured channel at run time (hl7relay channel disable)
     address: str = ""  # where it listens, once open
 
@@ -127,41 +121,19 @@ class Engine:
         channel = running.channel
         targets = ", ".join(f"{d.name} ({d.type})" for d in channel.destinations) or "no destinations"
         running.enabled = True
-        if isinstance(channel.source, MLLPSourceConfig):
-            config = channel.source.listener
-            config.policy = running.policy
-            # the running channel's current configuration is read at each message: after a reload the
-            # next message takes the new one, while the messages in flight finish under theirs
-            port = listen(lambda message, peer, r=running: self.handle(r.channel, message, peer),
-                          config, self.reactor, name=channel.name)
-            running.ports.append(port)
-            address = port.getHost()
-            tls = " TLS" if config.tls else ""
-            running.address = f"{address.host}:{address.port}"
-            return f"channel {channel.name}: MLLP{tls} on {address.host}:{address.port} -> {targets}"
-        if isinstance(channel.source, FileSourceConfig):
-            poller = _FilePoller(self, channel, channel.source)
-            poller.start()
-            running.pollers.append(poller)
-            running.address = str(channel.source.directory)
-            return f"channel {channel.name}: files {channel.source.glob} in {channel.source.directory} -> {targets}"
-        return f"channel {channel.name}: no source"
+        running.source = channel.source.runner(channel.source, self, running)
+        what = running.source.open()
+        running.address = running.source.address
+        return f"channel {channel.name}: {what} -> {targets}"
 
     @defer.inlineCallbacks
     def _close(self, running: _RunningChannel, close_connections: bool):
         """Stop a channel accepting (and, when asked, close its open connections) and stop its
         queues; what they hold stays stored and resumes when the channel opens again."""
         running.enabled = False
-        ports, running.ports = running.ports, []
-        for port in ports:
-            factory = getattr(port, "factory", None)
-            yield port.stopListening()
-            if close_connections and factory is not None:
-                for protocol in list(getattr(factory, "connections", ())):
-                    protocol.transport.loseConnection()
-        pollers, running.pollers = running.pollers, []
-        for poller in pollers:
-            poller.stop()
+        source, running.source = running.source, None
+        if source is not None:
+            yield source.close(close_connections)
         for queue in running.queues.values():
             queue.stop()
 
@@ -276,11 +248,9 @@ class Engine:
     def _replace(self, running: _RunningChannel, channel: Channel, controls):
         """A changed channel: new configuration, new queues; the listener rebound only when its
         address or TLS changed (or the source is not an MLLP listener). True when it was rebound."""
-        old_listener = getattr(running.channel.source, "listener", None)
-        new_listener = getattr(channel.source, "listener", None)
-        keep_socket = (running.enabled and old_listener is not None and new_listener is not None
-                       and (old_listener.host, old_listener.port, old_listener.tls)
-                       == (new_listener.host, new_listener.port, new_listener.tls))
+        keep_socket = (running.enabled and running.source is not None
+                       and type(channel.source) is type(running.channel.source)
+                       and running.source.keeps_socket(channel.source))
         was_enabled = running.enabled
         old_queues = list(running.queues.values())
         if was_enabled and not keep_socket:
@@ -292,12 +262,7 @@ class Engine:
         if not was_enabled:
             return False
         if keep_socket:
-            # same socket, new options: open connections read their factory's config as they go
-            new_listener.policy = running.policy
-            for port in running.ports:
-                factory = getattr(port, "factory", None)
-                if factory is not None:
-                    factory.config = new_listener
+            running.source.reconfigure(channel.source)
             for queue in running.queues.values():
                 queue.start()
             return False
@@ -364,7 +329,7 @@ class Engine:
         running = self._running(channel)
         view = {"name": channel, "enabled": running.enabled, "source": running.channel.source_type,
                 "address": running.address if running.enabled else "",
-                "open_connections": sum(getattr(getattr(port, "factory", None), "open_connections", 0) for port in running.ports),
+                "open_connections": running.source.open_connections if running.source is not None else 0,
                 "destinations": {d.name: dict(running.queues[d.name].view(), type=d.type)
                                  for d in running.channel.destinations if d.name in running.queues}}
         return view
@@ -626,77 +591,3 @@ def _internal():
 
 
 _write_atomically = write_atomically  # where it lived before (destinations.py now)
-
-
-class _FilePoller:
-    """Reads message files from a folder: only files unchanged for ``settle`` seconds (never a
-    half-written one); every message in a file is committed before the file is moved or deleted."""
-
-    def __init__(self, engine: Engine, channel: Channel, config: FileSourceConfig):
-        self.engine = engine
-        self.channel = channel
-        self.config = config
-        self.directory = Path(config.directory)
-        self.seen: dict[Path, tuple] = {}  # path -> (size, mtime, first seen at)
-        self.loop = task.LoopingCall(self.poll)
-        self.loop.clock = engine.reactor
-        self.busy = False
-
-    def start(self):
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.loop.start(self.config.poll_interval, now=True)
-
-    def stop(self):
-        if self.loop.running:
-            self.loop.stop()
-
-    @defer.inlineCallbacks
-    def poll(self):
-        if self.busy:
-            return
-        self.busy = True
-        try:
-            now = self.engine.reactor.seconds()
-            for path in sorted(self.directory.glob(self.config.glob)):
-                if not path.is_file():
-                    continue
-                stat = path.stat()
-                state = (stat.st_size, stat.st_mtime_ns)
-                previous = self.seen.get(path)
-                if previous is None or previous[:2] != state:
-                    self.seen[path] = (*state, now)
-                    continue
-                if now - previous[2] < self.config.settle:
-                    continue
-                yield self._read(path)
-                self.seen.pop(path, None)
-        finally:
-            self.busy = False
-
-    @defer.inlineCallbacks
-    def _read(self, path: Path):
-        data = path.read_bytes()
-        split = split_messages(data)
-        peer = Peer(f"file:{path.name}", 0)
-        failed = False
-        for chunk in split.messages:
-            try:
-                message = Message.from_bytes(chunk.data, self.config.charset)
-            except ParseError as exc:
-                log.warn("channel {channel}: {file} line {line}: {error}", channel=self.channel.name, file=str(path),
-                         line=chunk.line, error=str(exc))
-                continue
-            outcome = yield self.engine.handle(self.channel, message, peer)
-            if outcome.status is Status.INTERNAL_ERROR:
-                failed = True  # not stored: leave the file for the next poll
-                break
-        if failed:
-            log.error("channel {channel}: {file} was not fully stored; it stays for the next poll",
-                      channel=self.channel.name, file=str(path))
-            return
-        if self.config.after == "delete":
-            path.unlink()
-        else:
-            target = Path(self.config.move_to) if self.config.move_to else self.directory / "processed"
-            target.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target / path.name)

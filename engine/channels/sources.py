@@ -9,7 +9,7 @@ from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES
 from hl7relay.listener import ListenerConfig
 from hl7relay.tls import TLSConfig
 
-__all__ = ["MLLPSourceConfig", "FileSourceConfig", "TLS_OPTIONS"]
+__all__ = ["MLLPSourceConfig", "FileSourceConfig", "TLS_OPTIONS", "Source", "MLLPSource", "FileSource", "FilePoller"]
 
 TLS_OPTIONS = [
     Option("tls_cert", "str", None, "PEM certificate (listener: server certificate; sender: client certificate)"),
@@ -102,3 +102,208 @@ class FileSourceConfig:
 def _file(options, context=None):
     return FileSourceConfig(options["directory"], options["glob"], options["poll_interval"], options["after"],
                             options["move_to"], options["charset"], options["settle"])
+
+
+
+# -- the running part of each source type ---------------------------------------------------------
+# A source's config names its runner (``runner``): what the engine opens for a channel, closes when
+# the channel is disabled, removed or rebound, and asks whether a changed config can keep its
+# socket. Adding a source type touches this module only. ``running`` is the engine's running
+# channel: its current configuration (``running.channel``) is read at each message, so after a
+# reload the next message takes the new one while those in flight finish under theirs.
+
+class Source:
+    address = ""
+
+    def __init__(self, config, engine, running):
+        self.config = config
+        self.engine = engine
+        self.running = running
+
+    def open(self) -> str:  # pragma: no cover - interface
+        """Start; returns what it is, for the startup line (``MLLP on 127.0.0.1:2575``)."""
+        raise NotImplementedError
+
+    def close(self, close_connections: bool):
+        """Stop accepting (and, when asked, close what is open); may return a Deferred."""
+
+    def keeps_socket(self, new_config) -> bool:
+        """Whether a changed config can be applied in place (:meth:`reconfigure`)."""
+        return False
+
+    def reconfigure(self, new_config) -> None:  # pragma: no cover - only where keeps_socket
+        raise NotImplementedError
+
+    @property
+    def bound(self) -> bool:
+        return True
+
+    @property
+    def open_connections(self) -> int:
+        return 0
+
+
+class MLLPSource(Source):
+    def __init__(self, config, engine, running):
+        super().__init__(config, engine, running)
+        self.port = None
+
+    def open(self) -> str:
+        from hl7relay.listener import listen
+
+        config = self.config.listener
+        config.policy = self.running.policy
+        running, engine = self.running, self.engine
+        self.port = listen(lambda message, peer: engine.handle(running.channel, message, peer), config, engine.reactor,
+                           name=running.channel.name)
+        address = self.port.getHost()
+        self.address = f"{address.host}:{address.port}"
+        return f"MLLP{' TLS' if config.tls else ''} on {self.address}"
+
+    def close(self, close_connections: bool):
+        from twisted.internet import defer
+
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        factory = getattr(port, "factory", None)
+        d = defer.maybeDeferred(port.stopListening)
+
+        def closed(_):
+            if close_connections and factory is not None:
+                for protocol in list(getattr(factory, "connections", ())):
+                    protocol.transport.loseConnection()
+
+        return d.addCallback(closed)
+
+    def keeps_socket(self, new_config) -> bool:
+        old, new = self.config.listener, getattr(new_config, "listener", None)
+        return (self.port is not None and new is not None
+                and (old.host, old.port, old.tls) == (new.host, new.port, new.tls))
+
+    def reconfigure(self, new_config) -> None:
+        # same socket, new options: open connections read their factory's config as they go
+        new_config.listener.policy = self.running.policy
+        factory = getattr(self.port, "factory", None)
+        if factory is not None:
+            factory.config = new_config.listener
+        self.config = new_config
+
+    @property
+    def bound(self) -> bool:
+        return self.port is not None
+
+    @property
+    def open_connections(self) -> int:
+        return getattr(getattr(self.port, "factory", None), "open_connections", 0)
+
+
+class FileSource(Source):
+    def __init__(self, config, engine, running):
+        super().__init__(config, engine, running)
+        self.poller = None
+
+    def open(self) -> str:
+        self.poller = FilePoller(self.engine, self.running, self.config)
+        self.poller.start()
+        self.address = str(self.config.directory)
+        return f"files {self.config.glob} in {self.config.directory}"
+
+    def close(self, close_connections: bool):
+        if self.poller is not None:
+            self.poller.stop()
+            self.poller = None
+
+
+class FilePoller:
+    """Reads message files from a folder: only files unchanged for ``settle`` seconds (never a
+    half-written one); every message in a file is committed before the file is moved or deleted."""
+
+    def __init__(self, engine, running, config: FileSourceConfig):
+        from pathlib import Path
+
+        from twisted.internet import task
+
+        self.engine = engine
+        self.running = running
+        self.config = config
+        self.directory = Path(config.directory)
+        self.seen: dict = {}  # path -> (size, mtime, first seen at)
+        self.loop = task.LoopingCall(self.poll)
+        self.loop.clock = engine.reactor
+        self.busy = False
+
+    def start(self):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.loop.start(self.config.poll_interval, now=True)
+
+    def stop(self):
+        if self.loop.running:
+            self.loop.stop()
+
+    def poll(self):
+        from twisted.internet import defer
+
+        return defer.ensureDeferred(self._poll())
+
+    async def _poll(self):
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            now = self.engine.reactor.seconds()
+            for path in sorted(self.directory.glob(self.config.glob)):
+                if not path.is_file():
+                    continue
+                stat = path.stat()
+                state = (stat.st_size, stat.st_mtime_ns)
+                previous = self.seen.get(path)
+                if previous is None or previous[:2] != state:
+                    self.seen[path] = (*state, now)
+                    continue
+                if now - previous[2] < self.config.settle:
+                    continue
+                await self._read(path)
+                self.seen.pop(path, None)
+        finally:
+            self.busy = False
+
+    async def _read(self, path):
+        import os
+        from pathlib import Path
+
+        from twisted.logger import Logger
+
+        from hl7relay.ack.outcome import Status
+        from hl7relay.batch import split_messages
+        from hl7relay.errors import ParseError
+        from hl7relay.listener import Peer
+        from hl7relay.message import Message
+
+        log = Logger(namespace="hl7relay.engine")
+        channel = self.running.channel
+        data = path.read_bytes()
+        split = split_messages(data)
+        peer = Peer(f"file:{path.name}", 0)
+        for chunk in split.messages:
+            try:
+                message = Message.from_bytes(chunk.data, self.config.charset)
+            except ParseError as exc:
+                log.warn("channel {channel}: {file} line {line}: {error}", channel=channel.name, file=str(path),
+                         line=chunk.line, error=str(exc))
+                continue
+            outcome = await self.engine.handle(self.running.channel, message, peer)
+            if outcome.status is Status.INTERNAL_ERROR:  # not stored: leave the file for the next poll
+                log.error("channel {channel}: {file} was not fully stored; it stays for the next poll",
+                          channel=channel.name, file=str(path))
+                return
+        if self.config.after == "delete":
+            path.unlink()
+        else:
+            target = Path(self.config.move_to) if self.config.move_to else self.directory / "processed"
+            target.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target / path.name)
+
+
+MLLPSourceConfig.runner = MLLPSource
+FileSourceConfig.runner = FileSource
