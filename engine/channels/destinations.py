@@ -11,7 +11,7 @@ from pathlib import Path
 from hl7relay.channels.sources import TLS_OPTIONS, tls_config
 from hl7relay.channels.spec import Option, register
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult
-from hl7relay.sender import SenderConfig
+from hl7relay.sender import SenderConfig, SendStatus
 
 __all__ = ["MLLPDestinationConfig", "FileDestinationConfig", "ChannelDestinationConfig", "render_filename",
            "QueueOptions", "QUEUE_OPTIONS", "Delivery", "MLLPDelivery", "FileDelivery", "ChannelDelivery",
@@ -181,8 +181,6 @@ class MLLPDelivery(Delivery):
         self._idle = list(self.senders)
 
     def deliver(self, message):
-        from hl7relay.sender import SendStatus
-
         sender = self._idle.pop()
 
         def answered(r):
