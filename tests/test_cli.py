@@ -4,6 +4,9 @@ import socket
 import subprocess
 import sys
 
+import json
+from pathlib import Path
+
 import pytest
 
 from hl7relay.cli import main
@@ -136,3 +139,22 @@ def test_run_on_a_taken_port_says_so_in_one_line(tmp_path):
                                  str(tmp_path / "data"), "--admin-port", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot start" in result.stderr and "in use" in result.stderr and str(port) in result.stderr
+
+
+def test_the_engine_settings_come_from_specs_listed_and_as_a_schema(capsys, tmp_path):
+    import jsonschema
+    import yaml
+
+    code, out = run(capsys, ["list"])
+    assert code == 0 and "engine settings (config/hl7relay.yaml):" in out and "stop_timeout: duration, default 10.0" in out
+    code, out = run(capsys, ["list", "--settings-schema"])
+    schema = json.loads(out)
+    shipped = yaml.safe_load((Path(__file__).resolve().parent.parent / "config" / "hl7relay.yaml").read_text())
+    jsonschema.validate(shipped, schema)  # the shipped file is valid against it
+    jsonschema.validate({"admin": {"port": "auto", "host": "127.0.0.1"}, "log_level": "debug"}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"admin": {"port": 70000}}, schema)
+    (tmp_path / "typo.yaml").write_text("log_levle: info\nadmin: {prot: 1}\n")
+    code, output = run(capsys, ["status", "--config", str(tmp_path / "typo.yaml")])
+    assert code != 0 and "typo.yaml:1:1: unknown key 'log_levle'" in output and "(did you mean 'log_level')" in output
+    assert "typo.yaml:2:9: unknown key 'prot'" in output

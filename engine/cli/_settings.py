@@ -5,9 +5,49 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("config/hl7relay.yaml")
-ADMIN_KEYS = {"host", "port", "tls_cert", "tls_key", "tls_ca", "require_client_cert"}
-CHOICES = {"log_level": ["trace", "debug", "info", "warn", "error"], "log_format": ["text", "json"]}
-KEYS = ["store", "channels", "data_dir", "log_level", "log_format", "log_phi", "log_phi_bytes", "admin", "stop_timeout"]
+
+
+def specs():
+    """The engine settings' specs (the same machinery as channel components): what lint-like
+    checking, defaults, `hl7relay list` and the settings' JSON Schema are made from."""
+    from hl7relay.channels.spec import ComponentSpec, Option
+
+    engine = ComponentSpec("settings", "engine", "engine settings (config/hl7relay.yaml, or --config FILE)", (
+        Option("store", "any", None, "the message store: {url: sqlite:///PATH | postgresql+psycopg://USER@HOST/DB} "
+               "(default: SQLite at DATA_DIR/hl7relay.db)"),
+        Option("channels", "strlist", ["channels"], "channel folders or files"),
+        Option("data_dir", "str", "data", "where the SQLite store, the local API token and endpoint live"),
+        Option("log_level", "enum", "info", "what is logged", ("trace", "debug", "info", "warn", "error")),
+        Option("log_format", "enum", "text", "text, or one flat JSON object per line", ("text", "json")),
+        Option("log_phi", "bool", False, "log message content (every channel; a channel can say it for itself)"),
+        Option("log_phi_bytes", "int", 512, "how much of a message log_phi logs"),
+        Option("stop_timeout", "duration", 10.0, "on SIGTERM, seconds to wait for the ACKs of deliveries already sent"),
+        Option("admin", "any", None, "the admin listener (/metrics, /healthz, /readyz, /api/v1): "
+               "{host, port, tls_cert, tls_key, tls_ca, require_client_cert}"),
+    ))
+    store = ComponentSpec("settings", "store", "the message store", (
+        Option("url", "str", description="sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"),))
+    admin = ComponentSpec("settings", "admin", "the admin listener", (
+        Option("host", "str", "127.0.0.1", "address to listen on (localhost only unless told otherwise)"),
+        Option("port", "any", 9102, "a port; 0: off; auto: any free port (written to DATA_DIR/api-endpoint)"),
+        Option("tls_cert", "str", None, "PEM certificate: serve over TLS"),
+        Option("tls_key", "str", None, "PEM private key of tls_cert"),
+        Option("tls_ca", "str", None, "PEM CA: client certificates (with require_client_cert) and what the CLI trusts"),
+        Option("require_client_cert", "bool", False, "mutual TLS"),
+    ))
+    return engine, store, admin
+
+
+def settings_schema() -> dict:
+    """JSON Schema of the engine config file, for editors."""
+    engine, store, admin = specs()
+    schema = engine.json_schema()
+    schema["properties"]["store"] = store.json_schema()
+    schema["properties"]["admin"] = admin.json_schema()
+    port = schema["properties"]["admin"]["properties"]["port"]
+    port.update({"anyOf": [{"type": "integer", "minimum": 0, "maximum": 65535}, {"const": "auto"}]})
+    schema.update({"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "hl7relay engine settings"})
+    return schema
 
 
 def add_settings_arguments(parser, channels: bool = True) -> None:
@@ -19,8 +59,44 @@ def add_settings_arguments(parser, channels: bool = True) -> None:
     parser.add_argument("--data-dir", metavar="DIR", help="where the SQLite store and file outputs live (default: data)")
 
 
+def _checked(doc, settings: dict) -> list[str]:
+    """The config file checked against the specs (every problem with its position); what it
+    sets goes into ``settings``."""
+    from hl7relay.channels.spec import check_options
+
+    engine, store, admin = specs()
+    data = doc.data if doc.data is not None else {}
+    if not isinstance(data, dict):
+        doc.error((), "the engine settings are a mapping (store, channels, data_dir, log_level, admin...)")
+        return [str(e) for e in doc.errors]
+    for key in ("log_level", "log_format"):  # written in any case
+        if isinstance(data.get(key), str):
+            data[key] = data[key].lower()
+    values = check_options(engine, data, doc, ())
+    if values is not None:
+        if data.get("log_phi_bytes") is not None and values["log_phi_bytes"] < 0:
+            doc.error(("log_phi_bytes",), "log_phi_bytes must be 0 or more")
+        if isinstance(data.get("channels"), list) and not data["channels"]:
+            doc.error(("channels",), "channels needs at least one folder")
+        for key in ("channels", "data_dir", "log_level", "log_format", "log_phi", "log_phi_bytes", "stop_timeout"):
+            if key in data and data[key] is not None:
+                settings[key] = values[key]
+    if data.get("store") is not None:  # the nested settings are checked whatever the rest says
+        checked = check_options(store, data["store"], doc, ("store",))
+        if checked is not None:
+            settings["store"] = checked["url"]
+    if data.get("admin") is not None:
+        checked = check_options(admin, data["admin"], doc, ("admin",))
+        if checked is not None:
+            port = checked["port"]
+            if port != "auto" and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+                doc.error(("admin", "port"), "admin port must be a whole number from 0 to 65535 (0: off), or auto")
+            else:
+                settings["admin"].update({k: v for k, v in checked.items() if k in data["admin"]})
+    return sorted(str(e) for e in doc.errors)
+
+
 def resolve_settings(args) -> tuple[dict, list[str]]:
-    from hl7relay.channels.spec import did_you_mean
     from hl7relay.channels.yamlsource import load_document
 
     settings = {"store": None, "data_dir": "data", "channels": ["channels"], "log_level": "info",
@@ -37,61 +113,8 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
     elif path is not None:
         doc = load_document(path)
         problems += [str(e) for e in doc.errors]
-        data = doc.data if isinstance(doc.data, dict) else {}
-        for key, value in data.items():
-            where = doc.mark((key,))
-            if key == "store":
-                if not isinstance(value, dict) or not isinstance(value.get("url"), str):
-                    problems.append(f"{where}: store is {{url: ...}}")
-                else:
-                    settings["store"] = value["url"]
-            elif key == "channels":
-                values = value if isinstance(value, list) else [value]
-                if not all(isinstance(v, str) and v for v in values):
-                    problems.append(f"{where}: channels is a folder or a list of folders")
-                else:
-                    settings["channels"] = values
-            elif key == "data_dir":
-                if not isinstance(value, str) or not value:
-                    problems.append(f"{where}: data_dir is a folder")
-                else:
-                    settings[key] = value
-            elif key in CHOICES:
-                if str(value).lower() not in CHOICES[key]:
-                    problems.append(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, not {value!r}"
-                                    f"{did_you_mean(str(value).lower(), CHOICES[key])}")
-                else:
-                    settings[key] = str(value).lower()
-            elif key == "log_phi":
-                if not isinstance(value, bool):
-                    problems.append(f"{where}: log_phi is true or false")
-                else:
-                    settings[key] = value
-            elif key in ("log_phi_bytes", "stop_timeout"):
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                        key == "log_phi_bytes" and not isinstance(value, int)):
-                    kind = "a whole number of bytes" if key == "log_phi_bytes" else "a number of seconds"
-                    problems.append(f"{where}: {key} must be {kind}, 0 or more, not {value!r}")
-                else:
-                    settings[key] = value
-            elif key == "admin":
-                if not isinstance(value, dict) or set(value) - ADMIN_KEYS:
-                    problems.append(f"{where}: admin is {{host: 127.0.0.1, port: 9102}} (port 0: off), optionally with "
-                                    "tls_cert, tls_key, tls_ca and require_client_cert")
-                elif any(value.get(k) is not None and not isinstance(value[k], str) for k in ("tls_cert", "tls_key", "tls_ca")) \
-                        or not isinstance(value.get("require_client_cert", False), bool):
-                    problems.append(f"{where}: admin tls_cert, tls_key and tls_ca are file names; require_client_cert "
-                                    "is true or false")
-                elif "port" in value and value["port"] != "auto" and (
-                        isinstance(value["port"], bool) or not isinstance(value["port"], int) or not 0 <= value["port"] <= 65535):
-                    problems.append(f"{doc.mark((key, 'port'))}: admin port must be a whole number from 0 to 65535 "
-                                    "(0: off), or auto")
-                elif "host" in value and not isinstance(value["host"], str):
-                    problems.append(f"{doc.mark((key, 'host'))}: admin host is an address such as 127.0.0.1")
-                else:
-                    settings["admin"].update(value)
-            else:
-                problems.append(f"{doc.mark((key,), key=True)}: unknown key {key!r}{did_you_mean(str(key), KEYS)}")
+        if not doc.errors:
+            problems += _checked(doc, settings)
     if getattr(args, "channels", None):
         settings["channels"] = args.channels
     if args.data_dir:

@@ -7,26 +7,34 @@ import json
 HELP = "list channel components and their options, or print the channel JSON Schema"
 DESCRIPTION = """\
 List every source, filter rule, transformer step, validator and destination with its options
-(type, default, description), straight from the specs the components declare. --schema prints a
-JSON Schema of the channel file format for editors."""
+(type, default, description), straight from the specs the components declare, and the engine's own
+settings (config/hl7relay.yaml) from theirs. --schema prints a JSON Schema of the channel file
+format for editors; --settings-schema one of the engine settings file."""
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--schema", action="store_true", help="print the JSON Schema of channel files")
+    parser.add_argument("--settings-schema", action="store_true", help="print the JSON Schema of the engine settings file")
 
 
 def run(args) -> int:
     from hl7relay.channels.schema import channel_schema
     from hl7relay.channels.spec import KINDS, REQUIRED, registry
 
+    from hl7relay.cli._settings import settings_schema, specs
+
     if args.schema:
         print(json.dumps(channel_schema(), indent=2))
+        return 0
+    if args.settings_schema:
+        print(json.dumps(settings_schema(), indent=2))
         return 0
     if args.format == "json":
         print(json.dumps([{"kind": s.kind, "name": s.name, "description": s.description, "options": [
             {"name": o.name, "type": o.type, "required": o.required, "default": None if o.default is REQUIRED else o.default,
-             "description": o.description, "choices": list(o.choices) or None} for o in s.options]} for s in registry()], indent=2))
+             "description": o.description, "choices": list(o.choices) or None} for o in s.options]}
+            for s in [*registry(), *specs()]], indent=2))
         return 0
     for kind in KINDS:
         print(f"{kind}s:")
@@ -37,4 +45,11 @@ def run(args) -> int:
                 choices = f" ({' | '.join(map(str, option.choices))})" if option.choices else ""
                 print(f"      {option.name}: {option.type}{choices}, {default}. {option.description}")
         print()
+    print("engine settings (config/hl7relay.yaml):")
+    for spec in specs():
+        print(f"  {spec.name}: {spec.description}")
+        for option in spec.options:
+            default = "required" if option.required else f"default {option.default!r}"
+            choices = f" ({' | '.join(map(str, option.choices))})" if option.choices else ""
+            print(f"      {option.name}: {option.type}{choices}, {default}. {option.description}")
     return 0
