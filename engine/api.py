@@ -207,6 +207,11 @@ class ApiResource(resource.Resource):
         if not can(caller["role"], route.permission):
             raise ApiError(403, f"{caller['actor']} ({caller['role']}) may not {route.permission}")
         body = self._body(request) if method == "POST" else {}
+        if route.action:  # the audit entry of an action, from the route table: handlers add only details
+            reason = body.get("reason", "")
+            caller = dict(caller, audit={"actor": caller["actor"], "source": caller["source"], "action": route.action,
+                                         "target": "/".join(params.values()) or "channels",
+                                         "reason": reason if isinstance(reason, str) else str(reason)})
         result = yield getattr(self, route.handler)(request, caller, body, **params)
         return result
 
@@ -225,6 +230,9 @@ class ApiResource(resource.Resource):
         row = yield self.engine.writer.read(self.engine.writer.store.find_token, hashed)
         if row is None:
             raise ApiError(401, "unknown or revoked token")
+        now = self.engine.clock()
+        if (row["last_used_at"] or 0) < now - 60:  # for `hl7relay token list`; at most a write a minute per token
+            self.engine.writer.read(self.engine.writer.store.touch_token, row["name"], now).addErrback(lambda _: None)
         return {"actor": f"token:{row['name']}", "role": row["role"], "source": source}
 
     @staticmethod
@@ -242,12 +250,6 @@ class ApiResource(resource.Resource):
             raise ApiError(400, "the body is a JSON object")
         return body
 
-    @staticmethod
-    def _audit(caller: dict, action: str, target: str, body: dict) -> dict:
-        reason = body.get("reason", "")
-        return {"actor": caller["actor"], "source": caller["source"], "action": action, "target": target,
-                "reason": reason if isinstance(reason, str) else str(reason)}
-
     # -- handlers ---------------------------------------------------------------------------------
     def get_status(self, request, caller, body):
         return self.engine.status()
@@ -260,35 +262,30 @@ class ApiResource(resource.Resource):
 
     def post_enable(self, request, caller, body, channel):
         self.engine._running(channel)
-        return self.engine.set_channel_enabled(channel, True, caller["actor"],
-                                               self._audit(caller, "channel.enable", channel, body))
+        return self.engine.set_channel_enabled(channel, True, caller["actor"], caller["audit"])
 
     def post_disable(self, request, caller, body, channel):
         self.engine._running(channel)
-        return self.engine.set_channel_enabled(channel, False, caller["actor"],
-                                               self._audit(caller, "channel.disable", channel, body))
+        return self.engine.set_channel_enabled(channel, False, caller["actor"], caller["audit"])
 
     def get_destination(self, request, caller, body, channel, destination):
         return self.engine._queue(channel, destination).view()
 
     def post_pause(self, request, caller, body, channel, destination):
         self.engine._queue(channel, destination)
-        return self.engine.set_destination_paused(channel, destination, True, caller["actor"],
-                                                  self._audit(caller, "destination.pause", f"{channel}/{destination}", body))
+        return self.engine.set_destination_paused(channel, destination, True, caller["actor"], caller["audit"])
 
     def post_resume(self, request, caller, body, channel, destination):
         self.engine._queue(channel, destination)
-        return self.engine.set_destination_paused(channel, destination, False, caller["actor"],
-                                                  self._audit(caller, "destination.resume", f"{channel}/{destination}", body))
+        return self.engine.set_destination_paused(channel, destination, False, caller["actor"], caller["audit"])
 
     def post_retry(self, request, caller, body, channel, destination):
         self.engine._queue(channel, destination)
-        return self.engine.retry_now(channel, destination, caller["actor"],
-                                     self._audit(caller, "destination.retry", f"{channel}/{destination}", body))
+        return self.engine.retry_now(channel, destination, caller["actor"], caller["audit"])
 
     @defer.inlineCallbacks
     def post_reload(self, request, caller, body):
-        result = yield self.engine.reload_from_files(caller["actor"], self._audit(caller, "reload", "channels", body))
+        result = yield self.engine.reload_from_files(caller["actor"], caller["audit"])
         if "errors" in result:
             request.setResponseCode(422)
         return result
@@ -382,8 +379,7 @@ class ApiResource(resource.Resource):
             result = {"message_id": number, "destinations": sorted(plan.outputs), "skipped": plan.skipped,
                       "changed": plan.changes, "dry_run": dry_run}
             if not plan.skipped and not dry_run:
-                result["replay_id"] = commit_replay(store, channels, plan, reason, caller["actor"], audit={
-                    "actor": caller["actor"], "source": caller["source"], "action": "replay"})
+                result["replay_id"] = commit_replay(store, channels, plan, reason, caller["actor"], audit=caller["audit"])
             return result
 
         result = yield self._off_reactor(replay)
@@ -409,9 +405,8 @@ class ApiResource(resource.Resource):
             normal = store.prune(now - days * 86400, {"PROCESSED", "FILTERED", "DUPLICATE"}, channel, dry_run=dry_run)
             errors = store.prune(now - errors_days * 86400, {"ERROR"}, channel, dry_run=dry_run)
             if not dry_run:
-                store.audit({"actor": caller["actor"], "source": caller["source"], "action": "prune",
-                             "target": channel or "all channels", "reason": str(body.get("reason", "")),
-                             "detail": f"deleted {normal + errors} message(s): older than {days:g}d, errors {errors_days:g}d"})
+                store.audit(dict(caller["audit"], target=channel or "all channels",
+                                 detail=f"deleted {normal + errors} message(s): older than {days:g}d, errors {errors_days:g}d"))
             return {"deleted" if not dry_run else "would_delete": normal + errors, "dry_run": dry_run}
 
         result = yield self._off_reactor(prune)

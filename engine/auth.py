@@ -26,7 +26,7 @@ import secrets
 import socket
 
 __all__ = ["ROLES", "PERMISSIONS", "can", "hash_password", "verify_password", "new_token", "token_hash",
-           "valid_name", "os_actor", "cli_source"]
+           "valid_name", "os_actor", "cli_source", "cli_audit"]
 
 ROLES = ("viewer", "operator", "admin")
 # permission -> the least role that has it
@@ -94,3 +94,8 @@ def os_actor() -> str:
 
 def cli_source() -> str:
     return f"cli@{socket.gethostname()}"
+
+
+def cli_audit(action: str, target: str = "", **fields) -> dict:
+    """An audit entry for an action taken from the command line on this host."""
+    return {"actor": os_actor(), "source": cli_source(), "action": action, "target": target, **fields}

@@ -21,7 +21,6 @@ from twisted.python.failure import Failure
 from hl7relay.ack import AckPolicy, Outcome, Status
 from hl7relay.ack.policy import is_ack
 from hl7relay.channels.channel import Channel
-from hl7relay.channels.destinations import write_atomically
 from hl7relay.channels.pipeline import Result, process, stored_outcome
 from hl7relay.events import emit
 from hl7relay.message import Message
@@ -590,4 +589,3 @@ def _internal():
     return ErrorCode.APPLICATION_INTERNAL_ERROR
 
 
-_write_atomically = write_atomically  # where it lived before (destinations.py now)

@@ -598,8 +598,6 @@ class Store:
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"store commit failed: {exc.__class__.__name__}: {getattr(exc, 'orig', exc)}") from exc
 
-    _MESSAGE_COLUMNS = _MESSAGE_COLUMNS
-
     # -- reading ----------------------------------------------------------------------------------
     def get_message(self, message_id: int) -> dict | None:
         with self.engine.connect() as connection:
@@ -842,6 +840,10 @@ class Store:
             return [dict(r) for r in connection.execute(
                 sa.select(api_tokens.c.name, api_tokens.c.role, api_tokens.c.created_at, api_tokens.c.created_by,
                           api_tokens.c.last_used_at).order_by(api_tokens.c.name)).mappings()]
+
+    def touch_token(self, name: str, now: float) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(api_tokens.update().where(api_tokens.c.name == name).values(last_used_at=now))
 
     def revoke_token(self, name: str, audit: dict) -> bool:
         with self.engine.begin() as connection:

@@ -115,7 +115,10 @@ def test_pause_is_audited_with_the_token_and_the_reason(engine):
     assert status == 200 and json.loads(body)["paused"] is True
     assert ("adt", "lab", "paused") in engine["store"].controls()
     entry = engine["store"].audit_entries(action="destination.pause")[0]
-    assert (entry["actor"], entry["reason"], entry["source"]) == ("token:operator", "lab maintenance window", "127.0.0.1")
+    assert (entry["actor"], entry["reason"], entry["source"], entry["target"]) == (
+        "token:operator", "lab maintenance window", "127.0.0.1", "adt/lab")
+    used = {t["name"]: t["last_used_at"] for t in engine["store"].list_tokens()}
+    assert used["operator"] is not None  # what `hl7relay token list` shows
     call(engine, "POST", "/api/v1/channels/adt/destinations/lab/resume", token=TOKENS["operator"])
     status, body = call(engine, "GET", "/api/v1/channels/adt", token=TOKENS["viewer"])
     view = json.loads(body)

@@ -601,7 +601,7 @@ def test_idle_connections_cannot_lock_a_sender_out(tmp_path):
 def test_file_outputs_get_their_configured_mode_whatever_the_umask(tmp_path):
     import stat
 
-    from hl7relay.runtime import _write_atomically
+    from hl7relay.channels.destinations import write_atomically as _write_atomically
 
     old = os.umask(0o077)  # as under hl7relay run
     try:

@@ -8,7 +8,17 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["call_engine"]
+__all__ = ["call_engine", "engine_settings", "print_error"]
+
+
+def engine_settings(args) -> dict:
+    """The settings that say where the running engine is (its data folder, its admin listener)."""
+    from hl7relay.cli._settings import resolve_settings
+
+    settings, problems = resolve_settings(args)
+    if problems:
+        raise SystemExit("\n".join(problems))
+    return settings
 
 
 def call_engine(settings: dict, method: str, path: str, body: dict | None = None) -> tuple[int, object]:

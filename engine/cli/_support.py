@@ -99,9 +99,9 @@ def phi_permitted(args, store, target: str) -> bool:
         print("--show-phi needs --reason: seeing patient data unmasked is written to the audit log with why",
               file=sys.stderr)
         return False
-    from hl7relay.auth import cli_source, os_actor
+    from hl7relay.auth import cli_audit
 
-    store.audit({"actor": os_actor(), "source": cli_source(), "action": "phi.view", "target": target, "reason": reason})
+    store.audit(cli_audit("phi.view", target, reason=reason))
     return True
 
 

@@ -56,12 +56,9 @@ def destination_line(name: str, q: dict) -> str:
 
 
 def run(args) -> int:
-    from hl7relay.cli._api import call_engine, print_error
-    from hl7relay.cli._settings import resolve_settings
+    from hl7relay.cli._api import call_engine, engine_settings, print_error
 
-    settings, problems = resolve_settings(args)
-    if problems:
-        raise SystemExit("\n".join(problems))
+    settings = engine_settings(args)
     if args.action == "show":
         path = f"/api/v1/channels/{args.name}" if args.name else "/api/v1/channels"
         status, payload = call_engine(settings, "GET", path)

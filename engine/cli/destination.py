@@ -32,13 +32,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from hl7relay.cli._api import call_engine, print_error
-    from hl7relay.cli._settings import resolve_settings
+    from hl7relay.cli._api import call_engine, engine_settings, print_error
     from hl7relay.cli.channel import destination_line
 
-    settings, problems = resolve_settings(args)
-    if problems:
-        raise SystemExit("\n".join(problems))
+    settings = engine_settings(args)
     path = f"/api/v1/channels/{args.channel}/destinations/{args.destination}"
     if args.action == "show":
         status, payload = call_engine(settings, "GET", path)

@@ -71,14 +71,14 @@ def run(args) -> int:
         report.append({"channel": channel, "deleted": deleted, "older_than_days": age / 86400,
                        "errors_older_than_days": errors_age / 86400})
     if not args.dry_run:
-        from hl7relay.auth import cli_source, os_actor
+        from hl7relay.auth import cli_audit
 
         # prune is many short transactions; its audit entry follows the last of them
-        store.audit({"actor": os_actor(), "source": cli_source(), "action": "prune",
-                     "target": ", ".join(sorted({entry["channel"] or "all channels" for entry in report})),
-                     "detail": f"deleted {total} message(s): " + "; ".join(
-                         f"{entry['channel'] or 'all'} older than {entry['older_than_days']:g}d "
-                         f"(errors {entry['errors_older_than_days']:g}d): {entry['deleted']}" for entry in report)})
+        target = ", ".join(sorted({entry["channel"] or "all channels" for entry in report}))
+        detail = f"deleted {total} message(s): " + "; ".join(
+            f"{entry['channel'] or 'all'} older than {entry['older_than_days']:g}d "
+            f"(errors {entry['errors_older_than_days']:g}d): {entry['deleted']}" for entry in report)
+        store.audit(cli_audit("prune", target, detail=detail))
     if args.format == "json":
         import json
 

@@ -22,12 +22,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from hl7relay.cli._api import call_engine, print_error
-    from hl7relay.cli._settings import resolve_settings
+    from hl7relay.cli._api import call_engine, engine_settings, print_error
 
-    settings, problems = resolve_settings(args)
-    if problems:
-        raise SystemExit("\n".join(problems))
+    settings = engine_settings(args)
     status, payload = call_engine(settings, "POST", "/api/v1/reload", {"reason": args.reason})
     if status == 422 and isinstance(payload, dict) and "errors" in payload:
         for error in payload["errors"]:

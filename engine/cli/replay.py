@@ -46,7 +46,7 @@ def run(args) -> int:
     if not args.dry_run and not args.reason:
         print("say why with --reason (it is recorded with the replay), or use --dry-run", file=sys.stderr)
         return 2
-    from hl7relay.auth import cli_source, os_actor
+    from hl7relay.auth import cli_audit
     from hl7relay.cli._support import phi_permitted
 
     store, settings = open_store_from_args(args)
@@ -81,7 +81,7 @@ def run(args) -> int:
                  "skipped": plan.skipped, "changed": plan.changes}
         if not plan.skipped and not args.dry_run:
             entry["replay_id"] = commit_replay(store, by_name, plan, args.reason, operator,
-                                               audit={"actor": os_actor(), "source": cli_source(), "action": "replay"})
+                                               audit=cli_audit("replay"))
             replayed += 1
         elif plan.skipped:
             skipped += 1

@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from hl7relay.auth import cli_source, new_token, os_actor, token_hash, valid_name
+    from hl7relay.auth import cli_audit, new_token, token_hash, valid_name
     from hl7relay.cli._support import format_time, open_store_from_args
     from hl7relay.store import StoreError
 
@@ -41,8 +41,7 @@ def run(args) -> int:
         print(f"{args.name!r} is not a token name: letters, digits and . _ @ -, up to 64", file=sys.stderr)
         return 2
     store, _ = open_store_from_args(args)
-    audit = {"actor": os_actor(), "source": cli_source(), "action": f"token.{args.action}",
-             "target": getattr(args, "name", "")}
+    audit = cli_audit(f"token.{args.action}", getattr(args, "name", ""))
     if args.action == "list":
         rows = store.list_tokens()
         if args.format == "json":

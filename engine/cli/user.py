@@ -67,7 +67,7 @@ def _password(args) -> str | None:
 
 
 def run(args) -> int:
-    from hl7relay.auth import cli_source, hash_password, os_actor, valid_name
+    from hl7relay.auth import cli_audit, hash_password, valid_name
     from hl7relay.cli._support import format_time, open_store_from_args
     from hl7relay.store import StoreError
 
@@ -76,8 +76,7 @@ def run(args) -> int:
               file=sys.stderr)
         return 2
     store, _ = open_store_from_args(args)
-    audit = {"actor": os_actor(), "source": cli_source(), "action": f"user.{args.action}",
-             "target": getattr(args, "name", "")}
+    audit = cli_audit(f"user.{args.action}", getattr(args, "name", ""))
     if args.action == "list":
         rows = store.list_users()
         if args.format == "json":
