@@ -68,6 +68,11 @@ MISTAKES = [
     (["lint", "/nonexistent/dir"], "nonexistent", False),
     (["test", "/nonexistent/x.test.yaml"], "nonexistent", False),
     (["status", "--config", "missing.yaml"], "no such config file", False),
+    (["channel", "disable", "adt"], "no running engine found", False),
+    (["destination", "pause", "adt", "lab"], "no running engine found", False),
+    (["reload"], "no running engine found", False),
+    (["user", "add", "bob", "--role", "root"], "invalid choice", False),
+    (["audit", "--since", "soon"], "not a time", True),
 ]
 
 

@@ -32,9 +32,11 @@ def call_engine(settings: dict, method: str, path: str, body: dict | None = None
     token_file = Path(settings["data_dir"]) / LOCAL_TOKEN_FILE
     try:
         token = token_file.read_text().strip()
+    except FileNotFoundError:
+        raise SystemExit(f"no running engine found: {token_file} does not exist (the engine writes it when it "
+                         "starts). Is it running? Run this in its folder, or pass --data-dir or --config.") from None
     except OSError as exc:
-        raise SystemExit(f"cannot read {token_file} ({exc.strerror}): is the engine running with data dir "
-                         f"{settings['data_dir']}, and may this user read its files?") from None
+        raise SystemExit(f"cannot read {token_file} ({exc.strerror}): run this as the user the engine runs as") from None
     host = admin.get("host") or "127.0.0.1"
     base = f"http://{'[' + host + ']' if ':' in host else host}:{admin['port']}"
     try:  # the engine says where it is bound (it may have been given port 0)
