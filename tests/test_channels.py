@@ -74,6 +74,17 @@ def errors_of(tmp_path, text, environ=None):
     # an allow list entry that is not a CIDR
     (GOOD.replace("port: 12575}", "port: 12575, allow: [10.1.2.0/24, 10.1.300.0/24]}"),
      "channels/demo.yaml:2:9: source 'mllp': allow: '10.1.300.0/24' is not an address or CIDR"),
+    # the channel's own keys, checked by the channel's spec
+    (GOOD.replace("source: {type: mllp, port: 12575}\n", ""), "channels/demo.yaml:1:1: the channel needs 'source'"),
+    (GOOD + "enabled: maybe\n", "channels/demo.yaml:9:10: enabled must be true or false, not 'maybe'"),
+    (GOOD + "log_level: verbose\n", "channels/demo.yaml:9:12: log_level must be one of error, warn, info, debug, trace"),
+    (GOOD + "response: {whne: on_store}\n", "channels/demo.yaml:9:12: unknown key 'whne' for response (did you mean 'when')"),
+    (GOOD + "duplicates: {window: soon}\n", "channels/demo.yaml:9:22: window must be seconds (a number) (0 or more)"),
+    (GOOD + "duplicates: 3\n", "channels/demo.yaml:9:13: duplicates takes a mapping of options: key, window"),
+    (GOOD + "retention: {days: 7, error_days: 30}\n",
+     "channels/demo.yaml:9:22: unknown key 'error_days' for retention (did you mean 'errors_days')"),
+    (GOOD + "storage: {stages: [transformed, ack]}\n",
+     "channels/demo.yaml:9:33: unknown stage 'ack'; stages: transformed, destinations, acks (did you mean 'acks')"),
 ])
 def test_each_lint_error_has_its_position(tmp_path, text, expected):
     errors = errors_of(tmp_path, text)
@@ -218,6 +229,28 @@ def test_specs_describe_every_option():
         assert spec.description
         for option in spec.options:
             assert option.description, (spec.kind, spec.name, option.name)
+
+
+def test_the_channel_keys_come_from_the_channel_spec(tmp_path, capsys):
+    """One declaration (channel.CHANNEL) gives the keys their checks, defaults, listing and schema."""
+    from hl7relay.channels.channel import CHANNEL
+
+    names = [option.name for option in CHANNEL.options]
+    assert list(channel_schema()["properties"]) == names
+    assert channel_schema()["required"] == [o.name for o in CHANNEL.options if o.required] == ["name", "source"]
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out.split("sources:")[0]
+    assert all(f"\n  {name}: " in out for name in names) and "      window: duration, default 86400.0." in out
+    # defaults: absent sections are there with their own defaults, optional ones are off
+    channel, errors = load_channel(write(tmp_path, GOOD), {})
+    assert not errors and channel.enabled and channel.response.when == "on_store" and channel.response.filtered == "AR"
+    assert channel.duplicates is None and channel.retention is None and channel.log_level is None
+    assert channel.stages == {"transformed", "destinations", "acks"}
+    channel, errors = load_channel(write(tmp_path, GOOD + "duplicates: true\nresponse: {filtered: AA}\n"), {})
+    assert not errors and channel.duplicates.key == ("MSH-3", "MSH-4", "MSH-10") and channel.duplicates.window == 86400
+    assert channel.response.filtered == "AA" and channel.response.when == "on_store"
+    channel, errors = load_channel(write(tmp_path, GOOD + "duplicates: false\nretention: {days: 7}\n"), {})
+    assert not errors and channel.duplicates is None and channel.retention.days == 7 and channel.retention.errors_days == 90
 
 
 def test_list_and_schema(capsys):

@@ -25,7 +25,8 @@ from hl7relay.channels.filters import AllOf, AnyOf, Not
 from hl7relay.channels.spec import ComponentSpec, Option, check_options, did_you_mean, lookup, registry
 from hl7relay.channels.yamlsource import ConfigError, Document, load_document
 
-__all__ = ["Channel", "Destination", "Duplicates", "Response", "load_channel", "load_channels", "channel_files", "CHANNEL_KEYS"]
+__all__ = ["Channel", "Destination", "Duplicates", "Response", "load_channel", "load_channels", "channel_files", "CHANNEL",
+           "CHANNEL_KEYS"]
 
 STAGES = ("transformed", "destinations", "acks")
 
@@ -88,40 +89,50 @@ class _Context:
     base_dir: Path
 
 
-CHANNEL_KEYS = {
-    "name": "the channel's name (unique)",
-    "description": "what the channel is for",
-    "enabled": "false to keep the file but not run it",
-    "source": "where messages come from: {type: mllp | file, ...}",
-    "filters": "rules a message must pass: a rule, a list (all), or all/any/not",
-    "transformers": "steps applied in order: - set: {...}",
-    "validators": "checks: - structure: {...} / - required: {...}",
-    "response": "ACK behaviour: when (on_store | after_delivery), filtered (AR | AA | AE)",
-    "destinations": "where messages go: - {name, type: mllp | file | channel, ..., filters, transformers}",
-    "storage": "stages kept besides the raw message: stages: [transformed, destinations, acks]",
-    "duplicates": "duplicate detection: {key: [MSH-3, MSH-4, MSH-10], window: 86400}",
-    "retention": "how long hl7relay prune keeps messages: {days: 30, errors_days: 90}",
-    "log_level": "this channel's log level: error, warn, info, debug, trace",
-    "log_phi": "true: message content may appear in this channel's trace logs (capped); default false",
-}
 _RESPONSE = ComponentSpec("setting", "response", "ACK behaviour", (
     Option("when", "enum", "on_store", "on_store: ACK once stored; after_delivery: ACK reflects the destinations' answers",
            ("on_store", "after_delivery")),
     Option("filtered", "enum", "AR", "the ACK code for a filtered message", ("AR", "AA", "AE")),
     Option("application", "str", "HL7RELAY", "MSH-3 of our ACKs when the message's MSH-5 is empty"),
     Option("facility", "str", "", "MSH-4 of our ACKs when the message's MSH-6 is empty"),
-))
+), title="response")
 _DUPLICATES = ComponentSpec("setting", "duplicates", "duplicate detection", (
     Option("key", "list", ["MSH-3", "MSH-4", "MSH-10"], "fields that identify a message", item="hl7path"),
     Option("window", "duration", 86400.0, "seconds within which a repeated key is a duplicate"),
-))
+), title="duplicates")
 _RETENTION = ComponentSpec("setting", "retention", "how long messages are kept (hl7relay prune)", (
     Option("days", "float", 30.0, "days to keep messages"),
     Option("errors_days", "float", 90.0, "days to keep ERROR messages"),
-))
+), title="retention")
 _STORAGE = ComponentSpec("setting", "storage", "what is stored", (
     Option("stages", "list", list(STAGES), "stages kept besides the raw message (always kept)", item="str"),
-))
+), title="storage")
+LOG_LEVELS = ("error", "warn", "info", "debug", "trace")
+# The channel file's own keys: checked (unknown keys, types, defaults), listed by `hl7relay list`
+# and turned into the JSON Schema from this one declaration. Sections are nested specs; the
+# structured keys (source, filters, steps, destinations) are built by the loader below.
+CHANNEL = ComponentSpec("channel", "channel", "a channel file (channels/NAME.yaml)", (
+    Option("name", "str", description="the channel's name (unique)"),
+    Option("description", "str", "", "what the channel is for"),
+    Option("enabled", "bool", True, "false to keep the file but not run it"),
+    Option("source", "source", description="where messages come from: {type: mllp | file, ...}"),
+    Option("filters", "rule", None, "rules a message must pass: a rule, a list (all), or all/any/not"),
+    Option("transformers", "steps", None, "steps applied in order: - set: {...}", item="transformer"),
+    Option("validators", "steps", None, "checks: - structure: {...} / - required: {...}", item="validator"),
+    Option("response", "section", {}, "ACK behaviour: when (on_store | after_delivery), filtered (AR | AA | AE)",
+           section=_RESPONSE),
+    Option("destinations", "destinations", None,
+           "where messages go: - {name, type: mllp | file | channel, ..., filters, transformers}"),
+    Option("storage", "section", {}, "stages kept besides the raw message: stages: [transformed, destinations, acks]",
+           section=_STORAGE),
+    Option("duplicates", "section", None, "duplicate detection (true: the defaults): {key: [MSH-3, MSH-4, MSH-10], "
+           "window: 86400}", section=_DUPLICATES, flag=True),
+    Option("retention", "section", None, "how long hl7relay prune keeps messages: {days: 30, errors_days: 90}",
+           section=_RETENTION),
+    Option("log_level", "enum", None, "this channel's log level (default: the engine's)", LOG_LEVELS),
+    Option("log_phi", "bool", False, "true: message content may appear in this channel's trace logs (capped)"),
+), title="the channel")
+CHANNEL_KEYS = {option.name: option.description for option in CHANNEL.options}
 
 
 class _Loader:
@@ -202,63 +213,41 @@ class _Loader:
     def channel(self) -> Channel | None:
         data = self.doc.data
         if not isinstance(data, dict):
-            self.error((), "a channel file is a mapping: name, source, filters, transformers, validators, "
-                           "response, destinations, storage")
+            self.error((), "a channel file is a mapping: " + ", ".join(o.name for o in CHANNEL.options if o.required)
+                       + " and optionally " + ", ".join(o.name for o in CHANNEL.options if not o.required))
             return None
-        for key in data:
-            if key not in CHANNEL_KEYS:
-                self.error((key,), f"unknown key {key!r}{did_you_mean(key, CHANNEL_KEYS)}", key=True)
-        name = data.get("name")
-        if not isinstance(name, str) or not name.strip():
-            self.error(("name",) if "name" in data else (), "the channel needs a name (text)")
-        enabled = data.get("enabled", True)
-        if not isinstance(enabled, bool):
-            self.error(("enabled",), "enabled must be true or false")
-        source_type, source = self.typed("source", data.get("source"), ("source",), required=True)
+        # every key is checked even when some fail, so one lint run reports all of a file's problems
+        values = check_options(CHANNEL, data, self.doc, ()) or {}
+        name = values.get("name")
+        if isinstance(name, str) and not name.strip():
+            self.error(("name",), "the channel needs a name (text)")
+        source_type, source = self.typed("source", data.get("source"), ("source",))
         rule = self.rule(data["filters"], ("filters",)) if data.get("filters") is not None else None
         steps = self.steps("transformer", data.get("transformers"), ("transformers",))
         validators = self.steps("validator", data.get("validators"), ("validators",))
-        response = check_options(_RESPONSE, data.get("response") or {}, self.doc, ("response",))
-        storage = check_options(_STORAGE, data.get("storage") or {}, self.doc, ("storage",))
-        if storage is not None:
+        storage = values.get("storage")
+        if storage:
             for i, stage in enumerate(storage["stages"]):
                 if stage not in STAGES:
                     self.error(("storage", "stages", i), f"unknown stage {stage!r}; stages: {', '.join(STAGES)}"
                                + did_you_mean(stage, STAGES))
         destinations = self.destinations(data.get("destinations"))
-        duplicates = None
-        if data.get("duplicates") is not None:
-            value = data["duplicates"]
-            checked = check_options(_DUPLICATES, {} if value is True else value, self.doc, ("duplicates",))
-            if checked is not None:
-                duplicates = Duplicates(tuple(checked["key"]), checked["window"])
-        log_level = data.get("log_level")
-        if log_level is not None and log_level not in ("error", "warn", "info", "debug", "trace"):
-            self.error(("log_level",), f"log_level must be one of error, warn, info, debug, trace, not {log_level!r}"
-                       + did_you_mean(str(log_level), ("error", "warn", "info", "debug", "trace")))
-        if not isinstance(data.get("log_phi", False), bool):
-            self.error(("log_phi",), "log_phi must be true or false")
-        retention = None
-        if data.get("retention") is not None:
-            checked = check_options(_RETENTION, data["retention"], self.doc, ("retention",))
-            if checked is not None:
-                retention = Retention(checked["days"], checked["errors_days"])
         if self.doc.errors:
             return None
+        duplicates, retention = values["duplicates"], values["retention"]
         return Channel(
             name=name.strip(), file=self.doc.file, source_type=source_type, source=source,
-            description=str(data.get("description") or ""), enabled=enabled, filter=rule, steps=steps,
-            validators=validators, response=Response(**response), destinations=destinations,
-            stages=frozenset(storage["stages"]), secrets=frozenset(self.doc.secrets), duplicates=duplicates,
-            retention=retention, log_level=log_level, log_phi=data.get("log_phi", False),
+            description=values["description"], enabled=values["enabled"], filter=rule, steps=steps,
+            validators=validators, response=Response(**values["response"]), destinations=destinations,
+            stages=frozenset(storage["stages"]), secrets=frozenset(self.doc.secrets),
+            duplicates=Duplicates(tuple(duplicates["key"]), duplicates["window"]) if duplicates else None,
+            retention=Retention(retention["days"], retention["errors_days"]) if retention else None,
+            log_level=values["log_level"], log_phi=values["log_phi"],
         )
 
-    def typed(self, kind: str, value, path, required=False, reserved=()):
+    def typed(self, kind: str, value, path, reserved=()):
         """A ``{type: NAME, ...options}`` mapping (sources and destinations)."""
-        if value is None:
-            if required:
-                self.error(path if path[:-1] == () else path[:-1], f"the channel needs a {kind}: {{type: "
-                           f"{' | '.join(s.name for s in registry(kind))}, ...}}")
+        if value is None:  # a missing source is reported by the channel's spec
             return None, None
         if not isinstance(value, dict) or "type" not in value:
             self.error(path, f"{kind} needs a type: {', '.join(s.name for s in registry(kind))}")

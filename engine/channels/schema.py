@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hl7relay.channels.channel import _DUPLICATES, _RESPONSE, _RETENTION, _STORAGE, CHANNEL_KEYS
+from hl7relay.channels.channel import CHANNEL
 from hl7relay.channels.spec import registry
 
 __all__ = ["channel_schema"]
@@ -28,34 +28,23 @@ def _typed(kind: str, extra: dict | None = None) -> list:
 def channel_schema() -> dict:
     rule = {"$ref": "#/$defs/rule"}
     rules = {"anyOf": [rule, {"type": "array", "items": rule}]}
-    return {
+    steps = {"transformer": {"type": "array", "items": {"oneOf": _one_key("transformer")}},
+             "validator": {"type": "array", "items": {"oneOf": _one_key("validator")}}}
+    schema = CHANNEL.json_schema(custom={
+        "source": {"oneOf": _typed("source")},
+        "rule": rules,
+        "steps": lambda option: steps[option.item],
+        "destinations": {"type": "array", "items": {"oneOf": _typed("destination", {
+            "name": {"type": "string"}, "filters": rules, "transformers": steps["transformer"]})}},
+    })
+    schema.update({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "hl7relay channel",
-        "type": "object",
-        "required": ["name", "source"],
-        "additionalProperties": False,
-        "properties": {
-            "name": {"type": "string", "description": CHANNEL_KEYS["name"]},
-            "description": {"type": "string"},
-            "enabled": {"type": "boolean", "default": True},
-            "source": {"oneOf": _typed("source"), "description": CHANNEL_KEYS["source"]},
-            "filters": rules,
-            "transformers": {"type": "array", "items": {"oneOf": _one_key("transformer")}},
-            "validators": {"type": "array", "items": {"oneOf": _one_key("validator")}},
-            "response": _RESPONSE.json_schema(),
-            "destinations": {"type": "array", "items": {"oneOf": _typed("destination", {
-                "name": {"type": "string"}, "filters": rules,
-                "transformers": {"type": "array", "items": {"oneOf": _one_key("transformer")}}})}},
-            "storage": _STORAGE.json_schema(),
-            "retention": _RETENTION.json_schema(),
-            "log_level": {"enum": ["error", "warn", "info", "debug", "trace"]},
-            "log_phi": {"type": "boolean", "default": False},
-            "duplicates": {"anyOf": [{"type": "boolean"}, _DUPLICATES.json_schema()], "description": CHANNEL_KEYS["duplicates"]},
-        },
         "$defs": {"rule": {"oneOf": [
             {"type": "object", "properties": {"all": {"type": "array", "items": rule}}, "required": ["all"], "additionalProperties": False},
             {"type": "object", "properties": {"any": {"type": "array", "items": rule}}, "required": ["any"], "additionalProperties": False},
             {"type": "object", "properties": {"not": rule}, "required": ["not"], "additionalProperties": False},
             *_one_key("filter"),
         ]}},
-    }
+    })
+    return schema

@@ -13,7 +13,8 @@ from hl7relay.channels.yamlsource import Document
 from hl7relay.errors import PathError
 from hl7relay.path import parse_path
 
-__all__ = ["Option", "ComponentSpec", "register", "registry", "lookup", "check_options", "did_you_mean", "REQUIRED"]
+__all__ = ["Option", "ComponentSpec", "register", "registry", "lookup", "check_options", "did_you_mean", "REQUIRED",
+           "STRUCTURED"]
 
 REQUIRED = object()
 KINDS = ("source", "filter", "transformer", "validator", "destination")
@@ -22,7 +23,11 @@ KINDS = ("source", "filter", "transformer", "validator", "destination")
 _TYPE_NAMES = {"str": "text", "int": "a whole number", "float": "a number", "bool": "true or false",
                "hl7path": "an HL7 path such as PID-5.1", "enum": "one of", "list": "a list", "map": "a mapping",
                "any": "a value", "duration": "seconds (a number)", "strlist": "text or a list of text",
-               "regex": "a regular expression"}
+               "regex": "a regular expression", "section": "a mapping", "source": "a mapping with a type",
+               "destinations": "a list of destinations", "rule": "a filter rule or a list of them",
+               "steps": "a list of steps"}
+# option types whose values are built by the channel loader itself (checked there, with positions)
+STRUCTURED = ("source", "destinations", "rule", "steps")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +37,11 @@ class Option:
     default: object = REQUIRED
     description: str = ""
     choices: tuple = ()
-    item: str | None = None  # for list: the type of each item
+    item: str | None = None  # for list: the type of each item; for steps: transformer or validator
     secret: bool = False
+    section: "ComponentSpec | None" = None  # for section: the nested mapping's own spec
+    flag: bool = False  # for section: `true` turns it on with its defaults, `false` off
+
 
     @property
     def required(self) -> bool:
@@ -48,6 +56,11 @@ class ComponentSpec:
     options: tuple
     factory: object = None  # builds the component from its checked options
     shorthand: str | None = None  # ``name: VALUE`` sets this option when VALUE is not a mapping
+    title: str | None = None  # how messages name it (default: "KIND 'NAME'")
+
+    @property
+    def what(self) -> str:
+        return self.title or f"{self.kind} {self.name!r}"
 
     def option(self, name: str) -> Option | None:
         for option in self.options:
@@ -55,8 +68,10 @@ class ComponentSpec:
                 return option
         return None
 
-    def json_schema(self) -> dict:
-        properties = {o.name: _schema_of(o) for o in self.options}
+    def json_schema(self, custom: dict | None = None) -> dict:
+        """``custom`` gives the schema of option types built outside the spec machinery (the
+        channel file's source, filters, steps and destinations)."""
+        properties = {o.name: _schema_of(o, custom or {}) for o in self.options}
         schema = {"type": "object", "description": self.description, "properties": properties,
                   "required": [o.name for o in self.options if o.required], "additionalProperties": False}
         return schema
@@ -97,9 +112,15 @@ def did_you_mean(name: str, candidates) -> str:
     return f" (did you mean {close[0]!r})" if close else ""
 
 
-def _schema_of(option: Option) -> dict:
+def _schema_of(option: Option, custom: dict) -> dict:
     t = option.type
-    if t == "int":
+    if t in custom:
+        out = dict(custom[t](option) if callable(custom[t]) else custom[t])
+    elif t == "section":
+        out = option.section.json_schema(custom)
+        if option.flag:
+            out = {"anyOf": [{"type": "boolean"}, out]}
+    elif t == "int":
         out = {"type": "integer"}
     elif t in ("float", "duration"):
         out = {"type": "number"}
@@ -108,7 +129,7 @@ def _schema_of(option: Option) -> dict:
     elif t == "enum":
         out = {"enum": list(option.choices)}
     elif t == "list":
-        out = {"type": "array", "items": _schema_of(Option("item", option.item or "any"))}
+        out = {"type": "array", "items": _schema_of(Option("item", option.item or "any"), custom)}
     elif t == "strlist":
         out = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
     elif t == "map":
@@ -122,6 +143,8 @@ def _schema_of(option: Option) -> dict:
         out = {"anyOf": [out, {"type": "string", "pattern": r"^\$\{[^}]+\}$"}]}
     if option.description:
         out["description"] = option.description
+    if t == "section":
+        return out
     if not option.required and option.default is not None and not isinstance(option.default, (list, dict)):
         out["default"] = option.default
     return out
@@ -189,6 +212,10 @@ def _check_value(option: Option, value, doc: Document, path: tuple):
         item = Option(option.name, option.item or "any")
         out = [_check_value(item, v, doc, path + (i,)) for i, v in enumerate(value)]
         return None if any(v is None for v in out) else out
+    if t == "section":
+        if option.flag and isinstance(value, bool):
+            return check_options(option.section, {}, doc, path) if value else False
+        return check_options(option.section, value, doc, path)
     if t == "map":
         if not isinstance(value, dict):
             doc.error(path, f"{option.name} must be a mapping")
@@ -205,7 +232,7 @@ def check_options(spec: ComponentSpec, value, doc: Document, path: tuple, reserv
         elif value is None and all(not o.required for o in spec.options):
             value = {}
         else:
-            doc.error(path, f"{spec.kind} {spec.name!r} takes a mapping of options: {', '.join(o.name for o in spec.options)}")
+            doc.error(path, f"{spec.what} takes a mapping of options: {', '.join(o.name for o in spec.options)}")
             return None
     result = {}
     ok = True
@@ -214,7 +241,8 @@ def check_options(spec: ComponentSpec, value, doc: Document, path: tuple, reserv
         if key in reserved:
             continue
         if spec.option(key) is None:
-            doc.error(path + (key,), f"unknown key {key!r} for {spec.kind} {spec.name!r}"
+            # at the top of a file the file says what it is; deeper, the message names the part
+            doc.error(path + (key,), f"unknown key {key!r}" + (f" for {spec.what}" if path else "")
                       + did_you_mean(key, names + list(reserved)), key=True)
             ok = False
     for option in spec.options:
@@ -225,15 +253,22 @@ def check_options(spec: ComponentSpec, value, doc: Document, path: tuple, reserv
                           f"{option.description or _TYPE_NAMES.get(option.type, option.type)}")
                 ok = False
             else:
-                result[option.name] = option.default
+                result[option.name] = _default(option, doc, path)
         elif option.name in value:
             checked = _check_value(option, value[option.name], doc, path + (option.name,))
             if checked is None:
                 ok = False
             result[option.name] = checked
         elif option.required:
-            doc.error(path, f"{spec.kind} {spec.name!r} needs {option.name!r} ({option.description or _TYPE_NAMES.get(option.type)})")
+            doc.error(path, f"{spec.what} needs {option.name!r} ({option.description or _TYPE_NAMES.get(option.type)})")
             ok = False
         else:
-            result[option.name] = option.default
+            result[option.name] = _default(option, doc, path)
     return result if ok else None
+
+
+def _default(option: Option, doc: Document, path: tuple):
+    # a section whose default is {} is always there, with its own options' defaults
+    if option.type == "section" and option.default == {}:
+        return check_options(option.section, {}, doc, path + (option.name,))
+    return option.default

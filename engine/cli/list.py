@@ -19,6 +19,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from hl7relay.channels.channel import CHANNEL
     from hl7relay.channels.schema import channel_schema
     from hl7relay.channels.spec import KINDS, REQUIRED, registry
 
@@ -34,22 +35,33 @@ def run(args) -> int:
         print(json.dumps([{"kind": s.kind, "name": s.name, "description": s.description, "options": [
             {"name": o.name, "type": o.type, "required": o.required, "default": None if o.default is REQUIRED else o.default,
              "description": o.description, "choices": list(o.choices) or None} for o in s.options]}
-            for s in [*registry(), *specs()]], indent=2))
+            for s in [CHANNEL, *_sections(CHANNEL), *registry(), *specs()]], indent=2))
         return 0
+    print("channel files (channels/NAME.yaml):")
+    _print_options(CHANNEL)
+    for section in _sections(CHANNEL):
+        print(f"  {section.name}:")
+        _print_options(section, indent="      ")
+    print()
     for kind in KINDS:
         print(f"{kind}s:")
         for spec in registry(kind):
             print(f"  {spec.name}: {spec.description}")
-            for option in spec.options:
-                default = "required" if option.required else f"default {option.default!r}"
-                choices = f" ({' | '.join(map(str, option.choices))})" if option.choices else ""
-                print(f"      {option.name}: {option.type}{choices}, {default}. {option.description}")
+            _print_options(spec, indent="      ")
         print()
     print("engine settings (config/hl7relay.yaml):")
     for spec in specs():
         print(f"  {spec.name}: {spec.description}")
-        for option in spec.options:
-            default = "required" if option.required else f"default {option.default!r}"
-            choices = f" ({' | '.join(map(str, option.choices))})" if option.choices else ""
-            print(f"      {option.name}: {option.type}{choices}, {default}. {option.description}")
+        _print_options(spec, indent="      ")
     return 0
+
+
+def _print_options(spec, indent="  ") -> None:
+    for option in spec.options:
+        default = "required" if option.required else f"default {option.default!r}"
+        choices = f" ({' | '.join(map(str, option.choices))})" if option.choices else ""
+        print(f"{indent}{option.name}: {option.type}{choices}, {default}. {option.description}")
+
+
+def _sections(spec) -> list:
+    return [option.section for option in spec.options if option.section is not None]
