@@ -1,10 +1,10 @@
-"""The running engine: sources feed channels; each message is processed, committed, then ACKed,
-then delivered.
+"""The running engine: its channels' lifecycle (open, close, reload, enable, pause) and the
+entry point for each message.
 
-For every message: parse once (the listener does), run the channel pipeline, commit the message
-with its stages and one delivery row per destination (group commit), and only then answer. A
-commit that fails is answered AR (CR in enhanced mode), never AA. With ``response.when:
-after_delivery`` the answer waits for the destinations and reflects them.
+For every message (a :class:`~hl7relay.trip.Trip`): parse once (the source does), run the
+channel pipeline, commit the message with its stages and one delivery row per destination (group
+commit), and only then answer. A commit that fails is answered AR (CR in enhanced mode), never
+AA. With ``response.when: after_delivery`` the answer waits for the destinations and reflects them.
 """
 
 from __future__ import annotations
@@ -18,23 +18,17 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hl7relay.ack import AckPolicy, Outcome, Status
-from hl7relay.ack.policy import is_ack
+from hl7relay.ack import AckPolicy
 from hl7relay.channels.channel import Channel
-from hl7relay.channels.pipeline import Result, process, stored_outcome
 from hl7relay.events import emit
 from hl7relay.message import Message
-from hl7relay.outcomes import DeliveryStatus, MessageStatus
 from hl7relay.queues import DeliveryResult, DestinationQueue
-from hl7relay.store import DeliveryRecord, MessageRecord, MessageUpdate, StageUpdate, StoreError
 from hl7relay.storewriter import StoreWriter
+from hl7relay.trip import Trip
 
 __all__ = ["Engine", "DeliveryResult"]
 
 log = Logger(namespace="hl7relay.engine")
-# statuses as plain str on the hot path (the store binds a StrEnum through an adapter lookup)
-_DUPLICATE, _ERROR = MessageStatus.DUPLICATE.value, MessageStatus.ERROR.value
-_D_QUEUED, _D_FILTERED = DeliveryStatus.QUEUED.value, DeliveryStatus.FILTERED.value
 
 
 @dataclass(slots=True)
@@ -364,228 +358,28 @@ class Engine:
         return sum(len(queue.in_flight) for running in self.channels.values() for queue in running.queues.values())
 
     # -- one message --------------------------------------------------------------------------
-    # The hot path is plain Deferred callbacks, not inlineCallbacks: a generator and its
-    # Deferreds per layer cost more than the pipeline itself (profiled under load).
     def handle(self, channel: Channel, message: Message, peer) -> defer.Deferred:
-        """Process, store and answer one message: a Deferred firing with its :class:`Outcome`."""
+        """Process, commit and answer one message (its :class:`~hl7relay.trip.Trip`): a Deferred
+        firing with the :class:`Outcome` whose ACKs answer the sender."""
         self.in_flight += 1
         started = time.perf_counter()
         emit("message_received", channel=channel.name)
         try:
-            d = self._handle(channel, message, peer)
+            trip = Trip(self, self.channels[channel.name], channel, message, peer)
+            d = trip.run()
         except BaseException:
             self.in_flight -= 1
             raise
-        return d.addBoth(self._handled, channel.name, started)
+        return d.addBoth(self._answered, trip, started)
 
-    def _handled(self, outcome, channel_name: str, started: float):
+    def _answered(self, outcome, trip: Trip, started: float):
         self.in_flight -= 1
         if isinstance(outcome, Failure):
             return outcome
-        emit("message_processed", channel=channel_name, status=getattr(outcome, "stored_status", outcome.status.value),
-             ack_codes=outcome.ack_codes, ack_latency=time.perf_counter() - started,
-             stages=getattr(outcome, "timings", {}))
+        emit("message_processed", channel=trip.channel.name, status=trip.status, ack_codes=outcome.ack_codes,
+             ack_latency=time.perf_counter() - started, stages=trip.timings)
         return outcome
 
-    def _handle(self, channel: Channel, message: Message, peer) -> defer.Deferred:
-        running = self.channels[channel.name]
-        received_at = self.clock()
-        raw = message.raw if message.raw is not None else message.to_bytes()
-        trigger = message.get("MSH-9.2")
-        header = {  # read before the transformers change anything
-            "sending_application": message.get("MSH-3.1"), "sending_facility": message.get("MSH-4.1"),
-            "message_type": message.get("MSH-9.1") + ("^" + trigger if trigger else ""),
-            "control_id": message.control_id, "patient_id": message.get("PID-3.1"),
-        }
-        original = message.header()  # the ACK answers what was received, before any transformer
-        if channel.duplicates is None:
-            return self._process_and_store(running, channel, message, original, raw, header, received_at, peer, None)
-        return self._handle_duplicates(running, channel, message, original, raw, header, received_at, peer)
-
-    @defer.inlineCallbacks
-    def _handle_duplicates(self, running, channel, message, original, raw, header, received_at, peer):
-        # Messages with one key go one at a time, so a repeat that arrives while the original is
-        # still being stored is recognised and answered as the original was.
-        key = "|".join(message.get(path) for path in channel.duplicates.key)
-        previous = running.in_flight_keys.get(key)
-        mine = running.in_flight_keys[key] = defer.Deferred()
-        try:
-            if previous is not None:
-                wait = defer.Deferred()
-                previous.addBoth(lambda result: (wait.callback(None), result)[1])
-                yield wait
-            try:
-                first = yield self.writer.read(self.writer.store.find_original, channel.name, key,
-                                               received_at - channel.duplicates.window)
-            except StoreError:
-                first = None  # cannot tell: process it (at-least-once beats losing it)
-            if first is not None:
-                outcome = yield self._duplicate(channel, original, raw, header, received_at, peer, key, first)
-            else:
-                outcome = yield self._process_and_store(running, channel, message, original, raw, header, received_at,
-                                                        peer, key)
-        finally:
-            if running.in_flight_keys.get(key) is mine:
-                del running.in_flight_keys[key]
-            mine.callback(None)
-        return outcome
-
-    def _tracing(self, channel: Channel) -> bool:
+    def tracing(self, channel: Channel) -> bool:
+        """Whether this channel's trace lines would be written (they cost a format each)."""
         return self.log_levels is None or self.log_levels.wants(channel.name, "trace")
-
-    @defer.inlineCallbacks
-    def _duplicate(self, channel, original, raw, header, received_at, peer, key, first):
-        from hl7relay.ack.builder import build_ack
-
-        code = first["ack_code"]
-        acks = [] if not code or is_ack(original) else [build_ack(
-            original, code, f"duplicate of message {first['id']}", sending_application=channel.response.application,
-            sending_facility=channel.response.facility)]
-        record = MessageRecord(channel.name, raw, _DUPLICATE, received_at, str(peer), original.charset,
-                               error=f"duplicate of message {first['id']}", ack_code=code, duplicate_key=key, **header)
-        if acks and "acks" in channel.stages:
-            record.stages["ack"] = b"\r".join(acks)
-        try:
-            yield self.writer.write(record)
-        except StoreError:
-            return Outcome.internal_error("the message could not be stored")
-        log.info("channel {channel}: message {control_id} is a duplicate of message {original_id}", channel=channel.name,
-                 control_id=header["control_id"], original_id=first["id"])
-        duplicate = Outcome(Status.ACCEPTED, acks=acks, ack_codes=[code] if acks else [])
-        duplicate.stored_status = _DUPLICATE
-        return duplicate
-
-    def _process_and_store(self, running, channel, message, original, raw, header, received_at, peer,
-                           duplicate_key) -> defer.Deferred:
-        pipeline_started = time.perf_counter()
-        try:
-            processed = process(channel, message)
-        except Exception as exc:  # a bug in a component must not lose the message: store it as ERROR
-            log.failure("channel {channel} failed on message {control_id}", channel=channel.name,
-                        control_id=header["control_id"])
-            processed = None
-            outcome = Outcome.error(f"internal error in the channel: {type(exc).__name__}")
-            status, error = _ERROR, outcome.text
-        if processed is not None:
-            status, error, outcome = stored_outcome(processed)
-        record = MessageRecord(channel.name, raw, status, received_at, str(peer), message.charset,
-                               error=error, duplicate_key=duplicate_key, **header)
-        if processed is not None and processed.findings:
-            # what validators with on_error: warn found stays with the message (messages show)
-            record.stages["findings"] = _findings_json(processed.findings)
-        transformed = None
-        if processed is not None and processed.transformed:
-            transformed = processed.message.to_bytes()
-            if "transformed" in channel.stages:
-                record.stages["transformed"] = transformed
-        outputs = processed.outputs if processed is not None and processed.result is Result.PROCESSED else []
-        for output in outputs:
-            if output.message is None:
-                record.deliveries.append(DeliveryRecord(output.name, _D_FILTERED))
-                continue
-            options = running.queues[output.name].options
-            key = output.message.get(options.order_key) if options.order == "per_key" else None
-            content = output.message.to_bytes()
-            # the queue resends from the stored content; it is stored apart only when it differs
-            # from the transformed stage (or the raw message) that the queue falls back to
-            kept = transformed if transformed is not None and "transformed" in channel.stages else raw
-            record.deliveries.append(DeliveryRecord(output.name, _D_QUEUED, content if content != kept else None, key,
-                                                    payload=content, message=output.message))
-        if channel.response.when == "on_store" or is_ack(original) or not outputs:
-            running.policy.prepare(original, outcome)
-            record.ack_code = outcome.ack_codes[-1] if outcome.ack_codes else ""
-            if outcome.acks and "acks" in channel.stages:
-                record.stages["ack"] = b"\r".join(outcome.acks)
-        pipeline_seconds = time.perf_counter() - pipeline_started
-        d = self.writer.write(record)
-        d.addCallbacks(self._stored, self._not_stored,
-                       callbackArgs=(running, channel, message, original, raw, header, received_at, record, outcome,
-                                     status, pipeline_seconds, time.perf_counter()),
-                       errbackArgs=(channel, header))
-        return d
-
-    def _not_stored(self, failure, channel, header):
-        failure.trap(StoreError)
-        log.error("channel {channel}: message {control_id} could not be stored: {error}",
-                  channel=channel.name, control_id=header["control_id"], error=failure.getErrorMessage())
-        emit("store_failed", channel=channel.name)
-        failed = Outcome.internal_error("the message could not be stored")
-        failed.stored_status = "NOT_STORED"
-        return failed
-
-    def _stored(self, message_id, running, channel, message, original, raw, header, received_at, record, outcome,
-                status, pipeline_seconds, store_started):
-        outcome.timings = {"pipeline": pipeline_seconds, "store": time.perf_counter() - store_started}
-        outcome.stored_status = status
-        if self._tracing(channel):
-            log.debug("channel {channel}: message {control_id} stored as {message_id} ({status})", channel=channel.name,
-                      control_id=header["control_id"], message_id=message_id, status=status, trace=True)
-            if channel.log_phi:
-                content = raw[: self.log_phi_bytes].decode(message.codec, "replace").replace("\r", "\n")
-                log.debug("channel {channel}: message {control_id} content ({size} bytes): {content}",
-                          channel=channel.name, control_id=header["control_id"], message_id=message_id, size=len(raw),
-                          content=content, trace=True)
-        queued = [(running.queues[d.destination], d) for d in record.deliveries if d.status == _D_QUEUED]
-        deliveries = [queue.first_result(message_id) for queue, _ in queued] if outcome.acks is None else []
-        waiting = [queue for queue, _ in queued] if outcome.acks is None else []
-        for queue, delivery in queued:
-            queue.enqueue(message_id, delivery.payload if delivery.payload is not None else delivery.content,
-                          delivery.order_key, received_at, delivery.message)
-        if outcome.acks is not None:
-            return outcome
-        return self._after_delivery(running, channel, original, message_id, outcome, deliveries, waiting)
-
-    @defer.inlineCallbacks
-    def _after_delivery(self, running, channel, original, message_id, outcome, deliveries, queues):
-        """response.when: after_delivery: the answer reflects the destinations.
-
-        The rule that keeps a message from arriving twice: when the answer asks the sender to
-        send again (AR/CR: a destination refused it, was unreachable or did not answer in time),
-        the deliveries that failed are withdrawn, never retried, since the resend carries them.
-        When a destination answered AE (not to be resent: it needs a person), the sender gets AE
-        and the other failed deliveries are retried as usual. A failed delivery is held, not
-        retried, until every destination's first answer is in."""
-        results = yield defer.gatherResults(deliveries) if deliveries else defer.succeed([])
-        if all(r.ok for r in results):
-            final = Outcome.accepted()
-            for queue in queues:
-                queue.release(message_id)
-        elif any(r.application_error for r in results):
-            final = Outcome.error("; ".join(r.error for r in results if not r.ok))
-            for queue in queues:
-                queue.release(message_id)
-        else:
-            final = Outcome.rejected("; ".join(r.error for r in results if not r.ok), outcome.code or _internal())
-            withdrawn = [queue.withdraw(message_id, "withdrawn: the sender was answered "
-                                        f"{'CR' if original.get('MSH-15').strip() else 'AR'} and will send it again")
-                         for queue in queues]
-            try:
-                yield defer.gatherResults([d for d in withdrawn if d is not None])
-            except Exception:  # noqa: BLE001 - recorded through the store writer, which logs its own failures
-                log.error("channel {channel}: could not record the withdrawal of message {message_id}",
-                          channel=channel.name, message_id=message_id)
-        acks = running.policy.prepare(original, final).acks
-        final.timings, final.stored_status = outcome.timings, outcome.stored_status
-        updates = [MessageUpdate(message_id, {"ack_code": final.ack_codes[-1] if final.ack_codes else ""})]
-        if acks and "acks" in channel.stages:
-            updates.append(StageUpdate(message_id, "ack", b"\r".join(acks)))
-        try:
-            yield self.writer.update(*updates)
-        except StoreError as exc:
-            log.error("channel {channel}: could not record the ACK of message {message_id}: {error}",
-                      channel=channel.name, message_id=message_id, error=str(exc))
-        return final
-
-def _findings_json(findings) -> bytes:
-    import json
-
-    return json.dumps([{"severity": getattr(f.severity, "value", str(f.severity)), "code": int(f.code),
-                        "location": f.path, "text": f.text} for f in findings[:200]]).encode()
-
-
-def _internal():
-    from hl7relay.outcomes import ErrorCode
-
-    return ErrorCode.APPLICATION_INTERNAL_ERROR
-
-
