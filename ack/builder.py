@@ -15,8 +15,8 @@ import random
 import time
 
 from hl7relay.outcomes import ErrorCode, Severity
-from hl7relay.escape import DEFAULT_DELIMITERS, Delimiters, escape, unescape
-from hl7relay.message import Message
+from hl7relay.hl7.escape import DEFAULT_DELIMITERS, Delimiters, escape, unescape
+from hl7relay.hl7.message import Message
 
 __all__ = ["build_ack", "ControlIds", "MAX_ERR_SEGMENTS"]
 

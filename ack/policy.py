@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from hl7relay.ack.builder import build_ack
 from hl7relay.outcomes import ErrorCode
 from hl7relay.ack.outcome import Outcome, Status
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 
 __all__ = ["AckPolicy", "is_enhanced_mode", "is_ack", "unreadable_ack"]
 

@@ -29,13 +29,13 @@ from _common import adt_a01_1kb  # noqa: E402
 from bench_engine import CHANNEL  # noqa: E402
 
 from hl7relay.channels import load_channel  # noqa: E402
-from hl7relay.framing import frame  # noqa: E402
-from hl7relay.listener import MLLPListenerFactory  # noqa: E402
+from hl7relay.mllp.framing import frame  # noqa: E402
+from hl7relay.mllp.listener import MLLPListenerFactory  # noqa: E402
 from hl7relay.metrics import Metrics  # noqa: E402
 from hl7relay.queues import DeliveryResult  # noqa: E402
 from hl7relay.runtime import Engine  # noqa: E402
-from hl7relay.store import Store  # noqa: E402
-from hl7relay.storewriter import StoreWriter  # noqa: E402
+from hl7relay.store.database import Store  # noqa: E402
+from hl7relay.store.writer import StoreWriter  # noqa: E402
 
 
 class _Peer:

@@ -16,7 +16,7 @@ from twisted.internet import protocol, reactor
 
 from mllp_sink import answer, serve  # the sink's framing and ACKs (this folder is on sys.path when run as a script)
 
-from hl7relay.framing import MLLPFramer
+from hl7relay.mllp.framing import MLLPFramer
 
 HEAD = b"MSH|^~\\&|DURABLE|DURABLE|||20240101000000||ACK^A01^ACK|1|P|2.5.1\rMSA|AA|"
 

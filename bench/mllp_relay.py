@@ -14,7 +14,7 @@ from twisted.internet import protocol, reactor
 
 from mllp_sink import answer, serve  # the sink's framing and ACKs (this folder is on sys.path when run as a script)
 
-from hl7relay.framing import Frame, MLLPFramer, frame
+from hl7relay.mllp.framing import Frame, MLLPFramer, frame
 
 HEAD = b"MSH|^~\\&|RELAY|RELAY|||20240101000000||ACK^A01^ACK|1|P|2.5.1\rMSA|AA|"
 backlog: deque = deque()

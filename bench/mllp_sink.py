@@ -13,7 +13,7 @@ import time
 
 from twisted.internet import protocol, reactor
 
-from hl7relay.framing import Frame, MLLPFramer, frame  # the framer only: the baseline is framing + ACK
+from hl7relay.mllp.framing import Frame, MLLPFramer, frame  # the framer only: the baseline is framing + ACK
 
 HEAD = b"MSH|^~\\&|SINK|SINK|||20240101000000||ACK^A01^ACK|1|P|2.5.1\rMSA|AA|"
 stats = {"received": 0, "first": None, "last": None}

@@ -9,12 +9,12 @@ The message model is the foundation everything else uses::
 
 __version__ = "0.1.0"
 
-from hl7relay.batch import MessageChunk, SplitResult, split_messages
-from hl7relay.charsets import DecodedText, decode_message
+from hl7relay.hl7.batch import MessageChunk, SplitResult, split_messages
+from hl7relay.hl7.charsets import DecodedText, decode_message
 from hl7relay.errors import HL7RelayError, ParseError, PathError, ValidationError
-from hl7relay.escape import Delimiters, escape, unescape
-from hl7relay.message import Message
-from hl7relay.path import Path, parse_path
+from hl7relay.hl7.escape import Delimiters, escape, unescape
+from hl7relay.hl7.message import Message
+from hl7relay.hl7.path import Path, parse_path
 
 __all__ = [
     "__version__",

@@ -22,9 +22,9 @@ from twisted.logger import Logger
 from hl7relay.channels.destinations import QueueOptions
 from hl7relay.errors import ParseError
 from hl7relay.events import emit
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryResult, DeliveryStatus
-from hl7relay.store import DeliveryUpdate, StoreError
+from hl7relay.store.database import DeliveryUpdate, StoreError
 
 __all__ = ["DestinationQueue", "DeliveryResult", "retry_delay"]
 

@@ -21,9 +21,9 @@ from twisted.python.failure import Failure
 from hl7relay.ack import AckPolicy
 from hl7relay.channels.channel import Channel
 from hl7relay.events import emit
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.queues import DeliveryResult, DestinationQueue
-from hl7relay.storewriter import StoreWriter
+from hl7relay.store.writer import StoreWriter
 from hl7relay.trip import Trip
 
 __all__ = ["Engine", "DeliveryResult"]

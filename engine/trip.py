@@ -25,9 +25,9 @@ from hl7relay.ack import Outcome, Status
 from hl7relay.ack.policy import is_ack
 from hl7relay.channels.pipeline import Result, process, stored_outcome
 from hl7relay.events import emit
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryStatus, ErrorCode, MessageStatus
-from hl7relay.store import DeliveryRecord, MessageRecord, MessageUpdate, StageUpdate, StoreError
+from hl7relay.store.database import DeliveryRecord, MessageRecord, MessageUpdate, StageUpdate, StoreError
 
 __all__ = ["Trip", "RECEIVED", "PROCESSED", "COMMITTED", "ANSWERED", "DELIVERED", "NOT_STORED"]
 

@@ -1,7 +1,7 @@
 import pytest
 
 from hl7relay.ack import AckPolicy, ControlIds, ErrorCode, Outcome, build_ack, unreadable_ack
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.validation import validate
 
 IN = ("MSH|^~\\&|PMS|CLINIC|LAB|LABFAC|20240105093512||ADT^A01^ADT_A01|MSG1|P|{version}{extra}\r"

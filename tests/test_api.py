@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hl7relay.api import ROUTES, openapi_document
-from hl7relay.auth import token_hash
-from hl7relay.framing import MLLPFramer, frame
-from hl7relay.store import Store
+from hl7relay.ops.api import ROUTES, openapi_document
+from hl7relay.ops.auth import token_hash
+from hl7relay.mllp.framing import MLLPFramer, frame
+from hl7relay.store.database import Store
 
 ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P|2.5.1\r"
        "EVN|A01|20240105093512\rPID|1||100234^^^CLINIC^MR||SAMPLEPATIENT^JANE\rPV1|1|O\r")
@@ -204,7 +204,7 @@ def test_a_large_search_does_not_hold_up_acks(tmp_path):
     (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n")
     store = Store(f"sqlite:///{tmp_path / 'data' / 'hl7relay.db'}")
     store.migrate()
-    from hl7relay.store import MessageRecord
+    from hl7relay.store.database import MessageRecord
 
     filler = ADT.format(id="F").encode() + b"NTE|1||" + b"x" * 900 + b"\r"
     for start in range(0, 100_000, 5000):

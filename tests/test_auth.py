@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from hl7relay.auth import PERMISSIONS, ROLES, can, hash_password, new_token, token_hash, verify_password
+from hl7relay.ops.auth import PERMISSIONS, ROLES, can, hash_password, new_token, token_hash, verify_password
 from hl7relay.cli import main
-from hl7relay.store import DeliveryRecord, MessageRecord, Store
+from hl7relay.store.database import DeliveryRecord, MessageRecord, Store
 
 ADT = "MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105||ADT^A08^ADT_A01|{id}|P|2.5.1\rEVN|A08|20240105\rPID|1||999555^^^H^MR||DOE^JANE||19800412|F\rPV1|1|O\r"
 
@@ -134,7 +134,7 @@ def test_replay_and_prune_write_their_audit_entry(store, capsys, tmp_path):
 def test_the_audit_entry_is_in_the_replays_transaction(store, tmp_path):
     """A replay whose commit fails leaves no audit entry claiming it happened, and vice versa."""
     from hl7relay.channels import load_channels
-    from hl7relay.replay import commit_replay, plan_replay
+    from hl7relay.ops.replay import commit_replay, plan_replay
 
     (tmp_path / "channels" / "adt.yaml").write_text(
         "name: adt\nsource: {type: mllp, port: 12900}\ndestinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 12901}]\n")

@@ -1,5 +1,5 @@
-from hl7relay.batch import split_messages
-from hl7relay.message import Message
+from hl7relay.hl7.batch import split_messages
+from hl7relay.hl7.message import Message
 
 MSG = b"MSH|^~\\&|A|B|C|D|20240101||ADT^A04|%d|P|2.5\rEVN|A04|20240101\rPID|1||1||DOE^J\rPV1|1|O\r"
 

@@ -10,7 +10,7 @@ from hl7relay.channels import Result, load_channel, load_channels, process
 from hl7relay.channels.schema import channel_schema
 from hl7relay.channels.spec import registry
 from hl7relay.cli import main
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 import pytest
 
-from hl7relay.charsets import codec_for, decode_message
+from hl7relay.hl7.charsets import codec_for, decode_message
 
 MSH = b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5||||||%s\rPID|1||1||%s\r"
 

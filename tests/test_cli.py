@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hl7relay.cli import main
-from hl7relay.store import Store
+from hl7relay.store.database import Store
 
 
 def run(capsys, argv):

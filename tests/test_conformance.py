@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from hl7relay.cli import main
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.validation import Validator
 from hl7relay.validation.conformance import load_conformance_profile
 

@@ -6,12 +6,12 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
 from hl7relay.channels import load_channel
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryOutcome
 from hl7relay.queues import DeliveryResult
 from hl7relay.runtime import Engine
-from hl7relay.store import Store
-from hl7relay.storewriter import StoreWriter
+from hl7relay.store.database import Store
+from hl7relay.store.writer import StoreWriter
 
 ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P|2.5.1\r"
        "EVN|A01|20240105093512\rPID|1||100234^^^CLINIC^MR||DOE^JANE\rPV1|1|O\r")

@@ -9,9 +9,9 @@ from pathlib import Path
 import hl7
 import pytest
 
-from hl7relay.batch import split_messages
+from hl7relay.hl7.batch import split_messages
 from hl7relay.cli.validate import check_bytes
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.validation import Validator
 
 DISAGREEMENTS = Path(__file__).with_name("corpus_disagreements.tsv")

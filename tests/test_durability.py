@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from hl7relay.framing import MLLPFramer, frame
-from hl7relay.message import Message
+from hl7relay.mllp.framing import MLLPFramer, frame
+from hl7relay.hl7.message import Message
 
 MSG = ("MSH|^~\\&|PMS|CLINIC|LAB|LABFAC|20240105||ADT^A08^ADT_A01|{id}|P|2.5.1\r"
        "EVN|A08|20240105\rPID|1||{id}^^^H^MR||DOE^JANE\rPV1|1|O\r")

@@ -1,6 +1,6 @@
 from hypothesis import given, strategies as st
 
-from hl7relay.escape import DEFAULT_DELIMITERS, Delimiters, escape, unescape
+from hl7relay.hl7.escape import DEFAULT_DELIMITERS, Delimiters, escape, unescape
 
 D = DEFAULT_DELIMITERS
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60)

@@ -1,6 +1,6 @@
 from hypothesis import given, settings, strategies as st
 
-from hl7relay.framing import END, START, Discarded, Frame, FrameTooLarge, MLLPFramer, frame
+from hl7relay.mllp.framing import END, START, Discarded, Frame, FrameTooLarge, MLLPFramer, frame
 
 # payload bytes: anything, including <VT> and lone <FS>, but never the <FS><CR> end marker
 payloads = st.binary(max_size=300).filter(lambda b: END not in b and not b.endswith(b"\x1c"))

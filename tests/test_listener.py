@@ -5,9 +5,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from hl7relay.ack import ErrorCode, Outcome
-from hl7relay.framing import END, START, MLLPFramer, frame
-from hl7relay.listener import ListenerConfig, MLLPListenerFactory
-from hl7relay.message import Message
+from hl7relay.mllp.framing import END, START, MLLPFramer, frame
+from hl7relay.mllp.listener import ListenerConfig, MLLPListenerFactory
+from hl7relay.hl7.message import Message
 
 MSG = b"MSH|^~\\&|PMS|CLINIC|LAB|LABFAC|20240105||ADT^A01^ADT_A01|%s|P|2.5.1\rEVN|A01|20240105\rPID|1||1^^^H^MR||DOE^J\rPV1|1|O\r"
 

@@ -2,8 +2,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from hl7relay.errors import ParseError, PathError
-from hl7relay.escape import Delimiters, escape
-from hl7relay.message import Message
+from hl7relay.hl7.escape import Delimiters, escape
+from hl7relay.hl7.message import Message
 
 ADT = ("MSH|^~\\&|APP|FAC|REC|RFAC|20200101120000||ADT^A01^ADT_A01|MSG1|P|2.5\r"
        "EVN|A01|20200101\r"

@@ -11,7 +11,7 @@ from twisted.logger import LogLevel
 from twisted.web.test.requesthelper import DummyRequest
 
 from hl7relay import events
-from hl7relay.admin import AdminSite
+from hl7relay.ops.admin import AdminSite
 from hl7relay.cli._logging import ChannelLevels
 from hl7relay.metrics import Metrics
 
@@ -162,8 +162,8 @@ def test_admin_binds_to_localhost_by_default():
 
 def test_readyz_goes_503_while_commits_fail_and_back_when_the_store_takes_writes(tmp_path):
     """/readyz stayed "ready" while every commit failed for lack of disk space."""
-    from hl7relay.store import MessageRecord, Store, StoreError
-    from hl7relay.storewriter import StoreWriter
+    from hl7relay.store.database import MessageRecord, Store, StoreError
+    from hl7relay.store.writer import StoreWriter
 
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     store.migrate()

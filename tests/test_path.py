@@ -1,7 +1,7 @@
 import pytest
 
 from hl7relay.errors import PathError
-from hl7relay.path import Path, parse_path
+from hl7relay.hl7.path import Path, parse_path
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -8,8 +8,8 @@ from twisted.internet import defer, task
 from hl7relay.channels.destinations import QueueOptions
 from hl7relay.outcomes import DeliveryOutcome
 from hl7relay.queues import DeliveryResult, DestinationQueue, retry_delay
-from hl7relay.store import DeliveryRecord, MessageRecord, Store
-from hl7relay.storewriter import StoreWriter
+from hl7relay.store.database import DeliveryRecord, MessageRecord, Store
+from hl7relay.store.writer import StoreWriter
 
 MSG = "MSH|^~\\&|A|B|C|D|20240101||ADT^A08|{id}|P|2.5.1\rPID|1||{key}^^^H^MR\r"
 

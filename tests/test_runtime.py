@@ -14,11 +14,11 @@ from twisted.internet import defer, task
 
 from hl7relay.ack import Status
 from hl7relay.channels import load_channel
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryOutcome
 from hl7relay.runtime import Engine
-from hl7relay.store import Store, StoreError
-from hl7relay.storewriter import StoreWriter
+from hl7relay.store.database import Store, StoreError
+from hl7relay.store.writer import StoreWriter
 
 ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P|2.5.1{extra}\r"
        "EVN|A01|20240105093512\rPID|1||100234^^^CLINIC^MR||DOE^JANE\rPV1|1|O\r")
@@ -367,7 +367,7 @@ def _stop_engine(engine):
 
 def _answers(sock, framer, timeout=10.0):
     """The ACK frames that arrive within ``timeout`` of asking (at least one, else fails)."""
-    from hl7relay.framing import Frame
+    from hl7relay.mllp.framing import Frame
 
     sock.settimeout(timeout)
     frames = []
@@ -381,7 +381,7 @@ def _answers(sock, framer, timeout=10.0):
 def test_a_message_with_a_digit_field_separator_is_answered_and_others_keep_being_served(tmp_path):
     """MSH-1 '1' made Message.set() loop for ever adding a PV1 it could never find: the reactor
     stopped, every connection hung and SIGTERM was ignored."""
-    from hl7relay.framing import MLLPFramer, frame
+    from hl7relay.mllp.framing import MLLPFramer, frame
 
     engine, port = _start_engine(tmp_path, """\
         name: ch
@@ -439,7 +439,7 @@ def _mutations(seed: int, count: int):
 
 
 def test_every_fuzzed_frame_gets_an_answer(tmp_path):
-    from hl7relay.framing import MLLPFramer, frame
+    from hl7relay.mllp.framing import MLLPFramer, frame
 
     engine, port = _start_engine(tmp_path, """\
         name: ch
@@ -577,7 +577,7 @@ def test_a_stop_gives_up_on_an_unanswered_delivery_after_stop_timeout(tmp_path):
 
 
 def test_idle_connections_cannot_lock_a_sender_out(tmp_path):
-    from hl7relay.framing import MLLPFramer, frame
+    from hl7relay.mllp.framing import MLLPFramer, frame
 
     engine, port = _start_engine(tmp_path, """\
         name: ch
@@ -637,7 +637,7 @@ def test_reload_under_load_leaves_unchanged_channels_alone_and_applies_the_chang
     import json
     import threading
 
-    from hl7relay.framing import MLLPFramer, frame
+    from hl7relay.mllp.framing import MLLPFramer, frame
 
     channels = tmp_path / "channels"
     channels.mkdir()

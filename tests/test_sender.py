@@ -8,9 +8,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from hl7relay.errors import AckTimeout, PeerApplicationError, PeerRejected, SendConnectionError
-from hl7relay.framing import MLLPFramer, frame
-from hl7relay.message import Message
-from hl7relay.sender import MLLPSender, SenderConfig, SendStatus
+from hl7relay.mllp.framing import MLLPFramer, frame
+from hl7relay.hl7.message import Message
+from hl7relay.mllp.sender import MLLPSender, SenderConfig, SendStatus
 
 MSG = "MSH|^~\\&|A|B|C|D|20240101||ADT^A01^ADT_A01|{id}|P|2.5.1{extra}\rEVN|A01|20240101\rPID|1||1^^^H^MR||DOE^J\rPV1|1|O\r"
 
@@ -203,7 +203,7 @@ def test_an_ack_for_another_control_id_is_still_ignored():
 
 
 def test_an_echo_cut_at_a_nul_or_at_20_characters_matches():
-    from hl7relay.sender import same_control_id
+    from hl7relay.mllp.sender import same_control_id
 
     assert same_control_id("AB", "AB\x00CD") and same_control_id("ABCD", "AB\x00CD")
     assert same_control_id("12345678901234567890", "12345678901234567890123")

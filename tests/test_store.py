@@ -6,9 +6,9 @@ import pytest
 import sqlalchemy as sa
 from twisted.internet import defer
 
-from hl7relay.store import (MIGRATIONS, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT_BYTES, DeliveryRecord, MessageRecord, Store,
+from hl7relay.store.database import (MIGRATIONS, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT_BYTES, DeliveryRecord, MessageRecord, Store,
                             StoreError, metadata, schema_version)
-from hl7relay.storewriter import StoreWriter
+from hl7relay.store.writer import StoreWriter
 
 POSTGRES_URL = os.environ.get("HL7RELAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -110,7 +110,7 @@ def test_the_queue_reads_its_backlog_in_order_from_the_partial_index(tmp_path):
     assert [r["message_id"] for r in store.queued_deliveries("adt", "lab")] == [2, 4, 6]
     from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-    from hl7relay.store import _QUEUED_IDS
+    from hl7relay.store.database import _QUEUED_IDS
     compiled = _QUEUED_IDS.compile(dialect=sqlite_dialect.dialect())
     values = compiled.construct_params({"destination": "lab", "channel": "adt", "after_id": -1, "limit": 200})
     with store.engine.connect() as connection:
@@ -250,7 +250,7 @@ def test_lazy_updates_ride_with_the_next_messages_or_go_after_their_delay(tmp_pa
 def test_undecodable_bytes_in_indexed_fields_are_stored_losslessly_and_searchable(store):
     """A stray Latin-1 byte in a UTF-8 message (no MSH-18) once failed the commit for ever
     ('surrogates not allowed'), so the sender was answered AR again and again."""
-    from hl7relay.message import Message
+    from hl7relay.hl7.message import Message
 
     raw = b"MSH|^~\\&|PMS\xe9|CLINIC|A|B|20240101||ADT^A01|CTL\xe9\x00|P|2.5\rPID|1||P\xff42^^^H^MR\r"
     m = Message.from_bytes(raw)
@@ -295,7 +295,7 @@ def test_a_store_that_must_exist_is_not_created(tmp_path):
 
 
 def test_files_readable_by_others_are_found(tmp_path):
-    from hl7relay.store import readable_by_others
+    from hl7relay.store.database import readable_by_others
 
     os.chmod(tmp_path, 0o700)
     url = f"sqlite:///{tmp_path / 'hl7relay.db'}"
@@ -308,7 +308,7 @@ def test_files_readable_by_others_are_found(tmp_path):
 def test_sqlite_and_postgresql_store_the_same_rows_from_the_same_batches(tmp_path):
     """One row builder for both backends: the same batches (messages with stages and deliveries,
     delivery/message/stage updates, audit entries, odd bytes) leave the same rows in each."""
-    from hl7relay.store import AuditUpdate, DeliveryUpdate, MessageUpdate, StageUpdate, audit_log, deliveries, messages, stages
+    from hl7relay.store.database import AuditUpdate, DeliveryUpdate, MessageUpdate, StageUpdate, audit_log, deliveries, messages, stages
 
     sqlite = Store(f"sqlite:///{tmp_path / 'a.db'}")
     postgres = _postgres_store()

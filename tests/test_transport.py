@@ -6,7 +6,7 @@ from twisted.internet import protocol
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import StringTransport
 
-from hl7relay.transport import write_now
+from hl7relay.mllp.transport import write_now
 
 
 class _Server(protocol.Protocol):

@@ -6,11 +6,11 @@ import textwrap
 from twisted.internet import defer, task
 
 from hl7relay.channels import load_channel
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryResult
 from hl7relay.runtime import Engine
-from hl7relay.store import Store, StoreError
-from hl7relay.storewriter import StoreWriter
+from hl7relay.store.database import Store, StoreError
+from hl7relay.store.writer import StoreWriter
 from hl7relay.trip import ANSWERED, COMMITTED, DELIVERED, NOT_STORED, PROCESSED, RECEIVED, Trip
 
 ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P|2.5.1{extra}\r"

@@ -3,7 +3,7 @@
 import pytest
 
 from hl7relay.ack import ErrorCode
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.validation import Validator, validate
 from hl7relay.validation.events import resolve_structure
 from hl7relay.validation.profile import get_profile

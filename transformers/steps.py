@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hl7relay.channels.spec import Option, register
 from hl7relay.errors import HL7RelayError
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 
 __all__ = ["TransformError", "Step"]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from hl7relay.channels.sources import TLS_OPTIONS, tls_config
 from hl7relay.channels.spec import Option, register
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult
-from hl7relay.sender import SenderConfig, SendStatus
+from hl7relay.mllp.sender import SenderConfig, SendStatus
 
 __all__ = ["MLLPDestinationConfig", "FileDestinationConfig", "ChannelDestinationConfig", "render_filename",
            "QueueOptions", "QUEUE_OPTIONS", "Delivery", "MLLPDelivery", "FileDelivery", "ChannelDelivery",
@@ -129,7 +129,7 @@ def _file(options, context=None):
         raise ValueError(f"mode {text!r} must let the engine read its own files (0400 to 0777, e.g. 0640)")
     for key in _TEMPLATE.findall(options["filename"]):
         if not key.startswith("now"):
-            from hl7relay.path import parse_path
+            from hl7relay.hl7.path import parse_path
 
             parse_path(key)  # a bad path is a lint error now, not a delivery error later
     return FileDestinationConfig(options["directory"], options["filename"], queue_options(options), mode)
@@ -175,7 +175,7 @@ class MLLPDelivery(Delivery):
 
     def __init__(self, config, engine):
         super().__init__(config, engine)
-        from hl7relay.sender import MLLPSender
+        from hl7relay.mllp.sender import MLLPSender
 
         self.senders = [MLLPSender(config.sender, engine.reactor) for _ in range(config.queue.parallel)]
         self._idle = list(self.senders)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 from hl7relay.channels.spec import Option, register
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 
 __all__ = ["Rule", "AllOf", "AnyOf", "Not"]
 

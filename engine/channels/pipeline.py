@@ -13,7 +13,7 @@ from hl7relay.ack.outcome import Outcome
 from hl7relay.outcomes import ErrorCode, MessageStatus, Severity
 from hl7relay.channels.channel import Channel
 from hl7relay.errors import HL7RelayError
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 
 __all__ = ["Result", "Processed", "DestinationOutput", "process", "stored_outcome"]
 

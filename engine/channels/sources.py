@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hl7relay.channels.spec import Option, register
-from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES
-from hl7relay.listener import ListenerConfig
-from hl7relay.tls import TLSConfig
+from hl7relay.mllp.framing import DEFAULT_MAX_FRAME_BYTES
+from hl7relay.mllp.listener import ListenerConfig
+from hl7relay.mllp.tls import TLSConfig
 
 __all__ = ["MLLPSourceConfig", "FileSourceConfig", "TLS_OPTIONS", "Source", "MLLPSource", "FileSource", "FilePoller"]
 
@@ -56,7 +56,7 @@ def tls_config(options, server: bool, base_dir=None) -> TLSConfig | None:
 def _mllp(options, context=None):
     import ipaddress
 
-    from hl7relay.listener import default_max_connections
+    from hl7relay.mllp.listener import default_max_connections
 
     if not 0 <= options["port"] <= 65535:
         raise ValueError(f"port {options['port']} is not a TCP port")
@@ -149,7 +149,7 @@ class MLLPSource(Source):
         self.port = None
 
     def open(self) -> str:
-        from hl7relay.listener import listen
+        from hl7relay.mllp.listener import listen
 
         config = self.config.listener
         config.policy = self.running.policy
@@ -275,10 +275,10 @@ class FilePoller:
         from twisted.logger import Logger
 
         from hl7relay.ack.outcome import Status
-        from hl7relay.batch import split_messages
+        from hl7relay.hl7.batch import split_messages
         from hl7relay.errors import ParseError
-        from hl7relay.listener import Peer
-        from hl7relay.message import Message
+        from hl7relay.mllp.listener import Peer
+        from hl7relay.hl7.message import Message
 
         log = Logger(namespace="hl7relay.engine")
         channel = self.running.channel

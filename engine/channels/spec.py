@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from hl7relay.channels.yamlsource import Document
 from hl7relay.errors import PathError
-from hl7relay.path import parse_path
+from hl7relay.hl7.path import parse_path
 
 __all__ = ["Option", "ComponentSpec", "register", "registry", "lookup", "check_options", "did_you_mean", "REQUIRED",
            "STRUCTURED"]

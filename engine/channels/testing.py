@@ -31,8 +31,8 @@ from hl7relay.channels.pipeline import Result, process, stored_outcome
 from hl7relay.channels.spec import did_you_mean
 from hl7relay.channels.yamlsource import ConfigError, load_document
 from hl7relay.errors import HL7RelayError
-from hl7relay.message import Message
-from hl7relay.path import parse_path
+from hl7relay.hl7.message import Message
+from hl7relay.hl7.path import parse_path
 
 __all__ = ["CaseResult", "run_test_file", "find_test_files"]
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from hl7relay.outcomes import ErrorCode, Severity
 from hl7relay.channels.spec import Option, register
-from hl7relay.message import Message
-from hl7relay.path import parse_path
+from hl7relay.hl7.message import Message
+from hl7relay.hl7.path import parse_path
 from hl7relay.validation import ACCEPTED_VERSIONS, Finding, Validator
 
 __all__ = ["ChannelValidator"]

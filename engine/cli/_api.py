@@ -23,8 +23,8 @@ def engine_settings(args) -> dict:
 
 def call_engine(settings: dict, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
     """(HTTP status, decoded JSON) from the engine; exits with one clear line when it cannot be reached."""
-    from hl7relay.api import ENDPOINT_FILE, LOCAL_TOKEN_FILE
-    from hl7relay.auth import os_actor
+    from hl7relay.ops.api import ENDPOINT_FILE, LOCAL_TOKEN_FILE
+    from hl7relay.ops.auth import os_actor
 
     admin = settings["admin"]
     if not admin.get("port"):

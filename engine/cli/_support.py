@@ -62,9 +62,9 @@ def format_time(epoch: float) -> str:
 
 def open_store_from_args(args):
     from hl7relay.cli._settings import resolve_settings
-    from hl7relay.store import Store
+    from hl7relay.store.database import Store
 
-    from hl7relay.store import MIGRATIONS, StoreError
+    from hl7relay.store.database import MIGRATIONS, StoreError
 
     settings, problems = resolve_settings(args)
     if problems:
@@ -99,7 +99,7 @@ def phi_permitted(args, store, target: str) -> bool:
         print("--show-phi needs --reason: seeing patient data unmasked is written to the audit log with why",
               file=sys.stderr)
         return False
-    from hl7relay.auth import cli_audit
+    from hl7relay.ops.auth import cli_audit
 
     store.audit(cli_audit("phi.view", target, reason=reason))
     return True

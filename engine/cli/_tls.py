@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hl7relay.tls import TLSConfig
+from hl7relay.mllp.tls import TLSConfig
 
 
 def add_tls_arguments(parser, server: bool) -> None:

@@ -74,11 +74,11 @@ def run(args) -> int:
     from twisted.internet.error import CannotListenError
 
     from hl7relay.ack import AckPolicy, Outcome, is_ack
-    from hl7relay.listener import ListenerConfig, listen
-    from hl7relay.message import Message
+    from hl7relay.mllp.listener import ListenerConfig, listen
+    from hl7relay.hl7.message import Message
 
     policy = AckPolicy()
-    from hl7relay.listener import default_max_connections
+    from hl7relay.mllp.listener import default_max_connections
 
     config = ListenerConfig(host=args.host, port=args.port, charset=args.charset,
                             max_connections=args.max_connections or default_max_connections(),

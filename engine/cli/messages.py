@@ -48,7 +48,7 @@ def _common(parser) -> None:
 
 def run(args) -> int:
     from hl7relay.cli._support import filters_from_args, format_time, open_store_from_args, phi_permitted
-    from hl7relay.support import message_view, row_view
+    from hl7relay.ops.support import message_view, row_view
 
     store, _ = open_store_from_args(args)
     target = f"message {args.id}" if args.action == "show" else "messages " + " ".join(

@@ -71,7 +71,7 @@ def run(args) -> int:
         report.append({"channel": channel, "deleted": deleted, "older_than_days": age / 86400,
                        "errors_older_than_days": errors_age / 86400})
     if not args.dry_run:
-        from hl7relay.auth import cli_audit
+        from hl7relay.ops.auth import cli_audit
 
         # prune is many short transactions; its audit entry follows the last of them
         target = ", ".join(sorted({entry["channel"] or "all channels" for entry in report}))

@@ -41,12 +41,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from hl7relay.channels import load_channels
     from hl7relay.cli._support import Progress, filters_from_args, open_store_from_args
-    from hl7relay.replay import commit_replay, plan_replay
+    from hl7relay.ops.replay import commit_replay, plan_replay
 
     if not args.dry_run and not args.reason:
         print("say why with --reason (it is recorded with the replay), or use --dry-run", file=sys.stderr)
         return 2
-    from hl7relay.auth import cli_audit
+    from hl7relay.ops.auth import cli_audit
     from hl7relay.cli._support import phi_permitted
 
     store, settings = open_store_from_args(args)
@@ -69,7 +69,7 @@ def run(args) -> int:
     operator = args.operator or getpass.getuser()
     progress = Progress(len(ids), "messages")
     report, replayed, skipped = [], 0, 0
-    from hl7relay.phi import mask_message, mask_text
+    from hl7relay.ops.phi import mask_message, mask_text
 
     render = None if args.show_phi else (lambda data: mask_message(data).split("\n"))
     for done, message_id in enumerate(ids, start=1):

@@ -47,8 +47,8 @@ def run(args) -> int:
     from hl7relay.channels.channel import channel_files
     from hl7relay.cli._logging import announce, start_logging
     from hl7relay.runtime import Engine
-    from hl7relay.store import Store
-    from hl7relay.storewriter import StoreWriter
+    from hl7relay.store.database import Store
+    from hl7relay.store.writer import StoreWriter
 
     settings, problems = resolve_settings(args)
     for problem in problems:
@@ -81,7 +81,7 @@ def run(args) -> int:
         print(f"cannot open the store {settings['store']}: {detail[0] if detail else exc.__class__.__name__}",
               file=sys.stderr)
         return 1
-    from hl7relay.store import readable_by_others
+    from hl7relay.store.database import readable_by_others
 
     exposed = readable_by_others(settings["store"])
     if exposed:
@@ -101,15 +101,15 @@ def run(args) -> int:
         announce(line, "channel_started")
     admin = settings["admin"]
     if admin["port"]:
-        from hl7relay.admin import start_admin
+        from hl7relay.ops.admin import start_admin
         from hl7relay.metrics import Metrics
 
         try:
-            from hl7relay.api import write_endpoint, write_local_token
+            from hl7relay.ops.api import write_endpoint, write_local_token
 
             # the CLI on this host reaches the API with it (hl7relay channel / destination ...)
             local_token = write_local_token(settings["data_dir"])
-            from hl7relay.tls import TLSConfig
+            from hl7relay.mllp.tls import TLSConfig
 
             tls = None
             if admin.get("tls_cert"):
@@ -142,7 +142,7 @@ def run(args) -> int:
 
     def hangup(signum, frame):
         # SIGHUP reloads the channel files (lint first: on any problem nothing changes)
-        from hl7relay.auth import os_actor
+        from hl7relay.ops.auth import os_actor
 
         audit = {"actor": "signal:SIGHUP", "source": os_actor(), "action": "reload", "target": "channels"}
         reactor.callFromThread(lambda: engine.reload_from_files("SIGHUP", audit).addErrback(

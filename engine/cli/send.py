@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 from hl7relay.cli._args import port, seconds
-from hl7relay.batch import split_messages
+from hl7relay.hl7.batch import split_messages
 from hl7relay.cli._tls import add_tls_arguments, tls_from_args
 from hl7relay.cli._inputs import collect_inputs
 from hl7relay.errors import ParseError
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 
 HELP = "send messages over MLLP and print each ACK"
 DESCRIPTION = """\
@@ -54,7 +54,7 @@ def run(args) -> int:
     start_logging(args.log_level)
     from twisted.internet import defer, task
 
-    from hl7relay.sender import MLLPSender, SenderConfig
+    from hl7relay.mllp.sender import MLLPSender, SenderConfig
 
     config = SenderConfig(args.host, args.port, connect_timeout=args.connect_timeout, ack_timeout=args.timeout,
                           tls=tls_from_args(args, server=False))

@@ -46,7 +46,7 @@ def _age(seconds) -> str:
 def run(args) -> int:
     from hl7relay.cli._support import format_time, open_store_from_args
 
-    from hl7relay.phi import mask_text
+    from hl7relay.ops.phi import mask_text
 
     from hl7relay.cli._support import phi_permitted
 

@@ -18,7 +18,7 @@ is stored, so a lost token cannot be shown again: revoke it and create another."
 
 
 def add_arguments(parser) -> None:
-    from hl7relay.auth import ROLES
+    from hl7relay.ops.auth import ROLES
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = sub.add_parser("create", help="a new token (printed once)")
@@ -33,9 +33,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from hl7relay.auth import cli_audit, new_token, token_hash, valid_name
+    from hl7relay.ops.auth import cli_audit, new_token, token_hash, valid_name
     from hl7relay.cli._support import format_time, open_store_from_args
-    from hl7relay.store import StoreError
+    from hl7relay.store.database import StoreError
 
     if args.action != "list" and not valid_name(args.name):
         print(f"{args.name!r} is not a token name: letters, digits and . _ @ -, up to 64", file=sys.stderr)

@@ -25,7 +25,7 @@ MIN_PASSWORD = 10
 
 
 def add_arguments(parser) -> None:
-    from hl7relay.auth import ROLES
+    from hl7relay.ops.auth import ROLES
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = sub.add_parser("add", help="a new user")
@@ -67,9 +67,9 @@ def _password(args) -> str | None:
 
 
 def run(args) -> int:
-    from hl7relay.auth import cli_audit, hash_password, valid_name
+    from hl7relay.ops.auth import cli_audit, hash_password, valid_name
     from hl7relay.cli._support import format_time, open_store_from_args
-    from hl7relay.store import StoreError
+    from hl7relay.store.database import StoreError
 
     if args.action != "list" and not valid_name(args.name):
         print(f"{args.name!r} is not a user name: letters, digits and . _ @ -, up to 64, starting with a letter or digit",

@@ -6,10 +6,10 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from hl7relay.batch import split_messages
+from hl7relay.hl7.batch import split_messages
 from hl7relay.cli._inputs import collect_inputs
 from hl7relay.errors import ParseError
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.validation import ACCEPTED_VERSIONS, Validator
 
 HELP = "check HL7 messages against the standard (structure, fields, datatypes, tables)"

@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 
 from hl7relay.outcomes import ErrorCode, Severity
-from hl7relay.escape import unescape
-from hl7relay.message import HEADER_SEGMENTS, Message
-from hl7relay.path import Path
+from hl7relay.hl7.escape import unescape
+from hl7relay.hl7.message import HEADER_SEGMENTS, Message
+from hl7relay.hl7.path import Path
 from hl7relay.validation.profile import (
     ACCEPTED_VERSIONS, FieldDef, Leaf, Node, Profile, definition_version, get_profile,
 )

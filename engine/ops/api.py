@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from hl7relay.auth import can, new_token, token_hash
+from hl7relay.ops.auth import can, new_token, token_hash
 
 __all__ = ["ROUTES", "ApiResource", "write_local_token", "write_endpoint", "LOCAL_TOKEN_FILE", "ENDPOINT_FILE",
            "openapi_document"]
@@ -155,7 +155,7 @@ class ApiResource(resource.Resource):
 
         def call():
             if self._support_store is None:
-                from hl7relay.store import Store
+                from hl7relay.store.database import Store
 
                 self._support_store = Store(self.engine.writer.store.url, create=False)
             return fn(self._support_store, *args, **kwargs)
@@ -322,7 +322,7 @@ class ApiResource(resource.Resource):
 
     @defer.inlineCallbacks
     def get_messages(self, request, caller, body):
-        from hl7relay.support import SEARCH_FILTERS, row_view
+        from hl7relay.ops.support import SEARCH_FILTERS, row_view
 
         args = self._args(request)
         filters = {name: args[name] for name in SEARCH_FILTERS if args.get(name)}
@@ -341,7 +341,7 @@ class ApiResource(resource.Resource):
 
     @defer.inlineCallbacks
     def get_message(self, request, caller, body, message_id):
-        from hl7relay.support import message_view
+        from hl7relay.ops.support import message_view
 
         number = self._id(message_id)
         args = self._args(request)
@@ -360,8 +360,8 @@ class ApiResource(resource.Resource):
     @defer.inlineCallbacks
     def post_replay(self, request, caller, body, message_id):
         from hl7relay.channels.channel import Channel
-        from hl7relay.phi import mask_message
-        from hl7relay.replay import commit_replay, plan_replay
+        from hl7relay.ops.phi import mask_message
+        from hl7relay.ops.replay import commit_replay, plan_replay
 
         number = self._id(message_id)
         reason = body.get("reason")

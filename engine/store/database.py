@@ -3,7 +3,7 @@
 SQLAlchemy 2 (Core): SQLite by default (one file under the data directory, WAL journal,
 ``synchronous=FULL`` so a commit survives a power cut), PostgreSQL by URL
 (``postgresql+psycopg://user@host/db``). The schema is created and migrated on start by numbered
-migrations. Calls here are blocking; :mod:`hl7relay.storewriter` runs them on one writer thread
+migrations. Calls here are blocking; :mod:`hl7relay.store.writer` runs them on one writer thread
 and groups concurrent messages into one commit.
 """
 
@@ -289,7 +289,7 @@ def storable(text):
     """Text a database can hold, whatever the message's bytes were.
 
     Bytes that did not decode in their character set are carried as lone surrogates (see
-    hl7relay.charsets); no database driver accepts those. In the columns that index a message
+    hl7relay.hl7.charsets); no database driver accepts those. In the columns that index a message
     (control id, patient id...) they become ``\\xHH``, the way Python prints such a byte; the
     raw message keeps the bytes themselves, so nothing is lost, and a search for the same value
     (as bytes, or typed as ``\\xHH``) goes through the same conversion and finds it. NUL, which

@@ -18,10 +18,10 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 
 from hl7relay.errors import AckTimeout, ParseError, PeerApplicationError, PeerRejected, SendConnectionError
-from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES, Frame, FrameTooLarge, MLLPFramer, frame
-from hl7relay.message import Message
-from hl7relay.tls import TLSConfig, client_options, describe_tls_failure, is_tls_failure, looks_like_tls
-from hl7relay.transport import write_now
+from hl7relay.mllp.framing import DEFAULT_MAX_FRAME_BYTES, Frame, FrameTooLarge, MLLPFramer, frame
+from hl7relay.hl7.message import Message
+from hl7relay.mllp.tls import TLSConfig, client_options, describe_tls_failure, is_tls_failure, looks_like_tls
+from hl7relay.mllp.transport import write_now
 
 __all__ = ["SendStatus", "SendResult", "SenderConfig", "MLLPSender", "expects_ack"]
 

@@ -1,4 +1,4 @@
-"""The MLLP listener: Twisted wiring around :class:`~hl7relay.framing.MLLPFramer`.
+"""The MLLP listener: Twisted wiring around :class:`~hl7relay.mllp.framing.MLLPFramer`.
 
 Each connection hands its messages, one at a time and in order, to a handler that returns an
 :class:`~hl7relay.ack.Outcome` (or a Deferred of one); the ACK frames the outcome calls for are
@@ -18,12 +18,12 @@ from twisted.logger import Logger
 
 from hl7relay.ack import AckPolicy, ErrorCode, Outcome, build_ack, unreadable_ack
 from hl7relay.events import emit
-from hl7relay.charsets import DEFAULT_CHARSET, UTF8_BOM
+from hl7relay.hl7.charsets import DEFAULT_CHARSET, UTF8_BOM
 from hl7relay.errors import ParseError
-from hl7relay.framing import DEFAULT_MAX_FRAME_BYTES, Discarded, Frame, FrameTooLarge, MLLPFramer, frame
-from hl7relay.message import Message
-from hl7relay.tls import TLSConfig, describe_tls_failure, is_tls_failure, server_options
-from hl7relay.transport import write_now
+from hl7relay.mllp.framing import DEFAULT_MAX_FRAME_BYTES, Discarded, Frame, FrameTooLarge, MLLPFramer, frame
+from hl7relay.hl7.message import Message
+from hl7relay.mllp.tls import TLSConfig, describe_tls_failure, is_tls_failure, server_options
+from hl7relay.mllp.transport import write_now
 
 __all__ = ["ListenerConfig", "MLLPListenerFactory", "MLLPServerProtocol", "Peer", "listen", "default_max_connections"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from hl7relay.errors import ParseError
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 
 __all__ = ["mask_message", "mask_value", "mask_text", "MASK"]
 

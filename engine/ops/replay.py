@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from hl7relay.channels.channel import Channel
 from hl7relay.channels.pipeline import Result, process
 from hl7relay.errors import ParseError
-from hl7relay.message import Message
+from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryStatus, MessageStatus
-from hl7relay.store import AuditUpdate, DeliveryRecord, MessageRecord, Store, delivery_content
+from hl7relay.store.database import AuditUpdate, DeliveryRecord, MessageRecord, Store, delivery_content
 
 __all__ = ["ReplayPlan", "plan_replay", "commit_replay"]
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
-from hl7relay.charsets import DEFAULT_CHARSET, DecodedText, decode_message
+from hl7relay.hl7.charsets import DEFAULT_CHARSET, DecodedText, decode_message
 from hl7relay.errors import HL7RelayError, ParseError, PathError
-from hl7relay.escape import Delimiters, escape, unescape
-from hl7relay.path import Path, parse_path
+from hl7relay.hl7.escape import Delimiters, escape, unescape
+from hl7relay.hl7.path import Path, parse_path
 
 __all__ = ["Message", "HEADER_SEGMENTS"]
 

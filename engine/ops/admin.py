@@ -1,6 +1,6 @@
 """The admin HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz`` (the process is up),
 ``/readyz`` (listeners bound, the store reachable and, after a failed commit, writable again) and
-the operations API under ``/api/v1/`` (hl7relay.api; it needs a token). Bound to 127.0.0.1 unless told otherwise."""
+the operations API under ``/api/v1/`` (hl7relay.ops.api; it needs a token). Bound to 127.0.0.1 unless told otherwise."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class AdminSite(server.Site):
         """No access log: Prometheus scrapes would fill it, and API actions are in the audit log."""
 
     def __init__(self, engine, metrics: Metrics, local_token: str | None = None):
-        from hl7relay.api import ApiResource
+        from hl7relay.ops.api import ApiResource
 
         root = resource.Resource()
         root.putChild(b"metrics", _Metrics(metrics))
@@ -104,7 +104,7 @@ def start_admin(engine, metrics: Metrics, host: str, port: int, reactor, local_t
     requires client certificates."""
     site = AdminSite(engine, metrics, local_token)
     if tls is not None:
-        from hl7relay.tls import server_options
+        from hl7relay.mllp.tls import server_options
 
         return reactor.listenSSL(port, site, server_options(tls), interface=host)
     return reactor.listenTCP(port, site, interface=host)

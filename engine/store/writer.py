@@ -15,7 +15,7 @@ from twisted.python.threadpool import ThreadPool
 import time
 
 from hl7relay.events import emit
-from hl7relay.store import MessageRecord, Store, StoreError
+from hl7relay.store.database import MessageRecord, Store, StoreError
 
 __all__ = ["StoreWriter"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from hl7relay.charsets import UTF8_BOM
+from hl7relay.hl7.charsets import UTF8_BOM
 
 __all__ = ["MessageChunk", "EnvelopeProblem", "SplitResult", "split_messages"]
 

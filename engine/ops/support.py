@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from hl7relay.phi import mask_message, mask_text, mask_value
+from hl7relay.ops.phi import mask_message, mask_text, mask_value
 
 __all__ = ["message_view", "row_view", "SEARCH_FILTERS"]
 

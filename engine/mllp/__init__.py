@@ -1,0 +1,1 @@
+"""MLLP on the wire: framing (sans-IO), the listener, the sender, TLS, writing now."""

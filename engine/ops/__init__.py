@@ -1,0 +1,1 @@
+"""Operating the engine: the admin listener, the operations API, users and roles, PHI masking, support views, replay."""
