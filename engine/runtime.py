@@ -24,6 +24,7 @@ from hl7relay.events import emit
 from hl7relay.hl7.message import Message
 from hl7relay.queues import DeliveryResult, DestinationQueue
 from hl7relay.store.writer import StoreWriter
+from hl7relay.stats import ChannelStats
 from hl7relay.trip import Trip
 
 __all__ = ["Engine", "DeliveryResult"]
@@ -56,6 +57,7 @@ class Engine:
         self.data_dir = Path(data_dir)
         self.channels: dict[str, _RunningChannel] = {}
         self.in_flight = 0
+        self.stats = ChannelStats(clock)  # counts and rates per channel, from memory (API, console)
         self._deliveries: dict = {}  # (channel, destination) -> its Delivery (destinations.py: one per type)
         self.started = False
         self.stopping = False
@@ -323,6 +325,7 @@ class Engine:
         view = {"name": channel, "enabled": running.enabled, "source": running.channel.source_type,
                 "address": running.address if running.enabled else "",
                 "open_connections": running.source.open_connections if running.source is not None else 0,
+                "counters": self.stats.view(channel),
                 "destinations": {d.name: dict(running.queues[d.name].view(), type=d.type)
                                  for d in running.channel.destinations if d.name in running.queues}}
         return view
@@ -364,6 +367,7 @@ class Engine:
         self.in_flight += 1
         started = time.perf_counter()
         emit("message_received", channel=channel.name)
+        self.stats.received(channel.name)
         try:
             trip = Trip(self, self.channels[channel.name], channel, message, peer)
             d = trip.run()
@@ -376,8 +380,10 @@ class Engine:
         self.in_flight -= 1
         if isinstance(outcome, Failure):
             return outcome
+        latency = time.perf_counter() - started
         emit("message_processed", channel=trip.channel.name, status=trip.status, ack_codes=outcome.ack_codes,
-             ack_latency=time.perf_counter() - started, stages=trip.timings)
+             ack_latency=latency, stages=trip.timings)
+        self.stats.answered(trip.channel.name, trip.status, latency)
         return outcome
 
     def tracing(self, channel: Channel) -> bool:

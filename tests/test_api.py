@@ -160,6 +160,13 @@ def test_the_openapi_document_describes_every_route():
     assert all(op["x-permission"] in PERMISSION_LEAST for ops in document["paths"].values() for op in ops.values())
 
 
+def test_channels_carry_their_counters_and_rates_from_memory(engine):
+    status, body = call(engine, "GET", "/api/v1/channels/adt", token=TOKENS["viewer"])
+    counters = json.loads(body)["counters"]
+    assert status == 200 and counters["since_start"]["received"] >= 1 and counters["since_start"]["processed"] >= 1
+    assert counters["today"]["received"] >= 1 and counters["per_minute_5m"] > 0 and counters["ack_p95_ms"] > 0
+
+
 def test_messages_are_masked_and_phi_needs_the_permission_a_reason_and_an_audit_entry(engine):
     status, body = call(engine, "GET", "/api/v1/messages?control_id=API1", token=TOKENS["viewer"])
     rows = json.loads(body)["messages"]
