@@ -38,6 +38,38 @@ def test_roles_grow_and_phi_is_admin_only():
     assert set(PERMISSIONS) >= {"read", "control", "replay", "reload", "prune", "users", "audit", "phi"}
 
 
+def test_the_phi_permission_can_be_given_to_an_operator_only(store, capsys, monkeypatch):
+    assert can("operator", "phi", phi=True) and not can("viewer", "phi", phi=True) and not can("operator", "phi")
+    assert not can("operator", "prune", phi=True)  # the flag gives that one permission, nothing else
+    for name, role in (("olivia", "operator"), ("victor", "viewer")):
+        cli(capsys, "user", "add", name, "--role", role, "--password-stdin", stdin="a long enough password\n",
+            monkeypatch=monkeypatch)
+    code, out, _ = cli(capsys, "user", "phi", "olivia", "on")
+    assert code == 0 and store.get_user("olivia")["phi"] is True
+    code, _, err = cli(capsys, "user", "phi", "victor", "on")
+    assert code == 1 and "only an operator or an admin" in err and store.get_user("victor")["phi"] is False
+    code, _, _ = cli(capsys, "user", "disable", "victor")
+    assert code == 0 and store.get_user("victor")["disabled"] is True
+    code, out, _ = cli(capsys, "user", "list")
+    assert "olivia" in out and "yes  active" in out and "disabled" in out
+    actions = [e["action"] for e in store.audit_entries(action="user.")]
+    assert "user.phi" in actions and "user.disable" in actions
+    assert cli(capsys, "user", "phi", "nobody", "on")[0] == 1
+
+
+def test_an_older_store_gains_the_new_user_columns(tmp_path, monkeypatch):
+    from hl7relay.store import database
+
+    old = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS[:6])
+    old.migrate()
+    old.add_user("alice", "operator", hash_password("a long enough password"), {"actor": "t", "action": "user.add"})
+    monkeypatch.undo()
+    assert old.migrate() == database.MIGRATIONS[-1][0]
+    user = old.get_user("alice")
+    assert user["phi"] is False and user["disabled"] is False and user["last_login_at"] is None
+
+
 def test_passwords_are_scrypt_hashed_with_a_salt():
     first, second = hash_password("correct horse battery"), hash_password("correct horse battery")
     assert first != second and first.startswith("scrypt$16384$8$1$") and "correct" not in first

@@ -14,11 +14,13 @@ DESCRIPTION = """\
   hl7relay user list
   hl7relay user passwd NAME
   hl7relay user role NAME --role ROLE
+  hl7relay user phi NAME on|off                             an operator may see patient data unmasked
+  hl7relay user disable|enable NAME                         keep the account, refuse its sign-ins
   hl7relay user remove NAME
 
 viewer: counters, states, masked messages. operator: + pause/resume/retry, enable/disable,
 replay. admin: + reload, prune, users and tokens, the audit log, unmasked patient data (always
-with a reason, always audited). Passwords are stored as scrypt hashes; every change is written
+with a reason, always audited), which an operator can be given alone (user phi NAME on). Passwords are stored as scrypt hashes; every change is written
 to the audit log with the operating-system user who made it."""
 
 MIN_PASSWORD = 10
@@ -38,11 +40,18 @@ def add_arguments(parser) -> None:
     role = sub.add_parser("role", help="change a user's role")
     role.add_argument("name")
     role.add_argument("--role", choices=ROLES, required=True)
+    phi = sub.add_parser("phi", help="give or take an operator's permission to see patient data unmasked")
+    phi.add_argument("name")
+    phi.add_argument("switch", choices=("on", "off"))
+    disable = sub.add_parser("disable", help="refuse the user's sign-ins (and end the sessions at the next request)")
+    disable.add_argument("name")
+    enable = sub.add_parser("enable", help="let a disabled user sign in again")
+    enable.add_argument("name")
     remove = sub.add_parser("remove", help="remove a user")
     remove.add_argument("name")
     listing = sub.add_parser("list", help="every user and role")
     listing.add_argument("--format", choices=("text", "json"), default="text")
-    for p in (add, passwd, role, remove, listing):
+    for p in (add, passwd, role, phi, disable, enable, remove, listing):
         add_settings_arguments(p, channels=False)
 
 
@@ -84,9 +93,11 @@ def run(args) -> int:
         elif not rows:
             print("no users yet: hl7relay user add NAME --role admin")
         else:
-            print(f"{'NAME':<24} {'ROLE':<9} CREATED")
+            print(f"{'NAME':<24} {'ROLE':<9} {'PHI':<4} {'STATE':<9} {'CREATED':<20} LAST SIGN-IN")
             for row in rows:
-                print(f"{row['name']:<24} {row['role']:<9} {format_time(row['created_at'])}")
+                phi = "yes" if row["phi"] or row["role"] == "admin" else "no"
+                print(f"{row['name']:<24} {row['role']:<9} {phi:<4} {'disabled' if row['disabled'] else 'active':<9} "
+                      f"{format_time(row['created_at']):<20} {format_time(row['last_login_at']) if row['last_login_at'] else 'never'}")
         return 0
     if args.action == "add":
         password = _password(args)
@@ -114,6 +125,27 @@ def run(args) -> int:
             print(f"no user {args.name!r}", file=sys.stderr)
             return 1
         print(f"{args.name} is now {args.role}")
+        return 0
+    if args.action == "phi":
+        from hl7relay.ops.auth import PHI_GRANTABLE, ROLES
+
+        user = store.get_user(args.name)
+        if user is None:
+            print(f"no user {args.name!r}", file=sys.stderr)
+            return 1
+        if args.switch == "on" and ROLES.index(user["role"]) < ROLES.index(PHI_GRANTABLE):
+            print(f"{args.name} is a {user['role']}: only an {PHI_GRANTABLE} or an admin may see patient data; "
+                  f"nothing changed", file=sys.stderr)
+            return 1
+        store.update_user(args.name, dict(audit, detail=f"phi {args.switch}"), phi=args.switch == "on")
+        print(f"{args.name} {'may' if args.switch == 'on' else 'may not'} see patient data unmasked"
+              + (" (an admin always may)" if user["role"] == "admin" and args.switch == "off" else ""))
+        return 0
+    if args.action in ("disable", "enable"):
+        if not store.update_user(args.name, audit, disabled=args.action == "disable"):
+            print(f"no user {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"user {args.name} {args.action}d")
         return 0
     if not store.remove_user(args.name, audit):
         print(f"no user {args.name!r}", file=sys.stderr)

@@ -6,7 +6,8 @@ There is no default account: ``hl7relay user add NAME --role ROLE`` makes the fi
 - ``operator``: a viewer who may also pause, resume and retry destinations, enable and disable
   channels, and replay messages;
 - ``admin``: an operator who may also reload channels, prune, manage users and tokens, read the
-  audit log, and see patient data unmasked.
+  audit log, and see patient data unmasked. An operator may be given that last permission on its
+  own (``hl7relay user phi NAME on``): the support engineer who must read a rejected message.
 
 Seeing unmasked patient data (``phi``) is a permission of its own: it takes a reason and always
 writes an audit entry. Passwords are hashed with scrypt (memory-hard, in the standard library);
@@ -25,7 +26,7 @@ import re
 import secrets
 import socket
 
-__all__ = ["ROLES", "PERMISSIONS", "can", "hash_password", "verify_password", "new_token", "token_hash",
+__all__ = ["ROLES", "PERMISSIONS", "PHI_GRANTABLE", "can", "hash_password", "verify_password", "new_token", "token_hash",
            "valid_name", "os_actor", "cli_source", "cli_audit"]
 
 ROLES = ("viewer", "operator", "admin")
@@ -41,15 +42,22 @@ PERMISSIONS = {
     "phi": "admin",  # and always a reason and an audit entry
 }
 
+PHI_GRANTABLE = "operator"  # the least role that `hl7relay user phi NAME on` may give the PHI permission to
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 # scrypt with 16 MiB of memory per hash (n=2**14, r=8): slow to guess on any hardware
 _SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}
 
 
-def can(role: str, permission: str) -> bool:
-    """Whether ``role`` has ``permission`` (unknown roles and permissions have nothing)."""
+def can(role: str, permission: str, phi: bool = False) -> bool:
+    """Whether ``role`` has ``permission`` (unknown roles and permissions have nothing). ``phi``:
+    the user was given the PHI permission, which lets an operator see patient data unmasked."""
     least = PERMISSIONS.get(permission)
-    return least is not None and role in ROLES and ROLES.index(role) >= ROLES.index(least)
+    if least is None or role not in ROLES:
+        return False
+    if permission == "phi" and phi and ROLES.index(role) >= ROLES.index(PHI_GRANTABLE):
+        return True
+    return ROLES.index(role) >= ROLES.index(least)
 
 
 def valid_name(name: str) -> bool:

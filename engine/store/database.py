@@ -113,6 +113,10 @@ users = sa.Table(
     sa.Column("password_hash", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # migration 7: seeing unmasked patient data as an operator, a switched-off account, the console's last sign-in
+    sa.Column("phi", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_login_at", sa.Float),
 )
 
 api_tokens = sa.Table(
@@ -166,7 +170,20 @@ def _audit_row(values: dict) -> dict:
 def _migration_5(connection) -> None:
     """Users, API tokens and the audit log."""
     for table in (users, api_tokens, audit_log):
-        table.create(connection)  # with its indexes
+        later = _ADDED_LATER_7.get(table.name, ())
+        if later:  # the table as version 5 made it; migration 7 adds the rest
+            sa.Table(table.name, sa.MetaData(), *[c._copy() for c in table.columns if c.name not in later]).create(connection)
+        else:
+            table.create(connection)  # with its indexes
+
+
+def _migration_7(connection) -> None:
+    """Users: the PHI permission for operators, disabled accounts, last sign-in (the console)."""
+    ddl = connection.dialect.ddl_compiler(connection.dialect, None)
+    for table_name, names in _ADDED_LATER_7.items():
+        for name in names:
+            spec = ddl.get_column_specification(metadata.tables[table_name].c[name])
+            connection.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {spec}")
 
 
 def _migration_1(connection) -> None:
@@ -225,6 +242,7 @@ _ADDED_LATER = {
     "messages": ("duplicate_key", "replay_of", "replay_reason", "replay_operator"),
     "deliveries": ("order_key",),
 }
+_ADDED_LATER_7 = {"users": ("phi", "disabled", "last_login_at")}
 _ADDED_LATER_INDEXES = {"ix_deliveries_message_destination": 3, "ix_deliveries_queued": 4, "ix_messages_duplicate_key": 4}
 
 # (version, description, function). Append; never edit a released one.
@@ -235,6 +253,7 @@ MIGRATIONS = [
     (4, "partial indexes: queued deliveries, duplicate keys", _migration_4),
     (5, "users, API tokens, audit log", _migration_5),
     (6, "channel and destination controls that survive a restart", lambda connection: control_state.create(connection)),
+    (7, "users: PHI permission, disabled, last sign-in", _migration_7),
 ]
 
 
@@ -817,7 +836,14 @@ class Store:
     def list_users(self) -> list[dict]:
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(
-                sa.select(users.c.name, users.c.role, users.c.created_at, users.c.updated_at).order_by(users.c.name)).mappings()]
+                sa.select(users.c.name, users.c.role, users.c.phi, users.c.disabled, users.c.created_at, users.c.updated_at,
+                          users.c.last_login_at).order_by(users.c.name)).mappings()]
+
+    def record_login(self, name: str, now: float, audit: dict) -> None:
+        """A console sign-in: when, and its audit entry, in one transaction."""
+        with self.engine.begin() as connection:
+            connection.execute(users.update().where(users.c.name == name).values(last_login_at=now))
+            connection.execute(audit_log.insert().values(**_audit_row(audit)))
 
     def add_token(self, name: str, role: str, token_hash: str, created_by: str, audit: dict) -> None:
         try:
