@@ -24,6 +24,8 @@ def specs():
         Option("stop_timeout", "duration", 10.0, "on SIGTERM, seconds to wait for the ACKs of deliveries already sent"),
         Option("admin", "any", None, "the admin listener (/metrics, /healthz, /readyz, /api/v1): "
                "{host, port, tls_cert, tls_key, tls_ca, require_client_cert}"),
+        Option("console", "any", None, "the web console: {host, port, tls_cert, tls_key, allow_insecure_remote, "
+               "idle_timeout, absolute_timeout}"),
     ))
     store = ComponentSpec("settings", "store", "the message store", (
         Option("url", "str", description="sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"),))
@@ -35,17 +37,28 @@ def specs():
         Option("tls_ca", "str", None, "PEM CA: client certificates (with require_client_cert) and what the CLI trusts"),
         Option("require_client_cert", "bool", False, "mutual TLS"),
     ))
-    return engine, store, admin
+    console = ComponentSpec("settings", "console", "the web console (sign in with a user from hl7relay user add)", (
+        Option("host", "str", "127.0.0.1", "address to listen on (localhost only unless told otherwise)"),
+        Option("port", "any", 9103, "a port; 0: off; auto: any free port"),
+        Option("tls_cert", "str", None, "PEM certificate: serve over HTTPS (required off loopback)"),
+        Option("tls_key", "str", None, "PEM private key of tls_cert"),
+        Option("allow_insecure_remote", "bool", False, "serve plain HTTP on an address other than loopback "
+               "(passwords and patient data would cross the network readable)"),
+        Option("idle_timeout", "duration", 900.0, "seconds without a request before a session ends"),
+        Option("absolute_timeout", "duration", 43200.0, "seconds after sign-in when a session ends whatever happens"),
+    ))
+    return engine, store, admin, console
 
 
 def settings_schema() -> dict:
     """JSON Schema of the engine config file, for editors."""
-    engine, store, admin = specs()
+    engine, store, admin, console = specs()
     schema = engine.json_schema()
     schema["properties"]["store"] = store.json_schema()
-    schema["properties"]["admin"] = admin.json_schema()
-    port = schema["properties"]["admin"]["properties"]["port"]
-    port.update({"anyOf": [{"type": "integer", "minimum": 0, "maximum": 65535}, {"const": "auto"}]})
+    for name, spec in (("admin", admin), ("console", console)):
+        schema["properties"][name] = spec.json_schema()
+        port = schema["properties"][name]["properties"]["port"]
+        port.update({"anyOf": [{"type": "integer", "minimum": 0, "maximum": 65535}, {"const": "auto"}]})
     schema.update({"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "hl7relay engine settings"})
     return schema
 
@@ -64,7 +77,7 @@ def _checked(doc, settings: dict) -> list[str]:
     sets goes into ``settings``."""
     from hl7relay.channels.spec import check_options
 
-    engine, store, admin = specs()
+    engine, store, admin, console = specs()
     data = doc.data if doc.data is not None else {}
     if not isinstance(data, dict):
         doc.error((), "the engine settings are a mapping (store, channels, data_dir, log_level, admin...)")
@@ -93,6 +106,14 @@ def _checked(doc, settings: dict) -> list[str]:
                 doc.error(("admin", "port"), "admin port must be a whole number from 0 to 65535 (0: off), or auto")
             else:
                 settings["admin"].update({k: v for k, v in checked.items() if k in data["admin"]})
+    if data.get("console") is not None:
+        checked = check_options(console, data["console"], doc, ("console",))
+        if checked is not None:
+            port = checked["port"]
+            if port != "auto" and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+                doc.error(("console", "port"), "console port must be a whole number from 0 to 65535 (0: off), or auto")
+            else:
+                settings["console"].update({k: v for k, v in checked.items() if k in data["console"]})
     return sorted(str(e) for e in doc.errors)
 
 
@@ -100,7 +121,10 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
     from hl7relay.channels.yamlsource import load_document
 
     settings = {"store": None, "data_dir": "data", "channels": ["channels"], "log_level": "info",
-                "admin": {"host": "127.0.0.1", "port": 9102}, "log_format": "text", "log_phi": False, "log_phi_bytes": 512,
+                "admin": {"host": "127.0.0.1", "port": 9102},
+                "console": {"host": "127.0.0.1", "port": 9103, "allow_insecure_remote": False, "idle_timeout": 900.0,
+                            "absolute_timeout": 43200.0},
+                "log_format": "text", "log_phi": False, "log_phi_bytes": 512,
                 "stop_timeout": 10.0}
     problems = []
     import os
@@ -129,6 +153,10 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
         settings["admin"]["port"] = args.admin_port
     if getattr(args, "admin_host", None):
         settings["admin"]["host"] = args.admin_host
+    if getattr(args, "console_port", None) is not None:
+        settings["console"]["port"] = args.console_port
+    if getattr(args, "console_host", None):
+        settings["console"]["host"] = args.console_host
     if getattr(args, "stop_timeout", None) is not None:
         settings["stop_timeout"] = args.stop_timeout
     if not settings["store"]:

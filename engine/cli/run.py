@@ -31,6 +31,10 @@ def add_arguments(parser) -> None:
                         help="/metrics, /healthz, /readyz, /api/v1 (default 9102; 0: off; auto: any free port, "
                              "written to DATA_DIR/api-endpoint)")
     parser.add_argument("--admin-host", metavar="HOST", help="default 127.0.0.1")
+    parser.add_argument("--console-port", type=_admin_port, metavar="PORT",
+                        help="the web console (default 9103; 0: off; auto: any free port)")
+    parser.add_argument("--console-host", metavar="HOST",
+                        help="default 127.0.0.1; another address needs console tls_cert in the config")
     parser.add_argument("--stop-timeout", type=seconds, metavar="SECONDS",
                         help="on SIGTERM, how long to wait for the ACKs of deliveries already sent (default 10)")
 
@@ -51,6 +55,7 @@ def run(args) -> int:
     from hl7relay.store.writer import StoreWriter
 
     settings, problems = resolve_settings(args)
+    problems += [p for p in (_console_problem(settings["console"]),) if p]
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
@@ -124,6 +129,8 @@ def run(args) -> int:
                      "admin_started")
         except Exception as exc:  # noqa: BLE001 - the engine runs without its admin port rather than not at all
             print(f"warning: admin endpoints not started on {admin['host']}:{admin['port']}: {exc}", file=sys.stderr)
+    if settings["console"]["port"]:
+        _start_console(engine, settings["console"], reactor, announce)
     stopped = {"clean": True}
 
     @defer.inlineCallbacks
@@ -153,3 +160,51 @@ def run(args) -> int:
     reactor.callWhenRunning(announce, "ready; Ctrl-C or SIGTERM stops", "ready")
     reactor.run()
     return 0 if stopped["clean"] else 1
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _console_problem(console: dict) -> str | None:
+    """Why the engine must not start with this console setting (plain HTTP off loopback), or None."""
+    import ipaddress
+
+    host = console["host"]
+    try:
+        loopback = host in _LOOPBACK or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if console["port"] and not console.get("tls_cert") and not loopback and not console.get("allow_insecure_remote"):
+        return (f"not starting: the console would serve plain HTTP on {host}, off this machine; set console tls_cert "
+                "and tls_key in the config (or allow_insecure_remote: true if something else encrypts it), "
+                "or --console-port 0")
+    return None
+
+
+def _start_console(engine, console: dict, reactor, announce) -> None:
+    """Start the web console on the engine's reactor; a warning if it cannot listen."""
+    host = console["host"]
+    try:
+        from twisted.web import server
+
+        from hl7relay.console.app import Console
+
+        app = Console(engine, reactor, tls=bool(console.get("tls_cert")), idle=console["idle_timeout"],
+                      absolute=console["absolute_timeout"])
+        site = server.Site(app.resource())
+        site.noisy = False
+        site.log = lambda request: None  # sign-ins, reveals and actions are in the audit log; pages are not logged
+        port = 0 if console["port"] == "auto" else int(console["port"])
+        if console.get("tls_cert"):
+            from hl7relay.mllp.tls import TLSConfig, server_options
+
+            listening = reactor.listenSSL(port, site, server_options(TLSConfig(console["tls_cert"], console.get("tls_key"))),
+                                          interface=host)
+            scheme = "https"
+        else:
+            listening = reactor.listenTCP(port, site, interface=host)
+            scheme = "http"
+        shown = f"[{host}]" if ":" in host else host
+        announce(f"console: {scheme}://{shown}:{listening.getHost().port}/", "console_started")
+    except Exception as exc:  # noqa: BLE001 - the engine runs without its console rather than not at all
+        print(f"warning: console not started on {host}:{console['port']}: {exc}", file=sys.stderr)

@@ -145,23 +145,9 @@ class ApiResource(resource.Resource):
         super().__init__()
         self.engine = engine
         self.local_token_hash = token_hash(local_token) if local_token else None
-        self._support_store = None
+        from hl7relay.ops.support import SupportStore
 
-    # Support reads and writes (search, show, replay, prune) run on a connection of their own in a
-    # thread of the reactor's pool: never on the reactor, and never queued behind the engine's
-    # commits on its writer thread, so a large search cannot hold up an ACK.
-    def _off_reactor(self, fn, *args, **kwargs):
-        from twisted.internet import threads
-
-        def call():
-            if self._support_store is None:
-                from hl7relay.store.database import Store
-
-                self._support_store = Store(self.engine.writer.store.url, create=False)
-            return fn(self._support_store, *args, **kwargs)
-
-        reactor = self.engine.reactor
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), call)
+        self._off_reactor = SupportStore(engine).run  # searches and replays: never on the reactor
 
     # -- plumbing ---------------------------------------------------------------------------------
     def render(self, request):

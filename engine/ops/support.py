@@ -1,5 +1,6 @@
 """What support tools show of stored messages, masked unless patient data may be seen: shared by
-the CLI (``hl7relay messages``) and the operations API, so both mask alike."""
+the CLI (``hl7relay messages``), the operations API and the console, so all mask alike; and the
+store connection their reads run on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 from hl7relay.ops.phi import mask_message, mask_text, mask_value
 
-__all__ = ["message_view", "row_view", "SEARCH_FILTERS"]
+__all__ = ["message_view", "row_view", "SEARCH_FILTERS", "SupportStore"]
 
 # the search filters both expose (Store.search keyword arguments)
 SEARCH_FILTERS = ("channel", "status", "message_type", "control_id", "patient_id", "facility", "delivery_status")
@@ -60,3 +61,27 @@ def row_view(row: dict, show_phi: bool) -> dict:
     if show_phi:
         return dict(row)
     return dict(row, patient_id=mask_value(row["patient_id"]), error=mask_text(row["error"]))
+
+
+class SupportStore:
+    """Support reads and writes (search, show, replay, prune) run on a store connection of their
+    own in a thread of the reactor's pool: never on the reactor, and never queued behind the
+    engine's commits on its writer thread, so a large search cannot hold up an ACK."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._store = None
+
+    def run(self, fn, *args, **kwargs):
+        """A Deferred firing with ``fn(store, *args, **kwargs)``, run off the reactor."""
+        from twisted.internet import threads
+
+        def call():
+            if self._store is None:
+                from hl7relay.store.database import Store
+
+                self._store = Store(self.engine.writer.store.url, create=False)
+            return fn(self._store, *args, **kwargs)
+
+        reactor = self.engine.reactor
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), call)

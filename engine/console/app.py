@@ -1,0 +1,441 @@
+"""The web console: pages rendered on the server (Jinja2), routed by Klein, served by the
+engine's own reactor on a listener of its own (127.0.0.1:9103 by default).
+
+Every response carries ``Cache-Control: no-store``, a strict Content-Security-Policy (scripts and
+styles from this origin only: no inline script, no eval), ``frame-ancestors 'none'``, ``nosniff``
+and ``Referrer-Policy: no-referrer``. Every POST needs the session's CSRF token (a form field or
+the ``X-CSRF-Token`` header htmx sends) and, when the browser says where it comes from, an
+``Origin`` equal to the console's own. Sign-in uses a double-submitted token of its own.
+Numbers on the dashboard come from memory (the engine's counters and queues), never from a table
+scan: the live view re-renders them once a second over server-sent events.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from klein import Klein
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from hl7relay.console.sessions import LoginThrottle, Sessions
+from hl7relay.ops.auth import ROLES, can, hash_password, verify_password
+from hl7relay.ops.support import SEARCH_FILTERS, SupportStore, message_view, row_view
+
+__all__ = ["Console", "CSP"]
+
+log = Logger(namespace="hl7relay.console")
+HERE = Path(__file__).parent
+SESSION_COOKIE = b"hl7relay_session"
+LOGIN_COOKIE = b"hl7relay_login"
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+_CONTENT_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; charset=utf-8"}
+STATIC = {p.name: p for p in (HERE / "static").iterdir() if p.suffix in _CONTENT_TYPES}
+STATUSES = ("PROCESSED", "FILTERED", "ERROR", "DUPLICATE")
+PAGE_SIZE = 50
+MAX_STREAMS = 100  # live dashboards open at once
+# a password hash to check against when the user does not exist, so both cost the same time
+_NO_USER_HASH = hash_password("no such user: the comparison only spends the same time")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def when(timestamp) -> str:
+    """A time in the site's time zone with its offset: 2026-11-30 14:05:09 +0100."""
+    if timestamp is None or timestamp == "":
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(float(timestamp)))
+
+
+def age(seconds) -> str:
+    if seconds is None:
+        return ""
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def page(permission: str | None = "read", post: bool = False):
+    """A console route: security headers; the session (anonymous GETs go to the sign-in page);
+    the permission; for POSTs the CSRF token and Origin. The handler gets the session."""
+
+    def decorate(handler):
+        @functools.wraps(handler)
+        def route(self, request, *args, **kwargs):
+            self._headers(request)
+            d = defer.maybeDeferred(self._admit, request, permission, post)
+            d.addCallback(lambda session: handler(self, request, session, *args, **kwargs))
+            d.addErrback(self._failed, request)
+            return d
+
+        return route
+
+    return decorate
+
+
+class Console:
+    app = Klein()
+
+    def __init__(self, engine, reactor=None, tls: bool = False, idle: float = 15 * 60, absolute: float = 12 * 3600,
+                 clock=None):
+        self.engine = engine
+        self.reactor = reactor or engine.reactor
+        self.clock = clock or time.time
+        self.tls = tls
+        self.sessions = Sessions(self.clock, idle, absolute)
+        # a user's password is guessed at from anywhere: 3 free tries; an address may be a whole
+        # clinic behind one NAT: 10 free tries before it waits too
+        self.user_throttle = LoginThrottle(self.clock, free=3)
+        self.address_throttle = LoginThrottle(self.clock, free=10)
+        self.support = SupportStore(engine)
+        self.streams = 0
+        self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
+                                     trim_blocks=True, lstrip_blocks=True)
+        self.templates.filters.update(when=when, age=age)
+        self.templates.globals.update(can=can, ROLES=ROLES)
+
+    def resource(self):
+        return self.app.resource()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _headers(self, request) -> None:
+        for name, value in ((b"Cache-Control", b"no-store"), (b"Content-Security-Policy", CSP.encode()),
+                            (b"X-Content-Type-Options", b"nosniff"), (b"Referrer-Policy", b"no-referrer"),
+                            (b"X-Frame-Options", b"DENY"), (b"Cross-Origin-Opener-Policy", b"same-origin")):
+            request.setHeader(name, value)
+
+    def _render(self, name: str, request=None, code: int = 200, **values) -> bytes:
+        if request is not None:
+            request.setResponseCode(code)
+            request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return self.templates.get_template(name).render(**values).encode("utf-8")
+
+    def _source(self, request) -> str:
+        return getattr(request.getClientAddress(), "host", "?")
+
+    def _origin_ok(self, request) -> bool:
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return True  # not a browser, or a browser that does not say: the CSRF token decides
+        host = request.getHeader(b"host") or b""
+        return origin.decode("latin-1") == f"{'https' if self.tls else 'http'}://{host.decode('latin-1')}"
+
+    @staticmethod
+    def _field(request, name: str) -> str:
+        values = (request.args or {}).get(name.encode())
+        return values[0].decode("utf-8", "replace") if values else ""
+
+    @defer.inlineCallbacks
+    def _admit(self, request, permission, post):
+        if post and not self._origin_ok(request):
+            raise HTTPError(403, "this form was sent from another site")
+        session = self.sessions.get((request.getCookie(SESSION_COOKIE) or b"").decode("latin-1"))
+        if session is not None and self.clock() - session.checked_at > 30:
+            # the account may have changed (role, PHI, disabled, removed): read it at most every 30 s
+            user = yield self.engine.writer.read(self.engine.writer.store.get_user, session.user)
+            if user is None or user["disabled"]:
+                self.sessions.end_all(session.user)
+                session = None
+            else:
+                session.role, session.phi, session.checked_at = user["role"], bool(user["phi"]), self.clock()
+        if permission is None:
+            return session
+        if session is None:
+            if post or request.getHeader(b"hx-request") or request.path.startswith(b"/live/"):
+                raise HTTPError(401, "signed out: sign in again")
+            target = request.uri.decode("latin-1")
+            request.redirect(b"/login?" + urlencode({"next": target}).encode())
+            raise HTTPError(303, "")
+        if post and not Sessions.csrf_ok(session, self._field(request, "csrf") or
+                                         (request.getHeader(b"x-csrf-token") or b"").decode("latin-1")):
+            raise HTTPError(403, "the form's security token is missing or stale: reload the page")
+        if not can(session.role, permission, session.phi):
+            raise HTTPError(403, f"{session.user} ({session.role}) may not do this")
+        return session
+
+    def _failed(self, failure: Failure, request):
+        if failure.check(defer.CancelledError):
+            return None  # the browser went away (a live view closed): nothing to answer
+        if failure.check(HTTPError):
+            error = failure.value
+            if error.status == 303:
+                request.setResponseCode(303)
+                return b""
+            return self._render("error.html", request, error.status, status=error.status, text=error.text, session=None)
+        log.failure("console request failed", failure)
+        return self._render("error.html", request, 500, status=500, text="internal error (logged)", session=None)
+
+    def _audit(self, entry: dict):
+        return self.support.run(lambda store: store.audit(entry))
+
+    @app.handle_errors(NotFound, MethodNotAllowed)
+    def unknown(self, request, failure):
+        self._headers(request)
+        status = 405 if failure.check(MethodNotAllowed) else 404
+        text = "this page does not take that method" if status == 405 else "no such page"
+        return self._render("error.html", request, status, status=status, text=text, session=None)
+
+    # -- static files -------------------------------------------------------------------------------
+    @app.route("/static/<name>", methods=["GET"])
+    def static(self, request, name):
+        """The console's own files, by name only (no folders, no listing)."""
+        self._headers(request)
+        path = STATIC.get(name)
+        if path is None:
+            request.setResponseCode(404)
+            return b"not found\n"
+        request.setHeader(b"Content-Type", _CONTENT_TYPES[path.suffix])
+        request.setHeader(b"Cache-Control", b"public, max-age=3600")  # versioned names; no patient data
+        return path.read_bytes()
+
+    # -- sign in and out ----------------------------------------------------------------------------
+    @app.route("/login", methods=["GET"])
+    @page(permission=None)
+    def login_page(self, request, session):
+        if session is not None:
+            request.redirect(b"/")
+            return b""
+        return self._login_form(request)
+
+    def _login_form(self, request, status: int = 200, error: str = ""):
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+        request.addCookie(LOGIN_COOKIE, token.encode(), path=b"/login", httpOnly=True, sameSite="strict",
+                          secure=self.tls)
+        nexts = self._field(request, "next")
+        d = self.engine.writer.read(self.engine.writer.store.list_users)
+        d.addCallback(lambda users: self._render("login.html", request, status, login_token=token, error=error,
+                                                 next=nexts, no_users=not users, session=None))
+        return d
+
+    @app.route("/login", methods=["POST"])
+    @page(permission=None, post=True)
+    @defer.inlineCallbacks
+    def login(self, request, session):
+        import hmac
+
+        token = (request.getCookie(LOGIN_COOKIE) or b"").decode("latin-1")
+        if not token or not hmac.compare_digest(token, self._field(request, "login_token")):
+            raise HTTPError(403, "the sign-in form is stale: reload the page")
+        name = self._field(request, "name").strip()[:64]
+        password = self._field(request, "password")
+        source = self._source(request)
+        user_key, address_key = name.lower(), source
+        audit = {"actor": f"user:{name}", "source": source, "action": "login", "target": "console"}
+        wait = max(self.user_throttle.wait(user_key), self.address_throttle.wait(address_key))
+        if wait > 0:
+            yield self._audit(dict(audit, result="refused", detail=f"backing off: {wait:.0f} s after failed sign-ins"))
+            result = yield self._login_form(request, 429, f"Too many failed sign-ins: try again in {wait:.0f} s.")
+            return result
+        user = yield self.engine.writer.read(self.engine.writer.store.get_user, name) if name else defer.succeed(None)
+        stored = user["password_hash"] if user else _NO_USER_HASH
+        reactor = self.reactor
+        matches = yield threads.deferToThreadPool(reactor, reactor.getThreadPool(), verify_password, password, stored)
+        if user is None or not matches or user["disabled"]:
+            self.user_throttle.failed(user_key)
+            self.address_throttle.failed(address_key)
+            why = "no such user" if user is None else ("disabled" if matches else "wrong password")
+            yield self._audit(dict(audit, result="failed", detail=why))
+            result = yield self._login_form(request, 401, "Wrong name or password, or the account is disabled.")
+            return result
+        self.user_throttle.succeeded(user_key)  # not the address: one good password does not excuse a spray
+        session_id, _ = self.sessions.create(user["name"], user["role"], bool(user["phi"]), source)
+        now = self.clock()
+        yield self.support.run(lambda store: store.record_login(user["name"], now, dict(audit, actor=f"user:{user['name']}")))
+        request.addCookie(SESSION_COOKIE, session_id.encode(), path=b"/", httpOnly=True, sameSite="strict", secure=self.tls)
+        request.addCookie(LOGIN_COOKIE, b"", path=b"/login", httpOnly=True, sameSite="strict", secure=self.tls,
+                          max_age=b"0")
+        target = self._field(request, "next")
+        safe = target.startswith("/") and not target.startswith("//") and not target.startswith("/\\")
+        request.redirect((target if safe else "/").encode("utf-8"))
+        request.setResponseCode(303)
+        return b""
+
+    @app.route("/logout", methods=["POST"])
+    @page(permission="read", post=True)
+    @defer.inlineCallbacks
+    def logout(self, request, session):
+        everywhere = self._field(request, "everywhere") == "1"
+        if everywhere:
+            ended = self.sessions.end_all(session.user)
+        else:
+            self.sessions.end((request.getCookie(SESSION_COOKIE) or b"").decode("latin-1"))
+            ended = 1
+        yield self._audit({"actor": f"user:{session.user}", "source": self._source(request),
+                           "action": "logout", "target": "console",
+                           "detail": f"signed out everywhere ({ended} session(s))" if everywhere else ""})
+        request.addCookie(SESSION_COOKIE, b"", path=b"/", httpOnly=True, sameSite="strict", secure=self.tls, max_age=b"0")
+        request.redirect(b"/login")
+        request.setResponseCode(303)
+        return b""
+
+    # -- dashboard ----------------------------------------------------------------------------------
+    def dashboard_data(self) -> list[dict]:
+        """Every channel with its counters and destinations: from memory only (no store read)."""
+        status = self.engine.status()
+        return [dict(view, destinations=sorted(view["destinations"].items())) for _, view in sorted(status["channels"].items())]
+
+    def render_channels(self) -> str:
+        return self.templates.get_template("_channels.html").render(channels=self.dashboard_data(), now=self.clock())
+
+    @app.route("/", methods=["GET"])
+    @page("read")
+    def dashboard(self, request, session):
+        return self._render("dashboard.html", request, session=session, channels_html=self.render_channels(),
+                            active="dashboard")
+
+    @app.route("/live/dashboard", methods=["GET"])
+    @page("read")
+    def live_dashboard(self, request, session):
+        if self.streams >= MAX_STREAMS:
+            raise HTTPError(503, "too many live views open")
+        return LiveStream(self, request, self.render_channels, "channels").done
+
+    # -- messages -------------------------------------------------------------------------------------
+    @app.route("/messages", methods=["GET"])
+    @page("read")
+    @defer.inlineCallbacks
+    def messages(self, request, session):
+        filters = {name: self._field(request, name).strip() for name in SEARCH_FILTERS}
+        filters = {k: v for k, v in filters.items() if v}
+        text = self._field(request, "text").strip()
+        since, until = self._time(request, "since"), self._time(request, "until")
+        before = self._field(request, "before")
+        if before and not before.isdigit():
+            raise HTTPError(400, "before is a message number")
+        if filters.get("patient_id"):  # who looked for which patient's messages is itself patient data
+            yield self._audit({"actor": f"user:{session.user}", "source": self._source(request),
+                               "action": "messages.search", "target": "patient_id",
+                               "detail": "search by patient id"})
+        rows = yield self.support.run(lambda store: store.search(
+            **filters, since=since, until=until, before_id=int(before) if before else None, limit=PAGE_SIZE,
+            text=text.encode("utf-8", "surrogateescape") if text else None))
+        query = {k: v for k, v in ((n, self._field(request, n)) for n in (*SEARCH_FILTERS, "text", "since", "until")) if v}
+        older = "/messages?" + urlencode(dict(query, before=rows[-1]["id"])) if len(rows) == PAGE_SIZE else None
+        return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
+                            query=query, older=older, channels=sorted(self.engine.channels), statuses=STATUSES,
+                            active="messages")
+
+    def _time(self, request, name: str):
+        value = self._field(request, name).strip()
+        if not value:
+            return None
+        for layout in ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+            try:
+                return time.mktime(time.strptime(value, layout))  # the site's time zone, as shown
+            except ValueError:
+                continue
+        raise HTTPError(400, f"{name}: a date and time such as 2026-11-30T14:05")
+
+    @app.route("/messages/<int:message_id>", methods=["GET"])
+    @page("read")
+    def message(self, request, session, message_id):
+        return self._message(request, session, message_id, None)
+
+    @app.route("/messages/<int:message_id>/reveal", methods=["POST"])
+    @page("phi", post=True)
+    @defer.inlineCallbacks
+    def reveal(self, request, session, message_id):
+        reason = self._field(request, "reason").strip()
+        if not reason:
+            raise HTTPError(400, "showing patient data needs a reason: it is written to the audit log")
+        yield self._audit({"actor": f"user:{session.user}", "source": self._source(request), "action": "phi.view",
+                           "target": f"message {message_id}", "reason": reason[:500]})
+        result = yield self._message(request, session, message_id, reason[:500])
+        return result
+
+    @defer.inlineCallbacks
+    def _message(self, request, session, message_id: int, reason: str | None):
+        stored = yield self.support.run(lambda store: store.get_message(message_id))
+        if stored is None:
+            raise HTTPError(404, f"no message {message_id}")
+        view = message_view(stored, reason is not None)
+        return self._render("message.html", request, session=session, message=view, revealed=reason,
+                            active="messages")
+
+
+class LiveStream:
+    """One browser's server-sent events: the fragment re-rendered every ``interval`` seconds and
+    sent when it changed; a heartbeat comment when nothing was sent for ``heartbeat`` seconds.
+
+    It is the request's streaming producer: when the browser reads slower than updates come, the
+    transport pauses it and the updates in between are dropped (the next one sent says how many),
+    so a slow client costs one pending update, never a growing buffer."""
+
+    def __init__(self, console: Console, request, render, event: str, interval: float = 1.0,
+                 heartbeat: float = 15.0):
+        self.console = console
+        self.request = request
+        self.render = render
+        self.event = event
+        self.heartbeat = heartbeat
+        self.paused = False
+        self.skipped = 0
+        self.last = None
+        self.last_sent = 0.0
+        # fires only if Klein cancels it (the connection was lost); the stream ends with the page
+        self.done = defer.Deferred(lambda _: self._stop())
+        console.streams += 1
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        request.registerProducer(self, True)
+        request.write(b"retry: 3000\n\n")
+        self.loop = task.LoopingCall(self.tick)
+        self.loop.clock = console.reactor
+        self.loop.start(interval, now=True)
+        request.notifyFinish().addBoth(self._finished)
+
+    def tick(self):
+        if self.paused:
+            self.skipped += 1
+            return
+        now = self.console.clock()
+        html = self.render()
+        if html == self.last:
+            if now - self.last_sent >= self.heartbeat:
+                self.request.write(b": heartbeat\n\n")
+                self.last_sent = now
+            return
+        self.last = html
+        if self.skipped:
+            html = f'<p class="note">{self.skipped} update(s) skipped: this browser fell behind</p>\n' + html
+            self.skipped = 0
+        data = "".join(f"data: {line}\n" for line in html.splitlines())
+        self.request.write(f"event: {self.event}\n{data}\n".encode("utf-8"))
+        self.last_sent = now
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def stopProducing(self):
+        self._stop()
+
+    def _finished(self, _):
+        self._stop()
+
+    def _stop(self):
+        if self.loop.running:
+            self.loop.stop()
+            self.console.streams -= 1
+

@@ -1,0 +1,363 @@
+"""The web console: sessions and back-off alone, the dashboard from memory, and every route against
+a real `hl7relay run` (roles, CSRF, Origin, headers, masking, the audit log)."""
+
+import http.cookiejar
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hl7relay.console.sessions import LoginThrottle, Sessions
+from hl7relay.mllp.framing import MLLPFramer, frame
+from hl7relay.ops.auth import hash_password
+from hl7relay.store.database import Store
+
+PASSWORD = "a long enough password"
+ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P|2.5.1\r"
+       "EVN|A01|20240105093512\rPID|1||100234^^^CLINIC^MR||SAMPLEPATIENT^JANE\rPV1|1|O\r")
+USERS = {"viewer": ("viewer", False), "operator": ("operator", False), "phi-operator": ("operator", True),
+         "admin": ("admin", False)}
+EXTRA_USERS = {"guessed": "admin"}  # the target of the wrong-password test, so the others are not held back
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_700_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+# -- sessions and back-off, alone ------------------------------------------------------------------
+def test_sessions_end_when_idle_after_their_absolute_limit_and_on_sign_out():
+    clock = Clock()
+    sessions = Sessions(clock, idle=900, absolute=3600)
+    session_id, session = sessions.create("alice", "admin", False, "127.0.0.1")
+    assert sessions.get(session_id) is session and session_id not in repr(sessions._sessions)  # kept hashed
+    clock.now += 899
+    assert sessions.get(session_id) is session  # activity moves the idle limit
+    clock.now += 901
+    assert sessions.get(session_id) is None  # idle too long
+    session_id, _ = sessions.create("alice", "admin", False, "127.0.0.1")
+    for _ in range(5):
+        clock.now += 800
+        sessions.get(session_id)
+    assert sessions.get(session_id) is None  # active all along, but past the absolute limit
+    first, _ = sessions.create("alice", "admin", False, "a")
+    second, _ = sessions.create("alice", "admin", False, "b")
+    other, _ = sessions.create("bob", "viewer", False, "c")
+    sessions.end(first)
+    assert sessions.get(first) is None and sessions.get(second) is not None
+    assert sessions.end_all("alice") == 1 and sessions.get(second) is None and sessions.get(other) is not None
+    assert sessions.get("") is None and sessions.get("made-up") is None
+
+
+def test_csrf_tokens_are_per_session():
+    sessions = Sessions(Clock())
+    _, one = sessions.create("a", "viewer", False, "x")
+    _, two = sessions.create("a", "viewer", False, "x")
+    assert one.csrf != two.csrf and Sessions.csrf_ok(one, one.csrf)
+    assert not Sessions.csrf_ok(one, two.csrf) and not Sessions.csrf_ok(one, "") and not Sessions.csrf_ok(one, None)
+
+
+def test_failed_sign_ins_back_off():
+    clock = Clock()
+    throttle = LoginThrottle(clock, free=3)
+    for _ in range(3):
+        assert throttle.wait("alice") == 0
+        throttle.failed("alice")
+    assert throttle.wait("alice") == 0  # three free
+    throttle.failed("alice")
+    assert throttle.wait("alice") == 1 and throttle.wait("bob") == 0
+    clock.now += 1
+    throttle.failed("alice")
+    assert throttle.wait("alice") == 2  # doubling
+    throttle.succeeded("alice")
+    assert throttle.wait("alice") == 0
+    for _ in range(40):
+        throttle.failed("bob")
+    assert throttle.wait("bob") == 15 * 60  # capped
+
+
+# -- the dashboard reads memory only ------------------------------------------------------------------
+def test_the_dashboard_does_not_read_the_store(tmp_path, manual_executor):
+    from twisted.internet import task
+
+    from hl7relay.channels import load_channel
+    from hl7relay.console.app import Console
+    from hl7relay.hl7.message import Message
+    from hl7relay.runtime import Engine
+    from hl7relay.store.writer import StoreWriter
+
+    path = tmp_path / "adt.yaml"
+    path.write_text("name: adt\nsource: {type: mllp, port: 0}\ndestinations: [{name: lab, type: file, directory: out}]\n")
+    channel, errors = load_channel(path, {})
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    clock = task.Clock()
+    engine = Engine([channel], StoreWriter(store, clock, executor=manual_executor), reactor=clock)
+    engine.handle(channel, Message(ADT.format(id="D1")), "peer")
+    manual_executor.run_all()
+
+    class NoStore:
+        def __getattr__(self, name):
+            raise AssertionError(f"the dashboard read the store ({name})")
+
+    engine.writer.store, engine.writer.read = NoStore(), NoStore()
+    console = Console(engine, clock)
+    html = console.render_channels()
+    assert 'data-channel="adt"' in html and 'data-count="received">1 / 1<' in html and 'data-destination="lab"' in html
+    assert "SAMPLEPATIENT" not in html
+
+
+# -- against a real engine ---------------------------------------------------------------------------
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+class Browser:
+    """A cookie-keeping client that does not follow redirects (so they can be checked)."""
+
+    def __init__(self, base):
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), NoRedirect())
+        self.csrf = None
+
+    def request(self, method, path, form=None, headers=None):
+        data = urllib.parse.urlencode(form).encode() if form is not None else (b"" if method == "POST" else None)
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers or {})
+        try:
+            with self.opener.open(request, timeout=30) as response:
+                return response.status, dict(response.headers), response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read().decode()
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, form=None, csrf=True, **kw):
+        form = dict(form or {})
+        if csrf and self.csrf:
+            form.setdefault("csrf", self.csrf)
+        return self.request("POST", path, form, **kw)
+
+    def login(self, name, password=PASSWORD):
+        _, _, body = self.get("/login")
+        token = re.search(r'name="login_token" value="([^"]+)"', body).group(1)
+        status, headers, body = self.request("POST", "/login", {"login_token": token, "name": name, "password": password,
+                                                                "next": "/"})
+        if status == 303:
+            _, _, page = self.get("/")
+            self.csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+        return status, headers, body
+
+
+def wait_for(process, fragment, seen):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_runtime import wait_for_line
+
+    seen += wait_for_line(process, fragment)
+    return "".join(seen)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("console")
+    (folder / "channels").mkdir()
+    (folder / "channels" / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\n"
+        "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 9, retry_initial: 30, retry_max: 30}]\n")
+    store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
+    store.migrate()
+    for name, (role, phi) in USERS.items():
+        store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
+        if phi:
+            store.update_user(name, {"actor": "test", "action": "user.phi", "target": name}, phi=True)
+    for name, role in EXTRA_USERS.items():
+        store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
+    store.close()
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", "--console-port", "auto"],
+                               cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    startup = wait_for(process, "ready", [])
+    base = re.search(r"console: (http://127\.0\.0\.1:\d+)/", startup).group(1)
+    mllp_port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
+    with socket.create_connection(("127.0.0.1", mllp_port)) as pms:  # one message with a patient name in it
+        pms.sendall(frame(ADT.format(id="CON1").encode()))
+        framer, got = MLLPFramer(), []
+        while not got:
+            got = framer.feed(pms.recv(65536))
+    yield {"base": base, "folder": folder, "store": Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")}
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    process.stdout.close()
+
+
+def signed_in(engine, name):
+    browser = Browser(engine["base"])
+    status, _, _ = browser.login(name)
+    assert status == 303
+    return browser
+
+
+def test_anonymous_visitors_are_sent_to_sign_in_and_see_the_way_to_the_first_account(engine):
+    browser = Browser(engine["base"])
+    for path in ("/", "/messages", "/messages/1"):
+        status, headers, _ = browser.get(path)
+        assert status == 303 and headers["Location"].startswith("/login?next=")
+    assert browser.get("/live/dashboard")[0] == 401
+    assert browser.post("/messages/1/reveal", {"reason": "x"})[0] == 401
+    status, headers, body = browser.get("/login")
+    assert status == 200 and "hl7relay user add NAME --role admin" not in body  # there are users
+    assert "samesite=strict" in headers["Set-Cookie"].lower() and "HttpOnly" in headers["Set-Cookie"]
+
+
+def test_sign_in_sets_a_strict_cookie_and_sign_out_ends_the_session(engine):
+    browser = Browser(engine["base"])
+    status, headers, _ = browser.login("viewer")
+    cookie = headers["Set-Cookie"]
+    assert status == 303 and headers["Location"] == "/"
+    assert "hl7relay_session=" in cookie and "HttpOnly" in cookie and "samesite=strict" in cookie.lower() and "Path=/" in cookie
+    assert "Secure" not in cookie  # plain HTTP on loopback here; under TLS the cookie says Secure
+    assert browser.get("/")[0] == 200
+    kept = list(browser.jar)
+    assert browser.post("/logout")[0] == 303
+    assert browser.get("/")[0] == 303
+    replayed = Browser(engine["base"])  # the old cookie, sent again after sign-out, is worth nothing
+    for cookie in kept:
+        replayed.jar.set_cookie(cookie)
+    assert replayed.get("/")[0] == 303
+
+
+def test_sign_out_everywhere_ends_every_session_of_the_user(engine):
+    first, second = signed_in(engine, "operator"), signed_in(engine, "operator")
+    assert first.post("/logout", {"everywhere": "1"})[0] == 303
+    assert second.get("/")[0] == 303
+
+
+def test_wrong_passwords_are_refused_audited_and_back_off(engine):
+    store = engine["store"]
+    before = len(store.audit_entries(action="login", limit=1000))
+    browser = Browser(engine["base"])
+    codes = [browser.login("guessed", "wrong password!")[0] for _ in range(4)]
+    assert codes == [401, 401, 401, 401]
+    status, _, body = browser.login("guessed", "wrong password!")
+    assert status == 429 and "try again in" in body
+    entries = store.audit_entries(action="login", limit=1000)[: len(store.audit_entries(action="login", limit=1000)) - before]
+    assert [e["result"] for e in entries] == ["refused", "failed", "failed", "failed", "failed"]
+    assert all(e["actor"] == "user:guessed" and e["source"] == "127.0.0.1" for e in entries)
+    assert browser.login("guessed")[0] == 429  # even the right password waits its turn
+    assert Browser(engine["base"]).login("nobody", "wrong password!")[0] == 401  # the address has more room
+    assert Browser(engine["base"]).login("viewer")[0] == 303
+
+
+def test_every_response_carries_the_security_headers(engine):
+    browser = signed_in(engine, "admin")
+    for path in ("/", "/messages", "/messages/1", "/login", "/nope", "/static/console.css"):
+        _, headers, _ = browser.get(path)
+        assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+        assert "script-src 'self'" in headers["Content-Security-Policy"] and "unsafe" not in headers["Content-Security-Policy"]
+        if not path.startswith("/static/"):
+            assert headers["Cache-Control"] == "no-store"
+
+
+ROUTES = [  # (method, path, least role; "phi": operator with the PHI permission, or admin)
+    ("GET", "/", "viewer"),
+    ("GET", "/messages", "viewer"),
+    ("GET", "/messages?channel=adt&status=PROCESSED", "viewer"),
+    ("GET", "/messages/1", "viewer"),
+    ("POST", "/messages/1/reveal", "phi"),
+]
+ALLOWED = {"viewer": {"viewer", "operator", "phi-operator", "admin"}, "phi": {"phi-operator", "admin"}}
+
+
+@pytest.mark.parametrize("method, path, least", ROUTES)
+def test_every_route_for_every_role(engine, method, path, least):
+    for user in USERS:
+        browser = signed_in(engine, user)
+        if method == "GET":
+            status, _, body = browser.get(path)
+        else:
+            status, _, body = browser.post(path, {"reason": "route matrix"})
+        assert status == (200 if user in ALLOWED[least] else 403), (user, status)
+        if not path.endswith("/reveal"):
+            assert "SAMPLEPATIENT" not in body  # masked everywhere but in a reveal
+
+
+def test_every_post_needs_the_csrf_token_and_our_origin(engine):
+    browser = signed_in(engine, "admin")
+    assert browser.post("/messages/1/reveal", {"reason": "x"}, csrf=False)[0] == 403
+    assert browser.post("/messages/1/reveal", {"reason": "x", "csrf": "forged"}, csrf=False)[0] == 403
+    assert browser.post("/messages/1/reveal", {"reason": "x"}, headers={"Origin": "http://evil.example"})[0] == 403
+    assert browser.post("/logout", csrf=False)[0] == 403
+    assert browser.get("/")[0] == 200  # still signed in: the forged sign-out did nothing
+    other = signed_in(engine, "admin")
+    assert browser.post("/messages/1/reveal", {"reason": "x", "csrf": other.csrf}, csrf=False)[0] == 403
+    assert browser.post("/messages/1/reveal", {"reason": "x"}, headers={"Origin": engine["base"]})[0] == 200
+    # the sign-in form is protected too: a login token from another visit does not sign in
+    stranger = Browser(engine["base"])
+    assert stranger.request("POST", "/login", {"login_token": "made-up", "name": "admin", "password": PASSWORD})[0] == 403
+
+
+def test_a_reveal_needs_a_reason_and_writes_exactly_one_audit_row(engine):
+    store = engine["store"]
+    browser = signed_in(engine, "phi-operator")
+    count = len(store.audit_entries(action="phi.view", limit=1000))
+    assert browser.post("/messages/1/reveal", {"reason": " "})[0] == 400
+    assert len(store.audit_entries(action="phi.view", limit=1000)) == count
+    status, _, body = browser.get("/messages/1")
+    assert status == 200 and "SAMPLEPATIENT" not in body and "Show patient data" in body
+    status, _, body = browser.post("/messages/1/reveal", {"reason": "INC-42 wrong ward"})
+    assert status == 200 and "SAMPLEPATIENT^JANE" in body
+    entries = store.audit_entries(action="phi.view", limit=1000)
+    assert len(entries) == count + 1
+    assert (entries[0]["actor"], entries[0]["target"], entries[0]["reason"]) == ("user:phi-operator", "message 1", "INC-42 wrong ward")
+    viewer = signed_in(engine, "viewer")
+    status, _, body = viewer.get("/messages/1")
+    assert "Show patient data" not in body and "/reveal" not in body  # no control for who may not use it
+    assert viewer.post("/messages/1/reveal", {"reason": "curious"})[0] == 403
+    assert len(store.audit_entries(action="phi.view", limit=1000)) == count + 1
+
+
+def test_messages_are_found_by_control_id_and_a_patient_id_search_is_audited(engine):
+    store = engine["store"]
+    browser = signed_in(engine, "viewer")
+    status, _, body = browser.get("/messages?control_id=CON1")
+    assert status == 200 and 'href="/messages/1"' in body and "1***" in body and "100234" not in body
+    assert "No messages match" in browser.get("/messages?control_id=NOPE")[2]
+    count = len(store.audit_entries(action="messages.search", limit=1000))
+    status, _, body = browser.get("/messages?patient_id=100234")
+    assert status == 200 and 'href="/messages/1"' in body
+    assert len(store.audit_entries(action="messages.search", limit=1000)) == count + 1
+    assert browser.get("/messages?since=yesterday")[0] == 400
+    assert browser.get("/messages/999999")[0] == 404
+
+
+def test_the_live_dashboard_streams_server_sent_events(engine):
+    browser = signed_in(engine, "viewer")
+    request = urllib.request.Request(engine["base"] + "/live/dashboard")
+    with browser.opener.open(request, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        data = b""
+        while b"</table>" not in data:
+            data += response.read1(65536)
+    assert b"event: channels\n" in data and b'data: <tr class="channel" data-channel="adt">' in data
+
+
+def test_a_disabled_user_is_refused(engine):
+    store = engine["store"]
+    store.add_user("leaver", "viewer", hash_password(PASSWORD), {"actor": "test", "action": "user.add"})
+    assert signed_in(engine, "leaver").get("/")[0] == 200
+    store.update_user("leaver", {"actor": "test", "action": "user.disable"}, disabled=True)
+    assert Browser(engine["base"]).login("leaver")[0] == 401
