@@ -57,6 +57,16 @@ def test_the_phi_permission_can_be_given_to_an_operator_only(store, capsys, monk
     assert cli(capsys, "user", "phi", "nobody", "on")[0] == 1
 
 
+def test_the_first_user_can_be_added_before_the_engine_ever_ran(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = cli(capsys, "user", "add", "first", "--role", "admin", "--password-stdin",
+                       stdin="a long enough password\n", monkeypatch=monkeypatch)
+    assert code == 0 and "first added (admin)" in out
+    database = tmp_path / "data" / "hl7relay.db"
+    assert oct(database.stat().st_mode & 0o777) == "0o600" and oct(database.parent.stat().st_mode & 0o777) == "0o700"
+    assert Store(f"sqlite:///{database}").get_user("first")["role"] == "admin"
+
+
 def test_an_older_store_gains_the_new_user_columns(tmp_path, monkeypatch):
     from hl7relay.store import database
 

@@ -163,3 +163,17 @@ def test_the_engine_settings_come_from_specs_listed_and_as_a_schema(capsys, tmp_
     code, output = run(capsys, ["status", "--config", str(tmp_path / "typo.yaml")])
     assert code != 0 and "typo.yaml:1:1: unknown key 'log_levle'" in output and "(did you mean 'log_level')" in output
     assert "typo.yaml:2:9: unknown key 'prot'" in output
+    jsonschema.validate({"console": {"port": "auto", "tls_cert": "c.pem", "idle_timeout": 600}}, schema)
+    (tmp_path / "console.yaml").write_text("console: {hots: 0.0.0.0, port: 99999}\n")
+    code, output = run(capsys, ["status", "--config", str(tmp_path / "console.yaml")])
+    assert code != 0 and "console.yaml:1:11: unknown key 'hots' for settings 'console' (did you mean 'host')" in output
+
+
+def test_the_console_is_not_served_in_plain_http_off_this_machine(tmp_path):
+    (tmp_path / "ch.yaml").write_text("name: ch\nsource: {type: mllp, port: 0}\n")
+    command = [sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path), "--data-dir", str(tmp_path / "data"),
+               "--admin-port", "0", "--console-host", "0.0.0.0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "not starting: the console would serve plain HTTP on 0.0.0.0" in result.stderr
+    assert not (tmp_path / "data" / "hl7relay.db").exists()  # refused before anything was opened

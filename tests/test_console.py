@@ -300,6 +300,10 @@ def test_every_post_needs_the_csrf_token_and_our_origin(engine):
     assert browser.post("/messages/1/reveal", {"reason": "x"}, csrf=False)[0] == 403
     assert browser.post("/messages/1/reveal", {"reason": "x", "csrf": "forged"}, csrf=False)[0] == 403
     assert browser.post("/messages/1/reveal", {"reason": "x"}, headers={"Origin": "http://evil.example"})[0] == 403
+    # a browser on our own page under no-referrer says Origin: null; Fetch Metadata tells where it came from
+    assert browser.post("/messages/1/reveal", {"reason": "x"}, headers={"Origin": "null", "Sec-Fetch-Site": "cross-site"})[0] == 403
+    assert browser.post("/messages/1/reveal", {"reason": "x"}, headers={"Origin": "null"})[0] == 403
+    assert browser.post("/messages/1/reveal", {"reason": "x"}, headers={"Sec-Fetch-Site": "same-site"})[0] == 403
     assert browser.post("/logout", csrf=False)[0] == 403
     assert browser.get("/")[0] == 200  # still signed in: the forged sign-out did nothing
     other = signed_in(engine, "admin")

@@ -60,7 +60,9 @@ def format_time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def open_store_from_args(args):
+def open_store_from_args(args, create: bool = False):
+    """The store the settings name, brought up to date. Support verbs never create one (run in the
+    wrong folder, they say so); ``create``: the first `user add` of a new installation may."""
     from hl7relay.cli._settings import resolve_settings
     from hl7relay.store.database import Store
 
@@ -74,7 +76,14 @@ def open_store_from_args(args):
              else "the default, data/hl7relay.db under the current folder")
     hint = "run this in the engine's folder, or pass --config FILE, --store URL or --data-dir DIR (or set HL7RELAY_CONFIG)"
     try:
-        # a support verb never creates a store: run in the wrong folder it says so instead
+        if create:
+            import os
+
+            previous = os.umask(0o077)  # as `run` does: the store is its user's only
+            try:
+                Store(settings["store"]).migrate()
+            finally:
+                os.umask(previous)
         store = Store(settings["store"], create=False)
         version = store.schema_version()
     except StoreError as exc:

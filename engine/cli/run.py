@@ -17,7 +17,9 @@ Defaults (no edits needed in a checkout): channels from ./channels, SQLite at
   data_dir: data
   channels: [channels]
   log_level: info
-  stop_timeout: 10      # seconds a stop waits for the ACKs of deliveries already sent"""
+  stop_timeout: 10      # seconds a stop waits for the ACKs of deliveries already sent
+  admin: {host: 127.0.0.1, port: 9102}      # /metrics, /healthz, /readyz, /api/v1 (tokens)
+  console: {host: 127.0.0.1, port: 9103}    # the web console (users from hl7relay user add)"""
 
 from hl7relay.cli._args import port, seconds
 from hl7relay.cli._settings import add_settings_arguments, resolve_settings

@@ -84,7 +84,8 @@ def run(args) -> int:
         print(f"{args.name!r} is not a user name: letters, digits and . _ @ -, up to 64, starting with a letter or digit",
               file=sys.stderr)
         return 2
-    store, _ = open_store_from_args(args)
+    # the first user of a new installation may come before the engine's first start
+    store, _ = open_store_from_args(args, create=args.action == "add")
     audit = cli_audit(f"user.{args.action}", getattr(args, "name", ""))
     if args.action == "list":
         rows = store.list_users()

@@ -36,7 +36,7 @@ SESSION_COOKIE = b"hl7relay_session"
 LOGIN_COOKIE = b"hl7relay_login"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-_CONTENT_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; charset=utf-8"}
+_CONTENT_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml"}
 STATIC = {p.name: p for p in (HERE / "static").iterdir() if p.suffix in _CONTENT_TYPES}
 STATUSES = ("PROCESSED", "FILTERED", "ERROR", "DUPLICATE")
 PAGE_SIZE = 50
@@ -131,11 +131,18 @@ class Console:
         return getattr(request.getClientAddress(), "host", "?")
 
     def _origin_ok(self, request) -> bool:
+        """Whether a POST comes from the console's own pages. ``Origin`` must be ours; with
+        ``Referrer-Policy: no-referrer`` a browser sends ``Origin: null`` on our own forms, so then
+        the Fetch Metadata header ``Sec-Fetch-Site`` (which every current browser sends) decides.
+        With neither, the client is not a browser and the CSRF token alone decides."""
         origin = request.getHeader(b"origin")
-        if origin is None:
-            return True  # not a browser, or a browser that does not say: the CSRF token decides
-        host = request.getHeader(b"host") or b""
-        return origin.decode("latin-1") == f"{'https' if self.tls else 'http'}://{host.decode('latin-1')}"
+        if origin is not None and origin != b"null":
+            host = request.getHeader(b"host") or b""
+            return origin.decode("latin-1") == f"{'https' if self.tls else 'http'}://{host.decode('latin-1')}"
+        site = request.getHeader(b"sec-fetch-site")
+        if site is not None:
+            return site == b"same-origin"
+        return origin is None
 
     @staticmethod
     def _field(request, name: str) -> str:

@@ -1,0 +1,184 @@
+"""The console in a real browser: Playwright driving Debian's Chromium against a real `hl7relay run`.
+
+Chromium comes from the machine (`apt-get install chromium`; .ci/run installs it), never from a
+download. These tests are skipped only when HL7RELAY_BROWSER_TESTS=0 says so; a missing browser
+is a failure, not a silent skip. Screenshots of every page visited go to
+build/test-artifacts/console/ (or $HL7RELAY_ARTIFACTS).
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hl7relay.ops.auth import hash_password
+from hl7relay.store.database import Store
+
+if os.environ.get("HL7RELAY_BROWSER_TESTS") == "0":
+    pytest.skip("browser tests switched off by HL7RELAY_BROWSER_TESTS=0", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("HL7RELAY_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("HL7RELAY_ARTIFACTS", REPO / "build" / "test-artifacts" / "console"))
+PASSWORD = "a long enough password"
+SAMPLE = REPO / "samples" / "adt_a01.hl7"  # patient DOE^JANE, control id MSG00001
+# what the browser is told besides headless: no sandbox as root, no shared memory limits, and no
+# background connections (this machine's network is closed; Chromium would try them at start)
+CHROMIUM_ARGS = ["--disable-dev-shm-usage", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (or HL7RELAY_BROWSER_TESTS=0)"
+    folder = tmp_path_factory.mktemp("browser")
+    (folder / "channels").mkdir()
+    (folder / "channels" / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\n"
+        "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 9, retry_initial: 30, retry_max: 30}]\n")
+    store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
+    store.migrate()
+    for name, role in (("ada", "admin"), ("vic", "viewer")):
+        store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", "--console-port", "auto"],
+                               cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_runtime import wait_for_line
+
+    startup = "".join(wait_for_line(process, "ready"))
+    yield {"base": re.search(r"console: (http://127\.0\.0\.1:\d+)/", startup).group(1),
+           "mllp_port": int(startup.split("MLLP on 127.0.0.1:")[1].split()[0]), "store": store, "folder": folder}
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Watched:
+    """A page whose JavaScript errors, CSP violations and failed responses are collected."""
+
+    def __init__(self, browser, engine, name):
+        self.context = browser.new_context(viewport={"width": 1280, "height": 800})
+        self.page = self.context.new_page()
+        self.engine = engine
+        self.name = name
+        self.problems = []
+        self.page.on("pageerror", lambda error: self.problems.append(f"JS error: {error}"))
+        # failed loads are checked by their responses (below), where the expected ones are known
+        self.page.on("console", lambda message: self.problems.append(f"console {message.type}: {message.text}")
+                     if (message.type == "error" and not message.text.startswith("Failed to load resource"))
+                     or "Content Security Policy" in message.text else None)
+        self.page.on("response", lambda response: self.problems.append(f"{response.status} {response.url}")
+                     if response.status >= 400 and response.url not in self.expected_failures else None)
+        self.expected_failures = set()
+        self.shots = 0
+
+    def goto(self, path):
+        self.page.goto(self.engine["base"] + path)
+        return self.page
+
+    def shot(self, label):
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.shots += 1
+        self.page.screenshot(path=str(ARTIFACTS / f"{self.name}-{self.shots:02d}-{label}.png"), full_page=True)
+
+    def sign_in(self, name, password=PASSWORD):
+        page = self.goto("/login")
+        page.fill("input[name=name]", name)
+        page.fill("input[name=password]", password)
+        page.click("button[type=submit]")
+        page.wait_for_load_state()
+        return page
+
+    def close(self):
+        self.context.close()
+        assert self.problems == [], self.problems
+
+
+def send_sample(engine):
+    result = subprocess.run([sys.executable, "-m", "hl7relay", "send", "--port", str(engine["mllp_port"]), str(SAMPLE)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sign_in_wrong_password_and_sign_out(browser, engine):
+    watched = Watched(browser, engine, "login")
+    page = watched.goto("/")
+    assert page.url.startswith(engine["base"] + "/login")
+    watched.shot("login")
+    watched.expected_failures.add(engine["base"] + "/login")  # the wrong password's 401
+    page = watched.sign_in("ada", "not the password")
+    assert "Wrong name or password" in page.inner_text("main")
+    watched.expected_failures.clear()
+    page = watched.sign_in("ada")
+    assert page.url == engine["base"] + "/" and page.inner_text("h1") == "Dashboard"
+    page.click("text=Sign out >> nth=0")
+    page.wait_for_url(re.compile(r".*/login$"))
+    watched.goto("/")
+    assert watched.page.url.startswith(engine["base"] + "/login")
+    watched.close()
+
+
+def test_a_sent_message_moves_the_dashboard_is_found_masked_and_revealed(browser, engine):
+    watched = Watched(browser, engine, "admin")
+    page = watched.sign_in("ada")
+    received = page.locator('tr[data-channel="adt"] td[data-count="received"]')
+    before = received.inner_text()
+    assert before == "0 / 0"
+    page.wait_for_timeout(300)  # the live view's stream is open (htmx connects on load)
+    send_sample(engine)
+    # the live view (server-sent events, one render a second) shows it within 2 s, no reload
+    from playwright.sync_api import expect
+
+    expect(received).to_have_text("1 / 1", timeout=2000)
+    watched.shot("dashboard")
+    page.click("text=Messages")
+    page.fill("input[name=control_id]", "MSG00001")
+    page.click("text=Search")
+    page.wait_for_load_state()
+    watched.shot("messages")
+    rows = page.locator("#messages tbody tr")
+    assert rows.count() == 1 and "MSG00001" in rows.first.inner_text()
+    page.click("#messages tbody tr >> a >> nth=0")
+    page.wait_for_load_state()
+    watched.shot("detail-masked")
+    assert "DOE" not in page.content() and "***" in page.inner_text("#raw")
+    page.fill("input[name=reason]", "INC-9 checking the ward")
+    page.click("text=Show patient data")
+    page.wait_for_load_state()
+    watched.shot("detail-revealed")
+    assert "DOE^JANE" in page.inner_text("#raw") and "Patient data shown" in page.inner_text("main")
+    entry = engine["store"].audit_entries(action="phi.view")[0]
+    assert (entry["actor"], entry["reason"]) == ("user:ada", "INC-9 checking the ward")
+    watched.close()
+
+
+def test_a_viewer_sees_no_reveal_control_and_a_forced_post_is_refused(browser, engine):
+    watched = Watched(browser, engine, "viewer")
+    page = watched.sign_in("vic")
+    watched.goto("/messages/1")
+    watched.shot("detail-viewer")
+    assert page.locator("form.reveal").count() == 0 and "DOE" not in page.content()
+    watched.expected_failures.add(engine["base"] + "/messages/1/reveal")
+    csrf = page.locator("input[name=csrf]").first.get_attribute("value")
+    status = page.evaluate("""async (csrf) => {
+        const body = new URLSearchParams({csrf, reason: "forced"});
+        const response = await fetch("/messages/1/reveal", {method: "POST", body});
+        return response.status;
+    }""", csrf)
+    assert status == 403
+    watched.close()
