@@ -48,3 +48,53 @@ class ManualExecutor:
 @pytest.fixture
 def manual_executor():
     return ManualExecutor()
+
+
+# An ADT channel whose one destination nobody answers (port 9, discard): deliveries stay queued.
+ADT_CHANNEL = ("name: adt\nsource: {type: mllp, port: 0}\n"
+               "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 9, retry_initial: 30, retry_max: 30}]\n")
+
+
+class RunningEngine:
+    """A real ``hl7relay run`` in ``folder`` (one ADT channel, a store made beforehand so that
+    users and tokens can be added before it starts), on free ports."""
+
+    def __init__(self, folder: Path, *arguments, prepare=None):
+        import os
+        import re
+        import subprocess
+        import sys
+
+        from hl7relay.store.database import Store
+
+        (folder / "channels").mkdir()
+        (folder / "channels" / "adt.yaml").write_text(ADT_CHANNEL)
+        self.folder = folder
+        self.store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
+        self.store.migrate()
+        if prepare is not None:
+            prepare(self.store)  # users, tokens
+        self.process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", *arguments], cwd=folder,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        sys.path.insert(0, str(Path(__file__).parent))
+        from test_runtime import wait_for_line
+
+        self.startup = "".join(wait_for_line(self.process, "ready"))
+        self.mllp_port = int(self.startup.split("MLLP on 127.0.0.1:")[1].split()[0])
+        console = re.search(r"console: (https?://[^/\s]+)/", self.startup)
+        self.console = console.group(1) if console else None
+
+    def stop(self) -> int:
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.process.stdout.close()
+        return code
+
+
+@pytest.fixture(scope="session")
+def running_engine():
+    """``running_engine(folder, *arguments, prepare=fn)``: a :class:`RunningEngine`."""
+    return RunningEngine

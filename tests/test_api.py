@@ -23,38 +23,26 @@ TOKENS = {"viewer": "hl7r_viewer-token-for-tests-0123456789abcdef", "operator": 
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("api")
-    (folder / "channels").mkdir()
-    (folder / "channels" / "adt.yaml").write_text(
-        "name: adt\nsource: {type: mllp, port: 0}\n"
-        "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 9, retry_initial: 30, retry_max: 30}]\n")
-    store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
-    store.migrate()
-    for role, token in TOKENS.items():
-        store.add_token(role, role, token_hash(token), "test", {"actor": "test", "action": "token.create", "target": role})
-    store.close()
-    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto"], cwd=folder,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_runtime import wait_for_line
+def engine(tmp_path_factory, running_engine):
+    def prepare(store):
+        for role, token in TOKENS.items():
+            store.add_token(role, role, token_hash(token), "test", {"actor": "test", "action": "token.create", "target": role})
 
-    startup = "".join(wait_for_line(process, "ready"))
-    mllp_port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
+    running = running_engine(tmp_path_factory.mktemp("api"), "--admin-port", "auto", "--console-port", "0",
+                             prepare=prepare)
+    folder = running.folder
     base = (folder / "data" / "api-endpoint").read_text().strip()
     local = (folder / "data" / "api-token").read_text().strip()
     assert oct((folder / "data" / "api-token").stat().st_mode & 0o777) == "0o600"
     import socket
 
-    with socket.create_connection(("127.0.0.1", mllp_port)) as pms:  # one message with a patient name in it
+    with socket.create_connection(("127.0.0.1", running.mllp_port)) as pms:  # one message with a patient name in it
         pms.sendall(frame(ADT.format(id="API1").encode()))
         framer, got = MLLPFramer(), []
         while not got:
             got = framer.feed(pms.recv(65536))
-    yield {"base": base, "local": local, "folder": folder, "store": Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")}
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
-    process.stdout.close()
+    yield {"base": base, "local": local, "folder": folder, "store": running.store}
+    assert running.stop() == 0
 
 
 def call(engine, method, path, token=None, body=None, headers=None):

@@ -2,16 +2,11 @@
 a real `hl7relay run` (roles, CSRF, Origin, headers, masking, the audit log)."""
 
 import http.cookiejar
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -162,45 +157,25 @@ class Browser:
         return status, headers, body
 
 
-def wait_for(process, fragment, seen):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_runtime import wait_for_line
-
-    seen += wait_for_line(process, fragment)
-    return "".join(seen)
-
-
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("console")
-    (folder / "channels").mkdir()
-    (folder / "channels" / "adt.yaml").write_text(
-        "name: adt\nsource: {type: mllp, port: 0}\n"
-        "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 9, retry_initial: 30, retry_max: 30}]\n")
-    store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
-    store.migrate()
-    for name, (role, phi) in USERS.items():
-        store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
-        if phi:
-            store.update_user(name, {"actor": "test", "action": "user.phi", "target": name}, phi=True)
-    for name, role in EXTRA_USERS.items():
-        store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
-    store.close()
-    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", "--console-port", "auto"],
-                               cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    startup = wait_for(process, "ready", [])
-    base = re.search(r"console: (http://127\.0\.0\.1:\d+)/", startup).group(1)
-    mllp_port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
-    with socket.create_connection(("127.0.0.1", mllp_port)) as pms:  # one message with a patient name in it
+def engine(tmp_path_factory, running_engine):
+    def prepare(store):
+        for name, (role, phi) in USERS.items():
+            store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
+            if phi:
+                store.update_user(name, {"actor": "test", "action": "user.phi", "target": name}, phi=True)
+        for name, role in EXTRA_USERS.items():
+            store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
+
+    running = running_engine(tmp_path_factory.mktemp("console"), "--admin-port", "0", "--console-port", "auto",
+                             prepare=prepare)
+    with socket.create_connection(("127.0.0.1", running.mllp_port)) as pms:  # one message with a patient name in it
         pms.sendall(frame(ADT.format(id="CON1").encode()))
         framer, got = MLLPFramer(), []
         while not got:
             got = framer.feed(pms.recv(65536))
-    yield {"base": base, "folder": folder, "store": Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")}
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
-    process.stdout.close()
+    yield {"base": running.console, "folder": running.folder, "store": running.store}
+    assert running.stop() == 0
 
 
 def signed_in(engine, name):

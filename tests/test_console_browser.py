@@ -8,7 +8,6 @@ build/test-artifacts/console/ (or $HL7RELAY_ARTIFACTS).
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from hl7relay.ops.auth import hash_password
-from hl7relay.store.database import Store
 
 if os.environ.get("HL7RELAY_BROWSER_TESTS") == "0":
     pytest.skip("browser tests switched off by HL7RELAY_BROWSER_TESTS=0", allow_module_level=True)
@@ -33,29 +31,17 @@ CHROMIUM_ARGS = ["--disable-dev-shm-usage", "--no-sandbox", "--disable-gpu", "--
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def engine(tmp_path_factory, running_engine):
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (or HL7RELAY_BROWSER_TESTS=0)"
-    folder = tmp_path_factory.mktemp("browser")
-    (folder / "channels").mkdir()
-    (folder / "channels" / "adt.yaml").write_text(
-        "name: adt\nsource: {type: mllp, port: 0}\n"
-        "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 9, retry_initial: 30, retry_max: 30}]\n")
-    store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
-    store.migrate()
-    for name, role in (("ada", "admin"), ("vic", "viewer")):
-        store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
-    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", "--console-port", "auto"],
-                               cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_runtime import wait_for_line
 
-    startup = "".join(wait_for_line(process, "ready"))
-    yield {"base": re.search(r"console: (http://127\.0\.0\.1:\d+)/", startup).group(1),
-           "mllp_port": int(startup.split("MLLP on 127.0.0.1:")[1].split()[0]), "store": store, "folder": folder}
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
-    process.stdout.close()
+    def prepare(store):
+        for name, role in (("ada", "admin"), ("vic", "viewer")):
+            store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
+
+    running = running_engine(tmp_path_factory.mktemp("browser"), "--admin-port", "0", "--console-port", "auto",
+                             prepare=prepare)
+    yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
+    assert running.stop() == 0
 
 
 @pytest.fixture(scope="module")
