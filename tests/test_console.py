@@ -247,27 +247,78 @@ def test_every_response_carries_the_security_headers(engine):
             assert headers["Cache-Control"] == "no-store"
 
 
-ROUTES = [  # (method, path, least role; "phi": operator with the PHI permission, or admin)
-    ("GET", "/", "viewer"),
-    ("GET", "/messages", "viewer"),
-    ("GET", "/messages?channel=adt&status=PROCESSED", "viewer"),
-    ("GET", "/messages/1", "viewer"),
-    ("POST", "/messages/1/reveal", "phi"),
+ROUTES = [  # (method, path, least role, status when allowed); "phi": operator with the PHI permission, or admin
+    ("GET", "/", "viewer", 200),
+    ("GET", "/messages", "viewer", 200),
+    ("GET", "/messages?channel=adt&status=PROCESSED", "viewer", 200),
+    ("GET", "/messages/1", "viewer", 200),
+    ("POST", "/messages/1/reveal", "phi", 200),
+    ("GET", "/channels", "viewer", 200),
+    ("POST", "/channels/adt/disable", "operator", 303),
+    ("POST", "/channels/adt/destinations/lab/pause", "operator", 303),
+    ("POST", "/channels/adt/destinations/lab/retry", "operator", 303),
+    ("POST", "/reload", "admin", 303),
 ]
-ALLOWED = {"viewer": {"viewer", "operator", "phi-operator", "admin"}, "phi": {"phi-operator", "admin"}}
+ALLOWED = {"viewer": {"viewer", "operator", "phi-operator", "admin"}, "phi": {"phi-operator", "admin"},
+           "operator": {"operator", "phi-operator", "admin"}, "admin": {"admin"}}
+UNDO = {"/channels/adt/disable": "/channels/adt/enable", "/channels/adt/destinations/lab/pause": "/channels/adt/destinations/lab/resume"}
 
 
-@pytest.mark.parametrize("method, path, least", ROUTES)
-def test_every_route_for_every_role(engine, method, path, least):
+@pytest.mark.parametrize("method, path, least, allowed", ROUTES)
+def test_every_route_for_every_role(engine, method, path, least, allowed):
     for user in USERS:
         browser = signed_in(engine, user)
         if method == "GET":
             status, _, body = browser.get(path)
         else:
             status, _, body = browser.post(path, {"reason": "route matrix"})
-        assert status == (200 if user in ALLOWED[least] else 403), (user, status)
+        assert status == (allowed if user in ALLOWED[least] else 403), (user, status)
         if not path.endswith("/reveal"):
             assert "SAMPLEPATIENT" not in body  # masked everywhere but in a reveal
+        if status == allowed and path in UNDO:
+            assert browser.post(UNDO[path], {"reason": "route matrix: undo"})[0] == 303
+
+
+def test_controls_act_and_write_one_audit_row_each(engine):
+    store = engine["store"]
+    browser = signed_in(engine, "operator")
+    cases = [("/channels/adt/destinations/lab/pause", "destination.pause", "adt/lab", "paused"),
+             ("/channels/adt/destinations/lab/resume", "destination.resume", "adt/lab", "connected|not connected|idle"),
+             ("/channels/adt/destinations/lab/retry", "destination.retry", "adt/lab", None),
+             ("/channels/adt/disable", "channel.disable", "adt", "disabled"),
+             ("/channels/adt/enable", "channel.enable", "adt", "running")]
+    for path, action, target, state in cases:
+        before = len(store.audit_entries(action=action, limit=1000))
+        status, headers, _ = browser.post(path, {"reason": f"INC-5 {action}"})
+        assert status == 303 and headers["Location"].startswith("/channels?done=")
+        entries = store.audit_entries(action=action, limit=1000)
+        assert len(entries) == before + 1, action
+        assert (entries[0]["actor"], entries[0]["target"], entries[0]["reason"]) == ("user:operator", target, f"INC-5 {action}")
+        _, _, page = browser.get(headers["Location"])
+        assert 'role="status"' in page
+        if state:
+            section = page.split(f'id="channel-adt"')[1]
+            assert re.search(state, section), (action, state)
+    assert browser.post("/channels/nope/disable", {})[0] == 404
+    assert browser.post("/channels/adt/destinations/nope/pause", {})[0] == 404
+    assert browser.post("/channels/adt/explode", {})[0] == 404
+    status, _, page = signed_in(engine, "viewer").get("/channels")
+    assert status == 200 and "Disable channel" not in page and "Retry now" not in page and "Reload channel files" not in page
+    assert "lint clean" in page and "name: adt" in page  # the file as it is on disk
+
+
+def test_a_reload_with_a_broken_file_changes_nothing_and_says_why(engine):
+    admin = signed_in(engine, "admin")
+    broken = engine["folder"] / "channels" / "broken.yaml"
+    broken.write_text("name: broken\nsource: {type: mllp, prot: 1}\n")
+    try:
+        status, _, body = admin.post("/reload", {"reason": "try"})
+        assert status == 422 and "unknown key &#39;prot&#39;" in body and "nothing changed" in body
+        assert engine["store"].audit_entries(action="reload")[0]["result"] == "refused"
+    finally:
+        broken.unlink()
+    assert admin.post("/reload", {"reason": "fixed"})[0] == 303
+    assert engine["store"].audit_entries(action="reload")[0]["result"] == "ok"
 
 
 def test_every_post_needs_the_csrf_token_and_our_origin(engine):

@@ -379,6 +379,112 @@ class Console:
                             active="messages")
 
 
+    # -- channels and their controls ---------------------------------------------------------------------
+    @app.route("/channels", methods=["GET"])
+    @page("read")
+    @defer.inlineCallbacks
+    def channels(self, request, session):
+        engine = self.engine
+        views = []
+        for name, running in sorted(engine.channels.items()):
+            channel = running.channel
+            view = engine.channel_view(name)
+            view["file"] = str(channel.file)
+            view["text"], view["findings"] = yield threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), _file_and_findings, channel.file)
+            view["configured"] = [{"name": d.name, "type": d.type, "queue": d.config.queue,
+                                   "target": _target(d.config)} for d in channel.destinations]
+            views.append(view)
+        done = DONE.get(self._field(request, "done"))
+        return self._render("channels.html", request, session=session, channels=views, active="channels",
+                            done=done.format(target=self._field(request, "target")) if done else None,
+                            reload_errors=None)
+
+    @app.route("/channels/<channel>/<action>", methods=["POST"])
+    @page("control", post=True)
+    @defer.inlineCallbacks
+    def channel_control(self, request, session, channel, action):
+        if action not in ("enable", "disable"):
+            raise HTTPError(404, "no such action")
+        self._known(channel)
+        audit = self._action(request, session, f"channel.{action}", channel)
+        yield self.engine.set_channel_enabled(channel, action == "enable", audit["actor"], audit)
+        return self._back(request, f"channel.{action}", channel)
+
+    @app.route("/channels/<channel>/destinations/<destination>/<action>", methods=["POST"])
+    @page("control", post=True)
+    @defer.inlineCallbacks
+    def destination_control(self, request, session, channel, destination, action):
+        if action not in ("pause", "resume", "retry"):
+            raise HTTPError(404, "no such action")
+        self._known(channel, destination)
+        audit = self._action(request, session, f"destination.{action}", f"{channel}/{destination}")
+        if action == "retry":
+            yield self.engine.retry_now(channel, destination, audit["actor"], audit)
+        else:
+            yield self.engine.set_destination_paused(channel, destination, action == "pause", audit["actor"], audit)
+        return self._back(request, f"destination.{action}", f"{channel}/{destination}")
+
+    @app.route("/reload", methods=["POST"])
+    @page("reload", post=True)
+    @defer.inlineCallbacks
+    def reload(self, request, session):
+        audit = self._action(request, session, "reload", "channels")
+        result = yield self.engine.reload_from_files(audit["actor"], audit)
+        if "errors" in result:
+            request.setResponseCode(422)
+            return self._render("error.html", request, 422, status=422, session=session,
+                                text="Reload refused, nothing changed: " + "; ".join(result["errors"]))
+        return self._back(request, "reload", "channels")
+
+    def _known(self, channel: str, destination: str | None = None) -> None:
+        running = self.engine.channels.get(channel)
+        if running is None or (destination is not None and destination not in running.queues):
+            raise HTTPError(404, f"no channel {channel!r}" if running is None else f"no destination {destination!r}")
+
+    def _action(self, request, session, action: str, target: str) -> dict:
+        """The audit entry of an action taken in the console (written with the action itself)."""
+        return {"actor": f"user:{session.user}", "source": self._source(request), "action": action, "target": target,
+                "reason": self._field(request, "reason").strip()[:500]}
+
+    @staticmethod
+    def _back(request, done: str, target: str):
+        request.redirect(b"/channels?" + urlencode({"done": done, "target": target}).encode())
+        request.setResponseCode(303)
+        return b""
+
+
+DONE = {"channel.enable": "Channel {target} enabled.", "channel.disable": "Channel {target} disabled: not accepting; "
+        "its queued deliveries wait.", "destination.pause": "Destination {target} paused: its queue keeps filling.",
+        "destination.resume": "Destination {target} resumed.", "destination.retry": "Destination {target}: "
+        "waiting deliveries retried now.", "reload": "Channel files reloaded."}
+
+
+def _file_and_findings(path) -> tuple[str, list[str]]:
+    """A channel file as it is on disk now (secrets stay references: ${VAR}, ${file:...}) and what
+    lint says of it."""
+    from hl7relay.channels import load_channel
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read(256 * 1024).decode("utf-8", "replace")
+    except OSError as exc:
+        return "", [f"cannot read {path}: {exc.strerror}"]
+    try:
+        _, errors = load_channel(path)
+    except Exception as exc:  # noqa: BLE001 - shown, not raised: the page is for finding problems
+        errors = [f"{type(exc).__name__}: {exc}"]
+    return text, [str(e) for e in errors]
+
+
+def _target(config) -> str:
+    for attributes in (("host", "port"), ("directory",), ("channel",)):
+        values = [getattr(config, a, None) for a in attributes]
+        if all(v is not None for v in values):
+            return ":".join(str(v) for v in values)
+    return ""
+
+
 class LiveStream:
     """One browser's server-sent events: the fragment re-rendered every ``interval`` seconds and
     sent when it changed; a heartbeat comment when nothing was sent for ``heartbeat`` seconds.
