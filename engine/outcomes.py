@@ -93,6 +93,7 @@ class DeliveryStatus(enum.StrEnum):
     ERROR = "ERROR"  # dead letter: AE, refusals exhausted, or give_up_after
     FILTERED = "FILTERED"  # the destination's filter skipped it
     WITHDRAWN = "WITHDRAWN"  # after_delivery: the sender was told to resend, so this copy is never sent
+    REPLAYED = "REPLAYED"  # a dead letter (ERROR) replayed: the replay (messages.replay_of) carries it now
 
 
 class DeliveryOutcome(enum.Enum):

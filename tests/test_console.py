@@ -258,6 +258,7 @@ ROUTES = [  # (method, path, least role, status when allowed); "phi": operator w
     ("POST", "/channels/adt/destinations/lab/pause", "operator", 303),
     ("POST", "/channels/adt/destinations/lab/retry", "operator", 303),
     ("POST", "/reload", "admin", 303),
+    ("GET", "/dead-letters", "operator", 200),
 ]
 ALLOWED = {"viewer": {"viewer", "operator", "phi-operator", "admin"}, "phi": {"phi-operator", "admin"},
            "operator": {"operator", "phi-operator", "admin"}, "admin": {"admin"}}
@@ -391,3 +392,48 @@ def test_a_disabled_user_is_refused(engine):
     assert signed_in(engine, "leaver").get("/")[0] == 200
     store.update_user("leaver", {"actor": "test", "action": "user.disable"}, disabled=True)
     assert Browser(engine["base"]).login("leaver")[0] == 401
+
+
+def test_dead_letters_are_grouped_dry_run_then_replayed_with_one_audit_row(engine):
+    from hl7relay.store.database import DeliveryRecord, MessageRecord
+
+    store = engine["store"]
+    raw = ADT.format(id="DEAD{}").encode()
+    records = []
+    for i, error in enumerate(["AE: SAMPLEPATIENT unknown", "AE: SAMPLEPATIENT unknown", "gave up after 10 attempts"]):
+        record = MessageRecord("adt", raw.replace(b"DEAD{}", f"DEAD{i}".encode()), "PROCESSED", 1_700_000_000.0 + i,
+                               "10.0.0.9:1", "UTF-8", control_id=f"DEAD{i}", message_type="ADT^A01", patient_id="100234")
+        record.deliveries.append(DeliveryRecord("lab", "ERROR"))
+        records.append(record)
+    ids = store.commit(records, [])
+    from hl7relay.store.database import DeliveryUpdate
+
+    store.commit([], [DeliveryUpdate(i, "lab", {"last_error": e, "attempts": 1, "updated_at": 1_700_000_100.0})
+                      for i, e in zip(ids, ["AE: SAMPLEPATIENT unknown", "AE: SAMPLEPATIENT unknown", "gave up after 10 attempts"])])
+    operator = signed_in(engine, "operator")
+    status, _, page = operator.get("/dead-letters")
+    assert status == 200 and "SAMPLEPATIENT" not in page  # a peer's error text is masked like any other
+    tokens = re.findall(r'name="group" value="([^"]+)"', page)
+    assert len(tokens) == 2 and ">2</a>" in page and ">1</a>" in page
+    ae = tokens[[i for i, row in enumerate(page.split('name="group"')[1:]) if "gave up" not in row.split("</tr>")[0]][0]]
+    audits = len(store.audit_entries(action="replay.bulk", limit=1000))
+    status, _, preview = operator.post("/dead-letters/replay", {"group": ae})
+    assert status == 200 and re.search(r'id="would-replay">2<', preview) and "DEAD0" in preview and "DEAD1" in preview
+    assert len(store.audit_entries(action="replay.bulk", limit=1000)) == audits and store.replays_of(ids[0]) == []
+    assert operator.post("/dead-letters/replay", {"group": ae, "confirm": "1"})[0] == 400  # no reason
+    status, headers, _ = operator.post("/dead-letters/replay", {"group": ae, "confirm": "1", "reason": "INC-77 lab fixed"})
+    assert status == 303 and "replayed+2" in headers["Location"]
+    entries = store.audit_entries(action="replay.bulk", limit=1000)
+    assert len(entries) == audits + 1 and entries[0]["reason"] == "INC-77 lab fixed" and entries[0]["actor"] == "user:operator"
+    assert entries[0]["detail"].startswith("replayed 2, skipped 0")
+    for original in ids[:2]:
+        [replay] = store.replays_of(original)
+        assert replay["replay_operator"] == "user:operator"
+        assert [d["status"] for d in store.get_message(original)["deliveries"]] == ["REPLAYED"]
+        _, _, detail = operator.get(f"/messages/{original}")
+        assert f'href="/messages/{replay["id"]}"' in detail and "Replayed as" in detail
+    _, _, page = operator.get("/dead-letters")
+    assert len(re.findall(r'name="group" value=', page)) == 1 and "gave up after 10 attempts" in page
+    assert operator.post("/dead-letters/replay", {"group": "bm90IGEgZ3JvdXA="})[0] == 400
+    assert operator.post("/dead-letters/replay", {})[0] == 400
+    assert signed_in(engine, "viewer").post("/dead-letters/replay", {"group": tokens[0]})[0] == 403

@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 from twisted.internet import defer
 
-from hl7relay.store.database import (MIGRATIONS, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT_BYTES, DeliveryRecord, MessageRecord, Store,
+from hl7relay.store.database import (MIGRATIONS, DeliveryUpdate, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT_BYTES, DeliveryRecord, MessageRecord, Store,
                             StoreError, metadata, schema_version)
 from hl7relay.store.writer import StoreWriter
 
@@ -85,7 +85,25 @@ def test_search_columns_are_indexed(store):
             "ix_messages_patient_id"} <= names
     assert "ix_messages_duplicate_key" in names
     assert {ix["name"] for ix in sa.inspect(store.engine).get_indexes("deliveries")} == {
-        "ix_deliveries_queued", "ix_deliveries_message_destination"}  # migration 4 dropped the two it replaced
+        "ix_deliveries_queued", "ix_deliveries_message_destination", "ix_deliveries_dead"}  # migration 4 dropped two
+    assert "ix_messages_replay_of" in names
+
+
+def test_dead_letters_are_grouped_and_a_replay_takes_them_off_the_list(store):
+    store.commit([record(f"D{i}", deliveries=[DeliveryRecord("lab", "QUEUED", b"MSH|x")]) for i in range(5)], [])
+    ids = [r["message_id"] for r in store.queued_deliveries("adt", "lab")]
+    errors = ["AE: unknown patient", "AE: unknown patient", "gave up after 10 attempts", "AE: unknown patient"]
+    store.commit([], [DeliveryUpdate(i, "lab", {"status": "ERROR", "last_error": e, "updated_at": 1000.0 + n})
+                      for n, (i, e) in enumerate(zip(ids, errors))])
+    groups = store.dead_letters()
+    assert [(g["channel"], g["destination"], g["error"], g["count"]) for g in groups] == [
+        ("adt", "lab", "AE: unknown patient", 3), ("adt", "lab", "gave up after 10 attempts", 1)]
+    assert groups[0]["first_seen"] == 1000.0 and groups[0]["last_seen"] == 1003.0
+    assert store.dead_letter_ids("adt", "lab", "AE: unknown patient") == [ids[0], ids[1], ids[3]]
+    assert store.dead_letter_ids("adt", "lab") == ids[:4] and store.dead_letter_ids("other", "lab") == []
+    assert store.dead_letters(channel="other") == []
+    store.commit([], [DeliveryUpdate(ids[0], "lab", {"status": "REPLAYED", "updated_at": 2000.0})])
+    assert store.dead_letters()[0]["count"] == 2
 
 
 def test_the_queue_reads_what_waits_in_order_and_only_what_it_does_not_hold(store):

@@ -224,3 +224,18 @@ def test_messages_show_has_each_destinations_answer_masked(env, capsys):
     store.commit([], [("delivery", (message_id, "lab"), {"status": "ERROR", "last_ack": ack, "last_error": "application_error: patient '999444' unknown"})])
     code, out = cli(capsys, "messages", "show", str(message_id))
     assert "answer:" in out and "MSA|AE|A1" in out and "999444" not in out, out
+
+
+def test_a_peers_unquoted_error_naming_the_patient_is_masked(env, capsys):
+    from hl7relay.ops.phi import mask_known, person_values
+
+    _, store = env
+    message_id = add(store, "U1", pid="999555")
+    store.commit([], [("delivery", (message_id, "lab"), {"status": "ERROR",
+                                                          "last_error": "application_error: DOE JANE (999555) not on file"})])
+    code, out = cli(capsys, "messages", "show", str(message_id))
+    assert code == 0 and "DOE" not in out and "999555" not in out and "not on file" in out, out
+    values = person_values(ADT.format(id="V", pid="123456", dob="19800412").encode())
+    assert {"123456", "DOE", "JANE", "19800412"} <= values and "1" not in values
+    assert mask_known("AE: DOE JANE 19800412", values) == "AE: *** J*** 1***"
+    assert mask_known("nothing here", values) == "nothing here" and mask_known("", values) == ""

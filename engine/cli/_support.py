@@ -130,7 +130,7 @@ def add_filter_arguments(parser) -> None:
     group.add_argument("--control-id", metavar="MSH-10")
     group.add_argument("--patient-id", metavar="PID-3.1")
     group.add_argument("--facility", metavar="MSH-4.1", help="sending facility")
-    group.add_argument("--delivery-status", choices=("QUEUED", "SENT", "ERROR", "FILTERED"))
+    group.add_argument("--delivery-status", choices=("QUEUED", "SENT", "ERROR", "FILTERED", "WITHDRAWN", "REPLAYED"))
 
 
 def filters_from_args(args) -> dict:

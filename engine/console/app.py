@@ -12,7 +12,10 @@ scan: the live view re-renders them once a second over server-sent events.
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
+import re
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -26,7 +29,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from hl7relay.console.sessions import LoginThrottle, Sessions
 from hl7relay.ops.auth import ROLES, can, hash_password, verify_password
-from hl7relay.ops.support import SEARCH_FILTERS, SupportStore, message_view, row_view
+from hl7relay.ops.phi import mask_known, mask_text, person_values
+from hl7relay.ops.support import SEARCH_FILTERS, SupportStore, masked_view, message_view, row_view
 
 __all__ = ["Console", "CSP"]
 
@@ -297,7 +301,7 @@ class Console:
     # -- dashboard ----------------------------------------------------------------------------------
     def dashboard_data(self) -> list[dict]:
         """Every channel with its counters and destinations: from memory only (no store read)."""
-        status = self.engine.status()
+        status = masked_view(self.engine.status())
         return [dict(view, destinations=sorted(view["destinations"].items())) for _, view in sorted(status["channels"].items())]
 
     def render_channels(self) -> str:
@@ -371,13 +375,93 @@ class Console:
 
     @defer.inlineCallbacks
     def _message(self, request, session, message_id: int, reason: str | None):
-        stored = yield self.support.run(lambda store: store.get_message(message_id))
+        def load(store):
+            stored = store.get_message(message_id)
+            return stored, (store.replays_of(message_id) if stored is not None else [])
+
+        stored, replays = yield self.support.run(load)
         if stored is None:
             raise HTTPError(404, f"no message {message_id}")
         view = message_view(stored, reason is not None)
-        return self._render("message.html", request, session=session, message=view, revealed=reason,
+        return self._render("message.html", request, session=session, message=view, revealed=reason, replays=replays,
                             active="messages")
 
+
+    # -- dead letters ---------------------------------------------------------------------------------------
+    @app.route("/dead-letters", methods=["GET"])
+    @page("replay")
+    @defer.inlineCallbacks
+    def dead_letters(self, request, session):
+        channel = self._field(request, "channel") or None
+
+        def load(store):
+            groups = store.dead_letters(channel=channel)
+            for group in groups:
+                group["token"] = _group_token(group)
+                group["error"] = _masked_error(store, group["error"], group["sample_id"])
+            return groups
+
+        groups = yield self.support.run(load)
+        done = self._field(request, "done")
+        return self._render("dead_letters.html", request, session=session, groups=groups, channel=channel,
+                            channels=sorted(self.engine.channels), active="dead-letters",
+                            done=done if re.fullmatch(r"replayed \d+, skipped \d+", done or "") else None)
+
+    @app.route("/dead-letters/replay", methods=["POST"])
+    @page("replay", post=True)
+    @defer.inlineCallbacks
+    def replay_dead_letters(self, request, session):
+        from hl7relay.ops.phi import mask_message
+        from hl7relay.ops.replay import commit_replay, plan_replay
+
+        groups = []
+        for token in (request.args or {}).get(b"group", [])[:50]:
+            try:
+                groups.append(_group_of(token.decode("ascii")))
+            except ValueError:
+                raise HTTPError(400, "a selected group is not one this page offered") from None
+        if not groups:
+            raise HTTPError(400, "select at least one group of dead letters")
+        confirm = self._field(request, "confirm") == "1"
+        reason = self._field(request, "reason").strip()[:500]
+        if confirm and not reason:
+            raise HTTPError(400, "a replay needs a reason: it is written to the audit log")
+        channels = {name: running.channel for name, running in self.engine.channels.items()}
+        render = lambda data: mask_message(data).split("\n")  # noqa: E731 - diffs are masked here, always
+        actor, source = f"user:{session.user}", self._source(request)
+
+        def work(store):
+            selected = []
+            for channel, destination, error in groups:
+                ids = store.dead_letter_ids(channel, destination, error)
+                plans = [plan_replay(store, channels, i, [destination], False, render) for i in ids]
+                selected.append({"channel": channel, "destination": destination,
+                                 "error": _masked_error(store, error, ids[0] if ids else None),
+                                 "token": _group_token({"channel": channel, "destination": destination, "error": error}),
+                                 "plans": plans})
+            if not confirm:
+                return selected, 0, 0
+            replayed = skipped = 0
+            for group in selected:
+                for plan in group["plans"]:
+                    if plan.skipped:
+                        skipped += 1
+                    else:
+                        commit_replay(store, channels, plan, reason, actor)
+                        replayed += 1
+            targets = ", ".join(f"{g['channel']}/{g['destination']} ({len(g['plans'])})" for g in selected)
+            ids = " ".join(str(p.original_id) for g in selected for p in g["plans"] if not p.skipped)
+            store.audit({"actor": actor, "source": source, "action": "replay.bulk",
+                         "target": f"dead letters {targets}"[:500], "reason": reason,
+                         "detail": f"replayed {replayed}, skipped {skipped}: {ids}"[:2000]})
+            return selected, replayed, skipped
+
+        selected, replayed, skipped = yield self.support.run(work)
+        if confirm:
+            request.redirect(b"/dead-letters?" + urlencode({"done": f"replayed {replayed}, skipped {skipped}"}).encode())
+            request.setResponseCode(303)
+            return b""
+        return self._render("replay_preview.html", request, session=session, groups=selected, active="dead-letters")
 
     # -- channels and their controls ---------------------------------------------------------------------
     @app.route("/channels", methods=["GET"])
@@ -388,7 +472,7 @@ class Console:
         views = []
         for name, running in sorted(engine.channels.items()):
             channel = running.channel
-            view = engine.channel_view(name)
+            view = masked_view(engine.channel_view(name))
             view["file"] = str(channel.file)
             view["text"], view["findings"] = yield threads.deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), _file_and_findings, channel.file)
@@ -458,6 +542,29 @@ DONE = {"channel.enable": "Channel {target} enabled.", "channel.disable": "Chann
         "its queued deliveries wait.", "destination.pause": "Destination {target} paused: its queue keeps filling.",
         "destination.resume": "Destination {target} resumed.", "destination.retry": "Destination {target}: "
         "waiting deliveries retried now.", "reload": "Channel files reloaded."}
+
+
+def _masked_error(store, error: str, message_id: int | None) -> str:
+    """A dead letter's error text, masked: quoted values, and the person values of a message of its
+    group (a peer's text such as "AE: DOE JANE unknown" names the patient without quotes)."""
+    stored = store.get_message(message_id) if message_id is not None else None
+    return mask_known(mask_text(error), person_values(stored["raw"]) if stored else ())
+
+
+def _group_token(group: dict) -> str:
+    """A group of dead letters as a form value (it only selects: the server reads the store again)."""
+    data = json.dumps([group["channel"], group["destination"], group["error"]]).encode("utf-8")
+    return base64.urlsafe_b64encode(data).decode("ascii")
+
+
+def _group_of(token: str) -> tuple[str, str, str]:
+    try:
+        channel, destination, error = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+    except (ValueError, TypeError) as exc:
+        raise ValueError("not a group") from exc
+    if not all(isinstance(v, str) for v in (channel, destination, error)):
+        raise ValueError("not a group")
+    return channel, destination, error
 
 
 def _file_and_findings(path) -> tuple[str, list[str]]:

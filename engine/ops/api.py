@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from hl7relay.ops.auth import can, new_token, token_hash
+from hl7relay.ops.support import masked_view
 
 __all__ = ["ROUTES", "ApiResource", "write_local_token", "write_endpoint", "LOCAL_TOKEN_FILE", "ENDPOINT_FILE",
            "openapi_document"]
@@ -238,36 +239,36 @@ class ApiResource(resource.Resource):
 
     # -- handlers ---------------------------------------------------------------------------------
     def get_status(self, request, caller, body):
-        return self.engine.status()
+        return masked_view(self.engine.status())
 
     def get_channels(self, request, caller, body):
-        return [self.engine.channel_view(name) for name in self.engine.channels]
+        return [masked_view(self.engine.channel_view(name)) for name in self.engine.channels]
 
     def get_channel(self, request, caller, body, channel):
-        return self.engine.channel_view(channel)
+        return masked_view(self.engine.channel_view(channel))
 
     def post_enable(self, request, caller, body, channel):
         self.engine._running(channel)
-        return self.engine.set_channel_enabled(channel, True, caller["actor"], caller["audit"])
+        return self.engine.set_channel_enabled(channel, True, caller["actor"], caller["audit"]).addCallback(masked_view)
 
     def post_disable(self, request, caller, body, channel):
         self.engine._running(channel)
-        return self.engine.set_channel_enabled(channel, False, caller["actor"], caller["audit"])
+        return self.engine.set_channel_enabled(channel, False, caller["actor"], caller["audit"]).addCallback(masked_view)
 
     def get_destination(self, request, caller, body, channel, destination):
-        return self.engine._queue(channel, destination).view()
+        return masked_view(self.engine._queue(channel, destination).view())
 
     def post_pause(self, request, caller, body, channel, destination):
         self.engine._queue(channel, destination)
-        return self.engine.set_destination_paused(channel, destination, True, caller["actor"], caller["audit"])
+        return self.engine.set_destination_paused(channel, destination, True, caller["actor"], caller["audit"]).addCallback(masked_view)
 
     def post_resume(self, request, caller, body, channel, destination):
         self.engine._queue(channel, destination)
-        return self.engine.set_destination_paused(channel, destination, False, caller["actor"], caller["audit"])
+        return self.engine.set_destination_paused(channel, destination, False, caller["actor"], caller["audit"]).addCallback(masked_view)
 
     def post_retry(self, request, caller, body, channel, destination):
         self.engine._queue(channel, destination)
-        return self.engine.retry_now(channel, destination, caller["actor"], caller["audit"])
+        return self.engine.retry_now(channel, destination, caller["actor"], caller["audit"]).addCallback(masked_view)
 
     @defer.inlineCallbacks
     def post_reload(self, request, caller, body):

@@ -11,7 +11,7 @@ import re
 from hl7relay.errors import ParseError
 from hl7relay.hl7.message import Message
 
-__all__ = ["mask_message", "mask_value", "mask_text", "MASK"]
+__all__ = ["mask_message", "mask_value", "mask_text", "mask_known", "person_values", "MASK"]
 
 MASK = "***"
 _PERSON_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2", "IN3", "MRG", "ACC", "GT1", "PV2", "ROL", "PRT"})
@@ -35,6 +35,35 @@ def mask_text(text: str) -> str:
     if not text or ("'" not in text and '"' not in text):
         return text
     return _QUOTED.sub(lambda m: "'" + mask_value(m.group(1) if m.group(1) is not None else m.group(2)) + "'", text)
+
+
+def person_values(data: bytes) -> set[str]:
+    """The values of a message's person segments (names, ids, dates, addresses: every component
+    of 3 characters or more), to find them where they are not quoted: a peer's error text such as
+    ``AE: patient DOE JANE not found`` names the patient without quotes."""
+    try:
+        message = Message.from_bytes(data)
+    except ParseError:
+        return set()
+    d = message.delimiters
+    splitter = re.compile("|".join(re.escape(c) for c in (d.component, d.repetition, d.subcomponent) if c))
+    values = set()
+    for position, name in enumerate(message.segment_names()):
+        if name in _PERSON_SEGMENTS:
+            for field in list(message.fields(position))[2:]:
+                values.update(v for v in splitter.split(field) if len(v.strip()) >= 3)
+    return values
+
+
+def mask_known(text: str, values) -> str:
+    """``text`` with every occurrence of ``values`` (longest first) masked."""
+    if not text or not values:
+        return text
+    found = [v for v in values if v in text]
+    if not found:
+        return text
+    pattern = re.compile("|".join(re.escape(v) for v in sorted(found, key=len, reverse=True)))
+    return pattern.sub(lambda m: mask_value(m.group(0)), text)
 
 
 def mask_message(data: bytes) -> str:

@@ -17,7 +17,7 @@ from hl7relay.channels.pipeline import Result, process
 from hl7relay.errors import ParseError
 from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryStatus, MessageStatus
-from hl7relay.store.database import AuditUpdate, DeliveryRecord, MessageRecord, Store, delivery_content
+from hl7relay.store.database import AuditUpdate, DeliveryRecord, DeliveryUpdate, MessageRecord, Store, delivery_content
 
 __all__ = ["ReplayPlan", "plan_replay", "commit_replay"]
 
@@ -124,5 +124,8 @@ def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, 
             record.deliveries.append(DeliveryRecord(destination.name, DeliveryStatus.QUEUED, data, key))
     updates = [AuditUpdate(dict(audit, target=f"message {plan.original_id}", reason=reason,
                                 detail=f"to {', '.join(sorted(plan.outputs))}"))] if audit else []
+    # a dead letter replayed is one no more: the replay carries it (the original keeps its history)
+    updates += [DeliveryUpdate(plan.original_id, d["destination"], {"status": DeliveryStatus.REPLAYED.value, "updated_at": now})
+                for d in stored["deliveries"] if d["status"] == DeliveryStatus.ERROR and d["destination"] in plan.outputs]
     [message_id] = store.commit([record], updates)
     return message_id

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
-from hl7relay.ops.phi import mask_message, mask_text, mask_value
+from hl7relay.ops.phi import mask_known, mask_message, mask_text, mask_value, person_values
 
-__all__ = ["message_view", "row_view", "SEARCH_FILTERS", "SupportStore"]
+__all__ = ["message_view", "row_view", "masked_view", "SEARCH_FILTERS", "SupportStore"]
 
 # the search filters both expose (Store.search keyword arguments)
 SEARCH_FILTERS = ("channel", "status", "message_type", "control_id", "patient_id", "facility", "delivery_status")
@@ -41,7 +41,10 @@ def message_view(stored: dict, show_phi: bool) -> dict:
     """One stored message (Store.get_message) for people: content, stages, validation findings,
     deliveries with each destination's answer; masked unless ``show_phi``."""
     show = _plain if show_phi else mask_message
-    text = (lambda value: value) if show_phi else mask_text
+    # masked: the values it quotes, and the message's own person values wherever they appear
+    # (a peer's error text may name the patient without quotes)
+    known = set() if show_phi else person_values(stored["raw"])
+    text = (lambda value: value) if show_phi else (lambda value: mask_known(mask_text(value), known))
     out = {k: v for k, v in stored.items() if k not in ("raw", "stages", "deliveries")}
     stages = dict(stored["stages"])
     findings = stages.pop("findings", None)
@@ -54,6 +57,16 @@ def message_view(stored: dict, show_phi: bool) -> dict:
     out["deliveries"] = [dict(d, last_error=text(d["last_error"]), last_ack=_ack(d["last_ack"], show))
                          for d in stored["deliveries"]]
     return out
+
+
+def masked_view(view):
+    """An engine view (status, channel, destination queue) with every ``last_error`` masked: a
+    peer's error text may quote the message it refused."""
+    if isinstance(view, dict):
+        return {k: (mask_text(v) if k == "last_error" and isinstance(v, str) else masked_view(v)) for k, v in view.items()}
+    if isinstance(view, list):
+        return [masked_view(v) for v in view]
+    return view
 
 
 def row_view(row: dict, show_phi: bool) -> dict:

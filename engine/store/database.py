@@ -93,6 +93,12 @@ sa.Index("ix_deliveries_message_destination", deliveries.c.message_id, deliverie
 _QUEUED = deliveries.c.status == sa.literal_column("'QUEUED'")  # a literal: the planner must see it matches the index
 sa.Index("ix_deliveries_queued", deliveries.c.destination, deliveries.c.message_id,
          sqlite_where=_QUEUED, postgresql_where=_QUEUED)
+# dead letters, for the console's page of them: only ERROR rows (migration 8)
+_DEAD = deliveries.c.status == sa.literal_column("'ERROR'")
+sa.Index("ix_deliveries_dead", deliveries.c.destination, deliveries.c.message_id, sqlite_where=_DEAD, postgresql_where=_DEAD)
+# a message's replays (its page links them): only rows that are replays (migration 8)
+_REPLAY = messages.c.replay_of.isnot(None)
+sa.Index("ix_messages_replay_of", messages.c.replay_of, sqlite_where=_REPLAY, postgresql_where=_REPLAY)
 
 
 destination_state = sa.Table(
@@ -243,7 +249,15 @@ _ADDED_LATER = {
     "deliveries": ("order_key",),
 }
 _ADDED_LATER_7 = {"users": ("phi", "disabled", "last_login_at")}
-_ADDED_LATER_INDEXES = {"ix_deliveries_message_destination": 3, "ix_deliveries_queued": 4, "ix_messages_duplicate_key": 4}
+_ADDED_LATER_INDEXES = {"ix_deliveries_message_destination": 3, "ix_deliveries_queued": 4, "ix_messages_duplicate_key": 4,
+                        "ix_deliveries_dead": 8, "ix_messages_replay_of": 8}
+
+
+def _migration_8(connection) -> None:
+    """Indexes for the console: dead letters (ERROR deliveries) and a message's replays."""
+    for index in (*messages.indexes, *deliveries.indexes):
+        if _ADDED_LATER_INDEXES.get(index.name) == 8:
+            index.create(connection)
 
 # (version, description, function). Append; never edit a released one.
 MIGRATIONS = [
@@ -254,6 +268,7 @@ MIGRATIONS = [
     (5, "users, API tokens, audit log", _migration_5),
     (6, "channel and destination controls that survive a restart", lambda connection: control_state.create(connection)),
     (7, "users: PHI permission, disabled, last sign-in", _migration_7),
+    (8, "indexes: dead letters, replays of a message", _migration_8),
 ]
 
 
@@ -629,6 +644,39 @@ class Store:
             result["deliveries"] = [dict(r) for r in connection.execute(
                 sa.select(deliveries).where(deliveries.c.message_id == message_id).order_by(deliveries.c.id)).mappings()]
             return result
+
+    def dead_letters(self, channel: str | None = None, limit: int = 500) -> list[dict]:
+        """ERROR deliveries grouped by channel, destination and error text: how many, first and
+        last seen (when they went to ERROR), most recent first."""
+        query = (sa.select(messages.c.channel, deliveries.c.destination, deliveries.c.last_error.label("error"),
+                           sa.func.count().label("count"), sa.func.min(deliveries.c.message_id).label("sample_id"),
+                           sa.func.min(deliveries.c.updated_at).label("first_seen"),
+                           sa.func.max(deliveries.c.updated_at).label("last_seen"))
+                 .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id))
+                 .where(_DEAD))
+        if channel:
+            query = query.where(messages.c.channel == channel)
+        query = (query.group_by(messages.c.channel, deliveries.c.destination, deliveries.c.last_error)
+                 .order_by(sa.desc("last_seen")).limit(limit))
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()]
+
+    def dead_letter_ids(self, channel: str, destination: str, error: str | None = None, limit: int = 1000) -> list[int]:
+        """The messages of one group of dead letters (oldest first)."""
+        query = (sa.select(deliveries.c.message_id)
+                 .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id))
+                 .where(_DEAD, deliveries.c.destination == destination, messages.c.channel == channel))
+        if error is not None:
+            query = query.where(deliveries.c.last_error == error)
+        with self.engine.connect() as connection:
+            return [r[0] for r in connection.execute(query.order_by(deliveries.c.message_id).limit(limit))]
+
+    def replays_of(self, message_id: int) -> list[dict]:
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(
+                sa.select(messages.c.id, messages.c.received_at, messages.c.status, messages.c.replay_operator,
+                          messages.c.replay_reason).where(_REPLAY, messages.c.replay_of == message_id)
+                .order_by(messages.c.id)).mappings()]
 
     def count(self, **where) -> int:
         with self.engine.connect() as connection:
