@@ -20,7 +20,7 @@ ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P
        "EVN|A01|20240105093512\rPID|1||100234^^^CLINIC^MR||SAMPLEPATIENT^JANE\rPV1|1|O\r")
 USERS = {"viewer": ("viewer", False), "operator": ("operator", False), "phi-operator": ("operator", True),
          "admin": ("admin", False)}
-EXTRA_USERS = {"guessed": "admin"}  # the target of the wrong-password test, so the others are not held back
+EXTRA_USERS = {"guessed": "admin", "changer": "viewer"}  # the target of the wrong-password test, so the others are not held back
 
 
 class Clock:
@@ -259,6 +259,13 @@ ROUTES = [  # (method, path, least role, status when allowed); "phi": operator w
     ("POST", "/channels/adt/destinations/lab/retry", "operator", 303),
     ("POST", "/reload", "admin", 303),
     ("GET", "/dead-letters", "operator", 200),
+    ("GET", "/audit", "admin", 200),
+    ("GET", "/audit?format=json&action=login", "admin", 200),
+    ("GET", "/users", "admin", 200),
+    ("POST", "/users/add", "admin", 400),  # allowed: refused for what it lacks (no name), after the role check
+    ("POST", "/users/viewer/enable", "admin", 303),
+    ("POST", "/tokens/nope/revoke", "admin", 404),
+    ("GET", "/account", "viewer", 200),
 ]
 ALLOWED = {"viewer": {"viewer", "operator", "phi-operator", "admin"}, "phi": {"phi-operator", "admin"},
            "operator": {"operator", "phi-operator", "admin"}, "admin": {"admin"}}
@@ -437,3 +444,81 @@ def test_dead_letters_are_grouped_dry_run_then_replayed_with_one_audit_row(engin
     assert operator.post("/dead-letters/replay", {"group": "bm90IGEgZ3JvdXA="})[0] == 400
     assert operator.post("/dead-letters/replay", {})[0] == 400
     assert signed_in(engine, "viewer").post("/dead-letters/replay", {"group": tokens[0]})[0] == 403
+
+
+def test_an_admin_manages_users_and_tokens_each_change_audited(engine):
+    store = engine["store"]
+    admin = signed_in(engine, "admin")
+
+    def audited(action, target):
+        entries = [e for e in store.audit_entries(action=action, limit=1000) if e["target"] == target]
+        return len(entries)
+
+    status, _, page = admin.get("/users")
+    assert status == 200 and 'data-user="viewer"' in page and PASSWORD not in page and "scrypt" not in page
+    assert admin.post("/users/add", {"name": "newbie", "role": "viewer", "password": "short"})[0] == 400
+    assert admin.post("/users/add", {"name": "new bie", "role": "viewer", "password": PASSWORD})[0] == 400
+    assert admin.post("/users/add", {"name": "newbie", "role": "root", "password": PASSWORD})[0] == 400
+    status, headers, _ = admin.post("/users/add", {"name": "newbie", "role": "viewer", "password": PASSWORD})
+    assert status == 303 and audited("user.add", "newbie") == 1
+    assert admin.post("/users/add", {"name": "newbie", "role": "viewer", "password": PASSWORD})[0] == 409
+    newbie = signed_in(engine, "newbie")
+    assert newbie.get("/users")[0] == 403
+    assert admin.post("/users/newbie/phi", {"phi": "on"})[0] == 400  # a viewer cannot be given it
+    assert admin.post("/users/newbie/role", {"role": "operator"})[0] == 303 and store.get_user("newbie")["role"] == "operator"
+    assert newbie.get("/")[0] == 303  # a changed account signs in again
+    assert admin.post("/users/newbie/phi", {"phi": "on"})[0] == 303 and store.get_user("newbie")["phi"] is True
+    assert admin.post("/users/newbie/passwd", {"password": "another long password"})[0] == 303
+    assert Browser(engine["base"]).login("newbie")[0] == 401
+    newbie = Browser(engine["base"])
+    assert newbie.login("newbie", "another long password")[0] == 303
+    assert admin.post("/users/newbie/disable")[0] == 303
+    assert newbie.get("/")[0] == 303 and Browser(engine["base"]).login("newbie", "another long password")[0] == 401
+    assert admin.post("/users/newbie/enable")[0] == 303
+    assert admin.post("/users/admin/disable")[0] == 400 and admin.post("/users/admin/remove")[0] == 400  # not yourself
+    assert admin.post("/users/newbie/remove")[0] == 303 and store.get_user("newbie") is None
+    assert admin.post("/users/newbie/remove")[0] == 404
+    for action in ("user.role", "user.phi", "user.passwd", "user.disable", "user.enable", "user.remove"):
+        assert audited(action, "newbie") == 1, action
+    assert "another long password" not in str(store.audit_entries(limit=1000))
+
+    status, _, page = admin.post("/tokens/create", {"name": "nightly", "role": "viewer"})
+    token = re.search(r"<pre>(hl7r_[^<]+)</pre>", page).group(1)
+    assert status == 200 and audited("token.create", "nightly") == 1
+    from hl7relay.ops.auth import token_hash
+
+    assert store.find_token(token_hash(token))["role"] == "viewer"
+    _, _, page = admin.get("/users")
+    assert token not in page and 'data-token="nightly"' in page  # shown that once only
+    assert admin.post("/tokens/create", {"name": "nightly", "role": "viewer"})[0] == 409
+    assert admin.post("/tokens/nightly/revoke")[0] == 303 and store.find_token(token_hash(token)) is None
+    assert audited("token.revoke", "nightly") == 1
+    assert signed_in(engine, "operator").post("/tokens/create", {"name": "x", "role": "admin"})[0] == 403
+
+
+def test_anyone_changes_their_own_password(engine):
+    store = engine["store"]
+    changer = signed_in(engine, "changer")
+    status, _, page = changer.post("/account/password", {"current": "wrong!", "new": "a new long password",
+                                                          "again": "a new long password"})
+    assert status == 400 and "not right" in page
+    assert store.audit_entries(action="user.passwd")[0]["result"] == "failed"
+    assert changer.post("/account/password", {"current": PASSWORD, "new": "a new long password", "again": "typo"})[0] == 400
+    status, headers, _ = changer.post("/account/password", {"current": PASSWORD, "new": "a new long password",
+                                                            "again": "a new long password"})
+    assert status == 303 and headers["Location"] == "/account?done=password"
+    entry = store.audit_entries(action="user.passwd")[0]
+    assert (entry["actor"], entry["target"], entry["result"]) == ("user:changer", "changer", "ok")
+    assert Browser(engine["base"]).login("changer")[0] == 401
+    assert Browser(engine["base"]).login("changer", "a new long password")[0] == 303
+
+
+def test_the_audit_log_is_filtered_and_exported(engine):
+    admin = signed_in(engine, "admin")
+    status, _, page = admin.get("/audit?action=login")
+    assert status == 200 and "<td>login</td>" in page and "<td>user.add</td>" not in page
+    status, headers, body = admin.get("/audit?format=json&action=login&actor=user:admin")
+    entries = __import__("json").loads(body)
+    assert status == 200 and headers["Content-Type"].startswith("application/json") and "attachment" in headers["Content-Disposition"]
+    assert entries and {e["action"] for e in entries} == {"login"} and {e["actor"] for e in entries} == {"user:admin"}
+    assert admin.get("/audit?before=x")[0] == 400
