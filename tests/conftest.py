@@ -59,7 +59,7 @@ class RunningEngine:
     """A real ``hl7relay run`` in ``folder`` (one ADT channel, a store made beforehand so that
     users and tokens can be added before it starts), on free ports."""
 
-    def __init__(self, folder: Path, *arguments, prepare=None):
+    def __init__(self, folder: Path, *arguments, prepare=None, channel: str = ADT_CHANNEL):
         import os
         import re
         import subprocess
@@ -68,7 +68,7 @@ class RunningEngine:
         from hl7relay.store.database import Store
 
         (folder / "channels").mkdir()
-        (folder / "channels" / "adt.yaml").write_text(ADT_CHANNEL)
+        (folder / "channels" / "adt.yaml").write_text(channel)
         self.folder = folder
         self.store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
         self.store.migrate()

@@ -8,6 +8,7 @@ build/test-artifacts/console/ (or $HL7RELAY_ARTIFACTS).
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,8 +96,8 @@ class Watched:
         assert self.problems == [], self.problems
 
 
-def send_sample(engine):
-    result = subprocess.run([sys.executable, "-m", "hl7relay", "send", "--port", str(engine["mllp_port"]), str(SAMPLE)],
+def send_sample(engine, sample=SAMPLE):
+    result = subprocess.run([sys.executable, "-m", "hl7relay", "send", "--port", str(engine["mllp_port"]), str(sample)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -167,4 +168,91 @@ def test_a_viewer_sees_no_reveal_control_and_a_forced_post_is_refused(browser, e
         return response.status;
     }""", csrf)
     assert status == 403
+    watched.close()
+
+
+@pytest.fixture(scope="module")
+def failing_lab(tmp_path_factory, running_engine):
+    """An engine whose lab answers the first message AE (a dead letter at once), then AA."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_runtime import wait_for_line
+
+    lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", "0", "--answer", "AE", "--fail-first", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lab_port = int("".join(wait_for_line(lab, "MLLP on")).split("MLLP on 127.0.0.1:")[1].split()[0])
+
+    def prepare(store):
+        store.add_user("ops", "operator", hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": "ops"})
+
+    channel = ("name: adt\nsource: {type: mllp, port: 0}\n"
+               f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}, retry_initial: 0.2, retry_max: 1}}]\n")
+    running = running_engine(tmp_path_factory.mktemp("dead"), "--admin-port", "0", "--console-port", "auto",
+                             prepare=prepare, channel=channel)
+    yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
+    assert running.stop() == 0
+    lab.send_signal(signal.SIGTERM)
+    lab.wait(timeout=30)
+    lab.stdout.close()
+
+
+def test_a_dead_letter_is_replayed_after_a_dry_run_and_a_destination_paused_and_resumed(browser, failing_lab):
+    from playwright.sync_api import expect
+
+    engine = failing_lab
+    watched = Watched(browser, engine, "operator")
+    page = watched.sign_in("ops")
+    # original mode (MSH-15/16 empty), so the lab's application answer comes back: AE, a dead letter at once
+    # (samples/adt_a01.hl7 asks for accept ACKs only, which a receiver gives as soon as it has the message)
+    original_mode = engine["folder"] / "original.hl7"
+    original_mode.write_bytes(SAMPLE.read_bytes().replace(b"|||AL|NE|", b"|||||"))
+    send_sample(engine, original_mode)
+    watched.goto("/dead-letters")
+    rows = page.locator("#dead-letters tbody tr")
+    for _ in range(50):  # the delivery reaches the lab and comes back AE within moments
+        if page.locator("#dead-letters input[name=group]").count():
+            break
+        page.wait_for_timeout(100)
+        watched.goto("/dead-letters")
+    assert rows.count() == 1 and "lab" in rows.first.inner_text()
+    watched.shot("dead-letters")
+    page.check("#dead-letters input[name=group]")
+    page.click("text=Replay the selected groups")
+    page.wait_for_load_state()
+    watched.shot("replay-dry-run")
+    assert page.inner_text("#would-replay") == "1" and engine["store"].replays_of(1) == []
+    page.fill("#confirm input[name=reason]", "INC-12 lab fixed the patient index")
+    page.click("#confirm button[type=submit]")
+    page.wait_for_load_state()
+    assert "replayed 1, skipped 0" in page.inner_text("main") and "No dead letters" in page.inner_text("main")
+    watched.goto("/messages/1")
+    page.click("#replays a")
+    page.wait_for_load_state()
+    assert "Replay of" in page.inner_text("main")
+    for _ in range(50):  # the replay is queued, then sent: the lab now answers AA
+        if "SENT" in page.inner_text("#deliveries"):
+            break
+        page.wait_for_timeout(100)
+        page.reload()
+    watched.shot("replay-sent")
+    assert "SENT" in page.inner_text("#deliveries")
+    watched.goto("/channels")
+    page.click('tr[data-destination="lab"] button:has-text("Pause")')
+    page.wait_for_load_state()
+    expect(page.locator('tr[data-destination="lab"]')).to_contain_text("paused")
+    watched.shot("paused")
+    page.click('tr[data-destination="lab"] button:has-text("Resume")')
+    page.wait_for_load_state()
+    expect(page.locator('tr[data-destination="lab"]')).not_to_contain_text("paused")
+    actions = [e["action"] for e in engine["store"].audit_entries(limit=20)]
+    assert actions[:3] == ["destination.resume", "destination.pause", "replay.bulk"]
+    watched.close()
+
+
+def test_every_page_renders_without_errors(browser, engine):
+    watched = Watched(browser, engine, "pages")
+    watched.sign_in("ada")
+    for path in ("/", "/messages", "/messages/1", "/channels", "/dead-letters", "/audit", "/users", "/account"):
+        page = watched.goto(path)
+        assert page.locator("h1").count() == 1, path
+        watched.shot(path.strip("/").replace("/", "-") or "dashboard")
     watched.close()

@@ -764,10 +764,11 @@ def _file_and_findings(path) -> tuple[str, list[str]]:
 
 
 def _target(config) -> str:
+    config = getattr(config, "sender", config)  # an MLLP destination's peer is its sender's
     for attributes in (("host", "port"), ("directory",), ("channel",)):
         values = [getattr(config, a, None) for a in attributes]
         if all(v is not None for v in values):
-            return ":".join(str(v) for v in values)
+            return ":".join(str(v) for v in values) + (" (TLS)" if getattr(config, "tls", None) else "")
     return ""
 
 
