@@ -73,11 +73,16 @@ def test_an_older_store_gains_the_new_user_columns(tmp_path, monkeypatch):
     old = Store(f"sqlite:///{tmp_path / 'old.db'}")
     monkeypatch.setattr(database, "MIGRATIONS", database.MIGRATIONS[:6])
     old.migrate()
-    old.add_user("alice", "operator", hash_password("a long enough password"), {"actor": "t", "action": "user.add"})
+    with old.engine.begin() as connection:  # as version 6 wrote them
+        connection.exec_driver_sql("INSERT INTO users (name, role, password_hash, created_at, updated_at) "
+                                   "VALUES ('alice', 'operator', 'x', 1, 1)")
+        connection.exec_driver_sql("INSERT INTO audit_log (at, actor, source, action, target, reason, result, detail) "
+                                   "VALUES (1, 'os:root', 'cli', 'user.add', 'alice', '', 'ok', '')")
     monkeypatch.undo()
     assert old.migrate() == database.MIGRATIONS[-1][0]
     user = old.get_user("alice")
     assert user["phi"] is False and user["disabled"] is False and user["last_login_at"] is None
+    assert old.audit_entries()[0]["role"] == ""  # who it was is known; the role then was not recorded
 
 
 def test_passwords_are_scrypt_hashed_with_a_salt():

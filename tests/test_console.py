@@ -361,6 +361,7 @@ def test_a_reveal_needs_a_reason_and_writes_exactly_one_audit_row(engine):
     entries = store.audit_entries(action="phi.view", limit=1000)
     assert len(entries) == count + 1
     assert (entries[0]["actor"], entries[0]["target"], entries[0]["reason"]) == ("user:phi-operator", "message 1", "INC-42 wrong ward")
+    assert entries[0]["role"] == "operator" and entries[0]["source"] == "127.0.0.1"
     viewer = signed_in(engine, "viewer")
     status, _, body = viewer.get("/messages/1")
     assert "Show patient data" not in body and "/reveal" not in body  # no control for who may not use it

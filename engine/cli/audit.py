@@ -41,7 +41,8 @@ def run(args) -> int:
         print("no audit entries match")
         return 0
     for row in rows:
-        line = (f"{row['id']:>7}  {format_time(row['at'])}  {row['actor']:<20} {row['source']:<18} {row['action']:<14} "
+        line = (f"{row['id']:>7}  {format_time(row['at'])}  {row['actor']:<20} {row['role'] or '-':<8} {row['source']:<18} "
+                f"{row['action']:<14} "
                 f"{row['target']}  {row['result']}")
         print(line.rstrip())
         for label in ("reason", "detail"):

@@ -270,7 +270,8 @@ class Console:
         self.user_throttle.succeeded(user_key)  # not the address: one good password does not excuse a spray
         session_id, _ = self.sessions.create(user["name"], user["role"], bool(user["phi"]), source)
         now = self.clock()
-        yield self.support.run(lambda store: store.record_login(user["name"], now, dict(audit, actor=f"user:{user['name']}")))
+        yield self.support.run(lambda store: store.record_login(user["name"], now, dict(audit, actor=f"user:{user['name']}",
+                                                                                        role=user["role"])))
         request.addCookie(SESSION_COOKIE, session_id.encode(), path=b"/", httpOnly=True, sameSite="strict", secure=self.tls)
         request.addCookie(LOGIN_COOKIE, b"", path=b"/login", httpOnly=True, sameSite="strict", secure=self.tls,
                           max_age=b"0")
@@ -290,7 +291,7 @@ class Console:
         else:
             self.sessions.end((request.getCookie(SESSION_COOKIE) or b"").decode("latin-1"))
             ended = 1
-        yield self._audit({"actor": f"user:{session.user}", "source": self._source(request),
+        yield self._audit({"actor": f"user:{session.user}", "role": session.role, "source": self._source(request),
                            "action": "logout", "target": "console",
                            "detail": f"signed out everywhere ({ended} session(s))" if everywhere else ""})
         request.addCookie(SESSION_COOKIE, b"", path=b"/", httpOnly=True, sameSite="strict", secure=self.tls, max_age=b"0")
@@ -333,7 +334,7 @@ class Console:
         if before and not before.isdigit():
             raise HTTPError(400, "before is a message number")
         if filters.get("patient_id"):  # who looked for which patient's messages is itself patient data
-            yield self._audit({"actor": f"user:{session.user}", "source": self._source(request),
+            yield self._audit({"actor": f"user:{session.user}", "role": session.role, "source": self._source(request),
                                "action": "messages.search", "target": "patient_id",
                                "detail": "search by patient id"})
         rows = yield self.support.run(lambda store: store.search(
@@ -368,7 +369,7 @@ class Console:
         reason = self._field(request, "reason").strip()
         if not reason:
             raise HTTPError(400, "showing patient data needs a reason: it is written to the audit log")
-        yield self._audit({"actor": f"user:{session.user}", "source": self._source(request), "action": "phi.view",
+        yield self._audit({"actor": f"user:{session.user}", "role": session.role, "source": self._source(request), "action": "phi.view",
                            "target": f"message {message_id}", "reason": reason[:500]})
         result = yield self._message(request, session, message_id, reason[:500])
         return result
@@ -428,7 +429,7 @@ class Console:
             raise HTTPError(400, "a replay needs a reason: it is written to the audit log")
         channels = {name: running.channel for name, running in self.engine.channels.items()}
         render = lambda data: mask_message(data).split("\n")  # noqa: E731 - diffs are masked here, always
-        actor, source = f"user:{session.user}", self._source(request)
+        actor, role, source = f"user:{session.user}", session.role, self._source(request)
 
         def work(store):
             selected = []
@@ -451,7 +452,7 @@ class Console:
                         replayed += 1
             targets = ", ".join(f"{g['channel']}/{g['destination']} ({len(g['plans'])})" for g in selected)
             ids = " ".join(str(p.original_id) for g in selected for p in g["plans"] if not p.skipped)
-            store.audit({"actor": actor, "source": source, "action": "replay.bulk",
+            store.audit({"actor": actor, "role": role, "source": source, "action": "replay.bulk",
                          "target": f"dead letters {targets}"[:500], "reason": reason,
                          "detail": f"replayed {replayed}, skipped {skipped}: {ids}"[:2000]})
             return selected, replayed, skipped
@@ -700,7 +701,7 @@ class Console:
 
     def _action(self, request, session, action: str, target: str) -> dict:
         """The audit entry of an action taken in the console (written with the action itself)."""
-        return {"actor": f"user:{session.user}", "source": self._source(request), "action": action, "target": target,
+        return {"actor": f"user:{session.user}", "role": session.role, "source": self._source(request), "action": action, "target": target,
                 "reason": self._field(request, "reason").strip()[:500]}
 
     @staticmethod

@@ -196,7 +196,7 @@ class ApiResource(resource.Resource):
         body = self._body(request) if method == "POST" else {}
         if route.action:  # the audit entry of an action, from the route table: handlers add only details
             reason = body.get("reason", "")
-            caller = dict(caller, audit={"actor": caller["actor"], "source": caller["source"], "action": route.action,
+            caller = dict(caller, audit={"actor": caller["actor"], "role": caller["role"], "source": caller["source"], "action": route.action,
                                          "target": "/".join(params.values()) or "channels",
                                          "reason": reason if isinstance(reason, str) else str(reason)})
         result = yield getattr(self, route.handler)(request, caller, body, **params)
@@ -303,7 +303,7 @@ class ApiResource(resource.Resource):
         reason = args.get("reason", "").strip()
         if not reason:
             raise ApiError(400, "show_phi needs a reason (?reason=...): it is written to the audit log")
-        yield self._off_reactor(lambda store: store.audit({"actor": caller["actor"], "source": caller["source"],
+        yield self._off_reactor(lambda store: store.audit({"actor": caller["actor"], "role": caller["role"], "source": caller["source"],
                                                            "action": "phi.view", "target": target, "reason": reason}))
         return True
 

@@ -105,5 +105,6 @@ def cli_source() -> str:
 
 
 def cli_audit(action: str, target: str = "", **fields) -> dict:
-    """An audit entry for an action taken from the command line on this host."""
-    return {"actor": os_actor(), "source": cli_source(), "action": action, "target": target, **fields}
+    """An audit entry for an action taken from the command line on this host (role ``host``: the
+    operating-system user's own access to the store, not a role of the engine's)."""
+    return {"actor": os_actor(), "role": "host", "source": cli_source(), "action": action, "target": target, **fields}

@@ -140,6 +140,7 @@ audit_log = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("actor", sa.String(200), nullable=False),  # user:NAME, token:NAME, os:LOGIN
+    sa.Column("role", sa.String(20), nullable=False, server_default=""),  # the actor's role then (migration 9)
     sa.Column("source", sa.String(200), nullable=False, default=""),  # cli@host, or the client's address
     sa.Column("action", sa.String(100), nullable=False),
     sa.Column("target", sa.String(500), nullable=False, default=""),
@@ -160,14 +161,15 @@ control_state = sa.Table(
     sa.Column("changed_by", sa.String(200), nullable=False, default=""),
 )
 
-AUDIT_FIELDS = ("at", "actor", "source", "action", "target", "reason", "result", "detail")
+AUDIT_FIELDS = ("at", "actor", "role", "source", "action", "target", "reason", "result", "detail")
 
 
 def _audit_row(values: dict) -> dict:
     unknown = set(values) - set(AUDIT_FIELDS)
     if unknown:
         raise ValueError(f"unknown audit fields {sorted(unknown)}")
-    row = {"at": values.get("at") or time.time(), "actor": values.get("actor") or "?", "source": values.get("source", ""),
+    row = {"at": values.get("at") or time.time(), "actor": values.get("actor") or "?", "role": values.get("role", ""),
+           "source": values.get("source", ""),
            "action": values["action"], "target": str(values.get("target", "")), "reason": values.get("reason", ""),
            "result": values.get("result", "ok"), "detail": values.get("detail", "")}
     return {k: storable(v) for k, v in row.items()}
@@ -176,20 +178,23 @@ def _audit_row(values: dict) -> dict:
 def _migration_5(connection) -> None:
     """Users, API tokens and the audit log."""
     for table in (users, api_tokens, audit_log):
-        later = _ADDED_LATER_7.get(table.name, ())
+        later = _ADDED_AFTER_5.get(table.name, ())
         if later:  # the table as version 5 made it; migration 7 adds the rest
             sa.Table(table.name, sa.MetaData(), *[c._copy() for c in table.columns if c.name not in later]).create(connection)
         else:
             table.create(connection)  # with its indexes
 
 
+def _add_columns(connection, table_name: str, names) -> None:
+    ddl = connection.dialect.ddl_compiler(connection.dialect, None)
+    for name in names:
+        spec = ddl.get_column_specification(metadata.tables[table_name].c[name])
+        connection.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {spec}")
+
+
 def _migration_7(connection) -> None:
     """Users: the PHI permission for operators, disabled accounts, last sign-in (the console)."""
-    ddl = connection.dialect.ddl_compiler(connection.dialect, None)
-    for table_name, names in _ADDED_LATER_7.items():
-        for name in names:
-            spec = ddl.get_column_specification(metadata.tables[table_name].c[name])
-            connection.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {spec}")
+    _add_columns(connection, "users", ("phi", "disabled", "last_login_at"))
 
 
 def _migration_1(connection) -> None:
@@ -248,7 +253,8 @@ _ADDED_LATER = {
     "messages": ("duplicate_key", "replay_of", "replay_reason", "replay_operator"),
     "deliveries": ("order_key",),
 }
-_ADDED_LATER_7 = {"users": ("phi", "disabled", "last_login_at")}
+# columns of migration 5's tables that later migrations add (7: users; 9: audit_log)
+_ADDED_AFTER_5 = {"users": ("phi", "disabled", "last_login_at"), "audit_log": ("role",)}
 _ADDED_LATER_INDEXES = {"ix_deliveries_message_destination": 3, "ix_deliveries_queued": 4, "ix_messages_duplicate_key": 4,
                         "ix_deliveries_dead": 8, "ix_messages_replay_of": 8}
 
@@ -269,6 +275,7 @@ MIGRATIONS = [
     (6, "channel and destination controls that survive a restart", lambda connection: control_state.create(connection)),
     (7, "users: PHI permission, disabled, last sign-in", _migration_7),
     (8, "indexes: dead letters, replays of a message", _migration_8),
+    (9, "audit log: the actor's role", lambda connection: _add_columns(connection, "audit_log", ("role",))),
 ]
 
 
