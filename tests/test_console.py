@@ -253,6 +253,8 @@ ROUTES = [  # (method, path, least role, status when allowed); "phi": operator w
     ("GET", "/messages?channel=adt&status=PROCESSED", "viewer", 200),
     ("GET", "/messages/1", "viewer", 200),
     ("POST", "/messages/1/reveal", "phi", 200),
+    ("POST", "/messages/1/download", "phi", 200),
+    ("POST", "/messages/1/replay", "operator", 200),  # the dry run
     ("GET", "/channels", "viewer", 200),
     ("POST", "/channels/adt/disable", "operator", 303),
     ("POST", "/channels/adt/destinations/lab/pause", "operator", 303),
@@ -274,6 +276,12 @@ UNDO = {"/channels/adt/disable": "/channels/adt/enable", "/channels/adt/destinat
 
 @pytest.mark.parametrize("method, path, least, allowed", ROUTES)
 def test_every_route_for_every_role(engine, method, path, least, allowed):
+    anonymous = Browser(engine["base"])
+    if method == "GET":
+        status, headers, _ = anonymous.get(path)
+        assert status == 303 and headers["Location"].startswith("/login?next=")
+    else:
+        assert anonymous.post(path, {"reason": "route matrix"})[0] == 401
     for user in USERS:
         browser = signed_in(engine, user)
         if method == "GET":
@@ -281,8 +289,8 @@ def test_every_route_for_every_role(engine, method, path, least, allowed):
         else:
             status, _, body = browser.post(path, {"reason": "route matrix"})
         assert status == (allowed if user in ALLOWED[least] else 403), (user, status)
-        if not path.endswith("/reveal"):
-            assert "SAMPLEPATIENT" not in body  # masked everywhere but in a reveal
+        if not path.endswith(("/reveal", "/download")):
+            assert "SAMPLEPATIENT" not in body  # masked everywhere but in a reveal or a download
         if status == allowed and path in UNDO:
             assert browser.post(UNDO[path], {"reason": "route matrix: undo"})[0] == 303
 
@@ -523,3 +531,39 @@ def test_the_audit_log_is_filtered_and_exported(engine):
     assert status == 200 and headers["Content-Type"].startswith("application/json") and "attachment" in headers["Content-Disposition"]
     assert entries and {e["action"] for e in entries} == {"login"} and {e["actor"] for e in entries} == {"user:admin"}
     assert admin.get("/audit?before=x")[0] == 400
+
+
+def test_a_download_is_the_raw_message_with_a_reason_and_an_audit_row(engine):
+    store = engine["store"]
+    browser = signed_in(engine, "phi-operator")
+    before = len(store.audit_entries(action="phi.download", limit=1000))
+    assert browser.post("/messages/1/download", {"reason": ""})[0] == 400
+    status, headers, body = browser.post("/messages/1/download", {"reason": "INC-3 vendor asked for the file"})
+    assert status == 200 and headers["Content-Disposition"] == 'attachment; filename="message-1.hl7"'
+    assert body.startswith("MSH|") and "SAMPLEPATIENT^JANE" in body and headers["Cache-Control"] == "no-store"
+    entries = store.audit_entries(action="phi.download", limit=1000)
+    assert len(entries) == before + 1 and entries[0]["reason"] == "INC-3 vendor asked for the file"
+    assert browser.post("/messages/99999/download", {"reason": "x"})[0] == 404
+
+
+def test_a_message_is_replayed_from_its_page_after_a_dry_run(engine):
+    store = engine["store"]
+    operator = signed_in(engine, "operator")
+    status, _, page = operator.get("/messages/1")
+    assert 'id="replay"' in page
+    status, _, page = operator.post("/messages/1/replay", {"destination": "lab"})
+    assert status == 200 and 'id="plan"' in page and "SAMPLEPATIENT" not in page
+    before = len(store.audit_entries(action="replay", limit=1000))
+    assert operator.post("/messages/1/replay", {"destination": "lab", "confirm": "1"})[0] == 400
+    assert len(store.audit_entries(action="replay", limit=1000)) == before
+    status, headers, _ = operator.post("/messages/1/replay", {"destination": "lab", "confirm": "1", "reason": "INC-8"})
+    assert status == 303
+    replay_id = int(headers["Location"].rsplit("/", 1)[1])
+    assert store.get_message(replay_id)["replay_of"] == 1
+    entries = store.audit_entries(action="replay", limit=1000)
+    assert len(entries) == before + 1 and (entries[0]["actor"], entries[0]["role"], entries[0]["reason"]) == (
+        "user:operator", "operator", "INC-8")
+    assert operator.post("/messages/1/replay", {"destination": "nope"})[0] == 200  # the dry run says why not
+    assert "has no destination nope" in operator.post("/messages/1/replay", {"destination": "nope"})[2]
+    assert operator.post("/messages/424242/replay", {})[0] == 404
+    assert 'id="replay"' not in signed_in(engine, "viewer").get("/messages/1")[2]

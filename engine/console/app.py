@@ -374,6 +374,59 @@ class Console:
         result = yield self._message(request, session, message_id, reason[:500])
         return result
 
+    @app.route("/messages/<int:message_id>/download", methods=["POST"])
+    @page("phi", post=True)
+    @defer.inlineCallbacks
+    def download(self, request, session, message_id):
+        """The message as received, byte for byte: patient data, so a reason and an audit entry first."""
+        reason = self._field(request, "reason").strip()[:500]
+        if not reason:
+            raise HTTPError(400, "downloading a message needs a reason: it is written to the audit log")
+        stored = yield self.support.run(lambda store: store.get_message(message_id))
+        if stored is None:
+            raise HTTPError(404, f"no message {message_id}")
+        yield self._audit(dict(self._action(request, session, "phi.download", f"message {message_id}"), reason=reason))
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        request.setHeader(b"Content-Disposition", f'attachment; filename="message-{message_id}.hl7"'.encode())
+        return stored["raw"]
+
+    @app.route("/messages/<int:message_id>/replay", methods=["POST"])
+    @page("replay", post=True)
+    @defer.inlineCallbacks
+    def replay(self, request, session, message_id):
+        """A dry run first (what each chosen destination would get, and how it differs from what
+        was sent), then, confirmed with a reason, the replay (audited in its own transaction)."""
+        from hl7relay.ops.phi import mask_message
+        from hl7relay.ops.replay import commit_replay, plan_replay
+
+        chosen = [v.decode("utf-8", "replace") for v in (request.args or {}).get(b"destination", [])] or None
+        force = self._field(request, "force") == "1"
+        confirm = self._field(request, "confirm") == "1"
+        reason = self._field(request, "reason").strip()[:500]
+        if confirm and not reason:
+            raise HTTPError(400, "a replay needs a reason: it is written to the audit log")
+        channels = {name: running.channel for name, running in self.engine.channels.items()}
+        render = lambda data: mask_message(data).split("\n")  # noqa: E731 - diffs are masked here, always
+        audit = self._action(request, session, "replay", f"message {message_id}")
+
+        def work(store):
+            plan = plan_replay(store, channels, message_id, chosen, force, render)
+            if confirm and not plan.skipped:
+                return plan, commit_replay(store, channels, plan, reason, audit["actor"], audit=audit)
+            return plan, None
+
+        plan, replay_id = yield self.support.run(work)
+        if plan.skipped.startswith("no message"):
+            raise HTTPError(404, plan.skipped)
+        if replay_id is not None:
+            request.redirect(f"/messages/{replay_id}".encode())
+            request.setResponseCode(303)
+            return b""
+        channel = channels.get(plan.channel)
+        return self._render("replay_message.html", request, 409 if confirm else 200, session=session, plan=plan,
+                            destinations=[d.name for d in channel.destinations] if channel else [],
+                            chosen=set(chosen or []), force=force, active="messages")
+
     @defer.inlineCallbacks
     def _message(self, request, session, message_id: int, reason: str | None):
         def load(store):
