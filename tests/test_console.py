@@ -313,7 +313,7 @@ def test_controls_act_and_write_one_audit_row_each(engine):
         _, _, page = browser.get(headers["Location"])
         assert 'role="status"' in page
         if state:
-            section = page.split(f'id="channel-adt"')[1]
+            section = page.split('id="channel-adt"')[1]
             assert re.search(state, section), (action, state)
     assert browser.post("/channels/nope/disable", {})[0] == 404
     assert browser.post("/channels/adt/destinations/nope/pause", {})[0] == 404
@@ -567,3 +567,101 @@ def test_a_message_is_replayed_from_its_page_after_a_dry_run(engine):
     assert "has no destination nope" in operator.post("/messages/1/replay", {"destination": "nope"})[2]
     assert operator.post("/messages/424242/replay", {})[0] == 404
     assert 'id="replay"' not in signed_in(engine, "viewer").get("/messages/1")[2]
+
+
+# -- the live view's stream, alone ------------------------------------------------------------------
+class StreamRequest:
+    """What LiveStream uses of a twisted.web request."""
+
+    def __init__(self):
+        from twisted.internet import defer
+
+        self.headers, self.written, self.producer = {}, [], None
+        self.finished = defer.Deferred()
+
+    def setHeader(self, name, value):
+        self.headers[name] = value
+
+    def registerProducer(self, producer, streaming):
+        self.producer = (producer, streaming)
+
+    def write(self, data):
+        self.written.append(data)
+
+    def notifyFinish(self):
+        return self.finished
+
+
+def test_a_live_stream_sends_changes_skips_while_paused_beats_and_stops_with_the_page():
+    from twisted.internet import task
+
+    from hl7relay.console.app import LiveStream
+
+    class FakeConsole:
+        streams = 0
+
+    console, clock = FakeConsole(), task.Clock()
+    console.reactor, console.clock = clock, clock.seconds
+    state = {"html": "<p>1</p>"}
+    request = StreamRequest()
+    stream = LiveStream(console, request, lambda: state["html"], "channels", interval=1.0, heartbeat=15.0)
+    assert request.producer == (stream, True) and request.headers[b"Content-Type"].startswith(b"text/event-stream")
+    assert console.streams == 1 and request.written[-1] == b"event: channels\ndata: <p>1</p>\n\n"
+    count = len(request.written)
+    clock.advance(1)
+    assert len(request.written) == count  # unchanged: nothing sent
+    stream.pauseProducing()  # the browser reads slower than updates come
+    for n in range(2, 6):
+        state["html"] = f"<p>{n}</p>"
+        clock.advance(1)
+    assert len(request.written) == count  # nothing buffered while paused
+    stream.resumeProducing()
+    clock.advance(1)
+    assert b"4 update(s) skipped" in request.written[-1] and b"data: <p>5</p>" in request.written[-1]
+    count = len(request.written)
+    clock.advance(15)
+    assert request.written[count:] == [b": heartbeat\n\n"]  # quiet, but alive
+    request.finished.errback(Exception("the page went away"))
+    count = len(request.written)
+    state["html"] = "<p>6</p>"
+    clock.advance(5)
+    assert len(request.written) == count and console.streams == 0 and not clock.getDelayedCalls()
+
+
+def test_the_console_over_tls_marks_its_cookies_secure(tmp_path, running_engine):
+    import ssl
+    import sys
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_mllp_loopback import _issue
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _issue("test CA", ca_key, "test CA", ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue("hl7relay console", key, "test CA", ca_key, server=True)
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "console.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "console.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+    (tmp_path / "engine.yaml").write_text(f"console: {{host: 127.0.0.1, port: auto, tls_cert: {tmp_path / 'console.pem'}, "
+                                          f"tls_key: {tmp_path / 'console.key'}}}\nadmin: {{port: 0}}\n")
+    folder = tmp_path / "engine"
+    folder.mkdir()
+
+    def prepare(store):
+        store.add_user("tls-admin", "admin", hash_password(PASSWORD), {"actor": "test", "action": "user.add"})
+
+    running = running_engine(folder, "--config", str(tmp_path / "engine.yaml"), prepare=prepare)
+    try:
+        assert running.console.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with urllib.request.urlopen(running.console + "/login", timeout=10, context=context) as response:
+            assert "Secure" in response.headers["Set-Cookie"] and response.status == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(running.console.replace("https:", "http:") + "/login", timeout=10).read()
+    finally:
+        assert running.stop() == 0
