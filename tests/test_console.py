@@ -665,3 +665,27 @@ def test_the_console_over_tls_marks_its_cookies_secure(tmp_path, running_engine)
             urllib.request.urlopen(running.console.replace("https:", "http:") + "/login", timeout=10).read()
     finally:
         assert running.stop() == 0
+
+
+def test_with_no_users_the_sign_in_page_shows_how_to_make_the_first(tmp_path, manual_executor):
+    from twisted.internet import task
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from hl7relay.channels import load_channel
+    from hl7relay.console.app import Console
+    from hl7relay.runtime import Engine
+    from hl7relay.store.writer import StoreWriter
+
+    path = tmp_path / "adt.yaml"
+    path.write_text("name: adt\nsource: {type: mllp, port: 0}\n")
+    channel, _ = load_channel(path, {})
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    clock = task.Clock()
+    console = Console(Engine([channel], StoreWriter(store, clock, executor=manual_executor), reactor=clock), clock)
+    request = DummyRequest([b"login"])
+    request.addCookie = lambda *args, **kwargs: None  # what the page sets is checked against a real engine above
+    pages = []
+    console._login_form(request).addCallback(pages.append)
+    manual_executor.run_all()
+    assert "hl7relay user add NAME --role admin" in pages[0].decode() and 'id="no-users"' in pages[0].decode()
