@@ -737,19 +737,30 @@ class Store:
         if delivery_status is not None:
             query = query.where(sa.exists().where(deliveries.c.message_id == messages.c.id,
                                                   deliveries.c.status == delivery_status))
-        query = query.order_by(messages.c.id.desc())
+        # Newest first, in the order an index already has, so no match is sorted: filtered by
+        # channel, status, type or facility (indexes on (column, received_at)) by arrival time;
+        # otherwise by id (the table itself; the control id and patient id indexes end with it).
+        # Sorting a million rows by id within a channel took a second; this takes milliseconds.
+        by_time = any(value is not None for value in (channel, status, message_type, facility))
+        query = query.order_by(*((messages.c.received_at.desc(), messages.c.id.desc()) if by_time else (messages.c.id.desc(),)))
         with self.engine.connect() as connection:
+            def after(query, last_id):
+                """Keyset: the rows after message ``last_id`` in that order."""
+                if last_id is None:
+                    return query
+                if not by_time:
+                    return query.where(messages.c.id < last_id)
+                at = connection.execute(sa.select(messages.c.received_at).where(messages.c.id == last_id)).scalar()
+                if at is None:  # pruned since: its id still places it closely enough
+                    return query.where(messages.c.id < last_id)
+                return query.where(sa.tuple_(messages.c.received_at, messages.c.id) < sa.tuple_(at, last_id))
+
             if text is None:
-                if before_id is not None:
-                    query = query.where(messages.c.id < before_id)
-                return [dict(r) for r in connection.execute(query.limit(limit)).mappings()]
+                return [dict(r) for r in connection.execute(after(query, before_id).limit(limit)).mappings()]
             found, scanned, cursor = [], 0, before_id
             needle = text.lower()
             while len(found) < limit and scanned < scan_limit:
-                page = query.add_columns(messages.c.raw)
-                if cursor is not None:
-                    page = page.where(messages.c.id < cursor)
-                rows = [dict(r) for r in connection.execute(page.limit(500)).mappings()]
+                rows = [dict(r) for r in connection.execute(after(query.add_columns(messages.c.raw), cursor).limit(500)).mappings()]
                 if not rows:
                     break
                 scanned += len(rows)
