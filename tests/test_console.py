@@ -282,6 +282,9 @@ def test_every_route_for_every_role(engine, method, path, least, allowed):
         assert status == 303 and headers["Location"].startswith("/login?next=")
     else:
         assert anonymous.post(path, {"reason": "route matrix"})[0] == 401
+        admin = signed_in(engine, "admin")  # every POST: without the CSRF token, or from another site, refused
+        assert admin.post(path, {"reason": "route matrix"}, csrf=False)[0] == 403
+        assert admin.post(path, {"reason": "route matrix"}, headers={"Origin": "http://evil.example"})[0] == 403
     for user in USERS:
         browser = signed_in(engine, user)
         if method == "GET":
