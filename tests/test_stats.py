@@ -15,13 +15,11 @@ def test_counts_since_start_and_today_by_status():
     clock = Clock()
     stats = ChannelStats(clock, day_of=lambda now: int(now // 86400))
     for status in ("PROCESSED", "PROCESSED", "FILTERED", "ERROR", "DUPLICATE", "NOT_STORED"):
-        stats.received("adt")
         stats.answered("adt", status, 0.002)
     view = stats.view("adt")
     assert view["since_start"] == {"received": 6, "processed": 2, "filtered": 1, "error": 1, "duplicate": 1, "not_stored": 1}
     assert view["today"] == view["since_start"]
     clock.now += 86400  # the next day: today starts again, since start does not
-    stats.received("adt")
     stats.answered("adt", "PROCESSED", 0.001)
     view = stats.view("adt")
     assert view["today"]["received"] == 1 and view["today"]["processed"] == 1 and view["since_start"]["received"] == 7
@@ -33,8 +31,8 @@ def test_rates_over_one_and_five_minutes():
     stats = ChannelStats(clock)
     for second in range(300):  # 2 a second for 5 minutes, then 6 in the last minute's last second
         clock.now = 1_700_000_000.0 + second
-        stats.received("adt")
-        stats.received("adt")
+        stats.answered("adt", "PROCESSED", None)
+        stats.answered("adt", "PROCESSED", None)
     view = stats.view("adt")
     assert view["per_minute_1m"] == 120 and view["per_minute_5m"] == 120
     clock.now += 120  # two quiet minutes
@@ -49,6 +47,8 @@ def test_ack_p95_over_the_last_five_minutes():
     stats = ChannelStats(clock)
     for i in range(100):
         stats.answered("adt", "PROCESSED", (i + 1) / 1000)  # 1..100 ms
+    stats.answered("adt", None, None)  # a message whose handling failed: received, no status, no latency
+    assert stats.view("adt")["since_start"]["received"] == 101
     assert stats.view("adt")["ack_p95_ms"] == 96.0
     clock.now += 301
     assert stats.view("adt")["ack_p95_ms"] is None
