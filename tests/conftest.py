@@ -80,7 +80,13 @@ class RunningEngine:
         sys.path.insert(0, str(Path(__file__).parent))
         from test_runtime import wait_for_line
 
-        self.startup = "".join(wait_for_line(self.process, "ready"))
+        try:
+            self.startup = "".join(wait_for_line(self.process, "ready"))
+        except BaseException:  # it did not start: do not leave it behind
+            self.process.kill()
+            self.process.wait(timeout=30)
+            self.process.stdout.close()
+            raise
         self.mllp_port = int(self.startup.split("MLLP on 127.0.0.1:")[1].split()[0])
         console = re.search(r"console: (https?://[^/\s]+)/", self.startup)
         self.console = console.group(1) if console else None

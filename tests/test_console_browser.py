@@ -179,20 +179,22 @@ def failing_lab(tmp_path_factory, running_engine):
 
     lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", "0", "--answer", "AE", "--fail-first", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    lab_port = int("".join(wait_for_line(lab, "MLLP on")).split("MLLP on 127.0.0.1:")[1].split()[0])
+    try:
+        lab_port = int("".join(wait_for_line(lab, "MLLP on")).split("MLLP on 127.0.0.1:")[1].split()[0])
 
-    def prepare(store):
-        store.add_user("ops", "operator", hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": "ops"})
+        def prepare(store):
+            store.add_user("ops", "operator", hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": "ops"})
 
-    channel = ("name: adt\nsource: {type: mllp, port: 0}\n"
-               f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}, retry_initial: 0.2, retry_max: 1}}]\n")
-    running = running_engine(tmp_path_factory.mktemp("dead"), "--admin-port", "0", "--console-port", "auto",
-                             prepare=prepare, channel=channel)
-    yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
-    assert running.stop() == 0
-    lab.send_signal(signal.SIGTERM)
-    lab.wait(timeout=30)
-    lab.stdout.close()
+        channel = ("name: adt\nsource: {type: mllp, port: 0}\n"
+                   f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}, retry_initial: 0.2, retry_max: 1}}]\n")
+        running = running_engine(tmp_path_factory.mktemp("dead"), "--admin-port", "0", "--console-port", "auto",
+                                 prepare=prepare, channel=channel)
+        yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
+        assert running.stop() == 0
+    finally:  # the lab is stopped whatever happened to the engine
+        lab.send_signal(signal.SIGTERM)
+        lab.wait(timeout=30)
+        lab.stdout.close()
 
 
 def test_a_dead_letter_is_replayed_after_a_dry_run_and_a_destination_paused_and_resumed(browser, failing_lab):
