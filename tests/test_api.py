@@ -285,3 +285,20 @@ def test_the_admin_listener_can_take_tls(tmp_path):
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         process.stdout.close()
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(engine):
+    import socket
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(engine["base"])
+    with socket.create_connection((where.hostname, where.port), timeout=30) as connection:
+        connection.sendall(b"POST /api/v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000000\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            data = connection.recv(65536)
+            if not data:
+                break
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert call(engine, "GET", "/api/v1/status", token=TOKENS["viewer"])[0] == 200

@@ -692,3 +692,34 @@ def test_with_no_users_the_sign_in_page_shows_how_to_make_the_first(tmp_path, ma
     console._login_form(request).addCallback(pages.append)
     manual_executor.run_all()
     assert "hl7relay user add NAME --role admin" in pages[0].decode() and 'id="no-users"' in pages[0].decode()
+
+
+def test_oversized_request_bodies_are_refused_before_they_are_read(engine):
+    host, port = urllib.parse.urlsplit(engine["base"]).hostname, urllib.parse.urlsplit(engine["base"]).port
+
+    def exchange(head: bytes, body_chunks):
+        with socket.create_connection((host, port), timeout=30) as connection:
+            connection.sendall(head)
+            try:
+                for chunk in body_chunks:
+                    connection.sendall(chunk)
+            except OSError:  # the server closed its end: what a refusal looks like from here
+                pass
+            answer = b""
+            while True:
+                try:
+                    data = connection.recv(65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                answer += data
+            return answer
+
+    declared = exchange(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                        b"Content-Length: 10000000000\r\n\r\n", [b"a" * 65536])
+    assert declared.startswith(b"HTTP/1.1 413 ")
+    chunked = exchange(b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+                       (b"10000\r\n" + b"a" * 65536 + b"\r\n" for _ in range(40)))  # 2.5 MB, no length declared
+    assert chunked.startswith(b"HTTP/1.1 413 ")
+    assert Browser(engine["base"]).get("/login")[0] == 200  # and the console carries on

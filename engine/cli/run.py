@@ -187,13 +187,12 @@ def _start_console(engine, console: dict, reactor, announce) -> None:
     """Start the web console on the engine's reactor; a warning if it cannot listen."""
     host = console["host"]
     try:
-        from twisted.web import server
-
         from hl7relay.console.app import Console
+        from hl7relay.ops.http import bounded_site
 
         app = Console(engine, reactor, tls=bool(console.get("tls_cert")), idle=console["idle_timeout"],
                       absolute=console["absolute_timeout"])
-        site = server.Site(app.resource())
+        site = bounded_site(app.resource())
         site.noisy = False
         site.log = lambda request: None  # sign-ins, reveals and actions are in the audit log; pages are not logged
         port = 0 if console["port"] == "auto" else int(console["port"])
