@@ -723,3 +723,39 @@ def test_oversized_request_bodies_are_refused_before_they_are_read(engine):
                        (b"10000\r\n" + b"a" * 65536 + b"\r\n" for _ in range(40)))  # 2.5 MB, no length declared
     assert chunked.startswith(b"HTTP/1.1 413 ")
     assert Browser(engine["base"]).get("/login")[0] == 200  # and the console carries on
+
+
+def test_idle_connections_are_closed_and_live_views_are_not():
+    from twisted.internet import address, task
+    from twisted.internet.testing import StringTransport
+    from twisted.web import resource, server
+
+    from hl7relay.ops.admin import AdminSite
+    from hl7relay.ops.http import IDLE_TIMEOUT, bounded_site
+
+    class Forever(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            return server.NOT_DONE_YET  # like a live view's stream
+
+    site = bounded_site(Forever())
+    clock = task.Clock()
+
+    def connect():
+        protocol = site.buildProtocol(address.IPv4Address("TCP", "127.0.0.1", 5000))
+        protocol.callLater = clock.callLater
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    _, idle = connect()
+    streaming_protocol, streaming = connect()
+    streaming_protocol.dataReceived(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+    clock.advance(IDLE_TIMEOUT + 1)
+    assert idle.disconnecting and not streaming.disconnecting
+
+    class Engine:  # what AdminSite's resources keep a reference to
+        pass
+
+    assert AdminSite(Engine(), metrics=None).timeOut == IDLE_TIMEOUT == 60.0

@@ -97,9 +97,10 @@ class AdminSite(server.Site):
         root.putChild(b"readyz", _Ready(engine))
         root.putChild(b"api", ApiResource(engine, local_token))
         super().__init__(root)
-        from hl7relay.ops.http import BoundedRequest
+        from hl7relay.ops.http import IDLE_TIMEOUT, BoundedRequest
 
         self.requestFactory = BoundedRequest  # request bodies of bounded size (ops/http.py)
+        self.timeOut = IDLE_TIMEOUT  # idle connections closed
 
 
 def start_admin(engine, metrics: Metrics, host: str, port: int, reactor, local_token: str | None = None, tls=None):

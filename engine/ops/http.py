@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from twisted.web import server
 
-__all__ = ["BoundedRequest", "bounded_site", "MAX_BODY_BYTES"]
+__all__ = ["BoundedRequest", "bounded_site", "MAX_BODY_BYTES", "IDLE_TIMEOUT"]
 
 MAX_BODY_BYTES = 1024 * 1024  # forms and API calls are a few KB; a generous ceiling
+# An idle connection (no request in progress) is closed after this long: hundreds of idle clients
+# cost nothing for long. Twisted suspends it while a request runs, so a live view's stream stays.
+IDLE_TIMEOUT = 60.0
 
 
 class BoundedRequest(server.Request):
@@ -47,4 +50,5 @@ class BoundedRequest(server.Request):
 def bounded_site(root) -> server.Site:
     site = server.Site(root)
     site.requestFactory = BoundedRequest
+    site.timeOut = IDLE_TIMEOUT
     return site
