@@ -171,6 +171,10 @@ def test_messages_are_masked_and_phi_needs_the_permission_a_reason_and_an_audit_
     entry = engine["store"].audit_entries(action="phi.view")[0]
     assert (entry["actor"], entry["target"], entry["reason"]) == ("token:admin", "message 1", "INC-7")
     assert call(engine, "GET", "/api/v1/messages/99999", token=TOKENS["viewer"])[0] == 404
+    huge = "99999999999999999999999"  # beyond any row id: a clear answer, not an overflow
+    assert call(engine, "GET", f"/api/v1/messages/{huge}", token=TOKENS["viewer"])[0] == 404
+    assert call(engine, "GET", f"/api/v1/messages?before={huge}", token=TOKENS["viewer"])[0] == 400
+    assert call(engine, "GET", f"/api/v1/audit?before={huge}", token=TOKENS["admin"])[0] == 400
     assert call(engine, "GET", "/api/v1/messages?limit=lots", token=TOKENS["viewer"])[0] == 400
 
 

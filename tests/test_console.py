@@ -392,6 +392,9 @@ def test_messages_are_found_by_control_id_and_a_patient_id_search_is_audited(eng
     assert len(store.audit_entries(action="messages.search", limit=1000)) == count + 1
     assert browser.get("/messages?since=yesterday")[0] == 400
     assert browser.get("/messages/999999")[0] == 404
+    huge = "99999999999999999999999"  # beyond any row id: a clear answer, not an overflow
+    assert browser.get(f"/messages/{huge}")[0] == 404 and browser.get(f"/messages?before={huge}")[0] == 400
+    assert browser.get("/messages?before=-1")[0] == 400
 
 
 def test_the_live_dashboard_streams_server_sent_events(engine):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["port", "seconds", "count"]
+__all__ = ["port", "seconds", "count", "row_id"]
 
 
 def port(text: str) -> int:
@@ -35,4 +35,15 @@ def count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def row_id(text: str) -> int:
+    """A message's or an audit entry's number: 1 up to the largest a database row id can be."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a message or entry number") from None
+    if not 1 <= value <= 2 ** 63 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a message or entry number (1 or more, up to 2**63-1)")
     return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hl7relay.cli._args import count
+from hl7relay.cli._args import count, row_id
 from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "read the audit log (actions that change the engine or reveal patient data)"
@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--actor", help="user:NAME, token:NAME or os:LOGIN")
     parser.add_argument("--action", help="an action or its start: user., replay, phi.view")
     parser.add_argument("--limit", type=count, default=50)
-    parser.add_argument("--before", type=count, metavar="ID", help="next page: the last id shown")
+    parser.add_argument("--before", type=row_id, metavar="ID", help="next page: the last id shown")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     add_settings_arguments(parser, channels=False)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from hl7relay.cli._args import count
+from hl7relay.cli._args import count, row_id
 from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "find stored messages and show their stages, deliveries and ACKs"
@@ -31,10 +31,10 @@ def add_arguments(parser) -> None:
         if name == "search":
             p.add_argument("--text", help="substring of the raw message (scans; slower)")
         p.add_argument("--limit", type=count, default=50)
-        p.add_argument("--before", type=count, metavar="ID", help="next page: the last id shown")
+        p.add_argument("--before", type=row_id, metavar="ID", help="next page: the last id shown")
         _common(p)
     show = sub.add_parser("show", help="one message: stages, deliveries, ACKs")
-    show.add_argument("id", type=count)
+    show.add_argument("id", type=row_id)
     _common(show)
 
 

@@ -6,7 +6,7 @@ import getpass
 import json
 import sys
 
-from hl7relay.cli._args import count
+from hl7relay.cli._args import count, row_id
 from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "replay stored messages (by id or filters) through the current channel configuration"
@@ -24,7 +24,7 @@ is only replayed with --force."""
 def add_arguments(parser) -> None:
     from hl7relay.cli._support import add_filter_arguments
 
-    parser.add_argument("ids", nargs="*", type=count, metavar="ID")
+    parser.add_argument("ids", nargs="*", type=row_id, metavar="ID")
     add_filter_arguments(parser)
     parser.add_argument("--limit", type=count, default=1000, help="at most this many messages from the filters (default 1000)")
     parser.add_argument("--destination", action="append", metavar="NAME", help="only these destinations (repeatable)")

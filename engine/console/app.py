@@ -44,6 +44,7 @@ _CONTENT_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; 
 STATIC = {p.name: p for p in (HERE / "static").iterdir() if p.suffix in _CONTENT_TYPES}
 STATUSES = ("PROCESSED", "FILTERED", "ERROR", "DUPLICATE")
 PAGE_SIZE = 50
+MAX_ID = 2 ** 63 - 1  # the largest row id a database holds: larger numbers name no message
 MAX_STREAMS = 100  # live dashboards open at once
 # a password hash to check against when the user does not exist, so both cost the same time
 _NO_USER_HASH = hash_password("no such user: the comparison only spends the same time")
@@ -331,7 +332,7 @@ class Console:
         text = self._field(request, "text").strip()
         since, until = self._time(request, "since"), self._time(request, "until")
         before = self._field(request, "before")
-        if before and not before.isdigit():
+        if before and not (before.isdigit() and int(before) <= MAX_ID):
             raise HTTPError(400, "before is a message number")
         if filters.get("patient_id"):  # who looked for which patient's messages is itself patient data
             yield self._audit({"actor": f"user:{session.user}", "role": session.role, "source": self._source(request),
@@ -360,12 +361,16 @@ class Console:
     @app.route("/messages/<int:message_id>", methods=["GET"])
     @page("read")
     def message(self, request, session, message_id):
+        if message_id > MAX_ID:
+            raise HTTPError(404, f"no message {message_id}")
         return self._message(request, session, message_id, None)
 
     @app.route("/messages/<int:message_id>/reveal", methods=["POST"])
     @page("phi", post=True)
     @defer.inlineCallbacks
     def reveal(self, request, session, message_id):
+        if message_id > MAX_ID:
+            raise HTTPError(404, f"no message {message_id}")
         reason = self._field(request, "reason").strip()
         if not reason:
             raise HTTPError(400, "showing patient data needs a reason: it is written to the audit log")
@@ -379,6 +384,8 @@ class Console:
     @defer.inlineCallbacks
     def download(self, request, session, message_id):
         """The message as received, byte for byte: patient data, so a reason and an audit entry first."""
+        if message_id > MAX_ID:
+            raise HTTPError(404, f"no message {message_id}")
         reason = self._field(request, "reason").strip()[:500]
         if not reason:
             raise HTTPError(400, "downloading a message needs a reason: it is written to the audit log")
@@ -396,6 +403,8 @@ class Console:
     def replay(self, request, session, message_id):
         """A dry run first (what each chosen destination would get, and how it differs from what
         was sent), then, confirmed with a reason, the replay (audited in its own transaction)."""
+        if message_id > MAX_ID:
+            raise HTTPError(404, f"no message {message_id}")
         from hl7relay.ops.phi import mask_message
         from hl7relay.ops.replay import commit_replay, plan_replay
 
@@ -526,7 +535,7 @@ class Console:
         action = self._field(request, "action").strip() or None
         since = self._time(request, "since")
         before = self._field(request, "before")
-        if before and not before.isdigit():
+        if before and not (before.isdigit() and int(before) <= MAX_ID):
             raise HTTPError(400, "before is an entry number")
         export = self._field(request, "format") == "json"
         limit = 1000 if export else 100

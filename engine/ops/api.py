@@ -314,7 +314,7 @@ class ApiResource(resource.Resource):
         args = self._args(request)
         filters = {name: args[name] for name in SEARCH_FILTERS if args.get(name)}
         limit = self._number(args, "limit", 50, int, 1, 500)
-        before = self._number(args, "before", None, int, 1)
+        before = self._number(args, "before", None, int, 1, 2 ** 63 - 1)
         since = self._number(args, "since", None, float)
         until = self._number(args, "until", None, float)
         text = args.get("text") or None  # a substring of the raw message (scans at most 100,000 candidates)
@@ -340,7 +340,7 @@ class ApiResource(resource.Resource):
 
     @staticmethod
     def _id(text: str) -> int:
-        if not text.isdigit():
+        if not text.isdigit() or int(text) > 2 ** 63 - 1:  # beyond any row id: no such message
             raise ApiError(404, f"no message {text!r}")
         return int(text)
 
@@ -404,8 +404,10 @@ class ApiResource(resource.Resource):
         try:
             limit = min(1000, max(1, int(args.get("limit", "100"))))
             before = int(args["before"]) if "before" in args else None
+            if before is not None and not 1 <= before <= 2 ** 63 - 1:
+                raise ValueError(before)
         except ValueError:
-            raise ApiError(400, "limit and before are whole numbers") from None
+            raise ApiError(400, "limit and before are whole numbers (before: an entry number)") from None
         store = self.engine.writer.store
         return self.engine.writer.read(functools.partial(store.audit_entries, action=args.get("action"),
                                                          actor=args.get("actor"), before_id=before, limit=limit))
