@@ -762,3 +762,31 @@ def test_idle_connections_are_closed_and_live_views_are_not():
         pass
 
     assert AdminSite(Engine(), metrics=None).timeOut == IDLE_TIMEOUT == 60.0
+
+
+def test_a_store_that_does_not_answer_gets_a_clear_503(tmp_path, manual_executor):
+    from sqlalchemy.exc import OperationalError
+    from twisted.internet import defer, task
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from hl7relay.channels import load_channel
+    from hl7relay.console.app import Console
+    from hl7relay.runtime import Engine
+    from hl7relay.store.writer import StoreWriter
+
+    path = tmp_path / "adt.yaml"
+    path.write_text("name: adt\nsource: {type: mllp, port: 0}\n")
+    channel, _ = load_channel(path, {})
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    clock = task.Clock()
+    console = Console(Engine([channel], StoreWriter(store, clock, executor=manual_executor), reactor=clock), clock)
+    console.support.run = lambda fn, *a, **k: defer.fail(OperationalError("SELECT", {}, Exception("server closed the connection")))
+    session_id, _ = console.sessions.create("ada", "admin", False, "127.0.0.1")
+    request = DummyRequest([b"messages"])
+    request.getCookie = lambda name: session_id.encode() if name == b"hl7relay_session" else None
+    pages = []
+    d = console.messages(request)
+    d.addCallback(pages.append)
+    assert request.responseCode == 503 and b"not answering" in pages[0]
+    assert b"adt" in console.render_channels().encode()  # the dashboard, from memory, is unaffected

@@ -27,10 +27,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from hl7relay.console.sessions import LoginThrottle, Sessions
 from hl7relay.ops.auth import ROLES, can, hash_password, verify_password
 from hl7relay.ops.phi import mask_known, mask_text, person_values
 from hl7relay.ops.support import SEARCH_FILTERS, SupportStore, masked_view, message_view, row_view
+from hl7relay.store.database import StoreError
 
 __all__ = ["Console", "CSP"]
 
@@ -191,6 +194,12 @@ class Console:
                 request.setResponseCode(303)
                 return b""
             return self._render("error.html", request, error.status, status=error.status, text=error.text, session=None)
+        if failure.check(StoreError, SQLAlchemyError):
+            # the store is down or full: say so (the dashboard, from memory, still works)
+            log.error("console: the store did not answer: {error}", error=failure.getErrorMessage())
+            return self._render("error.html", request, 503, status=503, session=None,
+                                text="The message store is not answering right now; the dashboard still shows the "
+                                     "engine's live state. Try again in a moment.")
         log.failure("console request failed", failure)
         return self._render("error.html", request, 500, status=500, text="internal error (logged)", session=None)
 
