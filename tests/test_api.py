@@ -306,3 +306,34 @@ def test_an_oversized_body_is_refused_before_it_is_read(engine):
             answer += data
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert call(engine, "GET", "/api/v1/status", token=TOKENS["viewer"])[0] == 200
+
+
+def test_a_store_that_does_not_answer_gets_a_503(tmp_path, manual_executor):
+    from sqlalchemy.exc import OperationalError
+    from twisted.internet import defer, task
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from hl7relay.channels import load_channel
+    from hl7relay.ops.api import ApiResource
+    from hl7relay.runtime import Engine
+    from hl7relay.store.writer import StoreWriter
+
+    path = tmp_path / "adt.yaml"
+    path.write_text("name: adt\nsource: {type: mllp, port: 0}\n")
+    channel, _ = load_channel(path, {})
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    clock = task.Clock()
+    engine = Engine([channel], StoreWriter(store, clock, executor=manual_executor), reactor=clock)
+    api = ApiResource(engine, local_token="hl7r_local-token-for-this-test")
+    api._off_reactor = lambda fn, *a, **k: defer.fail(OperationalError("SELECT", {}, Exception("connection refused")))
+    request = DummyRequest([b"api", b"v1", b"messages"])
+    request.path = b"/api/v1/messages"
+    request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer hl7r_local-token-for-this-test"])
+    api.render(request)
+    assert request.responseCode == 503 and b"not answering" in b"".join(request.written)
+    request = DummyRequest([b"api", b"v1", b"status"])
+    request.path = b"/api/v1/status"
+    request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer hl7r_local-token-for-this-test"])
+    api.render(request)
+    assert request.responseCode in (None, 200) and b'"channels"' in b"".join(request.written)  # from memory

@@ -24,8 +24,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from hl7relay.ops.auth import can, new_token, token_hash
 from hl7relay.ops.support import masked_view
+from hl7relay.store.database import StoreError
 
 __all__ = ["ROUTES", "ApiResource", "write_local_token", "write_endpoint", "LOCAL_TOKEN_FILE", "ENDPOINT_FILE",
            "openapi_document"]
@@ -167,6 +170,10 @@ class ApiResource(resource.Resource):
             elif failure.check(KeyError):
                 request.setResponseCode(404)
                 body = {"error": str(failure.value.args[0]) if failure.value.args else "not found"}
+            elif failure.check(StoreError, SQLAlchemyError):
+                log.error("API: the store did not answer: {error}", error=failure.getErrorMessage())
+                request.setResponseCode(503)
+                body = {"error": "the message store is not answering; try again in a moment"}
             else:
                 log.failure("API request failed", failure)
                 request.setResponseCode(500)
