@@ -360,3 +360,12 @@ def test_sqlite_and_postgresql_store_the_same_rows_from_the_same_batches(tmp_pat
     finally:
         sqlite.close()
         postgres.close()
+
+
+def test_a_failing_batch_is_a_store_error_and_the_store_carries_on(store):
+    twice = record("F1", deliveries=[DeliveryRecord("lab", "QUEUED", b"MSH|x"), DeliveryRecord("lab", "QUEUED", b"MSH|x")])
+    with pytest.raises(StoreError):  # two deliveries of one message to one destination: the unique index refuses
+        store.commit([twice], [])
+    assert store.count() == 0  # all of the batch or nothing
+    [message_id] = store.commit([record("F2")], [])
+    assert store.get_message(message_id)["control_id"] == "F2"

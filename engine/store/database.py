@@ -503,6 +503,8 @@ def _sql(placeholder: str) -> dict:
     p = placeholder
     audit_columns = ", ".join(AUDIT_FIELDS)
     return {
+        "message": (f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)}) "
+                    f"VALUES ({', '.join([p] * len(_MESSAGE_COLUMNS))}) RETURNING id"),
         "stage": f"INSERT INTO message_stages (message_id, stage, content) VALUES ({p}, {p}, {p})",
         "delivery": ("INSERT INTO deliveries (message_id, destination, status, attempts, last_ack, last_error, "
                      f"next_attempt_at, updated_at, order_key) VALUES ({p}, {p}, {p}, 0, '', '', {p}, {p}, {p})"),
@@ -525,6 +527,16 @@ def _send_updates(execute, executemany, sql: dict, rows: _Rows) -> None:
         executemany(sql["stage_upsert"], rows.stage_upserts)
     if rows.audit:
         executemany(sql["audit"], [tuple(entry[c] for c in AUDIT_FIELDS) for entry in rows.audit])
+
+
+def psycopg_errors() -> tuple:
+    """What a PostgreSQL commit may raise: SQLAlchemy's errors (the transaction around it) and
+    psycopg's own (the statements sent to it directly)."""
+    try:
+        import psycopg
+    except ImportError:  # only SQLite in use
+        return (sa.exc.SQLAlchemyError,)
+    return (sa.exc.SQLAlchemyError, psycopg.Error)
 
 
 WAL_CHECKPOINT_PAGES = 10_000  # ~40 MB of 4 KB pages
@@ -617,25 +629,33 @@ class Store:
         try:
             rows = _Rows(records, updates)
             with self.engine.begin() as connection:
-                ids = []
-                if rows.messages:
-                    dicts = [dict(zip(_MESSAGE_COLUMNS, row)) for row in rows.messages]
-                    if len(dicts) == 1:
-                        ids = [connection.execute(messages.insert(), dicts[0]).inserted_primary_key[0]]
-                    else:
-                        result = connection.execute(
-                            messages.insert().returning(messages.c.id, sort_by_parameter_order=True), dicts)
-                        ids = [row[0] for row in result]
-                stage_rows, delivery_rows = rows.children(ids)
-                driver = connection.exec_driver_sql
-                sql = _POSTGRES_SQL
-                if stage_rows:
-                    driver(sql["stage"], stage_rows)
-                if delivery_rows:
-                    driver(sql["delivery"], delivery_rows)
-                _send_updates(lambda statement, values: driver(statement, values),
-                              lambda statement, many: driver(statement, many), sql, rows)
+                # psycopg itself, inside SQLAlchemy's transaction: executemany sends a batch in one
+                # pipeline (one round trip), where SQLAlchemy's insertmanyvalues rendered a statement
+                # per batch and wrapped every row (438 -> see bench/bench_store.py)
+                cursor = connection.connection.driver_connection.cursor()
+                try:
+                    sql = _POSTGRES_SQL
+                    ids = []
+                    if len(rows.messages) == 1:
+                        cursor.execute(sql["message"], rows.messages[0])
+                        ids = [cursor.fetchone()[0]]
+                    elif rows.messages:
+                        cursor.executemany(sql["message"], rows.messages, returning=True)
+                        while True:
+                            ids.append(cursor.fetchone()[0])
+                            if not cursor.nextset():
+                                break
+                    stage_rows, delivery_rows = rows.children(ids)
+                    if stage_rows:
+                        cursor.executemany(sql["stage"], stage_rows)
+                    if delivery_rows:
+                        cursor.executemany(sql["delivery"], delivery_rows)
+                    _send_updates(cursor.execute, cursor.executemany, sql, rows)
+                finally:
+                    cursor.close()
                 return ids
+        except psycopg_errors() as exc:
+            raise StoreError(f"store commit failed: {exc.__class__.__name__}: {exc}") from exc
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"store commit failed: {exc.__class__.__name__}: {getattr(exc, 'orig', exc)}") from exc
 
