@@ -107,10 +107,19 @@ def test_the_dashboard_does_not_read_the_store(tmp_path, manual_executor):
             raise AssertionError(f"the dashboard read the store ({name})")
 
     engine.writer.store, engine.writer.read = NoStore(), NoStore()
-    console = Console(engine, clock)
+    console = Console(engine, clock, clock=clock.seconds)
     html = console.render_channels()
     assert 'data-channel="adt"' in html and 'data-count="received">1 / 1<' in html and 'data-destination="lab"' in html
     assert "SAMPLEPATIENT" not in html
+    renders = []
+    console.dashboard_data = lambda original=console.dashboard_data: renders.append(1) or original()
+    for _ in range(100):  # a hundred live views in one tick: the render already made serves them
+        console.render_channels()
+    assert renders == []
+    clock.advance(0.6)
+    console.render_channels()
+    console.render_channels()
+    assert renders == [1]
 
 
 # -- against a real engine ---------------------------------------------------------------------------
