@@ -104,3 +104,48 @@ class RunningEngine:
 def running_engine():
     """``running_engine(folder, *arguments, prepare=fn)``: a :class:`RunningEngine`."""
     return RunningEngine
+
+
+@pytest.fixture
+def unit_engine(tmp_path, manual_executor):
+    """An Engine on a task.Clock with one ADT channel (a file destination) and a SQLite store whose
+    work runs when the test says (``manual_executor.run_all()``): (engine, channel, store, clock)."""
+    from twisted.internet import task
+
+    from hl7relay.channels import load_channel
+    from hl7relay.runtime import Engine
+    from hl7relay.store.database import Store
+    from hl7relay.store.writer import StoreWriter
+
+    path = tmp_path / "adt.yaml"
+    path.write_text("name: adt\nsource: {type: mllp, port: 0}\ndestinations: [{name: lab, type: file, directory: out}]\n")
+    channel, errors = load_channel(path, {})
+    assert not errors, errors
+    store = Store(f"sqlite:///{tmp_path / 'unit.db'}")
+    store.migrate()
+    clock = task.Clock()
+    return Engine([channel], StoreWriter(store, clock, executor=manual_executor), reactor=clock), channel, store, clock
+
+
+@pytest.fixture
+def server_certificate(tmp_path):
+    """A test CA and a server certificate for 127.0.0.1 it issued, as PEM files:
+    (ca.pem, server.pem, server.key)."""
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_mllp_loopback import _issue
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _issue("test CA", ca_key, "test CA", ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue("hl7relay server", key, "test CA", ca_key, server=True)
+    paths = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths

@@ -247,29 +247,17 @@ def test_a_large_search_does_not_hold_up_acks(tmp_path):
         process.stdout.close()
 
 
-def test_the_admin_listener_can_take_tls(tmp_path):
+def test_the_admin_listener_can_take_tls(tmp_path, server_certificate):
     import ssl
 
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_mllp_loopback import _issue
-    from cryptography.hazmat.primitives import serialization
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _issue("test CA", ca_key, "test CA", ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _issue("hl7relay admin", key, "test CA", ca_key, server=True)
-    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "admin.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "admin.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
-    (tmp_path / "engine.yaml").write_text(f"admin: {{host: 127.0.0.1, port: auto, tls_cert: {tmp_path / 'admin.pem'}, "
-                                          f"tls_key: {tmp_path / 'admin.key'}, tls_ca: {tmp_path / 'ca.pem'}}}\n")
+    ca, certificate, key = server_certificate
+    (tmp_path / "engine.yaml").write_text(f"admin: {{host: 127.0.0.1, port: auto, tls_cert: {certificate}, "
+                                          f"tls_key: {key}, tls_ca: {ca}}}\n")
     (tmp_path / "channels").mkdir()
     (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n")
     process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--config", "engine.yaml"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    sys.path.insert(0, str(Path(__file__).parent))
     from test_runtime import wait_for_line
 
     try:
@@ -282,7 +270,7 @@ def test_the_admin_listener_can_take_tls(tmp_path):
         assert result.returncode == 0 and "adt: enabled" in result.stdout, result.stdout + result.stderr
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
             urllib.request.urlopen(endpoint.replace("https:", "http:") + "/healthz", timeout=10).read()
-        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        context = ssl.create_default_context(cafile=str(ca))
         with urllib.request.urlopen(endpoint + "/healthz", timeout=10, context=context) as response:
             assert response.read() == b"ok\n"
     finally:
@@ -308,23 +296,14 @@ def test_an_oversized_body_is_refused_before_it_is_read(engine):
     assert call(engine, "GET", "/api/v1/status", token=TOKENS["viewer"])[0] == 200
 
 
-def test_a_store_that_does_not_answer_gets_a_503(tmp_path, manual_executor):
+def test_a_store_that_does_not_answer_gets_a_503(unit_engine):
     from sqlalchemy.exc import OperationalError
-    from twisted.internet import defer, task
+    from twisted.internet import defer
     from twisted.web.test.requesthelper import DummyRequest
 
-    from hl7relay.channels import load_channel
     from hl7relay.ops.api import ApiResource
-    from hl7relay.runtime import Engine
-    from hl7relay.store.writer import StoreWriter
 
-    path = tmp_path / "adt.yaml"
-    path.write_text("name: adt\nsource: {type: mllp, port: 0}\n")
-    channel, _ = load_channel(path, {})
-    store = Store(f"sqlite:///{tmp_path / 's.db'}")
-    store.migrate()
-    clock = task.Clock()
-    engine = Engine([channel], StoreWriter(store, clock, executor=manual_executor), reactor=clock)
+    engine = unit_engine[0]
     api = ApiResource(engine, local_token="hl7r_local-token-for-this-test")
     api._off_reactor = lambda fn, *a, **k: defer.fail(OperationalError("SELECT", {}, Exception("connection refused")))
     request = DummyRequest([b"api", b"v1", b"messages"])

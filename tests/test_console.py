@@ -13,7 +13,6 @@ import pytest
 from hl7relay.console.sessions import LoginThrottle, Sessions
 from hl7relay.mllp.framing import MLLPFramer, frame
 from hl7relay.ops.auth import hash_password
-from hl7relay.store.database import Store
 
 PASSWORD = "a long enough password"
 ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P|2.5.1\r"
@@ -83,22 +82,11 @@ def test_failed_sign_ins_back_off():
 
 
 # -- the dashboard reads memory only ------------------------------------------------------------------
-def test_the_dashboard_does_not_read_the_store(tmp_path, manual_executor):
-    from twisted.internet import task
-
-    from hl7relay.channels import load_channel
+def test_the_dashboard_does_not_read_the_store(unit_engine, manual_executor):
     from hl7relay.console.app import Console
     from hl7relay.hl7.message import Message
-    from hl7relay.runtime import Engine
-    from hl7relay.store.writer import StoreWriter
 
-    path = tmp_path / "adt.yaml"
-    path.write_text("name: adt\nsource: {type: mllp, port: 0}\ndestinations: [{name: lab, type: file, directory: out}]\n")
-    channel, errors = load_channel(path, {})
-    store = Store(f"sqlite:///{tmp_path / 's.db'}")
-    store.migrate()
-    clock = task.Clock()
-    engine = Engine([channel], StoreWriter(store, clock, executor=manual_executor), reactor=clock)
+    engine, channel, store, clock = unit_engine
     engine.handle(channel, Message(ADT.format(id="D1")), "peer")
     manual_executor.run_all()
 
@@ -643,27 +631,12 @@ def test_a_live_stream_sends_changes_skips_while_paused_beats_and_stops_with_the
     assert len(request.written) == count and console.streams == 0 and not clock.getDelayedCalls()
 
 
-def test_the_console_over_tls_marks_its_cookies_secure(tmp_path, running_engine):
+def test_the_console_over_tls_marks_its_cookies_secure(tmp_path, running_engine, server_certificate):
     import ssl
-    import sys
-    from pathlib import Path
 
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_mllp_loopback import _issue
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _issue("test CA", ca_key, "test CA", ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _issue("hl7relay console", key, "test CA", ca_key, server=True)
-    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "console.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "console.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
-    (tmp_path / "engine.yaml").write_text(f"console: {{host: 127.0.0.1, port: auto, tls_cert: {tmp_path / 'console.pem'}, "
-                                          f"tls_key: {tmp_path / 'console.key'}}}\nadmin: {{port: 0}}\n")
+    ca, certificate, key = server_certificate
+    (tmp_path / "engine.yaml").write_text(f"console: {{host: 127.0.0.1, port: auto, tls_cert: {certificate}, "
+                                          f"tls_key: {key}}}\nadmin: {{port: 0}}\n")
     folder = tmp_path / "engine"
     folder.mkdir()
 
@@ -673,7 +646,7 @@ def test_the_console_over_tls_marks_its_cookies_secure(tmp_path, running_engine)
     running = running_engine(folder, "--config", str(tmp_path / "engine.yaml"), prepare=prepare)
     try:
         assert running.console.startswith("https://127.0.0.1:")
-        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        context = ssl.create_default_context(cafile=str(ca))
         with urllib.request.urlopen(running.console + "/login", timeout=10, context=context) as response:
             assert "Secure" in response.headers["Set-Cookie"] and response.status == 200
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
@@ -682,22 +655,13 @@ def test_the_console_over_tls_marks_its_cookies_secure(tmp_path, running_engine)
         assert running.stop() == 0
 
 
-def test_with_no_users_the_sign_in_page_shows_how_to_make_the_first(tmp_path, manual_executor):
-    from twisted.internet import task
+def test_with_no_users_the_sign_in_page_shows_how_to_make_the_first(unit_engine, manual_executor):
     from twisted.web.test.requesthelper import DummyRequest
 
-    from hl7relay.channels import load_channel
     from hl7relay.console.app import Console
-    from hl7relay.runtime import Engine
-    from hl7relay.store.writer import StoreWriter
 
-    path = tmp_path / "adt.yaml"
-    path.write_text("name: adt\nsource: {type: mllp, port: 0}\n")
-    channel, _ = load_channel(path, {})
-    store = Store(f"sqlite:///{tmp_path / 's.db'}")
-    store.migrate()
-    clock = task.Clock()
-    console = Console(Engine([channel], StoreWriter(store, clock, executor=manual_executor), reactor=clock), clock)
+    engine, _, _, clock = unit_engine
+    console = Console(engine, clock)
     request = DummyRequest([b"login"])
     request.addCookie = lambda *args, **kwargs: None  # what the page sets is checked against a real engine above
     pages = []
@@ -773,23 +737,15 @@ def test_idle_connections_are_closed_and_live_views_are_not():
     assert AdminSite(Engine(), metrics=None).timeOut == IDLE_TIMEOUT == 60.0
 
 
-def test_a_store_that_does_not_answer_gets_a_clear_503(tmp_path, manual_executor):
+def test_a_store_that_does_not_answer_gets_a_clear_503(unit_engine):
     from sqlalchemy.exc import OperationalError
-    from twisted.internet import defer, task
+    from twisted.internet import defer
     from twisted.web.test.requesthelper import DummyRequest
 
-    from hl7relay.channels import load_channel
     from hl7relay.console.app import Console
-    from hl7relay.runtime import Engine
-    from hl7relay.store.writer import StoreWriter
 
-    path = tmp_path / "adt.yaml"
-    path.write_text("name: adt\nsource: {type: mllp, port: 0}\n")
-    channel, _ = load_channel(path, {})
-    store = Store(f"sqlite:///{tmp_path / 's.db'}")
-    store.migrate()
-    clock = task.Clock()
-    console = Console(Engine([channel], StoreWriter(store, clock, executor=manual_executor), reactor=clock), clock)
+    engine, _, _, clock = unit_engine
+    console = Console(engine, clock)
     console.support.run = lambda fn, *a, **k: defer.fail(OperationalError("SELECT", {}, Exception("server closed the connection")))
     session_id, _ = console.sessions.create("ada", "admin", False, "127.0.0.1")
     request = DummyRequest([b"messages"])
