@@ -369,3 +369,62 @@ def test_a_failing_batch_is_a_store_error_and_the_store_carries_on(store):
     assert store.count() == 0  # all of the batch or nothing
     [message_id] = store.commit([record("F2")], [])
     assert store.get_message(message_id)["control_id"] == "F2"
+
+
+def test_the_engine_stores_acknowledges_and_delivers_on_postgresql(tmp_path):
+    """`hl7relay run` on PostgreSQL (a schema of its own): every message ACKed AA only once stored,
+    each stored once with its stages, and delivered; the hot path talks to psycopg directly."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import uuid
+    from pathlib import Path
+
+    from hl7relay.mllp.framing import MLLPFramer, frame
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_runtime import ADT, wait_for_line
+
+    schema = f"engine_{uuid.uuid4().hex[:8]}"
+    admin = _postgres_store()  # skips (or fails under CI) when no server answers
+    with admin.engine.begin() as connection:
+        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    url = POSTGRES_URL + ("&" if "?" in POSTGRES_URL else "?") + f"options=-csearch_path%3D{schema}"
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\ntransformers: [{set: {path: MSH-5, value: LAB}}]\n"
+        f"destinations: [{{name: archive, type: file, directory: {tmp_path / 'out'}}}]\n")
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--store", url, "--data-dir", str(tmp_path / "data"),
+                                "--admin-port", "0", "--console-port", "0"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        startup = "".join(wait_for_line(process, "ready"))
+        port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
+        codes = []
+        with socket.create_connection(("127.0.0.1", port)) as pms:
+            framer = MLLPFramer()
+            for n in range(40):
+                pms.sendall(frame(ADT.format(id=f"PG{n}", extra="").encode()))
+                got = []
+                while not got:
+                    got = framer.feed(pms.recv(65536))
+                codes.append(got[0].payload.split(b"MSA|")[1][:2])
+        assert codes == [b"AA"] * 40
+        store = Store(url)
+        rows = store.search(channel="adt", limit=100)
+        assert sorted(r["control_id"] for r in rows) == sorted(f"PG{n}" for n in range(40))
+        assert [r["id"] for r in rows] == sorted((r["id"] for r in rows), reverse=True)
+        stored = store.get_message(rows[0]["id"])
+        assert set(stored["stages"]) >= {"transformed", "ack"}
+        deadline = time.monotonic() + 30  # the file destination writes them as its queue runs
+        while len(list((tmp_path / "out").glob("*.hl7"))) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list((tmp_path / "out").glob("*.hl7"))) == 40
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        process.stdout.close()
+        with admin.engine.begin() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")

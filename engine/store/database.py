@@ -503,8 +503,9 @@ def _sql(placeholder: str) -> dict:
     p = placeholder
     audit_columns = ", ".join(AUDIT_FIELDS)
     return {
-        "message": (f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)}) "
-                    f"VALUES ({', '.join([p] * len(_MESSAGE_COLUMNS))}) RETURNING id"),
+        "message_with_id": (f"INSERT INTO messages (id, {', '.join(_MESSAGE_COLUMNS)}) "
+                            f"VALUES ({', '.join([p] * (1 + len(_MESSAGE_COLUMNS)))})"),
+        "next_ids": f"SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, {p})",
         "stage": f"INSERT INTO message_stages (message_id, stage, content) VALUES ({p}, {p}, {p})",
         "delivery": ("INSERT INTO deliveries (message_id, destination, status, attempts, last_ack, last_error, "
                      f"next_attempt_at, updated_at, order_key) VALUES ({p}, {p}, {p}, 0, '', '', {p}, {p}, {p})"),
@@ -632,25 +633,23 @@ class Store:
                 # psycopg itself, inside SQLAlchemy's transaction: executemany sends a batch in one
                 # pipeline (one round trip), where SQLAlchemy's insertmanyvalues rendered a statement
                 # per batch and wrapped every row (438 -> see bench/bench_store.py)
-                cursor = connection.connection.driver_connection.cursor()
+                driver = connection.connection.driver_connection
+                cursor = driver.cursor()
                 try:
                     sql = _POSTGRES_SQL
                     ids = []
-                    if len(rows.messages) == 1:
-                        cursor.execute(sql["message"], rows.messages[0])
-                        ids = [cursor.fetchone()[0]]
-                    elif rows.messages:
-                        cursor.executemany(sql["message"], rows.messages, returning=True)
-                        while True:
-                            ids.append(cursor.fetchone()[0])
-                            if not cursor.nextset():
-                                break
+                    if rows.messages:  # the ids first (one round trip), so the rest needs no answer
+                        cursor.execute(sql["next_ids"], (len(rows.messages),))
+                        ids = [row[0] for row in cursor.fetchall()]
                     stage_rows, delivery_rows = rows.children(ids)
-                    if stage_rows:
-                        cursor.executemany(sql["stage"], stage_rows)
-                    if delivery_rows:
-                        cursor.executemany(sql["delivery"], delivery_rows)
-                    _send_updates(cursor.execute, cursor.executemany, sql, rows)
+                    with driver.pipeline():  # everything else in one round trip
+                        if ids:
+                            cursor.executemany(sql["message_with_id"], [(i, *row) for i, row in zip(ids, rows.messages)])
+                        if stage_rows:
+                            cursor.executemany(sql["stage"], stage_rows)
+                        if delivery_rows:
+                            cursor.executemany(sql["delivery"], delivery_rows)
+                        _send_updates(cursor.execute, cursor.executemany, sql, rows)
                 finally:
                     cursor.close()
                 return ids
