@@ -81,15 +81,14 @@ def test_the_config_a_trip_started_with_is_kept_when_the_channel_changes(tmp_pat
     """)
     trip = trip_of(engine, channel)
     (tmp_path / "ch.yaml").write_text((tmp_path / "ch.yaml").read_text().replace("OLD", "NEW"))
-    engine.channel_paths = [tmp_path / "ch.yaml"]
-    engine.reload_from_files()  # the next message takes the new config; this one keeps the old
-    executor.run_all()
-    assert engine.channels["ch"].channel is not channel
+    changed, errors = load_channel(tmp_path / "ch.yaml", {})
+    assert not errors
+    engine.channels["ch"].channel = changed  # what a reload does for a changed channel: the next message takes it
     trip.run()
     executor.run_all()
     assert trip.stage == ANSWERED
     assert Message.from_bytes(store.get_message(1)["stages"]["transformed"]).get("MSH-5") == "OLD"
-    engine.handle(engine.channels["ch"].channel, Message(ADT.format(id="T2", extra="")), "peer")
+    engine.handle(changed, Message(ADT.format(id="T2", extra="")), "peer")
     executor.run_all()
     assert Message.from_bytes(store.get_message(2)["stages"]["transformed"]).get("MSH-5") == "NEW"
 
