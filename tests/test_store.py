@@ -428,3 +428,14 @@ def test_the_engine_stores_acknowledges_and_delivers_on_postgresql(tmp_path):
         process.stdout.close()
         with admin.engine.begin() as connection:
             connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+
+
+def test_postgresql_commits_without_pipeline_mode_where_libpq_lacks_it(monkeypatch):
+    import psycopg
+
+    store = _postgres_store()
+    store.migrate()
+    monkeypatch.setattr(psycopg.Pipeline, "is_supported", classmethod(lambda cls: False))
+    ids = store.commit([record(f"NP{i}", deliveries=[DeliveryRecord("lab", "QUEUED", b"MSH|x")]) for i in range(3)], [])
+    assert len(ids) == 3 and [store.get_message(i)["control_id"] for i in ids] == ["NP0", "NP1", "NP2"]
+    assert [r["message_id"] for r in store.queued_deliveries("adt", "lab")] == ids

@@ -530,6 +530,16 @@ def _send_updates(execute, executemany, sql: dict, rows: _Rows) -> None:
         executemany(sql["audit"], [tuple(entry[c] for c in AUDIT_FIELDS) for entry in rows.audit])
 
 
+def _pipeline(driver):
+    """psycopg's pipeline mode where the libpq under it has it (14 and newer; the binary wheel's
+    does), else the statements one round trip each, as before."""
+    import contextlib
+
+    import psycopg
+
+    return driver.pipeline() if psycopg.Pipeline.is_supported() else contextlib.nullcontext()
+
+
 def psycopg_errors() -> tuple:
     """What a PostgreSQL commit may raise: SQLAlchemy's errors (the transaction around it) and
     psycopg's own (the statements sent to it directly)."""
@@ -642,7 +652,7 @@ class Store:
                         cursor.execute(sql["next_ids"], (len(rows.messages),))
                         ids = [row[0] for row in cursor.fetchall()]
                     stage_rows, delivery_rows = rows.children(ids)
-                    with driver.pipeline():  # everything else in one round trip
+                    with _pipeline(driver):  # everything else in one round trip
                         if ids:
                             cursor.executemany(sql["message_with_id"], [(i, *row) for i, row in zip(ids, rows.messages)])
                         if stage_rows:
