@@ -185,19 +185,21 @@ def run_durable(work: Path, connections: int, per_connection: int, message: Path
 
 
 def run_engine(work: Path, validation: bool, connections: int, per_connection: int, message: Path,
-               parallel: int = 8) -> dict:
+               parallel: int = 8, store: str | None = None) -> dict:
     engine_port, sink_port = free_port(), free_port()
-    channels = work / f"channels-{validation}"
+    name = f"{validation}-{'postgresql' if store else 'sqlite'}"
+    channels = work / f"channels-{name}"
     channels.mkdir()
     validators = "validators: [{structure: {on_error: warn}}]" if validation else ""
     (channels / "bench.yaml").write_text(CHANNEL.format(port=engine_port, sink=sink_port, validators=validators,
                                                                 parallel=parallel))
-    stats = work / f"sink-{validation}.json"
+    stats = work / f"sink-{name}.json"
     sink = start_sink(sink_port, 1, stats)
-    data = work / f"data-{validation}"
+    data = work / f"data-{name}"
     engine = subprocess.Popen(pinned(0, [sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
                                          "--data-dir", str(data), "--admin-port", str(free_port()),  # metrics on, as deployed
-                                         "--log-level", "error"]),
+                                         "--console-port", "0", "--log-level", "error",
+                                         *(["--store", store] if store else [])]),
                               cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_port(engine_port)
@@ -212,7 +214,30 @@ def run_engine(work: Path, validation: bool, connections: int, per_connection: i
 
 ROWS = (("baseline", "raw MLLP (frame + ACK)"), ("durable_baseline", "raw durable (+ fsync)"),
         ("relay_baseline", "raw relay (+ forward)"), ("engine_validation_off", "engine, validation off"),
-        ("engine_validation_on", "engine, validation on"))
+        ("engine_validation_on", "engine, validation on"), ("engine_postgresql", "engine, PostgreSQL (val. off)"))
+
+
+def run_engine_postgresql(work: Path, args, message: Path) -> dict | None:
+    """The engine with its store on PostgreSQL (a schema of its own, dropped after), validation
+    off; None when no server answers at --postgres."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = sa.create_engine(args.postgres)
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    except Exception as exc:  # noqa: BLE001 - no server: no row
+        print(f"PostgreSQL row skipped: {type(exc).__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return None
+    url = args.postgres + ("&" if "?" in args.postgres else "?") + f"options=-csearch_path%3D{schema}"
+    try:
+        return run_engine(work, False, args.connections, args.messages, message, args.parallel, store=url)
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
 
 
 def one_round(work: Path, args, message: Path) -> dict:
@@ -230,6 +255,10 @@ def one_round(work: Path, args, message: Path) -> dict:
     for validation in ("off", "on"):
         results[f"engine_validation_{validation}"] = run_engine(work, validation == "on", args.connections,
                                                                 args.messages, message, args.parallel)
+    if args.postgres:
+        postgresql = run_engine_postgresql(work, args, message)
+        if postgresql is not None:
+            results["engine_postgresql"] = postgresql
     raw, durable, relay = results["baseline"], results["durable_baseline"], results["relay_baseline"]
     for key, r in results.items():
         r["vs_raw"] = r["msgs_per_s"] / raw["msgs_per_s"]
@@ -245,7 +274,9 @@ def summarize(runs: list[dict]) -> dict:
     and the answers and deliveries of all rounds together."""
     summary = {}
     for key, _ in ROWS:
-        rounds = [run[key] for run in runs]
+        rounds = [run[key] for run in runs if key in run]
+        if not rounds:
+            continue
         merged = {}
         for field, value in rounds[0].items():
             if field == "answers":
@@ -270,6 +301,9 @@ def main() -> None:
                         help="rounds of every server; figures are the medians (a VM's disk and scheduling move "
                              "single runs by tens of percent)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    parser.add_argument("--postgres", default=os.environ.get("HL7RELAY_TEST_POSTGRES_URL",
+                                                            "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+                        help="a PostgreSQL database for the engine row on PostgreSQL ('' skips it)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hl7relay-bench-"))
     message = work / "message.hl7"
@@ -287,6 +321,8 @@ def main() -> None:
     print(f"{'':26}{'msgs/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'e2e/s':>9}{'RSS MB':>9}{'vs raw':>8}"
           f"{'vs durable':>11}{'vs relay':>9}{'CPU µs':>8}" + ("   msgs/s range" if args.repeat > 1 else ""))
     for key, name in ROWS:
+        if key not in summary:
+            continue
         r = summary[key]
         low, high = r["msgs_per_s_range"]
         print(f"{name:26}{r['msgs_per_s']:9.0f}{r['p50_ms']:9.2f}{r['p95_ms']:9.2f}{r['p99_ms']:9.2f}"

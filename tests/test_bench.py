@@ -41,3 +41,15 @@ def test_the_durable_baseline_commits_before_it_acks(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_bench_store_measures_both_backends():
+    import os
+
+    result = subprocess.run([sys.executable, str(BENCH / "bench_store.py"), "--messages", "64", "--batch", "8"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    assert float(rows["sqlite"][0]) > 0
+    if os.environ.get("CI"):  # .ci/run starts PostgreSQL: its row must be there
+        assert float(rows["postgresql"][0]) > 0, result.stderr
