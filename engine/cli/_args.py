@@ -44,6 +44,8 @@ def row_id(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a message or entry number") from None
-    if not 1 <= value <= 2 ** 63 - 1:
+    from hl7relay.store.database import MAX_ROW_ID
+
+    if not 1 <= value <= MAX_ROW_ID:
         raise argparse.ArgumentTypeError(f"{text!r} is not a message or entry number (1 or more, up to 2**63-1)")
     return value

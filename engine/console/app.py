@@ -33,7 +33,7 @@ from hl7relay.console.sessions import LoginThrottle, Sessions
 from hl7relay.ops.auth import ROLES, can, hash_password, verify_password
 from hl7relay.ops.phi import mask_known, mask_text, person_values
 from hl7relay.ops.support import SEARCH_FILTERS, SupportStore, masked_view, message_view, row_view
-from hl7relay.store.database import StoreError
+from hl7relay.store.database import MAX_ROW_ID, StoreError
 
 __all__ = ["Console", "CSP"]
 
@@ -47,7 +47,6 @@ _CONTENT_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; 
 STATIC = {p.name: p for p in (HERE / "static").iterdir() if p.suffix in _CONTENT_TYPES}
 STATUSES = ("PROCESSED", "FILTERED", "ERROR", "DUPLICATE")
 PAGE_SIZE = 50
-MAX_ID = 2 ** 63 - 1  # the largest row id a database holds: larger numbers name no message
 MAX_STREAMS = 100  # live dashboards open at once
 # a password hash to check against when the user does not exist, so both cost the same time
 _NO_USER_HASH = hash_password("no such user: the comparison only spends the same time")
@@ -82,13 +81,16 @@ def age(seconds) -> str:
 
 def page(permission: str | None = "read", post: bool = False):
     """A console route: security headers; the session (anonymous GETs go to the sign-in page);
-    the permission; for POSTs the CSRF token and Origin. The handler gets the session."""
+    the permission; for POSTs the CSRF token and Origin; a message number beyond any row id is
+    no message (404), for every route that takes one. The handler gets the session."""
 
     def decorate(handler):
         @functools.wraps(handler)
         def route(self, request, *args, **kwargs):
             self._headers(request)
             d = defer.maybeDeferred(self._admit, request, permission, post)
+            if kwargs.get("message_id", 0) > MAX_ROW_ID:
+                d.addCallback(lambda _: defer.fail(HTTPError(404, f"no message {kwargs['message_id']}")))
             d.addCallback(lambda session: handler(self, request, session, *args, **kwargs))
             d.addErrback(self._failed, request)
             return d
@@ -302,9 +304,8 @@ class Console:
         else:
             self.sessions.end((request.getCookie(SESSION_COOKIE) or b"").decode("latin-1"))
             ended = 1
-        yield self._audit({"actor": f"user:{session.user}", "role": session.role, "source": self._source(request),
-                           "action": "logout", "target": "console",
-                           "detail": f"signed out everywhere ({ended} session(s))" if everywhere else ""})
+        yield self._audit(dict(self._action(request, session, "logout", "console"),
+                               detail=f"signed out everywhere ({ended} session(s))" if everywhere else ""))
         request.addCookie(SESSION_COOKIE, b"", path=b"/", httpOnly=True, sameSite="strict", secure=self.tls, max_age=b"0")
         request.redirect(b"/login")
         request.setResponseCode(303)
@@ -350,12 +351,11 @@ class Console:
         text = self._field(request, "text").strip()
         since, until = self._time(request, "since"), self._time(request, "until")
         before = self._field(request, "before")
-        if before and not (before.isdigit() and int(before) <= MAX_ID):
+        if before and not (before.isdigit() and int(before) <= MAX_ROW_ID):
             raise HTTPError(400, "before is a message number")
         if filters.get("patient_id"):  # who looked for which patient's messages is itself patient data
-            yield self._audit({"actor": f"user:{session.user}", "role": session.role, "source": self._source(request),
-                               "action": "messages.search", "target": "patient_id",
-                               "detail": "search by patient id"})
+            yield self._audit(dict(self._action(request, session, "messages.search", "patient_id"),
+                                   detail="search by patient id"))
         rows = yield self.support.run(lambda store: store.search(
             **filters, since=since, until=until, before_id=int(before) if before else None, limit=PAGE_SIZE,
             text=text.encode("utf-8", "surrogateescape") if text else None))
@@ -379,22 +379,17 @@ class Console:
     @app.route("/messages/<int:message_id>", methods=["GET"])
     @page("read")
     def message(self, request, session, message_id):
-        if message_id > MAX_ID:
-            raise HTTPError(404, f"no message {message_id}")
         return self._message(request, session, message_id, None)
 
     @app.route("/messages/<int:message_id>/reveal", methods=["POST"])
     @page("phi", post=True)
     @defer.inlineCallbacks
     def reveal(self, request, session, message_id):
-        if message_id > MAX_ID:
-            raise HTTPError(404, f"no message {message_id}")
-        reason = self._field(request, "reason").strip()
-        if not reason:
+        audit = self._action(request, session, "phi.view", f"message {message_id}")
+        if not audit["reason"]:
             raise HTTPError(400, "showing patient data needs a reason: it is written to the audit log")
-        yield self._audit({"actor": f"user:{session.user}", "role": session.role, "source": self._source(request), "action": "phi.view",
-                           "target": f"message {message_id}", "reason": reason[:500]})
-        result = yield self._message(request, session, message_id, reason[:500])
+        yield self._audit(audit)
+        result = yield self._message(request, session, message_id, audit["reason"])
         return result
 
     @app.route("/messages/<int:message_id>/download", methods=["POST"])
@@ -402,15 +397,13 @@ class Console:
     @defer.inlineCallbacks
     def download(self, request, session, message_id):
         """The message as received, byte for byte: patient data, so a reason and an audit entry first."""
-        if message_id > MAX_ID:
-            raise HTTPError(404, f"no message {message_id}")
-        reason = self._field(request, "reason").strip()[:500]
-        if not reason:
+        audit = self._action(request, session, "phi.download", f"message {message_id}")
+        if not audit["reason"]:
             raise HTTPError(400, "downloading a message needs a reason: it is written to the audit log")
         stored = yield self.support.run(lambda store: store.get_message(message_id))
         if stored is None:
             raise HTTPError(404, f"no message {message_id}")
-        yield self._audit(dict(self._action(request, session, "phi.download", f"message {message_id}"), reason=reason))
+        yield self._audit(audit)
         request.setHeader(b"Content-Type", b"application/octet-stream")
         request.setHeader(b"Content-Disposition", f'attachment; filename="message-{message_id}.hl7"'.encode())
         return stored["raw"]
@@ -421,8 +414,6 @@ class Console:
     def replay(self, request, session, message_id):
         """A dry run first (what each chosen destination would get, and how it differs from what
         was sent), then, confirmed with a reason, the replay (audited in its own transaction)."""
-        if message_id > MAX_ID:
-            raise HTTPError(404, f"no message {message_id}")
         from hl7relay.ops.phi import mask_message
         from hl7relay.ops.replay import commit_replay, plan_replay
 
@@ -553,7 +544,7 @@ class Console:
         action = self._field(request, "action").strip() or None
         since = self._time(request, "since")
         before = self._field(request, "before")
-        if before and not (before.isdigit() and int(before) <= MAX_ID):
+        if before and not (before.isdigit() and int(before) <= MAX_ROW_ID):
             raise HTTPError(400, "before is an entry number")
         export = self._field(request, "format") == "json"
         limit = 1000 if export else 100

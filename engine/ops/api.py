@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hl7relay.ops.auth import can, new_token, token_hash
 from hl7relay.ops.support import masked_view
-from hl7relay.store.database import StoreError
+from hl7relay.store.database import MAX_ROW_ID, StoreError
 
 __all__ = ["ROUTES", "ApiResource", "write_local_token", "write_endpoint", "LOCAL_TOKEN_FILE", "ENDPOINT_FILE",
            "openapi_document"]
@@ -321,7 +321,7 @@ class ApiResource(resource.Resource):
         args = self._args(request)
         filters = {name: args[name] for name in SEARCH_FILTERS if args.get(name)}
         limit = self._number(args, "limit", 50, int, 1, 500)
-        before = self._number(args, "before", None, int, 1, 2 ** 63 - 1)
+        before = self._number(args, "before", None, int, 1, MAX_ROW_ID)
         since = self._number(args, "since", None, float)
         until = self._number(args, "until", None, float)
         text = args.get("text") or None  # a substring of the raw message (scans at most 100,000 candidates)
@@ -347,7 +347,7 @@ class ApiResource(resource.Resource):
 
     @staticmethod
     def _id(text: str) -> int:
-        if not text.isdigit() or int(text) > 2 ** 63 - 1:  # beyond any row id: no such message
+        if not text.isdigit() or int(text) > MAX_ROW_ID:  # beyond any row id: no such message
             raise ApiError(404, f"no message {text!r}")
         return int(text)
 
@@ -411,7 +411,7 @@ class ApiResource(resource.Resource):
         try:
             limit = min(1000, max(1, int(args.get("limit", "100"))))
             before = int(args["before"]) if "before" in args else None
-            if before is not None and not 1 <= before <= 2 ** 63 - 1:
+            if before is not None and not 1 <= before <= MAX_ROW_ID:
                 raise ValueError(before)
         except ValueError:
             raise ApiError(400, "limit and before are whole numbers (before: an entry number)") from None

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 __all__ = ["Store", "MessageRecord", "DeliveryRecord", "DeliveryUpdate", "MessageUpdate", "StageUpdate", "AuditUpdate",
            "as_update", "StoreError", "MIGRATIONS", "open_store", "delivery_content", "storable",
-           "sqlite_path", "readable_by_others", "AUDIT_FIELDS"]
+           "sqlite_path", "readable_by_others", "AUDIT_FIELDS", "MAX_ROW_ID"]
 
 
 class StoreError(Exception):
@@ -161,6 +161,7 @@ control_state = sa.Table(
     sa.Column("changed_by", sa.String(200), nullable=False, default=""),
 )
 
+MAX_ROW_ID = 2 ** 63 - 1  # the largest id a row can have (SQLite INTEGER, PostgreSQL BIGINT): larger numbers name no row
 AUDIT_FIELDS = ("at", "actor", "role", "source", "action", "target", "reason", "result", "detail")
 
 
