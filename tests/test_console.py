@@ -383,6 +383,9 @@ def test_messages_are_found_by_control_id_and_a_patient_id_search_is_audited(eng
     status, _, body = browser.get("/messages?control_id=CON1")
     assert status == 200 and 'href="/messages/1"' in body and "1***" in body and "100234" not in body
     assert "No messages match" in browser.get("/messages?control_id=NOPE")[2]
+    status, _, body = browser.get("/messages?delivery_status=QUEUED")  # the lab never answers: still queued
+    assert status == 200 and 'href="/messages/1"' in body and "<option selected>QUEUED</option>" in body
+    assert "No messages match" in browser.get("/messages?control_id=CON1&delivery_status=SENT")[2]
     count = len(store.audit_entries(action="messages.search", limit=1000))
     status, _, body = browser.get("/messages?patient_id=100234")
     assert status == 200 and 'href="/messages/1"' in body

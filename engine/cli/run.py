@@ -42,7 +42,15 @@ def add_arguments(parser) -> None:
 
 
 def _admin_port(text: str):
-    return "auto" if text.strip().lower() == "auto" else port(text)
+    """A listener port of the engine's own (admin, console): a number, 0 for off, or auto."""
+    import argparse
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return port(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a port from 1 to 65535, 0 for off, or auto") from None
 
 
 def run(args) -> int:

@@ -30,6 +30,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from sqlalchemy.exc import SQLAlchemyError
 
 from hl7relay.console.sessions import LoginThrottle, Sessions
+from hl7relay.outcomes import DeliveryStatus
 from hl7relay.ops.auth import ROLES, can, hash_password, verify_password
 from hl7relay.ops.phi import mask_known, mask_text, person_values
 from hl7relay.ops.support import SEARCH_FILTERS, SupportStore, masked_view, message_view, row_view
@@ -363,6 +364,7 @@ class Console:
         older = "/messages?" + urlencode(dict(query, before=rows[-1]["id"])) if len(rows) == PAGE_SIZE else None
         return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
                             query=query, older=older, channels=sorted(self.engine.channels), statuses=STATUSES,
+                            delivery_statuses=[status.value for status in DeliveryStatus],
                             active="messages")
 
     def _time(self, request, name: str):
