@@ -52,7 +52,7 @@ def build(work: Path, validation: bool, connections: int):
     clock = task.Clock()
     store = Store(f"sqlite:///{work / 'bench.db'}")
     store.migrate()
-    engine = Engine([channel], StoreWriter(store, clock, lazy_delay=0.05), reactor=clock)  # as `hl7relay run`
+    engine = Engine([channel], StoreWriter(store, clock, lazy_delay=0.05, overlap_commits=False), reactor=clock)  # as `hl7relay run`
     running = engine.channels[channel.name]
     for queue in running.queues.values():
         queue.deliver = lambda message: DeliveryResult(True, ack="AA")

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+from hypothesis import given, strategies as st
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -209,3 +210,67 @@ def test_an_echo_cut_at_a_nul_or_at_20_characters_matches():
     assert same_control_id("12345678901234567890", "12345678901234567890123")
     assert not same_control_id("1234567890", "1234567890123") and not same_control_id("", "\x00")
     assert not same_control_id("AC", "AB\x00CD")
+
+
+# -- ACKs matched from their bytes -----------------------------------------------------------------
+def test_a_plain_aa_is_matched_without_parsing_and_reads_as_the_parsed_ack():
+    h = Harness()
+    h.send(message("M1"))
+    protocol = h.accept_connection()
+    payload = MLLPFramer().feed(ack_frame("AA", "M1"))[0].payload
+    protocol.dataReceived(ack_frame("AA", "M1"))
+    [result] = h.results
+    assert result.status is SendStatus.ACCEPTED and result.ack_code == "AA" and result.text == ""
+    assert result.ack is None and result.ack_bytes == payload  # matched from the bytes
+    assert result.ack_as_text() == Message.from_bytes(payload).to_text()
+    assert result.ack_message().get("MSA-2") == "M1"
+
+
+@pytest.mark.parametrize("ack", [
+    "MSH|^~\\&|C|D|A|B|1||ACK|X|P|2.5.1\rMSA|AA|M1|all good\r",  # MSA-3: its text is kept
+    "MSH|^~\\&|C|D|A|B|1||ACK|X|P|2.5.1\rMSA|AA|M1\rERR|||207^x^HL70357|W\r",  # an ERR (a warning)
+    "MSH|^~\\&|C|D|A|B|1||ACK|X|P|2.5.1\nMSA|AA|M1\n",  # LF between segments
+    "MSH#^~\\&#C#D#A#B#1##ACK#X#P#2.5.1\rMSA#AA#M1\r",  # other delimiters
+    "MSH|^~\\&|C|D|A|B|1||ACK|X|P|2.5.1\rMSA|aa|M1\r",  # lower case
+    "MSH|^~\\&|C|D|A|B|1||ACK|X|P|2.5.1|||||8859/1\rMSA|AA|M1\r".replace("C|D", "C\xe9|D"),  # not ASCII
+    "MSH|^~\\&|C|D|A|B|1||ACK|X|P|2.5.1\rMSA|AA| M1 \r",  # an echo with spaces
+])
+def test_every_other_ack_form_is_parsed_and_still_matches(ack):
+    from hl7relay.mllp.sender import _plain_ack
+
+    h = Harness()
+    h.send(message("M1"))
+    protocol = h.accept_connection()
+    data = ack.encode("latin-1")
+    quick = _plain_ack(data)
+    assert quick is None or quick[1] != "M1"  # not taken from the bytes: parsed
+    protocol.dataReceived(frame(data))
+    [result] = h.results
+    assert result.status is SendStatus.ACCEPTED and result.ack is not None
+    assert result.ack_as_text() == result.ack.to_text()
+
+
+def test_a_plain_ca_in_enhanced_mode_still_waits_for_the_application_ack():
+    h = Harness()
+    h.send(message("M1", extra="|||AL|AL"))
+    protocol = h.accept_connection()
+    protocol.dataReceived(ack_frame("CA", "M1"))
+    assert h.results == []
+    protocol.dataReceived(ack_frame("AA", "M1"))
+    assert [r.ack_code for r in h.results] == ["AA"]
+
+
+@given(st.sampled_from(["AA", "CA", "AE", "AR", "aa", "AA "]),
+       st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12),
+       st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=6),
+       st.sampled_from(["", "\rERR|||101^x^HL70357|E", "\rZZZ|1"]))
+def test_the_byte_matcher_agrees_with_the_parser_whenever_it_answers(code, acked, text, tail):
+    from hl7relay.mllp.sender import _plain_ack
+
+    payload = f"MSH|^~\\&|C|D|A|B|1||ACK|X|P|2.5.1\rMSA|{code}|{acked}|{text}{tail}\r".encode()
+    quick = _plain_ack(payload)
+    if quick is None:
+        return
+    parsed = Message.from_bytes(payload)
+    assert quick == (parsed.get("MSA-1"), parsed.get("MSA-2"))
+    assert not parsed.get("MSA-3") and not parsed.count("ERR")

@@ -210,6 +210,76 @@ def test_concurrent_writes_share_one_commit(tmp_path, manual_executor):
     assert len(ids) == 4 and writer.batches == 2 and writer.largest_batch == 3
 
 
+def test_sqlite_commit_overlaps_the_next_batch(tmp_path):
+    """The batch's statements run on the reactor thread; only its COMMIT is handed off (by
+    hand here; a thread in the engine). Until it returns nothing is answered, nobody else sees
+    the rows, and the next records wait for the following batch."""
+    from twisted.internet import task
+
+    store = Store(f"sqlite:///{tmp_path / 'o.db'}")
+    store.migrate()
+    clock = task.Clock()
+    commits = []  # the COMMITs handed off, each run when the test says
+
+    def runner(fn):
+        d = defer.Deferred()
+        commits.append((fn, d))
+        return d
+
+    writer = StoreWriter(store, clock, commit_runner=runner)
+    assert writer.inline
+    ids = []
+    writer.write(record("A")).addCallback(ids.append)
+    clock.advance(0)
+    assert len(commits) == 1 and not ids
+    writer.write(record("B")).addCallback(ids.append)  # arrives while A's COMMIT is on disk
+    writer.write(record("C")).addCallback(ids.append)
+    clock.advance(0)
+    assert len(commits) == 1  # B and C wait for A's COMMIT: one transaction at a time
+    other = Store(f"sqlite:///{tmp_path / 'o.db'}")
+    assert other.count() == 0  # written, not committed: not visible, not answered
+    fn, d = commits.pop()
+    d.callback(fn())
+    assert len(ids) == 1 and other.count() == 1
+    assert len(commits) == 1  # B and C went in the next batch at once
+    fn, d = commits.pop()
+    d.callback(fn())
+    assert len(ids) == 3 and other.count() == 3 and writer.batches == 2 and writer.largest_batch == 2
+    assert ids == sorted(ids)
+    other.close()
+    writer.close()
+
+
+def test_a_failed_overlapped_commit_is_retried_one_record_at_a_time(tmp_path):
+    from twisted.internet import task
+
+    store = Store(f"sqlite:///{tmp_path / 'f.db'}")
+    store.migrate()
+    clock = task.Clock()
+    commits = []
+
+    def runner(fn):
+        d = defer.Deferred()
+        commits.append((fn, d))
+        return d
+
+    writer = StoreWriter(store, clock, commit_runner=runner)
+    writer._busy = True  # both records in one batch
+    ids, failures = [], []
+    writer.write(record("A")).addCallbacks(ids.append, failures.append)
+    writer.write(record("B")).addCallbacks(ids.append, failures.append)
+    writer._busy = False
+    writer._flush()
+    [(fn, d)] = commits
+    # the COMMIT fails as on a full disk: finish() rolls back and raises StoreError
+    store._batch()._connection.rollback()
+    d.errback(StoreError("store commit failed: OperationalError: disk I/O error"))
+    # each record is then tried alone, committed in full, and answered with its own id
+    assert failures == [] and len(ids) == 2 and store.count() == 2
+    assert writer.commit_failure is None
+    writer.close()
+
+
 def test_one_bad_record_does_not_fail_its_batch(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'p.db'}")
     store.migrate()

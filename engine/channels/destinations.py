@@ -188,7 +188,7 @@ class MLLPDelivery(Delivery):
             status = r.status
             # the peer's ACK itself is kept, so support can read what it said (masked)
             return DeliveryResult(r.ok, status is SendStatus.APPLICATION_ERROR,
-                                  ack=r.ack.to_text() if r.ack is not None else (r.ack_code + " " + r.text).strip(),
+                                  ack=r.ack_as_text() or (r.ack_code + " " + r.text).strip(),
                                   error="" if r.ok else f"{status.value}: {r.text}".strip(),
                                   rejected=status is SendStatus.REJECTED,
                                   outcome=_UNREACHABLE if status is SendStatus.CONNECTION_FAILED

@@ -73,8 +73,9 @@ def run(args) -> int:
                 outcome["sent"] += 1
                 if not result.ok:
                     outcome["failed"] += 1
-                if result.ack is not None and result.ack_code:
-                    line = f"{result.ack_code} {result.ack.get('MSA-2')}"
+                ack = result.ack_message()
+                if ack is not None and result.ack_code:
+                    line = f"{result.ack_code} {ack.get('MSA-2')}"
                 else:
                     line = f"{result.status.value.upper().replace('_', ' ')}"
                 print(f"{name} {result.control_id}: {line}{' ' + result.text if result.text else ''}", flush=True)

@@ -43,10 +43,23 @@ class SendResult:
     ack_code: str = ""  # MSA-1
     text: str = ""  # MSA-3 and the ERR texts, or what went wrong
     ack: Message | None = None
+    ack_bytes: bytes | None = None  # the ACK as received, when it was matched without parsing it
 
     @property
     def ok(self) -> bool:
         return self.status is SendStatus.ACCEPTED
+
+    def ack_message(self) -> Message | None:
+        """The peer's ACK as a message (parsed now when it was matched from its bytes)."""
+        if self.ack is None and self.ack_bytes is not None:
+            self.ack = Message.from_bytes(self.ack_bytes)
+        return self.ack
+
+    def ack_as_text(self) -> str:
+        """The peer's ACK as text, for the record ('' when none came)."""
+        if self.ack is None and self.ack_bytes is not None:
+            return self.ack_bytes.decode("ascii")  # matched from its bytes only when ASCII
+        return self.ack.to_text() if self.ack is not None else ""
 
     @property
     def retryable(self) -> bool:
@@ -82,6 +95,25 @@ def ack_text(ack: Message) -> str:
         location = ack.get(f"ERR[{occurrence}]-2") or ack.get(f"ERR[{occurrence}]-1.1")
         parts.append(f"{location.replace(ack.delimiters.component or '^', '^')}: {text}" if location else text)
     return "; ".join(p for p in parts if p)
+
+
+def _plain_ack(payload: bytes) -> tuple[str, str] | None:
+    """(MSA-1, MSA-2) of an ACK that needs no parsing to be understood: ASCII, the standard
+    delimiters, CR between segments, an AA or CA, no MSA-3 and no ERR, an MSA-2 without
+    delimiters or escapes. Anything else (None) is parsed as a message, which reads every form."""
+    if not payload.startswith(b"MSH|^~\\&|") or not payload.isascii() or b"\rERR|" in payload:
+        return None
+    start = payload.find(b"\rMSA|")
+    if start == -1:
+        return None
+    end = payload.find(b"\r", start + 5)
+    fields = payload[start + 5:len(payload) if end == -1 else end].split(b"|")
+    if len(fields) < 2 or fields[0] not in (b"AA", b"CA") or any(fields[2:]):
+        return None
+    acked = fields[1]
+    if not acked or any(c in acked for c in b"^~\\&\n"):
+        return None
+    return fields[0].decode(), acked.decode()
 
 
 class _SenderProtocol(Protocol):
@@ -324,6 +356,15 @@ class MLLPSender:
 
     def _frame_received(self, payload: bytes):
         pending = self._pending
+        quick = _plain_ack(payload)
+        if quick is not None and pending is not None and quick[1] == pending.control_id:
+            # the usual answer (a bare AA or CA echoing the id): matched from its bytes
+            code = quick[0]
+            if code == "CA" and pending.want_application_ack:
+                pending.accept_ack = Message.from_bytes(payload)
+                return
+            self._finish(SendResult(SendStatus.ACCEPTED, pending.control_id, code, "", ack_bytes=payload))
+            return
         try:
             ack = Message.from_bytes(payload)
         except ParseError:

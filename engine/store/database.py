@@ -627,6 +627,26 @@ class Store:
             return connection.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
 
     # -- writing (one transaction per batch: the group commit) ---------------------------------------
+    @property
+    def splits_commits(self) -> bool:
+        """Whether :meth:`write_batch` and :meth:`finish_batch` can split a commit (SQLite)."""
+        return self.engine.dialect.name == "sqlite"
+
+    def _batch(self) -> "_SQLiteBatch":
+        if self._sqlite_batch is None:
+            self._sqlite_batch = _SQLiteBatch(self.engine)
+        return self._sqlite_batch
+
+    def write_batch(self, records: list[MessageRecord], updates: list[tuple]) -> list[int]:
+        """:meth:`commit` up to its COMMIT (SQLite only): the statements run, the transaction
+        stays open with the write lock held, and nothing may use the store's batch connection
+        until :meth:`finish_batch` (from any one thread) commits it. The messages' ids."""
+        return self._batch().write(records, updates)
+
+    def finish_batch(self) -> None:
+        """COMMIT what :meth:`write_batch` wrote: durable when it returns; StoreError when not."""
+        self._batch().finish()
+
     def commit(self, records: list[MessageRecord], updates: list[tuple]) -> list[int]:
         """New messages and updates in one transaction (what the writer batches), with a few
         statements per batch rather than per message: one multi-row INSERT ... RETURNING for the
@@ -635,9 +655,7 @@ class Store:
         On SQLite this is the engine's hot path, so it talks to the driver directly (see
         :class:`_SQLiteBatch`); PostgreSQL goes through SQLAlchemy on the writer's thread."""
         if self.engine.dialect.name == "sqlite":
-            if self._sqlite_batch is None:
-                self._sqlite_batch = _SQLiteBatch(self.engine)
-            return self._sqlite_batch.commit(records, updates)
+            return self._batch().commit(records, updates)
         try:
             rows = _Rows(records, updates)
             with self.engine.begin() as connection:
@@ -1078,6 +1096,13 @@ class _SQLiteBatch:
             _SQLiteBatch._SQL = _sql("?")
 
     def commit(self, records: list[MessageRecord], updates: list) -> list[int]:
+        ids = self.write(records, updates)
+        self.finish()
+        return ids
+
+    def write(self, records: list[MessageRecord], updates: list) -> list[int]:
+        """The batch's statements in a transaction left open (``BEGIN IMMEDIATE`` holds the write
+        lock until :meth:`finish`); the new messages' ids. Rolled back when a statement fails."""
         import sqlite3
 
         connection = self._connection
@@ -1099,12 +1124,27 @@ class _SQLiteBatch:
                     if delivery_rows:
                         connection.executemany(sql["delivery"], delivery_rows)
                 _send_updates(connection.execute, connection.executemany, self._SQL, rows)
-                connection.commit()
             except BaseException:
                 connection.rollback()
                 raise
             return ids
         except (sqlite3.Error, ValueError, TypeError) as exc:
+            raise StoreError(f"store commit failed: {exc.__class__.__name__}: {exc}") from exc
+
+    def finish(self) -> None:
+        """COMMIT what :meth:`write` left open: the disk flush (and, now and then, the WAL
+        checkpoint). The driver releases the GIL for all of it, so it may run on another thread
+        while this connection is otherwise left alone."""
+        import sqlite3
+
+        connection = self._connection
+        try:
+            connection.commit()
+        except sqlite3.Error as exc:
+            try:
+                connection.rollback()
+            except sqlite3.Error:
+                pass  # rolled back at the next write (in_transaction)
             raise StoreError(f"store commit failed: {exc.__class__.__name__}: {exc}") from exc
 
     def close(self) -> None:
