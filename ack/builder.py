@@ -83,23 +83,28 @@ def build_ack(
     """
     now = time.time() if now is None else now
     control_id = (control_id or _control_ids)()
-    d: Delimiters = received.delimiters if received is not None else DEFAULT_DELIMITERS
-    get = received.get if received is not None else (lambda path: "")
-    raw = (lambda n: _raw_field(received, n)) if received is not None else (lambda n: "")
-    if received is not None and not _usable(d):
-        # the sender's delimiters cannot carry an ACK (missing, repeated, or characters our own
-        # timestamps and ids are made of): answer in the standard ones, its header re-encoded
-        old, d = d, DEFAULT_DELIMITERS
-        raw = (lambda n: _recode(_raw_field(received, n), old, d))
+    if received is None:
+        d: Delimiters = DEFAULT_DELIMITERS
+        header, version, trigger, acked = ("",) * 19, _DEFAULT_VERSION, "", ""
+    else:
+        d = received.delimiters
+        fields = received.fields(0)
+        header = fields if len(fields) >= 19 else fields + [""] * (19 - len(fields))
+        if not _usable(d):
+            # the sender's delimiters cannot carry an ACK (missing, repeated, or characters our own
+            # timestamps and ids are made of): answer in the standard ones, its header re-encoded
+            old, d = d, DEFAULT_DELIMITERS
+            header = [_recode(value, old, d) if n in (3, 4, 5, 6, 11, 12, 18) else value for n, value in enumerate(header)]
+        version = received.msh(12, 1) or _DEFAULT_VERSION
+        trigger, acked = received.msh(9, 2), received.msh(10)
     fs = d.field
-    version = get("MSH-12.1") or _DEFAULT_VERSION
     # everything in MSH but MSH-7 and MSH-10 depends only on the sender's header: built once per sender
     before_time, before_id, after_id = _header_template(
-        d, raw(3), raw(4), raw(5), raw(6), raw(11), raw(12), raw(18) if received is not None else "",
-        version, get("MSH-9.2"), sending_application, sending_facility)
+        d, header[3], header[4], header[5], header[6], header[11], header[12], header[18],
+        version, trigger, sending_application, sending_facility)
     segments = [before_time + _timestamp(now) + before_id + escape(control_id, d) + after_id]
     modern = _version_key(version) >= (2, 5)
-    msa = ["MSA", code, escape(get("MSH-10"), d)]
+    msa = ["MSA", code, escape(acked, d)]
     if text and not modern:
         msa.append(escape(text[:80], d))
     segments.append(fs.join(msa))
@@ -149,11 +154,6 @@ def _recode(value: str, old: Delimiters, new: Delimiters) -> str:
         subs = component.split(old.subcomponent) if old.subcomponent else [component]
         out.append(new.subcomponent.join(escape(unescape(sub, old), new) for sub in subs))
     return new.component.join(out)
-
-
-def _raw_field(message: Message, number: int) -> str:
-    fields = message.fields(0)
-    return fields[number] if number < len(fields) else ""
 
 
 def _err_segment(finding, error: ErrorCode | None, text: str, d: Delimiters, modern: bool) -> str:

@@ -25,11 +25,11 @@ from hl7relay.hl7.message import Message
 __all__ = ["AckPolicy", "is_enhanced_mode", "is_ack", "unreadable_ack"]
 
 def is_ack(message: Message) -> bool:
-    return message.get("MSH-9.1").strip().upper() == "ACK"
+    return message.msh(9, 1).strip().upper() == "ACK"
 
 
 def is_enhanced_mode(message: Message) -> bool:
-    return bool(message.get("MSH-15").strip() or message.get("MSH-16").strip())
+    return bool(message.msh(15).strip() or message.msh(16).strip())
 
 
 def _wanted(condition: str, success: bool) -> bool:
@@ -69,9 +69,9 @@ class AckPolicy:
             return [application]
         accepted = outcome.stored and outcome.status is not Status.REJECTED and outcome.status is not Status.INTERNAL_ERROR
         codes = []
-        if _wanted(message.get("MSH-15"), accepted):
+        if _wanted(message.msh(15), accepted):
             codes.append("CA" if accepted else "CR")
-        if accepted and _wanted(message.get("MSH-16"), application == "AA"):
+        if accepted and _wanted(message.msh(16), application == "AA"):
             codes.append(application)
         return codes
 

@@ -54,11 +54,12 @@ class Trip:
         self.peer = peer
         self.received_at = engine.clock()
         self.raw = message.raw if message.raw is not None else message.to_bytes()
-        trigger = message.get("MSH-9.2")
+        msh = message.msh
+        trigger = msh(9, 2)
         self.header = {  # read before the transformers change anything
-            "sending_application": message.get("MSH-3.1"), "sending_facility": message.get("MSH-4.1"),
-            "message_type": message.get("MSH-9.1") + ("^" + trigger if trigger else ""),
-            "control_id": message.control_id, "patient_id": message.get("PID-3.1"),
+            "sending_application": msh(3, 1), "sending_facility": msh(4, 1),
+            "message_type": msh(9, 1) + ("^" + trigger if trigger else ""),
+            "control_id": msh(10), "patient_id": message.get("PID-3.1"),
         }
         self.original = message.header()  # the ACK answers what was received, before any transformer
         self.duplicate_key = None if channel.duplicates is None else "|".join(

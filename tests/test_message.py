@@ -305,3 +305,18 @@ def test_a_field_separator_from_segment_ids_still_reads_and_writes_by_path(fs, v
 def test_path_numbers_are_bounded():
     with pytest.raises(PathError, match="beyond"):
         Message(ADT).set("PID-3[99999999]", "x")
+
+
+@given(st.sampled_from(list("|^~\\&#1AZ")), st.text(st.sampled_from(list("^~\\&#")), max_size=5),
+       st.lists(st.text(st.sampled_from(list("ab1 ^~\\&#|")), max_size=8), min_size=3, max_size=14),
+       st.integers(1, 20), st.integers(0, 4), st.sampled_from(["\r", "\n", "\r\n"]))
+@settings(max_examples=300)
+def test_msh_reads_the_header_exactly_as_get_does(fs, encoding, values, number, component, terminator):
+    try:
+        m = Message(f"MSH{fs}{encoding}{fs}" + fs.join(values) + terminator + "PID|1" + terminator)
+    except ParseError:
+        return
+    path = f"MSH-{number}" + (f".{component}" if component else "")
+    assert m.msh(number, component) == m.get(path)
+    m.set_raw("MSH-10", "NEW")  # a modified header reads alike too
+    assert m.msh(number, component) == m.get(path)

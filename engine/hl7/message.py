@@ -232,6 +232,31 @@ class Message:
             return unescape(value, d, self.codec) if esc and esc in value else value
         return self._leaf(_nth(value, d.subcomponent, p.subcomponent), ())
 
+    def msh(self, number: int, component: int = 0) -> str:
+        """``MSH-<number>`` (or ``MSH-<number>.<component>``) exactly as :meth:`get` reads it,
+        without a path: the header is read on every message (ACKs, the stored columns), and its
+        values seldom hold an escape, a repetition or a subcomponent (those go through get)."""
+        fields = self._fields.get(0) or self.fields(0)
+        if number >= len(fields):
+            return ""
+        value = fields[number]
+        if not value or number <= 2:
+            return value
+        d = self.delimiters
+        esc, rep, sub = d.escape, d.repetition, d.subcomponent
+        if (esc and esc in value) or (rep and rep in value) or (sub and sub in value):
+            return self.get(f"MSH-{number}.{component}" if component else f"MSH-{number}")
+        if component:
+            cs = d.component
+            if not cs:
+                return value if component == 1 else ""
+            if component == 1:
+                i = value.find(cs)
+                return value if i == -1 else value[:i]
+            parts = value.split(cs)
+            return parts[component - 1] if component <= len(parts) else ""
+        return value
+
     def _leaf(self, value: str, deeper: tuple) -> str:
         for sep in deeper:
             if sep and sep in value:
@@ -394,27 +419,27 @@ class Message:
     # -- header shortcuts -------------------------------------------------------------------
     @property
     def message_type(self) -> str:
-        return self.get("MSH-9.1")
+        return self.msh(9, 1)
 
     @property
     def trigger_event(self) -> str:
-        return self.get("MSH-9.2")
+        return self.msh(9, 2)
 
     @property
     def structure_id(self) -> str:
-        return self.get("MSH-9.3")
+        return self.msh(9, 3)
 
     @property
     def control_id(self) -> str:
-        return self.get("MSH-10")
+        return self.msh(10)
 
     @property
     def processing_id(self) -> str:
-        return self.get("MSH-11.1")
+        return self.msh(11, 1)
 
     @property
     def version(self) -> str:
-        return self.get("MSH-12.1")
+        return self.msh(12, 1)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.segments)

@@ -194,9 +194,9 @@ def expects_ack(message: Message) -> bool:
 
 def _ack_expectations(message: Message) -> tuple[bool, bool]:
     """(an ACK is expected at all, the application ACK is awaited: enhanced mode with MSH-16 AL)."""
-    if message.get("MSH-9.1").strip().upper() == "ACK":
+    if message.msh(9, 1).strip().upper() == "ACK":
         return False, False
-    accept, application = message.get("MSH-15").strip().upper(), message.get("MSH-16").strip().upper()
+    accept, application = message.msh(15).strip().upper(), message.msh(16).strip().upper()
     if not accept and not application:
         return True, False  # original mode
     return accept not in ("", "NE") or application not in ("", "NE"), application == "AL"
