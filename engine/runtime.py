@@ -46,7 +46,7 @@ class _RunningChannel:
 class Engine:
     def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data",
                  queue_poll_interval: float = 1.0, log_phi_bytes: int = 512, log_levels=None,
-                 stop_timeout: float = 10.0):
+                 stop_timeout: float = 10.0, forwarder=None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -64,6 +64,8 @@ class Engine:
         self.log_phi_bytes = log_phi_bytes
         self.log_levels = log_levels  # what the log output lets through (None: everything)
         self.stop_timeout = stop_timeout  # how long a stop waits for the ACKs of deliveries on the wire
+        # forwarding: process: the destinations' queues run in the forwarder process (forwarder/)
+        self.forwarder = forwarder
         for channel in channels:
             if channel.enabled:
                 policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
@@ -77,12 +79,24 @@ class Engine:
                 self._build_delivery(running.channel.name, destination)
                 running.queues[destination.name] = self._new_queue(running, destination)
 
+    def _remote(self, destination) -> bool:
+        """Whether this destination's queue runs in the forwarder process. A ``channel``
+        destination hands messages to this engine's own channels: it stays here."""
+        return self.forwarder is not None and destination.type != "channel"
+
     def _build_delivery(self, channel: str, destination) -> None:
+        if self._remote(destination):
+            return  # the forwarder builds its own
         delivery = destination.config.runner(destination.config, self)
         self._deliveries[(channel, destination.name)] = delivery
         self._deliver[(channel, destination.name)] = delivery.deliver
 
     def _new_queue(self, running: _RunningChannel, destination) -> DestinationQueue:
+        if self._remote(destination):
+            from hl7relay.forwarder.parent import RemoteQueue
+
+            return RemoteQueue(self.forwarder, running.channel.name, destination.name, destination.config,
+                               self.queue_poll_interval)
         return DestinationQueue(running.channel.name, destination.name, self._deliver[(running.channel.name, destination.name)],
                                 destination.config.queue, self.writer, self.reactor, self.clock, self.queue_poll_interval)
 
@@ -227,11 +241,16 @@ class Engine:
     def _retire_queues(self, running: _RunningChannel, queues: list) -> None:
         """Stop queues and wait (bounded) for their deliveries on the wire, then for their results
         to be committed: a queue that replaces them must not send those again."""
+        remote = [queue for queue in queues if not isinstance(queue, DestinationQueue)]
+        queues = [queue for queue in queues if isinstance(queue, DestinationQueue)]
         for queue in queues:
             queue.stop()
+        retired = self.forwarder.retire(remote, self.stop_timeout) if remote else None
         deadline = self.reactor.seconds() + self.stop_timeout
         while any(queue.in_flight for queue in queues) and self.reactor.seconds() < deadline:
             yield task.deferLater(self.reactor, 0.05, lambda: None)
+        if retired is not None:
+            yield retired  # their results are with the writer now
         yield self.writer.drain()
         name = running.channel.name
         for queue in queues:
@@ -315,7 +334,7 @@ class Engine:
         delivery = self._deliveries.get((channel, destination))
         if delivery is not None:
             delivery.skip_backoff()
-        count = queue.retry_now()
+        count = yield defer.maybeDeferred(queue.retry_now)  # a forwarder's queue answers from there
         if audit:
             yield self.writer.read(self.writer.store.audit, dict(audit, detail=f"{count} waiting deliveries"))
         return dict(queue.view(), retried_now=count)
@@ -346,10 +365,12 @@ class Engine:
             yield task.deferLater(self.reactor, 0.1, lambda: None)
         # Deliveries already on the wire: their ACKs are waited for (bounded), so a clean restart
         # does not send them again; what is still unanswered then is resent after the restart.
+        forwarder = self.forwarder.stop(self.stop_timeout) if self.forwarder is not None else defer.succeed(0)
         deadline = self.reactor.seconds() + self.stop_timeout
         while self._deliveries_in_flight() and self.reactor.seconds() < deadline:
             yield task.deferLater(self.reactor, 0.05, lambda: None)
         unanswered = self._deliveries_in_flight()
+        unanswered += yield forwarder  # its results are with the writer now
         if unanswered:
             log.warn("stopping with {count} deliveries unanswered after {timeout:g}s; they will be sent again "
                      "after the restart (at-least-once)", count=unanswered, timeout=self.stop_timeout)
@@ -358,7 +379,9 @@ class Engine:
         yield self.writer.close()
 
     def _deliveries_in_flight(self) -> int:
-        return sum(len(queue.in_flight) for running in self.channels.values() for queue in running.queues.values())
+        """Deliveries on the wire from this process's own queues."""
+        return sum(len(queue.in_flight) for running in self.channels.values() for queue in running.queues.values()
+                   if isinstance(queue, DestinationQueue))
 
     # -- one message --------------------------------------------------------------------------
     def handle(self, channel: Channel, message: Message, peer) -> defer.Deferred:

@@ -22,6 +22,8 @@ def specs():
         Option("log_phi", "bool", False, "log message content (every channel; a channel can say it for itself)"),
         Option("log_phi_bytes", "int", 512, "how much of a message log_phi logs"),
         Option("stop_timeout", "duration", 10.0, "on SIGTERM, seconds to wait for the ACKs of deliveries already sent"),
+        Option("forwarding", "enum", "inline", "where destinations are sent to: inline (the engine's own process) or "
+               "process (a forwarder process of its own, so ACKs never wait behind deliveries)", ("inline", "process")),
         Option("admin", "any", None, "the admin listener (/metrics, /healthz, /readyz, /api/v1): "
                "{host, port, tls_cert, tls_key, tls_ca, require_client_cert}"),
         Option("console", "any", None, "the web console: {host, port, tls_cert, tls_key, allow_insecure_remote, "
@@ -91,7 +93,8 @@ def _checked(doc, settings: dict) -> list[str]:
             doc.error(("log_phi_bytes",), "log_phi_bytes must be 0 or more")
         if isinstance(data.get("channels"), list) and not data["channels"]:
             doc.error(("channels",), "channels needs at least one folder")
-        for key in ("channels", "data_dir", "log_level", "log_format", "log_phi", "log_phi_bytes", "stop_timeout"):
+        for key in ("channels", "data_dir", "log_level", "log_format", "log_phi", "log_phi_bytes", "stop_timeout",
+                    "forwarding"):
             if key in data and data[key] is not None:
                 settings[key] = values[key]
     if data.get("store") is not None:  # the nested settings are checked whatever the rest says
@@ -125,7 +128,7 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
                 "console": {"host": "127.0.0.1", "port": 9103, "allow_insecure_remote": False, "idle_timeout": 900.0,
                             "absolute_timeout": 43200.0},
                 "log_format": "text", "log_phi": False, "log_phi_bytes": 512,
-                "stop_timeout": 10.0}
+                "stop_timeout": 10.0, "forwarding": "inline"}
     problems = []
     import os
 
@@ -159,6 +162,8 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
         settings["console"]["host"] = args.console_host
     if getattr(args, "stop_timeout", None) is not None:
         settings["stop_timeout"] = args.stop_timeout
+    if getattr(args, "forwarding", None):
+        settings["forwarding"] = args.forwarding
     if not settings["store"]:
         settings["store"] = f"sqlite:///{Path(settings['data_dir']) / 'hl7relay.db'}"
     return settings, problems

@@ -18,6 +18,7 @@ Defaults (no edits needed in a checkout): channels from ./channels, SQLite at
   channels: [channels]
   log_level: info
   stop_timeout: 10      # seconds a stop waits for the ACKs of deliveries already sent
+  forwarding: inline    # or process: destinations served by a forwarder process of their own
   admin: {host: 127.0.0.1, port: 9102}      # /metrics, /healthz, /readyz, /api/v1 (tokens)
   console: {host: 127.0.0.1, port: 9103}    # the web console (users from hl7relay user add)"""
 
@@ -37,6 +38,9 @@ def add_arguments(parser) -> None:
                         help="the web console (default 9103; 0: off; auto: any free port)")
     parser.add_argument("--console-host", metavar="HOST",
                         help="default 127.0.0.1; another address needs console tls_cert in the config")
+    parser.add_argument("--forwarding", choices=("inline", "process"),
+                        help="where destinations are sent from: inline (this process, the default) or process (a "
+                             "forwarder process of its own: ACKs never wait behind deliveries)")
     parser.add_argument("--stop-timeout", type=seconds, metavar="SECONDS",
                         help="on SIGTERM, how long to wait for the ACKs of deliveries already sent (default 10)")
 
@@ -103,14 +107,25 @@ def run(args) -> int:
         print(f"warning: the store is readable by other users of this machine: {', '.join(exposed)}; "
               "chmod 600 the files and 700 their folder", file=sys.stderr)
     writer = StoreWriter(store, reactor, lazy_delay=0.05)
+    forwarder = None
+    if settings["forwarding"] == "process":
+        from hl7relay.forwarder.parent import ForwarderProcess
+
+        forwarder = ForwarderProcess(writer, {
+            "store": settings["store"], "log_level": settings["log_level"], "log_format": settings["log_format"],
+            "channel_levels": {c.name: c.log_level for c in enabled if c.log_level}}, reactor)
+        forwarder.start()
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
-                    log_levels=log_levels, stop_timeout=settings["stop_timeout"])
+                    log_levels=log_levels, stop_timeout=settings["stop_timeout"], forwarder=forwarder)
     engine.channel_paths = settings["channels"]
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
     try:
         lines = engine.start()
     except Exception as exc:  # noqa: BLE001 - e.g. the port is taken
         print(f"cannot start: {exc}", file=sys.stderr)
+        if forwarder is not None:  # it stops when its stdin closes
+            forwarder.stopping = True
+            forwarder.transport.closeStdin()
         return 1
     for line in lines:
         announce(line, "channel_started")

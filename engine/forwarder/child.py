@@ -1,0 +1,310 @@
+"""The forwarder process: the engine's destination queues and connections, on a reactor of their own.
+
+Started by the engine (:class:`hl7relay.forwarder.parent.ForwarderProcess`) as
+``python -m hl7relay.forwarder.child SETTINGS_JSON`` with its stdin (fd 0) carrying the engine's
+messages and fd 3 carrying its own (:mod:`.wire`). It reads the store (queued rows: after a
+restart, replays, a backlog that did not fit in memory) and never writes it: results, withdrawals
+and destination states go to the engine, which records them in its group commits and says when
+they are durable. It stops when the engine says so, or when its stdin closes (the engine is
+gone: what it had not recorded is delivered again after the restart, as the queues promise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from twisted.internet import defer, task, threads
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from hl7relay.events import subscribe
+from hl7relay.forwarder.wire import Decoder, WireError, encode
+from hl7relay.queues import DestinationQueue
+from hl7relay.store.database import StoreError
+
+__all__ = ["Forwarder", "ChildWriter", "main"]
+
+log = Logger(namespace="hl7relay.forwarder")
+
+_WRITES = frozenset({"set_destination_state"})  # store calls that write: done by the engine
+VIEW_INTERVAL = 0.25  # how often the queues' views go to the engine (its status, API and console read them)
+
+
+class _Link:
+    """Requests to the engine and their answers."""
+
+    def __init__(self, send):
+        self.send = send
+        self.pending: dict[int, defer.Deferred] = {}
+        self._next = 0
+
+    def request(self, kind: str, *args) -> defer.Deferred:
+        self._next += 1
+        d = self.pending[self._next] = defer.Deferred()
+        self.send((kind, self._next, *args))
+        return d
+
+    def answered(self, request: int, value, error: str | None) -> None:
+        d = self.pending.pop(request, None)
+        if d is not None:
+            d.errback(StoreError(error)) if error is not None else d.callback(value)
+
+    def fail_all(self, reason: str) -> None:
+        pending, self.pending = self.pending, {}
+        for d in pending.values():
+            d.errback(StoreError(reason))
+
+
+class ChildWriter:
+    """What the queues use as their store writer here: reads run in this process, writes are
+    the engine's (it answers once they are committed)."""
+
+    def __init__(self, store, link: _Link):
+        self.store = store
+        self.link = link
+        self._inline = store.engine.dialect.name == "sqlite"
+
+    def read(self, fn, *args) -> defer.Deferred:
+        name = getattr(fn, "__name__", "")
+        if name in _WRITES:
+            return self.link.request("write", name, args)
+        d = defer.maybeDeferred(fn, *args) if self._inline else threads.deferToThread(fn, *args)
+
+        def wrap(failure):
+            if failure.check(StoreError):
+                return failure
+            raise StoreError(f"store query failed: {failure.getErrorMessage()}")
+
+        return d.addErrback(wrap)
+
+    def update(self, *updates, lazy: bool = False) -> defer.Deferred:
+        return self.link.request("update", updates, lazy)
+
+
+class _EngineView:
+    """What a destination's runner reads of the engine (destinations.py): its reactor."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+
+class Forwarder(Protocol):
+    """The forwarder's side of the pipes: the engine's messages in, its own out."""
+
+    def __init__(self, store, reactor, clock=time.time, output=None):
+        self.reactor = reactor
+        self.clock = clock
+        self.decoder = Decoder()
+        self.link = _Link(self.send)
+        self.writer = ChildWriter(store, self.link)
+        self.queues: dict[int, DestinationQueue] = {}
+        self.deliveries: dict[tuple[str, str], object] = {}  # (channel, destination) -> its Delivery
+        self._engine = _EngineView(reactor)
+        self._out: list = []
+        self._flush_due = False
+        self._views: dict = {}
+        self.output = output  # writes bytes to the engine (fd 3); a transport's write in tests
+        self.stopped = defer.Deferred()
+        self._view_loop = task.LoopingCall(self._send_views)
+        self._view_loop.clock = reactor
+        subscribe(self._event)
+
+    # -- wiring -------------------------------------------------------------------------------------
+    def connectionMade(self):
+        self._view_loop.start(VIEW_INTERVAL, now=False)
+
+    def send(self, message: tuple) -> None:
+        self._out.append(message)
+        if not self._flush_due:
+            self._flush_due = True
+            self.reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        out, self._out = self._out, []
+        if out and self.output is not None:
+            self.output(encode(out))
+
+    def _event(self, name: str, fields: dict) -> None:
+        self.send(("event", name, fields))
+
+    def dataReceived(self, data: bytes):
+        try:
+            messages = self.decoder.feed(data)
+        except WireError as exc:
+            log.error("forwarder: unreadable input from the engine ({error}); stopping", error=str(exc))
+            self.transport.loseConnection()
+            return
+        for message in messages:
+            try:
+                getattr(self, "_on_" + message[0])(*message[1:])
+            except Exception:  # noqa: BLE001 - one bad message must not stop the deliveries
+                log.failure("forwarder: handling {kind} failed", kind=message[0])
+
+    def connectionLost(self, reason=None):
+        # the engine closed our stdin: it stopped (or died); finish what is on the wire, bounded
+        for queue in self.queues.values():
+            queue.stop()
+        if self._view_loop.running:
+            self._view_loop.stop()
+        self.link.fail_all("the engine is gone")
+        d = self._wait_in_flight(list(self.queues.values()), 5.0)
+        d.addBoth(lambda _: self._close_deliveries(list(self.deliveries)))
+        d.addBoth(lambda _: self.stopped.callback(None))
+
+    # -- the engine's messages ----------------------------------------------------------------------
+    def _on_open(self, queue_id, channel, destination, config, paused, poll_interval):
+        key = (channel, destination)
+        for old_id, old in list(self.queues.items()):  # a queue stopped earlier (a disabled channel) is replaced
+            if (old.channel, old.destination) == key and old.stopped and not old.in_flight:
+                del self.queues[old_id]
+        delivery = self.deliveries.get(key)
+        if delivery is None:
+            delivery = self.deliveries[key] = config.runner(config, self._engine)
+        queue = DestinationQueue(channel, destination, delivery.deliver, config.queue, self.writer, self.reactor,
+                                 self.clock, poll_interval)
+        queue.paused = paused
+        self.queues[queue_id] = queue
+        queue.start()
+
+    def _on_stop(self, queue_id):
+        queue = self.queues.get(queue_id)
+        if queue is not None:
+            queue.stop()
+
+    def _on_enqueue(self, queue_id, message_id, content, order_key, received_at):
+        queue = self.queues.get(queue_id)
+        if queue is not None:
+            queue.enqueue(message_id, content, order_key, received_at)
+
+    def _on_first_result(self, queue_id, message_id):
+        queue = self.queues.get(queue_id)
+        if queue is not None:
+            queue.first_result(message_id).addCallback(lambda result: self.send(("result", queue_id, message_id, result)))
+
+    def _on_release(self, queue_id, message_id):
+        queue = self.queues.get(queue_id)
+        if queue is not None:
+            queue.release(message_id)
+
+    def _on_withdraw(self, request, queue_id, message_id, reason):
+        queue = self.queues.get(queue_id)
+        d = queue.withdraw(message_id, reason) if queue is not None else None
+        if d is None:
+            self._answer(request, False)
+            return
+        d.addCallbacks(lambda _: self._answer(request, True), lambda f: self._answer(request, None, f.getErrorMessage()))
+
+    def _on_pause(self, queue_id):
+        queue = self.queues.get(queue_id)
+        if queue is not None:
+            queue.pause()
+
+    def _on_resume(self, queue_id):
+        queue = self.queues.get(queue_id)
+        if queue is not None:
+            queue.resume()
+
+    def _on_retry_now(self, request, queue_id):
+        queue = self.queues.get(queue_id)
+        if queue is None:
+            self._answer(request, 0)
+            return
+        delivery = self.deliveries.get((queue.channel, queue.destination))
+        if delivery is not None:
+            delivery.skip_backoff()
+        self._answer(request, queue.retry_now())
+
+    def _on_retire(self, request, queue_ids, timeout):
+        """Stop these queues, wait (bounded) for their deliveries on the wire, close their
+        connections; answered once their results were sent (the engine records them before it
+        opens their successors)."""
+        queues = [self.queues.pop(q) for q in queue_ids if q in self.queues]
+        for queue in queues:
+            queue.stop()
+        keys = {(q.channel, q.destination) for q in queues}
+        d = self._wait_in_flight(queues, timeout)
+        d.addCallback(lambda _: self._close_deliveries(keys))
+        d.addCallback(lambda _: self._answer(request, sum(len(q.in_flight) for q in queues)))
+
+    def _on_shutdown(self, request, timeout):
+        queues = list(self.queues.values())
+        for queue in queues:
+            queue.stop()
+        d = self._wait_in_flight(queues, timeout)
+
+        def done(_):
+            unanswered = sum(len(q.in_flight) for q in queues)
+            self._close_deliveries(list(self.deliveries))
+            self._send_views(force=True)
+            self._answer(request, unanswered)
+
+        d.addCallback(done)
+
+    def _on_reply(self, request, value, error=None):
+        self.link.answered(request, value, error)
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _answer(self, request, value, error=None) -> None:
+        self.send(("reply", request, value, error))
+
+    @defer.inlineCallbacks
+    def _wait_in_flight(self, queues, timeout: float):
+        deadline = self.reactor.seconds() + timeout
+        while any(q.in_flight for q in queues) and self.reactor.seconds() < deadline:
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+
+    def _close_deliveries(self, keys) -> None:
+        open_keys = {(q.channel, q.destination) for q in self.queues.values() if not q.stopped}
+        for key in keys:
+            if key in open_keys:
+                continue
+            delivery = self.deliveries.pop(key, None)
+            if delivery is not None:
+                delivery.close()
+
+    def _send_views(self, force: bool = False) -> None:
+        views = {queue_id: queue.view() for queue_id, queue in self.queues.items()}
+        changed = {q: v for q, v in views.items() if self._views.get(q) != v}
+        self._views = views
+        if changed or force:
+            self.send(("views", changed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from twisted.internet import reactor, stdio
+
+    from hl7relay.cli._logging import start_logging
+    from hl7relay.store.database import Store
+
+    settings = json.loads((argv or sys.argv[1:])[0])
+    os.umask(0o077)
+    start_logging(settings.get("log_level", "info"), settings.get("log_format", "text"),
+                  settings.get("channel_levels") or {})
+    if settings.get("nice"):
+        try:
+            os.nice(int(settings["nice"]))
+        except OSError:
+            pass
+    store = Store(settings["store"])  # migrated by the engine before it started us
+    forwarder = Forwarder(store, reactor)
+    transport = stdio.StandardIO(forwarder, stdin=0, stdout=3, reactor=reactor)
+    forwarder.output = transport.write
+    forwarder.stopped.addBoth(lambda _: reactor.stop())
+    # Signals are the engine's business: it stops us (its message, or our stdin closing when it
+    # is gone). A Ctrl-C or a SIGTERM sent to the whole process group must not cut deliveries
+    # short before the engine has recorded their results.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    reactor.run(installSignalHandlers=False)
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

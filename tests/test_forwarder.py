@@ -1,0 +1,252 @@
+"""Forwarding in a process of its own (forwarding: process): the wire, the forwarder's side
+alone, and a real `hl7relay run --forwarding process` delivering, reporting, paused, killed."""
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+
+from hl7relay.forwarder.child import Forwarder
+from hl7relay.forwarder.wire import Decoder, WireError, encode
+from hl7relay.mllp.framing import MLLPFramer, frame
+from hl7relay.hl7.message import Message
+from hl7relay.outcomes import DeliveryResult
+from hl7relay.store.database import DeliveryRecord, MessageRecord, Store
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_durability import Lab, MSG, wait_for  # noqa: E402
+
+
+# -- the wire ---------------------------------------------------------------------------------------
+@given(st.lists(st.lists(st.tuples(st.sampled_from(["enqueue", "reply", "event"]), st.integers(), st.binary(max_size=300)),
+                         max_size=4), min_size=1, max_size=5), st.integers(1, 64))
+@settings(max_examples=100)
+def test_the_wire_gives_back_every_batch_whatever_the_chunks(batches, chunk):
+    data = b"".join(encode(batch) for batch in batches)
+    decoder, out = Decoder(), []
+    for i in range(0, len(data), chunk):
+        out.extend(decoder.feed(data[i:i + chunk]))
+    assert out == [message for batch in batches for message in batch]
+
+
+def test_the_wire_refuses_an_oversized_frame():
+    with pytest.raises(WireError):
+        Decoder(max_frame_bytes=10).feed(encode([("x", b"0" * 100)]))
+
+
+# -- the forwarder alone ------------------------------------------------------------------------------
+class _Config:
+    """A destination config whose runner delivers to a list (answers given by the test)."""
+
+    def __init__(self, answers):
+        from hl7relay.channels.destinations import QueueOptions
+
+        self.queue = QueueOptions()
+        self.answers = answers
+        self.sent = []
+        config = self
+
+        class Runner:
+            def __init__(self, _config, engine):
+                self.closed = False
+
+            def deliver(self, message):
+                config.sent.append(message.control_id)
+                return config.answers.pop(0) if config.answers else DeliveryResult(True, ack="AA")
+
+            def skip_backoff(self):
+                pass
+
+            def close(self):
+                self.closed = True
+
+        self.runner = Runner
+
+
+@pytest.fixture
+def child(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'f.db'}")
+    store.migrate()
+    clock = task.Clock()
+    clock.advance(100)  # after the messages' arrival (1.0)
+    written = []
+    forwarder = Forwarder(store, clock, clock=clock.seconds, output=lambda data: written.extend(Decoder().feed(data)))
+    forwarder.makeConnection(StringTransport())  # its stdin, as StandardIO connects it
+
+    def say(*messages):
+        forwarder.dataReceived(encode(list(messages)))
+        clock.advance(0)
+
+    yield forwarder, store, clock, written, say
+    store.close()
+
+
+def _statuses(store, message_id=None):
+    """Delivery statuses straight from the store's tables."""
+    import sqlalchemy as sa
+
+    with store.engine.connect() as connection:
+        sql = "SELECT status FROM deliveries" + (" WHERE message_id = :m" if message_id is not None else "")
+        return [row[0] for row in connection.execute(sa.text(sql), {"m": message_id})]
+
+
+def _commit(store, control_id):
+    record = MessageRecord("adt", MSG.format(id=control_id).encode(), "PROCESSED", 1.0, "peer", "UNICODE UTF-8",
+                           control_id=control_id)
+    record.deliveries.append(DeliveryRecord("lab", "QUEUED"))
+    return store.commit([record], [])[0]
+
+
+def test_the_forwarder_delivers_and_leaves_the_writing_to_the_engine(child):
+    forwarder, store, clock, written, say = child
+    config = _Config([])
+    forwarder._on_open(1, "adt", "lab", config, False, 60.0)  # the test's config: not through the wire
+    message_id = _commit(store, "F1")
+    say(("enqueue", 1, message_id, MSG.format(id="F1").encode(), None, 1.0))
+    assert config.sent == ["F1"]
+    updates = [m for m in written if m[0] == "update"]
+    assert len(updates) == 1
+    _, request, (update,), lazy = updates[0]
+    assert update.message_id == message_id and update.values["status"] == "SENT" and lazy
+    assert _statuses(store, message_id) == ["QUEUED"]  # the forwarder never writes the store
+    assert message_id in forwarder.queues[1].known  # not forgotten until the engine says it is recorded
+    say(("reply", request, None, None))
+    assert message_id not in forwarder.queues[1].known
+    assert ("event", "delivery_sent", {"channel": "adt", "destination": "lab"}) in written
+    clock.advance(0.3)
+    views = [m[1] for m in written if m[0] == "views"]
+    assert views and views[-1][1]["sent"] == 1
+
+
+def test_first_results_withdrawals_and_controls_are_answered(child):
+    forwarder, store, clock, written, say = child
+    config = _Config([DeliveryResult(False, error="down", outcome=None)])
+    forwarder._on_open(7, "adt", "lab", config, False, 60.0)  # its first poll finds nothing queued
+    first, second = _commit(store, "W1"), _commit(store, "W2")
+    say(("first_result", 7, first), ("enqueue", 7, first, MSG.format(id="W1").encode(), None, 1.0))
+    [result] = [m for m in written if m[0] == "result"]
+    assert result[1:3] == (7, first) and not result[3].ok
+    say(("withdraw", 11, 7, first, "the sender resends it"))
+    [update] = [m for m in written if m[0] == "update" and m[2][0].values.get("status") == "WITHDRAWN"]
+    say(("reply", update[1], None, None))
+    assert ("reply", 11, True, None) in written
+    say(("pause", 7), ("enqueue", 7, second, MSG.format(id="W2").encode(), None, 1.0))
+    assert config.sent == ["W1"] and forwarder.queues[7].view()["paused"]
+    say(("retry_now", 12, 7))
+    assert ("reply", 12, 0, None) in written
+    say(("resume", 7))
+    assert config.sent == ["W1", "W2"]
+    say(("retire", 13, [7], 5.0))
+    clock.advance(0)
+    assert ("reply", 13, 0, None) in written and not forwarder.queues and not forwarder.deliveries
+
+
+def test_a_store_write_the_queue_asks_for_goes_to_the_engine(child):
+    forwarder, store, clock, written, say = child
+    d = forwarder.writer.read(store.set_destination_state, "adt", "lab", False, "down", 1.0)
+    clock.advance(0)
+    [request] = [m for m in written if m[0] == "write"]
+    assert request[2] == "set_destination_state"
+    say(("reply", request[1], None, None))
+    assert d.called
+    # reads run here
+    assert forwarder.writer.read(store.queue_depth, "adt", "lab").result == 0
+
+
+# -- a real engine ------------------------------------------------------------------------------------
+def _children(pid):
+    found = []
+    for task_dir in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task_dir / "children").read_text().split()]
+    return found
+
+
+def _send(port, ids):
+    codes = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        framer = MLLPFramer()
+        for control_id in ids:
+            connection.sendall(frame(MSG.format(id=control_id).encode()))
+            events = []
+            while not events:
+                events = framer.feed(connection.recv(65536))
+            codes.append(Message.from_bytes(events[0].payload).get("MSA-1"))
+    return codes
+
+
+def _get(base, token, path):
+    request = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read().decode()
+
+
+def _post(base, token, path):
+    request = urllib.request.Request(base + path, method="POST", data=b"{}",
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read().decode())
+
+
+def test_an_engine_with_a_forwarder_process(tmp_path, running_engine):
+    lab = Lab()
+    lab.start()
+    channel = ("name: adt\nsource: {type: mllp, port: 0}\n"
+               f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab.port}, retry_initial: 0.2, "
+               "retry_max: 1}, {name: archive, type: file, directory: out}]\n")
+    engine = running_engine(tmp_path, "--admin-port", "auto", "--console-port", "0", "--forwarding", "process",
+                            channel=channel)
+    try:
+        base = (tmp_path / "data" / "api-endpoint").read_text().strip()
+        token = (tmp_path / "data" / "api-token").read_text().strip()
+        [child] = _children(engine.process.pid)
+        assert b"hl7relay.forwarder.child" in Path(f"/proc/{child}/cmdline").read_bytes()
+
+        ids = [f"P{i:02d}" for i in range(20)]
+        assert _send(engine.mllp_port, ids) == ["AA"] * 20
+        wait_for(lambda: lab.ids() == ids, 30, "every message at the lab, in order")
+        wait_for(lambda: len(list((tmp_path / "out").iterdir())) == 20, 30, "every message in the archive folder")
+
+        def recorded():
+            statuses = _statuses(engine.store)
+            return len(statuses) == 40 and set(statuses) == {"SENT"}
+
+        wait_for(recorded, 30, "every delivery recorded SENT by the engine")
+        # the forwarder's queues, seen through the engine (API) and its metrics
+        wait_for(lambda: json.loads(_get(base, token, "/api/v1/channels/adt"))["destinations"]["lab"]["sent"] == 20,
+                 10, "the forwarder's view in the API")
+        view = json.loads(_get(base, token, "/api/v1/channels/adt"))["destinations"]["lab"]
+        assert view["connected"] is True and view["depth"] == 0
+        metrics = _get(base, token, "/metrics")
+        assert 'hl7relay_deliveries_sent_total{channel="adt",destination="lab"} 20.0' in metrics
+
+        # an operator's pause reaches the forwarder; resume sends what waited
+        assert _post(base, token, "/api/v1/channels/adt/destinations/lab/pause")["paused"] is True
+        assert _send(engine.mllp_port, ["Q01"]) == ["AA"]
+        time.sleep(1.0)
+        assert "Q01" not in lab.ids()
+        assert _post(base, token, "/api/v1/channels/adt/destinations/lab/resume")["paused"] is False
+        wait_for(lambda: "Q01" in lab.ids(), 30, "the paused message after resume")
+
+        # the forwarder killed: started again, nothing ACKed is lost
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda: len(_children(engine.process.pid)) == 1 and _children(engine.process.pid) != [child], 30,
+                 "a new forwarder")
+        more = [f"R{i:02d}" for i in range(10)]
+        assert _send(engine.mllp_port, more) == ["AA"] * 10
+        wait_for(lambda: set(more) <= set(lab.ids()), 30, "the messages sent after the restart")
+    finally:
+        code = engine.stop()
+        lab.close()
+    assert code == 0
+    output = engine.process.stdout  # closed by stop(); the child went with its engine
+    assert output.closed
+    assert not Path(f"/proc/{child}").exists()
