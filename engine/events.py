@@ -6,7 +6,7 @@ do with it. Emitting costs one check when nobody listens.
 
 from __future__ import annotations
 
-__all__ = ["emit", "subscribe", "unsubscribe", "EVENTS"]
+__all__ = ["emit", "relay", "subscribe", "unsubscribe", "EVENTS"]
 
 # Every event, with the fields it carries. emit() does not check them (it is on the hot path);
 # tests/test_observability.py checks every emit() in the code against this table, and that the
@@ -47,3 +47,11 @@ def unsubscribe(observer) -> None:
 def emit(event: str, **fields) -> None:
     for observer in _subscribers:
         observer(event, fields)
+
+
+def relay(event: str, fields: dict) -> None:
+    """An event emitted in another process of the engine (the forwarder), told here: observers
+    see it as if it had happened here. Its name and fields were checked where it was emitted."""
+    if event in EVENTS:
+        for observer in _subscribers:
+            observer(event, fields)

@@ -18,7 +18,7 @@ import sys
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from hl7relay.events import emit
+from hl7relay.events import relay
 from hl7relay.forwarder.wire import Decoder, WireError, encode
 from hl7relay.outcomes import DeliveryResult
 
@@ -275,7 +275,7 @@ class ForwarderProcess(protocol.ProcessProtocol):
                        lambda f: self.send(("reply", request, None, f.getErrorMessage())))
 
     def _on_event(self, name, fields):
-        emit(name, **fields)
+        relay(name, fields)
 
     def _on_views(self, views):
         for queue_id, view in views.items():
