@@ -121,7 +121,7 @@ def test_the_forwarder_delivers_and_leaves_the_writing_to_the_engine(child):
     assert message_id in forwarder.queues[1].known  # not forgotten until the engine says it is recorded
     say(("reply", request, None, None))
     assert message_id not in forwarder.queues[1].known
-    assert ("event", "delivery_sent", {"channel": "adt", "destination": "lab"}) in written
+    assert ("event", "delivery_sent", {"channel": "adt", "destination": "lab"}, 1) in written
     clock.advance(0.3)
     views = [m[1] for m in written if m[0] == "views"]
     assert views and views[-1][1]["sent"] == 1

@@ -19,9 +19,10 @@ import time
 from twisted.internet import defer, task, threads
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hl7relay.events import subscribe
-from hl7relay.forwarder.wire import Decoder, WireError, encode
+from hl7relay.forwarder.wire import Decoder, WireError, encode, write_now
 from hl7relay.queues import DestinationQueue
 from hl7relay.store.database import StoreError
 
@@ -36,8 +37,9 @@ VIEW_INTERVAL = 0.25  # how often the queues' views go to the engine (its status
 class _Link:
     """Requests to the engine and their answers."""
 
-    def __init__(self, send):
+    def __init__(self, send, on_flush):
         self.send = send
+        self.on_flush = on_flush  # runs a function just before this turn's messages are written
         self.pending: dict[int, defer.Deferred] = {}
         self._next = 0
 
@@ -66,6 +68,7 @@ class ChildWriter:
         self.store = store
         self.link = link
         self._inline = store.engine.dialect.name == "sqlite"
+        self._groups: dict[bool, list] = {False: [], True: []}  # updates waiting for this turn's flush, by laziness
 
     def read(self, fn, *args) -> defer.Deferred:
         name = getattr(fn, "__name__", "")
@@ -81,7 +84,25 @@ class ChildWriter:
         return d.addErrback(wrap)
 
     def update(self, *updates, lazy: bool = False) -> defer.Deferred:
-        return self.link.request("update", updates, lazy)
+        """Recorded by the engine; the updates of one reactor turn go as one request (one reply)."""
+        group = self._groups[lazy]
+        d = defer.Deferred()
+        if not group:
+            self.link.on_flush(lambda: self._send_group(lazy))
+        group.append((updates, d))
+        return d
+
+    def _send_group(self, lazy: bool) -> None:
+        group, self._groups[lazy] = self._groups[lazy], []
+        if not group:
+            return
+        waiters = [d for _, d in group]
+
+        def answered(result):
+            for d in waiters:
+                d.errback(result) if isinstance(result, Failure) else d.callback(None)
+
+        self.link.request("update", tuple(u for updates, _ in group for u in updates), lazy).addBoth(answered)
 
 
 class _EngineView:
@@ -98,12 +119,14 @@ class Forwarder(Protocol):
         self.reactor = reactor
         self.clock = clock
         self.decoder = Decoder()
-        self.link = _Link(self.send)
+        self._before_flush: list = []
+        self.link = _Link(self.send, self._on_flush)
         self.writer = ChildWriter(store, self.link)
         self.queues: dict[int, DestinationQueue] = {}
         self.deliveries: dict[tuple[str, str], object] = {}  # (channel, destination) -> its Delivery
         self._engine = _EngineView(reactor)
         self._out: list = []
+        self._events: dict = {}  # (event, fields) -> how many times this turn
         self._flush_due = False
         self._views: dict = {}
         self.output = output  # writes bytes to the engine (fd 3); a transport's write in tests
@@ -118,18 +141,36 @@ class Forwarder(Protocol):
 
     def send(self, message: tuple) -> None:
         self._out.append(message)
+        self._flush_soon()
+
+    def _on_flush(self, hook) -> None:
+        self._before_flush.append(hook)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if not self._flush_due:
             self._flush_due = True
             self.reactor.callLater(0, self._flush)
 
     def _flush(self) -> None:
         self._flush_due = False
+        hooks, self._before_flush = self._before_flush, []
+        for hook in hooks:
+            hook()
+        events, self._events = self._events, {}
+        self._out.extend(("event", name, dict(fields), count) for (name, fields), count in events.items())
         out, self._out = self._out, []
         if out and self.output is not None:
             self.output(encode(out))
 
     def _event(self, name: str, fields: dict) -> None:
-        self.send(("event", name, fields))
+        # the same event with the same fields in one turn goes once, with its count
+        try:
+            key = (name, tuple(fields.items()))
+            self._events[key] = self._events.get(key, 0) + 1
+        except TypeError:  # a field that cannot be a key
+            self._out.append(("event", name, fields, 1))
+        self._flush_soon()
 
     def dataReceived(self, data: bytes):
         try:
@@ -292,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(settings["store"])  # migrated by the engine before it started us
     forwarder = Forwarder(store, reactor)
     transport = stdio.StandardIO(forwarder, stdin=0, stdout=3, reactor=reactor)
-    forwarder.output = transport.write
+    forwarder.output = lambda data: write_now(transport._writer, data)
     forwarder.stopped.addBoth(lambda _: reactor.stop())
     # Signals are the engine's business: it stops us (its message, or our stdin closing when it
     # is gone). A Ctrl-C or a SIGTERM sent to the whole process group must not cut deliveries

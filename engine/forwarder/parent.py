@@ -19,7 +19,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from hl7relay.events import relay
-from hl7relay.forwarder.wire import Decoder, WireError, encode
+from hl7relay.forwarder.wire import Decoder, WireError, encode, write_now
 from hl7relay.outcomes import DeliveryResult
 
 __all__ = ["ForwarderProcess", "RemoteQueue"]
@@ -205,7 +205,7 @@ class ForwarderProcess(protocol.ProcessProtocol):
             return  # kept until the (re)started child is connected
         out, self._out = self._out, []
         if out and not self.stopping:
-            self.transport.writeToChild(0, encode(out))
+            write_now(self.transport.pipes.get(0), encode(out))
 
     def request(self, kind: str, *args) -> defer.Deferred:
         self._next_request += 1
@@ -262,6 +262,7 @@ class ForwarderProcess(protocol.ProcessProtocol):
             d.errback(RuntimeError(error)) if error is not None else d.callback(value)
 
     def _on_update(self, request, updates, lazy):
+        """Delivery results, withdrawals: what one turn of the forwarder had, in one commit's worth."""
         d = self.writer.update(*updates, lazy=lazy)
         d.addCallbacks(lambda _: self.send(("reply", request, None, None)),
                        lambda f: self.send(("reply", request, None, f.getErrorMessage())))
@@ -274,8 +275,9 @@ class ForwarderProcess(protocol.ProcessProtocol):
         d.addCallbacks(lambda value: self.send(("reply", request, value, None)),
                        lambda f: self.send(("reply", request, None, f.getErrorMessage())))
 
-    def _on_event(self, name, fields):
-        relay(name, fields)
+    def _on_event(self, name, fields, count=1):
+        for _ in range(count):
+            relay(name, fields)
 
     def _on_views(self, views):
         for queue_id, view in views.items():

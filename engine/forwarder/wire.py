@@ -7,10 +7,11 @@ say, written at once. A message is a tuple whose first item says what it is."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 
-__all__ = ["encode", "Decoder", "WireError", "MAX_FRAME_BYTES"]
+__all__ = ["encode", "Decoder", "WireError", "MAX_FRAME_BYTES", "write_now"]
 
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # a batch of deliveries; each message is bounded by its listener's max frame
 _LENGTH = struct.Struct("!I")
@@ -48,3 +49,21 @@ class Decoder:
         if start:
             del buffer[:start]
         return out
+
+
+def write_now(writer, data: bytes) -> None:
+    """Write to a pipe's Twisted writer now when nothing waits in its buffer: one system call.
+    Twisted's own write stops watching the pipe for its close and starts again after (two
+    ``epoll_ctl``) and sends on the next turn; what the kernel did not take, and any error, still
+    take that path, which keeps order and reports errors (as mllp/transport.py does for sockets)."""
+    if writer is None:
+        return
+    if writer.connected and not writer.disconnecting and not writer.dataBuffer and not writer._tempDataBuffer:
+        try:
+            sent = os.write(writer.fd, data)
+        except OSError:  # EAGAIN (full), or an error the writer reports when it tries
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    writer.write(data)
