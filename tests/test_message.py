@@ -320,3 +320,16 @@ def test_msh_reads_the_header_exactly_as_get_does(fs, encoding, values, number, 
     assert m.msh(number, component) == m.get(path)
     m.set_raw("MSH-10", "NEW")  # a modified header reads alike too
     assert m.msh(number, component) == m.get(path)
+
+
+def test_header_values_are_read_again_after_the_header_changes():
+    m = Message("MSH|^~\\&|APP|FAC|||1||ADT^A01|C1|P|2.5\rPID|1\r")
+    assert (m.msh(9, 1), m.msh(10), m.control_id) == ("ADT", "C1", "C1")
+    m.set("MSH-9.1", "ORU")
+    m.set("MSH-10", "C2")
+    assert (m.msh(9, 1), m.msh(10), m.control_id, m.message_type) == ("ORU", "C2", "C2", "ORU")
+    copy = m.copy()
+    copy.set("MSH-10", "C3")
+    assert (m.control_id, copy.control_id) == ("C2", "C3")
+    m.insert_segment(1, "EVN|A01")
+    assert m.msh(9, 1) == "ORU" and m.get("EVN-1") == "A01"

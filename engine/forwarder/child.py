@@ -325,11 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     start_logging(settings.get("log_level", "info"), settings.get("log_format", "text"),
                   settings.get("channel_levels") or {})
-    if settings.get("nice"):
-        try:
-            os.nice(int(settings["nice"]))
-        except OSError:
-            pass
     store = Store(settings["store"])  # migrated by the engine before it started us
     forwarder = Forwarder(store, reactor)
     transport = stdio.StandardIO(forwarder, stdin=0, stdout=3, reactor=reactor)

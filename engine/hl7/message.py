@@ -50,7 +50,7 @@ class Message:
 
     __slots__ = (
         "text", "raw", "charset", "codec", "decode_problems", "delimiters",
-        "_segments", "_names", "_index", "_fields", "_modified", "_fs_in_ids",
+        "_segments", "_names", "_index", "_fields", "_modified", "_fs_in_ids", "_header_values",
     )
 
     def __init__(self, text: str, *, raw: bytes | None = None, charset: str = DEFAULT_CHARSET,
@@ -80,6 +80,7 @@ class Message:
         self._index: dict[str, list[int]] | None = None
         self._fields: dict[int, list[str]] = {}
         self._modified = False
+        self._header_values: dict[int, str] = {}  # msh() results, until MSH changes
 
     @classmethod
     def from_bytes(cls, data: bytes, default_charset: str = DEFAULT_CHARSET) -> "Message":
@@ -180,6 +181,8 @@ class Message:
         self._segments[position] = text
         self._fields[position] = fields
         self._modified = True
+        if position == 0:
+            self._header_values = {}
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, path: str | Path) -> str:
@@ -235,7 +238,17 @@ class Message:
     def msh(self, number: int, component: int = 0) -> str:
         """``MSH-<number>`` (or ``MSH-<number>.<component>``) exactly as :meth:`get` reads it,
         without a path: the header is read on every message (ACKs, the stored columns), and its
-        values seldom hold an escape, a repetition or a subcomponent (those go through get)."""
+        values seldom hold an escape, a repetition or a subcomponent (those go through get).
+        Kept until the header changes: the ACK, the stored columns and the sender ask again."""
+        key = (number << 16) | component
+        cached = self._header_values.get(key)
+        if cached is not None:
+            return cached
+        value = self._header_value(number, component)
+        self._header_values[key] = value
+        return value
+
+    def _header_value(self, number: int, component: int) -> str:
         fields = self._fields.get(0) or self.fields(0)
         if number >= len(fields):
             return ""
@@ -366,6 +379,7 @@ class Message:
         self._index = None
         self._fields = {}
         self._modified = True
+        self._header_values = {}
 
     # -- copies -----------------------------------------------------------------------------
     def copy(self) -> "Message":
@@ -380,6 +394,7 @@ class Message:
         other._index = None
         other._fields = {position: list(fields) for position, fields in self._fields.items()}
         other._modified = self._modified
+        other._header_values = dict(self._header_values)
         return other
 
     def header(self) -> "Message":
