@@ -319,10 +319,8 @@ class Engine:
                                audit: dict | None = None):
         queue = self._queue(channel, destination)
         yield self.writer.read(self.writer.store.set_control, channel, destination, "paused", paused, actor, audit)
-        if paused:
-            queue.pause()
-        else:
-            queue.resume()
+        # a forwarder's queue answers once it is paused there (its view then current)
+        yield defer.maybeDeferred(queue.pause if paused else queue.resume)
         log.info("destination {channel}/{destination} {what} by {actor}", channel=channel, destination=destination,
                  what="paused" if paused else "resumed", actor=actor or "?")
         return queue.view()

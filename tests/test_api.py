@@ -22,14 +22,16 @@ TOKENS = {"viewer": "hl7r_viewer-token-for-tests-0123456789abcdef", "operator": 
           "admin": "hl7r_admin-token-for-tests-0123456789abcdefgh"}
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, running_engine):
+@pytest.fixture(scope="module", params=["inline", "process"])
+def engine(tmp_path_factory, running_engine, request):
+    """The engine, with its destinations served in its own process and by a forwarder process:
+    every route and control must work the same either way."""
     def prepare(store):
         for role, token in TOKENS.items():
             store.add_token(role, role, token_hash(token), "test", {"actor": "test", "action": "token.create", "target": role})
 
     running = running_engine(tmp_path_factory.mktemp("api"), "--admin-port", "auto", "--console-port", "0",
-                             prepare=prepare)
+                             "--forwarding", request.param, prepare=prepare)
     folder = running.folder
     base = (folder / "data" / "api-endpoint").read_text().strip()
     local = (folder / "data" / "api-token").read_text().strip()

@@ -139,11 +139,14 @@ def test_first_results_withdrawals_and_controls_are_answered(child):
     [update] = [m for m in written if m[0] == "update" and m[2][0].values.get("status") == "WITHDRAWN"]
     say(("reply", update[1], None, None))
     assert ("reply", 11, True, None) in written
-    say(("pause", 7), ("enqueue", 7, second, MSG.format(id="W2").encode(), None, 1.0))
+    say(("pause", 14, 7), ("enqueue", 7, second, MSG.format(id="W2").encode(), None, 1.0))
     assert config.sent == ["W1"] and forwarder.queues[7].view()["paused"]
+    [(_, _, (count, view), _)] = [m for m in written if m[:2] == ("reply", 14)]
+    assert count == 0 and view["paused"]  # answered with the view after the pause
     say(("retry_now", 12, 7))
-    assert ("reply", 12, 0, None) in written
-    say(("resume", 7))
+    [(_, _, (count, view), _)] = [m for m in written if m[:2] == ("reply", 12)]
+    assert view["depth"] == 1  # W2 (W1 was withdrawn)
+    say(("resume", 15, 7))
     assert config.sent == ["W1", "W2"]
     say(("retire", 13, [7], 5.0))
     clock.advance(0)
@@ -236,6 +239,16 @@ def test_an_engine_with_a_forwarder_process(tmp_path, running_engine):
         assert _post(base, token, "/api/v1/channels/adt/destinations/lab/resume")["paused"] is False
         wait_for(lambda: "Q01" in lab.ids(), 30, "the paused message after resume")
 
+        # a reload that changes the destination: its queue is retired in the forwarder, a new one opened
+        from test_runtime import wait_for_line
+
+        channel_file = tmp_path / "channels" / "adt.yaml"
+        channel_file.write_text(channel_file.read_text().replace("retry_initial: 0.2", "retry_initial: 0.3"))
+        engine.process.send_signal(signal.SIGHUP)
+        assert "changed adt" in wait_for_line(engine.process, "reload:")[-1]
+        assert _send(engine.mllp_port, ["S01", "S02"]) == ["AA", "AA"]
+        wait_for(lambda: lab.ids()[-2:] == ["S01", "S02"], 30, "the messages sent after the reload")
+
         # the forwarder killed: started again, nothing ACKed is lost
         os.kill(child, signal.SIGKILL)
         wait_for(lambda: len(_children(engine.process.pid)) == 1 and _children(engine.process.pid) != [child], 30,
@@ -250,3 +263,26 @@ def test_an_engine_with_a_forwarder_process(tmp_path, running_engine):
     output = engine.process.stdout  # closed by stop(); the child went with its engine
     assert output.closed
     assert not Path(f"/proc/{child}").exists()
+
+
+def test_after_delivery_through_the_forwarder(tmp_path, running_engine):
+    """response.when: after_delivery waits for the forwarder's first answer: AA when the lab took
+    it; AR when the lab is down, and the failed copy withdrawn (the sender resends it)."""
+    lab = Lab()  # bound, not listening: down
+    channel = ("name: adt\nsource: {type: mllp, port: 0}\nresponse: {when: after_delivery}\n"
+               f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab.port}, connect_timeout: 2, "
+               "retry_initial: 0.2, retry_max: 1}]\n")
+    engine = running_engine(tmp_path, "--admin-port", "0", "--console-port", "0", "--forwarding", "process",
+                            channel=channel)
+    try:
+        assert _send(engine.mllp_port, ["A01"]) == ["AR"]
+        wait_for(lambda: _statuses(engine.store) == ["WITHDRAWN"], 30, "the failed copy withdrawn")
+        lab.start()
+        assert _send(engine.mllp_port, ["A02"]) == ["AA"]
+        assert lab.ids() == ["A02"]
+        time.sleep(1.0)  # a withdrawn copy is never sent later
+        assert lab.ids() == ["A02"]
+    finally:
+        code = engine.stop()
+        lab.close()
+    assert code == 0

@@ -239,25 +239,38 @@ class Forwarder(Protocol):
             return
         d.addCallbacks(lambda _: self._answer(request, True), lambda f: self._answer(request, None, f.getErrorMessage()))
 
-    def _on_pause(self, queue_id):
+    def _on_pause(self, request, queue_id):
         queue = self.queues.get(queue_id)
         if queue is not None:
             queue.pause()
+        self._answer(request, self._controlled(queue, 0))
 
-    def _on_resume(self, queue_id):
+    def _on_resume(self, request, queue_id):
         queue = self.queues.get(queue_id)
         if queue is not None:
             queue.resume()
+        self._answer(request, self._controlled(queue, 0))
 
     def _on_retry_now(self, request, queue_id):
         queue = self.queues.get(queue_id)
+        count = 0
+        if queue is not None:
+            delivery = self.deliveries.get((queue.channel, queue.destination))
+            if delivery is not None:
+                delivery.skip_backoff()
+            count = queue.retry_now()
+        self._answer(request, self._controlled(queue, count))
+
+    def _controlled(self, queue, count: int) -> tuple:
+        """An operator's control is answered with its count and the queue's view after it."""
         if queue is None:
-            self._answer(request, 0)
-            return
-        delivery = self.deliveries.get((queue.channel, queue.destination))
-        if delivery is not None:
-            delivery.skip_backoff()
-        self._answer(request, queue.retry_now())
+            return count, None
+        view = queue.view()
+        self._views[self._id_of(queue)] = view
+        return count, view
+
+    def _id_of(self, queue) -> int | None:
+        return next((queue_id for queue_id, q in self.queues.items() if q is queue), None)
 
     def _on_retire(self, request, queue_ids, timeout):
         """Stop these queues, wait (bounded) for their deliveries on the wire, close their

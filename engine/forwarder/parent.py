@@ -86,16 +86,26 @@ class RemoteQueue:
                 d.callback(DeliveryResult(False, application_error=True, error=reason))
 
     # -- operators' controls ----------------------------------------------------------------------------
-    def pause(self) -> None:
+    def pause(self) -> defer.Deferred:
+        """Fires once the forwarder has paused the queue, its view then current."""
         self.paused = True
-        self.forwarder.send(("pause", self.queue_id))
+        return self._control("pause")
 
-    def resume(self) -> None:
+    def resume(self) -> defer.Deferred:
         self.paused = False
-        self.forwarder.send(("resume", self.queue_id))
+        return self._control("resume")
 
     def retry_now(self) -> defer.Deferred:
-        return self.forwarder.request("retry_now", self.queue_id)
+        """Fires with how many waiting deliveries were made due (the view then current)."""
+        return self._control("retry_now").addCallback(lambda answer: answer[0])
+
+    def _control(self, action: str) -> defer.Deferred:
+        def answered(answer):
+            if answer is not None and answer[1] is not None:
+                self._view = answer[1]
+            return answer if answer is not None else (0, None)
+
+        return self.forwarder.request(action, self.queue_id).addCallback(answered)
 
     @property
     def in_flight(self) -> range:
