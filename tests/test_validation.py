@@ -351,3 +351,34 @@ def test_the_audit_of_hl7apy_finds_nothing_we_do_not_handle():
                      ("2.2", "required-nte", "ORM_O01/ORM_O01_ORDER/ORM_O01_ORDER_DETAIL/NTE"),
                      ("2.1", "choice", "ORM_O01/ORM_O01_ORDER/ORM_O01_ORDER_DETAIL")]:
         assert expected in kinds, expected
+
+
+def test_remembered_clean_values_change_no_finding(samples, corpus, monkeypatch):
+    """Field values found clean are remembered per version and delimiters (profile.clean_values):
+    every sample and corpus message, validated again in another order with the memory warm, and
+    with no memory at all, gets exactly the same findings."""
+    from hl7relay.hl7.batch import split_messages
+    from hl7relay.validation.profile import Profile
+
+    files = sorted(p for p in [*samples.rglob("*.hl7"), *corpus.rglob("*")] if p.is_file() and p.suffix != ".tsv"
+                   and p.name != "README.md")
+    messages = []
+    for path in files:
+        for chunk in split_messages(path.read_bytes()).messages:
+            try:
+                messages.append(Message.from_bytes(chunk.data))
+            except Exception:  # noqa: BLE001 - unreadable ones are the corpus tests' business
+                continue
+    assert len(messages) > 200
+
+    def findings(validator, message):
+        return [(f.severity, f.code, f.text, f.path) for f in validator.validate(message).findings]
+
+    for strict in (False, True):
+        validator = Validator(strict=strict)
+        warm_first = [findings(validator, m) for m in messages]
+        warm_again = [findings(validator, m) for m in reversed(messages)][::-1]
+        with monkeypatch.context() as patch:
+            patch.setattr(Profile, "clean_values", lambda self, d: {})  # nothing remembered
+            cold = [findings(validator, m) for m in messages]
+        assert warm_first == cold and warm_again == cold

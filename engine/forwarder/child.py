@@ -1,8 +1,9 @@
 """The forwarder process: the engine's destination queues and connections, on a reactor of their own.
 
 Started by the engine (:class:`hl7relay.forwarder.parent.ForwarderProcess`) as
-``python -m hl7relay.forwarder.child SETTINGS_JSON`` with its stdin (fd 0) carrying the engine's
-messages and fd 3 carrying its own (:mod:`.wire`). It reads the store (queued rows: after a
+``python -m hl7relay.forwarder.child`` with its stdin (fd 0) carrying the engine's messages, the
+first of them its settings (the store URL may hold a password: not on a command line), and fd 3
+carrying its own (:mod:`.wire`). It reads the store (queued rows: after a
 restart, replays, a backlog that did not fit in memory) and never writes it: results, withdrawals
 and destination states go to the engine, which records them in its group commits and says when
 they are durable. It stops when the engine says so, or when its stdin closes (the engine is
@@ -11,7 +12,6 @@ gone: what it had not recorded is delivered again after the restart, as the queu
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -115,10 +115,10 @@ class _EngineView:
 class Forwarder(Protocol):
     """The forwarder's side of the pipes: the engine's messages in, its own out."""
 
-    def __init__(self, store, reactor, clock=time.time, output=None):
+    def __init__(self, store, reactor, clock=time.time, output=None, decoder=None):
         self.reactor = reactor
         self.clock = clock
-        self.decoder = Decoder()
+        self.decoder = decoder or Decoder()
         self._before_flush: list = []
         self.link = _Link(self.send, self._on_flush)
         self.writer = ChildWriter(store, self.link)
@@ -179,6 +179,9 @@ class Forwarder(Protocol):
             log.error("forwarder: unreadable input from the engine ({error}); stopping", error=str(exc))
             self.transport.loseConnection()
             return
+        self.handle(messages)
+
+    def handle(self, messages: list) -> None:
         for message in messages:
             try:
                 getattr(self, "_on_" + message[0])(*message[1:])
@@ -328,20 +331,30 @@ class Forwarder(Protocol):
             self.send(("views", changed))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main() -> int:
     from twisted.internet import reactor, stdio
 
     from hl7relay.cli._logging import start_logging
     from hl7relay.store.database import Store
 
-    settings = json.loads((argv or sys.argv[1:])[0])
     os.umask(0o077)
+    decoder, messages = Decoder(), []
+    while not messages:  # the settings, before anything else (blocking: nothing runs yet)
+        data = os.read(0, 65536)
+        if not data:
+            return 0  # the engine is gone before it said anything
+        messages = decoder.feed(data)
+    kind, settings = messages.pop(0)
+    if kind != "settings":
+        print(f"hl7relay forwarder: expected its settings first, got {kind!r}", file=sys.stderr)
+        return 2
     start_logging(settings.get("log_level", "info"), settings.get("log_format", "text"),
                   settings.get("channel_levels") or {})
     store = Store(settings["store"])  # migrated by the engine before it started us
-    forwarder = Forwarder(store, reactor)
+    forwarder = Forwarder(store, reactor, decoder=decoder)
     transport = stdio.StandardIO(forwarder, stdin=0, stdout=3, reactor=reactor)
     forwarder.output = lambda data: write_now(transport._writer, data)
+    reactor.callWhenRunning(forwarder.handle, messages)  # what came with the settings
     forwarder.stopped.addBoth(lambda _: reactor.stop())
     # Signals are the engine's business: it stops us (its message, or our stdin closing when it
     # is gone). A Ctrl-C or a SIGTERM sent to the whole process group must not cut deliveries

@@ -11,7 +11,6 @@ are opened again: what was queued is in the store and is read back by their firs
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -152,11 +151,14 @@ class ForwarderProcess(protocol.ProcessProtocol):
     def start(self) -> None:
         self._decoder = Decoder()
         self._ended = defer.Deferred()
-        argv = [*self.argv, json.dumps(self.settings)]
+        argv = list(self.argv)
         self.reactor.spawnProcess(self, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2, 3: "r"})
 
     def connectionMade(self):
         self.pid = self.transport.pid
+        # the settings go first, through the pipe: the store URL may hold a password, and a
+        # command line is readable by every user of the machine (/proc/PID/cmdline)
+        write_now(self.transport.pipes.get(0), encode([("settings", self.settings)]))
         for queue in self.queues.values():  # after a restart: open again what was open
             if queue.started and not queue.stopped:
                 self.open(queue)

@@ -106,6 +106,9 @@ def _table_values(tables: dict, table_id: str | None) -> frozenset | None:
     return frozenset(values) if values else None
 
 
+CLEAN_VALUES_MAX = 50_000  # field values remembered as clean per version and delimiters
+
+
 class Profile:
     """Compiled definitions of one HL7 version."""
 
@@ -129,6 +132,19 @@ class Profile:
         self._segment_cache: dict[str, SegmentDef] = {}
         self._leaf_cache: dict[tuple, Leaf] = {}
         self._composite_cache: dict[str, Composite | Leaf | None] = {}
+        self._clean: dict = {}  # delimiters -> field values found clean (clean_values)
+
+    def clean_values(self, delimiters) -> dict:
+        """Field values of this version already checked and found clean, for these delimiters:
+        ``(id(field definition), id(its datatype), value) -> True``. Interface traffic repeats
+        most values (headers, codes, facilities, locations, clinicians), and a value's checks
+        depend on nothing else, so a repeat costs a lookup. Bounded: emptied when it fills up.
+        The definitions are this profile's own and live as long as it does, so their ids are
+        stable keys (hashing the frozen definitions would cost more than some checks)."""
+        cache = self._clean.get(delimiters)
+        if cache is None or len(cache) > CLEAN_VALUES_MAX:
+            cache = self._clean[delimiters] = {}
+        return cache
 
     # -- lookups ---------------------------------------------------------------------------
     def resolve(self, message_type: str, event: str) -> str | None:

@@ -317,6 +317,7 @@ class _FieldChecker:
         self.esc = d.escape
         self.soft = run.v._soft
         self.d = d
+        self.clean = profile.clean_values(d)
 
     def segment(self, position: int, seg, skip_required=frozenset()) -> None:
         if seg is None:
@@ -329,7 +330,7 @@ class _FieldChecker:
                 fdef = defs[number - 1]
                 self.run.add(E, ErrorCode.REQUIRED_FIELD_MISSING,
                              f"required field {seg.name}-{number} ({_human(fdef.name)}) is missing", position, number)
-        rep_sep = self.rep
+        clean, findings, esc = self.clean, self.run.findings, self.esc
         for number in range(3 if seg.name in HEADER_SEGMENTS else 1, min(count, len(defs) + 1)):
             value = fields[number]
             if not value or value == '""':
@@ -348,20 +349,31 @@ class _FieldChecker:
                     element = self._obx_type(position, fields)
                 if element is None:
                     continue
-            if element.__class__ is Leaf and not (rep_sep and rep_sep in value):
-                if self.comp and self.comp in value:
-                    value = self._primitive_with_components(element, value, position, number, 1, seg.name)
-                if value and value != '""' and (element.interesting or len(value) > element.bound):
-                    self.leaf(element, value, position, number, 1, None, None, fdef)
-                continue
-            reps = value.split(rep_sep) if rep_sep and rep_sep in value else (value,)
-            if len(reps) > fdef.max > -1 and len(reps) > 1:
-                self.run.add(W, ErrorCode.DATA_TYPE_ERROR,
-                             f"{seg.name}-{number} ({_human(fdef.name)}) repeats {len(reps)} times; the standard allows {fdef.max}",
-                             position, number)
-            for r, rep_value in enumerate(reps, start=1):
-                if rep_value and rep_value != '""':
-                    self.value(element, rep_value, position, number, r, fdef)
+            key = (id(fdef), id(element), value)
+            if key in clean:
+                continue  # this value of this field was checked before and found clean
+            found = len(findings)
+            self._field(seg, fdef, element, value, position, number)
+            if len(findings) == found and not (esc and esc in value):  # escapes: their text depends on the charset
+                clean[key] = True
+
+    def _field(self, seg, fdef: FieldDef, element, value: str, position: int, number: int) -> None:
+        """Every check of one field's value (its repetitions, components, datatypes, tables)."""
+        rep_sep = self.rep
+        if element.__class__ is Leaf and not (rep_sep and rep_sep in value):
+            if self.comp and self.comp in value:
+                value = self._primitive_with_components(element, value, position, number, 1, seg.name)
+            if value and value != '""' and (element.interesting or len(value) > element.bound):
+                self.leaf(element, value, position, number, 1, None, None, fdef)
+            return
+        reps = value.split(rep_sep) if rep_sep and rep_sep in value else (value,)
+        if len(reps) > fdef.max > -1 and len(reps) > 1:
+            self.run.add(W, ErrorCode.DATA_TYPE_ERROR,
+                         f"{seg.name}-{number} ({_human(fdef.name)}) repeats {len(reps)} times; the standard allows {fdef.max}",
+                         position, number)
+        for r, rep_value in enumerate(reps, start=1):
+            if rep_value and rep_value != '""':
+                self.value(element, rep_value, position, number, r, fdef)
 
     def _obx_type(self, position: int, fields: list[str]):
         value_type = fields[2].split(self.comp)[0] if len(fields) > 2 and self.comp else (fields[2] if len(fields) > 2 else "")
