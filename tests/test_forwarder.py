@@ -211,7 +211,9 @@ def test_an_engine_with_a_forwarder_process(tmp_path, running_engine):
         base = (tmp_path / "data" / "api-endpoint").read_text().strip()
         token = (tmp_path / "data" / "api-token").read_text().strip()
         [child] = _children(engine.process.pid)
-        assert b"hl7relay.forwarder.child" in Path(f"/proc/{child}/cmdline").read_bytes()
+        command_line = Path(f"/proc/{child}/cmdline").read_bytes()
+        assert b"hl7relay.forwarder.child" in command_line
+        assert b"sqlite" not in command_line  # its settings (a store URL may hold a password) came through the pipe
 
         ids = [f"P{i:02d}" for i in range(20)]
         assert _send(engine.mllp_port, ids) == ["AA"] * 20
