@@ -133,6 +133,19 @@ class Profile:
         self._leaf_cache: dict[tuple, Leaf] = {}
         self._composite_cache: dict[str, Composite | Leaf | None] = {}
         self._clean: dict = {}  # delimiters -> field values found clean (clean_values)
+        self._plans: dict = {}  # id(segment definition) -> (it, its field plan): field_plan
+
+    def field_plan(self, seg: "SegmentDef") -> tuple:
+        """The fields of a segment definition to check, in order, as ``(number, definition,
+        datatype or None, tag)``: the tag stands for the definition in clean_values' keys.
+        Built once per segment definition (the field loop runs for every segment of every message)."""
+        plan = self._plans.get(id(seg))
+        if plan is None:
+            first = 3 if seg.name in ("MSH", "FHS", "BHS") else 1
+            plan = self._plans[id(seg)] = (seg, tuple(
+                (number, fdef, fdef.element, id(fdef)) for number, fdef in enumerate(seg.fields[first - 1:], start=first)
+                if fdef is not None))
+        return plan[1]
 
     def clean_values(self, delimiters) -> dict:
         """Field values of this version already checked and found clean, for these delimiters:

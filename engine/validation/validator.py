@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from hl7relay.outcomes import ErrorCode, Severity
 from hl7relay.hl7.escape import unescape
-from hl7relay.hl7.message import HEADER_SEGMENTS, Message
+from hl7relay.hl7.message import Message
 from hl7relay.hl7.path import Path
 from hl7relay.validation.profile import (
     ACCEPTED_VERSIONS, FieldDef, Leaf, Node, Profile, definition_version, get_profile,
@@ -331,14 +331,12 @@ class _FieldChecker:
                 self.run.add(E, ErrorCode.REQUIRED_FIELD_MISSING,
                              f"required field {seg.name}-{number} ({_human(fdef.name)}) is missing", position, number)
         clean, findings, esc = self.clean, self.run.findings, self.esc
-        for number in range(3 if seg.name in HEADER_SEGMENTS else 1, min(count, len(defs) + 1)):
+        for number, fdef, element, tag in self.profile.field_plan(seg):
+            if number >= count:
+                break
             value = fields[number]
             if not value or value == '""':
                 continue
-            fdef = defs[number - 1]
-            if fdef is None:
-                continue
-            element = fdef.element
             if fdef.datatype == "WD":
                 self.run.add(self.soft, ErrorCode.DATA_TYPE_ERROR,
                              f"{seg.name}-{number} is withdrawn in v{self.profile.version} and should be empty; receivers ignore it",
@@ -349,7 +347,9 @@ class _FieldChecker:
                     element = self._obx_type(position, fields)
                 if element is None:
                     continue
-            key = (id(fdef), id(element), value)
+                key = (tag, id(element), value)  # OBX-5: its datatype is OBX-2's
+            else:
+                key = (tag, value)
             if key in clean:
                 continue  # this value of this field was checked before and found clean
             found = len(findings)
