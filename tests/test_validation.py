@@ -353,8 +353,9 @@ def test_the_audit_of_hl7apy_finds_nothing_we_do_not_handle():
         assert expected in kinds, expected
 
 
-def test_remembered_clean_values_change_no_finding(samples, corpus, monkeypatch):
-    """Field values found clean are remembered per version and delimiters (profile.clean_values):
+def test_remembered_field_values_change_no_finding(samples, corpus, monkeypatch):
+    """Field values checked are remembered per version, delimiters and strictness, clean or with
+    what they found (profile.clean_values):
     every sample and corpus message, validated again in another order with the memory warm, and
     with no memory at all, gets exactly the same findings."""
     from hl7relay.hl7.batch import split_messages
@@ -379,6 +380,6 @@ def test_remembered_clean_values_change_no_finding(samples, corpus, monkeypatch)
         warm_first = [findings(validator, m) for m in messages]
         warm_again = [findings(validator, m) for m in reversed(messages)][::-1]
         with monkeypatch.context() as patch:
-            patch.setattr(Profile, "clean_values", lambda self, d: {})  # nothing remembered
+            patch.setattr(Profile, "clean_values", lambda self, d, strict=False: {})  # nothing remembered
             cold = [findings(validator, m) for m in messages]
         assert warm_first == cold and warm_again == cold

@@ -147,16 +147,18 @@ class Profile:
                 if fdef is not None))
         return plan[1]
 
-    def clean_values(self, delimiters) -> dict:
-        """Field values of this version already checked and found clean, for these delimiters:
-        ``(id(field definition), id(its datatype), value) -> True``. Interface traffic repeats
-        most values (headers, codes, facilities, locations, clinicians), and a value's checks
-        depend on nothing else, so a repeat costs a lookup. Bounded: emptied when it fills up.
-        The definitions are this profile's own and live as long as it does, so their ids are
-        stable keys (hashing the frozen definitions would cost more than some checks)."""
-        cache = self._clean.get(delimiters)
+    def clean_values(self, delimiters, strict: bool = False) -> dict:
+        """Field values of this version already checked, for these delimiters and strictness:
+        ``(tag of the field definition[, id(OBX-5's datatype)], value) -> True`` when clean, else
+        what the checks found (severity, code, text, repetition, component, subcomponent), to be
+        reported again at the new place. Interface traffic repeats most values (headers, codes,
+        facilities, locations, clinicians, a sender's local codes that are not in HL7's tables),
+        and a value's checks depend on nothing else, so a repeat costs a lookup. Bounded: emptied
+        when it fills up. The definitions are this profile's own and live as long as it does, so
+        their ids are stable keys (hashing the frozen definitions would cost more than a check)."""
+        cache = self._clean.get((delimiters, strict))
         if cache is None or len(cache) > CLEAN_VALUES_MAX:
-            cache = self._clean[delimiters] = {}
+            cache = self._clean[(delimiters, strict)] = {}
         return cache
 
     # -- lookups ---------------------------------------------------------------------------

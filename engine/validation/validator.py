@@ -317,7 +317,7 @@ class _FieldChecker:
         self.esc = d.escape
         self.soft = run.v._soft
         self.d = d
-        self.clean = profile.clean_values(d)
+        self.clean = profile.clean_values(d, run.v.strict)
 
     def segment(self, position: int, seg, skip_required=frozenset()) -> None:
         if seg is None:
@@ -350,12 +350,18 @@ class _FieldChecker:
                 key = (tag, id(element), value)  # OBX-5: its datatype is OBX-2's
             else:
                 key = (tag, value)
-            if key in clean:
-                continue  # this value of this field was checked before and found clean
+            known = clean.get(key)
+            if known is not None:  # this value of this field was checked before
+                if known is not True:  # and what it found is found again, here
+                    for severity, code, text, repetition, component, subcomponent in known:
+                        self.run.add(severity, code, text, position, number, repetition, component, subcomponent)
+                continue
             found = len(findings)
             self._field(seg, fdef, element, value, position, number)
-            if len(findings) == found and not (esc and esc in value):  # escapes: their text depends on the charset
-                clean[key] = True
+            if not (esc and esc in value):  # escapes: their text depends on the charset
+                new = findings[found:]
+                clean[key] = True if not new else tuple(
+                    (f.severity, f.code, f.text, f.repetition, f.component, f.subcomponent) for f in new)
 
     def _field(self, seg, fdef: FieldDef, element, value: str, position: int, number: int) -> None:
         """Every check of one field's value (its repetitions, components, datatypes, tables)."""
