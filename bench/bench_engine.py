@@ -239,7 +239,8 @@ def run_engine(work: Path, validation: bool, connections: int, per_connection: i
     data = work / f"data-{name}"
     engine = subprocess.Popen(pinned(0, [sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
                                          "--data-dir", str(data), "--admin-port", str(free_port()),  # metrics on, as deployed
-                                         "--console-port", "0", "--log-level", "error", "--forwarding", forwarding,
+                                         "--console-port", "0", "--log-level", "error",
+                                         *(["--forwarding", forwarding] if forwarding != "inline" else []),
                                          *(["--store", store] if store else [])]),
                               cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
