@@ -259,16 +259,7 @@ class Message:
         esc, rep, sub = d.escape, d.repetition, d.subcomponent
         if (esc and esc in value) or (rep and rep in value) or (sub and sub in value):
             return self.get(f"MSH-{number}.{component}" if component else f"MSH-{number}")
-        if component:
-            cs = d.component
-            if not cs:
-                return value if component == 1 else ""
-            if component == 1:
-                i = value.find(cs)
-                return value if i == -1 else value[:i]
-            parts = value.split(cs)
-            return parts[component - 1] if component <= len(parts) else ""
-        return value
+        return _nth(value, d.component, component) if component else value
 
     def _leaf(self, value: str, deeper: tuple) -> str:
         for sep in deeper:
