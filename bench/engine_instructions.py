@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import adt_a01_1kb  # noqa: E402
-from bench_engine import CHANNEL, free_port, load, sink_stats, start_sink, stop, wait_port  # noqa: E402
+from bench_engine import CHANNEL, children, free_port, load, sink_stats, start_sink, stop, wait_port  # noqa: E402
 
 
 def wait_delivered(sink, stats: Path, expected: int, timeout: float = 1800) -> None:
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--validation", action="store_true")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--messages", type=int, default=200, help="per connection, measured")
+    parser.add_argument("--forwarding", choices=("inline", "process"), default="inline",
+                        help="process: the forwarder process is counted too, on its own line")
     args = parser.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         sys.exit("needs valgrind (with callgrind_control)")
@@ -61,34 +63,44 @@ def main() -> None:
     validators = "validators: [{structure: {on_error: warn}}]" if args.validation else ""
     (channels / "bench.yaml").write_text(CHANNEL.format(port=engine_port, sink=sink_port, validators=validators,
                                                         parallel=8))
-    stats, out = work / "sink.json", work / "callgrind.out"
+    stats = work / "sink.json"
     sink = start_sink(sink_port, 1, stats)
+    process = args.forwarding == "process"
     engine = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "hl7relay", "run",
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work / 'callgrind.out.%p'}",
+         *(["--trace-children=yes"] if process else []), sys.executable, "-m", "hl7relay", "run",
          "--channels", str(channels), "--data-dir", str(work / "data"), "--admin-port", str(free_port()),
-         "--log-level", "error"],
+         "--log-level", "error", *(["--forwarding", "process"] if process else [])],
         cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONHASHSEED": "0"})
     try:
         wait_port(engine_port, timeout=300)
         warm = load(engine_port, args.connections, 30, message)["acked"]  # caches, first connections
         wait_delivered(sink, stats, warm)
         time.sleep(1)  # the lazy delivery records and a queue poll settle
-        callgrind(engine.pid, "--zero")
+        pids = {"engine's process": engine.pid}
+        if process:
+            [pids["forwarder process"]] = children(engine.pid)
+        for pid in pids.values():
+            callgrind(pid, "--zero")
         measured = load(engine_port, args.connections, args.messages, message)
         wait_delivered(sink, stats, warm + measured["acked"])
-        callgrind(engine.pid, "--dump")
+        for pid in pids.values():
+            callgrind(pid, "--dump")
         time.sleep(1)
-        dumps = sorted(work.glob("callgrind.out*"), key=lambda p: p.stat().st_mtime)
-        totals = [int(m.group(1)) for p in dumps if (m := re.search(r"^(?:summary|totals): (\d+)", p.read_text(),
-                                                                      re.MULTILINE))]
-        instructions = totals[-1]
+        instructions = {}
+        for name, pid in pids.items():
+            dumps = sorted(work.glob(f"callgrind.out.{pid}*"), key=lambda p: p.stat().st_mtime)
+            totals = [int(m.group(1)) for p in dumps if (m := re.search(r"^(?:summary|totals): (\d+)", p.read_text(),
+                                                                          re.MULTILINE))]
+            instructions[name] = totals[-1]
     finally:
         stop(engine)
         stop(sink)
         shutil.rmtree(work, ignore_errors=True)
     count = measured["acked"]
-    print(f"validation {'on' if args.validation else 'off'}: {instructions / count / 1e6:.3f} M instructions per message "
-          f"in the engine's process ({count} messages in, stored, ACKed, delivered; answers {measured['answers']})")
+    for name, total in instructions.items():
+        print(f"validation {'on' if args.validation else 'off'}: {total / count / 1e6:.3f} M instructions per message "
+              f"in the {name} ({count} messages in, stored, ACKed, delivered; answers {measured['answers']})")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,29 @@ def test_bench_store_measures_both_backends():
     assert float(rows["sqlite"][0]) > 0
     if os.environ.get("CI"):  # .ci/run starts PostgreSQL: its row must be there
         assert float(rows["postgresql"][0]) > 0, result.stderr
+
+
+def test_bench_engine_states_each_target_of_issue_15_met_or_not():
+    sys.path.insert(0, str(BENCH))
+    from bench_engine import targets
+
+    def row(msgs, p99, cpu, vs_durable, vs_relay=None, rss=70.0):
+        r = {"msgs_per_s": msgs, "p99_ms": p99, "cpu_us_per_msg": cpu, "vs_durable": vs_durable, "rss_peak_mb": rss}
+        if vs_relay is not None:
+            r["vs_relay"] = vs_relay
+        return r
+
+    summary = {"durable_baseline": row(5000, 8.0, 100, 1.0), "relay_baseline": row(6000, 4.0, 120, None, 1.0),
+               "engine_validation_off": row(2600, 15.0, 400, 0.52, 0.41),
+               "engine_validation_on": row(2000, 17.0, 600, 0.4, 0.3),
+               "engine_forwarder": row(2000, 20.0, 500, 0.4, 0.3, rss=151.0),
+               "engine_no_destination": row(3000, 10.0, 300, 0.6),
+               "engine_postgresql": row(1000, 20.0, 500, 0.2, 0.2)}
+    met = {what: ok for what, _, _, ok in targets(summary)}
+    assert met["stored+ACKed vs raw durable (inline)"] and met["end to end vs raw relay (inline)"]
+    assert met["ACK p99 vs raw durable p99 (inline)"] and not met["ACK p99 vs raw durable p99 (forwarder process)"]
+    assert not met["stored+ACKed vs raw durable (forwarder process)"]
+    assert not met["stored+ACKed, no destination, vs raw durable"]  # 60% < 65%
+    assert not met["validation on: extra CPU per message"]  # +200 µs
+    assert met["PostgreSQL store: msgs/s"]
+    assert not met["RSS of all engine processes (peak)"]  # 151 MB
