@@ -122,6 +122,16 @@ def test_the_forwarder_delivers_and_leaves_the_writing_to_the_engine(child):
     say(("reply", request, None, None))
     assert message_id not in forwarder.queues[1].known
     assert ("event", "delivery_sent", {"channel": "adt", "destination": "lab"}, 1) in written
+    # states go in order (the last one stands), counts once per turn with how many
+    written.clear()
+    forwarder._event("queue_state", {"channel": "adt", "destination": "lab", "depth": 1, "oldest_age": 0.0})
+    forwarder._event("delivery_sent", {"channel": "adt", "destination": "lab"})
+    forwarder._event("queue_state", {"channel": "adt", "destination": "lab", "depth": 0, "oldest_age": None})
+    forwarder._event("delivery_sent", {"channel": "adt", "destination": "lab"})
+    forwarder._event("queue_state", {"channel": "adt", "destination": "lab", "depth": 1, "oldest_age": 0.0})
+    clock.advance(0)
+    assert [m[2]["depth"] for m in written if m[1] == "queue_state"] == [1, 0, 1]
+    assert [m[3] for m in written if m[1] == "delivery_sent"] == [2]
     clock.advance(0.3)
     views = [m[1] for m in written if m[0] == "views"]
     assert views and views[-1][1]["sent"] == 1

@@ -31,6 +31,7 @@ __all__ = ["Forwarder", "ChildWriter", "main"]
 log = Logger(namespace="hl7relay.forwarder")
 
 _WRITES = frozenset({"set_destination_state"})  # store calls that write: done by the engine
+_COUNTED = frozenset({"delivery_sent", "delivery_failed", "delivery_retried"})  # events that only count, by labels
 VIEW_INTERVAL = 0.25  # how often the queues' views go to the engine (its status, API and console read them)
 
 
@@ -164,11 +165,11 @@ class Forwarder(Protocol):
             self.output(encode(out))
 
     def _event(self, name: str, fields: dict) -> None:
-        # the same event with the same fields in one turn goes once, with its count
-        try:
+        if name in _COUNTED:
+            # a count: the same event with the same labels in one turn goes once, with how many
             key = (name, tuple(fields.items()))
             self._events[key] = self._events.get(key, 0) + 1
-        except TypeError:  # a field that cannot be a key
+        else:  # a state (queue depth, destination up): each goes, in order, so the last one stands
             self._out.append(("event", name, fields, 1))
         self._flush_soon()
 
