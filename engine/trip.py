@@ -269,6 +269,20 @@ class Trip:
         return self.commit(record)
 
 
+_FINDING_JSON: dict = {}  # a finding's JSON by what it says: a sender's warnings repeat message after message
+
+
 def _findings_json(findings) -> bytes:
-    return json.dumps([{"severity": getattr(f.severity, "value", str(f.severity)), "code": int(f.code),
-                        "location": f.path, "text": f.text} for f in findings[:200]]).encode()
+    """What validators with on_error: warn found, as stored with the message (``messages show``):
+    ``json.dumps`` of a list of {severity, code, location, text}, each finding's part kept."""
+    parts = []
+    for f in findings[:200]:
+        key = (f.severity, f.code, f.segment, f.sequence, f.field, f.repetition, f.component, f.subcomponent, f.text)
+        part = _FINDING_JSON.get(key)
+        if part is None:
+            if len(_FINDING_JSON) >= 10_000:
+                _FINDING_JSON.clear()
+            part = _FINDING_JSON[key] = json.dumps({"severity": getattr(f.severity, "value", str(f.severity)),
+                                                    "code": int(f.code), "location": f.path, "text": f.text})
+        parts.append(part)
+    return ("[" + ", ".join(parts) + "]").encode()

@@ -111,3 +111,26 @@ def test_after_delivery_the_trip_is_delivered_then_answered(tmp_path, manual_exe
     executor.run_all()
     assert trip.stage == ANSWERED and Message.from_bytes(answered[0].acks[0]).get("MSA-1") == "AA"
     assert store.get_message(1)["ack_code"] == "AA"
+
+
+def test_stored_findings_are_the_json_of_each_finding_whatever_was_seen_before(samples):
+    import json
+
+    from hl7relay.hl7.message import Message
+    from hl7relay.trip import _findings_json
+    from hl7relay.validation import Validator
+
+    validator = Validator(strict=True)
+    findings = []
+    for path in sorted(samples.rglob("*.hl7")):
+        try:
+            findings += validator.validate(Message.from_bytes(path.read_bytes())).findings
+        except Exception:  # noqa: BLE001 - unreadable samples give no findings here
+            continue
+    assert len(findings) > 10
+    expected = [{"severity": f.severity.value, "code": int(f.code), "location": f.path, "text": f.text}
+                for f in findings[:200]]
+    for _ in range(2):  # cold, then from the kept parts
+        stored = _findings_json(findings)
+        assert stored == json.dumps(expected).encode() and json.loads(stored) == expected
+    assert _findings_json([]) == b"[]"
