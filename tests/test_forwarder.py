@@ -298,3 +298,56 @@ def test_after_delivery_through_the_forwarder(tmp_path, running_engine):
         code = engine.stop()
         lab.close()
     assert code == 0
+
+
+# -- the engine's side alone ----------------------------------------------------------------------------
+class _PipeWriter:
+    """Stands in for Twisted's writer of the child's stdin: what was written, frame by frame."""
+
+    connected, disconnecting, dataBuffer, _tempDataBuffer, fd = 1, False, b"", [], -1  # os.write(-1) fails: write()
+
+    def __init__(self):
+        self.frames = []
+
+    def write(self, data):
+        self.frames.append(Decoder().feed(data))
+
+
+class _ChildTransport:
+    def __init__(self, pid):
+        self.pid = pid
+        self.pipes = {0: _PipeWriter()}
+
+
+def test_the_engine_side_sends_settings_first_and_reopens_queues_before_what_waited(tmp_path):
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+
+    from hl7relay.channels import load_channel
+    from hl7relay.forwarder.parent import ForwarderProcess, RemoteQueue
+
+    path = tmp_path / "adt.yaml"
+    path.write_text("name: adt\nsource: {type: mllp, port: 0}\n"
+                    "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 9}]\n")
+    channel, errors = load_channel(path, {})
+    assert not errors
+    clock = task.Clock()
+    forwarder = ForwarderProcess(None, {"store": "sqlite:///x.db"}, clock)
+    queue = RemoteQueue(forwarder, "adt", "lab", channel.destinations[0].config, 1.0)
+    first = _ChildTransport(10)
+    forwarder.makeConnection(first)
+    queue.start()
+    waiting = queue.first_result(5)
+    clock.advance(0)
+    assert [m[0] for frame in first.pipes[0].frames for m in frame] == ["settings", "open", "first_result"]
+    assert first.pipes[0].frames[0] == [("settings", {"store": "sqlite:///x.db"})]  # alone, first
+
+    forwarder.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert waiting.called and waiting.result.application_error  # AE: the queue still delivers it
+    queue.enqueue(6, b"MSH|...", None, 1.0)  # said while no forwarder runs
+    clock.advance(0)
+    second = _ChildTransport(11)
+    forwarder.makeConnection(second)  # what the restart's spawnProcess does
+    kinds = [m[0] for frame in second.pipes[0].frames for m in frame]
+    assert kinds == ["settings", "open", "enqueue"]
+    assert forwarder.restarts == 1

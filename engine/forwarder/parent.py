@@ -159,9 +159,12 @@ class ForwarderProcess(protocol.ProcessProtocol):
         # the settings go first, through the pipe: the store URL may hold a password, and a
         # command line is readable by every user of the machine (/proc/PID/cmdline)
         write_now(self.transport.pipes.get(0), encode([("settings", self.settings)]))
-        for queue in self.queues.values():  # after a restart: open again what was open
+        # after a restart: open again what was open, before what was said to those queues meanwhile
+        waiting, self._out = self._out, []
+        for queue in self.queues.values():
             if queue.started and not queue.stopped:
                 self.open(queue)
+        self._out.extend(waiting)
         self._flush()
 
     def childDataReceived(self, fd: int, data: bytes):
