@@ -246,11 +246,9 @@ def run_engine(work: Path, validation: bool, connections: int, per_connection: i
     try:
         wait_port(engine_port)
         result = end_to_end(engine_port, sink, stats, connections, per_connection, message, engine.pid)
-        rss = peak = 0.0
-        for pid in [engine.pid, *children(engine.pid)]:  # every process of the engine
-            r, p = rss_mb(pid)
-            rss, peak = rss + r, peak + p
-        result.update(rss_mb=rss, rss_peak_mb=peak, processes=1 + len(children(engine.pid)))
+        pids = [engine.pid, *children(engine.pid)]  # every process of the engine
+        sizes = [rss_mb(pid) for pid in pids]
+        result.update(rss_mb=sum(r for r, _ in sizes), rss_peak_mb=sum(p for _, p in sizes), processes=len(pids))
     finally:
         stop(engine)
         if sink is not None:

@@ -209,14 +209,20 @@ def _post(base, token, path):
         return json.loads(response.read().decode())
 
 
+def _engine_with_forwarder(tmp_path, running_engine, lab, response="", lab_options="", more="", admin="0"):
+    """`hl7relay run --forwarding process` with one ADT channel delivering to ``lab``."""
+    channel = (f"name: adt\nsource: {{type: mllp, port: 0}}\n{response}"
+               f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab.port}, retry_initial: 0.2, "
+               f"retry_max: 1{lab_options}}}{more}]\n")
+    return running_engine(tmp_path, "--admin-port", admin, "--console-port", "0", "--forwarding", "process",
+                          channel=channel)
+
+
 def test_an_engine_with_a_forwarder_process(tmp_path, running_engine):
     lab = Lab()
     lab.start()
-    channel = ("name: adt\nsource: {type: mllp, port: 0}\n"
-               f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab.port}, retry_initial: 0.2, "
-               "retry_max: 1}, {name: archive, type: file, directory: out}]\n")
-    engine = running_engine(tmp_path, "--admin-port", "auto", "--console-port", "0", "--forwarding", "process",
-                            channel=channel)
+    engine = _engine_with_forwarder(tmp_path, running_engine, lab, more=", {name: archive, type: file, directory: out}",
+                                    admin="auto")
     try:
         base = (tmp_path / "data" / "api-endpoint").read_text().strip()
         token = (tmp_path / "data" / "api-token").read_text().strip()
@@ -281,11 +287,8 @@ def test_after_delivery_through_the_forwarder(tmp_path, running_engine):
     """response.when: after_delivery waits for the forwarder's first answer: AA when the lab took
     it; AR when the lab is down, and the failed copy withdrawn (the sender resends it)."""
     lab = Lab()  # bound, not listening: down
-    channel = ("name: adt\nsource: {type: mllp, port: 0}\nresponse: {when: after_delivery}\n"
-               f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab.port}, connect_timeout: 2, "
-               "retry_initial: 0.2, retry_max: 1}]\n")
-    engine = running_engine(tmp_path, "--admin-port", "0", "--console-port", "0", "--forwarding", "process",
-                            channel=channel)
+    engine = _engine_with_forwarder(tmp_path, running_engine, lab, response="response: {when: after_delivery}\n",
+                                    lab_options=", connect_timeout: 2")
     try:
         assert _send(engine.mllp_port, ["A01"]) == ["AR"]
         wait_for(lambda: _statuses(engine.store) == ["WITHDRAWN"], 30, "the failed copy withdrawn")

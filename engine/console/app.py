@@ -416,17 +416,11 @@ class Console:
     def replay(self, request, session, message_id):
         """A dry run first (what each chosen destination would get, and how it differs from what
         was sent), then, confirmed with a reason, the replay (audited in its own transaction)."""
-        from hl7relay.ops.phi import mask_message
         from hl7relay.ops.replay import commit_replay, plan_replay
 
         chosen = [v.decode("utf-8", "replace") for v in (request.args or {}).get(b"destination", [])] or None
         force = self._field(request, "force") == "1"
-        confirm = self._field(request, "confirm") == "1"
-        reason = self._field(request, "reason").strip()[:500]
-        if confirm and not reason:
-            raise HTTPError(400, "a replay needs a reason: it is written to the audit log")
-        channels = {name: running.channel for name, running in self.engine.channels.items()}
-        render = lambda data: mask_message(data).split("\n")  # noqa: E731 - diffs are masked here, always
+        confirm, reason, channels, render = self._replay_form(request)
         audit = self._action(request, session, "replay", f"message {message_id}")
 
         def work(store):
@@ -446,6 +440,18 @@ class Console:
         return self._render("replay_message.html", request, 409 if confirm else 200, session=session, plan=plan,
                             destinations=[d.name for d in channel.destinations] if channel else [],
                             chosen=set(chosen or []), force=force, active="messages")
+
+    def _replay_form(self, request):
+        """What both replay forms share: (confirmed, reason, the running channels, how a diff's
+        sides are shown). A confirmed replay needs a reason: it goes to the audit log."""
+        from hl7relay.ops.phi import mask_message
+
+        confirm = self._field(request, "confirm") == "1"
+        reason = self._field(request, "reason").strip()[:500]
+        if confirm and not reason:
+            raise HTTPError(400, "a replay needs a reason: it is written to the audit log")
+        channels = {name: running.channel for name, running in self.engine.channels.items()}
+        return confirm, reason, channels, lambda data: mask_message(data).split("\n")  # diffs are masked, always
 
     @defer.inlineCallbacks
     def _message(self, request, session, message_id: int, reason: str | None):
@@ -485,7 +491,6 @@ class Console:
     @page("replay", post=True)
     @defer.inlineCallbacks
     def replay_dead_letters(self, request, session):
-        from hl7relay.ops.phi import mask_message
         from hl7relay.ops.replay import commit_replay, plan_replay
 
         groups = []
@@ -496,12 +501,7 @@ class Console:
                 raise HTTPError(400, "a selected group is not one this page offered") from None
         if not groups:
             raise HTTPError(400, "select at least one group of dead letters")
-        confirm = self._field(request, "confirm") == "1"
-        reason = self._field(request, "reason").strip()[:500]
-        if confirm and not reason:
-            raise HTTPError(400, "a replay needs a reason: it is written to the audit log")
-        channels = {name: running.channel for name, running in self.engine.channels.items()}
-        render = lambda data: mask_message(data).split("\n")  # noqa: E731 - diffs are masked here, always
+        confirm, reason, channels, render = self._replay_form(request)
         actor, role, source = f"user:{session.user}", session.role, self._source(request)
 
         def work(store):

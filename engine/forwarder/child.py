@@ -22,15 +22,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hl7relay.events import subscribe
-from hl7relay.forwarder.wire import Decoder, WireError, encode, write_now
+from hl7relay.forwarder.wire import STORE_WRITES, Decoder, WireError, encode, write_now
 from hl7relay.queues import DestinationQueue
 from hl7relay.store.database import StoreError
+from hl7relay.store.writer import as_store_error
 
 __all__ = ["Forwarder", "ChildWriter", "main"]
 
 log = Logger(namespace="hl7relay.forwarder")
 
-_WRITES = frozenset({"set_destination_state"})  # store calls that write: done by the engine
 _COUNTED = frozenset({"delivery_sent", "delivery_failed", "delivery_retried"})  # events that only count, by labels
 VIEW_INTERVAL = 0.25  # how often the queues' views go to the engine (its status, API and console read them)
 
@@ -73,16 +73,10 @@ class ChildWriter:
 
     def read(self, fn, *args) -> defer.Deferred:
         name = getattr(fn, "__name__", "")
-        if name in _WRITES:
+        if name in STORE_WRITES:
             return self.link.request("write", name, args)
         d = defer.maybeDeferred(fn, *args) if self._inline else threads.deferToThread(fn, *args)
-
-        def wrap(failure):
-            if failure.check(StoreError):
-                return failure
-            raise StoreError(f"store query failed: {failure.getErrorMessage()}")
-
-        return d.addErrback(wrap)
+        return d.addErrback(as_store_error)
 
     def update(self, *updates, lazy: bool = False) -> defer.Deferred:
         """Recorded by the engine; the updates of one reactor turn go as one request (one reply)."""
@@ -247,13 +241,13 @@ class Forwarder(Protocol):
         queue = self.queues.get(queue_id)
         if queue is not None:
             queue.pause()
-        self._answer(request, self._controlled(queue, 0))
+        self._answer(request, self._controlled(queue_id, queue, 0))
 
     def _on_resume(self, request, queue_id):
         queue = self.queues.get(queue_id)
         if queue is not None:
             queue.resume()
-        self._answer(request, self._controlled(queue, 0))
+        self._answer(request, self._controlled(queue_id, queue, 0))
 
     def _on_retry_now(self, request, queue_id):
         queue = self.queues.get(queue_id)
@@ -263,18 +257,14 @@ class Forwarder(Protocol):
             if delivery is not None:
                 delivery.skip_backoff()
             count = queue.retry_now()
-        self._answer(request, self._controlled(queue, count))
+        self._answer(request, self._controlled(queue_id, queue, count))
 
-    def _controlled(self, queue, count: int) -> tuple:
+    def _controlled(self, queue_id: int, queue, count: int) -> tuple:
         """An operator's control is answered with its count and the queue's view after it."""
         if queue is None:
             return count, None
-        view = queue.view()
-        self._views[self._id_of(queue)] = view
+        view = self._views[queue_id] = queue.view()
         return count, view
-
-    def _id_of(self, queue) -> int | None:
-        return next((queue_id for queue_id, q in self.queues.items() if q is queue), None)
 
     def _on_retire(self, request, queue_ids, timeout):
         """Stop these queues, wait (bounded) for their deliveries on the wire, close their

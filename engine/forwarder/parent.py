@@ -18,14 +18,13 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from hl7relay.events import relay
-from hl7relay.forwarder.wire import Decoder, WireError, encode, write_now
+from hl7relay.forwarder.wire import STORE_WRITES, Decoder, WireError, encode, write_now
 from hl7relay.outcomes import DeliveryResult
 
 __all__ = ["ForwarderProcess", "RemoteQueue"]
 
 log = Logger(namespace="hl7relay.forwarder")
 
-_WRITES = frozenset({"set_destination_state"})  # the store calls the child may ask the engine to make
 
 
 class RemoteQueue:
@@ -283,7 +282,7 @@ class ForwarderProcess(protocol.ProcessProtocol):
                        lambda f: self.send(("reply", request, None, f.getErrorMessage())))
 
     def _on_write(self, request, name, args):
-        if name not in _WRITES:
+        if name not in STORE_WRITES:
             self.send(("reply", request, None, f"not a store call the forwarder may make: {name}"))
             return
         d = self.writer.read(getattr(self.writer.store, name), *args)

@@ -17,9 +17,16 @@ import time
 from hl7relay.events import emit
 from hl7relay.store.database import MessageRecord, Store, StoreError
 
-__all__ = ["StoreWriter"]
+__all__ = ["StoreWriter", "as_store_error"]
 
 log = Logger(namespace="hl7relay.store")
+
+
+def as_store_error(failure):
+    """An errback: a failed store call fails as StoreError (the callers' one type for it)."""
+    if failure.check(StoreError):
+        return failure
+    raise StoreError(f"store query failed: {failure.getErrorMessage()}")
 
 
 class StoreWriter:
@@ -108,14 +115,7 @@ class StoreWriter:
 
     def read(self, fn, *args) -> defer.Deferred:
         """Run a store call (a query) on the writer thread, after what is already queued."""
-        d = self.executor(fn, *args)
-
-        def wrap(failure):
-            if failure.check(StoreError):
-                return failure
-            raise StoreError(f"store query failed: {failure.getErrorMessage()}")
-
-        return d.addErrback(wrap)
+        return self.executor(fn, *args).addErrback(as_store_error)
 
     @property
     def pending(self) -> int:
