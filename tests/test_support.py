@@ -115,6 +115,56 @@ def test_searches_on_100k_messages_use_indexes(tmp_path):
     assert elapsed < 60  # a sanity bound only; the index use above is the check
 
 
+def test_a_message_type_without_trigger_reads_each_type_through_its_index_in_order(tmp_path):
+    # "ADT" means every ADT trigger: once one query sorted every match (a full scan at 10M rows)
+    store = Store(f"sqlite:///{tmp_path / 'types.db'}")
+    store.migrate()
+    types = ["ADT", "ADT^A01", "ADT^A03", "ADT^A08^ADT_A01", "ADTX^Z01", "ORU^R01", "AD^A01"]
+    rows = [{"channel": "ch", "received_at": 1.7e9 + (i * 7919) % 1000, "peer": "", "raw": b"MSH|x", "charset": "",
+             "sending_application": "PMS", "sending_facility": "F", "message_type": types[i % len(types)],
+             "control_id": f"C{i}", "patient_id": "P", "status": "PROCESSED", "error": "", "ack_code": "AA"}
+            for i in range(1000)]
+    with store.engine.begin() as connection:
+        connection.execute(messages.insert(), rows)
+    with store.engine.connect() as connection:
+        assert store._types_like(connection, "ADT") == ["ADT", "ADT^A01", "ADT^A03", "ADT^A08^ADT_A01"]
+        assert store._types_like(connection, "ZZZ") == [] and store._types_like(connection, "ORU") == ["ORU^R01"]
+    expected = sorted(((r["received_at"], i + 1) for i, r in enumerate(rows)
+                       if r["message_type"] == "ADT" or r["message_type"].startswith("ADT^")), reverse=True)
+    seen, page = [], store.search(message_type="ADT", limit=37)
+    while page:  # merged newest first, and keyset paging over the merge visits each match once
+        seen += [(r["received_at"], r["id"]) for r in page]
+        page = store.search(message_type="ADT", limit=37, before_id=page[-1]["id"])
+    assert seen == expected
+    assert store.search(message_type="ZZZ") == []
+    found = store.search(message_type="ADT", text=b"msh|X", limit=5)  # the text scan goes over the merge too
+    assert [(r["received_at"], r["id"]) for r in found] == expected[:5]
+    statements = []
+    sa.event.listen(store.engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, parameters, context, many: statements.append((statement, parameters)))
+    store.search(message_type="ADT", limit=50)
+    sent = list(statements)  # (the EXPLAINs below are captured too)
+    reads = [(st, p) for st, p in sent if "messages.control_id" in st]
+    assert len(reads) == 4
+    with store.engine.connect() as connection:
+        for statement, parameters in sent:
+            plan = " ".join(str(r) for r in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters))
+            assert "ix_messages_type_time" in plan and "TEMP B-TREE" not in plan and "SCAN" not in plan, (statement, plan)
+    store.close()
+
+
+def test_search_by_delivery_status(env):
+    _, store = env
+    ids = {name: add(store, name, delivery=delivery, channel="oru" if name.endswith("2") else "adt")
+           for name, delivery in (("E1", "ERROR"), ("S1", "SENT"), ("Q1", "QUEUED"), ("E2", "ERROR"), ("Q2", "QUEUED"),
+                                  ("N1", None), ("F1", "FILTERED"))}
+    for status, names in (("ERROR", ["E2", "E1"]), ("QUEUED", ["Q2", "Q1"]), ("SENT", ["S1"]), ("FILTERED", ["F1"])):
+        assert [r["control_id"] for r in store.search(delivery_status=status)] == names, status
+    assert [r["control_id"] for r in store.search(delivery_status="ERROR", channel="adt")] == ["E1"]
+    assert [r["id"] for r in store.search(delivery_status="QUEUED", before_id=ids["Q2"])] == [ids["Q1"]]
+    assert store.search(delivery_status="WITHDRAWN") == []
+
+
 def test_replay_after_fixing_the_channel_delivers_the_errored_messages(env, capsys):
     tmp_path, store = env
     write_channel(tmp_path)

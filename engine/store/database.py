@@ -753,7 +753,7 @@ class Store:
         query = (sa.select(messages.c.id, messages.c.ack_code, messages.c.status)
                  .where(messages.c.channel == channel, messages.c.duplicate_key == storable(key), messages.c.received_at >= since,
                         messages.c.status != "DUPLICATE")
-                 .order_by(messages.c.id).limit(1))
+                 .order_by(messages.c.received_at, messages.c.id).limit(1))  # the key index's order: nothing sorted
         with self.engine.connect() as connection:
             row = connection.execute(query).mappings().first()
             return dict(row) if row else None
@@ -774,15 +774,17 @@ class Store:
                               ("patient_id", patient_id), ("sending_facility", facility)):
             if value is not None:
                 query = query.where(messages.c[column] == storable(value))
-        if message_type is not None:
-            message_type = storable(message_type)
-            query = query.where(messages.c.message_type == message_type if "^" in message_type
-                                else messages.c.message_type.like(message_type.replace("%", "") + "^%") | (messages.c.message_type == message_type))
         if since is not None:
             query = query.where(messages.c.received_at >= since)
         if until is not None:
             query = query.where(messages.c.received_at < until)
-        if delivery_status is not None:
+        if delivery_status in ("QUEUED", "ERROR"):
+            # the few waiting or dead deliveries, from their partial index (the status as a literal, so
+            # the planner sees it matches): none at all costs nothing, where reading newest first
+            # until a page was full read the whole table
+            query = query.where(messages.c.id.in_(sa.select(deliveries.c.message_id).where(
+                _QUEUED if delivery_status == "QUEUED" else _DEAD)))
+        elif delivery_status is not None:
             query = query.where(sa.exists().where(deliveries.c.message_id == messages.c.id,
                                                   deliveries.c.status == delivery_status))
         # Newest first, in the order an index already has, so no match is sorted: filtered by
@@ -790,8 +792,16 @@ class Store:
         # otherwise by id (the table itself; the control id and patient id indexes end with it).
         # Sorting a million rows by id within a channel took a second; this takes milliseconds.
         by_time = any(value is not None for value in (channel, status, message_type, facility))
-        query = query.order_by(*((messages.c.received_at.desc(), messages.c.id.desc()) if by_time else (messages.c.id.desc(),)))
+        order = (messages.c.received_at.desc(), messages.c.id.desc()) if by_time else (messages.c.id.desc(),)
         with self.engine.connect() as connection:
+            queries = [query]
+            if message_type is not None:
+                # "ADT" means every ADT trigger: each type found is read through the type index in
+                # order and the reads merged, where one query for them all sorted every match
+                types = [storable(message_type)] if "^" in message_type else self._types_like(connection, storable(message_type))
+                queries = [query.where(messages.c.message_type == t) for t in types]
+            queries = [q.order_by(*order) for q in queries]
+
             def after(query, last_id):
                 """Keyset: the rows after message ``last_id`` in that order."""
                 if last_id is None:
@@ -803,12 +813,20 @@ class Store:
                     return query.where(messages.c.id < last_id)
                 return query.where(sa.tuple_(messages.c.received_at, messages.c.id) < sa.tuple_(at, last_id))
 
+            def page(last_id, size: int, columns=()) -> list[dict]:
+                rows = []
+                for q in queries:
+                    rows += [dict(r) for r in connection.execute(after(q.add_columns(*columns), last_id).limit(size)).mappings()]
+                if len(queries) > 1:
+                    rows.sort(key=(lambda r: (r["received_at"], r["id"])) if by_time else (lambda r: r["id"]), reverse=True)
+                return rows[:size]
+
             if text is None:
-                return [dict(r) for r in connection.execute(after(query, before_id).limit(limit)).mappings()]
+                return page(before_id, limit)
             found, scanned, cursor = [], 0, before_id
             needle = text.lower()
             while len(found) < limit and scanned < scan_limit:
-                rows = [dict(r) for r in connection.execute(after(query.add_columns(messages.c.raw), cursor).limit(500)).mappings()]
+                rows = page(cursor, 500, (messages.c.raw,))
                 if not rows:
                     break
                 scanned += len(rows)
@@ -816,6 +834,25 @@ class Store:
                 # case-insensitive (ASCII), as an analyst typing "penicillin" expects
                 found += [{k: v for k, v in r.items() if k != "raw"} for r in rows if needle in r["raw"].lower()]
             return found[:limit]
+
+    @staticmethod
+    def _types_like(connection, prefix: str, most: int = 200) -> list[str]:
+        """The stored message types ``prefix`` or ``prefix^...``, found by seeking through the type
+        index (one lookup per type, however many messages each has)."""
+        prefix = prefix.replace("%", "")
+        types, last = [], None
+        first = connection.execute(sa.select(messages.c.message_type).where(messages.c.message_type == prefix).limit(1)).scalar()
+        if first is not None:
+            types.append(first)
+        low, high = prefix + "^", prefix + "_"  # "^" is 0x5E, "_" the next character: prefix^... lies between
+        while len(types) < most:
+            condition = messages.c.message_type > last if last is not None else messages.c.message_type >= low
+            last = connection.execute(sa.select(sa.func.min(messages.c.message_type))
+                                      .where(condition, messages.c.message_type < high)).scalar()
+            if last is None:
+                break
+            types.append(last)
+        return types
 
     def prune(self, older_than: float, statuses=None, channel: str | None = None, batch: int = 500,
               dry_run: bool = False) -> int:
