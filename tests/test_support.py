@@ -240,13 +240,44 @@ def test_status_reports_channels_and_destinations(env, capsys):
         """))
     code, out = cli(capsys, "status")
     assert code == 0
-    assert "adt: received 3, processed 2, filtered 0, errored 1, duplicates 0, queued 1 (oldest 2.0h)\n" in out
+    assert "adt: last 24h: received 3, processed 2, filtered 0, errored 1, duplicates 0, queued 1 (oldest 2.0h)\n" in out
     assert "last error: message 2" in out
     assert "-> lab (mllp): NOT connected; queued 1 (oldest 2.0h), sent 1, errors 0; connection_failed: refused" in out
     # a configured channel that has seen nothing yet is listed; a file destination has no "connected"
-    assert "idle: received 0, processed 0" in out and "-> archive (file): queued 0 (oldest -), sent 0, errors 0" in out
+    assert "idle: last 24h: received 0, processed 0" in out and "-> archive (file): queued 0 (oldest -), sent 0, errors 0" in out
     data = json.loads(cli(capsys, "status", "--format", "json")[1])
     assert data["adt"]["destinations"]["lab"]["connected"] is False
+
+
+def test_status_counts_a_window_of_messages_but_every_queued_delivery_and_dead_letter(env, capsys):
+    _, store = env
+    write_channel(env[0])
+    day = 86400
+    old_queued = add(store, "OQ", delivery="QUEUED", received_at=time.time() - 3 * day)
+    add(store, "OD", delivery="ERROR", received_at=time.time() - 2 * day)
+    add(store, "OS", received_at=time.time() - 2 * day)
+    add(store, "OE", status="ERROR", delivery=None, received_at=time.time() - 2 * day)
+    add(store, "NS2", received_at=time.time() - 3600)
+    add(store, "NS")
+    code, out = cli(capsys, "status")
+    assert code == 0
+    # the window's messages; every delivery still waiting (and the oldest's age) and every dead letter
+    assert "adt: last 24h: received 2, processed 2, filtered 0, errored 0, duplicates 0, queued 1 (oldest 3.0d)" in out
+    assert "-> lab (mllp): not tried yet; queued 1 (oldest 3.0d), sent 2, errors 1" in out
+    assert "last error: message 4" in out  # older than the window, still the newest error
+    code, out = cli(capsys, "status", "--hours", "72.5")
+    assert "adt: last 72.5h: received 6, processed 5, filtered 0, errored 1" in out and "sent 3, errors 1" in out
+    code, out = cli(capsys, "status", "--hours", "0")
+    assert "adt: all stored: received 6" in out
+    data = json.loads(cli(capsys, "status", "--format", "json", "--hours", "0.5")[1])
+    assert data["adt"]["counts"] == {"PROCESSED": 1} and data["adt"]["destinations"]["lab"]["counts"] == {
+        "SENT": 1, "QUEUED": 1, "ERROR": 1}
+    assert store.get_message(old_queued)["deliveries"][0]["status"] == "QUEUED"
+    for bad in ("-1", "soon", "nan", "1e9"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["status", "--hours", bad])
+        assert exit_.value.code == 2
+        assert "hours" in capsys.readouterr().err
 
 
 def test_replay_dry_run_masks_patient_data_unless_asked(env, capsys):
