@@ -82,6 +82,9 @@ class Channel:
     # what the file says, after ${...} substitution: a reload leaves a channel whose fingerprint
     # did not change untouched (files it names, such as lookup tables, are read when it changes)
     fingerprint: str = ""
+    # id(filter rule, transformer or validator) -> how the file names it: "map at channels/adt.yaml:14:7"
+    # (what the dry run shows; the components themselves know only their options)
+    labels: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -139,9 +142,15 @@ class _Loader:
     def __init__(self, doc: Document, context: _Context):
         self.doc = doc
         self.context = context
+        self.labels: dict = {}
 
     def error(self, path, message, key=False):
         self.doc.error(path, message, key)
+
+    def labelled(self, component, name: str, path):
+        if component is not None:
+            self.labels[id(component)] = f"{name} at {self.doc.mark(path)}"
+        return component
 
     def build(self, spec: ComponentSpec, options, path):
         try:
@@ -157,7 +166,8 @@ class _Loader:
     def rule(self, value, path):
         if isinstance(value, list):
             rules = [self.rule(v, path + (i,)) for i, v in enumerate(value)]
-            return AllOf(rules) if None not in rules else None
+            return self.labelled(AllOf(rules), "all of" if path[-1:] != ("filters",) else "filters", path) \
+                if None not in rules else None
         names = [s.name for s in registry("filter")] + ["all", "any", "not"]
         if not isinstance(value, dict) or len(value) != 1:
             self.error(path, "a filter rule is a mapping with one key: all, any, not, or a rule "
@@ -169,16 +179,16 @@ class _Loader:
                 self.error(path + (key,), f"{key} takes a list of rules")
                 return None
             rules = [self.rule(v, path + (key, i)) for i, v in enumerate(argument)]
-            return None if None in rules else (AllOf(rules) if key == "all" else AnyOf(rules))
+            return None if None in rules else self.labelled(AllOf(rules) if key == "all" else AnyOf(rules), key, path)
         if key == "not":
             inner = self.rule(argument, path + (key,))
-            return None if inner is None else Not(inner)
+            return None if inner is None else self.labelled(Not(inner), "not", path)
         spec = lookup("filter", key)
         if spec is None:
             self.error(path + (key,), f"unknown filter rule {key!r}{did_you_mean(key, names)}", key=True)
             return None
         options = check_options(spec, argument, self.doc, path + (key,))
-        return None if options is None else self.build(spec, options, path + (key,))
+        return None if options is None else self.labelled(self.build(spec, options, path + (key,)), key, path)
 
     # -- transformer and validator lists ---------------------------------------------------------------
     def steps(self, kind: str, value, path):
@@ -203,7 +213,7 @@ class _Loader:
                 ok = False
                 continue
             checked = check_options(spec, options, self.doc, path + (i, name))
-            built = None if checked is None else self.build(spec, checked, path + (i, name))
+            built = None if checked is None else self.labelled(self.build(spec, checked, path + (i, name)), name, path + (i,))
             if built is None:
                 ok = False
             out.append(built)
@@ -242,7 +252,7 @@ class _Loader:
             stages=frozenset(storage["stages"]), secrets=frozenset(self.doc.secrets),
             duplicates=Duplicates(tuple(duplicates["key"]), duplicates["window"]) if duplicates else None,
             retention=Retention(retention["days"], retention["errors_days"]) if retention else None,
-            log_level=values["log_level"], log_phi=values["log_phi"],
+            log_level=values["log_level"], log_phi=values["log_phi"], labels=self.labels,
         )
 
     def typed(self, kind: str, value, path, reserved=()):

@@ -42,19 +42,35 @@ class Processed:
     transformed: bool = False
 
 
-def process(channel: Channel, message: Message) -> Processed:
-    if channel.filter is not None and not channel.filter.matches(message):
-        return Processed(Result.FILTERED, message)
+def process(channel: Channel, message: Message, observe=None) -> Processed:
+    """The channel's filter, transformers, validators and destinations' filters and transformers,
+    in order. ``observe`` (the dry run; None in the engine) is told of each step as it ends:
+    ``observe(kind, component, message, detail)`` with kind ``filter`` (detail: passed),
+    ``transformer`` (the error text, "" when applied), ``validator`` (its findings),
+    ``destination_filter`` (component: the destination; passed), ``destination_transformer``
+    (component: (destination, step); the error text) and ``destination`` (what it gets)."""
+    if channel.filter is not None:
+        passed = channel.filter.matches(message)
+        if observe is not None:
+            observe("filter", channel.filter, message, passed)
+        if not passed:
+            return Processed(Result.FILTERED, message)
     for index, step in enumerate(channel.steps, start=1):
         try:
             step.apply(message)
         except (HL7RelayError, ValueError) as exc:
+            if observe is not None:
+                observe("transformer", step, message, str(exc))
             return Processed(Result.ERROR, message, error=f"transformer {index}: {exc}",
                              error_code=ErrorCode.APPLICATION_INTERNAL_ERROR, transformed=True)
+        if observe is not None:
+            observe("transformer", step, message, "")
     findings = []
     rejecting = None  # the first error of a validator that rejects
     for validator in channel.validators:
         found = validator.check(message)
+        if observe is not None:
+            observe("validator", validator, message, found)
         findings += found
         if validator.on_error == "reject" and rejecting is None:
             rejecting = next((f for f in found if f.severity is Severity.ERROR), None)
@@ -63,9 +79,13 @@ def process(channel: Channel, message: Message) -> Processed:
                          transformed=bool(channel.steps))
     outputs = []
     for destination in channel.destinations:
-        if destination.filter is not None and not destination.filter.matches(message):
-            outputs.append(DestinationOutput(destination.name, None))
-            continue
+        if destination.filter is not None:
+            passed = destination.filter.matches(message)
+            if observe is not None:
+                observe("destination_filter", destination, message, passed)
+            if not passed:
+                outputs.append(DestinationOutput(destination.name, None))
+                continue
         output = message.copy() if destination.steps else message
         error = ""
         for index, step in enumerate(destination.steps, start=1):
@@ -73,10 +93,16 @@ def process(channel: Channel, message: Message) -> Processed:
                 step.apply(output)
             except (HL7RelayError, ValueError) as exc:
                 error = f"destination {destination.name} transformer {index}: {exc}"
+                if observe is not None:
+                    observe("destination_transformer", (destination, step), output, str(exc))
                 break
+            if observe is not None:
+                observe("destination_transformer", (destination, step), output, "")
         if error:
             return Processed(Result.ERROR, message, findings, error, ErrorCode.APPLICATION_INTERNAL_ERROR,
                              transformed=bool(channel.steps))
+        if observe is not None:
+            observe("destination", destination, output, None)
         outputs.append(DestinationOutput(destination.name, output))
     return Processed(Result.PROCESSED, message, findings, outputs=outputs, transformed=bool(channel.steps))
 
