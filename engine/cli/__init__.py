@@ -16,6 +16,7 @@ __all__ = ["main", "build_parser", "VERBS"]
 VERBS = {
     "validate": "hl7relay.cli.validate",
     "send": "hl7relay.cli.send",
+    "simulate": "hl7relay.cli.simulate",
     "listen": "hl7relay.cli.listen",
     "lint": "hl7relay.cli.lint",
     "test": "hl7relay.cli.test",

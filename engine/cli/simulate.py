@@ -1,0 +1,176 @@
+"""``hl7relay simulate``: a practice-management system's traffic, generated, sent or written."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hl7relay.cli._args import count, port, seconds
+from hl7relay.cli._tls import add_tls_arguments, tls_from_args
+
+HELP = "send realistic generated HL7 traffic (ADT, SIU, ORU) over MLLP, or write it to files"
+DESCRIPTION = """\
+Generate what a practice-management system sends about a population of patients with stable
+identifiers: registrations, admissions, transfers, discharges and updates (ADT A04/A01/A02/A03/A08),
+appointments booked, rescheduled and cancelled (SIU S12/S13/S15), and results with several
+observations of different value types (ORU R01), in the HL7 version and character set you choose.
+The same --seed gives the same messages byte for byte.
+
+Sends them to an MLLP listener (an engine's channel, or hl7relay listen) over --connections
+connections, at --rate messages per second (0: as fast as each connection is answered), a patient's
+messages always on one connection and in order; then prints what was sent, the ACK codes and the
+ACK latency percentiles. With --out DIR it writes one file per message instead and sends nothing.
+
+Exit status: 0 when every message was answered AA (or written), 1 otherwise (AE, AR, CR, no
+answer in time, no connection)."""
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of messages per second") from None
+    if not 0 <= value <= 1_000_000 or value != value:
+        raise argparse.ArgumentTypeError(f"{text!r}: a rate is 0 (as fast as possible) to 1000000 messages per second")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
+    return value
+
+
+def _connections(text: str) -> int:
+    value = count(text)
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: connections are 1 to 1000")
+    return value
+
+
+def add_arguments(parser) -> None:
+    from hl7relay.simulate import CHARSETS, VERSIONS
+
+    parser.add_argument("--host", default="127.0.0.1", help="listener host (default: 127.0.0.1)")
+    parser.add_argument("--port", type=port, default=2575, help="listener port (default: 2575)")
+    parser.add_argument("--count", type=_positive, default=100, help="messages to send (default: 100)")
+    parser.add_argument("--rate", type=_rate, default=0.0, metavar="PER_SECOND",
+                        help="messages per second over all connections (default 0: as fast as answered)")
+    parser.add_argument("--duration", type=seconds, metavar="SECONDS", help="stop generating after this long")
+    parser.add_argument("--connections", type=_connections, default=1, help="connections in parallel (default: 1)")
+    parser.add_argument("--seed", type=count, default=1, help="the same seed gives the same messages (default: 1)")
+    parser.add_argument("--hl7-version", dest="hl7_version", choices=VERSIONS, default="2.5.1",
+                        help="HL7 version, MSH-12 (default: 2.5.1)")
+    parser.add_argument("--charset", choices=tuple(CHARSETS), default="utf-8",
+                        help="character set, MSH-18 (default: utf-8; ascii leaves accents out of names)")
+    parser.add_argument("--patients", type=_positive, default=200, metavar="N",
+                        help="patients known at the start (default: 200; registrations add more)")
+    parser.add_argument("--ack-mode", choices=("original", "enhanced"), default="original",
+                        help="original: MSH-15/16 empty, one ACK (AA/AE/AR); enhanced: AL/AL, an accept ACK (CA) "
+                             "then an application ACK (AA) (default: original)")
+    parser.add_argument("--sending-application", default="PMS", help="MSH-3 (default: PMS)")
+    parser.add_argument("--sending-facility", default="CLINIC", help="MSH-4 (default: CLINIC)")
+    parser.add_argument("--out", metavar="DIR", help="write the messages to files in DIR instead of sending them")
+    parser.add_argument("--timeout", type=seconds, default=30.0, help="seconds to wait for each ACK (default: 30)")
+    parser.add_argument("--connect-timeout", type=seconds, default=10.0, help="seconds to wait to connect (default: 10)")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="the summary as text or JSON")
+    parser.add_argument("--log-level", default="error", choices=("trace", "debug", "info", "warn", "error"),
+                        help="what the engine logs to standard error (default: error)")
+    add_tls_arguments(parser, server=False)
+
+
+def _simulation(args):
+    from hl7relay.simulate import Simulation
+
+    return Simulation(seed=args.seed, version=args.hl7_version, charset=args.charset, patients=args.patients,
+                      sending_application=args.sending_application, sending_facility=args.sending_facility,
+                      ack_mode=args.ack_mode)
+
+
+def _write(args) -> int:
+    import json
+    from pathlib import Path
+
+    folder = Path(args.out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"{folder}: cannot create: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    simulation, types = _simulation(args), {}
+    width = max(6, len(str(args.count)))
+    for number in range(1, args.count + 1):
+        message = simulation.next()
+        types[message.message_type] = types.get(message.message_type, 0) + 1
+        path = folder / f"{number:0{width}d}-{message.message_type.replace('^', '_')}.hl7"
+        try:
+            path.write_bytes(message.data)
+        except OSError as exc:
+            print(f"{path}: cannot write: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    if args.format == "json":
+        print(json.dumps({"written": args.count, "folder": str(folder), "types": types}, indent=2))
+    else:
+        print(f"wrote {args.count} messages (seed {args.seed}, HL7 {args.hl7_version}, {args.charset}) to {folder}: "
+              + ", ".join(f"{t} {n}" for t, n in sorted(types.items())))
+    return 0
+
+
+def run(args) -> int:
+    if args.out:
+        return _write(args)
+    from hl7relay.cli._logging import start_logging
+
+    start_logging(args.log_level)
+    from twisted.internet import task
+
+    from hl7relay.mllp.sender import MLLPSender, SenderConfig
+    from hl7relay.simulate import Driver
+
+    config = SenderConfig(args.host, args.port, connect_timeout=args.connect_timeout, ack_timeout=args.timeout,
+                          tls=tls_from_args(args, server=False))
+    result = {}
+
+    def main(reactor):
+        senders = [MLLPSender(config, reactor) for _ in range(args.connections)]
+        driver = Driver(_simulation(args), senders, reactor, args.count, args.rate, args.duration)
+
+        def done(summary):
+            for sender in senders:
+                sender.close()
+            result["summary"], result["stopped"] = summary, driver.stopped
+            return None
+
+        return driver.start().addCallback(done)
+
+    try:
+        task.react(main)
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+    summary = result["summary"]
+    _report(args, summary, result["stopped"])
+    return 0 if summary.accepted and not result["stopped"] else 1
+
+
+def _report(args, summary, stopped: str) -> None:
+    import json
+
+    if args.format == "json":
+        print(json.dumps({**summary.to_dict(), "stopped": stopped or None, "seed": args.seed,
+                          "hl7_version": args.hl7_version, "charset": args.charset}, indent=2))
+        return
+    rate = f", {summary.sent / summary.elapsed:,.0f} msgs/s" if summary.elapsed > 0 else ""
+    print(f"sent {summary.sent} message{'s' * (summary.sent != 1)} (seed {args.seed}, HL7 {args.hl7_version}, {args.charset}) to "
+          f"{args.host}:{args.port} over {args.connections} connection{'s' * (args.connections != 1)} "
+          f"in {summary.elapsed:.1f} s{rate}")
+    if stopped:
+        print(f"  stopped early: {stopped}")
+    if summary.types:
+        print("  types: " + ", ".join(f"{t} {n}" for t, n in sorted(summary.types.items())))
+    if summary.codes:
+        print("  answers: " + ", ".join(f"{code.replace('_', ' ')} {n}" for code, n in sorted(summary.codes.items())))
+    if summary.latencies:
+        p = {name: summary.percentile(q) * 1000 for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))}
+        print(f"  ACK latency: p50 {p['p50']:.1f} ms, p95 {p['p95']:.1f} ms, p99 {p['p99']:.1f} ms, max {p['max']:.1f} ms")
