@@ -26,6 +26,7 @@ VERBS = {
     "replay": "hl7relay.cli.replay",
     "prune": "hl7relay.cli.prune",
     "status": "hl7relay.cli.status",
+    "verify": "hl7relay.cli.verify",
     "user": "hl7relay.cli.user",
     "token": "hl7relay.cli.token",
     "audit": "hl7relay.cli.audit",

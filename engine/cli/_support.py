@@ -60,9 +60,10 @@ def format_time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def open_store_from_args(args, create: bool = False):
-    """The store the settings name, brought up to date. Support verbs never create one (run in the
-    wrong folder, they say so); ``create``: the first `user add` of a new installation may."""
+def open_store_from_args(args, create: bool = False, migrate: bool = True):
+    """The store the settings name, brought up to date (unless ``migrate`` is False: verify reports
+    the version it finds). Support verbs never create one (run in the wrong folder, they say so);
+    ``create``: the first `user add` of a new installation may."""
     from hl7relay.cli._settings import resolve_settings
     from hl7relay.store.database import Store
 
@@ -94,7 +95,7 @@ def open_store_from_args(args, create: bool = False):
     if version == 0:
         store.close()
         raise SystemExit(f"{settings['store']} is not an hl7relay store (no schema) ({where}); {hint}")
-    if version < MIGRATIONS[-1][0]:
+    if version < MIGRATIONS[-1][0] and migrate:
         store.migrate()  # an older engine's store: bring it up to date, as `run` would
     return store, settings
 

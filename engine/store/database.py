@@ -277,6 +277,9 @@ MIGRATIONS = [
     (7, "users: PHI permission, disabled, last sign-in", _migration_7),
     (8, "indexes: dead letters, replays of a message", _migration_8),
     (9, "audit log: the actor's role", lambda connection: _add_columns(connection, "audit_log", ("role",))),
+    # migration 5 made the audit log from a copy of its columns, without this index (hl7relay verify found it)
+    (10, "index: the audit log by time",
+     lambda connection: next(i for i in audit_log.indexes if i.name == "ix_audit_log_at").create(connection, checkfirst=True)),
 ]
 
 
