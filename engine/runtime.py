@@ -347,6 +347,14 @@ class Engine:
                                  for d in running.channel.destinations if d.name in running.queues}}
         return view
 
+    def connections_view(self, channel: str) -> dict:
+        """The channel's listener: its address, open connections and the peers it has seen."""
+        running = self._running(channel)
+        view = running.source.connections_view() if running.source is not None else None
+        return {"name": channel, "source": running.channel.source_type, "enabled": running.enabled,
+                "address": running.address if running.enabled else "", **(view or {"open_connections": 0,
+                                                                                  "connections": [], "peers": []})}
+
     def status(self) -> dict:
         return {"started": self.started, "stopping": self.stopping, "in_flight": self.in_flight,
                 "channels": {name: self.channel_view(name) for name in self.channels}}

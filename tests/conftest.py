@@ -131,21 +131,58 @@ def unit_engine(tmp_path, manual_executor):
 def server_certificate(tmp_path):
     """A test CA and a server certificate for 127.0.0.1 it issued, as PEM files:
     (ca.pem, server.pem, server.key)."""
-    import sys
+    files = issue_pki(tmp_path)
+    return Path(files["ca"]), Path(files["server"]), Path(files["server_key"])
 
-    from cryptography.hazmat.primitives import serialization
+
+def issue_pki(folder: Path, server_days: float = 1.0) -> dict:
+    """A test CA, a server certificate for localhost/127.0.0.1 valid ``server_days`` and a client
+    certificate, as PEM files in ``folder``: {"ca", "server", "server_key", "client", "client_key"}."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_mllp_loopback import _issue
+    def name(common_name):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def issue(subject, key, issuer, issuer_key, *, ca=False, server=False, days=1.0):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        if not ca:
+            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    files = {}
+
+    def write(label, cert, key=None):
+        (folder / f"{label}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        files[label] = str(folder / f"{label}.pem")
+        if key is not None:
+            (folder / f"{label}.key").write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+            files[label + "_key"] = str(folder / f"{label}.key")
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _issue("test CA", ca_key, "test CA", ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _issue("hl7relay server", key, "test CA", ca_key, server=True)
-    paths = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
+    write("ca", issue("hl7relay test CA", ca_key, "hl7relay test CA", ca_key, ca=True, days=30))
+    for label, server in (("server", True), ("client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(label, issue(f"hl7relay {label}", key, "hl7relay test CA", ca_key, server=server,
+                           days=server_days if server else 1.0), key)
+    return files
+
+
+@pytest.fixture(scope="session")
+def make_pki(tmp_path_factory):
+    """make_pki(server_days=1.0) -> the files of :func:`issue_pki`, in a folder of their own."""
+    return lambda server_days=1.0: issue_pki(tmp_path_factory.mktemp("pki"), server_days)

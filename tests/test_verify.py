@@ -106,7 +106,7 @@ def test_each_check_finds_what_it_is_for_and_repair_fixes_only_the_safe_ones(env
     overdue = checks["overdue deliveries"]
     assert overdue.status == WARNING and overdue.count == 1 and "adt/lab: 1, the oldest 2.0 h late" in overdue.detail
     code, out, _ = cli(capsys, "verify")
-    assert code == 2 and "--repair would delete the 1 deliveries row" in out and "move them to ERROR" in out
+    assert code == 2 and "--repair would delete the 1 delivery row" in out and "move them to ERROR" in out
     code, out, _ = cli(capsys, "verify", "--repair")
     assert out.startswith("repairing:\n") and "deleted 1 row" in out and "moved 4 deliveries to ERROR" in out
     assert code == 1  # what is left are warnings: nothing safe can be done about them

@@ -69,6 +69,8 @@ def queue_options(options) -> QueueOptions:
 class MLLPDestinationConfig:
     sender: SenderConfig
     queue: QueueOptions = QueueOptions()
+    check_round_trip: bool = False  # hl7relay check sends a harmless message too (off: some peers file everything)
+    check_message: str | None = None  # that message (a file); None: an NMQ^N01 clock query
 
 
 @register("destination", "mllp", "send over MLLP and record the peer's ACK", [
@@ -78,13 +80,22 @@ class MLLPDestinationConfig:
     Option("ack_timeout", "duration", 30.0, "seconds to wait for the ACK"),
     *TLS_OPTIONS,
     Option("tls", "bool", False, "use TLS (verify against the system trust store or tls_ca)"),
+    Option("check_round_trip", "bool", False, "hl7relay check also sends a harmless message and waits for its ACK"),
+    Option("check_message", "str", None, "the message hl7relay check sends (a file; default: an NMQ^N01 clock query)"),
     *QUEUE_OPTIONS,
 ])
 def _mllp(options, context=None):
+    check_message = options["check_message"]
+    if check_message is not None:
+        base = getattr(context, "base_dir", None)
+        path = Path(check_message) if base is None or Path(check_message).is_absolute() else Path(base) / check_message
+        if not path.is_file():
+            raise ValueError(f"check_message file {check_message!r} does not exist")
+        check_message = str(path)
     return MLLPDestinationConfig(SenderConfig(options["host"], options["port"], options["connect_timeout"],
                                               options["ack_timeout"],
                                               tls=tls_config(options, False, getattr(context, "base_dir", None))),
-                                 queue_options(options))
+                                 queue_options(options), options["check_round_trip"], check_message)
 
 
 _TEMPLATE = re.compile(r"\{([^{}]+)\}")

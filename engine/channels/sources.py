@@ -142,6 +142,10 @@ class Source:
     def open_connections(self) -> int:
         return 0
 
+    def connections_view(self) -> dict | None:
+        """Who is connected and who has been (sources that take connections); None otherwise."""
+        return None
+
 
 class MLLPSource(Source):
     def __init__(self, config, engine, running):
@@ -196,6 +200,10 @@ class MLLPSource(Source):
     @property
     def open_connections(self) -> int:
         return getattr(getattr(self.port, "factory", None), "open_connections", 0)
+
+    def connections_view(self) -> dict | None:
+        factory = getattr(self.port, "factory", None)
+        return None if factory is None else factory.view()
 
 
 class FileSource(Source):

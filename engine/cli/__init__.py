@@ -17,6 +17,7 @@ VERBS = {
     "validate": "hl7relay.cli.validate",
     "send": "hl7relay.cli.send",
     "simulate": "hl7relay.cli.simulate",
+    "check": "hl7relay.cli.check",
     "listen": "hl7relay.cli.listen",
     "lint": "hl7relay.cli.lint",
     "test": "hl7relay.cli.test",

@@ -9,7 +9,7 @@ handler that fails gets AR (207). Time comes from the injected reactor, so tests
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
@@ -92,6 +92,9 @@ def _allowed(host: str, networks) -> bool:
     return any(address in network for network in networks)
 
 
+MAX_PEERS_REMEMBERED = 1000
+
+
 class MLLPServerProtocol(Protocol):
     def __init__(self, factory: "MLLPListenerFactory"):
         self.factory = factory
@@ -104,6 +107,8 @@ class MLLPServerProtocol(Protocol):
         self._idle_timer = None
         self.closing_after_answer = False
         self.last_activity = 0.0
+        self.connected_at = 0.0
+        self.messages = 0  # frames received on this connection
 
     # -- connection ----------------------------------------------------------------------------
     def connectionMade(self):
@@ -125,6 +130,8 @@ class MLLPServerProtocol(Protocol):
         factory.open_connections += 1
         factory.per_peer[self.peer.host] = factory.per_peer.get(self.peer.host, 0) + 1
         factory.connections.add(self)
+        self.connected_at = factory.reactor.seconds()
+        factory.peer_seen(self.peer.host, connected_at=self.connected_at)
         emit("connection_opened", listener=factory.name)
         if factory.config.keepalive and hasattr(self.transport, "setTcpKeepAlive"):
             try:
@@ -159,6 +166,8 @@ class MLLPServerProtocol(Protocol):
         for event in self.framer.feed(data):
             if isinstance(event, Frame):
                 self.queue.append(event.payload)
+                self.messages += 1
+                self.factory.peer_seen(self.peer.host, message_at=self.last_activity)
             elif isinstance(event, Discarded):
                 self.factory.discarded_bytes += event.count
                 emit("bytes_discarded", listener=self.factory.name, count=event.count)
@@ -319,6 +328,34 @@ class MLLPListenerFactory(Factory):
         self.discarded_bytes = 0
         self.oversized_frames = 0
         self.timed_out_frames = 0
+        # who has connected, most recent last: "can the PMS reach us?" (hl7relay check --inbound)
+        self.peers: OrderedDict[str, dict] = OrderedDict()
+
+    def peer_seen(self, host: str, connected_at: float | None = None, message_at: float | None = None) -> None:
+        entry = self.peers.get(host)
+        if entry is None:
+            entry = self.peers[host] = {"host": host, "connections": 0, "messages": 0, "last_connected_at": None,
+                                        "last_message_at": None}
+            if len(self.peers) > MAX_PEERS_REMEMBERED:
+                self.peers.popitem(last=False)
+        else:
+            self.peers.move_to_end(host)
+        if connected_at is not None:
+            entry["connections"] += 1
+            entry["last_connected_at"] = connected_at
+        if message_at is not None:
+            entry["messages"] += 1
+            entry["last_message_at"] = message_at
+
+    def view(self, most: int = 200) -> dict:
+        """Open connections and the peers seen, newest first (at most ``most`` of each)."""
+        now = self.reactor.seconds()
+        connections = sorted(self.connections, key=lambda p: p.connected_at, reverse=True)[:most]
+        return {"open_connections": self.open_connections, "refused_connections": self.refused_connections,
+                "tls_failures": self.tls_failures,
+                "connections": [{"peer": str(p.peer), "connected_seconds": now - p.connected_at, "messages": p.messages,
+                                 "idle_seconds": now - p.last_activity} for p in connections],
+                "peers": [dict(entry) for entry in reversed(list(self.peers.values())[-most:])]}
 
     def buildProtocol(self, addr):
         return MLLPServerProtocol(self)

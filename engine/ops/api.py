@@ -57,6 +57,8 @@ ROUTES = (
     Route("GET", "/api/v1/status", "read", "get_status", "the engine, its channels, destinations and queues"),
     Route("GET", "/api/v1/channels", "read", "get_channels", "every channel: state, address, connections, queues"),
     Route("GET", "/api/v1/channels/{channel}", "read", "get_channel", "one channel"),
+    Route("GET", "/api/v1/channels/{channel}/connections", "read", "get_connections",
+          "the channel's listener: bound address, open connections, peers seen and their last message"),
     Route("POST", "/api/v1/channels/{channel}/enable", "control", "post_enable", "open a disabled channel",
           "channel.enable"),
     Route("POST", "/api/v1/channels/{channel}/disable", "control", "post_disable",
@@ -253,6 +255,9 @@ class ApiResource(resource.Resource):
 
     def get_channel(self, request, caller, body, channel):
         return masked_view(self.engine.channel_view(channel))
+
+    def get_connections(self, request, caller, body, channel):
+        return self.engine.connections_view(channel)
 
     def post_enable(self, request, caller, body, channel):
         self.engine._running(channel)

@@ -112,17 +112,17 @@ def _schema(store: Store) -> Check:
 def _orphans(store: Store) -> list[Check]:
     out = []
     with store.engine.connect() as connection:
-        for table, label in ((deliveries, "deliveries"), (stages, "stages")):
+        for table, label, one in ((deliveries, "deliveries", "delivery"), (stages, "stages", "stage")):
             orphan = ~sa.exists().where(messages.c.id == table.c.message_id)
             count = connection.execute(sa.select(sa.func.count()).select_from(table).where(orphan)).scalar()
             name = f"{label} of missing messages"
             if not count:
-                out.append(Check(name, OK, f"every {label[:-1]} row belongs to a stored message"))
+                out.append(Check(name, OK, f"every {one} row belongs to a stored message"))
                 continue
             sample = sorted({r[0] for r in connection.execute(sa.select(table.c.message_id).where(orphan).limit(10))})
-            out.append(Check(name, PROBLEM, f"{count} {label} row{'s' * (count != 1)} of messages no longer stored "
+            out.append(Check(name, PROBLEM, f"{count} {one} row{'s' * (count != 1)} of messages no longer stored "
                                             f"(message ids {', '.join(map(str, sample))}): nothing can use them",
-                             count, sample, fix=f"delete the {count} {label} row{'s' * (count != 1)}", key=f"orphan_{label}"))
+                             count, sample, fix=f"delete the {count} {one} row{'s' * (count != 1)}", key=f"orphan_{label}"))
     return out
 
 

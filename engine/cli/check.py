@@ -1,0 +1,182 @@
+"""``hl7relay check``: the connection tester, outbound (a destination) and inbound (our listeners)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+from hl7relay.cli._args import seconds
+from hl7relay.cli._settings import add_settings_arguments
+from hl7relay.cli._tls import add_tls_arguments, tls_from_args
+
+HELP = "test connections: DNS, TCP, TLS certificate, MLLP round trip to a destination; who reaches our listeners"
+DESCRIPTION = """\
+  hl7relay check                         every MLLP destination of the channel files
+  hl7relay check lab                     one destination (CHANNEL/DESTINATION when the name is not unique)
+  hl7relay check 10.0.0.7:2576 [--tls --tls-ca CA.pem]   any MLLP peer
+  hl7relay check lab --mllp              also send a harmless message (an NMQ^N01 clock query, or the
+                                         destination's check_message) and wait for its ACK
+  hl7relay check --inbound [CHANNEL]     the running engine's listeners: the address each is bound to,
+                                         open connections, and each peer's last connection and message
+
+Each step says ok, warning or failed with its time: DNS (the addresses), TCP (connect time), TLS
+(protocol, cipher, the certificate's subject, issuer and days to expiry; a warning under 30 days; when
+it does not verify, why, and what the peer presents), MLLP (the ACK code). A destination with
+check_round_trip: true gets the MLLP step without --mllp.
+
+Exit status: 0 every target reachable (warnings allowed), 1 one is not, 2 wrong arguments or an
+unknown destination."""
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("target", nargs="?", metavar="DESTINATION|HOST:PORT",
+                        help="a destination's name (or CHANNEL/DESTINATION), or host:port; default: every MLLP destination")
+    parser.add_argument("--mllp", action="store_true", help="also do an MLLP round trip with a harmless message")
+    parser.add_argument("--message", metavar="FILE", help="the message for the round trip (default: an NMQ^N01 clock query)")
+    parser.add_argument("--timeout", type=seconds, default=10.0, help="seconds for each step (default: 10)")
+    parser.add_argument("--inbound", action="store_true",
+                        help="show the running engine's listeners instead (TARGET: a channel name, default all)")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    add_tls_arguments(parser, server=False)
+    add_settings_arguments(parser)
+
+
+_HOST_PORT = re.compile(r"^\[?(?P<host>[^\[\]/]+?)\]?:(?P<port>\d{1,5})$")
+
+
+def run(args) -> int:
+    if args.inbound:
+        return _inbound(args)
+    targets, code = _targets(args)
+    if targets is None:
+        return code
+    from hl7relay.ops.check import check_destination, default_check_message
+
+    results, reachable = [], True
+    for target in targets:
+        round_trip = None
+        if args.mllp or target["round_trip"]:
+            path = args.message or target["message"]
+            try:
+                round_trip = open(path, "rb").read().replace(b"\r\n", b"\r").replace(b"\n", b"\r") \
+                    if path else default_check_message()
+            except OSError as exc:
+                print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+                return 2
+        steps = check_destination(target["host"], target["port"], target["tls"], round_trip, args.timeout)
+        ok = all(step.status in ("ok", "warning", "skipped") for step in steps)
+        reachable &= ok
+        results.append({"target": target["label"], "host": target["host"], "port": target["port"], "reachable": ok,
+                        "steps": [step.to_dict() for step in steps]})
+        if args.format == "text":
+            address = f"{target['host']}:{target['port']}"
+            print(address if target["label"] == address else f"{target['label']}: {address}")
+            for step in steps:
+                took = f" ({step.seconds * 1000:.1f} ms)" if step.seconds is not None else ""
+                print(f"  {step.name:5} {step.status.upper():8} {step.detail}{took}")
+            print(f"  {'reachable' if ok else 'NOT reachable'}")
+    if args.format == "json":
+        print(json.dumps(results, indent=2))
+    return 0 if reachable else 1
+
+
+def _targets(args):
+    """([{label, host, port, tls, round_trip, message}], exit code when there are none)."""
+    match = _HOST_PORT.match(args.target or "")
+    if match:
+        port = int(match.group("port"))
+        if not 1 <= port <= 65535:
+            print(f"{args.target}: a port is 1 to 65535", file=sys.stderr)
+            return None, 2
+        try:
+            tls = tls_from_args(args, server=False)
+        except ValueError as exc:
+            print(str(exc), file=sys.stderr)
+            return None, 2
+        return [{"label": f"{match.group('host')}:{port}", "host": match.group("host"), "port": port, "tls": tls,
+                 "round_trip": False,
+                 "message": None}], 0
+    from hl7relay.channels import load_channels
+    from hl7relay.channels.spec import did_you_mean
+    from hl7relay.cli._settings import resolve_settings
+
+    settings, problems = resolve_settings(args)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return None, 2
+    channels, errors = load_channels(settings["channels"])
+    for error in errors:
+        print(f"(skipped) {error}", file=sys.stderr)
+    found = [(c, d) for c in channels for d in c.destinations if d.type == "mllp"]
+    if args.target:
+        wanted = args.target.split("/", 1)
+        matches = [(c, d) for c, d in found if (len(wanted) == 2 and (c.name, d.name) == tuple(wanted))
+                   or (len(wanted) == 1 and d.name == wanted[0])]
+        if not matches:
+            names = sorted({d.name for _, d in found} | {f"{c.name}/{d.name}" for c, d in found})
+            print(f"no MLLP destination {args.target!r} in the channel files{did_you_mean(args.target, names)}; "
+                  "give host:port to check any peer", file=sys.stderr)
+            return None, 2
+        if len(matches) > 1:
+            print(f"{args.target!r} is a destination of several channels: name one of "
+                  + ", ".join(f"{c.name}/{d.name}" for c, d in matches), file=sys.stderr)
+            return None, 2
+        found = matches
+    if not found:
+        print("no MLLP destination in the channel files; give host:port to check any peer", file=sys.stderr)
+        return None, 2
+    return [{"label": f"{c.name}/{d.name}", "host": d.config.sender.host, "port": d.config.sender.port,
+             "tls": d.config.sender.tls, "round_trip": d.config.check_round_trip, "message": d.config.check_message}
+            for c, d in found], 0
+
+
+def _inbound(args) -> int:
+    from hl7relay.cli._api import call_engine, engine_settings, print_error
+    from hl7relay.cli._support import format_time
+
+    settings = engine_settings(args)
+    if args.target:
+        names = [args.target]
+    else:
+        status, payload = call_engine(settings, "GET", "/api/v1/channels")
+        if status != 200:
+            return print_error(status, payload)
+        names = [c["name"] for c in payload]
+    views = []
+    for name in names:
+        status, payload = call_engine(settings, "GET", f"/api/v1/channels/{name}/connections")
+        if status != 200:
+            return print_error(status, payload)
+        views.append(payload)
+    if args.format == "json":
+        print(json.dumps(views, indent=2))
+        return 0
+    now = time.time()
+    for view in views:
+        if view["source"] != "mllp":
+            print(f"{view['name']}: {view['source']} source (no connections)")
+            continue
+        where = f"listening on {view['address']}" if view["address"] else "NOT listening (disabled)"
+        print(f"{view['name']}: {where}; {view['open_connections']} connection(s) open"
+              + (f", {view['refused_connections']} refused" if view.get("refused_connections") else "")
+              + (f", {view['tls_failures']} TLS failures" if view.get("tls_failures") else ""))
+        for c in view["connections"]:
+            print(f"  open: {c['peer']} for {_age(c['connected_seconds'])}, {c['messages']} message(s), "
+                  f"idle {_age(c['idle_seconds'])}")
+        for p in view["peers"]:
+            last = f"last message {format_time(p['last_message_at'])} ({_age(now - p['last_message_at'])} ago)" \
+                if p["last_message_at"] else "no message yet"
+            print(f"  peer {p['host']}: {p['connections']} connection(s), {p['messages']} message(s), {last}")
+        if not view["peers"]:
+            print("  no peer has connected since the engine started")
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"

@@ -1,0 +1,205 @@
+"""The connection tester: can the engine reach a destination, step by step?
+
+:func:`check_destination` answers, with each step's result and time, what a support engineer
+asks in order: does the name resolve (DNS), does the port accept a connection (TCP), does TLS
+work and what certificate does the peer present (subject, issuer, days to expiry; a warning under
+30 days), and, when asked, does an MLLP round trip with a harmless message come back with an ACK.
+Plain blocking sockets with timeouts: the CLI calls it directly, the console on a thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+from hl7relay.mllp.framing import Frame, MLLPFramer, frame
+
+__all__ = ["Step", "check_destination", "default_check_message", "EXPIRY_WARNING_DAYS"]
+
+EXPIRY_WARNING_DAYS = 30
+
+
+@dataclass(slots=True)
+class Step:
+    name: str  # DNS, TCP, TLS, MLLP
+    status: str  # ok, warning, failed, skipped
+    detail: str
+    seconds: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "status": self.status, "detail": self.detail,
+                "ms": None if self.seconds is None else round(self.seconds * 1000, 2)}
+
+
+def default_check_message(now: datetime.datetime | None = None) -> bytes:
+    """A harmless message: an NMQ^N01 system clock query (HL7's application management message),
+    which changes nothing anywhere; a receiver that does not handle it still answers AE or AR,
+    which proves the MLLP link works."""
+    stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y%m%d%H%M%S")
+    return (f"MSH|^~\\&|HL7RELAY|HL7RELAY|||{stamp}||NMQ^N01^NMQ_N01|CHK{stamp}|P|2.5\r"
+            f"NCK|{stamp}\r").encode()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def check_destination(host: str, port: int, tls=None, round_trip: bytes | None = None, timeout: float = 10.0,
+                      clock=time.perf_counter) -> list[Step]:
+    """DNS, TCP, TLS (``tls``: the destination's TLSConfig, None for plain MLLP) and, with
+    ``round_trip`` (a message), an MLLP exchange. Steps after a failed one are skipped."""
+    steps: list[Step] = []
+    started = clock()
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        steps.append(Step("DNS", "failed", f"{host} does not resolve: {exc.strerror}", clock() - started))
+        return _skip_rest(steps, tls, round_trip, "the name does not resolve")
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    steps.append(Step("DNS", "ok", f"{host} -> {', '.join(addresses[:4])}", clock() - started))
+    sock, errors = None, []
+    for family, kind, proto, _, address in infos:
+        started = clock()
+        candidate = socket.socket(family, kind, proto)
+        candidate.settimeout(timeout)
+        try:
+            candidate.connect(address)
+        except OSError as exc:
+            candidate.close()
+            reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+            errors.append(f"{address[0]}:{port}: {reason} after {_ms(clock() - started)}")
+            continue
+        sock = candidate
+        steps.append(Step("TCP", "ok", f"connected to {address[0]}:{port}", clock() - started))
+        break
+    if sock is None:
+        steps.append(Step("TCP", "failed", "; ".join(errors) + (" (nothing listens there, or a firewall refuses)"
+                                                                  if any("refused" in e for e in errors) else "")))
+        return _skip_rest(steps, tls, round_trip, "no connection")
+    try:
+        if tls is not None:
+            sock, step = _handshake(sock, host, port, tls, timeout, clock)
+            steps.append(step)
+            if sock is None:
+                return _skip_rest(steps, None, round_trip, "TLS failed")
+        else:
+            steps.append(Step("TLS", "skipped", "the destination does not use TLS (tls: false)"))
+        if round_trip is None:
+            steps.append(Step("MLLP", "skipped", "no round trip asked for (--mllp, or check_round_trip: true)"))
+        else:
+            steps.append(_round_trip(sock, round_trip, timeout, clock))
+    finally:
+        if sock is not None:
+            sock.close()
+    return steps
+
+
+def _skip_rest(steps: list[Step], tls, round_trip, why: str) -> list[Step]:
+    if tls is not None:
+        steps.append(Step("TLS", "skipped", why))
+    if round_trip is not None:
+        steps.append(Step("MLLP", "skipped", why))
+    return steps
+
+
+def _context(tls, verify: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=getattr(tls, "ca", None))
+    if getattr(tls, "certificate", None):
+        context.load_cert_chain(tls.certificate, tls.key)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _handshake(sock, host: str, port: int, tls, timeout: float, clock):
+    """(the TLS socket or None, the step): verified as the sender verifies; when that fails, the
+    certificate is fetched again without verifying so the step can say what the peer presents."""
+    server_name = getattr(tls, "server_name", None) or host
+    started = clock()
+    try:
+        wrapped = _context(tls, verify=True).wrap_socket(sock, server_hostname=server_name)
+    except ssl.SSLCertVerificationError as exc:
+        elapsed = clock() - started
+        sock.close()
+        details = _peer_certificate(host, port, tls, server_name, timeout)
+        return None, Step("TLS", "failed", f"the certificate does not verify: {exc.verify_message}"
+                                           + (f"; it presents {details}" if details else ""), elapsed)
+    except socket.timeout:
+        sock.close()
+        return None, Step("TLS", "failed", f"no TLS answer within {timeout:g} s: the port speaks plain MLLP, it "
+                                           "seems (a plain listener waits for a frame; tls: false?)", clock() - started)
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        hint = " (a plain MLLP port?)" if "WRONG_VERSION_NUMBER" in str(exc) or "record layer" in str(exc) else ""
+        if "closed" in str(exc).lower() or isinstance(exc, (ConnectionResetError, ssl.SSLEOFError)):
+            hint = " (the peer closed the connection: it may require a client certificate, tls_cert/tls_key)"
+        return None, Step("TLS", "failed", f"handshake failed: {reason}{hint}", clock() - started)
+    elapsed = clock() - started
+    certificate = _describe(wrapped.getpeercert(binary_form=True))
+    status, detail = "ok", f"{wrapped.version()}, {wrapped.cipher()[0]}; {certificate['text']}"
+    if certificate["days"] is not None and certificate["days"] < EXPIRY_WARNING_DAYS:
+        status = "warning"
+        detail += f" - renew it: it expires in {certificate['days']} day{'s' * (certificate['days'] != 1)}"
+    return wrapped, Step("TLS", status, detail, elapsed)
+
+
+def _peer_certificate(host: str, port: int, tls, server_name: str, timeout: float) -> str:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with _context(tls, verify=False).wrap_socket(raw, server_hostname=server_name) as wrapped:
+                return _describe(wrapped.getpeercert(binary_form=True))["text"]
+    except (OSError, ssl.SSLError):
+        return ""
+
+
+def _describe(der: bytes | None) -> dict:
+    if not der:
+        return {"text": "no certificate", "days": None}
+    from cryptography import x509
+
+    certificate = x509.load_der_x509_certificate(der)
+    expires = certificate.not_valid_after_utc
+    days = (expires - datetime.datetime.now(datetime.timezone.utc)).days
+    when = "EXPIRED " + expires.strftime("%Y-%m-%d") if days < 0 else f"expires {expires:%Y-%m-%d} (in {days} days)"
+    return {"text": f"subject {certificate.subject.rfc4514_string()}, issuer {certificate.issuer.rfc4514_string()}, {when}",
+            "days": days}
+
+
+def _round_trip(sock, message: bytes, timeout: float, clock) -> Step:
+    from hl7relay.errors import ParseError
+    from hl7relay.hl7.message import Message
+
+    control_id = Message.from_bytes(message).get("MSH-10")
+    framer = MLLPFramer(1024 * 1024)
+    started = clock()
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(frame(message))
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return Step("MLLP", "failed", "the peer closed the connection without answering", clock() - started)
+            for event in framer.feed(data):
+                if isinstance(event, Frame):
+                    elapsed = clock() - started
+                    try:
+                        ack = Message.from_bytes(event.payload)
+                    except ParseError as exc:
+                        return Step("MLLP", "warning", f"answered with something that is not HL7 ({exc})", elapsed)
+                    code, answers = ack.get("MSA-1"), ack.get("MSA-2")
+                    text = ack.get("MSA-3") or ack.get("ERR-8") or ""
+                    detail = (f"{message.split(b'|')[8].decode('ascii', 'replace')} {control_id} answered "
+                              f"{code or '(no MSA-1)'}" + (f": {text}" if text else ""))
+                    if answers != control_id:
+                        return Step("MLLP", "warning", detail + f"; but its MSA-2 is {answers!r}", elapsed)
+                    # any ACK proves the link; AE/AR to a test message is the peer saying it does not handle it
+                    return Step("MLLP", "ok", detail, elapsed)
+    except socket.timeout:
+        return Step("MLLP", "failed", f"no answer within {timeout:g} s (the peer reads but does not ACK?)", clock() - started)
+    except OSError as exc:
+        return Step("MLLP", "failed", f"the connection failed: {exc.strerror or exc}", clock() - started)
