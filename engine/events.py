@@ -13,12 +13,13 @@ __all__ = ["emit", "relay", "subscribe", "unsubscribe", "EVENTS"]
 # metrics module handles every event.
 EVENTS = {
     "message_received": {"channel"},
-    "message_processed": {"channel", "status", "ack_codes", "ack_latency", "stages"},
+    "message_processed": {"channel", "status", "ack_codes", "ack_latency", "stages", "message_id", "message_type",
+                          "control_id", "peer"},
     "store_failed": {"channel"},
     "store_commit": {"seconds", "size"},
-    "delivery_sent": {"channel", "destination"},
-    "delivery_failed": {"channel", "destination"},
-    "delivery_retried": {"channel", "destination"},
+    "delivery_sent": {"channel", "destination", "message_id", "attempts", "seconds", "ack", "error"},
+    "delivery_failed": {"channel", "destination", "message_id", "attempts", "seconds", "ack", "error"},
+    "delivery_retried": {"channel", "destination", "message_id", "attempts", "seconds", "ack", "error"},
     "queue_state": {"channel", "destination", "depth", "oldest_age"},
     "destination_state": {"channel", "destination", "connected"},
     "connection_opened": {"listener"},

@@ -13,6 +13,8 @@ the restart.
 
 from __future__ import annotations
 
+import time
+
 import random
 from dataclasses import dataclass
 
@@ -350,10 +352,11 @@ class DestinationQueue:
             message = row.get("message") or Message.from_bytes(data)
         except ParseError as exc:
             return defer.succeed(self._handle_result(
-                DeliveryResult(False, application_error=True, error=f"stored content is not HL7: {exc}"), row))
+                DeliveryResult(False, application_error=True, error=f"stored content is not HL7: {exc}"), row, None))
+        started = time.perf_counter()
         d = defer.maybeDeferred(self.deliver, message)
         d.addErrback(self._raised)
-        return d.addCallback(self._handle_result, row)
+        return d.addCallback(self._handle_result, row, started)
 
     def _raised(self, failure) -> "DeliveryResult":
         # a destination bug must not stop the queue: it counts as a failed (retried) attempt
@@ -361,12 +364,15 @@ class DestinationQueue:
                     destination=self.destination)
         return DeliveryResult(False, error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
 
-    def _handle_result(self, result: "DeliveryResult", row: dict) -> None:
+    def _handle_result(self, result: "DeliveryResult", row: dict, started: float | None) -> None:
         message_id = row["message_id"]
         attempts = row["attempts"] + 1
         now = self.clock()
         values = {"attempts": attempts, "updated_at": now, "last_ack": result.ack}
-        labels = {"channel": self.channel, "destination": self.destination}
+        # what the tracer and the performance analyzer see of the attempt (no content)
+        labels = {"channel": self.channel, "destination": self.destination, "message_id": message_id,
+                  "attempts": attempts, "seconds": None if started is None else time.perf_counter() - started,
+                  "ack": _ack_code(result.ack), "error": result.error}
         final = True
         if result.ok:
             values.update(status=_SENT, last_error="", next_attempt_at=None)
@@ -431,3 +437,9 @@ class DestinationQueue:
             d = self.writer.read(self.writer.store.set_destination_state, self.channel, self.destination, connected,
                                  "" if connected else result.error, self.clock())
             d.addErrback(lambda f: log.warn("could not record destination state: {e}", e=f.getErrorMessage()))
+
+
+def _ack_code(ack: str) -> str:
+    """MSA-1 of an ACK kept as text ("" for what is not one: a file written, no answer)."""
+    at = ack.find("MSA|")
+    return ack[at + 4:at + 6] if at >= 0 and (at == 0 or ack[at - 1] in "\r\n") else ""

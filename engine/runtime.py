@@ -58,6 +58,9 @@ class Engine:
         self.channels: dict[str, _RunningChannel] = {}
         self.in_flight = 0
         self.stats = ChannelStats(clock)  # counts and rates per channel, from memory (API, console)
+        from hl7relay.ops.trace import Tracer
+
+        self.tracer = Tracer(reactor.seconds)  # message traces (listens to events only while one is open)
         self._deliveries: dict = {}  # (channel, destination) -> its Delivery (destinations.py: one per type)
         self.started = False
         self.stopping = False
@@ -410,8 +413,10 @@ class Engine:
         if isinstance(outcome, Failure):
             self.stats.answered(trip.channel.name, None, None)
             return outcome
+        header = trip.header
         emit("message_processed", channel=trip.channel.name, status=trip.status, ack_codes=outcome.ack_codes,
-             ack_latency=latency, stages=trip.timings)
+             ack_latency=latency, stages=trip.timings, message_id=trip.message_id, message_type=header["message_type"],
+             control_id=header["control_id"], peer=trip.peer)
         # counted at its arrival second (the trip read the clock then): one clock call fewer per message
         self.stats.answered(trip.channel.name, trip.status, latency, trip.received_at)
         return outcome

@@ -18,6 +18,7 @@ VERBS = {
     "send": "hl7relay.cli.send",
     "simulate": "hl7relay.cli.simulate",
     "check": "hl7relay.cli.check",
+    "trace": "hl7relay.cli.trace",
     "listen": "hl7relay.cli.listen",
     "lint": "hl7relay.cli.lint",
     "test": "hl7relay.cli.test",

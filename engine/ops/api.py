@@ -71,6 +71,13 @@ ROUTES = (
           "send again", "destination.resume"),
     Route("POST", "/api/v1/channels/{channel}/destinations/{destination}/retry", "control", "post_retry",
           "skip the backoff of what waits to be retried", "destination.retry"),
+    Route("GET", "/api/v1/traces", "read", "get_traces", "the open message traces"),
+    Route("POST", "/api/v1/traces", "read", "post_trace",
+          "start a message trace: {direction: in|out|both, channel, destination, message_type, minutes: 1-60}",
+          action="trace.start"),
+    Route("GET", "/api/v1/traces/{trace}", "read", "get_trace",
+          "a trace and its rows after ?after=SEQ (no content: the messages route gives it, masked)"),
+    Route("POST", "/api/v1/traces/{trace}/stop", "read", "post_trace_stop", "end a trace now"),
     Route("GET", "/api/v1/messages", "read", "get_messages",
           "search stored messages, newest first (?channel= ?status= ?message_type= ?control_id= ?patient_id= "
           "?facility= ?delivery_status= ?since= ?until= (epoch) ?text= ?before= ?limit=); masked"),
@@ -318,6 +325,45 @@ class ApiResource(resource.Resource):
         yield self._off_reactor(lambda store: store.audit({"actor": caller["actor"], "role": caller["role"], "source": caller["source"],
                                                            "action": "phi.view", "target": target, "reason": reason}))
         return True
+
+    # -- the message tracer ---------------------------------------------------------------------
+    def get_traces(self, request, caller, body):
+        now = self.engine.reactor.seconds()
+        return [session.view(now) for session in self.engine.tracer.sessions.values()]
+
+    @defer.inlineCallbacks
+    def post_trace(self, request, caller, body):
+        channel, destination = body.get("channel") or None, body.get("destination") or None
+        if channel is not None and channel not in self.engine.channels:
+            raise ApiError(400, f"no channel {channel!r}")
+        if destination is not None and not any(destination in running.queues for name, running in self.engine.channels.items()
+                                               if channel is None or name == channel):
+            raise ApiError(400, f"no destination {destination!r}" + (f" in channel {channel!r}" if channel else ""))
+        try:
+            minutes = float(body.get("minutes", 5))
+            session = self.engine.tracer.start(caller["actor"], str(body.get("direction") or "both"), channel, destination,
+                                               body.get("message_type") or None, minutes * 60)
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc)) from None
+        audit = dict(caller["audit"], target=f"trace {session.id}", detail=", ".join(
+            f"{k}={v}" for k, v in (("direction", session.direction), ("channel", channel), ("destination", destination),
+                                    ("message_type", session.message_type), ("minutes", f"{minutes:g}")) if v))
+        yield self._off_reactor(lambda store: store.audit(audit))
+        return session.view(self.engine.reactor.seconds())
+
+    def get_trace(self, request, caller, body, trace):
+        args = self._args(request)
+        after = self._number(args, "after", 0, int, 0)
+        limit = self._number(args, "limit", 1000, int, 1, 5000)
+        from hl7relay.ops.phi import mask_text
+
+        session = self.engine.tracer.get(trace)
+        # a peer's error text may quote the message it refused
+        rows = [dict(row, error=mask_text(row["error"])) if row["error"] else row for row in session.read(after, limit)]
+        return {"trace": session.view(self.engine.reactor.seconds()), "rows": rows}
+
+    def post_trace_stop(self, request, caller, body, trace):
+        return self.engine.tracer.stop(trace).view(self.engine.reactor.seconds())
 
     @defer.inlineCallbacks
     def get_messages(self, request, caller, body):
