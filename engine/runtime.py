@@ -61,6 +61,7 @@ class Engine:
         from hl7relay.ops.trace import Tracer
 
         self.tracer = Tracer(reactor.seconds)  # message traces (listens to events only while one is open)
+        self.performance = None  # the performance analyzer (ops/perf.py), when the command running the engine installs it
         self._deliveries: dict = {}  # (channel, destination) -> its Delivery (destinations.py: one per type)
         self.started = False
         self.stopping = False

@@ -121,7 +121,9 @@ def test_the_forwarder_delivers_and_leaves_the_writing_to_the_engine(child):
     assert message_id in forwarder.queues[1].known  # not forgotten until the engine says it is recorded
     say(("reply", request, None, None))
     assert message_id not in forwarder.queues[1].known
-    assert ("event", "delivery_sent", {"channel": "adt", "destination": "lab"}, 1) in written
+    [sent] = [m for m in written if m[:2] == ("event", "delivery_sent")]
+    assert sent[2]["channel"] == "adt" and sent[2]["destination"] == "lab" and sent[2]["message_id"] == message_id
+    assert sent[2]["attempts"] == 1 and sent[2]["seconds"] >= 0 and sent[3] == 1  # what the tracer and stats read
     # states go in order (the last one stands), counts once per turn with how many
     written.clear()
     forwarder._event("queue_state", {"channel": "adt", "destination": "lab", "depth": 1, "oldest_age": 0.0})

@@ -19,6 +19,7 @@ VERBS = {
     "simulate": "hl7relay.cli.simulate",
     "check": "hl7relay.cli.check",
     "trace": "hl7relay.cli.trace",
+    "stats": "hl7relay.cli.stats",
     "listen": "hl7relay.cli.listen",
     "lint": "hl7relay.cli.lint",
     "test": "hl7relay.cli.test",

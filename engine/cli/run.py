@@ -129,6 +129,9 @@ def run(args) -> int:
         return 1
     for line in lines:
         announce(line, "channel_started")
+    from hl7relay.ops.perf import Performance
+
+    engine.performance = Performance().install()  # the last hour, minute by minute (hl7relay stats)
     admin = settings["admin"]
     if admin["port"]:
         from hl7relay.ops.admin import start_admin

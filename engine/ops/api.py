@@ -71,6 +71,9 @@ ROUTES = (
           "send again", "destination.resume"),
     Route("POST", "/api/v1/channels/{channel}/destinations/{destination}/retry", "control", "post_retry",
           "skip the backoff of what waits to be retried", "destination.retry"),
+    Route("GET", "/api/v1/stats", "read", "get_stats",
+          "the last ?minutes= (1-60) per channel and destination: rates, latency percentiles, queues, the store, "
+          "the slowest messages (?channel=)"),
     Route("GET", "/api/v1/traces", "read", "get_traces", "the open message traces"),
     Route("POST", "/api/v1/traces", "read", "post_trace",
           "start a message trace: {direction: in|out|both, channel, destination, message_type, minutes: 1-60}",
@@ -325,6 +328,15 @@ class ApiResource(resource.Resource):
         yield self._off_reactor(lambda store: store.audit({"actor": caller["actor"], "role": caller["role"], "source": caller["source"],
                                                            "action": "phi.view", "target": target, "reason": reason}))
         return True
+
+    def get_stats(self, request, caller, body):
+        if self.engine.performance is None:
+            raise ApiError(503, "the performance analyzer is not running in this engine")
+        args = self._args(request)
+        channel = args.get("channel") or None
+        if channel is not None and channel not in self.engine.channels:
+            raise ApiError(404, f"no channel {channel!r}")
+        return self.engine.performance.view(self._number(args, "minutes", 60, int, 1, 60), channel)
 
     # -- the message tracer ---------------------------------------------------------------------
     def get_traces(self, request, caller, body):

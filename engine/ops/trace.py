@@ -97,7 +97,7 @@ class Tracer:
             raise ValueError(f"a trace lasts {MIN_SECONDS / 60:g} to {MAX_SECONDS / 60:g} minutes")
         if destination is not None and direction == "in":
             raise ValueError("a destination is traced outbound: direction out or both")
-        if len(self.sessions) >= MAX_SESSIONS:
+        if sum(1 for s in self.sessions.values() if self.clock() < s.expires_at) >= MAX_SESSIONS:
             raise ValueError(f"{MAX_SESSIONS} traces are open already; stop one, or wait for one to end")
         now = self.clock()
         session = TraceSession(secrets.token_hex(8), actor, direction, channel or None, destination or None,
