@@ -20,6 +20,7 @@ VERBS = {
     "check": "hl7relay.cli.check",
     "trace": "hl7relay.cli.trace",
     "stats": "hl7relay.cli.stats",
+    "logs": "hl7relay.cli.logs",
     "listen": "hl7relay.cli.listen",
     "lint": "hl7relay.cli.lint",
     "test": "hl7relay.cli.test",

@@ -22,7 +22,8 @@ from twisted.logger import (
     FilteringLogObserver, LogLevel, PredicateResult, formatEvent, globalLogBeginner, textFileLogObserver,
 )
 
-__all__ = ["start_logging", "LEVELS", "ChannelLevels", "RepeatLimiter", "json_line", "announce"]
+__all__ = ["start_logging", "LEVELS", "ChannelLevels", "RepeatLimiter", "json_line", "log_entry", "announce", "LogRing",
+           "LOG_RING"]
 
 _FIELDS = ("channel", "message_id", "control_id", "destination", "peer", "listener")
 _LEVEL_NAMES = {LogLevel.debug: "debug", LogLevel.info: "info", LogLevel.warn: "warn", LogLevel.error: "error",
@@ -56,6 +57,11 @@ class ChannelLevels:
 
 def json_line(event) -> str:
     """One flat JSON object for a log event: our fields only, the text already formatted."""
+    return json.dumps(log_entry(event), ensure_ascii=False, default=str)
+
+
+def log_entry(event) -> dict:
+    """A log event as our flat fields (what JSON lines and the log viewer's ring hold)."""
     level = event.get("log_level")
     out = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.get("log_time", time.time())))
@@ -74,7 +80,7 @@ def json_line(event) -> str:
         out["error"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
         out["traceback"] = failure.getTraceback()
     out["text"] = text
-    return json.dumps(out, ensure_ascii=False, default=str)
+    return out
 
 
 class _JSONObserver:
@@ -132,6 +138,48 @@ class RepeatLimiter:
             self.observer(summary)
 
 
+class LogRing:
+    """The last ``size`` lines written, as :func:`log_entry` dicts with a sequence number, for the
+    log viewer (``hl7relay logs``, the console's Logs page). A line carrying message content
+    (a channel with ``log_phi: true``) is marked ``phi``: the API never shows its text (the
+    messages route gives content, masked unless a permitted person asks)."""
+
+    def __init__(self, size: int = 5000):
+        from collections import deque
+
+        self.lines: deque = deque(maxlen=size)
+        self.next_seq = 1
+
+    def add(self, event) -> None:
+        try:
+            entry = log_entry(event)
+        except Exception:  # noqa: BLE001 - a line that cannot be flattened is not worth losing the log for
+            return
+        entry.pop("traceback", None)
+        entry["seq"] = self.next_seq
+        entry["at"] = event.get("log_time", time.time())
+        entry["phi"] = event.get("content") is not None
+        self.next_seq += 1
+        self.lines.append(entry)
+
+    def read(self, after: int = 0, limit: int = 100, level: str | None = None, channel: str | None = None,
+             message_id: int | None = None, since: float | None = None, text: str | None = None) -> list[dict]:
+        """The newest ``limit`` lines after ``after`` that match, oldest first."""
+        least = _ORDER.get(level, 0) if level else 0
+        needle = text.lower() if text else None
+        found = [line for line in self.lines if line["seq"] > after
+                 and _ORDER.get(line["level"], 2) >= least
+                 and (channel is None or line.get("channel") == channel)
+                 and (message_id is None or str(line.get("message_id")) == str(message_id))
+                 and (since is None or line["at"] >= since)
+                 and (needle is None or needle in line["text"].lower())]
+        return found[-limit:]
+
+
+_ORDER = {"trace": 0, "debug": 1, "info": 2, "warn": 3, "error": 4, "critical": 5}
+LOG_RING = LogRing()
+
+
 def announce(text: str, event: str) -> None:
     """A lifecycle line (startup, ready, stopped): printed as it is in text mode, a JSON log line
     (on standard error, with the rest of the log) in JSON mode."""
@@ -148,6 +196,12 @@ def start_logging(level: str = "info", log_format: str = "text", per_channel: di
     predicate = ChannelLevels(level, per_channel)
     _state["format"] = log_format
     output = _JSONObserver(sys.stderr) if log_format == "json" else textFileLogObserver(sys.stderr)
+    written = output
+
+    def output(event, write=written):  # what is written is also kept for the log viewer (hl7relay logs)
+        write(event)
+        LOG_RING.add(event)
+
     limiter = RepeatLimiter(output)
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(limiter, [predicate])], redirectStandardIO=False)
     if reactor is None:

@@ -31,7 +31,7 @@ __all__ = ["Forwarder", "ChildWriter", "main"]
 
 log = Logger(namespace="hl7relay.forwarder")
 
-# events that count; identical ones in a turn go once with how many (each delivery's carry its message id
+# events that count; identical ones in a turn go once with how many (a delivery's event carries its message id
 # and round trip now, for the tracer and the performance analyzer, so those go one by one)
 _COUNTED = frozenset({"delivery_sent", "delivery_failed", "delivery_retried"})
 VIEW_INTERVAL = 0.25  # how often the queues' views go to the engine (its status, API and console read them)

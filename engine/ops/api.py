@@ -74,6 +74,8 @@ ROUTES = (
     Route("GET", "/api/v1/stats", "read", "get_stats",
           "the last ?minutes= (1-60) per channel and destination: rates, latency percentiles, queues, the store, "
           "the slowest messages (?channel=)"),
+    Route("GET", "/api/v1/logs", "read", "get_logs",
+          "the engine's last log lines, oldest first (?after=SEQ ?limit= ?level= ?channel= ?message_id= ?since= ?text=)"),
     Route("GET", "/api/v1/traces", "read", "get_traces", "the open message traces"),
     Route("POST", "/api/v1/traces", "read", "post_trace",
           "start a message trace: {direction: in|out|both, channel, destination, message_type, minutes: 1-60}",
@@ -337,6 +339,26 @@ class ApiResource(resource.Resource):
         if channel is not None and channel not in self.engine.channels:
             raise ApiError(404, f"no channel {channel!r}")
         return self.engine.performance.view(self._number(args, "minutes", 60, int, 1, 60), channel)
+
+    def get_logs(self, request, caller, body):
+        from hl7relay.cli._logging import LOG_RING
+        from hl7relay.ops.phi import mask_text
+
+        args = self._args(request)
+        level = args.get("level") or None
+        if level is not None and level not in ("trace", "debug", "info", "warn", "error"):
+            raise ApiError(400, "level is trace, debug, info, warn or error")
+        lines = LOG_RING.read(self._number(args, "after", 0, int, 0), self._number(args, "limit", 100, int, 1, 5000),
+                              level, args.get("channel") or None, self._number(args, "message_id", None, int, 1),
+                              self._number(args, "since", None, float), args.get("text") or None)
+        out = []
+        for line in lines:
+            line = dict(line, text=mask_text(line["text"]))  # values quoted in errors
+            if line["phi"]:  # a log_phi channel's content line: the messages route shows content, with its rules
+                line["text"] = (f"(message content: hl7relay messages show {line.get('message_id', '')} "
+                                "[--show-phi --reason R])")
+            out.append(line)
+        return {"lines": out, "next_after": out[-1]["seq"] if out else self._number(args, "after", 0, int, 0)}
 
     # -- the message tracer ---------------------------------------------------------------------
     def get_traces(self, request, caller, body):

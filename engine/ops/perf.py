@@ -60,7 +60,8 @@ class Performance:
         self.clock = clock
         self.minutes: dict[int, _Minute] = {}
         self._counter = 0
-        self.queues: dict = {}  # (channel, destination) -> the latest queue_state: depth, oldest_age
+        self.queues: dict = {}  # (channel, destination) -> the latest queue_state: (depth, oldest_age)
+        self._bucket, self._from, self._until = None, 0.0, 0.0
 
     def install(self) -> "Performance":
         events.subscribe(self.observe)
@@ -70,12 +71,16 @@ class Performance:
         events.unsubscribe(self.observe)
 
     def _minute(self) -> _Minute:
-        minute = int(self.clock() // 60)
+        now = self.clock()
+        if self._from <= now < self._until:  # the current minute's bucket: one comparison per event
+            return self._bucket
+        minute = int(now // 60)
         bucket = self.minutes.get(minute)
         if bucket is None:
             bucket = self.minutes[minute] = _Minute(minute)
             for old in [m for m in self.minutes if m <= minute - MINUTES]:
                 del self.minutes[old]
+        self._bucket, self._from, self._until = bucket, minute * 60.0, minute * 60.0 + 60.0
         return bucket
 
     def observe(self, event: str, f: dict) -> None:
@@ -136,7 +141,7 @@ class Performance:
 
     def _queue(self, f: dict) -> None:
         key = (f["channel"], f["destination"])
-        self.queues[key] = {"depth": f["depth"], "oldest_age": f["oldest_age"], "at": self.clock()}
+        self.queues[key] = (f["depth"], f["oldest_age"])
         bucket = self._minute()
         entry = bucket.destinations.get(key)
         if entry is None:
@@ -198,12 +203,16 @@ class Performance:
                 "channel": d["channel"], "destination": d["destination"], "sent": d["sent"], "failed": d["failed"],
                 "retried": d["retried"], "per_minute": round(d["sent"] / span, 2), "round_trip_ms": _percentiles(d["rtt"]),
                 "queue": {"depth_max": d["depth_max"], "oldest_age_max": d["oldest_age_max"],
-                          **{k: v for k, v in self.queues.get((d["channel"], d["destination"]), {}).items() if k != "at"}}}
+                          **_latest(self.queues.get((d["channel"], d["destination"])))}}
                 for d in destinations.values()), key=lambda d: -(d["round_trip_ms"]["p95"] or 0)),
             "store": {"commits": commits, "commit_ms": _percentiles(commit_hist),
                       "batch_average": round(batch_total / commits, 2) if commits else None},
             "slowest": [entry[2] for entry in slowest],
         }
+
+
+def _latest(state) -> dict:
+    return {} if state is None else {"depth": state[0], "oldest_age": state[1]}
 
 
 def _add(total: list, more: list) -> None:
