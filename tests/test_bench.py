@@ -79,6 +79,11 @@ def test_bench_engine_states_each_target_of_issue_15_met_or_not():
     assert not met["validation on: extra CPU per message"]  # +200 µs
     assert met["PostgreSQL store: msgs/s"]
     assert not met["RSS of all engine processes (peak)"]  # 151 MB
+    assert "a trace open: throughput lost (issue #16)" not in met  # no tracing row: no target line
+    summary["engine_tracing"] = row(2500, 15.0, 410, 0.5, 0.4)
+    assert {what: ok for what, _, _, ok in targets(summary)}["a trace open: throughput lost (issue #16)"]  # 3.8%
+    summary["engine_tracing"] = row(2400, 15.0, 410, 0.5, 0.4)
+    assert not {what: ok for what, _, _, ok in targets(summary)}["a trace open: throughput lost (issue #16)"]  # 7.7%
 
 
 def _explain_searches():
