@@ -235,6 +235,9 @@ class TraceReader(threading.Thread):
         import urllib.request
 
         self.urllib = urllib.request
+        deadline = time.monotonic() + 30
+        while not (data / "api-endpoint").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the admin listener starts after the channels
         self.base = (data / "api-endpoint").read_text().strip()
         self.token = (data / "api-token").read_text().strip()
         self.rows = self.dropped = 0
