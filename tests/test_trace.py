@@ -46,7 +46,7 @@ def test_the_tracer_listens_only_while_a_trace_is_open():
     tracer.observe("message_processed", processed())
     clock.advance(61)
     tracer.observe("message_processed", processed(message_id=2))  # after its end: not recorded, and it detaches
-    assert subs.observers == [] and [r["message_id"] for r in session.rows] == [1]
+    assert subs.observers == [] and [r["message_id"] for r in session.read(0)] == [1]
     assert tracer.get(session.id).view(clock.seconds())["done"]  # still readable a minute after its end
     clock.advance(60)
     with pytest.raises(KeyError):
@@ -69,14 +69,14 @@ def test_rows_are_filtered_by_direction_channel_destination_and_type():
     tracer.observe(*sent(message_id=1))
     tracer.observe(*sent(destination="archive", message_id=2, event="delivery_retried"))
     tracer.observe("message_received", {"channel": "adt"})  # not a row
-    assert [(r["direction"], r["message_id"]) for r in everything.rows] == [
+    assert [(r["direction"], r["message_id"]) for r in everything.read(0)] == [
         ("in", 1), ("in", 2), ("in", 3), ("out", 1), ("out", 2)]
-    assert [r["message_id"] for r in inbound.rows] == [1, 2]
-    assert [(r["destination"], r["status"], r["ack"], r["ms"]) for r in to_lab.rows] == [("lab", "SENT", "AA", 1.2)]
-    assert [(r["direction"], r["message_id"]) for r in a01.rows] == [("in", 1), ("out", 1)]
-    out = everything.rows[3]  # an outbound row shows what came in under that id
-    assert out["message_type"] == "ADT^A01^ADT_A01" and out["control_id"] == "C1" and [r["seq"] for r in everything.rows] == [1, 2, 3, 4, 5]
-    first = everything.rows[0]
+    assert [r["message_id"] for r in inbound.read(0)] == [1, 2]
+    assert [(r["destination"], r["status"], r["ack"], r["ms"]) for r in to_lab.read(0)] == [("lab", "SENT", "AA", 1.2)]
+    assert [(r["direction"], r["message_id"]) for r in a01.read(0)] == [("in", 1), ("out", 1)]
+    out = everything.read(0)[3]  # an outbound row shows what came in under that id
+    assert out["message_type"] == "ADT^A01^ADT_A01" and out["control_id"] == "C1" and [r["seq"] for r in everything.read(0)] == [1, 2, 3, 4, 5]
+    first = everything.read(0)[0]
     assert first["peer"] == "10.0.0.5:4000" and first["ack"] == "AA" and first["ms"] == 2.1 and "content" not in first
 
 
@@ -152,9 +152,10 @@ def test_a_trace_over_the_api_and_the_cli(tmp_path, running_engine, forwarding):
         _send(running.mllp_port, 2, start=10, kind="ADT^A08")
         _send(running.mllp_port, 1, start=20, kind="ADT^A01")
         status, page = call_engine(settings, "GET", f"/api/v1/traces/{session['id']}?after=0")
-        assert [r["control_id"] for r in page["rows"]] == ["T10", "T11"] and page["trace"]["dropped"] == 0
-        status, page = call_engine(settings, "GET", f"/api/v1/traces/{session['id']}?after={page['rows'][0]['seq']}")
-        assert [r["control_id"] for r in page["rows"]] == ["T11"]
+        rows = [dict(zip(page["columns"], values)) for values in page["rows"]]  # compact: columns once, rows as lists
+        assert [r["control_id"] for r in rows] == ["T10", "T11"] and page["trace"]["dropped"] == 0
+        status, page = call_engine(settings, "GET", f"/api/v1/traces/{session['id']}?after={rows[0]['seq']}")
+        assert [dict(zip(page["columns"], values))["control_id"] for values in page["rows"]] == ["T11"]
         assert call_engine(settings, "POST", f"/api/v1/traces/{session['id']}/stop")[1]["done"]
         status, error = call_engine(settings, "POST", "/api/v1/traces", {"minutes": 0.5})
         assert status == 400 and "1 to 60 minutes" in error["error"]

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 from hl7relay import events
 
-__all__ = ["Tracer", "TraceSession", "MAX_SESSIONS", "BUFFER_ROWS", "MIN_SECONDS", "MAX_SECONDS"]
+__all__ = ["Tracer", "TraceSession", "MAX_SESSIONS", "BUFFER_ROWS", "MIN_SECONDS", "MAX_SECONDS", "COLUMNS"]
 
 MAX_SESSIONS = 10
 BUFFER_ROWS = 5000
 MIN_SECONDS, MAX_SECONDS, DEFAULT_SECONDS = 60.0, 3600.0, 300.0
 _OUT_EVENTS = {"delivery_sent": "SENT", "delivery_failed": "ERROR", "delivery_retried": "RETRY"}
+ROW_FIELDS = ("at", "direction", "channel", "destination", "peer", "message_type", "control_id", "message_id",
+              "status", "ack", "ms", "error", "attempt")
+COLUMNS = ("seq", *ROW_FIELDS)
 
 
 @dataclass(slots=True)
@@ -59,15 +62,21 @@ class TraceSession:
             return message_type.split("^", 1)[0] == self.message_type
         return True
 
-    def add(self, row: dict) -> None:
+    def add(self, row: tuple) -> None:
+        """A row (the values of ROW_FIELDS), shared by every session that wants it: no copy."""
         if len(self.rows) == self.rows.maxlen:
             self.dropped += 1  # the client reads too slowly: the oldest row goes, the engine does not wait
-        row["seq"] = self.next_seq
+        self.rows.append((self.next_seq, row))
         self.next_seq += 1
-        self.rows.append(row)
+
+    def read_rows(self, after: int, limit: int = 1000) -> list[list]:
+        """[seq, *row] lists after ``after`` (what the API sends: compact, no keys repeated)."""
+        first = self.next_seq - len(self.rows)  # the sequence number of the oldest row kept
+        start = max(0, after + 1 - first)
+        return [[seq, *row] for seq, row in itertools.islice(self.rows, start, start + limit)]
 
     def read(self, after: int, limit: int = 1000) -> list[dict]:
-        return list(itertools.islice((row for row in self.rows if row["seq"] > after), limit))
+        return [dict(zip(COLUMNS, values)) for values in self.read_rows(after, limit)]
 
     def view(self, now: float) -> dict:
         return {"id": self.id, "actor": self.actor, "direction": self.direction, "channel": self.channel,
@@ -85,7 +94,7 @@ class Tracer:
         self.sessions: dict[str, TraceSession] = {}
         self._subscribed = False
         # message id -> (type, control id), from the inbound rows: what an outbound row shows of its message
-        self._recent: OrderedDict = OrderedDict()
+        self._recent: dict = {}
 
     def start(self, actor: str, direction: str = "both", channel: str | None = None, destination: str | None = None,
               message_type: str | None = None, seconds: float = DEFAULT_SECONDS) -> TraceSession:
@@ -149,22 +158,20 @@ class Tracer:
     def _inbound(self, f: dict) -> None:
         now = self.clock()
         message_id, message_type = f.get("message_id"), f.get("message_type") or ""
+        recent = self._recent
         if message_id is not None:
-            self._recent[message_id] = (message_type, f.get("control_id") or "")
-            if len(self._recent) > 10_000:
-                self._recent.popitem(last=False)
+            recent[message_id] = (message_type, f.get("control_id") or "")
+            if len(recent) > 10_000:
+                del recent[next(iter(recent))]
         row = None
         for session in self._live(now):
             if session.wants("in", f["channel"], None, message_type):
                 if row is None:
-                    codes = f.get("ack_codes") or []
-                    latency = f.get("ack_latency")
-                    row = {"at": now, "direction": "in", "channel": f["channel"], "destination": None,
-                           "peer": str(f.get("peer") or ""), "message_type": message_type,
-                           "control_id": f.get("control_id") or "", "message_id": message_id, "status": f.get("status"),
-                           "ack": codes[-1] if codes else "", "ms": None if latency is None else round(latency * 1000, 2),
-                           "error": ""}
-                session.add(dict(row))
+                    codes, latency = f.get("ack_codes"), f.get("ack_latency")
+                    row = (now, "in", f["channel"], None, str(f.get("peer") or ""), message_type,
+                           f.get("control_id") or "", message_id, f.get("status"), codes[-1] if codes else "",
+                           None if latency is None else round(latency * 1000, 2), "", None)
+                session.add(row)
 
     def _outbound(self, event: str, f: dict) -> None:
         now = self.clock()
@@ -174,9 +181,7 @@ class Tracer:
             if session.wants("out", f["channel"], f["destination"], message_type or None):
                 if row is None:
                     seconds = f.get("seconds")
-                    row = {"at": now, "direction": "out", "channel": f["channel"], "destination": f["destination"],
-                           "peer": "", "message_type": message_type, "control_id": control_id,
-                           "message_id": f.get("message_id"), "status": _OUT_EVENTS[event], "ack": f.get("ack") or "",
-                           "ms": None if seconds is None else round(seconds * 1000, 2), "error": f.get("error") or "",
-                           "attempt": f.get("attempts")}
-                session.add(dict(row))
+                    row = (now, "out", f["channel"], f["destination"], "", message_type, control_id, f.get("message_id"),
+                           _OUT_EVENTS[event], f.get("ack") or "", None if seconds is None else round(seconds * 1000, 2),
+                           f.get("error") or "", f.get("attempts"))
+                session.add(row)
