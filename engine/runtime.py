@@ -62,6 +62,7 @@ class Engine:
 
         self.tracer = Tracer(reactor.seconds)  # message traces (listens to events only while one is open)
         self.performance = None  # the performance analyzer (ops/perf.py), when the command running the engine installs it
+        self.alerts = None  # the engine's own alerts (ops/alerts.py), likewise
         self._deliveries: dict = {}  # (channel, destination) -> its Delivery (destinations.py: one per type)
         self.started = False
         self.stopping = False
@@ -367,6 +368,8 @@ class Engine:
     def stop(self):
         """Stop accepting, finish what is in flight, flush the store."""
         self.stopping = True
+        if self.alerts is not None:
+            self.alerts.stop()  # a stopping engine's queues are not an outage
         for running in self.channels.values():
             yield self._close(running, close_connections=False)
         for _ in range(600):  # in-flight messages get up to a minute

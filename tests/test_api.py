@@ -64,7 +64,9 @@ def call(engine, method, path, token=None, body=None, headers=None):
 ROLE_ORDER = ["viewer", "operator", "admin"]
 PERMISSION_LEAST = {"read": "viewer", "control": "operator", "audit": "admin", "reload": "admin", "replay": "operator",
                     "prune": "admin"}
-BODIES = {"post_replay": {"reason": "matrix", "force": True}, "post_prune": {"older_than_days": 3650, "reason": "matrix"}}
+BODIES = {"post_replay": {"reason": "matrix", "force": True}, "post_prune": {"older_than_days": 3650, "reason": "matrix"},
+          "post_silence": {"rule": "HL7RelayQueueStuck", "channel": "adt", "minutes": 5, "reason": "matrix"},
+          "post_unsilence": {"rule": "HL7RelayQueueGrowing"}}
 
 
 def _concrete(pattern):
@@ -82,6 +84,9 @@ def test_every_route_for_every_role(engine, route):
     assert call(engine, route.method, path, token="hl7r_made-up")[0] == 401
     least = PERMISSION_LEAST[route.permission]
     for role in ROLE_ORDER:
+        if route.handler == "post_unsilence":  # something to unsilence, made by an admin
+            call(engine, "POST", "/api/v1/alerts/silence", token=TOKENS["admin"],
+                 body={"rule": "HL7RelayQueueGrowing", "minutes": 5, "reason": "matrix"})
         body = BODIES.get(route.handler, {"reason": "matrix"}) if route.method == "POST" else None
         status, body = call(engine, route.method, path, token=TOKENS[role], body=body)
         expected = 200 if ROLE_ORDER.index(role) >= ROLE_ORDER.index(least) else 403

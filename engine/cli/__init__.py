@@ -21,6 +21,7 @@ VERBS = {
     "trace": "hl7relay.cli.trace",
     "stats": "hl7relay.cli.stats",
     "logs": "hl7relay.cli.logs",
+    "alerts": "hl7relay.cli.alerts",
     "listen": "hl7relay.cli.listen",
     "lint": "hl7relay.cli.lint",
     "test": "hl7relay.cli.test",

@@ -28,6 +28,8 @@ def specs():
                "{host, port, tls_cert, tls_key, tls_ca, require_client_cert}"),
         Option("console", "any", None, "the web console: {host, port, tls_cert, tls_key, allow_insecure_remote, "
                "idle_timeout, absolute_timeout}"),
+        Option("alerts", "any", None, "the engine's own alerts and where they go: {queue_age, queue_depth, error_rate, "
+               "slow_ack, hold, repeat_every, webhook: {url, headers}, email: {host, port, security, from, to, channels}}"),
     ))
     store = ComponentSpec("settings", "store", "the message store", (
         Option("url", "str", description="sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"),))
@@ -50,6 +52,45 @@ def specs():
         Option("absolute_timeout", "duration", 43200.0, "seconds after sign-in when a session ends whatever happens"),
     ))
     return engine, store, admin, console
+
+
+def alert_specs():
+    """The ``alerts:`` section and its two notifiers."""
+    from hl7relay.channels.spec import ComponentSpec, Option
+
+    alerts = ComponentSpec("settings", "alerts", "alerts the engine evaluates itself (no Prometheus needed)", (
+        Option("evaluate_every", "duration", 15.0, "seconds between evaluations"),
+        Option("repeat_every", "duration", 14400.0, "a firing alert is notified again after this long"),
+        Option("queue_age", "duration", 600.0, "HL7RelayQueueStuck: the oldest queued message older than this"),
+        Option("queue_depth", "int", 1000, "HL7RelayQueueGrowing: more deliveries queued than this"),
+        Option("error_rate", "float", 0.05, "HL7RelayErrorRate: more than this share of a channel's messages in ERROR"),
+        Option("slow_ack", "duration", 0.5, "HL7RelaySlowAcks: p99 ACK latency over this many seconds"),
+        Option("hold", "any", None, "per rule, how long its condition must hold before it fires (seconds), "
+               "e.g. {HL7RelayDestinationDown: 60}"),
+        Option("webhook", "any", None, "POST each notification as JSON: {url, headers, timeout, tls_ca}"),
+        Option("email", "any", None, "send each notification by SMTP: {host, port, security: starttls | tls | none, "
+               "username, password, from, to, channels: {CHANNEL: [addresses]}, timeout, tls_ca}"),
+    ))
+    webhook = ComponentSpec("settings", "webhook", "alert notifications by HTTP POST", (
+        Option("url", "str", description="http(s) URL"),
+        Option("headers", "any", None, "extra headers, e.g. {Authorization: 'Bearer ${file:/etc/hl7relay/hook-token}'}"),
+        Option("timeout", "duration", 10.0, "seconds"),
+        Option("tls_ca", "str", None, "PEM CA to trust for an https URL (default: the system's)"),
+    ))
+    email = ComponentSpec("settings", "email", "alert notifications by e-mail", (
+        Option("host", "str", description="SMTP server"),
+        Option("port", "int", 587, "587 (STARTTLS), 465 (TLS), 25"),
+        Option("security", "enum", "starttls", "starttls (required), tls (implicit), none (a local relay only)",
+               ("starttls", "tls", "none")),
+        Option("username", "str", None, "SMTP user"),
+        Option("password", "str", None, "its password (use ${file:PATH})"),
+        Option("from", "str", description="the sender address"),
+        Option("to", "strlist", [], "who gets every notification"),
+        Option("channels", "any", None, "who gets a channel's notifications too: {CHANNEL: [addresses]}"),
+        Option("timeout", "duration", 30.0, "seconds"),
+        Option("tls_ca", "str", None, "PEM CA to trust for the server's certificate (default: the system's)"),
+    ))
+    return alerts, webhook, email
 
 
 def settings_schema() -> dict:
@@ -109,6 +150,8 @@ def _checked(doc, settings: dict) -> list[str]:
                 doc.error(("admin", "port"), "admin port must be a whole number from 0 to 65535 (0: off), or auto")
             else:
                 settings["admin"].update({k: v for k, v in checked.items() if k in data["admin"]})
+    if data.get("alerts") is not None:
+        _check_alerts(doc, data["alerts"], settings)
     if data.get("console") is not None:
         checked = check_options(console, data["console"], doc, ("console",))
         if checked is not None:
@@ -120,6 +163,39 @@ def _checked(doc, settings: dict) -> list[str]:
     return sorted(str(e) for e in doc.errors)
 
 
+def _check_alerts(doc, data, settings: dict) -> None:
+    from hl7relay.channels.spec import check_options
+    from hl7relay.ops.alerts import RULES
+
+    alerts, webhook, email = alert_specs()
+    checked = check_options(alerts, data, doc, ("alerts",))
+    if checked is None:
+        return
+    hold = checked["hold"] or {}
+    if not isinstance(hold, dict):
+        doc.error(("alerts", "hold"), "hold is a mapping: {RULE: seconds}")
+        hold = {}
+    names = {rule.name for rule in RULES}
+    for rule, seconds in hold.items():
+        if rule not in names:
+            from hl7relay.channels.spec import did_you_mean
+
+            doc.error(("alerts", "hold", rule), f"no alert rule {rule!r}{did_you_mean(str(rule), names)}", key=True)
+        elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            doc.error(("alerts", "hold", rule), "hold is a number of seconds, 0 or more")
+    checked["hold"] = hold
+    for name, spec in (("webhook", webhook), ("email", email)):
+        if checked[name] is not None:
+            sub = check_options(spec, checked[name], doc, ("alerts", name))
+            if sub is not None and name == "email" and not (sub["to"] or sub["channels"]):
+                doc.error(("alerts", "email"), "email needs recipients: to, or channels")
+            if sub is not None and name == "email" and sub["channels"] is not None and not (
+                    isinstance(sub["channels"], dict) and all(isinstance(v, list) for v in sub["channels"].values())):
+                doc.error(("alerts", "email", "channels"), "channels is a mapping: {CHANNEL: [addresses]}")
+            checked[name] = sub
+    settings["alerts"] = checked
+
+
 def resolve_settings(args) -> tuple[dict, list[str]]:
     from hl7relay.channels.yamlsource import load_document
 
@@ -128,7 +204,7 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
                 "console": {"host": "127.0.0.1", "port": 9103, "allow_insecure_remote": False, "idle_timeout": 900.0,
                             "absolute_timeout": 43200.0},
                 "log_format": "text", "log_phi": False, "log_phi_bytes": 512,
-                "stop_timeout": 10.0, "forwarding": "inline"}
+                "stop_timeout": 10.0, "forwarding": "inline", "alerts": None}
     problems = []
     import os
 

@@ -132,6 +132,12 @@ def run(args) -> int:
     from hl7relay.ops.perf import Performance
 
     engine.performance = Performance().install()  # the last hour, minute by minute (hl7relay stats)
+    from hl7relay.ops.alerts import Alerts, AlertSettings
+
+    try:
+        engine.alerts = Alerts(engine, AlertSettings.from_config(settings.get("alerts"), reactor)).start()
+    except ValueError as exc:  # a notifier that cannot be (a bad URL): the engine runs, it says so
+        print(f"warning: alerts not started: {exc}", file=sys.stderr)
     admin = settings["admin"]
     if admin["port"]:
         from hl7relay.ops.admin import start_admin

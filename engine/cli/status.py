@@ -115,4 +115,26 @@ def run(args) -> int:
                   f"sent {d['counts'].get('SENT', 0)}, errors {d['counts'].get('ERROR', 0)}"
                   + (f", withdrawn {d['counts']['WITHDRAWN']}" if d["counts"].get("WITHDRAWN") else "")
                   + (f"; {d['last_error']}" if d["last_error"] and d["connected"] is False else ""))
+    for line in _engine_alerts(settings):
+        print(line)
     return 0
+
+
+def _engine_alerts(settings) -> list[str]:
+    """The running engine's alerts, when one runs here (its local token in the data folder)."""
+    from pathlib import Path
+
+    from hl7relay.ops.api import LOCAL_TOKEN_FILE
+
+    if not settings["admin"].get("port") or not (Path(settings["data_dir"]) / LOCAL_TOKEN_FILE).exists():
+        return []
+    from hl7relay.cli._api import call_engine
+    from hl7relay.cli.alerts import describe
+
+    try:
+        status, view = call_engine(settings, "GET", "/api/v1/alerts")
+    except SystemExit:  # no engine answers: the store's view is all there is
+        return []
+    if status != 200:
+        return []
+    return ["alerts (the running engine):"] + [f"  {line}" for line in describe(view)]

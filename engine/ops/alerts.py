@@ -69,7 +69,27 @@ class AlertSettings:
     queue_depth: int = 1000
     error_rate: float = 0.05
     slow_ack: float = 0.5
+    hold: dict = field(default_factory=dict)  # rule -> seconds its condition must hold (default: the rule's "for")
     notifiers: list = field(default_factory=list)  # objects with notify(alert: dict, status: str) -> Deferred
+
+    @classmethod
+    def from_config(cls, config: dict | None, reactor=None) -> "AlertSettings":
+        """From the checked ``alerts:`` section of the engine settings (None: the defaults, no notifiers)."""
+        if not config:
+            return cls()
+        from hl7relay.ops.notify import EmailNotifier, WebhookNotifier
+
+        notifiers = []
+        hook = config.get("webhook")
+        if hook:
+            notifiers.append(WebhookNotifier(hook["url"], hook.get("headers") or {}, hook["timeout"], reactor, hook["tls_ca"]))
+        mail = config.get("email")
+        if mail:
+            notifiers.append(EmailNotifier(mail["host"], mail["port"], mail["from"], mail["to"], mail["channels"] or {},
+                                           mail["security"], mail["username"], mail["password"], mail["timeout"],
+                                           reactor, mail["tls_ca"]))
+        return cls(config["evaluate_every"], config["repeat_every"], config["queue_age"], config["queue_depth"],
+                   config["error_rate"], config["slow_ack"], dict(config.get("hold") or {}), notifiers)
 
 
 @dataclass(slots=True)
@@ -174,7 +194,7 @@ class Alerts:
                 alert = self.alerts[key] = Alert(key[0], key[1], key[2], "pending", now, value)
             alert.value = value
             rule = _RULES[alert.rule]
-            if alert.state == "pending" and now - alert.since >= rule.for_seconds:
+            if alert.state == "pending" and now - alert.since >= self.settings.hold.get(rule.name, rule.for_seconds):
                 alert.state, alert.fired_at = "firing", now
                 log.warn("alert firing: {summary}", summary=alert.view(None)["summary"], alert=alert.rule,
                          channel=alert.channel, destination=alert.destination)

@@ -71,6 +71,11 @@ ROUTES = (
           "send again", "destination.resume"),
     Route("POST", "/api/v1/channels/{channel}/destinations/{destination}/retry", "control", "post_retry",
           "skip the backoff of what waits to be retried", "destination.retry"),
+    Route("GET", "/api/v1/alerts", "read", "get_alerts", "the engine's alerts: firing, pending, resolved, silences"),
+    Route("POST", "/api/v1/alerts/silence", "control", "post_silence",
+          "silence an alert rule: {rule, channel, destination, minutes, reason}", action="alert.silence"),
+    Route("POST", "/api/v1/alerts/unsilence", "control", "post_unsilence", "end a silence: {rule, channel, destination}",
+          action="alert.unsilence"),
     Route("GET", "/api/v1/stats", "read", "get_stats",
           "the last ?minutes= (1-60) per channel and destination: rates, latency percentiles, queues, the store, "
           "the slowest messages (?channel=)"),
@@ -337,6 +342,38 @@ class ApiResource(resource.Resource):
         yield self._off_reactor(lambda store: store.audit({"actor": caller["actor"], "role": caller["role"], "source": caller["source"],
                                                            "action": "phi.view", "target": target, "reason": reason}))
         return True
+
+    def _alerts(self):
+        if self.engine.alerts is None:
+            raise ApiError(503, "alerts are not running in this engine")
+        return self.engine.alerts
+
+    def get_alerts(self, request, caller, body):
+        return self._alerts().view()
+
+    @defer.inlineCallbacks
+    def post_silence(self, request, caller, body):
+        alerts = self._alerts()
+        try:
+            minutes = float(body.get("minutes", 60))
+            entry = alerts.silence(str(body.get("rule") or ""), body.get("channel") or None, body.get("destination") or None,
+                                   minutes * 60, caller["actor"], str(body.get("reason") or ""))
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc)) from None
+        where = "/".join(x for x in (entry["channel"], entry["destination"]) if x) or "everywhere"
+        yield self._off_reactor(lambda store: store.audit(dict(caller["audit"], target=f"{entry['rule']} {where}",
+                                                               detail=f"for {minutes:g} minutes")))
+        return entry
+
+    @defer.inlineCallbacks
+    def post_unsilence(self, request, caller, body):
+        rule, channel, destination = str(body.get("rule") or ""), body.get("channel") or None, body.get("destination") or None
+        if not self._alerts().unsilence(rule, channel, destination):
+            raise ApiError(404, f"no silence of {rule!r} for {channel or 'every channel'}"
+                                + (f"/{destination}" if destination else ""))
+        where = "/".join(x for x in (channel, destination) if x) or "everywhere"
+        yield self._off_reactor(lambda store: store.audit(dict(caller["audit"], target=f"{rule} {where}")))
+        return {"rule": rule, "channel": channel, "destination": destination, "silenced": False}
 
     def get_stats(self, request, caller, body):
         if self.engine.performance is None:
