@@ -41,6 +41,8 @@ class _RunningChannel:
     source: object = None  # the open source's runner (sources.py), None while closed
     enabled: bool = True  # an operator may disable a configured channel at run time (hl7relay channel disable)
     address: str = ""  # where it listens, once open
+    # the peers its listener has seen (mllp/listener.py): kept while the channel is closed and opened again
+    peers: dict = field(default_factory=dict)
 
 
 class Engine:

@@ -171,7 +171,7 @@ def engine(tmp_path_factory, running_engine):
         framer, got = MLLPFramer(), []
         while not got:
             got = framer.feed(pms.recv(65536))
-    yield {"base": running.console, "folder": running.folder, "store": running.store}
+    yield {"base": running.console, "folder": running.folder, "store": running.store, "mllp_port": running.mllp_port}
     assert running.stop() == 0
 
 
@@ -758,3 +758,85 @@ def test_a_store_that_does_not_answer_gets_a_clear_503(unit_engine):
     d.addCallback(pages.append)
     assert request.responseCode == 503 and b"not answering" in pages[0]
     assert b"adt" in console.render_channels().encode()  # the dashboard, from memory, is unaffected
+
+
+# -- the troubleshooting pages (issue #16) ----------------------------------------------------------------
+def test_try_a_message_shows_each_step_and_the_ack(engine):
+    viewer = signed_in(engine, "viewer")
+    status, _, page = viewer.get("/try")
+    assert status == 200 and re.search(r"<option\s*>adt</option>", page), page
+    message = ADT.format(id="TRY1").replace("\r", "\n")
+    status, _, page = viewer.post("/try", {"channel": "adt", "message": message})
+    assert status == 200 and "ADT^A01^ADT_A01 TRY1" in page
+    assert 'id="status-1">PROCESSED<' in page and "MSA|AA|TRY1" in page
+    assert "lab (mllp)" in page and "SAMPLEPATIENT" in page  # what the user pasted is shown to them as pasted
+    assert viewer.post("/try", {"channel": "nope", "message": message})[0] == 400
+    status, _, page = viewer.post("/try", {"channel": "adt", "message": "no hl7 here"})
+    assert status == 400 and "Paste a message starting with MSH" in page
+    assert engine["store"].count(control_id="TRY1") == 0  # nothing stored
+    assert viewer.post("/try", {"channel": "adt", "message": message}, csrf=False)[0] == 403
+
+
+def test_performance_logs_alerts_and_connections_pages(engine):
+    viewer = signed_in(engine, "viewer")
+    status, _, page = viewer.get("/performance?minutes=15")
+    assert status == 200 and 'id="perf-channels"' in page and "<td>adt</td>" in page
+    assert re.search(r'<td class="n">\d+</td>', page) and 'hx-trigger="every 5s"' in page
+    status, _, part = viewer.get("/performance?minutes=5", headers={"HX-Request": "true"})
+    assert status == 200 and part.startswith('<div id="performance"') and "<html" not in part
+    assert viewer.get("/performance?channel=nope")[0] == 404
+    status, _, page = viewer.get("/logs?level=info")
+    assert status == 200 and 'id="logs"' in page and "SAMPLEPATIENT" not in page
+    assert viewer.get("/logs?level=loud")[0] == 400
+    status, _, page = viewer.get("/alerts")
+    assert status == 200 and 'id="alerts"' in page and "Silence</button>" not in page  # a viewer cannot silence
+    operator = signed_in(engine, "operator")
+    status, headers, _ = operator.post("/alerts/silence", {"rule": "HL7RelayDestinationDown", "channel": "adt",
+                                                          "destination": "lab", "minutes": "30", "reason": "lab upgrade"})
+    assert status == 303 and "/alerts?done=" in headers["Location"]
+    status, _, page = operator.get("/alerts")
+    assert "lab upgrade" in page and "user:operator" in page
+    assert engine["store"].audit_entries(action="alert.silence")[0]["reason"] == "lab upgrade"
+    assert operator.post("/alerts/silence", {"rule": "Nope", "reason": "x"})[0] == 400
+    assert viewer.post("/alerts/silence", {"rule": "HL7RelayDestinationDown", "reason": "x"})[0] == 403
+    assert operator.post("/alerts/unsilence", {"rule": "HL7RelayDestinationDown", "channel": "adt",
+                                               "destination": "lab"})[0] == 303
+    status, _, page = viewer.get("/connections")
+    assert status == 200 and re.search(r"adt: listening on 127\.0\.0\.1:\d+", page) and "<td>127.0.0.1</td>" in page
+    status, _, page = viewer.post("/connections/check", {"target": "adt/lab"})
+    assert status == 200 and 'id="check-steps"' in page and "Connection refused" in page  # port 9: nobody there
+    assert engine["store"].audit_entries(action="connection.check")[0]["target"] == "adt/lab"
+    assert viewer.post("/connections/check", {"target": "adt/nope"})[0] == 404
+
+
+def test_the_tracer_page_follows_a_trace_of_ones_own(engine):
+    viewer = signed_in(engine, "viewer")
+    status, _, page = viewer.get("/tracer")
+    assert status == 200 and 'action="/tracer"' in page
+    status, headers, _ = viewer.post("/tracer", {"direction": "in", "channel": "adt", "minutes": "1"})
+    assert status == 303
+    trace = headers["Location"]
+    status, _, page = viewer.get(trace)
+    assert status == 200 and 'hx-trigger="load, every 1s"' in page
+    with socket.create_connection(("127.0.0.1", engine_mllp_port(engine))) as pms:
+        pms.sendall(frame(ADT.format(id="TRC1").encode()))
+        framer, got = MLLPFramer(), []
+        while not got:
+            got = framer.feed(pms.recv(65536))
+    status, _, rows = viewer.get(trace + "/rows")
+    assert status == 200 and "TRC1" in rows and "<td>IN</td>" in rows and "SAMPLEPATIENT" not in rows
+    status, _, rows = viewer.get(trace + "/rows")
+    assert "TRC1" not in rows  # only what is new since the page last asked
+    admin = signed_in(engine, "admin")
+    assert admin.get(trace)[0] == 404  # someone else's trace
+    assert viewer.post(trace + "/stop")[0] == 303
+    status, _, _ = viewer.get(trace + "/rows")
+    assert status == 286  # ended: htmx stops polling
+    assert viewer.post("/tracer", {"minutes": "500"})[0] == 400
+
+
+def engine_mllp_port(engine):
+    """Where the channel listens now (port 0: a channel disabled and enabled again by an earlier test
+    listens on a new port), as the Connections page says."""
+    page = signed_in(engine, "viewer").get("/connections")[2]
+    return int(re.search(r"adt: listening on 127\.0\.0\.1:(\d+)", page).group(1))

@@ -253,8 +253,34 @@ def test_a_dead_letter_is_replayed_after_a_dry_run_and_a_destination_paused_and_
 def test_every_page_renders_without_errors(browser, engine):
     watched = Watched(browser, engine, "pages")
     watched.sign_in("ada")
-    for path in ("/", "/messages", "/messages/1", "/channels", "/dead-letters", "/audit", "/users", "/account"):
+    for path in ("/", "/messages", "/messages/1", "/channels", "/dead-letters", "/audit", "/users", "/account",
+                 "/tracer", "/connections", "/performance", "/logs", "/alerts", "/try"):
         page = watched.goto(path)
         assert page.locator("h1").count() == 1, path
         watched.shot(path.strip("/").replace("/", "-") or "dashboard")
+    watched.close()
+
+
+def test_the_tracer_shows_rows_live_and_a_message_can_be_tried(browser, engine):
+    watched = Watched(browser, engine, "troubleshooting")
+    page = watched.sign_in("vic")
+    page = watched.goto("/tracer")
+    page.select_option("select[name=direction]", "in")
+    page.click("form[action='/tracer'] button[type=submit]")
+    page.wait_for_url(re.compile(r"/tracer/[0-9a-f]+$"))
+    send_sample(engine)  # arrives while the page polls (htmx, under the console's CSP)
+    page.locator("#trace-rows tr").first.wait_for(timeout=15000)
+    assert "MSG00001" in page.locator("#trace-rows").inner_text()
+    watched.shot("tracer")
+    page = watched.goto("/try")
+    page.select_option("select[name=channel]", "adt")
+    page.fill("textarea[name=message]", SAMPLE.read_text().replace("\r", "\n"))
+    page.click("form[action='/try'] button[type=submit]")
+    page.wait_for_load_state()
+    assert page.locator("#status-1").inner_text() in ("PROCESSED", "FILTERED", "ERROR")
+    assert page.locator("section.dry-run").count() == 1
+    watched.shot("try")
+    page = watched.goto("/performance")
+    page.wait_for_timeout(5500)  # one refresh by htmx, in place
+    assert page.locator("#perf-channels").count() == 1
     watched.close()

@@ -159,7 +159,7 @@ class MLLPSource(Source):
         config.policy = self.running.policy
         running, engine = self.running, self.engine
         self.port = listen(lambda message, peer: engine.handle(running.channel, message, peer), config, engine.reactor,
-                           name=running.channel.name)
+                           name=running.channel.name, peers=getattr(running, "peers", None))
         address = self.port.getHost()
         self.address = f"{address.host}:{address.port}"
         return f"MLLP{' TLS' if config.tls else ''} on {self.address}"

@@ -9,7 +9,7 @@ handler that fails gets AR (207). Time comes from the injected reactor, so tests
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
@@ -329,17 +329,18 @@ class MLLPListenerFactory(Factory):
         self.oversized_frames = 0
         self.timed_out_frames = 0
         # who has connected, most recent last: "can the PMS reach us?" (hl7relay check --inbound)
-        self.peers: OrderedDict[str, dict] = OrderedDict()
+        self.peers: dict[str, dict] = {}
 
     def peer_seen(self, host: str, connected_at: float | None = None, message_at: float | None = None) -> None:
-        entry = self.peers.get(host)
+        peers = self.peers
+        entry = peers.get(host)
         if entry is None:
-            entry = self.peers[host] = {"host": host, "connections": 0, "messages": 0, "last_connected_at": None,
-                                        "last_message_at": None}
-            if len(self.peers) > MAX_PEERS_REMEMBERED:
-                self.peers.popitem(last=False)
-        else:
-            self.peers.move_to_end(host)
+            entry = peers[host] = {"host": host, "connections": 0, "messages": 0, "last_connected_at": None,
+                                   "last_message_at": None}
+            if len(peers) > MAX_PEERS_REMEMBERED:
+                del peers[next(iter(peers))]  # the one seen least recently (dicts keep insertion order)
+        elif connected_at is not None:
+            peers[host] = peers.pop(host)  # seen again: to the end
         if connected_at is not None:
             entry["connections"] += 1
             entry["last_connected_at"] = connected_at
@@ -392,13 +393,16 @@ class MLLPListenerFactory(Factory):
         return True
 
 
-def listen(handler, config: ListenerConfig, reactor=None, name: str = "mllp"):
-    """Start listening; returns the IListeningPort (``.getHost().port`` tells the bound port)."""
+def listen(handler, config: ListenerConfig, reactor=None, name: str = "mllp", peers: dict | None = None):
+    """Start listening; returns the IListeningPort (``.getHost().port`` tells the bound port).
+    ``peers``: where to remember the peers seen (kept by the caller across re-opens)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     factory = MLLPListenerFactory(handler, config, reactor, name)
+    if peers is not None:
+        factory.peers = peers
     if config.tls is not None:
         return reactor.listenSSL(config.port, factory, server_options(config.tls), interface=config.host)
     return reactor.listenTCP(config.port, factory, interface=config.host)
