@@ -840,3 +840,27 @@ def engine_mllp_port(engine):
     listens on a new port), as the Connections page says."""
     page = signed_in(engine, "viewer").get("/connections")[2]
     return int(re.search(r"adt: listening on 127\.0\.0\.1:(\d+)", page).group(1))
+
+
+def test_the_database_page_verifies_and_repairs_for_admins(engine):
+    import sqlite3
+
+    from hl7relay.store.database import DeliveryRecord, MessageRecord
+
+    store = engine["store"]
+    [orphan] = store.commit([MessageRecord("adt", b"MSH|^~\\&|A|B|||1||ADT^A08|ORPH1|P|2.5\r", "PROCESSED", 1.0,
+                                           control_id="ORPH1", deliveries=[DeliveryRecord("lab", "SENT")])], [])
+    outside = sqlite3.connect(engine["folder"] / "data" / "hl7relay.db")
+    with outside:  # a message deleted behind the engine's back: its delivery row stays
+        outside.execute("DELETE FROM messages WHERE id = ?", (orphan,))
+    outside.close()
+    assert signed_in(engine, "operator").get("/database")[0] == 403
+    admin = signed_in(engine, "admin")
+    status, _, page = admin.get("/database")
+    assert status == 200 and 'id="checks"' in page and "deliveries of missing messages" in page
+    assert "1 delivery row of messages no longer stored" in page and "Apply the safe repairs" in page
+    status, headers, _ = admin.post("/database/repair")
+    assert status == 303 and "deleted+1+row" in headers["Location"]
+    status, _, page = admin.get(headers["Location"])
+    assert "every delivery row belongs to a stored message" in page
+    assert "deleted 1 row" in store.audit_entries(action="store.repair")[0]["detail"]

@@ -254,7 +254,7 @@ def test_every_page_renders_without_errors(browser, engine):
     watched = Watched(browser, engine, "pages")
     watched.sign_in("ada")
     for path in ("/", "/messages", "/messages/1", "/channels", "/dead-letters", "/audit", "/users", "/account",
-                 "/tracer", "/connections", "/performance", "/logs", "/alerts", "/try"):
+                 "/tracer", "/connections", "/performance", "/logs", "/alerts", "/try", "/database"):
         page = watched.goto(path)
         assert page.locator("h1").count() == 1, path
         watched.shot(path.strip("/").replace("/", "-") or "dashboard")

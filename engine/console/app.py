@@ -913,6 +913,38 @@ class Console:
         return self._render("connections.html", request, session=session, active="connections", inbound=inbound,
                             outbound=outbound, steps=steps, target=target, now=self.clock())
 
+    @app.route("/database", methods=["GET"])
+    @page("audit")
+    @defer.inlineCallbacks
+    def database(self, request, session):
+        """hl7relay verify, for admins: the checks on a store connection of their own, off the reactor."""
+        from hl7relay.store.verify import verify
+
+        channels = [running.channel for running in self.engine.channels.values()]
+        now = time.time()
+        checks = yield self.support.run(lambda store: verify(store, channels, now, full=False))
+        return self._render("database.html", request, session=session, active="database", checks=checks,
+                            done=self._field(request, "done"))
+
+    @app.route("/database/repair", methods=["POST"])
+    @page("audit", post=True)
+    @defer.inlineCallbacks
+    def database_repair(self, request, session):
+        from hl7relay.store.verify import repair, verify
+
+        channels = [running.channel for running in self.engine.channels.values()]
+        now = time.time()
+
+        def fix(store):
+            checks = verify(store, channels, now)
+            return repair(store, [c for c in checks if c.key and c.key != "migrate"], now, channels)
+
+        done = yield self.support.run(fix)  # (a schema migration is left to hl7relay run / verify --repair)
+        yield self._audit(dict(self._action(request, session, "store.repair", "store"), detail="; ".join(done) or "nothing"))
+        request.redirect(b"/database?" + urlencode({"done": "; ".join(done) or "nothing to repair"}).encode())
+        request.setResponseCode(303)
+        return b""
+
     @app.route("/tracer", methods=["GET"])
     @page("read")
     def tracer(self, request, session):
