@@ -38,7 +38,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -226,27 +225,23 @@ def run_durable(work: Path, connections: int, per_connection: int, message: Path
 
 
 class TraceReader:
-    """``hl7relay trace --minutes 60 --format json`` as an operator would run it, attached to the
-    engine for the whole run (issue #16: a trace open costs the engine at most 5% of its
-    throughput), on the load's core, its rows written to a file and counted at the end."""
+    """bench/trace_reader.py: a trace of everything, in and out, open on the engine for the whole
+    run and every row read as ``hl7relay trace`` reads them, without printing them (issue #16: a
+    trace costs the engine at most 5% of its throughput), on the load's core."""
 
     def __init__(self, folder: Path, data: Path):
         deadline = time.monotonic() + 30
         while not (data / "api-endpoint").exists() and time.monotonic() < deadline:
             time.sleep(0.05)  # the admin listener starts after the channels
-        self.out = open(folder / "trace-rows.jsonl", "w")
-        self.process = subprocess.Popen(pinned(1, [sys.executable, "-m", "hl7relay", "trace", "--minutes", "60",
-                                                   "--format", "json", "--data-dir", str(data)]),
-                                        cwd=folder, stdout=self.out, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(pinned(1, [sys.executable, str(HERE / "trace_reader.py"), str(data)]),
+                                        stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "tracing"
 
     def stop(self) -> dict:
         time.sleep(1.0)  # the last rows
         self.process.send_signal(signal.SIGTERM)
-        _, err = self.process.communicate(timeout=60)
-        self.out.close()
-        rows = sum(1 for _ in open(self.out.name))
-        dropped = re.search(r"(\d+) dropped", err)
-        return {"trace_rows": rows, "trace_dropped": int(dropped.group(1)) if dropped else 0}
+        out, _ = self.process.communicate(timeout=60)
+        return json.loads(out.strip().splitlines()[-1])
 
 
 def run_engine(work: Path, validation: bool, connections: int, per_connection: int, message: Path,
@@ -361,16 +356,20 @@ def one_round(work: Path, args, message: Path) -> dict:
         stop(raw_server)
     results["durable_baseline"] = run_durable(work, args.connections, args.messages, message)
     results["relay_baseline"] = run_relay(work, args.connections, args.messages, message, args.parallel)
-    for validation in ("off", "on"):
-        results[f"engine_validation_{validation}"] = run_engine(work, validation == "on", args.connections,
-                                                                args.messages, message, args.parallel)
-    results["engine_forwarder"] = run_engine(work, False, args.connections, args.messages, message, args.parallel,
-                                             forwarding="process")
-    results["engine_no_destination"] = run_engine(work, False, args.connections, args.messages, message,
-                                                  args.parallel, destination=False)
-    results["engine_tracing"] = run_engine(work, False, args.connections, args.messages, message, args.parallel,
-                                           trace=True)
-    if args.postgres:
+    engines = {
+        "engine_validation_off": lambda: run_engine(work, False, args.connections, args.messages, message, args.parallel),
+        "engine_validation_on": lambda: run_engine(work, True, args.connections, args.messages, message, args.parallel),
+        "engine_forwarder": lambda: run_engine(work, False, args.connections, args.messages, message, args.parallel,
+                                               forwarding="process"),
+        "engine_no_destination": lambda: run_engine(work, False, args.connections, args.messages, message,
+                                                    args.parallel, destination=False),
+        "engine_tracing": lambda: run_engine(work, False, args.connections, args.messages, message, args.parallel,
+                                             trace=True),
+    }
+    for key, run in engines.items():
+        if args.rows is None or key in args.rows or key == "engine_validation_off":  # the ratios' reference
+            results[key] = run()
+    if args.postgres and (args.rows is None or "engine_postgresql" in args.rows):
         postgresql = run_engine_postgresql(work, args, message)
         if postgresql is not None:
             results["engine_postgresql"] = postgresql
@@ -416,6 +415,9 @@ def main() -> None:
                         help="rounds of every server; figures are the medians (a VM's disk and scheduling move "
                              "single runs by tens of percent)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    parser.add_argument("--rows", type=lambda text: set(text.split(",")), metavar="ROW,ROW",
+                        help="only these engine rows (the baselines and engine_validation_off always run), e.g. "
+                             "engine_tracing")
     parser.add_argument("--postgres", default=os.environ.get("HL7RELAY_TEST_POSTGRES_URL",
                                                             "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
                         help="a PostgreSQL database for the engine row on PostgreSQL ('' skips it)")

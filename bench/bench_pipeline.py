@@ -69,9 +69,11 @@ def build(work: Path, validation: bool, connections: int):
     return engine, clock, protocols, store
 
 
-def run(engine, clock, protocols, rounds: int, template: bytes, offset: int) -> float:
+def run(engine, clock, protocols, rounds: int, template: bytes, offset: int, reader=None) -> float:
     started = time.process_time()
     for r in range(rounds):
+        if reader is not None and r % 50 == 0:
+            reader()
         for c, (protocol, _) in enumerate(protocols):
             control_id = f"B{c}-{offset + r:07d}".encode()
             patient = f"B{c}-{(offset + r) % 250:03d}".encode()
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-metrics", action="store_true", help="without Prometheus metrics (to see what they cost)")
+    parser.add_argument("--trace", choices=("unread", "read"),
+                        help="with a message trace open: its rows never read, or read as the API sends them")
     parser.add_argument("--profile", nargs="?", const="tottime", choices=("tottime", "cumulative", "ncalls"),
                         help="print the top functions by own (default) or cumulative time")
     args = parser.parse_args()
@@ -96,13 +100,31 @@ def main() -> None:
     metrics = None if args.no_metrics else Metrics().install()
     with tempfile.TemporaryDirectory(prefix="hl7relay-pipeline-") as work:
         engine, clock, protocols, store = build(Path(work), args.validation, args.connections)
+        from hl7relay.ops.perf import Performance
+
+        performance = Performance(clock.seconds).install()  # as `hl7relay run` has it
+        reader = None
+        if args.trace:
+            session = engine.tracer.start("bench", seconds=3600)
+            if args.trace == "read":
+                import json
+
+                cursor = [0]
+
+                def read_trace():  # what GET /api/v1/traces/ID does for its rows: read them, JSON them
+                    rows = session.read_rows(cursor[0], 5000)
+                    if rows:
+                        cursor[0] = rows[-1][0]
+                    json.dumps({"rows": rows}, separators=(",", ":"), default=str)
+
+                reader = read_trace
         run(engine, clock, protocols, 50, template, 0)  # warm-up: caches, compiled profiles
         results, offset = [], 50
         profiler = cProfile.Profile() if args.profile else None
         for _ in range(args.repeat):
             if profiler:
                 profiler.enable()
-            seconds = run(engine, clock, protocols, args.rounds, template, offset)
+            seconds = run(engine, clock, protocols, args.rounds, template, offset, reader)
             if profiler:
                 profiler.disable()
             offset += args.rounds
@@ -113,6 +135,7 @@ def main() -> None:
         assert acks == total and store.count() == total and sent == total, (acks, store.count(), sent, total)
         if metrics is not None:
             metrics.uninstall()
+        performance.uninstall()
     print(f"validation {'on' if args.validation else 'off'}: {min(results):.0f} µs CPU per message "
           f"(in, stored, ACKed, delivered, recorded; best of {args.repeat}: "
           f"{', '.join(f'{r:.0f}' for r in results)}) -> at most {1e6 / min(results):,.0f} msgs/s on one core")

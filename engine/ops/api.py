@@ -432,7 +432,7 @@ class ApiResource(resource.Resource):
     def get_trace(self, request, caller, body, trace):
         args = self._args(request)
         after = self._number(args, "after", 0, int, 0)
-        limit = self._number(args, "limit", 1000, int, 1, 1000)
+        limit = self._number(args, "limit", 1000, int, 1, 5000)
         from hl7relay.ops.phi import mask_text
 
         from hl7relay.ops.trace import COLUMNS

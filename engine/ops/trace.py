@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from hl7relay import events
@@ -44,10 +44,18 @@ class TraceSession:
     expires_at: float
     rows: deque = field(default_factory=lambda: deque(maxlen=BUFFER_ROWS))
     next_seq: int = 1
-    dropped: int = 0
+    dropped: int = 0  # rows that went before anybody read them
+    read_upto: int = 0  # the last row a client has read
     stopped: bool = False
+    everything: bool = False  # no filter at all: every row is wanted
+
+    def __post_init__(self):
+        self.everything = (self.direction == "both" and self.channel is None and self.destination is None
+                           and self.message_type is None)
 
     def wants(self, direction: str, channel: str, destination: str | None, message_type: str | None) -> bool:
+        if self.everything:
+            return True
         if self.direction != "both" and self.direction != direction:
             return False
         if self.channel is not None and self.channel != channel:
@@ -62,18 +70,23 @@ class TraceSession:
             return message_type.split("^", 1)[0] == self.message_type
         return True
 
-    def add(self, row: tuple) -> None:
-        """A row (the values of ROW_FIELDS), shared by every session that wants it: no copy."""
-        if len(self.rows) == self.rows.maxlen:
-            self.dropped += 1  # the client reads too slowly: the oldest row goes, the engine does not wait
-        self.rows.append((self.next_seq, row))
+    def add(self, entry: tuple) -> None:
+        """(time, event, its fields, the message's type and control id for a delivery): kept as
+        they came, shared by every session that wants them; the row is made when it is read."""
+        rows = self.rows
+        if len(rows) == rows.maxlen and rows[0][0] > self.read_upto:
+            self.dropped += 1  # the client reads too slowly: an unread row goes, the engine does not wait
+        rows.append((self.next_seq, entry))
         self.next_seq += 1
 
     def read_rows(self, after: int, limit: int = 1000) -> list[list]:
-        """[seq, *row] lists after ``after`` (what the API sends: compact, no keys repeated)."""
+        """[seq, *ROW_FIELDS] lists after ``after`` (what the API sends: compact, no keys repeated)."""
         first = self.next_seq - len(self.rows)  # the sequence number of the oldest row kept
         start = max(0, after + 1 - first)
-        return [[seq, *row] for seq, row in itertools.islice(self.rows, start, start + limit)]
+        out = [_row(seq, entry) for seq, entry in itertools.islice(self.rows, start, start + limit)]
+        if out:
+            self.read_upto = max(self.read_upto, out[-1][0])
+        return out
 
     def read(self, after: int, limit: int = 1000) -> list[dict]:
         return [dict(zip(COLUMNS, values)) for values in self.read_rows(after, limit)]
@@ -93,8 +106,11 @@ class Tracer:
         self._subscribe, self._unsubscribe = subscribe, unsubscribe
         self.sessions: dict[str, TraceSession] = {}
         self._subscribed = False
+        self._live_list: list = []
+        self._outbound_wanted = False  # a live session wants outbound rows: keep what they show of their message
+        self._live_until = 0.0  # until then, _live_list holds the live sessions
         # message id -> (type, control id), from the inbound rows: what an outbound row shows of its message
-        self._recent: dict = {}
+        self._recent: OrderedDict = OrderedDict()
 
     def start(self, actor: str, direction: str = "both", channel: str | None = None, destination: str | None = None,
               message_type: str | None = None, seconds: float = DEFAULT_SECONDS) -> TraceSession:
@@ -112,6 +128,7 @@ class Tracer:
         session = TraceSession(secrets.token_hex(8), actor, direction, channel or None, destination or None,
                                (message_type or "").strip().upper() or None, now, now + seconds)
         self.sessions[session.id] = session
+        self._live_until = 0.0  # the live list is made again at the next event
         if not self._subscribed:
             self._subscribe(self.observe)
             self._subscribed = True
@@ -135,6 +152,7 @@ class Tracer:
         for session_id, session in list(self.sessions.items()):
             if session.stopped and session.expires_at > now:
                 session.expires_at = now  # stopped: it ends now
+                self._live_until = 0.0
             if now - session.expires_at >= 60:  # ended a minute ago: rows its client did not read go too
                 del self.sessions[session_id]
         if self._subscribed and not any(now < s.expires_at for s in self.sessions.values()):
@@ -150,38 +168,50 @@ class Tracer:
             self._outbound(event, fields)
 
     def _live(self, now: float) -> list[TraceSession]:
+        if now < self._live_until:  # no session ended since the list was made
+            return self._live_list
         live = [s for s in self.sessions.values() if now < s.expires_at]
+        self._live_list, self._live_until = live, min((s.expires_at for s in live), default=0.0)
+        self._outbound_wanted = any(s.direction != "in" for s in live)
         if not live:
             self._expire()
         return live
 
     def _inbound(self, f: dict) -> None:
-        now = self.clock()
         message_id, message_type = f.get("message_id"), f.get("message_type") or ""
-        recent = self._recent
-        if message_id is not None:
+        live = self._live(self.clock())  # (first: it says whether outbound rows are wanted)
+        if message_id is not None and self._outbound_wanted:
+            recent = self._recent  # what an outbound row shows of its message
             recent[message_id] = (message_type, f.get("control_id") or "")
             if len(recent) > 10_000:
-                del recent[next(iter(recent))]
-        row = None
-        for session in self._live(now):
+                recent.popitem(last=False)
+        entry = None
+        for session in live:
             if session.wants("in", f["channel"], None, message_type):
-                if row is None:
-                    codes, latency = f.get("ack_codes"), f.get("ack_latency")
-                    row = (now, "in", f["channel"], None, str(f.get("peer") or ""), message_type,
-                           f.get("control_id") or "", message_id, f.get("status"), codes[-1] if codes else "",
-                           None if latency is None else round(latency * 1000, 2), "", None)
-                session.add(row)
+                if entry is None:
+                    entry = (self.clock(), "message_processed", f, None)
+                session.add(entry)
 
     def _outbound(self, event: str, f: dict) -> None:
-        now = self.clock()
-        message_type, control_id = self._recent.get(f.get("message_id"), ("", ""))
-        row = None
-        for session in self._live(now):
-            if session.wants("out", f["channel"], f["destination"], message_type or None):
-                if row is None:
-                    seconds = f.get("seconds")
-                    row = (now, "out", f["channel"], f["destination"], "", message_type, control_id, f.get("message_id"),
-                           _OUT_EVENTS[event], f.get("ack") or "", None if seconds is None else round(seconds * 1000, 2),
-                           f.get("error") or "", f.get("attempts"))
-                session.add(row)
+        known = self._recent.get(f.get("message_id"))
+        entry = None
+        for session in self._live(self.clock()):
+            if session.wants("out", f["channel"], f["destination"], known[0] if known else None):
+                if entry is None:
+                    entry = (self.clock(), event, f, known)
+                session.add(entry)
+
+
+def _row(seq: int, entry: tuple) -> list:
+    """A row (COLUMNS) from what was kept of an event."""
+    at, event, f, known = entry
+    if event == "message_processed":
+        codes, latency = f.get("ack_codes"), f.get("ack_latency")
+        return [seq, at, "in", f["channel"], None, str(f.get("peer") or ""), f.get("message_type") or "",
+                f.get("control_id") or "", f.get("message_id"), f.get("status"), codes[-1] if codes else "",
+                None if latency is None else round(latency * 1000, 2), "", None]
+    message_type, control_id = known or ("", "")
+    seconds = f.get("seconds")
+    return [seq, at, "out", f["channel"], f["destination"], "", message_type, control_id, f.get("message_id"),
+            _OUT_EVENTS[event], f.get("ack") or "", None if seconds is None else round(seconds * 1000, 2),
+            f.get("error") or "", f.get("attempts")]
