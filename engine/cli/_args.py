@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["port", "seconds", "count", "row_id"]
+__all__ = ["port", "seconds", "count", "row_id", "number_in"]
 
 
 def port(text: str) -> int:
@@ -49,3 +49,20 @@ def row_id(text: str) -> int:
     if not 1 <= value <= MAX_ROW_ID:
         raise argparse.ArgumentTypeError(f"{text!r} is not a message or entry number (1 or more, up to 2**63-1)")
     return value
+
+
+def number_in(low: float, high: float, unit: str, whole: bool = False, why: str = ""):
+    """An argument type: a number of ``unit`` from ``low`` to ``high`` (``whole``: an int);
+    ``why`` ends the refusal ("a trace lasts 1 to 60 minutes")."""
+    kind = int if whole else float
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{' whole' if whole else ''} number of {unit}") from None
+        if not low <= value <= high:  # (NaN fails this too)
+            raise argparse.ArgumentTypeError(why or f"{low:g} to {high:g} {unit}, not {text}")
+        return value
+
+    return parse

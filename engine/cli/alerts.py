@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+from hl7relay.cli._args import number_in
 from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "the engine's alerts (queue stuck or growing, destination down, errors, dead letters, store, slow ACKs); silence"
@@ -19,14 +19,7 @@ by webhook and/or e-mail (alerts: in the engine config); a silenced alert still 
 nobody is notified. Silencing and unsilencing are written to the audit log."""
 
 
-def _minutes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
-    if not 1 <= value <= 7 * 1440:
-        raise argparse.ArgumentTypeError("a silence lasts 1 minute to 7 days (10080 minutes)")
-    return value
+_minutes = number_in(1, 7 * 1440, "minutes", why="a silence lasts 1 minute to 7 days (10080 minutes)")
 
 
 def add_arguments(parser) -> None:

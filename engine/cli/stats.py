@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+from hl7relay.cli._args import number_in
 from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "the last hour of the running engine: rates, ACK and stage latencies, destinations, queues, slowest messages"
@@ -20,14 +20,7 @@ messages per batch. The ten slowest messages with their stages. Kept in the engi
 since it started (at most an hour); nothing is read from the store."""
 
 
-def _minutes(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of minutes") from None
-    if not 1 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"the analyzer keeps 1 to 60 minutes, not {text}")
-    return value
+_minutes = number_in(1, 60, "minutes", whole=True, why="the analyzer keeps 1 to 60 minutes")
 
 
 def add_arguments(parser) -> None:

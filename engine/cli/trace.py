@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
 import time
 import urllib.parse
 
+from hl7relay.cli._args import number_in
 from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "watch messages in and out of the running engine, live, for a few minutes"
@@ -28,14 +28,7 @@ wait (the count is shown). Ctrl-C or SIGTERM ends it."""
 PAGE = 1000  # rows per request: a full page is followed by the next at once
 
 
-def _minutes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
-    if not 1 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"a trace lasts 1 to 60 minutes, not {text}")
-    return value
+_minutes = number_in(1, 60, "minutes", why="a trace lasts 1 to 60 minutes")
 
 
 def add_arguments(parser) -> None:
