@@ -111,11 +111,10 @@ def main() -> None:
 
                 cursor = [0]
 
-                def read_trace():  # what GET /api/v1/traces/ID does for its rows: read them, JSON them
-                    rows = session.read_rows(cursor[0], 5000)
-                    if rows:
-                        cursor[0] = rows[-1][0]
-                    json.dumps({"rows": rows}, separators=(",", ":"), default=str)
+                def read_trace():  # what GET /api/v1/traces/ID does for its rows
+                    rows, count = session.read_json(cursor[0], 5000)
+                    cursor[0] += count
+                    json.dumps({"trace": session.view(0.0)}) + rows
 
                 reader = read_trace
         run(engine, clock, protocols, 50, template, 0)  # warm-up: caches, compiled profiles
