@@ -30,23 +30,35 @@ EVENTS = {
     "frame_discarded": {"listener", "reason"},
 }
 
-_subscribers: tuple = ()  # replaced, never changed in place: emit() iterates it without a copy
+_registered: tuple = ()  # (observer, the events it wants or None for all), in order
+_subscribers: tuple = ()  # the observers of every event
+# event -> its observers: replaced, never changed in place, so emit() iterates without a copy
+_by_event: dict = {}
 
 
-def subscribe(observer) -> None:
-    """``observer(event: str, fields: dict)`` is called for every event."""
-    global _subscribers
-    if observer not in _subscribers:
-        _subscribers = (*_subscribers, observer)
+def subscribe(observer, events=None) -> None:
+    """``observer(event: str, fields: dict)`` is called for every event, or only for ``events``
+    (an observer that wants three events is not called for the others: the tracer, the analyzer)."""
+    global _registered
+    if all(o != observer for o, _ in _registered):
+        _registered = (*_registered, (observer, frozenset(events) if events is not None else None))
+        _rebuild()
 
 
 def unsubscribe(observer) -> None:
-    global _subscribers
-    _subscribers = tuple(o for o in _subscribers if o != observer)
+    global _registered
+    _registered = tuple((o, e) for o, e in _registered if o != observer)
+    _rebuild()
+
+
+def _rebuild() -> None:
+    global _subscribers, _by_event
+    _subscribers = tuple(o for o, e in _registered if e is None)
+    _by_event = {name: tuple(o for o, e in _registered if e is None or name in e) for name in EVENTS}
 
 
 def emit(event: str, **fields) -> None:
-    for observer in _subscribers:
+    for observer in _by_event.get(event, _subscribers):
         observer(event, fields)
 
 
@@ -54,5 +66,5 @@ def relay(event: str, fields: dict) -> None:
     """An event emitted in another process of the engine (the forwarder), told here: observers
     see it as if it had happened here. Its name and fields were checked where it was emitted."""
     if event in EVENTS:
-        for observer in _subscribers:
+        for observer in _by_event.get(event, _subscribers):
             observer(event, fields)

@@ -286,3 +286,30 @@ def test_every_event_is_declared_emitted_as_declared_and_measured():
                 emitted[name] = path
     assert set(emitted) == set(EVENTS), f"declared but never emitted: {set(EVENTS) - set(emitted)}"
     assert set(Metrics()._handlers) == set(EVENTS)
+
+
+def test_an_observer_of_some_events_is_called_for_those_only():
+    from hl7relay import events
+
+    everything, some = [], []
+
+    def all_of_them(event, fields):
+        everything.append(event)
+
+    def three(event, fields):
+        some.append(event)
+
+    events.subscribe(all_of_them)
+    events.subscribe(three, events=("delivery_sent", "store_commit", "queue_state"))
+    try:
+        events.emit("message_received", channel="a")
+        events.emit("delivery_sent", channel="a", destination="b")
+        events.relay("store_commit", {"seconds": 0.1, "size": 1})
+        events.emit("not_an_event_name", x=1)  # (checked elsewhere: the table is what is emitted)
+    finally:
+        events.unsubscribe(all_of_them)
+        events.unsubscribe(three)
+    assert everything == ["message_received", "delivery_sent", "store_commit", "not_an_event_name"]
+    assert some == ["delivery_sent", "store_commit"]
+    events.emit("delivery_sent", channel="a", destination="b")
+    assert some == ["delivery_sent", "store_commit"]  # unsubscribed

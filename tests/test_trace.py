@@ -30,7 +30,7 @@ class Subscriptions:
     def __init__(self):
         self.observers = []
 
-    def subscribe(self, observer):
+    def subscribe(self, observer, events=None):
         self.observers.append(observer)
 
     def unsubscribe(self, observer):
@@ -82,7 +82,7 @@ def test_rows_are_filtered_by_direction_channel_destination_and_type():
 
 def test_a_slow_reader_loses_the_oldest_rows_never_the_engine_time():
     clock = task.Clock()
-    tracer = Tracer(clock.seconds, lambda o: None, lambda o: None)
+    tracer = Tracer(clock.seconds, lambda o, events=None: None, lambda o: None)
     session = tracer.start("a")
     for i in range(BUFFER_ROWS + 25):
         tracer.observe("message_processed", processed(message_id=i))
@@ -93,7 +93,7 @@ def test_a_slow_reader_loses_the_oldest_rows_never_the_engine_time():
 
 
 def test_what_a_trace_may_be():
-    tracer = Tracer(task.Clock().seconds, lambda o: None, lambda o: None)
+    tracer = Tracer(task.Clock().seconds, lambda o, events=None: None, lambda o: None)
     for kwargs, text in (({"seconds": 30}, "1 to 60 minutes"), ({"seconds": 3601}, "1 to 60 minutes"),
                          ({"direction": "sideways"}, "in, out or both"),
                          ({"direction": "in", "destination": "lab"}, "outbound")):

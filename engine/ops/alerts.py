@@ -136,7 +136,7 @@ class Alerts:
     def start(self) -> "Alerts":
         from twisted.internet import task
 
-        events.subscribe(self._observe)
+        events.subscribe(self._observe, events=("store_failed",))
         self._loop = task.LoopingCall(self.evaluate)
         self._loop.clock = self.engine.reactor
         self._loop.start(self.settings.evaluate_every, now=False)

@@ -64,7 +64,8 @@ class Performance:
         self._bucket, self._from, self._until = None, 0.0, 0.0
 
     def install(self) -> "Performance":
-        events.subscribe(self.observe)
+        events.subscribe(self.observe, events=("message_processed", "delivery_sent", "delivery_failed",
+                                               "delivery_retried", "queue_state", "store_commit"))
         return self
 
     def uninstall(self) -> None:

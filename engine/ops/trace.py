@@ -136,7 +136,7 @@ class Tracer:
         self.sessions[session.id] = session
         self._live_until = 0.0  # the live list is made again at the next event
         if not self._subscribed:
-            self._subscribe(self.observe)
+            self._subscribe(self.observe, events=("message_processed", *_OUT_EVENTS))
             self._subscribed = True
         return session
 
