@@ -60,7 +60,8 @@ def number_in(low: float, high: float, unit: str, whole: bool = False, why: str 
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{' whole' if whole else ''} number of {unit}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{' whole' if whole else ''} number"
+                                             + (f" of {unit}" if unit else "")) from None
         if not low <= value <= high:  # (NaN fails this too)
             raise argparse.ArgumentTypeError(why or f"{low:g} to {high:g} {unit}, not {text}")
         return value

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from hl7relay.cli._args import count, port, seconds
+from hl7relay.cli._args import count, number_in, port, seconds
 from hl7relay.cli._tls import add_tls_arguments, tls_from_args
 
 HELP = "send realistic generated HL7 traffic (ADT, SIU, ORU) over MLLP, or write it to files"
@@ -25,28 +24,10 @@ Exit status: 0 when every message was answered AA (or written), 1 otherwise (AE,
 answer in time, no connection)."""
 
 
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of messages per second") from None
-    if not 0 <= value <= 1_000_000 or value != value:
-        raise argparse.ArgumentTypeError(f"{text!r}: a rate is 0 (as fast as possible) to 1000000 messages per second")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
-    return value
-
-
-def _connections(text: str) -> int:
-    value = count(text)
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"{text!r}: connections are 1 to 1000")
-    return value
+_rate = number_in(0, 1_000_000, "messages per second",
+                  why="a rate is 0 (as fast as possible) to 1000000 messages per second")
+_positive = number_in(1, 10 ** 9, "", whole=True, why="give 1 or more")
+_connections = number_in(1, 1000, "connections", whole=True, why="connections are 1 to 1000")
 
 
 def add_arguments(parser) -> None:

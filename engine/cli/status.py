@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+from hl7relay.cli._args import number_in
 from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "per channel: received, filtered, errored, queued, oldest queued, last error; per destination: connected"
@@ -38,16 +39,7 @@ def _configured(settings) -> dict:
     return {c.name: {d.name: d.type for d in c.destinations} for c in channels}
 
 
-def _hours(text: str) -> float:
-    import argparse
-
-    try:
-        hours = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
-    if not 0 <= hours <= 24 * 3660 or hours != hours:
-        raise argparse.ArgumentTypeError(f"hours must be between 0 (every message) and 87840, not {text}")
-    return hours
+_hours = number_in(0, 24 * 3660, "hours", why="hours must be between 0 (every message) and 87840")
 
 
 def _age(seconds) -> str:

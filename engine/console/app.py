@@ -878,11 +878,14 @@ class Console:
     @app.route("/connections", methods=["GET"])
     @page("read")
     def connections(self, request, session):
+        return self._connections_page(request, session, None, "")
+
+    def _connections_page(self, request, session, steps, target: str) -> bytes:
         inbound = [self.engine.connections_view(name) for name in sorted(self.engine.channels)]
-        outbound = [(name, d) for name, running in sorted(self.engine.channels.items())
+        outbound = [f"{name}/{d.name}" for name, running in sorted(self.engine.channels.items())
                     for d in running.channel.destinations if d.type == "mllp"]
         return self._render("connections.html", request, session=session, active="connections", inbound=inbound,
-                            outbound=[f"{c}/{d.name}" for c, d in outbound], steps=None, target="", now=self.clock())
+                            outbound=outbound, steps=steps, target=target)
 
     @app.route("/connections/check", methods=["POST"])
     @page("read", post=True)
@@ -907,11 +910,7 @@ class Console:
                                                 min(config.sender.connect_timeout, 10.0))
         yield self._audit(dict(self._action(request, session, "connection.check", target),
                                detail="; ".join(f"{s.name} {s.status}" for s in steps)))
-        inbound = [self.engine.connections_view(n) for n in sorted(self.engine.channels)]
-        outbound = [f"{c}/{d.name}" for c, r in sorted(self.engine.channels.items())
-                    for d in r.channel.destinations if d.type == "mllp"]
-        return self._render("connections.html", request, session=session, active="connections", inbound=inbound,
-                            outbound=outbound, steps=steps, target=target, now=self.clock())
+        return self._connections_page(request, session, steps, target)
 
     @app.route("/database", methods=["GET"])
     @page("audit")

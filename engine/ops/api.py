@@ -398,7 +398,8 @@ class ApiResource(resource.Resource):
         level = args.get("level") or None
         if level is not None and level not in ("trace", "debug", "info", "warn", "error"):
             raise ApiError(400, "level is trace, debug, info, warn or error")
-        lines = LOG_RING.read(self._number(args, "after", 0, int, 0), self._number(args, "limit", 100, int, 1, 5000),
+        after = self._number(args, "after", 0, int, 0)
+        lines = LOG_RING.read(after, self._number(args, "limit", 100, int, 1, 5000),
                               level, args.get("channel") or None, self._number(args, "message_id", None, int, 1),
                               self._number(args, "since", None, float), args.get("text") or None)
         out = []
@@ -408,7 +409,7 @@ class ApiResource(resource.Resource):
                 line["text"] = (f"(message content: hl7relay messages show {line.get('message_id', '')} "
                                 "[--show-phi --reason R])")
             out.append(line)
-        return Bulk(lines=out, next_after=out[-1]["seq"] if out else self._number(args, "after", 0, int, 0))
+        return Bulk(lines=out, next_after=out[-1]["seq"] if out else after)
 
     # -- the message tracer ---------------------------------------------------------------------
     def get_traces(self, request, caller, body):

@@ -23,6 +23,7 @@ MINUTES = 60
 BOUNDS_MS = tuple(round(0.05 * 1.12 ** i, 3) for i in range(0, 128) if 0.05 * 1.12 ** i <= 120_000)
 _BOUNDS_S = tuple(b / 1000 for b in BOUNDS_MS)
 _SLOWEST = 10
+_COUNTS = {"delivery_sent": "sent", "delivery_failed": "failed", "delivery_retried": "retried"}
 
 
 def _histogram() -> list:
@@ -130,24 +131,24 @@ class Performance:
                 heapq.heapreplace(slowest, entry)
 
     def _delivery(self, event: str, f: dict) -> None:
-        bucket = self._minute()
-        key = (f["channel"], f["destination"])
-        entry = bucket.destinations.get(key)
-        if entry is None:
-            entry = bucket.destinations[key] = {"sent": 0, "failed": 0, "retried": 0, "rtt": _histogram(),
-                                                "depth_max": 0, "oldest_age_max": 0.0}
-        entry[{"delivery_sent": "sent", "delivery_failed": "failed", "delivery_retried": "retried"}[event]] += 1
+        entry = self._destination(f)
+        entry[_COUNTS[event]] += 1
         if f.get("seconds") is not None:
             entry["rtt"][bisect_left(_BOUNDS_S, f["seconds"])] += 1
 
-    def _queue(self, f: dict) -> None:
-        key = (f["channel"], f["destination"])
-        self.queues[key] = (f["depth"], f["oldest_age"])
+    def _destination(self, f: dict) -> dict:
+        """This minute's numbers of the event's destination."""
         bucket = self._minute()
+        key = (f["channel"], f["destination"])
         entry = bucket.destinations.get(key)
         if entry is None:
             entry = bucket.destinations[key] = {"sent": 0, "failed": 0, "retried": 0, "rtt": _histogram(),
                                                 "depth_max": 0, "oldest_age_max": 0.0}
+        return entry
+
+    def _queue(self, f: dict) -> None:
+        self.queues[(f["channel"], f["destination"])] = (f["depth"], f["oldest_age"])
+        entry = self._destination(f)
         entry["depth_max"] = max(entry["depth_max"], f["depth"])
         entry["oldest_age_max"] = max(entry["oldest_age_max"], f["oldest_age"] or 0.0)
 

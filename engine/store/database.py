@@ -918,11 +918,8 @@ class Store:
                 .group_by(messages.c.channel, deliveries.c.destination, deliveries.c.status))
             for channel, destination, status, count in recent:
                 destination_entry(channel, destination)["counts"][status] = count
-            for status, waiting in (("QUEUED", _QUEUED), ("ERROR", _DEAD)):  # from their partial indexes
-                rows = connection.execute(
-                    sa.select(messages.c.channel, deliveries.c.destination, sa.func.count(), sa.func.min(messages.c.received_at))
-                    .select_from(joined).where(waiting).group_by(messages.c.channel, deliveries.c.destination))
-                for channel, destination, count, oldest in rows:
+            for status in ("QUEUED", "ERROR"):  # from their partial indexes
+                for channel, destination, count, oldest in waiting_by_destination(connection, status, messages.c.received_at):
                     entry = destination_entry(channel, destination)
                     entry["counts"][status] = count
                     if status == "QUEUED":
@@ -1221,6 +1218,17 @@ class _SQLiteBatch:
 
 
 _POSTGRES_SQL = _sql("%s")
+
+
+def waiting_by_destination(connection, status: str, first, *conditions) -> list:
+    """(channel, destination, how many, the least ``first``) of the QUEUED or ERROR deliveries
+    (``conditions``: more of them), grouped, read through their partial index: what status, the
+    console and verify count of queues and dead letters."""
+    waiting = {"QUEUED": _QUEUED, "ERROR": _DEAD}[status]
+    return list(connection.execute(
+        sa.select(messages.c.channel, deliveries.c.destination, sa.func.count(), sa.func.min(first))
+        .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id)).where(waiting, *conditions)
+        .group_by(messages.c.channel, deliveries.c.destination)))
 
 
 def open_store(url: str) -> Store:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from hl7relay.store.database import MIGRATIONS, Store, deliveries, messages, metadata, stages
+from hl7relay.store.database import MIGRATIONS, Store, deliveries, messages, metadata, stages, waiting_by_destination
 
 __all__ = ["Check", "verify", "repair", "OK", "WARNING", "PROBLEM", "SKIPPED"]
 
@@ -131,19 +131,12 @@ def _declared(channels) -> set:
     return {(c.name, d.name) for c in channels for d in c.destinations}
 
 
-def _queued_by_destination(connection) -> list:
-    queued = deliveries.c.status == sa.literal_column("'QUEUED'")  # the partial index's own condition
-    return list(connection.execute(
-        sa.select(messages.c.channel, deliveries.c.destination, sa.func.count(), sa.func.min(deliveries.c.message_id))
-        .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id)).where(queued)
-        .group_by(messages.c.channel, deliveries.c.destination)))
-
-
 def _undeclared(store: Store, channels, now: float) -> Check:
     name = "queued for undeclared destinations"
     declared = _declared(channels)
     with store.engine.connect() as connection:
-        stray = [(c, d, n, first) for c, d, n, first in _queued_by_destination(connection) if (c, d) not in declared]
+        stray = [(c, d, n, first) for c, d, n, first in waiting_by_destination(connection, "QUEUED", deliveries.c.message_id)
+                 if (c, d) not in declared]
     if not stray:
         return Check(name, OK, "every queued delivery has its channel's destination to go to")
     total = sum(n for _, _, n, _ in stray)
@@ -206,13 +199,9 @@ def _stages(store: Store, channels, now: float, window: float) -> Check:
 
 def _overdue(store: Store, now: float) -> Check:
     name = "overdue deliveries"
-    queued = deliveries.c.status == sa.literal_column("'QUEUED'")
-    late = deliveries.c.next_attempt_at < now - OVERDUE_SECONDS
     with store.engine.connect() as connection:
-        rows = list(connection.execute(
-            sa.select(messages.c.channel, deliveries.c.destination, sa.func.count(), sa.func.min(deliveries.c.next_attempt_at))
-            .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id)).where(queued, late)
-            .group_by(messages.c.channel, deliveries.c.destination)))
+        rows = waiting_by_destination(connection, "QUEUED", deliveries.c.next_attempt_at,
+                                      deliveries.c.next_attempt_at < now - OVERDUE_SECONDS)
     if not rows:
         return Check(name, OK, "no queued delivery is more than an hour past its next attempt")
     total = sum(r[2] for r in rows)
@@ -251,9 +240,9 @@ def repair(store: Store, checks: list[Check], now: float, channels=None) -> list
         elif check.key == "undeclared" and channels is not None:
             declared = _declared(channels)
             moved = 0
-            queued = deliveries.c.status == sa.literal_column("'QUEUED'")
+            queued = deliveries.c.status == sa.literal_column("'QUEUED'")  # the partial index's own condition
             with store.engine.begin() as connection:
-                for channel, destination, _, _ in _queued_by_destination(connection):
+                for channel, destination, _, _ in waiting_by_destination(connection, "QUEUED", deliveries.c.message_id):
                     if (channel, destination) in declared:
                         continue
                     ids = [r[0] for r in connection.execute(  # the queue's rows, from its partial index
