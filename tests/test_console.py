@@ -770,6 +770,7 @@ def test_try_a_message_shows_each_step_and_the_ack(engine):
     assert status == 200 and "ADT^A01^ADT_A01 TRY1" in page
     assert 'id="status-1">PROCESSED<' in page and "MSA|AA|TRY1" in page
     assert "lab (mllp)" in page and "SAMPLEPATIENT" in page  # what the user pasted is shown to them as pasted
+    assert 'id="no-steps-1"' in page  # this channel has no step: said, not an empty table
     assert viewer.post("/try", {"channel": "nope", "message": message})[0] == 400
     status, _, page = viewer.post("/try", {"channel": "adt", "message": "no hl7 here"})
     assert status == 400 and "Paste a message starting with MSH" in page
