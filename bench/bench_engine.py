@@ -229,11 +229,11 @@ class TraceReader:
     run and every row read as ``hl7relay trace`` reads them, without printing them (issue #16: a
     trace costs the engine at most 5% of its throughput), on the load's core."""
 
-    def __init__(self, folder: Path, data: Path):
+    def __init__(self, folder: Path, data: Path, every: float = 0.5):
         deadline = time.monotonic() + 30
         while not (data / "api-endpoint").exists() and time.monotonic() < deadline:
             time.sleep(0.05)  # the admin listener starts after the channels
-        self.process = subprocess.Popen(pinned(1, [sys.executable, str(HERE / "trace_reader.py"), str(data)]),
+        self.process = subprocess.Popen(pinned(1, [sys.executable, str(HERE / "trace_reader.py"), str(data), str(every)]),
                                         stdout=subprocess.PIPE, text=True)
         assert self.process.stdout.readline().strip() == "tracing"
 

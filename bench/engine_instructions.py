@@ -1,6 +1,6 @@
 """Instructions the engine executes per message under real MLLP load, counted by callgrind.
 
-    python bench/engine_instructions.py [--validation] [--messages 200] [--connections 8]
+    python bench/engine_instructions.py [--validation] [--messages 200] [--connections 8] [--trace]
 
 msgs/s over loopback on a shared VM moves by tens of percent from run to run, and
 bench_pipeline.py (one process, no sockets) leaves out the reactor, the socket writes and the
@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import adt_a01_1kb  # noqa: E402
-from bench_engine import CHANNEL, children, free_port, load, sink_stats, start_sink, stop, wait_port  # noqa: E402
+from bench_engine import CHANNEL, TraceReader, children, free_port, load, sink_stats, start_sink, stop, wait_port  # noqa: E402
 
 
 def wait_delivered(sink, stats: Path, expected: int, timeout: float = 1800) -> None:
@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200, help="per connection, measured")
     parser.add_argument("--forwarding", choices=("inline", "process"), default="inline",
                         help="process: the forwarder process is counted too, on its own line")
+    parser.add_argument("--trace", action="store_true",
+                        help="with a trace of everything open and every row read (bench/trace_reader.py), as "
+                             "bench_engine.py's tracing row: what a trace costs, in instructions (issue #16)")
     args = parser.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         sys.exit("needs valgrind (with callgrind_control)")
@@ -72,11 +75,16 @@ def main() -> None:
          "--channels", str(channels), "--data-dir", str(work / "data"), "--admin-port", str(free_port()),
          "--log-level", "error", *(["--forwarding", "process"] if process else [])],
         cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONHASHSEED": "0"})
+    reader = None
     try:
         wait_port(engine_port, timeout=300)
         warm = load(engine_port, args.connections, 30, message)["acked"]  # caches, first connections
         wait_delivered(sink, stats, warm)
         time.sleep(1)  # the lazy delivery records and a queue poll settle
+        # a page every 10 s when not full: under valgrind the rows come ~50x slower, so a request
+        # carries about as many rows as one every half second at full speed
+        if args.trace:
+            reader = TraceReader(work, work / "data", every=10)
         pids = {"engine's process": engine.pid}
         if process:
             [pids["forwarder process"]] = children(engine.pid)
@@ -84,6 +92,9 @@ def main() -> None:
             callgrind(pid, "--zero")
         measured = load(engine_port, args.connections, args.messages, message)
         wait_delivered(sink, stats, warm + measured["acked"])
+        if reader is not None:
+            trace = reader.stop()  # (reads the last rows before the counters are read)
+            assert trace["trace_dropped"] == 0 and trace["trace_rows"] >= 2 * measured["acked"], trace
         for pid in pids.values():
             callgrind(pid, "--dump")
         time.sleep(1)
@@ -94,12 +105,17 @@ def main() -> None:
                                                                           re.MULTILINE))]
             instructions[name] = totals[-1]
     finally:
+        if reader is not None and reader.process.poll() is None:
+            reader.process.kill()
         stop(engine)
         stop(sink)
         shutil.rmtree(work, ignore_errors=True)
     count = measured["acked"]
+    if reader is not None:
+        print(f"trace: {trace['trace_rows']} rows read in {trace['trace_requests']} requests")
     for name, total in instructions.items():
-        print(f"validation {'on' if args.validation else 'off'}: {total / count / 1e6:.3f} M instructions per message "
+        print(f"validation {'on' if args.validation else 'off'}{', a trace open and read' if args.trace else ''}: "
+              f"{total / count / 1e6:.3f} M instructions per message "
               f"in the {name} ({count} messages in, stored, ACKed, delivered; answers {measured['answers']})")
 
 

@@ -1,9 +1,11 @@
 """Reads a message trace of the engine at DATA_DIR for the whole run, every row, as hl7relay trace
 does (a page of 1,000 after another while they are full, else every half second), without printing
 them: the bench measures what a trace costs the engine, not a terminal. Prints, on SIGTERM, the
-rows read and the rows the engine dropped.
+rows read and the rows the engine dropped. EVERY (seconds, default 0.5) is the wait after a page
+that was not full: engine_instructions.py, whose engine runs ~50x slower under valgrind, waits
+longer so that each request carries as many rows as at full speed.
 
-    python bench/trace_reader.py DATA_DIR
+    python bench/trace_reader.py DATA_DIR [EVERY]
 """
 
 import json
@@ -14,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 data = Path(sys.argv[1])
+every = float(sys.argv[2]) if len(sys.argv) > 2 else 0.5
 base = (data / "api-endpoint").read_text().strip()
 headers = {"Authorization": "Bearer " + (data / "api-token").read_text().strip(), "Content-Type": "application/json"}
 
@@ -26,16 +29,39 @@ def call(method, path, body=None):
 
 
 PAGE = 1000
-stop = []
-signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-trace = call("POST", "/api/v1/traces", {"minutes": 60})["id"]
-print("tracing", flush=True)
-after = rows = dropped = 0
-while not stop:
+
+
+class Stop(Exception):
+    pass
+
+
+def stop(*_):
+    raise Stop  # also out of a sleep: the rows still buffered are read below
+
+
+after = rows = dropped = requests = 0
+
+
+def read_page() -> int:
+    global after, rows, dropped, requests
+    requests += 1
     page = call("GET", f"/api/v1/traces/{trace}?after={after}&limit={PAGE}")
     rows += len(page["rows"])
     after = page["rows"][-1][0] if page["rows"] else after
     dropped = page["trace"]["dropped"]
-    if len(page["rows"]) < PAGE:
-        time.sleep(0.5)
-print(json.dumps({"trace_rows": rows, "trace_dropped": dropped}), flush=True)
+    return len(page["rows"])
+
+
+trace = call("POST", "/api/v1/traces", {"minutes": 60})["id"]
+signal.signal(signal.SIGTERM, stop)
+print("tracing", flush=True)
+try:
+    while True:
+        if read_page() < PAGE:
+            time.sleep(every)
+except Stop:
+    pass
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while read_page() == PAGE:  # the rows left
+    pass
+print(json.dumps({"trace_rows": rows, "trace_dropped": dropped, "trace_requests": requests}), flush=True)

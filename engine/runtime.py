@@ -62,7 +62,7 @@ class Engine:
         self.stats = ChannelStats(clock)  # counts and rates per channel, from memory (API, console)
         from hl7relay.ops.trace import Tracer
 
-        self.tracer = Tracer(reactor.seconds)  # message traces (listens to events only while one is open)
+        self.tracer = Tracer(reactor)  # message traces (listens to events only while one is open)
         self.performance = None  # the performance analyzer (ops/perf.py), when the command running the engine installs it
         self.alerts = None  # the engine's own alerts (ops/alerts.py), likewise
         self._deliveries: dict = {}  # (channel, destination) -> its Delivery (destinations.py: one per type)

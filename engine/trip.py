@@ -51,7 +51,7 @@ class Trip:
         self.running = running  # the channel as it runs (its ACK policy, queues)
         self.channel = channel  # the config the trip started with, kept to its end (a reload does not change it)
         self.message = message
-        self.peer = peer
+        self.peer = str(peer)  # as the store records it and the tracer shows it: 'host:port'
         self.received_at = engine.clock()
         self.raw = message.raw if message.raw is not None else message.to_bytes()
         msh = message.msh
@@ -91,7 +91,7 @@ class Trip:
             status, error = _ERROR, outcome.text
         if processed is not None:
             status, error, outcome = stored_outcome(processed)
-        record = MessageRecord(channel.name, self.raw, status, self.received_at, str(self.peer), message.charset,
+        record = MessageRecord(channel.name, self.raw, status, self.received_at, self.peer, message.charset,
                                error=error, duplicate_key=self.duplicate_key, **header)
         if processed is not None and processed.findings:
             # what validators with on_error: warn found stays with the message (messages show)
@@ -258,7 +258,7 @@ class Trip:
         acks = [] if not code or is_ack(original) else [build_ack(
             original, code, error, sending_application=channel.response.application,
             sending_facility=channel.response.facility)]
-        record = MessageRecord(channel.name, self.raw, _DUPLICATE, self.received_at, str(self.peer), original.charset,
+        record = MessageRecord(channel.name, self.raw, _DUPLICATE, self.received_at, self.peer, original.charset,
                                error=error, ack_code=code, duplicate_key=self.duplicate_key, **self.header)
         if acks and "acks" in channel.stages:
             record.stages["ack"] = b"\r".join(acks)

@@ -232,8 +232,12 @@ def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
 
     (tmp_path / "channels").mkdir()
     (tmp_path / "channels" / "ch.yaml").write_text("name: ch\nsource: {type: mllp, port: 0}\n")
+    taken = socket.socket()  # the console's port is taken: its warning is a JSON line too
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
     process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path / "channels"),
-                                "--data-dir", str(tmp_path / "data"), "--admin-port", "0", "--log-format", "json"],
+                                "--data-dir", str(tmp_path / "data"), "--admin-port", "0", "--log-format", "json",
+                                "--console-port", str(taken.getsockname()[1])],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
@@ -252,8 +256,10 @@ def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
     finally:
         process.send_signal(15)
         out, err = process.communicate(timeout=30)
+        taken.close()
     lines += err.splitlines()
     objects = [json.loads(line) for line in lines if line.strip()]
+    assert [o["level"] for o in objects if o["event"] == "console_not_started"] == ["warn"]
     assert process.returncode == 0 and objects
     for obj in objects:
         assert {"time", "level", "logger", "event", "text"} <= set(obj) and not any(k.startswith("log_") for k in obj), obj
@@ -313,3 +319,13 @@ def test_an_observer_of_some_events_is_called_for_those_only():
     assert some == ["delivery_sent", "store_commit"]
     events.emit("delivery_sent", channel="a", destination="b")
     assert some == ["delivery_sent", "store_commit"]  # unsubscribed
+
+
+def test_a_lifecycle_warning_is_one_line_on_standard_error_in_text_mode(capsys, monkeypatch):
+    from hl7relay.cli import _logging
+
+    monkeypatch.setitem(_logging._state, "format", "text")
+    _logging.announce("console not started on 127.0.0.1:9103: in use", "console_not_started", "warn")
+    _logging.announce("ready", "ready")
+    out, err = capsys.readouterr()
+    assert err == "warning: console not started on 127.0.0.1:9103: in use\n" and out == "ready\n"

@@ -180,15 +180,18 @@ _ORDER = {"trace": 0, "debug": 1, "info": 2, "warn": 3, "error": 4, "critical": 
 LOG_RING = LogRing()
 
 
-def announce(text: str, event: str) -> None:
-    """A lifecycle line (startup, ready, stopped): printed as it is in text mode, a JSON log line
-    (on standard error, with the rest of the log) in JSON mode."""
+def announce(text: str, event: str, level: str = "info") -> None:
+    """A lifecycle line (startup, ready, stopped): printed as it is in text mode (a warning on
+    standard error, after "warning: "), a JSON log line (on standard error, with the rest of the
+    log) in JSON mode, so that a log shipper reading JSON never meets a plain line."""
     if _state["format"] == "json":
-        sys.stderr.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "info",
+        sys.stderr.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": level,
                                      "logger": "hl7relay.run", "event": event, "text": text}) + "\n")
         sys.stderr.flush()
-    else:
+    elif level == "info":
         print(text, flush=True)
+    else:
+        print(f"{'warning' if level == 'warn' else level}: {text}", file=sys.stderr, flush=True)
 
 
 def start_logging(level: str = "info", log_format: str = "text", per_channel: dict | None = None,

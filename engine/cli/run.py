@@ -162,7 +162,7 @@ def run(args) -> int:
                      + (" (TLS" + (", client certificates required)" if tls.require_client_cert else ")") if tls else ""),
                      "admin_started")
         except Exception as exc:  # noqa: BLE001 - the engine runs without its admin port rather than not at all
-            print(f"warning: admin endpoints not started on {admin['host']}:{admin['port']}: {exc}", file=sys.stderr)
+            announce(f"admin endpoints not started on {admin['host']}:{admin['port']}: {exc}", "admin_not_started", "warn")
     if settings["console"]["port"]:
         _start_console(engine, settings["console"], reactor, announce)
     stopped = {"clean": True}
@@ -240,4 +240,4 @@ def _start_console(engine, console: dict, reactor, announce) -> None:
         shown = f"[{host}]" if ":" in host else host
         announce(f"console: {scheme}://{shown}:{listening.getHost().port}/", "console_started")
     except Exception as exc:  # noqa: BLE001 - the engine runs without its console rather than not at all
-        print(f"warning: console not started on {host}:{console['port']}: {exc}", file=sys.stderr)
+        announce(f"console not started on {host}:{console['port']}: {exc}", "console_not_started", "warn")

@@ -40,7 +40,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--content", action="store_true", help="print each message (masked unless --show-phi)")
     parser.add_argument("--show-phi", action="store_true", help="with --content: unmasked; needs --reason, audited")
     parser.add_argument("--reason", help="why patient data is shown unmasked (written to the audit log)")
-    parser.add_argument("--format", choices=("text", "json"), default="text", help="json: one object per line")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="json: one object per line (seq, at_ms: milliseconds since the epoch, direction, "
+                        "channel, destination, peer, message_type, control_id, message_id, status, ack, "
+                        "latency_us: microseconds, error, attempt)")
     add_settings_arguments(parser, channels=False)
 
 
@@ -107,8 +109,8 @@ def _print(row: dict, args) -> None:
     if args.format == "json":
         print(json.dumps(row))
         return
-    at = time.strftime("%H:%M:%S", time.localtime(row["at"])) + f".{int(row['at'] * 1000) % 1000:03d}"
-    took = f"{row['ms']:.1f} ms" if row.get("ms") is not None else "-"
+    at = time.strftime("%H:%M:%S", time.localtime(row["at_ms"] // 1000)) + f".{row['at_ms'] % 1000:03d}"
+    took = f"{row['latency_us'] / 1000:.1f} ms" if row.get("latency_us") is not None else "-"
     ident = f"{row['message_type'] or '?'} {row['control_id'] or '?'}"
     if row["direction"] == "in":
         line = (f"{at} IN  {row['channel']} <- {row['peer']}  {ident}  {row['status']}  ACK {row['ack'] or '-'}  {took}"

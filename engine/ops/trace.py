@@ -10,14 +10,26 @@ the engine never waits for it.
 Rows carry what identifies a message (its store id, type, control id, peer, status, ACK code,
 latency), never its content: a client that wants the content asks the messages API for it by
 id, masked unless the caller may see patient data and gives a reason (audited there).
+
+What a trace costs the engine (issue #16: at most 5% of its throughput with every row read) is
+counted in instructions (bench/engine_instructions.py --trace), and shaped this code:
+- An event copies a few values into each wanting session's ring, a list made once: a row leaves
+  no new object the garbage collector counts. Rows kept as tuples made young collections ~3x as
+  frequent under load; each promoted the engine's in-flight objects, until full collections cost
+  more than the tracer's own code.
+- What repeats from row to row (direction, channel, destination or peer, type, status, ACK code)
+  is written out as JSON once per distinct combination (a "tail"), not once per row: writing a
+  value costs ~1,000 instructions whatever its form.
+- Times are integers (at_ms, latency_us): a float written as JSON (its shortest repr) costs ~9,000
+  instructions for a timestamp. Rows are written out once, when read, in one loop.
+- Sessions end by a timer, not by a clock read per event.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import secrets
-from collections import OrderedDict, deque
+import time
 from dataclasses import dataclass, field
 
 from hl7relay import events
@@ -29,9 +41,22 @@ MAX_SESSIONS = 10
 BUFFER_ROWS = 5000
 MIN_SECONDS, MAX_SECONDS, DEFAULT_SECONDS = 60.0, 3600.0, 300.0
 _OUT_EVENTS = {"delivery_sent": "SENT", "delivery_failed": "ERROR", "delivery_retried": "RETRY"}
-ROW_FIELDS = ("at", "direction", "channel", "destination", "peer", "message_type", "control_id", "message_id",
-              "status", "ack", "ms", "error", "attempt")
-COLUMNS = ("seq", *ROW_FIELDS)
+# at_ms: when, in milliseconds since the epoch; latency_us: the ACK's latency (in) or the round
+# trip (out), in microseconds; attempt: the delivery attempt (out). The values that repeat from
+# row to row come last.
+COLUMNS = ("seq", "at_ms", "message_id", "latency_us", "attempt", "control_id", "direction", "channel", "destination",
+           "peer", "message_type", "status", "ack", "error")
+# a row in a ring: (wall time in ns, message id, latency in seconds, attempt, control id, the JSON
+# of direction..ack, the error unmasked)
+_WIDTH = 7
+_RECENT = 10_000  # inbound messages whose type and control id an outbound row can show
+_time_ns = time.time_ns
+
+
+def _tail(direction: str, channel: str, destination, peer, message_type, status, ack) -> str:
+    text = json.encoder.encode_basestring
+    return (f'"{direction}",{text(channel)},{"null" if destination is None else text(destination)},{text(peer or "")},'
+            f'{text(message_type or "")},{text(status or "")},{text(ack or "")}')
 
 
 @dataclass(slots=True)
@@ -44,9 +69,11 @@ class TraceSession:
     message_type: str | None  # "ADT" (any trigger) or "ADT^A01"
     started_at: float
     expires_at: float
-    rows: deque = field(default_factory=lambda: deque(maxlen=BUFFER_ROWS))
-    next_seq: int = 1
-    dropped: int = 0  # rows that went before anybody read them
+    # the rows: row ``seq`` at (seq % BUFFER_ROWS) * _WIDTH, written over in place (numbers and
+    # text only, in a list made once)
+    ring: list = field(default_factory=lambda: [None] * (BUFFER_ROWS * _WIDTH))
+    next_seq: int = 1  # of the next row
+    lost: int = 0  # rows that went before anybody read them, up to the last read
     read_upto: int = 0  # the last row a client has read
     stopped: bool = False
     everything: bool = False  # no filter at all: every row is wanted
@@ -72,26 +99,39 @@ class TraceSession:
             return message_type.split("^", 1)[0] == self.message_type
         return True
 
-    def add(self, row: str) -> None:
-        """A row as JSON text (the values of ROW_FIELDS), shared by every session that wants it:
-        text holds no object the garbage collector would walk again and again, and a read only
-        joins it (measured: rows kept as objects cost the engine ~3x more per message)."""
-        rows = self.rows
-        if len(rows) == rows.maxlen and rows[0][0] > self.read_upto:
-            self.dropped += 1  # the client reads too slowly: an unread row goes, the engine does not wait
-        rows.append((self.next_seq, row))
-        self.next_seq += 1
+    @property
+    def first_kept(self) -> int:
+        """The sequence number of the oldest row kept."""
+        return max(1, self.next_seq - BUFFER_ROWS)
+
+    @property
+    def buffered(self) -> int:
+        return self.next_seq - self.first_kept
+
+    @property
+    def dropped(self) -> int:
+        """Rows that went before a client read them: the buffer keeps the newest BUFFER_ROWS, the
+        engine never waits for a reader (counted here, not per row: nothing more per event)."""
+        return self.lost + max(0, self.first_kept - 1 - self.read_upto)
 
     def read_json(self, after: int, limit: int = 1000) -> tuple[str, int]:
-        """(the rows after ``after`` as a JSON array of [seq, *ROW_FIELDS] arrays, how many)."""
-        first = self.next_seq - len(self.rows)  # the sequence number of the oldest row kept
-        start = max(0, after + 1 - first)
-        rows = list(itertools.islice(self.rows, start, start + limit))
-        if rows:
-            self.read_upto = max(self.read_upto, rows[-1][0])
-        return "[" + ",".join(f"[{seq},{row[1:]}" for seq, row in rows) + "]", len(rows)
+        """(the rows after ``after`` as a JSON array of arrays of COLUMNS, how many), errors masked."""
+        first = max(after + 1, self.first_kept)
+        text = []
+        append, encode, ring = text.append, json.encoder.encode_basestring, self.ring
+        for seq in range(first, min(self.next_seq, first + limit)):
+            i = seq % BUFFER_ROWS * _WIDTH
+            at, message_id, seconds, attempt, control_id, tail, error = ring[i:i + _WIDTH]
+            append(f'[{seq},{at // 1_000_000},{"null" if message_id is None else message_id},'
+                   f'{"null" if seconds is None else int(seconds * 1e6)},{"null" if attempt is None else attempt},'
+                   f'{encode(control_id)},{tail},{encode(mask_text(error)) if error else _EMPTY}]')
+        if text:
+            self.lost = self.dropped  # what went unread until now stays lost
+            self.read_upto = max(self.read_upto, first + len(text) - 1)
+        return "[" + ",".join(text) + "]", len(text)
 
     def read_rows(self, after: int, limit: int = 1000) -> list[list]:
+        """The rows after ``after``, each the values of COLUMNS; the client has read them."""
         return json.loads(self.read_json(after, limit)[0])
 
     def read(self, after: int, limit: int = 1000) -> list[dict]:
@@ -101,22 +141,33 @@ class TraceSession:
         return {"id": self.id, "actor": self.actor, "direction": self.direction, "channel": self.channel,
                 "destination": self.destination, "message_type": self.message_type, "started_at": self.started_at,
                 "expires_at": self.expires_at, "expires_in": max(0.0, self.expires_at - now),
-                "done": now >= self.expires_at, "dropped": self.dropped, "buffered": len(self.rows)}
+                "done": now >= self.expires_at, "dropped": self.dropped, "buffered": self.buffered}
 
 
 class Tracer:
-    """The engine's trace sessions. ``clock``: the reactor's seconds (wall time for rows)."""
+    """The engine's trace sessions, on ``reactor`` (its seconds and callLater; rows carry the
+    wall time)."""
 
-    def __init__(self, clock, subscribe=events.subscribe, unsubscribe=events.unsubscribe):
-        self.clock = clock
+    def __init__(self, reactor, subscribe=events.subscribe, unsubscribe=events.unsubscribe):
+        self.reactor = reactor
         self._subscribe, self._unsubscribe = subscribe, unsubscribe
         self.sessions: dict[str, TraceSession] = {}
         self._subscribed = False
-        self._live_list: list = []
+        self._live: list[TraceSession] = []  # the sessions not ended, made again when one starts or ends
+        self._timer = None  # the next end of a live session
         self._outbound_wanted = False  # a live session wants outbound rows: keep what they show of their message
-        self._live_until = 0.0  # until then, _live_list holds the live sessions
-        # message id -> (type, control id), from the inbound rows: what an outbound row shows of its message
-        self._recent: OrderedDict = OrderedDict()
+        # message id -> type, and -> control id, of the last inbound messages: what an outbound row
+        # shows of its message (each map in two generations, the older dropped whole: no per-message
+        # eviction, no object per message)
+        self._types: dict = {}
+        self._ids: dict = {}
+        self._old_types: dict = {}
+        self._old_ids: dict = {}
+        self._in_tails: dict = {}  # (channel, peer, type, status, ACK code) -> its tail
+        self._out_tails: dict = {}  # (channel, destination, type, status, ACK code) -> its tail
+
+    def clock(self) -> float:
+        return self.reactor.seconds()
 
     def start(self, actor: str, direction: str = "both", channel: str | None = None, destination: str | None = None,
               message_type: str | None = None, seconds: float = DEFAULT_SECONDS) -> TraceSession:
@@ -134,10 +185,7 @@ class Tracer:
         session = TraceSession(secrets.token_hex(8), actor, direction, channel or None, destination or None,
                                (message_type or "").strip().upper() or None, now, now + seconds)
         self.sessions[session.id] = session
-        self._live_until = 0.0  # the live list is made again at the next event
-        if not self._subscribed:
-            self._subscribe(self.observe, events=("message_processed", *_OUT_EVENTS))
-            self._subscribed = True
+        self._refresh()
         return session
 
     def get(self, session_id: str) -> TraceSession:
@@ -158,71 +206,85 @@ class Tracer:
         for session_id, session in list(self.sessions.items()):
             if session.stopped and session.expires_at > now:
                 session.expires_at = now  # stopped: it ends now
-                self._live_until = 0.0
             if now - session.expires_at >= 60:  # ended a minute ago: rows its client did not read go too
                 del self.sessions[session_id]
-        if self._subscribed and not any(now < s.expires_at for s in self.sessions.values()):
-            self._unsubscribe(self.observe)  # nobody traces: the engine's events reach no tracer
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """The live sessions, what they want, and a timer for the next end among them; with none
+        left, the tracer leaves the engine's events."""
+        now = self.clock()
+        live = [s for s in self.sessions.values() if now < s.expires_at]
+        self._live = live
+        self._outbound_wanted = any(s.direction != "in" for s in live)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if live:
+            self._timer = self.reactor.callLater(min(s.expires_at for s in live) - now, self._refresh)
+            if not self._subscribed:
+                self._subscribe(self._inbound, events=("message_processed",))
+                self._subscribe(self._outbound, events=tuple(_OUT_EVENTS))
+                self._subscribed = True
+        elif self._subscribed:
+            self._unsubscribe(self._inbound)  # nobody traces: the engine's events reach no tracer
+            self._unsubscribe(self._outbound)
             self._subscribed = False
-            self._recent.clear()
+            for kept in (self._types, self._ids, self._old_types, self._old_ids, self._in_tails, self._out_tails):
+                kept.clear()
 
     # -- events -----------------------------------------------------------------------------------
     def observe(self, event: str, fields: dict) -> None:
+        """An event, as the engine's event bus hands it to the tracer (tests)."""
         if event == "message_processed":
-            self._inbound(fields)
+            self._inbound(event, fields)
         elif event in _OUT_EVENTS:
             self._outbound(event, fields)
 
-    def _live(self, now: float) -> list[TraceSession]:
-        if now < self._live_until:  # no session ended since the list was made
-            return self._live_list
-        live = [s for s in self.sessions.values() if now < s.expires_at]
-        self._live_list, self._live_until = live, min((s.expires_at for s in live), default=0.0)
-        self._outbound_wanted = any(s.direction != "in" for s in live)
-        if not live:
-            self._expire()
-        return live
-
-    def _inbound(self, f: dict) -> None:
-        message_id, message_type = f.get("message_id"), f.get("message_type") or ""
-        live = self._live(self.clock())  # (first: it says whether outbound rows are wanted)
-        if message_id is not None and self._outbound_wanted:
-            recent = self._recent  # what an outbound row shows of its message
-            recent[message_id] = (message_type, f.get("control_id") or "")
-            if len(recent) > 10_000:
-                recent.popitem(last=False)
-        row = None
-        for session in live:
-            if session.wants("in", f["channel"], None, message_type):
-                if row is None:  # ROW_FIELDS as JSON text, written out by hand (a JSONEncoder per row cost 4x)
-                    codes, latency, peer = f.get("ack_codes"), f.get("ack_latency"), f.get("peer")
-                    row = (f'[{self.clock()!r},"in",{_text(f["channel"])},null,{_text(str(peer) if peer else "")},'
-                           f'{_text(message_type)},{_text(f.get("control_id") or "")},{_number(message_id)},'
-                           f'{_text(f.get("status") or "")},{_text(codes[-1] if codes else "")},{_ms(latency)},"",null]')
-                session.add(row)
+    def _inbound(self, event: str, f: dict) -> None:
+        codes = f["ack_codes"]
+        key = (f["channel"], f["peer"], f["message_type"], f["status"], codes[-1] if codes else "")
+        tail = self._in_tails.get(key)
+        if tail is None:
+            tail = self._new_tail(self._in_tails, key, "in", key[0], None, key[1])
+        message_id, control_id = f["message_id"], f["control_id"] or ""
+        if self._outbound_wanted and message_id is not None:
+            self._types[message_id], self._ids[message_id] = key[2], control_id
+            if len(self._types) > _RECENT:
+                self._old_types, self._types, self._old_ids, self._ids = self._types, {}, self._ids, {}
+        row = (_time_ns(), message_id, f["ack_latency"], None, control_id, tail, "")
+        for session in self._live:
+            if session.everything or session.wants("in", key[0], None, key[2]):
+                i = session.next_seq % BUFFER_ROWS * _WIDTH
+                session.ring[i:i + _WIDTH] = row
+                session.next_seq += 1
 
     def _outbound(self, event: str, f: dict) -> None:
-        known = self._recent.get(f.get("message_id"))
-        row = None
-        for session in self._live(self.clock()):
-            if session.wants("out", f["channel"], f["destination"], known[0] if known else None):
-                if row is None:
-                    message_type, control_id = known or ("", "")
-                    seconds, error = f.get("seconds"), f.get("error") or ""
-                    row = (f'[{self.clock()!r},"out",{_text(f["channel"])},{_text(f["destination"])},"",'
-                           f'{_text(message_type)},{_text(control_id)},{_number(f.get("message_id"))},'
-                           f'"{_OUT_EVENTS[event]}",{_text(f.get("ack") or "")},{_ms(seconds)},'
-                           f'{_text(mask_text(error) if error else "")},{_number(f.get("attempts"))}]')
-                session.add(row)
+        message_id = f["message_id"]
+        message_type = self._types.get(message_id)
+        if message_type is not None:
+            control_id = self._ids[message_id]
+        elif (message_type := self._old_types.get(message_id)) is not None:
+            control_id = self._old_ids[message_id]
+        else:
+            control_id = ""
+        key = (f["channel"], f["destination"], message_type, _OUT_EVENTS[event], f["ack"])
+        tail = self._out_tails.get(key)
+        if tail is None:
+            tail = self._new_tail(self._out_tails, key, "out", key[0], key[1], "")
+        row = (_time_ns(), message_id, f["seconds"], f["attempts"], control_id, tail, f["error"] or "")
+        for session in self._live:
+            if session.everything or session.wants("out", key[0], key[1], message_type):
+                i = session.next_seq % BUFFER_ROWS * _WIDTH
+                session.ring[i:i + _WIDTH] = row
+                session.next_seq += 1
+
+    @staticmethod
+    def _new_tail(tails: dict, key: tuple, direction: str, channel: str, destination, peer) -> str:
+        if len(tails) >= 10_000:  # peers' ports and types come and go: start afresh
+            tails.clear()
+        tails[key] = tail = _tail(direction, channel, destination, peer, key[2], key[3], key[4])
+        return tail
 
 
-_text = json.encoder.encode_basestring  # a str as a JSON string (C)
-
-
-def _number(value) -> str:
-    return "null" if value is None else str(int(value))
-
-
-def _ms(seconds) -> str:
-    """Seconds as milliseconds to the hundredth (JSON)."""
-    return "null" if seconds is None else repr(round(seconds * 1000, 2))
+_EMPTY = '""'
