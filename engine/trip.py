@@ -51,7 +51,8 @@ class Trip:
         self.running = running  # the channel as it runs (its ACK policy, queues)
         self.channel = channel  # the config the trip started with, kept to its end (a reload does not change it)
         self.message = message
-        self.peer = str(peer)  # as the store records it and the tracer shows it: 'host:port'
+        # 'host:port', as the store records it and the tracer shows it (a listener's Peer made it once)
+        self.peer = getattr(peer, "text", None) or str(peer)
         self.received_at = engine.clock()
         self.raw = message.raw if message.raw is not None else message.to_bytes()
         msh = message.msh

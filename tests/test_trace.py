@@ -89,6 +89,8 @@ def test_a_slow_reader_loses_the_oldest_rows_never_the_engine_time():
         tracer.observe("message_processed", processed(message_id=i))
     assert session.buffered == BUFFER_ROWS and session.dropped == 25
     assert session.read(0, 3)[0]["seq"] == 26 and session.read(BUFFER_ROWS + 20)[-1]["seq"] == BUFFER_ROWS + 25
+    across = session.read(BUFFER_ROWS - 10, 20)  # a page across the ring's end, then on from its start
+    assert [(r["seq"], r["message_id"]) for r in across] == [(s, s - 1) for s in range(BUFFER_ROWS - 9, BUFFER_ROWS + 11)]
     tracer.observe("message_processed", processed(message_id=-1))  # the row it pushes out was read: not a loss
     assert session.dropped == 25
 

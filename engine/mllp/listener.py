@@ -75,9 +75,15 @@ class Peer:
     host: str
     port: int
     certificate_subject: str | None = None
+    # 'host:port', made once per connection: each message's trip records it (one string shared by
+    # the connection's messages, its hash computed once)
+    text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "text", f"{self.host}:{self.port}")
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.text
 
 
 def _allowed(host: str, networks) -> bool:
