@@ -81,10 +81,10 @@ def main() -> None:
         warm = load(engine_port, args.connections, 30, message)["acked"]  # caches, first connections
         wait_delivered(sink, stats, warm)
         time.sleep(1)  # the lazy delivery records and a queue poll settle
-        # a page every 10 s when not full: under valgrind the rows come ~50x slower, so a request
-        # carries about as many rows as one every half second at full speed
+        # a page every 25 s when not full: under valgrind the rows come ~50x slower, so that a
+        # request carries about the 1,000 rows it carries at full speed (~1.5 M instructions each)
         if args.trace:
-            reader = TraceReader(work, work / "data", every=10)
+            reader = TraceReader(work, work / "data", every=25)
         pids = {"engine's process": engine.pid}
         if process:
             [pids["forwarder process"]] = children(engine.pid)

@@ -123,11 +123,10 @@ def test_storage_policy_controls_the_stages(tmp_path, manual_executor):
 
 
 # -- end to end: hl7relay run, hl7relay listen, hl7relay send, over loopback ---------------------------
-_buffers: dict = {}
-
-
 def wait_for_line(process, fragment, timeout=30):
-    """Lines the process printed until one contains ``fragment`` (reads the pipe's fd directly)."""
+    """Lines the process printed until one contains ``fragment`` (reads the pipe's fd directly).
+    What was read past that line stays with the process object: keyed by the fd number, it was
+    read again by a later process whose pipe got the same number (a stale 'ready')."""
     fd = process.stdout.fileno()
     os.set_blocking(fd, False)
     selector = selectors.DefaultSelector()
@@ -135,10 +134,10 @@ def wait_for_line(process, fragment, timeout=30):
     deadline = time.monotonic() + timeout
     seen = []
     while True:
-        buffer = _buffers.get(fd, b"")
+        buffer = getattr(process, "_unread", b"")
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
-            _buffers[fd] = buffer
+            process._unread = buffer
             seen.append(line.decode(errors="replace") + "\n")
             if fragment in seen[-1]:
                 return seen
@@ -148,7 +147,7 @@ def wait_for_line(process, fragment, timeout=30):
         chunk = os.read(fd, 65536)
         if not chunk:
             raise AssertionError(f"{fragment!r} not seen before the process ended: {''.join(seen)}")
-        _buffers[fd] = _buffers.get(fd, b"") + chunk
+        process._unread = getattr(process, "_unread", b"") + chunk
 
 
 def test_end_to_end_stored_then_delivered_to_a_file_and_an_mllp_receiver(tmp_path, samples):

@@ -443,7 +443,7 @@ class ApiResource(resource.Resource):
         after = self._number(args, "after", 0, int, 0)
         limit = self._number(args, "limit", 1000, int, 1, 5000)
         session = self.engine.tracer.get(trace)
-        rows, _ = session.read_json(after, limit)  # kept as JSON text (errors masked when taken): joined, not encoded
+        rows, _ = session.read_json(after, limit)  # JSON text from the trace's ring (errors masked when taken)
         head = json.dumps({"trace": session.view(self.engine.reactor.seconds()), "columns": COLUMNS}, default=str)
         return RawJSON(head[:-1] + ',"rows":' + rows + "}")
 

@@ -58,7 +58,8 @@ _time_ns = time.time_ns
 
 
 def _tail(direction: str, channel: str, destination, peer, message_type, status, ack) -> str:
-    text = json.encoder.encode_basestring
+    """The JSON of a row's direction..ack: written once per combination, shared by its rows."""
+    text = _encode
     return (f'"{direction}",{text(channel)},{"null" if destination is None else text(destination)},{text(peer or "")},'
             f'{text(message_type or "")},{text(status or "")},{text(ack or "")}')
 
