@@ -40,9 +40,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--content", action="store_true", help="print each message (masked unless --show-phi)")
     parser.add_argument("--show-phi", action="store_true", help="with --content: unmasked; needs --reason, audited")
     parser.add_argument("--reason", help="why patient data is shown unmasked (written to the audit log)")
-    parser.add_argument("--format", choices=("text", "json"), default="text", help="json: one object per line (seq, at_ms: milliseconds since the epoch, direction, "
-                        "channel, destination, peer, message_type, control_id, message_id, status, ack, "
-                        "latency_us: microseconds, error, attempt)")
+    parser.add_argument("--format", choices=("text", "json"), default="text",
+                        help="json: one object per line (seq, at_ms: milliseconds since the epoch, message_id, "
+                             "latency_us: microseconds, attempt, control_id, direction, channel, destination, "
+                             "peer, message_type, status, ack, error)")
     add_settings_arguments(parser, channels=False)
 
 
