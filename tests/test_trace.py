@@ -27,14 +27,25 @@ def sent(channel="adt", destination="lab", message_id=1, event="delivery_sent"):
 
 
 class Subscriptions:
+    """The event bus as the tracer sees it: who listens to which events, and emit()."""
+
     def __init__(self):
-        self.observers = []
+        self.registered = []  # (observer, the events it wants)
+
+    @property
+    def observers(self):
+        return [observer for observer, _ in self.registered]
 
     def subscribe(self, observer, events=None):
-        self.observers.append(observer)
+        self.registered.append((observer, events))
 
     def unsubscribe(self, observer):
-        self.observers.remove(observer)
+        self.registered = [(o, e) for o, e in self.registered if o != observer]
+
+    def emit(self, event, fields):
+        for observer, events in self.registered:
+            if events is None or event in events:
+                observer(event, fields)
 
 
 def test_the_tracer_listens_only_while_a_trace_is_open():
@@ -43,9 +54,9 @@ def test_the_tracer_listens_only_while_a_trace_is_open():
     assert subs.observers == []  # nobody traces: no observer, no cost
     session = tracer.start("user:ana", seconds=60)
     assert subs.observers == [tracer._inbound, tracer._outbound]  # message_processed; delivery_*
-    tracer.observe("message_processed", processed())
+    subs.emit("message_processed", processed())
     clock.advance(61)
-    tracer.observe("message_processed", processed(message_id=2))  # after its end: not recorded, and it detaches
+    subs.emit("message_processed", processed(message_id=2))  # after its end: not recorded, and it detaches
     assert subs.observers == [] and [r["message_id"] for r in session.read(0)] == [1]
     assert tracer.get(session.id).view(clock.seconds())["done"]  # still readable a minute after its end
     clock.advance(60)
@@ -63,12 +74,12 @@ def test_rows_are_filtered_by_direction_channel_destination_and_type():
     inbound = tracer.start("a", direction="in", channel="adt", message_type="adt")
     to_lab = tracer.start("a", direction="out", destination="lab")
     a01 = tracer.start("a", message_type="ADT^A01")
-    tracer.observe("message_processed", processed(message_id=1, message_type="ADT^A01^ADT_A01"))
-    tracer.observe("message_processed", processed(message_id=2, message_type="ADT^A03", control_id="C2"))
-    tracer.observe("message_processed", processed(channel="oru", message_id=3, message_type="ORU^R01"))
-    tracer.observe(*sent(message_id=1))
-    tracer.observe(*sent(destination="archive", message_id=2, event="delivery_retried"))
-    tracer.observe("message_received", {"channel": "adt"})  # not a row
+    subs.emit("message_processed", processed(message_id=1, message_type="ADT^A01^ADT_A01"))
+    subs.emit("message_processed", processed(message_id=2, message_type="ADT^A03", control_id="C2"))
+    subs.emit("message_processed", processed(channel="oru", message_id=3, message_type="ORU^R01"))
+    subs.emit(*sent(message_id=1))
+    subs.emit(*sent(destination="archive", message_id=2, event="delivery_retried"))
+    subs.emit("message_received", {"channel": "adt"})  # not a row
     assert [(r["direction"], r["message_id"]) for r in everything.read(0)] == [
         ("in", 1), ("in", 2), ("in", 3), ("out", 1), ("out", 2)]
     assert [r["message_id"] for r in inbound.read(0)] == [1, 2]
@@ -83,15 +94,16 @@ def test_rows_are_filtered_by_direction_channel_destination_and_type():
 
 def test_a_slow_reader_loses_the_oldest_rows_never_the_engine_time():
     clock = task.Clock()
-    tracer = Tracer(clock, lambda o, events=None: None, lambda o: None)
+    subs = Subscriptions()
+    tracer = Tracer(clock, subs.subscribe, subs.unsubscribe)
     session = tracer.start("a")
     for i in range(BUFFER_ROWS + 25):
-        tracer.observe("message_processed", processed(message_id=i))
+        subs.emit("message_processed", processed(message_id=i))
     assert session.buffered == BUFFER_ROWS and session.dropped == 25
     assert session.read(0, 3)[0]["seq"] == 26 and session.read(BUFFER_ROWS + 20)[-1]["seq"] == BUFFER_ROWS + 25
     across = session.read(BUFFER_ROWS - 10, 20)  # a page across the ring's end, then on from its start
     assert [(r["seq"], r["message_id"]) for r in across] == [(s, s - 1) for s in range(BUFFER_ROWS - 9, BUFFER_ROWS + 11)]
-    tracer.observe("message_processed", processed(message_id=-1))  # the row it pushes out was read: not a loss
+    subs.emit("message_processed", processed(message_id=-1))  # the row it pushes out was read: not a loss
     assert session.dropped == 25
 
 
@@ -101,20 +113,22 @@ def test_a_row_leaves_no_object_the_garbage_collector_counts():
     full collection ran, which cost the engine more than the tracer's own code."""
     import gc
 
-    tracer = Tracer(task.Clock(), lambda o, events=None: None, lambda o: None)
+    subs = Subscriptions()
+
+    tracer = Tracer(task.Clock(), subs.subscribe, subs.unsubscribe)
     tracer.start("a")
     tracer.start("b", direction="out")
     inbound = [processed(message_id=i, control_id=f"C{i}") for i in range(3000)]
     outbound = [sent(message_id=i) for i in range(3000)]
     for i in range(10):  # a first row of each kind
-        tracer.observe("message_processed", inbound[i])
-        tracer.observe(*outbound[i])
+        subs.emit("message_processed", inbound[i])
+        subs.emit(*outbound[i])
     gc.disable()
     try:
         before = gc.get_count()[0]
         for i in range(10, 3000):
-            tracer.observe("message_processed", inbound[i])
-            tracer.observe(*outbound[i])
+            subs.emit("message_processed", inbound[i])
+            subs.emit(*outbound[i])
         counted = gc.get_count()[0] - before
     finally:
         gc.enable()
@@ -122,7 +136,8 @@ def test_a_row_leaves_no_object_the_garbage_collector_counts():
 
 
 def test_what_a_trace_may_be():
-    tracer = Tracer(task.Clock(), lambda o, events=None: None, lambda o: None)
+    subs = Subscriptions()
+    tracer = Tracer(task.Clock(), subs.subscribe, subs.unsubscribe)
     for kwargs, text in (({"seconds": 30}, "1 to 60 minutes"), ({"seconds": 3601}, "1 to 60 minutes"),
                          ({"direction": "sideways"}, "in, out or both"),
                          ({"direction": "in", "destination": "lab"}, "outbound")):

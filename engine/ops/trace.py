@@ -243,14 +243,7 @@ class Tracer:
             for kept in (self._types, self._ids, self._old_types, self._old_ids, self._in_tails, self._out_tails):
                 kept.clear()
 
-    # -- events -----------------------------------------------------------------------------------
-    def observe(self, event: str, fields: dict) -> None:
-        """An event, as the engine's event bus hands it to the tracer (tests)."""
-        if event == "message_processed":
-            self._inbound(event, fields)
-        elif event in _OUT_EVENTS:
-            self._outbound(event, fields)
-
+    # -- events (each handler subscribed to its own events) ----------------------------------------
     def _inbound(self, event: str, f: dict) -> None:
         codes = f["ack_codes"]
         key = (f["channel"], f["peer"], f["message_type"], f["status"], codes[-1] if codes else "")
