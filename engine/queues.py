@@ -36,6 +36,10 @@ _SENT, _ERROR, _QUEUED, _WITHDRAWN = (s.value for s in (DeliveryStatus.SENT, Del
                                                          DeliveryStatus.WITHDRAWN))
 _FETCH = 200  # deliveries read per look
 _MEMORY_LIMIT = 2000  # deliveries held in memory per destination; the rest are read back from the store
+# first results of rows a poll found before the engine handed them over (see first_result): kept
+# this long, and at most this many, for a waiter that comes late
+_UNCLAIMED_SECONDS = 120.0
+_UNCLAIMED_LIMIT = 10_000
 
 
 def retry_delay(attempts: int, options: QueueOptions, rng: random.Random) -> float:
@@ -88,6 +92,9 @@ class DestinationQueue:
         self.sent = self.failed = self.retried = 0
         self._waiters: dict[int, list[defer.Deferred]] = {}
         self._holding: set[int] = set()  # after_delivery: a failed first attempt waits for release/withdraw
+        # message id -> (when, result) of a first attempt that nobody waited for, of a row a poll
+        # loaded: a trip whose commit the poll saw before its callback ran asks for it late
+        self._unclaimed: dict[int, tuple[float, DeliveryResult]] = {}
         self._wake = None
         self.paused = False  # an operator's pause: the queue keeps filling, nothing is sent
         self.last_error = ""
@@ -179,6 +186,17 @@ class DestinationQueue:
         """Fires with the DeliveryResult of the message's next attempt (for response.when:
         after_delivery). A failed attempt is then *held*, not retried, until the caller says
         :meth:`release` (retry as usual) or :meth:`withdraw` (the sender was told to resend)."""
+        early = self._unclaimed.pop(message_id, None)
+        if early is not None and message_id not in self.in_flight:
+            # a poll read the row as soon as it was committed, before the engine handed it over,
+            # and its first attempt is over: that attempt is the answer; a failed one waits for
+            # release/withdraw like any other (its retry has not started: it is not in flight)
+            result = early[1]
+            row = self.pending.get(message_id)
+            if row is not None:
+                row["held"] = True
+                self._holding.add(message_id)
+            return defer.succeed(result)
         d = defer.Deferred()
         self._waiters.setdefault(message_id, []).append(d)
         self._holding.add(message_id)
@@ -237,6 +255,7 @@ class DestinationQueue:
         unknown = [row for row in rows if row["message_id"] not in self.known]
         fresh = unknown[:room]
         for row in fresh:
+            row["polled"] = True  # not handed over by the engine: a waiter may come after its first attempt
             self.known.add(row["message_id"])
             self.pending[row["message_id"]] = row
             self._loaded_max = max(self._loaded_max, row["message_id"])
@@ -412,10 +431,17 @@ class DestinationQueue:
         if not result.ok:
             self.last_error, self.last_error_at = result.error, now
         self._state(result)
-        for waiter in self._waiters.pop(message_id, ()):
-            waiter.callback(result)
+        # the attempt is over before anyone hears of it: a waiter may withdraw the row at once,
+        # and its withdrawal must be recorded after this attempt's result, not overwritten by it
+        self.in_flight.pop(message_id, None)
         # recorded through the group commit; the id stays "known" until then so a poll cannot resend it
         update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), lazy=True)
+        waiters = self._waiters.pop(message_id, None)
+        if waiters:
+            for waiter in waiters:
+                waiter.callback(result)
+        elif attempts == 1 and row.get("polled"):
+            self._remember_unclaimed(message_id, result, now)
 
         def recorded(outcome):
             if final:
@@ -428,6 +454,15 @@ class DestinationQueue:
                                               error=f.getErrorMessage()))
         if not self.pending:
             self._report()
+
+    def _remember_unclaimed(self, message_id: int, result: DeliveryResult, now: float) -> None:
+        unclaimed = self._unclaimed
+        unclaimed[message_id] = (now, result)
+        while unclaimed:
+            oldest_id, (at, _) = next(iter(unclaimed.items()))
+            if len(unclaimed) <= _UNCLAIMED_LIMIT and now - at <= _UNCLAIMED_SECONDS:
+                break
+            del unclaimed[oldest_id]
 
     def _state(self, result) -> None:
         connected = result.reached_peer

@@ -433,3 +433,58 @@ def test_after_a_backlog_drains_new_messages_go_straight_to_memory_again(setup, 
         clock.advance(0.1)
     assert not queue.spilled and delivered == [f"M{i:04d}" for i in range(1, len(delivered) + 1)]
     assert len(delivered) >= n - 2
+
+
+# -- response.when: after_delivery's first result ------------------------------------------------------
+@pytest.mark.parametrize("order", ["in_order", "per_key", "none"])
+def test_a_waiter_that_withdraws_at_once_withdraws_the_held_copy(setup, order):
+    """The first result was handed to its waiter while the row still counted as in flight, so a
+    withdrawal made in the waiter's callback (the engine answers AR at once) was refused: the copy
+    stayed held for ever, blocked its key, and was sent again after a restart."""
+    store, clock, _ = setup
+    enqueue(store, "M1")
+    peer = Peer([DOWN])
+    queue = DestinationQueue("ch", "lab", peer, QueueOptions(order=order, retry_initial=1, retry_max=1),
+                             setup[2], clock, clock.seconds, poll_interval=1.0, rng=random.Random(3))
+    withdrawn = []
+    queue.first_result(1).addCallback(lambda result: withdrawn.append(queue.withdraw(1, "withdrawn: resend")))
+    queue.start()
+    clock.advance(0)
+    [d] = withdrawn
+    assert d is not None and not queue.pending and not queue.in_flight
+    enqueue(store, "M2")  # the same key flows
+    for _ in range(10):
+        clock.advance(0.5)
+    assert peer.received == ["M1", "M2"]
+    rows = statuses(store)
+    assert rows["M1"]["status"] == "WITHDRAWN" and rows["M2"]["status"] == "SENT"
+    # a restart sends nothing again
+    again = Peer()
+    make_queue(setup, again)
+    for _ in range(5):
+        clock.advance(0.5)
+    assert again.received == []
+
+
+@pytest.mark.parametrize("first", [DOWN, DeliveryResult(True, ack="AA")])
+def test_a_waiter_that_comes_after_the_first_attempt_gets_its_result(setup, first):
+    """A poll can read a row the moment it is committed, before the engine registers the trip's
+    waiter: the first attempt then ended unheard and the sender was never answered."""
+    store, clock, _ = setup
+    enqueue(store, "M1")
+    peer = Peer([first])
+    queue = make_queue(setup, peer, retry_initial=1, retry_max=1)
+    clock.advance(0)
+    assert peer.received == ["M1"]
+    results = []
+    queue.first_result(1).addCallback(results.append)
+    assert results == [first]
+    if not first.ok:  # held, not retried, until the engine decides
+        for _ in range(10):
+            clock.advance(0.5)
+        assert peer.received == ["M1"] and queue.pending[1]["held"]
+        assert queue.withdraw(1, "withdrawn: resend") is not None
+        clock.advance(1)
+        assert statuses(store)["M1"]["status"] == "WITHDRAWN"
+    else:
+        assert statuses(store)["M1"]["status"] == "SENT"
