@@ -250,21 +250,27 @@ class Trip:
         return outcome
 
     def _duplicate_of(self, first: dict) -> defer.Deferred:
-        """Stored as DUPLICATE, not processed again, and answered with the original's code."""
-        from hl7relay.ack.builder import build_ack
-
+        """Stored as DUPLICATE, not processed again, and answered as the original was (accepted,
+        error, filtered), in the ACK mode of the copy at hand: a resend may switch between
+        original and enhanced mode, and its sender reads the codes of its own mode."""
         channel, original = self.channel, self.original
-        code = first["ack_code"]
         error = f"duplicate of message {first['id']}"
-        acks = [] if not code or is_ack(original) else [build_ack(
-            original, code, error, sending_application=channel.response.application,
-            sending_facility=channel.response.facility)]
+        code = (first["ack_code"] or "")[1:]
+        if code == "E" or first["status"] == _ERROR:
+            outcome = Outcome.error(error)
+        elif first["status"] == MessageStatus.FILTERED.value:
+            outcome = Outcome.filtered()
+        else:
+            outcome = Outcome.accepted()
+        outcome = self.running.policy.prepare(original, outcome)
+        acks = outcome.acks
         record = MessageRecord(channel.name, self.raw, _DUPLICATE, self.received_at, self.peer, original.charset,
-                               error=error, ack_code=code, duplicate_key=self.duplicate_key, **self.header)
+                               error=error, ack_code=outcome.ack_codes[-1] if outcome.ack_codes else "",
+                               duplicate_key=self.duplicate_key, **self.header)
         if acks and "acks" in channel.stages:
             record.stages["ack"] = b"\r".join(acks)
         self.record, self.status, self.stage = record, _DUPLICATE, PROCESSED
-        self.outcome = Outcome(Status.ACCEPTED, acks=acks, ack_codes=[code] if acks else [])
+        self.outcome = outcome
         log.info("channel {channel}: message {control_id} is a duplicate of message {original_id}", channel=channel.name,
                  control_id=self.header["control_id"], original_id=first["id"])
         return self.commit(record)

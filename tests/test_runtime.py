@@ -287,6 +287,34 @@ def test_duplicates_are_stored_not_processed_and_answered_like_the_original(tmp_
     assert stored["deliveries"] == [] and stored["error"] == "duplicate of message 1"
 
 
+@pytest.mark.parametrize("first, resend, expected", [
+    ("", "|||AL|AL", ["CA", "AA"]),  # the original in original mode, the resend in enhanced mode
+    ("|||AL|NE", "", ["AA"]),  # and the other way round
+    ("|||AL|AL", "|||NE|AL", ["AA"]),  # enhanced both times: the resend's own MSH-15/16
+])
+def test_a_duplicate_is_answered_in_the_mode_of_the_resend(tmp_path, manual_executor, first, resend, expected):
+    """A duplicate was answered with the first copy's code (CA to a sender in original mode, AA to
+    one in enhanced mode): a sender reads the codes of its own mode only."""
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor, DUPLICATES)
+    answer(engine, channel, ADT.format(id="D1", extra=first))
+    executor.run_all()
+    again = answer(engine, channel, ADT.format(id="D1", extra=resend))
+    executor.run_all()
+    assert ack_codes(again[0]) == expected and store.count(status="DUPLICATE") == 1
+
+
+def test_a_resend_after_a_request_to_resend_is_processed_not_taken_for_a_duplicate(tmp_path, manual_executor):
+    """The first copy was answered AR (send it again); its resend was answered AR again as its
+    duplicate, for ever."""
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor, DUPLICATES + "filters: [{field: {path: PID-8, exists: true}}]\n")
+    first = answer(engine, channel, ADT.format(id="D1", extra=""))  # filtered: AR
+    executor.run_all()
+    assert ack_codes(first[0]) == ["AR"]
+    resend = answer(engine, channel, ADT.format(id="D1", extra="").replace("DOE^JANE", "DOE^JANE||19700101|F"))
+    executor.run_all()
+    assert ack_codes(resend[0]) == ["AA"] and store.count(status="DUPLICATE") == 0
+
+
 def test_a_repeat_outside_the_window_is_processed(tmp_path, manual_executor):
     engine, channel, store, executor = make_engine(tmp_path, manual_executor, DUPLICATES)
     now = [1700000000.0]

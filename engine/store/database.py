@@ -752,10 +752,12 @@ class Store:
             return [dict(r) for r in connection.execute(query.order_by(messages.c.id.desc()).limit(limit)).mappings()]
 
     def find_original(self, channel: str, key: str, since: float) -> dict | None:
-        """The first non-duplicate message of the channel with this duplicate key since ``since``."""
+        """The first non-duplicate message of the channel with this duplicate key since ``since``.
+        One answered AR or CR does not count: its sender was asked to send it again, and the
+        resend must be processed, not answered AR for ever."""
         query = (sa.select(messages.c.id, messages.c.ack_code, messages.c.status)
                  .where(messages.c.channel == channel, messages.c.duplicate_key == storable(key), messages.c.received_at >= since,
-                        messages.c.status != "DUPLICATE")
+                        messages.c.status != "DUPLICATE", messages.c.ack_code.not_in(("AR", "CR")))
                  .order_by(messages.c.received_at, messages.c.id).limit(1))  # the key index's order: nothing sorted
         with self.engine.connect() as connection:
             row = connection.execute(query).mappings().first()
