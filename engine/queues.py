@@ -25,7 +25,7 @@ from hl7relay.channels.destinations import QueueOptions
 from hl7relay.errors import ParseError
 from hl7relay.events import emit
 from hl7relay.hl7.message import Message
-from hl7relay.outcomes import DeliveryResult, DeliveryStatus
+from hl7relay.outcomes import DeliveryOutcome, DeliveryResult, DeliveryStatus
 from hl7relay.store.database import DeliveryUpdate, StoreError
 
 __all__ = ["DestinationQueue", "DeliveryResult", "retry_delay"]
@@ -109,6 +109,16 @@ class DestinationQueue:
             self.loop.stop()
         if self._wake is not None and self._wake.active():
             self._wake.cancel()
+        # after_delivery: a trip waiting for the first attempt of a row this queue will not send
+        # now hears so at once (it answers AR and withdraws the row; the sender sends it again):
+        # otherwise it waits for an attempt that never comes, and its sender for an answer
+        for message_id in [m for m in self._waiters if m not in self.in_flight]:
+            row = self.pending.get(message_id)
+            if row is not None:
+                row["held"] = True
+            for waiter in self._waiters.pop(message_id):
+                waiter.callback(DeliveryResult(False, error="not sent: the destination's queue stopped (engine stopping "
+                                                           "or channel reloaded)", outcome=DeliveryOutcome.FAILED))
 
     def enqueue(self, message_id: int, content: bytes, order_key: str | None, received_at: float,
                 message: Message | None = None) -> None:
@@ -213,10 +223,18 @@ class DestinationQueue:
         """A held delivery is taken out of the queue and recorded WITHDRAWN: the sender was
         answered with a request to send again, so this copy must never reach the peer too."""
         self._holding.discard(message_id)
-        row = self.pending.get(message_id)
-        if row is None or not row.get("held") or message_id in self.in_flight:
+        if message_id in self.in_flight:
             return None
-        del self.pending[message_id]
+        row = self.pending.get(message_id)
+        if row is None:
+            # only a stopped queue withdraws a row it does not hold (one left on disk, beyond
+            # memory): it sends nothing more, and its successor must not send it either
+            if not self.stopped:
+                return None
+        elif not row.get("held"):
+            return None
+        else:
+            del self.pending[message_id]
         update = self.writer.update(DeliveryUpdate(message_id, self.destination, {
             "status": _WITHDRAWN, "last_error": reason, "next_attempt_at": None, "updated_at": self.clock()}))
 

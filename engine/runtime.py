@@ -27,7 +27,7 @@ from hl7relay.store.writer import StoreWriter
 from hl7relay.stats import ChannelStats
 from hl7relay.trip import Trip
 
-__all__ = ["Engine", "DeliveryResult"]
+__all__ = ["Engine", "DeliveryResult", "StopReport"]
 
 log = Logger(namespace="hl7relay.engine")
 
@@ -43,6 +43,35 @@ class _RunningChannel:
     address: str = ""  # where it listens, once open
     # the peers its listener has seen (mllp/listener.py): kept while the channel is closed and opened again
     peers: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class StopReport:
+    """What a stop left undone when its time (``stop_timeout``) ran out."""
+
+    timeout: float
+    unanswered: int = 0  # messages being processed whose senders got no answer
+    dropped: int = 0  # frames received but not started: dropped unanswered
+    deliveries_unanswered: int = 0  # deliveries on the wire: sent again after the restart
+
+    @property
+    def clean(self) -> bool:
+        return not (self.unanswered or self.dropped or self.deliveries_unanswered)
+
+    def describe(self) -> str:
+        """The engine's last line."""
+        if self.clean:
+            return "stopped: in-flight messages finished, store flushed"
+        parts = []
+        if self.unanswered:
+            parts.append(f"{self.unanswered} message(s) in flight left unanswered after {self.timeout:g}s (their "
+                         "senders will send them again)")
+        if self.dropped:
+            parts.append(f"{self.dropped} received message(s) not started, dropped unanswered (their senders will "
+                         "send them again)")
+        if self.deliveries_unanswered:
+            parts.append(f"{self.deliveries_unanswered} deliveries unanswered (sent again after the restart)")
+        return "stopped: " + "; ".join(parts) + "; store flushed"
 
 
 class Engine:
@@ -368,30 +397,52 @@ class Engine:
 
     @defer.inlineCallbacks
     def stop(self):
-        """Stop accepting, finish what is in flight, flush the store."""
+        """Stop within ``stop_timeout``: stop accepting and reading at once, answer the messages
+        being processed, wait for the ACKs of deliveries on the wire, flush the store. Returns a
+        :class:`StopReport` of what was left when the time ran out."""
         self.stopping = True
+        deadline = self.reactor.seconds() + self.stop_timeout
+        report = StopReport(self.stop_timeout)
         if self.alerts is not None:
             self.alerts.stop()  # a stopping engine's queues are not an outage
+        sources = []
         for running in self.channels.values():
+            if running.source is not None:
+                sources.append(running.source)
             yield self._close(running, close_connections=False)
-        for _ in range(600):  # in-flight messages get up to a minute
-            if self.in_flight == 0:
-                break
-            yield task.deferLater(self.reactor, 0.1, lambda: None)
-        # Deliveries already on the wire: their ACKs are waited for (bounded), so a clean restart
-        # does not send them again; what is still unanswered then is resent after the restart.
-        forwarder = self.forwarder.stop(self.stop_timeout) if self.forwarder is not None else defer.succeed(0)
-        deadline = self.reactor.seconds() + self.stop_timeout
+        # nothing more is read: a frame received but not started is dropped unanswered (its
+        # sender sends it again); what is being processed is answered, then its connection closes
+        report.dropped = sum(source.finish() for source in sources)
+        while self.in_flight and self.reactor.seconds() < deadline:
+            yield task.deferLater(self.reactor, 0.02, lambda: None)
+        report.unanswered = self.in_flight
+        if self.in_flight:
+            # the time is up: their senders get no answer and send them again (they may have
+            # been stored meanwhile: at-least-once, as after a crash)
+            for source in sources:
+                source.abort()
+        # Deliveries already on the wire: their ACKs are waited for (bounded by the same
+        # deadline), so a clean restart does not send them again; what is still unanswered then
+        # is resent after the restart.
+        remaining = max(0.0, deadline - self.reactor.seconds())
+        forwarder = self.forwarder.stop(remaining) if self.forwarder is not None else defer.succeed(0)
         while self._deliveries_in_flight() and self.reactor.seconds() < deadline:
-            yield task.deferLater(self.reactor, 0.05, lambda: None)
-        unanswered = self._deliveries_in_flight()
-        unanswered += yield forwarder  # its results are with the writer now
-        if unanswered:
+            yield task.deferLater(self.reactor, 0.02, lambda: None)
+        report.deliveries_unanswered = self._deliveries_in_flight()
+        report.deliveries_unanswered += yield forwarder  # its results are with the writer now
+        if report.unanswered:
+            log.warn("stopping with {count} received messages unanswered after {timeout:g}s (stop_timeout); their "
+                     "senders will send them again", count=report.unanswered, timeout=self.stop_timeout)
+        if report.dropped:
+            log.warn("stopping: {count} received messages not started were dropped unanswered; their senders will "
+                     "send them again", count=report.dropped)
+        if report.deliveries_unanswered:
             log.warn("stopping with {count} deliveries unanswered after {timeout:g}s; they will be sent again "
-                     "after the restart (at-least-once)", count=unanswered, timeout=self.stop_timeout)
+                     "after the restart (at-least-once)", count=report.deliveries_unanswered, timeout=self.stop_timeout)
         for delivery in self._deliveries.values():
             delivery.close()
         yield self.writer.close()
+        return report
 
     def _deliveries_in_flight(self) -> int:
         """Deliveries on the wire from this process's own queues."""

@@ -201,7 +201,7 @@ class Trip:
             final = Outcome.rejected("; ".join(r.error for r in results if not r.ok),
                                      self.outcome.code or ErrorCode.APPLICATION_INTERNAL_ERROR)
             withdrawn = [queue.withdraw(message_id, f"withdrawn: the sender was answered {resend} and will send it again")
-                         for queue in queues]
+                         for queue, result in zip(queues, results) if not result.ok]
             try:
                 yield defer.gatherResults([d for d in withdrawn if d is not None])
             except Exception:  # noqa: BLE001 - recorded through the store writer, which logs its own failures

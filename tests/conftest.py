@@ -78,10 +78,10 @@ class RunningEngine:
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
         sys.path.insert(0, str(Path(__file__).parent))
-        from test_runtime import wait_for_line
+        from test_runtime import READY, wait_for_line
 
         try:
-            self.startup = "".join(wait_for_line(self.process, "ready"))
+            self.startup = "".join(wait_for_line(self.process, READY))
         except BaseException:  # it did not start: do not leave it behind
             self.process.kill()
             self.process.wait(timeout=30)

@@ -16,7 +16,7 @@ import pytest
 from hl7relay.mllp.framing import Frame, MLLPFramer, frame
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_runtime import wait_for_line  # noqa: E402
+from test_runtime import READY, wait_for_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ORU = ("MSH|^~\\&|LAB|LABFAC|HL7RELAY|CLINIC|20240105093512||ORU^R01^ORU_R01|{id}|P|2.5.1\r"
@@ -90,7 +90,7 @@ class Engine:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", "--console-port", "0",
              "--forwarding", forwarding], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        startup = "".join(wait_for_line(self.process, "ready; Ctrl-C or SIGTERM stops"))
+        startup = "".join(wait_for_line(self.process, READY))
         self.oru_port = int(startup.split("channel oru-to-pms: MLLP on 127.0.0.1:")[1].split()[0])
 
     def stop(self) -> int:

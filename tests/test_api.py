@@ -221,13 +221,13 @@ def test_a_large_search_does_not_hold_up_acks(tmp_path):
         store.commit([MessageRecord("adt", filler, "PROCESSED", 1.0, control_id=f"F{i}") for i in range(start, start + 5000)], [])
     store.add_token("v", "viewer", token_hash(TOKENS["viewer"]), "test", {"actor": "test", "action": "token.create"})
     store.close()
-    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto"], cwd=tmp_path,
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto", "--console-port", "0"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_runtime import wait_for_line
+    from test_runtime import READY, wait_for_line
 
     try:
-        startup = "".join(wait_for_line(process, "ready"))
+        startup = "".join(wait_for_line(process, READY))
         port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
         engine = {"base": (tmp_path / "data" / "api-endpoint").read_text().strip()}
         searched = threading.Event()
@@ -263,16 +263,16 @@ def test_the_admin_listener_can_take_tls(tmp_path, server_certificate):
 
     ca, certificate, key = server_certificate
     (tmp_path / "engine.yaml").write_text(f"admin: {{host: 127.0.0.1, port: auto, tls_cert: {certificate}, "
-                                          f"tls_key: {key}, tls_ca: {ca}}}\n")
+                                          f"tls_key: {key}, tls_ca: {ca}}}\nconsole: {{port: 0}}\n")
     (tmp_path / "channels").mkdir()
     (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n")
     process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--config", "engine.yaml"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_runtime import wait_for_line
+    from test_runtime import READY, wait_for_line
 
     try:
-        startup = "".join(wait_for_line(process, "ready"))
+        startup = "".join(wait_for_line(process, READY))
         assert "admin: https://127.0.0.1:" in startup and "(TLS)" in startup
         endpoint = (tmp_path / "data" / "api-endpoint").read_text().strip()
         assert endpoint.startswith("https://")

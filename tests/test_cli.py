@@ -146,7 +146,7 @@ def test_run_on_a_taken_port_says_so_in_one_line(tmp_path):
         port = taken.getsockname()[1]
         (tmp_path / "ch.yaml").write_text(f"name: ch\nsource: {{type: mllp, port: {port}}}\n")
         result = subprocess.run([sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path), "--data-dir",
-                                 str(tmp_path / "data"), "--admin-port", "0"], capture_output=True, text=True, timeout=60)
+                                 str(tmp_path / "data"), "--admin-port", "0", "--console-port", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot start" in result.stderr and "in use" in result.stderr and str(port) in result.stderr
 
@@ -177,7 +177,7 @@ def test_the_engine_settings_come_from_specs_listed_and_as_a_schema(capsys, tmp_
 def test_the_console_is_not_served_in_plain_http_off_this_machine(tmp_path):
     (tmp_path / "ch.yaml").write_text("name: ch\nsource: {type: mllp, port: 0}\n")
     command = [sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path), "--data-dir", str(tmp_path / "data"),
-               "--admin-port", "0", "--console-host", "0.0.0.0"]
+               "--admin-port", "0", "--console-port", "auto", "--console-host", "0.0.0.0"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "not starting: the console would serve plain HTTP on 0.0.0.0" in result.stderr

@@ -167,7 +167,7 @@ def test_destination_down_then_up_every_message_delivered(tmp_path, processes, f
     write_channel(tmp_path / "channels", 0, lab.port)
     engine_log = tmp_path / "engine.log"
     engine = start("run", "--channels", str(tmp_path / "channels"), "--data-dir", str(tmp_path / "data"),
-                   "--admin-port", "0", "--forwarding", forwarding, log=open(engine_log, "w"))
+                   "--admin-port", "0", "--console-port", "0", "--forwarding", forwarding, log=open(engine_log, "w"))
     processes.append(engine)
     engine_port = bound_port(engine_log)
     try:
@@ -190,7 +190,7 @@ def test_kill_9_under_load_then_restart_loses_nothing_acked(tmp_path, processes,
     processes.append(start("listen", "--port", "0", log=open(lab_log, "w")))
     lab_port = bound_port(lab_log)
     write_channel(tmp_path / "channels", 0, lab_port)
-    run = ["run", "--channels", str(tmp_path / "channels"), "--data-dir", str(tmp_path / "data"), "--admin-port", "0",
+    run = ["run", "--channels", str(tmp_path / "channels"), "--data-dir", str(tmp_path / "data"), "--admin-port", "0", "--console-port", "0",
            "--forwarding", forwarding]
     engine = start(*run, log=open(tmp_path / "engine1.log", "w"))
     processes.append(engine)
@@ -217,6 +217,6 @@ def test_kill_9_under_load_then_restart_loses_nothing_acked(tmp_path, processes,
     print(f"ACKed before the kill: {len(acked_at_kill)}; delivered: {len(set(received))}; re-sent (at-least-once): {duplicates}")
     # everything may have reached the lab before the kill: wait for the restart to be up (its
     # SIGTERM handler in place) before stopping it
-    wait_for(lambda: "ready" in (tmp_path / "engine2.log").read_text(), 60, "the restarted engine to be ready")
+    wait_for(lambda: "ready; Ctrl-C or SIGTERM stops\n" in (tmp_path / "engine2.log").read_text(), 60, "the restarted engine to be ready")
     restarted.send_signal(signal.SIGTERM)
     assert restarted.wait(timeout=30) == 0

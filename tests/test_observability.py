@@ -223,6 +223,26 @@ def test_repeated_log_lines_are_bounded_and_summarised():
     assert len(written) == 13  # a new window starts afresh
 
 
+def _hold_store_lock(database, seconds: float):
+    """Hold the store's engine lock as a stopping engine would, for ``seconds``, on a thread."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(str(database) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def release():
+        time.sleep(seconds)
+        os.close(fd)
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    return thread
+
+
 def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
     import os
     import socket
@@ -232,12 +252,11 @@ def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
 
     (tmp_path / "channels").mkdir()
     (tmp_path / "channels" / "ch.yaml").write_text("name: ch\nsource: {type: mllp, port: 0}\n")
-    taken = socket.socket()  # the console's port is taken: its warning is a JSON line too
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
+    # another engine on the store is stopping: the wait for it is a JSON line too
+    waiting = _hold_store_lock(tmp_path / "data" / "hl7relay.db", seconds=1.0)
     process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path / "channels"),
                                 "--data-dir", str(tmp_path / "data"), "--admin-port", "0", "--log-format", "json",
-                                "--console-port", str(taken.getsockname()[1])],
+                                "--console-port", "0"],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
@@ -256,15 +275,15 @@ def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
     finally:
         process.send_signal(15)
         out, err = process.communicate(timeout=30)
-        taken.close()
+        waiting.join()
     lines += err.splitlines()
     objects = [json.loads(line) for line in lines if line.strip()]
-    assert [o["level"] for o in objects if o["event"] == "console_not_started"] == ["warn"]
+    assert [o["level"] for o in objects if o["event"] == "waiting_for_store"] == ["warn"]
     assert process.returncode == 0 and objects
     for obj in objects:
         assert {"time", "level", "logger", "event", "text"} <= set(obj) and not any(k.startswith("log_") for k in obj), obj
     events = [o["event"] for o in objects]
-    assert events[0] == "starting" and "ready" in events and events[-1] != "" and "stopped" in events
+    assert events[:2] == ["waiting_for_store", "starting"] and "ready" in events and events[-1] != "" and "stopped" in events
     discarded = [o for o in objects if "outside MLLP frames" in o["text"]]
     assert 1 <= len(discarded) <= 10 and discarded[0]["peer"].startswith("127.0.0.1:")
 

@@ -123,6 +123,9 @@ def test_storage_policy_controls_the_stages(tmp_path, manual_executor):
 
 
 # -- end to end: hl7relay run, hl7relay listen, hl7relay send, over loopback ---------------------------
+READY = "ready; Ctrl-C or SIGTERM stops"  # the engine's ready line, whole: "ready" alone matches "Address already in use"
+
+
 def wait_for_line(process, fragment, timeout=30):
     """Lines the process printed until one contains ``fragment`` (reads the pipe's fd directly).
     What was read past that line stays with the process object: keyed by the fd number, it was
@@ -169,9 +172,9 @@ def test_end_to_end_stored_then_delivered_to_a_file_and_an_mllp_receiver(tmp_pat
               - {{name: files, type: file, directory: "{tmp_path / 'out'}", filename: "{{MSH-10}}.hl7"}}
             """))
         engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
-                                   "--data-dir", str(tmp_path / "data"), "--admin-port", "0"], cwd=tmp_path,
+                                   "--data-dir", str(tmp_path / "data"), "--admin-port", "0", "--console-port", "0"], cwd=tmp_path,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        startup = "".join(wait_for_line(engine, "ready"))
+        startup = "".join(wait_for_line(engine, READY))
         engine_port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
         assert f"channel adt: MLLP on 127.0.0.1:{engine_port} -> lab (mllp), files (file)" in startup
         messages = [samples / "adt_a01.hl7", samples / "adt_a04.hl7", samples / "adt_a08.hl7"]
@@ -374,9 +377,9 @@ def _start_engine(tmp_path, channel_yaml):
     (channels / "ch.yaml").write_text(textwrap.dedent(channel_yaml))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
-                               "--data-dir", str(tmp_path / "data"), "--admin-port", "0"], cwd=tmp_path,
+                               "--data-dir", str(tmp_path / "data"), "--admin-port", "0", "--console-port", "0"], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    startup = "".join(wait_for_line(engine, "ready"))
+    startup = "".join(wait_for_line(engine, READY))
     port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
     return engine, port
 
@@ -603,6 +606,71 @@ def test_a_stop_gives_up_on_an_unanswered_delivery_after_stop_timeout(tmp_path):
     assert stopped and store.get_message(1)["deliveries"][0]["status"] == "QUEUED"  # resent after the restart
 
 
+def test_a_stop_keeps_its_timeout_when_a_message_is_still_being_stored(tmp_path, manual_executor):
+    """Engine.stop() waited a hard-coded 60 s for messages in flight, whatever stop_timeout said,
+    then said they had finished."""
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor)
+    engine.stop_timeout = 3
+    results = answer(engine, channel, ADT.format(id="S1", extra=""))  # its commit never returns
+    stopped = []
+    engine.stop().addCallback(stopped.append)
+    _run(engine, 2.9)
+    assert not stopped and not results
+    _run(engine, 0.2)
+    assert not stopped  # the store's flush is what it waits for now
+    executor.run_all()
+    [report] = stopped
+    assert report.unanswered == 1 and not report.clean
+    assert "1 message(s) in flight left unanswered after 3s" in report.describe()
+
+
+def test_after_delivery_a_stop_answers_the_waiting_sender_and_withdraws_the_unsent_copy(tmp_path):
+    """A trip waiting for the first attempt of a delivery that its stopped queue would never
+    make waited for ever (a minute, then 'in-flight messages finished')."""
+    engine, channel, store, received = _after_delivery_engine(tmp_path, {"lab": [], "billing": []})
+    for queue in engine.channels["ch"].queues.values():
+        queue.pause()  # nothing is sent before the stop
+    results = []
+    engine.handle(channel, Message(ADT.format(id="P1", extra="")), "peer").addCallback(results.append)
+    _run(engine, 0.5)
+    assert not results
+    stopped = []
+    engine.stop().addCallback(stopped.append)
+    _run(engine, 0.5)
+    assert ack_codes(results[0]) == ["AR"] and stopped and stopped[0].clean
+    assert {d["status"] for d in store.get_message(1)["deliveries"]} == {"WITHDRAWN"}
+    assert received == {"lab": [], "billing": []}
+
+
+def test_a_stopping_listener_reads_nothing_more_and_closes_after_the_answer():
+    from twisted.internet.testing import StringTransport
+
+    from hl7relay.mllp.framing import frame
+    from hl7relay.mllp.listener import ListenerConfig, MLLPListenerFactory
+
+    handled, pending = [], []
+
+    def handler(message, peer):
+        handled.append(message.control_id)
+        d = defer.Deferred()
+        pending.append(d)
+        return d
+
+    factory = MLLPListenerFactory(handler, ListenerConfig(), task.Clock())
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"".join(frame(ADT.format(id=i, extra="").encode()) for i in ("F1", "F2", "F3")))
+    assert handled == ["F1"]
+    assert protocol.finish() == 2  # F2 and F3 dropped unanswered
+    assert transport.producerState == "paused"
+    protocol.dataReceived(frame(ADT.format(id="F4", extra="").encode()))  # already in a buffer: ignored
+    from hl7relay.ack import Outcome
+
+    pending[0].callback(Outcome.accepted())
+    assert handled == ["F1"] and b"MSA|AA|F1" in transport.value() and transport.disconnecting
+
+
 def test_idle_connections_cannot_lock_a_sender_out(tmp_path):
     from hl7relay.mllp.framing import MLLPFramer, frame
 
@@ -652,9 +720,9 @@ def test_run_warns_when_the_store_is_readable_by_others_and_creates_nothing_read
     assert stat.S_IMODE(store_path.stat().st_mode) == 0o600 and stat.S_IMODE(store_path.parent.stat().st_mode) == 0o700
     os.chmod(store_path, 0o644)
     process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path / "channels"),
-                                "--data-dir", str(tmp_path / "data"), "--admin-port", "0"], cwd=tmp_path,
+                                "--data-dir", str(tmp_path / "data"), "--admin-port", "0", "--console-port", "0"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    output = "".join(wait_for_line(process, "ready"))
+    output = "".join(wait_for_line(process, READY))
     _stop_engine(process)
     assert "warning: the store is readable by other users of this machine" in output and "0o644" in output
 
@@ -672,7 +740,7 @@ def test_reload_under_load_leaves_unchanged_channels_alone_and_applies_the_chang
     b_file = channels / "b.yaml"
     b_file.write_text("name: b\nsource: {type: mllp, port: 0}\ntransformers: [{set: {path: MSH-5, value: OLD}}]\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto"], cwd=tmp_path,
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto", "--console-port", "0"], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
     def cli(*args):
@@ -689,7 +757,7 @@ def test_reload_under_load_leaves_unchanged_channels_alone_and_applies_the_chang
 
     answers, stop = [], threading.Event()
     try:
-        startup = "".join(wait_for_line(engine, "ready"))
+        startup = "".join(wait_for_line(engine, READY))
         port_a = int(startup.split("channel a: MLLP on 127.0.0.1:")[1].split()[0])
         b_before = address("b")
 

@@ -455,7 +455,7 @@ def test_the_engine_stores_acknowledges_and_delivers_on_postgresql(tmp_path):
     from hl7relay.mllp.framing import MLLPFramer, frame
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_runtime import ADT, wait_for_line
+    from test_runtime import ADT, READY, wait_for_line
 
     schema = f"engine_{uuid.uuid4().hex[:8]}"
     admin = _postgres_store()  # skips (or fails under CI) when no server answers
@@ -470,7 +470,7 @@ def test_the_engine_stores_acknowledges_and_delivers_on_postgresql(tmp_path):
                                 "--admin-port", "0", "--console-port", "0"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
-        startup = "".join(wait_for_line(process, "ready"))
+        startup = "".join(wait_for_line(process, READY))
         port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
         codes = []
         with socket.create_connection(("127.0.0.1", port)) as pms:

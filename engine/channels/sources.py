@@ -127,6 +127,19 @@ class Source:
     def close(self, close_connections: bool):
         """Stop accepting (and, when asked, close what is open); may return a Deferred."""
 
+    def finish(self) -> int:
+        """The engine is stopping (called after :meth:`close`): read nothing more from open
+        connections, answer what is being processed, then close them; returns how many received
+        messages were dropped unanswered."""
+        return 0
+
+    def unanswered(self) -> int:
+        """Connections still waiting for an answer (after :meth:`finish`)."""
+        return 0
+
+    def abort(self) -> None:
+        """Drop the connections still open at once (a stop's time is up)."""
+
     def keeps_socket(self, new_config) -> bool:
         """Whether a changed config can be applied in place (:meth:`reconfigure`)."""
         return False
@@ -151,6 +164,7 @@ class MLLPSource(Source):
     def __init__(self, config, engine, running):
         super().__init__(config, engine, running)
         self.port = None
+        self._factory = None  # the closed listener's, whose connections a stop finishes
 
     def open(self) -> str:
         from hl7relay.mllp.listener import listen
@@ -170,7 +184,7 @@ class MLLPSource(Source):
         port, self.port = self.port, None
         if port is None:
             return defer.succeed(None)
-        factory = getattr(port, "factory", None)
+        factory = self._factory = getattr(port, "factory", None)
         d = defer.maybeDeferred(port.stopListening)
 
         def closed(_):
@@ -179,6 +193,20 @@ class MLLPSource(Source):
                     protocol.transport.loseConnection()
 
         return d.addCallback(closed)
+
+    def finish(self) -> int:
+        factory = self._factory
+        return sum(protocol.finish() for protocol in list(getattr(factory, "connections", ())))
+
+    def unanswered(self) -> int:
+        factory = self._factory
+        return sum(1 for protocol in getattr(factory, "connections", ()) if protocol.busy)
+
+    def abort(self) -> None:
+        factory = self._factory
+        for protocol in list(getattr(factory, "connections", ())):
+            protocol.closed = True
+            protocol.transport.abortConnection()
 
     def keeps_socket(self, new_config) -> bool:
         old, new = self.config.listener, getattr(new_config, "listener", None)

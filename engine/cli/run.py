@@ -42,7 +42,11 @@ def add_arguments(parser) -> None:
                         help="where destinations are sent from: inline (this process, the default) or process (a "
                              "forwarder process of its own: ACKs never wait behind deliveries)")
     parser.add_argument("--stop-timeout", type=seconds, metavar="SECONDS",
-                        help="on SIGTERM, how long to wait for the ACKs of deliveries already sent (default 10)")
+                        help="on SIGTERM, how long to wait for the messages in flight and the ACKs of deliveries "
+                             "already sent (default 10)")
+    parser.add_argument("--lock-wait", type=seconds, metavar="SECONDS",
+                        help="how long to wait for another engine on the same store to stop before refusing to "
+                             "start (default 10)")
 
 
 def _admin_port(text: str):
@@ -92,10 +96,22 @@ def run(args) -> int:
     import os
 
     os.umask(0o077)  # what the engine creates (store, WAL, data folder) is readable by its own user only
+    from hl7relay.store.lock import StoreLock, StoreLocked
+
+    lock = StoreLock(settings["store"])
     try:
         store = Store(settings["store"])
+        # one engine per store: a second one would deliver the same queued messages again; one
+        # that is stopping (or the forwarder of one that was killed) is waited for
+        wait = args.lock_wait if getattr(args, "lock_wait", None) is not None else 10.0
+        lock.acquire(wait, on_wait=lambda holder: announce(
+            f"waiting up to {wait:g}s for the engine holding the store to stop ({holder})", "waiting_for_store", "warn"))
         version = store.migrate()
+    except StoreLocked as exc:
+        print(f"not starting: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - any driver error: say it plainly and stop
+        lock.release()
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         print(f"cannot open the store {settings['store']}: {detail[0] if detail else exc.__class__.__name__}",
               file=sys.stderr)
@@ -104,8 +120,8 @@ def run(args) -> int:
 
     exposed = readable_by_others(settings["store"])
     if exposed:
-        print(f"warning: the store is readable by other users of this machine: {', '.join(exposed)}; "
-              "chmod 600 the files and 700 their folder", file=sys.stderr)
+        announce(f"the store is readable by other users of this machine: {', '.join(exposed)}; "
+                 "chmod 600 the files and 700 their folder", "store_exposed", "warn")
     writer = StoreWriter(store, reactor, lazy_delay=0.05)
     forwarder = None
     if settings["forwarding"] == "process":
@@ -113,12 +129,22 @@ def run(args) -> int:
 
         forwarder = ForwarderProcess(writer, {
             "store": settings["store"], "log_level": settings["log_level"], "log_format": settings["log_format"],
-            "channel_levels": {c.name: c.log_level for c in enabled if c.log_level}}, reactor)
-        forwarder.start()
+            "channel_levels": {c.name: c.log_level for c in enabled if c.log_level}, "engine_pid": os.getpid()},
+            reactor, lock_fd=lock.inheritable_fd)
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
                     log_levels=log_levels, stop_timeout=settings["stop_timeout"], forwarder=forwarder)
     engine.channel_paths = settings["channels"]
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
+    # the admin and console ports before any channel: one that is taken stops the start (the CLI
+    # would otherwise talk to whatever holds it, a stale or another engine)
+    problem = _start_admin(engine, settings, reactor, announce) or (
+        _start_console(engine, settings["console"], reactor, announce) if settings["console"]["port"] else None)
+    if problem:
+        print(f"not starting: {problem}", file=sys.stderr)
+        lock.release()
+        return 1
+    if forwarder is not None:
+        forwarder.start()
     try:
         lines = engine.start()
     except Exception as exc:  # noqa: BLE001 - e.g. the port is taken
@@ -138,6 +164,40 @@ def run(args) -> int:
         engine.alerts = Alerts(engine, AlertSettings.from_config(settings.get("alerts"), reactor)).start()
     except ValueError as exc:  # a notifier that cannot be (a bad URL): the engine runs, it says so
         print(f"warning: alerts not started: {exc}", file=sys.stderr)
+    stopped = {"clean": True}
+
+    @defer.inlineCallbacks
+    def shutdown():
+        try:
+            report = yield engine.stop()
+        except Exception:  # noqa: BLE001
+            stopped["clean"] = False
+            raise
+        announce(report.describe(), "stopped")
+
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    import signal
+
+    from twisted.logger import Logger
+
+    def hangup(signum, frame):
+        # SIGHUP reloads the channel files (lint first: on any problem nothing changes)
+        from hl7relay.ops.auth import os_actor
+
+        audit = {"actor": "signal:SIGHUP", "source": os_actor(), "action": "reload", "target": "channels"}
+        reactor.callFromThread(lambda: engine.reload_from_files("SIGHUP", audit).addErrback(
+            lambda failure: Logger(namespace="hl7relay.run").failure("reload failed", failure)))
+
+    signal.signal(signal.SIGHUP, hangup)
+    # "ready" only once the reactor runs, so its SIGTERM/SIGINT handlers (the graceful stop) are in place
+    reactor.callWhenRunning(announce, "ready; Ctrl-C or SIGTERM stops", "ready")
+    reactor.run()
+    lock.release()
+    return 0 if stopped["clean"] else 1
+
+
+def _start_admin(engine, settings: dict, reactor, announce) -> str | None:
+    """Start the admin listener (metrics, health, the operations API); why it could not, or None."""
     admin = settings["admin"]
     if admin["port"]:
         from hl7relay.ops.admin import start_admin
@@ -161,39 +221,9 @@ def run(args) -> int:
             announce(f"admin: {scheme}://{admin['host']}:{site.getHost().port}/metrics, /healthz, /readyz, /api/v1/"
                      + (" (TLS" + (", client certificates required)" if tls.require_client_cert else ")") if tls else ""),
                      "admin_started")
-        except Exception as exc:  # noqa: BLE001 - the engine runs without its admin port rather than not at all
-            announce(f"admin endpoints not started on {admin['host']}:{admin['port']}: {exc}", "admin_not_started", "warn")
-    if settings["console"]["port"]:
-        _start_console(engine, settings["console"], reactor, announce)
-    stopped = {"clean": True}
-
-    @defer.inlineCallbacks
-    def shutdown():
-        try:
-            yield engine.stop()
-        except Exception:  # noqa: BLE001
-            stopped["clean"] = False
-            raise
-        announce("stopped: in-flight messages finished, store flushed", "stopped")
-
-    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
-    import signal
-
-    from twisted.logger import Logger
-
-    def hangup(signum, frame):
-        # SIGHUP reloads the channel files (lint first: on any problem nothing changes)
-        from hl7relay.ops.auth import os_actor
-
-        audit = {"actor": "signal:SIGHUP", "source": os_actor(), "action": "reload", "target": "channels"}
-        reactor.callFromThread(lambda: engine.reload_from_files("SIGHUP", audit).addErrback(
-            lambda failure: Logger(namespace="hl7relay.run").failure("reload failed", failure)))
-
-    signal.signal(signal.SIGHUP, hangup)
-    # "ready" only once the reactor runs, so its SIGTERM/SIGINT handlers (the graceful stop) are in place
-    reactor.callWhenRunning(announce, "ready; Ctrl-C or SIGTERM stops", "ready")
-    reactor.run()
-    return 0 if stopped["clean"] else 1
+        except Exception as exc:  # noqa: BLE001 - a taken port, a bad certificate: the start stops
+            return f"admin endpoints cannot start on {admin['host']}:{admin['port']}: {exc}"
+    return None
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -215,8 +245,8 @@ def _console_problem(console: dict) -> str | None:
     return None
 
 
-def _start_console(engine, console: dict, reactor, announce) -> None:
-    """Start the web console on the engine's reactor; a warning if it cannot listen."""
+def _start_console(engine, console: dict, reactor, announce) -> str | None:
+    """Start the web console on the engine's reactor; why it could not, or None."""
     host = console["host"]
     try:
         from hl7relay.console.app import Console
@@ -239,5 +269,6 @@ def _start_console(engine, console: dict, reactor, announce) -> None:
             scheme = "http"
         shown = f"[{host}]" if ":" in host else host
         announce(f"console: {scheme}://{shown}:{listening.getHost().port}/", "console_started")
-    except Exception as exc:  # noqa: BLE001 - the engine runs without its console rather than not at all
-        announce(f"console not started on {host}:{console['port']}: {exc}", "console_not_started", "warn")
+    except Exception as exc:  # noqa: BLE001 - a taken port, a bad certificate: the start stops
+        return f"the console cannot start on {host}:{console['port']}: {exc}"
+    return None

@@ -341,8 +341,15 @@ def main() -> int:
     if kind != "settings":
         print(f"hl7relay forwarder: expected its settings first, got {kind!r}", file=sys.stderr)
         return 2
+    # dies with its engine: one killed (kill -9, OOM) cannot close our stdin in time for the
+    # deliveries we would start meanwhile, which its successor sends again
+    if not _die_with_parent(settings.get("engine_pid")):
+        return 0
     start_logging(settings.get("log_level", "info"), settings.get("log_format", "text"),
                   settings.get("channel_levels") or {})
+    from hl7relay.store.lock import forwarder_lock
+
+    held = forwarder_lock(settings["store"])  # PostgreSQL: a new engine waits while we run
     store = Store(settings["store"])  # migrated by the engine before it started us
     forwarder = Forwarder(store, reactor, decoder=decoder)
     transport = stdio.StandardIO(forwarder, stdin=0, stdout=3, reactor=reactor)
@@ -358,7 +365,22 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     reactor.run(installSignalHandlers=False)
     store.close()
+    if held is not None:
+        held.close()
     return 0
+
+
+def _die_with_parent(engine_pid) -> bool:
+    """Ask Linux for SIGKILL when the engine ends; False when it has ended already."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the closed stdin still stops us
+        pass
+    return engine_pid is None or os.getppid() == engine_pid
 
 
 if __name__ == "__main__":

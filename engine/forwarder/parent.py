@@ -120,7 +120,8 @@ class RemoteQueue:
 class ForwarderProcess(protocol.ProcessProtocol):
     """Starts the forwarder, carries messages both ways, and restarts it when it dies."""
 
-    def __init__(self, writer, settings: dict, reactor=None, restart_delay: float = 1.0, argv: list[str] | None = None):
+    def __init__(self, writer, settings: dict, reactor=None, restart_delay: float = 1.0, argv: list[str] | None = None,
+                 lock_fd: int | None = None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -141,6 +142,9 @@ class ForwarderProcess(protocol.ProcessProtocol):
         self._next_request = 0
         self._next_queue = 0
         self._ended: defer.Deferred | None = None
+        # the store's lock (SQLite), inherited: the store stays locked while the forwarder lives,
+        # so a new engine cannot start beside a forwarder that outlived a killed engine
+        self.lock_fd = lock_fd
 
     def new_queue_id(self) -> int:
         self._next_queue += 1
@@ -151,7 +155,12 @@ class ForwarderProcess(protocol.ProcessProtocol):
         self._decoder = Decoder()
         self._ended = defer.Deferred()
         argv = list(self.argv)
-        self.reactor.spawnProcess(self, argv[0], argv, env=dict(os.environ), childFDs={0: "w", 1: 1, 2: 2, 3: "r"})
+        child_fds = {0: "w", 1: 1, 2: 2, 3: "r"}
+        if self.lock_fd is not None:
+            from hl7relay.store.lock import LOCK_FD
+
+            child_fds[LOCK_FD] = self.lock_fd
+        self.reactor.spawnProcess(self, argv[0], argv, env=dict(os.environ), childFDs=child_fds)
 
     def connectionMade(self):
         self.pid = self.transport.pid

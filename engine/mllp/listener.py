@@ -112,6 +112,7 @@ class MLLPServerProtocol(Protocol):
         self._read_timer = None
         self._idle_timer = None
         self.closing_after_answer = False
+        self.finishing = False  # the engine is stopping: nothing more is read
         self.last_activity = 0.0
         self.connected_at = 0.0
         self.messages = 0  # frames received on this connection
@@ -166,7 +167,7 @@ class MLLPServerProtocol(Protocol):
 
     # -- bytes in ------------------------------------------------------------------------------
     def dataReceived(self, data: bytes):
-        if self.closed:
+        if self.closed or self.finishing:
             return
         self._touch()
         for event in self.framer.feed(data):
@@ -238,6 +239,25 @@ class MLLPServerProtocol(Protocol):
         self.closed = True
         self.queue.clear()
         self.transport.abortConnection()
+
+    def finish(self) -> int:
+        """The engine is stopping: read nothing more, answer the message being processed, then
+        close. Frames received but not started are dropped unanswered (their sender sends them
+        again, as after any lost connection); returns how many."""
+        if self.closed:
+            return 0
+        self.finishing = True
+        dropped = sum(1 for payload in self.queue if not isinstance(payload, FrameTooLarge))
+        self.queue.clear()
+        self._cancel("_read_timer")
+        self._cancel("_idle_timer")
+        self.transport.pauseProducing()
+        if self.busy:
+            self.closing_after_answer = True  # _write closes it once the answer is out
+        else:
+            self.closed = True
+            self.transport.loseConnection()
+        return dropped
 
     # -- messages, one at a time per connection -------------------------------------------------
     def _next(self):
