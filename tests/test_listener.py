@@ -160,14 +160,37 @@ def test_at_the_global_limit_busy_connections_are_kept_and_the_newcomer_refused(
 
 
 def test_one_address_cannot_take_every_slot():
-    h = Harness(max_connections=100, max_connections_per_peer=3)
-    mine = [h.connect(port, host="10.0.0.66") for port in range(1, 5)]
-    assert [t.disconnecting for _, t in mine] == [False, False, False, True]
+    h = Harness(max_connections=100, max_connections_per_peer=3)  # the handler never answers: busy connections
+    mine = [h.connect(port, host="10.0.0.66") for port in range(1, 4)]
+    for protocol, _ in mine:
+        protocol.dataReceived(frame(MSG % b"1"))
+    _, refused = h.connect(4, host="10.0.0.66")
+    assert refused.disconnecting and not any(t.disconnecting for _, t in mine)
     _, other = h.connect(9, host="10.0.0.7")
     assert not other.disconnecting
     mine[0][0].connectionLost(None)
     _, again = h.connect(5, host="10.0.0.66")
     assert not again.disconnecting and h.factory.per_peer["10.0.0.66"] == 3
+
+
+def test_at_an_address_limit_its_longest_idle_connection_makes_room():
+    """16 idle connections from one address (a PMS that opens one per message and never closes
+    them) locked that address out for as long as they stayed open."""
+    h = Harness(handler=lambda m, p: Outcome.accepted(), max_connections=100, max_connections_per_peer=3)
+    mine = []
+    for port in range(1, 4):
+        mine.append(h.connect(port, host="10.0.0.66"))
+        h.clock.advance(5)
+    mine[0][0].dataReceived(frame(MSG % b"1"))  # the first is now the most recently active
+    _, other = h.connect(9, host="10.0.0.7")  # another address's idle connection is not touched
+    h.clock.advance(5)
+    newcomer, t4 = h.connect(4, host="10.0.0.66")
+    assert not t4.disconnecting and mine[1][1].disconnecting  # the second was idle the longest
+    assert not mine[0][1].disconnecting and not mine[2][1].disconnecting and not other.disconnecting
+    assert h.factory.evicted_connections == 1 and h.factory.refused_connections == 0
+    assert h.factory.per_peer["10.0.0.66"] == 3
+    newcomer.dataReceived(frame(MSG % b"2"))
+    assert [a.get("MSA-1") for a in acks(t4)] == ["AA"]
 
 
 def test_an_allow_list_refuses_other_addresses():

@@ -42,7 +42,8 @@ def tls_config(options, server: bool, base_dir=None) -> TLSConfig | None:
     Option("port", "int", 2575, "TCP port"),
     Option("max_connections", "int", 0, "connections open at once (0: half the process's file limit, 64 to "
            "10,000); when reached, the longest-idle connection is closed to make room for a new one"),
-    Option("max_connections_per_peer", "int", 16, "connections one address may hold; further ones are refused"),
+    Option("max_connections_per_peer", "int", 16, "connections one address may hold; at the limit its longest-idle "
+           "one is closed to make room (refused only when all are busy)"),
     Option("allow", "list", [], "addresses allowed to connect, as CIDRs (10.1.2.0/24, 10.1.2.3); "
            "empty: any address", item="str"),
     Option("read_timeout", "duration", 30.0, "seconds a started frame may take"),

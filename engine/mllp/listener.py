@@ -57,7 +57,7 @@ class ListenerConfig:
     host: str = "127.0.0.1"  # localhost only unless told otherwise
     port: int = 2575  # HL7's registered port
     max_connections: int = field(default_factory=default_max_connections)
-    max_connections_per_peer: int = 16  # from one address; further ones are refused
+    max_connections_per_peer: int = 16  # from one address; at the limit its longest-idle one makes room
     allow: tuple = ()  # ip_network objects; empty: any address
     read_timeout: float = 30.0  # seconds a started frame may take to complete
     idle_timeout: float = 0.0  # seconds without any byte before the connection is closed; 0: never
@@ -126,9 +126,12 @@ class MLLPServerProtocol(Protocol):
         if config.allow and not _allowed(self.peer.host, config.allow):
             self._refuse("not_allowed", "{peer} is not in the listener's allow list")
             return
-        if factory.per_peer.get(self.peer.host, 0) >= config.max_connections_per_peer:
-            self._refuse("per_peer", "{host} already has {limit} connections open (max_connections_per_peer)",
-                         host=self.peer.host, limit=config.max_connections_per_peer)
+        if (factory.per_peer.get(self.peer.host, 0) >= config.max_connections_per_peer
+                and not factory.evict_idlest(self, host=self.peer.host)):
+            # a PMS that opens a connection per message and never closes them would otherwise
+            # lock its own address out: its longest-idle connection makes room, as for the total
+            self._refuse("per_peer", "{host} already has {limit} connections open, none idle to close "
+                         "(max_connections_per_peer)", host=self.peer.host, limit=config.max_connections_per_peer)
             return
         if factory.open_connections >= config.max_connections and not factory.evict_idlest(self):
             self._refuse("max_connections", "{limit} connections open, none idle to close (max_connections)",
@@ -400,17 +403,20 @@ class MLLPListenerFactory(Factory):
             self.per_peer.pop(protocol.peer.host, None)
         emit("connection_closed", listener=self.name)
 
-    def evict_idlest(self, newcomer: MLLPServerProtocol) -> bool:
-        """Close the connection idle the longest to make room; False when every one is busy."""
-        idle = [p for p in self.connections if p.idle]
+    def evict_idlest(self, newcomer: MLLPServerProtocol, host: str | None = None) -> bool:
+        """Close the connection idle the longest (of ``host``'s, when given) to make room; False
+        when every one is busy."""
+        idle = [p for p in self.connections if p.idle and (host is None or p.peer.host == host)]
         if not idle:
             return False
         victim = min(idle, key=lambda p: p.last_activity)
         self.evicted_connections += 1
         emit("connection_evicted", listener=self.name)
-        log.warn("closing the connection from {victim}, idle {seconds:.0f}s, to make room for {peer} "
-                 "({limit} connections open: max_connections)", victim=str(victim.peer), peer=str(newcomer.peer),
-                 seconds=self.reactor.seconds() - victim.last_activity, limit=self.config.max_connections)
+        limit = (f"{self.config.max_connections_per_peer} connections open from {host}: max_connections_per_peer"
+                 if host is not None else f"{self.config.max_connections} connections open: max_connections")
+        log.warn("closing the connection from {victim}, idle {seconds:.0f}s, to make room for {peer} ({limit})",
+                 victim=str(victim.peer), peer=str(newcomer.peer), seconds=self.reactor.seconds() - victim.last_activity,
+                 limit=limit)
         self.forget(victim)  # counted out now, so the newcomer's slot is free at once
         victim.closed = True
         victim._cancel("_read_timer")
