@@ -446,6 +446,16 @@ class DestinationQueue:
                      error=result.error, delay=delay)
         if final:
             self.pending.pop(message_id, None)
+            if not result.ok:
+                # a dead letter needs a person: one line each, with what identifies it and why in
+                # words of our own (the peer's error text may quote the patient: messages show has it)
+                why = (f"answered {labels['ack']} (application error)" if result.application_error and labels["ack"] else
+                       "not deliverable (application error)" if result.application_error else
+                       f"refused {row.get('rejections', 0) + 1} time(s)" if result.rejected else
+                       f"{result.outcome.value if result.outcome else 'failed'} until give_up_after")
+                log.warn("queue {channel}/{destination}: message {message_id} is a dead letter after {n} attempt(s): "
+                         "{why}; hl7relay messages show {message_id}, hl7relay replay {message_id}",
+                         channel=self.channel, destination=self.destination, message_id=message_id, n=attempts, why=why)
         if not result.ok:
             self.last_error, self.last_error_at = result.error, now
         self._state(result)

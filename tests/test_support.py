@@ -332,3 +332,104 @@ def test_a_peers_unquoted_error_naming_the_patient_is_masked(env, capsys):
     assert {"123456", "DOE", "JANE", "19800412"} <= values and "1" not in values
     assert mask_known("AE: DOE JANE 19800412", values) == "AE: *** J*** 1***"
     assert mask_known("nothing here", values) == "nothing here" and mask_known("", values) == ""
+
+
+def _two_destinations(tmp_path):
+    (tmp_path / "channels" / "adt.yaml").write_text(textwrap.dedent("""\
+        name: adt
+        source: {type: mllp, port: 12900}
+        destinations:
+          - {name: lab, type: mllp, host: 127.0.0.1, port: 12901}
+          - {name: archive, type: file, directory: out}
+        """))
+
+
+def _with_deliveries(store, control_id, statuses: dict, status="PROCESSED", error=""):
+    raw = ADT.format(id=control_id, pid="100234", dob="19800412").encode()
+    record = MessageRecord("adt", raw, status, time.time(), control_id=control_id, patient_id="100234",
+                           message_type="ADT^A08", error=error,
+                           deliveries=[DeliveryRecord(name, value, raw) for name, value in statuses.items()])
+    [message_id] = store.commit([record], [])
+    if "ERROR" in statuses.values():
+        with store.engine.begin() as connection:
+            from hl7relay.store.database import deliveries
+
+            connection.execute(deliveries.update().where(deliveries.c.message_id == message_id,
+                                                         deliveries.c.status == "ERROR")
+                               .values(last_error="application_error: AE: unknown patient 'DOE'"))
+    return message_id
+
+
+def test_messages_list_failed_finds_a_destinations_ae_with_its_destination_and_error(env, capsys):
+    """--status ERROR missed a message the channel processed but whose lab answered AE."""
+    tmp_path, store = env
+    _two_destinations(tmp_path)
+    _with_deliveries(store, "OK1", {"lab": "SENT", "archive": "SENT"})
+    dead = _with_deliveries(store, "AE1", {"lab": "ERROR", "archive": "SENT"})
+    broken = _with_deliveries(store, "ER1", {}, status="ERROR", error="bad date")
+    code, out = cli(capsys, "messages", "list", "--status", "ERROR")
+    assert "AE1" not in out  # the message itself was processed
+    code, out = cli(capsys, "messages", "list", "--failed")
+    assert code == 0 and "AE1" in out and "ER1" in out and "OK1" not in out
+    assert "delivery to lab failed: application_error: AE: unknown patient '***'" in out
+    rows = json.loads(cli(capsys, "messages", "list", "--failed", "--format", "json")[1])
+    assert [r["id"] for r in rows] == [broken, dead]
+    assert rows[1]["failed_deliveries"] == [{"destination": "lab", "error": "application_error: AE: unknown patient '***'"}]
+
+
+def test_replay_of_what_failed_targets_the_failed_destinations(env, capsys):
+    """Replay by the README's filter skipped the message: the archive already had it."""
+    tmp_path, store = env
+    _two_destinations(tmp_path)
+    dead = _with_deliveries(store, "AE1", {"lab": "ERROR", "archive": "SENT"})
+    code, out = cli(capsys, "replay", "--failed", "--reason", "lab fixed")
+    assert code == 0 and "queued as message" in out and "to lab" in out and "archive" not in out, out
+    replay = store.get_message(store.latest(1)[0]["id"])
+    assert replay["replay_of"] == dead and [d["destination"] for d in replay["deliveries"]] == ["lab"]
+    assert {d["destination"]: d["status"] for d in store.get_message(dead)["deliveries"]} == {
+        "lab": "REPLAYED", "archive": "SENT"}
+    other = _with_deliveries(store, "AE2", {"lab": "ERROR", "archive": "SENT"})
+    code, out = cli(capsys, "replay", str(other), "--dry-run")  # by id, the same default
+    assert code == 0 and f"{other} AE2: would send to lab" in out, out
+
+
+def test_a_dead_letter_writes_one_warning_line_without_patient_data(tmp_path):
+    from twisted.logger import globalLogPublisher, formatEvent
+
+    store = Store(f"sqlite:///{tmp_path / 'q.db'}")
+    store.migrate()
+    raw = ADT.format(id="DL1", pid="100234", dob="19800412").encode()
+    store.commit([MessageRecord("adt", raw, "PROCESSED", 0.0, control_id="DL1",
+                                deliveries=[DeliveryRecord("lab", "QUEUED", raw)])], [])
+    clock = task.Clock()
+    writer = StoreWriter(store, executor=lambda fn, *a: defer.maybeDeferred(fn, *a))
+    answer = DeliveryResult(False, application_error=True, ack="MSH|^~\\&|LAB\rMSA|AE|DL1|unknown patient DOE\r",
+                            error="application_error: unknown patient DOE")
+    queue = DestinationQueue("adt", "lab", lambda message: answer, QueueOptions(), writer, clock, clock.seconds)
+    lines = []
+    observer = lambda event: lines.append((event.get("log_level").name, formatEvent(event)))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        queue.start()
+        clock.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        queue.stop()
+    dead = [text for level, text in lines if "dead letter" in text]
+    assert dead == ["queue adt/lab: message 1 is a dead letter after 1 attempt(s): answered AE (application error); "
+                    "hl7relay messages show 1, hl7relay replay 1"]
+    assert [level for level, text in lines if "dead letter" in text] == ["warn"]
+
+
+def test_support_verbs_run_elsewhere_see_the_running_engines_channels(tmp_path, running_engine, capsys, monkeypatch):
+    """Run away from the engine's folder, status called its running channels 'not in the channel files'."""
+    (tmp_path / "site").mkdir()
+    engine = running_engine(tmp_path / "site", "--admin-port", "0", "--console-port", "0")
+    try:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        code, out = cli(capsys, "status", "--data-dir", str(tmp_path / "site" / "data"))
+    finally:
+        assert engine.stop() == 0
+    assert code == 0 and "adt:" in out and "not in the channel files" not in out, out

@@ -144,8 +144,22 @@ def test_channel_files_with_problems_skip_the_checks_that_need_them(env, capsys)
     tmp_path, store = env
     (tmp_path / "channels" / "bad.yaml").write_text("name: bad\nfitlers: []\n")
     code, out, _ = cli(capsys, "verify")
-    assert code == 0 and "SKIPPED  queued for undeclared destinations" in out and "hl7relay lint" in out
+    # a skipped check is not a passed one: it ended "every check ok" with exit 0
+    assert code == 1 and "SKIPPED  queued for undeclared destinations" in out and "hl7relay lint" in out
+    assert "every check ok" not in out and out.strip().splitlines()[-1].endswith(
+        "the checks that ran are ok; 3 skipped (queued for undeclared destinations, duplicates within the window, "
+        "stages the channels keep)")
     assert verify(store, None, time.time())[4].status == SKIPPED
+
+
+def test_an_ordinary_replay_is_no_warning(env, capsys):
+    """A replay has no transformed stage of its own: verify warned about every one."""
+    _, store = env
+    original = add(store, "A", key="PMS|A", delivery="ERROR")
+    code, out, _ = cli(capsys, "replay", str(original), "--reason", "lab fixed")
+    assert code == 0, out
+    code, out, _ = cli(capsys, "verify")
+    assert code == 0 and "every check ok" in out, out
 
 
 def test_no_store_and_wrong_arguments(tmp_path, capsys, monkeypatch):

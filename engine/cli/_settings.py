@@ -196,7 +196,42 @@ def _check_alerts(doc, data, settings: dict) -> None:
     settings["alerts"] = checked
 
 
-def resolve_settings(args) -> tuple[dict, list[str]]:
+ENGINE_FILE = "engine.json"  # in the data folder while an engine runs: its pid and channel folders (absolute)
+
+
+def write_engine_file(settings: dict) -> Path:
+    """Say which channel folders the running engine reads, for support verbs run elsewhere."""
+    import json
+    import os
+    import time
+
+    path = Path(settings["data_dir"]) / ENGINE_FILE
+    temporary = path.with_name(f".{ENGINE_FILE}.{os.getpid()}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        json.dump({"pid": os.getpid(), "started": time.time(),
+                   "channels": [str(Path(folder).resolve()) for folder in settings["channels"]]}, f)
+    os.replace(temporary, path)
+    return path
+
+
+def _running_engine_channels(data_dir: str) -> list[str] | None:
+    """The channel folders of the engine running on this data folder, or None."""
+    import json
+    import os
+
+    try:
+        info = json.loads((Path(data_dir) / ENGINE_FILE).read_text())
+        os.kill(int(info["pid"]), 0)  # still running?
+        return [str(folder) for folder in info["channels"]] or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resolve_settings(args, for_engine: bool = False) -> tuple[dict, list[str]]:
+    """The settings from the config file and the arguments. Support verbs (``for_engine`` False)
+    given no --channels read the channel folders of the engine running on the data folder, so
+    that run from another folder they see the channels it runs."""
     from hl7relay.channels.yamlsource import load_document
 
     settings = {"store": None, "data_dir": "data", "channels": ["channels"], "log_level": "info",
@@ -218,10 +253,12 @@ def resolve_settings(args) -> tuple[dict, list[str]]:
         problems += [str(e) for e in doc.errors]
         if not doc.errors:
             problems += _checked(doc, settings)
-    if getattr(args, "channels", None):
-        settings["channels"] = args.channels
     if args.data_dir:
         settings["data_dir"] = args.data_dir
+    if getattr(args, "channels", None):
+        settings["channels"] = args.channels
+    elif not for_engine:
+        settings["channels"] = _running_engine_channels(settings["data_dir"]) or settings["channels"]
     if args.store:
         settings["store"] = args.store
     if getattr(args, "log_level", None):

@@ -132,13 +132,15 @@ def add_filter_arguments(parser) -> None:
     group.add_argument("--patient-id", metavar="PID-3.1")
     group.add_argument("--facility", metavar="MSH-4.1", help="sending facility")
     group.add_argument("--delivery-status", choices=("QUEUED", "SENT", "ERROR", "FILTERED", "WITHDRAWN", "REPLAYED"))
+    group.add_argument("--failed", action="store_true",
+                       help="what failed: messages stored as ERROR or with a delivery in ERROR (dead letters)")
 
 
 def filters_from_args(args) -> dict:
     return {"channel": args.channel, "status": args.status,
             "since": args.since, "until": args.until,  # epochs already (time_argument)
             "message_type": args.message_type, "control_id": args.control_id, "patient_id": args.patient_id,
-            "facility": args.facility, "delivery_status": args.delivery_status}
+            "facility": args.facility, "delivery_status": args.delivery_status, "failed": bool(getattr(args, "failed", False))}
 
 
 class Progress:

@@ -14,8 +14,11 @@ DESCRIPTION = """\
   hl7relay messages search [FILTERS] [--text TEXT]                the same, plus a text search
   hl7relay messages show ID                                       everything about one message
 
+--failed lists what needs a person: messages stored as ERROR and messages with a delivery in
+ERROR (a dead letter), each with the destination and its error.
+
 Filters (--channel, --status, --since/--until, --type, --control-id, --patient-id, --facility,
---delivery-status) use indexes, so they stay fast on a store of millions of messages; --text
+--delivery-status, --failed) use indexes, so they stay fast on a store of millions of messages; --text
 scans what the other filters leave (slower, explicit). Patient data is masked unless --show-phi.
 --format json for tools."""
 
@@ -54,7 +57,7 @@ def run(args) -> int:
     target = f"message {args.id}" if args.action == "show" else "messages " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
         if k in ("channel", "status", "message_type", "control_id", "patient_id", "facility", "delivery_status", "text")
-        and v is not None)
+        and v is not None) + (" --failed" if getattr(args, "failed", False) else "")
     if not phi_permitted(args, store, target.strip()):
         return 2
     if args.action == "show":
@@ -101,6 +104,8 @@ def run(args) -> int:
               f"{row['control_id']:<20} {row['status']:<9} {row['ack_code'] or '-':<3} {row['patient_id']}")
         if row["error"]:
             print(f"{'':>10}error: {row['error']}")  # whole, on its own line: never cut
+        for dead in row.get("failed_deliveries", ()):
+            print(f"{'':>10}delivery to {dead['destination']} failed: {dead['error']}")
     if len(rows) == args.limit:
         print(f"-- more: --before {rows[-1]['id']}")
     elif not rows:

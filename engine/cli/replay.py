@@ -12,11 +12,12 @@ from hl7relay.cli._settings import add_settings_arguments
 HELP = "replay stored messages (by id or filters) through the current channel configuration"
 DESCRIPTION = """\
   hl7relay replay 1042 1043 --reason "lab was down"
-  hl7relay replay --channel adt-to-lab --delivery-status ERROR --since 1d --dry-run
+  hl7relay replay --failed --channel adt-to-lab --since 1d --dry-run
   hl7relay replay 1042 --destination lab --force --reason "lab lost it"
 
 Each replay is a new message linked to the original, with the operator and the reason recorded;
-its deliveries are queued and the running engine sends them. --dry-run shows what would be sent
+its deliveries are queued and the running engine sends them. Without --destination a message
+goes to the destinations whose delivery failed (dead letters), or to all when none did. --dry-run shows what would be sent
 (and a diff when the channel changed since). A message already delivered to a chosen destination
 is only replayed with --force."""
 
@@ -60,7 +61,7 @@ def run(args) -> int:
         return 1
     ids = list(args.ids)
     filters = filters_from_args(args)
-    if any(v is not None for v in filters.values()):
+    if any(v not in (None, False) for v in filters.values()):
         ids += [row["id"] for row in store.search(**filters, limit=args.limit)][::-1]
     if not ids:
         print("nothing to replay: give ids or filters", file=sys.stderr)

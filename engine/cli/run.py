@@ -72,7 +72,7 @@ def run(args) -> int:
     from hl7relay.store.database import Store
     from hl7relay.store.writer import StoreWriter
 
-    settings, problems = resolve_settings(args)
+    settings, problems = resolve_settings(args, for_engine=True)
     problems += [p for p in (_console_problem(settings["console"]),) if p]
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -143,6 +143,9 @@ def run(args) -> int:
         print(f"not starting: {problem}", file=sys.stderr)
         lock.release()
         return 1
+    from hl7relay.cli._settings import write_engine_file
+
+    engine_file = write_engine_file(settings)  # support verbs run elsewhere read the channels we run
     if forwarder is not None:
         forwarder.start()
     try:
@@ -192,6 +195,7 @@ def run(args) -> int:
     # "ready" only once the reactor runs, so its SIGTERM/SIGINT handlers (the graceful stop) are in place
     reactor.callWhenRunning(announce, "ready; Ctrl-C or SIGTERM stops", "ready")
     reactor.run()
+    engine_file.unlink(missing_ok=True)
     lock.release()
     return 0 if stopped["clean"] else 1
 

@@ -98,7 +98,7 @@ def _dry_run(args) -> int:
               f"not {len(args.paths)}", file=sys.stderr)
         return 2
     args.store = args.data_dir = None
-    settings, problems = resolve_settings(args)
+    settings, problems = resolve_settings(args, for_engine=True)
     if problems and not args.channels:
         for problem in problems:
             print(problem, file=sys.stderr)

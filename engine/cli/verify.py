@@ -25,7 +25,7 @@ Checks, each answered ok, warning or problem:
 migrate an old schema, delete rows of missing messages, move deliveries for undeclared
 destinations to ERROR (dead letters, replayable). Nothing else is changed.
 
-Exit status (for monitoring): 0 every check ok, 1 warnings, 2 problems (or wrong arguments),
+Exit status (for monitoring): 0 every check ok, 1 warnings or a check skipped, 2 problems (or wrong arguments),
 3 the store could not be opened."""
 
 
@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from hl7relay.cli._support import open_store_from_args
-    from hl7relay.store.verify import PROBLEM, WARNING, repair, verify
+    from hl7relay.store.verify import PROBLEM, SKIPPED, WARNING, repair, verify
 
     try:
         store, settings = open_store_from_args(args, migrate=False)
@@ -70,7 +70,9 @@ def run(args) -> int:
         done = repair(store, checks, now, channels)
         store.audit(cli_audit("store.repair", store.display_url, detail="; ".join(done)))
         checks = verify(store, channels, now, full=args.full, window=window)  # what is left
-    worst = 2 if any(c.status == PROBLEM for c in checks) else 1 if any(c.status == WARNING for c in checks) else 0
+    skipped = [c for c in checks if c.status == SKIPPED]
+    # a check that did not run is not a check that passed: monitoring hears of it as a warning
+    worst = 2 if any(c.status == PROBLEM for c in checks) else 1 if skipped or any(c.status == WARNING for c in checks) else 0
     if args.format == "json":
         import json
 
@@ -84,7 +86,12 @@ def run(args) -> int:
             print(f"{check.status.upper():8} {check.name:{width}}  {check.detail}")
             if check.fix and not args.repair:
                 print(f"{'':8} {'':{width}}  --repair would {check.fix}")
-        print(f"{store.display_url}: " + {0: "every check ok", 1: "warnings", 2: "problems"}[worst])
+        verdict = {0: "every check ok", 1: "warnings", 2: "problems"}[worst]
+        if skipped and worst == 1 and not any(c.status == WARNING for c in checks):
+            verdict = "the checks that ran are ok"
+        if skipped:
+            verdict += f"; {len(skipped)} skipped ({', '.join(c.name for c in skipped)})"
+        print(f"{store.display_url}: " + verdict)
     store.close()
     return worst
 

@@ -70,6 +70,10 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
         plan.skipped = "a duplicate; replay the original instead"
         return plan
     names = {d.name for d in channel.destinations}
+    if not destinations:
+        # by default what failed: the destinations whose delivery is a dead letter (the others
+        # have it already), or every destination when none failed
+        destinations = {d["destination"] for d in stored["deliveries"] if d["status"] == DeliveryStatus.ERROR} & names
     chosen = set(destinations or names)
     unknown = chosen - names
     if unknown:

@@ -73,7 +73,10 @@ def row_view(row: dict, show_phi: bool) -> dict:
     """One row of a search, masked unless ``show_phi``."""
     if show_phi:
         return dict(row)
-    return dict(row, patient_id=mask_value(row["patient_id"]), error=mask_text(row["error"]))
+    view = dict(row, patient_id=mask_value(row["patient_id"]), error=mask_text(row["error"]))
+    if "failed_deliveries" in row:
+        view["failed_deliveries"] = [dict(d, error=mask_text(d["error"])) for d in row["failed_deliveries"]]
+    return view
 
 
 class SupportStore:

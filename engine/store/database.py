@@ -765,12 +765,15 @@ class Store:
 
     # -- support: search, replay links, prune, status ---------------------------------------------
     def search(self, *, channel=None, status=None, since=None, until=None, message_type=None, control_id=None,
-               patient_id=None, facility=None, delivery_status=None, text: bytes | None = None,
+               patient_id=None, facility=None, delivery_status=None, failed: bool = False, text: bytes | None = None,
                before_id=None, limit=50, scan_limit=100000) -> list[dict]:
         """Newest first, ``limit`` at a time (keyset paging: pass the last id as ``before_id``).
 
         Every filter but ``text`` is answered by an index; ``text`` (a substring of the raw message,
         ignoring ASCII case) scans the candidates the other filters leave, at most ``scan_limit`` of them.
+        ``failed``: what
+        support staff look for first, a message stored as ERROR or with any delivery in ERROR (a dead
+        letter); each row then carries ``failed_deliveries`` (destination and error).
         """
         query = sa.select(messages.c.id, messages.c.channel, messages.c.received_at, messages.c.message_type,
                           messages.c.control_id, messages.c.patient_id, messages.c.sending_facility, messages.c.status,
@@ -783,6 +786,10 @@ class Store:
             query = query.where(messages.c.received_at >= since)
         if until is not None:
             query = query.where(messages.c.received_at < until)
+        if failed:
+            # each side from its own index (status; the dead letters' partial index)
+            query = query.where(sa.or_(messages.c.status == "ERROR",
+                                       messages.c.id.in_(sa.select(deliveries.c.message_id).where(_DEAD))))
         if delivery_status in ("QUEUED", "ERROR"):
             # the few waiting or dead deliveries, from their partial index (the status as a literal, so
             # the planner sees it matches): none at all costs nothing, where reading newest first
@@ -827,7 +834,17 @@ class Store:
                 return rows[:size]
 
             if text is None:
-                return page(before_id, limit)
+                rows = page(before_id, limit)
+                if failed and rows:
+                    dead: dict[int, list] = {}
+                    for row in connection.execute(
+                            sa.select(deliveries.c.message_id, deliveries.c.destination, deliveries.c.last_error)
+                            .where(deliveries.c.message_id.in_([r["id"] for r in rows]), _DEAD)
+                            .order_by(deliveries.c.message_id, deliveries.c.destination)):
+                        dead.setdefault(row[0], []).append({"destination": row[1], "error": row[2]})
+                    for row in rows:
+                        row["failed_deliveries"] = dead.get(row["id"], [])
+                return rows
             found, scanned, cursor = [], 0, before_id
             needle = text.lower()
             while len(found) < limit and scanned < scan_limit:

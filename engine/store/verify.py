@@ -181,7 +181,9 @@ def _stages(store: Store, channels, now: float, window: float) -> Check:
             if "acks" in channel.stages:  # every answered message keeps the ACK it got
                 wanted.append(("ack", messages.c.ack_code != ""))
             if "transformed" in channel.stages and channel.steps:
-                wanted.append(("transformed", messages.c.status == "PROCESSED"))
+                # a replay is stored as received and processed again when its deliveries are built:
+                # it has no transformed stage of its own
+                wanted.append(("transformed", sa.and_(messages.c.status == "PROCESSED", messages.c.replay_of.is_(None))))
             for stage, condition in wanted:
                 kept = sa.exists().where(stages.c.message_id == messages.c.id, stages.c.stage == stage)
                 rows = [r[0] for r in connection.execute(
