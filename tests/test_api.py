@@ -189,6 +189,17 @@ def test_messages_are_masked_and_phi_needs_the_permission_a_reason_and_an_audit_
     assert call(engine, "GET", "/api/v1/messages?limit=lots", token=TOKENS["viewer"])[0] == 400
 
 
+def test_a_content_search_needs_the_phi_permission_and_is_audited_with_its_text(engine):
+    """A viewer's free-text search for a name told which messages held it, unaudited."""
+    for role in ("viewer", "operator"):
+        status, body = call(engine, "GET", "/api/v1/messages?text=SAMPLEPATIENT", token=TOKENS[role])
+        assert status == 403 and "may not search message content" in body
+    status, body = call(engine, "GET", "/api/v1/messages?text=SAMPLEPATIENT&reason=INC-8", token=TOKENS["admin"])
+    assert status == 200 and json.loads(body)["messages"]
+    entry = engine["store"].audit_entries(action="messages.search_text")[0]
+    assert (entry["actor"], entry["reason"], entry["detail"]) == ("token:admin", "INC-8", "text 'SAMPLEPATIENT'")
+
+
 def test_replay_and_prune_through_the_api_are_audited(engine):
     status, body = call(engine, "POST", "/api/v1/messages/1/replay", token=TOKENS["operator"], body={"dry_run": True, "force": True})
     assert status == 200 and json.loads(body)["destinations"] == ["lab"] and "replay_id" not in json.loads(body)
@@ -219,7 +230,7 @@ def test_a_large_search_does_not_hold_up_acks(tmp_path):
     filler = ADT.format(id="F").encode() + b"NTE|1||" + b"x" * 900 + b"\r"
     for start in range(0, 100_000, 5000):
         store.commit([MessageRecord("adt", filler, "PROCESSED", 1.0, control_id=f"F{i}") for i in range(start, start + 5000)], [])
-    store.add_token("v", "viewer", token_hash(TOKENS["viewer"]), "test", {"actor": "test", "action": "token.create"})
+    store.add_token("a", "admin", token_hash(TOKENS["admin"]), "test", {"actor": "test", "action": "token.create"})
     store.close()
     process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto", "--console-port", "0"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -234,7 +245,7 @@ def test_a_large_search_does_not_hold_up_acks(tmp_path):
         result = {}
 
         def search():
-            result["answer"] = call(engine, "GET", "/api/v1/messages?text=NOT-IN-ANY-MESSAGE&limit=5", token=TOKENS["viewer"])
+            result["answer"] = call(engine, "GET", "/api/v1/messages?text=NOT-IN-ANY-MESSAGE&limit=5", token=TOKENS["admin"])
             searched.set()
 
         acks_during_search = 0

@@ -397,6 +397,20 @@ def test_messages_are_found_by_control_id_and_a_patient_id_search_is_audited(eng
     assert browser.get("/messages?before=-1")[0] == 400
 
 
+def test_a_content_search_needs_the_phi_permission_and_is_audited_with_its_text(engine):
+    """A viewer's free-text search for a name told which messages held it, unaudited."""
+    store = engine["store"]
+    viewer = signed_in(engine, "viewer")
+    assert 'name="text"' not in viewer.get("/messages")[2]  # no field for who may not use it
+    assert viewer.get("/messages?text=SAMPLEPATIENT")[0] == 403
+    assert not store.audit_entries(action="messages.search_text", limit=10)
+    permitted = signed_in(engine, "phi-operator")
+    status, _, body = permitted.get("/messages?text=SAMPLEPATIENT")
+    assert status == 200 and 'name="text"' in body and 'href="/messages/1"' in body
+    entry = store.audit_entries(action="messages.search_text", limit=10)[0]
+    assert (entry["actor"], entry["detail"]) == ("user:phi-operator", "text 'SAMPLEPATIENT'")
+
+
 def test_the_live_dashboard_streams_server_sent_events(engine):
     browser = signed_in(engine, "viewer")
     request = urllib.request.Request(engine["base"] + "/live/dashboard")

@@ -69,3 +69,27 @@ def test_hl7relay_logs_from_a_running_engine(tmp_path, running_engine):
         assert bad.returncode == 2 and "invalid choice" in bad.stderr
     finally:
         assert running.stop() == 0
+
+
+def test_the_log_viewer_masks_what_lines_about_messages_quote_and_nothing_else():
+    """Every quoted value was masked: a lint error read "unknown key 'f***'" and nobody could fix it."""
+    from twisted.logger import Logger, globalLogPublisher
+
+    from hl7relay.cli._logging import LogRing
+    from hl7relay.ops.phi import mask_log_text
+
+    ring = LogRing()
+    globalLogPublisher.addObserver(ring.add)
+    try:
+        log = Logger(namespace="hl7relay.engine")
+        log.error("reload refused: {problem}", problem="channels/adt.yaml:3:1: unknown key 'fitlers' (did you mean 'filters')")
+        log.error("channel {channel}: message {control_id} could not be stored: {error}", channel="adt",
+                  control_id="M1", error="'19800412' is not a date")
+        log.warn("channel {channel}: {file} line {line}: {error}", channel="files", file="in.hl7", line=3,
+                 error="PID-5 'DOE^JANE' is too long", about_message=True)
+    finally:
+        globalLogPublisher.removeObserver(ring.add)
+    shown = [mask_log_text(line) for line in ring.read(0, 10)]
+    assert shown == ["reload refused: channels/adt.yaml:3:1: unknown key 'fitlers' (did you mean 'filters')",
+                     "channel adt: message M1 could not be stored: '1***' is not a date",
+                     "channel files: in.hl7 line 3: PID-5 'D***' is too long"]

@@ -62,8 +62,13 @@ def test_list_search_show_with_phi_masked(env, capsys):
     assert [r["control_id"] for r in rows] == ["M2"] and rows[0]["patient_id"] == "9***"
     code, out = cli(capsys, "messages", "search", "--text", "999111", "--show-phi", "--reason", "ticket 1")
     assert "M1" in out and "M2" not in out and "999111" in out
-    code, out = cli(capsys, "messages", "search", "--text", "doe^jane")  # whatever the case
+    code, out = cli(capsys, "messages", "search", "--text", "doe^jane", "--reason", "ticket 1")  # whatever the case
     assert "M1" in out and "M2" in out
+    # which messages hold a name is patient data: a content search says why, and is audited with its text
+    assert main(["messages", "search", "--text", "doe^jane"]) == 2
+    assert "--text searches message content: say why with --reason" in capsys.readouterr().err
+    entry = store.audit_entries(action="messages.search_text")[0]
+    assert entry["reason"] == "ticket 1" and entry["detail"] == "text 'doe^jane'" and entry["role"] == "host"
     code, out = cli(capsys, "messages", "show", str(first))
     assert "PID|1||***||***||***|***" in out and "DOE" not in out and "lab: SENT" in out
     code, out = cli(capsys, "messages", "show", str(first), "--show-phi", "--reason", "ticket 1")
@@ -290,6 +295,8 @@ def test_replay_dry_run_masks_patient_data_unless_asked(env, capsys):
         assert code == 0 and "changed since it was sent" in out.replace("\\n", "\n") or "sent before" in out
         assert "19800412" not in out and "DOE" not in out and "999333" not in out, out
         assert "***" in out
+        # the mask hides both versions alike: the diff names the field that changed
+        assert "changed: PID-7" in out.replace("\\n", "\n")
     code, out = cli(capsys, "replay", str(sent), "--dry-run", "--force", "--show-phi", "--reason", "ticket 2")
     assert "-PID|1||999333^^^H^MR||DOE^JANE||19800412|F" in out and "+PID|1||999333^^^H^MR||DOE^JANE||1980|F" in out
 

@@ -327,7 +327,7 @@ class FilePoller:
                 message = Message.from_bytes(chunk.data, self.config.charset)
             except ParseError as exc:
                 log.warn("channel {channel}: {file} line {line}: {error}", channel=channel.name, file=str(path),
-                         line=chunk.line, error=str(exc))
+                         line=chunk.line, error=str(exc), about_message=True)
                 continue
             outcome = await self.engine.handle(self.running.channel, message, peer)
             if outcome.status is Status.INTERNAL_ERROR:  # not stored: leave the file for the next poll

@@ -159,6 +159,8 @@ class LogRing:
         entry["seq"] = self.next_seq
         entry["at"] = event.get("log_time", time.time())
         entry["phi"] = event.get("content") is not None
+        if event.get("about_message"):  # its text may quote a message's values (ops/phi.mask_log_text)
+            entry["about_message"] = True
         self.next_seq += 1
         self.lines.append(entry)
 

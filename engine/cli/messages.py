@@ -60,6 +60,16 @@ def run(args) -> int:
         and v is not None) + (" --failed" if getattr(args, "failed", False) else "")
     if not phi_permitted(args, store, target.strip()):
         return 2
+    if getattr(args, "text", None):
+        # which messages hold a name, a birth date or a phone number is patient data itself
+        reason = (args.reason or "").strip()
+        if not reason:
+            print("--text searches message content: say why with --reason (the search and its text are written to "
+                  "the audit log)", file=sys.stderr)
+            return 2
+        from hl7relay.ops.auth import cli_audit
+
+        store.audit(cli_audit("messages.search_text", "message content", reason=reason, detail=f"text {args.text[:200]!r}"))
     if args.action == "show":
         stored = store.get_message(args.id)
         if stored is None:

@@ -358,6 +358,12 @@ class Console:
         if filters.get("patient_id"):  # who looked for which patient's messages is itself patient data
             yield self._audit(dict(self._action(request, session, "messages.search", "patient_id"),
                                    detail="search by patient id"))
+        if text:
+            # which messages hold a name, a birth date or a phone number is patient data itself
+            if not can(session.role, "phi", session.phi):
+                raise HTTPError(403, "searching message content needs the permission to see patient data")
+            yield self._audit(dict(self._action(request, session, "messages.search_text", "message content"),
+                                   detail=f"text {text[:200]!r}"))
         rows = yield self.support.run(lambda store: store.search(
             **filters, since=since, until=until, before_id=int(before) if before else None, limit=PAGE_SIZE,
             text=text.encode("utf-8", "surrogateescape") if text else None))
@@ -365,6 +371,7 @@ class Console:
         older = "/messages?" + urlencode(dict(query, before=rows[-1]["id"])) if len(rows) == PAGE_SIZE else None
         return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
                             query=query, older=older, channels=sorted(self.engine.channels), statuses=STATUSES,
+                            can_search_text=can(session.role, "phi", session.phi),
                             delivery_statuses=[status.value for status in DeliveryStatus],
                             active="messages")
 
@@ -825,7 +832,7 @@ class Console:
     @page("read")
     def logs(self, request, session):
         from hl7relay.cli._logging import LOG_RING
-        from hl7relay.ops.phi import mask_text
+        from hl7relay.ops.phi import mask_log_text
 
         level = self._field(request, "level") or None
         if level not in (None, "trace", "debug", "info", "warn", "error"):
@@ -834,7 +841,7 @@ class Console:
         lines = LOG_RING.read(0, 300, level, self._field(request, "channel") or None,
                               int(message_id) if message_id.isdigit() else None, None,
                               self._field(request, "text") or None)
-        shown = [dict(line, text="(message content: see the message's page)" if line["phi"] else mask_text(line["text"]))
+        shown = [dict(line, text="(message content: see the message's page)" if line["phi"] else mask_log_text(line))
                  for line in reversed(lines)]
         query = {k: self._field(request, k) for k in ("level", "channel", "message_id", "text")}
         template = "_logs.html" if request.getHeader(b"hx-request") else "logs.html"

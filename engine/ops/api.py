@@ -392,7 +392,7 @@ class ApiResource(resource.Resource):
 
     def get_logs(self, request, caller, body):
         from hl7relay.cli._logging import LOG_RING
-        from hl7relay.ops.phi import mask_text
+        from hl7relay.ops.phi import mask_log_text
 
         args = self._args(request)
         level = args.get("level") or None
@@ -404,7 +404,7 @@ class ApiResource(resource.Resource):
                               self._number(args, "since", None, float), args.get("text") or None)
         out = []
         for line in lines:
-            line = dict(line, text=mask_text(line["text"]))  # values quoted in errors
+            line = dict(line, text=mask_log_text(line))  # values a line about a message quotes
             if line["phi"]:  # a log_phi channel's content line: the messages route shows content, with its rules
                 line["text"] = (f"(message content: hl7relay messages show {line.get('message_id', '')} "
                                 "[--show-phi --reason R])")
@@ -462,6 +462,15 @@ class ApiResource(resource.Resource):
         until = self._number(args, "until", None, float)
         text = args.get("text") or None  # a substring of the raw message (scans at most 100,000 candidates)
         target = "messages " + " ".join(f"{k}={v}" for k, v in sorted(filters.items())) + (f" text={text}" if text else "")
+        if text:
+            # which messages hold a name, a birth date or a phone number is patient data itself
+            if not can(caller["role"], "phi"):
+                raise ApiError(403, f"{caller['actor']} ({caller['role']}) may not search message content: it needs "
+                                    "the permission to see patient data")
+            yield self._off_reactor(lambda store: store.audit({
+                "actor": caller["actor"], "role": caller["role"], "source": caller["source"],
+                "action": "messages.search_text", "target": "message content", "reason": args.get("reason", "").strip(),
+                "detail": f"text {text[:200]!r}"}))
         show_phi = yield self._phi(request, caller, args, target.strip())
         rows = yield self._off_reactor(lambda store: store.search(
             **filters, since=since, until=until, before_id=before, limit=limit,

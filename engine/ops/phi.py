@@ -11,7 +11,7 @@ import re
 from hl7relay.errors import ParseError
 from hl7relay.hl7.message import Message
 
-__all__ = ["mask_message", "mask_value", "mask_text", "mask_known", "person_values", "MASK"]
+__all__ = ["mask_message", "mask_value", "mask_text", "mask_known", "mask_log_text", "person_values", "MASK"]
 
 MASK = "***"
 _PERSON_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2", "IN3", "MRG", "ACC", "GT1", "PV2", "ROL", "PRT"})
@@ -91,3 +91,14 @@ def mask_message(data: bytes) -> str:
         else:
             lines.append(fs.join(fields))
     return "\n".join(lines)
+
+
+def mask_log_text(line: dict) -> str:
+    """A log line's text as the log viewer shows it. Only lines about a message (a message id or
+    control id, or marked ``about_message``) may quote its values: theirs are masked. The rest
+    (configuration, lint, lifecycle) quote keys, names and paths a person needs to read:
+    ``unknown key 'fitler'`` stays as it is."""
+    text = line["text"]
+    if line.get("message_id") or line.get("control_id") or line.get("about_message"):
+        return mask_text(text)
+    return text

@@ -47,11 +47,28 @@ def _diff(before: bytes, after: bytes, render) -> str:
     shown_before, shown_after = render(before), render(after)
     if len(shown_before) != len(raw_before) or len(shown_after) != len(raw_after):
         shown_before, shown_after = ["(not shown)"] * len(raw_before), ["(not shown)"] * len(raw_after)
+    separator = before[3:4].decode("latin-1") if before.startswith(b"MSH") and len(before) > 3 else "|"
     out = ["--- sent before", "+++ now"]
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, raw_before, raw_after, autojunk=False).get_opcodes():
         if tag != "equal":
             out += ["-" + line for line in shown_before[i1:i2]] + ["+" + line for line in shown_after[j1:j2]]
+            # which fields changed, by name: where the mask hides the values, this is what tells
+            changed = [path for old, new in zip(raw_before[i1:i2], raw_after[j1:j2])
+                       for path in _changed_fields(old, new, separator)]
+            if changed:
+                out.append("  changed: " + ", ".join(changed))
     return "\n".join(out)
+
+
+def _changed_fields(before: str, after: str, separator: str) -> list[str]:
+    """``PID-7``, ``PID-11``... : the fields that differ between two versions of one segment."""
+    old, new = before.split(separator), after.split(separator)
+    if old[0] != new[0]:
+        return []
+    name = old[0]
+    offset = 1 if name in ("MSH", "FHS", "BHS") else 0  # MSH-1 is the separator itself
+    return [f"{name}-{index + offset}" for index in range(1, max(len(old), len(new)))
+            if (old[index] if index < len(old) else "") != (new[index] if index < len(new) else "")]
 
 
 def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, destinations=None, force=False,
