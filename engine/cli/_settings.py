@@ -206,6 +206,7 @@ def write_engine_file(settings: dict) -> Path:
     import time
 
     path = Path(settings["data_dir"]) / ENGINE_FILE
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a PostgreSQL store leaves it to us
     temporary = path.with_name(f".{ENGINE_FILE}.{os.getpid()}")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as f:
