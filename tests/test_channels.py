@@ -46,6 +46,10 @@ def errors_of(tmp_path, text, environ=None):
      "channels/demo.yaml:2:22: unknown key 'prot' for source 'mllp' (did you mean 'port')"),
     # wrong type
     (GOOD.replace("port: 12575", "port: twelve"), "channels/demo.yaml:2:28: port must be a whole number, not 'twelve'"),
+    # a destination port no peer can listen on: messages queued for ever
+    *[(GOOD.replace("{name: out, type: file, directory: out}", f"{{name: out, type: mllp, host: h, port: {port}}}"),
+       f"channels/demo.yaml:8:5: destination 'mllp': port {port} is not a port a peer can listen on (1 to 65535)")
+      for port in (70000, -1, 0)],
     # bad enum value
     (GOOD + "response: {when: on_stor}\n",
      "channels/demo.yaml:9:18: when must be one of on_store, after_delivery, not 'on_stor' (did you mean 'on_store')"),

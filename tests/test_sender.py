@@ -98,6 +98,22 @@ def test_ack_timeout_resets_the_connection_and_the_next_send_reconnects():
     assert len(h.reactor.tcpClients) == 2
 
 
+def test_the_timed_out_connection_ending_late_does_not_fail_the_next_message():
+    """The aborted connection's end arrived while the next one was being made and failed it:
+    `hl7relay send` reported the message after a timeout as CONNECTION FAILED."""
+    h = Harness(ack_timeout=10)
+    h.send(message("M1"))
+    old = h.accept_connection()
+    h.reactor.advance(11)
+    h.send(message("M2"))  # a new connection is being made...
+    old.connectionLost(Failure(ConnectionRefusedError()))  # ...when the aborted one's end arrives
+    assert len(h.results) == 1
+    new = h.accept_connection()
+    assert h.written() == ["M2"]
+    new.dataReceived(ack_frame("AA", "M2"))
+    assert [(r.control_id, r.status) for r in h.results] == [("M1", SendStatus.TIMED_OUT), ("M2", SendStatus.ACCEPTED)]
+
+
 def test_each_message_gets_the_whole_ack_timeout_from_its_own_send():
     h = Harness(ack_timeout=10)
     h.send(message("M1"))

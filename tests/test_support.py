@@ -440,3 +440,28 @@ def test_support_verbs_run_elsewhere_see_the_running_engines_channels(tmp_path, 
     finally:
         assert engine.stop() == 0
     assert code == 0 and "adt:" in out and "not in the channel files" not in out, out
+
+
+@pytest.mark.parametrize("verb", [["messages", "list"], ["messages", "search"], ["prune", "--older-than", "30d", "--dry-run"],
+                                  ["replay", "--dry-run"]])
+def test_an_unknown_channel_is_an_error_not_no_messages_match(env, capsys, verb):
+    """A typo in --channel exited 0 with "no messages match"."""
+    tmp_path, store = env
+    write_channel(tmp_path)
+    add(store, "M1")
+    code = main([*verb, "--channel", "atd"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "no channel 'atd' (did you mean 'adt'): channels are adt"
+    assert main([*verb, "--channel", "adt"]) in (0, 1)  # a channel that exists: no such complaint
+    assert "no channel" not in capsys.readouterr().err
+
+
+def test_send_names_an_unreadable_input_in_one_line(tmp_path, capsys):
+    """`hl7relay send nosuch.hl7` printed a traceback."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "hl7relay", "send", "--port", "9", str(tmp_path / "nosuch.hl7")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip() == f"{tmp_path / 'nosuch.hl7'}: cannot read it (No such file or directory)"

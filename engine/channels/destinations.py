@@ -85,6 +85,8 @@ class MLLPDestinationConfig:
     *QUEUE_OPTIONS,
 ])
 def _mllp(options, context=None):
+    if not 1 <= options["port"] <= 65535:  # 0, -1, 70000: messages would queue for ever
+        raise ValueError(f"port {options['port']} is not a port a peer can listen on (1 to 65535)")
     check_message = options["check_message"]
     if check_message is not None:
         base = getattr(context, "base_dir", None)

@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-__all__ = ["open_store_from_args", "phi_permitted", "parse_age", "parse_time", "add_filter_arguments", "filters_from_args", "Progress",
+__all__ = ["open_store_from_args", "phi_permitted", "unknown_channel", "parse_age", "parse_time", "add_filter_arguments", "filters_from_args", "Progress",
            "time_argument", "age_argument"]
 
 _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
@@ -159,3 +159,27 @@ class Progress:
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\r" + " " * 70 + "\r")
+
+
+def unknown_channel(store, settings: dict, name: str | None) -> str | None:
+    """Why ``name`` (a --channel) names no channel, or None: it must be configured (the channel
+    files the engine runs) or have stored messages. A typo otherwise read as "no messages match"."""
+    if name is None:
+        return None
+    from hl7relay.channels import load_channels
+
+    try:
+        configured = {c.name for c in load_channels(settings["channels"])[0]}
+    except Exception:  # noqa: BLE001 - unreadable channel files: the store still knows its channels
+        configured = set()
+    if name in configured:
+        return None
+    known = configured | set(store.channel_names())
+    if name in known:
+        return None
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f" (did you mean '{close[0]}')" if close else ""
+    listed = ", ".join(sorted(known)) or "none yet"
+    return f"no channel '{name}'{hint}: channels are {listed}"

@@ -50,15 +50,19 @@ def _common(parser) -> None:
 
 
 def run(args) -> int:
-    from hl7relay.cli._support import filters_from_args, format_time, open_store_from_args, phi_permitted
+    from hl7relay.cli._support import filters_from_args, format_time, open_store_from_args, phi_permitted, unknown_channel
     from hl7relay.ops.support import message_view, row_view
 
-    store, _ = open_store_from_args(args)
+    store, settings = open_store_from_args(args)
     target = f"message {args.id}" if args.action == "show" else "messages " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
         if k in ("channel", "status", "message_type", "control_id", "patient_id", "facility", "delivery_status", "text")
         and v is not None) + (" --failed" if getattr(args, "failed", False) else "")
     if not phi_permitted(args, store, target.strip()):
+        return 2
+    problem = unknown_channel(store, settings, getattr(args, "channel", None))
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     if getattr(args, "text", None):
         # which messages hold a name, a birth date or a phone number is patient data itself

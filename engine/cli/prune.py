@@ -43,6 +43,12 @@ def run(args) -> int:
               "add --yes to confirm, or --dry-run to count them first", file=sys.stderr)
         return 2
     store, settings = open_store_from_args(args)
+    from hl7relay.cli._support import unknown_channel
+
+    problem = unknown_channel(store, settings, args.channel)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     now = time.time()
     plans = []  # (channel or None, age, errors age)
     if args.older_than is not None:

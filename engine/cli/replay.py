@@ -53,6 +53,12 @@ def run(args) -> int:
     store, settings = open_store_from_args(args)
     if not phi_permitted(args, store, "replay " + " ".join(map(str, args.ids)) if args.ids else "replay (filters)"):
         return 2
+    from hl7relay.cli._support import unknown_channel
+
+    problem = unknown_channel(store, settings, args.channel)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     channels, errors = load_channels(settings["channels"])
     if errors:
         for error in errors:

@@ -37,7 +37,11 @@ def add_arguments(parser) -> None:
 
 def _messages(inputs):
     for name, path in collect_inputs(inputs):
-        data = sys.stdin.buffer.read() if path is None else Path(path).read_bytes()
+        try:
+            data = sys.stdin.buffer.read() if path is None else Path(path).read_bytes()
+        except OSError as exc:
+            yield name, None, f"{name}: cannot read it ({exc.strerror or exc})"
+            continue
         chunks = split_messages(data).messages
         if not chunks:
             yield name, None, f"{name}: not HL7 (no MSH segment)"

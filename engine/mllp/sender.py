@@ -324,7 +324,8 @@ class MLLPSender:
         if self.protocol is protocol:
             self.protocol = None
         if self._connecting is not None and not self._connecting.called:
-            self._connecting.errback(reason)
+            # an older connection, aborted after an ACK timeout, ends while the next one is being
+            # made: its end is not that attempt's failure (which failed the next message)
             return
         pending = self._pending
         if pending is not None and pending.protocol is protocol:

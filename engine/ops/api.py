@@ -399,6 +399,11 @@ class ApiResource(resource.Resource):
         if level is not None and level not in ("trace", "debug", "info", "warn", "error"):
             raise ApiError(400, "level is trace, debug, info, warn or error")
         after = self._number(args, "after", 0, int, 0)
+        channel = args.get("channel") or None
+        if channel is not None and channel not in self.engine.channels and not any(
+                line.get("channel") == channel for line in LOG_RING.lines):
+            known = ", ".join(sorted(self.engine.channels)) or "none"
+            raise ApiError(404, f"no channel '{channel}': this engine runs {known}")
         lines = LOG_RING.read(after, self._number(args, "limit", 100, int, 1, 5000),
                               level, args.get("channel") or None, self._number(args, "message_id", None, int, 1),
                               self._number(args, "since", None, float), args.get("text") or None)

@@ -857,6 +857,22 @@ class Store:
                 found += [{k: v for k, v in r.items() if k != "raw"} for r in rows if needle in r["raw"].lower()]
             return found[:limit]
 
+    def channel_names(self, most: int = 1000) -> list[str]:
+        """The channels that have stored messages, found by seeking through the channel index
+        (one lookup per channel, however many messages each has)."""
+        names: list[str] = []
+        with self.engine.connect() as connection:
+            last = None
+            while len(names) < most:
+                query = sa.select(sa.func.min(messages.c.channel))
+                if last is not None:
+                    query = query.where(messages.c.channel > last)
+                last = connection.execute(query).scalar()
+                if last is None:
+                    break
+                names.append(last)
+        return names
+
     @staticmethod
     def _types_like(connection, prefix: str, most: int = 200) -> list[str]:
         """The stored message types ``prefix`` or ``prefix^...``, found by seeking through the type
