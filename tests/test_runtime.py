@@ -829,3 +829,20 @@ def test_warn_findings_are_kept_with_the_stored_message_and_shown(tmp_path, manu
     assert main(["messages", "show", "1", "--store", f"sqlite:///{tmp_path / 's.db'}"]) == 0
     out = capsys.readouterr().out
     assert "validation findings" in out and "PID-8 is required by this channel" in out and "EVN" in out
+
+
+def test_the_engine_output_is_its_own_lines_only(tmp_path):
+    """Twisted's own notes ('[-] MLLPListenerFactory starting on ...', 'Main loop terminated.')
+    interleaved the engine's lines in another format."""
+    engine, _ = _start_engine(tmp_path, """\
+        name: ch
+        source: {type: mllp, port: 0}
+    """)
+    engine.send_signal(signal.SIGTERM)
+    os.set_blocking(engine.stdout.fileno(), True)
+    rest = (getattr(engine, "_unread", b"") + engine.stdout.read()).decode()
+    assert engine.wait(timeout=30) == 0
+    engine.stdout.close()
+    lines = rest.splitlines()
+    assert lines == ["stopping: no new messages; finishing those in flight (up to 10s)",
+                     "stopped: in-flight messages finished, store flushed"], rest

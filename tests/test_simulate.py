@@ -207,3 +207,19 @@ def test_wrong_arguments_get_one_line(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_:
         main(["simulate", *argv])
     assert exit_.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_simulate_names_its_target_and_marks_its_messages_as_test_traffic(tmp_path, capsys):
+    """With no arguments it sent 100 production-flagged fake patients from "PMS" to port 2575:
+    into a running engine, which forwarded them to the lab."""
+    assert main(["simulate"]) == 2
+    assert "say where: --port PORT [--host HOST]" in capsys.readouterr().err
+    assert main(["simulate", "--out", str(tmp_path / "x"), "--port", "2575"]) == 2
+    assert main(["simulate", "--out", str(tmp_path / "out"), "--count", "3"]) == 0
+    from hl7relay.hl7.message import Message
+
+    for path in sorted((tmp_path / "out").iterdir()):
+        message = Message.from_bytes(path.read_bytes())
+        assert (message.get("MSH-3"), message.get("MSH-11")) == ("SIMULATOR", "T")
+    assert main(["simulate", "--out", str(tmp_path / "prod"), "--count", "1", "--processing-id", "P"]) == 0
+    assert Message.from_bytes(next((tmp_path / "prod").iterdir()).read_bytes()).get("MSH-11") == "P"

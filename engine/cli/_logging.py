@@ -52,6 +52,10 @@ class ChannelLevels:
         if event.get("trace"):
             return PredicateResult.yes if threshold == 0 else PredicateResult.no
         level = _TWISTED.get(event.get("log_level"), 2)
+        if level <= 2 and not event.get("log_namespace", "").startswith("hl7relay"):
+            # Twisted's own notes ("MLLPListenerFactory starting on 2575", "(TCP Port 2575 Closed)",
+            # "Main loop terminated.") repeat the engine's lines in another format: debug only
+            level = 1
         return PredicateResult.yes if level >= max(threshold, 1) else PredicateResult.no
 
 

@@ -171,6 +171,7 @@ def run(args) -> int:
 
     @defer.inlineCallbacks
     def shutdown():
+        announce(f"stopping: no new messages; finishing those in flight (up to {engine.stop_timeout:g}s)", "stopping")
         try:
             report = yield engine.stop()
         except Exception:  # noqa: BLE001

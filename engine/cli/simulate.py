@@ -33,8 +33,9 @@ _connections = number_in(1, 1000, "connections", whole=True, why="connections ar
 def add_arguments(parser) -> None:
     from hl7relay.simulate import CHARSETS, VERSIONS
 
-    parser.add_argument("--host", default="127.0.0.1", help="listener host (default: 127.0.0.1)")
-    parser.add_argument("--port", type=port, default=2575, help="listener port (default: 2575)")
+    parser.add_argument("--host", help="listener host (default with --port: 127.0.0.1)")
+    parser.add_argument("--port", type=port, help="listener port: where to send (no default: name the listener, or "
+                                                  "use --out)")
     parser.add_argument("--count", type=_positive, default=100, help="messages to send (default: 100)")
     parser.add_argument("--rate", type=_rate, default=0.0, metavar="PER_SECOND",
                         help="messages per second over all connections (default 0: as fast as answered)")
@@ -50,7 +51,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ack-mode", choices=("original", "enhanced"), default="original",
                         help="original: MSH-15/16 empty, one ACK (AA/AE/AR); enhanced: AL/AL, an accept ACK (CA) "
                              "then an application ACK (AA) (default: original)")
-    parser.add_argument("--sending-application", default="PMS", help="MSH-3 (default: PMS)")
+    parser.add_argument("--sending-application", default="SIMULATOR", help="MSH-3 (default: SIMULATOR)")
+    parser.add_argument("--processing-id", choices=("T", "D", "P"), default="T",
+                        help="MSH-11: T (training, the default), D (debugging), P (production: only on purpose)")
     parser.add_argument("--sending-facility", default="CLINIC", help="MSH-4 (default: CLINIC)")
     parser.add_argument("--out", metavar="DIR", help="write the messages to files in DIR instead of sending them")
     parser.add_argument("--timeout", type=seconds, default=30.0, help="seconds to wait for each ACK (default: 30)")
@@ -66,7 +69,7 @@ def _simulation(args):
 
     return Simulation(seed=args.seed, version=args.hl7_version, charset=args.charset, patients=args.patients,
                       sending_application=args.sending_application, sending_facility=args.sending_facility,
-                      ack_mode=args.ack_mode)
+                      ack_mode=args.ack_mode, processing_id=args.processing_id)
 
 
 def _write(args) -> int:
@@ -79,17 +82,24 @@ def _write(args) -> int:
     except OSError as exc:
         print(f"{folder}: cannot create: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    from hl7relay.cli._support import Progress
+
     simulation, types = _simulation(args), {}
     width = max(6, len(str(args.count)))
+    progress = Progress(args.count, "messages written", threshold=1000)
     for number in range(1, args.count + 1):
+        if number % 100 == 0:
+            progress.update(number)
         message = simulation.next()
         types[message.message_type] = types.get(message.message_type, 0) + 1
         path = folder / f"{number:0{width}d}-{message.message_type.replace('^', '_')}.hl7"
         try:
             path.write_bytes(message.data)
         except OSError as exc:
+            progress.close()
             print(f"{path}: cannot write: {exc.strerror or exc}", file=sys.stderr)
             return 1
+    progress.close()
     if args.format == "json":
         print(json.dumps({"written": args.count, "folder": str(folder), "types": types}, indent=2))
     else:
@@ -100,7 +110,18 @@ def _write(args) -> int:
 
 def run(args) -> int:
     if args.out:
+        if args.port is not None or args.host is not None:
+            print("hl7relay simulate: --out writes files and sends nothing: give --out DIR, or --port PORT "
+                  "[--host HOST]", file=sys.stderr)
+            return 2
         return _write(args)
+    if args.port is None:
+        # generated patients must not go by default into whatever listens on 2575 (a live engine
+        # forwards them on): the target is named
+        print("hl7relay simulate: say where: --port PORT [--host HOST] (an engine's channel, or hl7relay listen), "
+              "or --out DIR", file=sys.stderr)
+        return 2
+    args.host = args.host or "127.0.0.1"
     from hl7relay.cli._logging import start_logging
 
     start_logging(args.log_level)
@@ -114,10 +135,20 @@ def run(args) -> int:
     result = {}
 
     def main(reactor):
+        from hl7relay.cli._support import Progress
+
         senders = [MLLPSender(config, reactor) for _ in range(args.connections)]
         driver = Driver(_simulation(args), senders, reactor, args.count, args.rate, args.duration)
+        progress = Progress(args.count, "messages answered", threshold=1000)  # a terminal only
+        shown = task.LoopingCall(lambda: progress.update(driver.summary.answered))
+        shown.clock = reactor
+        if progress.enabled:
+            shown.start(0.5, now=False)
 
         def done(summary):
+            if shown.running:
+                shown.stop()
+            progress.close()
             for sender in senders:
                 sender.close()
             result["summary"], result["stopped"] = summary, driver.stopped
