@@ -55,3 +55,31 @@ def test_console_script_and_module_entry_point():
     scripts = _setup_cfg()["options.entry_points"]["console_scripts"]
     assert "hl7relay = hl7relay.cli:main" in scripts
     assert importlib.util.find_spec("hl7relay.__main__") is not None
+
+
+def test_the_readme_shows_the_shipped_channel_as_it_is_and_names_every_port():
+    """The README showed a channel that was not the shipped file and never named the ORU
+    destination's port."""
+    readme = (REPO / "README.md").read_text()
+    shipped = (REPO / "channels" / "adt-to-lab.yaml").read_text()
+    assert "```yaml\n" + shipped + "```" in readme
+    for port, variable in (("2575", "ADT_PORT"), ("2576", "LAB_PORT"), ("2577", "SIU_PORT"), ("2578", "ORU_PORT"),
+                           ("2580", "PMS_PORT")):
+        assert f"| {port} |" in readme and f"`{variable}`" in readme
+        assert variable in "".join(p.read_text() for p in (REPO / "channels").glob("*.yaml"))
+    lines = readme.splitlines()
+    assert lines.index("## Contents") < lines.index("## Quick start") < 40
+
+
+def test_the_systemd_unit_gives_a_clean_stop_its_time():
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(REPO / "config" / "hl7relay.service")
+    service = unit["Service"]
+    assert service["KillSignal"] == "SIGTERM" and service["KillMode"] == "mixed"
+    assert float(service["TimeoutStopSec"]) > 10 + 5  # stop_timeout (10 s) and the store's flush
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["ExecStart"].split()[1:3] == ["run", "--config"]
+    assert "Running as a service" in (REPO / "README.md").read_text()

@@ -26,7 +26,12 @@ READY = "ready; Ctrl-C or SIGTERM stops"
 
 
 class ChaosFailure(AssertionError):
-    """A scenario found what it is there to find: a loss, a hang, an unanswered frame."""
+    """A scenario found what it is there to find: a loss, a hang, an unanswered frame. ``figures``:
+    what it measured up to then (printed with the failure)."""
+
+    def __init__(self, text: str, figures: dict | None = None):
+        super().__init__(text)
+        self.figures = figures or {}
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -155,6 +160,7 @@ class Sink:
         self.script = list(script)
         self.received: list[tuple[str, float]] = []
         self.accepted: list[tuple[str, float]] = []  # the control ids answered AA, and when
+        self.answered_at: dict[str, float] = {}  # control id -> when its first answer was written
         self.lock = threading.Lock()
         probe = socket.socket()
         probe.bind(("127.0.0.1", 0))
@@ -220,6 +226,8 @@ class Sink:
                     if self.delay:
                         time.sleep(self.delay)
                     connection.sendall(frame(build_ack(message, code)))
+                    with self.lock:
+                        self.answered_at.setdefault(message.control_id, time.monotonic())
         except OSError:
             return
         finally:
@@ -383,9 +391,11 @@ def relay_channel(sink_port: int, order: str = "per_key", parallel: int = 4, ext
 
 
 def delivery_figures(accepted: list[Answer], received: list[tuple[str, float]], kills: list[float] = (),
-                     window: float = 0.5) -> dict:
+                     window: float = 0.5, answered_at: dict | None = None) -> dict:
     """Lost (ACKed, never delivered), duplicates (delivered twice) and those outside the documented
-    window (first delivered more than ``window`` s before a kill), per-key inversions."""
+    window, per-key inversions. The window: a copy sent again must have been on the wire at a kill
+    (its first answer written after it, or never) or answered in the ``window`` s before it
+    (``answered_at``: when the destination wrote each first answer; else when it got the copy)."""
     acked = {a.control_id for a in accepted}
     first: dict[str, float] = {}
     order: list[str] = []
@@ -396,7 +406,15 @@ def delivery_figures(accepted: list[Answer], received: list[tuple[str, float]], 
             first[control_id] = at
             order.append(control_id)
     duplicates = [c for c, n in counts.items() if n > 1]
-    outside = [c for c in duplicates if not any(first[c] >= kill - window and first[c] <= kill for kill in kills)]
+    answered = answered_at or first
+
+    def within(control_id):
+        # a kill whose process was still sending (a dying forwarder's last copies arrive just after
+        # it), or whose store had not yet recorded the answer of the first copy
+        return any(first[control_id] <= kill + window and answered.get(control_id, kill) >= kill - window
+                   for kill in kills)
+
+    outside = [c for c in duplicates if not within(c)]
     # per key, the order of first deliveries must be the order the sender's ACKs came in
     sent_order = {a.control_id: n for n, a in enumerate(sorted(accepted, key=lambda a: a.answered_at))}
     key_of = {a.control_id: a.key for a in accepted}
@@ -412,7 +430,8 @@ def delivery_figures(accepted: list[Answer], received: list[tuple[str, float]], 
                "outside_window": len(outside), "inversions": inversions}
     if outside:  # for the reader of a failure: which, and how long before the nearest kill it was first delivered
         figures["outside_window_examples"] = [
-            f"{c}: first delivered {min((k - first[c] for k in kills if k >= first[c]), default=float('nan')):.2f}s before a kill"
+            f"{c}: first delivered {min((k - first[c] for k in kills if k >= first[c]), default=float('nan')):.2f}s, "
+            f"answered {min((k - answered.get(c, k) for k in kills if k >= first[c]), default=float('nan')):.2f}s before a kill"
             for c in outside[:5]]
     return figures
 

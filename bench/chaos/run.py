@@ -47,7 +47,7 @@ def check(figures: dict, **limits) -> None:
                 if figures.get(name)]
     problems += [f"{name} {figures[name]} > {limit}" for name, limit in limits.items() if figures.get(name, 0) > limit]
     if problems:
-        raise ChaosFailure(", ".join(problems))
+        raise ChaosFailure(", ".join(problems), figures)
 
 
 # -- kill -9 under load, a slow destination ----------------------------------------------------------
@@ -80,7 +80,10 @@ def kill9(work: Path, full: bool) -> dict:
     wait_for(lambda: wanted <= set(sink.ids()), 600, "every ACKed message at the destination")
     code, stop = engine.terminate()
     sink.down()
-    figures = delivery_figures(accepted, sink.received, kills)
+    figures = delivery_figures(accepted, sink.received, kills, answered_at=sink.answered_at)
+    if figures["outside_window"] or figures["lost"]:  # the raw timeline, for whoever reads the failure
+        (work / "timeline.json").write_text(json.dumps({"kills": kills, "received": sink.received,
+                                                        "answered_at": sink.answered_at}))
     figures.update(rounds=rounds, max_backlog_at_kill=max(backlog_at_kill), stop_s=round(stop, 2), rss_mb=round(rss),
                    hangs=sum(len(load.hangs) for load in loads), exit=code)
     check(figures)
@@ -113,7 +116,7 @@ def outage(work: Path, full: bool) -> dict:
         sink.down()
         # what was on the wire when the destination went away may have reached it unanswered:
         # sent again (at-least-once), only those
-        figures = delivery_figures(accepted, sink.received, [outage_started])
+        figures = delivery_figures(accepted, sink.received, [outage_started], answered_at=sink.answered_at)
         figures.update(outage_s=seconds, hangs=len(load.hangs), stop_s=round(stop, 2), exit=code)
         check(figures, duplicates=4)
         results[order] = figures
@@ -529,7 +532,7 @@ def main(argv=None) -> int:
             figures = SCENARIOS[name](work, args.full)
             verdict = "ok"
         except ChaosFailure as exc:
-            figures, verdict = {"failure": str(exc)}, "FAILED"
+            figures, verdict = {"failure": str(exc), **exc.figures}, "FAILED"
             failed.append(name)
         except Exception as exc:  # noqa: BLE001 - a harness error fails the scenario, with where
             figures, verdict = {"failure": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}, "FAILED"
