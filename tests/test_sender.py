@@ -290,3 +290,31 @@ def test_the_byte_matcher_agrees_with_the_parser_whenever_it_answers(code, acked
     parsed = Message.from_bytes(payload)
     assert quick == (parsed.get("MSA-1"), parsed.get("MSA-2"))
     assert not parsed.get("MSA-3") and not parsed.count("ERR")
+
+
+def test_a_queues_sender_connects_when_the_queue_says_with_no_backoff_of_its_own():
+    """The sender's own backoff (up to 60 s) stacked on the queue's retry schedule: a lab that came
+    back waited past retry_max, and an after_delivery sender waited a minute for an AR."""
+    from hl7relay.channels.destinations import MLLPDelivery
+
+    class Engine:
+        reactor = MemoryReactorClock()
+
+    import tempfile
+    from pathlib import Path
+
+    from hl7relay.channels import load_channel
+
+    path = Path(tempfile.mkdtemp()) / "ch.yaml"
+    path.write_text("name: ch\nsource: {type: mllp, port: 0}\n"
+                    "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 2576, connect_timeout: 1}]\n")
+    channel, errors = load_channel(path, {})
+    assert not errors
+    config = channel.destinations[0].config
+    delivery = MLLPDelivery(config, Engine)
+    for attempt in range(8):  # eight refused connections in a row
+        results = []
+        delivery.deliver(message(f"M{attempt}")).addCallback(results.append)
+        assert len(Engine.reactor.tcpClients) == attempt + 1  # tried at once, every time
+        Engine.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        assert results and not results[0].ok

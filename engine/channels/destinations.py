@@ -188,9 +188,15 @@ class MLLPDelivery(Delivery):
 
     def __init__(self, config, engine):
         super().__init__(config, engine)
+        import dataclasses
+
         from hl7relay.mllp.sender import MLLPSender
 
-        self.senders = [MLLPSender(config.sender, engine.reactor) for _ in range(config.queue.parallel)]
+        # the queue owns the retry schedule (retry_initial..retry_max): a sender's own connection
+        # backoff on top of it (up to 60 s) kept a peer that came back waiting past retry_max, and
+        # an after_delivery sender waiting a minute for an AR it could have had at once
+        sender = dataclasses.replace(config.sender, backoff_initial=0.0, backoff_max=0.0)
+        self.senders = [MLLPSender(sender, engine.reactor) for _ in range(config.queue.parallel)]
         self._idle = list(self.senders)
 
     def deliver(self, message):
