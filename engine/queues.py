@@ -44,7 +44,9 @@ _UNCLAIMED_LIMIT = 10_000
 
 def retry_delay(attempts: int, options: QueueOptions, rng: random.Random) -> float:
     """Wait after ``attempts`` failed attempts: between half and all of min(max, initial * 2^(n-1))."""
-    ceiling = min(options.retry_max, options.retry_initial * 2 ** max(0, attempts - 1))
+    # the exponent capped: after 1,025 attempts (8.5 h of an outage at retry_max 30 s) 2 ** n was
+    # no float, and the queue's bookkeeping raised at every attempt from then on
+    ceiling = min(options.retry_max, options.retry_initial * 2 ** min(max(0, attempts - 1), 60))
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 

@@ -318,3 +318,11 @@ def test_a_queues_sender_connects_when_the_queue_says_with_no_backoff_of_its_own
         assert len(Engine.reactor.tcpClients) == attempt + 1  # tried at once, every time
         Engine.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
         assert results and not results[0].ok
+
+
+def test_the_backoff_survives_any_number_of_failures():
+    """After 1,024 refused connections in a row the backoff raised OverflowError (int too large to
+    convert to float) in the sender's errback: that destination never tried again."""
+    h = Harness(backoff_initial=1.0, backoff_max=60.0)
+    h.sender._failures = 5000
+    assert 30.0 <= h.sender.backoff_delay() <= 60.0

@@ -230,7 +230,8 @@ class MLLPSender:
         """The wait before the next attempt after ``self._failures`` failed ones (full jitter)."""
         if self._failures == 0:
             return 0.0
-        ceiling = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (self._failures - 1))
+        # the exponent capped: 2 ** 1024 failures is no float (the 1,025th refused connection raised)
+        ceiling = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(self._failures - 1, 60))
         return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
 
     def send(self, message: Message | bytes) -> defer.Deferred:
