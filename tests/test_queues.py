@@ -493,5 +493,5 @@ def test_a_waiter_that_comes_after_the_first_attempt_gets_its_result(setup, firs
 def test_the_retry_delay_survives_a_long_outage():
     """Unreachable peers are retried indefinitely; after 1,025 attempts (8.5 h at retry_max 30 s)
     2 ** n overflowed a float and every later attempt's bookkeeping raised."""
-    options = QueueOptions(retry_initial=1, retry_max=30)
+    options = QueueOptions(retry_initial=1.0, retry_max=30.0)  # as a channel file gives them: floats
     assert 15 <= retry_delay(5000, options, random.Random(1)) <= 30
