@@ -509,3 +509,22 @@ def test_postgresql_commits_without_pipeline_mode_where_libpq_lacks_it(monkeypat
     ids = store.commit([record(f"NP{i}", deliveries=[DeliveryRecord("lab", "QUEUED", b"MSH|x")]) for i in range(3)], [])
     assert len(ids) == 3 and [store.get_message(i)["control_id"] for i in ids] == ["NP0", "NP1", "NP2"]
     assert [r["message_id"] for r in store.queued_deliveries("adt", "lab")] == ids
+
+
+def test_updates_of_one_delivery_in_one_batch_apply_in_order(store):
+    """An attempt's result (QUEUED, attempts 1) and the withdrawal that followed it (WITHDRAWN)
+    in one batch were run in groups by the columns they set: when another withdrawal opened the
+    batch, the delivery came out QUEUED, and the withdrawn copy was sent after all."""
+    from hl7relay.store.database import DeliveryUpdate
+
+    ids = store.commit([record(f"W{n}", deliveries=[DeliveryRecord("pms", "QUEUED", b"x")]) for n in range(2)], [])
+    withdrawn = {"status": "WITHDRAWN", "last_error": "withdrawn", "next_attempt_at": None, "updated_at": 2.0}
+    store.commit([], [
+        DeliveryUpdate(ids[0], "pms", withdrawn),  # another message's withdrawal first: its column set's group runs first
+        DeliveryUpdate(ids[1], "pms", {"status": "QUEUED", "attempts": 1, "last_ack": "", "last_error": "refused",
+                                       "next_attempt_at": 5.0, "updated_at": 1.0}),
+        DeliveryUpdate(ids[1], "pms", withdrawn),
+    ])
+    delivery = store.get_message(ids[1])["deliveries"][0]
+    assert (delivery["status"], delivery["attempts"], delivery["last_error"]) == ("WITHDRAWN", 1, "withdrawn")
+    assert store.queued_deliveries("adt", "pms") == []

@@ -458,14 +458,18 @@ class _Rows:
         self.message_updates: list = []  # (columns, (values..., id))
         self.stage_upserts: list = []  # (message_id, stage, content)
         self.audit: list = []  # dicts in AUDIT_FIELDS order
+        # Updates of one delivery are merged, later values over earlier ones, before they are
+        # grouped by the columns they set: the groups run one after the other, so an attempt's
+        # result (QUEUED, with its attempts) and the withdrawal that followed it (WITHDRAWN) in one
+        # batch ran in the groups' order, and the delivery came out QUEUED: sent after all.
+        merged: dict[tuple, dict] = {}
         for update in updates:
             if update.__class__ is tuple:
                 update = as_update(update)
             if update.__class__ is DeliveryUpdate:
-                values = update.values
-                columns = tuple(sorted(values))
-                self.delivery_updates.setdefault(columns, []).append(
-                    (*(storable(values[c]) for c in columns), update.message_id, update.destination))
+                key = (update.message_id, update.destination)
+                earlier = merged.get(key)
+                merged[key] = update.values if earlier is None else {**earlier, **update.values}
             elif update.__class__ is MessageUpdate:
                 columns = _checked(tuple(sorted(update.values)), _MESSAGE_UPDATE_COLUMNS)
                 self.message_updates.append((columns, (*(storable(update.values[c]) for c in columns), update.message_id)))
@@ -473,6 +477,10 @@ class _Rows:
                 self.stage_upserts.append((update.message_id, update.stage, update.content))
             else:
                 self.audit.append(_audit_row(update.entry))
+        for (message_id, destination), values in merged.items():
+            columns = tuple(sorted(values))
+            self.delivery_updates.setdefault(columns, []).append(
+                (*(storable(values[c]) for c in columns), message_id, destination))
         for columns in self.delivery_updates:
             _checked(columns, _DELIVERY_UPDATE_COLUMNS)
 
