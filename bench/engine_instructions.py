@@ -73,7 +73,7 @@ def main() -> None:
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work / 'callgrind.out.%p'}",
          *(["--trace-children=yes"] if process else []), sys.executable, "-m", "hl7relay", "run",
          "--channels", str(channels), "--data-dir", str(work / "data"), "--admin-port", str(free_port()),
-         "--log-level", "error", *(["--forwarding", "process"] if process else [])],
+         "--console-port", "0", "--log-level", "error", *(["--forwarding", "process"] if process else [])],
         cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONHASHSEED": "0"})
     reader = None
     try:

@@ -513,6 +513,47 @@ def sigterm(work: Path, full: bool) -> dict:
     return figures
 
 
+# what each scenario did, in words, for the table
+_WHAT = {
+    "kill9": lambda f: f"{f.get('rounds')} rounds of kill -9 under load (8 connections, a destination taking 5 ms), "
+                       f"inline and forwarder in turn; backlog at a kill up to {f.get('max_backlog_at_kill')}",
+    "outage": lambda f: f"the destination down {f.get('per_key_outage_s')} s under load, order per_key, then in_order",
+    "reload": lambda f: f"{f.get('reloads')} reloads changing the destination under load",
+    "after_delivery": lambda f: "the shipped ORU channel: the PMS refusing 20, then down; the lab resending until AA; "
+                                "a restart; inline, then forwarder",
+    "hostile": lambda f: "24 idle connections from one address, a leaky client, slowloris, junk, a 20 MB frame",
+    "fuzz": lambda f: f"{f.get('frames')} mutated frames (samples, corpus) through the shipped channels",
+    "disk_full": lambda f: "the data folder a 6 MB tmpfs: filled under load, then grown",
+    "postgres_down": lambda f: "a private PostgreSQL cluster stopped (immediate) under load, then started",
+    "sigterm": lambda f: f"{f.get('rounds')} SIGTERMs under sustained load (8 connections), stop_timeout 5 s",
+}
+
+
+def markdown_table(results: dict, full: bool) -> str:
+    rows = ["| scenario | what | ACKed | lost | duplicates (all in the window) | inversions | unanswered | stop | RSS |",
+            "|---|---|---|---|---|---|---|---|---|"]
+
+    def total(f, name):
+        values = [v for k, v in f.items() if k == name or k.endswith("_" + name)]
+        return sum(v for v in values if isinstance(v, (int, float))) if values else None
+
+    for name, f in results.items():
+        if f.get("verdict") != "ok":
+            rows.append(f"| {name} | FAILED: {f.get('failure', '')} | | | | | | | |")
+            continue
+        acked = total(f, "acked") or f.get("answered")
+        dup = total(f, "duplicates")
+        if dup is None:
+            dup = total(f, "accepted_twice")
+        stop = f.get("stop_s") or f.get("max_stop_s") or f.get("per_key_stop_s") or f.get("inline_stop_s")
+        cells = [name, _WHAT.get(name, lambda f: "")(f), f"{acked:,}" if acked is not None else "-",
+                 str(total(f, "lost") or 0), "-" if dup is None else str(dup), str(total(f, "inversions") or 0),
+                 str((total(f, "unanswered") or 0) + (total(f, "hangs") or 0)),
+                 f"{stop:.2f} s" if stop is not None else "-", f"{f['rss_mb']} MB" if f.get("rss_mb") else "-"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 # -- the runner --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -520,6 +561,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="comma-separated scenarios: " + ", ".join(SCENARIOS))
     parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work folders (logs, stores)")
+    parser.add_argument("--markdown", action="store_true", help="end with the figures as a Markdown table (the README's)")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
@@ -554,6 +596,8 @@ def main(argv=None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     elif failed:
         print(f"chaos: the work folders (engine logs, stores) are kept in {root}", flush=True)
+    if args.markdown:
+        print(markdown_table(results, args.full))
     passed = len(names) - len(failed)
     print(f"chaos: {passed} passed, {len(failed)} failed", flush=True)
     return 1 if failed else 0
