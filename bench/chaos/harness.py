@@ -50,6 +50,7 @@ class Engine:
     its startup lines), its output in ``engine-N.log``."""
 
     runs = 0
+    started: list["Engine"] = []  # every engine of the run: a failed scenario's are ended by end_all()
 
     def __init__(self, folder: Path, *arguments: str, env: dict | None = None, ready_timeout: float = 60.0,
                  limits=None):
@@ -61,6 +62,7 @@ class Engine:
         self.process = subprocess.Popen(command, cwd=folder, stdout=self.log, stderr=subprocess.STDOUT,
                                         env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), preexec_fn=limits)
         self.started_at = time.monotonic()
+        Engine.started.append(self)
         text = wait_for(lambda: self._ready(), ready_timeout, f"the engine's ready line ({self.log_path})")
         self.ports = {name: int(port) for name, port in re.findall(r"channel (\S+): MLLP on 127\.0\.0\.1:(\d+)", text)}
         admin = re.search(r"admin: (http://127\.0\.0\.1:\d+)/", text)
@@ -73,6 +75,20 @@ class Engine:
         if self.process.poll() is not None:
             raise ChaosFailure(f"the engine exited ({self.process.returncode}) before it was ready:\n{text[-2000:]}")
         return None
+
+    @classmethod
+    def end_all(cls) -> int:
+        """Kill what a failed scenario left running (its forwarders go with it); how many."""
+        ended = 0
+        for engine in cls.started:
+            if engine.process.poll() is None:
+                engine.process.kill()
+                engine.process.wait(timeout=30)
+                ended += 1
+            if not engine.log.closed:
+                engine.log.close()
+        cls.started = []
+        return ended
 
     @property
     def pid(self) -> int:
@@ -155,7 +171,16 @@ class Sink:
     time), answers AA after ``delay`` seconds (or what ``script`` says first: 'AR', 'AE'), and can
     go down (nothing listens, connections dropped) and come back on the same port."""
 
+    opened: list["Sink"] = []  # every destination of the run, taken down by down_all()
+
+    @classmethod
+    def down_all(cls) -> None:
+        for sink in cls.opened:
+            sink.down()
+        cls.opened = []
+
     def __init__(self, delay: float = 0.0, script=()):
+        Sink.opened.append(self)
         self.delay = delay
         self.script = list(script)
         self.received: list[tuple[str, float]] = []

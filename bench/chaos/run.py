@@ -583,6 +583,11 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - a harness error fails the scenario, with where
             figures, verdict = {"failure": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-1500:]}, "FAILED"
             failed.append(name)
+        finally:
+            left = Engine.end_all()  # never leave an engine behind, passed or failed
+            Sink.down_all()
+        if left:
+            figures["engines_left_running"] = left
         figures["seconds"] = round(time.monotonic() - started, 1)
         results[name] = {"verdict": verdict, **figures}
         shown = ", ".join(f"{k} {v}" for k, v in figures.items() if k != "trace")
