@@ -465,3 +465,18 @@ def test_send_names_an_unreadable_input_in_one_line(tmp_path, capsys):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip() == f"{tmp_path / 'nosuch.hl7'}: cannot read it (No such file or directory)"
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("MSH-9.2: 'A99' is not an event of ADT", "MSH-9.2: 'A99' is not an event of ADT"),  # the answer support needs
+    ("transformer 1: format_date PID-7: '19800412' does not match", "transformer 1: format_date PID-7: '1***' does not match"),
+    ("OBX[2]-5: 'positive for HIV'", "OBX[2]-5: 'p***'"),
+    ("NTE-3: 'called the patient at home'", "NTE-3: 'c***'"),
+    ("PV1-2 'X' is not in table 0004; NK1-2 'ROE' is too long", "PV1-2 'X' is not in table 0004; NK1-2 '***' is too long"),
+    ("AE: unknown patient 'DOE^JANE'", "AE: unknown patient 'D***'"),  # no field named: masked
+])
+def test_quoted_values_are_masked_by_the_field_they_belong_to(text, shown):
+    """Every quoted value was masked: 'MSH-9.2: 'A***' is not an event' told support nothing."""
+    from hl7relay.ops.phi import mask_text
+
+    assert mask_text(text) == shown

@@ -28,13 +28,33 @@ def mask_value(value: str) -> str:
 _QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'" + r'|"((?:[^"\\]|\\.)*)"')
 
 
+_FIELD_PATH = re.compile(r"\b([A-Z][A-Z0-9]{2})(?:\[\d+\])?-(\d+)")
+
+
+def _about_person(segment: str, field: int) -> bool:
+    """Whether a field's values may describe a patient (or be free text that can)."""
+    return segment in _PERSON_SEGMENTS or field in _FREE_TEXT.get(segment, ())
+
+
 def mask_text(text: str) -> str:
-    """An error text with the values it quotes masked. Our own errors quote the value they are
-    about (``'19800412' is not an HL7 date/time``): useful to someone allowed to see it, PHI to
-    anyone else. Paths and codes are not quoted, so what went wrong where stays readable."""
+    """An error text with the values it quotes masked, by field. Our own errors name the field
+    and quote the value they are about (``PID-7: '19800412' is not an HL7 date/time``): a value of
+    a field that describes a person (PID, NK1, GT1, IN1, OBX-5, NTE-3...), or of no field named
+    before it, is masked; one of another field (``MSH-9.2: 'A99' is not an event``) is the
+    answer a support engineer needs, and stays. Paths and codes are not quoted."""
     if not text or ("'" not in text and '"' not in text):
         return text
-    return _QUOTED.sub(lambda m: "'" + mask_value(m.group(1) if m.group(1) is not None else m.group(2)) + "'", text)
+
+    def masked(match):
+        value = match.group(1) if match.group(1) is not None else match.group(2)
+        named = None
+        for named in _FIELD_PATH.finditer(text, 0, match.start()):
+            pass
+        if named is not None and not _about_person(named.group(1), int(named.group(2))):
+            return match.group(0)
+        return "'" + mask_value(value) + "'"
+
+    return _QUOTED.sub(masked, text)
 
 
 def person_values(data: bytes) -> set[str]:
