@@ -151,6 +151,7 @@ def run(args) -> int:
     try:
         lines = engine.start()
     except Exception as exc:  # noqa: BLE001 - e.g. the port is taken
+        engine_file.unlink(missing_ok=True)
         print(f"cannot start: {exc}", file=sys.stderr)
         if forwarder is not None:  # it stops when its stdin closes
             forwarder.stopping = True
