@@ -134,10 +134,6 @@ class Source:
         messages were dropped unanswered."""
         return 0
 
-    def unanswered(self) -> int:
-        """Connections still waiting for an answer (after :meth:`finish`)."""
-        return 0
-
     def abort(self) -> None:
         """Drop the connections still open at once (a stop's time is up)."""
 
@@ -198,10 +194,6 @@ class MLLPSource(Source):
     def finish(self) -> int:
         factory = self._factory
         return sum(protocol.finish() for protocol in list(getattr(factory, "connections", ())))
-
-    def unanswered(self) -> int:
-        factory = self._factory
-        return sum(1 for protocol in getattr(factory, "connections", ()) if protocol.busy)
 
     def abort(self) -> None:
         factory = self._factory
