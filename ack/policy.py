@@ -18,11 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hl7relay.ack.builder import build_ack
-from hl7relay.outcomes import ErrorCode
+from hl7relay.outcomes import AckCode, ErrorCode
 from hl7relay.ack.outcome import Outcome, Status
 from hl7relay.hl7.message import Message
 
-__all__ = ["AckPolicy", "is_enhanced_mode", "is_ack", "unreadable_ack"]
+__all__ = ["AckPolicy", "is_enhanced_mode", "is_ack", "unreadable_ack", "resend_code"]
+
+# the codes as plain str on the hot path (what is stored and written; a StrEnum costs the driver an adapter lookup)
+_AA, _AE, _AR, _CA, _CR = (c.value for c in (AckCode.AA, AckCode.AE, AckCode.AR, AckCode.CA, AckCode.CR))
 
 def is_ack(message: Message) -> bool:
     return message.msh(9, 1).strip().upper() == "ACK"
@@ -47,14 +50,20 @@ def _wanted(condition: str, success: bool) -> bool:
 
 def unreadable_ack(text: str, **header) -> bytes:
     """The answer to a payload that is not an HL7 message (empty, or not starting with MSH)."""
-    return build_ack(None, "AR", text, ErrorCode.SEGMENT_SEQUENCE_ERROR, **header)
+    return build_ack(None, _AR, text, ErrorCode.SEGMENT_SEQUENCE_ERROR, **header)
+
+
+def resend_code(message: Message) -> str:
+    """The code that asks the sender to send a message again: CR when it asked for an accept ACK
+    (MSH-15 valued, enhanced mode), else AR."""
+    return _CR if message.msh(15).strip() else _AR
 
 
 @dataclass(slots=True)
 class AckPolicy:
     """Turns a handler's :class:`Outcome` into the ACK frames to write, in order."""
 
-    filtered_code: str = "AR"  # what a filtered message is answered with (AA to hide filtering)
+    filtered_code: str = _AR  # what a filtered message is answered with (AA to hide filtering)
     sending_application: str = "HL7RELAY"
     sending_facility: str = ""
 
@@ -70,8 +79,8 @@ class AckPolicy:
         accepted = outcome.stored and outcome.status is not Status.REJECTED and outcome.status is not Status.INTERNAL_ERROR
         codes = []
         if _wanted(message.msh(15), accepted):
-            codes.append("CA" if accepted else "CR")
-        if accepted and _wanted(message.msh(16), application == "AA"):
+            codes.append(_CA if accepted else _CR)
+        if accepted and _wanted(message.msh(16), application == _AA):
             codes.append(application)
         return codes
 
@@ -90,16 +99,16 @@ class AckPolicy:
     def _build(self, message: Message, outcome: Outcome, codes: list[str]) -> list[bytes]:
         header = {"sending_application": self.sending_application, "sending_facility": self.sending_facility}
         # a CA never carries errors; every other code carries the outcome's text and findings
-        return [build_ack(message, code, **header) if code == "CA" else
+        return [build_ack(message, code, **header) if code == _CA else
                 build_ack(message, code, outcome.text, outcome.code, outcome.findings, **header)
                 for code in codes]
 
     def _application_code(self, outcome: Outcome) -> str:
         status = outcome.status
         if status is Status.ACCEPTED:
-            return "AA" if outcome.stored else "AR"
+            return _AA if outcome.stored else _AR
         if status is Status.ERROR:
-            return "AE" if outcome.stored else "AR"
+            return _AE if outcome.stored else _AR
         if status is Status.FILTERED:
-            return self.filtered_code if outcome.stored or self.filtered_code != "AA" else "AR"
-        return "AR"  # REJECTED, INTERNAL_ERROR
+            return self.filtered_code if outcome.stored or self.filtered_code != _AA else _AR
+        return _AR  # REJECTED, INTERNAL_ERROR

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from hl7relay import events
+from hl7relay.outcomes import MessageStatus
 
 __all__ = ["Metrics", "METRIC_NAMES"]
 
@@ -153,11 +154,11 @@ class Metrics:
     def _processed(self, f):
         channel = f["channel"]
         status = f["status"]
-        if status == "FILTERED":
+        if status == MessageStatus.FILTERED:
             self._labels(self.filtered, channel).inc()
-        elif status == "ERROR":
+        elif status == MessageStatus.ERROR:
             self._labels(self.errored, channel).inc()
-        elif status == "DUPLICATE":
+        elif status == MessageStatus.DUPLICATE:
             self._labels(self.duplicates, channel).inc()
         for code in f.get("ack_codes", ()):
             self.acked.inc((channel, code))

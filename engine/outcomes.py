@@ -9,7 +9,8 @@ The statuses are ``StrEnum``s: they compare equal to, print as, and are stored a
 import enum
 from dataclasses import dataclass
 
-__all__ = ["ErrorCode", "Severity", "AckCode", "MessageStatus", "DeliveryStatus", "DeliveryOutcome", "DeliveryResult"]
+__all__ = ["ErrorCode", "Severity", "AckCode", "MessageStatus", "DeliveryStatus", "DeliveryOutcome", "DeliveryResult",
+           "NOT_STORED", "STORED_STATUSES", "PRUNABLE_STATUSES"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -85,6 +86,10 @@ class MessageStatus(enum.StrEnum):
     DUPLICATE = "DUPLICATE"
 
 
+# not a stored status: what events and metrics report for a message whose commit failed
+NOT_STORED = "NOT_STORED"
+
+
 class DeliveryStatus(enum.StrEnum):
     """Where a delivery stands."""
 
@@ -94,6 +99,9 @@ class DeliveryStatus(enum.StrEnum):
     FILTERED = "FILTERED"  # the destination's filter skipped it
     WITHDRAWN = "WITHDRAWN"  # after_delivery: the sender was told to resend, so this copy is never sent
     REPLAYED = "REPLAYED"  # a dead letter (ERROR) replayed: the replay (messages.replay_of) carries it now
+
+
+STORED_STATUSES = tuple(status.value for status in MessageStatus)  # for choices and counters, in order
 
 
 class DeliveryOutcome(enum.Enum):
@@ -133,3 +141,6 @@ class DeliveryResult:
 
 
 _UNREACHABLE, _TIMED_OUT = DeliveryOutcome.UNREACHABLE, DeliveryOutcome.TIMED_OUT
+
+
+PRUNABLE_STATUSES = STORED_STATUSES  # what prune may delete (queued deliveries keep their message whatever its status)

@@ -23,6 +23,8 @@ import datetime
 import random
 from dataclasses import dataclass, field
 
+from hl7relay.outcomes import AckCode
+
 __all__ = ["Simulation", "SimulatedMessage", "Driver", "Summary", "VERSIONS", "CHARSETS"]
 
 VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8")
@@ -441,6 +443,9 @@ class Driver:
         self._done.callback(self.summary)
 
 
+_ACK_CODES = frozenset(code.value for code in AckCode)  # an answer, whatever it said (else: no answer)
+
+
 @dataclass(slots=True)
 class Summary:
     """What a run sent and got back."""
@@ -456,7 +461,7 @@ class Summary:
         self.sent += 1
         self.types[message_type] = self.types.get(message_type, 0) + 1
         self.codes[code] = self.codes.get(code, 0) + 1
-        if code in ("AA", "AE", "AR", "CA", "CE", "CR"):
+        if code in _ACK_CODES:
             self.answered += 1
             self.latencies.append(latency)
 
@@ -469,7 +474,7 @@ class Summary:
     @property
     def accepted(self) -> bool:
         """Every message answered AA or CA."""
-        return self.sent > 0 and self.codes.get("AA", 0) + self.codes.get("CA", 0) == self.sent
+        return self.sent > 0 and self.codes.get(AckCode.AA, 0) + self.codes.get(AckCode.CA, 0) == self.sent
 
     def to_dict(self) -> dict:
         return {"sent": self.sent, "answered": self.answered, "codes": self.codes, "types": self.types,

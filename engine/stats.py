@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from hl7relay.outcomes import NOT_STORED, STORED_STATUSES
+
 __all__ = ["ChannelStats", "COUNTED"]
 
 # the statuses counted per channel (a message is counted once, under the status it was stored with)
-COUNTED = ("PROCESSED", "FILTERED", "ERROR", "DUPLICATE", "NOT_STORED")
+COUNTED = (*STORED_STATUSES, NOT_STORED)
 _WINDOW = 300  # seconds of per-second buckets: rates over 1 and 5 minutes
 _LATENCIES = 4096  # ACK latencies kept for the p95 (the last 5 minutes of them, at most this many)
 

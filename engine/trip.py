@@ -22,11 +22,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from hl7relay.ack import Outcome, Status
-from hl7relay.ack.policy import is_ack
+from hl7relay.ack.policy import is_ack, resend_code
 from hl7relay.channels.pipeline import Result, process, stored_outcome
 from hl7relay.events import emit
 from hl7relay.hl7.message import Message
-from hl7relay.outcomes import DeliveryStatus, ErrorCode, MessageStatus
+from hl7relay.outcomes import NOT_STORED, DeliveryStatus, ErrorCode, MessageStatus
 from hl7relay.store.database import DeliveryRecord, MessageRecord, MessageUpdate, StageUpdate, StoreError
 
 __all__ = ["Trip", "RECEIVED", "PROCESSED", "COMMITTED", "ANSWERED", "DELIVERED", "NOT_STORED"]
@@ -35,7 +35,6 @@ log = Logger(namespace="hl7relay.engine")
 
 # how far a trip got
 RECEIVED, PROCESSED, COMMITTED, ANSWERED, DELIVERED = "received", "processed", "committed", "answered", "delivered"
-NOT_STORED = "NOT_STORED"  # the status reported (events, metrics) when the commit failed
 
 # statuses as plain str on the hot path (the store binds a StrEnum through an adapter lookup)
 _DUPLICATE, _ERROR = MessageStatus.DUPLICATE.value, MessageStatus.ERROR.value
@@ -197,7 +196,7 @@ class Trip:
             for queue in queues:
                 queue.release(message_id)
         else:
-            resend = "CR" if self.original.get("MSH-15").strip() else "AR"
+            resend = resend_code(self.original)
             final = Outcome.rejected("; ".join(r.error for r in results if not r.ok),
                                      self.outcome.code or ErrorCode.APPLICATION_INTERNAL_ERROR)
             withdrawn = [queue.withdraw(message_id, f"withdrawn: the sender was answered {resend} and will send it again")

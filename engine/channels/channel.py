@@ -24,6 +24,7 @@ from pathlib import Path
 from hl7relay.channels.filters import AllOf, AnyOf, Not
 from hl7relay.channels.spec import ComponentSpec, Option, check_options, did_you_mean, lookup, registry
 from hl7relay.channels.yamlsource import ConfigError, Document, load_document
+from hl7relay.outcomes import AckCode
 
 __all__ = ["Channel", "Destination", "Duplicates", "Response", "load_channel", "load_channels", "channel_files", "CHANNEL",
            "CHANNEL_KEYS"]
@@ -34,7 +35,7 @@ STAGES = ("transformed", "destinations", "acks")
 @dataclass(slots=True)
 class Response:
     when: str = "on_store"  # or after_delivery
-    filtered: str = "AR"
+    filtered: str = AckCode.AR.value
     application: str = "HL7RELAY"
     facility: str = ""
 
@@ -95,7 +96,8 @@ class _Context:
 _RESPONSE = ComponentSpec("setting", "response", "ACK behaviour", (
     Option("when", "enum", "on_store", "on_store: ACK once stored; after_delivery: ACK reflects the destinations' answers",
            ("on_store", "after_delivery")),
-    Option("filtered", "enum", "AR", "the ACK code for a filtered message", ("AR", "AA", "AE")),
+    Option("filtered", "enum", AckCode.AR.value, "the ACK code for a filtered message",
+           (AckCode.AR.value, AckCode.AA.value, AckCode.AE.value)),
     Option("application", "str", "HL7RELAY", "MSH-3 of our ACKs when the message's MSH-5 is empty"),
     Option("facility", "str", "", "MSH-4 of our ACKs when the message's MSH-6 is empty"),
 ), title="response")

@@ -21,6 +21,7 @@ from hl7relay.ack import AckPolicy, Outcome
 from hl7relay.ack.policy import is_ack
 from hl7relay.channels.channel import Channel
 from hl7relay.channels.pipeline import Result, process, stored_outcome
+from hl7relay.outcomes import MessageStatus
 from hl7relay.hl7.message import Message
 
 __all__ = ["Step", "DestinationResult", "DryRun", "dry_run", "render_text"]
@@ -145,8 +146,8 @@ def dry_run(channel: Channel, message: Message) -> DryRun:
             reason = "" if delivered else "its filter skipped the message"
         else:
             delivered, output = False, ""
-            reason = {"FILTERED": "the channel filtered the message out",
-                      "ERROR": "the message is stored as ERROR"}.get(status, "not reached")
+            reason = {MessageStatus.FILTERED: "the channel filtered the message out",
+                      MessageStatus.ERROR: "the message is stored as ERROR"}.get(status, "not reached")
         destinations.append(DestinationResult(destination.name, destination.type, delivered, reason, output))
     notes = []
     if channel.duplicates is not None:

@@ -6,7 +6,6 @@ each destination works on its own copy so one destination's transformers never l
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from hl7relay.ack.outcome import Outcome
@@ -18,10 +17,9 @@ from hl7relay.hl7.message import Message
 __all__ = ["Result", "Processed", "DestinationOutput", "process", "stored_outcome"]
 
 
-class Result(enum.Enum):
-    PROCESSED = "PROCESSED"  # passed; destinations get their outputs
-    FILTERED = "FILTERED"
-    ERROR = "ERROR"  # a transformer failed or a rejecting validator found errors
+# what the pipeline made of a message is how it is stored: PROCESSED (destinations get their
+# outputs), FILTERED, ERROR (a transformer failed or a rejecting validator found errors)
+Result = MessageStatus
 
 
 @dataclass(slots=True)

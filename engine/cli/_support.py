@@ -122,16 +122,18 @@ def _default_store() -> str:
 
 
 def add_filter_arguments(parser) -> None:
+    from hl7relay.outcomes import STORED_STATUSES, DeliveryStatus
+
     group = parser.add_argument_group("filters (each one indexed)")
     group.add_argument("--channel")
-    group.add_argument("--status", choices=("PROCESSED", "FILTERED", "ERROR", "DUPLICATE"))
+    group.add_argument("--status", choices=STORED_STATUSES)
     group.add_argument("--since", metavar="TIME", type=time_argument, help="ISO date/time, or an age: 2h, 7d")
     group.add_argument("--until", metavar="TIME", type=time_argument)
     group.add_argument("--type", dest="message_type", metavar="TYPE", help="ADT, or ADT^A01")
     group.add_argument("--control-id", metavar="MSH-10")
     group.add_argument("--patient-id", metavar="PID-3.1")
     group.add_argument("--facility", metavar="MSH-4.1", help="sending facility")
-    group.add_argument("--delivery-status", choices=("QUEUED", "SENT", "ERROR", "FILTERED", "WITHDRAWN", "REPLAYED"))
+    group.add_argument("--delivery-status", choices=tuple(status.value for status in DeliveryStatus))
     group.add_argument("--failed", action="store_true",
                        help="what failed: messages stored as ERROR or with a delivery in ERROR (dead letters)")
 

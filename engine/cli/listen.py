@@ -10,6 +10,7 @@ import time
 
 from hl7relay.cli._args import count, port, seconds
 from hl7relay.cli._tls import add_tls_arguments, tls_from_args
+from hl7relay.outcomes import AckCode
 
 HELP = "listen for MLLP and acknowledge every message (a test double for a receiver)"
 DESCRIPTION = """\
@@ -38,7 +39,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--log-level", default="warn", choices=("trace", "debug", "info", "warn", "error"),
                         help="what the engine logs to standard error (default: warn)")
     failing = parser.add_argument_group("rehearsing a failing receiver")
-    failing.add_argument("--answer", choices=("AA", "AE", "AR", "CR"), default="AA", help="the code to answer with")
+    failing.add_argument("--answer", choices=tuple(c.value for c in (AckCode.AA, AckCode.AE, AckCode.AR, AckCode.CR)),
+                         default=AckCode.AA.value, help="the code to answer with")
     failing.add_argument("--delay", type=seconds, default=0.0, metavar="SECONDS", help="wait before answering")
     mode = failing.add_mutually_exclusive_group()
     mode.add_argument("--no-answer", action="store_true", help="never answer")
@@ -53,14 +55,14 @@ def outcome_for(code: str, message):
     (AR is CR in enhanced mode); CR exactly, in either mode."""
     from hl7relay.ack import ErrorCode, Outcome, build_ack
 
-    if code == "AE":
+    if code == AckCode.AE:
         return Outcome.error("hl7relay listen --answer AE: rehearsing an application error")
-    if code == "AR":
+    if code == AckCode.AR:
         return Outcome.rejected("hl7relay listen --answer AR: rehearsing a rejection", ErrorCode.APPLICATION_INTERNAL_ERROR)
-    if code == "CR":
+    if code == AckCode.CR:
         text = "hl7relay listen --answer CR: rehearsing a commit reject"
         outcome = Outcome.internal_error(text)
-        outcome.acks, outcome.ack_codes = [build_ack(message, "CR", text, ErrorCode.APPLICATION_INTERNAL_ERROR)], ["CR"]
+        outcome.acks, outcome.ack_codes = [build_ack(message, code, text, ErrorCode.APPLICATION_INTERNAL_ERROR)], [code]
         return outcome
     return Outcome.accepted()
 
@@ -88,7 +90,7 @@ def run(args) -> int:
     from twisted.internet import defer, task
 
     seen = {"messages": 0}
-    rehearsing = args.answer != "AA" or args.delay or args.no_answer or args.drop
+    rehearsing = args.answer != AckCode.AA or args.delay or args.no_answer or args.drop
 
     def handler(message: Message, peer):
         seen["messages"] += 1

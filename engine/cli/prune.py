@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from hl7relay.cli._settings import add_settings_arguments
+from hl7relay.outcomes import STORED_STATUSES, MessageStatus
 from hl7relay.cli._support import age_argument
 
 HELP = "delete old messages (errored ones are kept longer; queued ones never)"
@@ -24,7 +25,7 @@ def add_arguments(parser) -> None:
                         help="age for ERROR messages (default: 3 x --older-than)")
     parser.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
     parser.add_argument("--yes", action="store_true", help="confirm an age under one hour")
-    parser.add_argument("--status", action="append", choices=("PROCESSED", "FILTERED", "ERROR", "DUPLICATE"),
+    parser.add_argument("--status", action="append", choices=STORED_STATUSES,
                         help="only these statuses (repeatable)")
     parser.add_argument("--channel")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -68,11 +69,11 @@ def run(args) -> int:
             return 0
     total, report = 0, []
     for channel, age, errors_age in plans:
-        statuses = set(args.status or ("PROCESSED", "FILTERED", "ERROR", "DUPLICATE"))
-        normal = statuses - {"ERROR"}
+        statuses = set(args.status or STORED_STATUSES)
+        normal = statuses - {MessageStatus.ERROR.value}
         deleted = store.prune(now - age, normal, channel, dry_run=args.dry_run) if normal else 0
-        if "ERROR" in statuses:
-            deleted += store.prune(now - errors_age, {"ERROR"}, channel, dry_run=args.dry_run)
+        if MessageStatus.ERROR in statuses:  # errors are kept longer
+            deleted += store.prune(now - errors_age, {MessageStatus.ERROR.value}, channel, dry_run=args.dry_run)
         total += deleted
         report.append({"channel": channel, "deleted": deleted, "older_than_days": age / 86400,
                        "errors_older_than_days": errors_age / 86400})

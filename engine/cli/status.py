@@ -6,6 +6,10 @@ import json
 import time
 
 from hl7relay.cli._args import number_in
+from hl7relay.outcomes import DeliveryStatus, MessageStatus
+
+_PROCESSED, _FILTERED, _ERROR, _DUPLICATE = (MessageStatus.PROCESSED, MessageStatus.FILTERED, MessageStatus.ERROR,
+                                             MessageStatus.DUPLICATE)
 from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "per channel: received, filtered, errored, queued, oldest queued, last error; per destination: connected"
@@ -88,11 +92,11 @@ def run(args) -> int:
     for channel, entry in sorted(status.items()):
         counts = entry["counts"]
         received = sum(counts.values())
-        queued = sum(d["counts"].get("QUEUED", 0) for d in entry["destinations"].values())
+        queued = sum(d["counts"].get(DeliveryStatus.QUEUED, 0) for d in entry["destinations"].values())
         oldest = max((d["oldest_queued_age"] for d in entry["destinations"].values() if d["oldest_queued_age"] is not None), default=None)
         note = "" if entry["configured"] else "  (not in the channel files any more)"
-        print(f"{channel}: {period}: received {received}, processed {counts.get('PROCESSED', 0)}, filtered {counts.get('FILTERED', 0)}, "
-              f"errored {counts.get('ERROR', 0)}, duplicates {counts.get('DUPLICATE', 0)}, queued {queued} (oldest {_age(oldest)})"
+        print(f"{channel}: {period}: received {received}, processed {counts.get(_PROCESSED, 0)}, filtered {counts.get(_FILTERED, 0)}, "
+              f"errored {counts.get(_ERROR, 0)}, duplicates {counts.get(_DUPLICATE, 0)}, queued {queued} (oldest {_age(oldest)})"
               + note)
         if entry["last_error"]:
             last = entry["last_error"]
@@ -103,9 +107,9 @@ def run(args) -> int:
                 state = {True: "connected", False: "NOT connected", None: "not tried yet"}[d["connected"]] + "; "
             else:
                 state = ""
-            print(f"  -> {name} ({kind}): {state}queued {d['counts'].get('QUEUED', 0)} (oldest {_age(d['oldest_queued_age'])}), "
-                  f"sent {d['counts'].get('SENT', 0)}, errors {d['counts'].get('ERROR', 0)}"
-                  + (f", withdrawn {d['counts']['WITHDRAWN']}" if d["counts"].get("WITHDRAWN") else "")
+            print(f"  -> {name} ({kind}): {state}queued {d['counts'].get(DeliveryStatus.QUEUED, 0)} (oldest {_age(d['oldest_queued_age'])}), "
+                  f"sent {d['counts'].get(DeliveryStatus.SENT, 0)}, errors {d['counts'].get(DeliveryStatus.ERROR, 0)}"
+                  + (f", withdrawn {d['counts'][DeliveryStatus.WITHDRAWN]}" if d["counts"].get(DeliveryStatus.WITHDRAWN) else "")
                   + (f"; {d['last_error']}" if d["last_error"] and d["connected"] is False else ""))
     for line in _engine_alerts(settings):
         print(line)

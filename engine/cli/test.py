@@ -88,6 +88,7 @@ def _dry_run(args) -> int:
     import json
 
     from hl7relay.channels.dryrun import dry_run, render_text
+    from hl7relay.outcomes import MessageStatus
     from hl7relay.cli._settings import resolve_settings
     from hl7relay.errors import ParseError
     from hl7relay.hl7.batch import split_messages
@@ -131,7 +132,7 @@ def _dry_run(args) -> int:
                 print(f"{where}: cannot parse: {exc}")
             continue
         run = dry_run(channel, message)
-        failed |= run.status == "ERROR"
+        failed |= run.status == MessageStatus.ERROR
         if args.format == "text":
             print(render_text(run, where))
         else:

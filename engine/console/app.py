@@ -30,7 +30,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from sqlalchemy.exc import SQLAlchemyError
 
 from hl7relay.console.sessions import LoginThrottle, Sessions
-from hl7relay.outcomes import DeliveryStatus
+from hl7relay.outcomes import STORED_STATUSES, DeliveryStatus
 from hl7relay.ops.auth import ROLES, can, hash_password, verify_password
 from hl7relay.ops.phi import mask_known, mask_text, person_values
 from hl7relay.ops.support import SEARCH_FILTERS, SupportStore, masked_view, message_view, row_view
@@ -46,7 +46,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 _CONTENT_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; charset=utf-8", ".svg": b"image/svg+xml"}
 STATIC = {p.name: p for p in (HERE / "static").iterdir() if p.suffix in _CONTENT_TYPES}
-STATUSES = ("PROCESSED", "FILTERED", "ERROR", "DUPLICATE")
+STATUSES = STORED_STATUSES
 PAGE_SIZE = 50
 MAX_STREAMS = 100  # live dashboards open at once
 # a password hash to check against when the user does not exist, so both cost the same time

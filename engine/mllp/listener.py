@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from hl7relay.ack import AckPolicy, ErrorCode, Outcome, build_ack, unreadable_ack
+from hl7relay.ack.policy import resend_code
 from hl7relay.events import emit
 from hl7relay.hl7.charsets import DEFAULT_CHARSET, UTF8_BOM
 from hl7relay.errors import ParseError
@@ -300,8 +301,7 @@ class MLLPServerProtocol(Protocol):
             except ParseError:
                 header = None
             if header is not None:
-                code = "CR" if header.get("MSH-15").strip() else "AR"
-                return [build_ack(header, code, text, ErrorCode.VALUE_TOO_LONG, **self._header())]
+                return [build_ack(header, resend_code(header), text, ErrorCode.VALUE_TOO_LONG, **self._header())]
         return [unreadable_ack(text, **self._header())]
 
     def _header(self) -> dict:

@@ -20,12 +20,16 @@ from twisted.logger import Logger
 from hl7relay.errors import AckTimeout, ParseError, PeerApplicationError, PeerRejected, SendConnectionError
 from hl7relay.mllp.framing import DEFAULT_MAX_FRAME_BYTES, Frame, FrameTooLarge, MLLPFramer, frame
 from hl7relay.hl7.message import Message
+from hl7relay.outcomes import AckCode
 from hl7relay.mllp.tls import TLSConfig, client_options, describe_tls_failure, is_tls_failure, looks_like_tls
 from hl7relay.mllp.transport import write_now
 
 __all__ = ["SendStatus", "SendResult", "SenderConfig", "MLLPSender", "expects_ack"]
 
 log = Logger(namespace="hl7relay.sender")
+# MSA-1 as plain str, and what each says about the delivery
+_CA = AckCode.CA.value
+_ACCEPT_CODES = (AckCode.AA.value.encode(), AckCode.CA.value.encode())  # what the byte matcher recognises
 
 
 class SendStatus(enum.Enum):
@@ -34,6 +38,11 @@ class SendStatus(enum.Enum):
     REJECTED = "rejected"  # AR / CR (and CE): retryable
     TIMED_OUT = "timed_out"  # no matching ACK in time: retryable
     CONNECTION_FAILED = "connection_failed"  # could not connect: retryable
+
+
+_STATUS_OF_CODE = {AckCode.AA.value: SendStatus.ACCEPTED, AckCode.CA.value: SendStatus.ACCEPTED,
+                   AckCode.AE.value: SendStatus.APPLICATION_ERROR, AckCode.AR.value: SendStatus.REJECTED,
+                   AckCode.CR.value: SendStatus.REJECTED, AckCode.CE.value: SendStatus.REJECTED}
 
 
 @dataclass(slots=True)
@@ -108,7 +117,7 @@ def _plain_ack(payload: bytes) -> tuple[str, str] | None:
         return None
     end = payload.find(b"\r", start + 5)
     fields = payload[start + 5:len(payload) if end == -1 else end].split(b"|")
-    if len(fields) < 2 or fields[0] not in (b"AA", b"CA") or any(fields[2:]):
+    if len(fields) < 2 or fields[0] not in _ACCEPT_CODES or any(fields[2:]):
         return None
     acked = fields[1]
     if not acked or any(c in acked for c in b"^~\\&\n"):
@@ -362,7 +371,7 @@ class MLLPSender:
         if quick is not None and pending is not None and quick[1] == pending.control_id:
             # the usual answer (a bare AA or CA echoing the id): matched from its bytes
             code = quick[0]
-            if code == "CA" and pending.want_application_ack:
+            if code == _CA and pending.want_application_ack:
                 pending.accept_ack = Message.from_bytes(payload)
                 return
             self._finish(SendResult(SendStatus.ACCEPTED, pending.control_id, code, "", ack_bytes=payload))
@@ -379,11 +388,10 @@ class MLLPSender:
                      expected=pending.control_id if pending else None)
             return
         code = ack.get("MSA-1").strip().upper()
-        if code == "CA" and pending.want_application_ack:
+        if code == _CA and pending.want_application_ack:
             pending.accept_ack = ack  # the peer has it stored; the application ACK is still to come
             return
-        status = {"AA": SendStatus.ACCEPTED, "CA": SendStatus.ACCEPTED, "AE": SendStatus.APPLICATION_ERROR,
-                  "AR": SendStatus.REJECTED, "CR": SendStatus.REJECTED, "CE": SendStatus.REJECTED}.get(code)
+        status = _STATUS_OF_CODE.get(code)
         if status is None:
             log.warn("ACK with unknown MSA-1 {code!r}; treated as a reject", code=code)
             status = SendStatus.REJECTED

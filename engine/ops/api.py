@@ -27,6 +27,7 @@ from twisted.web import resource, server
 from sqlalchemy.exc import SQLAlchemyError
 
 from hl7relay.ops.auth import can, new_token, token_hash
+from hl7relay.outcomes import STORED_STATUSES, MessageStatus
 from hl7relay.ops.support import masked_view
 from hl7relay.store.database import MAX_ROW_ID, StoreError
 
@@ -546,8 +547,9 @@ class ApiResource(resource.Resource):
         now = _time.time()
 
         def prune(store):
-            normal = store.prune(now - days * 86400, {"PROCESSED", "FILTERED", "DUPLICATE"}, channel, dry_run=dry_run)
-            errors = store.prune(now - errors_days * 86400, {"ERROR"}, channel, dry_run=dry_run)
+            normal = store.prune(now - days * 86400, set(STORED_STATUSES) - {MessageStatus.ERROR.value}, channel,
+                                 dry_run=dry_run)
+            errors = store.prune(now - errors_days * 86400, {MessageStatus.ERROR.value}, channel, dry_run=dry_run)
             if not dry_run:
                 store.audit(dict(caller["audit"], target=channel or "all channels",
                                  detail=f"deleted {normal + errors} message(s): older than {days:g}d, errors {errors_days:g}d"))

@@ -15,6 +15,7 @@ import time
 from bisect import bisect_left
 
 from hl7relay import events
+from hl7relay.outcomes import NOT_STORED, MessageStatus
 
 __all__ = ["Performance", "BOUNDS_MS", "percentile"]
 
@@ -23,6 +24,7 @@ MINUTES = 60
 BOUNDS_MS = tuple(round(0.05 * 1.12 ** i, 3) for i in range(0, 128) if 0.05 * 1.12 ** i <= 120_000)
 _BOUNDS_S = tuple(b / 1000 for b in BOUNDS_MS)
 _SLOWEST = 10
+_FAILED = frozenset({MessageStatus.ERROR.value, NOT_STORED})  # counted as errors in the per-minute view
 _COUNTS = {"delivery_sent": "sent", "delivery_failed": "failed", "delivery_retried": "retried"}
 
 
@@ -105,7 +107,7 @@ class Performance:
         if channel is None:
             channel = bucket.channels[name] = {"count": 0, "errors": 0, "ack": _histogram(), "stages": {}}
         channel["count"] += 1
-        if f.get("status") in ("ERROR", "NOT_STORED"):
+        if f.get("status") in _FAILED:
             channel["errors"] += 1
         latency = f.get("ack_latency")
         stages = f.get("stages") or {}

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from hl7relay import events
+from hl7relay.outcomes import DeliveryStatus
 from hl7relay.ops.phi import mask_text
 
 __all__ = ["Tracer", "TraceSession", "MAX_SESSIONS", "BUFFER_ROWS", "MIN_SECONDS", "MAX_SECONDS", "COLUMNS"]
@@ -41,7 +42,9 @@ __all__ = ["Tracer", "TraceSession", "MAX_SESSIONS", "BUFFER_ROWS", "MIN_SECONDS
 MAX_SESSIONS = 10
 BUFFER_ROWS = 5000
 MIN_SECONDS, MAX_SECONDS, DEFAULT_SECONDS = 60.0, 3600.0, 300.0
-_OUT_EVENTS = {"delivery_sent": "SENT", "delivery_failed": "ERROR", "delivery_retried": "RETRY"}
+# a delivery's row status: its stored status, or RETRY for an attempt that will be tried again
+_OUT_EVENTS = {"delivery_sent": DeliveryStatus.SENT.value, "delivery_failed": DeliveryStatus.ERROR.value,
+               "delivery_retried": "RETRY"}
 # at_ms: when, in milliseconds since the epoch; latency_us: the ACK's latency (in) or the round
 # trip (out), in microseconds; attempt: the delivery attempt (out). The values that repeat from
 # row to row come last.

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from hl7relay.outcomes import AckCode, DeliveryStatus, MessageStatus
+
 __all__ = ["Store", "MessageRecord", "DeliveryRecord", "DeliveryUpdate", "MessageUpdate", "StageUpdate", "AuditUpdate",
            "as_update", "StoreError", "MIGRATIONS", "open_store", "delivery_content", "storable",
            "sqlite_path", "readable_by_others", "AUDIT_FIELDS", "MAX_ROW_ID"]
@@ -90,11 +92,15 @@ deliveries = sa.Table(
 sa.Index("ix_deliveries_message_destination", deliveries.c.message_id, deliveries.c.destination, unique=True)
 # what waits, per destination, in order of receipt; only QUEUED rows are in it (migration 4), so
 # delivered rows neither bloat it nor cost an index update each
-_QUEUED = deliveries.c.status == sa.literal_column("'QUEUED'")  # a literal: the planner must see it matches the index
+# the statuses as the rows hold them, plain str (a StrEnum costs the driver an adapter lookup)
+_D_QUEUED, _D_ERROR = DeliveryStatus.QUEUED.value, DeliveryStatus.ERROR.value
+_M_ERROR, _M_DUPLICATE = MessageStatus.ERROR.value, MessageStatus.DUPLICATE.value
+_RESEND_CODES = (AckCode.AR.value, AckCode.CR.value)  # answers that asked the sender to send again
+_QUEUED = deliveries.c.status == sa.literal_column(f"'{_D_QUEUED}'")  # a literal: the planner must see it matches the index
 sa.Index("ix_deliveries_queued", deliveries.c.destination, deliveries.c.message_id,
          sqlite_where=_QUEUED, postgresql_where=_QUEUED)
 # dead letters, for the console's page of them: only ERROR rows (migration 8)
-_DEAD = deliveries.c.status == sa.literal_column("'ERROR'")
+_DEAD = deliveries.c.status == sa.literal_column(f"'{_D_ERROR}'")
 sa.Index("ix_deliveries_dead", deliveries.c.destination, deliveries.c.message_id, sqlite_where=_DEAD, postgresql_where=_DEAD)
 # a message's replays (its page links them): only rows that are replays (migration 8)
 _REPLAY = messages.c.replay_of.isnot(None)
@@ -506,7 +512,7 @@ class _Rows:
                 if d.content is not None:
                     stage_rows.append((message_id, "destination:" + d.destination, d.content))
                 delivery_rows.append((message_id, d.destination, d.status,
-                                      r.received_at if d.status == "QUEUED" else None, r.received_at, storable(d.order_key)))
+                                      r.received_at if d.status == _D_QUEUED else None, r.received_at, storable(d.order_key)))
         return stage_rows, delivery_rows
 
 
@@ -765,7 +771,7 @@ class Store:
         resend must be processed, not answered AR for ever."""
         query = (sa.select(messages.c.id, messages.c.ack_code, messages.c.status)
                  .where(messages.c.channel == channel, messages.c.duplicate_key == storable(key), messages.c.received_at >= since,
-                        messages.c.status != "DUPLICATE", messages.c.ack_code.not_in(("AR", "CR")))
+                        messages.c.status != _M_DUPLICATE, messages.c.ack_code.not_in(_RESEND_CODES))
                  .order_by(messages.c.received_at, messages.c.id).limit(1))  # the key index's order: nothing sorted
         with self.engine.connect() as connection:
             row = connection.execute(query).mappings().first()
@@ -796,14 +802,14 @@ class Store:
             query = query.where(messages.c.received_at < until)
         if failed:
             # each side from its own index (status; the dead letters' partial index)
-            query = query.where(sa.or_(messages.c.status == "ERROR",
+            query = query.where(sa.or_(messages.c.status == _M_ERROR,
                                        messages.c.id.in_(sa.select(deliveries.c.message_id).where(_DEAD))))
-        if delivery_status in ("QUEUED", "ERROR"):
+        if delivery_status in (_D_QUEUED, _D_ERROR):
             # the few waiting or dead deliveries, from their partial index (the status as a literal, so
             # the planner sees it matches): none at all costs nothing, where reading newest first
             # until a page was full read the whole table
             query = query.where(messages.c.id.in_(sa.select(deliveries.c.message_id).where(
-                _QUEUED if delivery_status == "QUEUED" else _DEAD)))
+                _QUEUED if delivery_status == _D_QUEUED else _DEAD)))
         elif delivery_status is not None:
             query = query.where(sa.exists().where(deliveries.c.message_id == messages.c.id,
                                                   deliveries.c.status == delivery_status))
@@ -904,7 +910,7 @@ class Store:
               dry_run: bool = False) -> int:
         """Delete messages received before ``older_than`` (epoch), in small transactions; messages
         with a QUEUED delivery are never deleted. Returns how many were (``dry_run``: would be) deleted."""
-        queued = sa.exists().where(deliveries.c.message_id == messages.c.id, deliveries.c.status == "QUEUED")
+        queued = sa.exists().where(deliveries.c.message_id == messages.c.id, deliveries.c.status == _D_QUEUED)
         query = sa.select(messages.c.id).where(messages.c.received_at < older_than, ~queued)
         if statuses:
             query = query.where(messages.c.status.in_(list(statuses)))
@@ -957,15 +963,15 @@ class Store:
             joined = deliveries.join(messages, messages.c.id == deliveries.c.message_id)
             recent = connection.execute(
                 sa.select(messages.c.channel, deliveries.c.destination, deliveries.c.status, sa.func.count())
-                .select_from(joined).where(deliveries.c.message_id > after, deliveries.c.status.notin_(["QUEUED", "ERROR"]))
+                .select_from(joined).where(deliveries.c.message_id > after, deliveries.c.status.notin_([_D_QUEUED, _D_ERROR]))
                 .group_by(messages.c.channel, deliveries.c.destination, deliveries.c.status))
             for channel, destination, status, count in recent:
                 destination_entry(channel, destination)["counts"][status] = count
-            for status in ("QUEUED", "ERROR"):  # from their partial indexes
+            for status in (_D_QUEUED, _D_ERROR):  # from their partial indexes
                 for channel, destination, count, oldest in waiting_by_destination(connection, status, messages.c.received_at):
                     entry = destination_entry(channel, destination)
                     entry["counts"][status] = count
-                    if status == "QUEUED":
+                    if status == _D_QUEUED:
                         entry["oldest_queued_age"] = now - oldest
             for row in connection.execute(sa.select(destination_state)).mappings():
                 entry = destination_entry(row["channel"], row["destination"])
@@ -974,7 +980,7 @@ class Store:
             for channel, entry in out.items():
                 last = connection.execute(  # the newest ERROR of the channel, through the (status, time) index
                     sa.select(messages.c.id, messages.c.received_at, messages.c.error)
-                    .where(messages.c.status == "ERROR", channel_text == channel)  # the errors, not the channel, walked
+                    .where(messages.c.status == _M_ERROR, channel_text == channel)  # the errors, not the channel, walked
                     .order_by(messages.c.received_at.desc(), messages.c.id.desc()).limit(1)).mappings().first()
                 entry["last_error"] = dict(last) if last else None
         return out
@@ -1267,7 +1273,7 @@ def waiting_by_destination(connection, status: str, first, *conditions) -> list:
     """(channel, destination, how many, the least ``first``) of the QUEUED or ERROR deliveries
     (``conditions``: more of them), grouped, read through their partial index: what status, the
     console and verify count of queues and dead letters."""
-    waiting = {"QUEUED": _QUEUED, "ERROR": _DEAD}[status]
+    waiting = {_D_QUEUED: _QUEUED, _D_ERROR: _DEAD}[status]
     return list(connection.execute(
         sa.select(messages.c.channel, deliveries.c.destination, sa.func.count(), sa.func.min(first))
         .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id)).where(waiting, *conditions)

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from hl7relay.outcomes import DeliveryStatus, MessageStatus
 from hl7relay.store.database import MIGRATIONS, Store, deliveries, messages, metadata, stages, waiting_by_destination
 
+_QUEUED = DeliveryStatus.QUEUED.value
 __all__ = ["Check", "verify", "repair", "OK", "WARNING", "PROBLEM", "SKIPPED"]
 
 OK, WARNING, PROBLEM, SKIPPED = "ok", "warning", "problem", "skipped"
@@ -135,7 +137,7 @@ def _undeclared(store: Store, channels, now: float) -> Check:
     name = "queued for undeclared destinations"
     declared = _declared(channels)
     with store.engine.connect() as connection:
-        stray = [(c, d, n, first) for c, d, n, first in waiting_by_destination(connection, "QUEUED", deliveries.c.message_id)
+        stray = [(c, d, n, first) for c, d, n, first in waiting_by_destination(connection, _QUEUED, deliveries.c.message_id)
                  if (c, d) not in declared]
     if not stray:
         return Check(name, OK, "every queued delivery has its channel's destination to go to")
@@ -159,7 +161,7 @@ def _duplicates(store: Store, channels, now: float) -> Check:
             key = messages.c.duplicate_key
             rows = list(connection.execute(
                 sa.select(key, sa.func.count(), sa.func.max(messages.c.id))
-                .where(messages.c.channel == channel.name, key.isnot(None), messages.c.status != "DUPLICATE",
+                .where(messages.c.channel == channel.name, key.isnot(None), messages.c.status != MessageStatus.DUPLICATE.value,
                        messages.c.received_at >= now - channel.duplicates.window)
                 .group_by(key).having(sa.func.count() > 1).limit(1000)))
             if rows:
@@ -183,7 +185,7 @@ def _stages(store: Store, channels, now: float, window: float) -> Check:
             if "transformed" in channel.stages and channel.steps:
                 # a replay is stored as received and processed again when its deliveries are built:
                 # it has no transformed stage of its own
-                wanted.append(("transformed", sa.and_(messages.c.status == "PROCESSED", messages.c.replay_of.is_(None))))
+                wanted.append(("transformed", sa.and_(messages.c.status == MessageStatus.PROCESSED.value, messages.c.replay_of.is_(None))))
             for stage, condition in wanted:
                 kept = sa.exists().where(stages.c.message_id == messages.c.id, stages.c.stage == stage)
                 rows = [r[0] for r in connection.execute(
@@ -202,7 +204,7 @@ def _stages(store: Store, channels, now: float, window: float) -> Check:
 def _overdue(store: Store, now: float) -> Check:
     name = "overdue deliveries"
     with store.engine.connect() as connection:
-        rows = waiting_by_destination(connection, "QUEUED", deliveries.c.next_attempt_at,
+        rows = waiting_by_destination(connection, _QUEUED, deliveries.c.next_attempt_at,
                                       deliveries.c.next_attempt_at < now - OVERDUE_SECONDS)
     if not rows:
         return Check(name, OK, "no queued delivery is more than an hour past its next attempt")
@@ -244,7 +246,7 @@ def repair(store: Store, checks: list[Check], now: float, channels=None) -> list
             moved = 0
             queued = deliveries.c.status == sa.literal_column("'QUEUED'")  # the partial index's own condition
             with store.engine.begin() as connection:
-                for channel, destination, _, _ in waiting_by_destination(connection, "QUEUED", deliveries.c.message_id):
+                for channel, destination, _, _ in waiting_by_destination(connection, _QUEUED, deliveries.c.message_id):
                     if (channel, destination) in declared:
                         continue
                     ids = [r[0] for r in connection.execute(  # the queue's rows, from its partial index
@@ -253,9 +255,9 @@ def repair(store: Store, checks: list[Check], now: float, channels=None) -> list
                         .where(queued, deliveries.c.destination == destination, messages.c.channel == channel))]
                     for start in range(0, len(ids), 500):
                         moved += connection.execute(deliveries.update().where(
-                            deliveries.c.destination == destination, deliveries.c.status == "QUEUED",
+                            deliveries.c.destination == destination, deliveries.c.status == _QUEUED,
                             deliveries.c.message_id.in_(ids[start:start + 500])).values(
-                            status="ERROR", next_attempt_at=None, updated_at=now,
+                            status=DeliveryStatus.ERROR.value, next_attempt_at=None, updated_at=now,
                             last_error=f"destination {destination} is no longer declared by channel {channel} "
                                        "(moved by hl7relay verify --repair)")).rowcount
             done.append(f"{check.name}: moved {moved} deliver{'ies' if moved != 1 else 'y'} to ERROR (dead letters)")
