@@ -51,7 +51,7 @@ def main() -> None:
     for name, data in cases.items():
         report = validator.validate(Message.from_bytes(data))
         assert report.valid, [str(f) for f in report.findings]
-        us = per_call_us(lambda: validator.validate(Message.from_bytes(data)), number=1000)
+        us = per_call_us(lambda data=data: validator.validate(Message.from_bytes(data)), number=1000)
         results[name] = {"bytes": len(data), "us_per_message": us, "messages_per_s": 1e6 / us}
         verdict = "ok" if 1e6 / us >= TARGET else f"BELOW the {TARGET}/s target"
         print(f"  {name:14s} {len(data):5d} B  {us:7.1f} µs  {1e6 / us:8.0f} msgs/s  {verdict}")

@@ -270,7 +270,8 @@ def report(backend: str, count: int, results: list[dict], verbose: bool) -> int:
     for r in results:
         verdict = _verdict(r)
         used = sorted({m for s in r["statements"] for line in s["plan"]
-                       for m in re.findall(r"(?:INDEX|Index Scan using|Index Scan Backward using|Index Only Scan using|Index Only Scan Backward using|Bitmap Index Scan on) (\w+)", line)})
+                       for m in re.findall(r"(?:INDEX|Index Scan using|Index Scan Backward using|Index Only Scan using"
+                                          r"|Index Only Scan Backward using|Bitmap Index Scan on) (\w+)", line)})
         print(f"{r['name']:40} {r['kind']:9} {verdict:10} {r['ms']:9.1f}  {', '.join(used) or '(primary keys)'}")
         if r["kind"] == "search" and verdict == "FULL SCAN":
             bad += 1

@@ -21,7 +21,7 @@ import time
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from hl7relay.ack import Outcome, Status
+from hl7relay.ack import Outcome
 from hl7relay.ack.policy import is_ack, resend_code
 from hl7relay.channels.pipeline import Result, process, stored_outcome
 from hl7relay.events import emit

@@ -86,7 +86,7 @@ def test_a_slow_sender_is_searched_once():
     """The end marker is searched only in bytes not searched before (O(n) for a byte-at-a-time sender)."""
     framer = MLLPFramer()
     framer.feed(START)
-    for i in range(1, 5000):
+    for _ in range(1, 5000):
         framer.feed(b"a")
         assert framer._searched == framer.buffered - 1  # next search starts at the last byte only
     framer.feed(b"\x1c")

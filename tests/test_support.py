@@ -320,7 +320,8 @@ def test_error_texts_quoting_values_are_masked_and_never_cut(env, capsys):
 def test_messages_show_has_each_destinations_answer_masked(env, capsys):
     _, store = env
     message_id = add(store, "A1", pid="999444")
-    ack = "MSH|^~\\&|LAB|LABFAC|PMS|CLINIC|20240105||ACK^A08^ACK|X1|P|2.5.1\rMSA|AE|A1\rERR|||204^Unknown key identifier^HL70357|E||||patient '999444' unknown\r"
+    ack = ("MSH|^~\\&|LAB|LABFAC|PMS|CLINIC|20240105||ACK^A08^ACK|X1|P|2.5.1\rMSA|AE|A1\r"
+           "ERR|||204^Unknown key identifier^HL70357|E||||patient '999444' unknown\r")
     store.commit([], [("delivery", (message_id, "lab"), {"status": "ERROR", "last_ack": ack, "last_error": "application_error: patient '999444' unknown"})])
     code, out = cli(capsys, "messages", "show", str(message_id))
     assert "answer:" in out and "MSA|AE|A1" in out and "999444" not in out, out

@@ -111,7 +111,8 @@ def outage(work: Path, full: bool) -> dict:
         load.finish()
         accepted = load.accepted()
         wanted = {a.control_id for a in accepted}
-        wait_for(lambda: wanted <= set(sink.ids()), 300, f"every message delivered after the outage ({order})")
+        wait_for(lambda wanted=wanted, sink=sink: wanted <= set(sink.ids()), 300,
+                 f"every message delivered after the outage ({order})")
         code, stop = engine.terminate()
         sink.down()
         # what was on the wire when the destination went away may have reached it unanswered:
@@ -139,7 +140,7 @@ def reload(work: Path, full: bool) -> dict:
         channel.write_text(text.replace("retry_max: 1}", "retry_max: 2}") if number % 2 == 0
                            else text.replace("retry_max: 2}", "retry_max: 1}"))
         engine.reload()
-        wait_for(lambda: engine.output().count("reload: ") > number, 60, f"reload {number + 1}")
+        wait_for(lambda number=number: engine.output().count("reload: ") > number, 60, f"reload {number + 1}")
         time.sleep(0.3)
     load.finish()
     accepted = load.accepted()

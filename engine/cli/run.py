@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from hl7relay.cli._args import port, seconds
+from hl7relay.cli._settings import add_settings_arguments, resolve_settings
+
 HELP = "run the engine: every enabled channel, with the message store"
 DESCRIPTION = """\
 Start every enabled channel found in the channel folders. Each message is committed to the store
@@ -21,9 +24,6 @@ Defaults (no edits needed in a checkout): channels from ./channels, SQLite at
   forwarding: inline    # or process: destinations served by a forwarder process of their own
   admin: {host: 127.0.0.1, port: 9102}      # /metrics, /healthz, /readyz, /api/v1 (tokens)
   console: {host: 127.0.0.1, port: 9103}    # the web console (users from hl7relay user add)"""
-
-from hl7relay.cli._args import port, seconds
-from hl7relay.cli._settings import add_settings_arguments, resolve_settings
 
 
 def add_arguments(parser) -> None:

@@ -6,11 +6,11 @@ import json
 import time
 
 from hl7relay.cli._args import number_in
+from hl7relay.cli._settings import add_settings_arguments
 from hl7relay.outcomes import DeliveryStatus, MessageStatus
 
 _PROCESSED, _FILTERED, _ERROR, _DUPLICATE = (MessageStatus.PROCESSED, MessageStatus.FILTERED, MessageStatus.ERROR,
                                              MessageStatus.DUPLICATE)
-from hl7relay.cli._settings import add_settings_arguments
 
 HELP = "per channel: received, filtered, errored, queued, oldest queued, last error; per destination: connected"
 DESCRIPTION = """\
@@ -70,7 +70,7 @@ def run(args) -> int:
     text = (lambda value: value) if args.show_phi else mask_text
     for channel, destinations in configured.items():  # idle channels are listed too
         entry = status.setdefault(channel, {"counts": {}, "destinations": {}, "last_error": None})
-        for name, kind in destinations.items():
+        for name in destinations:
             entry["destinations"].setdefault(name, {"counts": {}, "oldest_queued_age": None, "connected": None,
                                                     "last_error": ""})
     for channel, entry in status.items():

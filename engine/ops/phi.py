@@ -14,7 +14,7 @@ from hl7relay.hl7.message import Message
 __all__ = ["mask_message", "mask_value", "mask_text", "mask_known", "mask_log_text", "person_values", "MASK"]
 
 MASK = "***"
-_PERSON_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2", "IN3", "MRG", "ACC", "GT1", "PV2", "ROL", "PRT"})
+_PERSON_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2", "IN3", "MRG", "ACC", "PV2", "ROL", "PRT"})
 _FREE_TEXT = {"NTE": {3}, "OBX": {5}, "TXA": {}, "DG1": {4}}
 _ERROR_TEXT = {"ERR": {8}, "MSA": {3}}  # an ACK's sentences: the values they quote are masked (mask_text)
 
@@ -47,9 +47,8 @@ def mask_text(text: str) -> str:
 
     def masked(match):
         value = match.group(1) if match.group(1) is not None else match.group(2)
-        named = None
-        for named in _FIELD_PATH.finditer(text, 0, match.start()):
-            pass
+        fields = list(_FIELD_PATH.finditer(text, 0, match.start()))
+        named = fields[-1] if fields else None  # the last field named before the value
         if named is not None and not _about_person(named.group(1), int(named.group(2))):
             return match.group(0)
         return "'" + mask_value(value) + "'"

@@ -30,6 +30,11 @@ __all__ = ["StoreLock", "StoreLocked", "forwarder_lock"]
 
 LOCK_FD = 4  # where the forwarder process finds the inherited lock (SQLite)
 _ENGINE_KEY = "hl7relay-engine"
+# a lock per schema: the key's hash and the schema's (its search_path when the schema is not made yet)
+_KEYS = "hashtext(:key), hashtext(coalesce(current_schema(), current_setting('search_path')))"
+_TRY_LOCK = sa.text(f"SELECT pg_try_advisory_lock({_KEYS})")
+_UNLOCK = sa.text(f"SELECT pg_advisory_unlock({_KEYS})")
+_LOCK_SHARED = sa.text(f"SELECT pg_advisory_lock_shared({_KEYS})")
 _FORWARDER_KEY = "hl7relay-forwarder"
 
 
@@ -101,21 +106,16 @@ class StoreLock:
             self._engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
         connection = self._engine.connect()
         try:
-            taken = connection.execute(sa.text(
-                "SELECT pg_try_advisory_lock(hashtext(:key), hashtext(coalesce(current_schema(), current_setting('search_path'))))"), {"key": _ENGINE_KEY}).scalar()
+            taken = connection.execute(_TRY_LOCK, {"key": _ENGINE_KEY}).scalar()
             if taken:
                 # a forwarder of an engine that died may still be sending: wait for it to go
-                free = connection.execute(sa.text(
-                    "SELECT pg_try_advisory_lock(hashtext(:key), hashtext(coalesce(current_schema(), current_setting('search_path'))))"),
-                    {"key": _FORWARDER_KEY}).scalar()
+                free = connection.execute(_TRY_LOCK, {"key": _FORWARDER_KEY}).scalar()
                 if free:
-                    connection.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:key), hashtext(coalesce(current_schema(), current_setting('search_path'))))"),
-                                       {"key": _FORWARDER_KEY})
+                    connection.execute(_UNLOCK, {"key": _FORWARDER_KEY})
                     connection.commit()
                     self._connection = connection
                     return None
-                connection.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:key), hashtext(coalesce(current_schema(), current_setting('search_path'))))"),
-                                   {"key": _ENGINE_KEY})
+                connection.execute(_UNLOCK, {"key": _ENGINE_KEY})
                 connection.commit()
                 connection.close()
                 return "the forwarder process of an engine that stopped is still running"
@@ -157,7 +157,6 @@ def forwarder_lock(url: str):
         return None
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     connection = engine.connect()
-    connection.execute(sa.text("SELECT pg_advisory_lock_shared(hashtext(:key), hashtext(coalesce(current_schema(), current_setting('search_path'))))"),
-                       {"key": _FORWARDER_KEY})
+    connection.execute(_LOCK_SHARED, {"key": _FORWARDER_KEY})
     connection.commit()
     return connection

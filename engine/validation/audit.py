@@ -57,7 +57,7 @@ def _numbering(version: str, lib) -> list[AuditFinding]:
 
 def _types(version: str, lib) -> list[AuditFinding]:
     out = []
-    for segment, definition in sorted(lib.SEGMENTS.items()):
+    for _segment, definition in sorted(lib.SEGMENTS.items()):
         for child in (definition[1] if len(definition) > 1 else ()):
             if not isinstance(child, tuple) or len(child) < 2 or not isinstance(child[1], (tuple, list)):
                 continue

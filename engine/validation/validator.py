@@ -22,7 +22,7 @@ from hl7relay.validation.profile import (
 
 __all__ = ["Finding", "Report", "Validator", "validate"]
 
-E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFORMATION
+E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFORMATION  # noqa: E741 - HL7's own letters (table 0516)
 _SEGMENT_NAME = re.compile(r"[A-Z][A-Z0-9]{2}")
 # Table 0396 (coding systems) also admits HL7nnnn (an HL7 table), 99zzz and L (local codes).
 _CODING_SYSTEM = re.compile(r"HL7\d{4}|99[A-Za-z0-9]+|L")
@@ -289,7 +289,8 @@ class _Run:
             if name in segment_names:
                 known.append(position)
             elif _SEGMENT_NAME.fullmatch(name) is None:
-                self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, f"segment {position + 1}: {name[:10]!r} is not a segment name (three letters or digits)", position)
+                self.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR,
+                         f"segment {position + 1}: {name[:10]!r} is not a segment name (three letters or digits)", position)
             elif name[0] == "Z":
                 continue  # Z-segments are site-defined and allowed anywhere after MSH
             else:

@@ -1,0 +1,43 @@
+"""The guards that keep the code's walls standing (issue #24, step 6): ruff's chosen rules
+(pyproject.toml) and the import contracts (.importlinter), run as tests so that `pytest`, and so CI,
+fails when one breaks."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_finds_nothing():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", str(REPO)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def installed_package(tmp_path_factory) -> Path:
+    """Where hl7relay is installed as a whole: import-linter reads the package's files, and an
+    editable install maps ack/ and transformers/ from beside engine/, where it does not look."""
+    import hl7relay
+
+    here = Path(hl7relay.__file__).resolve().parent
+    if (here / "ack").is_dir() and (here / "transformers").is_dir():
+        return here.parent
+    target = tmp_path_factory.mktemp("installed")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(target), str(REPO)], check=True, capture_output=True, timeout=600)
+    return target
+
+
+def test_the_import_contracts_are_kept(installed_package, tmp_path):
+    lint_imports = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    assert lint_imports, "import-linter is not installed (pip install '.[test]')"
+    env = dict(os.environ, PYTHONPATH=str(installed_package))
+    result = subprocess.run([lint_imports, "--config", str(REPO / ".importlinter"), "--no-cache"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "0 broken" in result.stdout, result.stdout[-3000:] + result.stderr
