@@ -17,6 +17,7 @@ import time
 
 import random
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -28,7 +29,7 @@ from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult, DeliveryStatus
 from hl7relay.store.database import DeliveryUpdate, StoreError
 
-__all__ = ["DestinationQueue", "DeliveryResult", "retry_delay"]
+__all__ = ["Queue", "DestinationQueue", "DeliveryResult", "retry_delay"]
 
 log = Logger(namespace="hl7relay.queue")
 # the statuses as plain str: what the store binds on the hot path (a StrEnum costs the driver an adapter lookup)
@@ -50,6 +51,50 @@ def retry_delay(attempts: int, options: QueueOptions, rng: random.Random) -> flo
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
+@runtime_checkable
+class Queue(Protocol):
+    """What the engine, its trips and its controls use of a destination's queue: this module's
+    :class:`DestinationQueue` in the engine's process, or :class:`~hl7relay.forwarder.parent.RemoteQueue`
+    standing in for one that runs in the forwarder process (``remote``)."""
+
+    channel: str
+    destination: str
+    options: QueueOptions
+    paused: bool
+    stopped: bool
+    remote: bool  # runs in the forwarder process: retired and counted there
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def enqueue(self, message_id: int, content: bytes, order_key: str | None, received_at: float,
+                message: Message | None = None) -> None:
+        """A delivery row was just committed: send it (``message``: its content parsed)."""
+
+    def first_result(self, message_id: int) -> defer.Deferred:
+        """after_delivery: fires with the DeliveryResult of the message's next attempt."""
+
+    def release(self, message_id: int) -> None:
+        """A held delivery goes back to its retries."""
+
+    def withdraw(self, message_id: int, reason: str) -> defer.Deferred | None:
+        """A held delivery is recorded WITHDRAWN and never sent."""
+
+    def pause(self): ...
+
+    def resume(self): ...
+
+    def retry_now(self): ...
+
+    def view(self) -> dict:
+        """The queue as an operator sees it."""
+
+    @property
+    def in_flight(self):
+        """Deliveries on the wire (sized)."""
+
+
 @dataclass(slots=True)
 class _Waiter:
     message_id: int
@@ -60,6 +105,8 @@ class DestinationQueue:
     """One destination's queue. New deliveries arrive in memory from the engine (``enqueue``)
     right after their commit; the delivery rows are read again every ``poll_interval`` to pick up
     what memory does not know (after a restart, or replays written by another process)."""
+
+    remote = False  # runs in this process
 
     def __init__(self, channel: str, destination: str, deliver, options: QueueOptions, writer, reactor, clock,
                  poll_interval: float = 1.0, rng: random.Random | None = None):

@@ -22,7 +22,7 @@ from hl7relay.ack import AckPolicy
 from hl7relay.channels.channel import Channel
 from hl7relay.events import emit
 from hl7relay.hl7.message import Message
-from hl7relay.queues import DeliveryResult, DestinationQueue
+from hl7relay.queues import DeliveryResult, DestinationQueue, Queue
 from hl7relay.store.writer import StoreWriter
 from hl7relay.stats import ChannelStats
 from hl7relay.trip import Trip
@@ -36,7 +36,7 @@ log = Logger(namespace="hl7relay.engine")
 class _RunningChannel:
     channel: Channel
     policy: AckPolicy
-    queues: dict = field(default_factory=dict)  # destination name -> DestinationQueue
+    queues: dict = field(default_factory=dict)  # destination name -> its Queue (here, or in the forwarder)
     in_flight_keys: dict = field(default_factory=dict)  # duplicate key -> Deferred firing with the ACK code
     source: object = None  # the open source's runner (sources.py), None while closed
     enabled: bool = True  # an operator may disable a configured channel at run time (hl7relay channel disable)
@@ -127,7 +127,7 @@ class Engine:
         self._deliveries[(channel, destination.name)] = delivery
         self._deliver[(channel, destination.name)] = delivery.deliver
 
-    def _new_queue(self, running: _RunningChannel, destination) -> DestinationQueue:
+    def _new_queue(self, running: _RunningChannel, destination) -> Queue:
         if self._remote(destination):
             from hl7relay.forwarder.parent import RemoteQueue
 
@@ -277,8 +277,8 @@ class Engine:
     def _retire_queues(self, running: _RunningChannel, queues: list) -> None:
         """Stop queues and wait (bounded) for their deliveries on the wire, then for their results
         to be committed: a queue that replaces them must not send those again."""
-        remote = [queue for queue in queues if not isinstance(queue, DestinationQueue)]
-        queues = [queue for queue in queues if isinstance(queue, DestinationQueue)]
+        remote = [queue for queue in queues if queue.remote]
+        queues = [queue for queue in queues if not queue.remote]
         for queue in queues:
             queue.stop()
         retired = self.forwarder.retire(remote, self.stop_timeout) if remote else None
@@ -326,7 +326,7 @@ class Engine:
             raise KeyError(f"no channel {channel!r}")
         return running
 
-    def _queue(self, channel: str, destination: str) -> DestinationQueue:
+    def _queue(self, channel: str, destination: str) -> Queue:
         queue = self._running(channel).queues.get(destination)
         if queue is None:
             raise KeyError(f"channel {channel!r} has no destination {destination!r}")
@@ -447,7 +447,7 @@ class Engine:
     def _deliveries_in_flight(self) -> int:
         """Deliveries on the wire from this process's own queues."""
         return sum(len(queue.in_flight) for running in self.channels.values() for queue in running.queues.values()
-                   if isinstance(queue, DestinationQueue))
+                   if not queue.remote)
 
     # -- one message --------------------------------------------------------------------------
     def handle(self, channel: Channel, message: Message, peer) -> defer.Deferred:

@@ -495,3 +495,17 @@ def test_the_retry_delay_survives_a_long_outage():
     2 ** n overflowed a float and every later attempt's bookkeeping raised."""
     options = QueueOptions(retry_initial=1.0, retry_max=30.0)  # as a channel file gives them: floats
     assert 15 <= retry_delay(5000, options, random.Random(1)) <= 30
+
+
+def test_local_and_forwarder_queues_are_one_protocol(setup):
+    """The engine told them apart with isinstance(queue, DestinationQueue): both declare the Queue
+    protocol now, and say where they run."""
+    from hl7relay.forwarder.parent import ForwarderProcess, RemoteQueue
+    from hl7relay.queues import Queue
+
+    local = make_queue(setup, Peer())
+    local.stop()
+    remote = RemoteQueue(ForwarderProcess(None, {"store": "sqlite:///x.db"}, task.Clock()), "ch", "lab",
+                         type("Config", (), {"queue": QueueOptions()})(), 1.0)
+    assert isinstance(local, Queue) and isinstance(remote, Queue)
+    assert (local.remote, remote.remote) == (False, True)

@@ -28,7 +28,10 @@ log = Logger(namespace="hl7relay.forwarder")
 
 
 class RemoteQueue:
-    """A destination queue that runs in the forwarder: what the engine calls on a queue, sent there."""
+    """A destination queue that runs in the forwarder: what the engine calls on a queue
+    (:class:`hl7relay.queues.Queue`), sent there."""
+
+    remote = True
 
     def __init__(self, forwarder: "ForwarderProcess", channel: str, destination: str, config, poll_interval: float):
         self.forwarder = forwarder
