@@ -33,8 +33,6 @@ class Outcome:
     stored: bool = True
     acks: list | None = None  # ACK frames already built (and stored) for this outcome: sent as they are
     ack_codes: list = field(default_factory=list)  # their MSA-1 codes, in order
-    stored_status: str = ""  # how the engine stored the message (PROCESSED, FILTERED, ERROR, DUPLICATE...)
-    timings: dict = field(default_factory=dict)  # seconds per stage, for metrics
 
     @classmethod
     def accepted(cls) -> "Outcome":
