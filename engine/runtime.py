@@ -77,7 +77,7 @@ class StopReport:
 class Engine:
     def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data",
                  queue_poll_interval: float = 1.0, log_phi_bytes: int = 512, log_levels=None,
-                 stop_timeout: float = 10.0, forwarder=None):
+                 stop_timeout: float = 10.0, forwarder=None, tracer=None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -89,9 +89,9 @@ class Engine:
         self.channels: dict[str, _RunningChannel] = {}
         self.in_flight = 0
         self.stats = ChannelStats(clock)  # counts and rates per channel, from memory (API, console)
-        from hl7relay.ops.trace import Tracer
-
-        self.tracer = Tracer(reactor)  # message traces (listens to events only while one is open)
+        # message traces (ops/trace.py), handed in by the command that runs the engine: the core
+        # does not import the operations tools
+        self.tracer = tracer
         self.performance = None  # the performance analyzer (ops/perf.py), when the command running the engine installs it
         self.alerts = None  # the engine's own alerts (ops/alerts.py), likewise
         self._deliveries: dict = {}  # (channel, destination) -> its Delivery (destinations.py: one per type)
@@ -100,7 +100,8 @@ class Engine:
         self.log_phi_bytes = log_phi_bytes
         self.log_levels = log_levels  # what the log output lets through (None: everything)
         self.stop_timeout = stop_timeout  # how long a stop waits for the ACKs of deliveries on the wire
-        # forwarding: process: the destinations' queues run in the forwarder process (forwarder/)
+        # forwarding: process: the destinations' queues run in the forwarder process (forwarder/),
+        # handed in as an object that makes their stand-ins (queue()), retires and stops them
         self.forwarder = forwarder
         for channel in channels:
             if channel.enabled:
@@ -129,10 +130,8 @@ class Engine:
 
     def _new_queue(self, running: _RunningChannel, destination) -> Queue:
         if self._remote(destination):
-            from hl7relay.forwarder.parent import RemoteQueue
-
-            return RemoteQueue(self.forwarder, running.channel.name, destination.name, destination.config,
-                               self.queue_poll_interval)
+            return self.forwarder.queue(running.channel.name, destination.name, destination.config,
+                                        self.queue_poll_interval)
         return DestinationQueue(running.channel.name, destination.name, self._deliver[(running.channel.name, destination.name)],
                                 destination.config.queue, self.writer, self.reactor, self.clock, self.queue_poll_interval)
 

@@ -131,8 +131,11 @@ def run(args) -> int:
             "store": settings["store"], "log_level": settings["log_level"], "log_format": settings["log_format"],
             "channel_levels": {c.name: c.log_level for c in enabled if c.log_level}, "engine_pid": os.getpid()},
             reactor, lock_fd=lock.inheritable_fd)
+    from hl7relay.ops.trace import Tracer
+
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
-                    log_levels=log_levels, stop_timeout=settings["stop_timeout"], forwarder=forwarder)
+                    log_levels=log_levels, stop_timeout=settings["stop_timeout"], forwarder=forwarder,
+                    tracer=Tracer(reactor))
     engine.channel_paths = settings["channels"]
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
     # the admin and console ports before any channel: one that is taken stops the start (the CLI

@@ -149,6 +149,10 @@ class ForwarderProcess(protocol.ProcessProtocol):
         # so a new engine cannot start beside a forwarder that outlived a killed engine
         self.lock_fd = lock_fd
 
+    def queue(self, channel: str, destination: str, config, poll_interval: float) -> RemoteQueue:
+        """The engine's stand-in for a destination queue that runs in the forwarder."""
+        return RemoteQueue(self, channel, destination, config, poll_interval)
+
     def new_queue_id(self) -> int:
         self._next_queue += 1
         return self._next_queue
