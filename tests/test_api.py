@@ -198,6 +198,13 @@ def test_a_content_search_needs_the_phi_permission_and_is_audited_with_its_text(
     assert status == 200 and json.loads(body)["messages"]
     entry = engine["store"].audit_entries(action="messages.search_text")[0]
     assert (entry["actor"], entry["reason"], entry["detail"]) == ("token:admin", "INC-8", "text 'SAMPLEPATIENT'")
+    # one search for the API, the console and the CLI: a search by patient id is audited here too
+    before = len(engine["store"].audit_entries(action="messages.search", limit=1000))
+    assert call(engine, "GET", "/api/v1/messages?patient_id=100234", token=TOKENS["viewer"])[0] == 200
+    entries = engine["store"].audit_entries(action="messages.search", limit=1000)
+    assert len(entries) == before + 1 and (entries[0]["actor"], entries[0]["target"]) == ("token:viewer", "patient_id")
+    status, body = call(engine, "GET", "/api/v1/messages?failed=1", token=TOKENS["viewer"])
+    assert status == 200 and all("failed_deliveries" in row for row in json.loads(body)["messages"])
 
 
 def test_replay_and_prune_through_the_api_are_audited(engine):

@@ -69,6 +69,10 @@ def test_list_search_show_with_phi_masked(env, capsys):
     assert "--text searches message content: say why with --reason" in capsys.readouterr().err
     entry = store.audit_entries(action="messages.search_text")[0]
     assert entry["reason"] == "ticket 1" and entry["detail"] == "text 'doe^jane'" and entry["role"] == "host"
+    # the API's and the console's search: a search by patient id is audited on the command line too
+    cli(capsys, "messages", "list", "--patient-id", "999111")
+    by_patient = store.audit_entries(action="messages.search")[0]  # the newest
+    assert by_patient["target"] == "patient_id" and by_patient["role"] == "host"
     code, out = cli(capsys, "messages", "show", str(first))
     assert "PID|1||***||***||***|***" in out and "DOE" not in out and "lab: SENT" in out
     code, out = cli(capsys, "messages", "show", str(first), "--show-phi", "--reason", "ticket 1")

@@ -64,16 +64,12 @@ def run(args) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    if getattr(args, "text", None):
+    reason = (args.reason or "").strip()
+    if getattr(args, "text", None) and not reason:
         # which messages hold a name, a birth date or a phone number is patient data itself
-        reason = (args.reason or "").strip()
-        if not reason:
-            print("--text searches message content: say why with --reason (the search and its text are written to "
-                  "the audit log)", file=sys.stderr)
-            return 2
-        from hl7relay.ops.auth import cli_audit
-
-        store.audit(cli_audit("messages.search_text", "message content", reason=reason, detail=f"text {args.text[:200]!r}"))
+        print("--text searches message content: say why with --reason (the search and its text are written to "
+              "the audit log)", file=sys.stderr)
+        return 2
     if args.action == "show":
         stored = store.get_message(args.id)
         if stored is None:
@@ -104,9 +100,15 @@ def run(args) -> int:
             if d["last_ack"]:
                 print("    answer:\n" + _indent(d["last_ack"], "      "))
         return 0
+    from hl7relay.ops.auth import cli_source, os_actor
+    from hl7relay.ops.search import MessageQuery, Searcher, search_messages
+
     filters = filters_from_args(args)
-    text = args.text.encode() if getattr(args, "text", None) else None
-    rows = store.search(**filters, text=text, before_id=args.before, limit=args.limit)
+    failed, since, until = filters.pop("failed"), filters.pop("since"), filters.pop("until")
+    query = MessageQuery({k: v for k, v in filters.items() if v is not None}, failed=failed, since=since, until=until,
+                         before=args.before, limit=args.limit, text=getattr(args, "text", None))
+    # on this host the store is the operating-system user's anyway: a reason is what a content search takes
+    rows = search_messages(store, query, Searcher(os_actor(), "host", cli_source(), bool(reason), reason))
     rows = [row_view(row, args.show_phi) for row in rows]
     if args.format == "json":
         print(json.dumps(rows, indent=2, default=str))

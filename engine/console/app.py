@@ -33,7 +33,8 @@ from hl7relay.console.sessions import LoginThrottle, Sessions
 from hl7relay.outcomes import STORED_STATUSES, DeliveryStatus
 from hl7relay.ops.auth import ROLES, can, hash_password, verify_password
 from hl7relay.ops.phi import mask_known, mask_text, person_values
-from hl7relay.ops.support import SEARCH_FILTERS, SupportStore, masked_view, message_view, row_view
+from hl7relay.ops.search import SEARCH_FILTERS, MessageQuery, Searcher, SearchRefused, search_messages
+from hl7relay.ops.support import SupportStore, masked_view, message_view, row_view
 from hl7relay.store.database import MAX_ROW_ID, StoreError
 
 __all__ = ["Console", "CSP"]
@@ -355,18 +356,14 @@ class Console:
         before = self._field(request, "before")
         if before and not (before.isdigit() and int(before) <= MAX_ROW_ID):
             raise HTTPError(400, "before is a message number")
-        if filters.get("patient_id"):  # who looked for which patient's messages is itself patient data
-            yield self._audit(dict(self._action(request, session, "messages.search", "patient_id"),
-                                   detail="search by patient id"))
-        if text:
-            # which messages hold a name, a birth date or a phone number is patient data itself
-            if not can(session.role, "phi", session.phi):
-                raise HTTPError(403, "searching message content needs the permission to see patient data")
-            yield self._audit(dict(self._action(request, session, "messages.search_text", "message content"),
-                                   detail=f"text {text[:200]!r}"))
-        rows = yield self.support.run(lambda store: store.search(
-            **filters, since=since, until=until, before_id=int(before) if before else None, limit=PAGE_SIZE,
-            text=text.encode("utf-8", "surrogateescape") if text else None))
+        search = MessageQuery(filters, since=since, until=until, before=int(before) if before else None, limit=PAGE_SIZE,
+                              text=text or None)
+        searcher = Searcher(f"user:{session.user}", session.role, self._source(request),
+                            can(session.role, "phi", session.phi), self._field(request, "reason").strip())
+        try:
+            rows = yield self.support.run(lambda store: search_messages(store, search, searcher))
+        except SearchRefused:
+            raise HTTPError(403, "searching message content needs the permission to see patient data") from None
         query = {k: v for k, v in ((n, self._field(request, n)) for n in (*SEARCH_FILTERS, "text", "since", "until")) if v}
         older = "/messages?" + urlencode(dict(query, before=rows[-1]["id"])) if len(rows) == PAGE_SIZE else None
         return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],

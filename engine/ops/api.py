@@ -458,29 +458,26 @@ class ApiResource(resource.Resource):
 
     @defer.inlineCallbacks
     def get_messages(self, request, caller, body):
-        from hl7relay.ops.support import SEARCH_FILTERS, row_view
+        from hl7relay.ops.search import SEARCH_FILTERS, MessageQuery, Searcher, SearchRefused, search_messages
+        from hl7relay.ops.support import row_view
 
         args = self._args(request)
-        filters = {name: args[name] for name in SEARCH_FILTERS if args.get(name)}
-        limit = self._number(args, "limit", 50, int, 1, 500)
-        before = self._number(args, "before", None, int, 1, MAX_ROW_ID)
-        since = self._number(args, "since", None, float)
-        until = self._number(args, "until", None, float)
-        text = args.get("text") or None  # a substring of the raw message (scans at most 100,000 candidates)
-        target = "messages " + " ".join(f"{k}={v}" for k, v in sorted(filters.items())) + (f" text={text}" if text else "")
-        if text:
-            # which messages hold a name, a birth date or a phone number is patient data itself
-            if not can(caller["role"], "phi"):
-                raise ApiError(403, f"{caller['actor']} ({caller['role']}) may not search message content: it needs "
-                                    "the permission to see patient data")
-            yield self._off_reactor(lambda store: store.audit({
-                "actor": caller["actor"], "role": caller["role"], "source": caller["source"],
-                "action": "messages.search_text", "target": "message content", "reason": args.get("reason", "").strip(),
-                "detail": f"text {text[:200]!r}"}))
+        query = MessageQuery({name: args[name] for name in SEARCH_FILTERS if args.get(name)},
+                             failed=args.get("failed") in ("1", "true", "yes"),
+                             since=self._number(args, "since", None, float), until=self._number(args, "until", None, float),
+                             before=self._number(args, "before", None, int, 1, MAX_ROW_ID),
+                             limit=self._number(args, "limit", 50, int, 1, 500),
+                             text=args.get("text") or None)  # a substring of the raw message (scans at most 100,000)
+        limit = query.limit
+        target = "messages " + " ".join(f"{k}={v}" for k, v in sorted(query.filters.items())) + (
+            f" text={query.text}" if query.text else "")
+        searcher = Searcher(caller["actor"], caller["role"], caller["source"], can(caller["role"], "phi"),
+                            args.get("reason", "").strip())
         show_phi = yield self._phi(request, caller, args, target.strip())
-        rows = yield self._off_reactor(lambda store: store.search(
-            **filters, since=since, until=until, before_id=before, limit=limit,
-            text=text.encode("utf-8", "surrogateescape") if text else None))
+        try:
+            rows = yield self._off_reactor(lambda store: search_messages(store, query, searcher))
+        except SearchRefused as refused:
+            raise ApiError(403, str(refused)) from None
         return {"messages": [row_view(row, show_phi) for row in rows],
                 "next_before": rows[-1]["id"] if len(rows) == limit else None}
 

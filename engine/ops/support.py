@@ -8,10 +8,7 @@ import json
 
 from hl7relay.ops.phi import mask_known, mask_message, mask_text, mask_value, person_values
 
-__all__ = ["message_view", "row_view", "masked_view", "SEARCH_FILTERS", "SupportStore"]
-
-# the search filters both expose (Store.search keyword arguments)
-SEARCH_FILTERS = ("channel", "status", "message_type", "control_id", "patient_id", "facility", "delivery_status")
+__all__ = ["message_view", "row_view", "masked_view", "SupportStore"]
 
 
 def _plain(data: bytes) -> str:
