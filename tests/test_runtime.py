@@ -437,35 +437,17 @@ def test_a_message_with_a_digit_field_separator_is_answered_and_others_keep_bein
 
 
 def _mutations(seed: int, count: int):
-    import random
+    """Mutated frames that each call for an answer: the chaos suite's generator (bench/chaos), on
+    bases of this file's own."""
+    from pathlib import Path
 
-    rng = random.Random(seed)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
+    from harness import mutations
+
     bases = [ADT.format(id="F1", extra="").encode(),
              ADT.format(id="F2", extra="|||AL|NE||UNICODE UTF-8").encode(),
              b"MSH|^~\\&|A|B|C|D|20240101||ORU^R01|F3|P|2.3\rPID|1||9\rOBX|1|NM|x||5\r"]
-    specials = [0, 10, 13, 0x0B, 0x1C, 0x7C, 0x5E, 0x5C, 0x26, 0x7E, 0xFF, 0xC3, 0x31]
-    for _ in range(count):
-        data = bytearray(rng.choice(bases))
-        if rng.random() < 0.3:
-            data = data[:rng.randint(0, len(data))]
-        for _ in range(rng.randint(1, 10)):
-            i = rng.randrange(len(data) + 1)
-            choice = rng.random()
-            if choice < 0.4 and data:
-                data[min(i, len(data) - 1)] = rng.randrange(256)
-            elif choice < 0.75:
-                data[i:i] = bytes([rng.choice(specials)])
-            elif data:
-                del data[min(i, len(data) - 1)]
-        payload = bytes(data).replace(b"\x1c\r", b"\x1c")
-        try:  # leave out what is legitimately not answered: an ACK, and an explicit NE/NE
-            m = Message.from_bytes(payload)
-            if m.get("MSH-9.1").strip().upper() == "ACK" or (
-                    m.get("MSH-15").strip().upper() == m.get("MSH-16").strip().upper() == "NE"):
-                continue
-        except Exception:  # noqa: BLE001 - unreadable frames are answered AR
-            pass
-        yield payload
+    return mutations(seed, count, bases)
 
 
 def test_every_fuzzed_frame_gets_an_answer(tmp_path):

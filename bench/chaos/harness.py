@@ -273,6 +273,19 @@ def _try_bind(server: socket.socket, port: int) -> bool:
         return False
 
 
+def first_frame(connection: socket.socket, framer: MLLPFramer | None = None) -> bytes | None:
+    """The payload of the next frame on ``connection`` (None when it closes first; a timeout or
+    reset raises OSError). ``framer``: one kept across calls on the same connection."""
+    framer = framer or MLLPFramer()
+    while True:
+        data = connection.recv(65536)
+        if not data:
+            return None
+        for event in framer.feed(data):
+            if isinstance(event, Frame):
+                return event.payload
+
+
 # -- the senders ----------------------------------------------------------------------------------
 ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A08^ADT_A01|{id}|P|2.5.1\r"
        "EVN|A08|20240105093512\rPID|1||{key}^^^CLINIC^MR||CHAOS^TEST||19800101|F\rPV1|1|O\r")

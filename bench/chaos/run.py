@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (ADT, ROOT, ChaosFailure, Engine, Load, Sink, delivery_figures, mutations,  # noqa: E402
-                     relay_channel, stored_control_ids, wait_for, write_channel)
+from harness import (ADT, ROOT, ChaosFailure, Engine, Load, Sink, delivery_figures, first_frame,  # noqa: E402
+                     mutations, relay_channel, stored_control_ids, wait_for, write_channel)
 
-from hl7relay.mllp.framing import Frame, MLLPFramer, frame  # noqa: E402
+from hl7relay.mllp.framing import MLLPFramer, frame  # noqa: E402
 
 SCENARIOS: dict = {}
 
@@ -207,14 +207,7 @@ def _one_answer(port: int, payload: bytes, timeout: float = 30.0) -> bytes | Non
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
             connection.sendall(frame(payload))
-            framer = MLLPFramer()
-            while True:
-                data = connection.recv(65536)
-                if not data:
-                    return None
-                for event in framer.feed(data):
-                    if isinstance(event, Frame):
-                        return event.payload
+            return first_frame(connection)
     except OSError:
         return None
 
@@ -231,19 +224,14 @@ def hostile(work: Path, full: bool) -> dict:
     answer = _one_answer(port, message)
     unanswered += answer is None
     # a leaky client: a connection per message, never closed
-    leaked = []
+    leaked, leaky_answered = [], 0
     for n in range(40 if full else 20):
         connection = socket.create_connection(("127.0.0.1", port), timeout=30)
         connection.sendall(frame(ADT.format(id=f"L{n}", key="K1").encode()))
-        framer, got = MLLPFramer(), []
-        while not got:
-            data = connection.recv(65536)
-            if not data:
-                break
-            got = [e for e in framer.feed(data) if isinstance(e, Frame)]
-        unanswered += not got
+        leaky_answered += first_frame(connection) is not None
         leaked.append(connection)
-    figures["leaky_connections_answered"] = len(leaked) - unanswered
+    unanswered += len(leaked) - leaky_answered
+    figures["leaky_connections_answered"] = leaky_answered
     # slowloris: a frame a byte at a time, slower than read_timeout allows
     slow = socket.create_connection(("127.0.0.1", port), timeout=30)
     slow.sendall(b"\x0bMSH|^~\\&|")
@@ -266,13 +254,7 @@ def hostile(work: Path, full: bool) -> dict:
     # junk outside any frame, then a message on the same connection
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
         connection.sendall(os.urandom(4096).replace(b"\x0b", b"").replace(b"\x1c", b"") + frame(message))
-        framer, got = MLLPFramer(), []
-        while not got:
-            data = connection.recv(65536)
-            if not data:
-                break
-            got = [e for e in framer.feed(data) if isinstance(e, Frame)]
-        unanswered += not got
+        unanswered += first_frame(connection) is None
     # an oversized frame: answered AR, that connection closed
     big = frame(b"MSH|^~\\&|PMS|CLINIC|||20240101||ADT^A08|BIG1|P|2.5.1\rNTE|1||" + b"x" * (20 * 1024 * 1024) + b"\r")
     with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
@@ -280,13 +262,8 @@ def hostile(work: Path, full: bool) -> dict:
             connection.sendall(big)
         except OSError:
             pass  # closed on us once the limit was passed: the answer is already waiting
-        framer, got = MLLPFramer(), []
-        while not got:
-            data = connection.recv(65536)
-            if not data:
-                break
-            got = [e for e in framer.feed(data) if isinstance(e, Frame)]
-        code = got[0].payload.split(b"MSA|")[1][:2].decode() if got else ""
+        answer = first_frame(connection)
+        code = answer.split(b"MSA|")[1][:2].decode() if answer else ""
     figures["oversized_answer"] = code or "none"
     unanswered += code != "AR"
     for connection in idle + leaked + [slow]:
@@ -324,12 +301,8 @@ def fuzz(work: Path, full: bool) -> dict:
         broken = False
         try:
             sockets[which].sendall(frame(payload))
-            got = []
-            while not got:
-                data = sockets[which].recv(65536)
-                if not data:
-                    raise OSError("closed")
-                got = [e for e in framers[which].feed(data) if isinstance(e, Frame)]
+            if first_frame(sockets[which], framers[which]) is None:
+                raise OSError("closed")
             answered += 1
         except OSError as exc:
             # a listener closes a connection only after answering (an oversized frame): a close

@@ -205,14 +205,11 @@ def write_engine_file(settings: dict) -> Path:
     import os
     import time
 
-    path = Path(settings["data_dir"]) / ENGINE_FILE
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a PostgreSQL store leaves it to us
-    temporary = path.with_name(f".{ENGINE_FILE}.{os.getpid()}")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as f:
-        json.dump({"pid": os.getpid(), "started": time.time(),
-                   "channels": [str(Path(folder).resolve()) for folder in settings["channels"]]}, f)
-    os.replace(temporary, path)
+    from hl7relay.privatefile import write_private
+
+    path = Path(settings["data_dir"]) / ENGINE_FILE  # its folder is made when a PostgreSQL store left none
+    write_private(path, json.dumps({"pid": os.getpid(), "started": time.time(),
+                                    "channels": [str(Path(folder).resolve()) for folder in settings["channels"]]}))
     return path
 
 

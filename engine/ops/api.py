@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,26 +121,18 @@ class ApiError(Exception):
 
 def write_local_token(data_dir) -> str:
     """A fresh local token, written 0600 into the data folder; returns it."""
+    from hl7relay.privatefile import write_private
+
     token = new_token()
-    folder = Path(data_dir)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / LOCAL_TOKEN_FILE
-    temporary = folder / f".{LOCAL_TOKEN_FILE}.{os.getpid()}"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as f:
-        f.write(token + "\n")
-    os.replace(temporary, path)
+    write_private(Path(data_dir) / LOCAL_TOKEN_FILE, token + "\n")
     return token
 
 
 def write_endpoint(data_dir, host: str, port: int, scheme: str = "http") -> None:
     """Where the admin listener is, for the CLI on this host (it may have been given port 0)."""
-    path = Path(data_dir) / ENDPOINT_FILE
-    temporary = path.with_name(f".{ENDPOINT_FILE}.{os.getpid()}")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as f:
-        f.write(f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}\n")
-    os.replace(temporary, path)
+    from hl7relay.privatefile import write_private
+
+    write_private(Path(data_dir) / ENDPOINT_FILE, f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}\n")
 
 
 def openapi_document() -> dict:
