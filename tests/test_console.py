@@ -386,6 +386,7 @@ def test_messages_are_found_by_control_id_and_a_patient_id_search_is_audited(eng
     status, _, body = browser.get("/messages?delivery_status=QUEUED")  # the lab never answers: still queued
     assert status == 200 and 'href="/messages/1"' in body and "<option selected>QUEUED</option>" in body
     assert "No messages match" in browser.get("/messages?control_id=CON1&delivery_status=SENT")[2]
+    assert "No messages match" in browser.get("/messages?control_id=CON1&failed=1")[2]  # queued: nothing failed
     count = len(store.audit_entries(action="messages.search", limit=1000))
     status, _, body = browser.get("/messages?patient_id=100234")
     assert status == 200 and 'href="/messages/1"' in body
@@ -447,6 +448,9 @@ def test_dead_letters_are_grouped_dry_run_then_replayed_with_one_audit_row(engin
     store.commit([], [DeliveryUpdate(i, "lab", {"last_error": e, "attempts": 1, "updated_at": 1_700_000_100.0})
                       for i, e in zip(ids, ["AE: SAMPLEPATIENT unknown", "AE: SAMPLEPATIENT unknown", "gave up after 10 attempts"])])
     operator = signed_in(engine, "operator")
+    status, _, found = operator.get("/messages?failed=1")  # the same from the messages page, with why
+    assert status == 200 and "DEAD0" in found and "lab: gave up after 10 attempts" in found
+    assert "SAMPLEPATIENT" not in found and 'name="failed" value="1" checked' in found
     status, _, page = operator.get("/dead-letters")
     assert status == 200 and "SAMPLEPATIENT" not in page  # a peer's error text is masked like any other
     tokens = re.findall(r'name="group" value="([^"]+)"', page)

@@ -368,7 +368,7 @@ def _with_deliveries(store, control_id, statuses: dict, status="PROCESSED", erro
 
             connection.execute(deliveries.update().where(deliveries.c.message_id == message_id,
                                                          deliveries.c.status == "ERROR")
-                               .values(last_error="application_error: AE: unknown patient 'DOE'"))
+                               .values(last_error="application_error: AE: unknown patient 'DOE' (JANE, 19800412)"))
     return message_id
 
 
@@ -383,10 +383,12 @@ def test_messages_list_failed_finds_a_destinations_ae_with_its_destination_and_e
     assert "AE1" not in out  # the message itself was processed
     code, out = cli(capsys, "messages", "list", "--failed")
     assert code == 0 and "AE1" in out and "ER1" in out and "OK1" not in out
-    assert "delivery to lab failed: application_error: AE: unknown patient '***'" in out
+    # a peer's words: the quoted value and the patient's own values it names without quotes, masked
+    assert "delivery to lab failed: application_error: AE: unknown patient '***' (J***, 1***)" in out
     rows = json.loads(cli(capsys, "messages", "list", "--failed", "--format", "json")[1])
-    assert [r["id"] for r in rows] == [broken, dead]
-    assert rows[1]["failed_deliveries"] == [{"destination": "lab", "error": "application_error: AE: unknown patient '***'"}]
+    assert [r["id"] for r in rows] == [broken, dead] and all("raw" not in r for r in rows)
+    assert rows[1]["failed_deliveries"] == [{"destination": "lab",
+                                             "error": "application_error: AE: unknown patient '***' (J***, 1***)"}]
 
 
 def test_replay_of_what_failed_targets_the_failed_destinations(env, capsys):

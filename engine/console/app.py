@@ -356,15 +356,16 @@ class Console:
         before = self._field(request, "before")
         if before and not (before.isdigit() and int(before) <= MAX_ROW_ID):
             raise HTTPError(400, "before is a message number")
-        search = MessageQuery(filters, since=since, until=until, before=int(before) if before else None, limit=PAGE_SIZE,
-                              text=text or None)
+        search = MessageQuery(filters, failed=self._field(request, "failed") == "1", since=since, until=until,
+                              before=int(before) if before else None, limit=PAGE_SIZE, text=text or None)
         searcher = Searcher(f"user:{session.user}", session.role, self._source(request),
                             can(session.role, "phi", session.phi), self._field(request, "reason").strip())
         try:
             rows = yield self.support.run(lambda store: search_messages(store, search, searcher))
         except SearchRefused:
             raise HTTPError(403, "searching message content needs the permission to see patient data") from None
-        query = {k: v for k, v in ((n, self._field(request, n)) for n in (*SEARCH_FILTERS, "text", "since", "until")) if v}
+        query = {k: v for k, v in ((n, self._field(request, n)) for n in (*SEARCH_FILTERS, "failed", "text", "since", "until"))
+                 if v}
         older = "/messages?" + urlencode(dict(query, before=rows[-1]["id"])) if len(rows) == PAGE_SIZE else None
         return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
                             query=query, older=older, channels=sorted(self.engine.channels), statuses=STATUSES,

@@ -68,11 +68,15 @@ def masked_view(view):
 
 def row_view(row: dict, show_phi: bool) -> dict:
     """One row of a search, masked unless ``show_phi``."""
+    row = dict(row)
+    raw = row.pop("raw", None)  # only to mask a dead letter's error by the message's own person values
     if show_phi:
-        return dict(row)
+        return row
     view = dict(row, patient_id=mask_value(row["patient_id"]), error=mask_text(row["error"]))
     if "failed_deliveries" in row:
-        view["failed_deliveries"] = [dict(d, error=mask_text(d["error"])) for d in row["failed_deliveries"]]
+        known = person_values(raw) if raw is not None else set()
+        view["failed_deliveries"] = [dict(d, error=mask_known(mask_text(d["error"]), known))
+                                     for d in row["failed_deliveries"]]
     return view
 
 

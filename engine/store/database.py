@@ -849,16 +849,7 @@ class Store:
 
             if text is None:
                 rows = page(before_id, limit)
-                if failed and rows:
-                    dead: dict[int, list] = {}
-                    for row in connection.execute(
-                            sa.select(deliveries.c.message_id, deliveries.c.destination, deliveries.c.last_error)
-                            .where(deliveries.c.message_id.in_([r["id"] for r in rows]), _DEAD)
-                            .order_by(deliveries.c.message_id, deliveries.c.destination)):
-                        dead.setdefault(row[0], []).append({"destination": row[1], "error": row[2]})
-                    for row in rows:
-                        row["failed_deliveries"] = dead.get(row["id"], [])
-                return rows
+                return self._with_failed_deliveries(connection, rows) if failed else rows
             found, scanned, cursor = [], 0, before_id
             needle = text.lower()
             while len(found) < limit and scanned < scan_limit:
@@ -869,7 +860,29 @@ class Store:
                 cursor = rows[-1]["id"]
                 # case-insensitive (ASCII), as an analyst typing "penicillin" expects
                 found += [{k: v for k, v in r.items() if k != "raw"} for r in rows if needle in r["raw"].lower()]
-            return found[:limit]
+            return self._with_failed_deliveries(connection, found[:limit]) if failed else found[:limit]
+
+    @staticmethod
+    def _with_failed_deliveries(connection, rows: list[dict]) -> list[dict]:
+        """Each row with its dead letters (destination, error) as ``failed_deliveries``; a row that
+        has some also carries its ``raw`` message: a peer's error text may name the patient without
+        quotes, and masking it needs the message's own person values (ops/support.row_view)."""
+        if not rows:
+            return rows
+        dead: dict[int, list] = {}
+        raw: dict[int, bytes] = {}
+        for message_id, destination, error, content in connection.execute(
+                sa.select(deliveries.c.message_id, deliveries.c.destination, deliveries.c.last_error, messages.c.raw)
+                .join(messages, messages.c.id == deliveries.c.message_id)
+                .where(deliveries.c.message_id.in_([r["id"] for r in rows]), _DEAD)
+                .order_by(deliveries.c.message_id, deliveries.c.destination)):
+            dead.setdefault(message_id, []).append({"destination": destination, "error": error})
+            raw[message_id] = content
+        for row in rows:
+            row["failed_deliveries"] = dead.get(row["id"], [])
+            if row["id"] in raw:
+                row["raw"] = raw[row["id"]]
+        return rows
 
     def channel_names(self, most: int = 1000) -> list[str]:
         """The channels that have stored messages, found by seeking through the channel index
