@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hl7relay.ack.answer import Answer
 from hl7relay.ack.builder import build_ack
 from hl7relay.outcomes import AckCode, ErrorCode
 from hl7relay.ack.outcome import Outcome, Status
 from hl7relay.hl7.message import Message
 
-__all__ = ["AckPolicy", "is_enhanced_mode", "is_ack", "unreadable_ack", "resend_code"]
+__all__ = ["AckPolicy", "AckRequest", "is_enhanced_mode", "is_ack", "unreadable_ack", "resend_code"]
 
 # the codes as plain str on the hot path (what is stored and written; a StrEnum costs the driver an adapter lookup)
 _AA, _AE, _AR, _CA, _CR = (c.value for c in (AckCode.AA, AckCode.AE, AckCode.AR, AckCode.CA, AckCode.CR))
@@ -36,7 +37,7 @@ def is_enhanced_mode(message: Message) -> bool:
 
 
 def _wanted(condition: str, success: bool) -> bool:
-    condition = condition.strip().upper()
+    # condition: stripped and upper-cased (AckRequest)
     if condition == "NE":
         return False
     if condition == "SU":
@@ -56,7 +57,30 @@ def unreadable_ack(text: str, **header) -> bytes:
 def resend_code(message: Message) -> str:
     """The code that asks the sender to send a message again: CR when it asked for an accept ACK
     (MSH-15 valued, enhanced mode), else AR."""
-    return _CR if message.msh(15).strip() else _AR
+    return AckRequest.of(message).resend_code
+
+
+@dataclass(frozen=True, slots=True)
+class AckRequest:
+    """What a received message's header asks of its answer, read once: whether it is itself an
+    ACK (never answered), and in enhanced mode the conditions of MSH-15 and MSH-16."""
+
+    is_ack: bool
+    accept: str  # MSH-15, stripped and upper-cased ("" in original mode)
+    application: str  # MSH-16, likewise
+
+    @classmethod
+    def of(cls, message: Message) -> "AckRequest":
+        return cls(message.msh(9, 1).strip().upper() == "ACK", message.msh(15).strip().upper(),
+                   message.msh(16).strip().upper())
+
+    @property
+    def enhanced(self) -> bool:
+        return bool(self.accept or self.application)
+
+    @property
+    def resend_code(self) -> str:
+        return _CR if self.accept else _AR
 
 
 @dataclass(slots=True)
@@ -67,37 +91,65 @@ class AckPolicy:
     sending_application: str = "HL7RELAY"
     sending_facility: str = ""
 
-    def codes(self, message: Message, outcome: Outcome) -> list[str]:
-        """The MSA-1 codes of the ACKs this outcome calls for, in order (no ACK is built)."""
-        if is_ack(message):
+    def codes(self, message: Message, outcome: Outcome, request: AckRequest | None = None) -> list[str]:
+        """The MSA-1 codes of the ACKs this outcome calls for, in order (no ACK is built).
+        ``request``: the message's :class:`AckRequest`, when the caller read it already."""
+        if request is None:
+            request = AckRequest.of(message)
+        if request.is_ack:
             return []
         if outcome.acks is not None:
             return list(outcome.ack_codes)
         application = self._application_code(outcome)
-        if not is_enhanced_mode(message):
+        if not request.enhanced:
             return [application]
         accepted = outcome.stored and outcome.status is not Status.REJECTED and outcome.status is not Status.INTERNAL_ERROR
         codes = []
-        if _wanted(message.msh(15), accepted):
+        if _wanted(request.accept, accepted):
             codes.append(_CA if accepted else _CR)
-        if accepted and _wanted(message.msh(16), application == _AA):
+        if accepted and _wanted(request.application, application == _AA):
             codes.append(application)
         return codes
 
-    def acks(self, message: Message, outcome: Outcome) -> list[bytes]:
+    def acks(self, message: Message, outcome: Outcome, request: AckRequest | None = None) -> list[bytes]:
         """The ACK frames to write, in order: one per code of :meth:`codes`."""
-        if outcome.acks is not None and not is_ack(message):
+        if request is None:
+            request = AckRequest.of(message)
+        if outcome.acks is not None and not request.is_ack:
             return list(outcome.acks)
-        return self._build(message, outcome, self.codes(message, outcome))
+        return self._build(message, outcome, self.codes(message, outcome, request))
 
-    def prepare(self, message: Message, outcome: Outcome) -> Outcome:
+    def prepare(self, message: Message, outcome: Outcome, request: AckRequest | None = None) -> Outcome:
         """Build the outcome's ACKs once and keep them (and their codes) on it."""
-        codes = outcome.ack_codes = self.codes(message, outcome)
+        codes = outcome.ack_codes = self.codes(message, outcome, request)
         outcome.acks = list(outcome.acks) if outcome.acks is not None and codes else self._build(message, outcome, codes)
         return outcome
 
+    # -- the answers a source writes (every frame a sender reads is made here) -----------------------
+    def answer(self, message: Message, outcome: Outcome, request: AckRequest | None = None) -> Answer:
+        """The answer to a message the channel handled: the outcome's ACKs (built now unless the
+        trip prepared them)."""
+        return Answer(self.acks(message, outcome, request))
+
+    def unreadable(self, text: str) -> Answer:
+        """The answer to a payload that is not an HL7 message (empty, not starting with MSH,
+        unparseable): AR with ERR 100."""
+        return Answer([unreadable_ack(text, **self._sender())])
+
+    def too_large(self, header: Message | None, text: str) -> Answer:
+        """The answer to a frame over the source's size limit, then the connection closes. With a
+        readable header (the frame's first bytes) the sender reads its own control id and the code
+        that asks it to send again (AR, CR in enhanced mode) with ERR 104; without one, as unreadable."""
+        if header is None:
+            return Answer([unreadable_ack(text, **self._sender())], close=True)
+        code = AckRequest.of(header).resend_code
+        return Answer([build_ack(header, code, text, ErrorCode.VALUE_TOO_LONG, **self._sender())], close=True)
+
+    def _sender(self) -> dict:
+        return {"sending_application": self.sending_application, "sending_facility": self.sending_facility}
+
     def _build(self, message: Message, outcome: Outcome, codes: list[str]) -> list[bytes]:
-        header = {"sending_application": self.sending_application, "sending_facility": self.sending_facility}
+        header = self._sender()
         # a CA never carries errors; every other code carries the outcome's text and findings
         return [build_ack(message, code, **header) if code == _CA else
                 build_ack(message, code, outcome.text, outcome.code, outcome.findings, **header)

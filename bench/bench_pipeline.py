@@ -57,9 +57,7 @@ def build(work: Path, validation: bool, connections: int):
     for queue in running.queues.values():
         queue.deliver = lambda message: DeliveryResult(True, ack="AA")
         queue.start()
-    config = channel.source.listener
-    config.policy = running.policy
-    factory = MLLPListenerFactory(lambda message, peer: engine.handle(channel, message, peer), config, clock, "bench")
+    factory = MLLPListenerFactory(running, channel.source.listener, clock, "bench")
     protocols = []
     for i in range(connections):
         protocol = factory.buildProtocol(None)

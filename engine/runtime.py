@@ -11,38 +11,91 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hl7relay.ack import AckPolicy
+from hl7relay.ack import AckPolicy, Outcome
+from hl7relay.ack.answer import Answer
 from hl7relay.channels.channel import Channel
-from hl7relay.events import emit
 from hl7relay.hl7.message import Message
 from hl7relay.queues import DeliveryResult, DestinationQueue, Queue
+from hl7relay.receiving import Responder
+from hl7relay.resources import Resources, Settings
 from hl7relay.store.writer import StoreWriter
 from hl7relay.stats import ChannelStats
 from hl7relay.trip import Trip
 
-__all__ = ["Engine", "DeliveryResult", "StopReport"]
+__all__ = ["Engine", "RunningChannel", "DeliveryResult", "StopReport"]
 
 log = Logger(namespace="hl7relay.engine")
 
 
-@dataclass(slots=True)
-class _RunningChannel:
-    channel: Channel
-    policy: AckPolicy
-    queues: dict = field(default_factory=dict)  # destination name -> its Queue (here, or in the forwarder)
-    in_flight_keys: dict = field(default_factory=dict)  # duplicate key -> Deferred firing with the ACK code
-    source: object = None  # the open source's runner (sources.py), None while closed
-    enabled: bool = True  # an operator may disable a configured channel at run time (hl7relay channel disable)
-    address: str = ""  # where it listens, once open
-    # the peers its listener has seen (mllp/listener.py): kept while the channel is closed and opened again
-    peers: dict = field(default_factory=dict)
+def channel_policy(channel: Channel) -> AckPolicy:
+    response = channel.response
+    return AckPolicy(response.filtered, response.application, response.facility)
+
+
+class RunningChannel(Responder):
+    """A channel as it runs: its configuration (replaced by a reload; a trip keeps the one it
+    started with), its ACK policy, its destinations' queues and its open source. It owns the
+    trips of its messages and their answers: a source hands it each message (:meth:`receive`)
+    and writes back the :class:`~hl7relay.ack.answer.Answer` it gets."""
+
+    def __init__(self, channel: Channel, resources: Resources):
+        super().__init__(policy=channel_policy(channel))
+        self.channel = channel
+        self.resources = resources
+        self.queues: dict[str, Queue] = {}  # destination name -> its Queue (here, or in the forwarder)
+        self.in_flight_keys: dict = {}  # duplicate key -> Deferred firing when its message is answered
+        self.source = None  # the open source's runner (sources.py), None while closed
+        self.enabled = True  # an operator may disable a configured channel at run time (hl7relay channel disable)
+        self.address = ""  # where it listens, once open
+        # the peers its listener has seen (mllp/listener.py): kept while the channel is closed and opened again
+        self.peers: dict = {}
+
+    def handle(self, message: Message, peer, channel: Channel | None = None) -> defer.Deferred:
+        """Process, commit and answer one message (its :class:`~hl7relay.trip.Trip`) under
+        ``channel`` (the running configuration when not given): a Deferred firing with the
+        :class:`Outcome` whose ACKs answer the sender."""
+        if channel is None:
+            channel = self.channel
+        resources = self.resources
+        resources.in_flight += 1
+        started = time.perf_counter()
+        emit = resources.emit  # named so: the events test finds every emit() by name
+        emit("message_received", channel=channel.name)
+        try:
+            trip = Trip(resources, self, channel, message, peer)
+            d = trip.run()
+        except BaseException:
+            resources.in_flight -= 1
+            raise
+        return d.addBoth(self._answered, trip, started)
+
+    def _answered(self, outcome, trip: Trip, started: float):
+        resources = self.resources
+        resources.in_flight -= 1
+        latency = time.perf_counter() - started
+        if isinstance(outcome, Failure):
+            resources.stats.answered(trip.channel.name, None, None)
+            return outcome
+        header, emit = trip.header, resources.emit
+        emit("message_processed", channel=trip.channel.name, status=trip.status, ack_codes=outcome.ack_codes,
+             ack_latency=latency, stages=trip.timings, message_id=trip.message_id, message_type=header["message_type"],
+             control_id=header["control_id"], peer=trip.peer)
+        # counted at its arrival second (the trip read the clock then): one clock call fewer per message
+        resources.stats.answered(trip.channel.name, trip.status, latency, trip.received_at)
+        return outcome
+
+    def _answer(self, outcome: Outcome, message: Message) -> Answer:
+        # the trip's policy prepared (and stored) the ACKs: they are sent as they are
+        if outcome.acks is not None:
+            return Answer(outcome.acks)
+        return self.policy.answer(message, outcome)
 
 
 @dataclass(slots=True)
@@ -75,46 +128,82 @@ class StopReport:
 
 
 class Engine:
+    """The running engine: it owns the running channels and their lifecycle. Its parts are given
+    :class:`~hl7relay.resources.Resources`, never the engine; operators reach it through
+    :class:`~hl7relay.controls.Controls`."""
+
     def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data",
                  queue_poll_interval: float = 1.0, log_phi_bytes: int = 512, log_levels=None,
-                 stop_timeout: float = 10.0, forwarder=None, tracer=None):
+                 stop_timeout: float = 10.0, forwarder=None, tracer=None, channel_paths=("channels",)):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.reactor = reactor
         self.writer = writer
-        self.clock = clock
-        self.data_dir = Path(data_dir)
-        self.channels: dict[str, _RunningChannel] = {}
-        self.in_flight = 0
-        self.stats = ChannelStats(clock)  # counts and rates per channel, from memory (API, console)
+        self.channels: dict[str, RunningChannel] = {}
+        settings = Settings(Path(data_dir), queue_poll_interval, log_phi_bytes, log_levels, stop_timeout)
         # message traces (ops/trace.py), handed in by the command that runs the engine: the core
         # does not import the operations tools
-        self.tracer = tracer
-        self.performance = None  # the performance analyzer (ops/perf.py), when the command running the engine installs it
-        self.alerts = None  # the engine's own alerts (ops/alerts.py), likewise
+        self.resources = Resources(reactor, writer, clock, settings, ChannelStats(clock), tracer=tracer,
+                                   channels=self.channels)
         self._deliveries: dict = {}  # (channel, destination) -> its Delivery (destinations.py: one per type)
         self.started = False
         self.stopping = False
-        self.log_phi_bytes = log_phi_bytes
-        self.log_levels = log_levels  # what the log output lets through (None: everything)
-        self.stop_timeout = stop_timeout  # how long a stop waits for the ACKs of deliveries on the wire
         # forwarding: process: the destinations' queues run in the forwarder process (forwarder/),
         # handed in as an object that makes their stand-ins (queue()), retires and stops them
         self.forwarder = forwarder
         for channel in channels:
             if channel.enabled:
-                policy = AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
-                self.channels[channel.name] = _RunningChannel(channel, policy)
-        self.queue_poll_interval = queue_poll_interval
-        self.channel_paths: list = ["channels"]  # where reload_from_files reads the channel files
+                self.channels[channel.name] = RunningChannel(channel, self.resources)
+        self.channel_paths: list = list(channel_paths)  # where reload_from_files reads the channel files
         self._reloading: defer.Deferred | None = None
         self._deliver: dict[tuple[str, str], object] = {}  # (channel, destination) -> deliver(message)
         for running in self.channels.values():
             for destination in running.channel.destinations:
                 self._build_delivery(running.channel.name, destination)
                 running.queues[destination.name] = self._new_queue(running, destination)
+
+    # what the engine's parts share (Resources), readable (and, for tests, settable) here
+    @property
+    def clock(self):
+        return self.resources.clock
+
+    @clock.setter
+    def clock(self, clock) -> None:
+        self.resources.clock = clock
+
+    @property
+    def settings(self) -> Settings:
+        return self.resources.settings
+
+    @property
+    def stats(self) -> ChannelStats:
+        return self.resources.stats
+
+    @property
+    def tracer(self):
+        return self.resources.tracer
+
+    @property
+    def in_flight(self) -> int:
+        return self.resources.in_flight
+
+    @property
+    def stop_timeout(self) -> float:
+        return self.resources.settings.stop_timeout
+
+    @stop_timeout.setter
+    def stop_timeout(self, seconds: float) -> None:
+        self.resources.settings.stop_timeout = seconds
+
+    @property
+    def log_phi_bytes(self) -> int:
+        return self.resources.settings.log_phi_bytes
+
+    @log_phi_bytes.setter
+    def log_phi_bytes(self, size: int) -> None:
+        self.resources.settings.log_phi_bytes = size
 
     def _remote(self, destination) -> bool:
         """Whether this destination's queue runs in the forwarder process. A ``channel``
@@ -124,16 +213,17 @@ class Engine:
     def _build_delivery(self, channel: str, destination) -> None:
         if self._remote(destination):
             return  # the forwarder builds its own
-        delivery = destination.config.runner(destination.config, self)
+        delivery = destination.config.runner(destination.config, self.resources)
         self._deliveries[(channel, destination.name)] = delivery
         self._deliver[(channel, destination.name)] = delivery.deliver
 
-    def _new_queue(self, running: _RunningChannel, destination) -> Queue:
+    def _new_queue(self, running: RunningChannel, destination) -> Queue:
         if self._remote(destination):
             return self.forwarder.queue(running.channel.name, destination.name, destination.config,
-                                        self.queue_poll_interval)
+                                        self.settings.queue_poll_interval)
         return DestinationQueue(running.channel.name, destination.name, self._deliver[(running.channel.name, destination.name)],
-                                destination.config.queue, self.writer, self.reactor, self.clock, self.queue_poll_interval)
+                                destination.config.queue, self.writer, self.reactor, self.clock,
+                                self.settings.queue_poll_interval)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, controls: set | None = None) -> list[str]:
@@ -158,20 +248,20 @@ class Engine:
         self.started = True
         return lines
 
-    def _open(self, running: _RunningChannel) -> str:
+    def _open(self, running: RunningChannel) -> str:
         """Start a channel's queues and its source; the line that says where it listens."""
         for queue in running.queues.values():
             queue.start()
         channel = running.channel
         targets = ", ".join(f"{d.name} ({d.type})" for d in channel.destinations) or "no destinations"
         running.enabled = True
-        running.source = channel.source.runner(channel.source, self, running)
+        running.source = channel.source.runner(channel.source, running)
         what = running.source.open()
         running.address = running.source.address
         return f"channel {channel.name}: {what} -> {targets}"
 
     @defer.inlineCallbacks
-    def _close(self, running: _RunningChannel, close_connections: bool):
+    def _close(self, running: RunningChannel, close_connections: bool):
         """Stop a channel accepting (and, when asked, close its open connections) and stop its
         queues; what they hold stays stored and resumes when the channel opens again."""
         running.enabled = False
@@ -243,7 +333,7 @@ class Engine:
         for name, channel in wanted.items():
             running = self.channels.get(name)
             if running is None:
-                running = _RunningChannel(channel, self._policy(channel))
+                running = RunningChannel(channel, self.resources)
                 self.channels[name] = running
                 self._make_queues(running, controls)
                 if (name, "", "disabled") in controls:
@@ -259,11 +349,7 @@ class Engine:
         log.info("reload: {summary}", summary=", ".join(f"{k} {', '.join(v)}" for k, v in summary.items() if v) or "nothing to do")
         return summary
 
-    @staticmethod
-    def _policy(channel: Channel) -> AckPolicy:
-        return AckPolicy(channel.response.filtered, channel.response.application, channel.response.facility)
-
-    def _make_queues(self, running: _RunningChannel, controls) -> None:
+    def _make_queues(self, running: RunningChannel, controls) -> None:
         name = running.channel.name
         running.queues = {}
         for destination in running.channel.destinations:
@@ -273,7 +359,7 @@ class Engine:
             running.queues[destination.name] = queue
 
     @defer.inlineCallbacks
-    def _retire_queues(self, running: _RunningChannel, queues: list) -> None:
+    def _retire_queues(self, running: RunningChannel, queues: list) -> None:
         """Stop queues and wait (bounded) for their deliveries on the wire, then for their results
         to be committed: a queue that replaces them must not send those again."""
         remote = [queue for queue in queues if queue.remote]
@@ -294,7 +380,7 @@ class Engine:
                 delivery.close()
 
     @defer.inlineCallbacks
-    def _replace(self, running: _RunningChannel, channel: Channel, controls):
+    def _replace(self, running: RunningChannel, channel: Channel, controls):
         """A changed channel: new configuration, new queues; the listener rebound only when its
         address or TLS changed (or the source is not an MLLP listener). True when it was rebound."""
         keep_socket = (running.enabled and running.source is not None
@@ -306,7 +392,7 @@ class Engine:
             yield self._close(running, close_connections=True)  # stops its queues too
         yield self._retire_queues(running, old_queues)
         running.channel = channel
-        running.policy = self._policy(channel)
+        running.policy = channel_policy(channel)
         self._make_queues(running, controls)
         if not was_enabled:
             return False
@@ -319,14 +405,14 @@ class Engine:
         return True
 
     # -- operators' controls (the operations API and the CLI call these) ---------------------------
-    def _running(self, channel: str) -> _RunningChannel:
+    def running_channel(self, channel: str) -> RunningChannel:
         running = self.channels.get(channel)
         if running is None:
             raise KeyError(f"no channel {channel!r}")
         return running
 
-    def _queue(self, channel: str, destination: str) -> Queue:
-        queue = self._running(channel).queues.get(destination)
+    def queue(self, channel: str, destination: str) -> Queue:
+        queue = self.running_channel(channel).queues.get(destination)
         if queue is None:
             raise KeyError(f"channel {channel!r} has no destination {destination!r}")
         return queue
@@ -334,7 +420,7 @@ class Engine:
     @defer.inlineCallbacks
     def set_channel_enabled(self, channel: str, enabled: bool, actor: str = "", audit: dict | None = None):
         """Enable or disable a channel now, and remember it across restarts."""
-        running = self._running(channel)
+        running = self.running_channel(channel)
         yield self.writer.read(self.writer.store.set_control, channel, "", "disabled", not enabled, actor, audit)
         if enabled and not running.enabled:
             for destination in running.channel.destinations:
@@ -352,7 +438,7 @@ class Engine:
     @defer.inlineCallbacks
     def set_destination_paused(self, channel: str, destination: str, paused: bool, actor: str = "",
                                audit: dict | None = None):
-        queue = self._queue(channel, destination)
+        queue = self.queue(channel, destination)
         yield self.writer.read(self.writer.store.set_control, channel, destination, "paused", paused, actor, audit)
         # a forwarder's queue answers once it is paused there (its view then current)
         yield defer.maybeDeferred(queue.pause if paused else queue.resume)
@@ -363,7 +449,7 @@ class Engine:
     @defer.inlineCallbacks
     def retry_now(self, channel: str, destination: str, actor: str = "", audit: dict | None = None):
         """Skip the backoff of the destination's waiting deliveries and of its connections."""
-        queue = self._queue(channel, destination)
+        queue = self.queue(channel, destination)
         delivery = self._deliveries.get((channel, destination))
         if delivery is not None:
             delivery.skip_backoff()
@@ -373,7 +459,7 @@ class Engine:
         return dict(queue.view(), retried_now=count)
 
     def channel_view(self, channel: str) -> dict:
-        running = self._running(channel)
+        running = self.running_channel(channel)
         view = {"name": channel, "enabled": running.enabled, "source": running.channel.source_type,
                 "address": running.address if running.enabled else "",
                 "open_connections": running.source.open_connections if running.source is not None else 0,
@@ -384,7 +470,7 @@ class Engine:
 
     def connections_view(self, channel: str) -> dict:
         """The channel's listener: its address, open connections and the peers it has seen."""
-        running = self._running(channel)
+        running = self.running_channel(channel)
         view = running.source.connections_view() if running.source is not None else None
         return {"name": channel, "source": running.channel.source_type, "enabled": running.enabled,
                 "address": running.address if running.enabled else "", **(view or {"open_connections": 0,
@@ -402,8 +488,6 @@ class Engine:
         self.stopping = True
         deadline = self.reactor.seconds() + self.stop_timeout
         report = StopReport(self.stop_timeout)
-        if self.alerts is not None:
-            self.alerts.stop()  # a stopping engine's queues are not an outage
         sources = []
         for running in self.channels.values():
             if running.source is not None:
@@ -450,33 +534,5 @@ class Engine:
 
     # -- one message --------------------------------------------------------------------------
     def handle(self, channel: Channel, message: Message, peer) -> defer.Deferred:
-        """Process, commit and answer one message (its :class:`~hl7relay.trip.Trip`): a Deferred
-        firing with the :class:`Outcome` whose ACKs answer the sender."""
-        self.in_flight += 1
-        started = time.perf_counter()
-        emit("message_received", channel=channel.name)
-        try:
-            trip = Trip(self, self.channels[channel.name], channel, message, peer)
-            d = trip.run()
-        except BaseException:
-            self.in_flight -= 1
-            raise
-        return d.addBoth(self._answered, trip, started)
-
-    def _answered(self, outcome, trip: Trip, started: float):
-        self.in_flight -= 1
-        latency = time.perf_counter() - started
-        if isinstance(outcome, Failure):
-            self.stats.answered(trip.channel.name, None, None)
-            return outcome
-        header = trip.header
-        emit("message_processed", channel=trip.channel.name, status=trip.status, ack_codes=outcome.ack_codes,
-             ack_latency=latency, stages=trip.timings, message_id=trip.message_id, message_type=header["message_type"],
-             control_id=header["control_id"], peer=trip.peer)
-        # counted at its arrival second (the trip read the clock then): one clock call fewer per message
-        self.stats.answered(trip.channel.name, trip.status, latency, trip.received_at)
-        return outcome
-
-    def tracing(self, channel: Channel) -> bool:
-        """Whether this channel's trace lines would be written (they cost a format each)."""
-        return self.log_levels is None or self.log_levels.wants(channel.name, "trace")
+        """Process, commit and answer one message on ``channel`` (:meth:`RunningChannel.handle`)."""
+        return self.channels[channel.name].handle(message, peer, channel)

@@ -1,7 +1,7 @@
 """One message's trip through the engine: received -> processed -> committed -> answered -> delivered.
 
-A :class:`Trip` is made for each message a source hands to :meth:`Engine.handle
-<hl7relay.runtime.Engine.handle>` and owns everything known about it on the way: what arrived
+A :class:`Trip` is made for each message a source hands to its running channel
+(:meth:`RunningChannel.handle <hl7relay.runtime.RunningChannel.handle>`) and owns everything known about it on the way: what arrived
 (raw bytes, the header read before any transformer, the peer), what the channel made of it
 (status, error, stages, one delivery per destination), its store id once committed, and the
 outcome that answers the sender. ``stage`` says how far it got (for logs and a debugger).
@@ -22,9 +22,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from hl7relay.ack import Outcome
-from hl7relay.ack.policy import is_ack, resend_code
+from hl7relay.ack.policy import AckRequest
 from hl7relay.channels.pipeline import Result, process, stored_outcome
-from hl7relay.events import emit
 from hl7relay.hl7.message import Message
 from hl7relay.outcomes import NOT_STORED, DeliveryStatus, ErrorCode, MessageStatus
 from hl7relay.store.database import DeliveryRecord, MessageRecord, MessageUpdate, StageUpdate, StoreError
@@ -42,17 +41,18 @@ _D_QUEUED, _D_FILTERED = DeliveryStatus.QUEUED.value, DeliveryStatus.FILTERED.va
 
 
 class Trip:
-    __slots__ = ("engine", "running", "channel", "message", "peer", "received_at", "raw", "header", "original",
-                 "duplicate_key", "record", "outcome", "status", "stage", "message_id", "timings", "_store_started")
+    __slots__ = ("resources", "running", "channel", "message", "peer", "received_at", "raw", "header", "original",
+                 "ack_request", "duplicate_key", "record", "outcome", "status", "stage", "message_id", "timings",
+                 "_store_started")
 
-    def __init__(self, engine, running, channel, message: Message, peer):
-        self.engine = engine
+    def __init__(self, resources, running, channel, message: Message, peer):
+        self.resources = resources  # clock, store writer, events, settings (resources.py)
         self.running = running  # the channel as it runs (its ACK policy, queues)
         self.channel = channel  # the config the trip started with, kept to its end (a reload does not change it)
         self.message = message
         # 'host:port', as the store records it and the tracer shows it (a listener's Peer made it once)
         self.peer = getattr(peer, "text", None) or str(peer)
-        self.received_at = engine.clock()
+        self.received_at = resources.clock()
         self.raw = message.raw if message.raw is not None else message.to_bytes()
         msh = message.msh
         trigger = msh(9, 2)
@@ -62,6 +62,7 @@ class Trip:
             "control_id": msh(10), "patient_id": message.get("PID-3.1"),
         }
         self.original = message.header()  # the ACK answers what was received, before any transformer
+        self.ack_request = AckRequest.of(message)  # what the header asks of the answer, read once
         self.duplicate_key = None if channel.duplicates is None else "|".join(
             message.get(path) for path in channel.duplicates.key)
         self.record = self.outcome = self.status = self.message_id = None
@@ -116,8 +117,8 @@ class Trip:
             record.deliveries.append(DeliveryRecord(output.name, _D_QUEUED, content if content != kept else None, key,
                                                     payload=content, message=output.message))
         original = self.original
-        if channel.response.when == "on_store" or is_ack(original) or not outputs:
-            self.running.policy.prepare(original, outcome)
+        if channel.response.when == "on_store" or self.ack_request.is_ack or not outputs:
+            self.running.policy.prepare(original, outcome, self.ack_request)
             record.ack_code = outcome.ack_codes[-1] if outcome.ack_codes else ""
             if outcome.acks and "acks" in channel.stages:
                 record.stages["ack"] = b"\r".join(outcome.acks)
@@ -129,17 +130,19 @@ class Trip:
     # -- committed, answered ------------------------------------------------------------------------
     def commit(self, record: MessageRecord) -> defer.Deferred:
         self._store_started = time.perf_counter()
-        return self.engine.writer.write(record).addCallbacks(self._committed, self._not_committed)
+        return self.resources.writer.write(record).addCallbacks(self._committed, self._not_committed)
 
     def _not_committed(self, failure):
         failure.trap(StoreError)
         channel = self.channel.name
         log.error("channel {channel}: message {control_id} could not be stored: {error}",
                   channel=channel, control_id=self.header["control_id"], error=failure.getErrorMessage())
+        emit = self.resources.emit
         emit("store_failed", channel=channel)
         self.status = NOT_STORED
         # answered AR (CR in enhanced mode), never AA: the sender keeps it and sends it again
-        self.outcome = self.running.policy.prepare(self.original, Outcome.internal_error("the message could not be stored"))
+        self.outcome = self.running.policy.prepare(self.original, Outcome.internal_error("the message could not be stored"),
+                                                   self.ack_request)
         self.stage = ANSWERED
         return self.outcome
 
@@ -148,7 +151,7 @@ class Trip:
         self.timings["store"] = time.perf_counter() - self._store_started
         self.stage = COMMITTED
         channel, record, outcome = self.channel, self.record, self.outcome
-        if self.engine.tracing(channel):
+        if self.resources.tracing(channel.name):
             self._trace(message_id)
         queues = self.running.queues
         queued = [(queues[d.destination], d) for d in record.deliveries if d.status == _D_QUEUED]
@@ -168,7 +171,7 @@ class Trip:
                   control_id=header["control_id"], message_id=message_id, status=self.status, trace=True)
         if channel.log_phi:
             raw = self.raw
-            content = raw[: self.engine.log_phi_bytes].decode(self.message.codec, "replace").replace("\r", "\n")
+            content = raw[: self.resources.settings.log_phi_bytes].decode(self.message.codec, "replace").replace("\r", "\n")
             log.debug("channel {channel}: message {control_id} content ({size} bytes): {content}",
                       channel=channel.name, control_id=header["control_id"], message_id=message_id, size=len(raw),
                       content=content, trace=True)
@@ -196,7 +199,7 @@ class Trip:
             for queue in queues:
                 queue.release(message_id)
         else:
-            resend = resend_code(self.original)
+            resend = self.ack_request.resend_code
             final = Outcome.rejected("; ".join(r.error for r in results if not r.ok),
                                      self.outcome.code or ErrorCode.APPLICATION_INTERNAL_ERROR)
             withdrawn = [queue.withdraw(message_id, f"withdrawn: the sender was answered {resend} and will send it again")
@@ -206,13 +209,13 @@ class Trip:
             except Exception:  # noqa: BLE001 - recorded through the store writer, which logs its own failures
                 log.error("channel {channel}: could not record the withdrawal of message {message_id}",
                           channel=channel.name, message_id=message_id)
-        acks = self.running.policy.prepare(self.original, final).acks
+        acks = self.running.policy.prepare(self.original, final, self.ack_request).acks
         self.outcome = final
         updates = [MessageUpdate(message_id, {"ack_code": final.ack_codes[-1] if final.ack_codes else ""})]
         if acks and "acks" in channel.stages:
             updates.append(StageUpdate(message_id, "ack", b"\r".join(acks)))
         try:
-            yield self.engine.writer.update(*updates)
+            yield self.resources.writer.update(*updates)
         except StoreError as exc:
             log.error("channel {channel}: could not record the ACK of message {message_id}: {error}",
                       channel=channel.name, message_id=message_id, error=str(exc))
@@ -232,7 +235,7 @@ class Trip:
                 wait = defer.Deferred()
                 previous.addBoth(lambda result: (wait.callback(None), result)[1])
                 yield wait
-            writer, duplicates = self.engine.writer, self.channel.duplicates
+            writer, duplicates = self.resources.writer, self.channel.duplicates
             try:
                 first = yield writer.read(writer.store.find_original, self.channel.name, key,
                                           self.received_at - duplicates.window)
@@ -261,7 +264,7 @@ class Trip:
             outcome = Outcome.filtered()
         else:
             outcome = Outcome.accepted()
-        outcome = self.running.policy.prepare(original, outcome)
+        outcome = self.running.policy.prepare(original, outcome, self.ack_request)
         acks = outcome.acks
         record = MessageRecord(channel.name, self.raw, _DUPLICATE, self.received_at, self.peer, original.charset,
                                error=error, ack_code=outcome.ack_codes[-1] if outcome.ack_codes else "",

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from twisted.internet import defer, task
 
+from hl7relay.controls import Controls
 from hl7relay.ops.alerts import Alerts, AlertSettings, describe
 from hl7relay.ops.perf import Performance
 
@@ -57,7 +58,8 @@ def setup(**settings):
     lab = FakeQueue()
     engine = FakeEngine(clock, {"lab": lab})
     recorder = Recorder()
-    alerts = Alerts(engine, AlertSettings(notifiers=[recorder], **settings), clock.seconds)
+    alerts = Alerts(Controls(engine, performance=engine.performance), AlertSettings(notifiers=[recorder], **settings),
+                    clock.seconds)
     return clock, lab, engine, recorder, alerts
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hl7relay.controls import Controls
 from hl7relay.ops.api import ROUTES, openapi_document
 from hl7relay.ops.auth import token_hash
 from hl7relay.mllp.framing import MLLPFramer, frame
@@ -333,7 +334,7 @@ def test_a_store_that_does_not_answer_gets_a_503(unit_engine):
     from hl7relay.ops.api import ApiResource
 
     engine = unit_engine[0]
-    api = ApiResource(engine, local_token="hl7r_local-token-for-this-test")
+    api = ApiResource(Controls(engine), local_token="hl7r_local-token-for-this-test")
     api._off_reactor = lambda fn, *a, **k: defer.fail(OperationalError("SELECT", {}, Exception("connection refused")))
     request = DummyRequest([b"api", b"v1", b"messages"])
     request.path = b"/api/v1/messages"

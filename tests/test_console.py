@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from hl7relay.controls import Controls
 from hl7relay.console.sessions import LoginThrottle, Sessions
 from hl7relay.mllp.framing import MLLPFramer, frame
 from hl7relay.ops.auth import hash_password
@@ -95,7 +96,7 @@ def test_the_dashboard_does_not_read_the_store(unit_engine, manual_executor):
             raise AssertionError(f"the dashboard read the store ({name})")
 
     engine.writer.store, engine.writer.read = NoStore(), NoStore()
-    console = Console(engine, clock, clock=clock.seconds)
+    console = Console(Controls(engine), clock, clock=clock.seconds)
     html = console.render_channels()
     assert 'data-channel="adt"' in html and 'data-count="received">1 / 1<' in html and 'data-destination="lab"' in html
     assert "SAMPLEPATIENT" not in html
@@ -682,7 +683,7 @@ def test_with_no_users_the_sign_in_page_shows_how_to_make_the_first(unit_engine,
     from hl7relay.console.app import Console
 
     engine, _, _, clock = unit_engine
-    console = Console(engine, clock)
+    console = Console(Controls(engine), clock)
     request = DummyRequest([b"login"])
     request.addCookie = lambda *args, **kwargs: None  # what the page sets is checked against a real engine above
     pages = []
@@ -766,7 +767,7 @@ def test_a_store_that_does_not_answer_gets_a_clear_503(unit_engine):
     from hl7relay.console.app import Console
 
     engine, _, _, clock = unit_engine
-    console = Console(engine, clock)
+    console = Console(Controls(engine), clock)
     console.support.run = lambda fn, *a, **k: defer.fail(OperationalError("SELECT", {}, Exception("server closed the connection")))
     session_id, _ = console.sessions.create("ada", "admin", False, "127.0.0.1")
     request = DummyRequest([b"messages"])

@@ -7,6 +7,7 @@ from twisted.internet.testing import StringTransport
 from hl7relay.ack import ErrorCode, Outcome
 from hl7relay.mllp.framing import END, START, MLLPFramer, frame
 from hl7relay.mllp.listener import ListenerConfig, MLLPListenerFactory
+from hl7relay.receiving import Responder
 from hl7relay.hl7.message import Message
 
 MSG = b"MSH|^~\\&|PMS|CLINIC|LAB|LABFAC|20240105||ADT^A01^ADT_A01|%s|P|2.5.1\rEVN|A01|20240105\rPID|1||1^^^H^MR||DOE^J\rPV1|1|O\r"
@@ -17,7 +18,7 @@ class Harness:
         self.clock = task.Clock()
         self.calls = []
         self.results = []
-        self.factory = MLLPListenerFactory(handler or self.handler, ListenerConfig(**config), self.clock)
+        self.factory = MLLPListenerFactory(Responder(handler or self.handler), ListenerConfig(**config), self.clock)
 
     def handler(self, message, peer):
         self.calls.append((message, peer))

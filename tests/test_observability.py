@@ -11,6 +11,7 @@ from twisted.logger import LogLevel
 from twisted.web.test.requesthelper import DummyRequest
 
 from hl7relay import events
+from hl7relay.controls import Controls
 from hl7relay.ops.admin import AdminSite
 from hl7relay.cli._logging import ChannelLevels
 from hl7relay.metrics import Metrics
@@ -120,12 +121,12 @@ def get(site, path):
     (_FakeEngine(started=False), 503, "starting"),
 ])
 def test_readyz(engine, code, text):
-    assert get(AdminSite(engine, Metrics()), "readyz")[0] == code
-    assert text in get(AdminSite(engine, Metrics()), "readyz")[1]
+    assert get(AdminSite(Controls(engine), Metrics()), "readyz")[0] == code
+    assert text in get(AdminSite(Controls(engine), Metrics()), "readyz")[1]
 
 
 def test_healthz_and_metrics_endpoints():
-    site = AdminSite(_FakeEngine(), Metrics())
+    site = AdminSite(Controls(_FakeEngine()), Metrics())
     assert get(site, "healthz") == (200, "ok\n")
     code, body = get(site, "metrics")
     assert code == 200 and "# HELP hl7relay_messages_received_total Messages received" in body
@@ -171,7 +172,7 @@ def test_readyz_goes_503_while_commits_fail_and_back_when_the_store_takes_writes
     writer = StoreWriter(store, clock, executor=lambda fn, *a: defer.maybeDeferred(fn, *a))
     engine = _FakeEngine()
     engine.writer, engine.reactor = writer, clock
-    site = AdminSite(engine, Metrics())
+    site = AdminSite(Controls(engine), Metrics())
     full = {"on": True}
     real_commit, real_probe = store.commit, store.probe_write
 

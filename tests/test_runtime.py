@@ -638,7 +638,9 @@ def test_a_stopping_listener_reads_nothing_more_and_closes_after_the_answer():
         pending.append(d)
         return d
 
-    factory = MLLPListenerFactory(handler, ListenerConfig(), task.Clock())
+    from hl7relay.receiving import Responder
+
+    factory = MLLPListenerFactory(Responder(handler), ListenerConfig(), task.Clock())
     protocol = factory.buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)

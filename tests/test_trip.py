@@ -31,7 +31,7 @@ def make_engine(tmp_path, executor, body=""):
 
 
 def trip_of(engine, channel, control_id="T1", peer="10.0.0.1:5000"):
-    return Trip(engine, engine.channels[channel.name], channel, Message(ADT.format(id=control_id, extra="")), peer)
+    return Trip(engine.resources, engine.channels[channel.name], channel, Message(ADT.format(id=control_id, extra="")), peer)
 
 
 def test_received_reads_the_header_before_any_transformer(tmp_path, manual_executor):

@@ -164,14 +164,15 @@ def _channel(options, context=None):
 # -- the running part of each destination type -------------------------------------------------------
 # A destination's config names its runner (``runner``): what the engine builds to deliver, one per
 # destination, started with its queue and closed when the destination goes (stop, reload, removal).
-# Adding a destination type touches this module only.
+# Adding a destination type touches this module only. ``resources`` (resources.py): the reactor,
+# and the running channels a ``channel`` destination hands its messages to.
 
 class Delivery:
     """Delivers one message: returns a DeliveryResult or a Deferred of one."""
 
-    def __init__(self, config, engine):
+    def __init__(self, config, resources):
         self.config = config
-        self.engine = engine  # reactor, handle(), running channels
+        self.resources = resources
 
     def deliver(self, message):  # pragma: no cover - interface
         raise NotImplementedError
@@ -186,8 +187,8 @@ class Delivery:
 class MLLPDelivery(Delivery):
     """One connection per delivery in flight (the queue never has more than ``parallel`` out)."""
 
-    def __init__(self, config, engine):
-        super().__init__(config, engine)
+    def __init__(self, config, resources):
+        super().__init__(config, resources)
         import dataclasses
 
         from hl7relay.mllp.sender import MLLPSender
@@ -196,7 +197,7 @@ class MLLPDelivery(Delivery):
         # backoff on top of it (up to 60 s) kept a peer that came back waiting past retry_max, and
         # an after_delivery sender waiting a minute for an AR it could have had at once
         sender = dataclasses.replace(config.sender, backoff_initial=0.0, backoff_max=0.0)
-        self.senders = [MLLPSender(sender, engine.reactor) for _ in range(config.queue.parallel)]
+        self.senders = [MLLPSender(sender, resources.reactor) for _ in range(config.queue.parallel)]
         self._idle = list(self.senders)
 
     def deliver(self, message):
@@ -225,8 +226,8 @@ class MLLPDelivery(Delivery):
 
 
 class FileDelivery(Delivery):
-    def __init__(self, config, engine):
-        super().__init__(config, engine)
+    def __init__(self, config, resources):
+        super().__init__(config, resources)
         directory = Path(config.directory)
         self.directory = directory if directory.is_absolute() else Path(os.getcwd()) / directory
 
@@ -241,10 +242,10 @@ class ChannelDelivery(Delivery):
     def deliver(self, message):
         from hl7relay.ack.outcome import Status
 
-        target = self.engine.channels.get(self.config.channel)
+        target = self.resources.channels.get(self.config.channel)
         if target is None or not target.enabled:
             return DeliveryResult(False, error=f"channel {self.config.channel!r} is not running", outcome=_UNREACHABLE)
-        d = self.engine.handle(target.channel, message.copy(), f"channel:{self.config.channel}")
+        d = target.handle(message.copy(), f"channel:{self.config.channel}")
         d.addCallback(lambda o: DeliveryResult(o.status in (Status.ACCEPTED, Status.FILTERED), o.status is Status.ERROR,
                                                ack=o.status.value,
                                                error="" if o.status in (Status.ACCEPTED, Status.FILTERED) else o.text,

@@ -110,16 +110,19 @@ def _file(options, context=None):
 # A source's config names its runner (``runner``): what the engine opens for a channel, closes when
 # the channel is disabled, removed or rebound, and asks whether a changed config can keep its
 # socket. Adding a source type touches this module only. ``running`` is the engine's running
-# channel: its current configuration (``running.channel``) is read at each message, so after a
-# reload the next message takes the new one while those in flight finish under theirs.
+# channel (runtime.RunningChannel), the source's one way in: a listener hands it each message as
+# its Receiver (receive -> Answer) and writes the answer; a reader that answers nobody calls
+# handle. Its current configuration (``running.channel``) is read at each message, so after a
+# reload the next message takes the new one while those in flight finish under theirs. Time and
+# the reactor come from ``running.resources``.
 
 class Source:
     address = ""
 
-    def __init__(self, config, engine, running):
+    def __init__(self, config, running):
         self.config = config
-        self.engine = engine
         self.running = running
+        self.reactor = running.resources.reactor
 
     def open(self) -> str:  # pragma: no cover - interface
         """Start; returns what it is, for the startup line (``MLLP on 127.0.0.1:2575``)."""
@@ -158,19 +161,16 @@ class Source:
 
 
 class MLLPSource(Source):
-    def __init__(self, config, engine, running):
-        super().__init__(config, engine, running)
+    def __init__(self, config, running):
+        super().__init__(config, running)
         self.port = None
         self._factory = None  # the closed listener's, whose connections a stop finishes
 
     def open(self) -> str:
         from hl7relay.mllp.listener import listen
 
-        config = self.config.listener
-        config.policy = self.running.policy
-        running, engine = self.running, self.engine
-        self.port = listen(lambda message, peer: engine.handle(running.channel, message, peer), config, engine.reactor,
-                           name=running.channel.name, peers=getattr(running, "peers", None))
+        config, running = self.config.listener, self.running
+        self.port = listen(running, config, self.reactor, name=running.channel.name, peers=running.peers)
         address = self.port.getHost()
         self.address = f"{address.host}:{address.port}"
         return f"MLLP{' TLS' if config.tls else ''} on {self.address}"
@@ -207,8 +207,8 @@ class MLLPSource(Source):
                 and (old.host, old.port, old.tls) == (new.host, new.port, new.tls))
 
     def reconfigure(self, new_config) -> None:
-        # same socket, new options: open connections read their factory's config as they go
-        new_config.listener.policy = self.running.policy
+        # same socket, new options: open connections read their factory's config as they go (and
+        # the running channel's new ACK policy at each message)
         factory = getattr(self.port, "factory", None)
         if factory is not None:
             factory.config = new_config.listener
@@ -228,12 +228,12 @@ class MLLPSource(Source):
 
 
 class FileSource(Source):
-    def __init__(self, config, engine, running):
-        super().__init__(config, engine, running)
+    def __init__(self, config, running):
+        super().__init__(config, running)
         self.poller = None
 
     def open(self) -> str:
-        self.poller = FilePoller(self.engine, self.running, self.config)
+        self.poller = FilePoller(self.running, self.config)
         self.poller.start()
         self.address = str(self.config.directory)
         return f"files {self.config.glob} in {self.config.directory}"
@@ -248,18 +248,18 @@ class FilePoller:
     """Reads message files from a folder: only files unchanged for ``settle`` seconds (never a
     half-written one); every message in a file is committed before the file is moved or deleted."""
 
-    def __init__(self, engine, running, config: FileSourceConfig):
+    def __init__(self, running, config: FileSourceConfig):
         from pathlib import Path
 
         from twisted.internet import task
 
-        self.engine = engine
         self.running = running
+        self.reactor = running.resources.reactor
         self.config = config
         self.directory = Path(config.directory)
         self.seen: dict = {}  # path -> (size, mtime, first seen at)
         self.loop = task.LoopingCall(self.poll)
-        self.loop.clock = engine.reactor
+        self.loop.clock = self.reactor
         self.busy = False
 
     def start(self):
@@ -280,7 +280,7 @@ class FilePoller:
             return
         self.busy = True
         try:
-            now = self.engine.reactor.seconds()
+            now = self.reactor.seconds()
             for path in sorted(self.directory.glob(self.config.glob)):
                 if not path.is_file():
                     continue
@@ -321,7 +321,7 @@ class FilePoller:
                 log.warn("channel {channel}: {file} line {line}: {error}", channel=channel.name, file=str(path),
                          line=chunk.line, error=str(exc), about_message=True)
                 continue
-            outcome = await self.engine.handle(self.running.channel, message, peer)
+            outcome = await self.running.handle(message, peer)
             if outcome.status is Status.INTERNAL_ERROR:  # not stored: leave the file for the next poll
                 log.error("channel {channel}: {file} was not fully stored; it stays for the next poll",
                           channel=channel.name, file=str(path))

@@ -77,6 +77,7 @@ def run(args) -> int:
 
     from hl7relay.ack import AckPolicy, Outcome, is_ack
     from hl7relay.mllp.listener import ListenerConfig, listen
+    from hl7relay.receiving import Responder
     from hl7relay.hl7.message import Message
 
     policy = AckPolicy()
@@ -85,7 +86,7 @@ def run(args) -> int:
     config = ListenerConfig(host=args.host, port=args.port, charset=args.charset,
                             max_connections=args.max_connections or default_max_connections(),
                             max_connections_per_peer=max(1, args.max_connections_per_peer),
-                            tls=tls_from_args(args, server=True), policy=policy)
+                            tls=tls_from_args(args, server=True))
 
     from twisted.internet import defer, task
 
@@ -116,7 +117,7 @@ def run(args) -> int:
         return outcome
 
     try:
-        port = listen(handler, config, reactor)
+        port = listen(Responder(handler, policy), config, reactor)
     except CannotListenError as exc:
         import sys
 

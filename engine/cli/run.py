@@ -68,6 +68,7 @@ def run(args) -> int:
     from hl7relay.channels import load_channels
     from hl7relay.channels.channel import channel_files
     from hl7relay.cli._logging import announce, start_logging
+    from hl7relay.controls import Controls
     from hl7relay.runtime import Engine
     from hl7relay.store.database import Store
     from hl7relay.store.writer import StoreWriter
@@ -133,15 +134,19 @@ def run(args) -> int:
             reactor, lock_fd=lock.inheritable_fd)
     from hl7relay.ops.trace import Tracer
 
+    from hl7relay.ops.perf import Performance
+
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
                     log_levels=log_levels, stop_timeout=settings["stop_timeout"], forwarder=forwarder,
-                    tracer=Tracer(reactor))
-    engine.channel_paths = settings["channels"]
+                    tracer=Tracer(reactor), channel_paths=settings["channels"])
+    # what operators reach the engine through (API, console, alerts); the analyzer (the last hour,
+    # minute by minute: hl7relay stats) and the alerts are installed beside the engine, not in it
+    controls = Controls(engine, performance=Performance())
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
     # the admin and console ports before any channel: one that is taken stops the start (the CLI
     # would otherwise talk to whatever holds it, a stale or another engine)
-    problem = _start_admin(engine, settings, reactor, announce) or (
-        _start_console(engine, settings["console"], reactor, announce) if settings["console"]["port"] else None)
+    problem = _start_admin(controls, settings, reactor, announce) or (
+        _start_console(controls, settings["console"], reactor, announce) if settings["console"]["port"] else None)
     if problem:
         print(f"not starting: {problem}", file=sys.stderr)
         lock.release()
@@ -162,13 +167,11 @@ def run(args) -> int:
         return 1
     for line in lines:
         announce(line, "channel_started")
-    from hl7relay.ops.perf import Performance
-
-    engine.performance = Performance().install()  # the last hour, minute by minute (hl7relay stats)
+    controls.performance.install()
     from hl7relay.ops.alerts import Alerts, AlertSettings
 
     try:
-        engine.alerts = Alerts(engine, AlertSettings.from_config(settings.get("alerts"), reactor)).start()
+        controls.alerts = Alerts(controls, AlertSettings.from_config(settings.get("alerts"), reactor)).start()
     except ValueError as exc:  # a notifier that cannot be (a bad URL): the engine runs, it says so
         print(f"warning: alerts not started: {exc}", file=sys.stderr)
     stopped = {"clean": True}
@@ -176,6 +179,8 @@ def run(args) -> int:
     @defer.inlineCallbacks
     def shutdown():
         announce(f"stopping: no new messages; finishing those in flight (up to {engine.stop_timeout:g}s)", "stopping")
+        if controls.alerts is not None:
+            controls.alerts.stop()  # a stopping engine's queues are not an outage
         try:
             report = yield engine.stop()
         except Exception:  # noqa: BLE001
@@ -205,7 +210,7 @@ def run(args) -> int:
     return 0 if stopped["clean"] else 1
 
 
-def _start_admin(engine, settings: dict, reactor, announce) -> str | None:
+def _start_admin(controls, settings: dict, reactor, announce) -> str | None:
     """Start the admin listener (metrics, health, the operations API); why it could not, or None."""
     admin = settings["admin"]
     if admin["port"]:
@@ -223,7 +228,7 @@ def _start_admin(engine, settings: dict, reactor, announce) -> str | None:
             if admin.get("tls_cert"):
                 tls = TLSConfig(admin["tls_cert"], admin.get("tls_key"), admin.get("tls_ca"),
                                 require_client_cert=bool(admin.get("require_client_cert")))
-            site = start_admin(engine, Metrics().install(), admin["host"],
+            site = start_admin(controls, Metrics().install(), admin["host"],
                                0 if admin["port"] == "auto" else int(admin["port"]), reactor, local_token, tls)
             scheme = "https" if tls else "http"
             write_endpoint(settings["data_dir"], admin["host"], site.getHost().port, scheme)
@@ -254,14 +259,14 @@ def _console_problem(console: dict) -> str | None:
     return None
 
 
-def _start_console(engine, console: dict, reactor, announce) -> str | None:
+def _start_console(controls, console: dict, reactor, announce) -> str | None:
     """Start the web console on the engine's reactor; why it could not, or None."""
     host = console["host"]
     try:
         from hl7relay.console.app import Console
         from hl7relay.ops.http import bounded_site
 
-        app = Console(engine, reactor, tls=bool(console.get("tls_cert")), idle=console["idle_timeout"],
+        app = Console(controls, reactor, tls=bool(console.get("tls_cert")), idle=console["idle_timeout"],
                       absolute=console["absolute_timeout"])
         site = bounded_site(app.resource())
         site.noisy = False

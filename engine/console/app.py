@@ -105,10 +105,10 @@ def page(permission: str | None = "read", post: bool = False):
 class Console:
     app = Klein()
 
-    def __init__(self, engine, reactor=None, tls: bool = False, idle: float = 15 * 60, absolute: float = 12 * 3600,
+    def __init__(self, controls, reactor=None, tls: bool = False, idle: float = 15 * 60, absolute: float = 12 * 3600,
                  clock=None):
-        self.engine = engine
-        self.reactor = reactor or engine.reactor
+        self.controls = controls
+        self.reactor = reactor or controls.reactor
         self.clock = clock or time.time
         self.tls = tls
         self.sessions = Sessions(self.clock, idle, absolute)
@@ -116,7 +116,7 @@ class Console:
         # clinic behind one NAT: 10 free tries before it waits too
         self.user_throttle = LoginThrottle(self.clock, free=3)
         self.address_throttle = LoginThrottle(self.clock, free=10)
-        self.support = SupportStore(engine)
+        self.support = SupportStore(controls)
         self.streams = 0
         self._channels_html = None  # (when, html): the dashboard's table, shared by the live views
         self._trace_cursors: dict = {}  # (user, trace id) -> the last row a tracer page has shown
@@ -170,7 +170,7 @@ class Console:
         session = self.sessions.get((request.getCookie(SESSION_COOKIE) or b"").decode("latin-1"))
         if session is not None and self.clock() - session.checked_at > 30:
             # the account may have changed (role, PHI, disabled, removed): read it at most every 30 s
-            user = yield self.engine.writer.read(self.engine.writer.store.get_user, session.user)
+            user = yield self.controls.writer.read(self.controls.writer.store.get_user, session.user)
             if user is None or user["disabled"]:
                 self.sessions.end_all(session.user)
                 session = None
@@ -248,7 +248,7 @@ class Console:
         request.addCookie(LOGIN_COOKIE, token.encode(), path=b"/login", httpOnly=True, sameSite="strict",
                           secure=self.tls)
         nexts = self._field(request, "next")
-        d = self.engine.writer.read(self.engine.writer.store.list_users)
+        d = self.controls.writer.read(self.controls.writer.store.list_users)
         d.addCallback(lambda users: self._render("login.html", request, status, login_token=token, error=error,
                                                  next=nexts, no_users=not users, session=None))
         return d
@@ -272,7 +272,7 @@ class Console:
             yield self._audit(dict(audit, result="refused", detail=f"backing off: {wait:.0f} s after failed sign-ins"))
             result = yield self._login_form(request, 429, f"Too many failed sign-ins: try again in {wait:.0f} s.")
             return result
-        user = yield self.engine.writer.read(self.engine.writer.store.get_user, name) if name else defer.succeed(None)
+        user = yield self.controls.writer.read(self.controls.writer.store.get_user, name) if name else defer.succeed(None)
         stored = user["password_hash"] if user else _NO_USER_HASH
         reactor = self.reactor
         matches = yield threads.deferToThreadPool(reactor, reactor.getThreadPool(), verify_password, password, stored)
@@ -317,7 +317,7 @@ class Console:
     # -- dashboard ----------------------------------------------------------------------------------
     def dashboard_data(self) -> list[dict]:
         """Every channel with its counters and destinations: from memory only (no store read)."""
-        status = masked_view(self.engine.status())
+        status = masked_view(self.controls.status())
         return [dict(view, destinations=sorted(view["destinations"].items())) for _, view in sorted(status["channels"].items())]
 
     def render_channels(self) -> str:
@@ -368,7 +368,7 @@ class Console:
                  if v}
         older = "/messages?" + urlencode(dict(query, before=rows[-1]["id"])) if len(rows) == PAGE_SIZE else None
         return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
-                            query=query, older=older, channels=sorted(self.engine.channels), statuses=STATUSES,
+                            query=query, older=older, channels=self.controls.channel_names(), statuses=STATUSES,
                             can_search_text=can(session.role, "phi", session.phi),
                             delivery_statuses=[status.value for status in DeliveryStatus],
                             active="messages")
@@ -456,7 +456,7 @@ class Console:
         reason = self._field(request, "reason").strip()[:500]
         if confirm and not reason:
             raise HTTPError(400, "a replay needs a reason: it is written to the audit log")
-        channels = {name: running.channel for name, running in self.engine.channels.items()}
+        channels = self.controls.channels()
         return confirm, reason, channels, lambda data: mask_message(data).split("\n")  # diffs are masked, always
 
     @defer.inlineCallbacks
@@ -490,7 +490,7 @@ class Console:
         groups = yield self.support.run(load)
         done = self._field(request, "done")
         return self._render("dead_letters.html", request, session=session, groups=groups, channel=channel,
-                            channels=sorted(self.engine.channels), active="dead-letters",
+                            channels=self.controls.channel_names(), active="dead-letters",
                             done=done if re.fullmatch(r"replayed \d+, skipped \d+", done or "") else None)
 
     @app.route("/dead-letters/replay", methods=["POST"])
@@ -720,11 +720,9 @@ class Console:
     @page("read")
     @defer.inlineCallbacks
     def channels(self, request, session):
-        engine = self.engine
         views = []
-        for name, running in sorted(engine.channels.items()):
-            channel = running.channel
-            view = masked_view(engine.channel_view(name))
+        for name, channel in sorted(self.controls.channels().items()):
+            view = masked_view(self.controls.channel_view(name))
             view["file"] = str(channel.file)
             view["text"], view["findings"] = yield threads.deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), _file_and_findings, channel.file)
@@ -744,7 +742,7 @@ class Console:
             raise HTTPError(404, "no such action")
         self._known(channel)
         audit = self._action(request, session, f"channel.{action}", channel)
-        yield self.engine.set_channel_enabled(channel, action == "enable", audit["actor"], audit)
+        yield self.controls.set_channel_enabled(channel, action == "enable", audit["actor"], audit)
         return self._back(request, f"channel.{action}", channel)
 
     @app.route("/channels/<channel>/destinations/<destination>/<action>", methods=["POST"])
@@ -756,9 +754,9 @@ class Console:
         self._known(channel, destination)
         audit = self._action(request, session, f"destination.{action}", f"{channel}/{destination}")
         if action == "retry":
-            yield self.engine.retry_now(channel, destination, audit["actor"], audit)
+            yield self.controls.retry_now(channel, destination, audit["actor"], audit)
         else:
-            yield self.engine.set_destination_paused(channel, destination, action == "pause", audit["actor"], audit)
+            yield self.controls.set_destination_paused(channel, destination, action == "pause", audit["actor"], audit)
         return self._back(request, f"destination.{action}", f"{channel}/{destination}")
 
     @app.route("/reload", methods=["POST"])
@@ -766,7 +764,7 @@ class Console:
     @defer.inlineCallbacks
     def reload(self, request, session):
         audit = self._action(request, session, "reload", "channels")
-        result = yield self.engine.reload_from_files(audit["actor"], audit)
+        result = yield self.controls.reload_from_files(audit["actor"], audit)
         if "errors" in result:
             request.setResponseCode(422)
             return self._render("error.html", request, 422, status=422, session=session,
@@ -774,15 +772,17 @@ class Console:
         return self._back(request, "reload", "channels")
 
     def _known(self, channel: str, destination: str | None = None) -> None:
-        running = self.engine.channels.get(channel)
-        if running is None or (destination is not None and destination not in running.queues):
-            raise HTTPError(404, f"no channel {channel!r}" if running is None else f"no destination {destination!r}")
+        if not self.controls.has_channel(channel):
+            raise HTTPError(404, f"no channel {channel!r}")
+        if destination is not None and not any(owner == channel and name == destination
+                                               for owner, name, _ in self.controls.destinations()):
+            raise HTTPError(404, f"no destination {destination!r}")
 
     # -- troubleshooting: try a message, performance, logs, alerts, connections, the tracer ------------------
     @app.route("/try", methods=["GET"])
     @page("read")
     def try_form(self, request, session):
-        return self._render("try.html", request, session=session, active="try", channels=sorted(self.engine.channels),
+        return self._render("try.html", request, session=session, active="try", channels=self.controls.channel_names(),
                             chosen="", text="", runs=None, error=None)
 
     @app.route("/try", methods=["POST"])
@@ -796,8 +796,8 @@ class Console:
         from hl7relay.hl7.message import Message
 
         name, text = self._field(request, "channel"), self._field(request, "message")
-        values = dict(session=session, active="try", channels=sorted(self.engine.channels), chosen=name, text=text)
-        if name not in self.engine.channels:
+        values = dict(session=session, active="try", channels=self.controls.channel_names(), chosen=name, text=text)
+        if not self.controls.has_channel(name):
             return self._render("try.html", request, 400, runs=None, error="Choose a channel.", **values)
         data = text.replace("\r\n", "\r").replace("\n", "\r").encode("utf-8")
         chunks = split_messages(data).messages[:20]
@@ -806,7 +806,7 @@ class Console:
         runs = []
         for chunk in chunks:
             try:
-                runs.append({"run": dry_run(self.engine.channels[name].channel, Message.from_bytes(chunk.data)), "error": ""})
+                runs.append({"run": dry_run(self.controls.channel(name), Message.from_bytes(chunk.data)), "error": ""})
             except ParseError as exc:
                 runs.append({"run": None, "error": f"cannot parse: {exc}"})
         return self._render("try.html", request, runs=runs, error=None, **values)
@@ -814,17 +814,17 @@ class Console:
     @app.route("/performance", methods=["GET"])
     @page("read")
     def performance(self, request, session):
-        if self.engine.performance is None:
+        if self.controls.performance is None:
             raise HTTPError(503, "the performance analyzer is not running in this engine")
         minutes = self._field(request, "minutes")
         minutes = int(minutes) if minutes.isdigit() and 1 <= int(minutes) <= 60 else 60
         channel = self._field(request, "channel") or None
-        if channel is not None and channel not in self.engine.channels:
+        if channel is not None and not self.controls.has_channel(channel):
             raise HTTPError(404, f"no channel {channel!r}")
-        view = self.engine.performance.view(minutes, channel)
+        view = self.controls.performance.view(minutes, channel)
         template = "_performance.html" if request.getHeader(b"hx-request") else "performance.html"
         return self._render(template, request, session=session, active="performance", view=view, minutes=minutes,
-                            channel=channel or "", channels=sorted(self.engine.channels))
+                            channel=channel or "", channels=self.controls.channel_names())
 
     @app.route("/logs", methods=["GET"])
     @page("read")
@@ -844,24 +844,24 @@ class Console:
         query = {k: self._field(request, k) for k in ("level", "channel", "message_id", "text")}
         template = "_logs.html" if request.getHeader(b"hx-request") else "logs.html"
         return self._render(template, request, session=session, active="logs", lines=shown, query=query,
-                            channels=sorted(self.engine.channels))
+                            channels=self.controls.channel_names())
 
     @app.route("/alerts", methods=["GET"])
     @page("read")
     def alerts(self, request, session):
-        if self.engine.alerts is None:
+        if self.controls.alerts is None:
             raise HTTPError(503, "alerts are not running in this engine")
         from hl7relay.ops.alerts import RULES
 
-        return self._render("alerts.html", request, session=session, active="alerts", view=self.engine.alerts.view(),
-                            rules=[r.name for r in RULES], channels=sorted(self.engine.channels),
+        return self._render("alerts.html", request, session=session, active="alerts", view=self.controls.alerts.view(),
+                            rules=[r.name for r in RULES], channels=self.controls.channel_names(),
                             done=self._field(request, "done"))
 
     @app.route("/alerts/<action>", methods=["POST"])
     @page("control", post=True)
     @defer.inlineCallbacks
     def alerts_control(self, request, session, action):
-        if action not in ("silence", "unsilence") or self.engine.alerts is None:
+        if action not in ("silence", "unsilence") or self.controls.alerts is None:
             raise HTTPError(404, "no such action")
         rule = self._field(request, "rule")
         channel, destination = self._field(request, "channel") or None, self._field(request, "destination") or None
@@ -869,11 +869,11 @@ class Console:
         if action == "silence":
             minutes = self._field(request, "minutes")
             try:
-                self.engine.alerts.silence(rule, channel, destination, float(minutes or 60) * 60, f"user:{session.user}",
+                self.controls.alerts.silence(rule, channel, destination, float(minutes or 60) * 60, f"user:{session.user}",
                                            self._field(request, "reason"))
             except ValueError as exc:
                 raise HTTPError(400, str(exc)) from None
-        elif not self.engine.alerts.unsilence(rule, channel, destination):
+        elif not self.controls.alerts.unsilence(rule, channel, destination):
             raise HTTPError(404, f"no silence of {rule} for {where}")
         yield self._audit(self._action(request, session, f"alert.{action}", f"{rule} {where}"))
         request.redirect(b"/alerts?" + urlencode({"done": f"{rule} {where}: {action}d"}).encode())
@@ -886,9 +886,8 @@ class Console:
         return self._connections_page(request, session, None, "")
 
     def _connections_page(self, request, session, steps, target: str) -> bytes:
-        inbound = [self.engine.connections_view(name) for name in sorted(self.engine.channels)]
-        outbound = [f"{name}/{d.name}" for name, running in sorted(self.engine.channels.items())
-                    for d in running.channel.destinations if d.type == "mllp"]
+        inbound = [self.controls.connections_view(name) for name in self.controls.channel_names()]
+        outbound = [f"{name}/{destination}" for name, destination, type_ in self.controls.destinations() if type_ == "mllp"]
         return self._render("connections.html", request, session=session, active="connections", inbound=inbound,
                             outbound=outbound, steps=steps, target=target)
 
@@ -900,8 +899,8 @@ class Console:
 
         target = self._field(request, "target")
         channel, _, name = target.partition("/")
-        running = self.engine.channels.get(channel)
-        destination = next((d for d in running.channel.destinations if d.name == name and d.type == "mllp"), None) \
+        running = self.controls.channels().get(channel)
+        destination = next((d for d in running.destinations if d.name == name and d.type == "mllp"), None) \
             if running is not None else None
         if destination is None:
             raise HTTPError(404, f"no MLLP destination {target!r}")
@@ -924,7 +923,7 @@ class Console:
         """hl7relay verify, for admins: the checks on a store connection of their own, off the reactor."""
         from hl7relay.store.verify import verify
 
-        channels = [running.channel for running in self.engine.channels.values()]
+        channels = list(self.controls.channels().values())
         now = time.time()
         checks = yield self.support.run(lambda store: verify(store, channels, now, full=False))
         return self._render("database.html", request, session=session, active="database", checks=checks,
@@ -936,7 +935,7 @@ class Console:
     def database_repair(self, request, session):
         from hl7relay.store.verify import repair, verify
 
-        channels = [running.channel for running in self.engine.channels.values()]
+        channels = list(self.controls.channels().values())
         now = time.time()
 
         def fix(store):
@@ -952,21 +951,21 @@ class Console:
     @app.route("/tracer", methods=["GET"])
     @page("read")
     def tracer(self, request, session):
-        now = self.engine.reactor.seconds()
-        mine = [s.view(now) for s in self.engine.tracer.sessions.values() if s.actor == f"user:{session.user}"]
+        now = self.controls.reactor.seconds()
+        mine = [s.view(now) for s in self.controls.tracer.sessions.values() if s.actor == f"user:{session.user}"]
         return self._render("tracer.html", request, session=session, active="tracer", traces=mine, trace=None,
-                            channels=sorted(self.engine.channels), error=None)
+                            channels=self.controls.channel_names(), error=None)
 
     @app.route("/tracer", methods=["POST"])
     @page("read", post=True)
     @defer.inlineCallbacks
     def tracer_start(self, request, session):
         channel = self._field(request, "channel") or None
-        if channel is not None and channel not in self.engine.channels:
+        if channel is not None and not self.controls.has_channel(channel):
             raise HTTPError(404, f"no channel {channel!r}")
         try:
             minutes = float(self._field(request, "minutes") or 5)
-            trace = self.engine.tracer.start(f"user:{session.user}", self._field(request, "direction") or "both", channel,
+            trace = self.controls.tracer.start(f"user:{session.user}", self._field(request, "direction") or "both", channel,
                                              self._field(request, "destination") or None,
                                              self._field(request, "message_type") or None, minutes * 60)
         except ValueError as exc:
@@ -983,7 +982,7 @@ class Console:
         trace = self._own_trace(session, trace_id)
         self._trace_cursors[(session.user, trace_id)] = 0
         return self._render("tracer.html", request, session=session, active="tracer", traces=None,
-                            trace=trace.view(self.engine.reactor.seconds()), channels=sorted(self.engine.channels), error=None)
+                            trace=trace.view(self.controls.reactor.seconds()), channels=self.controls.channel_names(), error=None)
 
     @app.route("/tracer/<trace_id>/rows", methods=["GET"])
     @page("read")
@@ -996,7 +995,7 @@ class Console:
         rows = [dict(zip(COLUMNS, values)) for values in trace.read_rows(self._trace_cursors.get(key, 0), 500)]
         if rows:
             self._trace_cursors[key] = rows[-1]["seq"]  # (error texts were masked when the rows were taken)
-        view = trace.view(self.engine.reactor.seconds())
+        view = trace.view(self.controls.reactor.seconds())
         if view["done"] and not rows:
             request.setResponseCode(286)  # htmx: stop polling
         return self._render("_trace_rows.html", request, 286 if view["done"] and not rows else 200, rows=rows)
@@ -1005,14 +1004,14 @@ class Console:
     @page("read", post=True)
     def tracer_stop(self, request, session, trace_id):
         self._own_trace(session, trace_id)
-        self.engine.tracer.stop(trace_id)
+        self.controls.tracer.stop(trace_id)
         request.redirect(f"/tracer/{trace_id}".encode())
         request.setResponseCode(303)
         return b""
 
     def _own_trace(self, session, trace_id: str):
         try:
-            trace = self.engine.tracer.get(trace_id)
+            trace = self.controls.tracer.get(trace_id)
         except KeyError:
             raise HTTPError(404, "no such trace (ended)") from None
         if trace.actor != f"user:{session.user}":

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from hl7relay.events import subscribe
 from hl7relay.forwarder.wire import STORE_WRITES, Decoder, WireError, encode, write_now
 from hl7relay.queues import DestinationQueue
+from hl7relay.resources import Resources
 from hl7relay.store.database import StoreError
 from hl7relay.store.writer import as_store_error
 
@@ -102,13 +103,6 @@ class ChildWriter:
         self.link.request("update", tuple(u for updates, _ in group for u in updates), lazy).addBoth(answered)
 
 
-class _EngineView:
-    """What a destination's runner reads of the engine (destinations.py): its reactor."""
-
-    def __init__(self, reactor):
-        self.reactor = reactor
-
-
 class Forwarder(Protocol):
     """The forwarder's side of the pipes: the engine's messages in, its own out."""
 
@@ -121,7 +115,8 @@ class Forwarder(Protocol):
         self.writer = ChildWriter(store, self.link)
         self.queues: dict[int, DestinationQueue] = {}
         self.deliveries: dict[tuple[str, str], object] = {}  # (channel, destination) -> its Delivery
-        self._engine = _EngineView(reactor)
+        # what a destination's runner is given (destinations.py); no channels run here
+        self.resources = Resources(reactor, self.writer, clock)
         self._out: list = []
         self._events: dict = {}  # (event, fields) -> how many times this turn
         self._flush_due = False
@@ -204,7 +199,7 @@ class Forwarder(Protocol):
                 del self.queues[old_id]
         delivery = self.deliveries.get(key)
         if delivery is None:
-            delivery = self.deliveries[key] = config.runner(config, self._engine)
+            delivery = self.deliveries[key] = config.runner(config, self.resources)
         queue = DestinationQueue(channel, destination, delivery.deliver, config.queue, self.writer, self.reactor,
                                  self.clock, poll_interval)
         queue.paused = paused

@@ -1,10 +1,11 @@
 """The MLLP listener: Twisted wiring around :class:`~hl7relay.mllp.framing.MLLPFramer`.
 
-Each connection hands its messages, one at a time and in order, to a handler that returns an
-:class:`~hl7relay.ack.Outcome` (or a Deferred of one); the ACK frames the outcome calls for are
-written only when it arrives, so a handler that commits to a store first gives ACK-after-commit.
-Nothing is ever answered AA unless the handler said so; a payload that is not HL7 gets AR; a
-handler that fails gets AR (207). Time comes from the injected reactor, so tests drive it.
+Each connection hands its messages, one at a time and in order, to a
+:class:`~hl7relay.receiving.Receiver` (the engine's running channel) and writes the
+:class:`~hl7relay.ack.answer.Answer` it gets back, only when it arrives: a receiver that commits
+to a store first gives ACK-after-commit. The listener makes no ACK of its own: payloads that are
+not HL7, frames over the limit and handler failures are answered as the receiver's ACK policy
+says. Time comes from the injected reactor, so tests drive it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from hl7relay.ack import AckPolicy, ErrorCode, Outcome, build_ack, unreadable_ack
-from hl7relay.ack.policy import resend_code
+from hl7relay.ack.answer import Answer, Receiver
 from hl7relay.events import emit
 from hl7relay.hl7.charsets import DEFAULT_CHARSET, UTF8_BOM
 from hl7relay.errors import ParseError
@@ -66,7 +66,6 @@ class ListenerConfig:
     charset: str = DEFAULT_CHARSET  # for messages whose MSH-18 is empty
     tls: TLSConfig | None = None
     keepalive: bool = True  # TCP keepalive, so dead peers are noticed
-    policy: AckPolicy = field(default_factory=AckPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,59 +273,46 @@ class MLLPServerProtocol(Protocol):
         d.addBoth(self._write)
 
     def _process(self, payload):
-        config = self.factory.config
+        config, receiver = self.factory.config, self.factory.receiver
         if isinstance(payload, FrameTooLarge):
             return self._too_large(payload)
         body = payload[len(UTF8_BOM):] if payload.startswith(UTF8_BOM) else payload
         if not body.strip(b"\r\n\t "):
-            return [unreadable_ack("empty MLLP frame", **self._header())]
+            return receiver.unreadable("empty MLLP frame")
         if not body.startswith(b"MSH"):
-            return [unreadable_ack("the payload does not start with an MSH segment", **self._header())]
+            return receiver.unreadable("the payload does not start with an MSH segment")
         try:
             message = Message.from_bytes(payload, config.charset)
         except ParseError as exc:
-            return [unreadable_ack(str(exc), **self._header())]
-        d = defer.maybeDeferred(self.factory.handler, message, self.peer)
-        d.addErrback(self._handler_failed, message)
-        d.addCallback(lambda outcome: config.policy.acks(message, outcome))
-        return d
+            return receiver.unreadable(str(exc))
+        return receiver.receive(message, self.peer)
 
-    def _too_large(self, event: FrameTooLarge) -> list[bytes]:
-        self.closing_after_answer = True
+    def _too_large(self, event: FrameTooLarge) -> Answer:
         text = f"the message is {event.size:,}+ bytes, over this listener's limit of {event.limit:,} bytes; not accepted"
         head = event.head[len(UTF8_BOM):] if event.head.startswith(UTF8_BOM) else event.head
+        header = None
         if head.startswith(b"MSH"):
             try:
                 header = Message.from_bytes(head + b"\r", self.factory.config.charset)
             except ParseError:
                 header = None
-            if header is not None:
-                return [build_ack(header, resend_code(header), text, ErrorCode.VALUE_TOO_LONG, **self._header())]
-        return [unreadable_ack(text, **self._header())]
-
-    def _header(self) -> dict:
-        policy = self.factory.config.policy
-        return {"sending_application": policy.sending_application, "sending_facility": policy.sending_facility}
-
-    def _handler_failed(self, failure, message: Message) -> Outcome:
-        log.failure("handler failed for message {control_id} from {peer}", failure,
-                    control_id=message.control_id, peer=str(self.peer))
-        return Outcome.internal_error("the engine could not process the message")
+        return self.factory.receiver.too_large(header, text)
 
     def _failed(self, failure):
         log.failure("internal error answering {peer}", failure, peer=str(self.peer))
-        return [unreadable_ack("internal error", **self._header())]
+        return self.factory.receiver.unreadable("internal error")
 
-    def _write(self, acks):
+    def _write(self, answer: Answer):
         self.busy = False
+        frames = answer.frames
         if self.closed:
-            if acks:
+            if frames:
                 log.warn("connection from {peer} closed before its ACK could be sent", peer=str(self.peer))
             return
-        if acks:
-            write_now(self.transport, b"".join([frame(ack) for ack in acks]))
+        if frames:
+            write_now(self.transport, b"".join([frame(ack) for ack in frames]))
             self.last_activity = self.factory.reactor.seconds()
-        if self.closing_after_answer:
+        if answer.close or self.closing_after_answer:
             self.closed = True
             self.queue.clear()
             self.transport.loseConnection()  # after the answer is written
@@ -335,16 +321,16 @@ class MLLPServerProtocol(Protocol):
 
 
 class MLLPListenerFactory(Factory):
-    """One listener: its configuration, its handler and its counters."""
+    """One listener: its configuration, its receiver and its counters."""
 
     noisy = False  # the engine prints its own startup lines
 
-    def __init__(self, handler, config: ListenerConfig | None = None, reactor=None, name: str = "mllp"):
+    def __init__(self, receiver: Receiver, config: ListenerConfig | None = None, reactor=None, name: str = "mllp"):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.handler = handler
+        self.receiver = receiver
         self.name = name  # labels this listener's metrics and logs
         self.config = config or ListenerConfig()
         self.reactor = reactor
@@ -425,14 +411,14 @@ class MLLPListenerFactory(Factory):
         return True
 
 
-def listen(handler, config: ListenerConfig, reactor=None, name: str = "mllp", peers: dict | None = None):
+def listen(receiver: Receiver, config: ListenerConfig, reactor=None, name: str = "mllp", peers: dict | None = None):
     """Start listening; returns the IListeningPort (``.getHost().port`` tells the bound port).
     ``peers``: where to remember the peers seen (kept by the caller across re-opens)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    factory = MLLPListenerFactory(handler, config, reactor, name)
+    factory = MLLPListenerFactory(receiver, config, reactor, name)
     if peers is not None:
         factory.peers = peers
     if config.tls is not None:

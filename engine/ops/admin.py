@@ -35,9 +35,9 @@ class _Health(resource.Resource):
 class _Ready(resource.Resource):
     isLeaf = True
 
-    def __init__(self, engine, timeout: float = 5.0):
+    def __init__(self, controls, timeout: float = 5.0):
         super().__init__()
-        self.engine = engine
+        self.controls = controls
         self.timeout = timeout
 
     def render_GET(self, request):
@@ -58,25 +58,24 @@ class _Ready(resource.Resource):
     @defer.inlineCallbacks
     def check(self):
         problems = []
-        engine = self.engine
-        if not engine.started:
+        controls = self.controls
+        if not controls.started:
             problems.append("the engine is starting")
-        elif engine.stopping:
+        elif controls.stopping:
             problems.append("the engine is stopping")
-        unbound = [name for name, running in engine.channels.items()
-                   if running.enabled and (running.source is None or not running.source.bound)]
+        unbound = controls.unbound_channels()
         if unbound:
             problems.append("listeners not bound: " + ", ".join(unbound))
-        ping = engine.writer.read(engine.writer.store.ping)
-        ping.addTimeout(self.timeout, engine.reactor)
+        ping = controls.writer.read(controls.writer.store.ping)
+        ping.addTimeout(self.timeout, controls.reactor)
         try:
             yield ping
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             problems.append(f"store unreachable: {type(exc).__name__}")
         else:
             # reachable is not enough: a full disk still reads; ready again once a write succeeds
-            if engine.writer.commit_failure is not None:
-                failure = yield engine.writer.probe()
+            if controls.writer.commit_failure is not None:
+                failure = yield controls.writer.probe()
                 if failure is not None:
                     problems.append(f"store cannot commit: {failure}")
         return problems
@@ -88,14 +87,14 @@ class AdminSite(server.Site):
     def log(self, request):
         """No access log: Prometheus scrapes would fill it, and API actions are in the audit log."""
 
-    def __init__(self, engine, metrics: Metrics, local_token: str | None = None):
+    def __init__(self, controls, metrics: Metrics, local_token: str | None = None):
         from hl7relay.ops.api import ApiResource
 
         root = resource.Resource()
         root.putChild(b"metrics", _Metrics(metrics))
         root.putChild(b"healthz", _Health())
-        root.putChild(b"readyz", _Ready(engine))
-        root.putChild(b"api", ApiResource(engine, local_token))
+        root.putChild(b"readyz", _Ready(controls))
+        root.putChild(b"api", ApiResource(controls, local_token))
         super().__init__(root)
         from hl7relay.ops.http import IDLE_TIMEOUT, BoundedRequest
 
@@ -103,10 +102,10 @@ class AdminSite(server.Site):
         self.timeOut = IDLE_TIMEOUT  # idle connections closed
 
 
-def start_admin(engine, metrics: Metrics, host: str, port: int, reactor, local_token: str | None = None, tls=None):
+def start_admin(controls, metrics: Metrics, host: str, port: int, reactor, local_token: str | None = None, tls=None):
     """Listen for the admin endpoints; with ``tls`` (a TLSConfig) over TLS, mutual TLS when it
     requires client certificates."""
-    site = AdminSite(engine, metrics, local_token)
+    site = AdminSite(controls, metrics, local_token)
     if tls is not None:
         from hl7relay.mllp.tls import server_options
 

@@ -118,12 +118,13 @@ class Alert:
 
 
 class Alerts:
-    """Evaluates the rules against ``engine`` (its queues, ``engine.performance``, its writer)."""
+    """Evaluates the rules against the running engine, through its ``controls`` (its queues, the
+    performance analyzer, its store writer)."""
 
-    def __init__(self, engine, settings: AlertSettings | None = None, clock=None):
-        self.engine = engine
+    def __init__(self, controls, settings: AlertSettings | None = None, clock=None):
+        self.controls = controls
         self.settings = settings or AlertSettings()
-        self.clock = clock or engine.reactor.seconds
+        self.clock = clock or controls.reactor.seconds
         self.alerts: dict[tuple, Alert] = {}
         self.resolved: deque = deque(maxlen=100)  # recently resolved, for the console and status
         self.silences: dict[tuple, dict] = {}  # (rule, channel or None, destination or None) -> {until, actor, reason}
@@ -138,7 +139,7 @@ class Alerts:
 
         events.subscribe(self._observe, events=("store_failed",))
         self._loop = task.LoopingCall(self.evaluate)
-        self._loop.clock = self.engine.reactor
+        self._loop.clock = self.controls.reactor
         self._loop.start(self.settings.evaluate_every, now=False)
         return self
 
@@ -155,9 +156,11 @@ class Alerts:
     def conditions(self, now: float) -> dict[tuple, float]:
         """Every rule's condition that holds now: (rule, channel, destination) -> its value."""
         s, holding = self.settings, {}
-        for name, running in self.engine.channels.items():
-            for destination, queue in running.queues.items():
-                view = queue.view()
+        queues: dict[str, list] = {name: [] for name in self.controls.channel_names()}
+        for name, destination, view in self.controls.queue_views():
+            queues[name].append((destination, view))
+        for name, views in queues.items():
+            for destination, view in views:
                 if (view.get("oldest_age") or 0) > s.queue_age:
                     holding[("HL7RelayQueueStuck", name, destination)] = view["oldest_age"]
                 if view.get("depth", 0) > s.queue_depth:
@@ -166,9 +169,9 @@ class Alerts:
                     holding[("HL7RelayDestinationDown", name, destination)] = 0.0
             failures = self._store_failures.get(name)
             recent = sum(1 for at in failures if at > now - 300) if failures else 0
-            if recent or getattr(self.engine.writer, "commit_failure", None):
+            if recent or getattr(self.controls.writer, "commit_failure", None):
                 holding[("HL7RelayStoreFailing", name, None)] = float(recent)
-        performance = getattr(self.engine, "performance", None)
+        performance = self.controls.performance
         if performance is not None:
             for name, c in performance.view(10)["channels"].items():
                 if c["messages"] >= 5 and c["errors"] / c["messages"] > s.error_rate:

@@ -164,13 +164,13 @@ class ApiResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, engine, local_token: str | None = None):
+    def __init__(self, controls, local_token: str | None = None):
         super().__init__()
-        self.engine = engine
+        self.controls = controls
         self.local_token_hash = token_hash(local_token) if local_token else None
         from hl7relay.ops.support import SupportStore
 
-        self._off_reactor = SupportStore(engine).run  # searches and replays: never on the reactor
+        self._off_reactor = SupportStore(controls).run  # searches and replays: never on the reactor
 
     # -- plumbing ---------------------------------------------------------------------------------
     def render(self, request):
@@ -245,12 +245,12 @@ class ApiResource(resource.Resource):
         if self.local_token_hash is not None and hashed == self.local_token_hash:
             actor = (request.getHeader(b"x-hl7relay-actor") or b"local").decode("utf-8", "replace")[:200]
             return {"actor": actor, "role": "admin", "source": f"local:{source}"}
-        row = yield self.engine.writer.read(self.engine.writer.store.find_token, hashed)
+        row = yield self.controls.writer.read(self.controls.writer.store.find_token, hashed)
         if row is None:
             raise ApiError(401, "unknown or revoked token")
-        now = self.engine.clock()
+        now = self.controls.clock()
         if (row["last_used_at"] or 0) < now - 60:  # for `hl7relay token list`; at most a write a minute per token
-            self.engine.writer.read(self.engine.writer.store.touch_token, row["name"], now).addErrback(lambda _: None)
+            self.controls.writer.read(self.controls.writer.store.touch_token, row["name"], now).addErrback(lambda _: None)
         return {"actor": f"token:{row['name']}", "role": row["role"], "source": source}
 
     @staticmethod
@@ -270,43 +270,38 @@ class ApiResource(resource.Resource):
 
     # -- handlers ---------------------------------------------------------------------------------
     def get_status(self, request, caller, body):
-        return masked_view(self.engine.status())
+        return masked_view(self.controls.status())
 
     def get_channels(self, request, caller, body):
-        return [masked_view(self.engine.channel_view(name)) for name in self.engine.channels]
+        return [masked_view(self.controls.channel_view(name)) for name in self.controls.channel_names()]
 
     def get_channel(self, request, caller, body, channel):
-        return masked_view(self.engine.channel_view(channel))
+        return masked_view(self.controls.channel_view(channel))
 
     def get_connections(self, request, caller, body, channel):
-        return self.engine.connections_view(channel)
+        return self.controls.connections_view(channel)
 
     def post_enable(self, request, caller, body, channel):
-        self.engine._running(channel)
-        return self.engine.set_channel_enabled(channel, True, caller["actor"], caller["audit"]).addCallback(masked_view)
+        return self.controls.set_channel_enabled(channel, True, caller["actor"], caller["audit"]).addCallback(masked_view)
 
     def post_disable(self, request, caller, body, channel):
-        self.engine._running(channel)
-        return self.engine.set_channel_enabled(channel, False, caller["actor"], caller["audit"]).addCallback(masked_view)
+        return self.controls.set_channel_enabled(channel, False, caller["actor"], caller["audit"]).addCallback(masked_view)
 
     def get_destination(self, request, caller, body, channel, destination):
-        return masked_view(self.engine._queue(channel, destination).view())
+        return masked_view(self.controls.queue_view(channel, destination))
 
     def post_pause(self, request, caller, body, channel, destination):
-        self.engine._queue(channel, destination)
-        return self.engine.set_destination_paused(channel, destination, True, caller["actor"], caller["audit"]).addCallback(masked_view)
+        return self.controls.set_destination_paused(channel, destination, True, caller["actor"], caller["audit"]).addCallback(masked_view)
 
     def post_resume(self, request, caller, body, channel, destination):
-        self.engine._queue(channel, destination)
-        return self.engine.set_destination_paused(channel, destination, False, caller["actor"], caller["audit"]).addCallback(masked_view)
+        return self.controls.set_destination_paused(channel, destination, False, caller["actor"], caller["audit"]).addCallback(masked_view)
 
     def post_retry(self, request, caller, body, channel, destination):
-        self.engine._queue(channel, destination)
-        return self.engine.retry_now(channel, destination, caller["actor"], caller["audit"]).addCallback(masked_view)
+        return self.controls.retry_now(channel, destination, caller["actor"], caller["audit"]).addCallback(masked_view)
 
     @defer.inlineCallbacks
     def post_reload(self, request, caller, body):
-        result = yield self.engine.reload_from_files(caller["actor"], caller["audit"])
+        result = yield self.controls.reload_from_files(caller["actor"], caller["audit"])
         if "errors" in result:
             request.setResponseCode(422)
         return result
@@ -342,9 +337,9 @@ class ApiResource(resource.Resource):
         return True
 
     def _alerts(self):
-        if self.engine.alerts is None:
+        if self.controls.alerts is None:
             raise ApiError(503, "alerts are not running in this engine")
-        return self.engine.alerts
+        return self.controls.alerts
 
     def get_alerts(self, request, caller, body):
         return self._alerts().view()
@@ -374,13 +369,13 @@ class ApiResource(resource.Resource):
         return {"rule": rule, "channel": channel, "destination": destination, "silenced": False}
 
     def get_stats(self, request, caller, body):
-        if self.engine.performance is None:
+        if self.controls.performance is None:
             raise ApiError(503, "the performance analyzer is not running in this engine")
         args = self._args(request)
         channel = args.get("channel") or None
-        if channel is not None and channel not in self.engine.channels:
+        if channel is not None and not self.controls.has_channel(channel):
             raise ApiError(404, f"no channel {channel!r}")
-        return self.engine.performance.view(self._number(args, "minutes", 60, int, 1, 60), channel)
+        return self.controls.performance.view(self._number(args, "minutes", 60, int, 1, 60), channel)
 
     def get_logs(self, request, caller, body):
         from hl7relay.cli._logging import LOG_RING
@@ -392,9 +387,9 @@ class ApiResource(resource.Resource):
             raise ApiError(400, "level is trace, debug, info, warn or error")
         after = self._number(args, "after", 0, int, 0)
         channel = args.get("channel") or None
-        if channel is not None and channel not in self.engine.channels and not any(
+        if channel is not None and not self.controls.has_channel(channel) and not any(
                 line.get("channel") == channel for line in LOG_RING.lines):
-            known = ", ".join(sorted(self.engine.channels)) or "none"
+            known = ", ".join(self.controls.channel_names()) or "none"
             raise ApiError(404, f"no channel '{channel}': this engine runs {known}")
         lines = LOG_RING.read(after, self._number(args, "limit", 100, int, 1, 5000),
                               level, args.get("channel") or None, self._number(args, "message_id", None, int, 1),
@@ -410,20 +405,20 @@ class ApiResource(resource.Resource):
 
     # -- the message tracer ---------------------------------------------------------------------
     def get_traces(self, request, caller, body):
-        now = self.engine.reactor.seconds()
-        return [session.view(now) for session in self.engine.tracer.sessions.values()]
+        now = self.controls.reactor.seconds()
+        return [session.view(now) for session in self.controls.tracer.sessions.values()]
 
     @defer.inlineCallbacks
     def post_trace(self, request, caller, body):
         channel, destination = body.get("channel") or None, body.get("destination") or None
-        if channel is not None and channel not in self.engine.channels:
+        if channel is not None and not self.controls.has_channel(channel):
             raise ApiError(400, f"no channel {channel!r}")
-        if destination is not None and not any(destination in running.queues for name, running in self.engine.channels.items()
-                                               if channel is None or name == channel):
+        if destination is not None and not any(destination == name for owner, name, _ in self.controls.destinations()
+                                               if channel is None or owner == channel):
             raise ApiError(400, f"no destination {destination!r}" + (f" in channel {channel!r}" if channel else ""))
         try:
             minutes = float(body.get("minutes", 5))
-            session = self.engine.tracer.start(caller["actor"], str(body.get("direction") or "both"), channel, destination,
+            session = self.controls.tracer.start(caller["actor"], str(body.get("direction") or "both"), channel, destination,
                                                body.get("message_type") or None, minutes * 60)
         except (TypeError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
@@ -431,7 +426,7 @@ class ApiResource(resource.Resource):
             f"{k}={v}" for k, v in (("direction", session.direction), ("channel", channel), ("destination", destination),
                                     ("message_type", session.message_type), ("minutes", f"{minutes:g}")) if v))
         yield self._off_reactor(lambda store: store.audit(audit))
-        return session.view(self.engine.reactor.seconds())
+        return session.view(self.controls.reactor.seconds())
 
     def get_trace(self, request, caller, body, trace):
         from hl7relay.ops.trace import COLUMNS
@@ -439,13 +434,13 @@ class ApiResource(resource.Resource):
         args = self._args(request)
         after = self._number(args, "after", 0, int, 0)
         limit = self._number(args, "limit", 1000, int, 1, 5000)
-        session = self.engine.tracer.get(trace)
+        session = self.controls.tracer.get(trace)
         rows, _ = session.read_json(after, limit)  # JSON text from the trace's ring (errors masked when taken)
-        head = json.dumps({"trace": session.view(self.engine.reactor.seconds()), "columns": COLUMNS}, default=str)
+        head = json.dumps({"trace": session.view(self.controls.reactor.seconds()), "columns": COLUMNS}, default=str)
         return RawJSON(head[:-1] + ',"rows":' + rows + "}")
 
     def post_trace_stop(self, request, caller, body, trace):
-        return self.engine.tracer.stop(trace).view(self.engine.reactor.seconds())
+        return self.controls.tracer.stop(trace).view(self.controls.reactor.seconds())
 
     @defer.inlineCallbacks
     def get_messages(self, request, caller, body):
@@ -504,7 +499,7 @@ class ApiResource(resource.Resource):
         destinations = body.get("destinations")
         if destinations is not None and (not isinstance(destinations, list) or not all(isinstance(d, str) for d in destinations)):
             raise ApiError(400, "destinations is a list of names")
-        channels: dict[str, Channel] = {name: running.channel for name, running in self.engine.channels.items()}
+        channels: dict[str, Channel] = self.controls.channels()
         render = lambda data: mask_message(data).split("\n")  # noqa: E731 - diffs are masked here, always
 
         def replay(store):
@@ -555,8 +550,8 @@ class ApiResource(resource.Resource):
                 raise ValueError(before)
         except ValueError:
             raise ApiError(400, "limit and before are whole numbers (before: an entry number)") from None
-        store = self.engine.writer.store
-        return self.engine.writer.read(functools.partial(store.audit_entries, action=args.get("action"),
+        store = self.controls.writer.store
+        return self.controls.writer.read(functools.partial(store.audit_entries, action=args.get("action"),
                                                          actor=args.get("actor"), before_id=before, limit=limit))
 
     def get_openapi(self, request, caller, body):

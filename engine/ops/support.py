@@ -85,8 +85,8 @@ class SupportStore:
     own in a thread of the reactor's pool: never on the reactor, and never queued behind the
     engine's commits on its writer thread, so a large search cannot hold up an ACK."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, controls):
+        self.controls = controls
         self._store = None
 
     def run(self, fn, *args, **kwargs):
@@ -97,8 +97,8 @@ class SupportStore:
             if self._store is None:
                 from hl7relay.store.database import Store
 
-                self._store = Store(self.engine.writer.store.url, create=False)
+                self._store = Store(self.controls.writer.store.url, create=False)
             return fn(self._store, *args, **kwargs)
 
-        reactor = self.engine.reactor
+        reactor = self.controls.reactor
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), call)

@@ -1,0 +1,123 @@
+"""The one way into a running engine from outside it: what the operations API, the console, the
+alerts and the readiness check may read of it and do to it.
+
+They hold a :class:`Controls`, never the :class:`~hl7relay.runtime.Engine`: what is here is all
+they can reach (views, the operator's switches, reload), so the engine's insides can change
+without them. The command that runs the engine (``cli/run.py``) builds it and hands in what it
+installed beside the engine: the performance analyzer and the alerts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from hl7relay.channels.channel import Channel
+    from hl7relay.runtime import Engine
+
+__all__ = ["Controls"]
+
+
+class Controls:
+    def __init__(self, engine: Engine, performance: Any = None, alerts: Any = None):
+        self._engine = engine
+        self.performance = performance  # ops/perf.Performance, when installed
+        self.alerts = alerts  # ops/alerts.Alerts, when running
+
+    # -- what it runs on ------------------------------------------------------------------------------
+    @property
+    def reactor(self):
+        return self._engine.reactor
+
+    @property
+    def writer(self):
+        """The store writer: reads of the store that must not wait behind a search (tokens,
+        users, the audit log) and the audit rows of actions."""
+        return self._engine.writer
+
+    def clock(self) -> float:
+        return self._engine.clock()
+
+    @property
+    def tracer(self):
+        return self._engine.tracer
+
+    @property
+    def started(self) -> bool:
+        return self._engine.started
+
+    @property
+    def stopping(self) -> bool:
+        return self._engine.stopping
+
+    # -- what it runs ---------------------------------------------------------------------------------
+    def channel_names(self) -> list[str]:
+        return sorted(self._engine.channels)
+
+    def has_channel(self, name: str) -> bool:
+        return name in self._engine.channels
+
+    def channel(self, name: str) -> Channel:
+        """The running configuration of a channel; KeyError when it is not running."""
+        return self._running(name).channel
+
+    def channels(self) -> dict[str, Channel]:
+        """The running configuration of every channel, by name."""
+        return {name: running.channel for name, running in self._engine.channels.items()}
+
+    def destinations(self) -> Iterator[tuple[str, str, str]]:
+        """(channel, destination, type) of every running channel's destinations."""
+        for name, running in sorted(self._engine.channels.items()):
+            for destination in running.channel.destinations:
+                if destination.name in running.queues:
+                    yield name, destination.name, destination.type
+
+    def has_destination(self, destination: str) -> bool:
+        return any(destination in running.queues for running in self._engine.channels.values())
+
+    def queue_views(self) -> Iterator[tuple[str, str, dict]]:
+        """(channel, destination, its queue's view) of every queue."""
+        for name, running in self._engine.channels.items():
+            for destination, queue in running.queues.items():
+                yield name, destination, queue.view()
+
+    def unbound_channels(self) -> list[str]:
+        """Enabled channels whose source is not open (a listener not bound)."""
+        return [name for name, running in self._engine.channels.items()
+                if running.enabled and (running.source is None or not running.source.bound)]
+
+    # -- views ----------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        return self._engine.status()
+
+    def channel_view(self, name: str) -> dict:
+        return self._engine.channel_view(name)
+
+    def connections_view(self, name: str) -> dict:
+        return self._engine.connections_view(name)
+
+    def queue_view(self, channel: str, destination: str) -> dict:
+        return self._engine.queue(channel, destination).view()
+
+    # -- the operators' switches (KeyError at once for a channel or destination not running) ----------
+    def set_channel_enabled(self, channel: str, enabled: bool, actor: str = "", audit: dict | None = None) -> Deferred:
+        self._running(channel)
+        return self._engine.set_channel_enabled(channel, enabled, actor, audit)
+
+    def set_destination_paused(self, channel: str, destination: str, paused: bool, actor: str = "",
+                               audit: dict | None = None) -> Deferred:
+        self._engine.queue(channel, destination)
+        return self._engine.set_destination_paused(channel, destination, paused, actor, audit)
+
+    def retry_now(self, channel: str, destination: str, actor: str = "", audit: dict | None = None) -> Deferred:
+        self._engine.queue(channel, destination)
+        return self._engine.retry_now(channel, destination, actor, audit)
+
+    def reload_from_files(self, actor: str = "", audit: dict | None = None) -> Deferred:
+        return self._engine.reload_from_files(actor, audit)
+
+    def _running(self, name: str):
+        return self._engine.running_channel(name)
