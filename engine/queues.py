@@ -256,7 +256,7 @@ class DestinationQueue:
                 row["held"] = True
                 self._holding.add(message_id)
             return defer.succeed(result)
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._waiters.setdefault(message_id, []).append(d)
         self._holding.add(message_id)
         return d
@@ -437,8 +437,9 @@ class DestinationQueue:
         try:
             message = row.get("message") or Message.from_bytes(data)
         except ParseError as exc:
-            return defer.succeed(self._handle_result(
-                DeliveryResult(False, application_error=True, error=f"stored content is not HL7: {exc}"), row, None))
+            self._handle_result(DeliveryResult(False, application_error=True, error=f"stored content is not HL7: {exc}"),
+                                row, None)
+            return defer.succeed(None)
         started = time.perf_counter()
         d = defer.maybeDeferred(self.deliver, message)
         d.addErrback(self._raised)

@@ -27,12 +27,12 @@ class Responder:
     reload may replace it)."""
 
     def __init__(self, handler=None, policy: AckPolicy | None = None):
-        if handler is not None:
-            self.handle = handler
+        self._handler = handler
         self.policy = policy if policy is not None else AckPolicy()
 
-    def handle(self, message: Message, peer) -> defer.Deferred:  # pragma: no cover - given or overridden
-        raise NotImplementedError
+    def handle(self, message: Message, peer):
+        """The handler's Outcome (or a Deferred of one) for this message."""
+        return self._handler(message, peer)
 
     def receive(self, message: Message, peer) -> defer.Deferred:
         d = defer.maybeDeferred(self.handle, message, peer)

@@ -27,7 +27,7 @@ class Settings:
     data_dir: Path = Path("data")
     queue_poll_interval: float = 1.0  # how often a queue looks for deliveries due in the store
     log_phi_bytes: int = 512  # how much of a message a channel's log_phi trace line shows
-    log_levels: Any = None  # what the log output lets through (cli/_logging.LogLevels); None: everything
+    log_levels: Any = None  # what the log output lets through (logs.LogLevels); None: everything
     stop_timeout: float = 10.0  # how long a stop (or a retired queue) waits for what is in flight
 
 

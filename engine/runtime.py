@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from hl7relay.ack import AckPolicy, Outcome
 from hl7relay.ack.answer import Answer
 from hl7relay.channels.channel import Channel
+from hl7relay.channels.sources import Source
 from hl7relay.hl7.message import Message
 from hl7relay.queues import DeliveryResult, DestinationQueue, Queue
 from hl7relay.receiving import Responder
@@ -51,7 +52,7 @@ class RunningChannel(Responder):
         self.resources = resources
         self.queues: dict[str, Queue] = {}  # destination name -> its Queue (here, or in the forwarder)
         self.in_flight_keys: dict = {}  # duplicate key -> Deferred firing when its message is answered
-        self.source = None  # the open source's runner (sources.py), None while closed
+        self.source: Source | None = None  # the open source's runner (sources.py), None while closed
         self.enabled = True  # an operator may disable a configured channel at run time (hl7relay channel disable)
         self.address = ""  # where it listens, once open
         # the peers its listener has seen (mllp/listener.py): kept while the channel is closed and opened again
@@ -255,9 +256,9 @@ class Engine:
         channel = running.channel
         targets = ", ".join(f"{d.name} ({d.type})" for d in channel.destinations) or "no destinations"
         running.enabled = True
-        running.source = channel.source.runner(channel.source, running)
-        what = running.source.open()
-        running.address = running.source.address
+        source = running.source = channel.source.runner(channel.source, running)
+        what = source.open()
+        running.address = source.address
         return f"channel {channel.name}: {what} -> {targets}"
 
     @defer.inlineCallbacks
@@ -282,7 +283,7 @@ class Engine:
         try:
             channels, errors = load_channels(self.channel_paths)
         except Exception as exc:  # noqa: BLE001 - unreadable folders are problems like any other
-            channels, errors = [], [f"cannot read the channel files: {exc}"]
+            channels, errors = [], [f"cannot read the channel files: {exc}"]  # type: ignore[list-item]
         if errors:
             texts = [str(e) for e in errors]
             for text in texts:
@@ -320,7 +321,7 @@ class Engine:
         removed or disabled one stops accepting and its queued deliveries stay stored (they resume
         when it comes back); a new one opens. Returns what was done, by channel."""
         wanted = {c.name: c for c in channels if c.enabled}
-        summary = {"unchanged": [], "changed": [], "rebound": [], "added": [], "removed": []}
+        summary: dict[str, list[str]] = {"unchanged": [], "changed": [], "rebound": [], "added": [], "removed": []}
         for name in [n for n in self.channels if n not in wanted]:
             running = self.channels.pop(name)
             yield self._close(running, close_connections=True)
@@ -331,8 +332,8 @@ class Engine:
         except Exception:  # noqa: BLE001 - a store without controls: nothing disabled or paused
             controls = set()
         for name, channel in wanted.items():
-            running = self.channels.get(name)
-            if running is None:
+            current = self.channels.get(name)
+            if current is None:
                 running = RunningChannel(channel, self.resources)
                 self.channels[name] = running
                 self._make_queues(running, controls)
@@ -341,10 +342,10 @@ class Engine:
                 else:
                     self._open(running)
                 summary["added"].append(name)
-            elif running.channel.fingerprint and running.channel.fingerprint == channel.fingerprint:
+            elif current.channel.fingerprint and current.channel.fingerprint == channel.fingerprint:
                 summary["unchanged"].append(name)
             else:
-                rebound = yield self._replace(running, channel, controls)
+                rebound = yield self._replace(current, channel, controls)
                 summary["rebound" if rebound else "changed"].append(name)
         log.info("reload: {summary}", summary=", ".join(f"{k} {', '.join(v)}" for k, v in summary.items() if v) or "nothing to do")
         return summary
@@ -359,7 +360,7 @@ class Engine:
             running.queues[destination.name] = queue
 
     @defer.inlineCallbacks
-    def _retire_queues(self, running: RunningChannel, queues: list) -> None:
+    def _retire_queues(self, running: RunningChannel, queues: list):
         """Stop queues and wait (bounded) for their deliveries on the wire, then for their results
         to be committed: a queue that replaces them must not send those again."""
         remote = [queue for queue in queues if queue.remote]
@@ -396,7 +397,7 @@ class Engine:
         self._make_queues(running, controls)
         if not was_enabled:
             return False
-        if keep_socket:
+        if keep_socket and running.source is not None:
             running.source.reconfigure(channel.source)
             for queue in running.queues.values():
                 queue.start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TypedDict
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -40,6 +41,16 @@ _DUPLICATE, _ERROR = MessageStatus.DUPLICATE.value, MessageStatus.ERROR.value
 _D_QUEUED, _D_FILTERED = DeliveryStatus.QUEUED.value, DeliveryStatus.FILTERED.value
 
 
+class Header(TypedDict):
+    """The received header, read before any transformer: the stored message's columns."""
+
+    sending_application: str
+    sending_facility: str
+    message_type: str
+    control_id: str
+    patient_id: str
+
+
 class Trip:
     __slots__ = ("resources", "running", "channel", "message", "peer", "received_at", "raw", "header", "original",
                  "ack_request", "duplicate_key", "record", "outcome", "status", "stage", "message_id", "timings",
@@ -56,7 +67,7 @@ class Trip:
         self.raw = message.raw if message.raw is not None else message.to_bytes()
         msh = message.msh
         trigger = msh(9, 2)
-        self.header = {  # read before the transformers change anything
+        self.header: Header = {  # read before the transformers change anything
             "sending_application": msh(3, 1), "sending_facility": msh(4, 1),
             "message_type": msh(9, 1) + ("^" + trigger if trigger else ""),
             "control_id": msh(10), "patient_id": message.get("PID-3.1"),
@@ -65,8 +76,11 @@ class Trip:
         self.ack_request = AckRequest.of(message)  # what the header asks of the answer, read once
         self.duplicate_key = None if channel.duplicates is None else "|".join(
             message.get(path) for path in channel.duplicates.key)
-        self.record = self.outcome = self.status = self.message_id = None
-        self.timings = {}
+        self.record: MessageRecord | None = None
+        self.outcome: Outcome | None = None  # what answers the sender, once known
+        self.status: str | None = None  # as stored (MessageStatus), or NOT_STORED
+        self.message_id: int | None = None
+        self.timings: dict[str, float] = {}
         self.stage = RECEIVED
 
     def run(self) -> defer.Deferred:
@@ -163,7 +177,7 @@ class Trip:
         if answered:
             self.stage = ANSWERED
             return outcome
-        return self._after_delivery(firsts, [queue for queue, _ in queued])
+        return self._after_delivery(message_id, outcome, firsts, [queue for queue, _ in queued])
 
     def _trace(self, message_id) -> None:
         channel, header = self.channel, self.header
@@ -178,7 +192,7 @@ class Trip:
 
     # -- delivered (response.when: after_delivery) ------------------------------------------------
     @defer.inlineCallbacks
-    def _after_delivery(self, firsts: list, queues: list):
+    def _after_delivery(self, message_id: int, stored: Outcome, firsts: list, queues: list):
         """response.when: after_delivery: the answer reflects the destinations.
 
         The rule that keeps a message from arriving twice: when the answer asks the sender to
@@ -187,7 +201,7 @@ class Trip:
         When a destination answered AE (not to be resent: it needs a person), the sender gets AE
         and the other failed deliveries are retried as usual. A failed delivery is held, not
         retried, until every destination's first answer is in."""
-        message_id, channel = self.message_id, self.channel
+        channel = self.channel
         results = yield defer.gatherResults(firsts) if firsts else defer.succeed([])
         self.stage = DELIVERED
         if all(r.ok for r in results):
@@ -201,7 +215,7 @@ class Trip:
         else:
             resend = self.ack_request.resend_code
             final = Outcome.rejected("; ".join(r.error for r in results if not r.ok),
-                                     self.outcome.code or ErrorCode.APPLICATION_INTERNAL_ERROR)
+                                     stored.code or ErrorCode.APPLICATION_INTERNAL_ERROR)
             withdrawn = [queue.withdraw(message_id, f"withdrawn: the sender was answered {resend} and will send it again")
                          for queue, result in zip(queues, results) if not result.ok]
             try:
@@ -211,7 +225,7 @@ class Trip:
                           channel=channel.name, message_id=message_id)
         acks = self.running.policy.prepare(self.original, final, self.ack_request).acks
         self.outcome = final
-        updates = [MessageUpdate(message_id, {"ack_code": final.ack_codes[-1] if final.ack_codes else ""})]
+        updates: list[MessageUpdate | StageUpdate] = [MessageUpdate(message_id, {"ack_code": final.ack_codes[-1] if final.ack_codes else ""})]
         if acks and "acks" in channel.stages:
             updates.append(StageUpdate(message_id, "ack", b"\r".join(acks)))
         try:

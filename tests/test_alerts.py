@@ -16,7 +16,8 @@ import pytest
 from twisted.internet import defer, task
 
 from hl7relay.controls import Controls
-from hl7relay.ops.alerts import Alerts, AlertSettings, describe
+from hl7relay.ops.alerts import Alerts, AlertSettings
+from hl7relay.ops.notify import describe
 from hl7relay.ops.perf import Performance
 
 

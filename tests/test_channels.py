@@ -8,7 +8,7 @@ import pytest
 
 from hl7relay.channels import Result, load_channel, load_channels, process
 from hl7relay.channels.schema import channel_schema
-from hl7relay.channels.spec import registry
+from hl7relay.spec import registry
 from hl7relay.cli import main
 from hl7relay.hl7.message import Message
 

@@ -8,7 +8,7 @@ import time
 
 from twisted.logger import LogLevel
 
-from hl7relay.cli._logging import LogRing
+from hl7relay.logs import LogRing
 
 
 def event(text, level=LogLevel.info, **fields):
@@ -75,7 +75,7 @@ def test_the_log_viewer_masks_what_lines_about_messages_quote_and_nothing_else()
     """Every quoted value was masked: a lint error read "unknown key 'f***'" and nobody could fix it."""
     from twisted.logger import Logger, globalLogPublisher
 
-    from hl7relay.cli._logging import LogRing
+    from hl7relay.logs import LogRing
     from hl7relay.ops.phi import mask_log_text
 
     ring = LogRing()

@@ -13,7 +13,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from hl7relay import events
 from hl7relay.controls import Controls
 from hl7relay.ops.admin import AdminSite
-from hl7relay.cli._logging import ChannelLevels
+from hl7relay.logs import ChannelLevels
 from hl7relay.metrics import Metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -203,7 +203,7 @@ def test_repeated_log_lines_are_bounded_and_summarised():
     """Log volume was in a sender's hands: one line per junk read, one per refused message."""
     from twisted.logger import LogLevel
 
-    from hl7relay.cli._logging import RepeatLimiter
+    from hl7relay.logs import RepeatLimiter
 
     now = [0.0]
     written = []
@@ -342,7 +342,7 @@ def test_an_observer_of_some_events_is_called_for_those_only():
 
 
 def test_a_lifecycle_warning_is_one_line_on_standard_error_in_text_mode(capsys, monkeypatch):
-    from hl7relay.cli import _logging
+    from hl7relay import logs as _logging
 
     monkeypatch.setitem(_logging._state, "format", "text")
     _logging.announce("console not started on 127.0.0.1:9103: in use", "console_not_started", "warn")

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hl7relay.channels.spec import Option, register
+from hl7relay.spec import Option, register
 from hl7relay.errors import HL7RelayError
 from hl7relay.hl7.message import Message
 

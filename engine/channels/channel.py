@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hl7relay.channels.filters import AllOf, AnyOf, Not
-from hl7relay.channels.spec import ComponentSpec, Option, check_options, did_you_mean, lookup, registry
-from hl7relay.channels.yamlsource import ConfigError, Document, load_document
+from hl7relay.spec import ComponentSpec, Option, check_options, did_you_mean, lookup, registry
+from hl7relay.yamlsource import ConfigError, Document, load_document
 from hl7relay.outcomes import AckCode
 
 __all__ = ["Channel", "Destination", "Duplicates", "Response", "load_channel", "load_channels", "channel_files", "CHANNEL",
@@ -66,7 +67,7 @@ class Channel:
     name: str
     file: str
     source_type: str
-    source: object
+    source: Any  # the source's config (sources.py), which names its runner
     description: str = ""
     enabled: bool = True
     filter: object = None

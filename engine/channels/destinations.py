@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from hl7relay.channels.sources import TLS_OPTIONS, tls_config
-from hl7relay.channels.spec import Option, register
+from hl7relay.spec import Option, register
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult
 from hl7relay.mllp.sender import SenderConfig, SendStatus
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from hl7relay.channels.spec import Option, register
+from hl7relay.spec import Option, register
 from hl7relay.hl7.message import Message
 
 __all__ = ["Rule", "AllOf", "AnyOf", "Not"]

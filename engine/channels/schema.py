@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hl7relay.channels.channel import CHANNEL
-from hl7relay.channels.spec import registry
+from hl7relay.spec import registry
 
 __all__ = ["channel_schema"]
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from hl7relay.channels.spec import Option, register
+from hl7relay.spec import Option, register
 from hl7relay.mllp.framing import DEFAULT_MAX_FRAME_BYTES
 from hl7relay.mllp.listener import ListenerConfig
 from hl7relay.mllp.tls import TLSConfig
@@ -21,6 +22,7 @@ TLS_OPTIONS = [
 @dataclass(slots=True)
 class MLLPSourceConfig:
     listener: ListenerConfig
+    runner: ClassVar[type[Source]]  # what the engine opens for it (below)
 
 
 def tls_config(options, server: bool, base_dir=None) -> TLSConfig | None:
@@ -89,6 +91,7 @@ class FileSourceConfig:
     move_to: str | None
     charset: str
     settle: float  # a file must be unchanged this long before it is read (never half-written)
+    runner: ClassVar[type[Source]]
 
 
 @register("source", "file", "read message files from a directory (batches split)", [

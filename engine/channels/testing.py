@@ -28,8 +28,8 @@ from pathlib import Path
 from hl7relay.ack import AckPolicy
 from hl7relay.channels.channel import Channel, load_channel
 from hl7relay.channels.pipeline import Result, process, stored_outcome
-from hl7relay.channels.spec import did_you_mean
-from hl7relay.channels.yamlsource import ConfigError, load_document
+from hl7relay.spec import did_you_mean
+from hl7relay.yamlsource import ConfigError, load_document
 from hl7relay.errors import HL7RelayError
 from hl7relay.hl7.message import Message
 from hl7relay.hl7.path import parse_path

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hl7relay.outcomes import ErrorCode, Severity
-from hl7relay.channels.spec import Option, register
+from hl7relay.spec import Option, register
 from hl7relay.hl7.message import Message
 from hl7relay.hl7.path import parse_path
 from hl7relay.validation import ACCEPTED_VERSIONS, Finding, Validator

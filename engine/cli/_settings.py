@@ -10,7 +10,7 @@ DEFAULT_CONFIG = Path("config/hl7relay.yaml")
 def specs():
     """The engine settings' specs (the same machinery as channel components): what lint-like
     checking, defaults, `hl7relay list` and the settings' JSON Schema are made from."""
-    from hl7relay.channels.spec import ComponentSpec, Option
+    from hl7relay.spec import ComponentSpec, Option
 
     engine = ComponentSpec("settings", "engine", "engine settings (config/hl7relay.yaml, or --config FILE)", (
         Option("store", "any", None, "the message store: {url: sqlite:///PATH | postgresql+psycopg://USER@HOST/DB} "
@@ -56,7 +56,7 @@ def specs():
 
 def alert_specs():
     """The ``alerts:`` section and its two notifiers."""
-    from hl7relay.channels.spec import ComponentSpec, Option
+    from hl7relay.spec import ComponentSpec, Option
 
     alerts = ComponentSpec("settings", "alerts", "alerts the engine evaluates itself (no Prometheus needed)", (
         Option("evaluate_every", "duration", 15.0, "seconds between evaluations"),
@@ -118,7 +118,7 @@ def add_settings_arguments(parser, channels: bool = True) -> None:
 def _checked(doc, settings: dict) -> list[str]:
     """The config file checked against the specs (every problem with its position); what it
     sets goes into ``settings``."""
-    from hl7relay.channels.spec import check_options
+    from hl7relay.spec import check_options
 
     engine, store, admin, console = specs()
     data = doc.data if doc.data is not None else {}
@@ -164,7 +164,7 @@ def _checked(doc, settings: dict) -> list[str]:
 
 
 def _check_alerts(doc, data, settings: dict) -> None:
-    from hl7relay.channels.spec import check_options
+    from hl7relay.spec import check_options
     from hl7relay.ops.alerts import RULES
 
     alerts, webhook, email = alert_specs()
@@ -178,7 +178,7 @@ def _check_alerts(doc, data, settings: dict) -> None:
     names = {rule.name for rule in RULES}
     for rule, seconds in hold.items():
         if rule not in names:
-            from hl7relay.channels.spec import did_you_mean
+            from hl7relay.spec import did_you_mean
 
             doc.error(("alerts", "hold", rule), f"no alert rule {rule!r}{did_you_mean(str(rule), names)}", key=True)
         elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
@@ -230,7 +230,7 @@ def resolve_settings(args, for_engine: bool = False) -> tuple[dict, list[str]]:
     """The settings from the config file and the arguments. Support verbs (``for_engine`` False)
     given no --channels read the channel folders of the engine running on the data folder, so
     that run from another folder they see the channels it runs."""
-    from hl7relay.channels.yamlsource import load_document
+    from hl7relay.yamlsource import load_document
 
     settings = {"store": None, "data_dir": "data", "channels": ["channels"], "log_level": "info",
                 "admin": {"host": "127.0.0.1", "port": 9102},

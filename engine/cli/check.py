@@ -99,7 +99,7 @@ def _targets(args):
                  "round_trip": False,
                  "message": None}], 0
     from hl7relay.channels import load_channels
-    from hl7relay.channels.spec import did_you_mean
+    from hl7relay.spec import did_you_mean
     from hl7relay.cli._settings import resolve_settings
 
     settings, problems = resolve_settings(args)

@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from hl7relay.channels.channel import CHANNEL
     from hl7relay.channels.schema import channel_schema
-    from hl7relay.channels.spec import KINDS, REQUIRED, registry
+    from hl7relay.spec import KINDS, REQUIRED, registry
 
     from hl7relay.cli._settings import settings_schema, specs
 

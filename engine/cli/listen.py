@@ -68,7 +68,7 @@ def outcome_for(code: str, message):
 
 
 def run(args) -> int:
-    from hl7relay.cli._logging import start_logging
+    from hl7relay.logs import start_logging
 
     start_logging(args.log_level)
     from twisted.internet import reactor

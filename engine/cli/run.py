@@ -67,7 +67,7 @@ def run(args) -> int:
     from hl7relay import __version__
     from hl7relay.channels import load_channels
     from hl7relay.channels.channel import channel_files
-    from hl7relay.cli._logging import announce, start_logging
+    from hl7relay.logs import announce, start_logging
     from hl7relay.controls import Controls
     from hl7relay.runtime import Engine
     from hl7relay.store.database import Store

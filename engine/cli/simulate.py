@@ -122,7 +122,7 @@ def run(args) -> int:
               "or --out DIR", file=sys.stderr)
         return 2
     args.host = args.host or "127.0.0.1"
-    from hl7relay.cli._logging import start_logging
+    from hl7relay.logs import start_logging
 
     start_logging(args.log_level)
     from twisted.internet import task

@@ -65,7 +65,7 @@ def find_channel(name_or_file: str, folders) -> tuple[object, list[str]]:
 
     from hl7relay.channels import load_channels
     from hl7relay.channels.channel import load_channel
-    from hl7relay.channels.spec import did_you_mean
+    from hl7relay.spec import did_you_mean
 
     path = Path(name_or_file)
     if path.suffix in (".yaml", ".yml") or path.is_file():

@@ -6,6 +6,7 @@ import json
 import sys
 
 from hl7relay.cli._settings import add_settings_arguments
+from hl7relay.ops.auth import MIN_PASSWORD
 
 HELP = "manage users (roles: viewer, operator, admin); there is no default account"
 DESCRIPTION = """\
@@ -23,7 +24,6 @@ replay. admin: + reload, prune, users and tokens, the audit log, unmasked patien
 with a reason, always audited), which an operator can be given alone (user phi NAME on). Passwords are stored as scrypt hashes; every change is written
 to the audit log with the operating-system user who made it."""
 
-MIN_PASSWORD = 10
 
 
 def add_arguments(parser) -> None:

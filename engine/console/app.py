@@ -581,7 +581,7 @@ class Console:
     @page("users", post=True)
     @defer.inlineCallbacks
     def user_add(self, request, session):
-        from hl7relay.cli.user import MIN_PASSWORD
+        from hl7relay.ops.auth import MIN_PASSWORD
         from hl7relay.ops.auth import valid_name
         from hl7relay.store.database import StoreError
 
@@ -605,7 +605,7 @@ class Console:
     @page("users", post=True)
     @defer.inlineCallbacks
     def user_change(self, request, session, name, action):
-        from hl7relay.cli.user import MIN_PASSWORD
+        from hl7relay.ops.auth import MIN_PASSWORD
         from hl7relay.ops.auth import PHI_GRANTABLE
 
         user = yield self.support.run(lambda store: store.get_user(name))
@@ -693,7 +693,7 @@ class Console:
     @page("read", post=True)
     @defer.inlineCallbacks
     def account_password(self, request, session):
-        from hl7relay.cli.user import MIN_PASSWORD
+        from hl7relay.ops.auth import MIN_PASSWORD
 
         current, new = self._field(request, "current"), self._field(request, "new")
         user = yield self.support.run(lambda store: store.get_user(session.user))
@@ -829,7 +829,7 @@ class Console:
     @app.route("/logs", methods=["GET"])
     @page("read")
     def logs(self, request, session):
-        from hl7relay.cli._logging import LOG_RING
+        from hl7relay.logs import LOG_RING
         from hl7relay.ops.phi import mask_log_text
 
         level = self._field(request, "level") or None

@@ -322,7 +322,7 @@ class Forwarder(Protocol):
 def main() -> int:
     from twisted.internet import reactor, stdio
 
-    from hl7relay.cli._logging import start_logging
+    from hl7relay.logs import start_logging
     from hl7relay.store.database import Store
 
     os.umask(0o077)

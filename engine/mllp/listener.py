@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
@@ -102,13 +103,15 @@ MAX_PEERS_REMEMBERED = 1000
 
 
 class MLLPServerProtocol(Protocol):
+    transport: Any  # a TCP or TLS transport once connected (Twisted types it ITransport | None)
+
     def __init__(self, factory: "MLLPListenerFactory"):
         self.factory = factory
         self.framer = MLLPFramer(factory.config.max_frame_bytes)
-        self.queue: deque[bytes] = deque()
+        self.queue: deque[bytes | FrameTooLarge] = deque()  # frames received, answered in turn
         self.busy = False
         self.closed = False
-        self.peer: Peer | None = None
+        self.peer = Peer("", 0)  # who connected (connectionMade)
         self._read_timer = None
         self._idle_timer = None
         self.closing_after_answer = False

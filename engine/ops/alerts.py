@@ -25,7 +25,6 @@ carries message content: channel and destination names, counts and times only.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -285,18 +284,3 @@ class Alerts:
                 "notifiers": [getattr(n, "label", type(n).__name__) for n in self.settings.notifiers],
                 "notifications": {"sent": self.notifications_sent, "failed": self.notifications_failed},
                 "rules": [{"rule": r.name, "severity": r.severity, "for_seconds": r.for_seconds} for r in RULES]}
-
-
-def describe(alert: dict, status: str) -> tuple[str, str]:
-    """(subject, text) of a notification: no message content, ever."""
-    state = "RESOLVED" if status == "resolved" else "FIRING"
-    where = alert["channel"] + (f" -> {alert['destination']}" if alert["destination"] else "")
-    subject = f"[hl7relay] {state}: {alert['rule']} {where}"
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(alert["since"]))
-    lines = [alert["summary"] if status == "firing" else f"resolved: {alert['summary']}",
-             f"severity {alert['severity']}; condition since {since}"]
-    if status == "firing":
-        lines.append(f"silence it: hl7relay alerts silence {alert['rule']} --channel {alert['channel']}"
-                     + (f" --destination {alert['destination']}" if alert["destination"] else "")
-                     + " --minutes 60 --reason '...'")
-    return subject, "\n".join(lines) + "\n"

@@ -378,7 +378,7 @@ class ApiResource(resource.Resource):
         return self.controls.performance.view(self._number(args, "minutes", 60, int, 1, 60), channel)
 
     def get_logs(self, request, caller, body):
-        from hl7relay.cli._logging import LOG_RING
+        from hl7relay.logs import LOG_RING
         from hl7relay.ops.phi import mask_log_text
 
         args = self._args(request)

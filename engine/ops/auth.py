@@ -42,6 +42,7 @@ PERMISSIONS = {
     "phi": "admin",  # and always a reason and an audit entry
 }
 
+MIN_PASSWORD = 10  # characters: the one rule for a password, from the CLI and the console alike
 PHI_GRANTABLE = "operator"  # the least role that `hl7relay user phi NAME on` may give the PHI permission to
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")

@@ -2,7 +2,7 @@
 
 Each notifier's ``notify(alert, status)`` returns a Deferred that fails when the notification
 did not get through (the alert loop logs and counts it; it never stops for it). Both run on the
-engine's reactor and time out. Neither carries message content (see :func:`alerts.describe`).
+engine's reactor and time out. Neither carries message content (see :func:`describe`).
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import email.message
 import email.utils
 import json
+import time
 from io import BytesIO
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet import defer
 
-from hl7relay.ops.alerts import describe
 
 __all__ = ["WebhookNotifier", "EmailNotifier", "NotifyError"]
 
@@ -142,3 +142,18 @@ class EmailNotifier:
             self.reactor.connectTCP(self.host, self.port, factory, timeout=self.timeout)
         done.addTimeout(self.timeout + 5, self.reactor)
         return done
+
+
+def describe(alert: dict, status: str) -> tuple[str, str]:
+    """(subject, text) of a notification: no message content, ever."""
+    state = "RESOLVED" if status == "resolved" else "FIRING"
+    where = alert["channel"] + (f" -> {alert['destination']}" if alert["destination"] else "")
+    subject = f"[hl7relay] {state}: {alert['rule']} {where}"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(alert["since"]))
+    lines = [alert["summary"] if status == "firing" else f"resolved: {alert['summary']}",
+             f"severity {alert['severity']}; condition since {since}"]
+    if status == "firing":
+        lines.append(f"silence it: hl7relay alerts silence {alert['rule']} --channel {alert['channel']}"
+                     + (f" --destination {alert['destination']}" if alert["destination"] else "")
+                     + " --minutes 60 --reason '...'")
+    return subject, "\n".join(lines) + "\n"

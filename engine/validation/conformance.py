@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hl7relay.outcomes import ErrorCode, Severity
-from hl7relay.channels.spec import did_you_mean
-from hl7relay.channels.yamlsource import ConfigError, Document, load_document
+from hl7relay.spec import did_you_mean
+from hl7relay.yamlsource import ConfigError, Document, load_document
 from hl7relay.errors import PathError
 from hl7relay.hl7.message import HEADER_SEGMENTS, Message
 from hl7relay.hl7.path import Path as HL7Path, parse_path

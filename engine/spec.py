@@ -1,6 +1,10 @@
 """Component specs: every filter rule, transformer step, validator, source and destination
-declares its options here, beside its code, and registers by name. The specs drive lint, the
-JSON Schema of the channel format and ``hl7relay list``.
+declares its options with this module, beside its code, and registers by name. The specs drive
+lint, the JSON Schema of the channel format and ``hl7relay list``.
+
+The registry imports no component: the components import it. Importing :mod:`hl7relay.channels`
+loads the built-in ones (its sources, destinations, filters, validators and the transformer
+steps), so whoever reads the registry has imported the channels first.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from hl7relay.channels.yamlsource import Document
+from hl7relay.yamlsource import Document
 from hl7relay.errors import PathError
 from hl7relay.hl7.path import parse_path
 
@@ -92,19 +96,18 @@ def register(kind: str, name: str, description: str, options=(), shorthand: str 
 
 
 def registry(kind: str | None = None) -> list[ComponentSpec]:
-    _load_components()
+    _loaded()
     return [s for (k, _), s in sorted(_REGISTRY.items()) if kind is None or k == kind]
 
 
 def lookup(kind: str, name: str) -> ComponentSpec | None:
-    _load_components()
+    _loaded()
     return _REGISTRY.get((kind, name))
 
 
-def _load_components() -> None:
-    # importing the modules registers their components
-    from hl7relay.channels import destinations, filters, sources, validators  # noqa: F401
-    from hl7relay.transformers import steps  # noqa: F401
+def _loaded() -> None:
+    if not _REGISTRY:
+        raise RuntimeError("no component is registered: import hl7relay.channels before reading the registry")
 
 
 def did_you_mean(name: str, candidates) -> str:
