@@ -48,7 +48,7 @@ class StoreLock:
         self.path = sqlite_path(url)
         self._fd: int | None = None
         self._connection = None
-        self._engine = None
+        self._engine: sa.Engine | None = None
 
     @property
     def inheritable_fd(self) -> int | None:
@@ -146,7 +146,7 @@ class StoreLock:
                 pass
         if self._engine is not None:
             self._engine.dispose()
-            self._engine = None
+            self._engine: sa.Engine | None = None
 
 
 def forwarder_lock(url: str):

@@ -39,7 +39,7 @@ class StoreWriter:
         self.store = store
         self.reactor = reactor
         self._pool = None
-        self._committer = None  # the thread that runs SQLite's COMMIT (overlapped commits)
+        self._committer: ThreadPool | None = None  # the thread that runs SQLite's COMMIT (overlapped commits)
         self._commit_runner = None
         self.inline = False
         self._scheduled = False  # a flush is due on the next reactor turn (inline commits)
@@ -78,7 +78,7 @@ class StoreWriter:
 
     def write(self, record: MessageRecord) -> defer.Deferred:
         """Commit a message; fires with its id once it is durable, or fails with StoreError."""
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._records.append((record, d))
         self._schedule()
         return d
@@ -86,7 +86,7 @@ class StoreWriter:
     def update(self, *updates: tuple, lazy: bool = False) -> defer.Deferred:
         """Commit updates (see Store._update for their form); fires once durable. ``lazy``: no
         commit of their own unless nothing else commits within ``lazy_delay`` seconds."""
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._updates.append((updates, d))
         if lazy and self.lazy_delay > 0:
             if self._lazy_timer is None:
@@ -234,7 +234,7 @@ class StoreWriter:
         """Fires when nothing is queued or being committed."""
         if not self._busy and not self._records and not self._updates:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
         self._idle_waiters.append(d)
         if self._lazy_timer is not None:  # lazy updates do not wait for their timer
             self._lazy_timer.cancel()
