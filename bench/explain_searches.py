@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sqlalchemy as sa  # noqa: E402
 
-from hl7relay.store.database import Store, deliveries, messages  # noqa: E402
+from hl7relay.store.database import Store
+from hl7relay.store.schema import deliveries, messages
 
 __all__ = ["fill", "explain_calls", "main"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+import enum
 import random
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -27,9 +28,9 @@ from hl7relay.errors import ParseError
 from hl7relay.events import emit
 from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult, DeliveryStatus
-from hl7relay.store.database import DeliveryUpdate, StoreError
+from hl7relay.store.database import DeliveryUpdate, DestinationStateUpdate, StoreError
 
-__all__ = ["Queue", "DestinationQueue", "DeliveryResult", "retry_delay"]
+__all__ = ["Queue", "DestinationQueue", "DeliveryResult", "QueuedDelivery", "QueueState", "Pump", "retry_delay"]
 
 log = Logger(namespace="hl7relay.queue")
 # the statuses as plain str: what the store binds on the hot path (a StrEnum costs the driver an adapter lookup)
@@ -61,8 +62,11 @@ class Queue(Protocol):
     destination: str
     options: QueueOptions
     paused: bool
-    stopped: bool
     remote: bool  # runs in the forwarder process: retired and counted there
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped for good (a new queue takes over)."""
 
     def start(self) -> None: ...
 
@@ -95,6 +99,50 @@ class Queue(Protocol):
         """Deliveries on the wire (sized)."""
 
 
+class QueueState(enum.Enum):
+    """A queue's life: made, running (polling and sending), stopped for good (a stop, a reload or
+    a channel disabled: a new queue takes over). Pausing is an operator's switch beside it."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+# the only moves a queue makes; anything else is a bug, said at once
+_QUEUE_MOVES = {
+    QueueState.NEW: {QueueState.RUNNING, QueueState.STOPPED},
+    QueueState.RUNNING: {QueueState.STOPPED},
+    QueueState.STOPPED: set(),
+}
+
+
+class Pump(enum.Enum):
+    """What the loop that starts deliveries (``run``) is doing: idle, running, or running and
+    asked meanwhile to look again (an answer, a nudge or a resume came in while it ran)."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    RUNNING_AGAIN = "running_again"
+
+
+@dataclass(slots=True)
+class QueuedDelivery:
+    """One QUEUED delivery as its queue holds it in memory: handed over by the engine right
+    after its commit, or read back from the store by a poll."""
+
+    message_id: int
+    received_at: float
+    order_key: str | None
+    content: bytes | None  # what to send (its own stage, else the transformed message), or None: raw
+    raw: bytes
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    message: Message | None = None  # the content parsed, when the engine handed it over (not parsed again)
+    rejections: int = 0  # refusals by the peer, counted in memory (a restart gives a full count again)
+    held: bool = False  # after_delivery: a failed first attempt waits for the engine's release or withdrawal
+    polled: bool = False  # read by a poll, not handed over: a waiter may come after its first attempt
+
+
 @dataclass(slots=True)
 class _Waiter:
     message_id: int
@@ -121,14 +169,13 @@ class DestinationQueue:
         self.poll_interval = poll_interval
         self.loop = task.LoopingCall(self._poll)
         self.loop.clock = reactor
-        self.pending: dict[int, dict] = {}  # message id -> row, in order of receipt (dicts keep insertion order)
+        self.pending: dict[int, QueuedDelivery] = {}  # by message id, in order of receipt (dicts keep insertion order)
         self.known: set[int] = set()  # pending, in flight, or finished but not yet recorded
-        self.busy = False
-        self.again = False
-        self._nudged = False
-        self._polling = False
-        self.in_flight: dict[int, dict] = {}  # message id -> row being delivered
-        self.stopped = False
+        self.state = QueueState.NEW
+        self.pump = Pump.IDLE
+        self._nudge_call = None  # the run a nudge scheduled for the next reactor turn, until it runs
+        self._polling = False  # a read of the queued rows is under way (one at a time)
+        self.in_flight: dict[int, QueuedDelivery] = {}  # by message id: being delivered
         self.connected: bool | None = None
         self.backlog = 0  # queued rows the last poll saw beyond what memory holds
         # True while queued rows may wait on disk that memory does not hold (always newer than
@@ -149,11 +196,26 @@ class DestinationQueue:
         self.last_error = ""
         self.last_error_at: float | None = None
 
+    @property
+    def stopped(self) -> bool:
+        return self.state is QueueState.STOPPED
+
+    def _move(self, to: QueueState) -> None:
+        if to not in _QUEUE_MOVES[self.state]:
+            raise RuntimeError(f"queue {self.channel}/{self.destination}: cannot go from {self.state.value} to {to.value}")
+        self.state = to
+
     def start(self) -> None:
+        self._move(QueueState.RUNNING)
         self.loop.start(self.poll_interval, now=True)
 
     def stop(self) -> None:
-        self.stopped = True
+        if self.state is QueueState.STOPPED:
+            return
+        self._move(QueueState.STOPPED)
+        if self._nudge_call is not None and self._nudge_call.active():
+            self._nudge_call.cancel()
+        self._nudge_call = None
         if self.loop.running:
             self.loop.stop()
         if self._wake is not None and self._wake.active():
@@ -164,7 +226,7 @@ class DestinationQueue:
         for message_id in [m for m in self._waiters if m not in self.in_flight]:
             row = self.pending.get(message_id)
             if row is not None:
-                row["held"] = True
+                row.held = True
             for waiter in self._waiters.pop(message_id):
                 waiter.callback(DeliveryResult(False, error="not sent: the destination's queue stopped (engine stopping "
                                                            "or channel reloaded)", outcome=DeliveryOutcome.FAILED))
@@ -185,9 +247,8 @@ class DestinationQueue:
             return
         self.known.add(message_id)
         self._loaded_max = max(self._loaded_max, message_id)
-        self.pending[message_id] = {"message_id": message_id, "attempts": 0, "next_attempt_at": received_at,
-                                    "order_key": order_key, "content": content, "raw": content, "received_at": received_at,
-                                    "message": message}
+        self.pending[message_id] = QueuedDelivery(message_id, received_at, order_key, content, content,
+                                                  next_attempt_at=received_at, message=message)
         self.nudge()
 
     # -- operators' controls -----------------------------------------------------------------------
@@ -203,9 +264,9 @@ class DestinationQueue:
         """Skip the backoff of every delivery waiting for its next attempt; how many there were."""
         now = self.clock()
         waiting = [row for row in self.pending.values()
-                   if (row.get("next_attempt_at") or 0) > now and row["message_id"] not in self.in_flight]
+                   if (row.next_attempt_at or 0) > now and row.message_id not in self.in_flight]
         for row in waiting:
-            row["next_attempt_at"] = now
+            row.next_attempt_at = now
         if waiting:
             self.nudge()
         return len(waiting)
@@ -214,31 +275,32 @@ class DestinationQueue:
         """The queue as an operator sees it (from memory: no store read)."""
         now = self.clock()
         head = next(iter(self.pending.values()), None)
-        oldest = min((row["received_at"] for row in self.pending.values()), default=None)
+        oldest = min((row.received_at for row in self.pending.values()), default=None)
         return {
             "channel": self.channel, "destination": self.destination, "paused": self.paused,
             "connected": self.connected, "depth": len(self.pending) + self.backlog, "in_memory": len(self.pending),
             "on_disk": self.backlog, "in_flight": len(self.in_flight),
             "oldest_age": None if oldest is None else max(0.0, now - oldest),
             "head": None if head is None else {
-                "message_id": head["message_id"], "attempts": head.get("attempts", 0),
-                "next_attempt_in": max(0.0, (head.get("next_attempt_at") or now) - now), "held": bool(head.get("held")),
+                "message_id": head.message_id, "attempts": head.attempts,
+                "next_attempt_in": max(0.0, (head.next_attempt_at or now) - now), "held": head.held,
             },
             "last_error": self.last_error, "last_error_at": self.last_error_at,
             "sent": self.sent, "failed": self.failed, "retried": self.retried,
         }
 
     def nudge(self) -> None:
-        if self.stopped:
+        """Look for due deliveries: now if the pump is running (it looks again), else on the
+        next reactor turn (once, however many nudges come meanwhile)."""
+        if self.state is QueueState.STOPPED:
             return
-        if self.busy:
-            self.again = True
-        elif not self._nudged:
-            self._nudged = True
-            self.reactor.callLater(0, self._nudge_run)
+        if self.pump is not Pump.IDLE:
+            self.pump = Pump.RUNNING_AGAIN
+        elif self._nudge_call is None:
+            self._nudge_call = self.reactor.callLater(0, self._nudge_run)
 
     def _nudge_run(self):
-        self._nudged = False
+        self._nudge_call = None
         self.run()
 
     def first_result(self, message_id: int) -> defer.Deferred:
@@ -253,7 +315,7 @@ class DestinationQueue:
             result = early[1]
             row = self.pending.get(message_id)
             if row is not None:
-                row["held"] = True
+                row.held = True
                 self._holding.add(message_id)
             return defer.succeed(result)
         d: defer.Deferred = defer.Deferred()
@@ -265,7 +327,8 @@ class DestinationQueue:
         """A held delivery goes back to its retries."""
         self._holding.discard(message_id)
         row = self.pending.get(message_id)
-        if row is not None and row.pop("held", False):
+        if row is not None and row.held:
+            row.held = False
             self.nudge()
 
     def withdraw(self, message_id: int, reason: str) -> defer.Deferred | None:
@@ -280,7 +343,7 @@ class DestinationQueue:
             # memory): it sends nothing more, and its successor must not send it either
             if not self.stopped:
                 return None
-        elif not row.get("held"):
+        elif not row.held:
             return None
         else:
             del self.pending[message_id]
@@ -322,10 +385,11 @@ class DestinationQueue:
         unknown = [row for row in rows if row["message_id"] not in self.known]
         fresh = unknown[:room]
         for row in fresh:
-            row["polled"] = True  # not handed over by the engine: a waiter may come after its first attempt
-            self.known.add(row["message_id"])
-            self.pending[row["message_id"]] = row
-            self._loaded_max = max(self._loaded_max, row["message_id"])
+            message_id = row["message_id"]
+            self.known.add(message_id)
+            self.pending[message_id] = QueuedDelivery(message_id, row["received_at"], row["order_key"], row["content"],
+                                                      row["raw"], row["attempts"], row["next_attempt_at"], polled=True)
+            self._loaded_max = max(self._loaded_max, message_id)
         if fresh:  # keep the order of receipt when older rows join newer ones
             self.pending = dict(sorted(self.pending.items()))
         # the read saw every queued row when its window was not full: after an id, the window
@@ -356,26 +420,25 @@ class DestinationQueue:
 
     def run(self):
         """Start due deliveries until ``parallel`` are in flight; each finished one calls again."""
-        if self.busy:
-            self.again = True
+        if self.pump is not Pump.IDLE:
+            self.pump = Pump.RUNNING_AGAIN
             return
-        self.busy = True
         try:
-            while not self.stopped:
-                self.again = False
+            while self.state is not QueueState.STOPPED:
+                self.pump = Pump.RUNNING
                 while len(self.in_flight) < self.options.parallel:
                     row = self._next_due()
                     if row is None:
                         break
                     self._start(row)
-                if not self.again:
+                if self.pump is not Pump.RUNNING_AGAIN:
                     break
         finally:
-            self.busy = False
+            self.pump = Pump.IDLE
         if not self.stopped and len(self.in_flight) < self.options.parallel:
             self._sleep_until()  # a free slot and nothing due: wake for the next retry (a full queue wakes on answers)
 
-    def _next_due(self) -> dict | None:
+    def _next_due(self) -> QueuedDelivery | None:
         if self.paused:
             return None
         now = self.clock()
@@ -384,22 +447,22 @@ class DestinationQueue:
             if in_flight or not self.pending:
                 return None  # the head blocks: nothing overtakes it
             row = next(iter(self.pending.values()))
-            return row if (row["next_attempt_at"] or 0) <= now and not row.get("held") else None
-        blocked = {row["order_key"] or "" for row in in_flight.values()} if order == "per_key" else None
+            return row if (row.next_attempt_at or 0) <= now and not row.held else None
+        blocked = {row.order_key or "" for row in in_flight.values()} if order == "per_key" else None
         for message_id, row in self.pending.items():
             if message_id in in_flight:
                 continue
             if blocked is not None:
-                key = row["order_key"] or ""
+                key = row.order_key or ""
                 if key in blocked:
                     continue
                 blocked.add(key)  # later rows of this key wait for this one
-            if (row["next_attempt_at"] or 0) <= now and not row.get("held"):
+            if (row.next_attempt_at or 0) <= now and not row.held:
                 return row
         return None
 
-    def _start(self, row: dict) -> None:
-        message_id = row["message_id"]
+    def _start(self, row: QueuedDelivery) -> None:
+        message_id = row.message_id
         self.in_flight[message_id] = row
         d = self._attempt(row)
 
@@ -418,7 +481,7 @@ class DestinationQueue:
     def _sleep_until(self) -> None:
         # rows that are due but wait behind one in flight are started when it finishes
         now = self.clock()
-        later = [at for row in self.pending.values() if (at := row["next_attempt_at"]) and at > now]
+        later = [at for row in self.pending.values() if (at := row.next_attempt_at) and at > now]
         if self._wake is not None and self._wake.active():
             if later and self._wake.getTime() - self.reactor.seconds() <= min(later) - now:
                 return  # already set to wake in time
@@ -427,15 +490,15 @@ class DestinationQueue:
             self._wake = self.reactor.callLater(min(later) - now, self.run)
 
     def _report(self) -> None:
-        oldest = min((row["received_at"] for row in self.pending.values()), default=None)
+        oldest = min((row.received_at for row in self.pending.values()), default=None)
         emit("queue_state", channel=self.channel, destination=self.destination, depth=len(self.pending) + self.backlog,
              oldest_age=None if oldest is None else max(0.0, self.clock() - oldest))
 
-    def _attempt(self, row: dict) -> defer.Deferred:
+    def _attempt(self, row: QueuedDelivery) -> defer.Deferred:
         """Send one delivery; the Deferred fires once its result is handled (not yet recorded)."""
-        data = row["content"] if row["content"] is not None else row["raw"]
+        data = row.content if row.content is not None else row.raw
         try:
-            message = row.get("message") or Message.from_bytes(data)
+            message = row.message or Message.from_bytes(data)
         except ParseError as exc:
             self._handle_result(DeliveryResult(False, application_error=True, error=f"stored content is not HL7: {exc}"),
                                 row, None)
@@ -451,9 +514,9 @@ class DestinationQueue:
                     destination=self.destination)
         return DeliveryResult(False, error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
 
-    def _handle_result(self, result: "DeliveryResult", row: dict, started: float | None) -> None:
-        message_id = row["message_id"]
-        attempts = row["attempts"] + 1
+    def _handle_result(self, result: "DeliveryResult", row: QueuedDelivery, started: float | None) -> None:
+        message_id = row.message_id
+        attempts = row.attempts + 1
         now = self.clock()
         values = {"attempts": attempts, "updated_at": now, "last_ack": result.ack}
         # what the tracer and the performance analyzer see of the attempt (no content)
@@ -469,27 +532,27 @@ class DestinationQueue:
             values.update(status=_ERROR, last_error=result.error, next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
-        elif result.rejected and row.get("rejections", 0) + 1 >= self.options.max_attempts:
+        elif result.rejected and row.rejections + 1 >= self.options.max_attempts:
             values.update(status=_ERROR, last_error=f"gave up after {attempts} attempts "
-                          f"({row.get('rejections', 0) + 1} refused by the peer): {result.error}", next_attempt_at=None)
+                          f"({row.rejections + 1} refused by the peer): {result.error}", next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
         elif (not result.rejected and self.options.give_up_after
-              and now - row["received_at"] >= self.options.give_up_after):
+              and now - row.received_at >= self.options.give_up_after):
             values.update(status=_ERROR, last_error=f"gave up after {attempts} attempts over "
-                          f"{now - row['received_at']:.0f}s (give_up_after): {result.error}", next_attempt_at=None)
+                          f"{now - row.received_at:.0f}s (give_up_after): {result.error}", next_attempt_at=None)
             self.failed += 1
             emit("delivery_failed", **labels)
         else:
             final = False
             if message_id in self._holding:
-                row["held"] = True  # the engine decides, from every destination's answer, what happens next
+                row.held = True  # the engine decides, from every destination's answer, what happens next
             if result.rejected:  # counted in memory: a restart gives a refused message its full count again
-                row["rejections"] = row.get("rejections", 0) + 1
+                row.rejections += 1
             emit("delivery_retried", **labels)
             delay = retry_delay(attempts, self.options, self.rng)
             values.update(status=_QUEUED, last_error=result.error, next_attempt_at=now + delay)
-            row["attempts"], row["next_attempt_at"] = attempts, now + delay
+            row.attempts, row.next_attempt_at = attempts, now + delay
             self.retried += 1
             log.warn("queue {channel}/{destination}: message {message_id} attempt {n} failed ({error}); retry in {delay:.1f}s",
                      channel=self.channel, destination=self.destination, message_id=message_id, n=attempts,
@@ -501,7 +564,7 @@ class DestinationQueue:
                 # words of our own (the peer's error text may quote the patient: messages show has it)
                 why = (f"answered {labels['ack']} (application error)" if result.application_error and labels["ack"] else
                        "not deliverable (application error)" if result.application_error else
-                       f"refused {row.get('rejections', 0) + 1} time(s)" if result.rejected else
+                       f"refused {row.rejections + 1} time(s)" if result.rejected else
                        f"{result.outcome.value if result.outcome else 'failed'} until give_up_after")
                 log.warn("queue {channel}/{destination}: message {message_id} is a dead letter after {n} attempt(s): "
                          "{why}; hl7relay messages show {message_id}, hl7relay replay {message_id}",
@@ -518,7 +581,7 @@ class DestinationQueue:
         if waiters:
             for waiter in waiters:
                 waiter.callback(result)
-        elif attempts == 1 and row.get("polled"):
+        elif attempts == 1 and row.polled:
             self._remember_unclaimed(message_id, result, now)
 
         def recorded(outcome):
@@ -547,8 +610,8 @@ class DestinationQueue:
         if connected != self.connected:
             self.connected = connected
             emit("destination_state", channel=self.channel, destination=self.destination, connected=connected)
-            d = self.writer.read(self.writer.store.set_destination_state, self.channel, self.destination, connected,
-                                 "" if connected else result.error, self.clock())
+            d = self.writer.update(DestinationStateUpdate(self.channel, self.destination, connected,
+                                                          "" if connected else result.error, self.clock()))
             d.addErrback(lambda f: log.warn("could not record destination state: {e}", e=f.getErrorMessage()))
 
 

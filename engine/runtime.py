@@ -26,6 +26,7 @@ from hl7relay.hl7.message import Message
 from hl7relay.queues import DeliveryResult, DestinationQueue, Queue
 from hl7relay.receiving import Responder
 from hl7relay.resources import Resources, Settings
+from hl7relay.store.records import AuditUpdate, ControlUpdate
 from hl7relay.store.writer import StoreWriter
 from hl7relay.stats import ChannelStats
 from hl7relay.trip import Trip
@@ -298,7 +299,7 @@ class Engine:
         def audited(summary):
             if audit:
                 entry = dict(audit, result=outcome, detail=json.dumps(summary)[:2000])
-                return self.writer.read(self.writer.store.audit, entry).addBoth(lambda _: summary)
+                return self.writer.update(AuditUpdate(entry)).addBoth(lambda _: summary)
             return summary
 
         def finished(value):
@@ -418,11 +419,18 @@ class Engine:
             raise KeyError(f"channel {channel!r} has no destination {destination!r}")
         return queue
 
+    def _control(self, channel: str, destination: str, setting: str, on: bool, actor: str, audit: dict | None) -> list:
+        """An operator's switch and its audit entry, committed together (remembered across restarts)."""
+        updates: list = [ControlUpdate(channel, destination, setting, on, actor, self.clock())]
+        if audit:
+            updates.append(AuditUpdate(audit))
+        return updates
+
     @defer.inlineCallbacks
     def set_channel_enabled(self, channel: str, enabled: bool, actor: str = "", audit: dict | None = None):
         """Enable or disable a channel now, and remember it across restarts."""
         running = self.running_channel(channel)
-        yield self.writer.read(self.writer.store.set_control, channel, "", "disabled", not enabled, actor, audit)
+        yield self.writer.update(*self._control(channel, "", "disabled", not enabled, actor, audit))
         if enabled and not running.enabled:
             for destination in running.channel.destinations:
                 queue = self._new_queue(running, destination)
@@ -440,7 +448,7 @@ class Engine:
     def set_destination_paused(self, channel: str, destination: str, paused: bool, actor: str = "",
                                audit: dict | None = None):
         queue = self.queue(channel, destination)
-        yield self.writer.read(self.writer.store.set_control, channel, destination, "paused", paused, actor, audit)
+        yield self.writer.update(*self._control(channel, destination, "paused", paused, actor, audit))
         # a forwarder's queue answers once it is paused there (its view then current)
         yield defer.maybeDeferred(queue.pause if paused else queue.resume)
         log.info("destination {channel}/{destination} {what} by {actor}", channel=channel, destination=destination,
@@ -456,7 +464,7 @@ class Engine:
             delivery.skip_backoff()
         count = yield defer.maybeDeferred(queue.retry_now)  # a forwarder's queue answers from there
         if audit:
-            yield self.writer.read(self.writer.store.audit, dict(audit, detail=f"{count} waiting deliveries"))
+            yield self.writer.update(AuditUpdate(dict(audit, detail=f"{count} waiting deliveries")))
         return dict(queue.view(), retried_now=count)
 
     def channel_view(self, channel: str) -> dict:

@@ -620,7 +620,7 @@ class StreamRequest:
 def test_a_live_stream_sends_changes_skips_while_paused_beats_and_stops_with_the_page():
     from twisted.internet import task
 
-    from hl7relay.console.app import LiveStream
+    from hl7relay.console.base import LiveStream
 
     class FakeConsole:
         streams = 0

@@ -113,8 +113,13 @@ def test_the_forwarder_delivers_and_leaves_the_writing_to_the_engine(child):
     message_id = _commit(store, "F1")
     say(("enqueue", 1, message_id, MSG.format(id="F1").encode(), None, 1.0))
     assert config.sent == ["F1"]
-    updates = [m for m in written if m[0] == "update"]
+    from hl7relay.store.database import DeliveryUpdate, DestinationStateUpdate
+
+    updates = [m for m in written if m[0] == "update" and isinstance(m[2][0], DeliveryUpdate)]
     assert len(updates) == 1
+    # the destination answered: its state (connected) goes to the engine too, as an update of its own
+    assert [m[2] for m in written if m[0] == "update" and isinstance(m[2][0], DestinationStateUpdate)] == [
+        (DestinationStateUpdate("adt", "lab", True, "", 100.0),)]
     _, request, (update,), lazy = updates[0]
     assert update.message_id == message_id and update.values["status"] == "SENT" and lazy
     assert _statuses(store, message_id) == ["QUEUED"]  # the forwarder never writes the store
@@ -148,7 +153,7 @@ def test_first_results_withdrawals_and_controls_are_answered(child):
     [result] = [m for m in written if m[0] == "result"]
     assert result[1:3] == (7, first) and not result[3].ok
     say(("withdraw", 11, 7, first, "the sender resends it"))
-    [update] = [m for m in written if m[0] == "update" and m[2][0].values.get("status") == "WITHDRAWN"]
+    [update] = [m for m in written if m[0] == "update" and getattr(m[2][0], "values", {}).get("status") == "WITHDRAWN"]
     say(("reply", update[1], None, None))
     assert ("reply", 11, True, None) in written
     say(("pause", 14, 7), ("enqueue", 7, second, MSG.format(id="W2").encode(), None, 1.0))
@@ -166,11 +171,14 @@ def test_first_results_withdrawals_and_controls_are_answered(child):
 
 
 def test_a_store_write_the_queue_asks_for_goes_to_the_engine(child):
+    from hl7relay.store.database import DestinationStateUpdate
+
     forwarder, store, clock, written, say = child
-    d = forwarder.writer.read(store.set_destination_state, "adt", "lab", False, "down", 1.0)
+    d = forwarder.writer.update(DestinationStateUpdate("adt", "lab", False, "down", 1.0))
     clock.advance(0)
-    [request] = [m for m in written if m[0] == "write"]
-    assert request[2] == "set_destination_state"
+    [request] = [m for m in written if m[0] == "update"]
+    assert request[2] == (DestinationStateUpdate("adt", "lab", False, "down", 1.0),)
+    assert not d.called  # until the engine has committed it
     say(("reply", request[1], None, None))
     assert d.called
     # reads run here

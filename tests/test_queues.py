@@ -482,7 +482,7 @@ def test_a_waiter_that_comes_after_the_first_attempt_gets_its_result(setup, firs
     if not first.ok:  # held, not retried, until the engine decides
         for _ in range(10):
             clock.advance(0.5)
-        assert peer.received == ["M1"] and queue.pending[1]["held"]
+        assert peer.received == ["M1"] and queue.pending[1].held
         assert queue.withdraw(1, "withdrawn: resend") is not None
         clock.advance(1)
         assert statuses(store)["M1"]["status"] == "WITHDRAWN"

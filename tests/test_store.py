@@ -6,8 +6,9 @@ import pytest
 import sqlalchemy as sa
 from twisted.internet import defer
 
-from hl7relay.store.database import (MIGRATIONS, DeliveryUpdate, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT_BYTES, DeliveryRecord, MessageRecord, Store,
-                            StoreError, metadata, schema_version)
+from hl7relay.store.database import (MIGRATIONS, WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT_BYTES, DeliveryRecord, DeliveryUpdate,
+                                     MessageRecord, Store, StoreError, schema_version)
+from hl7relay.store.schema import metadata
 from hl7relay.store.writer import StoreWriter
 
 POSTGRES_URL = os.environ.get("HL7RELAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -128,7 +129,7 @@ def test_the_queue_reads_its_backlog_in_order_from_the_partial_index(tmp_path):
     assert [r["message_id"] for r in store.queued_deliveries("adt", "lab")] == [2, 4, 6]
     from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-    from hl7relay.store.database import _QUEUED_IDS
+    from hl7relay.store.deliveries import _QUEUED_IDS
     compiled = _QUEUED_IDS.compile(dialect=sqlite_dialect.dialect())
     values = compiled.construct_params({"destination": "lab", "channel": "adt", "after_id": -1, "limit": 200})
     with store.engine.connect() as connection:
@@ -396,7 +397,8 @@ def test_files_readable_by_others_are_found(tmp_path):
 def test_sqlite_and_postgresql_store_the_same_rows_from_the_same_batches(tmp_path):
     """One row builder for both backends: the same batches (messages with stages and deliveries,
     delivery/message/stage updates, audit entries, odd bytes) leave the same rows in each."""
-    from hl7relay.store.database import AuditUpdate, DeliveryUpdate, MessageUpdate, StageUpdate, audit_log, deliveries, messages, stages
+    from hl7relay.store.database import AuditUpdate, DeliveryUpdate, MessageUpdate, StageUpdate
+    from hl7relay.store.schema import audit_log, deliveries, messages, stages
 
     sqlite = Store(f"sqlite:///{tmp_path / 'a.db'}")
     postgres = _postgres_store()
@@ -528,3 +530,29 @@ def test_updates_of_one_delivery_in_one_batch_apply_in_order(store):
     delivery = store.get_message(ids[1])["deliveries"][0]
     assert (delivery["status"], delivery["attempts"], delivery["last_error"]) == ("WITHDRAWN", 1, "withdrawn")
     assert store.queued_deliveries("adt", "pms") == []
+
+
+def test_the_engines_small_writes_are_typed_updates_in_the_group_commit(store):
+    """An operator's switch, a destination's state and a token's use go through the writer's one
+    way in for writes (update), not through its reads; the last of each in a batch stands."""
+    from hl7relay.store.database import AuditUpdate, ControlUpdate, DestinationStateUpdate, TokenUseUpdate
+
+    store.add_token("ci", "viewer", "hash-of-ci", "test", {"action": "token.create", "actor": "test"})
+    store.commit([], [
+        ControlUpdate("adt", "lab", "paused", True, "ops", 1.0),
+        ControlUpdate("adt", "", "disabled", True, "ops", 1.0),
+        ControlUpdate("adt", "lab", "paused", False, "ops", 2.0),  # resumed in the same batch: not paused
+        AuditUpdate({"action": "destination.resume", "actor": "ops", "target": "adt/lab"}),
+        DestinationStateUpdate("adt", "lab", False, "connection refused", 3.0),
+        TokenUseUpdate("ci", 4.0),
+    ])
+    assert store.controls() == {("adt", "", "disabled")}
+    store.commit([], [DestinationStateUpdate("adt", "lab", True, "", 5.0),  # upserted: one row, the latest
+                      ControlUpdate("adt", "lab", "paused", True, "ops", 6.0)])
+    assert store.controls() == {("adt", "", "disabled"), ("adt", "lab", "paused")}
+    state = store.channel_status(10.0)["adt"]["destinations"]["lab"]
+    assert state["connected"] and state["last_error"] == ""
+    assert [t["last_used_at"] for t in store.list_tokens()] == [4.0]
+    assert [e["action"] for e in store.audit_entries()][:2] == ["destination.resume", "token.create"]
+    with pytest.raises((ValueError, StoreError), match="not a store update"):
+        store.commit([], [object()])  # not an update: refused

@@ -12,7 +12,8 @@ from twisted.internet import defer, task
 from hl7relay.channels.destinations import QueueOptions
 from hl7relay.cli import main
 from hl7relay.queues import DeliveryResult, DestinationQueue
-from hl7relay.store.database import DeliveryRecord, MessageRecord, Store, messages
+from hl7relay.store.database import DeliveryRecord, MessageRecord, Store
+from hl7relay.store.schema import messages
 from hl7relay.store.writer import StoreWriter
 
 ADT = "MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105||ADT^A08^ADT_A01|{id}|P|2.5.1\rEVN|A08|20240105\rPID|1||{pid}^^^H^MR||DOE^JANE||{dob}|F\rPV1|1|O\r"
@@ -364,7 +365,7 @@ def _with_deliveries(store, control_id, statuses: dict, status="PROCESSED", erro
     [message_id] = store.commit([record], [])
     if "ERROR" in statuses.values():
         with store.engine.begin() as connection:
-            from hl7relay.store.database import deliveries
+            from hl7relay.store.schema import deliveries
 
             connection.execute(deliveries.update().where(deliveries.c.message_id == message_id,
                                                          deliveries.c.status == "ERROR")

@@ -8,7 +8,8 @@ import pytest
 import sqlalchemy as sa
 
 from hl7relay.cli import main
-from hl7relay.store.database import DeliveryRecord, MessageRecord, Store, deliveries, schema_version
+from hl7relay.store.database import DeliveryRecord, MessageRecord, Store, schema_version
+from hl7relay.store.schema import deliveries
 from hl7relay.store.verify import OK, PROBLEM, SKIPPED, WARNING, repair, verify
 
 ADT = "MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105||ADT^A08^ADT_A01|{id}|P|2.5.1\rPID|1||7^^^H^MR||DOE^JANE\rPV1|1|O\r"

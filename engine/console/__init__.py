@@ -1,3 +1,5 @@
 """The web console: dashboard, message browser, channel controls; served by the engine's reactor.
 
-See :mod:`hl7relay.console.app` for its pages and its security (sessions, CSRF, headers)."""
+See :mod:`hl7relay.console.base` for what every page shares and its security (sessions, CSRF,
+headers), and the page modules beside it (signin, dashboard, messages, accounts, channels,
+troubleshooting)."""

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hl7relay.events import subscribe
-from hl7relay.forwarder.wire import STORE_WRITES, Decoder, WireError, encode, write_now
+from hl7relay.forwarder.wire import Decoder, WireError, encode, write_now
 from hl7relay.queues import DestinationQueue
 from hl7relay.resources import Resources
 from hl7relay.store.database import StoreError
@@ -75,9 +75,6 @@ class ChildWriter:
         self._groups: dict[bool, list] = {False: [], True: []}  # updates waiting for this turn's flush, by laziness
 
     def read(self, fn, *args) -> defer.Deferred:
-        name = getattr(fn, "__name__", "")
-        if name in STORE_WRITES:
-            return self.link.request("write", name, args)
         d = defer.maybeDeferred(fn, *args) if self._inline else threads.deferToThread(fn, *args)
         return d.addErrback(as_store_error)
 

@@ -18,7 +18,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from hl7relay.events import relay
-from hl7relay.forwarder.wire import STORE_WRITES, Decoder, WireError, encode, write_now
+from hl7relay.forwarder.wire import Decoder, WireError, encode, write_now
 from hl7relay.outcomes import DeliveryResult
 
 __all__ = ["ForwarderProcess", "RemoteQueue"]
@@ -292,17 +292,10 @@ class ForwarderProcess(protocol.ProcessProtocol):
             d.errback(RuntimeError(error)) if error is not None else d.callback(value)
 
     def _on_update(self, request, updates, lazy):
-        """Delivery results, withdrawals: what one turn of the forwarder had, in one commit's worth."""
+        """Delivery results, withdrawals, destinations' states: what one turn of the forwarder had,
+        in one commit's worth (the engine is the store's one writer)."""
         d = self.writer.update(*updates, lazy=lazy)
         d.addCallbacks(lambda _: self.send(("reply", request, None, None)),
-                       lambda f: self.send(("reply", request, None, f.getErrorMessage())))
-
-    def _on_write(self, request, name, args):
-        if name not in STORE_WRITES:
-            self.send(("reply", request, None, f"not a store call the forwarder may make: {name}"))
-            return
-        d = self.writer.read(getattr(self.writer.store, name), *args)
-        d.addCallbacks(lambda value: self.send(("reply", request, value, None)),
                        lambda f: self.send(("reply", request, None, f.getErrorMessage())))
 
     def _on_event(self, name, fields, count=1):

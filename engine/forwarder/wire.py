@@ -11,10 +11,8 @@ import os
 import pickle
 import struct
 
-__all__ = ["encode", "Decoder", "WireError", "MAX_FRAME_BYTES", "STORE_WRITES", "write_now"]
+__all__ = ["encode", "Decoder", "WireError", "MAX_FRAME_BYTES", "write_now"]
 
-# the store calls that write which the forwarder's queues make: the engine makes them (one writer)
-STORE_WRITES = frozenset({"set_destination_state"})
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # a batch of deliveries; each message is bounded by its listener's max frame
 _LENGTH = struct.Struct("!I")
 

@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from hl7relay.ops.auth import can, new_token, token_hash
 from hl7relay.outcomes import STORED_STATUSES, MessageStatus
 from hl7relay.ops.support import masked_view
-from hl7relay.store.database import MAX_ROW_ID, StoreError
+from hl7relay.store.database import MAX_ROW_ID, StoreError, TokenUseUpdate
 
 __all__ = ["ROUTES", "ApiResource", "write_local_token", "write_endpoint", "LOCAL_TOKEN_FILE", "ENDPOINT_FILE",
            "openapi_document"]
@@ -250,7 +250,7 @@ class ApiResource(resource.Resource):
             raise ApiError(401, "unknown or revoked token")
         now = self.controls.clock()
         if (row["last_used_at"] or 0) < now - 60:  # for `hl7relay token list`; at most a write a minute per token
-            self.controls.writer.read(self.controls.writer.store.touch_token, row["name"], now).addErrback(lambda _: None)
+            self.controls.writer.update(TokenUseUpdate(row["name"], now), lazy=True).addErrback(lambda _: None)
         return {"actor": f"token:{row['name']}", "role": row["role"], "source": source}
 
     @staticmethod

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from hl7relay.outcomes import DeliveryStatus, MessageStatus
-from hl7relay.store.database import MIGRATIONS, Store, deliveries, messages, metadata, stages, waiting_by_destination
+from hl7relay.store.database import MIGRATIONS, Store
+from hl7relay.store.schema import deliveries, messages, metadata, stages
+from hl7relay.store.deliveries import waiting_by_destination
+
 
 _QUEUED = DeliveryStatus.QUEUED.value
 __all__ = ["Check", "verify", "repair", "OK", "WARNING", "PROBLEM", "SKIPPED"]

@@ -4,6 +4,10 @@ Store calls block, so they run on one writer thread. While a commit is on disk, 
 queue; when it returns, everything queued goes in the next single transaction. Durability then
 costs one disk flush per batch, not per message, and a busy engine batches more. If a batch
 fails, each record is tried alone, so one bad record cannot fail its neighbours.
+
+The writer is the engine's one way in to the store: :meth:`~StoreWriter.write` (a message) and
+:meth:`~StoreWriter.update` (typed updates: deliveries, the ACK, audit entries, the operators'
+switches, destinations' states, token uses) for writes, :meth:`~StoreWriter.read` for queries.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import time
 
 from hl7relay.events import emit
 from hl7relay.store.database import MessageRecord, Store, StoreError
+from hl7relay.store.records import Update
+
 
 __all__ = ["StoreWriter", "as_store_error"]
 
@@ -83,7 +89,7 @@ class StoreWriter:
         self._schedule()
         return d
 
-    def update(self, *updates: tuple, lazy: bool = False) -> defer.Deferred:
+    def update(self, *updates: Update | tuple, lazy: bool = False) -> defer.Deferred:
         """Commit updates (see Store._update for their form); fires once durable. ``lazy``: no
         commit of their own unless nothing else commits within ``lazy_delay`` seconds."""
         d: defer.Deferred = defer.Deferred()
@@ -114,7 +120,9 @@ class StoreWriter:
             self.reactor.callLater(0, go)
 
     def read(self, fn, *args) -> defer.Deferred:
-        """Run a store call (a query) on the writer thread, after what is already queued."""
+        """Run a store query on the writer thread, after what is already queued. Only queries:
+        a write goes in as an update, so it joins the group commit (and the forwarder's queues,
+        whose updates the engine commits, write the same way)."""
         return self.executor(fn, *args).addErrback(as_store_error)
 
     @property

@@ -1,0 +1,218 @@
+"""Messages and dead letters: the search (one search service with the API and the CLI), a
+message masked or revealed with a reason, download, replay."""
+
+from __future__ import annotations
+
+import re
+import time
+from urllib.parse import urlencode
+
+from twisted.internet import defer
+
+from hl7relay.outcomes import DeliveryStatus
+from hl7relay.ops.auth import can
+from hl7relay.ops.search import SEARCH_FILTERS, MessageQuery, Searcher, SearchRefused, search_messages
+from hl7relay.ops.support import message_view, row_view
+from hl7relay.store.database import MAX_ROW_ID
+
+from hl7relay.console.base import (
+    ConsoleBase, HTTPError, PAGE_SIZE, STATUSES, _group_of, _group_token, _masked_error, app, page,
+)
+
+
+class MessagePages(ConsoleBase):
+    @app.route("/messages", methods=["GET"])
+    @page("read")
+    @defer.inlineCallbacks
+    def messages(self, request, session):
+        filters = {name: self._field(request, name).strip() for name in SEARCH_FILTERS}
+        filters = {k: v for k, v in filters.items() if v}
+        text = self._field(request, "text").strip()
+        since, until = self._time(request, "since"), self._time(request, "until")
+        before = self._field(request, "before")
+        if before and not (before.isdigit() and int(before) <= MAX_ROW_ID):
+            raise HTTPError(400, "before is a message number")
+        search = MessageQuery(filters, failed=self._field(request, "failed") == "1", since=since, until=until,
+                              before=int(before) if before else None, limit=PAGE_SIZE, text=text or None)
+        searcher = Searcher(f"user:{session.user}", session.role, self._source(request),
+                            can(session.role, "phi", session.phi), self._field(request, "reason").strip())
+        try:
+            rows = yield self.support.run(lambda store: search_messages(store, search, searcher))
+        except SearchRefused:
+            raise HTTPError(403, "searching message content needs the permission to see patient data") from None
+        query = {k: v for k, v in ((n, self._field(request, n)) for n in (*SEARCH_FILTERS, "failed", "text", "since", "until"))
+                 if v}
+        older = "/messages?" + urlencode(dict(query, before=rows[-1]["id"])) if len(rows) == PAGE_SIZE else None
+        return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
+                            query=query, older=older, channels=self.controls.channel_names(), statuses=STATUSES,
+                            can_search_text=can(session.role, "phi", session.phi),
+                            delivery_statuses=[status.value for status in DeliveryStatus],
+                            active="messages")
+
+    def _time(self, request, name: str):
+        value = self._field(request, name).strip()
+        if not value:
+            return None
+        for layout in ("%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+            try:
+                return time.mktime(time.strptime(value, layout))  # the site's time zone, as shown
+            except ValueError:
+                continue
+        raise HTTPError(400, f"{name}: a date and time such as 2026-11-30T14:05")
+
+    @app.route("/messages/<int:message_id>", methods=["GET"])
+    @page("read")
+    def message(self, request, session, message_id):
+        return self._message(request, session, message_id, None)
+
+    @app.route("/messages/<int:message_id>/reveal", methods=["POST"])
+    @page("phi", post=True)
+    @defer.inlineCallbacks
+    def reveal(self, request, session, message_id):
+        audit = self._action(request, session, "phi.view", f"message {message_id}")
+        if not audit["reason"]:
+            raise HTTPError(400, "showing patient data needs a reason: it is written to the audit log")
+        yield self._audit(audit)
+        result = yield self._message(request, session, message_id, audit["reason"])
+        return result
+
+    @app.route("/messages/<int:message_id>/download", methods=["POST"])
+    @page("phi", post=True)
+    @defer.inlineCallbacks
+    def download(self, request, session, message_id):
+        """The message as received, byte for byte: patient data, so a reason and an audit entry first."""
+        audit = self._action(request, session, "phi.download", f"message {message_id}")
+        if not audit["reason"]:
+            raise HTTPError(400, "downloading a message needs a reason: it is written to the audit log")
+        stored = yield self.support.run(lambda store: store.get_message(message_id))
+        if stored is None:
+            raise HTTPError(404, f"no message {message_id}")
+        yield self._audit(audit)
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        request.setHeader(b"Content-Disposition", f'attachment; filename="message-{message_id}.hl7"'.encode())
+        return stored["raw"]
+
+    @app.route("/messages/<int:message_id>/replay", methods=["POST"])
+    @page("replay", post=True)
+    @defer.inlineCallbacks
+    def replay(self, request, session, message_id):
+        """A dry run first (what each chosen destination would get, and how it differs from what
+        was sent), then, confirmed with a reason, the replay (audited in its own transaction)."""
+        from hl7relay.ops.replay import commit_replay, plan_replay
+
+        chosen = [v.decode("utf-8", "replace") for v in (request.args or {}).get(b"destination", [])] or None
+        force = self._field(request, "force") == "1"
+        confirm, reason, channels, render = self._replay_form(request)
+        audit = self._action(request, session, "replay", f"message {message_id}")
+
+        def work(store):
+            plan = plan_replay(store, channels, message_id, chosen, force, render)
+            if confirm and not plan.skipped:
+                return plan, commit_replay(store, channels, plan, reason, audit["actor"], audit=audit)
+            return plan, None
+
+        plan, replay_id = yield self.support.run(work)
+        if plan.skipped.startswith("no message"):
+            raise HTTPError(404, plan.skipped)
+        if replay_id is not None:
+            request.redirect(f"/messages/{replay_id}".encode())
+            request.setResponseCode(303)
+            return b""
+        channel = channels.get(plan.channel)
+        return self._render("replay_message.html", request, 409 if confirm else 200, session=session, plan=plan,
+                            destinations=[d.name for d in channel.destinations] if channel else [],
+                            chosen=set(chosen or []), force=force, active="messages")
+
+    def _replay_form(self, request):
+        """What both replay forms share: (confirmed, reason, the running channels, how a diff's
+        sides are shown). A confirmed replay needs a reason: it goes to the audit log."""
+        from hl7relay.ops.phi import mask_message
+
+        confirm = self._field(request, "confirm") == "1"
+        reason = self._field(request, "reason").strip()[:500]
+        if confirm and not reason:
+            raise HTTPError(400, "a replay needs a reason: it is written to the audit log")
+        channels = self.controls.channels()
+        return confirm, reason, channels, lambda data: mask_message(data).split("\n")  # diffs are masked, always
+
+    @defer.inlineCallbacks
+    def _message(self, request, session, message_id: int, reason: str | None):
+        def load(store):
+            stored = store.get_message(message_id)
+            return stored, (store.replays_of(message_id) if stored is not None else [])
+
+        stored, replays = yield self.support.run(load)
+        if stored is None:
+            raise HTTPError(404, f"no message {message_id}")
+        view = message_view(stored, reason is not None)
+        return self._render("message.html", request, session=session, message=view, revealed=reason, replays=replays,
+                            active="messages")
+
+    @app.route("/dead-letters", methods=["GET"])
+    @page("replay")
+    @defer.inlineCallbacks
+    def dead_letters(self, request, session):
+        channel = self._field(request, "channel") or None
+
+        def load(store):
+            groups = store.dead_letters(channel=channel)
+            for group in groups:
+                group["token"] = _group_token(group)
+                group["error"] = _masked_error(store, group["error"], group["sample_id"])
+            return groups
+
+        groups = yield self.support.run(load)
+        done = self._field(request, "done")
+        return self._render("dead_letters.html", request, session=session, groups=groups, channel=channel,
+                            channels=self.controls.channel_names(), active="dead-letters",
+                            done=done if re.fullmatch(r"replayed \d+, skipped \d+", done or "") else None)
+
+    @app.route("/dead-letters/replay", methods=["POST"])
+    @page("replay", post=True)
+    @defer.inlineCallbacks
+    def replay_dead_letters(self, request, session):
+        from hl7relay.ops.replay import commit_replay, plan_replay
+
+        groups = []
+        for token in (request.args or {}).get(b"group", [])[:50]:
+            try:
+                groups.append(_group_of(token.decode("ascii")))
+            except ValueError:
+                raise HTTPError(400, "a selected group is not one this page offered") from None
+        if not groups:
+            raise HTTPError(400, "select at least one group of dead letters")
+        confirm, reason, channels, render = self._replay_form(request)
+        actor, role, source = f"user:{session.user}", session.role, self._source(request)
+
+        def work(store):
+            selected = []
+            for channel, destination, error in groups:
+                ids = store.dead_letter_ids(channel, destination, error)
+                plans = [plan_replay(store, channels, i, [destination], False, render) for i in ids]
+                selected.append({"channel": channel, "destination": destination,
+                                 "error": _masked_error(store, error, ids[0] if ids else None),
+                                 "token": _group_token({"channel": channel, "destination": destination, "error": error}),
+                                 "plans": plans})
+            if not confirm:
+                return selected, 0, 0
+            replayed = skipped = 0
+            for group in selected:
+                for plan in group["plans"]:
+                    if plan.skipped:
+                        skipped += 1
+                    else:
+                        commit_replay(store, channels, plan, reason, actor)
+                        replayed += 1
+            targets = ", ".join(f"{g['channel']}/{g['destination']} ({len(g['plans'])})" for g in selected)
+            ids = " ".join(str(p.original_id) for g in selected for p in g["plans"] if not p.skipped)
+            store.audit({"actor": actor, "role": role, "source": source, "action": "replay.bulk",
+                         "target": f"dead letters {targets}"[:500], "reason": reason,
+                         "detail": f"replayed {replayed}, skipped {skipped}: {ids}"[:2000]})
+            return selected, replayed, skipped
+
+        selected, replayed, skipped = yield self.support.run(work)
+        if confirm:
+            request.redirect(b"/dead-letters?" + urlencode({"done": f"replayed {replayed}, skipped {skipped}"}).encode())
+            request.setResponseCode(303)
+            return b""
+        return self._render("replay_preview.html", request, session=session, groups=selected, active="dead-letters")

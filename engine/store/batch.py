@@ -1,0 +1,259 @@
+"""One batch's rows, built once, and how each backend sends them: SQLite through its driver on
+a connection of its own (the hot path), PostgreSQL through psycopg inside SQLAlchemy's transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from hl7relay.store.schema import deliveries, _D_QUEUED, AUDIT_FIELDS, _audit_row
+from hl7relay.store.records import (
+    AuditUpdate, ControlUpdate, DeliveryUpdate, DestinationStateUpdate, MessageRecord, MessageUpdate, StageUpdate, StoreError,
+    TokenUseUpdate, as_update, storable,
+)
+
+
+_MESSAGE_COLUMNS = ("channel", "received_at", "peer", "raw", "charset", "sending_application", "sending_facility",
+                    "message_type", "control_id", "patient_id", "status", "error", "ack_code", "duplicate_key",
+                    "replay_of", "replay_reason", "replay_operator")
+_DELIVERY_UPDATE_COLUMNS = frozenset(c.name for c in deliveries.columns) - {"id", "message_id", "destination"}
+_MESSAGE_UPDATE_COLUMNS = frozenset(_MESSAGE_COLUMNS)
+
+
+def _checked(columns, allowed) -> tuple:
+    # column names go into SQL text: only the schema's own names are accepted
+    unknown = set(columns) - allowed
+    if unknown:
+        raise ValueError(f"unknown columns {sorted(unknown)}")
+    return columns
+
+
+class _Rows:
+    """The rows of one batch, built once for every backend: what each backend does differently
+    is only how it sends them (the SQLite driver directly, PostgreSQL through SQLAlchemy)."""
+
+    __slots__ = ("records", "messages", "delivery_updates", "message_updates", "stage_upserts", "audit", "controls",
+                 "destination_states", "token_uses")
+
+    def __init__(self, records, updates):
+        self.records = records
+        self.messages = [self._message(r) for r in records]  # in _MESSAGE_COLUMNS order, no id
+        self.delivery_updates: dict[tuple, list] = {}  # columns -> [(values..., message_id, destination)]
+        self.message_updates: list = []  # (columns, (values..., id))
+        self.stage_upserts: list = []  # (message_id, stage, content)
+        self.audit: list = []  # dicts in AUDIT_FIELDS order
+        # the operators' switches, destinations' states and token uses: the last of each key counts
+        self.controls: dict[tuple, ControlUpdate] = {}  # (channel, destination, setting) -> update
+        self.destination_states: dict[tuple, tuple] = {}  # (channel, destination) -> row
+        self.token_uses: dict[str, float] = {}  # token name -> when
+        # Updates of one delivery are merged, later values over earlier ones, before they are
+        # grouped by the columns they set: the groups run one after the other, so an attempt's
+        # result (QUEUED, with its attempts) and the withdrawal that followed it (WITHDRAWN) in one
+        # batch ran in the groups' order, and the delivery came out QUEUED: sent after all.
+        merged: dict[tuple, dict] = {}
+        for update in updates:
+            if update.__class__ is tuple:
+                update = as_update(update)
+            if update.__class__ is DeliveryUpdate:
+                key = (update.message_id, update.destination)
+                earlier = merged.get(key)
+                merged[key] = update.values if earlier is None else {**earlier, **update.values}
+            elif update.__class__ is MessageUpdate:
+                columns = _checked(tuple(sorted(update.values)), _MESSAGE_UPDATE_COLUMNS)
+                self.message_updates.append((columns, (*(storable(update.values[c]) for c in columns), update.message_id)))
+            elif update.__class__ is StageUpdate:
+                self.stage_upserts.append((update.message_id, update.stage, update.content))
+            elif update.__class__ is AuditUpdate:
+                self.audit.append(_audit_row(update.entry))
+            elif update.__class__ is ControlUpdate:
+                self.controls[(update.channel, update.destination, update.setting)] = update
+            elif update.__class__ is DestinationStateUpdate:
+                self.destination_states[(update.channel, update.destination)] = (
+                    update.channel, update.destination, update.connected, storable(update.error), update.at)
+            elif update.__class__ is TokenUseUpdate:
+                self.token_uses[update.name] = update.at
+            else:
+                raise ValueError(f"not a store update: {update!r}")
+        for (message_id, destination), values in merged.items():
+            columns = tuple(sorted(values))
+            self.delivery_updates.setdefault(columns, []).append(
+                (*(storable(values[c]) for c in columns), message_id, destination))
+        for columns in self.delivery_updates:
+            _checked(columns, _DELIVERY_UPDATE_COLUMNS)
+
+    @staticmethod
+    def _message(r: MessageRecord) -> tuple:
+        row = (r.channel, r.received_at, r.peer, r.raw, r.charset, r.sending_application, r.sending_facility,
+               r.message_type, r.control_id, r.patient_id, r.status, r.error, r.ack_code, r.duplicate_key,
+               r.replay_of, r.replay_reason, r.replay_operator)
+        text = "".join([r.sending_application, r.sending_facility, r.message_type, r.control_id, r.patient_id,
+                        r.error, r.duplicate_key or "", r.peer, r.replay_reason or "", r.replay_operator or ""])
+        if not text.isascii() or "\x00" in text:
+            row = tuple(storable(v) for v in row)
+        return row
+
+    def children(self, ids: list[int]) -> tuple[list, list]:
+        """Stage rows (message_id, stage, content) and delivery rows (message_id, destination,
+        status, next_attempt_at, updated_at, order_key), once the messages have their ids."""
+        stage_rows, delivery_rows = [], []
+        for message_id, r in zip(ids, self.records):
+            for name, content in r.stages.items():
+                stage_rows.append((message_id, name, content))
+            for d in r.deliveries:
+                if d.content is not None:
+                    stage_rows.append((message_id, "destination:" + d.destination, d.content))
+                delivery_rows.append((message_id, d.destination, d.status,
+                                      r.received_at if d.status == _D_QUEUED else None, r.received_at, storable(d.order_key)))
+        return stage_rows, delivery_rows
+
+
+def _sql(placeholder: str) -> dict:
+    """The batch's statements, with the driver's placeholder (``?`` or ``%s``)."""
+    p = placeholder
+    audit_columns = ", ".join(AUDIT_FIELDS)
+    return {
+        "message_with_id": (f"INSERT INTO messages (id, {', '.join(_MESSAGE_COLUMNS)}) "
+                            f"VALUES ({', '.join([p] * (1 + len(_MESSAGE_COLUMNS)))})"),
+        "next_ids": f"SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, {p})",
+        "stage": f"INSERT INTO message_stages (message_id, stage, content) VALUES ({p}, {p}, {p})",
+        "delivery": ("INSERT INTO deliveries (message_id, destination, status, attempts, last_ack, last_error, "
+                     f"next_attempt_at, updated_at, order_key) VALUES ({p}, {p}, {p}, 0, '', '', {p}, {p}, {p})"),
+        "stage_upsert": (f"INSERT INTO message_stages (message_id, stage, content) VALUES ({p}, {p}, {p}) "
+                         "ON CONFLICT (message_id, stage) DO UPDATE SET content = excluded.content"),
+        "audit": f"INSERT INTO audit_log ({audit_columns}) VALUES ({', '.join([p] * len(AUDIT_FIELDS))})",
+        "delivery_update": lambda columns: (f"UPDATE deliveries SET {', '.join(f'{c} = {p}' for c in columns)} "
+                                            f"WHERE message_id = {p} AND destination = {p}"),
+        "message_update": lambda columns: f"UPDATE messages SET {', '.join(f'{c} = {p}' for c in columns)} WHERE id = {p}",
+        "control_clear": f"DELETE FROM control_state WHERE channel = {p} AND destination = {p} AND setting = {p}",
+        "control_set": (f"INSERT INTO control_state (channel, destination, setting, changed_at, changed_by) "
+                        f"VALUES ({p}, {p}, {p}, {p}, {p})"),
+        "destination_state": (f"INSERT INTO destination_state (channel, destination, connected, last_error, updated_at) "
+                              f"VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT (channel, destination) DO UPDATE SET "
+                              "connected = excluded.connected, last_error = excluded.last_error, "
+                              "updated_at = excluded.updated_at"),
+        "token_use": f"UPDATE api_tokens SET last_used_at = {p} WHERE name = {p}",
+    }
+
+
+def _send_updates(execute, executemany, sql: dict, rows: _Rows) -> None:
+    """The batch's updates through a driver's execute/executemany: the same for both backends."""
+    for columns, values in rows.delivery_updates.items():
+        executemany(sql["delivery_update"](columns), values)
+    for columns, values in rows.message_updates:
+        execute(sql["message_update"](columns), values)
+    if rows.stage_upserts:
+        executemany(sql["stage_upsert"], rows.stage_upserts)
+    if rows.audit:
+        executemany(sql["audit"], [tuple(entry[c] for c in AUDIT_FIELDS) for entry in rows.audit])
+    if rows.controls:
+        executemany(sql["control_clear"], list(rows.controls))
+        switched_on = [(*key, u.at, storable(u.actor)) for key, u in rows.controls.items() if u.on]
+        if switched_on:
+            executemany(sql["control_set"], switched_on)
+    if rows.destination_states:
+        executemany(sql["destination_state"], list(rows.destination_states.values()))
+    if rows.token_uses:
+        executemany(sql["token_use"], [(at, name) for name, at in rows.token_uses.items()])
+
+
+def _pipeline(driver):
+    """psycopg's pipeline mode where the libpq under it has it (14 and newer; the binary wheel's
+    does), else the statements one round trip each, as before."""
+    import contextlib
+
+    import psycopg
+
+    return driver.pipeline() if psycopg.Pipeline.is_supported() else contextlib.nullcontext()
+
+
+def psycopg_errors() -> tuple:
+    """What a PostgreSQL commit may raise: SQLAlchemy's errors (the transaction around it) and
+    psycopg's own (the statements sent to it directly)."""
+    try:
+        import psycopg
+    except ImportError:  # only SQLite in use
+        return (sa.exc.SQLAlchemyError,)
+    return (sa.exc.SQLAlchemyError, psycopg.Error)
+
+
+class _SQLiteBatch:
+    """Group commits on SQLite through the driver itself, on one connection kept for the purpose.
+
+    SQLAlchemy's per-statement work (compiling, caching, result objects) cost more than SQLite's
+    own (profiled: ~55% of the engine's time under load), so the few statements of a batch are
+    prepared SQL strings run with ``executemany``. ``BEGIN IMMEDIATE`` takes the write lock first,
+    so the ids handed out after ``max(id)`` cannot collide with another process (a replay from
+    the CLI) writing at the same time. The schema stays SQLAlchemy's (``metadata``)."""
+
+    _INSERT_MESSAGE = (f"INSERT INTO messages (id, {', '.join(_MESSAGE_COLUMNS)}) "
+                       f"VALUES ({', '.join('?' * (len(_MESSAGE_COLUMNS) + 1))})")
+    _SQL: dict = {}  # built once: _sql("?")
+
+    def __init__(self, engine: sa.Engine):
+        self._proxy = engine.raw_connection()  # has the pragmas (WAL, synchronous=FULL) from the pool's connect hook
+        self._connection: Any = self._proxy.driver_connection
+        if not _SQLiteBatch._SQL:
+            _SQLiteBatch._SQL = _sql("?")
+
+    def commit(self, records: list[MessageRecord], updates: list) -> list[int]:
+        ids = self.write(records, updates)
+        self.finish()
+        return ids
+
+    def write(self, records: list[MessageRecord], updates: list) -> list[int]:
+        """The batch's statements in a transaction left open (``BEGIN IMMEDIATE`` holds the write
+        lock until :meth:`finish`); the new messages' ids. Rolled back when a statement fails."""
+        import sqlite3
+
+        connection = self._connection
+        try:
+            rows = _Rows(records, updates)
+            if connection.in_transaction:  # left open by a failure we could not roll back
+                connection.rollback()
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                ids = []
+                if rows.messages:
+                    first = connection.execute("SELECT coalesce(max(id), 0) + 1 FROM messages").fetchone()[0]
+                    ids = list(range(first, first + len(rows.messages)))
+                    connection.executemany(self._INSERT_MESSAGE, [(i, *row) for i, row in zip(ids, rows.messages)])
+                    stage_rows, delivery_rows = rows.children(ids)
+                    sql = self._SQL
+                    if stage_rows:
+                        connection.executemany(sql["stage"], stage_rows)
+                    if delivery_rows:
+                        connection.executemany(sql["delivery"], delivery_rows)
+                _send_updates(connection.execute, connection.executemany, self._SQL, rows)
+            except BaseException:
+                connection.rollback()
+                raise
+            return ids
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            raise StoreError(f"store commit failed: {exc.__class__.__name__}: {exc}") from exc
+
+    def finish(self) -> None:
+        """COMMIT what :meth:`write` left open: the disk flush (and, now and then, the WAL
+        checkpoint). The driver releases the GIL for all of it, so it may run on another thread
+        while this connection is otherwise left alone."""
+        import sqlite3
+
+        connection = self._connection
+        try:
+            connection.commit()
+        except sqlite3.Error as exc:
+            try:
+                connection.rollback()
+            except sqlite3.Error:
+                pass  # rolled back at the next write (in_transaction)
+            raise StoreError(f"store commit failed: {exc.__class__.__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        try:
+            if self._connection.in_transaction:
+                self._connection.rollback()
+        finally:
+            self._proxy.close()
+
+
+_POSTGRES_SQL = _sql("%s")

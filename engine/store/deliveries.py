@@ -1,0 +1,80 @@
+"""The destinations' queues as stored: what waits, in order, and how many; the state a
+destination was last seen in."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from hl7relay.store.schema import messages, stages, deliveries, destination_state, _D_QUEUED, _D_ERROR, _QUEUED, _DEAD
+
+# the queue's poll, built once (statements with bound parameters, not rebuilt per poll)
+
+
+_QUEUED_IDS = (
+    sa.select(deliveries.c.message_id).join(messages, messages.c.id == deliveries.c.message_id)
+    .where(deliveries.c.destination == sa.bindparam("destination"), _QUEUED, messages.c.channel == sa.bindparam("channel"),
+           deliveries.c.message_id > sa.bindparam("after_id"))
+    .order_by(deliveries.c.message_id).limit(sa.bindparam("limit"))
+)
+_content, _transformed = stages.alias("content"), stages.alias("transformed")
+_QUEUED_ROWS = (  # the content as delivery_content() finds it
+    sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.next_attempt_at,
+              deliveries.c.order_key, sa.func.coalesce(_content.c.content, _transformed.c.content).label("content"),
+              messages.c.raw, messages.c.received_at)
+    .join(messages, messages.c.id == deliveries.c.message_id)
+    .outerjoin(_content, sa.and_(_content.c.message_id == deliveries.c.message_id, _content.c.stage == sa.bindparam("stage")))
+    .outerjoin(_transformed, sa.and_(_transformed.c.message_id == deliveries.c.message_id,
+                                     _transformed.c.stage == "transformed"))
+    .where(deliveries.c.destination == sa.bindparam("destination"), _QUEUED,
+           deliveries.c.message_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(deliveries.c.message_id)
+)
+
+
+class DeliveryQueries:
+    """Part of :class:`~hl7relay.store.database.Store`; ``engine``: its SQLAlchemy engine."""
+
+    engine: sa.Engine
+
+    def queued_deliveries(self, channel: str, destination: str, limit: int = 200, after_id: int | None = None,
+                          skip: frozenset[int] | set[int] = frozenset()) -> list[dict]:
+        """The destination's QUEUED deliveries in order of receipt, with what to send: of the first
+        ``limit`` (only those of messages after ``after_id``, when given), all but the ``skip`` ids.
+
+        The ids are read first, then the content of the others only: a queue polls with what it
+        holds in memory as ``skip``, so a poll that finds nothing new reads no message bodies."""
+        with self.engine.connect() as connection:
+            ids = connection.execute(_QUEUED_IDS, {"destination": destination, "channel": channel, "limit": limit,
+                                                   "after_id": -1 if after_id is None else after_id}).scalars().all()
+            wanted = [i for i in ids if i not in skip]
+            if not wanted:
+                return []
+            rows = connection.execute(_QUEUED_ROWS, {"destination": destination, "stage": "destination:" + destination,
+                                                     "ids": wanted}).mappings()
+            return [dict(r) for r in rows]
+
+    def queue_depth(self, channel: str, destination: str) -> int:
+        query = (sa.select(sa.func.count()).select_from(deliveries).join(messages, messages.c.id == deliveries.c.message_id)
+                 .where(deliveries.c.destination == destination, _QUEUED, messages.c.channel == channel))
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar() or 0
+
+    def set_destination_state(self, channel: str, destination: str, connected: bool, error: str, now: float) -> None:
+        with self.engine.begin() as connection:
+            updated = connection.execute(destination_state.update().where(
+                destination_state.c.channel == channel, destination_state.c.destination == destination).values(
+                connected=connected, last_error=error, updated_at=now)).rowcount
+            if not updated:
+                connection.execute(destination_state.insert().values(
+                    channel=channel, destination=destination, connected=connected, last_error=error, updated_at=now))
+
+
+def waiting_by_destination(connection, status: str, first, *conditions) -> list:
+    """(channel, destination, how many, the least ``first``) of the QUEUED or ERROR deliveries
+    (``conditions``: more of them), grouped, read through their partial index: what status, the
+    console and verify count of queues and dead letters."""
+    waiting = {_D_QUEUED: _QUEUED, _D_ERROR: _DEAD}[status]
+    return list(connection.execute(
+        sa.select(messages.c.channel, deliveries.c.destination, sa.func.count(), sa.func.min(first))
+        .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id)).where(waiting, *conditions)
+        .group_by(messages.c.channel, deliveries.c.destination)))
