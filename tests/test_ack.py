@@ -126,3 +126,27 @@ def test_never_aa_without_storage():
     for outcome in (Outcome.internal_error("x"), Outcome.rejected("x", ErrorCode.UNSUPPORTED_VERSION_ID, stored=False)):
         for accept, application in (("", ""), ("AL", "AL")):
             assert not {"AA", "CA"} & set(codes(received(accept=accept, application=application), outcome))
+
+
+def test_the_header_is_read_once_into_an_ack_request_that_decides_like_the_message():
+    from hl7relay.ack.policy import AckRequest, resend_code
+
+    base = "MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105||{type}|C1|P|2.5.1|||{accept}|{application}\rPID|1\r"
+    policy = AckPolicy()
+    for message_type in ("ADT^A01", "ACK", " ack "):
+        for accept in ("", "AL", "NE", "ER", "SU", " al ", "XX"):
+            for application in ("", "AL", "NE", "ER", "SU"):
+                message = Message(base.format(type=message_type, accept=accept, application=application))
+                request = AckRequest.of(message)
+                assert request.is_ack == (message_type.strip().upper() == "ACK")
+                assert request.enhanced == bool(accept.strip() or application.strip())
+                assert request.resend_code == resend_code(message) == ("CR" if accept.strip() else "AR")
+                assert (request.accept, request.application) == (accept.strip().upper(), application.strip().upper())
+                codes = policy.codes(message, Outcome.accepted(), request)
+                if request.is_ack:
+                    assert codes == []  # an ACK is never acknowledged
+                elif not request.enhanced:
+                    assert codes == ["AA"]
+                else:  # NE withholds; AL, SU (on success) and anything garbled ask; ER does not (success)
+                    assert codes == (["CA"] if request.accept not in ("NE", "ER") else []) + (
+                        ["AA"] if request.application not in ("NE", "ER") else [])

@@ -263,3 +263,34 @@ def test_msh18_naming_a_byte_codec_is_decoded_with_the_default_and_acknowledged_
         protocol.dataReceived(frame(msg))
     answers = acks(transport)
     assert [(a.get("MSA-1"), a.get("MSA-2")) for a in answers] == [("AA", "C-base64"), ("AA", "C-zlib"), ("AA", "C-UNICODE")]
+
+
+def test_the_listener_writes_what_its_receiver_answers_and_makes_no_ack_of_its_own():
+    """One owner of the answer: every frame the sender reads comes from the receiver (the
+    running channel's ACK policy), for messages, unreadable payloads and frames too large alike."""
+    from hl7relay.ack.answer import Answer
+
+    asked = []
+
+    class Scripted:
+        def receive(self, message, peer):
+            asked.append(("receive", message.control_id))
+            return defer.succeed(Answer([b"MSH|ours-1\r", b"MSH|ours-2\r"]))
+
+        def unreadable(self, text):
+            asked.append(("unreadable", text))
+            return Answer([b"MSH|unreadable\r"])
+
+        def too_large(self, header, text):
+            asked.append(("too_large", header.control_id if header is not None else None))
+            return Answer([b"MSH|too-large\r"], close=True)
+
+    factory = MLLPListenerFactory(Scripted(), ListenerConfig(max_frame_bytes=400), task.Clock())
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.5", 4000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(frame(MSG % b"1") + frame(b"PID|1\r") + frame(MSG % b"2" + b"NTE|" + b"x" * 500 + b"\r"))
+    assert [e.payload for e in MLLPFramer().feed(transport.value())] == [
+        b"MSH|ours-1\r", b"MSH|ours-2\r", b"MSH|unreadable\r", b"MSH|too-large\r"]
+    assert asked == [("receive", "1"), ("unreadable", "the payload does not start with an MSH segment"), ("too_large", "2")]
+    assert transport.disconnecting  # the answer said close

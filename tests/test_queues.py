@@ -509,3 +509,33 @@ def test_local_and_forwarder_queues_are_one_protocol(setup):
                          type("Config", (), {"queue": QueueOptions()})(), 1.0)
     assert isinstance(local, Queue) and isinstance(remote, Queue)
     assert (local.remote, remote.remote) == (False, True)
+
+
+def test_a_queue_moves_only_new_running_stopped_and_a_stopped_one_sends_nothing(setup):
+    from hl7relay.queues import Pump, QueueState
+
+    store, clock, writer = setup
+    peer = Peer()
+    queue = DestinationQueue("ch", "lab", peer, QueueOptions(), writer, clock, clock.seconds, poll_interval=1.0)
+    assert queue.state is QueueState.NEW and not queue.stopped and queue.pump is Pump.IDLE
+    queue.start()
+    assert queue.state is QueueState.RUNNING
+    with pytest.raises(RuntimeError, match="cannot go from running to running"):
+        queue.start()  # a second loop would send every row twice
+    enqueue(store, "S1")
+    queue.enqueue(1, MSG.format(id="S1", key="P1").encode(), "P1", 0.0)
+    queue.nudge()
+    queue.nudge()  # one run on the next turn, however many nudges
+    clock.advance(0)
+    assert peer.received == ["S1"] and queue.pump is Pump.IDLE
+    queue.stop()
+    queue.stop()  # stopping twice is no move
+    assert queue.state is QueueState.STOPPED and queue.stopped
+    with pytest.raises(RuntimeError, match="cannot go from stopped to running"):
+        queue.start()  # a stopped queue is replaced, never restarted
+    enqueue(store, "S2")
+    queue.enqueue(2, MSG.format(id="S2", key="P1").encode(), "P1", 0.0)
+    queue.nudge()
+    clock.advance(5)
+    assert peer.received == ["S1"]  # nothing more is sent
+

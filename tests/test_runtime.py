@@ -830,3 +830,36 @@ def test_the_engine_output_is_its_own_lines_only(tmp_path):
     lines = rest.splitlines()
     assert lines == ["stopping: no new messages; finishing those in flight (up to 10s)",
                      "stopped: in-flight messages finished, store flushed"], rest
+
+
+def test_a_running_channel_answers_its_source_with_the_ack_it_stored_and_its_current_policy(tmp_path, manual_executor):
+    """The running channel is its listener's Receiver: the frames it hands back are the very ACKs
+    committed with the message (built once), and what it says to an unreadable payload follows
+    the channel's ACK policy as it is now (a reload replaces it)."""
+    engine, channel, store, executor = make_engine(tmp_path, manual_executor, "response: {application: LABGATE}\n")
+    running = engine.channels["ch"]
+    answers = []
+    running.receive(Message(ADT.format(id="RC1", extra="|||AL|NE")), "10.0.0.1:5000").addCallback(answers.append)
+    assert answers == []  # nothing before the commit
+    executor.run_all()
+    [answer] = answers
+    assert answer.frames == [store.get_message(1)["stages"]["ack"]] and not answer.close
+    [ack] = [Message.from_bytes(f) for f in answer.frames]
+    assert ack.get("MSA-1") == "CA" and ack.get("MSA-2") == "RC1"  # enhanced mode: the accept ACK only (NE)
+    assert Message.from_bytes(running.unreadable("not HL7").frames[0]).get("MSH-3") == "LABGATE"
+    changed, errors = load_channel(_write(tmp_path, "ch2.yaml", "name: ch\nsource: {type: mllp, port: 12650}\n"
+                                          "response: {application: OTHERAPP}\n"), {})
+    assert not errors
+    running.enabled = False  # (never opened here: the reload replaces its config without binding a port)
+    engine.reload([changed])
+    executor.run_all()
+    assert engine.channels["ch"] is running
+    assert Message.from_bytes(running.unreadable("not HL7").frames[0]).get("MSH-3") == "OTHERAPP"
+    too_large = running.too_large(Message(ADT.format(id="RC2", extra="|||AL|AL")).header(), "too big")
+    assert too_large.close and Message.from_bytes(too_large.frames[0]).get("MSA-1") == "CR"  # asks for a resend, in its mode
+
+
+def _write(folder, name, text):
+    path = folder / name
+    path.write_text(text)
+    return path
