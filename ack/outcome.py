@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
+from hl7relay.outcomes import AnswerStatus as Status
 from hl7relay.outcomes import ErrorCode
 
 __all__ = ["Status", "Outcome"]
-
-
-class Status(enum.Enum):
-    ACCEPTED = "accepted"  # stored and processed: AA / CA
-    ERROR = "error"  # stored, but content or processing failed (validation, transformer): AE
-    REJECTED = "rejected"  # not accepted (unsupported type/event/version, unreadable): AR / CR
-    FILTERED = "filtered"  # stored, deliberately not processed by a channel filter: AR by default
-    INTERNAL_ERROR = "internal_error"  # the engine itself failed (store unavailable): AR / CR, never AA
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ The statuses are ``StrEnum``s: they compare equal to, print as, and are stored a
 import enum
 from dataclasses import dataclass
 
-__all__ = ["ErrorCode", "Severity", "AckCode", "MessageStatus", "DeliveryStatus", "DeliveryOutcome", "DeliveryResult",
+__all__ = ["ErrorCode", "Severity", "AckCode", "AnswerStatus", "MessageStatus", "DeliveryStatus", "DeliveryOutcome", "DeliveryResult",
            "NOT_STORED", "STORED_STATUSES", "PRUNABLE_STATUSES"]
 
 
@@ -75,6 +75,17 @@ class AckCode(enum.StrEnum):
     @property
     def accepted(self) -> bool:
         return self in (AckCode.AA, AckCode.CA)
+
+
+class AnswerStatus(enum.Enum):
+    """What handling a received message came to, before it is said as ACK codes (the ACK policy
+    turns it into AA/AE/AR, CA/CR by the sender's mode); ``hl7relay.ack.Status``."""
+
+    ACCEPTED = "accepted"  # stored and processed: AA / CA
+    ERROR = "error"  # stored, but content or processing failed (validation, transformer): AE
+    REJECTED = "rejected"  # not accepted (unsupported type/event/version, unreadable): AR / CR
+    FILTERED = "filtered"  # stored, deliberately not processed by a channel filter: AR by default
+    INTERNAL_ERROR = "internal_error"  # the engine itself failed (store unavailable): AR / CR, never AA
 
 
 class MessageStatus(enum.StrEnum):
