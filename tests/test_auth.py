@@ -114,6 +114,11 @@ def test_there_is_no_default_account_and_users_are_managed_and_audited(store, ca
     assert code == 2 and "at least 10 characters" in err and store.get_user("bob") is None
     code, _, err = cli(capsys, "user", "add", "bad name!", "--role", "viewer")
     assert code == 2 and "not a user name" in err
+    code, _, err = cli(capsys, "user", "role", "alice", "--role", "operator")  # the only admin
+    assert code == 1 and "alice is the last active admin" in err and store.get_user("alice")["role"] == "admin"
+    assert cli(capsys, "user", "disable", "alice")[0] == 1 and cli(capsys, "user", "remove", "alice")[0] == 1
+    assert cli(capsys, "user", "add", "carol", "--role", "admin", "--password-stdin", stdin="carol's long password\n",
+               monkeypatch=monkeypatch)[0] == 0
     assert cli(capsys, "user", "role", "alice", "--role", "operator")[0] == 0
     assert store.get_user("alice")["role"] == "operator"
     assert cli(capsys, "user", "passwd", "alice", "--password-stdin", stdin="a brand new password\n",
@@ -122,7 +127,8 @@ def test_there_is_no_default_account_and_users_are_managed_and_audited(store, ca
     assert cli(capsys, "user", "remove", "alice")[0] == 0 and store.get_user("alice") is None
     assert cli(capsys, "user", "remove", "alice")[0] == 1
     actions = [(e["action"], e["target"]) for e in store.audit_entries()][::-1]
-    assert actions == [("user.add", "alice"), ("user.role", "alice"), ("user.passwd", "alice"), ("user.remove", "alice")]
+    assert actions == [("user.add", "alice"), ("user.add", "carol"), ("user.role", "alice"), ("user.passwd", "alice"),
+                       ("user.remove", "alice")]
     assert all(e["actor"].startswith("os:") and e["source"].startswith("cli@") for e in store.audit_entries())
     assert "password" not in json.dumps(store.audit_entries())
 

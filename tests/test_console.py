@@ -20,7 +20,7 @@ ADT = ("MSH|^~\\&|PMS|CLINIC|HL7RELAY|LAB|20240105093512||ADT^A01^ADT_A01|{id}|P
        "EVN|A01|20240105093512\rPID|1||100234^^^CLINIC^MR||SAMPLEPATIENT^JANE\rPV1|1|O\r")
 USERS = {"viewer": ("viewer", False), "operator": ("operator", False), "phi-operator": ("operator", True),
          "admin": ("admin", False)}
-EXTRA_USERS = {"guessed": "admin", "changer": "viewer"}  # the target of the wrong-password test, so the others are not held back
+EXTRA_USERS = {"guessed": "admin", "changer": "viewer", "two-places": "viewer"}  # the target of the wrong-password test, so the others are not held back
 
 
 class Clock:
@@ -571,6 +571,29 @@ def test_a_download_is_the_raw_message_with_a_reason_and_an_audit_row(engine):
     assert browser.post("/messages/99999/download", {"reason": "x"})[0] == 404
 
 
+
+def test_a_group_larger_than_one_replay_says_how_many_are_left_out(engine):
+    """The preview said "1000 message(s)" for a group of 20,000: it says which part it is."""
+    from hl7relay.store.database import DeliveryRecord, MessageRecord
+
+    store = engine["store"]
+    records = []
+    for i in range(1003):
+        record = MessageRecord("adt", ADT.format(id=f"BIG{i}").encode(), "PROCESSED", 1_700_000_000.0 + i, "10.0.0.9:1",
+                               "UTF-8", control_id=f"BIG{i}", message_type="ADT^A01")
+        record.deliveries.append(DeliveryRecord("big-lab", "ERROR"))
+        records.append(record)
+    store.commit(records, [])
+    operator = signed_in(engine, "operator")
+    page = operator.get("/dead-letters")[2]
+    [token] = [t for t in re.findall(r'name="group" value="([^"]+)"', page)
+               if "big-lab" in page.split(f'value="{t}"')[1].split("</tr>")[0]]
+    status, _, preview = operator.post("/dead-letters/replay", {"group": token})
+    assert status == 200 and "the oldest 1,000 of 1,003" in preview
+    assert re.search(r'id="not-this-time">3 more in the selected groups', preview)
+    assert preview.index('id="confirm"') < preview.index("BIG0")  # the counts and the confirm come first
+    assert "BIG999" in preview and "BIG1000<" not in preview  # the oldest first
+
 def test_a_message_is_replayed_from_its_page_after_a_dry_run(engine):
     store = engine["store"]
     operator = signed_in(engine, "operator")
@@ -652,6 +675,67 @@ def test_a_live_stream_sends_changes_skips_while_paused_beats_and_stops_with_the
     clock.advance(5)
     assert len(request.written) == count and console.streams == 0 and not clock.getDelayedCalls()
 
+
+
+def test_a_live_stream_ends_with_its_session_and_when_the_account_changes():
+    """The dashboard's stream kept sending for 36 s after "sign out everywhere": it ends at its
+    next tick when the session does, and within 30 s when the account is disabled or demoted
+    elsewhere (the command line), saying so to the page."""
+    from twisted.internet import defer, task
+
+    from hl7relay.console.base import LiveStream
+    from hl7relay.console.sessions import Sessions
+
+    clock = task.Clock()
+    users = {"ada": {"disabled": False, "role": "admin", "phi": False}}
+
+    class Store:
+        def get_user(self, name):
+            return users.get(name)
+
+    class Writer:
+        store = Store()
+
+        def read(self, fn, *args):
+            return defer.maybeDeferred(fn, *args)
+
+    class FakeConsole:
+        streams = 0
+        reactor = clock
+        controls = type("Controls", (), {"writer": Writer()})()
+
+    console = FakeConsole()
+    console.clock = clock.seconds
+    console.sessions = Sessions(clock.seconds)
+
+    def open_stream():
+        session_id, session = console.sessions.create("ada", "admin", False, "127.0.0.1")
+        session.checked_at = clock.seconds()
+        request = StreamRequest()
+        request.getCookie = lambda name: session_id.encode()
+        request.unregisterProducer = lambda: None
+        stream = LiveStream(console, request, lambda: "<p>live</p>", "channels", interval=1.0, session=session)
+        return session_id, request, stream
+
+    session_id, request, stream = open_stream()
+    clock.advance(1)
+    assert console.streams == 1 and not stream.done.called
+    console.sessions.end_all("ada")  # sign out everywhere
+    clock.advance(1)
+    assert stream.done.called and console.streams == 0
+    assert request.written[-1].startswith(b"event: ended\ndata: ") and b"Signed out" in request.written[-1]
+    count = len(request.written)
+    clock.advance(10)
+    assert len(request.written) == count  # nothing after the end
+    second_id, request, stream = open_stream()
+    users["ada"]["role"] = "viewer"  # demoted from the command line: only the store knows
+    for _ in range(29):
+        clock.advance(1)
+    assert not stream.done.called
+    for _ in range(3):  # read again after 30 s: the session ends, and the stream with it
+        clock.advance(1)
+    assert stream.done.called and b"event: ended" in request.written[-1]
+    assert console.sessions.get(second_id) is None
 
 def test_the_console_over_tls_marks_its_cookies_secure(tmp_path, running_engine, server_certificate):
     import ssl
@@ -779,6 +863,30 @@ def test_a_store_that_does_not_answer_gets_a_clear_503(unit_engine):
     assert b"adt" in console.render_channels().encode()  # the dashboard, from memory, is unaffected
 
 
+
+def test_a_text_search_that_stopped_at_its_limit_says_so_instead_of_no_match(unit_engine):
+    from twisted.internet import defer
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from hl7relay.console.app import Console
+    from hl7relay.store.messages import SearchRows
+
+    engine, _, _, clock = unit_engine
+    console = Console(Controls(engine), clock)
+    stopped = SearchRows()
+    stopped.scanned, stopped.stopped_at = 100_000, 1234
+    console.support.run = lambda fn, *a, **k: defer.succeed(stopped)
+    session_id, _ = console.sessions.create("ada", "admin", False, "127.0.0.1")
+    request = DummyRequest([b"messages"])
+    request.args = {b"text": [b"DOE"]}
+    request.getCookie = lambda name: session_id.encode() if name == b"hl7relay_session" else None
+    pages = []
+    console.messages(request).addCallback(pages.append)
+    page = pages[0].decode()
+    assert 'id="search-stopped"' in page and "read the newest 100,000 messages" in page
+    assert "/messages?text=DOE&amp;before=1234" in page  # where to go on from
+    assert "No match among the messages searched." in page and "No messages match." not in page
+
 # -- the troubleshooting pages (issue #16) ----------------------------------------------------------------
 def test_try_a_message_shows_each_step_and_the_ack(engine):
     viewer = signed_in(engine, "viewer")
@@ -823,10 +931,17 @@ def test_performance_logs_alerts_and_connections_pages(engine):
                                                "destination": "lab"})[0] == 303
     status, _, page = viewer.get("/connections")
     assert status == 200 and re.search(r"adt: listening on 127\.0\.0\.1:\d+", page) and "<td>127.0.0.1</td>" in page
-    status, _, page = viewer.post("/connections/check", {"target": "adt/lab"})
+    assert 'id="check-needs-operator"' in page and 'action="/connections/check"' not in page
+    # a check connects to a production destination (and may send it a message): an operator's, and a
+    # viewer's forced POST is refused and written to the audit log
+    assert viewer.post("/connections/check", {"target": "adt/lab"})[0] == 403
+    [refused] = engine["store"].audit_entries(action="console.refused", limit=1)
+    assert (refused["actor"], refused["target"], refused["result"]) == ("user:viewer", "POST /connections/check", "refused")
+    assert refused["detail"] == "permission: needs control"
+    status, _, page = operator.post("/connections/check", {"target": "adt/lab"})
     assert status == 200 and 'id="check-steps"' in page and "Connection refused" in page  # port 9: nobody there
     assert engine["store"].audit_entries(action="connection.check")[0]["target"] == "adt/lab"
-    assert viewer.post("/connections/check", {"target": "adt/nope"})[0] == 404
+    assert operator.post("/connections/check", {"target": "adt/nope"})[0] == 404
 
 
 def test_the_tracer_page_follows_a_trace_of_ones_own(engine):
@@ -884,3 +999,55 @@ def test_the_database_page_verifies_and_repairs_for_admins(engine):
     status, _, page = admin.get(headers["Location"])
     assert "every delivery row belongs to a stored message" in page
     assert "deleted 1 row" in store.audit_entries(action="store.repair")[0]["detail"]
+
+
+def test_sign_in_goes_only_to_a_plain_path_of_our_own(engine):
+    browser = Browser(engine["base"])
+    _, _, body = browser.get("/login")
+    for target, expected in (("/messages?channel=adt", "/messages?channel=adt"), ("/\t/evil.example", "/"),
+                             ("//evil.example", "/"), ("/\\evil.example", "/"), ("https://evil.example/", "/"),
+                             ("/\n/evil.example", "/"), ("/ok path", "/")):
+        browser = Browser(engine["base"])
+        _, _, body = browser.get("/login")
+        token = re.search(r'name="login_token" value="([^"]+)"', body).group(1)
+        status, headers, _ = browser.request("POST", "/login", {"login_token": token, "name": "viewer",
+                                                                "password": PASSWORD, "next": target})
+        assert status == 303 and headers["Location"] == expected, target
+
+
+def test_refused_attempts_of_a_signed_in_user_are_audited(engine):
+    store = engine["store"]
+    viewer = signed_in(engine, "viewer")
+    before = len(store.audit_entries(action="console.refused", limit=1000))
+    assert viewer.post("/channels/adt/disable", {"reason": "x"})[0] == 403  # the role
+    assert viewer.post("/logout", csrf=False)[0] == 403  # the token
+    assert viewer.post("/logout", headers={"Origin": "http://evil.example"})[0] == 403  # another site's form
+    assert Browser(engine["base"]).post("/logout", csrf=False)[0] == 401  # nobody to name: not written
+    entries = store.audit_entries(action="console.refused", limit=1000)[:3]
+    assert len(store.audit_entries(action="console.refused", limit=1000)) == before + 3
+    assert [(e["actor"], e["target"], e["detail"].split(":")[0]) for e in reversed(entries)] == [
+        ("user:viewer", "POST /channels/adt/disable", "permission"), ("user:viewer", "POST /logout", "csrf"),
+        ("user:viewer", "POST /logout", "origin")]
+    assert viewer.get("/")[0] == 200  # still signed in
+
+
+def test_changing_ones_own_password_ends_ones_other_sessions(engine):
+    here, elsewhere = signed_in(engine, "two-places"), signed_in(engine, "two-places")
+    new = "a brand new long password"
+    status, _, _ = here.post("/account/password", {"current": PASSWORD, "new": new, "again": new})
+    assert status == 303
+    assert here.get("/")[0] == 200 and elsewhere.get("/")[0] == 303  # the other one signs in again
+    assert here.post("/account/password", {"current": new, "new": PASSWORD, "again": PASSWORD})[0] == 303
+
+
+def test_the_last_active_admin_stays_one(engine):
+    store = engine["store"]
+    admin = signed_in(engine, "admin")
+    assert admin.post("/users/guessed/disable")[0] == 303  # the other admin, for a moment
+    try:
+        assert admin.post("/users/admin/role", {"role": "viewer"})[0] == 409
+        status, _, page = admin.post("/users/admin/role", {"role": "operator"})
+        assert status == 409 and "admin is the last active admin" in page
+        assert store.get_user("admin")["role"] == "admin"
+    finally:
+        assert admin.post("/users/guessed/enable")[0] == 303

@@ -120,6 +120,28 @@ def test_sign_in_wrong_password_and_sign_out(browser, engine):
     watched.close()
 
 
+
+def test_the_live_dashboard_ends_when_its_user_signs_out_everywhere(browser, engine):
+    """The stream kept sending for 36 s after "sign out everywhere": it ends at once, and the page
+    says so."""
+    from playwright.sync_api import expect
+
+    watching = Watched(browser, engine, "stream-ends")
+    dashboard = watching.sign_in("ada")
+    assert dashboard.inner_text("h1") == "Dashboard"
+    dashboard.wait_for_timeout(500)  # the stream is open
+    elsewhere = Watched(browser, engine, "stream-ends-elsewhere")
+    page = elsewhere.sign_in("ada")
+    page.click("text=Sign out everywhere")
+    page.wait_for_url(re.compile(r".*/login$"))
+    expect(dashboard.locator("#stream-ended-note")).to_contain_text("Signed out", timeout=30000)
+    watching.shot("stream-ended")
+    # the page closed its stream on "ended": no reconnect (it would be refused, 401, and show as a failure)
+    dashboard.wait_for_timeout(4000)
+    expect(dashboard.locator("#stream-ended-note")).to_be_visible()
+    elsewhere.close()
+    watching.close()
+
 def test_a_sent_message_moves_the_dashboard_is_found_masked_and_revealed(browser, engine):
     watched = Watched(browser, engine, "admin")
     page = watched.sign_in("ada")
@@ -247,6 +269,90 @@ def test_a_dead_letter_is_replayed_after_a_dry_run_and_a_destination_paused_and_
     expect(page.locator('tr[data-destination="lab"]')).not_to_contain_text("paused")
     actions = [e["action"] for e in engine["store"].audit_entries(limit=20)]
     assert actions[:3] == ["destination.resume", "destination.pause", "replay.bulk"]
+    watched.close()
+
+
+@pytest.fixture
+def lab_and_archive(tmp_path_factory, running_engine):
+    """An engine with two destinations: a lab answering the first message AE (a dead letter), then
+    AA, and a file archive that takes every message."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_runtime import wait_for_line
+
+    lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", "0", "--answer", "AE", "--fail-first", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        lab_port = int("".join(wait_for_line(lab, "MLLP on")).split("MLLP on 127.0.0.1:")[1].split()[0])
+
+        def prepare(store):
+            store.add_user("ops", "operator", hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": "ops"})
+
+        folder = tmp_path_factory.mktemp("two")
+        channel = ("name: adt\nsource: {type: mllp, port: 0}\ndestinations:\n"
+                   f"  - {{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}, retry_initial: 0.2, retry_max: 1}}\n"
+                   f"  - {{name: archive, type: file, directory: {folder / 'archive'}}}\n")
+        running = running_engine(folder, "--admin-port", "0", "--console-port", "auto", prepare=prepare, channel=channel)
+        yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
+        assert running.stop() == 0
+    finally:
+        lab.send_signal(signal.SIGTERM)
+        lab.wait(timeout=30)
+        lab.stdout.close()
+
+
+def test_replaying_one_message_goes_to_its_dead_letter_by_default_and_its_deliveries_settle_on_the_page(
+        browser, lab_and_archive):
+    """The first dry run of a single-message replay succeeds: only the destination where it is a
+    dead letter is ticked (the archive has it); delivering again to the archive is the page's own
+    labelled choice; the replay's page refreshes its deliveries until they settle."""
+    from playwright.sync_api import expect
+
+    engine = lab_and_archive
+    watched = Watched(browser, engine, "replay-one")
+    page = watched.sign_in("ops")
+    original_mode = engine["folder"] / "original.hl7"
+    original_mode.write_bytes(SAMPLE.read_bytes().replace(b"|||AL|NE|", b"|||||"))
+    send_sample(engine, original_mode)
+    for _ in range(100):  # the lab answers AE: a dead letter; the archive has it
+        statuses = {d["destination"]: d["status"] for d in (engine["store"].get_message(1) or {}).get("deliveries", [])}
+        if statuses == {"lab": "ERROR", "archive": "SENT"}:
+            break
+        page.wait_for_timeout(100)
+    assert statuses == {"lab": "ERROR", "archive": "SENT"}
+    watched.goto("/messages/1")
+    page.click("#replay button[type=submit]")
+    page.wait_for_load_state()
+    watched.shot("replay-one-dry-run")
+    assert page.locator("#skipped").count() == 0  # the first dry run succeeds
+    assert page.inner_text("#plan tbody").split()[0] == "lab"
+    assert page.is_checked("#confirm input[name=destination][value=lab]")
+    assert not page.is_checked("#confirm input[name=destination][value=archive]")
+    assert "(has it)" in page.inner_text("#confirm") and not page.is_checked("#force-label input")
+    # ticking the archive without "deliver again" is refused in words the page offers
+    page.check("#confirm input[name=destination][value=archive]")
+    page.click("#confirm button[value='0']")
+    page.wait_for_load_state()
+    assert "already delivered to archive" in page.inner_text("#skipped")
+    assert "Deliver again to the ones that already have it" in page.inner_text("#skipped")
+    page.uncheck("#confirm input[name=destination][value=archive]")
+    # the lab paused (in another tab) so the replay's delivery waits, QUEUED, until it is resumed
+    channels = page.context.new_page()
+    channels.goto(engine["base"] + "/channels")
+    channels.click('tr[data-destination="lab"] button:has-text("Pause")')
+    channels.wait_for_load_state()
+    page.fill("#confirm input[name=reason]", "INC-14 the lab's index is fixed")
+    page.click("#confirm button[value='1']")
+    page.wait_for_load_state()
+    assert page.url.endswith("/messages/2") and "Replay of" in page.inner_text("main")
+    assert "QUEUED" in page.inner_text("#deliveries") and page.locator("#deliveries[hx-trigger]").count() == 1
+    channels.click('tr[data-destination="lab"] button:has-text("Resume")')
+    channels.wait_for_load_state()
+    channels.close()
+    # no reload here: the table refreshes itself until the replay's delivery settles
+    expect(page.locator("#deliveries")).to_contain_text("SENT", timeout=20000)
+    watched.shot("replay-one-settled")
+    assert [(d["destination"], d["status"]) for d in engine["store"].get_message(2)["deliveries"]] == [("lab", "SENT")]
+    assert page.locator("#deliveries[hx-trigger]").count() == 0  # settled: it stopped asking
     watched.close()
 
 

@@ -556,3 +556,36 @@ def test_the_engines_small_writes_are_typed_updates_in_the_group_commit(store):
     assert [e["action"] for e in store.audit_entries()][:2] == ["destination.resume", "token.create"]
     with pytest.raises((ValueError, StoreError), match="not a store update"):
         store.commit([], [object()])  # not an update: refused
+
+
+def test_a_text_search_that_reaches_its_scan_limit_says_where_it_stopped(store):
+    """A content search stopped after its scan limit and read as "no match" for a message that
+    existed further back: it now says how far it read, and where to go on from."""
+    store.commit([record(f"S{n}", raw=b"MSH|^~\\&|A|B\rPID|1||" + (b"NEEDLE" if n == 0 else b"hay") + b"\r")
+                  for n in range(1200)], [])
+    rows = store.search(text=b"needle", scan_limit=1000)
+    assert rows == [] and rows.scanned == 1000 and rows.stopped_at == 201  # ids 1200..201 read, newest first
+    rows = store.search(text=b"needle", before_id=rows.stopped_at, scan_limit=1000)
+    assert [r["control_id"] for r in rows] == ["S0"] and rows.stopped_at is None
+    rows = store.search(text=b"nowhere", scan_limit=5000)  # read to the oldest: a true "no match"
+    assert rows == [] and rows.scanned == 1200 and rows.stopped_at is None
+
+
+def test_the_last_active_admin_cannot_be_demoted_disabled_or_removed(store):
+    from hl7relay.store.records import LastAdminError
+
+    audit = {"actor": "test", "action": "user.change", "target": "x"}
+    store.add_user("ada", "admin", "hash", audit)
+    store.add_user("bob", "admin", "hash", audit)
+    store.add_user("val", "viewer", "hash", audit)
+    assert store.update_user("bob", audit, role="operator")  # ada remains
+    entries = len(store.audit_entries(limit=1000))
+    for change in (lambda: store.update_user("ada", audit, role="viewer"),
+                   lambda: store.update_user("ada", audit, disabled=True),
+                   lambda: store.remove_user("ada", audit)):
+        with pytest.raises(LastAdminError, match="ada is the last active admin"):
+            change()
+    assert store.get_user("ada")["role"] == "admin" and not store.get_user("ada")["disabled"]
+    assert len(store.audit_entries(limit=1000)) == entries  # nothing changed, nothing audited
+    assert store.update_user("val", audit, role="operator") and store.remove_user("val", audit)  # others as before
+    assert store.update_user("bob", audit, role="admin") and store.update_user("ada", audit, disabled=True)

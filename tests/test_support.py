@@ -408,6 +408,21 @@ def test_replay_of_what_failed_targets_the_failed_destinations(env, capsys):
     assert code == 0 and f"{other} AE2: would send to lab" in out, out
 
 
+
+def test_a_delivery_still_queued_is_no_default_target_of_a_replay(env, capsys):
+    """Its queue sends it yet: a replay beside it would deliver the message twice."""
+    tmp_path, store = env
+    _two_destinations(tmp_path)
+    waiting = _with_deliveries(store, "Q1", {"lab": "QUEUED", "archive": "ERROR"})
+    code, out = cli(capsys, "replay", str(waiting), "--dry-run")
+    assert code == 0 and f"{waiting} Q1: would send to archive" in out and "lab" not in out.split("would send to")[1], out
+    from hl7relay.channels import load_channels
+    from hl7relay.ops.replay import plan_replay
+
+    channels, _ = load_channels([str(tmp_path / "channels")])
+    plan = plan_replay(store, {c.name: c for c in channels}, waiting)
+    assert (plan.chosen, plan.dead, plan.delivered) == (["archive"], ["archive"], [])
+
 def test_a_dead_letter_writes_one_warning_line_without_patient_data(tmp_path):
     from twisted.logger import globalLogPublisher, formatEvent
 

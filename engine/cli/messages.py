@@ -108,8 +108,13 @@ def run(args) -> int:
     query = MessageQuery({k: v for k, v in filters.items() if v is not None}, failed=failed, since=since, until=until,
                          before=args.before, limit=args.limit, text=getattr(args, "text", None))
     # on this host the store is the operating-system user's anyway: a reason is what a content search takes
-    rows = search_messages(store, query, Searcher(os_actor(), "host", cli_source(), bool(reason), reason))
-    rows = [row_view(row, args.show_phi) for row in rows]
+    found = search_messages(store, query, Searcher(os_actor(), "host", cli_source(), bool(reason), reason))
+    stopped_at = getattr(found, "stopped_at", None)  # a text search that reached its scan limit
+    if stopped_at is not None:
+        # on standard error, so --format json stays parseable: "no match" would be a lie
+        print(f"the text search read the newest {found.scanned:,} messages and stopped: older ones were not searched "
+              f"(--since/--until for an older period, or --before {stopped_at} to go on)", file=sys.stderr)
+    rows = [row_view(row, args.show_phi) for row in found]
     if args.format == "json":
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -125,7 +130,7 @@ def run(args) -> int:
     if len(rows) == args.limit:
         print(f"-- more: --before {rows[-1]['id']}")
     elif not rows:
-        print("no messages match")
+        print("no match among the messages searched" if stopped_at is not None else "no messages match")
     return 0
 
 

@@ -76,6 +76,16 @@ def _password(args) -> str | None:
 
 
 def run(args) -> int:
+    from hl7relay.store.records import LastAdminError
+
+    try:
+        return _run(args)
+    except LastAdminError as exc:  # demoting, disabling or removing the last active admin
+        print(f"{exc}; nothing changed", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     from hl7relay.ops.auth import cli_audit, hash_password, valid_name
     from hl7relay.cli._support import format_time, open_store_from_args
     from hl7relay.store.database import StoreError

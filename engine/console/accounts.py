@@ -9,8 +9,9 @@ from twisted.internet import defer, threads
 
 from hl7relay.ops.auth import ROLES, hash_password, verify_password
 from hl7relay.store.database import MAX_ROW_ID, StoreError
+from hl7relay.store.records import LastAdminError
 
-from hl7relay.console.base import ConsoleBase, HTTPError, USER_DONE, app, page
+from hl7relay.console.base import SESSION_COOKIE, USER_DONE, ConsoleBase, HTTPError, app, page
 
 
 class AccountPages(ConsoleBase):
@@ -103,12 +104,18 @@ class AccountPages(ConsoleBase):
         elif action == "remove":
             if name == session.user:
                 raise HTTPError(400, "you cannot remove yourself (another admin can)")
-            yield self.support.run(lambda store: store.remove_user(name, audit))
+            try:
+                yield self.support.run(lambda store: store.remove_user(name, audit))
+            except LastAdminError as exc:
+                raise HTTPError(409, str(exc)) from None
             self.sessions.end_all(name)
             return self._to_users(request, "user.remove", name)
         else:
             raise HTTPError(404, "no such action")
-        yield self.support.run(lambda store: store.update_user(name, audit, **values))
+        try:
+            yield self.support.run(lambda store: store.update_user(name, audit, **values))
+        except LastAdminError as exc:
+            raise HTTPError(409, str(exc)) from None
         if action in ("disable", "passwd", "role", "phi"):
             self.sessions.end_all(name)  # signed in again with what the account is now
         return self._to_users(request, f"user.{action}", name)
@@ -177,6 +184,8 @@ class AccountPages(ConsoleBase):
         hashed = yield threads.deferToThreadPool(self.reactor, pool, hash_password, new)
         yield self.support.run(lambda store: store.update_user(
             session.user, self._action(request, session, "user.passwd", session.user), password_hash=hashed))
+        # a password changed because it leaked: whoever signed in with the old one is out (this page stays)
+        self.sessions.end_all(session.user, keep=(request.getCookie(SESSION_COOKIE) or b"").decode("latin-1"))
         request.redirect(b"/account?done=password")
         request.setResponseCode(303)
         return b""

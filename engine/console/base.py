@@ -28,7 +28,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from hl7relay.console.sessions import LoginThrottle, Sessions
+from hl7relay.console.sessions import LoginThrottle, Session, Sessions
 from hl7relay.outcomes import STORED_STATUSES
 from hl7relay.ops.auth import ROLES, can, hash_password
 from hl7relay.ops.phi import mask_known, mask_text, person_values
@@ -170,9 +170,13 @@ class ConsoleBase:
 
     @defer.inlineCallbacks
     def _admit(self, request, permission, post):
+        cookie = (request.getCookie(SESSION_COOKIE) or b"").decode("latin-1")
         if post and not self._origin_ok(request):
+            # with a session: a page of another site made this browser post with its cookie (which
+            # does not count as the user's activity)
+            yield self._refused(request, self.sessions.get(cookie, touch=False), "origin", "the form was sent from another site")
             raise HTTPError(403, "this form was sent from another site")
-        session = self.sessions.get((request.getCookie(SESSION_COOKIE) or b"").decode("latin-1"))
+        session = self.sessions.get(cookie)
         if session is not None and self.clock() - session.checked_at > 30:
             # the account may have changed (role, PHI, disabled, removed): read it at most every 30 s
             user = yield self.controls.writer.read(self.controls.writer.store.get_user, session.user)
@@ -191,10 +195,25 @@ class ConsoleBase:
             raise HTTPError(303, "")
         if post and not Sessions.csrf_ok(session, self._field(request, "csrf") or
                                          (request.getHeader(b"x-csrf-token") or b"").decode("latin-1")):
+            yield self._refused(request, session, "csrf", "the form's security token was missing or stale")
             raise HTTPError(403, "the form's security token is missing or stale: reload the page")
         if not can(session.role, permission, session.phi):
+            yield self._refused(request, session, "permission", f"needs {permission}")
             raise HTTPError(403, f"{session.user} ({session.role}) may not do this")
         return session
+
+    def _refused(self, request, session, why: str, detail: str):
+        """An attempt refused for a signed-in user (another site's form, a stale token, a role
+        without the permission) goes to the audit log: someone tried, and the log says who and
+        what. Without a session there is nobody to name, and nothing is written (no log flood)."""
+        if session is None:
+            return defer.succeed(None)
+        entry = {"actor": f"user:{session.user}", "role": session.role, "source": self._source(request),
+                 "action": "console.refused", "target": f"{request.method.decode('latin-1')} "
+                                                       f"{request.path.decode('latin-1', 'replace')[:200]}",
+                 "result": "refused", "detail": f"{why}: {detail}"}
+        return self._audit(entry).addErrback(lambda f: log.error("console: could not audit a refused attempt: {e}",
+                                                                 e=f.getErrorMessage()))
 
     def _failed(self, failure: Failure, request):
         if failure.check(defer.CancelledError):
@@ -326,8 +345,14 @@ class LiveStream:
     so a slow client costs one pending update, never a growing buffer."""
 
     def __init__(self, console: ConsoleBase, request, render, event: str, interval: float = 1.0,
-                 heartbeat: float = 15.0):
+                 heartbeat: float = 15.0, session: Session | None = None):
         self.console = console
+        # whose stream it is: it ends when their session does (signed out, everywhere too; ended by
+        # an admin's change of the account; expired), and the account is read again every 30 s
+        # (disabled or demoted from the command line)
+        self.session = session
+        self.cookie = (request.getCookie(SESSION_COOKIE) or b"").decode("latin-1") if session is not None else None
+        self._rechecking = False
         self.request = request
         self.render = render
         self.event = event
@@ -349,6 +374,8 @@ class LiveStream:
         request.notifyFinish().addBoth(self._finished)
 
     def tick(self):
+        if self.session is not None and not self._session_holds():
+            return
         if self.paused:
             self.skipped += 1
             return
@@ -366,6 +393,39 @@ class LiveStream:
         data = "".join(f"data: {line}\n" for line in html.splitlines())
         self.request.write(f"event: {self.event}\n{data}\n".encode("utf-8"))
         self.last_sent = now
+
+    def _session_holds(self) -> bool:
+        """Whether the stream may go on; ends it (saying so to the page) when not."""
+        console = self.console
+        session = self.session
+        if session is None or console.sessions.get(self.cookie, touch=False) is not session:  # a page left open is no activity
+            self._end("Signed out: this view stopped. Sign in again to see it live.")
+            return False
+        if console.clock() - session.checked_at > 30 and not self._rechecking:
+            self._rechecking = True
+
+            def rechecked(user):
+                self._rechecking = False
+                if user is None or user["disabled"] or user["role"] != session.role or bool(user["phi"]) != session.phi:
+                    console.sessions.end_all(session.user)  # signed in again with what the account is now
+                else:
+                    session.checked_at = console.clock()
+
+            def failed(_):
+                self._rechecking = False  # the store did not answer: tried again on the next tick
+
+            console.controls.writer.read(console.controls.writer.store.get_user, session.user).addCallbacks(rechecked, failed)
+        return True
+
+    def _end(self, text: str) -> None:
+        """Say why to the page, then end the response (Klein finishes it when ``done`` fires)."""
+        self._stop()
+        if self.done.called:
+            return
+        self.request.write(f'event: ended\ndata: <p class="note status-warn" id="stream-ended-note">{text} '
+                           '<a href="/login">Sign in</a></p>\n\n'.encode("utf-8"))
+        self.request.unregisterProducer()
+        self.done.callback(None)
 
     def pauseProducing(self):
         self.paused = True

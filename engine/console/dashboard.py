@@ -35,4 +35,4 @@ class DashboardPages(ConsoleBase):
     def live_dashboard(self, request, session):
         if self.streams >= MAX_STREAMS:
             raise HTTPError(503, "too many live views open")
-        return LiveStream(self, request, self.render_channels, "channels").done
+        return LiveStream(self, request, self.render_channels, "channels", session=session).done

@@ -20,6 +20,9 @@ from hl7relay.console.base import (
 )
 
 
+_SETTLING_SECONDS = 600.0  # how long a message page refreshes deliveries that are still QUEUED
+BULK_REPLAY_LIMIT = 1000  # dead letters of one group replayed at once (the oldest first)
+
 class MessagePages(ConsoleBase):
     @app.route("/messages", methods=["GET"])
     @page("read")
@@ -43,7 +46,10 @@ class MessagePages(ConsoleBase):
         query = {k: v for k, v in ((n, self._field(request, n)) for n in (*SEARCH_FILTERS, "failed", "text", "since", "until"))
                  if v}
         older = "/messages?" + urlencode(dict(query, before=rows[-1]["id"])) if len(rows) == PAGE_SIZE else None
+        stopped_at = getattr(rows, "stopped_at", None)  # a text search that reached its scan limit
+        continue_at = "/messages?" + urlencode(dict(query, before=stopped_at)) if stopped_at else None
         return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
+                            stopped_at=stopped_at, scanned=getattr(rows, "scanned", 0), continue_at=continue_at,
                             query=query, older=older, channels=self.controls.channel_names(), statuses=STATUSES,
                             can_search_text=can(session.role, "phi", session.phi),
                             delivery_statuses=[status.value for status in DeliveryStatus],
@@ -92,6 +98,22 @@ class MessagePages(ConsoleBase):
         request.setHeader(b"Content-Disposition", f'attachment; filename="message-{message_id}.hl7"'.encode())
         return stored["raw"]
 
+    @app.route("/messages/<int:message_id>/deliveries", methods=["GET"])
+    @page("read")
+    @defer.inlineCallbacks
+    def deliveries(self, request, session, message_id):
+        """The message's deliveries table alone (masked), for the page to refresh until they settle."""
+        stored = yield self.support.run(lambda store: store.get_message(message_id))
+        if stored is None:
+            raise HTTPError(404, f"no message {message_id}")
+        return self._render("_deliveries.html", request, session=session, message=message_view(stored, False),
+                            settling=self._settling(stored))
+
+    def _settling(self, stored: dict) -> bool:
+        """Whether the page should refresh the deliveries: some still QUEUED, the message recent."""
+        return (any(d["status"] == DeliveryStatus.QUEUED for d in stored["deliveries"])
+                and self.clock() - stored["received_at"] < _SETTLING_SECONDS)
+
     @app.route("/messages/<int:message_id>/replay", methods=["POST"])
     @page("replay", post=True)
     @defer.inlineCallbacks
@@ -121,7 +143,7 @@ class MessagePages(ConsoleBase):
         channel = channels.get(plan.channel)
         return self._render("replay_message.html", request, 409 if confirm else 200, session=session, plan=plan,
                             destinations=[d.name for d in channel.destinations] if channel else [],
-                            chosen=set(chosen or []), force=force, active="messages")
+                            delivered=set(plan.delivered), dead=set(plan.dead), force=force, active="messages")
 
     def _replay_form(self, request):
         """What both replay forms share: (confirmed, reason, the running channels, how a diff's
@@ -146,7 +168,7 @@ class MessagePages(ConsoleBase):
             raise HTTPError(404, f"no message {message_id}")
         view = message_view(stored, reason is not None)
         return self._render("message.html", request, session=session, message=view, revealed=reason, replays=replays,
-                            active="messages")
+                            settling=self._settling(stored), active="messages")
 
     @app.route("/dead-letters", methods=["GET"])
     @page("replay")
@@ -187,9 +209,11 @@ class MessagePages(ConsoleBase):
         def work(store):
             selected = []
             for channel, destination, error in groups:
-                ids = store.dead_letter_ids(channel, destination, error)
+                ids = store.dead_letter_ids(channel, destination, error, limit=BULK_REPLAY_LIMIT)
                 plans = [plan_replay(store, channels, i, [destination], False, render) for i in ids]
-                selected.append({"channel": channel, "destination": destination,
+                # a group larger than one replay says so: the oldest BULK_REPLAY_LIMIT of how many
+                total = store.dead_letter_count(channel, destination, error) if len(ids) == BULK_REPLAY_LIMIT else len(ids)
+                selected.append({"channel": channel, "destination": destination, "total": total,
                                  "error": _masked_error(store, error, ids[0] if ids else None),
                                  "token": _group_token({"channel": channel, "destination": destination, "error": error}),
                                  "plans": plans})
@@ -215,4 +239,5 @@ class MessagePages(ConsoleBase):
             request.redirect(b"/dead-letters?" + urlencode({"done": f"replayed {replayed}, skipped {skipped}"}).encode())
             request.setResponseCode(303)
             return b""
-        return self._render("replay_preview.html", request, session=session, groups=selected, active="dead-letters")
+        return self._render("replay_preview.html", request, session=session, groups=selected, limit=BULK_REPLAY_LIMIT,
+                            active="dead-letters")

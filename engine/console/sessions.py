@@ -53,8 +53,9 @@ class Sessions:
         self._sessions[_hash(session_id)] = session
         return session_id, session
 
-    def get(self, session_id: str | None) -> Session | None:
-        """The live session for a cookie's id (and it counts as activity), or None."""
+    def get(self, session_id: str | None, touch: bool = True) -> Session | None:
+        """The live session for a cookie's id, or None; ``touch``: it counts as activity (a
+        refused request, or a page refreshing itself, does not)."""
         if not session_id:
             return None
         key = _hash(session_id)
@@ -65,15 +66,18 @@ class Sessions:
         if now - session.last_seen > self.idle or now - session.created_at > self.absolute:
             del self._sessions[key]
             return None
-        session.last_seen = now
+        if touch:
+            session.last_seen = now
         return session
 
     def end(self, session_id: str | None) -> None:
         if session_id:
             self._sessions.pop(_hash(session_id), None)
 
-    def end_all(self, user: str) -> int:
-        keys = [key for key, session in self._sessions.items() if session.user == user]
+    def end_all(self, user: str, keep: str | None = None) -> int:
+        """End every session of ``user`` (but ``keep``, a session id: the one that asked)."""
+        kept = _hash(keep) if keep else None
+        keys = [key for key, session in self._sessions.items() if session.user == user and key != kept]
         for key in keys:
             del self._sessions[key]
         return len(keys)

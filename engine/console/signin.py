@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet import defer, threads
 
 from hl7relay.ops.auth import verify_password
@@ -69,8 +71,7 @@ class SignInPages(ConsoleBase):
         request.addCookie(LOGIN_COOKIE, b"", path=b"/login", httpOnly=True, sameSite="strict", secure=self.tls,
                           max_age=b"0")
         target = self._field(request, "next")
-        safe = target.startswith("/") and not target.startswith("//") and not target.startswith("/\\")
-        request.redirect((target if safe else "/").encode("utf-8"))
+        request.redirect((target if local_path(target) else "/").encode("utf-8"))
         request.setResponseCode(303)
         return b""
 
@@ -90,3 +91,14 @@ class SignInPages(ConsoleBase):
         request.redirect(b"/login")
         request.setResponseCode(303)
         return b""
+
+
+# a path of this console's own: "/" then a plain path (no scheme, host, backslash, control
+# character or whitespace: a browser drops tabs and newlines from a URL, so "/<TAB>/evil.example"
+# would have become "//evil.example", another site), then an optional query
+_LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9._~!$&'()*+,;=:@%/-]*(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
+
+
+def local_path(target: str) -> bool:
+    """Whether a sign-in's ``next`` is a plain path on this console (else it goes to the dashboard)."""
+    return bool(_LOCAL_PATH.fullmatch(target)) and len(target) <= 2000

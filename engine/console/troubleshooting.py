@@ -124,7 +124,7 @@ class TroubleshootingPages(ConsoleBase):
                             outbound=outbound, steps=steps, target=target)
 
     @app.route("/connections/check", methods=["POST"])
-    @page("read", post=True)
+    @page("control", post=True)  # it connects to a production destination and may send it a message
     @defer.inlineCallbacks
     def connections_check(self, request, session):
         from hl7relay.ops.check import check_destination, default_check_message

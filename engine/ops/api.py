@@ -464,8 +464,16 @@ class ApiResource(resource.Resource):
             rows = yield self._off_reactor(lambda store: search_messages(store, query, searcher))
         except SearchRefused as refused:
             raise ApiError(403, str(refused)) from None
-        return {"messages": [row_view(row, show_phi) for row in rows],
-                "next_before": rows[-1]["id"] if len(rows) == limit else None}
+        out = {"messages": [row_view(row, show_phi) for row in rows],
+               "next_before": rows[-1]["id"] if len(rows) == limit else None}
+        stopped_at = getattr(rows, "stopped_at", None)
+        if stopped_at is not None:
+            # a text search that reached its scan limit: older messages were not searched, and the
+            # next page goes on from where it stopped
+            out["search_stopped"] = {"scanned": rows.scanned, "at_message": stopped_at,
+                                     "text": "older messages were not searched: narrow since/until or page on"}
+            out["next_before"] = stopped_at
+        return out
 
     @defer.inlineCallbacks
     def get_message(self, request, caller, body, message_id):

@@ -21,6 +21,10 @@ from hl7relay.store.database import AuditUpdate, DeliveryRecord, DeliveryUpdate,
 
 __all__ = ["ReplayPlan", "plan_replay", "commit_replay"]
 
+# what a replay goes to by default: the dead letters. Not a delivery still QUEUED: its queue
+# sends it yet, and a replay beside it would deliver the message twice
+_NOT_THROUGH = (DeliveryStatus.ERROR.value,)
+
 
 @dataclass(slots=True)
 class ReplayPlan:
@@ -32,6 +36,9 @@ class ReplayPlan:
     changes: dict = field(default_factory=dict)  # destination -> diff against what was sent before
     result: str = ""
     error: str = ""
+    chosen: list = field(default_factory=list)  # the destinations it was planned for (chosen, or the default)
+    delivered: list = field(default_factory=list)  # the destinations that already accepted it (SENT)
+    dead: list = field(default_factory=list)  # the destinations where it is a dead letter (ERROR)
 
 
 def _plain(data: bytes) -> list[str]:
@@ -88,15 +95,18 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
         return plan
     names = {d.name for d in channel.destinations}
     if not destinations:
-        # by default what failed: the destinations whose delivery is a dead letter (the others
-        # have it already), or every destination when none failed
-        destinations = {d["destination"] for d in stored["deliveries"] if d["status"] == DeliveryStatus.ERROR} & names
+        # by default what did not get through: the destinations whose delivery is a dead letter
+        # (the others have it, or will), or every destination when none of them
+        destinations = {d["destination"] for d in stored["deliveries"] if d["status"] in _NOT_THROUGH} & names
     chosen = set(destinations or names)
+    plan.chosen = [d.name for d in channel.destinations if d.name in chosen] + sorted(chosen - names)
     unknown = chosen - names
     if unknown:
         plan.skipped = f"channel {channel.name!r} has no destination {', '.join(sorted(unknown))}"
         return plan
-    delivered = {d["destination"] for d in stored["deliveries"] if d["status"] == DeliveryStatus.SENT} & chosen
+    plan.delivered = sorted({d["destination"] for d in stored["deliveries"] if d["status"] == DeliveryStatus.SENT})
+    plan.dead = sorted({d["destination"] for d in stored["deliveries"] if d["status"] == DeliveryStatus.ERROR})
+    delivered = set(plan.delivered) & chosen
     if delivered and not force:
         plan.skipped = f"already delivered to {', '.join(sorted(delivered))} (use --force to send again)"
         return plan

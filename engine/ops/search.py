@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hl7relay.store.messages import SearchRows
+
 __all__ = ["SEARCH_FILTERS", "MessageQuery", "Searcher", "SearchRefused", "search_messages"]
 
 # the indexed filters (Store.search keyword arguments); ``failed`` is a flag beside them
@@ -44,7 +46,7 @@ class Searcher:
     reason: str = ""
 
 
-def search_messages(store, query: MessageQuery, searcher: Searcher) -> list[dict]:
+def search_messages(store, query: MessageQuery, searcher: Searcher) -> SearchRows:
     """Newest first, ``query.limit`` rows (store.search's); audited as the module says. Runs on a
     thread of the caller's (the store blocks)."""
     if query.text:

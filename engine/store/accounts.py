@@ -8,7 +8,7 @@ import time
 import sqlalchemy as sa
 
 from hl7relay.store.schema import users, api_tokens, audit_log, _audit_row
-from hl7relay.store.records import StoreError
+from hl7relay.store.records import LastAdminError, StoreError
 
 
 class Accounts:
@@ -30,20 +30,36 @@ class Accounts:
             raise StoreError(f"could not add user {name!r}: {getattr(exc, 'orig', exc)}") from exc
 
     def update_user(self, name: str, audit: dict, **values) -> bool:
-        """Change a user's role or password hash; False when there is no such user."""
+        """Change a user's role, password hash, PHI permission or disabled state; False when there
+        is no such user; LastAdminError (nothing changed) when it would leave no active admin."""
         with self.engine.begin() as connection:
+            admins = self._active_admins(connection)
             changed = connection.execute(users.update().where(users.c.name == name)
                                          .values(updated_at=time.time(), **values)).rowcount
+            self._keep_an_admin(connection, admins, name)
             if changed:
                 connection.execute(audit_log.insert().values(**_audit_row(audit)))
             return bool(changed)
 
     def remove_user(self, name: str, audit: dict) -> bool:
+        """Remove a user; LastAdminError (nothing removed) when it is the last active admin."""
         with self.engine.begin() as connection:
+            admins = self._active_admins(connection)
             removed = connection.execute(users.delete().where(users.c.name == name)).rowcount
+            self._keep_an_admin(connection, admins, name)
             if removed:
                 connection.execute(audit_log.insert().values(**_audit_row(audit)))
             return bool(removed)
+
+    @staticmethod
+    def _active_admins(connection) -> int:
+        return connection.execute(sa.select(sa.func.count()).select_from(users)
+                                  .where(users.c.role == "admin", users.c.disabled.is_(False))).scalar() or 0
+
+    def _keep_an_admin(self, connection, before: int, name: str) -> None:
+        # raised inside the transaction: the change is rolled back with it
+        if before and not self._active_admins(connection):
+            raise LastAdminError(f"{name} is the last active admin: make another user an admin first")
 
     def get_user(self, name: str) -> dict | None:
         with self.engine.connect() as connection:

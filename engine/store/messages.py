@@ -11,6 +11,15 @@ from hl7relay.store.schema import (
 from hl7relay.store.records import storable
 
 
+class SearchRows(list):
+    """A page of search rows. A content search also says how far it read: ``scanned`` messages,
+    and ``stopped_at`` (the last one read) when it stopped at its scan limit with the page not
+    full: the messages older than that were not searched, which nobody should take for "no match"."""
+
+    scanned: int = 0
+    stopped_at: int | None = None
+
+
 class MessageQueries:
     """Part of :class:`~hl7relay.store.database.Store`; ``engine``: its SQLAlchemy engine."""
 
@@ -54,6 +63,16 @@ class MessageQueries:
         with self.engine.connect() as connection:
             return [r[0] for r in connection.execute(query.order_by(deliveries.c.message_id).limit(limit))]
 
+    def dead_letter_count(self, channel: str, destination: str, error: str | None = None) -> int:
+        """How many messages one group of dead letters holds (through the dead letters' index)."""
+        query = (sa.select(sa.func.count())
+                 .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id))
+                 .where(_DEAD, deliveries.c.destination == destination, messages.c.channel == channel))
+        if error is not None:
+            query = query.where(deliveries.c.last_error == error)
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar() or 0
+
     def replays_of(self, message_id: int) -> list[dict]:
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(
@@ -90,7 +109,7 @@ class MessageQueries:
 
     def search(self, *, channel=None, status=None, since=None, until=None, message_type=None, control_id=None,
                patient_id=None, facility=None, delivery_status=None, failed: bool = False, text: bytes | None = None,
-               before_id=None, limit=50, scan_limit=100000) -> list[dict]:
+               before_id=None, limit=50, scan_limit=100000) -> SearchRows:
         """Newest first, ``limit`` at a time (keyset paging: pass the last id as ``before_id``).
 
         Every filter but ``text`` is answered by an index; ``text`` (a substring of the raw message,
@@ -158,23 +177,29 @@ class MessageQueries:
                 return rows[:size]
 
             if text is None:
-                rows = page(before_id, limit)
+                rows = SearchRows(page(before_id, limit))
                 return self._with_failed_deliveries(connection, rows) if failed else rows
             found: list[dict] = []
             scanned, cursor = 0, before_id
             needle = text.lower()
+            exhausted = False
             while len(found) < limit and scanned < scan_limit:
-                rows = page(cursor, 500, (messages.c.raw,))
-                if not rows:
+                candidates = page(cursor, 500, (messages.c.raw,))
+                if not candidates:
+                    exhausted = True
                     break
-                scanned += len(rows)
-                cursor = rows[-1]["id"]
+                scanned += len(candidates)
+                cursor = candidates[-1]["id"]
                 # case-insensitive (ASCII), as an analyst typing "penicillin" expects
-                found += [{k: v for k, v in r.items() if k != "raw"} for r in rows if needle in r["raw"].lower()]
-            return self._with_failed_deliveries(connection, found[:limit]) if failed else found[:limit]
+                found += [{k: v for k, v in r.items() if k != "raw"} for r in candidates if needle in r["raw"].lower()]
+            result = SearchRows(found[:limit])
+            result.scanned = scanned
+            if len(found) < limit and not exhausted:
+                result.stopped_at = cursor  # the scan limit came first: older messages were not read
+            return self._with_failed_deliveries(connection, result) if failed else result
 
     @staticmethod
-    def _with_failed_deliveries(connection, rows: list[dict]) -> list[dict]:
+    def _with_failed_deliveries(connection, rows: SearchRows) -> SearchRows:
         """Each row with its dead letters (destination, error) as ``failed_deliveries``; a row that
         has some also carries its ``raw`` message: a peer's error text may name the patient without
         quotes, and masking it needs the message's own person values (ops/support.row_view)."""

@@ -11,6 +11,11 @@ class StoreError(Exception):
     """The store could not commit (disk full, database down...): the message must not be ACKed AA."""
 
 
+class LastAdminError(StoreError):
+    """A change that would leave no active admin (demoted, disabled or removed): refused, since
+    nobody could manage users or see the audit log any more."""
+
+
 @dataclass(slots=True)
 class DeliveryRecord:
     destination: str
