@@ -17,6 +17,7 @@ import time
 
 import enum
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -30,7 +31,8 @@ from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult, DeliveryStatus
 from hl7relay.store.database import DeliveryUpdate, DestinationStateUpdate, StoreError
 
-__all__ = ["Queue", "DestinationQueue", "DeliveryResult", "QueuedDelivery", "QueueState", "Pump", "retry_delay"]
+__all__ = ["Queue", "DestinationQueue", "DeliveryResult", "DestinationHealth", "QueuedDelivery", "QueueState", "Pump",
+           "retry_delay"]
 
 log = Logger(namespace="hl7relay.queue")
 # the statuses as plain str: what the store binds on the hot path (a StrEnum costs the driver an adapter lookup)
@@ -42,6 +44,11 @@ _MEMORY_LIMIT = 2000  # deliveries held in memory per destination; the rest are 
 # this long, and at most this many, for a waiter that comes late
 _UNCLAIMED_SECONDS = 120.0
 _UNCLAIMED_LIMIT = 10_000
+# "failing": of the attempts of the last _RECENT_SECONDS (the last _RECENT_ATTEMPTS at most), at
+# least half and at least _FAILING_AT_LEAST failed, the last one too
+_RECENT_ATTEMPTS = 20
+_RECENT_SECONDS = 600.0
+_FAILING_AT_LEAST = 3
 
 
 def retry_delay(attempts: int, options: QueueOptions, rng: random.Random) -> float:
@@ -97,6 +104,18 @@ class Queue(Protocol):
     @property
     def in_flight(self):
         """Deliveries on the wire (sized)."""
+
+
+class DestinationHealth(enum.Enum):
+    """How a destination looks to the person on call (its queue's ``state``): paused by an
+    operator; down (not reachable); failing (reachable, but most of its recent attempts failed:
+    AE, AR/CR, no answer in time); ok; idle (nothing tried yet)."""
+
+    PAUSED = "paused"
+    DOWN = "down"
+    FAILING = "failing"
+    OK = "ok"
+    IDLE = "idle"
 
 
 class QueueState(enum.Enum):
@@ -193,6 +212,9 @@ class DestinationQueue:
         self._unclaimed: dict[int, tuple[float, DeliveryResult]] = {}
         self._wake = None
         self.paused = False  # an operator's pause: the queue keeps filling, nothing is sent
+        # the last attempts (when, whether it was accepted): "failing" is read from them, since a
+        # destination that answers AE to everything is connected, and not well
+        self._recent: deque[tuple[float, bool]] = deque(maxlen=_RECENT_ATTEMPTS)
         self.last_error = ""
         self.last_error_at: float | None = None
 
@@ -278,7 +300,7 @@ class DestinationQueue:
         oldest = min((row.received_at for row in self.pending.values()), default=None)
         return {
             "channel": self.channel, "destination": self.destination, "paused": self.paused,
-            "connected": self.connected, "depth": len(self.pending) + self.backlog, "in_memory": len(self.pending),
+            "connected": self.connected, "state": self._health(now).value, "depth": len(self.pending) + self.backlog, "in_memory": len(self.pending),
             "on_disk": self.backlog, "in_flight": len(self.in_flight),
             "oldest_age": None if oldest is None else max(0.0, now - oldest),
             "head": None if head is None else {
@@ -288,6 +310,19 @@ class DestinationQueue:
             "last_error": self.last_error, "last_error_at": self.last_error_at,
             "sent": self.sent, "failed": self.failed, "retried": self.retried,
         }
+
+    def _health(self, now: float) -> "DestinationHealth":
+        if self.paused:
+            return DestinationHealth.PAUSED
+        recent = [ok for at, ok in self._recent if now - at <= _RECENT_SECONDS]
+        if self.connected is False:
+            return DestinationHealth.DOWN
+        failed = recent.count(False)
+        if recent and not recent[-1] and failed >= _FAILING_AT_LEAST and failed * 2 >= len(recent):
+            return DestinationHealth.FAILING
+        if self.connected or recent:
+            return DestinationHealth.OK
+        return DestinationHealth.IDLE
 
     def nudge(self) -> None:
         """Look for due deliveries: now if the pump is running (it looks again), else on the
@@ -571,6 +606,7 @@ class DestinationQueue:
                          channel=self.channel, destination=self.destination, message_id=message_id, n=attempts, why=why)
         if not result.ok:
             self.last_error, self.last_error_at = result.error, now
+        self._recent.append((now, result.ok))
         self._state(result)
         # the attempt is over before anyone hears of it: a waiter may withdraw the row at once,
         # and its withdrawal must be recorded after this attempt's result, not overwritten by it

@@ -300,7 +300,7 @@ def test_controls_act_and_write_one_audit_row_each(engine):
     store = engine["store"]
     browser = signed_in(engine, "operator")
     cases = [("/channels/adt/destinations/lab/pause", "destination.pause", "adt/lab", "paused"),
-             ("/channels/adt/destinations/lab/resume", "destination.resume", "adt/lab", "connected|not connected|idle"),
+             ("/channels/adt/destinations/lab/resume", "destination.resume", "adt/lab", "ok|down|failing|idle"),
              ("/channels/adt/destinations/lab/retry", "destination.retry", "adt/lab", None),
              ("/channels/adt/disable", "channel.disable", "adt", "disabled"),
              ("/channels/adt/enable", "channel.enable", "adt", "running")]
@@ -317,6 +317,8 @@ def test_controls_act_and_write_one_audit_row_each(engine):
             section = page.split('id="channel-adt"')[1]
             assert re.search(state, section), (action, state)
     assert browser.post("/channels/nope/disable", {})[0] == 404
+    assert browser.post("/channels/adt/disable", {})[0] == 400  # never one keypress: it says why
+    assert browser.post("/channels/adt/disable", {"reason": "  "})[0] == 400 and "running" in browser.get("/channels")[2]
     assert browser.post("/channels/adt/destinations/nope/pause", {})[0] == 404
     assert browser.post("/channels/adt/explode", {})[0] == 404
     status, _, page = signed_in(engine, "viewer").get("/channels")
@@ -499,7 +501,10 @@ def test_an_admin_manages_users_and_tokens_each_change_audited(engine):
     newbie = signed_in(engine, "newbie")
     assert newbie.get("/users")[0] == 403
     assert admin.post("/users/newbie/phi", {"phi": "on"})[0] == 400  # a viewer cannot be given it
-    assert admin.post("/users/newbie/role", {"role": "operator"})[0] == 303 and store.get_user("newbie")["role"] == "operator"
+    assert admin.post("/users/newbie/role", {"role": "operator"})[0] == 400  # a role change says why
+    assert store.get_user("newbie")["role"] == "viewer"
+    assert admin.post("/users/newbie/role", {"role": "operator", "reason": "INC-9 on call"})[0] == 303
+    assert store.get_user("newbie")["role"] == "operator"
     assert newbie.get("/")[0] == 303  # a changed account signs in again
     assert admin.post("/users/newbie/phi", {"phi": "on"})[0] == 303 and store.get_user("newbie")["phi"] is True
     assert admin.post("/users/newbie/passwd", {"password": "another long password"})[0] == 303
@@ -761,6 +766,17 @@ def test_the_console_over_tls_marks_its_cookies_secure(tmp_path, running_engine,
         assert running.stop() == 0
 
 
+
+def test_an_unchanged_dashboard_renders_the_same_so_it_is_not_sent_again(unit_engine):
+    """The table carried its clock ("Updated 14:05:09"), so the live view re-sent it every second."""
+    from hl7relay.console.app import Console
+
+    engine, _, _, clock = unit_engine
+    console = Console(Controls(engine), clock, clock=clock.seconds)
+    first = console.render_channels()
+    clock.advance(5)
+    assert console.render_channels() == first
+
 def test_with_no_users_the_sign_in_page_shows_how_to_make_the_first(unit_engine, manual_executor):
     from twisted.web.test.requesthelper import DummyRequest
 
@@ -875,7 +891,7 @@ def test_a_text_search_that_stopped_at_its_limit_says_so_instead_of_no_match(uni
     console = Console(Controls(engine), clock)
     stopped = SearchRows()
     stopped.scanned, stopped.stopped_at = 100_000, 1234
-    console.support.run = lambda fn, *a, **k: defer.succeed(stopped)
+    console.support.run = lambda fn, *a, **k: defer.succeed((stopped, {}))
     session_id, _ = console.sessions.create("ada", "admin", False, "127.0.0.1")
     request = DummyRequest([b"messages"])
     request.args = {b"text": [b"DOE"]}
@@ -991,6 +1007,10 @@ def test_the_database_page_verifies_and_repairs_for_admins(engine):
     outside.close()
     assert signed_in(engine, "operator").get("/database")[0] == 403
     admin = signed_in(engine, "admin")
+    status, _, page = admin.get("/database")  # quick: the checks run when asked
+    assert status == 200 and 'id="checks"' not in page and "not run yet" in page
+    status, headers, _ = admin.post("/database/check")
+    assert status == 303 and headers["Location"] == "/database"
     status, _, page = admin.get("/database")
     assert status == 200 and 'id="checks"' in page and "deliveries of missing messages" in page
     assert "1 delivery row of messages no longer stored" in page and "Apply the safe repairs" in page
@@ -1045,9 +1065,72 @@ def test_the_last_active_admin_stays_one(engine):
     admin = signed_in(engine, "admin")
     assert admin.post("/users/guessed/disable")[0] == 303  # the other admin, for a moment
     try:
-        assert admin.post("/users/admin/role", {"role": "viewer"})[0] == 409
-        status, _, page = admin.post("/users/admin/role", {"role": "operator"})
+        assert admin.post("/users/admin/role", {"role": "viewer", "reason": "test"})[0] == 409
+        status, _, page = admin.post("/users/admin/role", {"role": "operator", "reason": "test"})
         assert status == 409 and "admin is the last active admin" in page
         assert store.get_user("admin")["role"] == "admin"
     finally:
         assert admin.post("/users/guessed/enable")[0] == 303
+
+
+def test_the_message_page_shows_fields_by_name_masked_values_keep_their_field(engine):
+    viewer = signed_in(engine, "viewer")
+    status, _, page = viewer.get("/messages/1")
+    assert status == 200 and 'id="fields-raw"' in page and "SAMPLEPATIENT" not in page
+    received = page.split('id="fields-raw"')[1].split("</details>")[0]
+    rows = re.findall(r'<td class="path">([A-Z0-9]+-\d+)</td><td class="muted">([^<]*)</td><td class="value">([^<]*)</td>', received)
+    by_path = {path: (name, value) for path, name, value in rows}
+    assert by_path["PID-5"] == ("Patient Name", "***") and by_path["MSH-9"][0] == "Message Type"
+    assert by_path["MSH-10"][1] == "CON1"
+    revealed = signed_in(engine, "phi-operator").post("/messages/1/reveal", {"reason": "INC-3 the viewer"})[2]
+    assert re.search(r'<td class="path">PID-5</td><td class="muted">Patient Name</td><td class="value">SAMPLEPATIENT', revealed)
+
+
+def test_what_changed_between_the_stages_is_shown_masked_with_the_fields_named():
+    from hl7relay.console.messages import _fields_and_changes
+    from hl7relay.ops.support import message_view
+
+    raw = ADT.format(id="CH1").encode()
+    transformed = raw.replace(b"|P|2.5", b"|T|2.5")
+    to_lab = transformed.replace(b"SAMPLEPATIENT", b"OTHERNAME")
+    stored = {"id": 9, "channel": "adt", "raw": raw, "status": "PROCESSED", "error": "", "patient_id": "100234",
+              "replay_reason": None, "deliveries": [],
+              "stages": {"transformed": transformed, "destination:lab": to_lab}}
+    fields, changes = _fields_and_changes(stored, message_view(stored, False), False)
+    assert set(fields) == {"raw", "transformed", "destination:lab"}
+    (first, first_diff), (second, second_diff) = changes
+    assert first == "Received → Transformed" and "changed: MSH-11" in first_diff
+    assert second == "Transformed → lab" and "changed: PID-5" in second_diff
+    assert "SAMPLEPATIENT" not in second_diff and "OTHERNAME" not in second_diff  # masked, the field still named
+
+
+def test_messages_page_back_up_with_newer(engine):
+    from hl7relay.store.database import MessageRecord
+
+    engine["store"].commit([MessageRecord("pager", ADT.format(id=f"PG{n}").encode(), "PROCESSED", 1_700_000_000.0 + n,
+                                          control_id=f"PG{n}", message_type="ADT^A01") for n in range(60)], [])
+    viewer = signed_in(engine, "viewer")
+    first = viewer.get("/messages?channel=pager")[2]
+    assert 'id="newer"' not in first and 'id="older"' in first and ">PG59<" in first
+    older = re.search(r'href="([^"]+)"[^>]*id="older"', first).group(1).replace("&amp;", "&")
+    second = viewer.get(older)[2]
+    assert ">PG9<" in second and ">PG59<" not in second and 'id="older"' not in second
+    newer = re.search(r'href="([^"]+)"[^>]*id="newer"', second).group(1).replace("&amp;", "&")
+    back = viewer.get(newer)[2]
+    assert ">PG59<" in back and ">PG10<" in back and ">PG9<" not in back
+
+
+def test_the_listed_messages_export_as_csv_masked_and_audited(engine):
+    import csv
+    import io
+
+    viewer = signed_in(engine, "viewer")
+    page = viewer.get("/messages")[2]
+    link = re.search(r'href="([^"]+)" id="export-csv"', page).group(1).replace("&amp;", "&")
+    status, headers, body = viewer.get(link)
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(body)))
+    assert rows and {"id", "control_id", "patient_id", "status", "deliveries"} <= set(rows[0])
+    con1 = next(r for r in rows if r["control_id"] == "CON1")
+    assert "SAMPLEPATIENT" not in body and con1["patient_id"] != "100234"  # masked as the page shows it
+    assert engine["store"].audit_entries(action="messages.export", limit=1)[0]["actor"] == "user:viewer"

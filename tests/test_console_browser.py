@@ -25,6 +25,7 @@ CHROMIUM = os.environ.get("HL7RELAY_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("HL7RELAY_ARTIFACTS", REPO / "build" / "test-artifacts" / "console"))
 PASSWORD = "a long enough password"
 SAMPLE = REPO / "samples" / "adt_a01.hl7"  # patient DOE^JANE, control id MSG00001
+AXE = Path(__file__).parent / "vendor" / "axe-4.12.1.min.js"
 # what the browser is told besides headless: no sandbox as root, no shared memory limits, and no
 # background connections (this machine's network is closed; Chromium would try them at start)
 CHROMIUM_ARGS = ["--disable-dev-shm-usage", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -356,6 +357,67 @@ def test_replaying_one_message_goes_to_its_dead_letter_by_default_and_its_delive
     watched.close()
 
 
+
+@pytest.fixture
+def refusing_lab(tmp_path_factory, running_engine):
+    """An engine whose lab answers AE to every message: connected, and failing."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_runtime import wait_for_line
+
+    lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", "0", "--answer", "AE"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        lab_port = int("".join(wait_for_line(lab, "MLLP on")).split("MLLP on 127.0.0.1:")[1].split()[0])
+
+        def prepare(store):
+            store.add_user("ops", "operator", hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": "ops"})
+            store.add_user("val", "viewer", hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": "val"})
+
+        channel = ("name: adt\nsource: {type: mllp, port: 0}\n"
+                   f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}}}]\n")
+        running = running_engine(tmp_path_factory.mktemp("refusing"), "--admin-port", "0", "--console-port", "auto",
+                                 prepare=prepare, channel=channel)
+        yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
+        assert running.stop() == 0
+    finally:
+        lab.send_signal(signal.SIGTERM)
+        lab.wait(timeout=30)
+        lab.stdout.close()
+
+
+def test_a_destination_answering_ae_to_everything_stands_out_as_failing(browser, refusing_lab):
+    """It showed a green "connected" beside "dead 20000": now the dashboard and the health strip
+    on every page say it is failing, the dead letters are counted, and the message says so."""
+    from playwright.sync_api import expect
+
+    engine = refusing_lab
+    watched = Watched(browser, engine, "failing")
+    page = watched.sign_in("val")  # a viewer: every link the strip offers must be one a viewer may open
+    original_mode = engine["folder"] / "original.hl7"
+    original_mode.write_bytes(SAMPLE.read_bytes().replace(b"|||AL|NE|", b"|||||"))
+    for _ in range(3):
+        send_sample(engine, original_mode)
+    expect(page.locator('tr[data-destination="lab"] td[data-state]')).to_have_attribute("data-state", "failing",
+                                                                                      timeout=20000)
+    watched.goto("/")
+    expect(page.locator("#health [data-health=destinations]")).to_contain_text("failing: adt/lab")
+    for _ in range(50):  # the dead letters are counted off the reactor: the next page has the count
+        if "3 dead letters" in page.inner_text("#health"):
+            break
+        page.wait_for_timeout(200)
+        watched.goto("/messages")
+    assert "3 dead letters" in page.inner_text("#health")
+    watched.shot("failing-health")
+    assert "1 dead letter" in page.inner_text("#messages tbody tr >> nth=0")
+    page.click("#health [data-health=dead]")  # a viewer may follow it
+    page.wait_for_load_state()
+    assert page.url.endswith("/messages?delivery_status=ERROR") and page.locator("#messages tbody tr").count() == 3
+    page.click("#messages tbody tr >> nth=0 >> a >> nth=0")
+    page.wait_for_load_state()
+    assert "1 dead letter" in page.inner_text("#delivery-trouble")
+    watched.shot("failing-message")
+    watched.close()
+
 def test_every_page_renders_without_errors(browser, engine):
     watched = Watched(browser, engine, "pages")
     watched.sign_in("ada")
@@ -366,6 +428,56 @@ def test_every_page_renders_without_errors(browser, engine):
         watched.shot(path.strip("/").replace("/", "-") or "dashboard")
     watched.close()
 
+
+
+PAGES = ("/", "/messages", "/messages/1", "/channels", "/dead-letters", "/audit", "/users", "/account", "/tracer",
+         "/connections", "/performance", "/logs", "/alerts", "/try", "/database")
+
+
+@pytest.mark.parametrize("width, height", [(390, 844), (1440, 900)])
+def test_every_page_fits_a_phone_and_a_wide_screen(browser, engine, width, height):
+    """At 390 px every page was 553-1,220 px wide: the page itself never scrolls sideways now (a
+    wide table or message scrolls in its own box); axe-core finds no serious or critical problem
+    on any page; the page's text blocks and its skip link can be reached by keyboard. Screenshots
+    of both widths are kept (build/test-artifacts)."""
+    send_sample(engine)  # a message for /messages/1 (the module's engine may have none yet)
+    # CSP bypassed in this context only: the test measures the layout with a script of its own
+    context = browser.new_context(viewport={"width": width, "height": height}, bypass_csp=True)
+    page = context.new_page()
+    page.goto(engine["base"] + "/login")
+    page.fill("input[name=name]", "ada")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    too_wide, violations = {}, {}
+    for path in PAGES:
+        page.goto(engine["base"] + path)
+        page.wait_for_load_state()
+        page_width = page.evaluate("() => document.documentElement.scrollWidth")
+        if page_width > width:
+            too_wide[path] = page_width
+        page.add_script_tag(content=AXE.read_text())  # axe-core, vendored from npm (tests/vendor)
+        found = page.evaluate("async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
+                              ".filter(v => v.impact === 'serious' || v.impact === 'critical')"
+                              ".map(v => v.id + ' (' + v.impact + '): ' + v.nodes.slice(0, 3).map(n => n.target.join(' ')).join('; '))")
+        if found:
+            violations[path] = found
+        page.screenshot(path=str(ARTIFACTS / f"width{width}-{path.strip('/').replace('/', '-') or 'dashboard'}.png"),
+                        full_page=True)
+    assert too_wide == {}, too_wide
+    assert violations == {}, violations
+    page.goto(engine["base"] + "/messages/1")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.textContent") == "Skip to the page"
+    page.keyboard.press("Enter")
+    assert page.evaluate("() => document.activeElement.id") == "main"
+    for _ in range(40):  # the received message's text block is a stop on the way
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.id") == "raw":
+            break
+    assert page.evaluate("() => document.activeElement.id") == "raw"
+    context.close()
 
 def test_the_tracer_shows_rows_live_and_a_message_can_be_tried(browser, engine):
     watched = Watched(browser, engine, "troubleshooting")

@@ -539,3 +539,32 @@ def test_a_queue_moves_only_new_running_stopped_and_a_stopped_one_sends_nothing(
     clock.advance(5)
     assert peer.received == ["S1"]  # nothing more is sent
 
+
+
+def test_a_destination_that_answers_ae_to_everything_is_failing_not_connected(setup):
+    """It showed a green "connected" beside "dead 20000": its state comes from its recent
+    answers, not only from the socket."""
+    store, clock, writer = setup
+    ae = DeliveryResult(False, application_error=True, ack="AE", error="application_error: unknown patient")
+    peer = Peer([ae] * 10)
+    queue = make_queue(setup, peer, order="none")
+    assert queue.view()["state"] == "idle"
+    for n in range(2):
+        enqueue(store, f"F{n}", key=f"K{n}")
+    clock.advance(1)
+    assert queue.view()["connected"] and queue.view()["state"] == "ok"  # two failures are not yet a pattern
+    enqueue(store, "F2", key="K2")
+    clock.advance(1)
+    assert queue.view()["connected"] and queue.view()["state"] == "failing"
+    queue.pause()
+    assert queue.view()["state"] == "paused"
+    queue.resume()
+    for n in range(3, 13):
+        enqueue(store, f"F{n}", key=f"K{n}")
+        clock.advance(1)
+    assert queue.view()["state"] == "ok"  # it accepts again: the last attempt and half of the recent ones
+    queue.stop()
+    down = make_queue(setup, Peer([DOWN] * 100))
+    enqueue(store, "D1", destination="lab")
+    clock.advance(1)
+    assert down.view()["state"] == "down"

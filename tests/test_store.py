@@ -589,3 +589,15 @@ def test_the_last_active_admin_cannot_be_demoted_disabled_or_removed(store):
     assert len(store.audit_entries(limit=1000)) == entries  # nothing changed, nothing audited
     assert store.update_user("val", audit, role="operator") and store.remove_user("val", audit)  # others as before
     assert store.update_user("bob", audit, role="admin") and store.update_user("ada", audit, disabled=True)
+
+
+@pytest.mark.parametrize("filters", [{}, {"channel": "adt"}])
+def test_a_newer_page_is_the_one_before_an_older_page(store, filters):
+    store.commit([record(f"P{n}") for n in range(120)], [])
+    first = store.search(**filters, limit=50)
+    second = store.search(**filters, before_id=first[-1]["id"], limit=50)
+    assert [r["id"] for r in store.search(**filters, after_id=second[0]["id"], limit=50)] == [r["id"] for r in first]
+    third = store.search(**filters, before_id=second[-1]["id"], limit=50)
+    assert len(third) == 20
+    assert [r["id"] for r in store.search(**filters, after_id=third[0]["id"], limit=50)] == [r["id"] for r in second]
+    assert store.search(**filters, after_id=first[0]["id"], limit=50) == []  # nothing newer than the newest

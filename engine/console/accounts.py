@@ -89,6 +89,8 @@ class AccountPages(ConsoleBase):
             role = self._field(request, "role")
             if role not in ROLES:
                 raise HTTPError(400, f"role is one of {', '.join(ROLES)}")
+            if not audit["reason"]:
+                raise HTTPError(400, "a role change needs a reason: it goes to the audit log")
             values, audit["detail"] = {"role": role}, f"role {role}"
         elif action == "phi":
             on = self._field(request, "phi") == "on"

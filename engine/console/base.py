@@ -48,6 +48,8 @@ _CONTENT_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; 
 STATIC = {p.name: p for p in (HERE / "static").iterdir() if p.suffix in _CONTENT_TYPES}
 STATUSES = STORED_STATUSES
 PAGE_SIZE = 50
+DEAD_LETTERS_EVERY = 30.0  # seconds between counts of the dead letters (the health strip)
+DEAD_LETTERS_FRESH = 5.0  # a page shown longer after the last count asks for a new one (for the next page)
 MAX_STREAMS = 100  # live dashboards open at once
 # a password hash to check against when the user does not exist, so both cost the same time
 _NO_USER_HASH = hash_password("no such user: the comparison only spends the same time")
@@ -126,13 +128,61 @@ class ConsoleBase:
         self.streams = 0
         self._channels_html: tuple[float, str] | None = None  # (when, html): the dashboard's table, shared by the live views
         self._trace_cursors: dict = {}  # (user, trace id) -> the last row a tracer page has shown
+        self._health_loop: task.LoopingCall | None = None
+        self._dead_letters: int | None = None  # every dead letter in the store, as last counted
+        self._counted_at = 0.0
+        self._counting = False
+        self._database_checks: tuple[float, list] | None = None  # (when, the checks) of the Database page's last run
         self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
                                      trim_blocks=True, lstrip_blocks=True)
         self.templates.filters.update(when=when, age=age)
         self.templates.globals.update(can=can, ROLES=ROLES)
 
     def resource(self):
+        if self._health_loop is None:
+            # the dead letters' count for the health strip, read off the reactor every 30 s while the
+            # console serves (a page never waits for it, and never scans for it)
+            self._health_loop = task.LoopingCall(self._count_dead_letters)
+            self._health_loop.clock = self.reactor
+            self._health_loop.start(DEAD_LETTERS_EVERY, now=True)
         return self.app.resource()
+
+    def _count_dead_letters(self) -> None:
+        if self._counting:
+            return
+        self._counting = True
+        self._counted_at = self.clock()
+
+        def counted(total):
+            self._dead_letters = total
+
+        def failed(failure):
+            log.warn("console: could not count the dead letters: {error}", error=failure.getErrorMessage())
+
+        def done(_):
+            self._counting = False
+
+        self.support.run(lambda store: store.dead_letter_total()).addCallbacks(counted, failed).addBoth(done)
+
+    def health(self) -> dict:
+        """What the strip on every page says, from memory: alerts firing, destinations down or
+        failing, the oldest queued delivery's age, and the dead letters (counted every 30 s)."""
+        if self._health_loop is not None and self.clock() - self._counted_at > DEAD_LETTERS_FRESH:
+            self._count_dead_letters()  # for the next page: this one shows the count it has
+        alerts = self.controls.alerts
+        firing = [a for a in alerts.view()["alerts"] if a["state"] == "firing"] if alerts is not None else []
+        down, failing, oldest = [], [], None
+        for channel, destination, view in self.controls.queue_views():
+            state = view.get("state")
+            if state == "down":
+                down.append(f"{channel}/{destination}")
+            elif state == "failing":
+                failing.append(f"{channel}/{destination}")
+            age = view.get("oldest_age")
+            if age is not None and (oldest is None or age > oldest):
+                oldest = age
+        return {"firing": len(firing), "down": sorted(down), "failing": sorted(failing), "oldest_age": oldest,
+                "dead": self._dead_letters, "alerts_running": alerts is not None}
 
     def _headers(self, request) -> None:
         for name, value in ((b"Cache-Control", b"no-store"), (b"Content-Security-Policy", CSP.encode()),
@@ -141,6 +191,8 @@ class ConsoleBase:
             request.setHeader(name, value)
 
     def _render(self, name: str, request=None, code: int = 200, **values) -> bytes:
+        if values.get("session") is not None and "health" not in values:
+            values["health"] = self.health()
         if request is not None:
             request.setResponseCode(code)
             request.setHeader(b"Content-Type", b"text/html; charset=utf-8")

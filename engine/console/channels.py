@@ -36,6 +36,9 @@ class ChannelPages(ConsoleBase):
             raise HTTPError(404, "no such action")
         self._known(channel)
         audit = self._action(request, session, f"channel.{action}", channel)
+        if action == "disable" and not audit["reason"]:
+            # the PMS's messages stop being accepted: never one stray click, and the log says why
+            raise HTTPError(400, "disabling a channel stops accepting its messages: give a reason (it goes to the audit log)")
         yield self.controls.set_channel_enabled(channel, action == "enable", audit["actor"], audit)
         return self._back(request, f"channel.{action}", channel)
 

@@ -22,38 +22,88 @@ from hl7relay.console.base import (
 
 _SETTLING_SECONDS = 600.0  # how long a message page refreshes deliveries that are still QUEUED
 BULK_REPLAY_LIMIT = 1000  # dead letters of one group replayed at once (the oldest first)
+CSV_LIMIT = 10_000  # rows of a Messages CSV export (the newest of the filters)
 
 class MessagePages(ConsoleBase):
-    @app.route("/messages", methods=["GET"])
-    @page("read")
-    @defer.inlineCallbacks
-    def messages(self, request, session):
+    def _search(self, request, session, limit: int) -> tuple[MessageQuery, Searcher, dict]:
+        """The Messages page's filters as a query (the page, its "Newer" and "Older" links and the
+        CSV export read them alike), who searches, and the filters to carry in links."""
         filters = {name: self._field(request, name).strip() for name in SEARCH_FILTERS}
         filters = {k: v for k, v in filters.items() if v}
         text = self._field(request, "text").strip()
         since, until = self._time(request, "since"), self._time(request, "until")
-        before = self._field(request, "before")
-        if before and not (before.isdigit() and int(before) <= MAX_ROW_ID):
-            raise HTTPError(400, "before is a message number")
+        before, after = self._field(request, "before"), self._field(request, "after")
+        for name, value in (("before", before), ("after", after)):
+            if value and not (value.isdigit() and int(value) <= MAX_ROW_ID):
+                raise HTTPError(400, f"{name} is a message number")
         search = MessageQuery(filters, failed=self._field(request, "failed") == "1", since=since, until=until,
-                              before=int(before) if before else None, limit=PAGE_SIZE, text=text or None)
+                              before=int(before) if before else None, after=int(after) if after and not text else None,
+                              limit=limit, text=text or None)
         searcher = Searcher(f"user:{session.user}", session.role, self._source(request),
                             can(session.role, "phi", session.phi), self._field(request, "reason").strip())
-        try:
-            rows = yield self.support.run(lambda store: search_messages(store, search, searcher))
-        except SearchRefused:
-            raise HTTPError(403, "searching message content needs the permission to see patient data") from None
         query = {k: v for k, v in ((n, self._field(request, n)) for n in (*SEARCH_FILTERS, "failed", "text", "since", "until"))
                  if v}
-        older = "/messages?" + urlencode(dict(query, before=rows[-1]["id"])) if len(rows) == PAGE_SIZE else None
+        return search, searcher, query
+
+    @defer.inlineCallbacks
+    def _found(self, search: MessageQuery, searcher: Searcher):
+        def work(store):
+            found = search_messages(store, search, searcher)
+            return found, store.delivery_summary([row["id"] for row in found])  # one indexed read for the page
+
+        try:
+            return (yield self.support.run(work))
+        except SearchRefused:
+            raise HTTPError(403, "searching message content needs the permission to see patient data") from None
+
+    @app.route("/messages", methods=["GET"])
+    @page("read")
+    @defer.inlineCallbacks
+    def messages(self, request, session):
+        search, searcher, query = self._search(request, session, PAGE_SIZE)
+        rows, summaries = yield self._found(search, searcher)
+        text = search.text
+        paged_newer = search.after is not None
+        older = ("/messages?" + urlencode(dict(query, before=rows[-1]["id"] if rows else search.after))
+                 if len(rows) == PAGE_SIZE or (paged_newer and search.after) else None)
+        # the way back up: from a page reached by "Older", or a full page reached by "Newer"
+        newer = ("/messages?" + urlencode(dict(query, after=rows[0]["id"] if rows else search.before))
+                 if not text and ((search.before is not None) or (paged_newer and len(rows) == PAGE_SIZE)) else None)
         stopped_at = getattr(rows, "stopped_at", None)  # a text search that reached its scan limit
         continue_at = "/messages?" + urlencode(dict(query, before=stopped_at)) if stopped_at else None
         return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
                             stopped_at=stopped_at, scanned=getattr(rows, "scanned", 0), continue_at=continue_at,
-                            query=query, older=older, channels=self.controls.channel_names(), statuses=STATUSES,
+                            summaries=summaries, csv="/messages.csv?" + urlencode(query),
+                            query=query, older=older, newer=newer, channels=self.controls.channel_names(), statuses=STATUSES,
                             can_search_text=can(session.role, "phi", session.phi),
                             delivery_statuses=[status.value for status in DeliveryStatus],
                             active="messages")
+
+    @app.route("/messages.csv", methods=["GET"])
+    @page("read")
+    @defer.inlineCallbacks
+    def messages_csv(self, request, session):
+        """The listed messages' metadata as CSV (masked as the page shows them; no content), the
+        newest CSV_LIMIT of the filters; the export is written to the audit log."""
+        import csv
+        import io
+
+        search, searcher, query = self._search(request, session, CSV_LIMIT)
+        rows, summaries = yield self._found(search, searcher)
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["id", "received_at", "channel", "message_type", "control_id", "patient_id", "status",
+                         "deliveries", "ack_code", "error"])
+        for row in (row_view(r, False) for r in rows):
+            deliveries = " ".join(f"{status}={count}" for status, count in sorted(summaries.get(row["id"], {}).items()))
+            writer.writerow([row["id"], time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(row["received_at"])),
+                             row["channel"], row["message_type"], row["control_id"], row["patient_id"], row["status"],
+                             deliveries, row["ack_code"], row["error"]])
+        yield self._audit(dict(self._action(request, session, "messages.export", "messages"),
+                               detail=(" ".join(f"{k}={v}" for k, v in sorted(query.items())) + f" rows={len(rows)}")[:2000]))
+        request.setHeader(b"Content-Type", b"text/csv; charset=utf-8")
+        request.setHeader(b"Content-Disposition", b'attachment; filename="messages.csv"')
+        return out.getvalue().encode("utf-8")
 
     def _time(self, request, name: str):
         value = self._field(request, name).strip()
@@ -161,14 +211,18 @@ class MessagePages(ConsoleBase):
     def _message(self, request, session, message_id: int, reason: str | None):
         def load(store):
             stored = store.get_message(message_id)
-            return stored, (store.replays_of(message_id) if stored is not None else [])
+            if stored is None:
+                return None, [], None, {}, []
+            view = message_view(stored, reason is not None)
+            # the viewer's fields and the changes between stages, off the reactor (the standard's
+            # field names are compiled once per version, on first use)
+            return stored, store.replays_of(message_id), view, *_fields_and_changes(stored, view, reason is not None)
 
-        stored, replays = yield self.support.run(load)
+        stored, replays, view, fields, changes = yield self.support.run(load)
         if stored is None:
             raise HTTPError(404, f"no message {message_id}")
-        view = message_view(stored, reason is not None)
         return self._render("message.html", request, session=session, message=view, revealed=reason, replays=replays,
-                            settling=self._settling(stored), active="messages")
+                            fields=fields, changes=changes, settling=self._settling(stored), active="messages")
 
     @app.route("/dead-letters", methods=["GET"])
     @page("replay")
@@ -241,3 +295,38 @@ class MessagePages(ConsoleBase):
             return b""
         return self._render("replay_preview.html", request, session=session, groups=selected, limit=BULK_REPLAY_LIMIT,
                             active="dead-letters")
+
+
+def _fields_and_changes(stored: dict, view: dict, revealed: bool) -> tuple[dict, list]:
+    """The HL7 viewer's tables (the received message and each stage that is a message, as the
+    page shows them: masked unless revealed) and what changed from one stage to the next:
+    received to transformed, and to each destination's own output."""
+    from hl7relay.errors import ParseError
+    from hl7relay.hl7.message import Message
+    from hl7relay.ops.phi import mask_message
+    from hl7relay.ops.replay import diff_messages
+    from hl7relay.ops.support import segment_table
+
+    try:
+        version = Message.from_bytes(stored["raw"]).msh(12, 1)
+    except ParseError:
+        version = ""
+    fields = {"raw": segment_table(view["raw"], version)}
+    for name, content in view["stages"].items():
+        if content.startswith("MSH"):
+            fields[name] = segment_table(content, version)
+    render = (lambda data: data.decode("utf-8", "replace").replace("\r", "\n").rstrip().split("\n")) if revealed else (
+        lambda data: mask_message(data).split("\n"))
+    stages = stored["stages"]
+    changes = []
+    before, label = stored["raw"], "received"
+    if "transformed" in stages and stages["transformed"] != stored["raw"]:
+        changes.append(("Received → Transformed", diff_messages(stored["raw"], stages["transformed"], render,
+                                                                ("received", "transformed"))))
+        before, label = stages["transformed"], "transformed"
+    for name, content in stages.items():
+        if name.startswith("destination:") and content != before:
+            destination = name[len("destination:"):]
+            changes.append((f"{label.title()} → {destination}",
+                            diff_messages(before, content, render, (label, f"sent to {destination}"))))
+    return fields, changes

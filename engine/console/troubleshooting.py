@@ -150,16 +150,32 @@ class TroubleshootingPages(ConsoleBase):
 
     @app.route("/database", methods=["GET"])
     @page("audit")
-    @defer.inlineCallbacks
     def database(self, request, session):
-        """hl7relay verify, for admins: the checks on a store connection of their own, off the reactor."""
+        """hl7relay verify, for admins: the last run's results (the checks read the whole store's
+        indexes, seconds on a large one: they run when asked, not at every visit)."""
+        checked = self._database_checks
+        return self._render("database.html", request, session=session, active="database",
+                            checks=checked[1] if checked else None, checked_at=checked[0] if checked else None,
+                            done=self._field(request, "done"))
+
+    @app.route("/database/check", methods=["POST"])
+    @page("audit", post=True)
+    @defer.inlineCallbacks
+    def database_check(self, request, session):
+        """Run the checks (on a store connection of their own, off the reactor) and show them."""
+        yield self._run_database_checks()
+        request.redirect(b"/database")
+        request.setResponseCode(303)
+        return b""
+
+    @defer.inlineCallbacks
+    def _run_database_checks(self):
         from hl7relay.store.verify import verify
 
         channels = list(self.controls.channels().values())
         now = time.time()
         checks = yield self.support.run(lambda store: verify(store, channels, now, full=False))
-        return self._render("database.html", request, session=session, active="database", checks=checks,
-                            done=self._field(request, "done"))
+        self._database_checks = (now, checks)
 
     @app.route("/database/repair", methods=["POST"])
     @page("audit", post=True)
@@ -176,6 +192,7 @@ class TroubleshootingPages(ConsoleBase):
 
         done = yield self.support.run(fix)  # (a schema migration is left to hl7relay run / verify --repair)
         yield self._audit(dict(self._action(request, session, "store.repair", "store"), detail="; ".join(done) or "nothing"))
+        yield self._run_database_checks()  # the page shows the store as the repairs left it
         request.redirect(b"/database?" + urlencode({"done": "; ".join(done) or "nothing to repair"}).encode())
         request.setResponseCode(303)
         return b""

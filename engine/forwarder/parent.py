@@ -116,8 +116,9 @@ class RemoteQueue:
         view = self._view or {
             "channel": self.channel, "destination": self.destination, "connected": None, "depth": 0, "in_memory": 0,
             "on_disk": 0, "in_flight": 0, "oldest_age": None, "head": None, "last_error": "", "last_error_at": None,
-            "sent": 0, "failed": 0, "retried": 0}
-        return dict(view, paused=self.paused)
+            "sent": 0, "failed": 0, "retried": 0, "state": "idle"}
+        # paused here at once (the forwarder's view says so on its next report)
+        return dict(view, paused=self.paused, state="paused" if self.paused else view.get("state", "idle"))
 
 
 class ForwarderProcess(protocol.ProcessProtocol):

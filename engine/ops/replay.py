@@ -19,7 +19,7 @@ from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryStatus, MessageStatus
 from hl7relay.store.database import AuditUpdate, DeliveryRecord, DeliveryUpdate, MessageRecord, Store, delivery_content
 
-__all__ = ["ReplayPlan", "plan_replay", "commit_replay"]
+__all__ = ["ReplayPlan", "plan_replay", "commit_replay", "diff_messages"]
 
 # what a replay goes to by default: the dead letters. Not a delivery still QUEUED: its queue
 # sends it yet, and a replay beside it would deliver the message twice
@@ -46,7 +46,7 @@ def _plain(data: bytes) -> list[str]:
     return [line for line in re.split(r"\r\n|\r|\n", data.decode("utf-8", "replace")) if line]
 
 
-def _diff(before: bytes, after: bytes, render) -> str:
+def diff_messages(before: bytes, after: bytes, render, labels=("sent before", "now")) -> str:
     """Changed segments, before (-) and after (+). The comparison is of the real content; what is
     printed is ``render``'s lines (masked for people not asked to see patient data), so a change
     hidden by the mask still shows which segment changed."""
@@ -55,7 +55,7 @@ def _diff(before: bytes, after: bytes, render) -> str:
     if len(shown_before) != len(raw_before) or len(shown_after) != len(raw_after):
         shown_before, shown_after = ["(not shown)"] * len(raw_before), ["(not shown)"] * len(raw_after)
     separator = before[3:4].decode("latin-1") if before.startswith(b"MSH") and len(before) > 3 else "|"
-    out = ["--- sent before", "+++ now"]
+    out = [f"--- {labels[0]}", f"+++ {labels[1]}"]
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, raw_before, raw_after, autojunk=False).get_opcodes():
         if tag != "equal":
             out += ["-" + line for line in shown_before[i1:i2]] + ["+" + line for line in shown_after[j1:j2]]
@@ -128,7 +128,7 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
             plan.outputs[output.name] = data
             before = delivery_content(stored["stages"], stored["raw"], output.name) if output.name in sent else None
             if before is not None and before != data:
-                plan.changes[output.name] = _diff(before, data, render)
+                plan.changes[output.name] = diff_messages(before, data, render)
     if not plan.outputs:
         plan.skipped = "no chosen destination takes it now (their filters skip it)"
     return plan

@@ -30,7 +30,8 @@ class MessageQuery:
     failed: bool = False  # a message stored as ERROR, or with a delivery in ERROR
     since: float | None = None
     until: float | None = None
-    before: int | None = None  # keyset paging: the last id of the page before
+    before: int | None = None  # keyset paging: the last id of the page before (older ones)
+    after: int | None = None  # or the first id of the page after (newer ones; not with text)
     limit: int = 50
     text: str | None = None  # a substring of the raw message (scans, bounded)
 
@@ -58,7 +59,7 @@ def search_messages(store, query: MessageQuery, searcher: Searcher) -> SearchRow
         store.audit(_entry(searcher, "messages.search", "patient_id", "search by patient id"))
     text = query.text.encode("utf-8", "surrogateescape") if query.text else None
     return store.search(**query.filters, failed=query.failed, since=query.since, until=query.until,
-                        before_id=query.before, limit=query.limit, text=text)
+                        before_id=query.before, after_id=query.after if not text else None, limit=query.limit, text=text)
 
 
 def _entry(searcher: Searcher, action: str, target: str, detail: str) -> dict:

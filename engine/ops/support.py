@@ -8,7 +8,7 @@ import json
 
 from hl7relay.ops.phi import mask_known, mask_message, mask_text, mask_value, person_values
 
-__all__ = ["message_view", "row_view", "masked_view", "SupportStore"]
+__all__ = ["message_view", "row_view", "masked_view", "segment_table", "SupportStore"]
 
 
 def _plain(data: bytes) -> str:
@@ -54,6 +54,43 @@ def message_view(stored: dict, show_phi: bool) -> dict:
     out["deliveries"] = [dict(d, last_error=text(d["last_error"]), last_ack=_ack(d["last_ack"], show))
                          for d in stored["deliveries"]]
     return out
+
+
+def segment_table(text: str, version: str = "") -> list[dict]:
+    """A message as shown (masked or not: ``text`` is what the page shows, segments on lines) cut
+    into its segments and fields, each field with its path and, where the standard of ``version``
+    (MSH-12) names it, its name: a masked value keeps its field (``PID-5 Patient Name: ***``).
+    Empty fields are left out; MSH-1 and MSH-2 are the delimiters themselves."""
+    lines = [line for line in text.split("\n") if line]
+    if not lines or not lines[0].startswith("MSH") or len(lines[0]) < 4:
+        return []
+    separator = lines[0][3]
+    profile = None
+    try:
+        from hl7relay.validation.profile import definition_version, get_profile
+
+        known = definition_version(version.split("^")[0].strip())
+        profile = get_profile(known) if known else None
+    except Exception:  # noqa: BLE001 - names are a help; the values are shown whatever happens
+        profile = None
+    rows = []
+    for line in lines:
+        parts = line.split(separator)
+        name = parts[0][:3]
+        definition = profile.segment(name) if profile is not None and name.isalnum() else None
+        header = name in ("MSH", "FHS", "BHS")
+        # MSH-1 is the separator itself: the field after it is MSH-2 (the encoding characters)
+        fields = [(1, separator), *enumerate(parts[1:], start=2)] if header else list(enumerate(parts[1:], start=1))
+        out = []
+        for number, value in fields:
+            if not value:
+                continue
+            label = ""
+            if definition is not None and 0 < number <= len(definition.fields) and definition.fields[number - 1] is not None:
+                label = definition.fields[number - 1].name.replace("_", " ").title()
+            out.append({"path": f"{name}-{number}", "name": label, "value": value})
+        rows.append({"segment": name, "fields": out})
+    return rows
 
 
 def masked_view(view):

@@ -63,6 +63,25 @@ class MessageQueries:
         with self.engine.connect() as connection:
             return [r[0] for r in connection.execute(query.order_by(deliveries.c.message_id).limit(limit))]
 
+    def dead_letter_total(self) -> int:
+        """Every dead letter (ERROR delivery) in the store, through their partial index."""
+        with self.engine.connect() as connection:
+            return connection.execute(sa.select(sa.func.count()).select_from(deliveries).where(_DEAD)).scalar() or 0
+
+    def delivery_summary(self, message_ids: list[int]) -> dict[int, dict[str, int]]:
+        """How a page of messages' deliveries stand: message id -> {status: how many}, through the
+        (message, destination) index; messages without deliveries are left out."""
+        out: dict[int, dict[str, int]] = {}
+        if not message_ids:
+            return out
+        with self.engine.connect() as connection:
+            for message_id, status, count in connection.execute(
+                    sa.select(deliveries.c.message_id, deliveries.c.status, sa.func.count())
+                    .where(deliveries.c.message_id.in_(message_ids))
+                    .group_by(deliveries.c.message_id, deliveries.c.status)):
+                out.setdefault(message_id, {})[status] = count
+        return out
+
     def dead_letter_count(self, channel: str, destination: str, error: str | None = None) -> int:
         """How many messages one group of dead letters holds (through the dead letters' index)."""
         query = (sa.select(sa.func.count())
@@ -109,7 +128,7 @@ class MessageQueries:
 
     def search(self, *, channel=None, status=None, since=None, until=None, message_type=None, control_id=None,
                patient_id=None, facility=None, delivery_status=None, failed: bool = False, text: bytes | None = None,
-               before_id=None, limit=50, scan_limit=100000) -> SearchRows:
+               before_id=None, after_id=None, limit=50, scan_limit=100000) -> SearchRows:
         """Newest first, ``limit`` at a time (keyset paging: pass the last id as ``before_id``).
 
         Every filter but ``text`` is answered by an index; ``text`` (a substring of the raw message,
@@ -155,7 +174,8 @@ class MessageQueries:
                 # order and the reads merged, where one query for them all sorted every match
                 types = [storable(message_type)] if "^" in message_type else self._types_like(connection, storable(message_type))
                 queries = [query.where(messages.c.message_type == t) for t in types]
-            queries = [q.order_by(*order) for q in queries]
+            bases = queries
+            queries = [q.order_by(*order) for q in bases]
 
             def after(query, last_id):
                 """Keyset: the rows after message ``last_id`` in that order."""
@@ -176,6 +196,21 @@ class MessageQueries:
                     rows.sort(key=(lambda r: (r["received_at"], r["id"])) if by_time else (lambda r: r["id"]), reverse=True)
                 return rows[:size]
 
+            if text is None and after_id is not None:
+                # the page newer than message ``after_id`` (the "Newer" link): read oldest first
+                # from it, in the same index order, then shown newest first like every page
+                ascending = (messages.c.received_at.asc(), messages.c.id.asc()) if by_time else (messages.c.id.asc(),)
+                at = connection.execute(sa.select(messages.c.received_at).where(messages.c.id == after_id)).scalar()
+                newer = []
+                for q in bases:
+                    if by_time and at is not None:
+                        q = q.where(sa.tuple_(messages.c.received_at, messages.c.id) > sa.tuple_(at, after_id))
+                    else:
+                        q = q.where(messages.c.id > after_id)
+                    newer += [dict(r) for r in connection.execute(q.order_by(*ascending).limit(limit)).mappings()]
+                newer.sort(key=(lambda r: (r["received_at"], r["id"])) if by_time else (lambda r: r["id"]))
+                rows = SearchRows(reversed(newer[:limit]))
+                return self._with_failed_deliveries(connection, rows) if failed else rows
             if text is None:
                 rows = SearchRows(page(before_id, limit))
                 return self._with_failed_deliveries(connection, rows) if failed else rows
