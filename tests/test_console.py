@@ -1134,3 +1134,11 @@ def test_the_listed_messages_export_as_csv_masked_and_audited(engine):
     con1 = next(r for r in rows if r["control_id"] == "CON1")
     assert "SAMPLEPATIENT" not in body and con1["patient_id"] != "100234"  # masked as the page shows it
     assert engine["store"].audit_entries(action="messages.export", limit=1)[0]["actor"] == "user:viewer"
+
+
+def test_a_csv_export_by_patient_id_does_not_write_the_id_into_the_audit_log(engine):
+    viewer = signed_in(engine, "viewer")
+    status, _, body = viewer.get("/messages.csv?patient_id=100234")
+    assert status == 200 and body.startswith("id,received_at")
+    entry = engine["store"].audit_entries(action="messages.export", limit=1)[0]
+    assert "100234" not in entry["detail"] and "patient_id=(given)" in entry["detail"]

@@ -99,8 +99,11 @@ class MessagePages(ConsoleBase):
             writer.writerow([row["id"], time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(row["received_at"])),
                              row["channel"], row["message_type"], row["control_id"], row["patient_id"], row["status"],
                              deliveries, row["ack_code"], row["error"]])
+        # the filters it was made with, as the search's own audit names them: a patient id is said to
+        # have been given, not written down
+        filters = " ".join(f"{k}={'(given)' if k == 'patient_id' else v}" for k, v in sorted(query.items()))
         yield self._audit(dict(self._action(request, session, "messages.export", "messages"),
-                               detail=(" ".join(f"{k}={v}" for k, v in sorted(query.items())) + f" rows={len(rows)}")[:2000]))
+                               detail=f"{filters} rows={len(rows)}".strip()[:2000]))
         request.setHeader(b"Content-Type", b"text/csv; charset=utf-8")
         request.setHeader(b"Content-Disposition", b'attachment; filename="messages.csv"')
         return out.getvalue().encode("utf-8")
