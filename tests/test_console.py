@@ -604,12 +604,17 @@ def test_a_message_is_replayed_from_its_page_after_a_dry_run(engine):
     operator = signed_in(engine, "operator")
     status, _, page = operator.get("/messages/1")
     assert 'id="replay"' in page
+    # message 1 is still queued for the lab (nobody answers there): a replay beside it would arrive
+    # twice, so it takes "Deliver again to the ones that already have it"
     status, _, page = operator.post("/messages/1/replay", {"destination": "lab"})
+    assert status == 200 and "still queued for lab" in page and 'id="plan"' not in page
+    status, _, page = operator.post("/messages/1/replay", {"destination": "lab", "force": "1"})
     assert status == 200 and 'id="plan"' in page and "SAMPLEPATIENT" not in page
     before = len(store.audit_entries(action="replay", limit=1000))
-    assert operator.post("/messages/1/replay", {"destination": "lab", "confirm": "1"})[0] == 400
+    assert operator.post("/messages/1/replay", {"destination": "lab", "force": "1", "confirm": "1"})[0] == 400
     assert len(store.audit_entries(action="replay", limit=1000)) == before
-    status, headers, _ = operator.post("/messages/1/replay", {"destination": "lab", "confirm": "1", "reason": "INC-8"})
+    status, headers, _ = operator.post("/messages/1/replay", {"destination": "lab", "force": "1", "confirm": "1",
+                                                              "reason": "INC-8"})
     assert status == 303
     replay_id = int(headers["Location"].rsplit("/", 1)[1])
     assert store.get_message(replay_id)["replay_of"] == 1
@@ -1142,3 +1147,57 @@ def test_a_csv_export_by_patient_id_does_not_write_the_id_into_the_audit_log(eng
     assert status == 200 and body.startswith("id,received_at")
     entry = engine["store"].audit_entries(action="messages.export", limit=1)[0]
     assert "100234" not in entry["detail"] and "patient_id=(given)" in entry["detail"]
+
+
+def test_a_stored_message_is_tried_again_with_a_reason_and_an_audit_entry(engine):
+    operator = signed_in(engine, "phi-operator")
+    page = operator.get("/messages/1")[2]
+    assert 'formaction="/messages/1/try"' in page
+    assert operator.post("/messages/1/try", {"reason": " "})[0] == 400
+    status, _, page = operator.post("/messages/1/try", {"reason": "INC-21 does the new mapping take it"})
+    assert status == 200 and 'id="status-1">PROCESSED<' in page and "SAMPLEPATIENT" in page  # shown: a PHI permission
+    entry = engine["store"].audit_entries(action="phi.view", limit=1)[0]
+    assert (entry["target"], entry["reason"]) == ("message 1 (try)", "INC-21 does the new mapping take it")
+    assert signed_in(engine, "viewer").post("/messages/1/try", {"reason": "curious"})[0] == 403
+    assert operator.post("/messages/424242/try", {"reason": "x"})[0] == 404
+
+
+def test_the_messages_list_says_how_many_it_shows(engine):
+    from hl7relay.store.database import MessageRecord
+
+    engine["store"].commit([MessageRecord("adt", ADT.format(id="COUNT1").encode(), "PROCESSED", 1_700_000_600.0,
+                                          control_id="COUNT1", message_type="ADT^A01")], [])
+    viewer = signed_in(engine, "viewer")
+    page = viewer.get("/messages?control_id=COUNT1")[2]
+    assert re.search(r'id="count">1 message, newest first', page)
+    page = viewer.get("/messages")[2]  # the module's store holds more than a page by now, or not: either is said
+    assert re.search(r'id="count">(\d+ on this page, of more|\d+ messages?), newest first', page)
+
+
+def test_messages_ticked_in_the_list_are_replayed_after_the_same_dry_run(engine):
+    from hl7relay.store.database import DeliveryRecord, MessageRecord
+
+    store = engine["store"]
+    store.commit([MessageRecord("adt", ADT.format(id="TICK1").encode(), "PROCESSED", 1_700_000_500.0, control_id="TICK1",
+                                message_type="ADT^A01", deliveries=[DeliveryRecord("lab", "ERROR")])], [])
+    operator = signed_in(engine, "operator")
+    page = operator.get("/messages?control_id=TICK1")[2]
+    assert 'form="select"' in page and "Replay selected" in page
+    assert 'form="select"' not in signed_in(engine, "viewer").get("/messages?control_id=TICK1")[2]
+    [message_id] = re.findall(r'name="id" value="(\d+)" form="select"', page)
+    # a message still queued for its destination is not sent a second copy without being told to
+    queued = re.findall(r'name="id" value="(\d+)" form="select"', operator.get("/messages?control_id=CON1")[2])[-1]
+    assert "still queued for lab" in operator.post("/messages/replay", {"id": queued})[2]
+    assert operator.post("/messages/replay", {})[0] == 400  # nothing ticked
+    status, _, preview = operator.post("/messages/replay", {"id": message_id})
+    assert status == 200 and "Replay selected messages: dry run" in preview and re.search(r'id="would-replay">1<', preview)
+    assert 'name="id" value="%s"' % message_id in preview and "SAMPLEPATIENT" not in preview
+    before = len(store.replays_of(int(message_id)))
+    assert operator.post("/messages/replay", {"id": message_id, "confirm": "1"})[0] == 400  # a reason first
+    status, headers, _ = operator.post("/messages/replay", {"id": message_id, "confirm": "1", "reason": "INC-30 resend"})
+    assert status == 303 and "replayed+1" in headers["Location"]
+    assert len(store.replays_of(int(message_id))) == before + 1
+    entry = store.audit_entries(action="replay.bulk", limit=1)[0]
+    assert entry["target"] == "selected messages (1)" and entry["reason"] == "INC-30 resend"
+    assert "Selected messages: replayed 1, skipped 0." in operator.get(headers["Location"])[2]
+    assert signed_in(engine, "viewer").post("/messages/replay", {"id": message_id})[0] == 403

@@ -422,6 +422,8 @@ def test_a_delivery_still_queued_is_no_default_target_of_a_replay(env, capsys):
     channels, _ = load_channels([str(tmp_path / "channels")])
     plan = plan_replay(store, {c.name: c for c in channels}, waiting)
     assert (plan.chosen, plan.dead, plan.delivered) == (["archive"], ["archive"], [])
+    code, out = cli(capsys, "replay", str(waiting), "--destination", "lab", "--dry-run")  # chosen: told, not doubled
+    assert f"{waiting} Q1: skipped: still queued for lab" in out and "--force" in out, out
 
 def test_a_dead_letter_writes_one_warning_line_without_patient_data(tmp_path):
     from twisted.logger import globalLogPublisher, formatEvent

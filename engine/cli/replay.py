@@ -17,9 +17,10 @@ DESCRIPTION = """\
 
 Each replay is a new message linked to the original, with the operator and the reason recorded;
 its deliveries are queued and the running engine sends them. Without --destination a message
-goes to the destinations whose delivery failed (dead letters), or to all when none did. --dry-run shows what would be sent
-(and a diff when the channel changed since). A message already delivered to a chosen destination
-is only replayed with --force."""
+goes to the destinations whose delivery failed (dead letters), or to all when none did. --dry-run
+shows what would be sent (and a diff when the channel changed since). A message already delivered
+to a chosen destination, or still queued for it (that copy is on its way), is only replayed with
+--force."""
 
 
 def add_arguments(parser) -> None:

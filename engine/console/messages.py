@@ -23,6 +23,7 @@ from hl7relay.console.base import (
 _SETTLING_SECONDS = 600.0  # how long a message page refreshes deliveries that are still QUEUED
 BULK_REPLAY_LIMIT = 1000  # dead letters of one group replayed at once (the oldest first)
 CSV_LIMIT = 10_000  # rows of a Messages CSV export (the newest of the filters)
+SELECTED_LIMIT = PAGE_SIZE  # messages ticked in the list and replayed at once
 
 class MessagePages(ConsoleBase):
     def _search(self, request, session, limit: int) -> tuple[MessageQuery, Searcher, dict]:
@@ -74,6 +75,8 @@ class MessagePages(ConsoleBase):
         return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
                             stopped_at=stopped_at, scanned=getattr(rows, "scanned", 0), continue_at=continue_at,
                             summaries=summaries, csv="/messages.csv?" + urlencode(query),
+                            can_replay=can(session.role, "replay"),
+                            done=done if re.fullmatch(r"replayed \d+, skipped \d+", done := self._field(request, "done")) else None,
                             query=query, older=older, newer=newer, channels=self.controls.channel_names(), statuses=STATUSES,
                             can_search_text=can(session.role, "phi", session.phi),
                             delivery_statuses=[status.value for status in DeliveryStatus],
@@ -150,6 +153,33 @@ class MessagePages(ConsoleBase):
         request.setHeader(b"Content-Type", b"application/octet-stream")
         request.setHeader(b"Content-Disposition", f'attachment; filename="message-{message_id}.hl7"'.encode())
         return stored["raw"]
+
+    @app.route("/messages/<int:message_id>/try", methods=["POST"])
+    @page("phi", post=True)
+    @defer.inlineCallbacks
+    def try_stored(self, request, session, message_id):
+        """A stored message's dry run through its channel as it is configured now (Try a message,
+        with the stored message): it shows the content, so a reason and an audit entry first."""
+        from hl7relay.channels.dryrun import dry_run
+        from hl7relay.errors import ParseError
+        from hl7relay.hl7.message import Message
+
+        audit = self._action(request, session, "phi.view", f"message {message_id} (try)")
+        if not audit["reason"]:
+            raise HTTPError(400, "trying a stored message shows its content: give a reason (it goes to the audit log)")
+        stored = yield self.support.run(lambda store: store.get_message(message_id))
+        if stored is None:
+            raise HTTPError(404, f"no message {message_id}")
+        if not self.controls.has_channel(stored["channel"]):
+            raise HTTPError(409, f"channel {stored['channel']!r} is not running: nothing to try it through")
+        yield self._audit(audit)
+        try:
+            runs = [{"run": dry_run(self.controls.channel(stored["channel"]), Message.from_bytes(stored["raw"])), "error": ""}]
+        except ParseError as exc:
+            runs = [{"run": None, "error": f"cannot parse: {exc}"}]
+        text = stored["raw"].decode("utf-8", "replace").replace("\r", "\n")
+        return self._render("try.html", request, session=session, active="try", channels=self.controls.channel_names(),
+                            chosen=stored["channel"], text=text, runs=runs, error=None)
 
     @app.route("/messages/<int:message_id>/deliveries", methods=["GET"])
     @page("read")
@@ -245,6 +275,56 @@ class MessagePages(ConsoleBase):
         return self._render("dead_letters.html", request, session=session, groups=groups, channel=channel,
                             channels=self.controls.channel_names(), active="dead-letters",
                             done=done if re.fullmatch(r"replayed \d+, skipped \d+", done or "") else None)
+
+    @app.route("/messages/replay", methods=["POST"])
+    @page("replay", post=True)
+    @defer.inlineCallbacks
+    def replay_selected(self, request, session):
+        """Replay the messages ticked in the Messages list: the same dry run as a dead-letter group
+        (each message to its default destinations: where it is a dead letter, or all when none),
+        then, confirmed with a reason, the replays and one audit entry."""
+        from hl7relay.ops.replay import commit_replay, plan_replay
+
+        ids = []
+        for value in (request.args or {}).get(b"id", [])[:SELECTED_LIMIT + 1]:
+            if not value.isdigit() or int(value) > MAX_ROW_ID:
+                raise HTTPError(400, "a selected message is not a message number")
+            ids.append(int(value))
+        if not ids:
+            raise HTTPError(400, "tick at least one message to replay")
+        if len(ids) > SELECTED_LIMIT:
+            raise HTTPError(400, f"at most {SELECTED_LIMIT} messages at a time (the Dead letters page replays groups)")
+        ids = sorted(set(ids))
+        confirm, reason, channels, render = self._replay_form(request)
+        actor, role, source = f"user:{session.user}", session.role, self._source(request)
+
+        def work(store):
+            plans = [plan_replay(store, channels, i, None, False, render) for i in ids]
+            if not confirm:
+                return plans, 0, 0
+            replayed = skipped = 0
+            for plan in plans:
+                if plan.skipped:
+                    skipped += 1
+                else:
+                    commit_replay(store, channels, plan, reason, actor)
+                    replayed += 1
+            done = " ".join(str(p.original_id) for p in plans if not p.skipped)
+            store.audit({"actor": actor, "role": role, "source": source, "action": "replay.bulk",
+                         "target": f"selected messages ({len(plans)})", "reason": reason,
+                         "detail": f"replayed {replayed}, skipped {skipped}: {done}"[:2000]})
+            return plans, replayed, skipped
+
+        plans, replayed, skipped = yield self.support.run(work)
+        if confirm:
+            request.redirect(b"/messages?" + urlencode({"done": f"replayed {replayed}, skipped {skipped}"}).encode())
+            request.setResponseCode(303)
+            return b""
+        group = {"channel": "selected", "destination": "their failed destinations (or all)", "total": len(plans),
+                 "plans": plans, "error": "", "token": ""}
+        return self._render("replay_preview.html", request, session=session, groups=[group], limit=SELECTED_LIMIT,
+                            title="Replay selected messages", action="/messages/replay", ids=ids, cancel="/messages",
+                            active="messages")
 
     @app.route("/dead-letters/replay", methods=["POST"])
     @page("replay", post=True)

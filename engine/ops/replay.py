@@ -110,6 +110,12 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
     if delivered and not force:
         plan.skipped = f"already delivered to {', '.join(sorted(delivered))} (use --force to send again)"
         return plan
+    # a copy still QUEUED is on its way: a replay beside it would arrive twice
+    waiting = {d["destination"] for d in stored["deliveries"] if d["status"] == DeliveryStatus.QUEUED} & chosen
+    if waiting and not force:
+        plan.skipped = (f"still queued for {', '.join(sorted(waiting))}: its queue sends it yet "
+                        "(use --force to send a copy as well)")
+        return plan
     try:
         message = Message.from_bytes(stored["raw"])
     except ParseError as exc:
