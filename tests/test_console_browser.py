@@ -6,6 +6,7 @@ is a failure, not a silent skip. Screenshots of every page visited go to
 build/test-artifacts/console/ (or $HL7RELAY_ARTIFACTS).
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -194,30 +195,38 @@ def test_a_viewer_sees_no_reveal_control_and_a_forced_post_is_refused(browser, e
     watched.close()
 
 
-@pytest.fixture(scope="module")
-def failing_lab(tmp_path_factory, running_engine):
-    """An engine whose lab answers the first message AE (a dead letter at once), then AA."""
+@contextlib.contextmanager
+def lab_listening(*answers: str):
+    """``hl7relay listen`` as a destination (``answers``: its --answer/--fail-first options), on a
+    port of its own; its port, and it is stopped with SIGTERM whatever happened."""
     sys.path.insert(0, str(Path(__file__).parent))
     from test_runtime import wait_for_line
 
-    lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", "0", "--answer", "AE", "--fail-first", "1"],
+    lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", "0", *answers],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
-        lab_port = int("".join(wait_for_line(lab, "MLLP on")).split("MLLP on 127.0.0.1:")[1].split()[0])
-
-        def prepare(store):
-            store.add_user("ops", "operator", hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": "ops"})
-
-        channel = ("name: adt\nsource: {type: mllp, port: 0}\n"
-                   f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}, retry_initial: 0.2, retry_max: 1}}]\n")
-        running = running_engine(tmp_path_factory.mktemp("dead"), "--admin-port", "0", "--console-port", "auto",
-                                 prepare=prepare, channel=channel)
-        yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
-        assert running.stop() == 0
-    finally:  # the lab is stopped whatever happened to the engine
+        yield int("".join(wait_for_line(lab, "MLLP on")).split("MLLP on 127.0.0.1:")[1].split()[0])
+    finally:
         lab.send_signal(signal.SIGTERM)
         lab.wait(timeout=30)
         lab.stdout.close()
+
+
+def _add_users(store, **roles):
+    for name, role in roles.items():
+        store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
+
+
+@pytest.fixture(scope="module")
+def failing_lab(tmp_path_factory, running_engine):
+    """An engine whose lab answers the first message AE (a dead letter at once), then AA."""
+    with lab_listening("--answer", "AE", "--fail-first", "1") as lab_port:
+        channel = ("name: adt\nsource: {type: mllp, port: 0}\n"
+                   f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}, retry_initial: 0.2, retry_max: 1}}]\n")
+        running = running_engine(tmp_path_factory.mktemp("dead"), "--admin-port", "0", "--console-port", "auto",
+                                 prepare=lambda store: _add_users(store, ops="operator"), channel=channel)
+        yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
+        assert running.stop() == 0
 
 
 def test_a_dead_letter_is_replayed_after_a_dry_run_and_a_destination_paused_and_resumed(browser, failing_lab):
@@ -277,28 +286,15 @@ def test_a_dead_letter_is_replayed_after_a_dry_run_and_a_destination_paused_and_
 def lab_and_archive(tmp_path_factory, running_engine):
     """An engine with two destinations: a lab answering the first message AE (a dead letter), then
     AA, and a file archive that takes every message."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_runtime import wait_for_line
-
-    lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", "0", "--answer", "AE", "--fail-first", "1"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        lab_port = int("".join(wait_for_line(lab, "MLLP on")).split("MLLP on 127.0.0.1:")[1].split()[0])
-
-        def prepare(store):
-            store.add_user("ops", "operator", hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": "ops"})
-
+    with lab_listening("--answer", "AE", "--fail-first", "1") as lab_port:
         folder = tmp_path_factory.mktemp("two")
         channel = ("name: adt\nsource: {type: mllp, port: 0}\ndestinations:\n"
                    f"  - {{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}, retry_initial: 0.2, retry_max: 1}}\n"
                    f"  - {{name: archive, type: file, directory: {folder / 'archive'}}}\n")
-        running = running_engine(folder, "--admin-port", "0", "--console-port", "auto", prepare=prepare, channel=channel)
+        running = running_engine(folder, "--admin-port", "0", "--console-port", "auto",
+                                 prepare=lambda store: _add_users(store, ops="operator"), channel=channel)
         yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
         assert running.stop() == 0
-    finally:
-        lab.send_signal(signal.SIGTERM)
-        lab.wait(timeout=30)
-        lab.stdout.close()
 
 
 def test_replaying_one_message_goes_to_its_dead_letter_by_default_and_its_deliveries_settle_on_the_page(
@@ -361,28 +357,13 @@ def test_replaying_one_message_goes_to_its_dead_letter_by_default_and_its_delive
 @pytest.fixture
 def refusing_lab(tmp_path_factory, running_engine):
     """An engine whose lab answers AE to every message: connected, and failing."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_runtime import wait_for_line
-
-    lab = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--port", "0", "--answer", "AE"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        lab_port = int("".join(wait_for_line(lab, "MLLP on")).split("MLLP on 127.0.0.1:")[1].split()[0])
-
-        def prepare(store):
-            store.add_user("ops", "operator", hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": "ops"})
-            store.add_user("val", "viewer", hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": "val"})
-
+    with lab_listening("--answer", "AE") as lab_port:
         channel = ("name: adt\nsource: {type: mllp, port: 0}\n"
                    f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: {lab_port}}}]\n")
         running = running_engine(tmp_path_factory.mktemp("refusing"), "--admin-port", "0", "--console-port", "auto",
-                                 prepare=prepare, channel=channel)
+                                 prepare=lambda store: _add_users(store, ops="operator", val="viewer"), channel=channel)
         yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
         assert running.stop() == 0
-    finally:
-        lab.send_signal(signal.SIGTERM)
-        lab.wait(timeout=30)
-        lab.stdout.close()
 
 
 def test_a_destination_answering_ae_to_everything_stands_out_as_failing(browser, refusing_lab):

@@ -283,7 +283,7 @@ class MessagePages(ConsoleBase):
         """Replay the messages ticked in the Messages list: the same dry run as a dead-letter group
         (each message to its default destinations: where it is a dead letter, or all when none),
         then, confirmed with a reason, the replays and one audit entry."""
-        from hl7relay.ops.replay import commit_replay, plan_replay
+        from hl7relay.ops.replay import plan_replay
 
         ids = []
         for value in (request.args or {}).get(b"id", [])[:SELECTED_LIMIT + 1]:
@@ -302,18 +302,8 @@ class MessagePages(ConsoleBase):
             plans = [plan_replay(store, channels, i, None, False, render) for i in ids]
             if not confirm:
                 return plans, 0, 0
-            replayed = skipped = 0
-            for plan in plans:
-                if plan.skipped:
-                    skipped += 1
-                else:
-                    commit_replay(store, channels, plan, reason, actor)
-                    replayed += 1
-            done = " ".join(str(p.original_id) for p in plans if not p.skipped)
-            store.audit({"actor": actor, "role": role, "source": source, "action": "replay.bulk",
-                         "target": f"selected messages ({len(plans)})", "reason": reason,
-                         "detail": f"replayed {replayed}, skipped {skipped}: {done}"[:2000]})
-            return plans, replayed, skipped
+            audit = {"actor": actor, "role": role, "source": source, "target": f"selected messages ({len(plans)})"}
+            return (plans, *_replay_all(store, channels, plans, reason, audit))
 
         plans, replayed, skipped = yield self.support.run(work)
         if confirm:
@@ -330,7 +320,7 @@ class MessagePages(ConsoleBase):
     @page("replay", post=True)
     @defer.inlineCallbacks
     def replay_dead_letters(self, request, session):
-        from hl7relay.ops.replay import commit_replay, plan_replay
+        from hl7relay.ops.replay import plan_replay
 
         groups = []
         for token in (request.args or {}).get(b"group", [])[:50]:
@@ -356,20 +346,9 @@ class MessagePages(ConsoleBase):
                                  "plans": plans})
             if not confirm:
                 return selected, 0, 0
-            replayed = skipped = 0
-            for group in selected:
-                for plan in group["plans"]:
-                    if plan.skipped:
-                        skipped += 1
-                    else:
-                        commit_replay(store, channels, plan, reason, actor)
-                        replayed += 1
             targets = ", ".join(f"{g['channel']}/{g['destination']} ({len(g['plans'])})" for g in selected)
-            ids = " ".join(str(p.original_id) for g in selected for p in g["plans"] if not p.skipped)
-            store.audit({"actor": actor, "role": role, "source": source, "action": "replay.bulk",
-                         "target": f"dead letters {targets}"[:500], "reason": reason,
-                         "detail": f"replayed {replayed}, skipped {skipped}: {ids}"[:2000]})
-            return selected, replayed, skipped
+            audit = {"actor": actor, "role": role, "source": source, "target": f"dead letters {targets}"[:500]}
+            return (selected, *_replay_all(store, channels, [p for g in selected for p in g["plans"]], reason, audit))
 
         selected, replayed, skipped = yield self.support.run(work)
         if confirm:
@@ -378,6 +357,23 @@ class MessagePages(ConsoleBase):
             return b""
         return self._render("replay_preview.html", request, session=session, groups=selected, limit=BULK_REPLAY_LIMIT,
                             active="dead-letters")
+
+
+def _replay_all(store, channels, plans: list, reason: str, audit: dict) -> tuple[int, int]:
+    """Commit the replays a bulk dry run planned (the skipped ones stay skipped), then one
+    ``replay.bulk`` audit entry naming them; (replayed, skipped)."""
+    from hl7relay.ops.replay import commit_replay
+
+    replayed = skipped = 0
+    for plan in plans:
+        if plan.skipped:
+            skipped += 1
+        else:
+            commit_replay(store, channels, plan, reason, audit["actor"])
+            replayed += 1
+    ids = " ".join(str(p.original_id) for p in plans if not p.skipped)
+    store.audit(dict(audit, action="replay.bulk", reason=reason, detail=f"replayed {replayed}, skipped {skipped}: {ids}"[:2000]))
+    return replayed, skipped
 
 
 def _fields_and_changes(stored: dict, view: dict, revealed: bool) -> tuple[dict, list]:
