@@ -49,6 +49,7 @@ _UNCLAIMED_LIMIT = 10_000
 _RECENT_ATTEMPTS = 20
 _RECENT_SECONDS = 600.0
 _FAILING_AT_LEAST = 3
+_RECORD_RETRY = 2.0  # seconds between tries to record a delivery's final result the store did not take
 
 
 def retry_delay(attempts: int, options: QueueOptions, rng: random.Random) -> float:
@@ -382,14 +383,8 @@ class DestinationQueue:
             return None
         else:
             del self.pending[message_id]
-        update = self.writer.update(DeliveryUpdate(message_id, self.destination, {
-            "status": _WITHDRAWN, "last_error": reason, "next_attempt_at": None, "updated_at": self.clock()}))
-
-        def recorded(outcome):
-            self.known.discard(message_id)
-            return outcome
-
-        update.addBoth(recorded)
+        update = self._record(message_id, {"status": _WITHDRAWN, "last_error": reason, "next_attempt_at": None,
+                                           "updated_at": self.clock()}, lazy=False)
         self.nudge()
         return update
 
@@ -612,25 +607,54 @@ class DestinationQueue:
         # and its withdrawal must be recorded after this attempt's result, not overwritten by it
         self.in_flight.pop(message_id, None)
         # recorded through the group commit; the id stays "known" until then so a poll cannot resend it
-        update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), lazy=True)
+        if final:
+            update = self._record(message_id, values, lazy=True)
+        else:  # a retry's schedule: if it is lost, the row is still QUEUED and its next result is recorded
+            update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), lazy=True)
         waiters = self._waiters.pop(message_id, None)
         if waiters:
             for waiter in waiters:
                 waiter.callback(result)
         elif attempts == 1 and row.polled:
             self._remember_unclaimed(message_id, result, now)
-
-        def recorded(outcome):
-            if final:
-                self.known.discard(message_id)
-            return outcome
-
-        update.addBoth(recorded)
-        update.addErrback(lambda f: log.error("queue {channel}/{destination}: could not record delivery of {message_id}: {error}",
-                                              channel=self.channel, destination=self.destination, message_id=message_id,
-                                              error=f.getErrorMessage()))
+        update.addErrback(lambda f: None)  # said by _record (final), or harmless (a retry's schedule)
         if not self.pending:
             self._report()
+
+    def _record(self, message_id: int, values: dict, lazy: bool) -> defer.Deferred:
+        """Commit a delivery's final values (SENT, ERROR, WITHDRAWN) through the group commit; the
+        id stays "known" until they are, so no poll reads the row (still QUEUED in the store) and
+        sends it again. While the store does not take them (a database outage) they are tried again
+        every few seconds: before, the id was forgotten at the first failure and the delivery sent
+        a second time once the store was back. The Deferred fails with the first failure (callers
+        log it); the retries go on behind it until they succeed or the queue stops."""
+        update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), lazy=lazy)
+
+        def recorded(outcome):
+            self.known.discard(message_id)
+            return outcome
+
+        def failed(failure):
+            if self.state is not QueueState.STOPPED:
+                log.error("queue {channel}/{destination}: could not record delivery of {message_id} ({error}); "
+                          "trying again in {delay:g}s, and not sending it meanwhile", channel=self.channel,
+                          destination=self.destination, message_id=message_id, error=failure.getErrorMessage(),
+                          delay=_RECORD_RETRY)
+                self.reactor.callLater(_RECORD_RETRY, self._record_again, message_id, values)
+            else:
+                # stopped: the row stays QUEUED in the store, and the queue that takes over (or
+                # the restart) sends it again: at-least-once, as after a crash
+                log.error("queue {channel}/{destination}: could not record delivery of {message_id}: {error}",
+                          channel=self.channel, destination=self.destination, message_id=message_id,
+                          error=failure.getErrorMessage())
+            return failure
+
+        return update.addCallbacks(recorded, failed)
+
+    def _record_again(self, message_id: int, values: dict) -> None:
+        if self.state is QueueState.STOPPED:
+            return
+        self._record(message_id, values, lazy=False).addErrback(lambda f: None)  # it says so, and tries again
 
     def _remember_unclaimed(self, message_id: int, result: DeliveryResult, now: float) -> None:
         unclaimed = self._unclaimed

@@ -568,3 +568,35 @@ def test_a_destination_that_answers_ae_to_everything_is_failing_not_connected(se
     enqueue(store, "D1", destination="lab")
     clock.advance(1)
     assert down.view()["state"] == "down"
+
+
+def test_a_result_the_store_does_not_take_is_recorded_later_and_never_sent_again(setup):
+    """A database outage at the moment a delivery was answered: its result (SENT) could not be
+    committed, the queue forgot the id, and once the store was back its poll read the row (still
+    QUEUED) and sent the message a second time (the chaos suite's postgres_down, now and then)."""
+    from hl7relay.store.database import StoreError
+
+    store, clock, writer = setup
+    peer = Peer()
+    real_commit = store.commit
+    down = {"on": False}
+
+    def commit(records, updates):
+        if down["on"] and updates:
+            raise StoreError("store commit failed: OperationalError: connection refused")
+        return real_commit(records, updates)
+
+    store.commit = commit
+    queue = make_queue(setup, peer)
+    enqueue(store, "R1")
+    down["on"] = True
+    clock.advance(1)  # the poll finds it, sends it: the peer accepts, the result is not recorded
+    assert peer.received == ["R1"] and statuses(store)["R1"]["status"] == "QUEUED"
+    for _ in range(10):  # polls while the store refuses: the row reads QUEUED, and is not sent again
+        clock.advance(1)
+    down["on"] = False
+    for _ in range(5):
+        clock.advance(1)
+    assert peer.received == ["R1"] and statuses(store)["R1"]["status"] == "SENT"
+    assert 1 not in queue.known  # forgotten once recorded
+    queue.stop()
