@@ -448,6 +448,13 @@ def test_every_page_fits_a_phone_and_a_wide_screen(browser, engine, width, heigh
                         full_page=True)
     assert too_wide == {}, too_wide
     assert violations == {}, violations
+    messages_link = page.locator("header nav a[href='/messages']")
+    if width < 700:  # a phone: the navigation folds behind "Menu"
+        assert not messages_link.is_visible() and page.locator("label.menu-button").is_visible()
+        page.click("label.menu-button")
+        assert messages_link.is_visible()
+    else:
+        assert messages_link.is_visible() and not page.locator("label.menu-button").is_visible()
     page.goto(engine["base"] + "/messages/1")
     page.keyboard.press("Tab")
     assert page.evaluate("() => document.activeElement.textContent") == "Skip to the page"
