@@ -29,11 +29,11 @@ __all__ = ["AckPolicy", "AckRequest", "is_enhanced_mode", "is_ack", "unreadable_
 _AA, _AE, _AR, _CA, _CR = (c.value for c in (AckCode.AA, AckCode.AE, AckCode.AR, AckCode.CA, AckCode.CR))
 
 def is_ack(message: Message) -> bool:
-    return message.msh(9, 1).strip().upper() == "ACK"
+    return AckRequest.of(message).is_ack
 
 
 def is_enhanced_mode(message: Message) -> bool:
-    return bool(message.msh(15).strip() or message.msh(16).strip())
+    return AckRequest.of(message).enhanced
 
 
 def _wanted(condition: str, success: bool) -> bool:

@@ -617,7 +617,12 @@ class DestinationQueue:
                 waiter.callback(result)
         elif attempts == 1 and row.polled:
             self._remember_unclaimed(message_id, result, now)
-        update.addErrback(lambda f: None)  # said by _record (final), or harmless (a retry's schedule)
+        if not final:  # (a final result's failure is said by _record, which tries again)
+            update.addErrback(lambda f: log.error("queue {channel}/{destination}: could not record attempt {n} of "
+                                                  "{message_id}: {error}", channel=self.channel, n=attempts,
+                                                  destination=self.destination, message_id=message_id,
+                                                  error=f.getErrorMessage()))
+        update.addErrback(lambda f: None)
         if not self.pending:
             self._report()
 

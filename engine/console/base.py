@@ -191,7 +191,8 @@ class ConsoleBase:
             request.setHeader(name, value)
 
     def _render(self, name: str, request=None, code: int = 200, **values) -> bytes:
-        if values.get("session") is not None and "health" not in values:
+        # whole pages carry the health strip; a fragment a page refreshes (_deliveries.html) does not
+        if values.get("session") is not None and "health" not in values and not name.startswith("_"):
             values["health"] = self.health()
         if request is not None:
             request.setResponseCode(code)
