@@ -1201,3 +1201,21 @@ def test_messages_ticked_in_the_list_are_replayed_after_the_same_dry_run(engine)
     assert entry["target"] == "selected messages (1)" and entry["reason"] == "INC-30 resend"
     assert "Selected messages: replayed 1, skipped 0." in operator.get(headers["Location"])[2]
     assert signed_in(engine, "viewer").post("/messages/replay", {"id": message_id})[0] == 403
+
+
+def test_a_delivery_given_up_counts_as_a_dead_letter_at_once_on_the_strip(unit_engine):
+    """The strip said "0 dead letters" beside a message that had just become one: the count is
+    read every 30 s, and a delivery given up now adds to it at once."""
+    from hl7relay import events
+    from hl7relay.console.app import Console
+
+    engine, _, _, clock = unit_engine
+    console = Console(Controls(engine), clock, clock=clock.seconds)
+    console._dead_letters = 4  # as last counted
+    events.subscribe(console._dead_letter_event, events=("delivery_failed",))  # as resource() does
+    try:
+        events.emit("delivery_failed", channel="adt", destination="lab", message_id=9, attempts=1, seconds=0.1,
+                    ack="AE", error="application_error")
+        assert console.health()["dead"] == 5
+    finally:
+        events.unsubscribe(console._dead_letter_event)

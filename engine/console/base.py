@@ -28,6 +28,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from hl7relay import events
 from hl7relay.console.sessions import LoginThrottle, Session, Sessions
 from hl7relay.outcomes import STORED_STATUSES
 from hl7relay.ops.auth import ROLES, can, hash_password
@@ -145,7 +146,14 @@ class ConsoleBase:
             self._health_loop = task.LoopingCall(self._count_dead_letters)
             self._health_loop.clock = self.reactor
             self._health_loop.start(DEAD_LETTERS_EVERY, now=True)
+            # a delivery given up is one more dead letter at once (the next count agrees): the strip
+            # must not say "0 dead letters" beside a message that has just become one
+            events.subscribe(self._dead_letter_event, events=("delivery_failed",))
         return self.app.resource()
+
+    def _dead_letter_event(self, event: str, fields: dict) -> None:
+        if self._dead_letters is not None:
+            self._dead_letters += 1
 
     def _count_dead_letters(self) -> None:
         if self._counting:
