@@ -388,6 +388,7 @@ def test_a_destination_answering_ae_to_everything_stands_out_as_failing(browser,
         page.wait_for_timeout(200)
         watched.goto("/messages")
     assert "3 dead letters" in page.inner_text("#health")
+    watched.goto("/messages")
     watched.shot("failing-health")
     assert "1 dead letter" in page.inner_text("#messages tbody tr >> nth=0")
     page.click("#health [data-health=dead]")  # a viewer may follow it
