@@ -275,20 +275,22 @@ UNDO = {"/channels/adt/disable": "/channels/adt/enable", "/channels/adt/destinat
 @pytest.mark.parametrize("method, path, least, allowed", ROUTES)
 def test_every_route_for_every_role(engine, method, path, least, allowed):
     anonymous = Browser(engine["base"])
+    # a channel disabled is confirmed on a page of its own: here the second step, where it happens
+    form = {"reason": "route matrix"} | ({"confirm": "1"} if path.endswith("/disable") else {})
     if method == "GET":
         status, headers, _ = anonymous.get(path)
         assert status == 303 and headers["Location"].startswith("/login?next=")
     else:
-        assert anonymous.post(path, {"reason": "route matrix"})[0] == 401
+        assert anonymous.post(path, form)[0] == 401
         admin = signed_in(engine, "admin")  # every POST: without the CSRF token, or from another site, refused
-        assert admin.post(path, {"reason": "route matrix"}, csrf=False)[0] == 403
-        assert admin.post(path, {"reason": "route matrix"}, headers={"Origin": "http://evil.example"})[0] == 403
+        assert admin.post(path, form, csrf=False)[0] == 403
+        assert admin.post(path, form, headers={"Origin": "http://evil.example"})[0] == 403
     for user in USERS:
         browser = signed_in(engine, user)
         if method == "GET":
             status, _, body = browser.get(path)
         else:
-            status, _, body = browser.post(path, {"reason": "route matrix"})
+            status, _, body = browser.post(path, form)
         assert status == (allowed if user in ALLOWED[least] else 403), (user, status)
         if not path.endswith(("/reveal", "/download")):
             assert "SAMPLEPATIENT" not in body  # masked everywhere but in a reveal or a download
@@ -306,7 +308,11 @@ def test_controls_act_and_write_one_audit_row_each(engine):
              ("/channels/adt/enable", "channel.enable", "adt", "running")]
     for path, action, target, state in cases:
         before = len(store.audit_entries(action=action, limit=1000))
-        status, headers, _ = browser.post(path, {"reason": f"INC-5 {action}"})
+        if action == "channel.disable":  # confirmed on a page of its own first, the reason carried over
+            status, _, page = browser.post(path, {"reason": f"INC-5 {action}"})
+            assert status == 200 and "Disable channel adt?" in page and "stops accepting messages" in page
+            assert f'value="INC-5 {action}"' in page and len(store.audit_entries(action=action, limit=1000)) == before
+        status, headers, _ = browser.post(path, {"reason": f"INC-5 {action}", "confirm": "1"})
         assert status == 303 and headers["Location"].startswith("/channels?done=")
         entries = store.audit_entries(action=action, limit=1000)
         assert len(entries) == before + 1, action
@@ -503,8 +509,13 @@ def test_an_admin_manages_users_and_tokens_each_change_audited(engine):
     assert admin.post("/users/newbie/phi", {"phi": "on"})[0] == 400  # a viewer cannot be given it
     assert admin.post("/users/newbie/role", {"role": "operator"})[0] == 400  # a role change says why
     assert store.get_user("newbie")["role"] == "viewer"
-    assert admin.post("/users/newbie/role", {"role": "operator", "reason": "INC-9 on call"})[0] == 303
-    assert store.get_user("newbie")["role"] == "operator"
+    # a role change is confirmed on a page of its own that says what it gives, the reason carried over
+    status, _, page = admin.post("/users/newbie/role", {"role": "operator", "reason": "INC-9 on call"})
+    assert status == 200 and "Make newbie an operator?" in page and "newbie is a viewer now" in page
+    assert 'name="confirm" value="1"' in page and 'value="INC-9 on call"' in page
+    assert store.get_user("newbie")["role"] == "viewer" and audited("user.role", "newbie") == 0
+    assert admin.post("/users/newbie/role", {"role": "operator", "reason": "INC-9 on call", "confirm": "1"})[0] == 303
+    assert store.get_user("newbie")["role"] == "operator" and audited("user.role", "newbie") == 1
     assert newbie.get("/")[0] == 303  # a changed account signs in again
     assert admin.post("/users/newbie/phi", {"phi": "on"})[0] == 303 and store.get_user("newbie")["phi"] is True
     assert admin.post("/users/newbie/passwd", {"password": "another long password"})[0] == 303
@@ -598,6 +609,32 @@ def test_a_group_larger_than_one_replay_says_how_many_are_left_out(engine):
     assert re.search(r'id="not-this-time">3 more in the selected groups', preview)
     assert preview.index('id="confirm"') < preview.index("BIG0")  # the counts and the confirm come first
     assert "BIG999" in preview and "BIG1000<" not in preview  # the oldest first
+
+def test_a_large_bulk_replay_is_confirmed_by_ticking_its_count(engine):
+    """A reason and one click replayed a thousand messages: from LARGE_REPLAY on, the dry run's own
+    count must be ticked too, and a count that changed since the dry run replays nothing."""
+    from hl7relay.console.messages import LARGE_REPLAY
+    from hl7relay.store.database import DeliveryRecord, DeliveryUpdate, MessageRecord
+
+    store = engine["store"]
+    ids = store.commit([MessageRecord("adt", ADT.format(id=f"LARGE{i}").encode(), "PROCESSED", 1_700_000_000.0 + i,
+                                      control_id=f"LARGE{i}", message_type="ADT^A01", deliveries=[DeliveryRecord("lab", "ERROR")])
+                        for i in range(LARGE_REPLAY)], [])
+    store.commit([], [DeliveryUpdate(i, "lab", {"last_error": "AR: large test", "updated_at": 1_700_000_100.0}) for i in ids])
+    operator = signed_in(engine, "operator")
+    page = operator.get("/dead-letters")[2]
+    [token] = [t for t in re.findall(r'name="group" value="([^"]+)"', page)
+               if "AR: large test" in page.split(f'value="{t}"')[1].split("</tr>")[0]]
+    status, _, preview = operator.post("/dead-letters/replay", {"group": token})
+    assert status == 200 and f'name="count" value="{LARGE_REPLAY}" required' in preview
+    audits = len(store.audit_entries(action="replay.bulk", limit=1000))
+    for count in (None, str(LARGE_REPLAY - 1)):  # not ticked (a forced POST), or a count from an older dry run
+        form = {"group": token, "confirm": "1", "reason": "INC-90"} | ({"count": count} if count else {})
+        status, _, again = operator.post("/dead-letters/replay", form)
+        assert status == 409 and f"Not replayed: {LARGE_REPLAY} message(s) would be replayed now" in again
+    assert len(store.audit_entries(action="replay.bulk", limit=1000)) == audits and store.replays_of(ids[0]) == []
+    # a small group needs no count (the dry run and a reason are enough): see the test above
+
 
 def test_a_message_is_replayed_from_its_page_after_a_dry_run(engine):
     store = engine["store"]
@@ -1169,9 +1206,16 @@ def test_the_messages_list_says_how_many_it_shows(engine):
                                           control_id="COUNT1", message_type="ADT^A01")], [])
     viewer = signed_in(engine, "viewer")
     page = viewer.get("/messages?control_id=COUNT1")[2]
-    assert re.search(r'id="count">1 message, newest first', page)
-    page = viewer.get("/messages")[2]  # the module's store holds more than a page by now, or not: either is said
-    assert re.search(r'id="count">(\d+ on this page, of more|\d+ messages?), newest first', page)
+    assert re.search(r'id="count"><span id="total">1</span> message, newest first', page)
+    engine["store"].commit([MessageRecord("counted", ADT.format(id=f"MANY{n}").encode(), "PROCESSED", 1_700_000_700.0 + n,
+                                          control_id=f"MANY{n}", message_type="ADT^A01") for n in range(60)], [])
+    page = viewer.get("/messages?channel=counted")[2]
+    assert re.search(r'id="count">50 on this page, of <span id="total">60</span> messages, newest first', page)
+    older = re.search(r'href="(/messages\?channel=counted&amp;before=\d+)"', page).group(1).replace("&amp;", "&")
+    page = viewer.get(older)[2]
+    assert re.search(r'id="count">10 on this page, of <span id="total">60</span> messages', page)
+    page = viewer.get("/messages?channel=counted&message_type=ADT^A01&control_id=MANY7")[2]
+    assert re.search(r'id="count"><span id="total">1</span> message, newest first', page) and "Older" not in page
 
 
 def test_messages_ticked_in_the_list_are_replayed_after_the_same_dry_run(engine):

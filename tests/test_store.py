@@ -591,6 +591,23 @@ def test_the_last_active_admin_cannot_be_demoted_disabled_or_removed(store):
     assert store.update_user("bob", audit, role="admin") and store.update_user("ada", audit, disabled=True)
 
 
+def test_a_search_counts_its_matches_up_to_a_bound(store):
+    """The Messages page said "of more": it now says how many match, counted through the same
+    indexes, and never more than it was asked to count ("10,000+")."""
+    store.commit([record(f"C{n}", message_type="ADT^A01" if n % 2 else "ADT^A04") for n in range(130)], [])
+    store.commit([record("ORU1", message_type="ORU^R01")], [])
+    rows = store.search(limit=50, count_most=1000)
+    assert len(rows) == 50 and (rows.total, rows.total_capped) == (131, False)
+    rows = store.search(message_type="ADT", limit=50, count_most=1000)  # two types, read and counted apiece
+    assert (rows.total, rows.total_capped) == (130, False)
+    rows = store.search(message_type="ADT", limit=50, count_most=100)
+    assert (rows.total, rows.total_capped) == (100, True)
+    rows = store.search(message_type="ADT^A04", before_id=rows[-1]["id"], limit=10, count_most=1000)
+    assert len(rows) == 10 and rows.total == 65  # the whole match, whichever page
+    assert store.search(limit=50).total is None  # not asked: not counted
+    assert store.search(text=b"C1", count_most=1000).total is None  # a content search says what it scanned instead
+
+
 @pytest.mark.parametrize("filters", [{}, {"channel": "adt"}])
 def test_a_newer_page_is_the_one_before_an_older_page(store, filters):
     store.commit([record(f"P{n}") for n in range(120)], [])

@@ -406,6 +406,8 @@ def test_replay_of_what_failed_targets_the_failed_destinations(env, capsys):
     other = _with_deliveries(store, "AE2", {"lab": "ERROR", "archive": "SENT"})
     code, out = cli(capsys, "replay", str(other), "--dry-run")  # by id, the same default
     assert code == 0 and f"{other} AE2: would send to lab" in out, out
+    code, out = cli(capsys, "replay", "--delivery-status", "ERROR", "--dry-run")  # by the console's delivery filter
+    assert code == 0 and f"{other} AE2: would send to lab" in out and "archive" not in out and "would replay 1," in out, out
 
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from twisted.internet import defer, threads
 
@@ -12,6 +12,18 @@ from hl7relay.store.database import MAX_ROW_ID, StoreError
 from hl7relay.store.records import LastAdminError
 
 from hl7relay.console.base import SESSION_COOKIE, USER_DONE, ConsoleBase, HTTPError, app, page
+
+
+# what a role change gives or takes, said on its confirmation page
+ROLE_MEANS = {"viewer": "can read the dashboard, messages (masked) and channels, and change nothing",
+              "operator": "can also pause, resume and retry destinations, enable and disable channels, and replay "
+                          "messages",
+              "admin": "can also manage users and tokens, reload channels, prune the store, read the audit log and see "
+                       "patient data (with a reason, audited)"}
+
+
+def _article(role: str) -> str:
+    return "an" if role[0] in "aeiou" else "a"
 
 
 class AccountPages(ConsoleBase):
@@ -91,6 +103,18 @@ class AccountPages(ConsoleBase):
                 raise HTTPError(400, f"role is one of {', '.join(ROLES)}")
             if not audit["reason"]:
                 raise HTTPError(400, "a role change needs a reason: it goes to the audit log")
+            if user["role"] == "admin" and role != "admin" and not user["disabled"]:
+                admins = yield self.support.run(lambda store: [u["name"] for u in store.list_users()
+                                                               if u["role"] == "admin" and not u["disabled"]])
+                if admins == [name]:  # said now, not after a confirmation the store would refuse
+                    raise HTTPError(409, str(LastAdminError(name)))
+            if role != user["role"] and self._field(request, "confirm") != "1":
+                return self._render(
+                    "confirm.html", request, session=session, title=f"Make {name} {_article(role)} {role}",
+                    consequence=f"{name} is {_article(user['role'])} {user['role']} now; as {_article(role)} {role} they "
+                                f"{ROLE_MEANS[role]}. Their sessions end, so they sign in again with the new role.",
+                    action=f"/users/{quote(name)}/role", fields=[("role", role)], reason=audit["reason"],
+                    button=f"Make {name} {_article(role)} {role}", cancel="/users", active="users")
             values, audit["detail"] = {"role": role}, f"role {role}"
         elif action == "phi":
             on = self._field(request, "phi") == "on"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -359,6 +360,11 @@ def _group_token(group: dict) -> str:
     """A group of dead letters as a form value (it only selects: the server reads the store again)."""
     data = json.dumps([group["channel"], group["destination"], group["error"]]).encode("utf-8")
     return base64.urlsafe_b64encode(data).decode("ascii")
+
+
+def _token_digest(token: str) -> str:
+    """A group of dead letters named in a URL without its error text (which may name a patient)."""
+    return hashlib.sha256(token.encode("ascii")).hexdigest()[:16]
 
 
 def _group_of(token: str) -> tuple[str, str, str]:

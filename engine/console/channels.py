@@ -39,6 +39,16 @@ class ChannelPages(ConsoleBase):
         if action == "disable" and not audit["reason"]:
             # the PMS's messages stop being accepted: never one stray click, and the log says why
             raise HTTPError(400, "disabling a channel stops accepting its messages: give a reason (it goes to the audit log)")
+        if action == "disable" and self._field(request, "confirm") != "1":
+            connections = self.controls.channel_view(channel).get("open_connections", 0)
+            return self._render(
+                "confirm.html", request, session=session, title=f"Disable channel {channel}",
+                consequence=f"{channel} stops accepting messages: its listener closes"
+                            f"{f' and its {connections} open connection(s) end' if connections else ''}, and the PMS "
+                            "keeps (or retries) what it would have sent until the channel is enabled again. Deliveries "
+                            "already queued still go out.",
+                action=f"/channels/{channel}/disable", fields=[], reason=audit["reason"], button=f"Disable {channel}",
+                cancel="/channels", active="channels")
         yield self.controls.set_channel_enabled(channel, action == "enable", audit["actor"], audit)
         return self._back(request, f"channel.{action}", channel)
 

@@ -16,7 +16,7 @@ from hl7relay.ops.support import message_view, row_view
 from hl7relay.store.database import MAX_ROW_ID
 
 from hl7relay.console.base import (
-    ConsoleBase, HTTPError, PAGE_SIZE, STATUSES, _group_of, _group_token, _masked_error, app, page,
+    ConsoleBase, HTTPError, PAGE_SIZE, STATUSES, _group_of, _group_token, _masked_error, _token_digest, app, page,
 )
 
 
@@ -24,9 +24,11 @@ _SETTLING_SECONDS = 600.0  # how long a message page refreshes deliveries that a
 BULK_REPLAY_LIMIT = 1000  # dead letters of one group replayed at once (the oldest first)
 CSV_LIMIT = 10_000  # rows of a Messages CSV export (the newest of the filters)
 SELECTED_LIMIT = PAGE_SIZE  # messages ticked in the list and replayed at once
+LARGE_REPLAY = 100  # a bulk replay of this many messages or more is confirmed by ticking its count too
+TOTAL_MOST = 10_000  # the Messages page counts its matches up to this many ("of 10,000+" beyond)
 
 class MessagePages(ConsoleBase):
-    def _search(self, request, session, limit: int) -> tuple[MessageQuery, Searcher, dict]:
+    def _search(self, request, session, limit: int, count_most: int = 0) -> tuple[MessageQuery, Searcher, dict]:
         """The Messages page's filters as a query (the page, its "Newer" and "Older" links and the
         CSV export read them alike), who searches, and the filters to carry in links."""
         filters = {name: self._field(request, name).strip() for name in SEARCH_FILTERS}
@@ -39,7 +41,7 @@ class MessagePages(ConsoleBase):
                 raise HTTPError(400, f"{name} is a message number")
         search = MessageQuery(filters, failed=self._field(request, "failed") == "1", since=since, until=until,
                               before=int(before) if before else None, after=int(after) if after and not text else None,
-                              limit=limit, text=text or None)
+                              limit=limit, text=text or None, count_most=count_most)
         searcher = Searcher(f"user:{session.user}", session.role, self._source(request),
                             can(session.role, "phi", session.phi), self._field(request, "reason").strip())
         query = {k: v for k, v in ((n, self._field(request, n)) for n in (*SEARCH_FILTERS, "failed", "text", "since", "until"))
@@ -61,12 +63,14 @@ class MessagePages(ConsoleBase):
     @page("read")
     @defer.inlineCallbacks
     def messages(self, request, session):
-        search, searcher, query = self._search(request, session, PAGE_SIZE)
+        search, searcher, query = self._search(request, session, PAGE_SIZE, TOTAL_MOST)
         rows, summaries = yield self._found(search, searcher)
         text = search.text
         paged_newer = search.after is not None
         older = ("/messages?" + urlencode(dict(query, before=rows[-1]["id"] if rows else search.after))
                  if len(rows) == PAGE_SIZE or (paged_newer and search.after) else None)
+        if older and search.before is None and not paged_newer and rows.total is not None and rows.total <= len(rows):
+            older = None  # counted: all of them are on this first page
         # the way back up: from a page reached by "Older", or a full page reached by "Newer"
         newer = ("/messages?" + urlencode(dict(query, after=rows[0]["id"] if rows else search.before))
                  if not text and ((search.before is not None) or (paged_newer and len(rows) == PAGE_SIZE)) else None)
@@ -74,6 +78,7 @@ class MessagePages(ConsoleBase):
         continue_at = "/messages?" + urlencode(dict(query, before=stopped_at)) if stopped_at else None
         return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
                             stopped_at=stopped_at, scanned=getattr(rows, "scanned", 0), continue_at=continue_at,
+                            total=rows.total, total_capped=rows.total_capped,
                             summaries=summaries, csv="/messages.csv?" + urlencode(query),
                             can_replay=can(session.role, "replay"),
                             done=done if re.fullmatch(r"replayed \d+, skipped \d+", done := self._field(request, "done")) else None,
@@ -272,9 +277,17 @@ class MessagePages(ConsoleBase):
 
         groups = yield self.support.run(load)
         done = self._field(request, "done")
+        remain = self._field(request, "remain")
+        # the groups a bulk replay left dead letters in come back ticked, so "Replay the selected
+        # groups…" dry-runs their next BULK_REPLAY_LIMIT (named by a digest: an error text may name a
+        # patient, and a URL is kept in histories and logs)
+        again = {v.decode("ascii", "replace") for v in (request.args or {}).get(b"again", [])[:50]}
+        for group in groups:
+            group["ticked"] = _token_digest(group["token"]) in again
         return self._render("dead_letters.html", request, session=session, groups=groups, channel=channel,
-                            channels=self.controls.channel_names(), active="dead-letters",
-                            done=done if re.fullmatch(r"replayed \d+, skipped \d+", done or "") else None)
+                            channels=self.controls.channel_names(), active="dead-letters", limit=BULK_REPLAY_LIMIT,
+                            done=done if re.fullmatch(r"replayed \d+, skipped \d+", done or "") else None,
+                            remain=int(remain) if remain.isdigit() and len(remain) < 10 else 0)
 
     @app.route("/messages/replay", methods=["POST"])
     @page("replay", post=True)
@@ -333,6 +346,8 @@ class MessagePages(ConsoleBase):
         confirm, reason, channels, render = self._replay_form(request)
         actor, role, source = f"user:{session.user}", session.role, self._source(request)
 
+        large_confirmed = self._field(request, "count")  # the count ticked under a large dry run
+
         def work(store):
             selected = []
             for channel, destination, error in groups:
@@ -344,19 +359,27 @@ class MessagePages(ConsoleBase):
                                  "error": _masked_error(store, error, ids[0] if ids else None),
                                  "token": _group_token({"channel": channel, "destination": destination, "error": error}),
                                  "plans": plans})
-            if not confirm:
-                return selected, 0, 0
+            would = sum(1 for g in selected for p in g["plans"] if not p.skipped)
+            if not confirm or (would >= LARGE_REPLAY and large_confirmed != str(would)):
+                return selected, None, 0  # a dry run; or a large one whose count was not ticked (or changed since)
             targets = ", ".join(f"{g['channel']}/{g['destination']} ({len(g['plans'])})" for g in selected)
             audit = {"actor": actor, "role": role, "source": source, "target": f"dead letters {targets}"[:500]}
-            return (selected, *_replay_all(store, channels, [p for g in selected for p in g["plans"]], reason, audit))
+            replayed, skipped = _replay_all(store, channels, [p for g in selected for p in g["plans"]], reason, audit)
+            for g in selected:  # what is left of each group: its next BULK_REPLAY_LIMIT
+                g["remain"] = store.dead_letter_count(*_group_of(g["token"]))
+            return selected, replayed, skipped
 
         selected, replayed, skipped = yield self.support.run(work)
-        if confirm:
-            request.redirect(b"/dead-letters?" + urlencode({"done": f"replayed {replayed}, skipped {skipped}"}).encode())
+        if replayed is not None:
+            remain = sum(g["remain"] for g in selected)
+            query = [("done", f"replayed {replayed}, skipped {skipped}")]
+            if remain:
+                query += [("remain", str(remain))] + [("again", _token_digest(g["token"])) for g in selected if g["remain"]]
+            request.redirect(b"/dead-letters?" + urlencode(query).encode())
             request.setResponseCode(303)
             return b""
-        return self._render("replay_preview.html", request, session=session, groups=selected, limit=BULK_REPLAY_LIMIT,
-                            active="dead-letters")
+        return self._render("replay_preview.html", request, 409 if confirm else 200, session=session, groups=selected,
+                            limit=BULK_REPLAY_LIMIT, large=LARGE_REPLAY, recount=confirm, active="dead-letters")
 
 
 def _replay_all(store, channels, plans: list, reason: str, audit: dict) -> tuple[int, int]:

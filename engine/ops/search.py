@@ -34,6 +34,7 @@ class MessageQuery:
     after: int | None = None  # or the first id of the page after (newer ones; not with text)
     limit: int = 50
     text: str | None = None  # a substring of the raw message (scans, bounded)
+    count_most: int = 0  # also count the matches, up to this many (not with text)
 
 
 @dataclass(slots=True)
@@ -59,7 +60,8 @@ def search_messages(store, query: MessageQuery, searcher: Searcher) -> SearchRow
         store.audit(_entry(searcher, "messages.search", "patient_id", "search by patient id"))
     text = query.text.encode("utf-8", "surrogateescape") if query.text else None
     return store.search(**query.filters, failed=query.failed, since=query.since, until=query.until,
-                        before_id=query.before, after_id=query.after if not text else None, limit=query.limit, text=text)
+                        before_id=query.before, after_id=query.after if not text else None, limit=query.limit, text=text,
+                        count_most=query.count_most)
 
 
 def _entry(searcher: Searcher, action: str, target: str, detail: str) -> dict:

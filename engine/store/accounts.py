@@ -59,7 +59,7 @@ class Accounts:
     def _keep_an_admin(self, connection, before: int, name: str) -> None:
         # raised inside the transaction: the change is rolled back with it
         if before and not self._active_admins(connection):
-            raise LastAdminError(f"{name} is the last active admin: make another user an admin first")
+            raise LastAdminError(name)
 
     def get_user(self, name: str) -> dict | None:
         with self.engine.connect() as connection:

@@ -18,6 +18,10 @@ class SearchRows(list):
 
     scanned: int = 0
     stopped_at: int | None = None
+    # how many match the filters in all (not only this page), counted up to ``count_most``: the
+    # count, or None when not counted (a content search, or no count asked for)
+    total: int | None = None
+    total_capped: bool = False  # more than the count: "of 10,000+"
 
 
 class MessageQueries:
@@ -128,7 +132,7 @@ class MessageQueries:
 
     def search(self, *, channel=None, status=None, since=None, until=None, message_type=None, control_id=None,
                patient_id=None, facility=None, delivery_status=None, failed: bool = False, text: bytes | None = None,
-               before_id=None, after_id=None, limit=50, scan_limit=100000) -> SearchRows:
+               before_id=None, after_id=None, limit=50, scan_limit=100000, count_most: int = 0) -> SearchRows:
         """Newest first, ``limit`` at a time (keyset paging: pass the last id as ``before_id``).
 
         Every filter but ``text`` is answered by an index; ``text`` (a substring of the raw message,
@@ -136,6 +140,8 @@ class MessageQueries:
         ``failed``: what
         support staff look for first, a message stored as ERROR or with any delivery in ERROR (a dead
         letter); each row then carries ``failed_deliveries`` (destination and error).
+        ``count_most``: when set (and no ``text``), the rows also say how many match in all, counted
+        through the same indexes and never beyond ``count_most`` (the cost stays bounded).
         """
         query = sa.select(messages.c.id, messages.c.channel, messages.c.received_at, messages.c.message_type,
                           messages.c.control_id, messages.c.patient_id, messages.c.sending_facility, messages.c.status,
@@ -177,6 +183,17 @@ class MessageQueries:
             bases = queries
             queries = [q.order_by(*order) for q in bases]
 
+            def counted(rows: SearchRows) -> SearchRows:
+                if count_most and text is None:
+                    total = 0
+                    for q in bases:
+                        if total > count_most:
+                            break
+                        bounded = q.with_only_columns(messages.c.id).limit(count_most + 1 - total).subquery()
+                        total += connection.execute(sa.select(sa.func.count()).select_from(bounded)).scalar() or 0
+                    rows.total, rows.total_capped = min(total, count_most), total > count_most
+                return rows
+
             def after(query, last_id):
                 """Keyset: the rows after message ``last_id`` in that order."""
                 if last_id is None:
@@ -209,10 +226,10 @@ class MessageQueries:
                         q = q.where(messages.c.id > after_id)
                     newer += [dict(r) for r in connection.execute(q.order_by(*ascending).limit(limit)).mappings()]
                 newer.sort(key=(lambda r: (r["received_at"], r["id"])) if by_time else (lambda r: r["id"]))
-                rows = SearchRows(reversed(newer[:limit]))
+                rows = counted(SearchRows(reversed(newer[:limit])))
                 return self._with_failed_deliveries(connection, rows) if failed else rows
             if text is None:
-                rows = SearchRows(page(before_id, limit))
+                rows = counted(SearchRows(page(before_id, limit)))
                 return self._with_failed_deliveries(connection, rows) if failed else rows
             found: list[dict] = []
             scanned, cursor = 0, before_id

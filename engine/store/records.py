@@ -15,6 +15,9 @@ class LastAdminError(StoreError):
     """A change that would leave no active admin (demoted, disabled or removed): refused, since
     nobody could manage users or see the audit log any more."""
 
+    def __init__(self, name: str):
+        super().__init__(f"{name} is the last active admin: make another user an admin first")
+
 
 @dataclass(slots=True)
 class DeliveryRecord:
