@@ -491,3 +491,268 @@ def test_the_tracer_shows_rows_live_and_a_message_can_be_tried(browser, engine):
     page.wait_for_timeout(5500)  # one refresh by htmx, in place
     assert page.locator("#perf-channels").count() == 1
     watched.close()
+
+
+# -- the shipped channel, a store with history: the night shift's pages one by one (issue #25) ------------
+SHIPPED_CHANNEL = REPO / "channels" / "adt-to-lab.yaml"
+DEAD_GROUP = 1003  # dead letters of one group: more than one bulk replay takes (1,000)
+HISTORY = 60  # messages delivered before the engine started
+
+
+@pytest.fixture(scope="module")
+def night_shift(tmp_path_factory, running_engine):
+    """The shipped ADT channel (its lab a ``hl7relay listen`` answering AA, its archive a folder),
+    with a store that has history: HISTORY messages delivered and DEAD_GROUP dead letters of the
+    archive ("disk full") from before the engine started."""
+    import shutil
+
+    from hl7relay.store.database import DeliveryRecord, DeliveryUpdate, MessageRecord
+
+    with lab_listening() as lab_port:
+        channel = (SHIPPED_CHANNEL.read_text().replace("${ADT_PORT:-2575}", "0")
+                   .replace("${LAB_PORT:-2576}", str(lab_port)))
+        folder = tmp_path_factory.mktemp("night")
+
+        def prepare(store):
+            shutil.copytree(REPO / "channels" / "lookups", folder / "channels" / "lookups")
+            _add_users(store, ada="admin", ops="operator", vic="viewer")
+            sample = SAMPLE.read_bytes()
+            delivered = [MessageRecord("adt-to-lab", sample.replace(b"MSG00001", f"OLD{n}".encode()), "PROCESSED",
+                                       1_780_000_000.0 + n, control_id=f"OLD{n}", message_type="ADT^A01",
+                                       patient_id="PATID1234", deliveries=[DeliveryRecord("lab", "SENT"),
+                                                                           DeliveryRecord("archive", "SENT")])
+                         for n in range(HISTORY)]
+            dead = [MessageRecord("adt-to-lab", sample.replace(b"MSG00001", f"FULL{n}".encode()), "PROCESSED",
+                                  1_780_001_000.0 + n, control_id=f"FULL{n}", message_type="ADT^A01",
+                                  patient_id="PATID1234", deliveries=[DeliveryRecord("lab", "SENT"),
+                                                                      DeliveryRecord("archive", "ERROR")])
+                    for n in range(DEAD_GROUP)]
+            store.commit(delivered, [])
+            ids = store.commit(dead, [])
+            store.commit([], [DeliveryUpdate(i, "archive", {"last_error": "disk full: No space left on device",
+                                                            "updated_at": 1_780_002_000.0}) for i in ids])
+
+        running = running_engine(folder, "--admin-port", "0", "--console-port", "auto", prepare=prepare, channel=channel)
+        yield {"base": running.console, "mllp_port": running.mllp_port, "store": running.store, "folder": running.folder}
+        assert running.stop() == 0
+
+
+def test_the_messages_list_counts_pages_both_ways_exports_and_replays_what_is_ticked(browser, night_shift):
+    """Messages browser parity: a total, Older and Newer, the delivery column, a CSV of what is
+    listed (audited), and "Replay selected…" with the same dry run as the dead letters."""
+    import csv
+    import io
+
+    engine = night_shift
+    watched = Watched(browser, engine, "messages-browser")
+    page = watched.sign_in("ops")
+    page = watched.goto("/messages")
+    total = HISTORY + DEAD_GROUP
+    assert page.inner_text("#count") == f"50 on this page, of {total:,} messages, newest first"
+    first = page.locator("#messages tbody tr").first.inner_text()
+    assert "FULL1002" in first and "1 dead letter" in first and "1 sent" in first and "1 dead" in first
+    watched.shot("messages-counted")
+    page.click("#older")
+    page.wait_for_load_state()
+    assert "FULL952" in page.locator("#messages tbody tr").first.inner_text()
+    page.click("#newer")
+    page.wait_for_load_state()
+    assert "FULL1002" in page.locator("#messages tbody tr").first.inner_text() and page.locator("#newer").count() == 0
+    page = watched.goto("/messages?delivery_status=SENT&channel=adt-to-lab")
+    assert page.inner_text("#count").startswith(f"50 on this page, of {total:,} messages")  # every one has a sent copy
+    page = watched.goto("/messages?delivery_status=ERROR")
+    assert page.inner_text("#total") == f"{DEAD_GROUP:,}"
+    with page.expect_download() as download:
+        page.click("#export-csv")
+    rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert len(rows) == DEAD_GROUP and rows[0]["control_id"] == "FULL1002" and rows[0]["deliveries"] == "ERROR=1 SENT=1"
+    assert {r["patient_id"] for r in rows} == {"P***"}  # as the page shows it
+    export = engine["store"].audit_entries(action="messages.export", limit=1)[0]
+    assert export["actor"] == "user:ops" and f"rows={DEAD_GROUP}" in export["detail"]
+    # two ticked: a dry run of each to where it is a dead letter (the archive), then replayed
+    page.check("#messages input[name=id][value='1063']")
+    page.check("#messages input[name=id][value='1062']")
+    page.click("text=Replay selected…")
+    page.wait_for_load_state()
+    watched.shot("replay-selected-dry-run")
+    assert page.inner_text("#would-replay") == "2" and "their failed destinations" in page.inner_text("main")
+    assert page.locator("#large-confirm").count() == 0  # two messages: the dry run and a reason suffice
+    page.fill("#confirm input[name=reason]", "INC-31 the archive disk has room again")
+    page.click("#confirm button[type=submit]")
+    page.wait_for_load_state()
+    assert page.inner_text("#done") == "Selected messages: replayed 2, skipped 0."
+    for original in (1062, 1063):
+        [replay] = engine["store"].replays_of(original)
+        assert [d["destination"] for d in engine["store"].get_message(replay["id"])["deliveries"]] == ["archive"]
+    watched.close()
+
+
+def test_a_group_larger_than_one_replay_is_replayed_a_thousand_at_a_time_with_its_count_confirmed(browser, night_shift):
+    """Caps told: "the oldest 1,000 of 1,003", the count ticked before a large replay, and the
+    groups with dead letters left come back ticked for the next part."""
+
+    engine = night_shift
+    watched = Watched(browser, engine, "bulk-replay")
+    page = watched.sign_in("ops")
+    page = watched.goto("/dead-letters")
+    # the previous test replayed two of them (when run alone: all of them are there)
+    left = int(page.locator("#dead-letters td.n a").first.inner_text())
+    assert left >= DEAD_GROUP - 2
+    page.check("#dead-letters input[name=group]")
+    page.click("#replay-groups")
+    page.wait_for_load_state()
+    watched.shot("bulk-dry-run")
+    assert page.inner_text(".group-count") == f"the oldest 1,000 of {left:,}"
+    assert page.inner_text("#not-this-time").startswith(f"{left - 1000:,} more in the selected groups")
+    assert page.inner_text("#would-replay") == "1000"
+    page.fill("#confirm input[name=reason]", "INC-32 archive disk replaced")
+    page.click("#confirm button[type=submit]")  # the count is not ticked: the browser keeps the form
+    assert page.url.endswith("/dead-letters/replay") and engine["store"].replays_of(3 + HISTORY) == []
+    page.check("#large-confirm input[name=count]")
+    page.click("#confirm button[type=submit]")
+    page.wait_for_load_state()
+    watched.shot("bulk-replayed")
+    assert page.inner_text("#done").startswith("replayed 1000, skipped 0.")
+    assert page.inner_text("#remain").startswith(f"{left - 1000:,} dead letter")
+    assert page.is_checked("#dead-letters input[name=group]")  # the rest, ticked for the next part
+    assert f"{left - 1000:,} dead letter" in page.inner_text("#health")  # counted again at once
+    page.click("#replay-groups")
+    page.wait_for_load_state()
+    assert page.inner_text(".group-count") == f"{left - 1000} message(s)" and page.locator("#large-confirm").count() == 0
+    page.fill("#confirm input[name=reason]", "INC-32 archive disk replaced, the rest")
+    page.click("#confirm button[type=submit]")
+    page.wait_for_load_state()
+    assert "No dead letters." in page.inner_text("#dead-letters") and page.locator("#remain").count() == 0
+    assert "0 dead letters" in page.inner_text("#health")
+    assert [e["detail"].split(":")[0] for e in engine["store"].audit_entries(action="replay.bulk", limit=2)] == [
+        f"replayed {left - 1000}, skipped 0", "replayed 1000, skipped 0"]
+    archived = list((engine["folder"] / "data" / "out" / "adt").glob("*FULL*.hl7"))
+    for _ in range(100):  # the archive writes the replays as its queue reaches them
+        if len(archived) >= left:
+            break
+        page.wait_for_timeout(200)
+        archived = list((engine["folder"] / "data" / "out" / "adt").glob("*FULL*.hl7"))
+    assert len(archived) >= left
+    watched.close()
+
+
+def test_the_hl7_viewer_names_fields_keeps_masked_fields_shows_what_changed_and_tries_it_again(browser, night_shift):
+    """A plain text dump before: now each field with its number and name, a masked value in its
+    field, what the shipped channel's transformers changed, and "Try it again" on the stored message."""
+    engine = night_shift
+    watched = Watched(browser, engine, "viewer")
+    page = watched.sign_in("ada")
+    send_sample(engine)  # DOE^JANE through the shipped channel: MSH-5 LAB, PV1-2 mapped, the surname upper-cased
+    found = engine["store"].search(control_id="MSG00001", limit=1)
+    for _ in range(50):
+        if found:
+            break
+        page.wait_for_timeout(100)
+        found = engine["store"].search(control_id="MSG00001", limit=1)
+    message_id = found[0]["id"]
+    page = watched.goto(f"/messages/{message_id}")
+    page.click("#fields-raw summary")
+    rows = {r.locator("td.path").inner_text(): r for r in page.locator("#fields-raw tbody tr").all()}
+    assert rows["PID-5"].locator("td.muted").inner_text() == "Patient Name"
+    assert rows["PID-5"].locator("td.value").inner_text() == "***"  # masked, in its field
+    assert rows["MSH-9"].locator("td.value").inner_text() == "ADT^A01^ADT_A01"  # not patient data: shown
+    assert "DOE" not in page.content()
+    changes = page.locator("#changes details")
+    labels = [changes.nth(i).locator("summary").inner_text() for i in range(changes.count())]
+    assert labels[0].startswith("Received → Transformed"), labels
+    changes.first.locator("summary").click()
+    assert "LAB" in changes.first.locator("pre").inner_text()
+    watched.shot("viewer-fields-and-changes")
+    page.fill("form.reveal input[name=reason]", "INC-33 does the current mapping take it")
+    page.click("form.reveal button:has-text('Try it again')")
+    page.wait_for_load_state()
+    watched.shot("viewer-tried-again")
+    assert page.locator("section.dry-run").count() == 1 and "DOE" in page.inner_text("main")  # shown: a reason was given
+    entry = engine["store"].audit_entries(action="phi.view", limit=1)[0]
+    assert (entry["target"], entry["reason"]) == (f"message {message_id} (try)", "INC-33 does the current mapping take it")
+    watched.close()
+
+
+def test_sessions_and_audit_leave_no_gap(browser, night_shift):
+    """A viewer's forced test send is refused and audited; a content search is audited with its
+    query; the last admin cannot demote themselves; a sign-in's `next` stays on the console;
+    disabling a channel and changing a role are confirmed with a reason; the Database checks run
+    on a button."""
+    engine = night_shift
+    store = engine["store"]
+    viewer = Watched(browser, engine, "audit-viewer")
+    page = viewer.sign_in("vic")
+    page = viewer.goto("/connections")
+    assert page.locator("#check-needs-operator").count() == 1 and page.locator("form[action='/connections/check']").count() == 0
+    viewer.expected_failures.add(engine["base"] + "/connections/check")
+    csrf = page.locator("input[name=csrf]").first.get_attribute("value")
+    status = page.evaluate("""async (csrf) => {
+        const body = new URLSearchParams({csrf, target: "adt-to-lab/lab", mllp: "1"});
+        return (await fetch("/connections/check", {method: "POST", body})).status;
+    }""", csrf)
+    assert status == 403
+    refused = store.audit_entries(action="console.refused", limit=1)[0]
+    assert (refused["actor"], refused["target"]) == ("user:vic", "POST /connections/check")
+    assert page.locator("input[name=text]").count() == 0  # a viewer cannot search message content
+    viewer.close()
+
+    admin = Watched(browser, engine, "audit-admin")
+    admin.expected_failures.add(engine["base"] + "/users/ada/role")
+    # a `next` that is not a plain local path (a tab turns "/\t/evil.example" into "//evil.example")
+    page = admin.goto("/login?next=%2F%09%2Fevil.example")
+    page.fill("input[name=name]", "ada")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+    assert page.url == engine["base"] + "/"
+    page = admin.goto("/messages")
+    page.fill("input[name=text]", "PATID1234")
+    page.click("text=Search")
+    page.wait_for_load_state()
+    searched = store.audit_entries(action="messages.search_text", limit=1)[0]
+    assert searched["actor"] == "user:ada" and "'PATID1234'" in searched["detail"]
+    # the last admin: refused at once, in words, before any confirmation
+    page = admin.goto("/users")
+    row = page.locator("tr[data-user=ada]")
+    row.locator("select[name=role]").select_option("operator")
+    row.locator("input[name=reason]").fill("leaving the team")
+    row.locator("form[action$='/role'] button").click()
+    page.wait_for_load_state()
+    assert "ada is the last active admin" in page.inner_text("main") and store.get_user("ada")["role"] == "admin"
+    # a role change: confirmed on its own page, the reason carried over
+    page = admin.goto("/users")
+    row = page.locator("tr[data-user=vic]")
+    row.locator("select[name=role]").select_option("operator")
+    row.locator("input[name=reason]").fill("INC-34 covers the night shift")
+    row.locator("form[action$='/role'] button").click()
+    page.wait_for_load_state()
+    admin.shot("role-confirm")
+    assert page.inner_text("h1") == "Make vic an operator?" and store.get_user("vic")["role"] == "viewer"
+    page.click("#confirm button[type=submit]")
+    page.wait_for_load_state()
+    assert store.get_user("vic")["role"] == "operator"
+    # disabling the channel: a reason, then the confirmation says what it does
+    page = admin.goto("/channels")
+    page.click("#channel-adt-to-lab button:has-text('Disable… channel')")
+    assert page.url.endswith("/channels")  # no reason: the browser keeps the form
+    page.fill("#channel-adt-to-lab input[name=reason]", "INC-35 the PMS is sending test data")
+    page.click("#channel-adt-to-lab button:has-text('Disable… channel')")
+    page.wait_for_load_state()
+    admin.shot("disable-confirm")
+    assert page.inner_text("h1") == "Disable channel adt-to-lab?" and "stops accepting messages" in page.inner_text("#consequence")
+    assert store.audit_entries(action="channel.disable", limit=1) == []
+    page.click("#confirm button[type=submit]")
+    page.wait_for_load_state()
+    assert "Channel adt-to-lab disabled" in page.inner_text("main")
+    page.fill("#channel-adt-to-lab input[name=reason]", "INC-35 done")
+    page.click("#channel-adt-to-lab button:has-text('Enable channel')")
+    page.wait_for_load_state()
+    assert [e["action"] for e in store.audit_entries(limit=3)][:2] == ["channel.enable", "channel.disable"]
+    # the Database checks: behind a button, not on every visit
+    page = admin.goto("/database")
+    assert "not run yet" in page.inner_text("#checked-at")
+    page.click("button:has-text('Run checks')")
+    page.wait_for_load_state()
+    assert "last run" in page.inner_text("#checked-at")
+    admin.shot("database-checked")
+    admin.close()

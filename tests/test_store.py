@@ -613,8 +613,10 @@ def test_a_newer_page_is_the_one_before_an_older_page(store, filters):
     store.commit([record(f"P{n}") for n in range(120)], [])
     first = store.search(**filters, limit=50)
     second = store.search(**filters, before_id=first[-1]["id"], limit=50)
-    assert [r["id"] for r in store.search(**filters, after_id=second[0]["id"], limit=50)] == [r["id"] for r in first]
+    back = store.search(**filters, after_id=second[0]["id"], limit=50)
+    assert [r["id"] for r in back] == [r["id"] for r in first] and not back.newer_exists  # the first page: none newer
     third = store.search(**filters, before_id=second[-1]["id"], limit=50)
     assert len(third) == 20
-    assert [r["id"] for r in store.search(**filters, after_id=third[0]["id"], limit=50)] == [r["id"] for r in second]
+    back = store.search(**filters, after_id=third[0]["id"], limit=50)
+    assert [r["id"] for r in back] == [r["id"] for r in second] and back.newer_exists
     assert store.search(**filters, after_id=first[0]["id"], limit=50) == []  # nothing newer than the newest

@@ -73,7 +73,7 @@ class MessagePages(ConsoleBase):
             older = None  # counted: all of them are on this first page
         # the way back up: from a page reached by "Older", or a full page reached by "Newer"
         newer = ("/messages?" + urlencode(dict(query, after=rows[0]["id"] if rows else search.before))
-                 if not text and ((search.before is not None) or (paged_newer and len(rows) == PAGE_SIZE)) else None)
+                 if not text and ((search.before is not None) or (paged_newer and rows.newer_exists)) else None)
         stopped_at = getattr(rows, "stopped_at", None)  # a text search that reached its scan limit
         continue_at = "/messages?" + urlencode(dict(query, before=stopped_at)) if stopped_at else None
         return self._render("messages.html", request, session=session, rows=[row_view(r, False) for r in rows],
@@ -225,6 +225,7 @@ class MessagePages(ConsoleBase):
         if plan.skipped.startswith("no message"):
             raise HTTPError(404, plan.skipped)
         if replay_id is not None:
+            yield self._recount_dead_letters()
             request.redirect(f"/messages/{replay_id}".encode())
             request.setResponseCode(303)
             return b""
@@ -320,6 +321,7 @@ class MessagePages(ConsoleBase):
 
         plans, replayed, skipped = yield self.support.run(work)
         if confirm:
+            yield self._recount_dead_letters()
             request.redirect(b"/messages?" + urlencode({"done": f"replayed {replayed}, skipped {skipped}"}).encode())
             request.setResponseCode(303)
             return b""
@@ -371,6 +373,7 @@ class MessagePages(ConsoleBase):
 
         selected, replayed, skipped = yield self.support.run(work)
         if replayed is not None:
+            yield self._recount_dead_letters()
             remain = sum(g["remain"] for g in selected)
             query = [("done", f"replayed {replayed}, skipped {skipped}")]
             if remain:

@@ -22,6 +22,7 @@ class SearchRows(list):
     # count, or None when not counted (a content search, or no count asked for)
     total: int | None = None
     total_capped: bool = False  # more than the count: "of 10,000+"
+    newer_exists: bool = False  # a page read with ``after_id``: there are newer rows than these
 
 
 class MessageQueries:
@@ -224,9 +225,11 @@ class MessageQueries:
                         q = q.where(sa.tuple_(messages.c.received_at, messages.c.id) > sa.tuple_(at, after_id))
                     else:
                         q = q.where(messages.c.id > after_id)
-                    newer += [dict(r) for r in connection.execute(q.order_by(*ascending).limit(limit)).mappings()]
+                    # one more than a page: whether a page newer still exists (a "Newer" link to nothing, else)
+                    newer += [dict(r) for r in connection.execute(q.order_by(*ascending).limit(limit + 1)).mappings()]
                 newer.sort(key=(lambda r: (r["received_at"], r["id"])) if by_time else (lambda r: r["id"]))
                 rows = counted(SearchRows(reversed(newer[:limit])))
+                rows.newer_exists = len(newer) > limit
                 return self._with_failed_deliveries(connection, rows) if failed else rows
             if text is None:
                 rows = counted(SearchRows(page(before_id, limit)))
