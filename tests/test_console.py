@@ -645,6 +645,7 @@ def test_a_message_is_replayed_from_its_page_after_a_dry_run(engine):
     # twice, so it takes "Deliver again to the ones that already have it"
     status, _, page = operator.post("/messages/1/replay", {"destination": "lab"})
     assert status == 200 and "still queued for lab" in page and 'id="plan"' not in page
+    assert "--force" not in page and "to send a copy as well" in page  # the page's own words, not the CLI's
     status, _, page = operator.post("/messages/1/replay", {"destination": "lab", "force": "1"})
     assert status == 200 and 'id="plan"' in page and "SAMPLEPATIENT" not in page
     before = len(store.audit_entries(action="replay", limit=1000))

@@ -433,9 +433,8 @@ def test_every_page_fits_a_phone_and_a_wide_screen(browser, engine, width, heigh
     page.wait_for_load_state()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     too_wide, violations = {}, {}
-    for path in PAGES:
-        page.goto(engine["base"] + path)
-        page.wait_for_load_state()
+
+    def measure(path):
         page_width = page.evaluate("() => document.documentElement.scrollWidth")
         if page_width > width:
             too_wide[path] = page_width
@@ -447,6 +446,24 @@ def test_every_page_fits_a_phone_and_a_wide_screen(browser, engine, width, heigh
             violations[path] = found
         page.screenshot(path=str(ARTIFACTS / f"width{width}-{path.strip('/').replace('/', '-') or 'dashboard'}.png"),
                         full_page=True)
+
+    for path in PAGES:
+        page.goto(engine["base"] + path)
+        page.wait_for_load_state()
+        measure(path)
+    # the pages a form leads to: a role change's confirmation, a replay's dry run
+    page.goto(engine["base"] + "/users")
+    row = page.locator("tr[data-user=vic]")
+    row.locator("select[name=role]").select_option("operator")
+    row.locator("input[name=reason]").fill("layout check")
+    row.locator("form[action$='/role'] button").click()
+    page.wait_for_load_state()
+    assert page.locator("#confirm").count() == 1
+    measure("/users/vic/role (confirm)")
+    page.goto(engine["base"] + "/messages/1")
+    page.click("#replay button[type=submit]")
+    page.wait_for_load_state()
+    measure("/messages/1/replay (dry run)")
     assert too_wide == {}, too_wide
     assert violations == {}, violations
     messages_link = page.locator("header nav a[href='/messages']")
