@@ -23,9 +23,11 @@ __all__ = ["Option", "ComponentSpec", "register", "registry", "lookup", "check_o
 REQUIRED = object()
 KINDS = ("source", "filter", "transformer", "validator", "destination")
 
-# option types: str, int, float, bool, hl7path, enum, list (of item), map (str -> str), any, duration
+# option types: str, int, float, bool, hl7path, hl7path* (may name many: OBX[*]-5), enum, list (of item),
+# map (str -> str), any, duration
 _TYPE_NAMES = {"str": "text", "int": "a whole number", "float": "a number", "bool": "true or false",
-               "hl7path": "an HL7 path such as PID-5.1", "enum": "one of", "list": "a list", "map": "a mapping",
+               "hl7path": "an HL7 path such as PID-5.1", "hl7path*": "an HL7 path such as PID-5.1 or OBX[*]-3.1",
+               "enum": "one of", "list": "a list", "map": "a mapping",
                "any": "a value", "duration": "seconds (a number)", "strlist": "text or a list of text",
                "regex": "a regular expression", "section": "a mapping", "source": "a mapping with a type",
                "destinations": "a list of destinations", "rule": "a filter rule or a list of them",
@@ -185,12 +187,12 @@ def _check_value(option: Option, value, doc: Document, path: tuple):
                             + did_you_mean(str(value), map(str, option.choices)))
             return None
         return value
-    if t == "hl7path":
+    if t in ("hl7path", "hl7path*"):
         if not isinstance(value, str):
             doc.error(path, f"{option.name} must be {what}")
             return None
         try:
-            parse_path(value)
+            parse_path(value, many=t == "hl7path*")
         except PathError as exc:
             doc.error(path, f"invalid HL7 path: {exc}")
             return None

@@ -173,7 +173,12 @@ def load_document(path: str | Path, environ=None, display_name: str | None = Non
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Mark(name, mark.line + 1, mark.column + 1) if mark else Mark(name, 1, 1)
-        doc.errors.append(ConfigError(where, f"YAML syntax: {exc.problem or exc.context}"))
+        problem = f"YAML syntax: {exc.problem or exc.context}"
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        if "{" in line and re.search(r"\b[A-Z][A-Z0-9]{2}(\[[^\]]*\])?[-.]\d+(\[[^\]]*\])?", line) and "[" in line:
+            # `{path: OBX[1]-3.1}`: inside { } a [ starts a list (and * an alias) for YAML
+            problem += " (quote paths that contain [ ] inside { }: path: \"OBX[*]-3.1\")"
+        doc.errors.append(ConfigError(where, problem))
         return doc
     if node is None:
         doc.errors.append(ConfigError(Mark(name, 1, 1), "the file is empty"))

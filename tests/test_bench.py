@@ -128,3 +128,10 @@ def test_every_search_of_the_console_and_cli_is_answered_by_an_index(tmp_path):
     assert explain.classify("postgresql", "SELECT id FROM messages WHERE raw = %(raw)s",
                             ["Seq Scan on messages  (cost=0.00..1.00 rows=1 width=8)"]) == "FULL SCAN"
     assert explain.main(["--rows", "5000", "--backend", "sqlite", "--only", "^status"]) == 0
+
+
+def test_bench_transformers_compares_the_same_edits():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_transformers.py"), "--results", "3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split()[:2] for line in result.stdout.splitlines()[1:]] == [["map", "3"], ["set", "3"], ["upper", "3"]]

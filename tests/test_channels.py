@@ -159,8 +159,8 @@ def test_transformer_steps(tmp_path):
     channel = channel_from(tmp_path, """\
         transformers:
           - set: {path: MSH-5, value: "A|B"}
-          - copy: {from: PID-5, to: NK1-2}
-          - move: {from: PID-8, to: ZPI-1}
+          - copy: {from: PID-5, to: NK1-2, create: true}
+          - move: {from: PID-8, to: ZPI-1, create: true}
           - clear: PV1-2
           - delete_segment: NTE
           - add_segment: {segment: "ZAD|1|added", after: PID}
@@ -179,6 +179,67 @@ def test_transformer_steps(tmp_path):
     assert m.count("NTE") == 0 and m.segment_names().index("ZAD") == m.segment_names().index("PID") + 1
     assert m.get("EVN-1") == "ADMIT" and m.get("PID-7") == "12/04/1980"
     assert m.get("PID-5.1") == "DOE" and m.get("MSH-10") == "ID-1"
+
+
+ORU = ("MSH|^~\\&|LAB|LABFAC|PMS|CLINIC|20240105160000||ORU^R01^ORU_R01|T1|P|2.5.1\r"
+       "PID|1||100234^^^CLINIC^MR~555^^^SSA^SS||DOE^JANE\r"
+       "OBR|1|ORD1|LAB1|PANEL^Panel^L|||20240105090000\r"
+       "OBX|1|NM|GLU^Glucose^L||5.5|mmol/L|||||F\r"
+       "OBX|2|NM|K^Potassium^L||4.1|mmol/L|||||F\r"
+       "OBX|3|NM|XYZ^Unknown^L||1|x|||||F\r")
+
+
+def test_a_step_applies_to_every_segment_and_repetition_a_star_names(tmp_path):
+    """`map` touched only the first OBX and `OBX[*]` was refused: "for each OBX" is the first thing
+    an analyst reaches for."""
+    (tmp_path / "loinc.csv").write_text("GLU,2345-7\nK,2823-3\n")
+    channel = channel_from(tmp_path, """\
+        transformers:
+          - copy: {from: "OBX[*]-3.1", to: "OBX[*]-3.4"}
+          - map: {path: "OBX[*]-3.1", file: loinc.csv}
+          - set: {path: "OBX[*]-11", value: C}
+          - upper: "OBX[*]-3.2"
+          - set: {path: "PID-3[*].5", value: XX}
+          - lower: "OBX[*]-3.4"
+        """)
+    m = process(channel, Message(ORU)).message
+    assert [m.get(f"OBX[{n}]-3") for n in (1, 2, 3)] == ["2345-7^GLUCOSE^L^glu", "2823-3^POTASSIUM^L^k", "XYZ^UNKNOWN^L^xyz"]
+    assert [m.get(f"OBX[{n}]-11") for n in (1, 2, 3)] == ["C", "C", "C"] and m.count("OBX") == 3
+    assert m.repetitions("PID-3") == ["100234^^^CLINIC^XX", "555^^^SSA^XX"]
+
+
+def test_no_step_invents_a_segment_unless_it_says_create(tmp_path):
+    """One `map` per index with `default:` invented a phantom `OBX|||UNMAPPED` that reached the PMS
+    and the archive: a step writes only into segments the message has."""
+    channel = channel_from(tmp_path, """\
+        transformers:
+          - map: {path: "OBX[4]-3.1", table: {GLU: "2345-7"}, default: UNMAPPED}
+          - map: {path: "OBX[*]-5", table: {}, default: "0"}
+          - set: {path: ZPI-1, value: x}
+          - clear: NTE-3
+          - copy: {from: PID-5, to: NK1-2}
+          - map: {path: "NTE[*]-3", table: {}, default: y}
+          - set: {path: ZRS-1, value: made, create: true}
+        """)
+    m = process(channel, Message(ORU)).message
+    assert m.segment_names() == ["MSH", "PID", "OBR", "OBX", "OBX", "OBX", "ZRS"] and m.get("ZRS-1") == "made"
+    assert [m.get(f"OBX[{n}]-5") for n in (1, 2, 3)] == ["0", "0", "0"]  # every OBX there is, and no fourth
+
+
+def test_a_star_is_refused_where_a_path_names_one_value(tmp_path):
+    channel_file = tmp_path / "c.yaml"
+    channel_file.write_text('name: c\nsource: {type: mllp, port: 0}\nfilters:\n  - field: {path: "OBX[*]-5", equals: x}\n'
+                            "destinations: [{name: d, type: file, directory: out}]\n")
+    _, errors = load_channel(channel_file, {})
+    assert any("[*] (every one) is for transformer steps" in str(e) for e in errors), errors
+
+
+def test_an_unquoted_path_with_brackets_inside_braces_is_a_yaml_error_with_a_hint(tmp_path):
+    channel_file = tmp_path / "c.yaml"
+    channel_file.write_text("name: c\ntransformers:\n  - set: {path: OBX[1]-3.1, value: B}\n")
+    _, errors = load_channel(channel_file, {})
+    assert [str(e) for e in errors] == [f"{channel_file}:3:20: YAML syntax: expected ',' or '}}', but got '[' "
+                                        '(quote paths that contain [ ] inside { }: path: "OBX[*]-3.1")']
 
 
 def test_python_step_and_its_errors(tmp_path):

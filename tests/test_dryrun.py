@@ -179,3 +179,23 @@ def test_every_sample_through_every_channel_matches_the_engines_pipeline(sample)
             delivered = {o.name: o.message.to_text().rstrip("\r").replace("\r", "\n") for o in engine.outputs
                          if o.message is not None} if run.status == "PROCESSED" else {}
             assert {d.name: d.output for d in run.destinations if d.delivered} == delivered
+
+
+def test_a_step_that_finds_no_segment_to_change_says_so(tmp_path):
+    """A step writes only into segments the message has: its dry run says why nothing changed."""
+    from hl7relay.channels import load_channel
+    from hl7relay.channels.dryrun import dry_run
+    from hl7relay.hl7.message import Message
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\nsource: {type: mllp, port: 0}\ntransformers:\n"
+                    "  - set: {path: ZPI-1, value: x}\n  - map: {path: \"NTE[*]-3\", table: {}, default: y}\n"
+                    "  - set: {path: \"OBX[*]-11\", value: C}\n  - set: {path: ZPI-1, value: x, create: true}\n"
+                    "destinations: [{name: d, type: file, directory: out}]\n")
+    channel, errors = load_channel(path, {})
+    assert not errors, errors
+    message = Message("MSH|^~\\&|LAB|F|PMS|C|20240105||ORU^R01|1|P|2.5.1\rPID|1||7\rOBX|1|NM|A||1\rOBX|2|NM|B||2\r")
+    steps = dry_run(channel, message).steps
+    assert [s.outcome for s in steps] == ["no change (the message has no ZPI; create: true adds it)",
+                                          "no change (the message has no NTE)", "changed", "changed"]
+    assert steps[2].changes == ["-OBX|1|NM|A||1", "-OBX|2|NM|B||2", "+OBX|1|NM|A||1||||||C", "+OBX|2|NM|B||2||||||C"]

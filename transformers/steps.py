@@ -1,7 +1,11 @@
 """Transformer steps: declarative edits of the message, applied in order.
 
 Each list item names one step: ``- set: {path: MSH-5, value: LAB}``. Paths are HL7 paths; values
-are plain text (escaped on write) unless ``raw: true``.
+are plain text (escaped on write) unless ``raw: true``. A path may name every segment of its name
+or every repetition of its field (``OBX[*]-3.1``, ``PID-3[*].4``): the step is applied to each.
+A step changes only segments the message has: writing into one it lacks (a ``set``, a ``map``'s
+``default``) is no change, unless the step says ``create: true`` (a results feed must never gain
+a segment nobody sent).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from hl7relay.spec import Option, register
 from hl7relay.errors import HL7RelayError
 from hl7relay.hl7.message import Message
+from hl7relay.hl7.path import EVERY, Path as HL7Path, parse_path
 
 __all__ = ["TransformError", "Step"]
 
@@ -29,59 +34,91 @@ class Step:
         raise NotImplementedError
 
 
+def _many(text: str) -> HL7Path:
+    """A step's path, parsed once when the channel is loaded (``[*]`` allowed)."""
+    return parse_path(text, many=True)
+
+
+_CREATE = Option("create", "bool", False, "add the segment when the message has none (otherwise: no change)")
+
+
 @dataclass(slots=True)
 class SetValue(Step):
-    path: str
+    path: HL7Path
     value: str
     raw: bool
+    create: bool = False
 
     def apply(self, message):
-        (message.set_raw if self.raw else message.set)(self.path, self.value)
+        write = message.set_raw if self.raw else message.set
+        for place in message.expand(self.path, self.create):
+            write(place, self.value)
 
 
-@register("transformer", "set", "write a value into a field", [
-    Option("path", "hl7path", description="where, e.g. MSH-5"),
+@register("transformer", "set", "write a value into a field (of every segment or repetition with [*])", [
+    Option("path", "hl7path*", description="where, e.g. MSH-5, or OBX[*]-11 for every OBX"),
     Option("value", "str", description="the value (plain text; delimiters are escaped)"),
     Option("raw", "bool", False, "value is already-encoded HL7 (e.g. DOE^JOHN)"),
+    _CREATE,
 ])
 def _set(options, context=None):
-    return SetValue(options["path"], options["value"], options["raw"])
+    return SetValue(_many(options["path"]), options["value"], options["raw"], options["create"])
 
 
 @dataclass(slots=True)
 class Copy(Step):
-    source: str
-    target: str
+    source: HL7Path
+    target: HL7Path
     clear_source: bool
+    create: bool = False
 
     def apply(self, message):
-        message.set(self.target, message.get(self.source)) if not _composite(message, self.source) else \
-            message.set_raw(self.target, message.get(self.source))
-        if self.clear_source:
-            message.set(self.source, "")
+        for place in message.expand(self.source):
+            value = message.get(place)
+            composite = _composite(message, value)
+            for target in message.expand(_bound(self.target, self.source, place), self.create):
+                (message.set_raw if composite else message.set)(target, value)
+            if self.clear_source:
+                message.set(place, "")
+        if not self.source.many and not message.expand(self.source):
+            # copying from a segment the message lacks writes an empty value, as copying an empty field does
+            for target in message.expand(self.target, self.create):
+                message.set(target, "")
 
 
-def _composite(message: Message, path: str) -> bool:
-    value = message.get(path)
+def _bound(target: HL7Path, source: HL7Path, place: HL7Path) -> HL7Path:
+    """The target of one source place: ``OBX[*]-3.1`` to ``OBX[*]-3.4`` copies within each OBX;
+    a [*] the source does not have stays every one (one value written to each)."""
+    if target.occurrence == EVERY and source.occurrence == EVERY:
+        target = target._replace(occurrence=place.occurrence)
+    if target.repetition == EVERY and source.repetition == EVERY:
+        target = target._replace(repetition=place.repetition)
+    return target
+
+
+def _composite(message: Message, value: str) -> bool:
     d = message.delimiters
     return any(sep and sep in value for sep in (d.component, d.subcomponent, d.repetition))
 
 
-@register("transformer", "copy", "copy one field's value into another", [
-    Option("from", "hl7path", description="source field"), Option("to", "hl7path", description="target field")])
+@register("transformer", "copy", "copy one field's value into another ([*] on both: within each segment)", [
+    Option("from", "hl7path*", description="source field"), Option("to", "hl7path*", description="target field"),
+    _CREATE])
 def _copy(options, context=None):
-    return Copy(options["from"], options["to"], False)
+    return Copy(_many(options["from"]), _many(options["to"]), False, options["create"])
 
 
 @register("transformer", "move", "copy a field into another, then clear the source", [
-    Option("from", "hl7path", description="source field"), Option("to", "hl7path", description="target field")])
+    Option("from", "hl7path*", description="source field"), Option("to", "hl7path*", description="target field"),
+    _CREATE])
 def _move(options, context=None):
-    return Copy(options["from"], options["to"], True)
+    return Copy(_many(options["from"]), _many(options["to"]), True, options["create"])
 
 
-@register("transformer", "clear", "empty a field", [Option("path", "hl7path", description="the field")], shorthand="path")
+@register("transformer", "clear", "empty a field (of every segment or repetition with [*])",
+          [Option("path", "hl7path*", description="the field")], shorthand="path")
 def _clear(options, context=None):
-    return SetValue(options["path"], "", False)
+    return SetValue(_many(options["path"]), "", False)
 
 
 @dataclass(slots=True)
@@ -133,15 +170,16 @@ _KEEP = object()
 
 @dataclass(slots=True)
 class MapValue(Step):
-    path: str
+    path: HL7Path
     table: dict
     default: object
+    create: bool = False
 
     def apply(self, message):
-        value = message.get(self.path)
-        mapped = self.table.get(value, self.default)
-        if mapped is not _KEEP:
-            message.set(self.path, mapped)
+        for place in message.expand(self.path, self.create):
+            mapped = self.table.get(message.get(place), self.default)
+            if mapped is not _KEEP:
+                message.set(place, mapped)
 
 
 def load_lookup_csv(path: Path) -> dict:
@@ -158,10 +196,11 @@ def load_lookup_csv(path: Path) -> dict:
 
 
 @register("transformer", "map", "map a field's value through a lookup table (inline or a CSV file)", [
-    Option("path", "hl7path", description="the field to map"),
+    Option("path", "hl7path*", description="the field to map, e.g. OBX[*]-3.1 for every OBX"),
     Option("table", "map", None, "inline table, from: to"),
     Option("file", "str", None, "CSV file with two columns from,to (relative to the channel file)"),
     Option("default", "str", None, "value on a miss (default: keep the original)"),
+    _CREATE,
 ])
 def _map(options, context=None):
     if (options["table"] is None) == (options["file"] is None):
@@ -171,7 +210,8 @@ def _map(options, context=None):
         base = Path(getattr(context, "base_dir", "."))
         file = Path(options["file"])
         table = load_lookup_csv(file if file.is_absolute() else base / file)
-    return MapValue(options["path"], dict(table), _KEEP if options["default"] is None else options["default"])
+    return MapValue(_many(options["path"]), dict(table), _KEEP if options["default"] is None else options["default"],
+                    options["create"])
 
 
 def _parse_hl7_datetime(value: str) -> datetime.datetime:
@@ -190,77 +230,80 @@ def _parse_hl7_datetime(value: str) -> datetime.datetime:
 
 @dataclass(slots=True)
 class FormatDate(Step):
-    path: str
+    path: HL7Path
     input: str
     output: str
 
     def apply(self, message):
-        value = message.get(self.path)
-        if not value:
-            return
-        try:
-            moment = _parse_hl7_datetime(value) if self.input == "hl7" else datetime.datetime.strptime(value, self.input)
-        except TransformError as exc:
-            raise TransformError(f"{self.path}: {exc}") from None
-        except ValueError as exc:
-            raise TransformError(f"{self.path}: {value!r} does not match {self.input!r}: {exc}") from None
-        message.set(self.path, moment.strftime("%Y%m%d%H%M%S") if self.output == "hl7" else moment.strftime(self.output))
+        for place in message.expand(self.path):
+            value = message.get(place)
+            if not value:
+                continue
+            try:
+                moment = _parse_hl7_datetime(value) if self.input == "hl7" else datetime.datetime.strptime(value, self.input)
+            except TransformError as exc:
+                raise TransformError(f"{place}: {exc}") from None
+            except ValueError as exc:
+                raise TransformError(f"{place}: {value!r} does not match {self.input!r}: {exc}") from None
+            message.set(place, moment.strftime("%Y%m%d%H%M%S") if self.output == "hl7" else moment.strftime(self.output))
 
 
 @register("transformer", "format_date", "reformat a date/time (strftime formats; 'hl7' means YYYYMMDD[HHMMSS])", [
-    Option("path", "hl7path", description="the field"),
+    Option("path", "hl7path*", description="the field"),
     Option("input", "str", "hl7", "format of the value now"),
     Option("output", "str", description="format to write, e.g. %d/%m/%Y"),
 ])
 def _format_date(options, context=None):
-    return FormatDate(options["path"], options["input"], options["output"])
+    return FormatDate(_many(options["path"]), options["input"], options["output"])
 
 
 @dataclass(slots=True)
 class Case(Step):
-    path: str
+    path: HL7Path
     function: object
 
     def apply(self, message):
-        value = message.get(self.path)
-        if value:
-            message.set(self.path, self.function(value))
+        for place in message.expand(self.path):
+            value = message.get(place)
+            if value:
+                message.set(place, self.function(value))
 
 
-@register("transformer", "upper", "upper-case a field", [Option("path", "hl7path", description="the field")], shorthand="path")
+@register("transformer", "upper", "upper-case a field", [Option("path", "hl7path*", description="the field")], shorthand="path")
 def _upper(options, context=None):
-    return Case(options["path"], str.upper)
+    return Case(_many(options["path"]), str.upper)
 
 
-@register("transformer", "lower", "lower-case a field", [Option("path", "hl7path", description="the field")], shorthand="path")
+@register("transformer", "lower", "lower-case a field", [Option("path", "hl7path*", description="the field")], shorthand="path")
 def _lower(options, context=None):
-    return Case(options["path"], str.lower)
+    return Case(_many(options["path"]), str.lower)
 
 
-@register("transformer", "trim", "strip spaces around a field's value", [Option("path", "hl7path", description="the field")], shorthand="path")
+@register("transformer", "trim", "strip spaces around a field's value", [Option("path", "hl7path*", description="the field")], shorthand="path")
 def _trim(options, context=None):
-    return Case(options["path"], str.strip)
+    return Case(_many(options["path"]), str.strip)
 
 
 @dataclass(slots=True)
 class Replace(Step):
-    path: str
+    path: HL7Path
     pattern: re.Pattern
     replacement: str
 
     def apply(self, message):
-        value = message.get(self.path)
-        if value:
-            message.set(self.path, self.pattern.sub(self.replacement, value))
+        for place in message.expand(self.path):
+            value = message.get(place)
+            if value:
+                message.set(place, self.pattern.sub(self.replacement, value))
 
 
 @register("transformer", "replace", "regular-expression replace within a field", [
-    Option("path", "hl7path", description="the field"),
+    Option("path", "hl7path*", description="the field"),
     Option("regex", "regex", description="pattern"),
     Option("with", "str", "", "replacement (\\1 for groups)"),
 ])
 def _replace(options, context=None):
-    return Replace(options["path"], re.compile(options["regex"]), options["with"])
+    return Replace(_many(options["path"]), re.compile(options["regex"]), options["with"])
 
 
 @dataclass(slots=True)

@@ -85,6 +85,18 @@ def _changes(before: list[str], after: list[str]) -> list[str]:
             if line[:1] in "+-" and not line.startswith(("+++", "---"))]
 
 
+def _absent(step, message: Message) -> str:
+    """Why a step that writes changed nothing, when it is that the message lacks the segment: a
+    step never adds one unless it says ``create: true``."""
+    path = getattr(step, "target", None) or getattr(step, "path", None)
+    if path is None or not hasattr(path, "segment") or getattr(step, "create", False) or message.expand(path):
+        return ""
+    if path.many:
+        return f" (the message has no {path.segment})"
+    return f" (the message has no {path.segment}" + (f"[{path.occurrence}]" if path.occurrence > 1 else "") + \
+        "; create: true adds it)"
+
+
 def dry_run(channel: Channel, message: Message) -> DryRun:
     """Run ``message`` (it is changed in place, as in the engine) through ``channel``."""
     labels = channel.labels
@@ -117,7 +129,7 @@ def dry_run(channel: Channel, message: Message) -> DryRun:
             after = _segments(current)
             changes = _changes(texts[destination], after)
             texts[destination] = after
-            outcome = f"failed: {detail}" if detail else ("changed" if changes else "no change")
+            outcome = f"failed: {detail}" if detail else ("changed" if changes else "no change" + _absent(component, current))
             steps.append(Step(kind.replace("_", " "), label(component, "transformer", index), outcome, changes,
                               destination=destination, index=index))
         elif kind == "validator":

@@ -15,7 +15,7 @@ from typing import Iterator
 from hl7relay.hl7.charsets import DEFAULT_CHARSET, DecodedText, decode_message
 from hl7relay.errors import HL7RelayError, ParseError, PathError
 from hl7relay.hl7.escape import Delimiters, escape, unescape
-from hl7relay.hl7.path import Path, parse_path
+from hl7relay.hl7.path import EVERY, Path, parse_path
 
 __all__ = ["Message", "HEADER_SEGMENTS"]
 
@@ -113,6 +113,8 @@ class Message:
         return list(self._names)
 
     def _locate(self, name: str, occurrence: int) -> int | None:
+        if occurrence < 1:
+            raise PathError(f"{name}[*] names every {name}: expand the path first (Message.expand)")
         if name == "MSH" and occurrence == 1:
             return 0  # every message starts with it; no need to split the rest
         if self._names is None:
@@ -281,6 +283,42 @@ class Message:
         rep = self.delimiters.repetition
         count = fields[p.field].count(rep) + 1 if rep else 1
         return [self.get(p._replace(repetition=r)) for r in range(1, count + 1)]
+
+    def expand(self, path: str | Path, create: bool = False) -> list[Path]:
+        """The places a path names in this message, in order: ``OBX[*]-3.1`` is OBX[1]-3.1,
+        OBX[2]-3.1, ... for each OBX there is; ``PID-3[*].4`` each repetition PID-3 has (none when
+        it is empty). A path naming one segment gives that one place when the segment exists, and
+        nothing when it does not, unless ``create``: a step writes into a segment only where the
+        message has it (a "default" must never invent a segment), or where it says it may create it."""
+        p = path if isinstance(path, Path) else parse_path(path, many=True)
+        occurrence = p.occurrence
+        if occurrence != EVERY and p.repetition != EVERY:  # one place: the common step, kept short
+            return [p] if create or self._locate(p.segment, occurrence) is not None else []
+        if occurrence == EVERY:
+            if self._names is None:
+                self._split()
+            # counted in the list (C speed): the name index is built only where a second one is read
+            occurrences = range(1, self._names.count(p.segment) + 1)
+        elif create or self._locate(p.segment, occurrence) is not None:
+            occurrences = range(occurrence, occurrence + 1)
+        else:
+            return []
+        segment, number, repetition, component, subcomponent = p.segment, p.field, p.repetition, p.component, p.subcomponent
+        make = tuple.__new__  # a Path without NamedTuple._replace's cost, once per place
+        if repetition != EVERY:
+            return [make(Path, (segment, o, number, repetition, component, subcomponent)) for o in occurrences]
+        places = []
+        rep = self.delimiters.repetition
+        for o in occurrences:
+            position = self._locate(segment, o)
+            if position is None:
+                continue
+            fields = self.fields(position)
+            value = fields[number] if number < len(fields) else ""
+            if value:
+                count = value.count(rep) + 1 if rep else 1
+                places += [make(Path, (segment, o, number, r, component, subcomponent)) for r in range(1, count + 1)]
+        return places
 
     def __getitem__(self, path: str) -> str:
         return self.get(path)

@@ -3,6 +3,10 @@
 Every index is 1-based, as analysts write them. ``SEG[n]`` is the n-th segment of that name,
 ``F[r]`` the r-th repetition of the field. ``.`` and ``-`` are both accepted between the parts
 (``PID.5.1`` as Mirth writes it, ``PID-5-1`` as HAPI's terser does).
+
+Where a path may name many places (a transformer step: "for each OBX"), ``[*]`` stands for every
+segment of that name (``OBX[*]-3.1``) or every repetition of the field (``PID-3[*].4``): parsed
+with ``many=True``, they come back as :data:`EVERY`, and :meth:`Message.expand` lists the places.
 """
 
 from __future__ import annotations
@@ -13,14 +17,16 @@ from typing import NamedTuple
 
 from hl7relay.errors import PathError
 
-__all__ = ["Path", "parse_path"]
+__all__ = ["Path", "parse_path", "EVERY"]
+
+EVERY = 0  # an occurrence or repetition written [*]: every one the message has
 
 _PATH = re.compile(
     r"""
     (?P<segment>[A-Z][A-Z0-9]{2})
-    (?:\[(?P<occurrence>\d+)\])?
+    (?:\[(?P<occurrence>\d+|\*)\])?
     [-.](?P<field>\d+)
-    (?:\[(?P<repetition>\d+)\])?
+    (?:\[(?P<repetition>\d+|\*)\])?
     (?:[-.](?P<component>\d+)
         (?:[-.](?P<subcomponent>\d+))?
     )?
@@ -43,13 +49,18 @@ class Path(NamedTuple):
     component: int | None
     subcomponent: int | None
 
+    @property
+    def many(self) -> bool:
+        """Whether it names every segment of its name, or every repetition of its field."""
+        return self.occurrence == EVERY or self.repetition == EVERY
+
     def __str__(self) -> str:
         text = self.segment
         if self.occurrence != 1:
-            text += f"[{self.occurrence}]"
+            text += "[*]" if self.occurrence == EVERY else f"[{self.occurrence}]"
         text += f"-{self.field}"
         if self.repetition is not None:
-            text += f"[{self.repetition}]"
+            text += "[*]" if self.repetition == EVERY else f"[{self.repetition}]"
         if self.component is not None:
             text += f".{self.component}"
         if self.subcomponent is not None:
@@ -58,8 +69,10 @@ class Path(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def parse_path(text: str) -> Path:
-    """Parse an HL7 path; raises :class:`PathError` with the reason when it is not one."""
+def parse_path(text: str, many: bool = False) -> Path:
+    """Parse an HL7 path; raises :class:`PathError` with the reason when it is not one. ``[*]``
+    (every segment of the name, every repetition of the field) only with ``many``: a path that
+    reads one value cannot name many."""
     if not isinstance(text, str):
         raise PathError(f"an HL7 path is text, not {type(text).__name__}")
     match = _PATH.fullmatch(text.strip())
@@ -72,7 +85,12 @@ def parse_path(text: str) -> Path:
     numbers = {}
     for key in ("occurrence", "field", "repetition", "component", "subcomponent"):
         value = groups[key]
-        if value is not None:
+        if value == "*":
+            if not many:
+                raise PathError(f"{text!r}: [*] (every one) is for transformer steps; here the path names one "
+                                "value: give a number, e.g. OBX[2]-5")
+            numbers[key] = EVERY
+        elif value is not None:
             number = int(value)
             if number < 1:
                 raise PathError(f"{text!r}: {key} numbers start at 1")
@@ -83,7 +101,7 @@ def parse_path(text: str) -> Path:
             numbers[key] = None
     return Path(
         groups["segment"],
-        numbers["occurrence"] or 1,
+        1 if numbers["occurrence"] is None else numbers["occurrence"],
         numbers["field"],
         numbers["repetition"],
         numbers["component"],
