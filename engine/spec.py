@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from hl7relay.yamlsource import Document
 from hl7relay.errors import PathError
-from hl7relay.hl7.path import parse_path
+from hl7relay.hl7.path import parse_path, parse_step_path
 
 __all__ = ["Option", "ComponentSpec", "register", "registry", "lookup", "check_options", "did_you_mean", "REQUIRED",
            "STRUCTURED"]
@@ -26,7 +26,7 @@ KINDS = ("source", "filter", "transformer", "validator", "destination")
 # option types: str, int, float, bool, hl7path, hl7path* (may name many: OBX[*]-5), enum, list (of item),
 # map (str -> str), any, duration
 _TYPE_NAMES = {"str": "text", "int": "a whole number", "float": "a number", "bool": "true or false",
-               "hl7path": "an HL7 path such as PID-5.1", "hl7path*": "an HL7 path such as PID-5.1 or OBX[*]-3.1",
+               "hl7path": "an HL7 path such as PID-5.1", "hl7path*": "an HL7 path such as PID-5.1, OBX[*]-3.1 or ORDER_OBSERVATION[*]/OBX[*]-5",
                "enum": "one of", "list": "a list", "map": "a mapping",
                "any": "a value", "duration": "seconds (a number)", "strlist": "text or a list of text",
                "regex": "a regular expression", "section": "a mapping", "source": "a mapping with a type",
@@ -192,7 +192,7 @@ def _check_value(option: Option, value, doc: Document, path: tuple):
             doc.error(path, f"{option.name} must be {what}")
             return None
         try:
-            parse_path(value, many=t == "hl7path*")
+            parse_step_path(value) if t == "hl7path*" else parse_path(value)
         except PathError as exc:
             doc.error(path, f"invalid HL7 path: {exc}")
             return None

@@ -242,6 +242,45 @@ def test_an_unquoted_path_with_brackets_inside_braces_is_a_yaml_error_with_a_hin
                                         '(quote paths that contain [ ] inside { }: path: "OBX[*]-3.1")']
 
 
+ORU_TWO_ORDERS = ("MSH|^~\\&|LAB|LABFAC|PMS|CLINIC|20240105160000||ORU^R01^ORU_R01|T1|P|2.5.1\r"
+                  "PID|1||100234^^^CLINIC^MR||DOE^JANE\r"
+                  "OBR|1|ORD1|LAB1|GLU^Glucose^L\rNTE|1||order one\r"
+                  "OBX|1|NM|GLU^Glucose^L||5.5|mmol/L|||||F\rNTE|1||result one\r"
+                  "OBR|2|ORD2|LAB2|K^Potassium^L\r"
+                  "OBX|1|NM|K^Potassium^L||4.1|mmol/L|||||F\rOBX|2|NM|NA^Sodium^L||140|mmol/L|||||F\r")
+
+
+def test_a_step_inside_groups_applies_to_each_group_instance(tmp_path):
+    """Groups of the message's structure: each order's results, the order's own NTE told from a
+    result's, and a copy within each order (its OBR's code into each of its OBX)."""
+    channel = channel_from(tmp_path, """\
+        transformers:
+          - copy: {from: "ORDER_OBSERVATION[*]/OBR-4.1", to: "ORDER_OBSERVATION[*]/OBX[*]-3.4"}
+          - set: {path: "ORDER_OBSERVATION[2]/OBX[*]-11", value: C}
+          - set: {path: "OBSERVATION[*]/NTE-3", value: result note}
+          - set: {path: "ORDER_OBSERVATION[*]/NTE-3", value: order note}
+          - upper: "ORDER_OBSERVATION[1]/OBX[1]-3.2"
+          - set: {path: "ORDER_OBSERVATION[2]/OBX[3]-5", value: invented}
+          - copy: {from: "ORDER_OBSERVATION[*]/OBX[*]-1", to: "ORDER_OBSERVATION[*]/OBX[*]-4"}
+        """)
+    m = process(channel, Message(ORU_TWO_ORDERS)).message
+    assert [m.get(f"OBX[{n}]-3.4") for n in (1, 2, 3)] == ["GLU", "K", "K"]  # each order's own OBR
+    assert [m.get(f"OBX[{n}]-11") for n in (1, 2, 3)] == ["F", "C", "C"]
+    assert [m.get(f"NTE[{n}]-3") for n in (1, 2)] == ["order note", "result note"]
+    assert m.get("OBX[1]-3.2") == "GLUCOSE" and m.count("OBX") == 3  # no third result invented in order 2
+    assert [m.get(f"OBX[{n}]-4") for n in (1, 2, 3)] == ["1", "1", "2"]  # paired within each order
+
+
+def test_a_group_the_structure_does_not_have_is_a_transform_error(tmp_path):
+    channel = channel_from(tmp_path, """\
+        transformers:
+          - set: {path: "ORDER_OBSERVATON[*]/OBX-11", value: C}
+        """)
+    result = process(channel, Message(ORU_TWO_ORDERS))
+    assert result.result is Result.ERROR
+    assert "has no group ORDER_OBSERVATON" in result.error and "ORDER_OBSERVATION" in result.error
+
+
 def test_python_step_and_its_errors(tmp_path):
     channel = channel_from(tmp_path, "transformers:\n  - python: json:loads\n")
     result = process(channel, Message(ADT))

@@ -20,7 +20,8 @@ from pathlib import Path
 from hl7relay.spec import Option, register
 from hl7relay.errors import HL7RelayError
 from hl7relay.hl7.message import Message
-from hl7relay.hl7.path import EVERY, Path as HL7Path, parse_path
+from hl7relay.hl7.path import StepPath, parse_step_path
+from hl7relay.transformers.places import paired_places, places
 
 __all__ = ["TransformError", "Step"]
 
@@ -34,9 +35,9 @@ class Step:
         raise NotImplementedError
 
 
-def _many(text: str) -> HL7Path:
-    """A step's path, parsed once when the channel is loaded (``[*]`` allowed)."""
-    return parse_path(text, many=True)
+def _many(text: str) -> StepPath:
+    """A step's path, parsed once when the channel is loaded (``[*]`` and groups allowed)."""
+    return parse_step_path(text)
 
 
 _CREATE = Option("create", "bool", False, "add the segment when the message has none (otherwise: no change)")
@@ -44,14 +45,14 @@ _CREATE = Option("create", "bool", False, "add the segment when the message has 
 
 @dataclass(slots=True)
 class SetValue(Step):
-    path: HL7Path
+    path: StepPath
     value: str
     raw: bool
     create: bool = False
 
     def apply(self, message):
         write = message.set_raw if self.raw else message.set
-        for place in message.expand(self.path, self.create):
+        for place in places(message, self.path, self.create):
             write(place, self.value)
 
 
@@ -67,33 +68,25 @@ def _set(options, context=None):
 
 @dataclass(slots=True)
 class Copy(Step):
-    source: HL7Path
-    target: HL7Path
+    source: StepPath
+    target: StepPath
     clear_source: bool
     create: bool = False
 
     def apply(self, message):
-        for place in message.expand(self.source):
+        found = False
+        for place, targets in paired_places(message, self.source, self.target, self.create):
+            found = True
             value = message.get(place)
             composite = _composite(message, value)
-            for target in message.expand(_bound(self.target, self.source, place), self.create):
+            for target in targets:
                 (message.set_raw if composite else message.set)(target, value)
             if self.clear_source:
                 message.set(place, "")
-        if not self.source.many and not message.expand(self.source):
+        if not found and not self.source.many:
             # copying from a segment the message lacks writes an empty value, as copying an empty field does
-            for target in message.expand(self.target, self.create):
+            for target in places(message, self.target, self.create):
                 message.set(target, "")
-
-
-def _bound(target: HL7Path, source: HL7Path, place: HL7Path) -> HL7Path:
-    """The target of one source place: ``OBX[*]-3.1`` to ``OBX[*]-3.4`` copies within each OBX;
-    a [*] the source does not have stays every one (one value written to each)."""
-    if target.occurrence == EVERY and source.occurrence == EVERY:
-        target = target._replace(occurrence=place.occurrence)
-    if target.repetition == EVERY and source.repetition == EVERY:
-        target = target._replace(repetition=place.repetition)
-    return target
 
 
 def _composite(message: Message, value: str) -> bool:
@@ -170,13 +163,13 @@ _KEEP = object()
 
 @dataclass(slots=True)
 class MapValue(Step):
-    path: HL7Path
+    path: StepPath
     table: dict
     default: object
     create: bool = False
 
     def apply(self, message):
-        for place in message.expand(self.path, self.create):
+        for place in places(message, self.path, self.create):
             mapped = self.table.get(message.get(place), self.default)
             if mapped is not _KEEP:
                 message.set(place, mapped)
@@ -230,12 +223,12 @@ def _parse_hl7_datetime(value: str) -> datetime.datetime:
 
 @dataclass(slots=True)
 class FormatDate(Step):
-    path: HL7Path
+    path: StepPath
     input: str
     output: str
 
     def apply(self, message):
-        for place in message.expand(self.path):
+        for place in places(message, self.path):
             value = message.get(place)
             if not value:
                 continue
@@ -259,11 +252,11 @@ def _format_date(options, context=None):
 
 @dataclass(slots=True)
 class Case(Step):
-    path: HL7Path
+    path: StepPath
     function: object
 
     def apply(self, message):
-        for place in message.expand(self.path):
+        for place in places(message, self.path):
             value = message.get(place)
             if value:
                 message.set(place, self.function(value))
@@ -286,12 +279,12 @@ def _trim(options, context=None):
 
 @dataclass(slots=True)
 class Replace(Step):
-    path: HL7Path
+    path: StepPath
     pattern: re.Pattern
     replacement: str
 
     def apply(self, message):
-        for place in message.expand(self.path):
+        for place in places(message, self.path):
             value = message.get(place)
             if value:
                 message.set(place, self.pattern.sub(self.replacement, value))

@@ -88,9 +88,20 @@ def _changes(before: list[str], after: list[str]) -> list[str]:
 def _absent(step, message: Message) -> str:
     """Why a step that writes changed nothing, when it is that the message lacks the segment: a
     step never adds one unless it says ``create: true``."""
+    from hl7relay.errors import PathError
+    from hl7relay.hl7.path import GroupPath
+    from hl7relay.transformers.places import places
+
     path = getattr(step, "target", None) or getattr(step, "path", None)
-    if path is None or not hasattr(path, "segment") or getattr(step, "create", False) or message.expand(path):
+    if path is None or not hasattr(path, "segment") or getattr(step, "create", False):
         return ""
+    try:
+        if places(message, path):
+            return ""
+    except PathError:
+        return ""
+    if isinstance(path, GroupPath):
+        return f" (no {path.segment} where the path's groups are in this message)"
     if path.many:
         return f" (the message has no {path.segment})"
     return f" (the message has no {path.segment}" + (f"[{path.occurrence}]" if path.occurrence > 1 else "") + \

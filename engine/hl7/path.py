@@ -7,17 +7,20 @@ Every index is 1-based, as analysts write them. ``SEG[n]`` is the n-th segment o
 Where a path may name many places (a transformer step: "for each OBX"), ``[*]`` stands for every
 segment of that name (``OBX[*]-3.1``) or every repetition of the field (``PID-3[*].4``): parsed
 with ``many=True``, they come back as :data:`EVERY`, and :meth:`Message.expand` lists the places.
+A step's path may also start with groups of the message's structure (:class:`GroupPath`:
+``ORDER_OBSERVATION[*]/OBX[*]-5``), read by :func:`parse_step_path`.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from hl7relay.errors import PathError
 
-__all__ = ["Path", "parse_path", "EVERY"]
+__all__ = ["Path", "parse_path", "EVERY", "GroupPath", "StepPath", "parse_step_path"]
 
 EVERY = 0  # an occurrence or repetition written [*]: every one the message has
 
@@ -107,3 +110,55 @@ def parse_path(text: str, many: bool = False) -> Path:
         numbers["component"],
         numbers["subcomponent"],
     )
+
+
+_GROUP = re.compile(r"(?P<name>[A-Z][A-Z0-9_]*[A-Z0-9])(?:\[(?P<index>\d+|\*)\])?")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPath:
+    """A path inside groups: the groups from the outside in, each (name, instance or EVERY), and
+    the segment path whose occurrence counts within the innermost group."""
+
+    groups: tuple[tuple[str, int], ...]
+    path: Path
+
+    @property
+    def many(self) -> bool:
+        return self.path.many or any(index == EVERY for _, index in self.groups)
+
+    @property
+    def segment(self) -> str:
+        return self.path.segment
+
+    @property
+    def occurrence(self) -> int:
+        return self.path.occurrence
+
+    def __str__(self) -> str:
+        return "/".join(f"{name}[{'*' if index == EVERY else index}]" for name, index in self.groups) + "/" + str(self.path)
+
+
+StepPath = Path | GroupPath
+
+
+def parse_step_path(text: str) -> StepPath:
+    """A transformer step's path: ``[*]`` allowed, and group names before the segment path."""
+    if not isinstance(text, str):
+        raise PathError(f"an HL7 path is text, not {type(text).__name__}")
+    *groups, last = text.strip().split("/")
+    path = parse_path(last, many=True)
+    if not groups:
+        return path
+    selected = []
+    for part in groups:
+        match = _GROUP.fullmatch(part)
+        if match is None:
+            raise PathError(f"{text!r}: {part!r} is not a group; write groups as the standard names them, "
+                            "e.g. ORDER_OBSERVATION[*]/OBX[*]-5")
+        index = match.group("index")
+        number = EVERY if index == "*" else int(index or 1)
+        if index not in (None, "*") and not 1 <= number <= LIMITS["occurrence"]:
+            raise PathError(f"{text!r}: group numbers start at 1")
+        selected.append((match.group("name"), number))
+    return GroupPath(tuple(selected), path)

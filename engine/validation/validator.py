@@ -20,7 +20,7 @@ from hl7relay.validation.profile import (
     ACCEPTED_VERSIONS, FieldDef, Leaf, Node, Profile, definition_version, get_profile,
 )
 
-__all__ = ["Finding", "Report", "Validator", "validate"]
+__all__ = ["Finding", "Report", "Validator", "validate", "segment_groups", "SegmentGroups"]
 
 E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFORMATION  # noqa: E741 - HL7's own letters (table 0516)
 _SEGMENT_NAME = re.compile(r"[A-Z][A-Z0-9]{2}")
@@ -123,6 +123,51 @@ class Validator:
 def validate(message: Message, version: str | None = None, strict: bool = False) -> Report:
     """Validate one message (see :class:`Validator`)."""
     return Validator(version, strict).validate(message)
+
+
+@dataclass(slots=True)
+class SegmentGroups:
+    """Where the groups of a message's structure lie (:func:`segment_groups`)."""
+
+    # group name (``ORDER_OBSERVATION``) -> (first, last) segment positions (0-based) of each instance,
+    # in order; every group of the structure is named, with no instance when the message has none
+    instances: dict[str, list[tuple[int, int]]]
+    direct: dict[str, frozenset]  # group name -> the segments the group holds itself (not in a nested group)
+
+
+def segment_groups(message: Message, version: str | None = None) -> SegmentGroups:
+    """The groups of the message's structure (as the standard names them, without the structure's
+    prefix) and where each instance lies, read the way validation reads the structure (the same
+    matcher, its findings left out). A ValueError when the message's version, type or event has
+    no structure to read it by."""
+    run = _Run(Validator(version), message)
+    if not run._check_delimiters():
+        raise ValueError("the message's delimiters are ambiguous: its structure cannot be read")
+    profile = run._profile()
+    structure = run._structure(profile) if profile is not None else None
+    if structure is None:
+        problems = "; ".join(f.text for f in run.findings if f.severity is E) or "no structure"
+        raise ValueError(f"the message's groups cannot be read: {problems}")
+    matcher = _Matcher(run, structure, run._classify_segments(profile))
+    matcher.match()
+    prefix = structure.name + "_"
+
+    def short(name: str) -> str:
+        return name[len(prefix):] if name.startswith(prefix) else name
+
+    found = SegmentGroups({}, {})
+
+    def known(node: Node) -> None:
+        for child in node.children:
+            if child.kind == "sequence":
+                found.instances.setdefault(short(child.name), [])
+                found.direct[short(child.name)] = frozenset(c.name for c in child.children if c.kind == "segment")
+            known(child)
+
+    known(structure)
+    for name, first, last in sorted(matcher.groups, key=lambda g: (g[1], -g[2])):
+        found.instances.setdefault(short(name), []).append((first, last))
+    return found
 
 
 class _Run:
@@ -496,6 +541,7 @@ class _Matcher:
         self.displaced: set[str] = set()  # segments reported out of order before their place
         self.displacements = 0
         self.pos = 0
+        self.groups: list[tuple[str, int, int]] = []  # (group, first, last position) of each instance read
 
     def match(self) -> None:
         root = self.structure
@@ -514,7 +560,10 @@ class _Matcher:
                     self._consume(child)
                     return
         else:
+            start = self.pos
             self._sequence(node)
+            if self.pos > start:
+                self.groups.append((node.name, self.positions[start], self.positions[self.pos - 1]))
 
     def _sequence(self, group: Node, skip_first: bool = False) -> None:
         names = self.names
@@ -587,6 +636,7 @@ class _Matcher:
         """Consume ``node`` tentatively; undo and return False when that added an error."""
         findings = self.ctx.findings
         saved = (self.pos, len(findings), dict(self.missing), set(self.displaced), self.displacements)
+        groups = len(self.groups)
         self._consume(node)
         # a segment found misplaced inside does not count against entering: the two after it
         # read on in this group, which is evidence for it
@@ -594,6 +644,7 @@ class _Matcher:
             return True
         self.pos = saved[0]
         del findings[saved[1]:]
+        del self.groups[groups:]
         self.missing, self.displaced, self.displacements = saved[2], saved[3], saved[4]
         return False
 
