@@ -8,7 +8,7 @@ from pathlib import Path
 from hl7relay.cli._args import port, seconds
 from hl7relay.hl7.batch import split_messages
 from hl7relay.cli._tls import add_tls_arguments, tls_from_args
-from hl7relay.cli._inputs import collect_inputs
+from hl7relay.cli._inputs import InputError, collect_inputs
 from hl7relay.errors import ParseError
 from hl7relay.hl7.message import Message
 
@@ -36,7 +36,10 @@ def add_arguments(parser) -> None:
 
 
 def _messages(inputs):
-    for name, path in collect_inputs(inputs):
+    found = collect_inputs(inputs)
+    for note in found.notes:
+        yield note.split(":", 1)[0], None, note
+    for name, path in found:
         try:
             data = sys.stdin.buffer.read() if path is None else Path(path).read_bytes()
         except OSError as exc:
@@ -54,6 +57,12 @@ def _messages(inputs):
 
 def run(args) -> int:
     from hl7relay.logs import start_logging
+
+    try:
+        collect_inputs(args.inputs)  # an empty argument: said before anything is sent
+    except InputError as exc:
+        print(f"hl7relay send: {exc}", file=sys.stderr)
+        return 2
 
     start_logging(args.log_level)
     from twisted.internet import defer, task

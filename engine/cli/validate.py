@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 
 from hl7relay.hl7.batch import split_messages
-from hl7relay.cli._inputs import collect_inputs
+from hl7relay.cli._inputs import InputError, collect_inputs
 from hl7relay.errors import ParseError
 from hl7relay.hl7.message import Message
 from hl7relay.validation import ACCEPTED_VERSIONS, Validator
@@ -34,6 +34,8 @@ Exit status: 0 all valid, 1 some message invalid, 2 some input unreadable (no MS
 a profile with problems (each printed as FILE:LINE:COL)."""
 
 _PROGRESS_THRESHOLD = 20  # inputs; fewer finish before a progress bar would help
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024  # a message larger than the engine's default MLLP frame limit is not checked
+TEXT_FINDINGS = 200  # findings printed per message in text; the rest are counted (json lists every one)
 
 
 def add_arguments(parser) -> None:
@@ -44,6 +46,9 @@ def add_arguments(parser) -> None:
                         help="table values, lengths, LF/CRLF segment endings and non-standard character set names are errors")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     parser.add_argument("-q", "--quiet", action="store_true", help="text format: print verdicts and errors only, no warnings")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="N",
+                        help="messages larger than this are reported, not checked (default 16 MiB, the engine's "
+                             "default MLLP frame limit): time and memory stay bounded")
     parser.add_argument("--profile", metavar="FILE",
                         help="also check a conformance profile (YAML; see config/profiles/): required, forbidden "
                              "and allowed values of fields, lengths, segment counts")
@@ -62,9 +67,15 @@ class FileResult:
                 and all(m["valid"] for m in self.messages))
 
 
-def check_bytes(name: str, data: bytes, validator: Validator) -> FileResult:
+def check_bytes(name: str, data: bytes, validator: Validator, max_bytes: int = DEFAULT_MAX_BYTES) -> FileResult:
     """Split, decode and validate everything in one input."""
     result = FileResult(name)
+    frames = _unframed(data)
+    if frames is not None:
+        data, count = frames
+        result.problems.append({"severity": "I", "line": None,
+                                "text": f"read as an MLLP capture: the framing (VT ... FS CR) of {count} frame"
+                                        f"{'s' * (count != 1)} removed"})
     split = split_messages(data)
     if not split.is_hl7:
         result.readable = False
@@ -73,6 +84,14 @@ def check_bytes(name: str, data: bytes, validator: Validator) -> FileResult:
     result.problems.extend({"severity": p.severity, "line": p.line, "text": p.text} for p in split.problems)
     for index, chunk in enumerate(split.messages, start=1):
         entry = {"index": index, "line": chunk.line}
+        if len(chunk.data) > max_bytes:
+            entry.update(valid=False, message_type="", control_id="", version=None, structure=None,
+                         findings=[{"severity": "E", "code": 100, "code_text": "Segment sequence error",
+                                    "segment": None, "position": None, "location": "", "path": "message",
+                                    "text": f"{len(chunk.data):,} bytes: larger than {max_bytes:,} (--max-bytes), not "
+                                            f"checked; the engine refuses a frame that large by default"}])
+            result.messages.append(entry)
+            continue
         try:
             message = Message.from_bytes(chunk.data)
         except ParseError as exc:
@@ -84,6 +103,17 @@ def check_bytes(name: str, data: bytes, validator: Validator) -> FileResult:
             entry.update(validator.validate(message).to_dict())
         result.messages.append(entry)
     return result
+
+
+def _unframed(data: bytes) -> tuple[bytes, int] | None:
+    """An MLLP capture (each message between VT and FS CR, as on the wire) as plain messages, and
+    how many frames it held; None when the input is not framed."""
+    stripped = data.lstrip(b" \t\r\n")
+    if not stripped.startswith(b"\x0b"):
+        return None
+    frames = [part.split(b"\x1c", 1)[0].strip(b"\r\n") for part in stripped.split(b"\x0b")[1:]]
+    frames = [f for f in frames if f]
+    return b"\r".join(frames) + b"\r", len(frames)
 
 
 class _Progress:
@@ -111,6 +141,9 @@ def _text_report(result: FileResult, quiet: bool, out) -> None:
     for p in result.problems:
         if quiet and p["severity"] != "E":
             continue
+        if p["severity"] == "I":
+            out.write(f"{result.name}: note: {p['text']}\n")
+            continue
         where = f" line {p['line']}" if p["line"] else ""
         out.write(f"{result.name}: {p['severity']} 100 batch{where}: {p['text']}\n")
     several = len(result.messages) > 1
@@ -123,9 +156,15 @@ def _text_report(result: FileResult, quiet: bool, out) -> None:
         verdict = "valid" if m["valid"] else "INVALID"
         counts = f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
         out.write(f"{where}: {verdict} ({counts}) {about}{' [' + checked + ']' if checked else ''}\n")
+        shown = 0
         for f in m["findings"]:
             if quiet and f["severity"] != "E":
                 continue
+            if shown == TEXT_FINDINGS:
+                left = sum(1 for g in m["findings"] if not quiet or g["severity"] == "E") - shown
+                out.write(f"  ... and {left:,} more (--format json lists every one)\n")
+                break
+            shown += 1
             out.write(f"  {f['severity']} {f['code']} {f['path']}: {f['text']}\n")
 
 
@@ -141,7 +180,13 @@ def run(args) -> int:
             print(f"not validating: {len(errors)} problem{'s' * (len(errors) != 1)} in the profile", file=sys.stderr)
             return 2
     validator = Validator(version=args.hl7_version, strict=args.strict, profile=profile)
-    inputs = collect_inputs(args.inputs)
+    try:
+        inputs = collect_inputs(args.inputs)
+    except InputError as exc:
+        print(f"hl7relay validate: {exc}", file=sys.stderr)
+        return 2
+    for note in inputs.notes:
+        print(note, file=sys.stderr)
     progress = _Progress(len(inputs))
     results: list[FileResult] = []
     out = sys.stdout
@@ -152,7 +197,7 @@ def run(args) -> int:
             result = FileResult(name, readable=False,
                                 problems=[{"severity": "E", "line": None, "text": f"cannot read: {exc.strerror or exc}"}])
         else:
-            result = check_bytes(name, data, validator)
+            result = check_bytes(name, data, validator, args.max_bytes)
         results.append(result)
         if args.format == "text":
             progress.close()
