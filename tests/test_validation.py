@@ -349,8 +349,21 @@ def test_the_audit_of_hl7apy_finds_nothing_we_do_not_handle():
     for expected in [("2.6", "numbering", "XTN"), ("2.6", "type", "IN1_40"), ("2.8", "type", "PR1_11"),
                      ("2.8.2", "type", "PID_4"), ("2.7", "type", "OBR_27"),
                      ("2.2", "required-nte", "ORM_O01/ORM_O01_ORDER/ORM_O01_ORDER_DETAIL/NTE"),
-                     ("2.1", "choice", "ORM_O01/ORM_O01_ORDER/ORM_O01_ORDER_DETAIL")]:
+                     ("2.1", "choice", "ORM_O01/ORM_O01_ORDER/ORM_O01_ORDER_DETAIL"),
+                     ("2.3.1", "required-once", "OBX_4"), ("2.3", "required-once", "OBR_27")]:
         assert expected in kinds, expected
+
+
+@pytest.mark.parametrize("version, segment", [("2.3.1", "OBX|1|NM|GLU^Glucose^L||5.5|mmol/L|||||F"),
+                                              ("2.3", "OBR|1|ORD1|LAB1|GLU^Glucose^L")])
+def test_a_field_required_in_one_version_only_is_optional_there(version, segment):
+    """OBX-4 "required" in v2.3.1 (39 errors on one public file; it is conditional) and OBR-27 in
+    v2.3: required in no version before or after them."""
+    body = ("PID|1||7||DOE^J\r" "OBR|1|ORD1|LAB1|GLU^Glucose^L|||20240105\r" if segment.startswith("OBX") else
+            "PID|1||7||DOE^J\r") + segment + "\r"
+    report = validate(Message(MSH.format(type="ORU^R01", version=version) + body))
+    missing = [f.text for f in report.findings if f.code == ErrorCode.REQUIRED_FIELD_MISSING]
+    assert not [t for t in missing if "OBX-4" in t or "OBR-27" in t], missing
 
 
 def test_remembered_field_values_change_no_finding(samples, corpus, monkeypatch):
@@ -383,3 +396,11 @@ def test_remembered_field_values_change_no_finding(samples, corpus, monkeypatch)
             patch.setattr(Profile, "clean_values", lambda self, d, strict=False: {})  # nothing remembered
             cold = [findings(validator, m) for m in messages]
         assert warm_first == cold and warm_again == cold
+
+
+def test_a_site_defined_z_message_type_is_a_warning():
+    """`ZDT` was an error: Z message types are site-defined, as Z segments are."""
+    report = validate(Message(MSH.format(type="ZDT^Z01", version="2.5.1") + PID + "ZDT|1|data\r"))
+    assert report.valid and [(f.severity.value, f.text) for f in report.findings] == [
+        ("W", "message type 'ZDT' is site-defined (Z): its structure is not checked")]
+    assert not validate(Message(MSH.format(type="QQQ^Z01", version="2.5.1") + PID)).valid  # not Z: still an error

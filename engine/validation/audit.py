@@ -11,6 +11,8 @@ What it looks for (each kind once made correct messages fail; see corrections.py
   corrections.ACCEPTED_REQUIRED_NTE, the rest are mistakes (v2.2 ORM_O01).
 - ``choice``: a run of two or more required order segments at the start of an order detail
   group, where the standard has a choice of one (v2.1 ORM_O01: OBR, ORO, RX1 in a row).
+- ``required-once``: a field required in one version only, optional in the nearest versions
+  before and after that define it (v2.3.1 OBX-4: a conditional field coded as required).
 
 ``audit()`` returns the findings with whether our corrections deal with each; ``bench/audit_hl7apy.py``
 prints them. The test suite fails on any finding that is neither corrected nor accepted.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hl7relay.validation.corrections import ACCEPTED_REQUIRED_NTE, correct_structure
+from hl7relay.validation.corrections import ACCEPTED_REQUIRED_NTE, REQUIRED_ONCE, correct_structure
 from hl7relay.validation.profile import SUPPORTED_VERSIONS
 
 __all__ = ["AuditFinding", "audit"]
@@ -31,7 +33,7 @@ _ORDER_SEGMENTS = frozenset({"OBR", "ORO", "RX1", "RXO", "RQD", "RQ1", "ODS", "O
 @dataclass(frozen=True, slots=True)
 class AuditFinding:
     version: str
-    kind: str  # numbering, type, required-nte, choice
+    kind: str  # numbering, type, required-nte, choice, required-once
     where: str  # e.g. XTN, IN1_40, ORM_O01/ORM_O01_ORDER/ORM_O01_ORDER_DETAIL/NTE
     detail: str
     handled: str  # how we deal with it ("" when we do not)
@@ -126,4 +128,35 @@ def audit(versions=SUPPORTED_VERSIONS) -> list[AuditFinding]:
     for version in versions:
         lib = load_library(version)
         findings += _numbering(version, lib) + _types(version, lib) + _structures(version, lib)
-    return findings
+    return findings + _required_once(versions)
+
+
+def _required_once(versions) -> list[AuditFinding]:
+    from hl7apy import load_library
+
+    required: dict[str, dict[tuple[str, int], bool]] = {}
+    for version in SUPPORTED_VERSIONS:  # every version: the neighbours decide
+        fields: dict[tuple[str, int], bool] = {}
+        for segment, definition in load_library(version).SEGMENTS.items():
+            for child in definition[1] if len(definition) > 1 else ():
+                if len(child) < 3 or not isinstance(child[0], str):
+                    continue
+                suffix = child[0].rsplit("_", 1)[-1]
+                if suffix.isdigit():
+                    fields[(segment, int(suffix))] = child[2][0] >= 1
+        required[version] = fields
+    out = []
+    order = list(SUPPORTED_VERSIONS)
+    for index, version in enumerate(order):
+        if version not in versions:
+            continue
+        for key, is_required in sorted(required[version].items()):
+            if not is_required:
+                continue
+            before = next((required[v][key] for v in reversed(order[:index]) if key in required[v]), None)
+            after = next((required[v][key] for v in order[index + 1:] if key in required[v]), None)
+            if before is False and after is False:
+                handled = "treated as optional (corrections.REQUIRED_ONCE)" if version in REQUIRED_ONCE.get(key, ()) else ""
+                out.append(AuditFinding(version, "required-once", f"{key[0]}_{key[1]}",
+                                        "required here, optional in the versions before and after", handled))
+    return out

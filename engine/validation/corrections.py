@@ -23,7 +23,7 @@ General rules, applied while compiling (profile.py):
 
 from __future__ import annotations
 
-__all__ = ["correct_structure", "STRUCTURE_CORRECTIONS", "CONDITIONAL_FIELDS", "ACCEPTED_REQUIRED_NTE"]
+__all__ = ["correct_structure", "STRUCTURE_CORRECTIONS", "CONDITIONAL_FIELDS", "REQUIRED_ONCE", "ACCEPTED_REQUIRED_NTE"]
 
 
 def _at(struct, path: tuple, change):
@@ -93,6 +93,26 @@ STRUCTURE_CORRECTIONS = {
 # a condition cannot be checked from the structure alone, so they are treated as optional there.
 # OBX-4 (observation sub-id) is C in v2.7-2.8.1 (required when OBX-3 repeats within an OBR).
 CONDITIONAL_FIELDS = {("OBX", 4): frozenset({"2.7", "2.8", "2.8.1"})}
+
+# Fields required in one version's tables only, optional in the versions before and after it that
+# define them (the audit's ``required-once`` kind finds them): the pattern of a C coded as R in the
+# database the tables come from. HAPI's and nHapi's structures come from the same database and
+# agree with hl7apy here, so they cannot settle it; the standard's chapters can: OBX-4 is C in
+# v2.3.1 chapter 7 (required only when OBX-3 repeats within an OBR), and the v2.3 ones are the
+# order and master-file fields whose v2.3.1 tables (the next edition, same chapters) make them
+# optional. Public v2.3.1 results without OBX-4 (tests/corpus_disagreements.tsv) were valid by HAPI.
+REQUIRED_ONCE = {
+    ("OBX", 4): frozenset({"2.3.1"}),   # observation sub-id
+    ("OBR", 27): frozenset({"2.3"}),    # quantity/timing
+    ("ORC", 7): frozenset({"2.3"}),     # quantity/timing
+    ("RXG", 2): frozenset({"2.3"}),     # dispense sub-id counter
+    ("OM1", 2): frozenset({"2.3"}),     # producer's service/test/observation id
+    ("OM1", 4): frozenset({"2.3"}),     # specimen required
+    ("OM1", 8): frozenset({"2.3"}),     # other names
+    ("OM3", 7): frozenset({"2.3"}),     # number of sample values
+}
+for _key, _versions in REQUIRED_ONCE.items():
+    CONDITIONAL_FIELDS[_key] = CONDITIONAL_FIELDS.get(_key, frozenset()) | _versions
 
 # Required NTE segments that the audit finds and that the standard does define as required: a
 # note that opens an optional supplement group (chapter 4A pharmacy: ``[{NTE} {RXR} [{RXC}]]``)

@@ -300,6 +300,11 @@ class _Run:
         message_type, event, declared = self.message_type, self.event, self.structure_id
         if not message_type:
             return None  # MSH-9 missing was reported
+        if message_type not in profile.message_types and message_type.startswith("Z"):
+            # a site-defined message type, as Z segments are site-defined: nothing to check its structure by
+            self.add(W, ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
+                     f"message type {message_type!r} is site-defined (Z): its structure is not checked", 0, 9, component=1)
+            return None
         if message_type not in profile.message_types:
             self.add(E, ErrorCode.UNSUPPORTED_MESSAGE_TYPE,
                      f"message type {message_type!r} is not defined in v{profile.version}", 0, 9, component=1)
@@ -504,7 +509,8 @@ class _FieldChecker:
         values = leaf.values
         if values is not None and value not in values:
             text = self._text(value)
-            if text not in values and not (leaf.table == "HL70396" and _CODING_SYSTEM.fullmatch(text)):
+            site_defined = leaf.table in _Z_TABLES and text[:1] == "Z"  # a Z message type or event: the site's own
+            if text not in values and not site_defined and not (leaf.table == "HL70396" and _CODING_SYSTEM.fullmatch(text)):
                 if leaf.datatype == "ID":
                     self.run.add(self.soft, ErrorCode.TABLE_VALUE_NOT_FOUND,
                                  f"{_as_written(text[:40])} is not in HL7 table {leaf.table[3:]}", position, number, rep, comp, sub)
@@ -518,6 +524,10 @@ class _FieldChecker:
         if self.esc and self.esc in value:
             return unescape(value, self.d, self.run.msg.codec)
         return value
+
+
+# message types (0076), events (0003) and structures (0354): HL7 leaves the Z values to each site
+_Z_TABLES = frozenset({"HL70076", "HL70003", "HL70354"})
 
 
 def _as_written(value: str) -> str:
