@@ -402,3 +402,17 @@ def test_a_failing_channel_test_says_what_differs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FAIL" in out and "ack: expected AE, got AA" in out and "MSH-5 expected 'LABB', got 'LAB'" in out
     assert "demo.test.yaml:10:14: message file 'nowhere.hl7' not found" in out
+
+
+def test_a_channel_validates_with_its_sites_table_values(tmp_path):
+    (tmp_path / "tables.yaml").write_text('"0396": [LOCALCS]\n')
+    message = ("MSH|^~\\&|LAB|F|PMS|C|20240105||ORU^R01^ORU_R01|1|P|2.5.1\rPID|1||7||DOE^J\r"
+               "OBR|1|O1|L1|GLU^Glucose^LN\rOBX|1|CWE|GLU^Glucose^LN||X^Y^LOCALCS||||||F\r")
+    strict = channel_from(tmp_path, "validators:\n  - structure: {strict: true}\n")
+    assert process(strict, Message(message)).result is Result.ERROR  # LOCALCS is in no HL7 table
+    channel = channel_from(tmp_path, "validators:\n  - structure: {strict: true, table_values: tables.yaml}\n")
+    assert process(channel, Message(message)).result is Result.PROCESSED
+    (tmp_path / "bad.yaml").write_text('"0396": B\n')
+    _, errors = load_channel(write(tmp_path, "name: t\nsource: {type: mllp, port: 12600}\n"
+                                   "validators:\n  - structure: {table_values: bad.yaml}\n"), {})
+    assert any("bad.yaml:1:9: table 0396: a list of values" in str(e) for e in errors), errors

@@ -1,5 +1,7 @@
 """Validator findings: one test per kind of check."""
 
+from pathlib import Path
+
 import pytest
 
 from hl7relay.ack import ErrorCode
@@ -404,3 +406,37 @@ def test_a_site_defined_z_message_type_is_a_warning():
     assert report.valid and [(f.severity.value, f.text) for f in report.findings] == [
         ("W", "message type 'ZDT' is site-defined (Z): its structure is not checked")]
     assert not validate(Message(MSH.format(type="QQQ^Z01", version="2.5.1") + PID)).valid  # not Z: still an error
+
+
+ELR = (MSH.format(type="ORU^R01^ORU_R01", version="2.5.1") + PID +
+       "OBR|1|ORD1|LAB1|94500-6^SARS-CoV-2 RNA^LN|||20240105\r"
+       "OBX|1|CWE|94500-6^SARS-CoV-2 RNA^LN||260373001^Detected^SCT||||||F\r"
+       "OBX|2|NM|2345-7^Glucose^LN||5.5|mmol/L^mmol/L^UCUM|||||F\r"
+       "OBX|3|CWE|29768-9^Drug^LN||197361^Amlodipine 5 MG^RXNORM||||||F\r"
+       "OBX|4|CWE|11450-4^Problem^LN||A^B^2.16.840.1.114222.4.5.232||||||F\r")
+
+
+def test_strict_takes_the_coding_systems_and_value_types_us_public_health_traffic_uses():
+    """--strict was unusable on US public-health traffic: table 0125 of v2.4-2.6 lacks CWE and
+    table 0396 lacks SCT, UCUM, RXNORM and CDC's OIDs (2,074 errors in 49 files)."""
+    report = Validator(strict=True).validate(Message(ELR))
+    assert [str(f) for f in report.findings] == []
+    wrong = Validator(strict=True).validate(Message(ELR.replace("^RXNORM|", "^RXNORMISH|").replace("|CWE|94500", "|XYZ|94500")))
+    assert sorted(f.text for f in wrong.findings if f.text.startswith("'")) == [
+        "'RXNORMISH' is not in HL7 table 0396", "'XYZ' is not in HL7 table 0125"]
+
+
+def test_a_site_adds_values_to_hl7_tables_from_a_file(tmp_path):
+    from hl7relay.validation.corrections import load_table_values
+
+    message = Message(ELR.replace("^SCT|", "^PH_SNOMED-CT|"))
+    assert not Validator(strict=True).validate(message).valid
+    shipped, errors = load_table_values(Path(__file__).parent.parent / "config" / "tables" / "us-public-health.yaml")
+    assert not errors and "PH_SNOMED-CT" in shipped["HL70396"]
+    assert Validator(strict=True, table_values=shipped).validate(message).valid
+    assert not Validator(strict=True).validate(message).valid  # another validator: the standard's tables only
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('"396x": [A]\n"0396": B\n')
+    assert load_table_values(bad) == ({}, load_table_values(bad)[1])
+    assert [str(e) for e in load_table_values(bad)[1]] == [
+        f"{bad}:1:1: '396x' is not an HL7 table number (e.g. \"0396\")", f"{bad}:2:9: table 0396: a list of values"]

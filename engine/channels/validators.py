@@ -38,10 +38,22 @@ class StructureValidator(ChannelValidator):
 @register("validator", "structure", "validate against the HL7 standard for the message's version (as hl7relay validate)", [
     Option("version", "enum", None, "check against this version instead of MSH-12", ACCEPTED_VERSIONS),
     Option("strict", "bool", False, "table values, lengths and LF endings are errors"),
+    Option("table_values", "str", None, "a site's additions to HL7 tables (YAML file, relative to the channel file): "
+                                        "\"0396\": [CODE, ...]"),
     _ON_ERROR,
 ])
 def _structure(options, context=None):
-    return StructureValidator(Validator(options["version"], options["strict"]), options["on_error"])
+    table_values = {}
+    if options["table_values"]:
+        from pathlib import Path
+
+        from hl7relay.validation.corrections import load_table_values
+
+        file = Path(options["table_values"])
+        table_values, errors = load_table_values(file if file.is_absolute() else Path(getattr(context, "base_dir", ".")) / file)
+        if errors:
+            raise ValueError("; ".join(str(e) for e in errors))
+    return StructureValidator(Validator(options["version"], options["strict"], table_values=table_values), options["on_error"])
 
 
 @dataclass(slots=True)

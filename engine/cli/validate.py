@@ -49,6 +49,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="N",
                         help="messages larger than this are reported, not checked (default 16 MiB, the engine's "
                              "default MLLP frame limit): time and memory stay bounded")
+    parser.add_argument("--table-values", metavar="FILE",
+                        help="a site's additions to HL7 tables (YAML: \"0396\": [CODE, ...]): coding systems and "
+                             "other values its partners use, accepted as the standard's own")
     parser.add_argument("--profile", metavar="FILE",
                         help="also check a conformance profile (YAML; see config/profiles/): required, forbidden "
                              "and allowed values of fields, lengths, segment counts")
@@ -179,7 +182,17 @@ def run(args) -> int:
         if errors:
             print(f"not validating: {len(errors)} problem{'s' * (len(errors) != 1)} in the profile", file=sys.stderr)
             return 2
-    validator = Validator(version=args.hl7_version, strict=args.strict, profile=profile)
+    table_values = {}
+    if args.table_values:
+        from hl7relay.validation.corrections import load_table_values
+
+        table_values, errors = load_table_values(args.table_values)
+        for error in errors:
+            print(error, file=sys.stderr)
+        if errors:
+            print(f"not validating: {len(errors)} problem{'s' * (len(errors) != 1)} in the table values", file=sys.stderr)
+            return 2
+    validator = Validator(version=args.hl7_version, strict=args.strict, profile=profile, table_values=table_values)
     try:
         inputs = collect_inputs(args.inputs)
     except InputError as exc:

@@ -23,7 +23,8 @@ General rules, applied while compiling (profile.py):
 
 from __future__ import annotations
 
-__all__ = ["correct_structure", "STRUCTURE_CORRECTIONS", "CONDITIONAL_FIELDS", "REQUIRED_ONCE", "ACCEPTED_REQUIRED_NTE"]
+__all__ = ["correct_structure", "STRUCTURE_CORRECTIONS", "CONDITIONAL_FIELDS", "REQUIRED_ONCE", "ACCEPTED_REQUIRED_NTE",
+           "CODING_SYSTEMS_IN_USE", "corrected_table", "load_table_values"]
 
 
 def _at(struct, path: tuple, change):
@@ -127,3 +128,85 @@ def correct_structure(version: str, name: str, struct):
     for path, change in STRUCTURE_CORRECTIONS.get((version, name), ()):
         struct = _at(struct, path, change)
     return struct
+
+
+# HL7 table 0396 (coding systems) is maintained by HL7 outside the version cycle: a coding system
+# added later names the same thing in a message of any version, and US public-health guides for
+# v2.5.1 (ELR, PHLIP, immunization, syndromic surveillance) prescribe ones hl7apy's v2.4-2.6 tables
+# lack. A 0396 field accepts every version's table 0396, these, a local "99..." or "L", "HL7nnnn",
+# and an ISO object identifier (those guides put OIDs in CWE.3).
+CODING_SYSTEMS_IN_USE = frozenset({
+    "SCT",  # SNOMED CT
+    "UCUM",  # Unified Code for Units of Measure
+    "RXNORM",  # RxNorm
+    "CDCREC",  # CDC race and ethnicity
+    "FIPS5_2", "FIPS6_4",  # US state and county codes
+    "ISO3166_1", "ISO3166_2",  # countries and their subdivisions
+    "NULLFL",  # HL7 null flavor
+    "PLR", "PLT",  # CDC PHLIP lab result and test codes
+    "PHINQUESTION",  # CDC PHIN questions
+    "CDCPHINVS",  # CDC PHIN value sets (local coding system)
+    "HSLOC",  # CDC healthcare service location
+    "NIP001", "NIP002", "NIP004", "NIP007", "NIP008", "NIP009",  # CDC immunization tables
+    "CVX", "MVX",  # CDC vaccines administered, vaccine manufacturers
+})
+
+
+def corrected_table(version: str, table_id: str, values: frozenset | None, lib) -> frozenset | None:
+    """A table's values as the checks use them. Table 0125 (OBX-2, the value's data type) also
+    takes every data type this version defines: OBX-2 names a data type, and one the version
+    defines is one a receiver can read (v2.5.1's 0125 lists no CWE, which US guides use for coded
+    results). Table 0396 as above."""
+    if table_id == "HL70125" and values is not None:
+        return values | frozenset(getattr(lib, "DATATYPES", {})) | frozenset(getattr(lib, "DATATYPES_STRUCTS", {}))
+    if table_id == "HL70396" and values is not None:
+        return values | _every_coding_system() | CODING_SYSTEMS_IN_USE
+    return values
+
+
+_CODING_SYSTEMS: frozenset | None = None
+
+
+def _every_coding_system() -> frozenset:
+    """Table 0396 of every version hl7apy defines (read once)."""
+    global _CODING_SYSTEMS
+    if _CODING_SYSTEMS is None:
+        from hl7apy import load_library
+
+        from hl7relay.validation.profile import SUPPORTED_VERSIONS
+
+        found: set = set()
+        for version in SUPPORTED_VERSIONS:
+            table = getattr(load_library(version), "TABLES", {}).get("HL70396")
+            if table and table[1]:
+                found.update(table[1])
+        _CODING_SYSTEMS = frozenset(found)
+    return _CODING_SYSTEMS
+
+
+def load_table_values(path) -> tuple[dict[str, frozenset], list]:
+    """A site's additions to HL7 tables, from YAML: table numbers to the values its partners use
+
+        "0396": [PH_SNOMED-CT, CDCINDUSTRY2010]   # coding systems
+
+    -> ({"HL70396": frozenset(...)}, errors as file:line:col)."""
+    from hl7relay.yamlsource import load_document
+
+    doc = load_document(path, environ={})
+    if doc.errors:
+        return {}, doc.errors
+    out: dict[str, frozenset] = {}
+    data = doc.data
+    if not isinstance(data, dict):
+        doc.error((), "a table-values file maps table numbers to lists of values: \"0396\": [CODE, ...]")
+        return {}, doc.errors
+    for key, values in data.items():
+        number = str(key)
+        if not (number.isdigit() and len(number) <= 4):
+            doc.error((key,), f"{key!r} is not an HL7 table number (e.g. \"0396\")", key=True)
+            continue
+        if not isinstance(values, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+            doc.error((key,), f"table {number}: a list of values")
+            continue
+        out["HL7" + number.zfill(4)] = frozenset(str(v) for v in values)
+    return (out if not doc.errors else {}), doc.errors

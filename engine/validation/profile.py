@@ -12,7 +12,7 @@ import functools
 import threading
 from dataclasses import dataclass
 
-from hl7relay.validation.corrections import CONDITIONAL_FIELDS, correct_structure
+from hl7relay.validation.corrections import CONDITIONAL_FIELDS, correct_structure, corrected_table
 from hl7relay.validation.datatypes import BASE_MAX_LENGTH, PRIMITIVE_CHECKS
 from hl7relay.validation.events import resolve_structure
 
@@ -120,6 +120,7 @@ class Profile:
         self._messages = lib.MESSAGES
         self._segments = lib.SEGMENTS
         self._datatype_structs = lib.DATATYPES_STRUCTS
+        self._lib = lib
         self._tables = getattr(lib, "TABLES", {})
         self._fields = getattr(lib, "FIELDS", {})
         self.structures = frozenset(self._messages)
@@ -166,7 +167,7 @@ class Profile:
         return resolve_structure(message_type, event, self.version, self.structures)
 
     def table(self, table_id: str) -> frozenset | None:
-        return _table_values(self._tables, table_id)
+        return corrected_table(self.version, table_id, _table_values(self._tables, table_id), self._lib)
 
     def structure(self, name: str) -> Node | None:
         node = self._structure_cache.get(name)
@@ -233,7 +234,7 @@ class Profile:
         key = (datatype, table)
         leaf = self._leaf_cache.get(key)
         if leaf is None:
-            values = _table_values(self._tables, table) if datatype in ("ID", "IS") else None
+            values = self.table(table) if datatype in ("ID", "IS") and table else None
             check = PRIMITIVE_CHECKS.get(datatype)
             max_length = BASE_MAX_LENGTH.get(datatype)
             leaf = Leaf(datatype, table, values, check, max_length,

@@ -25,7 +25,8 @@ __all__ = ["Finding", "Report", "Validator", "validate", "segment_groups", "Segm
 E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFORMATION  # noqa: E741 - HL7's own letters (table 0516)
 _SEGMENT_NAME = re.compile(r"[A-Z][A-Z0-9]{2}")
 # Table 0396 (coding systems) also admits HL7nnnn (an HL7 table), 99zzz and L (local codes).
-_CODING_SYSTEM = re.compile(r"HL7\d{4}|99[A-Za-z0-9]+|L")
+# a coding system no table lists that is still one: HL7's own tables, a local one, an ISO OID
+_CODING_SYSTEM = re.compile(r"HL7\d{4}|99[A-Za-z0-9]+|L|[0-2](\.(0|[1-9]\d*))+")
 _PROCESSING_IDS = frozenset({"D", "P", "T"})  # HL7 table 0103
 _MSH_REQUIRED = {7: "date/time of message", 9: "message type", 10: "message control id",
                  11: "processing id", 12: "version id"}
@@ -105,12 +106,15 @@ class Validator:
     lengths, line endings and character set names into errors; ``profile`` (a
     :class:`~hl7relay.validation.conformance.ConformanceProfile`) adds its rules."""
 
-    def __init__(self, version: str | None = None, strict: bool = False, profile=None):
+    def __init__(self, version: str | None = None, strict: bool = False, profile=None,
+                 table_values: dict[str, frozenset] | None = None):
         if version is not None and definition_version(version) is None:
             raise ValueError(f"unsupported HL7 version {version!r}; supported: {', '.join(ACCEPTED_VERSIONS)}")
         self.version = version
         self.strict = strict
         self.profile = profile
+        # a site's additions to HL7 tables ("HL70396" -> values): coding systems its partners use
+        self.table_values = {k: frozenset(v) for k, v in (table_values or {}).items()}
         self._soft = E if strict else W
 
     def validate(self, message: Message) -> Report:
@@ -368,7 +372,9 @@ class _FieldChecker:
         self.esc = d.escape
         self.soft = run.v._soft
         self.d = d
-        self.clean = profile.clean_values(d, run.v.strict)
+        self.extra = run.v.table_values
+        # what a value's checks found depends on the site's additions too: remembered apart
+        self.clean = profile.clean_values(d, (run.v.strict, tuple(sorted(self.extra.items()))) if self.extra else run.v.strict)
 
     def segment(self, position: int, seg, skip_required=frozenset()) -> None:
         if seg is None:
@@ -509,7 +515,7 @@ class _FieldChecker:
         values = leaf.values
         if values is not None and value not in values:
             text = self._text(value)
-            site_defined = leaf.table in _Z_TABLES and text[:1] == "Z"  # a Z message type or event: the site's own
+            site_defined = (leaf.table in _Z_TABLES and text[:1] == "Z") or text in self.extra.get(leaf.table, ())
             if text not in values and not site_defined and not (leaf.table == "HL70396" and _CODING_SYSTEM.fullmatch(text)):
                 if leaf.datatype == "ID":
                     self.run.add(self.soft, ErrorCode.TABLE_VALUE_NOT_FOUND,
