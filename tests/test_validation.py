@@ -440,3 +440,21 @@ def test_a_site_adds_values_to_hl7_tables_from_a_file(tmp_path):
     assert load_table_values(bad) == ({}, load_table_values(bad)[1])
     assert [str(e) for e in load_table_values(bad)[1]] == [
         f"{bad}:1:1: '396x' is not an HL7 table number (e.g. \"0396\")", f"{bad}:2:9: table 0396: a list of values"]
+
+
+def test_chapter_2a_rules_between_components_are_checked_where_the_type_is():
+    """HD.2 and HD.3 (and EI.3 and EI.4) are valued together or not at all: rules inside data types
+    were not checked. An HD is found in a field (MSH-4), a component of another type (CX.4 in PID-3,
+    as subcomponents) and an EI's own components; warnings by default, errors under --strict."""
+    message = Message("MSH|^~\\&|LAB|LABFAC^2.16.840.1.114222^ISO|PMS|CLINIC^2.16.1|20240105||ORU^R01^ORU_R01|1|P|2.5.1\r"
+                      "PID|1||7^^^HOSP&2.16.1&~8^^^HOSP&&ISO||DOE^J\r"
+                      "OBR|1|O1^PMS^2.16.1^ISO|L1^LAB^2.16.2|GLU^Glucose^LN\r")
+    found = [str(f) for f in validate(message).findings]
+    assert found == [
+        "W 102 MSH-6.3: HD.2 and HD.3 are both valued or both empty (HL7 chapter 2A, HD): HD.2 without HD.3",
+        "W 102 PID-3.4.3: HD.2 and HD.3 are both valued or both empty (HL7 chapter 2A, HD): HD.2 without HD.3",
+        "W 102 PID-3[2].4.2: HD.2 and HD.3 are both valued or both empty (HL7 chapter 2A, HD): HD.3 without HD.2",
+        "W 102 OBR-3.4: EI.3 and EI.4 are both valued or both empty (HL7 chapter 2A, EI): EI.3 without EI.4",
+    ], found
+    strict = Validator(strict=True).validate(message)
+    assert not strict.valid and {f.severity.value for f in strict.findings} == {"E"}

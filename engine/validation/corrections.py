@@ -152,36 +152,16 @@ CODING_SYSTEMS_IN_USE = frozenset({
 })
 
 
-def corrected_table(version: str, table_id: str, values: frozenset | None, lib) -> frozenset | None:
+def corrected_table(table_id: str, values: frozenset | None, lib, every_coding_system=frozenset()) -> frozenset | None:
     """A table's values as the checks use them. Table 0125 (OBX-2, the value's data type) also
     takes every data type this version defines: OBX-2 names a data type, and one the version
     defines is one a receiver can read (v2.5.1's 0125 lists no CWE, which US guides use for coded
-    results). Table 0396 as above."""
+    results). Table 0396 as above (``every_coding_system``: table 0396 of every version)."""
     if table_id == "HL70125" and values is not None:
         return values | frozenset(getattr(lib, "DATATYPES", {})) | frozenset(getattr(lib, "DATATYPES_STRUCTS", {}))
     if table_id == "HL70396" and values is not None:
-        return values | _every_coding_system() | CODING_SYSTEMS_IN_USE
+        return values | every_coding_system | CODING_SYSTEMS_IN_USE
     return values
-
-
-_CODING_SYSTEMS: frozenset | None = None
-
-
-def _every_coding_system() -> frozenset:
-    """Table 0396 of every version hl7apy defines (read once)."""
-    global _CODING_SYSTEMS
-    if _CODING_SYSTEMS is None:
-        from hl7apy import load_library
-
-        from hl7relay.validation.profile import SUPPORTED_VERSIONS
-
-        found: set = set()
-        for version in SUPPORTED_VERSIONS:
-            table = getattr(load_library(version), "TABLES", {}).get("HL70396")
-            if table and table[1]:
-                found.update(table[1])
-        _CODING_SYSTEMS = frozenset(found)
-    return _CODING_SYSTEMS
 
 
 def load_table_values(path) -> tuple[dict[str, frozenset], list]:

@@ -109,6 +109,24 @@ def _table_values(tables: dict, table_id: str | None) -> frozenset | None:
 CLEAN_VALUES_MAX = 50_000  # field values remembered as clean per version and delimiters
 
 
+_CODING_SYSTEMS: frozenset | None = None
+
+
+def _every_coding_system() -> frozenset:
+    """Table 0396 of every version hl7apy defines, read once (corrections.corrected_table)."""
+    global _CODING_SYSTEMS
+    if _CODING_SYSTEMS is None:
+        from hl7apy import load_library
+
+        found: set = set()
+        for version in SUPPORTED_VERSIONS:
+            table = getattr(load_library(version), "TABLES", {}).get("HL70396")
+            if table and table[1]:
+                found.update(table[1])
+        _CODING_SYSTEMS = frozenset(found)
+    return _CODING_SYSTEMS
+
+
 class Profile:
     """Compiled definitions of one HL7 version."""
 
@@ -167,7 +185,8 @@ class Profile:
         return resolve_structure(message_type, event, self.version, self.structures)
 
     def table(self, table_id: str) -> frozenset | None:
-        return corrected_table(self.version, table_id, _table_values(self._tables, table_id), self._lib)
+        every = _every_coding_system() if table_id == "HL70396" else frozenset()
+        return corrected_table(table_id, _table_values(self._tables, table_id), self._lib, every)
 
     def structure(self, name: str) -> Node | None:
         node = self._structure_cache.get(name)

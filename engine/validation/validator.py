@@ -468,10 +468,13 @@ class _FieldChecker:
             if value and value != '""' and (element.interesting or len(value) > element.bound):
                 self.leaf(element, value, position, number, rep, None, None, fdef)
             return
+        comp_sep, sub_sep = self.comp, self.sub
+        pairs = _pair_checks(element)
+        if pairs:
+            self._pairs(element, pairs, value, comp_sep, sub_sep, position, number, rep)
         short = len(value) <= element.bound  # then no unvisited component can be too long
         if short and not element.checked:
             return
-        comp_sep, sub_sep = self.comp, self.sub
         comps = value.split(comp_sep) if comp_sep else (value,)
         count = len(comps)
         if count > len(element.components):
@@ -499,6 +502,29 @@ class _FieldChecker:
                 leaf = subcomponents[s - 1][1]
                 if sub_value and sub_value != '""' and leaf.__class__ is Leaf and (leaf.interesting or len(sub_value) > leaf.bound):
                     self.leaf(leaf, sub_value, position, number, rep, c, s, fdef)
+
+    def _pairs(self, element, pairs: tuple, value: str, comp_sep, sub_sep, position, number, rep) -> None:
+        """Chapter 2A's rules between the components of a data type (``_PAIR_RULES``), in the value
+        and in its components of such a type (CX.4, an HD, in subcomponents)."""
+        comps = value.split(comp_sep) if comp_sep else [value]
+        for c, datatype, rules in pairs:
+            if c == 0:
+                parts = comps
+            else:
+                if c > len(comps) or not comps[c - 1]:
+                    continue
+                parts = comps[c - 1].split(sub_sep) if sub_sep else [comps[c - 1]]
+            for first, second, both in rules:
+                a = first <= len(parts) and parts[first - 1] not in ("", '""')
+                b = second <= len(parts) and parts[second - 1] not in ("", '""')
+                if a and not b or (both and b and not a):
+                    have, lack = (first, second) if a else (second, first)
+                    rule = "are both valued or both empty" if both else f"is required when {datatype}.{first} is valued"
+                    subject = (f"{datatype}.{first} and {datatype}.{second} {rule}" if both
+                               else f"{datatype}.{second} {rule}")
+                    self.run.add(self.soft, ErrorCode.DATA_TYPE_ERROR,
+                                 f"{subject} (HL7 chapter 2A, {datatype}): {datatype}.{have} without {datatype}.{lack}",
+                                 position, number, rep, lack if c == 0 else c, None if c == 0 else lack)
 
     def leaf(self, leaf: Leaf, value: str, position, number, rep, comp, sub, fdef: FieldDef) -> None:
         check = leaf.check
@@ -530,6 +556,34 @@ class _FieldChecker:
         if self.esc and self.esc in value:
             return unescape(value, self.d, self.run.msg.codec)
         return value
+
+
+# Chapter 2A's rules between a data type's components: (first, second, both): with both, the two
+# are valued together or not at all; else the second is required when the first is valued. HD and
+# EI are checked wherever they are (CX.4, XON.6, XCN.9 hold an HD in subcomponents). A code's
+# coding system (CWE.1 and CWE.3) is not among them: the base standard conditions it from v2.7
+# only, and HL7-table codes are sent without it in practice; a profile states it where a guide does.
+_PAIR_RULES = {
+    "HD": ((2, 3, True),),  # universal id and its type
+    "EI": ((3, 4, True),),  # universal id and its type
+}
+_PAIR_CHECKS: dict[int, tuple] = {}  # id(composite definition) -> ((component or 0, datatype, rules), ...)
+
+
+def _pair_checks(element) -> tuple:
+    """Where the pair rules apply in a composite: itself (0) and its components of such a type."""
+    key = id(element)
+    found = _PAIR_CHECKS.get(key)
+    if found is None:
+        found = []
+        if element.datatype in _PAIR_RULES:
+            found.append((0, element.datatype, _PAIR_RULES[element.datatype]))
+        for c, sub in element.indexed:
+            if sub.__class__ is not Leaf and sub.datatype in _PAIR_RULES:
+                found.append((c, sub.datatype, _PAIR_RULES[sub.datatype]))
+        # the definitions live as long as their profile (cached per version): their ids are stable
+        found = _PAIR_CHECKS[key] = tuple(found)
+    return found
 
 
 # message types (0076), events (0003) and structures (0354): HL7 leaves the Z values to each site
