@@ -131,3 +131,104 @@ def test_a_channel_naming_a_broken_profile_does_not_lint(tmp_path):
     channel_file = write(tmp_path, "name: ch\nsource: {type: mllp, port: 0}\nvalidators: [{profile: bad.yaml}]\n", "ch.yaml")
     channel, errors = load_channel(channel_file, {})
     assert channel is None and any("the profile has problems" in str(e) and "invalid HL7 path" in str(e) for e in errors)
+
+
+# -- profiles that express real guides (issue #26) -------------------------------------------------------
+PHLIP = REPO / "config" / "profiles" / "phlip-flu-2.5.1.yaml"
+RESULT = ("MSH|^~\\&|LAB|FAC|PHL|CDC|20240105||ORU^R01^ORU_R01|1|P|2.5.1|||||||||PROF-A^X^2.16.1^ISO\r"
+          "PID|1||7||DOE^J\rOBR|1|O1|L1|GLU^Glucose^LN\r"
+          "OBX|1|NM|GLU^Glucose^LN|1|5.5|mmol/L|||||F\r"
+          "OBX|2|CWE|FLU^Influenza^LN|1|260373001^Detected^SCT||||||F\r")
+
+
+def found(tmp_path, rules: str, message: str = RESULT) -> list[str]:
+    profile, errors = load_conformance_profile(write(tmp_path, "profile: t\nversion: \"2.5.1\"\nmessages:\n  ORU:\n"
+                                                     + textwrap.indent(textwrap.dedent(rules), "    ")))
+    assert errors == [], [str(e) for e in errors]
+    return [f"{f.path}: {f.text}" for f in profile.check(Message(message))]
+
+
+def test_a_sequence_rule_reports_one_number_out_of_step_once(tmp_path):
+    assert found(tmp_path, "fields:\n  OBX-1: {sequence: true}\n") == []
+    twice = RESULT.replace("OBX|2|", "OBX|1|") + "OBX|2|NM|K^Potassium^LN|1|4.1|mmol/L|||||F\r"
+    assert found(tmp_path, "fields:\n  OBX-1: {sequence: true}\n", twice) == [
+        "OBX[2]-1: profile t: OBX-1 is '1'; OBX 2 should be 2 (numbered 1, 2, 3... in order)"]
+
+
+def test_a_unique_rule_finds_two_segments_with_the_same_fields(tmp_path):
+    same = RESULT.replace("FLU^Influenza^LN|1|", "GLU^Glucose^LN|1|")
+    assert found(tmp_path, "unique:\n  - [OBX-3, OBX-4]\n") == []
+    assert found(tmp_path, "unique:\n  - [OBX-3, OBX-4]\n", same) == [
+        "OBX[2]-3: profile t: OBX-3 + OBX-4 repeats OBX 1's ('GLU^Glucose^LN' + '1')"]
+
+
+def test_a_condition_holds_within_each_segment(tmp_path):
+    rules = """\
+        conditions:
+          - when: {OBX-2: [NM, SN]}
+            then: {required: [OBX-6], pattern: {OBX-5: "^[0-9.]+$"}}
+          - when: {OBX-2: CWE}
+            then: {forbidden: [OBX-6], values: {OBX-11: [F, C]}}
+          - when: {PID-8: absent}
+            then: {required: [PID-7]}
+        """
+    assert found(tmp_path, rules, RESULT.replace("PID|1||7||DOE^J", "PID|1||7||DOE^J||19800101")) == []
+    broken = RESULT.replace("|5.5|mmol/L|", "|high||").replace("SCT||||||F\r", "SCT|mg|||||P\r")
+    assert found(tmp_path, rules, broken) == [
+        "OBX-6: profile t: OBX-6 is required when OBX-2 is NM or SN",
+        "OBX-5: profile t: OBX-5 'high' does not match '^[0-9.]+$' when OBX-2 is NM or SN",
+        "OBX[2]-6: profile t: OBX-6 must be empty when OBX-2 is CWE",
+        "OBX[2]-11: profile t: 'P' is not an allowed value of OBX-11 when OBX-2 is CWE",
+        "PID-7: profile t: PID-7 is required when PID-8 is empty"]
+
+
+def test_patterns_values_without_case_and_a_component_required_in_each_repetition(tmp_path):
+    rules = """\
+        fields:
+          MSH-10: {pattern: "^[0-9]+$"}
+          OBX-11: {values: [f, c], ignore_case: true}
+          PID-3.1: {required: true}
+        """
+    message = RESULT.replace("PID|1||7||", "PID|1||7~^^^SSA||").replace("|1|P|2.5.1", "|A1|P|2.5.1")
+    assert found(tmp_path, rules, message.replace("|F\r", "|X\r", 1)) == [
+        "MSH-10: profile t: MSH-10 'A1' does not match '^[0-9]+$'",
+        "OBX-11: profile t: 'X' is not an allowed value of OBX-11",
+        "PID-3[2].1: profile t: PID-3.1 is required (repetition 2 has none)"]
+
+
+def test_a_profile_applies_to_the_messages_whose_msh_21_names_it(tmp_path):
+    for_a = write(tmp_path, "profile: a\nmsh_21: [PROF-A]\nmessages:\n  '*':\n    fields:\n      PID-19: {required: true}\n", "a.yaml")
+    for_b = write(tmp_path, "profile: b\nmsh_21: PROF-B\nmessages:\n  '*':\n    fields:\n      PID-20: {required: true}\n", "b.yaml")
+    from hl7relay.validation.conformance import ProfileSet
+
+    profiles = ProfileSet(tuple(load_conformance_profile(f)[0] for f in (for_a, for_b)))
+    assert [f.text for f in profiles.check(Message(RESULT))] == ["profile a: PID-19 is required"]
+    other = RESULT.replace("PROF-A^X", "PROF-C^X~PROF-B^X")
+    assert [f.text for f in profiles.check(Message(other))] == ["profile b: PID-20 is required"]
+
+
+@pytest.mark.parametrize("rules, expected", [
+    ("fields:\n  PDI-3: {required: true}\n", "PDI-3: v2.5.1 has no segment PDI"),
+    ("fields:\n  PID-99: {required: true}\n", "PID-99: PID has 39 fields in v2.5.1"),
+    ("fields:\n  PID-5.20: {required: true}\n", "PID-5.20: PID-5 is XPN, which has 14 components"),
+    ("unique:\n  - [OBX-3, OBR-4]\n", "the paths of a unique rule are fields of one segment"),
+    ("conditions:\n  - when: {OBX-2: [NM]}\n    then: {requird: [OBX-6]}\n", "unknown key 'requird' in a condition's then"),
+    ("fields:\n  PID-8: {pattern: \"([\"}\n", "pattern: invalid regular expression"),
+])
+def test_a_path_the_version_does_not_have_is_a_lint_error(tmp_path, rules, expected):
+    profile, errors = load_conformance_profile(write(tmp_path, "profile: t\nversion: \"2.5.1\"\nmessages:\n  ORU:\n"
+                                                     + textwrap.indent(rules, "    ")))
+    assert profile is None and any(expected in str(e) for e in errors), [str(e) for e in errors]
+
+
+def test_the_phlip_profile_rejects_every_cdc_negative_message_and_takes_the_valid_ones(corpus):
+    """CDC's PHLIP flu test messages (public corpus): the example profile with the base standard
+    finds a problem in every negative one (named by its file) and none in the valid ones."""
+    profile, errors = load_conformance_profile(PHLIP)
+    assert errors == []
+    validator = Validator(profile=profile)
+    files = sorted(corpus.glob("cdcdex__PHLIP_FLU_2.5.1_*.hl7"))
+    assert len(files) >= 10
+    for path in files:
+        report = validator.validate(Message.from_bytes(path.read_bytes()))
+        assert report.valid == ("VALID_MESSAGE" in path.name), (path.name, [str(f) for f in report.findings])

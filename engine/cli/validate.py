@@ -27,8 +27,9 @@ Every finding is printed as:  SEVERITY CODE WHERE: TEXT, e.g.
 CODE is from HL7 table 0357: 100 segment sequence, 101 required field missing, 102 data type,
 103 table value, 104 length, 200-203 unsupported message type / event / processing id / version.
 
---profile FILE adds the rules of an interface's conformance profile (config/profiles/ has an
-example); its findings say "profile NAME".
+--profile FILE adds the rules of an interface's conformance profile (config/profiles/ has
+examples); its findings say "profile NAME". Several --profile: each applies to the messages it is
+for (a profile with msh_21: the messages whose MSH-21 names it; one without: every message).
 
 Exit status: 0 all valid, 1 some message invalid, 2 some input unreadable (no MSH, not HL7) or
 a profile with problems (each printed as FILE:LINE:COL)."""
@@ -52,7 +53,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--table-values", metavar="FILE",
                         help="a site's additions to HL7 tables (YAML: \"0396\": [CODE, ...]): coding systems and "
                              "other values its partners use, accepted as the standard's own")
-    parser.add_argument("--profile", metavar="FILE",
+    parser.add_argument("--profile", metavar="FILE", action="append",
                         help="also check a conformance profile (YAML; see config/profiles/): required, forbidden "
                              "and allowed values of fields, lengths, segment counts")
 
@@ -174,14 +175,20 @@ def _text_report(result: FileResult, quiet: bool, out) -> None:
 def run(args) -> int:
     profile = None
     if args.profile:
-        from hl7relay.validation.conformance import load_conformance_profile
+        from hl7relay.validation.conformance import ProfileSet, load_conformance_profile
 
-        profile, errors = load_conformance_profile(args.profile)
-        for error in errors:
-            print(error, file=sys.stderr)
-        if errors:
-            print(f"not validating: {len(errors)} problem{'s' * (len(errors) != 1)} in the profile", file=sys.stderr)
+        loaded, problems = [], 0
+        for file in args.profile:
+            one, errors = load_conformance_profile(file)
+            for error in errors:
+                print(error, file=sys.stderr)
+            problems += len(errors)
+            loaded.append(one)
+        if problems:
+            print(f"not validating: {problems} problem{'s' * (problems != 1)} in the profile{'s' * (len(loaded) > 1)}",
+                  file=sys.stderr)
             return 2
+        profile = loaded[0] if len(loaded) == 1 else ProfileSet(tuple(loaded))
     table_values = {}
     if args.table_values:
         from hl7relay.validation.corrections import load_table_values
