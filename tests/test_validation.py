@@ -458,3 +458,31 @@ def test_chapter_2a_rules_between_components_are_checked_where_the_type_is():
     ], found
     strict = Validator(strict=True).validate(message)
     assert not strict.valid and {f.severity.value for f in strict.findings} == {"E"}
+
+
+OML = ("MSH|^~\\&|OP|Entero-gastric|OF|Chemistry|20030906||OML^O21^OML_O21|msgOP123|P|2.5.1\r"
+       "PID|1||12345^5^M10^Memphis_Hosp^PI||EVERYMAN^ADAM\rPV1|1|O|Ward\r"
+       "ORC|NW|12345678^gastric||666^gastric\rTQ1|||||||||A\rOBR||12345678^gastric||82951^Glucose Tolerance Test^LN\r"
+       "OBX|1|NM|GLUCOSE||75|g|||||F\rSPM|1|123456781^gastric||SER\rSPM|2|123456782^gastric||SER\r")
+
+
+def test_a_missing_required_first_segment_is_reported_once_and_its_group_read_on():
+    """One missing ORC gave 6-7 errors, every segment of the order after it; one missing NTE in an
+    RDS^O13 (the required note that opens a supplement) gave 14, the first blaming RXD."""
+    no_orc = validate(Message(OML.replace("ORC|NW|12345678^gastric||666^gastric\r", "")))
+    assert [str(f) for f in no_orc.findings] == [
+        "E 100 ORC: required segment ORC missing; expected after PV1 (segment 3), before TQ1"]
+    rds = ("MSH|^~\\&|PHARM|FAC|PMS|CLINIC|20240105||RDS^O13^RDS_O13|1|P|2.5.1\rPID|1||7||DOE^J\rORC|RE|O1\r"
+           "RXO|RX1^Drug^L|1\rRXR|PO\rRXE|^^^20240105|RX1^Drug^L|1||TAB\rTQ1|1\rRXR|PO\rRXD|1|RX1^Drug^L|20240105|1|||7\rRXR|PO\r")
+    assert [str(f) for f in validate(Message(rds)).findings] == [
+        "E 100 NTE: required segment NTE missing; expected after RXO (segment 4), before RXR"]
+    assert validate(Message(rds.replace("RXO|RX1^Drug^L|1\r", "RXO|RX1^Drug^L|1\rNTE|1||take with food\r"))).valid
+
+
+def test_a_second_order_with_timing_is_not_read_as_a_prior_result():
+    """An ORC after an order's results may open a prior result or the next order: reading it as a
+    prior result needed its TQ1 displaced, and reported 4 errors in a valid two-order OML^O21."""
+    order = "ORC|NW|12345679^gastric||667^gastric\rTQ1|||||||||A\rOBR||12345679^gastric||82951^Glucose^LN\rOBX|1|NM|GLUCOSE||80|g|||||F\r"
+    two = OML.replace("SPM|1|", order + "SPM|1|", 1)
+    report = validate(Message(two))
+    assert report.valid and report.findings == [], [str(f) for f in report.findings]

@@ -657,12 +657,22 @@ class _Matcher:
                         # Ambiguous: this segment may open the group or belong to something after
                         # it (OML_O21: an ORC opens a prior result or the next order). Enter only
                         # if that reads without errors.
-                        if not self._attempt(child):
+                        # when it may just as well start what comes next, only a clean reading of
+                        # this group wins: one that needed a displaced segment loses to ending here
+                        if not self._attempt(child, clean=name in child.follow):
                             break
                     else:
                         self._consume(child)
                     if self.pos == before:
                         break
+                    count += 1
+                elif count == 0 and self._enters_late(child):
+                    # the group's required first segment is missing but what opens it next is
+                    # here (an order without its ORC): that segment is reported missing once and
+                    # the group read from here, where every segment of it was reported before
+                    self._missing(child.children[0])
+                    self.displacements += 1  # evidence, like a displaced segment: an attempt may enter
+                    self._sequence(child, skip_first=True)
                     count += 1
                 elif name in child.follow:
                     break  # ends this node; a required node never seen is reported missing
@@ -678,6 +688,31 @@ class _Matcher:
                     self._unexpected(child, count)
             if count < child.min:
                 self._missing(child)
+
+    def _enters_late(self, group: Node) -> bool:
+        """Whether the current segment opens ``group`` once its required first segment, missing,
+        is passed over: it starts one of the children after it (up to the next required one), it
+        does not belong right after the group, and the segment after it reads on in the group."""
+        if group.kind != "sequence" or not group.children:
+            return False
+        first = group.children[0]
+        if first.kind != "segment" or first.min < 1:
+            return False
+        names, pos = self.names, self.pos
+        name = names[pos]
+        if name in group.follow:
+            return False
+        opens = False
+        for child in group.children[1:]:
+            if name in child.first:
+                opens = True
+                break
+            if not child.nullable:
+                break
+        if not opens:
+            return False
+        after = pos + 1
+        return after >= len(names) or names[after] in group.segments or names[after] in group.follow
 
     def _fits_here(self, children: tuple, index: int, count: int) -> bool:
         """Whether the two segments after the current one read on from here, in order: then the
@@ -710,15 +745,16 @@ class _Matcher:
         self.displacements += 1
         self.pos += 1
 
-    def _attempt(self, node: Node) -> bool:
-        """Consume ``node`` tentatively; undo and return False when that added an error."""
+    def _attempt(self, node: Node, clean: bool = False) -> bool:
+        """Consume ``node`` tentatively; undo and return False when that added an error (with
+        ``clean``, also when it needed a displaced segment or a late entry)."""
         findings = self.ctx.findings
         saved = (self.pos, len(findings), dict(self.missing), set(self.displaced), self.displacements)
         groups = len(self.groups)
         self._consume(node)
         # a segment found misplaced inside does not count against entering: the two after it
         # read on in this group, which is evidence for it
-        if len(findings) - saved[1] == self.displacements - saved[4]:
+        if len(findings) - saved[1] == self.displacements - saved[4] and not (clean and len(findings) > saved[1]):
             return True
         self.pos = saved[0]
         del findings[saved[1]:]
