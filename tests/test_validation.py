@@ -486,3 +486,13 @@ def test_a_second_order_with_timing_is_not_read_as_a_prior_result():
     two = OML.replace("SPM|1|", order + "SPM|1|", 1)
     report = validate(Message(two))
     assert report.valid and report.findings == [], [str(f) for f in report.findings]
+
+
+def test_a_misplaced_group_is_one_finding_not_one_per_segment():
+    """One misplaced block gave an error per segment of it: the patient's PID and PV1 after the
+    order are one group out of place."""
+    moved = OML.replace("PID|1||12345^5^M10^Memphis_Hosp^PI||EVERYMAN^ADAM\rPV1|1|O|Ward\r", "").replace(
+        "SPM|1|", "PID|1||12345^5^M10^Memphis_Hosp^PI||EVERYMAN^ADAM\rPV1|1|O|Ward\rSPM|1|", 1)
+    assert [str(f) for f in validate(Message(moved)).findings] == [
+        "E 100 PID: segments 6-7 (PID, PV1): group PATIENT is out of order or not expected here (after OBX (segment 5))",
+        "E 100 SPM: segments 8-9 (SPM, SPM): group SPECIMEN is out of order or not expected here (after PV1 (segment 7))"]

@@ -810,11 +810,51 @@ class _Matcher:
             self.pos += 1
             return
         elif name in self.structure.segments:
+            block = self._group_block(name)
+            if block is not None:
+                # the segments that follow it read on in a group it opens (a patient's PID and PV1
+                # after the orders): one finding for the group, not one per segment
+                group, end = block
+                last = self.positions[end - 1]
+                text = (f"segments {position + 1}-{last + 1} ({', '.join(self.names[self.pos:end])}): group "
+                        f"{self._short(group)} is out of order or not expected here ({where})")
+                run.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, text, position)
+                self.pos = end
+                return
             text = f"segment {position + 1}: {name} is out of order or not expected here ({where})"
         else:
             text = f"segment {position + 1}: {name} is not part of the {self.structure.name} structure"
         run.add(E, ErrorCode.SEGMENT_SEQUENCE_ERROR, text, position)
         self.pos += 1
+
+    def _group_block(self, name: str) -> tuple[Node, int] | None:
+        """A group of the structure that ``name`` opens and whose segments the next ones are (at
+        least one more): the group and where its run of segments ends, else None."""
+        best = None
+        for group in self._groups_opened_by(name):
+            end = self.pos + 1
+            while end < len(self.names) and self.names[end] in group.segments:
+                end += 1
+            if end - self.pos >= 2 and (best is None or end > best[1]):
+                best = (group, end)
+        return best
+
+    def _groups_opened_by(self, name: str) -> list:
+        found = []
+
+        def walk(node: Node) -> None:
+            for child in node.children:
+                if child.kind == "sequence" and child.children and child.children[0].name == name:
+                    found.append(child)
+                if child.kind != "segment":
+                    walk(child)
+
+        walk(self.structure)
+        return found
+
+    def _short(self, group: Node) -> str:
+        structure = self.structure.name
+        return group.name[len(structure) + 1:] if group.name.startswith(structure + "_") else group.name
 
     def _neighbours_of(self, i: int) -> str:
         if i == 0:
