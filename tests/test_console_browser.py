@@ -212,6 +212,17 @@ def lab_listening(*answers: str):
         lab.stdout.close()
 
 
+def set_role(page, user: str, role: str, reason: str):
+    """On the Users page: choose ``role`` for ``user``, give the reason and press Set (the next
+    page is the confirmation, or the refusal)."""
+    row = page.locator(f"tr[data-user={user}]")
+    row.locator("select[name=role]").select_option(role)
+    row.locator("input[name=reason]").fill(reason)
+    row.locator("form[action$='/role'] button").click()
+    page.wait_for_load_state()
+    return page
+
+
 def _add_users(store, **roles):
     for name, role in roles.items():
         store.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
@@ -453,11 +464,7 @@ def test_every_page_fits_a_phone_and_a_wide_screen(browser, engine, width, heigh
         measure(path)
     # the pages a form leads to: a role change's confirmation, a replay's dry run
     page.goto(engine["base"] + "/users")
-    row = page.locator("tr[data-user=vic]")
-    row.locator("select[name=role]").select_option("operator")
-    row.locator("input[name=reason]").fill("layout check")
-    row.locator("form[action$='/role'] button").click()
-    page.wait_for_load_state()
+    set_role(page, "vic", "operator", "layout check")
     assert page.locator("#confirm").count() == 1
     measure("/users/vic/role (confirm)")
     page.goto(engine["base"] + "/messages/1")
@@ -729,20 +736,10 @@ def test_sessions_and_audit_leave_no_gap(browser, night_shift):
     searched = store.audit_entries(action="messages.search_text", limit=1)[0]
     assert searched["actor"] == "user:ada" and "'PATID1234'" in searched["detail"]
     # the last admin: refused at once, in words, before any confirmation
-    page = admin.goto("/users")
-    row = page.locator("tr[data-user=ada]")
-    row.locator("select[name=role]").select_option("operator")
-    row.locator("input[name=reason]").fill("leaving the team")
-    row.locator("form[action$='/role'] button").click()
-    page.wait_for_load_state()
+    page = set_role(admin.goto("/users"), "ada", "operator", "leaving the team")
     assert "ada is the last active admin" in page.inner_text("main") and store.get_user("ada")["role"] == "admin"
     # a role change: confirmed on its own page, the reason carried over
-    page = admin.goto("/users")
-    row = page.locator("tr[data-user=vic]")
-    row.locator("select[name=role]").select_option("operator")
-    row.locator("input[name=reason]").fill("INC-34 covers the night shift")
-    row.locator("form[action$='/role'] button").click()
-    page.wait_for_load_state()
+    page = set_role(admin.goto("/users"), "vic", "operator", "INC-34 covers the night shift")
     admin.shot("role-confirm")
     assert page.inner_text("h1") == "Make vic an operator?" and store.get_user("vic")["role"] == "viewer"
     page.click("#confirm button[type=submit]")
