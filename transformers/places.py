@@ -71,6 +71,8 @@ def _within(message: Message, path: Path, first: int, last: int, skip: frozenset
 def places(message: Message, path: StepPath, create: bool = False) -> list[Path]:
     """Every place ``path`` names in ``message``, as plain paths, in message order."""
     if isinstance(path, Path):
+        if path.occurrence != EVERY and path.repetition != EVERY:  # one place: the common step, kept short
+            return [path] if create or message.has(path) else []
         return message.expand(path, create)
     out: list[Path] = []
     for first, last, skip in _instances(message, path):

@@ -437,8 +437,9 @@ def _load_unique(items, rules: MessageRules, checker: _PathChecker, doc: Documen
         return
     for i, item in enumerate(items):
         texts = item if isinstance(item, list) else [item]
-        paths = [(checker.path(t, doc, where + (i, j)), str(t)) for j, t in enumerate(texts)]
-        if any(p is None for p, _ in paths):
+        found = [(checker.path(t, doc, where + (i, j)), str(t)) for j, t in enumerate(texts)]
+        paths = [(p, text) for p, text in found if p is not None]
+        if len(paths) != len(found):
             continue
         if not paths or len({p.segment for p, _ in paths}) != 1:
             doc.error(where + (i,), "the paths of a unique rule are fields of one segment: - [OBX-3, OBX-4]")
@@ -494,7 +495,7 @@ def _load_conditions(items, rules: MessageRules, checker: _PathChecker, doc: Doc
             if not isinstance(spec, dict):
                 doc.error(at + ("then", kind), f"{kind} maps paths to " + ("lists of values" if kind == "values" else "patterns"))
                 continue
-            out = []
+            out: list[tuple] = []
             for text, value in spec.items():
                 p = checker.path(text, doc, at + ("then", kind, text), key=True)
                 if kind == "values":
