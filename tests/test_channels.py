@@ -416,3 +416,19 @@ def test_a_channel_validates_with_its_sites_table_values(tmp_path):
     _, errors = load_channel(write(tmp_path, "name: t\nsource: {type: mllp, port: 12600}\n"
                                    "validators:\n  - structure: {table_values: bad.yaml}\n"), {})
     assert any("bad.yaml:1:9: table 0396: a list of values" in str(e) for e in errors), errors
+
+
+def test_a_copy_keeps_an_escaped_delimiter_escaped(tmp_path):
+    """copy decoded SMITH\\S\\JONES and wrote it raw: SMITH^JONES, two components where the
+    sender had one value."""
+    channel = channel_from(tmp_path, """\
+        transformers:
+          - copy: {from: PID-5.1, to: PID-9.1}
+          - copy: {from: PID-5, to: NK1-2, create: true}
+          - copy: {from: MSH-2, to: ZXX-1, create: true}
+        """)
+    m = process(channel, Message("MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5.1\rEVN|A01|20240101\r"
+                                 "PID|1||1||SMITH\\S\\JONES^ANN\rPV1|1|O\r")).message
+    assert m.get("PID-9.1") == "SMITH^JONES" and m.get("PID-9.2") == ""  # one value, its ^ escaped
+    assert m.get("NK1-2.1") == "SMITH^JONES" and m.get("NK1-2.2") == "ANN"  # a composite, as it was
+    assert m.get("ZXX-1") == "^~\\&" and m.get("ZXX-1.2") == ""  # the delimiters, as text

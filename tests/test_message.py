@@ -333,3 +333,12 @@ def test_header_values_are_read_again_after_the_header_changes():
     assert (m.control_id, copy.control_id) == ("C2", "C3")
     m.insert_segment(1, "EVN|A01")
     assert m.msh(9, 1) == "ORU" and m.get("EVN-1") == "A01"
+
+
+def test_get_raw_reads_the_encoded_text_where_get_decodes():
+    m = Message("MSH|^~\\&|A|B\rPID|1||7^^^H&1.2&ISO~8||SMITH\\S\\JONES^ANN\r")
+    assert m.get_raw("PID-5.1") == "SMITH\\S\\JONES" and m.get("PID-5.1") == "SMITH^JONES"
+    assert m.get_raw("PID-5") == "SMITH\\S\\JONES^ANN" and m.get_raw("PID-3[2]") == "8"
+    assert m.get_raw("PID-3.4") == "H&1.2&ISO" and m.get_raw("PID-3.4.2") == "1.2"
+    assert m.get_raw("MSH-2") == "^~\\&" and m.get_raw("PID-99") == "" and m.get_raw("NK1-2") == ""
+    assert m.get_raw("PID-3[3]") == "" and m.get_raw("PID-1[2]") == ""

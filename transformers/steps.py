@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hl7relay.spec import Option, register
 from hl7relay.errors import HL7RelayError
-from hl7relay.hl7.message import Message
+from hl7relay.hl7.message import HEADER_SEGMENTS, Message
 from hl7relay.hl7.path import StepPath, parse_step_path
 from hl7relay.transformers.places import paired_places, places
 
@@ -77,21 +77,18 @@ class Copy(Step):
         found = False
         for place, targets in paired_places(message, self.source, self.target, self.create):
             found = True
-            value = message.get(place)
-            composite = _composite(message, value)
+            # the encoded text, escapes kept: a decoded SMITH\S\JONES written back would be two components
+            value = message.get_raw(place)
+            # MSH-1/MSH-2 are the delimiters themselves: written elsewhere as text, escaped
+            write = message.set if place.field <= 2 and place.segment in HEADER_SEGMENTS else message.set_raw
             for target in targets:
-                (message.set_raw if composite else message.set)(target, value)
+                write(target, value)
             if self.clear_source:
                 message.set(place, "")
         if not found and not self.source.many:
             # copying from a segment the message lacks writes an empty value, as copying an empty field does
             for target in places(message, self.target, self.create):
                 message.set(target, "")
-
-
-def _composite(message: Message, value: str) -> bool:
-    d = message.delimiters
-    return any(sep and sep in value for sep in (d.component, d.subcomponent, d.repetition))
 
 
 @register("transformer", "copy", "copy one field's value into another ([*] on both: within each segment)", [

@@ -237,6 +237,33 @@ class Message:
             return unescape(value, d, self.codec) if esc and esc in value else value
         return self._leaf(_nth(value, d.subcomponent, p.subcomponent), ())
 
+    def get_raw(self, path: str | Path) -> str:
+        """The encoded HL7 text at ``path``, escapes and all (``SMITH\\S\\JONES`` stays one
+        value): what copying a value to another place must write with :meth:`set_raw`, where
+        :meth:`get`'s decoded text would split at a delimiter it had escaped."""
+        p = path if isinstance(path, Path) else parse_path(path)
+        position = 0 if p.segment == "MSH" and p.occurrence == 1 else self._locate(p.segment, p.occurrence)
+        if position is None:
+            return ""
+        fields = self._fields.get(position) or self.fields(position)
+        if p.field >= len(fields) or not fields[p.field]:
+            return ""
+        value = fields[p.field]
+        if p.field <= 2 and p.segment in HEADER_SEGMENTS:
+            return value
+        d = self.delimiters
+        if d.repetition and d.repetition in value:
+            reps = value.split(d.repetition)
+            r = p.repetition or 1
+            value = reps[r - 1] if r <= len(reps) else ""
+        elif p.repetition is not None and p.repetition > 1:
+            return ""
+        if p.component is not None:
+            value = _nth(value, d.component, p.component)
+            if p.subcomponent is not None:
+                value = _nth(value, d.subcomponent, p.subcomponent)
+        return value
+
     def msh(self, number: int, component: int = 0) -> str:
         """``MSH-<number>`` (or ``MSH-<number>.<component>``) exactly as :meth:`get` reads it,
         without a path: the header is read on every message (ACKs, the stored columns), and its
