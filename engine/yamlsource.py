@@ -4,7 +4,9 @@ Loading uses PyYAML's safe composer (no Python objects, no eval), and only YAML'
 a tag (``!foo``, ``!!python/object``, ``!!binary``, ``!!set``...) is an error at its position, and
 so is an alias that contains itself. ``${VAR}``,
 ``${VAR:-default}`` and ``${file:PATH}`` in string values are replaced from the environment or a
-file, so one channel file serves development, test and production; values that came from there are
+file, so one channel file serves development, test and production; ``${env:VAR}`` says the same
+as ``${VAR}``; ``${secret:NAME}`` comes from the vault (hl7relay.vault, through the resolver the
+settings register: :func:`set_secret_resolver`). Values that came from a file or the vault are
 remembered as secrets and can be masked wherever config is shown.
 """
 
@@ -17,10 +19,19 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["Mark", "ConfigError", "Document", "load_document", "SECRET_MASK"]
+__all__ = ["Mark", "ConfigError", "Document", "load_document", "SECRET_MASK", "set_secret_resolver"]
 
 SECRET_MASK = "******"
-_VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*|file:[^}]+)(?::-(?P<default>[^}]*))?\}")
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*|env:[A-Za-z_][A-Za-z0-9_]*|file:[^}]+|secret:[^}:]+)"
+                       r"(?::-(?P<default>[^}]*))?\}")
+# name -> value (None: no such secret; an exception: the vault cannot be read), set by the settings
+_secret_resolver = None
+
+
+def set_secret_resolver(resolver) -> None:
+    """Where ``${secret:NAME}`` values come from (the settings' vault), for this process."""
+    global _secret_resolver
+    _secret_resolver = resolver
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +149,10 @@ class _Builder:
     def substitute(self, value: str, path: tuple) -> str:
         def replace(match):
             name, default = match.group("name"), match.group("default")
+            if name.startswith("secret:"):
+                return self.secret(name[7:].strip(), path)
+            if name.startswith("env:"):
+                name = name[4:]
             if name.startswith("file:"):
                 target = Path(os.path.expanduser(name[5:].strip()))
                 target = target if target.is_absolute() else self.base / target
@@ -156,6 +171,21 @@ class _Builder:
             return ""
 
         return _VARIABLE.sub(replace, value)
+
+    def secret(self, name: str, path: tuple) -> str:
+        if _secret_resolver is None:
+            self.doc.error(path, f"${{secret:{name}}}: no vault here (hl7relay's commands read it from the store)")
+            return ""
+        try:
+            value = _secret_resolver(name)
+        except Exception as exc:  # noqa: BLE001 - a vault problem is this value's config error, said once
+            self.doc.error(path, f"${{secret:{name}}}: {exc}")
+            return ""
+        if value is None:
+            self.doc.error(path, f"no secret {name!r} in the vault (hl7relay secret set {name})")
+            return ""
+        self.doc.secrets.add(value)
+        return value
 
 
 def load_document(path: str | Path, environ=None, display_name: str | None = None) -> Document:

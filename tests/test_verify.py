@@ -134,7 +134,7 @@ def test_an_old_schema_is_reported_then_migrated_and_a_newer_one_is_a_problem(en
     code, out, _ = cli(capsys, "verify")
     assert code == 2 and "WARNING  schema version" in out and "--repair would apply migrations 9: audit log" in out
     code, out, _ = cli(capsys, "verify", "--repair")
-    assert "schema version: migrated to 10" in out and code == 0, out
+    assert "schema version: migrated to 11" in out and code == 0, out
     with store.engine.begin() as connection:
         connection.execute(schema_version.insert().values(version=99))
     code, out, _ = cli(capsys, "verify")

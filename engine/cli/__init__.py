@@ -34,6 +34,7 @@ VERBS = {
     "verify": "hl7relay.cli.verify",
     "user": "hl7relay.cli.user",
     "token": "hl7relay.cli.token",
+    "secret": "hl7relay.cli.secret",
     "audit": "hl7relay.cli.audit",
     "channel": "hl7relay.cli.channel",
     "destination": "hl7relay.cli.destination",

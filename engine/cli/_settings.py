@@ -17,6 +17,8 @@ def specs():
                "(default: SQLite at DATA_DIR/hl7relay.db)"),
         Option("channels", "strlist", ["channels"], "channel folders or files"),
         Option("data_dir", "str", "data", "where the SQLite store, the local API token and endpoint live"),
+        Option("vault_key_file", "str", None, "the vault's key file (default: vault.key in data_dir; "
+                                              "HL7RELAY_VAULT_KEY overrides it)"),
         Option("log_level", "enum", "info", "what is logged", ("trace", "debug", "info", "warn", "error")),
         Option("log_format", "enum", "text", "text, or one flat JSON object per line", ("text", "json")),
         Option("log_phi", "bool", False, "log message content (every channel; a channel can say it for itself)"),
@@ -134,7 +136,7 @@ def _checked(doc, settings: dict) -> list[str]:
             doc.error(("log_phi_bytes",), "log_phi_bytes must be 0 or more")
         if isinstance(data.get("channels"), list) and not data["channels"]:
             doc.error(("channels",), "channels needs at least one folder")
-        for key in ("channels", "data_dir", "log_level", "log_format", "log_phi", "log_phi_bytes", "stop_timeout",
+        for key in ("channels", "data_dir", "vault_key_file", "log_level", "log_format", "log_phi", "log_phi_bytes", "stop_timeout",
                     "forwarding"):
             if key in data and data[key] is not None:
                 settings[key] = values[key]
@@ -277,6 +279,11 @@ def resolve_settings(args, for_engine: bool = False) -> tuple[dict, list[str]]:
         settings["forwarding"] = args.forwarding
     if not settings["store"]:
         settings["store"] = f"sqlite:///{Path(settings['data_dir']) / 'hl7relay.db'}"
+    # ${secret:NAME} in the channel files this command reads: from these settings' vault
+    from hl7relay.vault import secret_resolver
+    from hl7relay.yamlsource import set_secret_resolver
+
+    set_secret_resolver(secret_resolver(settings))
     return settings, problems
 
 

@@ -16,7 +16,10 @@ is checked as one (config/profiles/). Exit status: 0 clean, 1 any problem."""
 
 
 def add_arguments(parser) -> None:
+    from hl7relay.cli._settings import add_settings_arguments
+
     parser.add_argument("paths", nargs="*", default=["channels"], metavar="PATH", help="channel files or folders (default: channels)")
+    add_settings_arguments(parser, channels=False)  # where ${secret:NAME} values come from (the vault)
 
 
 def run(args) -> int:
@@ -26,6 +29,11 @@ def run(args) -> int:
     from hl7relay.channels.channel import channel_files
     from hl7relay.validation.conformance import is_profile_file, load_conformance_profile
 
+    from hl7relay.cli._settings import resolve_settings
+
+    _, problems = resolve_settings(args)  # registers the vault for ${secret:NAME}
+    for problem in problems:
+        print(problem)
     profiles = []
     for item in map(Path, args.paths):
         candidates = sorted(item.glob("*.yaml")) + sorted(item.glob("*.yml")) if item.is_dir() else [item]

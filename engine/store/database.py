@@ -22,6 +22,7 @@ from hl7relay.store.batch import _POSTGRES_SQL, _pipeline, _Rows, _send_updates,
 from hl7relay.store.deliveries import DeliveryQueries
 from hl7relay.store.maintenance import Maintenance
 from hl7relay.store.messages import MessageQueries
+from hl7relay.store.secrets import SecretRows
 from hl7relay.store.records import (  # the records and updates, importable from here as before
     AuditUpdate, ControlUpdate, DeliveryRecord, DeliveryUpdate, DestinationStateUpdate, MessageRecord, MessageUpdate,
     StageUpdate, StoreError, TokenUseUpdate, as_update, delivery_content, storable,
@@ -88,7 +89,7 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
-class Store(MessageQueries, DeliveryQueries, Accounts, AuditLog, Maintenance):
+class Store(MessageQueries, DeliveryQueries, Accounts, AuditLog, Maintenance, SecretRows):
     """The message store. ``create``: make the SQLite file (and its folder) when missing, private
     to this user (0600 in a 0700 folder: SQLite gives its WAL and SHM files the database file's
     mode); without it a missing file is an error, so a support verb run in the wrong folder says

@@ -125,6 +125,17 @@ api_tokens = sa.Table(
     sa.Column("last_used_at", sa.Float),
 )
 
+# the vault: secrets a channel names as ${secret:NAME}, encrypted by hl7relay.vault (never plain here)
+secrets = sa.Table(
+    "secrets", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("ciphertext", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(200), nullable=False, default=""),
+    sa.Column("rotated_at", sa.Float),
+    sa.Column("last_used_at", sa.Float),
+)
+
 audit_log = sa.Table(
     "audit_log", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -270,4 +281,5 @@ MIGRATIONS = [
     # migration 5 made the audit log from a copy of its columns, without this index (hl7relay verify found it)
     (10, "index: the audit log by time",
      lambda connection: next(i for i in audit_log.indexes if i.name == "ix_audit_log_at").create(connection, checkfirst=True)),
+    (11, "the vault: encrypted secrets", lambda connection: secrets.create(connection, checkfirst=True)),
 ]
