@@ -155,3 +155,83 @@ def test_a_refresh_that_fails_leaves_the_current_token_serving_and_no_token_is_s
     endpoint.pending.pop(0).errback(RuntimeError("endpoint down"))
     assert results([cache.get()]) == ["tok-secret-1"]  # still valid for 1 s
     assert "tok-secret-1" not in repr(cache.token) and "tok-secret-1" not in repr(cache.__dict__.get("_token"))
+
+
+# -- the OAuth 2.0 client credentials grant ------------------------------------------------------------
+import base64 as _b64  # noqa: E402
+from urllib.parse import parse_qs  # noqa: E402
+
+from hl7relay.apiclient.oauth import ASSERTION_LIFETIME, ClientCredentials, TokenError, read_token_answer, token_request  # noqa: E402
+
+
+def _rsa_pem():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return private, public
+
+
+def test_client_secret_basic_and_post_put_the_secret_where_the_rfc_says():
+    credential = ClientCredentials("athena", "https://auth.example/oauth2/token", "my:client", "client_secret_basic",
+                                   client_secret="p@ss w/rd", scope="system/Patient.read")
+    request = token_request(credential, NOW)
+    assert "p@ss" not in repr(request) and "p@ss" not in repr(credential)
+    user, secret = _b64.b64decode(request.headers["Authorization"][6:]).decode().split(":")
+    assert (user, secret) == ("my%3Aclient", "p%40ss%20w%2Frd")  # form-encoded before joining (RFC 6749 2.3.1)
+    assert parse_qs(request.body.decode()) == {"grant_type": ["client_credentials"], "scope": ["system/Patient.read"]}
+    post = token_request(ClientCredentials("athena", "https://auth.example/t", "id1", "client_secret_post",
+                                           client_secret="s3"), NOW)
+    assert "Authorization" not in post.headers
+    assert parse_qs(post.body.decode()) == {"grant_type": ["client_credentials"], "client_id": ["id1"], "client_secret": ["s3"]}
+
+
+def test_private_key_jwt_signs_a_short_lived_assertion_the_endpoint_can_verify():
+    import jwt
+
+    private, public = _rsa_pem()
+    credential = ClientCredentials("epic", "https://fhir.example/oauth2/token", "client-123", "private_key_jwt",
+                                   private_key=private, algorithm="RS384", key_id="k1")
+    form = parse_qs(token_request(credential, NOW).body.decode())
+    assert form["client_assertion_type"] == ["urn:ietf:params:oauth:client-assertion-type:jwt-bearer"]
+    assertion = form["client_assertion"][0]
+    claims = jwt.decode(assertion, public, algorithms=["RS384"], audience="https://fhir.example/oauth2/token",
+                        options={"verify_exp": False, "verify_iat": False, "verify_nbf": False})
+    assert claims["iss"] == claims["sub"] == "client-123" and claims["iat"] == int(NOW)
+    assert 0 < claims["exp"] - claims["iat"] <= ASSERTION_LIFETIME < 300
+    assert jwt.get_unverified_header(assertion)["kid"] == "k1"
+    again = parse_qs(token_request(credential, NOW).body.decode())["client_assertion"][0]
+    assert jwt.decode(again, public, algorithms=["RS384"], audience=credential.token_url,
+                      options={"verify_exp": False, "verify_iat": False, "verify_nbf": False})["jti"] != claims["jti"]
+    broken = ClientCredentials("epic", credential.token_url, "c", "private_key_jwt", private_key="not a key")
+    with pytest.raises(TokenError, match="cannot sign the client assertion"):
+        token_request(broken, NOW)
+
+
+def test_the_token_endpoints_answer_is_a_token_or_its_own_error_verbatim():
+    credential = ClientCredentials("athena", "https://auth.example/t", "id1", client_secret="s3")
+    token = read_token_answer(credential, 200, b'{"access_token": "at-1", "token_type": "Bearer", "expires_in": 300, '
+                                               b'"scope": "a b"}', NOW)
+    assert (token.value, token.expires_at, token.scopes) == ("at-1", NOW + 300, ("a", "b"))
+    with pytest.raises(TokenError) as refused:
+        read_token_answer(credential, 401, b'{"error": "invalid_client", "error_description": "client assertion '
+                                           b'iat is in the future (clock skew?)"}', NOW)
+    assert str(refused.value) == ("athena: the token endpoint answered 401 invalid_client: client assertion iat is in "
+                                  "the future (clock skew?)") and refused.value.error == "invalid_client"
+    with pytest.raises(TokenError, match="answered 502, not a token: <html>bad gateway</html>"):
+        read_token_answer(credential, 502, b"<html>bad gateway</html>", NOW)
+    with pytest.raises(TokenError, match="only bearer tokens"):
+        read_token_answer(credential, 200, b'{"access_token": "x", "token_type": "mac"}', NOW)
+
+
+def test_an_endpoint_that_answers_at_once_still_answers_the_delivery():
+    clock = task.Clock()
+    cache = TokenCache(lambda: Token("tok-now", clock.seconds() + 60, clock.seconds()), clock)
+    assert results([cache.get(), cache.get()]) == ["tok-now", "tok-now"] and cache.fetches == 1
+    failing = TokenCache(lambda: 1 / 0, clock)
+    [failure] = results([failing.get()])
+    assert failure.check(ZeroDivisionError) and failing.last_error

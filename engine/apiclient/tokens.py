@@ -57,9 +57,10 @@ class TokenCache:
                 self._start()  # ahead of expiry; this one still serves meanwhile
             return defer.succeed(token.value)
         waiter: defer.Deferred = defer.Deferred()
-        if self._waiting is None:
-            self._start()
-        self._waiting.append(waiter)
+        if self._waiting is not None:
+            self._waiting.append(waiter)
+        else:
+            self._start(waiter)  # listed before the fetch starts: an answer at once still reaches it
         return waiter
 
     def invalidate(self, value: str) -> None:
@@ -68,8 +69,9 @@ class TokenCache:
         if self._token is not None and self._token.value == value:
             self._token = None
 
-    def _start(self) -> None:
-        self._waiting = []
+    def _start(self, waiter: defer.Deferred | None = None) -> None:
+        """Ask the token endpoint; ``waiter`` is the first to wait for its answer."""
+        self._waiting = [waiter] if waiter is not None else []
         self.fetches += 1
         defer.maybeDeferred(self._fetch).addCallbacks(self._fetched, self._failed)
 
