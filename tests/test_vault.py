@@ -101,3 +101,16 @@ def test_the_key_may_come_from_the_environment_and_env_references_keep_working(f
     monkeypatch.setenv("HL7RELAY_VAULT_KEY", "not a key")
     code, out, _ = run(capsys, monkeypatch, "lint", "channels")
     assert code == 1 and "the vault key in $HL7RELAY_VAULT_KEY is not a Fernet key" in out
+
+
+def test_channel_tests_read_the_vault_too(folder, capsys, monkeypatch):
+    (folder / "channels").mkdir()
+    (folder / "channels" / "a.yaml").write_text(CHANNEL)
+    (folder / "channels" / "a.test.yaml").write_text(
+        "cases:\n  - name: filed\n    message: \"MSH|^~\\\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5.1\\rPID|1||7\\r\"\n"
+        "    expect: {ack: AA}\n")
+    code, out, _ = run(capsys, monkeypatch, "test", "channels")
+    assert code == 1 and "no vault key" in out
+    run(capsys, monkeypatch, "secret", "set", "out-dir", stdin=SECRET)
+    code, out, _ = run(capsys, monkeypatch, "test", "channels")
+    assert code == 0 and "PASS" in out, out

@@ -34,7 +34,10 @@ def run(args) -> int:
     if args.message is not None:
         return _dry_run(args)
     from hl7relay.channels.testing import find_test_files, run_test_file
+    from hl7relay.cli._settings import resolve_settings
 
+    args.store = args.data_dir = None
+    resolve_settings(args, for_engine=True)  # ${secret:NAME} in the channels under test: from the vault
     paths = args.paths or ["channels"]
     files = find_test_files(paths)
     if not files:
