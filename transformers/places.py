@@ -14,15 +14,20 @@ from hl7relay.hl7.path import EVERY, GroupPath, Path, StepPath
 __all__ = ["places", "paired_places"]
 
 
-def _instances(message: Message, path: GroupPath) -> list[tuple[int, int, frozenset]]:
-    """Each group instance the path selects: its (first, last) segment positions and the positions
-    inside it that belong to a group nested in it."""
+def _groups(message: Message, path: GroupPath):
+    """The message's groups, read once per step (validation's matcher runs over the message)."""
     from hl7relay.validation import segment_groups
 
     try:
-        found = segment_groups(message)
+        return segment_groups(message)
     except ValueError as exc:
         raise PathError(f"{path}: {exc}") from None
+
+
+def _instances(message: Message, path: GroupPath, found=None) -> list[tuple[int, int, frozenset]]:
+    """Each group instance the path selects: its (first, last) segment positions and the positions
+    inside it that belong to a group nested in it. ``found``: the groups, when already read."""
+    found = found if found is not None else _groups(message, path)
     ranges = [(0, len(message.segment_names()) - 1)]
     name = ""
     for name, index in path.groups:
@@ -71,8 +76,6 @@ def _within(message: Message, path: Path, first: int, last: int, skip: frozenset
 def places(message: Message, path: StepPath, create: bool = False) -> list[Path]:
     """Every place ``path`` names in ``message``, as plain paths, in message order."""
     if isinstance(path, Path):
-        if path.occurrence != EVERY and path.repetition != EVERY:  # one place: the common step, kept short
-            return [path] if create or message.has(path) else []
         return message.expand(path, create)
     out: list[Path] = []
     for first, last, skip in _instances(message, path):
@@ -86,7 +89,8 @@ def paired_places(message: Message, source: StepPath, target: StepPath, create: 
     the one value to each."""
     if isinstance(source, GroupPath) and isinstance(target, GroupPath) and \
             [name for name, _ in source.groups] == [name for name, _ in target.groups]:
-        sources, targets = _instances(message, source), _instances(message, target)
+        found = _groups(message, source)
+        sources, targets = _instances(message, source, found), _instances(message, target, found)
         for (first, last, skip), (_, _, target_skip) in zip(sources, targets):
             targets_here = _within(message, target.path, first, last, target_skip, create)
             for place in _within(message, source.path, first, last, skip, False):

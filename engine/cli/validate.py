@@ -111,11 +111,13 @@ def check_bytes(name: str, data: bytes, validator: Validator, max_bytes: int = D
 
 def _unframed(data: bytes) -> tuple[bytes, int] | None:
     """An MLLP capture (each message between VT and FS CR, as on the wire) as plain messages, and
-    how many frames it held; None when the input is not framed."""
-    stripped = data.lstrip(b" \t\r\n")
-    if not stripped.startswith(b"\x0b"):
+    how many frames it held; None when the input is not framed. Read by the listener's own framer."""
+    from hl7relay.mllp.framing import Frame, MLLPFramer
+
+    if not data.lstrip(b" \t\r\n").startswith(b"\x0b"):
         return None
-    frames = [part.split(b"\x1c", 1)[0].strip(b"\r\n") for part in stripped.split(b"\x0b")[1:]]
+    frames = [event.payload.strip(b"\r\n") for event in MLLPFramer(max_frame_bytes=len(data)).feed(data)
+              if isinstance(event, Frame)]
     frames = [f for f in frames if f]
     return b"\r".join(frames) + b"\r", len(frames)
 

@@ -311,10 +311,6 @@ class Message:
         count = fields[p.field].count(rep) + 1 if rep else 1
         return [self.get(p._replace(repetition=r)) for r in range(1, count + 1)]
 
-    def has(self, path: Path) -> bool:
-        """Whether the message has the segment ``path`` names (its occurrence of that segment)."""
-        return self._locate(path.segment, path.occurrence) is not None
-
     def expand(self, path: str | Path, create: bool = False) -> list[Path]:
         """The places a path names in this message, in order: ``OBX[*]-3.1`` is OBX[1]-3.1,
         OBX[2]-3.1, ... for each OBX there is; ``PID-3[*].4`` each repetition PID-3 has (none when

@@ -57,7 +57,7 @@ from hl7relay.errors import PathError
 from hl7relay.hl7.message import HEADER_SEGMENTS, Message
 from hl7relay.hl7.path import Path as HL7Path, parse_path
 from hl7relay.validation.profile import ACCEPTED_VERSIONS
-from hl7relay.validation.validator import Finding
+from hl7relay.validation.validator import Finding, as_written
 
 __all__ = ["ConformanceProfile", "ProfileSet", "load_conformance_profile", "is_profile_file"]
 
@@ -198,7 +198,7 @@ class ConformanceProfile:
                 segment = rule.paths[0][0].segment
                 findings.append(Finding(rule.severity, ErrorCode.DATA_TYPE_ERROR,
                                         f"profile {self.name}: {texts} repeats {segment} {seen[key]}'s "
-                                        f"({' + '.join(_shown(v) for v in key)})", segment, position + 1, occurrence,
+                                        f"({' + '.join(as_written(v) for v in key)})", segment, position + 1, occurrence,
                                         rule.paths[0][0].field))
             else:
                 seen[key] = occurrence
@@ -229,12 +229,12 @@ class ConformanceProfile:
                 value = message.get(at(p))
                 if value and value not in allowed:
                     findings.append(self._at(message, at(p), rule.severity, ErrorCode.TABLE_VALUE_NOT_FOUND,
-                                             f"{_shown(value[:40])} is not an allowed value of {text} when {because}"))
+                                             f"{as_written(value[:40])} is not an allowed value of {text} when {because}"))
             for p, text, pattern in rule.patterns:
                 value = message.get(at(p))
                 if value and not pattern.search(value):
                     findings.append(self._at(message, at(p), rule.severity, ErrorCode.DATA_TYPE_ERROR,
-                                             f"{text} {_shown(value[:40])} does not match {pattern.pattern!r} when {because}"))
+                                             f"{text} {as_written(value[:40])} does not match {pattern.pattern!r} when {because}"))
 
     def _at(self, message: Message, p: HL7Path, severity: Severity, code: ErrorCode, text: str) -> Finding:
         names = message.segment_names()
@@ -277,7 +277,7 @@ class ConformanceProfile:
                 got = values[0][1] if values else ""
                 if got != expected:
                     findings.append(Finding(rule.severity, ErrorCode.DATA_TYPE_ERROR,
-                                            f"profile {name}: {rule.text} is {_shown(got)}; {p.segment} {occurrence} "
+                                            f"profile {name}: {rule.text} is {as_written(got)}; {p.segment} {occurrence} "
                                             f"should be {expected} (numbered 1, 2, 3... in order)", repetition=None, **where))
                 previous = int(got) if got.isdigit() and len(got) < 10 else previous + 1
             if rule.forbidden and present:
@@ -286,11 +286,11 @@ class ConformanceProfile:
             for r, value in present:
                 if rule.values is not None and (value.upper() if rule.ignore_case else value) not in rule.values:
                     findings.append(Finding(rule.severity, ErrorCode.TABLE_VALUE_NOT_FOUND,
-                                            f"profile {name}: {_shown(value[:40])} is not an allowed value of {rule.text}",
+                                            f"profile {name}: {as_written(value[:40])} is not an allowed value of {rule.text}",
                                             repetition=r, **where))
                 if rule.pattern is not None and not rule.pattern.search(value):
                     findings.append(Finding(rule.severity, ErrorCode.DATA_TYPE_ERROR,
-                                            f"profile {name}: {rule.text} {_shown(value[:40])} does not match "
+                                            f"profile {name}: {rule.text} {as_written(value[:40])} does not match "
                                             f"{rule.pattern.pattern!r}", repetition=r, **where))
                 if rule.max_length is not None and len(value) > rule.max_length:
                     findings.append(Finding(rule.severity, ErrorCode.VALUE_TOO_LONG,
@@ -309,11 +309,6 @@ class ProfileSet:
         for profile in self.profiles:
             findings += profile.check(message)
         return findings
-
-
-def _shown(value: str) -> str:
-    """A value quoted as it is written (repr would double a backslash)."""
-    return f"'{value}'" if value.isprintable() and "'" not in value and not value.endswith("\\") else repr(value)
 
 
 def _holds(value: str, expected) -> bool:

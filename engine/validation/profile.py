@@ -166,8 +166,8 @@ class Profile:
                 if fdef is not None))
         return plan[1]
 
-    def clean_values(self, delimiters, strict: bool = False) -> dict:
-        """Field values of this version already checked, for these delimiters and strictness:
+    def clean_values(self, delimiters, strict: object = False) -> dict:
+        """Field values of this version already checked, for these delimiters and strictness (with a site's table values, the key says which):
         ``(tag of the field definition[, id(OBX-5's datatype)], value) -> True`` when clean, else
         what the checks found (severity, code, text, repetition, component, subcomponent), to be
         reported again at the new place. Interface traffic repeats most values (headers, codes,

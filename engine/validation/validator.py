@@ -115,6 +115,8 @@ class Validator:
         self.profile = profile
         # a site's additions to HL7 tables ("HL70396" -> values): coding systems its partners use
         self.table_values = {k: frozenset(v) for k, v in (table_values or {}).items()}
+        # what a value's checks found depends on the site's additions too: remembered apart
+        self._clean_key = (strict, tuple(sorted(self.table_values.items()))) if self.table_values else strict
         self._soft = E if strict else W
 
     def validate(self, message: Message) -> Report:
@@ -255,20 +257,20 @@ class _Run:
             readable = False
         if len(encoding) < 4:
             self.add(E, ErrorCode.REQUIRED_FIELD_MISSING if not encoding else ErrorCode.DATA_TYPE_ERROR,
-                     f"MSH-2 encoding characters {_as_written(encoding)}: four are required (component, repetition, escape, "
+                     f"MSH-2 encoding characters {as_written(encoding)}: four are required (component, repetition, escape, "
                      f"subcomponent); {len(encoding)} given", 0, 2)
         elif len(encoding) == 5 and not modern:
             # US ELR and PHLIP guides prescribe ^~\&# in v2.5.1: the fifth is read as v2.7's truncation character
             self.add(self.v._soft, ErrorCode.DATA_TYPE_ERROR,
-                     f"MSH-2 encoding characters {_as_written(encoding)}: the fifth, {encoding[4]!r} (truncation), is defined from "
+                     f"MSH-2 encoding characters {as_written(encoding)}: the fifth, {encoding[4]!r} (truncation), is defined from "
                      f"v2.7; v{version or '?'} has four", 0, 2)
         elif len(encoding) > 5:
             self.add(E, ErrorCode.DATA_TYPE_ERROR,
-                     f"MSH-2 encoding characters {_as_written(encoding)}: {len(encoding)} characters is too many; "
+                     f"MSH-2 encoding characters {as_written(encoding)}: {len(encoding)} characters is too many; "
                      f"at most {'five' if modern else 'four'} (five from v2.7)", 0, 2)
         chars = d.field + encoding[:5]
         if len(set(chars)) != len(chars):
-            self.add(E, ErrorCode.DATA_TYPE_ERROR, f"MSH-1/MSH-2 delimiters {_as_written(chars)} are not distinct characters", 0, 2)
+            self.add(E, ErrorCode.DATA_TYPE_ERROR, f"MSH-1/MSH-2 delimiters {as_written(chars)} are not distinct characters", 0, 2)
             readable = False
         bad = [c for c in encoding[:5] if c.isalnum() or c.isspace()]
         if bad:
@@ -373,8 +375,7 @@ class _FieldChecker:
         self.soft = run.v._soft
         self.d = d
         self.extra = run.v.table_values
-        # what a value's checks found depends on the site's additions too: remembered apart
-        self.clean = profile.clean_values(d, (run.v.strict, tuple(sorted(self.extra.items()))) if self.extra else run.v.strict)
+        self.clean = profile.clean_values(d, run.v._clean_key)
 
     def segment(self, position: int, seg, skip_required=frozenset()) -> None:
         if seg is None:
@@ -531,7 +532,7 @@ class _FieldChecker:
         if check is not None:
             problem = check(value)
             if problem:
-                self.run.add(E, ErrorCode.DATA_TYPE_ERROR, f"{_as_written(value[:40])} {problem}", position, number, rep, comp, sub)
+                self.run.add(E, ErrorCode.DATA_TYPE_ERROR, f"{as_written(value[:40])} {problem}", position, number, rep, comp, sub)
                 return
         if leaf.max_length is not None and len(value) > leaf.max_length:
             length = len(self._text(value))
@@ -545,11 +546,11 @@ class _FieldChecker:
             if text not in values and not site_defined and not (leaf.table == "HL70396" and _CODING_SYSTEM.fullmatch(text)):
                 if leaf.datatype == "ID":
                     self.run.add(self.soft, ErrorCode.TABLE_VALUE_NOT_FOUND,
-                                 f"{_as_written(text[:40])} is not in HL7 table {leaf.table[3:]}", position, number, rep, comp, sub)
+                                 f"{as_written(text[:40])} is not in HL7 table {leaf.table[3:]}", position, number, rep, comp, sub)
                 else:
                     # IS tables are user-defined: the standard's values are only suggestions.
                     self.run.add(W, ErrorCode.TABLE_VALUE_NOT_FOUND,
-                                 f"{_as_written(text[:40])} is not among the suggested values of user-defined table {leaf.table[3:]}",
+                                 f"{as_written(text[:40])} is not among the suggested values of user-defined table {leaf.table[3:]}",
                                  position, number, rep, comp, sub)
 
     def _text(self, value: str) -> str:
@@ -590,7 +591,7 @@ def _pair_checks(element) -> tuple:
 _Z_TABLES = frozenset({"HL70076", "HL70003", "HL70354"})
 
 
-def _as_written(value: str) -> str:
+def as_written(value: str) -> str:
     """A value quoted as it is in the message (``'^~\\&'``, one backslash), where repr() would double
     a backslash; repr() only for what cannot be printed."""
     # a closing backslash would read as an escaped quote where quoted values are found (ops/phi masks them)
