@@ -124,6 +124,9 @@ class DeliveryOutcome(enum.Enum):
     TIMED_OUT = "timed_out"  # no answer in time: the peer may have it
     UNREACHABLE = "unreachable"  # no connection
     FAILED = "failed"  # a local failure (a file write, a bug): retried
+    RATE_LIMITED = "rate_limited"  # an API's 429/503: wait as told (Retry-After), not a failed attempt
+    NOT_AUTHORISED = "not_authorised"  # an API's 401/403: the credentials, not the message; the queue holds
+    CONFLICT = "conflict"  # an API's 409/412: someone changed the record; a person decides
 
     @property
     def reached_peer(self) -> bool:
@@ -144,6 +147,8 @@ class DeliveryResult:
     # What the attempt came to when the flags do not say it (the peer unreachable, no answer in
     # time); None: the flags say it (accepted, AE, AR/CR, or a local failure).
     outcome: DeliveryOutcome | None = None
+    # RATE_LIMITED: seconds to wait before anything more goes to this destination (no attempt counted)
+    wait: float | None = None
 
     @property
     def reached_peer(self) -> bool:

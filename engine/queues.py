@@ -49,6 +49,7 @@ _UNCLAIMED_LIMIT = 10_000
 _RECENT_ATTEMPTS = 20
 _RECENT_SECONDS = 600.0
 _FAILING_AT_LEAST = 3
+_RATE_LIMITED, _NOT_AUTHORISED = DeliveryOutcome.RATE_LIMITED, DeliveryOutcome.NOT_AUTHORISED
 _RECORD_RETRY = 2.0  # seconds between tries to record a delivery's final result the store did not take
 
 
@@ -109,11 +110,13 @@ class Queue(Protocol):
 
 class DestinationHealth(enum.Enum):
     """How a destination looks to the person on call (its queue's ``state``): paused by an
-    operator; down (not reachable); failing (reachable, but most of its recent attempts failed:
+    operator; held (it refused the credentials); down (not reachable); failing (reachable, but most of its recent attempts failed:
     AE, AR/CR, no answer in time); ok; idle (nothing tried yet)."""
 
     PAUSED = "paused"
+    HELD = "held"  # it refused our credentials (401/403): nothing is sent until an operator resumes it
     DOWN = "down"
+    RATE_LIMITED = "rate_limited"  # it asked us to wait (429/503 with Retry-After): waiting
     FAILING = "failing"
     OK = "ok"
     IDLE = "idle"
@@ -177,8 +180,11 @@ class DestinationQueue:
     remote = False  # runs in this process
 
     def __init__(self, channel: str, destination: str, deliver, options: QueueOptions, writer, reactor, clock,
-                 poll_interval: float = 1.0, rng: random.Random | None = None):
+                 poll_interval: float = 1.0, rng: random.Random | None = None, keyed: bool = False):
+        """``keyed``: ``deliver`` takes the delivery's message id too (``deliver(message, message_id)``),
+        e.g. for an idempotency key that stays the same however often the delivery is tried."""
         self.channel = channel
+        self.keyed = keyed
         self.destination = destination
         self.deliver = deliver
         self.options = options
@@ -218,6 +224,13 @@ class DestinationQueue:
         self._recent: deque[tuple[float, bool]] = deque(maxlen=_RECENT_ATTEMPTS)
         self.last_error = ""
         self.last_error_at: float | None = None
+        # an API that refused our credentials (401/403): the queue holds, as if paused, until an
+        # operator resumes it (the credentials are fixed); the reason is shown and alerted on
+        self.hold_reason: str | None = None
+        # an API that asked us to wait (429/503, Retry-After): nothing is sent before this time;
+        # since when it has been asking (the rate-limited alert)
+        self.waiting_until: float | None = None
+        self.rate_limited_since: float | None = None
 
     @property
     def stopped(self) -> bool:
@@ -281,7 +294,18 @@ class DestinationQueue:
 
     def resume(self) -> None:
         self.paused = False
+        self.hold_reason = None
         self.nudge()
+
+    def hold(self, reason: str) -> None:
+        """The destination refused our credentials: send nothing more (nothing is dead-lettered:
+        it is not the messages' fault) until an operator resumes the queue."""
+        if self.hold_reason is None:
+            log.error("queue {channel}/{destination}: held: {reason}; nothing is sent until the credentials are "
+                      "fixed and the queue resumed (hl7relay destination resume {channel} {destination})",
+                      channel=self.channel, destination=self.destination, reason=reason)
+        self.hold_reason = reason
+        self.paused = True
 
     def retry_now(self) -> int:
         """Skip the backoff of every delivery waiting for its next attempt; how many there were."""
@@ -290,6 +314,9 @@ class DestinationQueue:
                    if (row.next_attempt_at or 0) > now and row.message_id not in self.in_flight]
         for row in waiting:
             row.next_attempt_at = now
+        if self.waiting_until is not None and self.waiting_until > now:
+            self.waiting_until = now  # the operator overrides the destination's Retry-After
+            waiting = waiting or [None]
         if waiting:
             self.nudge()
         return len(waiting)
@@ -309,12 +336,19 @@ class DestinationQueue:
                 "next_attempt_in": max(0.0, (head.next_attempt_at or now) - now), "held": head.held,
             },
             "last_error": self.last_error, "last_error_at": self.last_error_at,
+            "held": self.hold_reason,
+            "rate_limited_since": self.rate_limited_since,
+            "wait_left": None if self.waiting_until is None else max(0.0, self.waiting_until - now),
             "sent": self.sent, "failed": self.failed, "retried": self.retried,
         }
 
     def _health(self, now: float) -> "DestinationHealth":
+        if self.hold_reason is not None:
+            return DestinationHealth.HELD
         if self.paused:
             return DestinationHealth.PAUSED
+        if self.waiting_until is not None and self.waiting_until > now:
+            return DestinationHealth.RATE_LIMITED
         recent = [ok for at, ok in self._recent if now - at <= _RECENT_SECONDS]
         if self.connected is False:
             return DestinationHealth.DOWN
@@ -472,6 +506,8 @@ class DestinationQueue:
         if self.paused:
             return None
         now = self.clock()
+        if self.waiting_until is not None and now < self.waiting_until:
+            return None  # the destination asked for quiet (Retry-After): no key sends meanwhile
         order, in_flight = self.options.order, self.in_flight
         if order == "in_order":
             if in_flight or not self.pending:
@@ -512,6 +548,8 @@ class DestinationQueue:
         # rows that are due but wait behind one in flight are started when it finishes
         now = self.clock()
         later = [at for row in self.pending.values() if (at := row.next_attempt_at) and at > now]
+        if self.waiting_until is not None and self.waiting_until > now and self.pending:
+            later.append(self.waiting_until)
         if self._wake is not None and self._wake.active():
             if later and self._wake.getTime() - self.reactor.seconds() <= min(later) - now:
                 return  # already set to wake in time
@@ -534,7 +572,8 @@ class DestinationQueue:
                                 row, None)
             return defer.succeed(None)
         started = time.perf_counter()
-        d = defer.maybeDeferred(self.deliver, message)
+        d = (defer.maybeDeferred(self.deliver, message, row.message_id) if self.keyed
+             else defer.maybeDeferred(self.deliver, message))
         d.addErrback(self._raised)
         return d.addCallback(self._handle_result, row, started)
 
@@ -546,7 +585,11 @@ class DestinationQueue:
 
     def _handle_result(self, result: "DeliveryResult", row: QueuedDelivery, started: float | None) -> None:
         message_id = row.message_id
-        attempts = row.attempts + 1
+        outcome = result.outcome
+        # a destination that asked us to wait, or refused our credentials, says nothing about the
+        # message: not a failed attempt (no backoff step, never a dead letter for it)
+        counted = outcome is not _RATE_LIMITED and outcome is not _NOT_AUTHORISED
+        attempts = row.attempts + 1 if counted else row.attempts
         now = self.clock()
         values = {"attempts": attempts, "updated_at": now, "last_ack": result.ack}
         # what the tracer and the performance analyzer see of the attempt (no content)
@@ -554,10 +597,30 @@ class DestinationQueue:
                   "attempts": attempts, "seconds": None if started is None else time.perf_counter() - started,
                   "ack": _ack_code(result.ack), "error": result.error}
         final = True
+        if outcome is not _RATE_LIMITED and result.reached_peer:
+            self.rate_limited_since = None
         if result.ok:
             values.update(status=_SENT, last_error="", next_attempt_at=None)
             self.sent += 1
             emit("delivery_sent", **labels)
+        elif not counted:
+            final = False
+            if message_id in self._holding:
+                row.held = True
+            if outcome is _RATE_LIMITED:
+                wait = result.wait if result.wait is not None else retry_delay(1, self.options, self.rng)
+                row.next_attempt_at = now + wait
+                self.waiting_until = max(self.waiting_until or 0.0, now + wait)
+                if self.rate_limited_since is None:
+                    self.rate_limited_since = now
+                log.warn("queue {channel}/{destination}: message {message_id}: {error}", channel=self.channel,
+                         destination=self.destination, message_id=message_id, error=result.error)
+            else:
+                row.next_attempt_at = now
+                self.hold(result.error)
+            values.update(status=_QUEUED, last_error=result.error, next_attempt_at=row.next_attempt_at)
+            emit("delivery_retried", **labels)
+            self.retried += 1
         elif result.application_error:
             values.update(status=_ERROR, last_error=result.error, next_attempt_at=None)
             self.failed += 1
@@ -681,6 +744,9 @@ class DestinationQueue:
 
 
 def _ack_code(ack: str) -> str:
-    """MSA-1 of an ACK kept as text ("" for what is not one: a file written, no answer)."""
+    """MSA-1 of an ACK kept as text, "HTTP 201" of an API's answer ("" for what is neither: a
+    file written, no answer)."""
+    if ack.startswith("HTTP "):
+        return ack[:8]
     at = ack.find("MSA|")
     return ack[at + 4:at + 6] if at >= 0 and (at == 0 or ack[at - 1] in "\r\n") else ""

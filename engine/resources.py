@@ -48,6 +48,9 @@ class Resources:
     tracer: Any = None  # message traces (ops/trace.py), when the command running the engine hands one in
     channels: Mapping = field(default_factory=dict)
     in_flight: int = 0
+    # the credentials' authorizers (apiclient.credentials.Authorizers), made by the first
+    # destination that names a credential: one token cache per credential, shared
+    authorizers: Any = None
 
     def tracing(self, channel: str) -> bool:
         """Whether this channel's trace lines would be written (they cost a format each)."""

@@ -225,7 +225,8 @@ class Engine:
                                         self.settings.queue_poll_interval)
         return DestinationQueue(running.channel.name, destination.name, self._deliver[(running.channel.name, destination.name)],
                                 destination.config.queue, self.writer, self.reactor, self.clock,
-                                self.settings.queue_poll_interval)
+                                self.settings.queue_poll_interval,
+                                keyed=getattr(self._deliveries.get((running.channel.name, destination.name)), "keyed", False))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, controls: set | None = None) -> list[str]:

@@ -69,6 +69,7 @@ class Document:
     key_marks: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
     secrets: set = field(default_factory=set)
+    substituted: set = field(default_factory=set)  # paths whose values came (in part) from ${...}
 
     def mark(self, path: tuple, key: bool = False) -> Mark:
         table = self.key_marks if key else self.marks
@@ -148,6 +149,7 @@ class _Builder:
 
     def substitute(self, value: str, path: tuple) -> str:
         def replace(match):
+            self.doc.substituted.add(path)
             name, default = match.group("name"), match.group("default")
             if name.startswith("secret:"):
                 return self.secret(name[7:].strip(), path)

@@ -294,3 +294,18 @@ def test_bad_alert_settings_are_positions(tmp_path, capsys, monkeypatch):
     assert re.search(r"bad\.yaml:2:\d+: no alert rule 'HL7RelayDestinationDwn' \(did you mean 'HL7RelayDestinationDown'\)", text), text
     assert re.search(r"bad\.yaml:3:\d+: email needs recipients", text), text
     assert re.search(r"bad\.yaml:4:\d+: unknown key 'timeot'", text), text
+
+
+def test_refused_credentials_page_at_once_and_a_long_rate_limit_warns():
+    clock, lab, engine, recorder, alerts = setup()
+    lab.state.update(held="401 Unauthorized: not authorised", paused=True, connected=True)
+    [(status, view)] = alerts.evaluate()
+    assert (status, view["rule"], view["severity"]) == ("firing", "HL7RelayNotAuthorised", "page")
+    assert "hl7relay destination resume adt lab" in view["summary"]
+    lab.state.update(held=None, paused=False, rate_limited_since=clock.seconds())
+    assert [s for s, _ in alerts.evaluate()] == ["resolved"]  # resumed: the page resolves; the rate limit is pending
+    clock.advance(599)
+    assert alerts.evaluate() == []
+    clock.advance(1)
+    [(status, view)] = alerts.evaluate()
+    assert view["rule"] == "HL7RelayRateLimited" and view["summary"].endswith("for 600s (it keeps answering 429/503)")

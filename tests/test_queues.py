@@ -600,3 +600,73 @@ def test_a_result_the_store_does_not_take_is_recorded_later_and_never_sent_again
     assert peer.received == ["R1"] and statuses(store)["R1"]["status"] == "SENT"
     assert 1 not in queue.known  # forgotten once recorded
     queue.stop()
+
+
+# -- an API's answers (issue #27): wait as told, hold on refused credentials --------------------------
+
+def test_a_429_waits_for_its_retry_after_across_every_key_and_never_dead_letters(setup):
+    store, clock, _ = setup
+    for i, key in enumerate(["P1", "P2", "P1", "P3"]):
+        enqueue(store, f"M{i}", key)
+    waited = DeliveryResult(False, error="429 Too Many Requests: wait 20 s", outcome=DeliveryOutcome.RATE_LIMITED,
+                            wait=20.0)
+    peer = Peer([waited] * 30)  # a long storm: far more 429s than max_attempts or give_up_after allow
+    times = []
+
+    def timed(message):
+        times.append((clock.seconds(), message.control_id))
+        return peer(message)
+
+    queue = make_queue(setup, timed, order="per_key", parallel=1, max_attempts=2, give_up_after=100)
+    clock.advance(0)
+    clock.advance(0)
+    assert times == [(0, "M0")]
+    view = queue.view()
+    assert view["state"] == "rate_limited" and view["rate_limited_since"] == 0 and view["wait_left"] == 20
+    clock.advance(10)
+    assert len(times) == 1  # no other key goes while the destination asked for quiet
+    for _ in range(4000):
+        clock.advance(0.5)
+    assert [s["status"] for s in statuses(store).values()] == ["SENT"] * 4  # none dead-lettered
+    gaps = [b[0] - a[0] for a, b in zip(times, times[1:])][:30]
+    assert all(gap >= 20 - 1e-9 for gap in gaps)  # each wait kept
+    sent_order = [c for _, c in times[30:]]
+    assert sent_order.index("M0") < sent_order.index("M2")  # the key's order held through the storm
+    assert statuses(store)["M0"]["attempts"] == 1  # waits are not failed attempts
+    assert queue.view()["rate_limited_since"] is None and queue.view()["state"] == "ok"
+
+
+def test_refused_credentials_hold_the_queue_until_resumed_and_nothing_is_dead_lettered(setup):
+    store, clock, _ = setup
+    for i in range(3):
+        enqueue(store, f"M{i}")
+    refused = DeliveryResult(False, error="401 Unauthorized: not authorised", outcome=DeliveryOutcome.NOT_AUTHORISED)
+    peer = Peer([refused])
+    queue = make_queue(setup, peer, max_attempts=1)
+    for _ in range(100):
+        clock.advance(1)
+    assert peer.received == ["M0"]  # held: nothing more tried
+    view = queue.view()
+    assert view["state"] == "held" and view["held"].startswith("401") and view["paused"]
+    assert {s["status"] for s in statuses(store).values()} == {"QUEUED"}
+    assert statuses(store)["M0"]["attempts"] == 0 and "401" in statuses(store)["M0"]["last_error"]
+    queue.resume()  # the credentials were fixed
+    for _ in range(10):
+        clock.advance(1)
+    assert [s["status"] for s in statuses(store).values()] == ["SENT"] * 3
+    assert queue.view()["held"] is None and peer.received == ["M0", "M0", "M1", "M2"]
+
+
+def test_retry_now_overrides_a_retry_after(setup):
+    store, clock, _ = setup
+    enqueue(store, "M0")
+    waited = DeliveryResult(False, error="503", outcome=DeliveryOutcome.RATE_LIMITED, wait=3000.0)
+    peer = Peer([waited])
+    queue = make_queue(setup, peer)
+    clock.advance(0)
+    clock.advance(1)
+    assert queue.view()["wait_left"] > 2000
+    assert queue.retry_now() == 1
+    clock.advance(0)
+    clock.advance(0)
+    assert peer.received == ["M0", "M0"] and statuses(store)["M0"]["status"] == "SENT"

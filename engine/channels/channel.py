@@ -328,7 +328,12 @@ def channel_files(paths) -> list[Path]:
 
 
 def load_channels(paths, environ=None) -> tuple[list[Channel], list[ConfigError]]:
-    """Load every channel file and check them together (names, ports, channel destinations)."""
+    """Load every channel file and check them together (names, ports, channel destinations).
+    The credentials their destinations name are read again first (a reload after a secret was
+    rotated uses the new value)."""
+    from hl7relay.apiclient.credentials import refresh_credentials
+
+    refresh_credentials()
     channels, errors = [], []
     for file in channel_files(paths):
         channel, problems = load_channel(file, environ)

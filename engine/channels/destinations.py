@@ -170,6 +170,8 @@ def _channel(options, context=None):
 class Delivery:
     """Delivers one message: returns a DeliveryResult or a Deferred of one."""
 
+    keyed = False  # deliver(message, message_id): it needs the delivery's identity (an idempotency key)
+
     def __init__(self, config, resources):
         self.config = config
         self.resources = resources

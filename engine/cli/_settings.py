@@ -30,6 +30,8 @@ def specs():
                "{host, port, tls_cert, tls_key, tls_ca, require_client_cert}"),
         Option("console", "any", None, "the web console: {host, port, tls_cert, tls_key, allow_insecure_remote, "
                "idle_timeout, absolute_timeout}"),
+        Option("credentials", "any", None, "credentials for other systems' APIs, each named once: {NAME: {type: "
+               "oauth2_client_credentials | api_key | basic | bearer, ...}} (or in credentials.yaml beside this file)"),
         Option("alerts", "any", None, "the engine's own alerts and where they go: {queue_age, queue_depth, error_rate, "
                "slow_ack, hold, repeat_every, webhook: {url, headers}, email: {host, port, security, from, to, channels}}"),
     ))
@@ -231,7 +233,41 @@ def _running_engine_channels(data_dir: str) -> list[str] | None:
 def resolve_settings(args, for_engine: bool = False) -> tuple[dict, list[str]]:
     """The settings from the config file and the arguments. Support verbs (``for_engine`` False)
     given no --channels read the channel folders of the engine running on the data folder, so
-    that run from another folder they see the channels it runs."""
+    that run from another folder they see the channels it runs.
+
+    ``${secret:NAME}`` in the config file (a credential's client secret) comes from the vault of
+    the settings themselves (their store and key): the file is read once to learn where the vault
+    is, and again with it when it names a secret."""
+    import os
+
+    from hl7relay.vault import secret_resolver
+    from hl7relay.yamlsource import set_secret_resolver
+
+    config = args.config or os.environ.get("HL7RELAY_CONFIG")
+    path = Path(config) if config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    named: list[str] = []
+    set_secret_resolver(lambda name: named.append(name) or "")  # where the vault is, is not known yet
+    settings, problems = _resolve(args, path, for_engine, config)
+    resolver = secret_resolver(settings)
+    set_secret_resolver(resolver)
+    if named:
+        settings, problems = _resolve(args, path, for_engine, config)
+    from hl7relay.apiclient.credentials import read_credentials, set_credentials_source
+
+    files = [(path, False)] if path is not None else []
+    files.append(((path.parent if path is not None else DEFAULT_CONFIG.parent) / CREDENTIALS_FILE, True))
+    set_credentials_source(lambda: read_credentials(files))
+    from hl7relay.apiclient.credentials import credential_problems
+
+    if for_engine:  # the support verbs (secret set among them: a credential may name a secret not yet set) go on
+        problems += [p for p in credential_problems() if p not in problems]
+    return settings, problems
+
+
+CREDENTIALS_FILE = "credentials.yaml"  # beside the config file: the credentials: section on its own
+
+
+def _resolve(args, path, for_engine: bool, config) -> tuple[dict, list[str]]:
     from hl7relay.yamlsource import load_document
 
     settings = {"store": None, "data_dir": "data", "channels": ["channels"], "log_level": "info",
@@ -241,10 +277,6 @@ def resolve_settings(args, for_engine: bool = False) -> tuple[dict, list[str]]:
                 "log_format": "text", "log_phi": False, "log_phi_bytes": 512,
                 "stop_timeout": 10.0, "forwarding": "inline", "alerts": None}
     problems = []
-    import os
-
-    config = args.config or os.environ.get("HL7RELAY_CONFIG")
-    path = Path(config) if config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     settings["config_file"] = str(path) if path is not None else None
     if path is not None and not path.is_file():
         problems.append(f"{path}: no such config file" + (" (from HL7RELAY_CONFIG)" if not args.config else ""))
@@ -279,11 +311,4 @@ def resolve_settings(args, for_engine: bool = False) -> tuple[dict, list[str]]:
         settings["forwarding"] = args.forwarding
     if not settings["store"]:
         settings["store"] = f"sqlite:///{Path(settings['data_dir']) / 'hl7relay.db'}"
-    # ${secret:NAME} in the channel files this command reads: from these settings' vault
-    from hl7relay.vault import secret_resolver
-    from hl7relay.yamlsource import set_secret_resolver
-
-    set_secret_resolver(secret_resolver(settings))
     return settings, problems
-
-

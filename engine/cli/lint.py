@@ -31,8 +31,13 @@ def run(args) -> int:
 
     from hl7relay.cli._settings import resolve_settings
 
+    from hl7relay.apiclient.credentials import credential_problems
+
     _, problems = resolve_settings(args)  # registers the vault for ${secret:NAME}
     for problem in problems:
+        print(problem)
+    credentials_wrong = credential_problems()
+    for problem in credentials_wrong:
         print(problem)
     profiles = []
     for item in map(Path, args.paths):
@@ -55,7 +60,7 @@ def run(args) -> int:
     channels, errors = load_channels(args.paths)
     for error in errors:
         print(error)
-    errors = list(errors) + profile_errors
+    errors = list(errors) + profile_errors + credentials_wrong
     if errors:
         print(f"{len(errors)} problem{'s' * (len(errors) != 1)} in {len(files)} file{'s' * (len(files) != 1)}")
         return 1

@@ -198,7 +198,7 @@ class Forwarder(Protocol):
         if delivery is None:
             delivery = self.deliveries[key] = config.runner(config, self.resources)
         queue = DestinationQueue(channel, destination, delivery.deliver, config.queue, self.writer, self.reactor,
-                                 self.clock, poll_interval)
+                                 self.clock, poll_interval, keyed=getattr(delivery, "keyed", False))
         queue.paused = paused
         self.queues[queue_id] = queue
         queue.start()

@@ -56,6 +56,11 @@ RULES = (
          "{channel} -> {destination}: {value:.0f} deliveries went to ERROR in 15 minutes (replay them with hl7relay replay)"),
     Rule("HL7RelayStoreFailing", "page", 0, "channel", "{channel}: messages cannot be stored and are being rejected (AR)"),
     Rule("HL7RelaySlowAcks", "warn", 600, "channel", "{channel}: p99 ACK latency {value:.2f}s"),
+    Rule("HL7RelayNotAuthorised", "page", 0, "destination",
+         "{channel} -> {destination}: the API refused our credentials; its queue is held (nothing is lost: fix the "
+         "credentials, then hl7relay destination resume {channel} {destination})"),
+    Rule("HL7RelayRateLimited", "warn", 600, "destination",
+         "{channel} -> {destination}: rate limited by the API for {value:.0f}s (it keeps answering 429/503)"),
 )
 _RULES = {rule.name: rule for rule in RULES}
 
@@ -166,6 +171,10 @@ class Alerts:
                     holding[("HL7RelayQueueGrowing", name, destination)] = view["depth"]
                 if view.get("connected") is False and not view.get("paused"):
                     holding[("HL7RelayDestinationDown", name, destination)] = 0.0
+                if view.get("held"):
+                    holding[("HL7RelayNotAuthorised", name, destination)] = 0.0
+                if view.get("rate_limited_since") is not None:
+                    holding[("HL7RelayRateLimited", name, destination)] = max(0.0, now - view["rate_limited_since"])
             failures = self._store_failures.get(name)
             recent = sum(1 for at in failures if at > now - 300) if failures else 0
             if recent or getattr(self.controls.writer, "commit_failure", None):

@@ -1,0 +1,297 @@
+"""The ``http`` destination against a real HTTPS API on loopback (tests/apiserver.py): an OAuth 2.0
+token endpoint issuing short-lived tokens, and an API answering what each test scripts. The
+destination is built from channel YAML and credentials.yaml as an installation writes them, and
+runs in a real destination queue over a real store; the reactor is the test's own, driven by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import formatEvent, globalLogPublisher
+
+from apiserver import FakeAPI, serve, spin
+from hl7relay.apiclient.credentials import read_credentials, set_credentials_source
+from hl7relay.channels import load_channel
+from hl7relay.queues import DestinationQueue
+from hl7relay.resources import Resources
+from hl7relay.store.database import DeliveryRecord, MessageRecord, Store
+from hl7relay.store.writer import StoreWriter
+
+SECRET = "client-secret-7f3a9c-never-shown"
+MSG = "MSH|^~\\&|PMS|CLINIC|LAB|HOSP|20240101||ADT^A08|{id}|P|2.5.1\rPID|1||{key}^^^H^MR||DOE^JANE\r"
+
+
+@pytest.fixture(scope="module")
+def pki(make_pki):
+    return make_pki()
+
+
+@pytest.fixture
+def world(tmp_path, pki):
+    """(api, build): ``build(destination_yaml, credentials_yaml=None)`` -> a running Destination."""
+    reactor = EPollReactor()  # the test's own, driven by spin(); started (its resolver threads) but never run
+    reactor.startRunning(installSignalHandlers=False)
+    api = FakeAPI(reactor, client_secret=SECRET)
+    port = serve(reactor, api, pki["server"], pki["server_key"])
+    api.token_url = f"https://127.0.0.1:{port}/token"
+    store = Store(f"sqlite:///{tmp_path / 'h.db'}")
+    store.migrate()
+    writer = StoreWriter(store, executor=lambda fn, *a: defer.maybeDeferred(fn, *a))
+    (tmp_path / "client_secret.txt").write_text(SECRET)
+    lines: list[str] = []
+
+    def observe(event):
+        lines.append(formatEvent(event) + "".join(str(v) for v in event.values() if isinstance(v, str)))
+
+    globalLogPublisher.addObserver(observe)
+    built = []
+
+    def build(destination: str, credentials: str | None = None, credential: str = "pms-api", **queue_options):
+        default = (f"pms-api: {{type: oauth2_client_credentials, token_url: '{api.token_url}', client_id: hl7relay, "
+                   f"client_secret: '${{file:client_secret.txt}}', tls_ca: '{pki['ca']}', scope: patient/*.write}}")
+        (tmp_path / "credentials.yaml").write_text(credentials if credentials is not None else default)
+        set_credentials_source(lambda: read_credentials([(tmp_path / "credentials.yaml", True)]))
+        base = (f"url: 'https://127.0.0.1:{port}/api/patients/{{PID-3.1}}/events', tls_ca: '{pki['ca']}', "
+                f"credentials: {credential}")
+        (tmp_path / "ch.yaml").write_text(f"name: ch\nsource: {{type: mllp, port: 0}}\n"
+                                          f"destinations:\n  - {{name: pms, type: http, {base}"
+                                          + (f", {destination}" if destination else "") + "}\n")
+        channel, errors = load_channel(tmp_path / "ch.yaml", {})
+        assert not errors, errors
+        config = channel.destinations[0].config
+        import dataclasses
+
+        if queue_options:
+            config.queue = dataclasses.replace(config.queue, **queue_options)
+        resources = Resources(reactor, writer, time.time)
+        delivery = config.runner(config, resources)
+        queue = DestinationQueue("ch", "pms", delivery.deliver, config.queue, writer, reactor, time.time,
+                                 poll_interval=0.2, keyed=delivery.keyed)
+        queue.start()
+        built.append((queue, delivery))
+        return Running(store, queue, delivery, reactor, resources)
+
+    yield api, build, lines, tmp_path
+    globalLogPublisher.removeObserver(observe)
+    set_credentials_source(None)
+    for queue, delivery in built:
+        queue.stop()
+        delivery.close()
+        if delivery.authorizer is not None:
+            delivery.authorizer.close()
+    for _ in range(20):
+        reactor.iterate(0)
+    reactor.stop()  # its shutdown: the resolver's threads end
+    for _ in range(20):
+        reactor.iterate(0)
+    reactor.removeAll()
+    store.close()
+
+
+class Running:
+    def __init__(self, store, queue, delivery, reactor, resources):
+        self.store, self.queue, self.delivery, self.reactor, self.resources = store, queue, delivery, reactor, resources
+        self.count = 0
+
+    def enqueue(self, *keys: str) -> None:
+        records = []
+        for key in keys:
+            self.count += 1
+            content = MSG.format(id=f"M{self.count}", key=key).encode()
+            records.append(MessageRecord("ch", content, "PROCESSED", received_at=time.time(), control_id=f"M{self.count}",
+                                         deliveries=[DeliveryRecord("pms", "QUEUED", content, key)]))
+        self.store.commit(records, [])
+        self.queue.nudge()
+        self.queue._poll()
+
+    def deliveries(self) -> dict:
+        return {r["control_id"]: self.store.get_message(r["id"])["deliveries"][0] for r in self.store.latest(1000)}
+
+    def statuses(self) -> list[str]:
+        return [d["status"] for _, d in sorted(self.deliveries().items(), key=lambda kv: int(kv[0][1:]))]
+
+    def settle(self, count: int, status: str = "SENT", limit: float = 30.0) -> None:
+        spin(self.reactor, lambda: self.statuses().count(status) >= count, limit,
+             lambda: f"{self.statuses()} {self.queue.view()} {list(self.deliveries().values())[:1]}")
+
+
+def _no_secret_anywhere(api, running, lines, tmp_path):
+    """No token, no client secret in the log lines, the store (its bytes), the queue's view or the
+    authorizer's view."""
+    values = [SECRET, *api.tokens]
+    running.store.close()
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("h.db*"))
+    shown = json.dumps([running.queue.view(), running.delivery.authorizer.view() if running.delivery.authorizer else {}])
+    for value in values:
+        assert value.encode() not in stored
+        assert value not in shown
+        assert not [line for line in lines if value in line]
+
+
+def test_fifty_concurrent_deliveries_cause_one_token_fetch(world):
+    api, build, lines, tmp_path = world
+    running = build("order: none, parallel: 50")
+    running.enqueue(*[f"P{i}" for i in range(50)])
+    running.settle(50)
+    assert len(api.token_requests) == 1 and api.refused == 0
+    assert len({seen.token for seen in api.requests}) == 1 and len(api.requests) == 50
+    assert sorted(seen.path for seen in api.requests)[0].startswith("/api/patients/P")
+    first = running.deliveries()["M1"]
+    assert first["last_ack"].startswith("HTTP 201 POST https://127.0.0.1:") and '"status": "created"' in first["last_ack"]
+    view = running.delivery.authorizer.view()
+    assert view["scopes"] == ["patient/*.write"] and 0 < view["token_expires_in"] <= 60 and view["token_fetches"] == 1
+    _no_secret_anywhere(api, running, lines, tmp_path)
+
+
+def test_a_token_is_refreshed_before_it_expires_and_no_401_is_seen(world):
+    api, build, lines, tmp_path = world
+    api.token_lifetime = 1.5
+    running = build("")
+    for i in range(12):
+        running.enqueue(f"P{i}")
+        running.settle(i + 1)
+        deadline = time.monotonic() + 0.3
+        spin(running.reactor, lambda: time.monotonic() > deadline)
+    assert api.refused == 0  # every request carried a live token
+    assert len(api.token_requests) >= 2  # ... because new ones were fetched as the old ones aged
+    _no_secret_anywhere(api, running, lines, tmp_path)
+
+
+def test_a_401_fetches_a_new_token_once_and_the_request_is_sent_again(world):
+    api, build, lines, tmp_path = world
+    running = build("")
+    running.enqueue("P1")
+    running.settle(1)
+    api.revoke()  # the API forgot the token (revoked, restarted)
+    running.enqueue("P2")
+    running.settle(2)
+    assert api.refused == 1 and len(api.token_requests) == 2
+    assert [seen.path.split("/")[3] for seen in api.requests] == ["P1", "P2", "P2"]
+    assert running.deliveries()["M2"]["attempts"] == 1
+    _no_secret_anywhere(api, running, lines, tmp_path)
+
+
+def test_a_second_401_holds_the_queue_and_nothing_is_dead_lettered(world):
+    api, build, lines, tmp_path = world
+    running = build("max_attempts: 1")
+    api.refuse_all = True
+    running.enqueue("P1", "P2", "P3")
+    spin(running.reactor, lambda: running.queue.view()["held"] is not None)
+    deadline = time.monotonic() + 1.0
+    spin(running.reactor, lambda: time.monotonic() > deadline)  # held: nothing more is tried meanwhile
+    assert len(api.requests) == 2 and len(api.token_requests) == 2  # one request, one new token, one resend
+    assert running.statuses() == ["QUEUED"] * 3
+    view = running.queue.view()
+    assert view["state"] == "held" and view["held"].startswith("401 Unauthorized: not authorised")
+    api.refuse_all = False  # the credentials were fixed
+    running.queue.resume()
+    running.settle(3)
+    _no_secret_anywhere(api, running, lines, tmp_path)
+
+
+def test_a_429_is_waited_out_as_retry_after_says_and_never_dead_lettered(world):
+    api, build, lines, tmp_path = world
+    api.script = deque([(429, {"Retry-After": "1"}, b"slow down")] * 3)
+    running = build("max_attempts: 1, give_up_after: 0.5")
+    running.enqueue("P1")
+    running.settle(1, limit=20)
+    times = [seen.at for seen in api.requests]
+    assert len(times) == 4 and all(b - a >= 0.95 for a, b in zip(times, times[1:]))
+    delivery = running.deliveries()["M1"]
+    assert delivery["attempts"] == 1 and delivery["status"] == "SENT"
+
+
+def test_a_400_is_a_dead_letter_after_one_try_with_the_apis_words(world):
+    api, build, lines, tmp_path = world
+    api.script = deque([(400, {"Content-Type": "application/json"}, b'{"error": "MRN P1 unknown"}')])
+    running = build("")
+    running.enqueue("P1", "P2")
+    spin(running.reactor, lambda: running.statuses() == ["ERROR", "SENT"])
+    dead = running.deliveries()["M1"]
+    assert dead["attempts"] == 1 and dead["last_error"] == '400 Bad Request: {"error": "MRN P1 unknown"}'
+    assert [seen.path.split("/")[3] for seen in api.requests] == ["P1", "P2"]  # tried once, never again
+
+
+def test_a_409_is_a_conflict_and_a_500_is_retried_with_the_same_idempotency_key(world):
+    api, build, lines, tmp_path = world
+    api.script = deque([(500, {}, b"oops"), (500, {}, b"oops"), (409, {}, b"changed by someone else")])
+    running = build("idempotency_header: Idempotency-Key, retry_initial: 0.05, retry_max: 0.1")
+    running.enqueue("P1", "P2")
+    spin(running.reactor, lambda: running.statuses() == ["ERROR", "SENT"])
+    keys = [seen.headers["idempotency-key"] for seen in api.requests]
+    assert keys[0] == keys[1] == keys[2] != keys[3]  # one delivery, one key, however often it was sent
+    assert running.deliveries()["M1"]["last_error"].startswith("409 Conflict: conflict: changed by someone else")
+    assert running.deliveries()["M1"]["attempts"] == 3
+
+
+def test_the_rate_limit_holds_at_the_server_across_parallel_workers(world):
+    api, build, lines, tmp_path = world
+    running = build("rate_limit: 10, rate_burst: 2, order: none, parallel: 4")
+    running.enqueue(*[f"P{i}" for i in range(14)])
+    running.settle(14)
+    times = sorted(seen.at for seen in api.requests)
+    assert len(times) == 14
+    for i in range(len(times)):
+        for j in range(i + 1, len(times)):
+            # a bucket of 2 that refills 10 a second: no window holds more than 2 + 10 a second of requests
+            # (give or take one request: a new connection's TLS handshake comes between the bucket and the
+            # server's clock; without the limit all 14 arrive within a few milliseconds)
+            assert j - i + 1 <= 3 + 10 * (times[j] - times[i]), (i, j, times[j] - times[i])
+    assert times[-1] - times[0] >= (14 - 2) / 10 - 0.02
+
+
+def test_per_key_order_holds_through_a_429_storm(world):
+    api, build, lines, tmp_path = world
+    storm = [(429, {"Retry-After": "0"}, b"")] * 6 + [(503, {}, b"")] + [(429, {"Retry-After": "0"}, b"")] * 3
+    api.script = deque(storm)
+    running = build("order: per_key, order_key: PID-3.1, parallel: 4, retry_initial: 0.05, retry_max: 0.1")
+    keys = ["A", "B", "C", "A", "B", "A", "C", "A", "B", "C"]
+    running.enqueue(*keys)
+    running.settle(len(keys))
+    delivered = [(seen.path.split("/")[3], json_control_id(seen.body)) for seen in api.requests[len(storm):]]
+    for key in "ABC":
+        ids = [int(control[1:]) for k, control in delivered if k == key]
+        assert ids == sorted(ids), (key, ids)
+
+
+def json_control_id(body: bytes) -> str:
+    return body.decode().split("|")[9]
+
+
+def test_private_key_jwt_is_verified_by_the_token_endpoint(world, pki):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    api, build, lines, tmp_path = world
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "pms.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    api.public_key = key.public_key()
+    running = build("", "epic: {type: oauth2_client_credentials, auth: private_key_jwt, client_id: hl7relay, "
+                        f"token_url: '{api.token_url}', private_key: '${{file:pms.key}}', tls_ca: '{pki['ca']}'}}",
+                    credential="epic")
+    running.enqueue("P1")
+    running.settle(1)
+    [(_, form, headers)] = api.token_requests
+    assert form["client_assertion_type"].endswith("jwt-bearer") and "client_secret" not in form
+    assert "authorization" not in headers
+
+
+def test_an_api_key_in_a_query_parameter_is_sent_and_never_shown(world):
+    api, build, lines, tmp_path = world
+    api.api_key = "k-5551234-never-shown"
+    (tmp_path / "key.txt").write_text(api.api_key)
+    running = build("", "lab-key: {type: api_key, key: '${file:key.txt}', query: api_key}", credential="lab-key")
+    running.enqueue("P1")
+    running.settle(1)
+    assert api.requests[0].path.endswith("?api_key=k-5551234-never-shown") and not api.token_requests
+    assert "api_key" not in running.deliveries()["M1"]["last_ack"]  # the URL kept has no query
+    running.store.close()
+    assert b"k-5551234" not in b"".join(p.read_bytes() for p in tmp_path.glob("h.db*"))
