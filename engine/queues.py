@@ -314,12 +314,13 @@ class DestinationQueue:
                    if (row.next_attempt_at or 0) > now and row.message_id not in self.in_flight]
         for row in waiting:
             row.next_attempt_at = now
+        count = len(waiting)
         if self.waiting_until is not None and self.waiting_until > now:
             self.waiting_until = now  # the operator overrides the destination's Retry-After
-            waiting = waiting or [None]
-        if waiting:
+            count = max(count, 1)
+        if count:
             self.nudge()
-        return len(waiting)
+        return count
 
     def view(self) -> dict:
         """The queue as an operator sees it (from memory: no store read)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from pathlib import Path
 
 import pytest
 from twisted.internet import defer
@@ -158,7 +157,7 @@ def test_a_token_is_refreshed_before_it_expires_and_no_401_is_seen(world):
         running.enqueue(f"P{i}")
         running.settle(i + 1)
         deadline = time.monotonic() + 0.3
-        spin(running.reactor, lambda: time.monotonic() > deadline)
+        spin(running.reactor, lambda deadline=deadline: time.monotonic() > deadline)
     assert api.refused == 0  # every request carried a live token
     assert len(api.token_requests) >= 2  # ... because new ones were fetched as the old ones aged
     _no_secret_anywhere(api, running, lines, tmp_path)
@@ -295,3 +294,62 @@ def test_an_api_key_in_a_query_parameter_is_sent_and_never_shown(world):
     assert "api_key" not in running.deliveries()["M1"]["last_ack"]  # the URL kept has no query
     running.store.close()
     assert b"k-5551234" not in b"".join(p.read_bytes() for p in tmp_path.glob("h.db*"))
+
+
+def test_a_redirect_is_not_followed_and_is_a_dead_letter(world):
+    api, build, lines, tmp_path = world
+    api.script = deque([(302, {"Location": "https://elsewhere.example/api"}, b"")])
+    running = build("")
+    running.enqueue("P1")
+    spin(running.reactor, lambda: running.statuses() == ["ERROR"])
+    assert len(api.requests) == 1  # nothing went to the other address
+    assert "a redirect to https://elsewhere.example/api is not followed" in running.deliveries()["M1"]["last_error"]
+
+
+# -- hl7relay check --credentials, and the vault, as an installation uses them -------------------------
+
+def _cli(reactor, folder, *args, stdin: str | None = None):
+    """Run hl7relay in ``folder`` while this test's reactor serves the API: (exit code, output)."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", *args], cwd=folder, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if stdin is not None:
+        process.stdin.write(stdin)
+    process.stdin.close()
+    spin(reactor, lambda: process.poll() is not None, limit=60)
+    return process.returncode, process.stdout.read()
+
+
+def test_check_credentials_obtains_a_token_or_says_the_endpoints_error(world, pki):
+    api, build, lines, tmp_path = world
+    folder = tmp_path / "site"
+    (folder / "config").mkdir(parents=True)
+    (folder / "config" / "credentials.yaml").write_text(
+        f"pms-api:\n  type: oauth2_client_credentials\n  token_url: '{api.token_url}'\n  client_id: hl7relay\n"
+        f"  client_secret: '${{secret:PMS_CLIENT_SECRET}}'\n  scope: patient/*.write\n  tls_ca: '{pki['ca']}'\n"
+        f"  check_url: '{api.token_url.replace('/token', '/api/ping')}'\n")
+    reactor = build("").reactor
+    code, out = _cli(reactor, folder, "secret", "set", "PMS_CLIENT_SECRET", stdin=SECRET + "\n")
+    assert code == 0, out
+    code, out = _cli(reactor, folder, "check", "--credentials", "pms-api")
+    assert code == 0, out
+    assert "TOKEN ok" not in out and "TOKEN OK" in out and "expires in 60 s; scopes: patient/*.write" in out
+    assert "API   OK       GET https://127.0.0.1:" in out and out.rstrip().endswith("authenticated")
+    assert api.requests[-1].path == "/api/ping" and api.requests[-1].token in api.tokens
+    assert SECRET not in out and not any(token in out for token in api.tokens)
+    api.token_error = (401, {"error": "invalid_client", "error_description": "clock skew too large: iat in the future"})
+    code, out = _cli(reactor, folder, "check", "--credentials", "pms-api")
+    assert code == 1 and "the token endpoint answered 401 invalid_client: clock skew too large" in out, out
+    code, out = _cli(reactor, folder, "check", "--credentials", "pms-apl")
+    assert code == 2 and out.strip().splitlines()[-1] == "no credentials named 'pms-apl' (did you mean 'pms-api')"
+    (folder / "config" / "credentials.yaml").write_text("pms-api: {type: bearer, token: abc123literal}\n")
+    (folder / "channels").mkdir()
+    (folder / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n"
+                                                  "destinations: [{name: pms, type: http, url: 'https://pms.example/api', "
+                                                  "credentials: pms-api}]\n")
+    code, out = _cli(reactor, folder, "lint", "channels")
+    assert code == 1 and ("credentials.yaml:1:32: token is written in the file: keep it in the vault "
+                          "(hl7relay secret set NAME) and write token: ${secret:NAME}") in out, out
+    assert "abc123literal" not in out

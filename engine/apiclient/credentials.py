@@ -146,7 +146,7 @@ def check_credentials(doc, data, path: tuple = ("credentials",)) -> dict[str, Cr
         if checked is None or written:
             continue
         try:
-            found[name] = _build(name, kind, checked, Path(doc.file).resolve().parent)
+            found[name] = _build(name, str(kind), checked, Path(doc.file).resolve().parent)
         except ValueError as exc:
             doc.error(where, f"credential {name!r}: {exc}")
     return found
@@ -222,6 +222,7 @@ def read_credentials(files) -> tuple[dict[str, Credential], list[str]]:
                 problems += [str(e) for e in doc.errors]
             continue
         data = doc.data
+        where: tuple = ()
         if whole and isinstance(data, dict) and set(data) == {"credentials"}:
             section, where = data["credentials"], ("credentials",)
         elif whole:
@@ -354,7 +355,7 @@ class Authorizer:
     def view(self) -> dict:
         """For status and the console: never a token or a secret."""
         c = self.credential
-        view = {"credential": c.name, "type": c.type}
+        view: dict = {"credential": c.name, "type": c.type}
         if self.cache is not None:
             token: Token | None = self.cache.token
             now = self.reactor.seconds()

@@ -68,7 +68,8 @@ class _BoundedBody(protocol.Protocol):
             self.parts.append(data[:room])
             self.size = self.limit
             self.truncated = True
-            self.transport.stopProducing()  # the rest is not read
+            if self.transport is not None:
+                self.transport.stopProducing()  # the rest is not read
             return
         self.parts.append(data)
         self.size += len(data)
@@ -125,7 +126,7 @@ class HTTPClient:
             raw.addRawHeader(name.encode("latin-1"), str(value).encode("latin-1"))
         started = time.perf_counter()
         producer = _Bytes(body) if body is not None else None
-        d = self.agent.request(method.encode("ascii"), url.encode("ascii"), raw, producer)
+        d = self.agent.request(method.encode("ascii"), url.encode("ascii"), raw, producer)  # type: ignore[arg-type]
 
         def answered(response):
             finished: defer.Deferred = defer.Deferred()

@@ -20,6 +20,9 @@ DESCRIPTION = """\
                                          destination's check_message) and wait for its ACK
   hl7relay check --inbound [CHANNEL]     the running engine's listeners: the address each is bound to,
                                          open connections, and each peer's last connection and message
+  hl7relay check --credentials NAME      test a credential now: its token endpoint reached, a token obtained
+                                         (expiry, scopes) or the endpoint's error verbatim; with check_url,
+                                         a GET carrying it
 
 Each step says ok, warning or failed with its time: DNS (the addresses), TCP (connect time), TLS
 (protocol, cipher, the certificate's subject, issuer and days to expiry; a warning under 30 days; when
@@ -38,6 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timeout", type=seconds, default=10.0, help="seconds for each step (default: 10)")
     parser.add_argument("--inbound", action="store_true",
                         help="show the running engine's listeners instead (TARGET: a channel name, default all)")
+    parser.add_argument("--credentials", metavar="NAME",
+                        help="test the credential NAME of the settings (credentials: section or credentials.yaml)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     add_tls_arguments(parser, server=False)
     add_settings_arguments(parser)
@@ -47,6 +52,8 @@ _HOST_PORT = re.compile(r"^\[?(?P<host>[^\[\]/]+?)\]?:(?P<port>\d{1,5})$")
 
 
 def run(args) -> int:
+    if args.credentials is not None:
+        return _credentials(args)
     if args.inbound:
         return _inbound(args)
     targets, code = _targets(args)
@@ -180,3 +187,55 @@ def _age(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"
     return f"{seconds:.0f}s"
+
+
+def _credentials(args) -> int:
+    from hl7relay.apiclient.credentials import credential_problems, loaded_credentials
+    from hl7relay.cli._settings import resolve_settings
+    from hl7relay.spec import did_you_mean
+
+    if args.target or args.inbound or args.mllp:
+        print("--credentials tests a credential: give no destination, --inbound or --mllp with it", file=sys.stderr)
+        return 2
+    _, problems = resolve_settings(args)
+    found = loaded_credentials()
+    credential = found.get(args.credentials)
+    if credential is None:
+        for problem in problems + credential_problems():
+            print(problem, file=sys.stderr)
+        print(f"no credentials named {args.credentials!r}" + (did_you_mean(args.credentials, found) if found else
+              " (none are named: credentials: in config/hl7relay.yaml, or config/credentials.yaml)"), file=sys.stderr)
+        return 2
+    if credential.oauth is None and not credential.check_url:
+        print(f"{args.credentials}: a {credential.type} credential has nothing to test without check_url "
+              "(a URL of the API that answers a GET)", file=sys.stderr)
+        return 2
+    from twisted.internet import reactor
+
+    from hl7relay.ops.check import check_credential
+
+    outcome: list = []
+
+    def start():
+        d = check_credential(credential, reactor, args.timeout)
+        d.addBoth(outcome.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+    result = outcome[0] if outcome else None
+    if not isinstance(result, list):  # a bug: said in one line, not a traceback
+        print(f"{args.credentials}: the check failed: {getattr(result, 'getErrorMessage', lambda: result)()}",
+              file=sys.stderr)
+        return 1
+    ok = all(step.status in ("ok", "warning", "skipped") for step in result)
+    if args.format == "json":
+        print(json.dumps({"credential": credential.name, "type": credential.type, "authenticated": ok,
+                          "steps": [step.to_dict() for step in result]}, indent=2))
+    else:
+        print(f"{credential.name} ({credential.type})")
+        for step in result:
+            took = f" ({step.seconds * 1000:.1f} ms)" if step.seconds is not None else ""
+            print(f"  {step.name:5} {step.status.upper():8} {step.detail}{took}")
+        print(f"  {'authenticated' if ok else 'NOT authenticated'}")
+    return 0 if ok else 1

@@ -60,9 +60,9 @@ def run(args) -> int:
     channels, errors = load_channels(args.paths)
     for error in errors:
         print(error)
-    errors = list(errors) + profile_errors + credentials_wrong
-    if errors:
-        print(f"{len(errors)} problem{'s' * (len(errors) != 1)} in {len(files)} file{'s' * (len(files) != 1)}")
+    problem_count = len(errors) + len(profile_errors) + len(credentials_wrong)
+    if problem_count:
+        print(f"{problem_count} problem{'s' * (problem_count != 1)} in {len(files)} file{'s' * (len(files) != 1)}")
         return 1
     print(f"{len(channels)} channel{'s' * (len(channels) != 1)} OK: {', '.join(c.name for c in channels)}")
     return 0

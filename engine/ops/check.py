@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hl7relay.mllp.framing import Frame, MLLPFramer, frame
 
-__all__ = ["Step", "check_destination", "default_check_message", "EXPIRY_WARNING_DAYS"]
+__all__ = ["Step", "check_destination", "check_credential", "default_check_message", "EXPIRY_WARNING_DAYS"]
 
 EXPIRY_WARNING_DAYS = 30
 
@@ -203,3 +203,77 @@ def _round_trip(sock, message: bytes, timeout: float, clock) -> Step:
         return Step("MLLP", "failed", f"no answer within {timeout:g} s (the peer reads but does not ACK?)", clock() - started)
     except OSError as exc:
         return Step("MLLP", "failed", f"the connection failed: {exc.strerror or exc}", clock() - started)
+
+
+def check_credential(credential, reactor, timeout: float = 10.0):
+    """Test a credential now: the token endpoint reached (DNS, TCP, TLS), a token obtained (its
+    expiry and scopes) or the endpoint's own error verbatim, then with ``check_url`` a GET carrying
+    the credential. A Deferred firing with the steps; nothing of a token or a secret in them."""
+    from urllib.parse import urlsplit
+
+    from twisted.internet import defer, threads
+
+    from hl7relay.apiclient.credentials import Authorization, Authorizer
+    from hl7relay.apiclient.http import HTTPFailure, safe_url
+    from hl7relay.apiclient.oauth import TokenError
+
+    authorizer = Authorizer(credential, reactor)
+    oauth = credential.oauth
+    first = oauth.token_url if oauth is not None else credential.check_url
+    steps: list[Step] = []
+
+    @defer.inlineCallbacks
+    def run():
+        parts = urlsplit(first)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        tls = credential.tls if oauth is not None else None
+        if parts.scheme == "https" and tls is None:
+            from hl7relay.mllp.tls import TLSConfig
+
+            tls = TLSConfig()
+        reached = yield threads.deferToThread(check_destination, parts.hostname, port, tls, None, timeout)
+        steps.extend(step for step in reached if step.name != "MLLP")
+        if any(step.status == "failed" for step in steps):
+            return steps
+        if oauth is not None:
+            started = time.perf_counter()
+            try:
+                token = yield authorizer.fetch_token()
+            except TokenError as exc:
+                steps.append(Step("TOKEN", "failed", str(exc), time.perf_counter() - started))
+                return steps
+            lifetime = token.expires_at - token.issued_at
+            scopes = " ".join(token.scopes) or "none named"
+            steps.append(Step("TOKEN", "ok", f"token obtained from {safe_url(oauth.token_url)}: expires in "
+                                             f"{lifetime:.0f} s; scopes: {scopes}", time.perf_counter() - started))
+            authorization = Authorization({"Authorization": "Bearer " + token.value})
+        else:
+            authorization = yield authorizer.authorize()
+        if credential.check_url:
+            url = credential.check_url
+            if authorization.query:
+                from urllib.parse import urlencode
+
+                url += ("&" if "?" in url else "?") + urlencode(authorization.query)
+            from hl7relay.apiclient.http import HTTPClient
+
+            client = HTTPClient(reactor, credential.tls if oauth is not None else None, timeout)
+            try:
+                answer = yield client.request("GET", url, authorization.headers, None, timeout)
+            except HTTPFailure as exc:
+                steps.append(Step("API", "failed", str(exc)))
+                return steps
+            finally:
+                client.close()
+            where = safe_url(credential.check_url)
+            status = "ok" if 200 <= answer.status < 300 else "failed" if answer.status in (401, 403) else "warning"
+            said = answer.body.decode("utf-8", "replace").strip().replace("\n", " ")[:200]
+            detail = f"GET {where}: HTTP {answer.status}" + (
+                " (the API refused the credential)" if status == "failed" else "") + (f": {said}" if status != "ok"
+                                                                                     and said else "")
+            steps.append(Step("API", status, detail, answer.seconds))
+        return steps
+
+    d = run()
+    d.addBoth(lambda result: (authorizer.close(), result)[1])
+    return d
