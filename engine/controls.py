@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Controls"]
 
+# what the sync status shows of a queue's view
+_SYNC_KEYS = ("state", "paused", "held", "depth", "oldest_age", "in_flight", "last_sent_at", "last_error",
+              "last_error_class", "last_error_at", "rate_limited_since", "wait_left", "sent", "failed", "api")
+
 
 class Controls:
     def __init__(self, engine: Engine, performance: Any = None, alerts: Any = None):
@@ -83,6 +87,18 @@ class Controls:
         for name, running in self._engine.channels.items():
             for destination, queue in running.queues.items():
                 yield name, destination, queue.view()
+
+    def sync_view(self) -> list[dict]:
+        """Per destination, how its synchronisation stands (the sync status): its state, queue depth
+        and age, last success, last error and its class (auth, rate limited, refused, unreachable),
+        and for an API its token's expiry and its rate limiter. Error texts as the queue has them
+        (the API masks them)."""
+        types = {(channel, name): kind for channel, name, kind in self.destinations()}
+        rows = []
+        for channel, destination, view in self.queue_views():
+            rows.append({"channel": channel, "destination": destination, "type": types.get((channel, destination)),
+                         **{key: view.get(key) for key in _SYNC_KEYS}})
+        return rows
 
     def unbound_channels(self) -> list[str]:
         """Enabled channels whose source is not open (a listener not bound)."""

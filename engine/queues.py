@@ -180,11 +180,13 @@ class DestinationQueue:
     remote = False  # runs in this process
 
     def __init__(self, channel: str, destination: str, deliver, options: QueueOptions, writer, reactor, clock,
-                 poll_interval: float = 1.0, rng: random.Random | None = None, keyed: bool = False):
+                 poll_interval: float = 1.0, rng: random.Random | None = None, keyed: bool = False,
+                 describe=None):
         """``keyed``: ``deliver`` takes the delivery's message id too (``deliver(message, message_id)``),
         e.g. for an idempotency key that stays the same however often the delivery is tried."""
         self.channel = channel
         self.keyed = keyed
+        self.describe = describe  # the destination's own view (an API's token and rate limit), for sync status
         self.destination = destination
         self.deliver = deliver
         self.options = options
@@ -224,6 +226,8 @@ class DestinationQueue:
         self._recent: deque[tuple[float, bool]] = deque(maxlen=_RECENT_ATTEMPTS)
         self.last_error = ""
         self.last_error_at: float | None = None
+        self.last_error_class: str | None = None  # auth, rate limited, refused, conflict, unreachable, timed out...
+        self.last_sent_at: float | None = None
         # an API that refused our credentials (401/403): the queue holds, as if paused, until an
         # operator resumes it (the credentials are fixed); the reason is shown and alerted on
         self.hold_reason: str | None = None
@@ -337,10 +341,12 @@ class DestinationQueue:
                 "next_attempt_in": max(0.0, (head.next_attempt_at or now) - now), "held": head.held,
             },
             "last_error": self.last_error, "last_error_at": self.last_error_at,
+            "last_error_class": self.last_error_class, "last_sent_at": self.last_sent_at,
             "held": self.hold_reason,
             "rate_limited_since": self.rate_limited_since,
             "wait_left": None if self.waiting_until is None else max(0.0, self.waiting_until - now),
             "sent": self.sent, "failed": self.failed, "retried": self.retried,
+            **({"api": self.describe()} if self.describe is not None else {}),
         }
 
     def _health(self, now: float) -> "DestinationHealth":
@@ -596,7 +602,7 @@ class DestinationQueue:
         # what the tracer and the performance analyzer see of the attempt (no content)
         labels = {"channel": self.channel, "destination": self.destination, "message_id": message_id,
                   "attempts": attempts, "seconds": None if started is None else time.perf_counter() - started,
-                  "ack": _ack_code(result.ack), "error": result.error}
+                  "ack": _ack_code(result.ack), "error": result.error, "peer": _ack_peer(result.ack)}
         final = True
         if outcome is not _RATE_LIMITED and result.reached_peer:
             self.rate_limited_since = None
@@ -665,6 +671,9 @@ class DestinationQueue:
                          channel=self.channel, destination=self.destination, message_id=message_id, n=attempts, why=why)
         if not result.ok:
             self.last_error, self.last_error_at = result.error, now
+            self.last_error_class = _error_class(result)
+        else:
+            self.last_sent_at = now
         self._recent.append((now, result.ok))
         self._state(result)
         # the attempt is over before anyone hears of it: a waiter may withdraw the row at once,
@@ -742,6 +751,27 @@ class DestinationQueue:
             d = self.writer.update(DestinationStateUpdate(self.channel, self.destination, connected,
                                                           "" if connected else result.error, self.clock()))
             d.addErrback(lambda f: log.warn("could not record destination state: {e}", e=f.getErrorMessage()))
+
+
+_CLASSES = {DeliveryOutcome.NOT_AUTHORISED: "auth", DeliveryOutcome.RATE_LIMITED: "rate limited",
+            DeliveryOutcome.CONFLICT: "conflict", DeliveryOutcome.UNREACHABLE: "unreachable",
+            DeliveryOutcome.TIMED_OUT: "timed out", DeliveryOutcome.FAILED: "failed"}
+
+
+def _error_class(result: DeliveryResult) -> str:
+    """What kind of failure, for the sync status: auth, rate limited, refused (AE, AR, a 4xx),
+    conflict, unreachable, timed out, failed (a 5xx, a local failure)."""
+    if result.outcome is not None:
+        return _CLASSES.get(result.outcome, result.outcome.value)
+    return "refused" if result.application_error or result.rejected else "failed"
+
+
+def _ack_peer(ack: str) -> str | None:
+    """Who answered, when the answer says it: "POST https://host/path" of an API's answer."""
+    if not ack.startswith("HTTP "):
+        return None
+    head = ack.split("\n", 1)[0].split(" ")
+    return " ".join(head[2:4]) if len(head) >= 4 else None
 
 
 def _ack_code(ack: str) -> str:

@@ -226,7 +226,8 @@ class Engine:
         return DestinationQueue(running.channel.name, destination.name, self._deliver[(running.channel.name, destination.name)],
                                 destination.config.queue, self.writer, self.reactor, self.clock,
                                 self.settings.queue_poll_interval,
-                                keyed=getattr(self._deliveries.get((running.channel.name, destination.name)), "keyed", False))
+                                keyed=getattr(self._deliveries.get((running.channel.name, destination.name)), "keyed", False),
+                                describe=getattr(self._deliveries.get((running.channel.name, destination.name)), "view", None))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, controls: set | None = None) -> list[str]:

@@ -243,7 +243,7 @@ def test_the_rate_limit_holds_at_the_server_across_parallel_workers(world):
             # (give or take one request: a new connection's TLS handshake comes between the bucket and the
             # server's clock; without the limit all 14 arrive within a few milliseconds)
             assert j - i + 1 <= 3 + 10 * (times[j] - times[i]), (i, j, times[j] - times[i])
-    assert times[-1] - times[0] >= (14 - 2) / 10 - 0.02
+    assert times[-1] - times[0] >= (14 - 3) / 10
 
 
 def test_per_key_order_holds_through_a_429_storm(world):
@@ -353,3 +353,59 @@ def test_check_credentials_obtains_a_token_or_says_the_endpoints_error(world, pk
     assert code == 1 and ("credentials.yaml:1:32: token is written in the file: keep it in the vault "
                           "(hl7relay secret set NAME) and write token: ${secret:NAME}") in out, out
     assert "abc123literal" not in out
+
+
+# -- the engine itself: hl7relay run with an http destination, from secret set to the sync status --------
+
+@pytest.mark.parametrize("forwarding", ["inline", "process"])
+def test_the_engine_delivers_to_the_api_and_shows_its_sync_status(world, pki, samples, forwarding):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_runtime import READY, wait_for_line
+
+    api, build, lines, tmp_path = world
+    reactor = build("").reactor  # the API's reactor (the destination built here stays idle)
+    folder = tmp_path / "site"
+    (folder / "config").mkdir(parents=True)
+    (folder / "channels").mkdir()
+    (folder / "config" / "credentials.yaml").write_text(
+        f"pms-api:\n  type: oauth2_client_credentials\n  token_url: '{api.token_url}'\n  client_id: hl7relay\n"
+        f"  client_secret: '${{secret:PMS_CLIENT_SECRET}}'\n  scope: patient/*.write\n  tls_ca: '{pki['ca']}'\n")
+    (folder / "channels" / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\ndestinations:\n"
+        f"  - {{name: pms, type: http, url: '{api.token_url.replace('/token', '/api/patients/{PID-3.1}/adt')}', "
+        f"credentials: pms-api, tls_ca: '{pki['ca']}', idempotency_header: Idempotency-Key, rate_limit: 20}}\n")
+    code, out = _cli(reactor, folder, "secret", "set", "PMS_CLIENT_SECRET", stdin=SECRET)
+    assert code == 0, out
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto", "--console-port", "0",
+                               "--forwarding", forwarding], cwd=folder, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        startup = "".join(wait_for_line(engine, READY))
+        port = startup.split("MLLP on 127.0.0.1:")[1].split()[0]
+        code, out = _cli(reactor, folder, "send", "--port", port, str(samples / "adt_a01.hl7"),
+                         str(samples / "adt_a08.hl7"))
+        assert code == 0, out
+        spin(reactor, lambda: len(api.requests) == 2, limit=30)
+        assert len(api.token_requests) == 1 and api.requests[0].path.startswith("/api/patients/")
+        assert api.requests[0].headers["content-type"] == "application/hl7-v2"
+        assert api.requests[0].body.startswith(b"MSH|")
+        code, out = _cli(reactor, folder, "status")
+        assert code == 0, out
+        sync = out.split("sync status (the running engine):\n")[1].splitlines()[0]
+        assert sync.startswith("  adt -> pms (POST https://127.0.0.1:") and "/api/patients/" in sync
+        assert ": ok; queued 0; last sent " in sync and "token (pms-api) expires in " in sync
+        assert "rate limit 20/s" in sync
+        assert SECRET not in out and not any(token in out for token in api.tokens)
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        spin(reactor, lambda: engine.poll() is not None, limit=30)
+        output = engine.stdout.read().decode()
+        engine.stdout.close()
+    assert engine.returncode == 0, output
+    assert SECRET not in output and not any(token in output for token in api.tokens)
+    stored = b"".join(p.read_bytes() for p in (folder / "data").glob("hl7relay.db*"))
+    assert SECRET.encode() not in stored and not any(token.encode() in stored for token in api.tokens)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from hl7relay.channels.sources import TLS_OPTIONS, tls_config
 from hl7relay.spec import Option, register
@@ -181,6 +182,8 @@ class Delivery:
 
     def skip_backoff(self) -> None:
         """An operator's retry now: connect again at once."""
+
+    view: Any = None  # or a method: what the destination adds to its queue's view (sync status)
 
     def close(self) -> None:
         """The destination goes: drop what it holds open."""

@@ -246,6 +246,13 @@ class HTTPDelivery(Delivery):
         head = f"HTTP {answer.status} {self.config.method} {self.shown_url} ({answer.seconds * 1000:.0f} ms)"
         return head + ("\n" + text if text else "")
 
+    def view(self) -> dict:
+        """For the sync status: where it sends, its credential's token (expiry, scopes, never the
+        value) and its rate limiter."""
+        return {"method": self.config.method, "url": self.shown_url,
+                "credential": self.authorizer.view() if self.authorizer is not None else None,
+                "rate_limit": self.bucket.view()}
+
     def _not_sent(self, failure):
         failure.trap(defer.CancelledError)
         return DeliveryResult(False, error="not sent: the destination closed", outcome=DeliveryOutcome.FAILED)

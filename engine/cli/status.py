@@ -111,26 +111,67 @@ def run(args) -> int:
                   f"sent {d['counts'].get(DeliveryStatus.SENT, 0)}, errors {d['counts'].get(DeliveryStatus.ERROR, 0)}"
                   + (f", withdrawn {d['counts'][DeliveryStatus.WITHDRAWN]}" if d["counts"].get(DeliveryStatus.WITHDRAWN) else "")
                   + (f"; {d['last_error']}" if d["last_error"] and d["connected"] is False else ""))
-    for line in _engine_alerts(settings):
+    for line in _engine_sync(settings) + _engine_alerts(settings):
         print(line)
     return 0
 
 
-def _engine_alerts(settings) -> list[str]:
-    """The running engine's alerts, when one runs here (its local token in the data folder)."""
+def _engine_sync(settings) -> list[str]:
+    """The running engine's API destinations, how their synchronisation stands (its sync status)."""
+    rows = _from_engine(settings, "/api/v1/sync")
+    lines = [describe_sync(row, time.time()) for row in rows or [] if row.get("api")]
+    return (["sync status (the running engine):"] + [f"  {line}" for line in lines]) if lines else []
+
+
+def describe_sync(row: dict, now: float) -> str:
+    """One destination's sync status in one line."""
+    api = row["api"] or {}
+    parts = [f"{row['channel']} -> {row['destination']} ({api.get('method', '?')} {api.get('url', '?')}): "
+             f"{row['state']}"]
+    if row.get("held"):
+        parts.append(f"HELD: {row['held']}")
+    if row.get("wait_left"):
+        parts.append(f"waiting {row['wait_left']:.0f}s more (Retry-After)")
+    parts.append(f"queued {row['depth']}" + (f" (oldest {_age(row['oldest_age'])})" if row.get("oldest_age") else ""))
+    parts.append(f"last sent {_age(now - row['last_sent_at'])} ago" if row.get("last_sent_at") else "nothing sent yet")
+    if row.get("last_error") and row.get("last_error_at"):
+        parts.append(f"last error {_age(now - row['last_error_at'])} ago ({row['last_error_class']}): "
+                     f"{row['last_error'][:160]}")
+    credential = api.get("credential")
+    if credential:
+        if credential.get("token_expires_in") is not None:
+            parts.append(f"token ({credential['credential']}) expires in {credential['token_expires_in']:.0f}s")
+        elif credential.get("token_error"):
+            parts.append(f"no token ({credential['credential']}): {credential['token_error']}")
+        else:
+            parts.append(f"credential {credential['credential']} ({credential['type']})")
+    limit = api.get("rate_limit") or {}
+    if limit.get("rate"):
+        parts.append(f"rate limit {limit['rate']:g}/s ({limit['available']:g} available, {limit['waiting']} waiting)")
+    return "; ".join(parts)
+
+
+def _from_engine(settings, path: str):
     from pathlib import Path
 
     from hl7relay.ops.api import LOCAL_TOKEN_FILE
 
     if not settings["admin"].get("port") or not (Path(settings["data_dir"]) / LOCAL_TOKEN_FILE).exists():
-        return []
+        return None
     from hl7relay.cli._api import call_engine
-    from hl7relay.cli.alerts import describe
 
     try:
-        status, view = call_engine(settings, "GET", "/api/v1/alerts")
+        status, view = call_engine(settings, "GET", path)
     except SystemExit:  # no engine answers: the store's view is all there is
-        return []
-    if status != 200:
+        return None
+    return view if status == 200 else None
+
+
+def _engine_alerts(settings) -> list[str]:
+    """The running engine's alerts, when one runs here (its local token in the data folder)."""
+    from hl7relay.cli.alerts import describe
+
+    view = _from_engine(settings, "/api/v1/alerts")
+    if view is None:
         return []
     return ["alerts (the running engine):"] + [f"  {line}" for line in describe(view)]

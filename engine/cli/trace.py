@@ -117,9 +117,11 @@ def _print(row: dict, args) -> None:
         line = (f"{at} IN  {row['channel']} <- {row['peer']}  {ident}  {row['status']}  ACK {row['ack'] or '-'}  {took}"
                 f"  #{row['message_id'] or '-'}")
     else:
-        line = (f"{at} OUT {row['channel']} -> {row['destination']}  {ident}  {row['status']}"
+        answer = row["ack"] if (row["ack"] or "").startswith("HTTP") else f"ACK {row['ack'] or '-'}"
+        line = (f"{at} OUT {row['channel']} -> {row['destination']}"
+                + (f" ({row['peer']})" if row.get("peer") else "") + f"  {ident}  {row['status']}"
                 f"{' (attempt ' + str(row['attempt']) + ')' if row.get('attempt', 1) and row.get('attempt', 1) > 1 else ''}"
-                f"  ACK {row['ack'] or '-'}  {took}  #{row['message_id']}" + (f"  {row['error']}" if row["error"] else ""))
+                f"  {answer}  {took}  #{row['message_id']}" + (f"  {row['error']}" if row["error"] else ""))
     print(line)
 
 

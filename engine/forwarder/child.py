@@ -198,7 +198,8 @@ class Forwarder(Protocol):
         if delivery is None:
             delivery = self.deliveries[key] = config.runner(config, self.resources)
         queue = DestinationQueue(channel, destination, delivery.deliver, config.queue, self.writer, self.reactor,
-                                 self.clock, poll_interval, keyed=getattr(delivery, "keyed", False))
+                                 self.clock, poll_interval, keyed=getattr(delivery, "keyed", False),
+                                 describe=getattr(delivery, "view", None))
         queue.paused = paused
         self.queues[queue_id] = queue
         queue.start()

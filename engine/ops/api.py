@@ -71,6 +71,8 @@ ROUTES = (
           "send again", "destination.resume"),
     Route("POST", "/api/v1/channels/{channel}/destinations/{destination}/retry", "control", "post_retry",
           "skip the backoff of what waits to be retried", "destination.retry"),
+    Route("GET", "/api/v1/sync", "read", "get_sync", "the sync status: per destination its state, queue, last "
+          "success, last error and its class, an API's token expiry and rate limiter"),
     Route("GET", "/api/v1/alerts", "read", "get_alerts", "the engine's alerts: firing, pending, resolved, silences"),
     Route("POST", "/api/v1/alerts/silence", "control", "post_silence",
           "silence an alert rule: {rule, channel, destination, minutes, reason}", action="alert.silence"),
@@ -286,6 +288,9 @@ class ApiResource(resource.Resource):
 
     def post_disable(self, request, caller, body, channel):
         return self.controls.set_channel_enabled(channel, False, caller["actor"], caller["audit"]).addCallback(masked_view)
+
+    def get_sync(self, request, caller, body):
+        return [masked_view(row) for row in self.controls.sync_view()]
 
     def get_destination(self, request, caller, body, channel, destination):
         return masked_view(self.controls.queue_view(channel, destination))

@@ -15,12 +15,43 @@ def _plain(data: bytes) -> str:
     return data.decode("utf-8", "replace").replace("\r", "\n").rstrip()
 
 
-def _ack(stored: str, show) -> str:
-    """A destination's answer: the ACK message itself (shown like any message), or what a file or
-    channel destination recorded."""
+def _ack(stored: str, show, text=None) -> str:
+    """A destination's answer: the ACK message itself (shown like any message), an API's answer
+    (its status line, then its body: masked as a message when it is one, else its JSON values or
+    the patient's values it names), or what a file or channel destination recorded."""
     if stored.startswith("MSH"):
         return show(stored.encode("utf-8", "surrogateescape"))
+    if stored.startswith("HTTP ") and text is not None:
+        head, _, body = stored.partition("\n")
+        if not body or show is _plain:
+            return stored
+        if body.startswith("MSH"):
+            return head + "\n" + show(body.encode("utf-8", "surrogateescape"))
+        return head + "\n" + _masked_body(body, text)
     return stored
+
+
+# the keys of an API's JSON answer whose values say what happened, not whom it is about
+_ANSWER_KEYS = frozenset({"id", "status", "resourceType", "code", "severity", "error", "result", "success", "ok",
+                          "created", "updated", "type", "diagnostics"})
+
+
+def _masked_body(body: str, text) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return text(body)
+
+    def walk(value, key=None):
+        if isinstance(value, dict):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, key) for v in value]
+        if isinstance(value, str) and key not in _ANSWER_KEYS:
+            return mask_value(value)
+        return text(value) if isinstance(value, str) else value
+
+    return json.dumps(walk(data))
 
 
 def _findings(data, text) -> list[str]:
@@ -51,7 +82,7 @@ def message_view(stored: dict, show_phi: bool) -> dict:
     out["raw"] = show(stored["raw"])
     out["stages"] = {name: show(content) for name, content in stages.items()}
     out["findings"] = _findings(findings, text)
-    out["deliveries"] = [dict(d, last_error=text(d["last_error"]), last_ack=_ack(d["last_ack"], show))
+    out["deliveries"] = [dict(d, last_error=text(d["last_error"]), last_ack=_ack(d["last_ack"], show, text))
                          for d in stored["deliveries"]]
     return out
 
@@ -93,11 +124,14 @@ def segment_table(text: str, version: str = "") -> list[dict]:
     return rows
 
 
+_PEER_TEXTS = frozenset({"last_error", "held"})  # what a peer said: it may quote the message
+
+
 def masked_view(view):
     """An engine view (status, channel, destination queue) with every ``last_error`` masked: a
     peer's error text may quote the message it refused."""
     if isinstance(view, dict):
-        return {k: (mask_text(v) if k == "last_error" and isinstance(v, str) else masked_view(v)) for k, v in view.items()}
+        return {k: (mask_text(v) if k in _PEER_TEXTS and isinstance(v, str) else masked_view(v)) for k, v in view.items()}
     if isinstance(view, list):
         return [masked_view(v) for v in view]
     return view

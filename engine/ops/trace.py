@@ -276,10 +276,11 @@ class Tracer:
             control_id = self._old_ids[message_id]
         else:
             control_id = ""
-        key = (f["channel"], f["destination"], message_type, _OUT_EVENTS[event], f["ack"])
+        peer = f.get("peer")  # an API's method and URL (no query: keys travel there)
+        key = (f["channel"], f["destination"], message_type, _OUT_EVENTS[event], f["ack"], peer)
         tail = self._out_tails.get(key)
         if tail is None:
-            tail = self._new_tail(self._out_tails, key, "out", key[0], key[1], "")
+            tail = self._new_tail(self._out_tails, key, "out", key[0], key[1], peer or "")
         seconds, attempts, error = f["seconds"], f["attempts"], f["error"]
         row = (_time_ns() // 1_000_000, _NULL if message_id is None else message_id,
                _NULL if seconds is None else int(seconds * 1e6), _NULL if attempts is None else attempts, control_id,
