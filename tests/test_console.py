@@ -266,6 +266,9 @@ ROUTES = [  # (method, path, least role, status when allowed); "phi": operator w
     ("POST", "/users/viewer/enable", "admin", 303),
     ("POST", "/tokens/nope/revoke", "admin", 404),
     ("GET", "/account", "viewer", 200),
+    ("GET", "/sync", "viewer", 200),
+    ("GET", "/credentials", "admin", 200),
+    ("POST", "/credentials/check", "admin", 404),  # allowed: no credential of that name (none here)
 ]
 ALLOWED = {"viewer": {"viewer", "operator", "phi-operator", "admin"}, "phi": {"phi-operator", "admin"},
            "operator": {"operator", "phi-operator", "admin"}, "admin": {"admin"}}

@@ -7,6 +7,8 @@ runs in a real destination queue over a real store; the reactor is the test's ow
 from __future__ import annotations
 
 import json
+import re
+import threading
 import time
 from collections import deque
 
@@ -380,7 +382,15 @@ def test_the_engine_delivers_to_the_api_and_shows_its_sync_status(world, pki, sa
         f"credentials: pms-api, tls_ca: '{pki['ca']}', idempotency_header: Idempotency-Key, rate_limit: 20}}\n")
     code, out = _cli(reactor, folder, "secret", "set", "PMS_CLIENT_SECRET", stdin=SECRET)
     assert code == 0, out
-    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto", "--console-port", "0",
+    from hl7relay.ops.auth import hash_password
+    from hl7relay.store.database import Store
+
+    users = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")  # made by secret set
+    for name, role in (("admin", "admin"), ("viewer", "viewer")):
+        users.add_user(name, role, hash_password("a long enough password"),
+                       {"actor": "test", "action": "user.add", "target": name})
+    users.close()
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "auto", "--console-port", "auto",
                                "--forwarding", forwarding], cwd=folder, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
@@ -400,6 +410,8 @@ def test_the_engine_delivers_to_the_api_and_shows_its_sync_status(world, pki, sa
         assert ": ok; queued 0; last sent " in sync and "token (pms-api) expires in " in sync
         assert "rate limit 20/s" in sync
         assert SECRET not in out and not any(token in out for token in api.tokens)
+        console = re.search(r"console: (https?://[^/\s]+)/", startup).group(1)
+        _console_pages(reactor, console, api)
     finally:
         engine.send_signal(signal.SIGTERM)
         spin(reactor, lambda: engine.poll() is not None, limit=30)
@@ -407,5 +419,37 @@ def test_the_engine_delivers_to_the_api_and_shows_its_sync_status(world, pki, sa
         engine.stdout.close()
     assert engine.returncode == 0, output
     assert SECRET not in output and not any(token in output for token in api.tokens)
+    audit = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
+    [checked] = audit.audit_entries(action="credential.check")
+    assert (checked["actor"], checked["target"]) == ("user:admin", "pms-api") and "TOKEN ok" in checked["detail"]
+    assert [e["target"] for e in audit.audit_entries(action="secret.set")] == ["PMS_CLIENT_SECRET"]
+    audit.close()
     stored = b"".join(p.read_bytes() for p in (folder / "data").glob("hl7relay.db*"))
     assert SECRET.encode() not in stored and not any(token.encode() in stored for token in api.tokens)
+
+
+def _console_pages(reactor, console: str, api) -> None:
+    """The Sync status page for anyone, the Credentials page and its test for admins (the engine asks
+    this test's API for a token meanwhile, so each request runs on a thread while the reactor spins)."""
+    from test_console import Browser
+
+    def call(fn, *args):
+        out = []
+        worker = threading.Thread(target=lambda: out.append(fn(*args)))
+        worker.start()
+        spin(reactor, lambda: not worker.is_alive(), limit=60)
+        return out[0]
+
+    viewer, admin = Browser(console), Browser(console)
+    assert call(viewer.login, "viewer")[0] == 303 and call(admin.login, "admin")[0] == 303
+    status, _, page = call(viewer.get, "/sync")
+    assert status == 200 and 'id="sync-adt-pms"' in page and "adt → pms" in page and "pms-api: expires in" in page
+    assert call(viewer.get, "/credentials")[0] == 403 and 'href="/credentials"' not in page
+    status, _, page = call(admin.get, "/credentials")
+    assert status == 200 and 'id="credential-pms-api"' in page and "adt -&gt; pms" in page
+    fetched = len(api.token_requests)
+    status, _, page = call(admin.post, "/credentials/check", {"credential": "pms-api"})
+    assert status == 200 and "pms-api: authenticated" in page and "token obtained from https://127.0.0.1:" in page
+    assert len(api.token_requests) == fetched + 1
+    for value in [SECRET, *api.tokens]:
+        assert value not in page

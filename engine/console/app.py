@@ -7,6 +7,7 @@ from hl7relay.console.accounts import AccountPages
 from hl7relay.console.base import CSP, ConsoleBase
 from hl7relay.console.channels import ChannelPages
 from hl7relay.console.dashboard import DashboardPages
+from hl7relay.console.integrations import IntegrationPages
 from hl7relay.console.messages import MessagePages
 from hl7relay.console.signin import SignInPages
 from hl7relay.console.troubleshooting import TroubleshootingPages
@@ -15,5 +16,6 @@ from hl7relay.console.troubleshooting import TroubleshootingPages
 __all__ = ["Console", "CSP"]
 
 
-class Console(SignInPages, DashboardPages, MessagePages, AccountPages, ChannelPages, TroubleshootingPages, ConsoleBase):
+class Console(SignInPages, DashboardPages, MessagePages, AccountPages, ChannelPages, TroubleshootingPages,
+              IntegrationPages, ConsoleBase):
     """The console: every page's routes on one app (``resource()`` serves them)."""

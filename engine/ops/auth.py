@@ -39,6 +39,7 @@ PERMISSIONS = {
     "prune": "admin",
     "users": "admin",
     "audit": "admin",
+    "credentials": "admin",  # test a credential's authentication now (console Credentials page)
     "phi": "admin",  # and always a reason and an audit entry
 }
 
