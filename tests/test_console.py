@@ -875,7 +875,7 @@ def test_idle_connections_are_closed_and_live_views_are_not():
     from twisted.web import resource, server
 
     from hl7relay.ops.admin import AdminSite
-    from hl7relay.ops.http import IDLE_TIMEOUT, bounded_site
+    from hl7relay.webserver import IDLE_TIMEOUT, bounded_site
 
     class Forever(resource.Resource):
         isLeaf = True

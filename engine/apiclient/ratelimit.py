@@ -39,6 +39,16 @@ class TokenBucket:
         self._schedule()
         return d
 
+    def take(self) -> bool:
+        """A request may go now (and is counted), or not: for a server that refuses rather than waits."""
+        if self.rate <= 0:
+            return True
+        self._refill()
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
     def _cancelled(self, d) -> None:
         try:
             self._waiters.remove(d)

@@ -264,7 +264,7 @@ def _start_console(controls, console: dict, reactor, announce) -> str | None:
     host = console["host"]
     try:
         from hl7relay.console.app import Console
-        from hl7relay.ops.http import bounded_site
+        from hl7relay.webserver import bounded_site
 
         app = Console(controls, reactor, tls=bool(console.get("tls_cert")), idle=console["idle_timeout"],
                       absolute=console["absolute_timeout"])

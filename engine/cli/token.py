@@ -10,20 +10,22 @@ from hl7relay.cli._settings import add_settings_arguments
 HELP = "API tokens for scripts (shown once, stored hashed)"
 DESCRIPTION = """\
   hl7relay token create NAME --role viewer|operator|admin   prints the token once
+  hl7relay token create NAME --role sender                 for a PMS posting to http sources that name it
   hl7relay token list
   hl7relay token revoke NAME
 
 A token stands for a role, like a user; send it as "Authorization: Bearer TOKEN". Only its SHA-256
-is stored, so a lost token cannot be shown again: revoke it and create another."""
+is stored, so a lost token cannot be shown again: revoke it and create another. A sender token may
+do nothing but post messages to the channels whose http source lists it (tokens: [NAME])."""
 
 
 def add_arguments(parser) -> None:
-    from hl7relay.ops.auth import ROLES
+    from hl7relay.ops.auth import ROLES, SENDER_ROLE
 
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     create = sub.add_parser("create", help="a new token (printed once)")
     create.add_argument("name")
-    create.add_argument("--role", choices=ROLES, required=True)
+    create.add_argument("--role", choices=(*ROLES, SENDER_ROLE), required=True)
     revoke = sub.add_parser("revoke", help="revoke a token")
     revoke.add_argument("name")
     listing = sub.add_parser("list", help="every token (never the token itself)")

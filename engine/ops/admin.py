@@ -96,9 +96,9 @@ class AdminSite(server.Site):
         root.putChild(b"readyz", _Ready(controls))
         root.putChild(b"api", ApiResource(controls, local_token))
         super().__init__(root)
-        from hl7relay.ops.http import IDLE_TIMEOUT, BoundedRequest
+        from hl7relay.webserver import IDLE_TIMEOUT, BoundedRequest
 
-        self.requestFactory = BoundedRequest  # request bodies of bounded size (ops/http.py)
+        self.requestFactory = BoundedRequest  # request bodies of bounded size (webserver.py)
         self.timeOut = IDLE_TIMEOUT  # idle connections closed
 
 

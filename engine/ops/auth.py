@@ -26,7 +26,9 @@ import re
 import secrets
 import socket
 
-__all__ = ["ROLES", "PERMISSIONS", "PHI_GRANTABLE", "can", "hash_password", "verify_password", "new_token", "token_hash",
+from hl7relay.store.accounts import SENDER_ROLE, token_hash  # noqa: F401 - what the API and the CLI check tokens with
+
+__all__ = ["ROLES", "SENDER_ROLE", "PERMISSIONS", "PHI_GRANTABLE", "can", "hash_password", "verify_password", "new_token", "token_hash",
            "valid_name", "os_actor", "cli_source", "cli_audit"]
 
 ROLES = ("viewer", "operator", "admin")
@@ -88,10 +90,6 @@ def verify_password(password: str, stored: str) -> bool:
 
 def new_token() -> str:
     return "hl7r_" + secrets.token_urlsafe(32)
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def os_actor() -> str:

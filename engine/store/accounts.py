@@ -110,3 +110,14 @@ class Accounts:
             if removed:
                 connection.execute(audit_log.insert().values(**_audit_row(audit)))
             return bool(removed)
+
+
+# a token of this role may only post messages to the http sources that name it: no other permission
+SENDER_ROLE = "sender"
+
+
+def token_hash(token: str) -> str:
+    """What the store keeps of an API token: its SHA-256 (the token itself is shown once, at creation)."""
+    import hashlib
+
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()

@@ -1,4 +1,5 @@
-"""What the admin listener and the console share on the HTTP side: request bodies of bounded size.
+"""What every HTTP listener of the engine (the admin API, the console, the http source) shares:
+request bodies of bounded size.
 
 twisted.web reads a request's whole body (into memory, or a temporary file above 100 KB) before
 any resource sees it. A client sending gigabytes to the console's sign-in form or the API would

@@ -1,0 +1,401 @@
+"""The ``http`` source: a channel receives messages POSTed over HTTPS.
+
+A sender POSTs one HL7 v2 message (``application/hl7-v2``, ``x-application/hl7-v2+er7``; segments
+ending in CR, LF or CRLF) or JSON (``{"message": "MSH|..."}``) to the source's path. It is
+answered only once the message and its delivery rows are committed (the ACK-after-commit rule
+of MLLP): with the channel's HL7 ACK (an HL7 request) or a JSON result, 503 with Retry-After
+while the store is failing (nothing was kept: send it again), 413 over ``max_body``, 429 over a
+client's rate limit. A repeated ``Idempotency-Key`` gets the first answer again without the
+message being processed twice (within ``idempotency_window``, in this process); the channel's
+duplicates rule covers restarts.
+
+Senders authenticate with an API token (``hl7relay token create NAME --role sender``) the
+source names in ``tokens``, or with a client certificate (mutual TLS); a sender token may do
+nothing but post to the channels that name it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from hl7relay.channels.sources import TLS_OPTIONS, Source, tls_config
+from hl7relay.spec import Option, register
+from hl7relay.store.accounts import SENDER_ROLE
+
+__all__ = ["HTTPSourceConfig", "HTTPSource", "HL7_TYPES"]
+
+log = Logger(namespace="hl7relay.http")
+
+HL7_TYPES = ("application/hl7-v2", "x-application/hl7-v2+er7", "text/plain")
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+_TOKEN_CACHE_SECONDS = 10.0  # a revoked token is refused within this long
+_RETRY_AFTER_STORE = 5  # seconds a sender is asked to wait while the store fails
+
+
+@dataclass(slots=True)
+class HTTPSourceConfig:
+    host: str
+    port: int
+    path: str
+    tls: object
+    tokens: tuple
+    max_body: int
+    rate_limit: float
+    rate_burst: int
+    idempotency_window: float
+    charset: str
+    runner: ClassVar[type[Source]]
+
+
+@register("source", "http", "receive messages POSTed over HTTPS (HL7 v2 or JSON), answered after commit", [
+    Option("host", "str", "127.0.0.1", "address to listen on (0.0.0.0 for all)"),
+    Option("port", "int", description="TCP port"),
+    Option("path", "str", "/hl7", "the path messages are POSTed to"),
+    *TLS_OPTIONS,
+    Option("require_client_cert", "bool", False, "mutual TLS: senders need a certificate from tls_ca"),
+    Option("allow_plain_http", "bool", False, "serve without TLS (only on a loopback address: a local test)"),
+    Option("tokens", "list", [], "API tokens that may post here, by name (hl7relay token create NAME --role sender)",
+           item="str"),
+    Option("max_body", "int", DEFAULT_MAX_BODY, "larger requests are refused (413)"),
+    Option("rate_limit", "float", 0.0, "requests a second per sender (token or address); over it: 429 (0: none)"),
+    Option("rate_burst", "int", 20, "requests a sender may make at once after a quiet spell"),
+    Option("idempotency_window", "duration", 86400.0, "seconds a repeated Idempotency-Key gets the first answer"),
+    Option("charset", "str", "UTF-8", "for messages with an empty MSH-18"),
+])
+def _http(options, context=None):
+    import ipaddress
+
+    if not 0 <= options["port"] <= 65535:
+        raise ValueError(f"port {options['port']} is not a TCP port")
+    if not options["path"].startswith("/"):
+        raise ValueError("path starts with /")
+    tls = tls_config(options, True, getattr(context, "base_dir", None))
+    host = options["host"]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if tls is None or not tls.certificate:
+        if not options["allow_plain_http"]:
+            raise ValueError("an http source serves HTTPS: give tls_cert and tls_key (or allow_plain_http: true "
+                             "for a local test on a loopback address)")
+        if not loopback:
+            raise ValueError("allow_plain_http serves a loopback address only (patient data would cross the network "
+                             "readable)")
+        tls = None
+    if not options["tokens"] and not (tls is not None and tls.require_client_cert):
+        raise ValueError("say who may post: tokens (hl7relay token create NAME --role sender) or "
+                         "require_client_cert: true")
+    if options["max_body"] < 1 or options["rate_limit"] < 0 or options["rate_burst"] < 1:
+        raise ValueError("max_body and rate_burst must be 1 or more, rate_limit 0 (none) or more")
+    return HTTPSourceConfig(host, options["port"], options["path"], tls, tuple(options["tokens"]), options["max_body"],
+                            options["rate_limit"], options["rate_burst"], options["idempotency_window"],
+                            options["charset"])
+
+
+class _Reply:
+    """An answer to one POST: status, headers, body."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, body: bytes, content_type: str, headers: dict | None = None):
+        self.status, self.body = status, body
+        self.headers = {"Content-Type": content_type, **(headers or {})}
+
+
+class HTTPSource(Source):
+    def __init__(self, config: HTTPSourceConfig, running):
+        super().__init__(config, running)
+        self.port = None
+        self.endpoint = _Endpoint(self)
+        self.requests_in_flight = 0
+
+    def open(self) -> str:
+        from hl7relay.webserver import IDLE_TIMEOUT, BoundedRequest
+
+        config = self.config
+
+        class SourceRequest(BoundedRequest):
+            max_body = config.max_body
+
+        site = _Site(_Root(self.endpoint, config.path))
+        site.requestFactory = SourceRequest
+        site.timeOut = IDLE_TIMEOUT
+        site.displayTracebacks = False
+        if config.tls is not None:
+            from hl7relay.mllp.tls import server_options
+
+            port = self.reactor.listenSSL(config.port, site, server_options(config.tls), interface=config.host)
+        else:
+            port = self.reactor.listenTCP(config.port, site, interface=config.host)
+        self.port = port
+        address = port.getHost()
+        self.address = f"{address.host}:{address.port}"
+        scheme = "https" if config.tls is not None else "http"
+        return f"HTTP{' TLS' if config.tls is not None else ''} on {self.address} ({scheme}://{self.address}{config.path})"
+
+    def close(self, close_connections: bool):
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+    def keeps_socket(self, new_config) -> bool:
+        old = self.config
+        return (self.port is not None and isinstance(new_config, HTTPSourceConfig)
+                and (old.host, old.port, old.tls) == (new_config.host, new_config.port, new_config.tls))
+
+    def reconfigure(self, new_config) -> None:
+        self.config = new_config
+        self.endpoint.reconfigured()
+
+    @property
+    def bound(self) -> bool:
+        return self.port is not None
+
+
+class _Site(server.Site):
+    def log(self, request):
+        """No access line: each message is logged by its channel."""
+
+
+class _Root(resource.Resource):
+    def __init__(self, endpoint, path: str):
+        super().__init__()
+        self.endpoint = endpoint
+        self.path = path.encode()
+
+    def getChild(self, name, request):
+        return self
+
+    def render(self, request):
+        if request.path != self.endpoint.source.config.path.encode():
+            return _write(request, _Reply(404, b"no such path\n", "text/plain; charset=utf-8"))
+        if request.method != b"POST":
+            request.setHeader(b"Allow", b"POST")
+            return _write(request, _Reply(405, b"POST a message here\n", "text/plain; charset=utf-8"))
+        d = defer.ensureDeferred(self.endpoint.post(request))
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: None)  # the sender went away: the message is stored, its answer unsent
+
+        def reply(answer):
+            if not finished.called:
+                request.write(_write(request, answer))
+                request.finish()
+
+        def failed(failure):
+            log.failure("http source: a request failed", failure)
+            reply(_Reply(500, b"the engine could not take the message\n", "text/plain; charset=utf-8"))
+
+        d.addCallbacks(reply, failed)
+        return server.NOT_DONE_YET
+
+
+def _write(request, answer: _Reply) -> bytes:
+    """Sets the answer's status and headers; its body, to be written."""
+    request.setResponseCode(answer.status)
+    for name, value in answer.headers.items():
+        request.setHeader(name.encode("latin-1"), str(value).encode("latin-1"))
+    return answer.body
+
+
+class _Endpoint:
+    """What one POST comes to: who sent it, whether it may, the message, and its answer."""
+
+    def __init__(self, source: HTTPSource):
+        self.source = source
+        self.buckets: OrderedDict[str, Any] = OrderedDict()  # sender -> its TokenBucket
+        self.idempotent: OrderedDict[str, tuple[float, Any]] = OrderedDict()  # key -> (when, reply or Deferred)
+        self.tokens: dict[str, tuple[float, dict | None]] = {}  # token hash -> (checked at, row)
+
+    def reconfigured(self) -> None:
+        self.buckets.clear()
+
+    async def post(self, request) -> _Reply:
+        source = self.source
+        config = source.config
+        sender = await self._sender(request)
+        if isinstance(sender, _Reply):
+            return sender
+        if config.rate_limit > 0:
+            limited = self._rate_limited(sender)
+            if limited is not None:
+                return limited
+        key = request.getHeader(b"idempotency-key")
+        if key:
+            key_id = hashlib.sha256(sender.encode() + b"\0" + key[:200]).hexdigest()
+            now = source.reactor.seconds()
+            seen = self.idempotent.get(key_id)
+            if seen is not None and now - seen[0] <= config.idempotency_window:
+                earlier = seen[1]
+                if isinstance(earlier, defer.Deferred):  # the first is still being processed: its answer
+                    waiter: defer.Deferred = defer.Deferred()
+
+                    def relay(reply):
+                        waiter.callback(reply)
+                        return reply
+
+                    earlier.addBoth(relay)
+                    return await waiter
+                return earlier
+            pending: defer.Deferred = defer.Deferred()
+            self.idempotent[key_id] = (now, pending)
+            self._trim(now)
+            reply = await self._message(request, sender)
+            if reply.status == 503:  # not kept: a resend must be processed
+                self.idempotent.pop(key_id, None)
+            else:
+                self.idempotent[key_id] = (now, reply)
+            pending.callback(reply)
+            return reply
+        return await self._message(request, sender)
+
+    def _trim(self, now: float) -> None:
+        window = self.source.config.idempotency_window
+        while self.idempotent and (len(self.idempotent) > 100_000
+                                   or now - next(iter(self.idempotent.values()))[0] > window):
+            self.idempotent.popitem(last=False)
+
+    async def _sender(self, request):
+        """Who sent it ("token:NAME" or "cert:SUBJECT"), or the refusal."""
+        config = self.source.config
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if config.tokens and scheme.lower() == "bearer" and token.strip():
+            row = await self._token(token.strip())
+            if row is None or row["name"] not in config.tokens or row["role"] != SENDER_ROLE:
+                return _refusal(request, 403 if row is not None else 401,
+                                "this token may not post here" if row is not None else "unknown or revoked token")
+            return f"token:{row['name']}"
+        subject = _client_subject(request)
+        if subject is not None and config.tls is not None and config.tls.require_client_cert:
+            return f"cert:{subject}"
+        return _refusal(request, 401, "send Authorization: Bearer TOKEN (a sender token this channel names)")
+
+    async def _token(self, token: str):
+        from hl7relay.store.accounts import token_hash
+
+        hashed = token_hash(token)
+        now = self.source.reactor.seconds()
+        cached = self.tokens.get(hashed)
+        if cached is not None and now - cached[0] < _TOKEN_CACHE_SECONDS:
+            return cached[1]
+        writer = self.source.running.resources.writer
+        try:
+            row = await writer.read(writer.store.find_token, hashed)
+        except Exception:  # noqa: BLE001 - the store is failing: said as such below
+            return None
+        if len(self.tokens) > 10_000:
+            self.tokens.clear()
+        self.tokens[hashed] = (now, row)
+        return row
+
+    def _rate_limited(self, sender: str) -> _Reply | None:
+        from hl7relay.apiclient.ratelimit import TokenBucket
+
+        config = self.source.config
+        bucket = self.buckets.get(sender)
+        if bucket is None:
+            bucket = self.buckets[sender] = TokenBucket(config.rate_limit, config.rate_burst, self.source.reactor)
+            if len(self.buckets) > 10_000:
+                self.buckets.popitem(last=False)
+        if not bucket.take():
+            wait = max(1, int(1 / config.rate_limit + 0.999))
+            return _Reply(429, f"more than {config.rate_limit:g} requests a second: wait {wait} s\n".encode(),
+                          "text/plain; charset=utf-8", {"Retry-After": str(wait)})
+        return None
+
+    async def _message(self, request, sender: str) -> _Reply:
+        from hl7relay.ack.outcome import Status
+        from hl7relay.errors import ParseError
+        from hl7relay.hl7.message import Message
+        from hl7relay.mllp.listener import Peer
+
+        source = self.source
+        running = source.running
+        content_type = (request.getHeader(b"content-type") or b"").decode("latin-1").split(";")[0].strip().lower()
+        data = request.content.read() if request.content is not None else b""
+        as_json = content_type == "application/json"
+        if as_json:
+            try:
+                body = json.loads(data)
+                text = body["message"]
+                if not isinstance(text, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                return _json(400, {"status": "unreadable", "text": 'a JSON body is {"message": "MSH|..."}'})
+            data = text.encode("utf-8")
+        elif content_type not in HL7_TYPES:
+            return _Reply(415, f"send {HL7_TYPES[0]} or application/json, not {content_type or 'no content type'}\n"
+                          .encode(), "text/plain; charset=utf-8")
+        data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\r")
+        try:
+            message = Message.from_bytes(data + b"\r", source.config.charset)
+        except ParseError as exc:
+            frames = running.unreadable(str(exc)).frames
+            if as_json:
+                return _json(400, {"status": "unreadable", "text": str(exc)})
+            return _Reply(400, b"".join(frames), HL7_TYPES[0])
+        client = request.getClientAddress()
+        peer = Peer(f"{sender}@{getattr(client, 'host', '?')}", getattr(client, "port", 0))
+        started = time.perf_counter()
+        try:
+            outcome = await running.handle(message, peer)
+        except Exception:  # noqa: BLE001 - the engine's own failure: answered, never a traceback to the sender
+            log.failure("http source: handling a message failed")
+            from hl7relay.ack.outcome import Outcome
+
+            outcome = Outcome.internal_error("the engine could not process the message")
+        answer = running.policy.answer(message, outcome)
+        ack = b"".join(answer.frames)
+        stored = outcome.status is not Status.INTERNAL_ERROR
+        headers = {} if stored else {"Retry-After": str(_RETRY_AFTER_STORE)}
+        if as_json:
+            status = {Status.ACCEPTED: 200, Status.FILTERED: 200, Status.INTERNAL_ERROR: 503}.get(outcome.status, 422)
+            return _json(status, {"status": outcome.status.value, "ack_code": outcome.ack_codes[0] if outcome.ack_codes
+                                  else _msa(ack), "control_id": message.control_id, "text": outcome.text,
+                                  "ack": ack.decode("utf-8", "replace"),
+                                  "seconds": round(time.perf_counter() - started, 6)}, headers)
+        return _Reply(200 if stored else 503, ack, HL7_TYPES[0], headers)
+
+
+def _msa(ack: bytes) -> str:
+    at = ack.find(b"\rMSA|")
+    return ack[at + 5:at + 7].decode("ascii", "replace") if at >= 0 else ""
+
+
+def _json(status: int, body: dict, headers: dict | None = None) -> _Reply:
+    return _Reply(status, json.dumps(body).encode(), "application/json", headers)
+
+
+def _refusal(request, status: int, text: str) -> _Reply:
+    headers = {"WWW-Authenticate": 'Bearer realm="hl7relay"'} if status == 401 else {}
+    return _Reply(status, (text + "\n").encode(), "text/plain; charset=utf-8", headers)
+
+
+def _client_subject(request) -> str | None:
+    """The verified client certificate's subject common name (mutual TLS), or None."""
+    transport = getattr(request.channel, "transport", None)
+    getter = getattr(transport, "getPeerCertificate", None)
+    if getter is None:
+        return None
+    try:
+        certificate = getter()
+    except Exception:  # noqa: BLE001 - no TLS, or no certificate
+        return None
+    if certificate is None:
+        return None
+    name = certificate.get_subject()
+    return getattr(name, "CN", None) or str(name)
+
+
+HTTPSourceConfig.runner = HTTPSource
