@@ -461,7 +461,7 @@ class Summary:
         self.sent += 1
         self.types[message_type] = self.types.get(message_type, 0) + 1
         self.codes[code] = self.codes.get(code, 0) + 1
-        if code in _ACK_CODES:
+        if code in _ACK_CODES or code.startswith("http_"):  # an ACK, or an API's answer without one
             self.answered += 1
             self.latencies.append(latency)
 
@@ -473,11 +473,54 @@ class Summary:
 
     @property
     def accepted(self) -> bool:
-        """Every message answered AA or CA."""
-        return self.sent > 0 and self.codes.get(AckCode.AA, 0) + self.codes.get(AckCode.CA, 0) == self.sent
+        """Every message answered AA or CA (or, by an API without ACKs, 2xx)."""
+        good = sum(n for code, n in self.codes.items() if code in (AckCode.AA, AckCode.CA) or code.startswith("http_2"))
+        return self.sent > 0 and good == self.sent
 
     def to_dict(self) -> dict:
         return {"sent": self.sent, "answered": self.answered, "codes": self.codes, "types": self.types,
                 "elapsed_seconds": self.elapsed, "messages_per_second": self.sent / self.elapsed if self.elapsed else None,
                 "latency_ms": {name: (None if (v := self.percentile(q)) is None else v * 1000)
                                for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))}}
+
+
+class HTTPPoster:
+    """A :class:`Driver` sender that POSTs each message (``application/hl7-v2``) to an http source
+    (or ``hl7relay listen --http``), with a sender token; its answer's ACK code, or ``http_NNN``
+    for an answer without one, or ``connection_failed`` / ``timed_out``."""
+
+    def __init__(self, url: str, reactor, token: str | None = None, tls=None, timeout: float = 30.0,
+                 connect_timeout: float = 10.0):
+        from hl7relay.apiclient.http import HTTPClient
+
+        self.url, self.token, self.timeout = url, token, timeout
+        self.client = HTTPClient(reactor, tls, connect_timeout, connections=1)
+
+    def send(self, data: bytes):
+        from hl7relay.apiclient.http import HTTPFailure
+
+        headers = {"Content-Type": "application/hl7-v2", "User-Agent": "hl7relay-simulate"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        d = self.client.request("POST", self.url, headers, data, self.timeout)
+
+        def answered(answer):
+            at = answer.body.find(b"MSA|")
+            code = answer.body[at + 4:at + 6].decode("ascii", "replace") if at >= 0 else ""
+            if code not in _ACK_CODES:
+                code = f"http_{answer.status}"
+            return _Posted(code)
+
+        def failed(failure):
+            failure.trap(HTTPFailure)
+            return _Posted("connection_failed" if failure.value.unreachable else "timed_out")
+
+        return d.addCallbacks(answered, failed)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@dataclass(slots=True)
+class _Posted:
+    ack_code: str

@@ -453,3 +453,18 @@ def _console_pages(reactor, console: str, api) -> None:
     assert len(api.token_requests) == fetched + 1
     for value in [SECRET, *api.tokens]:
         assert value not in page
+
+
+def test_check_url_goes_dns_tcp_tls_then_an_http_round_trip(world, pki):
+    api, build, lines, tmp_path = world
+    reactor = build("").reactor
+    url = api.token_url.replace("/token", "/api/ping?api_key=never-shown")
+    code, out = _cli(reactor, tmp_path, "check", url, "--tls-ca", pki["ca"])
+    assert code == 0, out
+    assert [line.split()[0] for line in out.splitlines()[1:5]] == ["DNS", "TCP", "TLS", "HTTP"]
+    assert "HTTP  OK       GET https://127.0.0.1:" in out and "/api/ping: HTTP 401" in out
+    assert "never-shown" not in out and out.rstrip().endswith("reachable")
+    code, out = _cli(reactor, tmp_path, "check", url)  # the test CA is not in the system's trust store
+    assert code == 1 and "TLS   FAILED" in out and "NOT reachable" in out
+    code, out = _cli(reactor, tmp_path, "check", "https://", "--tls-ca", pki["ca"])
+    assert code == 2 and out.strip() == "https://: no host in the URL"

@@ -203,3 +203,40 @@ def test_while_the_store_fails_the_answer_is_503_with_retry_after():
     assert request.finished and request.responseCode == 503
     assert request.responseHeaders.getRawHeaders(b"retry-after") == [b"5"]
     assert b"MSA|AR|F1" in b"".join(request.written)
+
+
+def test_simulate_posts_to_an_http_source_and_listen_rehearses_a_failing_api(site, pki, tmp_path):
+    (tmp_path / "sender.token").write_text(site["token"] + "\n")
+    result = hl7relay(site["folder"], "simulate", "--url", site["url"], "--token-file", str(tmp_path / "sender.token"),
+                      "--tls-ca", pki["ca"], "--count", "4", "--connections", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sent 4 messages" in result.stdout and "to https://127.0.0.1:" in result.stdout and "answers: AA 4" in result.stdout
+    assert site["token"] not in result.stdout + result.stderr
+    wrong = hl7relay(site["folder"], "simulate", "--url", site["url"], "--port", "2575")
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
+    listener = subprocess.Popen([sys.executable, "-m", "hl7relay", "listen", "--http", "--port", "0", "--status", "429",
+                                 "--retry-after", "7", "--fail-first", "2"], stdout=subprocess.PIPE, text=True)
+    try:
+        first = listener.stdout.readline()
+        assert first.startswith("hl7relay listen: HTTP on 127.0.0.1:"), first
+        url = first.split("(")[1].split(")")[0]
+        answers = []
+        for i in range(3):
+            request = urllib.request.Request(url, data=MSG.format(id=f"L{i}").encode(), method="POST",
+                                             headers={"Content-Type": "application/hl7-v2"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    answers.append((answer.status, answer.headers.get("Retry-After"), json.loads(answer.read())))
+            except urllib.error.HTTPError as error:
+                answers.append((error.code, error.headers.get("Retry-After"), json.loads(error.read())))
+        assert answers[0][:2] == answers[1][:2] == (429, "7") and answers[2] == (201, None, {"received": "L2"})
+        lines = [listener.stdout.readline() for _ in range(3)]
+        assert "ADT^A08^ADT_A01 L0" in lines[0] and lines[0].rstrip().endswith("-> 429 Retry-After 7")
+        assert lines[2].rstrip().endswith("-> 201")
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=30)
+        listener.stdout.close()
+    wrong = hl7relay(site["folder"], "listen", "--status", "429")
+    assert wrong.returncode == 2 and wrong.stderr.strip() == ("hl7relay listen: --status and --retry-after answer "
+                                                              "HTTP requests: add --http")

@@ -20,6 +20,7 @@ DESCRIPTION = """\
                                          destination's check_message) and wait for its ACK
   hl7relay check --inbound [CHANNEL]     the running engine's listeners: the address each is bound to,
                                          open connections, and each peer's last connection and message
+  hl7relay check https://pms.example/api  any HTTP(S) endpoint: DNS, TCP, TLS, then a GET and its status
   hl7relay check --credentials NAME      test a credential now: its token endpoint reached, a token obtained
                                          (expiry, scopes) or the endpoint's error verbatim; with check_url,
                                          a GET carrying it
@@ -54,6 +55,8 @@ _HOST_PORT = re.compile(r"^\[?(?P<host>[^\[\]/]+?)\]?:(?P<port>\d{1,5})$")
 def run(args) -> int:
     if args.credentials is not None:
         return _credentials(args)
+    if args.target and args.target.startswith(("http://", "https://")):
+        return _url(args)
     if args.inbound:
         return _inbound(args)
     targets, code = _targets(args)
@@ -210,32 +213,68 @@ def _credentials(args) -> int:
         print(f"{args.credentials}: a {credential.type} credential has nothing to test without check_url "
               "(a URL of the API that answers a GET)", file=sys.stderr)
         return 2
-    from twisted.internet import reactor
-
     from hl7relay.ops.check import check_credential
 
-    outcome: list = []
-
-    def start():
-        d = check_credential(credential, reactor, args.timeout)
-        d.addBoth(outcome.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
-    result = outcome[0] if outcome else None
+    result = _run_on_reactor(lambda reactor: check_credential(credential, reactor, args.timeout))
     if not isinstance(result, list):  # a bug: said in one line, not a traceback
         print(f"{args.credentials}: the check failed: {getattr(result, 'getErrorMessage', lambda: result)()}",
               file=sys.stderr)
         return 1
-    ok = all(step.status in ("ok", "warning", "skipped") for step in result)
-    if args.format == "json":
-        print(json.dumps({"credential": credential.name, "type": credential.type, "authenticated": ok,
-                          "steps": [step.to_dict() for step in result]}, indent=2))
-    else:
-        print(f"{credential.name} ({credential.type})")
-        for step in result:
-            took = f" ({step.seconds * 1000:.1f} ms)" if step.seconds is not None else ""
-            print(f"  {step.name:5} {step.status.upper():8} {step.detail}{took}")
-        print(f"  {'authenticated' if ok else 'NOT authenticated'}")
-    return 0 if ok else 1
+    _print_steps(f"{credential.name} ({credential.type})", result, "authenticated", args.format,
+                 {"credential": credential.name, "type": credential.type})
+    return 0 if all(step.status in ("ok", "warning", "skipped") for step in result) else 1
+
+
+def _run_on_reactor(start):
+    """Run ``start()`` (a Deferred) on the reactor and return its result, or its Failure."""
+    from twisted.internet import reactor
+
+    outcome: list = []
+
+    def go():
+        d = start(reactor)
+        d.addBoth(outcome.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(go)
+    reactor.run(installSignalHandlers=False)
+    return outcome[0] if outcome else None
+
+
+def _print_steps(label: str, steps, ok_word: str, format: str, extra: dict) -> None:
+    ok = all(step.status in ("ok", "warning", "skipped") for step in steps)
+    if format == "json":
+        print(json.dumps({**extra, ok_word: ok, "steps": [step.to_dict() for step in steps]}, indent=2))
+        return
+    print(label)
+    for step in steps:
+        took = f" ({step.seconds * 1000:.1f} ms)" if step.seconds is not None else ""
+        print(f"  {step.name:5} {step.status.upper():8} {step.detail}{took}")
+    print(f"  {ok_word if ok else 'NOT ' + ok_word}")
+
+
+def _url(args) -> int:
+    from urllib.parse import urlsplit
+
+    from hl7relay.apiclient.http import safe_url
+    from hl7relay.ops.check import check_url
+
+    if args.inbound or args.mllp:
+        print("a URL is checked over HTTP: --inbound and --mllp do not apply", file=sys.stderr)
+        return 2
+    parts = urlsplit(args.target)
+    if not parts.hostname:
+        print(f"{args.target}: no host in the URL", file=sys.stderr)
+        return 2
+    try:
+        tls = tls_from_args(args, server=False) if parts.scheme == "https" else None
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    steps = _run_on_reactor(lambda reactor: check_url(args.target, tls, reactor, args.timeout))
+    if not isinstance(steps, list):
+        print(f"{safe_url(args.target)}: the check failed: {getattr(steps, 'getErrorMessage', lambda: steps)()}",
+              file=sys.stderr)
+        return 1
+    _print_steps(safe_url(args.target), steps, "reachable", args.format, {"target": safe_url(args.target)})
+    return 0 if all(step.status in ("ok", "warning", "skipped") for step in steps) else 1

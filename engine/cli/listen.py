@@ -25,7 +25,14 @@ To rehearse a failing receiver (what a channel's retries, dead letters and alert
   --delay SECONDS       answer only after that long (longer than the sender's ACK timeout: a timeout)
   --no-answer           read messages and never answer them
   --drop                close the connection as soon as a message arrives, without answering
-  --fail-first N        behave so for the first N messages only, then acknowledge normally"""
+  --fail-first N        behave so for the first N messages only, then acknowledge normally
+
+With --http it is an HTTP(S) receiver instead (a test double for an API an http destination posts
+to): every POST is answered 201 with {"received": CONTROL_ID}; to rehearse a failing API,
+  --status CODE         answer with that status (400 dead letter, 401 not authorised, 409 conflict,
+                        429/503 rate limited, 500 retried...)
+  --retry-after SECONDS with --status 429 or 503: the Retry-After the API asks for
+and --delay, --no-answer, --drop (the connection reset) and --fail-first N as above."""
 
 
 def add_arguments(parser) -> None:
@@ -47,7 +54,20 @@ def add_arguments(parser) -> None:
     mode.add_argument("--drop", action="store_true", help="close the connection instead of answering")
     failing.add_argument("--fail-first", type=count, metavar="N",
                          help="apply --answer/--delay/--no-answer/--drop to the first N messages only")
+    http = parser.add_argument_group("an HTTP receiver (--http)")
+    http.add_argument("--http", action="store_true", help="receive HTTP(S) POSTs instead of MLLP")
+    http.add_argument("--status", type=_status, metavar="CODE", help="with --http: answer with this status")
+    http.add_argument("--retry-after", type=seconds, metavar="SECONDS",
+                      help="with --http --status 429|503: the Retry-After header")
     add_tls_arguments(parser, server=True)
+
+
+def _status(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or not 200 <= int(text) <= 599:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an HTTP status (200 to 599)")
+    return int(text)
 
 
 def outcome_for(code: str, message):
@@ -68,9 +88,22 @@ def outcome_for(code: str, message):
 
 
 def run(args) -> int:
+    import sys
+
     from hl7relay.logs import start_logging
 
+    if not args.http and (args.status is not None or args.retry_after is not None):
+        print("hl7relay listen: --status and --retry-after answer HTTP requests: add --http", file=sys.stderr)
+        return 2
+    if args.http and args.answer != AckCode.AA:
+        print("hl7relay listen: --answer is an ACK code for MLLP; with --http give --status CODE", file=sys.stderr)
+        return 2
+    if args.retry_after is not None and args.status not in (429, 503):
+        print("hl7relay listen: --retry-after goes with --status 429 or 503", file=sys.stderr)
+        return 2
     start_logging(args.log_level)
+    if args.http:
+        return _http(args)
     from twisted.internet import reactor
 
     from twisted.internet.error import CannotListenError
@@ -127,5 +160,90 @@ def run(args) -> int:
     address = port.getHost()
     tls = "TLS" + (" with client certificates" if args.require_client_cert else "") if config.tls else "no TLS"
     print(f"hl7relay listen: MLLP on {address.host}:{address.port} ({tls}); Ctrl-C to stop", flush=True)
+    reactor.run()
+    return 0
+
+
+def _http(args) -> int:
+    """An HTTP(S) receiver that answers as told: one line per request."""
+    import json
+    import sys
+
+    from twisted.internet import reactor
+    from twisted.internet.error import CannotListenError
+    from twisted.web import resource, server
+
+    from hl7relay.errors import ParseError
+    from hl7relay.hl7.message import Message
+
+    seen = {"requests": 0}
+    rehearsing = args.status is not None or args.delay or args.no_answer or args.drop
+
+    class Receiver(resource.Resource):
+        isLeaf = True
+
+        def render_POST(self, request):
+            seen["requests"] += 1
+            body = request.content.read()
+            try:
+                message = Message.from_bytes(body.replace(b"\r\n", b"\r").replace(b"\n", b"\r"), args.charset)
+                about = f"{message.get('MSH-9') or '?'} {message.control_id or '-'}"
+                control_id = message.control_id or ""
+            except ParseError:
+                about, control_id = "(not HL7)", ""
+            client = request.getClientAddress()
+            line = (f"{time.strftime('%H:%M:%S')} {getattr(client, 'host', '?')} {request.method.decode()} "
+                    f"{request.path.decode('latin-1')} {about} {len(body)}B -> ")
+            failing = rehearsing and (args.fail_first is None or seen["requests"] <= args.fail_first)
+            if failing and args.drop:
+                print(line + "connection reset (--drop)", flush=True)
+                request.channel.transport.abortConnection()
+                return server.NOT_DONE_YET
+            if failing and args.no_answer:
+                print(line + "no answer (--no-answer)", flush=True)
+                return server.NOT_DONE_YET
+            status = args.status if failing and args.status is not None else 201
+            request.setResponseCode(status)
+            request.setHeader(b"Content-Type", b"application/json")
+            if status in (429, 503) and args.retry_after is not None:
+                request.setHeader(b"Retry-After", str(int(args.retry_after)).encode())
+            answer = (json.dumps({"received": control_id}) if status < 300
+                      else json.dumps({"error": f"hl7relay listen --status {status}: rehearsing"})).encode()
+            said = f"{status}" + (f" Retry-After {int(args.retry_after)}" if status in (429, 503)
+                                  and args.retry_after is not None else "")
+            if failing and args.delay:
+                print(line + f"{said} in {args.delay:g}s (--delay)", flush=True)
+
+                def late():
+                    if not request.finished and not getattr(request, "_disconnected", False):
+                        request.write(answer)
+                        request.finish()
+
+                reactor.callLater(args.delay, late)
+                return server.NOT_DONE_YET
+            print(line + said, flush=True)
+            return answer
+
+    class Quiet(server.Site):
+        def log(self, request):
+            """One line per request is printed above."""
+
+    site = Quiet(Receiver())
+    try:
+        tls = tls_from_args(args, server=True)
+        if tls is not None:
+            from hl7relay.mllp.tls import server_options
+
+            port = reactor.listenSSL(args.port, site, server_options(tls), interface=args.host)
+        else:
+            port = reactor.listenTCP(args.port, site, interface=args.host)
+    except (CannotListenError, ValueError) as exc:
+        reason = exc.socketError.strerror if getattr(exc, "socketError", None) is not None else str(exc)
+        print(f"hl7relay listen: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return 1
+    address = port.getHost()
+    scheme = "https" if tls is not None else "http"
+    print(f"hl7relay listen: HTTP on {address.host}:{address.port} ({scheme}://{address.host}:{address.port}/); "
+          "Ctrl-C to stop", flush=True)
     reactor.run()
     return 0

@@ -15,7 +15,9 @@ appointments booked, rescheduled and cancelled (SIU S12/S13/S15), and results wi
 observations of different value types (ORU R01), in the HL7 version and character set you choose.
 The same --seed gives the same messages byte for byte.
 
-Sends them to an MLLP listener (an engine's channel, or hl7relay listen) over --connections
+Sends them to an MLLP listener (an engine's channel, or hl7relay listen), or with --url POSTs them
+to an http source (hl7relay listen --http, or an engine's channel; --token-file for its sender
+token), over --connections
 connections, at --rate messages per second (0: as fast as each connection is answered), a patient's
 messages always on one connection and in order; then prints what was sent, the ACK codes and the
 ACK latency percentiles. With --out DIR it writes one file per message instead and sends nothing.
@@ -56,6 +58,9 @@ def add_arguments(parser) -> None:
                         help="MSH-11: T (training, the default), D (debugging), P (production: only on purpose)")
     parser.add_argument("--sending-facility", default="CLINIC", help="MSH-4 (default: CLINIC)")
     parser.add_argument("--out", metavar="DIR", help="write the messages to files in DIR instead of sending them")
+    parser.add_argument("--url", help="POST the messages over HTTP(S) to this URL instead (an http source)")
+    parser.add_argument("--token-file", metavar="PATH", help="with --url: a file holding the sender token "
+                                                             "(hl7relay token create NAME --role sender)")
     parser.add_argument("--timeout", type=seconds, default=30.0, help="seconds to wait for each ACK (default: 30)")
     parser.add_argument("--connect-timeout", type=seconds, default=10.0, help="seconds to wait to connect (default: 10)")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="the summary as text or JSON")
@@ -109,6 +114,15 @@ def _write(args) -> int:
 
 
 def run(args) -> int:
+    if args.url is not None and (args.port is not None or args.out):
+        print("hl7relay simulate: --url posts over HTTP: give --url URL, or --port PORT [--host HOST], or --out DIR",
+              file=sys.stderr)
+        return 2
+    if args.token_file is not None and args.url is None:
+        print("hl7relay simulate: --token-file goes with --url", file=sys.stderr)
+        return 2
+    if args.url is not None:
+        return _post(args)
     if args.out:
         if args.port is not None or args.host is not None:
             print("hl7relay simulate: --out writes files and sends nothing: give --out DIR, or --port PORT "
@@ -166,6 +180,57 @@ def run(args) -> int:
     return 0 if summary.accepted and not result["stopped"] else 1
 
 
+def _post(args) -> int:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(args.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        print(f"hl7relay simulate: --url {args.url!r} is not an http(s) URL", file=sys.stderr)
+        return 2
+    token = None
+    if args.token_file:
+        try:
+            token = open(args.token_file, encoding="utf-8").read().strip()
+        except OSError as exc:
+            print(f"hl7relay simulate: {args.token_file}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    try:
+        tls = tls_from_args(args, server=False) if parts.scheme == "https" else None
+    except ValueError as exc:
+        print(f"hl7relay simulate: {exc}", file=sys.stderr)
+        return 2
+    from hl7relay.logs import start_logging
+
+    start_logging(args.log_level)
+    from twisted.internet import task
+
+    from hl7relay.apiclient.http import safe_url
+    from hl7relay.simulate import Driver, HTTPPoster
+
+    result = {}
+
+    def main(reactor):
+        senders = [HTTPPoster(args.url, reactor, token, tls, args.timeout, args.connect_timeout)
+                   for _ in range(args.connections)]
+        driver = Driver(_simulation(args), senders, reactor, args.count, args.rate, args.duration)
+
+        def done(summary):
+            for sender in senders:
+                sender.close()
+            result["summary"], result["stopped"] = summary, driver.stopped
+
+        return driver.start().addCallback(done)
+
+    try:
+        task.react(main)
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+    args.host, args.port = safe_url(args.url), None
+    _report(args, result["summary"], result["stopped"])
+    return 0 if result["summary"].accepted and not result["stopped"] else 1
+
+
 def _report(args, summary, stopped: str) -> None:
     import json
 
@@ -175,7 +240,7 @@ def _report(args, summary, stopped: str) -> None:
         return
     rate = f", {summary.sent / summary.elapsed:,.0f} msgs/s" if summary.elapsed > 0 else ""
     print(f"sent {summary.sent} message{'s' * (summary.sent != 1)} (seed {args.seed}, HL7 {args.hl7_version}, {args.charset}) to "
-          f"{args.host}:{args.port} over {args.connections} connection{'s' * (args.connections != 1)} "
+          f"{args.host if args.port is None else f'{args.host}:{args.port}'} over {args.connections} connection{'s' * (args.connections != 1)} "
           f"in {summary.elapsed:.1f} s{rate}")
     if stopped:
         print(f"  stopped early: {stopped}")

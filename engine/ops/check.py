@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hl7relay.mllp.framing import Frame, MLLPFramer, frame
 
-__all__ = ["Step", "check_destination", "check_credential", "default_check_message", "EXPIRY_WARNING_DAYS"]
+__all__ = ["Step", "check_destination", "check_credential", "check_url", "default_check_message", "EXPIRY_WARNING_DAYS"]
 
 EXPIRY_WARNING_DAYS = 30
 
@@ -209,9 +209,7 @@ def check_credential(credential, reactor, timeout: float = 10.0):
     """Test a credential now: the token endpoint reached (DNS, TCP, TLS), a token obtained (its
     expiry and scopes) or the endpoint's own error verbatim, then with ``check_url`` a GET carrying
     the credential. A Deferred firing with the steps; nothing of a token or a secret in them."""
-    from urllib.parse import urlsplit
-
-    from twisted.internet import defer, threads
+    from twisted.internet import defer
 
     from hl7relay.apiclient.credentials import Authorization, Authorizer
     from hl7relay.apiclient.http import HTTPFailure, safe_url
@@ -224,15 +222,8 @@ def check_credential(credential, reactor, timeout: float = 10.0):
 
     @defer.inlineCallbacks
     def run():
-        parts = urlsplit(first)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        tls = credential.tls if oauth is not None else None
-        if parts.scheme == "https" and tls is None:
-            from hl7relay.mllp.tls import TLSConfig
-
-            tls = TLSConfig()
-        reached = yield threads.deferToThread(check_destination, parts.hostname, port, tls, None, timeout)
-        steps.extend(step for step in reached if step.name != "MLLP")
+        reached = yield _reach(first, credential.tls if oauth is not None else None, timeout)
+        steps.extend(reached)
         if any(step.status == "failed" for step in steps):
             return steps
         if oauth is not None:
@@ -277,3 +268,50 @@ def check_credential(credential, reactor, timeout: float = 10.0):
     d = run()
     d.addBoth(lambda result: (authorizer.close(), result)[1])
     return d
+
+
+def _reach(url: str, tls, timeout: float):
+    """DNS, TCP and (https) TLS to ``url``'s host, on a thread: a Deferred of the steps."""
+    from urllib.parse import urlsplit
+
+    from twisted.internet import threads
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if parts.scheme == "https" and tls is None:
+        from hl7relay.mllp.tls import TLSConfig
+
+        tls = TLSConfig()  # the system's trust store
+    if parts.scheme != "https":
+        tls = None
+    d = threads.deferToThread(check_destination, parts.hostname, port, tls, None, timeout)
+    return d.addCallback(lambda steps: [step for step in steps if step.name != "MLLP"])
+
+
+def check_url(url: str, tls, reactor, timeout: float = 10.0):
+    """``hl7relay check URL``: DNS, TCP, TLS, then an HTTP round trip (a GET, no credentials): its
+    status and time. Any answer proves the way there works (a 401 from an API is an answer)."""
+    from twisted.internet import defer
+
+    from hl7relay.apiclient.http import HTTPClient, HTTPFailure, safe_url
+
+    @defer.inlineCallbacks
+    def run():
+        steps = yield _reach(url, tls, timeout)
+        if any(step.status == "failed" for step in steps):
+            return steps
+        client = HTTPClient(reactor, tls, timeout)
+        try:
+            answer = yield client.request("GET", url, {"User-Agent": "hl7relay-check"}, None, timeout)
+        except HTTPFailure as exc:
+            steps.append(Step("HTTP", "failed", str(exc)))
+            return steps
+        finally:
+            client.close()
+        status = "ok" if answer.status < 400 or answer.status in (401, 403, 405) else "warning"
+        server = answer.headers.get("server")
+        steps.append(Step("HTTP", status, f"GET {safe_url(url)}: HTTP {answer.status}"
+                                          + (f" ({server[:60]})" if server else ""), answer.seconds))
+        return steps
+
+    return run()
