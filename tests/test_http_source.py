@@ -169,13 +169,11 @@ def test_kill_9_under_load_loses_nothing_answered_2xx(tmp_path, pki, processes):
 
 
 def test_while_the_store_fails_the_answer_is_503_with_retry_after():
-    from io import BytesIO
-
     from twisted.internet import defer, task
-    from twisted.web.test.requesthelper import DummyRequest
 
     from hl7relay.ack import AckPolicy, Outcome
-    from hl7relay.channels.http_source import HTTPSource, HTTPSourceConfig, _Root
+    from hl7relay.channels.http_source import HTTPSource, HTTPSourceConfig
+    from hl7relay.httpwire import RequestFramer
     from hl7relay.resources import Resources
 
     class FailingStore:
@@ -188,21 +186,26 @@ def test_while_the_store_fails_the_answer_is_503_with_retry_after():
         def unreadable(self, text):
             return self.policy.unreadable(text)
 
+    class Connection:
+        client = ("127.0.0.1", 5000)
+
+        def client_subject(self):
+            return "pms"
+
     config = HTTPSourceConfig("127.0.0.1", 0, "/hl7", None, (), 1024, 0.0, 1, 60.0, "UTF-8")
     source = HTTPSource(config, FailingStore())
 
-    async def mutual_tls(request):
+    async def mutual_tls(request, connection):
         return "cert:pms"
 
     source.endpoint._sender = mutual_tls
-    request = DummyRequest([b"hl7"])
-    request.method, request.path = b"POST", b"/hl7"
-    request.requestHeaders.setRawHeaders(b"content-type", [b"application/hl7-v2"])
-    request.content = BytesIO(MSG.format(id="F1").encode())
-    _Root(source.endpoint, "/hl7").render(request)
-    assert request.finished and request.responseCode == 503
-    assert request.responseHeaders.getRawHeaders(b"retry-after") == [b"5"]
-    assert b"MSA|AR|F1" in b"".join(request.written)
+    data = MSG.format(id="F1").encode()
+    [request] = RequestFramer().feed(b"POST /hl7 HTTP/1.1\r\nContent-Type: application/hl7-v2\r\n"
+                                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    replies = []
+    defer.ensureDeferred(source.endpoint.post(request, Connection())).addCallback(replies.append)
+    [reply] = replies
+    assert reply.status == 503 and reply.headers["Retry-After"] == "5" and b"MSA|AR|F1" in reply.body
 
 
 def test_simulate_posts_to_an_http_source_and_listen_rehearses_a_failing_api(site, pki, tmp_path):

@@ -171,7 +171,7 @@ class HTTPDelivery(Delivery):
 
     def deliver(self, message, message_id=None):
         config = self.config
-        url = render_template(config.url, message, message_id, _url_part)
+        url = render_template(config.url, message, message_id, _url_part) if "{" in config.url else config.url
         if config.body is None:
             body = message.to_bytes()
         else:
@@ -188,12 +188,15 @@ class HTTPDelivery(Delivery):
         seed = f"{message_id}\0{message.get('MSH-10') or ''}\0{self.config.method}\0{self.config.url}"
         return hashlib.sha256(seed.encode("utf-8")).hexdigest()[:40]
 
+    def _send(self, url: str, headers: dict, body: bytes, retried: bool) -> defer.Deferred:
+        if self.authorizer is None and self.bucket.rate <= 0:
+            return self._request(url, url, headers, body, None, retried)  # nothing to wait for first
+        return self._authorized(url, headers, body, retried)
+
     @defer.inlineCallbacks
-    def _send(self, url: str, headers: dict, body: bytes, retried: bool):
-        from hl7relay.apiclient.http import HTTPFailure
+    def _authorized(self, url: str, headers: dict, body: bytes, retried: bool):
         from hl7relay.apiclient.oauth import TokenError
 
-        config = self.config
         authorization = None
         sent_headers, target = headers, url
         if self.authorizer is not None:
@@ -212,29 +215,43 @@ class HTTPDelivery(Delivery):
                 target = urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
         # the rate limit is taken last, once the token is in hand: what the API sees keeps its pace
         yield self.bucket.acquire()
-        try:
-            answer = yield self.client.request(config.method, target, sent_headers, body, config.timeout)
-        except HTTPFailure as exc:
-            return DeliveryResult(False, error=str(exc), outcome=DeliveryOutcome.UNREACHABLE if exc.unreachable
-                                  else DeliveryOutcome.TIMED_OUT)
+        result = yield self._request(url, target, sent_headers, body, authorization, retried)
+        return result
+
+    def _request(self, url: str, target: str, headers: dict, body: bytes, authorization, retried: bool):
+        d = self.client.request(self.config.method, target, headers, body, self.config.timeout)
+        return d.addCallbacks(self._answered, self._no_answer, callbackArgs=(url, headers, body, authorization, retried))
+
+    @staticmethod
+    def _no_answer(failure):
+        from hl7relay.apiclient.http import HTTPFailure
+
+        failure.trap(HTTPFailure)
+        exc = failure.value
+        return DeliveryResult(False, error=str(exc), outcome=DeliveryOutcome.UNREACHABLE if exc.unreachable
+                              else DeliveryOutcome.TIMED_OUT)
+
+    def _answered(self, answer, url: str, headers: dict, body: bytes, authorization, retried: bool):
+        config = self.config
         if answer.status == 401 and authorization is not None and not retried and self.authorizer.refused(authorization):
             # the token may have been revoked or expired early: a new one, once, and the request again
-            result = yield self._send(url, headers, body, retried=True)
-            return result
+            plain = {k: v for k, v in headers.items() if k not in authorization.headers}
+            return self._send(url, plain, body, retried=True)
         verdict = classify(answer.status, answer.headers, answer.body, self.resources.clock(),
                            default_wait=config.queue.retry_max, max_retry_after=config.max_retry_after,
                            success=self.success)
         said = self._said(answer)
-        if verdict.verdict is Verdict.SENT:
+        kind = verdict.verdict
+        if kind is Verdict.SENT:
             return DeliveryResult(True, ack=said)
-        if verdict.verdict is Verdict.WAIT:
+        if kind is Verdict.WAIT:
             return DeliveryResult(False, ack=said, error=verdict.reason, outcome=DeliveryOutcome.RATE_LIMITED,
                                   wait=verdict.wait)
-        if verdict.verdict is Verdict.HOLD:
+        if kind is Verdict.HOLD:
             return DeliveryResult(False, ack=said, error=verdict.reason, outcome=DeliveryOutcome.NOT_AUTHORISED)
-        if verdict.verdict is Verdict.RETRY:
+        if kind is Verdict.RETRY:
             return DeliveryResult(False, ack=said, error=verdict.reason)
-        if verdict.verdict is Verdict.CONFLICT:
+        if kind is Verdict.CONFLICT:
             return DeliveryResult(False, True, ack=said, error=verdict.reason, outcome=DeliveryOutcome.CONFLICT)
         return DeliveryResult(False, True, ack=said, error=verdict.reason)
 

@@ -23,11 +23,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from twisted.internet import defer
+from collections import deque
+
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
-from twisted.web import resource, server
 
 from hl7relay.channels.sources import TLS_OPTIONS, Source, tls_config
+from hl7relay.mllp.transport import write_now
 from hl7relay.spec import Option, register
 from hl7relay.store.accounts import SENDER_ROLE
 
@@ -112,31 +114,27 @@ class _Reply:
         self.headers = {"Content-Type": content_type, **(headers or {})}
 
 
+_TEXT = "text/plain; charset=utf-8"
+IDLE_TIMEOUT = 60.0  # seconds a kept-alive connection may wait for its next request
+READ_TIMEOUT = 30.0  # seconds a request may take to arrive whole once it has begun (no slowloris)
+
+
 class HTTPSource(Source):
     def __init__(self, config: HTTPSourceConfig, running):
         super().__init__(config, running)
         self.port = None
         self.endpoint = _Endpoint(self)
-        self.requests_in_flight = 0
+        self.connections: set[_Connection] = set()
 
     def open(self) -> str:
-        from hl7relay.webserver import IDLE_TIMEOUT, BoundedRequest
-
         config = self.config
-
-        class SourceRequest(BoundedRequest):
-            max_body = config.max_body
-
-        site = _Site(_Root(self.endpoint, config.path))
-        site.requestFactory = SourceRequest
-        site.timeOut = IDLE_TIMEOUT
-        site.displayTracebacks = False
+        factory = protocol.Factory.forProtocol(lambda: _Connection(self))
         if config.tls is not None:
             from hl7relay.mllp.tls import server_options
 
-            port = self.reactor.listenSSL(config.port, site, server_options(config.tls), interface=config.host)
+            port = self.reactor.listenSSL(config.port, factory, server_options(config.tls), interface=config.host)
         else:
-            port = self.reactor.listenTCP(config.port, site, interface=config.host)
+            port = self.reactor.listenTCP(config.port, factory, interface=config.host)
         self.port = port
         address = port.getHost()
         self.address = f"{address.host}:{address.port}"
@@ -145,9 +143,21 @@ class HTTPSource(Source):
 
     def close(self, close_connections: bool):
         port, self.port = self.port, None
-        if port is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        d = defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+
+        def closed(_):
+            if close_connections:
+                for connection in list(self.connections):
+                    connection.transport.loseConnection()
+
+        return d.addCallback(closed)
+
+    def finish(self) -> int:
+        return sum(connection.finish() for connection in list(self.connections))
+
+    def abort(self) -> None:
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
 
     def keeps_socket(self, new_config) -> bool:
         old = self.config
@@ -162,50 +172,127 @@ class HTTPSource(Source):
     def bound(self) -> bool:
         return self.port is not None
 
-
-class _Site(server.Site):
-    def log(self, request):
-        """No access line: each message is logged by its channel."""
-
-
-class _Root(resource.Resource):
-    def __init__(self, endpoint, path: str):
-        super().__init__()
-        self.endpoint = endpoint
-        self.path = path.encode()
-
-    def getChild(self, name, request):
-        return self
-
-    def render(self, request):
-        if request.path != self.endpoint.source.config.path.encode():
-            return _write(request, _Reply(404, b"no such path\n", "text/plain; charset=utf-8"))
-        if request.method != b"POST":
-            request.setHeader(b"Allow", b"POST")
-            return _write(request, _Reply(405, b"POST a message here\n", "text/plain; charset=utf-8"))
-        d = defer.ensureDeferred(self.endpoint.post(request))
-        finished = request.notifyFinish()
-        finished.addErrback(lambda _: None)  # the sender went away: the message is stored, its answer unsent
-
-        def reply(answer):
-            if not finished.called:
-                request.write(_write(request, answer))
-                request.finish()
-
-        def failed(failure):
-            log.failure("http source: a request failed", failure)
-            reply(_Reply(500, b"the engine could not take the message\n", "text/plain; charset=utf-8"))
-
-        d.addCallbacks(reply, failed)
-        return server.NOT_DONE_YET
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
 
 
-def _write(request, answer: _Reply) -> bytes:
-    """Sets the answer's status and headers; its body, to be written."""
-    request.setResponseCode(answer.status)
-    for name, value in answer.headers.items():
-        request.setHeader(name.encode("latin-1"), str(value).encode("latin-1"))
-    return answer.body
+class _Connection(protocol.Protocol):
+    """One sender's connection: requests framed by :class:`~hl7relay.httpwire.RequestFramer`,
+    handled one at a time in order (HTTP answers in order), each answer written in one go."""
+
+    transport: Any  # a TCP or TLS transport once connected
+
+    def __init__(self, source: HTTPSource):
+        from hl7relay.httpwire import RequestFramer
+
+        self.source = source
+        self.framer = RequestFramer(max_body=source.config.max_body)
+        self.waiting: deque = deque()  # requests (or a refusal) read but not yet handled
+        self.busy = False
+        self.closed = False
+        self.finishing = False
+        self.subject: Any = False  # the client certificate's subject, read once (False: not yet)
+        self._idle = None
+        self._read = None
+
+    def connectionMade(self):
+        self.source.connections.add(self)
+        peer = self.transport.getPeer()
+        self.client = (getattr(peer, "host", "?"), getattr(peer, "port", 0))
+        self._idle_from_now()
+
+    def _idle_from_now(self):
+        reactor = self.source.reactor
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(IDLE_TIMEOUT)
+        else:
+            self._idle = reactor.callLater(IDLE_TIMEOUT, self._timed_out, "idle")
+
+    def _timed_out(self, why: str):
+        if why == "read" and not self.closed:
+            self.transport.write(_response(_Reply(408, b"the request did not arrive whole in time\n", _TEXT), True))
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes):
+        from hl7relay.httpwire import Continue
+
+        if self.finishing:
+            return
+        self._idle_from_now()
+        if self._read is None:
+            self._read = self.source.reactor.callLater(READ_TIMEOUT, self._timed_out, "read")
+        for event in self.framer.feed(data):
+            if isinstance(event, Continue):
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                self.waiting.append(event)
+        if self.framer_idle() and self._read is not None and self._read.active():
+            self._read.cancel()
+            self._read = None
+        self._next()
+
+    def framer_idle(self) -> bool:
+        return not self.framer.partial
+
+    def _next(self):
+        from hl7relay.httpwire import Refusal
+
+        if self.busy or not self.waiting or self.closed:
+            return
+        event = self.waiting.popleft()
+        if isinstance(event, Refusal):
+            reply = _Reply(event.status, (event.text + "\n").encode(), _TEXT)
+            self.transport.write(_response(reply, True))
+            self.transport.loseConnection()
+            return
+        self.busy = True
+        d = defer.ensureDeferred(self.source.endpoint.post(event, self))
+        d.addErrback(self._failed)
+        d.addCallback(self._answered, event)
+
+    def _failed(self, failure):
+        log.failure("http source: a request failed", failure)
+        return _Reply(500, b"the engine could not take the message\n", _TEXT)
+
+    def _answered(self, reply, request):
+        self.busy = False
+        if self.closed:
+            return  # the sender went away: the message is stored, its answer unsent
+        close = not request.keep_alive or self.finishing
+        write_now(self.transport, _response(reply, close))  # sent now, not on the next turn (as MLLP's ACKs)
+        if close:
+            self.transport.loseConnection()
+        else:
+            self._next()
+
+    def client_subject(self) -> str | None:
+        if self.subject is False:
+            self.subject = _client_subject(self.transport)
+        return self.subject or None
+
+    def finish(self) -> int:
+        """The engine stops: read nothing more, answer what is being handled, drop what waits."""
+        self.finishing = True
+        self.transport.pauseProducing()
+        dropped = len(self.waiting)
+        self.waiting.clear()
+        if not self.busy:
+            self.transport.loseConnection()
+        return dropped
+
+    def connectionLost(self, reason=None):
+        self.closed = True
+        self.source.connections.discard(self)
+        for timer in (self._idle, self._read):
+            if timer is not None and timer.active():
+                timer.cancel()
+
+
+def _response(reply: _Reply, close: bool) -> bytes:
+    from hl7relay.httpwire import response
+
+    return response(reply.status, reply.body, reply.headers, close)
 
 
 class _Endpoint:
@@ -220,19 +307,24 @@ class _Endpoint:
     def reconfigured(self) -> None:
         self.buckets.clear()
 
-    async def post(self, request) -> _Reply:
+    async def post(self, request, connection) -> _Reply:
+        """One request's answer: ``request`` an :class:`~hl7relay.httpwire.Request`."""
         source = self.source
         config = source.config
-        sender = await self._sender(request)
+        if request.path != config.path:
+            return _Reply(404, b"no such path: POST messages to " + config.path.encode() + b"\n", _TEXT)
+        if request.method != "POST":
+            return _Reply(405, b"POST a message here\n", _TEXT, {"Allow": "POST"})
+        sender = await self._sender(request, connection)
         if isinstance(sender, _Reply):
             return sender
         if config.rate_limit > 0:
             limited = self._rate_limited(sender)
             if limited is not None:
                 return limited
-        key = request.getHeader(b"idempotency-key")
+        key = request.header("idempotency-key")
         if key:
-            key_id = hashlib.sha256(sender.encode() + b"\0" + key[:200]).hexdigest()
+            key_id = hashlib.sha256(f"{sender}\0{key[:200]}".encode("utf-8", "replace")).hexdigest()
             now = source.reactor.seconds()
             seen = self.idempotent.get(key_id)
             if seen is not None and now - seen[0] <= config.idempotency_window:
@@ -250,14 +342,14 @@ class _Endpoint:
             pending: defer.Deferred = defer.Deferred()
             self.idempotent[key_id] = (now, pending)
             self._trim(now)
-            reply = await self._message(request, sender)
+            reply = await self._message(request, sender, connection)
             if reply.status == 503:  # not kept: a resend must be processed
                 self.idempotent.pop(key_id, None)
             else:
                 self.idempotent[key_id] = (now, reply)
             pending.callback(reply)
             return reply
-        return await self._message(request, sender)
+        return await self._message(request, sender, connection)
 
     def _trim(self, now: float) -> None:
         window = self.source.config.idempotency_window
@@ -265,21 +357,21 @@ class _Endpoint:
                                    or now - next(iter(self.idempotent.values()))[0] > window):
             self.idempotent.popitem(last=False)
 
-    async def _sender(self, request):
+    async def _sender(self, request, connection):
         """Who sent it ("token:NAME" or "cert:SUBJECT"), or the refusal."""
         config = self.source.config
-        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        header = request.header("authorization")
         scheme, _, token = header.partition(" ")
         if config.tokens and scheme.lower() == "bearer" and token.strip():
             row = await self._token(token.strip())
             if row is None or row["name"] not in config.tokens or row["role"] != SENDER_ROLE:
-                return _refusal(request, 403 if row is not None else 401,
+                return _refusal(403 if row is not None else 401,
                                 "this token may not post here" if row is not None else "unknown or revoked token")
             return f"token:{row['name']}"
-        subject = _client_subject(request)
+        subject = connection.client_subject()
         if subject is not None and config.tls is not None and config.tls.require_client_cert:
             return f"cert:{subject}"
-        return _refusal(request, 401, "send Authorization: Bearer TOKEN (a sender token this channel names)")
+        return _refusal(401, "send Authorization: Bearer TOKEN (a sender token this channel names)")
 
     async def _token(self, token: str):
         from hl7relay.store.accounts import token_hash
@@ -314,7 +406,7 @@ class _Endpoint:
                           "text/plain; charset=utf-8", {"Retry-After": str(wait)})
         return None
 
-    async def _message(self, request, sender: str) -> _Reply:
+    async def _message(self, request, sender: str, connection) -> _Reply:
         from hl7relay.ack.outcome import Status
         from hl7relay.errors import ParseError
         from hl7relay.hl7.message import Message
@@ -322,8 +414,8 @@ class _Endpoint:
 
         source = self.source
         running = source.running
-        content_type = (request.getHeader(b"content-type") or b"").decode("latin-1").split(";")[0].strip().lower()
-        data = request.content.read() if request.content is not None else b""
+        content_type = request.header("content-type").split(";")[0].strip().lower()
+        data = request.body
         as_json = content_type == "application/json"
         if as_json:
             try:
@@ -336,7 +428,7 @@ class _Endpoint:
             data = text.encode("utf-8")
         elif content_type not in HL7_TYPES:
             return _Reply(415, f"send {HL7_TYPES[0]} or application/json, not {content_type or 'no content type'}\n"
-                          .encode(), "text/plain; charset=utf-8")
+                          .encode(), _TEXT)
         data = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\r")
         try:
             message = Message.from_bytes(data + b"\r", source.config.charset)
@@ -345,8 +437,7 @@ class _Endpoint:
             if as_json:
                 return _json(400, {"status": "unreadable", "text": str(exc)})
             return _Reply(400, b"".join(frames), HL7_TYPES[0])
-        client = request.getClientAddress()
-        peer = Peer(f"{sender}@{getattr(client, 'host', '?')}", getattr(client, "port", 0))
+        peer = Peer(f"{sender}@{connection.client[0]}", connection.client[1])
         started = time.perf_counter()
         try:
             outcome = await running.handle(message, peer)
@@ -377,14 +468,13 @@ def _json(status: int, body: dict, headers: dict | None = None) -> _Reply:
     return _Reply(status, json.dumps(body).encode(), "application/json", headers)
 
 
-def _refusal(request, status: int, text: str) -> _Reply:
+def _refusal(status: int, text: str) -> _Reply:
     headers = {"WWW-Authenticate": 'Bearer realm="hl7relay"'} if status == 401 else {}
     return _Reply(status, (text + "\n").encode(), "text/plain; charset=utf-8", headers)
 
 
-def _client_subject(request) -> str | None:
+def _client_subject(transport) -> str | None:
     """The verified client certificate's subject common name (mutual TLS), or None."""
-    transport = getattr(request.channel, "transport", None)
     getter = getattr(transport, "getPeerCertificate", None)
     if getter is None:
         return None
