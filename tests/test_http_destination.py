@@ -10,6 +10,7 @@ import json
 import re
 import threading
 import time
+from pathlib import Path
 from collections import deque
 
 import pytest
@@ -468,3 +469,30 @@ def test_check_url_goes_dns_tcp_tls_then_an_http_round_trip(world, pki):
     assert code == 1 and "TLS   FAILED" in out and "NOT reachable" in out
     code, out = _cli(reactor, tmp_path, "check", "https://", "--tls-ca", pki["ca"])
     assert code == 2 and out.strip() == "https://: no host in the URL"
+
+
+def test_the_readme_walk_through_lints_as_written(tmp_path):
+    """The README's credentials.yaml and destination, verbatim, with the secret set as it says."""
+    import subprocess
+    import sys
+    import textwrap
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    walk = readme.split("### Connecting a PMS's REST API with OAuth 2.0")[1].split("### Receiving over HTTPS")[0]
+    blocks = [textwrap.dedent(block.split("```", 1)[0]) for block in walk.split("```yaml\n")[1:]]
+    credentials, destination = blocks[0], blocks[1]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "credentials.yaml").write_text(credentials)
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "results.yaml").write_text("name: results\nsource: {type: mllp, port: 0}\n" + destination)
+
+    def hl7relay(*args, stdin=None):
+        return subprocess.run([sys.executable, "-m", "hl7relay", *args], cwd=tmp_path, input=stdin, text=True,
+                              capture_output=True, timeout=60)
+
+    assert hl7relay("lint", "channels").returncode == 1  # the secret is not set yet: said, not a traceback
+    assert hl7relay("secret", "set", "pms-client-secret", stdin="s3cret-from-the-pms").returncode == 0
+    result = hl7relay("lint", "channels")
+    assert result.returncode == 0 and result.stdout.strip() == "1 channel OK: results", result.stdout + result.stderr
+    wrong = hl7relay("check", "--credentials", "pms-api", "lab")
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
