@@ -397,10 +397,17 @@ def test_the_engine_delivers_to_the_api_and_shows_its_sync_status(world, pki, sa
     try:
         startup = "".join(wait_for_line(engine, READY))
         port = startup.split("MLLP on 127.0.0.1:")[1].split()[0]
+        trace = _engine_api(folder, "POST", "/api/v1/traces", {"kind": "api", "minutes": 1})
+        assert trace["kind"] == "api"
         code, out = _cli(reactor, folder, "send", "--port", port, str(samples / "adt_a01.hl7"),
                          str(samples / "adt_a08.hl7"))
         assert code == 0, out
         spin(reactor, lambda: len(api.requests) == 2, limit=30)
+        spin(reactor, lambda: len(_engine_api(folder, "GET", f"/api/v1/traces/{trace['id']}")["rows"]) == 2)
+        page = _engine_api(folder, "GET", f"/api/v1/traces/{trace['id']}")
+        rows = [dict(zip(page["columns"], values)) for values in page["rows"]]
+        assert {(r["direction"], r["status"], r["ack"]) for r in rows} == {("out", "SENT", "HTTP 201")}
+        assert rows[0]["peer"].startswith("POST https://127.0.0.1:") and rows[0]["peer"].endswith("/adt")
         assert len(api.token_requests) == 1 and api.requests[0].path.startswith("/api/patients/")
         assert api.requests[0].headers["content-type"] == "application/hl7-v2"
         assert api.requests[0].body.startswith(b"MSH|")
@@ -496,3 +503,30 @@ def test_the_readme_walk_through_lints_as_written(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "1 channel OK: results", result.stdout + result.stderr
     wrong = hl7relay("check", "--credentials", "pms-api", "lab")
     assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
+
+
+def test_a_token_endpoint_that_refuses_the_client_holds_the_queue(world):
+    api, build, lines, tmp_path = world
+    api.token_error = (401, {"error": "invalid_client", "error_description": "unknown client"})
+    running = build("")
+    running.enqueue("P1", "P2")
+    spin(running.reactor, lambda: running.queue.view()["held"] is not None)
+    held = running.queue.view()["held"]
+    assert held.startswith("not authorised: pms-api: the token endpoint answered 401 invalid_client: unknown client")
+    assert running.statuses() == ["QUEUED", "QUEUED"] and not api.requests  # nothing reached the API
+    assert running.queue.view()["last_error_class"] == "auth"
+    assert running.delivery.authorizer.view()["token_error"].endswith("invalid_client: unknown client")
+
+
+def _engine_api(folder, method: str, path: str, body: dict | None = None):
+    """The running engine's API with its local token (as the CLI calls it)."""
+    import urllib.request
+
+    from hl7relay.ops.api import ENDPOINT_FILE, LOCAL_TOKEN_FILE
+
+    endpoint = (folder / "data" / ENDPOINT_FILE).read_text().strip()
+    token = (folder / "data" / LOCAL_TOKEN_FILE).read_text().strip()
+    request = urllib.request.Request(endpoint + path, method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())

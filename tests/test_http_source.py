@@ -243,3 +243,38 @@ def test_simulate_posts_to_an_http_source_and_listen_rehearses_a_failing_api(sit
     wrong = hl7relay(site["folder"], "listen", "--status", "429")
     assert wrong.returncode == 2 and wrong.stderr.strip() == ("hl7relay listen: --status and --retry-after answer "
                                                               "HTTP requests: add --http")
+
+
+def test_check_inbound_shows_who_posted(site, pki):
+    sender = Sender(site["url"], pki, site["token"])
+    assert sender.post(MSG.format(id="W1").encode())[0] == 200
+    result = hl7relay(site["folder"], "check", "--inbound", "pms-in")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pms-in: listening on 127.0.0.1:" in result.stdout
+    assert "peer 127.0.0.1: 1 connection(s), 1 message(s), last message" in result.stdout
+
+
+def test_mutual_tls_authenticates_a_sender_without_a_token(tmp_path, pki, processes):  # noqa: F811
+    (tmp_path / "data").mkdir()
+    write_site(tmp_path, pki, extra=f", tls_ca: '{pki['ca']}', require_client_cert: true")
+    engine = start("run", "--channels", "channels", "--admin-port", "0", "--console-port", "0",
+                   log=open(tmp_path / "engine.log", "w"))
+    processes.append(engine)
+    wait_for(lambda: "HTTP TLS on 127.0.0.1:" in (tmp_path / "engine.log").read_text(), 30, "the http source")
+    port = (tmp_path / "engine.log").read_text().split("HTTP TLS on 127.0.0.1:")[1].split()[0]
+    sender = Sender(f"https://127.0.0.1:{port}/hl7", pki)
+    sender.context.load_cert_chain(pki["client"], pki["client_key"])
+    status, _, body = sender.post(MSG.format(id="M1").encode())
+    assert status == 200 and b"MSA|AA|M1" in body
+    stranger = Sender(f"https://127.0.0.1:{port}/hl7", pki)  # no client certificate: the handshake is refused
+    with pytest.raises(OSError):
+        stranger.post(MSG.format(id="M2").encode())
+    peers = stored_peers(tmp_path / "data" / "hl7relay.db")
+    assert peers == ["cert:hl7relay client@127.0.0.1"], peers
+
+
+def stored_peers(db):
+    import sqlite3
+
+    with sqlite3.connect(db) as connection:
+        return [row[0].rsplit(":", 1)[0] for row in connection.execute("SELECT peer FROM messages")]

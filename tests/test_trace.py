@@ -92,6 +92,23 @@ def test_rows_are_filtered_by_direction_channel_destination_and_type():
     assert abs(first["at_ms"] - time.time() * 1000) < 60_000 and everything.read(0)[3]["attempt"] == 1
 
 
+def test_a_trace_of_api_calls_shows_their_method_url_and_status_and_nothing_else():
+    clock, subs = task.Clock(), Subscriptions()
+    tracer = Tracer(clock, subs.subscribe, subs.unsubscribe)
+    api = tracer.start("a", kind="api", scope=({"pms-in"}, {("adt", "pms")}))
+    subs.emit("message_processed", processed(message_id=1))  # an MLLP channel: not API
+    subs.emit("message_processed", processed(channel="pms-in", message_id=2))
+    subs.emit(*sent(message_id=1))  # to the MLLP lab
+    event, fields = sent(destination="pms", message_id=2)
+    subs.emit(event, dict(fields, ack="HTTP 201", peer="POST https://api.pms.example/v1/results"))
+    rows = api.read(0)
+    assert [(r["direction"], r["channel"], r["message_id"]) for r in rows] == [("in", "pms-in", 2), ("out", "adt", 2)]
+    assert (rows[1]["peer"], rows[1]["ack"], rows[1]["latency_us"]) == ("POST https://api.pms.example/v1/results",
+                                                                        "HTTP 201", 1200)
+    with pytest.raises(ValueError):
+        tracer.start("a", kind="fax")
+
+
 def test_a_slow_reader_loses_the_oldest_rows_never_the_engine_time():
     clock = task.Clock()
     subs = Subscriptions()

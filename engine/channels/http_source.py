@@ -19,16 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, ClassVar
-
-from collections import deque
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from hl7relay.channels.sources import TLS_OPTIONS, Source, tls_config
+from hl7relay.mllp.listener import remember_peer
 from hl7relay.mllp.transport import write_now
 from hl7relay.spec import Option, register
 from hl7relay.store.accounts import SENDER_ROLE
@@ -176,6 +175,16 @@ class HTTPSource(Source):
     def open_connections(self) -> int:
         return len(self.connections)
 
+    def connections_view(self, most: int = 200) -> dict:
+        """Open connections and the senders seen (hl7relay check --inbound, the console)."""
+        now = self.reactor.seconds()
+        connections = sorted(self.connections, key=lambda c: c.connected_at, reverse=True)[:most]
+        peers = self.running.peers
+        return {"open_connections": len(self.connections),
+                "connections": [{"peer": f"{c.client[0]}:{c.client[1]}", "connected_seconds": now - c.connected_at,
+                                 "messages": c.messages, "idle_seconds": now - c.last_activity} for c in connections],
+                "peers": [dict(entry) for entry in reversed(list(peers.values())[-most:])]}
+
 
 class _Connection(protocol.Protocol):
     """One sender's connection: requests framed by :class:`~hl7relay.httpwire.RequestFramer`,
@@ -200,6 +209,9 @@ class _Connection(protocol.Protocol):
         self.source.connections.add(self)
         peer = self.transport.getPeer()
         self.client = (getattr(peer, "host", "?"), getattr(peer, "port", 0))
+        self.connected_at = self.last_activity = self.source.reactor.seconds()
+        self.messages = 0
+        remember_peer(self.source.running.peers, self.client[0], connected_at=self.connected_at)
         self._idle_from_now()
 
     def _idle_from_now(self):
@@ -219,6 +231,7 @@ class _Connection(protocol.Protocol):
 
         if self.finishing:
             return
+        self.last_activity = self.source.reactor.seconds()
         self._idle_from_now()
         if self._read is None:
             self._read = self.source.reactor.callLater(READ_TIMEOUT, self._timed_out, "read")
@@ -247,6 +260,8 @@ class _Connection(protocol.Protocol):
             self.transport.loseConnection()
             return
         self.busy = True
+        self.messages += 1
+        remember_peer(self.source.running.peers, self.client[0], message_at=self.last_activity)
         d = defer.ensureDeferred(self.source.endpoint.post(event, self))
         d.addErrback(self._failed)
         d.addCallback(self._answered, event)

@@ -166,7 +166,7 @@ def _inbound(args) -> int:
         return 0
     now = time.time()
     for view in views:
-        if view["source"] != "mllp":
+        if view["source"] not in ("mllp", "http"):
             print(f"{view['name']}: {view['source']} source (no connections)")
             continue
         where = f"listening on {view['address']}" if view["address"] else "NOT listening (disabled)"

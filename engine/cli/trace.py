@@ -36,6 +36,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--destination", help="only deliveries to this destination (outbound)")
     parser.add_argument("--type", dest="message_type", metavar="TYPE", help="ADT (any trigger) or ADT^A01")
     parser.add_argument("--direction", choices=("in", "out", "both"), default="both")
+    parser.add_argument("--kind", choices=("hl7", "api", "file"),
+                        help="only what travels as HL7 (MLLP, channel to channel), API calls (http) or files")
     parser.add_argument("--minutes", type=_minutes, default=5.0, help="1 to 60 (default 5)")
     parser.add_argument("--content", action="store_true", help="print each message (masked unless --show-phi)")
     parser.add_argument("--show-phi", action="store_true", help="with --content: unmasked; needs --reason, audited")
@@ -56,7 +58,7 @@ def run(args) -> int:
     settings = engine_settings(args)
     status, session = call_engine(settings, "POST", "/api/v1/traces", {
         "direction": args.direction, "channel": args.channel, "destination": args.destination,
-        "message_type": args.message_type, "minutes": args.minutes})
+        "message_type": args.message_type, "minutes": args.minutes, "kind": args.kind})
     if status != 200:
         return print_error(status, session)
     trace_id = session["id"]
@@ -67,7 +69,7 @@ def run(args) -> int:
 
     signal.signal(signal.SIGTERM, end)
     if args.format == "text":
-        what = ", ".join(f"{k} {v}" for k, v in (("channel", args.channel), ("destination", args.destination),
+        what = ", ".join(f"{k} {v}" for k, v in (("channel", args.channel), ("destination", args.destination), ("kind", args.kind),
                                                  ("type", session["message_type"])) if v)
         print(f"tracing {args.direction}{' (' + what + ')' if what else ''} for {args.minutes:g} min; "
               "Ctrl-C to stop", file=sys.stderr, flush=True)

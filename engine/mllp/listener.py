@@ -350,21 +350,7 @@ class MLLPListenerFactory(Factory):
         self.peers: dict[str, dict] = {}
 
     def peer_seen(self, host: str, connected_at: float | None = None, message_at: float | None = None) -> None:
-        peers = self.peers
-        entry = peers.get(host)
-        if entry is None:
-            entry = peers[host] = {"host": host, "connections": 0, "messages": 0, "last_connected_at": None,
-                                   "last_message_at": None}
-            if len(peers) > MAX_PEERS_REMEMBERED:
-                del peers[next(iter(peers))]  # the one seen least recently (dicts keep insertion order)
-        elif connected_at is not None:
-            peers[host] = peers.pop(host)  # seen again: to the end
-        if connected_at is not None:
-            entry["connections"] += 1
-            entry["last_connected_at"] = connected_at
-        if message_at is not None:
-            entry["messages"] += 1
-            entry["last_message_at"] = message_at
+        remember_peer(self.peers, host, connected_at, message_at)
 
     def view(self, most: int = 200) -> dict:
         """Open connections and the peers seen, newest first (at most ``most`` of each)."""
@@ -412,6 +398,25 @@ class MLLPListenerFactory(Factory):
         victim._cancel("_idle_timer")
         victim.transport.abortConnection()
         return True
+
+
+def remember_peer(peers: dict, host: str, connected_at: float | None = None, message_at: float | None = None) -> None:
+    """Note a connection or a message from ``host`` in ``peers`` (most recent last, bounded): who
+    has reached a listener, for "can the PMS reach us?" (hl7relay check --inbound)."""
+    entry = peers.get(host)
+    if entry is None:
+        entry = peers[host] = {"host": host, "connections": 0, "messages": 0, "last_connected_at": None,
+                               "last_message_at": None}
+        if len(peers) > MAX_PEERS_REMEMBERED:
+            del peers[next(iter(peers))]  # the one seen least recently (dicts keep insertion order)
+    elif connected_at is not None:
+        peers[host] = peers.pop(host)  # seen again: to the end
+    if connected_at is not None:
+        entry["connections"] += 1
+        entry["last_connected_at"] = connected_at
+    if message_at is not None:
+        entry["messages"] += 1
+        entry["last_message_at"] = message_at
 
 
 def listen(receiver: Receiver, config: ListenerConfig, reactor=None, name: str = "mllp", peers: dict | None = None):

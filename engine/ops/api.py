@@ -421,15 +421,24 @@ class ApiResource(resource.Resource):
         if destination is not None and not any(destination == name for owner, name, _ in self.controls.destinations()
                                                if channel is None or owner == channel):
             raise ApiError(400, f"no destination {destination!r}" + (f" in channel {channel!r}" if channel else ""))
+        from hl7relay.ops.trace import CONTENT_KINDS
+
+        kind = body.get("kind") or None
+        scope = None
+        if kind is not None:
+            types = CONTENT_KINDS.get(kind, frozenset())
+            scope = ({name for name, c in self.controls.channels().items() if c.source_type in types},
+                     {(owner, name) for owner, name, type_ in self.controls.destinations() if type_ in types})
         try:
             minutes = float(body.get("minutes", 5))
             session = self.controls.tracer.start(caller["actor"], str(body.get("direction") or "both"), channel, destination,
-                                               body.get("message_type") or None, minutes * 60)
+                                               body.get("message_type") or None, minutes * 60, kind, scope)
         except (TypeError, ValueError) as exc:
             raise ApiError(400, str(exc)) from None
         audit = dict(caller["audit"], target=f"trace {session.id}", detail=", ".join(
             f"{k}={v}" for k, v in (("direction", session.direction), ("channel", channel), ("destination", destination),
-                                    ("message_type", session.message_type), ("minutes", f"{minutes:g}")) if v))
+                                    ("message_type", session.message_type), ("kind", kind),
+                                    ("minutes", f"{minutes:g}")) if v))
         yield self._off_reactor(lambda store: store.audit(audit))
         return session.view(self.controls.reactor.seconds())
 

@@ -37,9 +37,11 @@ from hl7relay import events
 from hl7relay.outcomes import DeliveryStatus
 from hl7relay.ops.phi import mask_text
 
-__all__ = ["Tracer", "TraceSession", "MAX_SESSIONS", "BUFFER_ROWS", "MIN_SECONDS", "MAX_SECONDS", "COLUMNS"]
+__all__ = ["Tracer", "TraceSession", "CONTENT_KINDS", "MAX_SESSIONS", "BUFFER_ROWS", "MIN_SECONDS", "MAX_SECONDS", "COLUMNS"]
 
 MAX_SESSIONS = 10
+# what a trace may be narrowed to, by the source and destination types that carry it
+CONTENT_KINDS = {"hl7": frozenset({"mllp", "channel"}), "api": frozenset({"http"}), "file": frozenset({"file"})}
 BUFFER_ROWS = 5000
 MIN_SECONDS, MAX_SECONDS, DEFAULT_SECONDS = 60.0, 3600.0, 300.0
 # a delivery's row status: its stored status, or RETRY for an attempt that will be tried again
@@ -85,14 +87,20 @@ class TraceSession:
     read_upto: int = 0  # the last row a client has read
     stopped: bool = False
     everything: bool = False  # no filter at all: every row is wanted
+    kind: str | None = None  # what it carries: hl7, api, file (CONTENT_KINDS)
+    # with kind: the channels whose source, and the (channel, destination) pairs whose destination, carry it
+    scope: tuple | None = None
 
     def __post_init__(self):
         self.everything = (self.direction == "both" and self.channel is None and self.destination is None
-                           and self.message_type is None)
+                           and self.message_type is None and self.scope is None)
 
     def wants(self, direction: str, channel: str, destination: str | None, message_type: str | None) -> bool:
         if self.everything:
             return True
+        if self.scope is not None and (channel not in self.scope[0] if direction == "in"
+                                       else (channel, destination) not in self.scope[1]):
+            return False
         if self.direction != "both" and self.direction != direction:
             return False
         if self.channel is not None and self.channel != channel:
@@ -152,7 +160,8 @@ class TraceSession:
 
     def view(self, now: float) -> dict:
         return {"id": self.id, "actor": self.actor, "direction": self.direction, "channel": self.channel,
-                "destination": self.destination, "message_type": self.message_type, "started_at": self.started_at,
+                "destination": self.destination, "message_type": self.message_type, "kind": self.kind,
+                "started_at": self.started_at,
                 "expires_at": self.expires_at, "expires_in": max(0.0, self.expires_at - now),
                 "done": now >= self.expires_at, "dropped": self.dropped, "buffered": self.buffered}
 
@@ -183,8 +192,13 @@ class Tracer:
         return self.reactor.seconds()
 
     def start(self, actor: str, direction: str = "both", channel: str | None = None, destination: str | None = None,
-              message_type: str | None = None, seconds: float = DEFAULT_SECONDS) -> TraceSession:
-        """A new session; ValueError when the request is not one (the API answers 400)."""
+              message_type: str | None = None, seconds: float = DEFAULT_SECONDS, kind: str | None = None,
+              scope: tuple | None = None) -> TraceSession:
+        """A new session; ValueError when the request is not one (the API answers 400). ``kind``
+        narrows it to what is carried as HL7, API calls or files: ``scope`` names the channels
+        (inbound) and the (channel, destination) pairs (outbound) whose types carry it."""
+        if kind is not None and kind not in CONTENT_KINDS:
+            raise ValueError(f"kind is one of {', '.join(CONTENT_KINDS)}")
         self._expire()
         if direction not in ("in", "out", "both"):
             raise ValueError("direction is in, out or both")
@@ -196,7 +210,9 @@ class Tracer:
             raise ValueError(f"{MAX_SESSIONS} traces are open already; stop one, or wait for one to end")
         now = self.clock()
         session = TraceSession(secrets.token_hex(8), actor, direction, channel or None, destination or None,
-                               (message_type or "").strip().upper() or None, now, now + seconds)
+                               (message_type or "").strip().upper() or None, now, now + seconds, kind=kind,
+                               scope=(frozenset(scope[0]), frozenset(scope[1])) if kind is not None and scope else
+                               ((frozenset(), frozenset()) if kind is not None else None))
         self.sessions[session.id] = session
         self._refresh()
         return session
