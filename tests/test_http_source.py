@@ -207,6 +207,24 @@ def test_while_the_store_fails_the_answer_is_503_with_retry_after():
     [reply] = replies
     assert reply.status == 503 and reply.headers["Retry-After"] == "5" and b"MSA|AR|F1" in reply.body
 
+    class FailingReads:  # the store cannot be read: a token cannot be checked either
+        store = None
+
+        def read(self, fn, *args):
+            from hl7relay.store.database import StoreError
+
+            return defer.fail(StoreError("database is locked"))
+
+    FailingStore.resources.writer = FailingReads()
+    with_tokens = HTTPSource(HTTPSourceConfig("127.0.0.1", 0, "/hl7", None, ("pms",), 1024, 0.0, 1, 60.0, "UTF-8"),
+                             FailingStore())
+    [request] = RequestFramer().feed(b"POST /hl7 HTTP/1.1\r\nAuthorization: Bearer abc\r\n"
+                                     b"Content-Type: application/hl7-v2\r\nContent-Length: %d\r\n\r\n%s"
+                                     % (len(data), data))
+    replies = []
+    defer.ensureDeferred(with_tokens.endpoint.post(request, Connection())).addCallback(replies.append)
+    assert replies[0].status == 503 and replies[0].headers["Retry-After"] == "5"  # not "unknown token"
+
 
 def test_simulate_posts_to_an_http_source_and_listen_rehearses_a_failing_api(site, pki, tmp_path):
     (tmp_path / "sender.token").write_text(site["token"] + "\n")

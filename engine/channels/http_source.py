@@ -40,6 +40,7 @@ HL7_TYPES = ("application/hl7-v2", "x-application/hl7-v2+er7", "text/plain")
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 _TOKEN_CACHE_SECONDS = 10.0  # a revoked token is refused within this long
 _RETRY_AFTER_STORE = 5  # seconds a sender is asked to wait while the store fails
+_STORE_FAILING = object()
 
 
 @dataclass(slots=True)
@@ -357,7 +358,12 @@ class _Endpoint:
             pending: defer.Deferred = defer.Deferred()
             self.idempotent[key_id] = (now, pending)
             self._trim(now)
-            reply = await self._message(request, sender, connection)
+            try:
+                reply = await self._message(request, sender, connection)
+            except BaseException:
+                self.idempotent.pop(key_id, None)  # a resend must be processed, and nobody waits for ever
+                pending.errback()
+                raise
             if reply.status == 503:  # not kept: a resend must be processed
                 self.idempotent.pop(key_id, None)
             else:
@@ -379,6 +385,9 @@ class _Endpoint:
         scheme, _, token = header.partition(" ")
         if config.tokens and scheme.lower() == "bearer" and token.strip():
             row = await self._token(token.strip())
+            if row is _STORE_FAILING:
+                return _Reply(503, b"the engine's store cannot be read: send it again later\n", _TEXT,
+                              {"Retry-After": str(_RETRY_AFTER_STORE)})
             if row is None or row["name"] not in config.tokens or row["role"] != SENDER_ROLE:
                 return _refusal(403 if row is not None else 401,
                                 "this token may not post here" if row is not None else "unknown or revoked token")
@@ -399,11 +408,16 @@ class _Endpoint:
         writer = self.source.running.resources.writer
         try:
             row = await writer.read(writer.store.find_token, hashed)
-        except Exception:  # noqa: BLE001 - the store is failing: said as such below
-            return None
+        except Exception:  # noqa: BLE001 - the store is failing: 503, not "unknown token"
+            return _STORE_FAILING
         if len(self.tokens) > 10_000:
             self.tokens.clear()
         self.tokens[hashed] = (now, row)
+        if row is not None and (row["last_used_at"] or 0) < self.source.running.resources.clock() - 60:
+            from hl7relay.store.database import TokenUseUpdate  # `hl7relay token list`: at most a write a minute
+
+            writer.update(TokenUseUpdate(row["name"], self.source.running.resources.clock()),
+                          lazy=True).addErrback(lambda _: None)
         return row
 
     def _rate_limited(self, sender: str) -> _Reply | None:
