@@ -78,7 +78,24 @@ MISTAKES = [
     (["reload"], "no running engine found", False),
     (["user", "add", "bob", "--role", "root"], "invalid choice", False),
     (["audit", "--since", "soon"], "not a time", True),
+    (["trace", "--kind", "fax"], "invalid choice: 'fax'", False),
+    (["check", "--credentials"], "expected one argument", False),
+    (["token", "create", "pms", "--role", "god"], "invalid choice: 'god'", False),
+    (["listen", "--http", "--status", "99"], "not an HTTP status", False),
+    (["simulate", "--url", "ftp://x"], "is not an http(s) URL", False),
+    (["simulate", "--token-file", "t", "--port", "2575"], "--token-file goes with --url", False),
 ]
+
+
+ARGUMENT_MISTAKES = [["send", "--port", "abc"], ["trace", "--kind", "fax"], ["secret", "set"], ["nosuchverb"],
+                     ["check", "--timeout", "soon"], ["listen", "--http", "--status", "99"]]
+
+
+@pytest.mark.parametrize("argv", ARGUMENT_MISTAKES, ids=[" ".join(a) for a in ARGUMENT_MISTAKES])
+def test_a_wrong_argument_is_one_line_saying_where_to_read_more(capsys, folder, argv):
+    code, output = run(capsys, argv)
+    assert code == 2 and len(output.strip().splitlines()) == 1, output
+    assert output.startswith("hl7relay") and output.rstrip().endswith("--help)") and "usage:" not in output
 
 
 @pytest.mark.parametrize("argv, expected, store", MISTAKES, ids=[" ".join(m[0]) for m in MISTAKES])

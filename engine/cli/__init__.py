@@ -42,8 +42,16 @@ VERBS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """A wrong argument is said in one line, with where to read more (argparse prints the whole
+    usage block first; the line that matters was lost under it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hl7relay",
         description="hl7relay: an HL7 v2 interface engine. Run 'hl7relay VERB --help' for a verb's options.",
     )
