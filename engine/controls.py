@@ -100,6 +100,12 @@ class Controls:
                          **{key: view.get(key) for key in _SYNC_KEYS}})
         return rows
 
+    def carrying(self, types) -> tuple[set, set]:
+        """The channels whose source, and the (channel, destination) pairs whose destination, is of
+        one of ``types`` (e.g. {"http"}): what a trace narrowed to API calls follows."""
+        return ({name for name, c in self.channels().items() if c.source_type in types},
+                {(owner, name) for owner, name, kind in self.destinations() if kind in types})
+
     def unbound_channels(self) -> list[str]:
         """Enabled channels whose source is not open (a listener not bound)."""
         return [name for name, running in self._engine.channels.items()

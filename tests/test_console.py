@@ -1013,6 +1013,10 @@ def test_the_tracer_page_follows_a_trace_of_ones_own(engine):
     status, headers, _ = viewer.post("/tracer", {"direction": "in", "channel": "adt", "minutes": "1"})
     assert status == 303
     trace = headers["Location"]
+    status, headers, _ = viewer.post("/tracer", {"kind": "api", "minutes": "1"})  # the adt channel is MLLP
+    assert status == 303
+    api_trace = headers["Location"]
+    assert "carried as api" in viewer.get(api_trace)[2]
     status, _, page = viewer.get(trace)
     assert status == 200 and 'hx-trigger="load, every 1s"' in page
     with socket.create_connection(("127.0.0.1", engine_mllp_port(engine))) as pms:
@@ -1024,6 +1028,8 @@ def test_the_tracer_page_follows_a_trace_of_ones_own(engine):
     assert status == 200 and "TRC1" in rows and "<td>IN</td>" in rows and "SAMPLEPATIENT" not in rows
     status, _, rows = viewer.get(trace + "/rows")
     assert "TRC1" not in rows  # only what is new since the page last asked
+    assert "TRC1" not in viewer.get(api_trace + "/rows")[2]  # not carried over HTTP
+    assert viewer.post("/tracer", {"kind": "fax"})[0] == 400
     admin = signed_in(engine, "admin")
     assert admin.get(trace)[0] == 404  # someone else's trace
     assert viewer.post(trace + "/stop")[0] == 303

@@ -114,3 +114,31 @@ def test_channel_tests_read_the_vault_too(folder, capsys, monkeypatch):
     run(capsys, monkeypatch, "secret", "set", "out-dir", stdin=SECRET)
     code, out, _ = run(capsys, monkeypatch, "test", "channels")
     assert code == 0 and "PASS" in out, out
+
+
+def test_a_credentials_section_of_the_engine_config_reads_the_vault_of_that_config(folder, capsys, monkeypatch):
+    """The config file says where the vault is (data_dir) and names a secret in credentials: it is
+    read once to find the vault, then again with it."""
+    (folder / "config").mkdir()
+    (folder / "config" / "hl7relay.yaml").write_text(
+        "data_dir: site-data\n"
+        "credentials:\n"
+        "  pms-api: {type: basic, username: hl7relay, password: '${secret:pms-password}'}\n")
+    (folder / "channels").mkdir()
+    (folder / "channels" / "a.yaml").write_text(
+        "name: a\nsource: {type: mllp, port: 0}\n"
+        "destinations: [{name: pms, type: http, url: 'https://pms.example/api', credentials: pms-api}]\n")
+    code, out, _ = run(capsys, monkeypatch, "lint", "channels")
+    assert code == 1 and "config/hl7relay.yaml:3:56: ${secret:pms-password}: no vault key:" in out, out
+    run(capsys, monkeypatch, "secret", "set", "pms-password", stdin=SECRET)
+    assert (folder / "site-data" / "vault.key").exists()  # the config's data_dir, not ./data
+    code, out, _ = run(capsys, monkeypatch, "lint", "channels")
+    assert code == 0 and "1 channel OK: a" in out, out
+
+    from hl7relay.apiclient.credentials import loaded_credentials
+
+    assert loaded_credentials()["pms-api"].secret == SECRET and SECRET not in repr(loaded_credentials())
+    (folder / "config" / "hl7relay.yaml").write_text(
+        "credentials:\n  pms-api: {type: basic, username: hl7relay, password: " + SECRET + "}\n")
+    code, out, _ = run(capsys, monkeypatch, "lint", "channels")  # (run() checks the value is not echoed)
+    assert code == 1 and "config/hl7relay.yaml:2:56: password is written in the file: keep it in the vault" in out

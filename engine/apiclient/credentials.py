@@ -218,9 +218,11 @@ def read_credentials(files) -> tuple[dict[str, Credential], list[str]]:
             continue
         doc = load_document(path)
         if doc.errors:
-            if whole:
-                problems += [str(e) for e in doc.errors]
-            continue
+            # the config file's other problems are the settings' to say; the credentials' own here
+            mine = doc.errors if whole else in_section(doc, "credentials")
+            problems += [str(e) for e in mine]
+            if mine or doc.data is None:
+                continue
         data = doc.data
         where: tuple = ()
         if whole and isinstance(data, dict) and set(data) == {"credentials"}:
@@ -237,6 +239,16 @@ def read_credentials(files) -> tuple[dict[str, Credential], list[str]]:
             found[name] = credential
         problems += [str(e) for e in doc.errors]
     return found, problems
+
+
+def in_section(doc, key: str) -> list:
+    """The errors of ``doc`` between its top-level ``key`` and the next top-level key."""
+    start = doc.key_marks.get((key,))
+    if start is None:
+        return []
+    later = [mark.line for path, mark in doc.key_marks.items() if len(path) == 1 and mark.line > start.line]
+    end = min(later, default=float("inf"))
+    return [e for e in doc.errors if start.line <= e.mark.line < end]
 
 
 # -- the credentials the channels being loaded may name --------------------------------------------------

@@ -212,15 +212,19 @@ class TroubleshootingPages(ConsoleBase):
         channel = self._field(request, "channel") or None
         if channel is not None and not self.controls.has_channel(channel):
             raise HTTPError(404, f"no channel {channel!r}")
+        from hl7relay.ops.trace import CONTENT_KINDS
+
+        kind = self._field(request, "kind") or None
         try:
             minutes = float(self._field(request, "minutes") or 5)
             trace = self.controls.tracer.start(f"user:{session.user}", self._field(request, "direction") or "both", channel,
                                              self._field(request, "destination") or None,
-                                             self._field(request, "message_type") or None, minutes * 60)
+                                             self._field(request, "message_type") or None, minutes * 60, kind,
+                                             self.controls.carrying(CONTENT_KINDS.get(kind or "", frozenset())))
         except ValueError as exc:
             raise HTTPError(400, str(exc)) from None
         yield self._audit(dict(self._action(request, session, "trace.start", f"trace {trace.id}"),
-                               detail=f"direction={trace.direction}, channel={channel}, minutes={minutes:g}"))
+                               detail=f"direction={trace.direction}, channel={channel}, kind={kind}, minutes={minutes:g}"))
         request.redirect(f"/tracer/{trace.id}".encode())
         request.setResponseCode(303)
         return b""

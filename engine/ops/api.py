@@ -424,11 +424,7 @@ class ApiResource(resource.Resource):
         from hl7relay.ops.trace import CONTENT_KINDS
 
         kind = body.get("kind") or None
-        scope = None
-        if kind is not None:
-            types = CONTENT_KINDS.get(kind, frozenset())
-            scope = ({name for name, c in self.controls.channels().items() if c.source_type in types},
-                     {(owner, name) for owner, name, type_ in self.controls.destinations() if type_ in types})
+        scope = self.controls.carrying(CONTENT_KINDS.get(kind, frozenset())) if kind is not None else None
         try:
             minutes = float(body.get("minutes", 5))
             session = self.controls.tracer.start(caller["actor"], str(body.get("direction") or "both"), channel, destination,
