@@ -530,3 +530,26 @@ def _engine_api(folder, method: str, path: str, body: dict | None = None):
                                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as answer:
         return json.loads(answer.read())
+
+
+def test_check_an_http_destination_by_name_reaches_its_host_and_gets_a_token(world, pki):
+    api, build, lines, tmp_path = world
+    reactor = build("").reactor
+    folder = tmp_path / "site"
+    (folder / "config").mkdir(parents=True)
+    (folder / "channels").mkdir()
+    (tmp_path / "client_secret.txt").rename(folder / "config" / "client_secret.txt")
+    (folder / "config" / "credentials.yaml").write_text(
+        f"pms-api: {{type: oauth2_client_credentials, token_url: '{api.token_url}', client_id: hl7relay, "
+        f"client_secret: '${{file:client_secret.txt}}', tls_ca: '{pki['ca']}'}}\n")
+    (folder / "channels" / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\ndestinations:\n"
+        f"  - {{name: pms, type: http, url: '{api.token_url.replace('/token', '/api/{PID-3.1}')}', "
+        f"credentials: pms-api, tls_ca: '{pki['ca']}'}}\n")
+    code, out = _cli(reactor, folder, "check", "pms")
+    assert code == 0, out
+    assert out.splitlines()[0].startswith("adt/pms: POST https://127.0.0.1:")
+    assert [line.split()[0] for line in out.splitlines()[1:5]] == ["DNS", "TCP", "TLS", "TOKEN"]
+    assert not api.requests and len(api.token_requests) == 1  # nothing sent to the API itself
+    code, out = _cli(reactor, folder, "check", "pms", "--mllp")
+    assert code == 2 and out.strip() == "adt/pms is an http destination: --mllp does not apply"

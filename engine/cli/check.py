@@ -14,7 +14,8 @@ from hl7relay.cli._tls import add_tls_arguments, tls_from_args
 HELP = "test connections: DNS, TCP, TLS certificate, MLLP round trip to a destination; who reaches our listeners"
 DESCRIPTION = """\
   hl7relay check                         every MLLP destination of the channel files
-  hl7relay check lab                     one destination (CHANNEL/DESTINATION when the name is not unique)
+  hl7relay check lab                     one destination (CHANNEL/DESTINATION when the name is not unique);
+                                         an http destination: its API's host and its credential's token
   hl7relay check 10.0.0.7:2576 [--tls --tls-ca CA.pem]   any MLLP peer
   hl7relay check lab --mllp              also send a harmless message (an NMQ^N01 clock query, or the
                                          destination's check_message) and wait for its ACK
@@ -62,6 +63,8 @@ def run(args) -> int:
     targets, code = _targets(args)
     if targets is None:
         return code
+    if targets[0].get("http") is not None:
+        return _api_destination(args, targets[0])
     from hl7relay.ops.check import check_destination, default_check_message
 
     results, reachable = [], True
@@ -120,15 +123,17 @@ def _targets(args):
     channels, errors = load_channels(settings["channels"])
     for error in errors:
         print(f"(skipped) {error}", file=sys.stderr)
-    found = [(c, d) for c in channels for d in c.destinations if d.type == "mllp"]
+    found = [(c, d) for c in channels for d in c.destinations if d.type in ("mllp", "http")]
+    if not args.target:
+        found = [(c, d) for c, d in found if d.type == "mllp"]  # an API is checked when named: it may ask a token
     if args.target:
         wanted = args.target.split("/", 1)
         matches = [(c, d) for c, d in found if (len(wanted) == 2 and (c.name, d.name) == tuple(wanted))
                    or (len(wanted) == 1 and d.name == wanted[0])]
         if not matches:
             names = sorted({d.name for _, d in found} | {f"{c.name}/{d.name}" for c, d in found})
-            print(f"no MLLP destination {args.target!r} in the channel files{did_you_mean(args.target, names)}; "
-                  "give host:port to check any peer", file=sys.stderr)
+            print(f"no MLLP or http destination {args.target!r} in the channel files"
+                  f"{did_you_mean(args.target, names)}; give host:port or a URL to check any peer", file=sys.stderr)
             return None, 2
         if len(matches) > 1:
             print(f"{args.target!r} is a destination of several channels: name one of "
@@ -140,7 +145,7 @@ def _targets(args):
         return None, 2
     return [{"label": f"{c.name}/{d.name}", "host": d.config.sender.host, "port": d.config.sender.port,
              "tls": d.config.sender.tls, "round_trip": d.config.check_round_trip, "message": d.config.check_message}
-            for c, d in found], 0
+            if d.type == "mllp" else {"label": f"{c.name}/{d.name}", "http": d.config} for c, d in found], 0
 
 
 def _inbound(args) -> int:
@@ -277,4 +282,23 @@ def _url(args) -> int:
               file=sys.stderr)
         return 1
     _print_steps(safe_url(args.target), steps, "reachable", args.format, {"target": safe_url(args.target)})
+    return 0 if all(step.status in ("ok", "warning", "skipped") for step in steps) else 1
+
+
+def _api_destination(args, target) -> int:
+    """An http destination: its API's host reached (DNS, TCP, TLS), and its credential's token."""
+    from hl7relay.apiclient.http import safe_url
+    from hl7relay.ops.check import check_api_destination
+
+    if args.mllp:
+        print(f"{target['label']} is an http destination: --mllp does not apply", file=sys.stderr)
+        return 2
+    config = target["http"]
+    steps = _run_on_reactor(lambda reactor: check_api_destination(config, reactor, args.timeout))
+    if not isinstance(steps, list):
+        print(f"{target['label']}: the check failed: {getattr(steps, 'getErrorMessage', lambda: steps)()}",
+              file=sys.stderr)
+        return 1
+    _print_steps(f"{target['label']}: {config.method} {safe_url(config.url)}", steps, "reachable", args.format,
+                 {"target": target["label"], "url": safe_url(config.url)})
     return 0 if all(step.status in ("ok", "warning", "skipped") for step in steps) else 1

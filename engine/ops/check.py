@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hl7relay.mllp.framing import Frame, MLLPFramer, frame
 
-__all__ = ["Step", "check_destination", "check_credential", "check_url", "default_check_message", "EXPIRY_WARNING_DAYS"]
+__all__ = ["Step", "check_destination", "check_credential", "check_url", "check_api_destination", "default_check_message", "EXPIRY_WARNING_DAYS"]
 
 EXPIRY_WARNING_DAYS = 30
 
@@ -312,6 +312,30 @@ def check_url(url: str, tls, reactor, timeout: float = 10.0):
         server = answer.headers.get("server")
         steps.append(Step("HTTP", status, f"GET {safe_url(url)}: HTTP {answer.status}"
                                           + (f" ({server[:60]})" if server else ""), answer.seconds))
+        return steps
+
+    return run()
+
+
+def check_api_destination(config, reactor, timeout: float = 10.0):
+    """An http destination: DNS, TCP and TLS to its API's host, then its credential's token (the
+    token endpoint's own steps shown only when they fail). Nothing is sent to the API itself: a
+    request there could create a record."""
+    from twisted.internet import defer
+
+    @defer.inlineCallbacks
+    def run():
+        steps = yield _reach(config.url, config.tls, timeout)
+        if any(step.status == "failed" for step in steps) or config.credential is None:
+            return steps
+        if config.credential.oauth is None:
+            steps.append(Step("TOKEN", "skipped", f"{config.credential.name} is a static {config.credential.type} "
+                                                  "credential: it is checked with check_url (check --credentials)"))
+            return steps
+        from dataclasses import replace
+
+        token = yield check_credential(replace(config.credential, check_url=None), reactor, timeout)
+        steps.extend(step for step in token if step.name == "TOKEN" or step.status == "failed")
         return steps
 
     return run()
