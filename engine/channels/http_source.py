@@ -68,7 +68,7 @@ class HTTPSourceConfig:
     Option("tokens", "list", [], "API tokens that may post here, by name (hl7relay token create NAME --role sender)",
            item="str"),
     Option("max_body", "int", DEFAULT_MAX_BODY, "larger requests are refused (413)"),
-    Option("rate_limit", "float", 0.0, "requests a second per sender (token or address); over it: 429 (0: none)"),
+    Option("rate_limit", "float", 0.0, "requests a second per sender (its token or certificate); over it: 429 (0: none)"),
     Option("rate_burst", "int", 20, "requests a sender may make at once after a quiet spell"),
     Option("idempotency_window", "duration", 86400.0, "seconds a repeated Idempotency-Key gets the first answer"),
     Option("charset", "str", "UTF-8", "for messages with an empty MSH-18"),

@@ -7,8 +7,8 @@ import json
 HELP = "list channel components and their options, or print the channel JSON Schema"
 DESCRIPTION = """\
 List every source, filter rule, transformer step, validator and destination with its options
-(type, default, description), straight from the specs the components declare, and the engine's own
-settings (config/hl7relay.yaml) from theirs. --schema prints a JSON Schema of the channel file
+(type, default, description), straight from the specs the components declare, the engine's own
+settings (config/hl7relay.yaml) and the credential types from theirs. --schema prints a JSON Schema of the channel file
 format for editors; --settings-schema one of the engine settings file."""
 
 
@@ -23,6 +23,7 @@ def run(args) -> int:
     from hl7relay.channels.schema import channel_schema
     from hl7relay.spec import KINDS, REQUIRED, registry
 
+    from hl7relay.apiclient.credentials import credential_specs
     from hl7relay.cli._settings import settings_schema, specs
 
     if args.schema:
@@ -35,7 +36,7 @@ def run(args) -> int:
         print(json.dumps([{"kind": s.kind, "name": s.name, "description": s.description, "options": [
             {"name": o.name, "type": o.type, "required": o.required, "default": None if o.default is REQUIRED else o.default,
              "description": o.description, "choices": list(o.choices) or None} for o in s.options]}
-            for s in [CHANNEL, *_sections(CHANNEL), *registry(), *specs()]], indent=2))
+            for s in [CHANNEL, *_sections(CHANNEL), *registry(), *specs(), *credential_specs().values()]], indent=2))
         return 0
     print("channel files (channels/NAME.yaml):")
     _print_options(CHANNEL)
@@ -51,6 +52,11 @@ def run(args) -> int:
         print()
     print("engine settings (config/hl7relay.yaml):")
     for spec in specs():
+        print(f"  {spec.name}: {spec.description}")
+        _print_options(spec, indent="      ")
+    print()
+    print("credentials (credentials: in config/hl7relay.yaml, or config/credentials.yaml; by type):")
+    for spec in credential_specs().values():
         print(f"  {spec.name}: {spec.description}")
         _print_options(spec, indent="      ")
     return 0
