@@ -139,19 +139,28 @@ def run(args) -> int:
     from hl7relay.logs import start_logging
 
     start_logging(args.log_level)
-    from twisted.internet import task
-
     from hl7relay.mllp.sender import MLLPSender, SenderConfig
-    from hl7relay.simulate import Driver
 
     config = SenderConfig(args.host, args.port, connect_timeout=args.connect_timeout, ack_timeout=args.timeout,
                           tls=tls_from_args(args, server=False))
+    summary, stopped = _drive(args, lambda reactor: [MLLPSender(config, reactor) for _ in range(args.connections)])
+    _report(args, summary, stopped)
+    return 0 if summary.accepted and not stopped else 1
+
+
+def _drive(args, make_senders):
+    """Send the simulation through ``make_senders(reactor)`` (one per connection) on the reactor,
+    with a progress line on a terminal: (summary, why it stopped early or "")."""
+    from twisted.internet import task
+
+    from hl7relay.simulate import Driver
+
     result = {}
 
     def main(reactor):
         from hl7relay.cli._support import Progress
 
-        senders = [MLLPSender(config, reactor) for _ in range(args.connections)]
+        senders = make_senders(reactor)
         driver = Driver(_simulation(args), senders, reactor, args.count, args.rate, args.duration)
         progress = Progress(args.count, "messages answered", threshold=1000)  # a terminal only
         shown = task.LoopingCall(lambda: progress.update(driver.summary.answered))
@@ -175,9 +184,7 @@ def run(args) -> int:
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             raise
-    summary = result["summary"]
-    _report(args, summary, result["stopped"])
-    return 0 if summary.accepted and not result["stopped"] else 1
+    return result["summary"], result["stopped"]
 
 
 def _post(args) -> int:
@@ -202,33 +209,14 @@ def _post(args) -> int:
     from hl7relay.logs import start_logging
 
     start_logging(args.log_level)
-    from twisted.internet import task
-
     from hl7relay.apiclient.http import safe_url
-    from hl7relay.simulate import Driver, HTTPPoster
+    from hl7relay.simulate import HTTPPoster
 
-    result = {}
-
-    def main(reactor):
-        senders = [HTTPPoster(args.url, reactor, token, tls, args.timeout, args.connect_timeout)
-                   for _ in range(args.connections)]
-        driver = Driver(_simulation(args), senders, reactor, args.count, args.rate, args.duration)
-
-        def done(summary):
-            for sender in senders:
-                sender.close()
-            result["summary"], result["stopped"] = summary, driver.stopped
-
-        return driver.start().addCallback(done)
-
-    try:
-        task.react(main)
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise
+    summary, stopped = _drive(args, lambda reactor: [
+        HTTPPoster(args.url, reactor, token, tls, args.timeout, args.connect_timeout) for _ in range(args.connections)])
     args.host, args.port = safe_url(args.url), None
-    _report(args, result["summary"], result["stopped"])
-    return 0 if result["summary"].accepted and not result["stopped"] else 1
+    _report(args, summary, stopped)
+    return 0 if summary.accepted and not stopped else 1
 
 
 def _report(args, summary, stopped: str) -> None:
