@@ -553,3 +553,82 @@ def test_check_an_http_destination_by_name_reaches_its_host_and_gets_a_token(wor
     assert not api.requests and len(api.token_requests) == 1  # nothing sent to the API itself
     code, out = _cli(reactor, folder, "check", "pms", "--mllp")
     assert code == 2 and out.strip() == "adt/pms is an http destination: --mllp does not apply"
+
+
+def test_the_console_shows_an_api_key_credential_and_its_destination(world, pki, samples):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_runtime import READY, wait_for_line
+
+    from hl7relay.ops.auth import hash_password
+    from hl7relay.store.database import Store
+
+    api, build, lines, tmp_path = world
+    reactor = build("").reactor
+    api.api_key = "k-static-never-shown"
+    folder = tmp_path / "site"
+    (folder / "config").mkdir(parents=True)
+    (folder / "channels").mkdir()
+    (folder / "config" / "key.txt").write_text(api.api_key)
+    ping = api.token_url.replace("/token", "/api/ping")
+    (folder / "config" / "credentials.yaml").write_text(
+        f"lab-key: {{type: api_key, key: '${{file:key.txt}}', check_url: '{ping}', tls_ca: '{pki['ca']}'}}\n")
+    (folder / "channels" / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\ndestinations:\n"
+        f"  - {{name: lab, type: http, url: '{api.token_url.replace('/token', '/api/lab')}', credentials: lab-key, "
+        f"tls_ca: '{pki['ca']}'}}\n")
+    (folder / "data").mkdir()
+    users = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
+    users.migrate()
+    users.add_user("admin", "admin", hash_password("a long enough password"),
+                   {"actor": "test", "action": "user.add", "target": "admin"})
+    users.close()
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", "--console-port", "auto"],
+                              cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        startup = "".join(wait_for_line(engine, READY))
+        port = startup.split("MLLP on 127.0.0.1:")[1].split()[0]
+        code, out = _cli(reactor, folder, "send", "--port", port, str(samples / "adt_a01.hl7"))
+        assert code == 0, out
+        spin(reactor, lambda: len(api.requests) == 1)
+        from test_console import Browser
+
+        admin = Browser(re.search(r"console: (https?://[^/\s]+)/", startup).group(1))
+
+        def call(fn, *args):
+            out = []
+            worker = threading.Thread(target=lambda: out.append(fn(*args)))
+            worker.start()
+            spin(reactor, lambda: not worker.is_alive(), limit=60)
+            return out[0]
+
+        assert call(admin.login, "admin")[0] == 303
+        status, _, page = call(admin.get, "/sync")
+        assert status == 200 and 'id="sync-adt-lab"' in page and "<td>lab-key</td>" in page
+        status, _, page = call(admin.get, "/credentials")
+        assert status == 200 and 'id="credential-lab-key"' in page and "api_key" in page
+        status, _, page = call(admin.post, "/credentials/check", {"credential": "lab-key"})
+        assert status == 200 and "lab-key: authenticated" in page and "/api/ping: HTTP 201" in page
+        assert api.api_key not in page
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        spin(reactor, lambda: engine.poll() is not None, limit=30)
+        output = engine.stdout.read().decode()
+        engine.stdout.close()
+    assert engine.returncode == 0 and "Traceback" not in output, output
+
+
+def test_a_credential_check_says_authenticated_only_when_the_credential_was_proven():
+    from hl7relay.ops.check import Step, credential_verdict
+
+    reached = [Step("DNS", "ok", ""), Step("TCP", "ok", ""), Step("TLS", "ok", "")]
+    assert credential_verdict(reached + [Step("TOKEN", "ok", "")]) == "authenticated"
+    assert credential_verdict(reached + [Step("API", "ok", "HTTP 200")]) == "authenticated"
+    assert credential_verdict(reached + [Step("API", "warning", "HTTP 405")]).startswith("not confirmed")
+    assert credential_verdict(reached + [Step("TOKEN", "ok", ""), Step("API", "warning", "HTTP 404")]) == "authenticated"
+    assert credential_verdict(reached + [Step("API", "failed", "HTTP 401")]) == "NOT authenticated"
+    assert credential_verdict([Step("DNS", "failed", "")]) == "NOT authenticated"

@@ -37,8 +37,8 @@ SECRET_OPTIONS = frozenset({"client_secret", "private_key", "key", "password", "
 _CHECK_URL = Option("check_url", "str", None, "hl7relay check --credentials also sends a GET here with the "
                                                "credential and shows the answer's status")
 _TLS = (
-    Option("tls_ca", "str", None, "PEM CA to trust for the token endpoint (default: the system's)"),
-    Option("tls_cert", "str", None, "PEM client certificate for the token endpoint (mutual TLS)"),
+    Option("tls_ca", "str", None, "PEM CA to trust for the token endpoint and check_url (default: the system's)"),
+    Option("tls_cert", "str", None, "PEM client certificate for the token endpoint and check_url (mutual TLS)"),
     Option("tls_key", "str", None, "PEM private key of tls_cert"),
 )
 
@@ -65,16 +65,16 @@ def credential_specs() -> dict[str, ComponentSpec]:
             Option("key", "str", description="the key" + secret, secret=True),
             Option("header", "str", "X-API-Key", "the header that carries it"),
             Option("query", "str", None, "a query parameter that carries it instead of a header"),
-            _CHECK_URL)),
+            *_TLS, _CHECK_URL)),
         ComponentSpec("credential", "basic", "HTTP Basic authentication", (
             Option("type", "str", description="basic"),
             Option("username", "str", description="the user"),
             Option("password", "str", description="the password" + secret, secret=True),
-            _CHECK_URL)),
+            *_TLS, _CHECK_URL)),
         ComponentSpec("credential", "bearer", "a static bearer token", (
             Option("type", "str", description="bearer"),
             Option("token", "str", description="the token" + secret, secret=True),
-            _CHECK_URL)),
+            *_TLS, _CHECK_URL)),
     )}
 
 
@@ -158,17 +158,24 @@ def _build(name: str, kind: str, o: dict, base: Path) -> Credential:
     check_url = o.get("check_url")
     if check_url and (why := _https(check_url, "check_url")):
         raise ValueError(why)
+
+    def resolve(value):
+        return value if value is None or Path(value).is_absolute() else str(base / value)
+
+    tls = None
+    if o["tls_ca"] or o["tls_cert"]:
+        tls = TLSConfig(resolve(o["tls_cert"]), resolve(o["tls_key"]), resolve(o["tls_ca"]))
     if kind == "api_key":
         if not o["header"] and not o["query"]:
             raise ValueError("an api_key goes in a header or a query parameter")
         return Credential(name, kind, header=o["header"] if not o["query"] else "", query=o["query"] or "",
-                          secret=o["key"], check_url=check_url)
+                          secret=o["key"], tls=tls, check_url=check_url)
     if kind == "basic":
         if ":" in o["username"]:
             raise ValueError("a Basic user name cannot contain ':'")
-        return Credential(name, kind, username=o["username"], secret=o["password"], check_url=check_url)
+        return Credential(name, kind, username=o["username"], secret=o["password"], tls=tls, check_url=check_url)
     if kind == "bearer":
-        return Credential(name, kind, secret=o["token"], check_url=check_url)
+        return Credential(name, kind, secret=o["token"], tls=tls, check_url=check_url)
     if why := _https(o["token_url"], "token_url"):
         raise ValueError(why)
     auth = o["auth"]
@@ -179,13 +186,6 @@ def _build(name: str, kind: str, o: dict, base: Path) -> Credential:
     elif not o["client_secret"]:
         raise ValueError(f"{auth} needs client_secret (${{secret:NAME}})")
     scope = " ".join(o["scope"]) if isinstance(o["scope"], list) else str(o["scope"] or "")
-
-    def resolve(value):
-        return value if value is None or Path(value).is_absolute() else str(base / value)
-
-    tls = None
-    if o["tls_ca"] or o["tls_cert"]:
-        tls = TLSConfig(resolve(o["tls_cert"]), resolve(o["tls_key"]), resolve(o["tls_ca"]))
     client = ClientCredentials(name, o["token_url"], o["client_id"], auth, o["client_secret"] or "",
                                o["private_key"] or "", o["algorithm"], o["key_id"] or "", scope, o["audience"] or "")
     return Credential(name, kind, oauth=client, tls=tls, timeout=o["timeout"], check_url=check_url)
@@ -367,7 +367,9 @@ class Authorizer:
     def view(self) -> dict:
         """For status and the console: never a token or a secret."""
         c = self.credential
-        view: dict = {"credential": c.name, "type": c.type}
+        # the same keys for every type (a static credential has no token to tell of)
+        view: dict = {"credential": c.name, "type": c.type, "token_expires_in": None, "scopes": [], "token_fetches": 0,
+                      "token_error": None}
         if self.cache is not None:
             token: Token | None = self.cache.token
             now = self.reactor.seconds()

@@ -225,9 +225,16 @@ def _credentials(args) -> int:
         print(f"{args.credentials}: the check failed: {getattr(result, 'getErrorMessage', lambda: result)()}",
               file=sys.stderr)
         return 1
-    _print_steps(f"{credential.name} ({credential.type})", result, "authenticated", args.format,
-                 {"credential": credential.name, "type": credential.type})
-    return 0 if all(step.status in ("ok", "warning", "skipped") for step in result) else 1
+    from hl7relay.ops.check import credential_verdict
+
+    verdict = credential_verdict(result)
+    if args.format == "json":
+        print(json.dumps({"credential": credential.name, "type": credential.type, "verdict": verdict,
+                          "authenticated": verdict == "authenticated",
+                          "steps": [step.to_dict() for step in result]}, indent=2))
+    else:
+        _print_steps(f"{credential.name} ({credential.type})", result, "", "text", {}, verdict)
+    return 0 if verdict == "authenticated" else 1
 
 
 def _run_on_reactor(start):
@@ -246,7 +253,7 @@ def _run_on_reactor(start):
     return outcome[0] if outcome else None
 
 
-def _print_steps(label: str, steps, ok_word: str, format: str, extra: dict) -> None:
+def _print_steps(label: str, steps, ok_word: str, format: str, extra: dict, verdict: str | None = None) -> None:
     ok = all(step.status in ("ok", "warning", "skipped") for step in steps)
     if format == "json":
         print(json.dumps({**extra, ok_word: ok, "steps": [step.to_dict() for step in steps]}, indent=2))
@@ -255,7 +262,7 @@ def _print_steps(label: str, steps, ok_word: str, format: str, extra: dict) -> N
     for step in steps:
         took = f" ({step.seconds * 1000:.1f} ms)" if step.seconds is not None else ""
         print(f"  {step.name:5} {step.status.upper():8} {step.detail}{took}")
-    print(f"  {ok_word if ok else 'NOT ' + ok_word}")
+    print(f"  {verdict or (ok_word if ok else 'NOT ' + ok_word)}")
 
 
 def _url(args) -> int:

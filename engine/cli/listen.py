@@ -182,6 +182,10 @@ def _http(args) -> int:
     class Receiver(resource.Resource):
         isLeaf = True
 
+        def render_GET(self, request):  # a check (hl7relay check URL, a credential's check_url) is answered
+            request.setHeader(b"Content-Type", b"application/json")
+            return b'{"listening": true}'
+
         def render_POST(self, request):
             seen["requests"] += 1
             body = request.content.read()

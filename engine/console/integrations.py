@@ -43,8 +43,10 @@ class IntegrationPages(ConsoleBase):
                            "scope": c.oauth.scope if c.oauth is not None else "",
                            "check_url": safe_url(c.check_url) if c.check_url else "",
                            "testable": c.oauth is not None or bool(c.check_url)})
+        from hl7relay.ops.check import credential_verdict
+
         return self._render("credentials.html", request, session=session, active="credentials", credentials=listed,
-                            steps=steps, tested=tested)
+                            steps=steps, tested=tested, verdict=credential_verdict(steps) if steps else "")
 
     @app.route("/credentials/check", methods=["POST"])
     @page("credentials", post=True)  # it asks the token endpoint for a token: an admin's test

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from hl7relay.mllp.framing import Frame, MLLPFramer, frame
 
-__all__ = ["Step", "check_destination", "check_credential", "check_url", "check_api_destination", "default_check_message", "EXPIRY_WARNING_DAYS"]
+__all__ = ["Step", "check_destination", "check_credential", "check_url", "credential_verdict", "check_api_destination", "default_check_message", "EXPIRY_WARNING_DAYS"]
 
 EXPIRY_WARNING_DAYS = 30
 
@@ -222,7 +222,7 @@ def check_credential(credential, reactor, timeout: float = 10.0):
 
     @defer.inlineCallbacks
     def run():
-        reached = yield _reach(first, credential.tls if oauth is not None else None, timeout)
+        reached = yield _reach(first, credential.tls, timeout)
         steps.extend(reached)
         if any(step.status == "failed" for step in steps):
             return steps
@@ -248,7 +248,7 @@ def check_credential(credential, reactor, timeout: float = 10.0):
                 url += ("&" if "?" in url else "?") + urlencode(authorization.query)
             from hl7relay.apiclient.http import HTTPClient
 
-            client = HTTPClient(reactor, credential.tls if oauth is not None else None, timeout)
+            client = HTTPClient(reactor, credential.tls, timeout)
             try:
                 answer = yield client.request("GET", url, authorization.headers, None, timeout)
             except HTTPFailure as exc:
@@ -285,7 +285,26 @@ def _reach(url: str, tls, timeout: float):
     if parts.scheme != "https":
         tls = None
     d = threads.deferToThread(check_destination, parts.hostname, port, tls, None, timeout)
-    return d.addCallback(lambda steps: [step for step in steps if step.name != "MLLP"])
+
+    def kept(steps):
+        for step in steps:
+            if step.name == "TLS" and step.status == "skipped":
+                step.detail = "plain http: no TLS (this machine only)"
+        return [step for step in steps if step.name != "MLLP"]
+
+    return d.addCallback(kept)
+
+
+def credential_verdict(steps) -> str:
+    """What a credential check came to: authenticated (the token obtained, or check_url answered
+    2xx), NOT authenticated (a step failed: refused, unreachable), or not confirmed (check_url
+    answered something else: a 404 or 405 says nothing of the credential)."""
+    if any(step.status == "failed" for step in steps):
+        return "NOT authenticated"
+    if any(step.name in ("TOKEN", "API") and step.status == "warning" for step in steps) and not any(
+            step.name == "TOKEN" and step.status == "ok" for step in steps):
+        return "not confirmed (check_url did not answer 2xx)"
+    return "authenticated"
 
 
 def check_url(url: str, tls, reactor, timeout: float = 10.0):
