@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from hl7relay.mllp.framing import Frame, MLLPFramer, frame
 
-__all__ = ["Step", "check_destination", "check_credential", "check_url", "credential_verdict", "check_api_destination", "default_check_message", "EXPIRY_WARNING_DAYS"]
+__all__ = ["Step", "check_destination", "check_credential", "check_url", "credential_verdict", "check_api_destination",
+           "default_check_message", "EXPIRY_WARNING_DAYS"]
 
 EXPIRY_WARNING_DAYS = 30
 
