@@ -39,6 +39,7 @@ VERBS = {
     "channel": "hl7relay.cli.channel",
     "destination": "hl7relay.cli.destination",
     "reload": "hl7relay.cli.reload",
+    "fhir": "hl7relay.cli.fhir",
 }
 
 

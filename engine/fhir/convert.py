@@ -1,0 +1,653 @@
+"""HL7 v2 → FHIR R4: a message through its message map into a Bundle, with no I/O.
+
+Resource ids are deterministic (uuid5 of the type and the first identifier's system and value,
+else of the message map's ``identity`` values, else of the resource's content), so the same
+message twice gives the same resources; a transaction bundle updates by identifier
+(``PUT Patient?identifier=system|value``) and references resolve through ``urn:uuid:`` full URLs.
+A DTM without an offset takes the converter's time zone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from hl7relay.errors import HL7RelayError
+from hl7relay.fhir.maps import _PLACEHOLDER, Condition, ElementMap, MapSet, MessageMap, Rule, parse_value_path
+from hl7relay.hl7.escape import unescape
+from hl7relay.hl7.message import HEADER_SEGMENTS, Message
+
+__all__ = ["Converter", "Conversion", "ConversionError", "BUNDLE_TYPES", "resource_id"]
+
+BUNDLE_TYPES = ("message", "transaction", "collection")
+_NAMESPACE = uuid.UUID("6b1f7c1e-6f0a-5d8e-9a53-6c7e1a2b7f10")  # hl7relay's: the ids are ours
+_DTM = re.compile(r"^(?P<y>\d{4})(?P<m>\d{2})?(?P<d>\d{2})?(?P<H>\d{2})?(?P<M>\d{2})?(?P<S>\d{2})?"
+                  r"(?:\.(?P<f>\d{1,4}))?(?P<z>[+-]\d{4})?$")
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+_V2_TABLE = re.compile(r"^HL7(\d{4})$")
+
+
+class ConversionError(HL7RelayError):
+    """The message cannot be converted: no message map for its type, or nothing came of it."""
+
+
+@dataclass(slots=True)
+class Conversion:
+    bundle: dict
+    problems: list = field(default_factory=list)  # what was left out, and why (unmapped codes, bad dates)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def resource_id(resource_type: str, *parts: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, "|".join((resource_type,) + parts)))
+
+
+class _Slots(dict):
+    """A list being built: element key (slot, segment, repetition) -> element."""
+
+
+class _Element:
+    """One value at a level of the encoding: 0 a repetition (components), 1 a component, 2 a leaf."""
+
+    __slots__ = ("text", "level", "seps")
+
+    def __init__(self, text: str, level: int, seps: tuple):
+        self.text, self.level, self.seps = text, level, seps
+
+    def part(self, n: int) -> "_Element":
+        if self.level >= 2:
+            return self if n == 1 else _Element("", 2, self.seps)
+        sep = self.seps[self.level]
+        parts = self.text.split(sep) if sep else [self.text]
+        return _Element(parts[n - 1] if n <= len(parts) else "", self.level + 1, self.seps)
+
+    def leaf(self) -> str:
+        element = self
+        while element.level < 2:
+            element = element.part(1)
+        return element.text
+
+
+@dataclass(slots=True)
+class _Resource:
+    name: str
+    type: str
+    node: dict
+    identity: list
+    nearest_ids: list = field(default_factory=list)
+    parents: list = field(default_factory=list)  # resources whose ids are part of this one's identity
+    id: str = ""
+    full_url: str = ""
+    from_datatype: bool = False
+
+
+class _Run:
+    """One message's conversion."""
+
+    def __init__(self, converter: "Converter", message: Message):
+        self.converter = converter
+        self.maps = converter.maps
+        self.message = message
+        d = message.delimiters
+        self.rep_sep = d.repetition
+        self.seps = (d.component, d.subcomponent)
+        self.delimiters = d
+        self.codec = message.codec
+        self.problems: list[str] = []
+        self.resources: list[_Resource] = []
+        self.by_name: dict[str, list[_Resource]] = {}
+        self.datatype_resources: dict[str, _Resource] = {}
+        # the context of the rule being applied
+        self.segment = ""
+        self.fields: list = []
+        self.field_number = 0
+        self.repetition: _Element | None = None
+        self.datatype = ""
+        self.element: _Element | None = None
+
+    # -- values ---------------------------------------------------------------------------
+    def text(self, element: _Element) -> str:
+        return unescape(element.text, self.delimiters, self.codec) if element.level >= 2 else \
+            unescape(element.leaf(), self.delimiters, self.codec)
+
+    def _field(self, segment: str, number: int) -> tuple[list, int]:
+        """The repetitions of a field (raw) of the current segment, else of the message's first one."""
+        if segment == self.segment:
+            fields = self.fields
+        else:
+            names = self.message.segment_names()
+            if segment not in names:
+                return [], 0
+            fields = self.message.fields(names.index(segment))
+        raw = fields[number] if number < len(fields) else ""
+        if segment in HEADER_SEGMENTS and number <= 2:
+            return [raw], 1
+        reps = [r for r in (raw.split(self.rep_sep) if self.rep_sep and raw else [raw] if raw else [])]
+        return reps, sum(1 for r in reps if r)
+
+    def resolve(self, path) -> tuple[_Element | None, int]:
+        """A path's element in the current context and how many repetitions it has."""
+        if path.segment is not None:
+            if path.segment == self.segment and path.field == self.field_number and self.repetition is not None:
+                element, count = self.repetition, len(self._field(path.segment, path.field)[0])
+            else:
+                reps, count = self._field(path.segment, path.field)
+                element = _Element(reps[0] if reps else "", 0, self.seps)
+        else:
+            if self.element is None or path.datatype != self.datatype:
+                return None, 0
+            element, count = self.element, 1
+        if path.component:
+            element = element.part(path.component)
+            if path.sub:
+                element = element.part(path.sub)
+        return element, count
+
+    def holds(self, condition: Condition | None) -> bool:
+        if condition is None:
+            return True
+        for clause in condition.clauses:
+            element, count = self.resolve(clause.path)
+            value = self.text(element) if element is not None else ""
+            valued = bool(value) and value != '""'
+            test = clause.test
+            if test == "valued":
+                ok = valued
+            elif test == "not_valued":
+                ok = not valued
+            elif test == "eq":
+                ok = value == clause.values[0]
+            elif test == "ne":
+                ok = value != clause.values[0]
+            elif test == "in":
+                ok = value in clause.values
+            elif test == "not_in":
+                ok = value not in clause.values
+            elif test == "longer":
+                ok = len(element.leaf() if element is not None else "") > clause.values[0]
+            elif test == "count_gt":
+                ok = count > clause.values[0]
+            else:
+                ok = count == clause.values[0]
+            if not ok:
+                return False
+        return True
+
+    def template(self, text: str) -> str | None:
+        if "{" not in text:
+            return text
+        empty = True
+
+        def replace(match):
+            nonlocal empty
+            path = parse_value_path(match.group(1))
+            element, _ = self.resolve(path)
+            value = self.text(element) if element is not None else ""
+            if value:
+                empty = False
+            return value
+
+        out = _PLACEHOLDER.sub(replace, text)
+        return None if empty else out
+
+    # -- primitives -----------------------------------------------------------------------
+    def primitive(self, kind: str, text: str, where: str):
+        if not text or text == '""':
+            return None
+        if kind in ("", "string", "markdown", "uri"):
+            return text
+        if kind in ("code", "id"):
+            return text.strip() or None
+        if kind == "system":
+            return self.system(text)
+        if kind in ("date", "dateTime", "instant"):
+            return self.when(kind, text, where)
+        if kind == "time":
+            digits = text.split("+")[0].split("-")[0]
+            if not re.fullmatch(r"\d{2}(\d{2}(\d{2}(\.\d+)?)?)?", digits):
+                self.problems.append(f"{where}: {text!r} is not a time (HHMM[SS])")
+                return None
+            return f"{digits[0:2]}:{digits[2:4] or '00'}:{digits[4:6] or '00'}"
+        if kind == "decimal":
+            if not _NUMBER.match(text.strip()):
+                self.problems.append(f"{where}: {text!r} is not a number")
+                return None
+            number = float(text)
+            return int(number) if number.is_integer() and "." not in text else number
+        if kind in ("integer", "positiveInt", "unsignedInt"):
+            try:
+                number = int(text.strip())
+            except ValueError:
+                self.problems.append(f"{where}: {text!r} is not an integer")
+                return None
+            if (kind == "positiveInt" and number < 1) or (kind == "unsignedInt" and number < 0):
+                self.problems.append(f"{where}: {number} is not a {kind}")
+                return None
+            return number
+        if kind == "boolean":
+            flag = {"Y": True, "N": False, "true": True, "false": False}.get(text.strip())
+            if flag is None:
+                self.problems.append(f"{where}: {text!r} is not Y or N")
+            return flag
+        return text
+
+    def system(self, name: str) -> str:
+        known = self.maps.systems.get(name)
+        if known:
+            return known
+        table = _V2_TABLE.match(name)
+        if table:
+            return f"http://terminology.hl7.org/CodeSystem/v2-{table.group(1)}"
+        return name
+
+    def when(self, kind: str, text: str, where: str):
+        match = _DTM.match(text.strip())
+        if match is None:
+            self.problems.append(f"{where}: {text!r} is not an HL7 date/time (YYYY[MM[DD[HHMM[SS[.S]]]]][+/-ZZZZ])")
+            return None
+        y, m, d, hour = match["y"], match["m"], match["d"], match["H"]
+        try:
+            datetime.date(int(y), int(m or 1), int(d or 1))
+        except ValueError:
+            self.problems.append(f"{where}: {text!r} is not a date")
+            return None
+        if kind == "date" or hour is None:
+            if kind == "instant":
+                self.problems.append(f"{where}: {text!r} has no time of day")
+                return None
+            return "-".join(p for p in (y, m, d) if p)
+        if m is None or d is None:
+            return y
+        minute, second, fraction = match["M"] or "00", match["S"] or "00", match["f"]
+        try:
+            moment = datetime.datetime(int(y), int(m), int(d), int(hour), int(minute), int(second))
+        except ValueError:
+            self.problems.append(f"{where}: {text!r} is not a time of day")
+            return None
+        offset = match["z"]
+        if offset is None:
+            zone_offset = self.converter.zone.utcoffset(moment) or datetime.timedelta(0)
+            total = int(zone_offset.total_seconds() // 60)
+            sign = "+" if total >= 0 else "-"
+            offset = f"{sign}{abs(total) // 60:02d}{abs(total) % 60:02d}"
+        stamp = f"{y}-{m}-{d}T{hour}:{minute}:{second}" + (f".{fraction}" if fraction else "")
+        return f"{stamp}{offset[:3]}:{offset[3:]}"
+
+    # -- building -------------------------------------------------------------------------
+    def produce(self, rule: Rule, element: _Element, where: str):
+        if rule.value is not None:
+            text = self.template(rule.value)
+            if text is None:
+                return None
+            value = self.primitive(rule.type if rule.type in _PRIMITIVE_KINDS else "", text, where)
+        elif rule.type and rule.type in self.maps.datatypes:
+            value = self.datatype_value(self.maps.datatypes[rule.type], element, where)
+        else:
+            value = self.primitive(rule.type, self.text(element), where)
+        if value is not None and rule.vocabulary:
+            value = self.translate(rule.vocabulary, element, value, where)
+        return value
+
+    def translate(self, vocabulary: str, element: _Element, value, where: str):
+        code = self.text(element.part(1) if element.level < 2 else element)
+        mapped = self.maps.vocabulary[vocabulary].get(code)
+        if isinstance(value, dict):
+            if mapped is None:
+                return value  # the v2 coding stays; the concept map has no FHIR code for it
+            coding = {k: v for k, v in (("system", mapped[2]), ("code", mapped[0]), ("display", mapped[1])) if v}
+            if "coding" in value:  # CodeableConcept: the FHIR code first, the v2 one kept after it
+                value["coding"] = [coding] + [c for c in value["coding"] if c.get("code") != mapped[0]]
+                return value
+            return {**value, **coding}
+        if mapped is None:
+            self.problems.append(f"{where}: code {code!r} is not in {vocabulary}; left out")
+            return None
+        return mapped[0]
+
+    def datatype_value(self, element_map: ElementMap, element: _Element, where: str):
+        saved = (self.datatype, self.element)
+        self.datatype, self.element = element_map.name.split("[", 1)[0], element
+        node: dict = {}
+        try:
+            for rule in element_map.rules:
+                part = element.part(rule.number) if rule.number else element
+                if rule.value is None and not self.text(part) and rule.number:
+                    continue
+                if rule.value is not None and rule.number and not self.text(part):
+                    continue
+                if not self.holds(rule.when):
+                    continue
+                value = self.produce(rule, part, f"{where}.{rule.number}" if rule.number else where)
+                if value is not None:
+                    _write(node, rule.target, value, ())
+        finally:
+            self.datatype, self.element = saved
+        value = _finish(node)
+        if value is None:
+            return None
+        if isinstance(value, dict) and "$value" in value:
+            return value["$value"]
+        if element_map.resource:
+            return {"reference": self.datatype_resource(element_map.resource, value).full_url}
+        return value
+
+    def datatype_resource(self, resource_type: str, content: dict) -> _Resource:
+        content = {"resourceType": resource_type, **content}
+        rid = _identified(resource_type, content) or resource_id(resource_type, _canonical(content))
+        found = self.datatype_resources.get(rid)
+        if found is None:
+            found = _Resource(resource_type, resource_type, content, [], id=rid, full_url=f"urn:uuid:{rid}",
+                              from_datatype=True)
+            self.datatype_resources[rid] = found
+            self.resources.append(found)
+        return found
+
+    def apply_segment(self, segment_map: ElementMap, node: dict, occurrence: int) -> None:
+        for rule in segment_map.rules:
+            if rule.number == 0:
+                repetitions = [""]
+            else:
+                repetitions, _ = self._field(self.segment, rule.number)
+                if not any(step[1] for step in rule.target):
+                    repetitions = repetitions[:1]
+            for index, raw in enumerate(repetitions):
+                if rule.number and (not raw or raw == '""'):
+                    continue
+                self.field_number = rule.number
+                self.repetition = _Element(raw, 0, self.seps) if rule.number else None
+                try:
+                    if not self.holds(rule.when):
+                        continue
+                    where = f"{self.segment}-{rule.number}" if rule.number else self.segment
+                    element = self.repetition if self.repetition is not None else _Element("", 0, self.seps)
+                    value = self.produce(rule, element, where)
+                finally:
+                    self.field_number, self.repetition = 0, None
+                if value is not None:
+                    _write(node, rule.target, value, (occurrence, index))
+
+    def run(self, message_map: MessageMap) -> list[_Resource]:
+        names = self.message.segment_names()
+        counts: dict[str, int] = {}
+        bundle_node: dict = {}
+        for position, name in enumerate(names):
+            rules = [r for r in message_map.rules if r.segment == name]
+            if not rules:
+                continue
+            occurrence = counts.get(name, 0)
+            counts[name] = occurrence + 1
+            self.segment, self.fields = name, self.message.fields(position)
+            for rule in rules:
+                if not self.holds(rule.when):
+                    continue
+                if rule.resource == "Bundle":
+                    resource = None
+                    node = bundle_node
+                else:
+                    resource = self.resource_for(rule)
+                    node = resource.node
+                if rule.map:
+                    self.apply_segment(self.maps.segments[rule.map], node, occurrence)
+                if resource is None:
+                    continue
+                for path in rule.identity:
+                    element, _ = self.resolve(path)
+                    resource.identity.append(self.text(element) if element is not None else "")
+                for target, link_name, nearest, also in rule.links:
+                    if nearest:
+                        earlier = self.by_name.get(link_name)
+                        if earlier:
+                            resource.nearest_ids.append((target, earlier[-1], also))
+                    elif not any(t == target for t, *_ in resource.nearest_ids):
+                        resource.nearest_ids.append((target, link_name, also))
+                for by_name, target in rule.referenced_by:
+                    earlier = self.by_name.get(by_name)
+                    if earlier:
+                        earlier[-1].nearest_ids.append((target, resource, ()))
+                        resource.parents.append(earlier[-1])
+                for target, value in rule.defaults:
+                    if not _has(node, target):
+                        _write(node, target, value, ())
+        self.segment, self.fields = "", []
+        self.bundle_fields: dict = _finish(bundle_node) or {}
+        return self.resources
+
+    def resource_for(self, rule) -> _Resource:
+        existing = self.by_name.get(rule.resource)
+        if existing and not rule.each:
+            return existing[0]
+        resource_type = self.maps.segments[rule.map].resource if rule.map else rule.resource
+        resource = _Resource(rule.resource, resource_type, {}, [])
+        self.by_name.setdefault(rule.resource, []).append(resource)
+        self.resources.append(resource)
+        return resource
+
+
+_PRIMITIVE_KINDS = frozenset({"string", "code", "id", "uri", "date", "dateTime", "instant", "time", "decimal",
+                              "integer", "positiveInt", "unsignedInt", "boolean", "markdown", "system"})
+
+
+def _write(node: dict, target: tuple, value, key: tuple) -> None:
+    if target[0][0] == "$merge":  # the value's parts into this element (FN inside XPN)
+        if isinstance(value, dict):
+            _put({"": node}, "", value)
+        return
+    first_list = True
+    for depth, (name, slot) in enumerate(target):
+        last = depth == len(target) - 1
+        if slot:
+            slots = node.get(name)
+            if not isinstance(slots, _Slots):
+                slots = _Slots()
+                node[name] = slots
+            element_key = (slot,) + (key if first_list else ())
+            first_list = False
+            if last:
+                _put(slots, element_key, value)
+                return
+            child = slots.get(element_key)
+            if not isinstance(child, dict):
+                child = {}
+                slots[element_key] = child
+            node = child
+        else:
+            if last:
+                _put(node, name, value)
+                return
+            child = node.get(name)
+            if not isinstance(child, dict):
+                child = {}
+                node[name] = child
+            node = child
+
+
+def _put(container: dict, key, value) -> None:
+    existing = container.get(key)
+    if isinstance(existing, dict) and isinstance(value, dict):
+        for k, v in value.items():
+            _put(existing, k, v)
+    else:
+        container[key] = value
+
+
+def _has(node: dict, target: tuple) -> bool:
+    for name, slot in target:
+        child = node.get(name)
+        if slot:
+            if not isinstance(child, _Slots) or (slot,) not in child:
+                return False
+            child = child[(slot,)]
+        if child is None:
+            return False
+        node = child
+    return True
+
+
+def _finish(value):
+    """Slots to lists in key order; empty values and extensions without a value left out."""
+    if isinstance(value, _Slots):
+        items = [_finish(value[k]) for k in sorted(value)]
+        items = [i for i in items if i is not None]
+        return items or None
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            done = _finish(v)
+            if done is not None:
+                out[k] = done
+        if not out or (set(out) == {"url"}):
+            return None
+        return out
+    if isinstance(value, list):
+        items = [i for i in (_finish(v) for v in value) if i is not None]
+        return items or None
+    if value == "" or value is None:
+        return None
+    return value
+
+
+def _canonical(content) -> str:
+    return json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _first_identifier(content: dict) -> dict | None:
+    for identifier in content.get("identifier") or ():
+        if isinstance(identifier, dict) and identifier.get("value"):
+            return identifier
+    return None
+
+
+def _identified(resource_type: str, content: dict) -> str:
+    identifier = _first_identifier(content)
+    if identifier is None:
+        return ""
+    return resource_id(resource_type, identifier.get("system", ""), identifier["value"])
+
+
+class Converter:
+    """Compiled once per channel: the maps, the bundle type, the time zone."""
+
+    def __init__(self, maps: MapSet, *, bundle: str = "message", timezone: str = "UTC", map_name: str = ""):
+        if bundle not in BUNDLE_TYPES:
+            raise ValueError(f"bundle: {bundle!r} is not one of {', '.join(BUNDLE_TYPES)}")
+        try:
+            self.zone = ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"timezone: {timezone!r} is not a time zone (e.g. Europe/London, UTC)") from exc
+        if map_name and map_name not in maps.messages:
+            raise ValueError(f"map: no message map {map_name!r} ({', '.join(sorted(maps.messages))})")
+        self.maps, self.bundle_type, self.map_name = maps, bundle, map_name
+
+    def message_map(self, message: Message) -> MessageMap:
+        if self.map_name:
+            return self.maps.messages[self.map_name]
+        found = self.maps.for_message(message.msh(9, 1), message.msh(9, 2), message.msh(9, 3))
+        if found is None:
+            kind = "^".join(p for p in (message.msh(9, 1), message.msh(9, 2)) if p)
+            raise ConversionError(f"no FHIR map for {kind or 'this message'} (maps: {', '.join(sorted(self.maps.messages))})")
+        return found
+
+    def convert(self, message: Message) -> Conversion:
+        message_map = self.message_map(message)
+        run = _Run(self, message)
+        resources = run.run(message_map)
+        for resource in resources:
+            if resource.from_datatype:
+                continue
+            content = _finish(resource.node) or {}
+            resource.node = {"resourceType": resource.type, **content}
+        for resource in resources:  # ids in creation order: a nearest link's target has its id already
+            if resource.from_datatype:
+                continue
+            rid = _identified(resource.type, resource.node)
+            if not rid and resource.identity and any(resource.identity):
+                parents = [t.id for _, t, _ in resource.nearest_ids if isinstance(t, _Resource) and t.id]
+                parents += [p.id for p in resource.parents if p.id]
+                rid = resource_id(resource.type, *parents, *resource.identity)
+            resource.id = rid or resource_id(resource.type, _canonical(resource.node))
+            resource.full_url = f"urn:uuid:{resource.id}"
+        for resource in resources:
+            for target, linked, also in resource.nearest_ids:
+                if isinstance(linked, str):
+                    found = run.by_name.get(linked)
+                    if not found:
+                        continue
+                    linked = found[0]
+                _link(resource.node, target, linked.full_url, also)
+        main = [r for r in resources if r.type != "MessageHeader" and not r.from_datatype]
+        if not main:
+            raise ConversionError("nothing in the message maps to a FHIR resource")
+        return Conversion(self.bundle(message, run, resources), run.problems)
+
+    def bundle(self, message: Message, run: _Run, resources: list) -> dict:
+        entries = []
+        headers = [r for r in resources if r.type == "MessageHeader"]
+        if self.bundle_type == "message":
+            for header in headers:
+                header.node["focus"] = [{"reference": r.full_url} for r in resources
+                                        if not r.from_datatype and r.type != "MessageHeader"][:1]
+        ordered = (headers if self.bundle_type == "message" else []) + [r for r in resources if r.type != "MessageHeader"]
+        if self.bundle_type != "message":  # the header's own organizations go with it
+            cited = _canonical([r.node for r in ordered if not r.from_datatype])
+            ordered = [r for r in ordered if not r.from_datatype or r.full_url in cited]
+        for resource in ordered:
+            entry = {"fullUrl": resource.full_url}
+            body = dict(resource.node)
+            if self.bundle_type == "transaction":
+                identifier = _first_identifier(body) if not resource.from_datatype or "identifier" in body else None
+                if identifier is not None and identifier.get("system"):
+                    search = quote(f"{identifier['system']}|{identifier['value']}", safe="")
+                    entry["request"] = {"method": "PUT", "url": f"{resource.type}?identifier={search}"}
+                else:
+                    body = {"resourceType": body["resourceType"], "id": resource.id,
+                            **{k: v for k, v in body.items() if k != "resourceType"}}
+                    entry["request"] = {"method": "PUT", "url": f"{resource.type}/{resource.id}"}
+            else:
+                body = {"resourceType": body["resourceType"], "id": resource.id,
+                        **{k: v for k, v in body.items() if k != "resourceType"}}
+            entry["resource"] = body
+            entries.append(entry)
+        bundle: dict = {"resourceType": "Bundle",
+                  "id": resource_id("Bundle", message.msh(3, 1), message.msh(4, 1), message.control_id),
+                  "type": self.bundle_type}
+        fields = dict(run.bundle_fields)
+        fields.pop("type", None)
+        if self.bundle_type == "transaction":  # a transaction's time is the server's
+            fields.pop("timestamp", None)
+        bundle.update(fields)
+        bundle["entry"] = entries
+        return bundle
+
+
+def _link(node: dict, target: tuple, reference: str, also: tuple = ()) -> None:
+    """Write a reference: a list step on the way (``participant[1].actor``) appends a new element
+    (with the ``also`` values beside the reference); a list at the end (``result[1]``) appends."""
+    *path, (name, slot) = target
+    holder = node
+    for step, step_slot in path:
+        child = node.get(step)
+        if step_slot:
+            items = child if isinstance(child, list) else []
+            child = {}
+            items.append(child)
+            node[step] = items
+        elif not isinstance(child, dict):
+            child = {}
+            node[step] = child
+        node = child
+    if slot:
+        existing = node.get(name)
+        references = existing if isinstance(existing, list) else []
+        references.append({"reference": reference})
+        node[name] = references
+    else:
+        node[name] = {"reference": reference}
+    if also and node is not holder:
+        node.update(dict(also))

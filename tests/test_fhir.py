@@ -1,0 +1,294 @@
+"""HL7 v2 → FHIR R4: the shipped maps against HL7's v2-to-FHIR guide, the converter on the
+samples and the corpus (every bundle checked against FHIR's structure definitions), ids that
+do not change when a message is sent twice, map files with file:line:col errors, and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+
+from hl7relay.fhir.convert import ConversionError, Converter
+from hl7relay.fhir.coverage import coverage, load_exceptions
+from hl7relay.fhir.ig import IG_TABLE, read_concept_map, read_ig, write_table, VOCABULARIES
+from hl7relay.fhir.maps import MapError, default_maps, load_maps
+from hl7relay.hl7.batch import split_messages
+from hl7relay.hl7.message import Message
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+IG = SHARED / "v2-to-fhir"
+CORPUS = SHARED / "corpus"
+SAMPLES = {"adt_a01.hl7": "ADT_A01", "adt_a03.hl7": "ADT_A03", "adt_a04.hl7": "ADT_A01", "adt_a08.hl7": "ADT_A01",
+           "oru_r01.hl7": "ORU_R01", "siu_s12.hl7": "SIU_S12"}
+needs_ig = pytest.mark.skipif(not IG.is_dir(), reason="../shared/v2-to-fhir is not beside the repository")
+
+
+def sample(name: str) -> Message:
+    return Message.from_bytes((ROOT / "samples" / name).read_bytes())
+
+
+def converted(message: Message, bundle: str = "message", timezone: str = "America/New_York") -> dict:
+    return Converter(default_maps(), bundle=bundle, timezone=timezone).convert(message).bundle
+
+
+def resources(bundle: dict, kind: str) -> list:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
+
+
+# -- the maps against the guide -----------------------------------------------------------------
+@needs_ig
+def test_the_shipped_guide_table_is_the_guides_own_rows():
+    out = io.StringIO()
+    write_table(read_ig(IG), out)
+    assert IG_TABLE.read_text(encoding="utf-8") == out.getvalue()
+
+
+@needs_ig
+def test_the_shipped_vocabulary_is_the_guides_concept_maps():
+    maps = default_maps()
+    for name in VOCABULARIES:
+        guide = read_concept_map(IG, name)
+        assert guide, name
+        assert {code: target[0] for code, target in maps.vocabulary[name].items()} == \
+            {code: target[0] for code, target in guide.items()}, name
+
+
+def test_every_guide_row_for_the_supported_messages_is_implemented_or_a_reviewed_exception():
+    rows = coverage(default_maps())
+    missing = [f"{r.map} {r.source}" for r in rows if r.status == "missing"]
+    assert missing == []
+    assert sum(r.status == "implemented" for r in rows) > 250
+    for name in ("ADT_A01", "ADT_A02", "SIU_S12", "ORU_R01"):
+        assert any(r.kind == "message" and r.map == name for r in rows), name
+
+
+def test_an_exception_that_no_longer_matches_a_row_is_caught():
+    """A reviewed exception must name a row of the guide (a stale one hides nothing)."""
+    rows = coverage(default_maps())
+    used = {f"{r.map} {r.source}" for r in rows} | {r.source for r in rows if r.kind == "message"}
+    stale = [key for key in load_exceptions() if key not in used]
+    assert stale == []
+
+
+def test_a_field_left_out_of_a_map_shows_as_missing(tmp_path):
+    maps = default_maps()
+    trimmed = copy.copy(maps)
+    trimmed.segments = dict(maps.segments)
+    pid = copy.copy(maps.segments["PID[Patient]"])
+    pid.rules = [r for r in pid.rules if r.source != "PID-8"]
+    trimmed.segments["PID[Patient]"] = pid
+    missing = [(r.map, r.source) for r in coverage(trimmed, "ADT_A01") if r.status == "missing"]
+    assert missing == [("PID[Patient]", "PID-8")]
+
+
+# -- the converter ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+@pytest.mark.parametrize("bundle_type", ["message", "transaction"])
+def test_every_sample_converts_to_a_valid_r4_bundle(name, bundle_type):
+    bundle = converted(sample(name), bundle_type)
+    Bundle.model_validate(bundle)
+    assert bundle["type"] == bundle_type
+    kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
+    assert "Patient" in kinds
+    if bundle_type == "message":
+        assert kinds[0] == "MessageHeader"
+    else:
+        assert "MessageHeader" not in kinds
+        assert all(e["request"]["method"] == "PUT" for e in bundle["entry"])
+
+
+def _corpus_messages():
+    if not CORPUS.is_dir():
+        return []
+    out = []
+    maps = default_maps()
+    for path in sorted(CORPUS.iterdir()):
+        if path.suffix != ".hl7":
+            continue
+        for index, chunk in enumerate(split_messages(path.read_bytes()).messages):
+            try:
+                message = Message.from_bytes(chunk.data)
+            except ValueError:
+                continue
+            if maps.for_message(message.msh(9, 1), message.msh(9, 2), message.msh(9, 3)) is not None:
+                out.append(pytest.param(chunk.data, id=f"{path.name}#{index}"))
+    return out
+
+
+@pytest.mark.parametrize("data", _corpus_messages())
+def test_corpus_messages_of_the_supported_types_convert_to_valid_r4_bundles(data):
+    message = Message.from_bytes(data)
+    for bundle_type in ("message", "transaction"):
+        try:
+            bundle = converted(message, bundle_type, "UTC")
+        except ConversionError as exc:  # a header alone (the corpus has some): said, not an empty bundle
+            assert "nothing in the message maps to a FHIR resource" in str(exc)
+            assert not set(message.segment_names()) & {"PID", "PV1", "SCH", "OBR", "OBX"}
+            continue
+        Bundle.model_validate(bundle)
+
+
+def test_the_same_message_twice_gives_the_same_resources():
+    first = converted(sample("adt_a01.hl7"), "transaction")
+    second = converted(sample("adt_a01.hl7"), "transaction")
+    assert first == second
+    # a new control id and time (a resend) keeps every resource's id
+    resent = sample("adt_a01.hl7")
+    resent.set("MSH-10", "RESENT-1")
+    resent.set("MSH-7", "20250101010101")
+    third = converted(resent, "transaction")
+    assert [e["fullUrl"] for e in third["entry"]] == [e["fullUrl"] for e in first["entry"]]
+
+
+def test_a_transaction_updates_the_patient_by_identifier_and_links_through_urn_uuids():
+    bundle = converted(sample("siu_s12.hl7"), "transaction")
+    patient_entry = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    assert patient_entry["request"] == {"method": "PUT", "url": "Patient?identifier=CLINIC%7C100234"}
+    assert "id" not in patient_entry["resource"]
+    appointment = resources(bundle, "Appointment")[0]
+    actors = [p["actor"]["reference"] for p in appointment["participant"]]
+    assert patient_entry["fullUrl"] in actors
+    full_urls = {e["fullUrl"] for e in bundle["entry"]}
+    assert set(actors) <= full_urls
+
+
+def test_siu_fields_land_where_the_guide_says():
+    bundle = converted(sample("siu_s12.hl7"))
+    appointment = resources(bundle, "Appointment")[0]
+    assert appointment["status"] == "booked"  # SCH-25 Booked through FillerStatusCodes
+    assert appointment["start"] == "2024-01-15T10:00:00-05:00"  # SCH-11.4 in the channel's zone
+    assert appointment["end"] == "2024-01-15T10:30:00-05:00"
+    assert appointment["minutesDuration"] == 30
+    assert appointment["serviceType"][0]["coding"][0] == {
+        "code": "99213", "display": "Office visit", "system": "http://www.ama-assn.org/go/cpt"}
+    patient = resources(bundle, "Patient")[0]
+    assert patient["gender"] == "female" and patient["birthDate"] == "1980-04-12"
+    assert patient["name"][0] == {"family": "DOE", "given": ["JANE", "MARIE"], "use": "official"}
+
+
+def test_the_trigger_event_sets_the_status_the_segments_did_not():
+    message = sample("siu_s12.hl7")
+    message.set("MSH-9.2", "S15")
+    message.set("SCH-25", "")
+    assert resources(converted(message), "Appointment")[0]["status"] == "cancelled"
+    message.set("MSH-9.2", "S26")
+    assert resources(converted(message), "Appointment")[0]["status"] == "noshow"
+
+
+def test_results_hang_off_their_report():
+    bundle = converted(sample("oru_r01.hl7"))
+    report = resources(bundle, "DiagnosticReport")[0]
+    observations = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    assert [r["reference"] for r in report["result"]] == [e["fullUrl"] for e in observations]
+    assert all(o["resource"]["subject"] == report["subject"] for o in observations)
+
+
+def test_a_time_without_an_offset_takes_the_time_zone_and_one_with_an_offset_keeps_it():
+    message = sample("siu_s12.hl7")
+    assert resources(converted(message, timezone="Europe/London"), "Appointment")[0]["start"] == \
+        "2024-01-15T10:00:00+00:00"
+    message.set("SCH-11.4", "20240715100000+0200")
+    assert resources(converted(message, timezone="America/New_York"), "Appointment")[0]["start"] == \
+        "2024-07-15T10:00:00+02:00"
+
+
+def test_what_cannot_be_converted_is_said_and_left_out():
+    message = sample("adt_a01.hl7")
+    message.set("PID-8", "Q")
+    message.set("PID-7", "1980-04-12")
+    conversion = Converter(default_maps()).convert(message)
+    patient = resources(conversion.bundle, "Patient")[0]
+    assert "gender" not in patient and "birthDate" not in patient
+    assert any("PID-8" in p and "'Q'" in p for p in conversion.problems)
+    assert any("PID-7" in p for p in conversion.problems)
+    Bundle.model_validate(conversion.bundle)
+
+
+def test_a_message_without_a_map_is_a_conversion_error():
+    with pytest.raises(ConversionError, match="no FHIR map for ACK"):
+        Converter(default_maps()).convert(sample("ack_aa.hl7"))
+
+
+def test_escaped_delimiters_come_out_as_text():
+    message = sample("adt_a01.hl7")
+    message.set_raw("PID-5.1", r"O\S\BRIEN")
+    assert resources(converted(message), "Patient")[0]["name"][0]["family"] == "O^BRIEN"
+
+
+# -- map files --------------------------------------------------------------------------------
+def test_a_channel_map_file_replaces_a_segment_map(tmp_path):
+    path = tmp_path / "maps.yaml"
+    path.write_text('segments:\n  PID[Patient]:\n    resource: Patient\n    fields:\n'
+                    '      - {v2: PID-3, fhir: "identifier[1]", type: "CX[Identifier]"}\n')
+    maps = load_maps(path, default_maps())
+    bundle = Converter(maps).convert(sample("adt_a01.hl7")).bundle
+    patient = resources(bundle, "Patient")[0]
+    assert set(patient) == {"resourceType", "id", "identifier"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("segments:\n  PID[Patient]:\n    resource: Patient\n    fields:\n      - {v2: PID-3, fhir: identifier, tipe: x}\n",
+     "maps.yaml:5:39: unknown key 'tipe'"),
+    ("segments:\n  PID[Patient]:\n    resource: Patient\n    fields:\n      - {v2: PID-3, fhir: identifier, type: \"CX[Nope]\"}\n",
+     "maps.yaml:5:9: PID[Patient]: unknown type 'CX[Nope]'"),
+    ("segments:\n  PID[Patient]:\n    resource: Patient\n    fields:\n      - {v2: PID-3, fhir: identifier, when: \"PID-3 is odd\"}\n",
+     "maps.yaml:5:45: cannot read condition 'PID-3 is odd'"),
+    ("segmints: {}\n", "maps.yaml:1:1: unknown section 'segmints'"),
+    ("segments: [\n", "maps.yaml:2:1: YAML syntax"),
+])
+def test_map_file_errors_say_file_line_and_column(tmp_path, text, expected):
+    path = tmp_path / "maps.yaml"
+    path.write_text(text)
+    with pytest.raises(MapError) as caught:
+        load_maps(path, default_maps(), display_name="maps.yaml")
+    assert str(caught.value).startswith(expected), str(caught.value)
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+def hl7relay(*args, stdin: bytes | None = None):
+    return subprocess.run([sys.executable, "-m", "hl7relay", *args], input=stdin, capture_output=True, timeout=120)
+
+
+def test_fhir_convert_prints_the_bundle_and_problems_on_stderr(tmp_path):
+    done = hl7relay("fhir", "convert", str(ROOT / "samples" / "siu_s12.hl7"), "--timezone", "America/Chicago")
+    assert done.returncode == 0, done.stderr
+    bundle = json.loads(done.stdout)
+    Bundle.model_validate(bundle)
+    assert resources(bundle, "Appointment")[0]["start"].endswith("-06:00")
+    odd = (ROOT / "samples" / "adt_a01.hl7").read_bytes().replace(b"||19800412|F", b"||19800412|Q", 1)
+    done = hl7relay("fhir", "convert", "-", stdin=odd)
+    assert done.returncode == 0
+    assert b"code 'Q' is not in AdministrativeSex" in done.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("fhir",), "say convert or coverage"),
+    (("fhir", "convert"), "required: file"),
+    (("fhir", "convert", "/nonexistent.hl7"), "No such file"),
+    (("fhir", "convert", str(ROOT / "samples" / "ack_aa.hl7")), "no FHIR map for ACK"),
+    (("fhir", "convert", str(ROOT / "samples" / "siu_s12.hl7"), "--timezone", "Mars/Base"), "is not a time zone"),
+    (("fhir", "convert", str(ROOT / "samples" / "siu_s12.hl7"), "--bundle", "batch"), "invalid choice"),
+    (("fhir", "coverage", "XYZ_Q99"), "no message map 'XYZ_Q99'"),
+])
+def test_fhir_verbs_answer_wrong_arguments_in_one_line(args, expected):
+    done = hl7relay(*args)
+    assert done.returncode != 0
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+def test_fhir_coverage_prints_every_row_and_a_total():
+    done = hl7relay("fhir", "coverage", "SIU_S12")
+    assert done.returncode == 0, done.stderr
+    text = done.stdout.decode()
+    assert "implemented  PID[Patient] PID-8" in text
+    assert "exception    SIU_S12 → NTE[Appointment-Comment]" in text
+    assert text.strip().splitlines()[-1].endswith("0 missing")
