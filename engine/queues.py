@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from hl7relay.channels.destinations import QueueOptions
 from hl7relay.errors import ParseError
 from hl7relay.events import emit
+from hl7relay.fhir.content import parse_content
 from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult, DeliveryStatus
 from hl7relay.store.database import DeliveryUpdate, DestinationStateUpdate, StoreError
@@ -573,9 +574,10 @@ class DestinationQueue:
         """Send one delivery; the Deferred fires once its result is handled (not yet recorded)."""
         data = row.content if row.content is not None else row.raw
         try:
-            message = row.message or Message.from_bytes(data)
-        except ParseError as exc:
-            self._handle_result(DeliveryResult(False, application_error=True, error=f"stored content is not HL7: {exc}"),
+            message = row.message or parse_content(data)
+        except (ParseError, ValueError) as exc:
+            self._handle_result(DeliveryResult(False, application_error=True,
+                                               error=f"stored content is neither HL7 nor JSON: {exc}"),
                                 row, None)
             return defer.succeed(None)
         started = time.perf_counter()

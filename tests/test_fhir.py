@@ -292,3 +292,71 @@ def test_fhir_coverage_prints_every_row_and_a_total():
     assert "implemented  PID[Patient] PID-8" in text
     assert "exception    SIU_S12 → NTE[Appointment-Comment]" in text
     assert text.strip().splitlines()[-1].endswith("0 missing")
+
+
+# -- the fhir transformer in a channel ----------------------------------------------------------
+def _channel(tmp_path, destinations: str, extra: str = ""):
+    from hl7relay.channels import load_channel
+
+    (tmp_path / "ch.yaml").write_text("name: ch\nsource: {type: mllp, port: 0}\n" + extra + "destinations:\n" + destinations)
+    return load_channel(tmp_path / "ch.yaml", {})
+
+
+def test_a_destinations_fhir_transformer_gives_it_the_bundle_and_the_channel_keeps_hl7(tmp_path):
+    from hl7relay.channels import process
+    from hl7relay.fhir.content import FHIRContent, parse_content
+
+    channel, errors = _channel(tmp_path, "  - name: fhir\n    type: file\n    directory: out\n"
+                                         "    transformers: [{fhir: {bundle: message}}]\n"
+                                         "  - {name: copy, type: file, directory: copy}\n",
+                               "timezone: America/New_York\n")
+    assert not errors, errors
+    processed = process(channel, sample("siu_s12.hl7"))
+    fhir, copy_ = processed.outputs
+    assert isinstance(fhir.message, FHIRContent)
+    bundle = fhir.message.json()
+    Bundle.model_validate(bundle)
+    assert resources(bundle, "Appointment")[0]["start"] == "2024-01-15T10:00:00-05:00"  # the channel's zone
+    assert copy_.message.to_bytes().startswith(b"MSH|")
+    assert parse_content(fhir.message.to_bytes()).json() == bundle  # as the queue reads it back
+
+
+@pytest.mark.parametrize("destinations, extra, expected", [
+    ("  - {name: d, type: file, directory: out}\n", "transformers: [{fhir: {}}]\n",
+     "ch.yaml:3:16: the fhir transformer converts the message for one destination"),
+    ("  - {name: d, type: file, directory: out, transformers: [{fhir: {}}, {set: {path: MSH-5, value: X}}]}\n", "",
+     "the fhir transformer must be the destination's last transformer"),
+    ("  - {name: d, type: mllp, host: 127.0.0.1, port: 1, transformers: [{fhir: {}}]}\n", "",
+     "a mllp destination sends HL7; a fhir Bundle goes to an file or http destination"),
+    ("  - {name: d, type: file, directory: out, transformers: [{fhir: {map: XYZ}}]}\n", "",
+     "map: no message map 'XYZ'"),
+    ("  - {name: d, type: file, directory: out, transformers: [{fhir: {bundle: batch}}]}\n", "",
+     "bundle"),
+    ("  - {name: d, type: file, directory: out}\n", "timezone: Mars/Base\n",
+     "ch.yaml:3:11: timezone: 'Mars/Base' is not a time zone"),
+    ("  - {name: d, type: file, directory: out, transformers: [{fhir: {maps: nope.yaml}}]}\n", "",
+     "maps: "),
+])
+def test_misplaced_or_wrong_fhir_transformers_are_lint_errors(tmp_path, destinations, extra, expected):
+    channel, errors = _channel(tmp_path, destinations, extra)
+    assert channel is None
+    assert any(expected in str(e) for e in errors), [str(e) for e in errors]
+
+
+def test_a_channels_own_map_file_is_used_and_its_errors_say_where(tmp_path):
+    (tmp_path / "maps.yaml").write_text('segments:\n  PID[Patient]:\n    resource: Patient\n    fields:\n'
+                                        '      - {v2: PID-3, fhir: "identifier[1]", type: "CX[Identifer]"}\n')
+    channel, errors = _channel(tmp_path, "  - {name: d, type: file, directory: out, transformers: "
+                                         "[{fhir: {maps: maps.yaml}}]}\n")
+    assert channel is None
+    assert any("maps.yaml:5:9: PID[Patient]: unknown type 'CX[Identifer]'" in str(e) for e in errors), errors
+
+
+def test_fhir_content_is_masked_for_support(tmp_path):
+    from hl7relay.ops.phi import mask_message
+
+    bundle = Converter(default_maps(), bundle="transaction").convert(sample("adt_a01.hl7"))
+    shown = mask_message(bundle.to_bytes())
+    for value in ("DOE", "JANE", "1980-04-12", "100234", "123 MAIN ST", "5550123"):
+        assert value not in shown, value
+    assert '"resourceType": "Patient"' in shown and "Patient?identifier=***" in shown

@@ -632,3 +632,29 @@ def test_a_credential_check_says_authenticated_only_when_the_credential_was_prov
     assert credential_verdict(reached + [Step("TOKEN", "ok", ""), Step("API", "warning", "HTTP 404")]) == "authenticated"
     assert credential_verdict(reached + [Step("API", "failed", "HTTP 401")]) == "NOT authenticated"
     assert credential_verdict([Step("DNS", "failed", "")]) == "NOT authenticated"
+
+
+def test_a_fhir_bundle_from_the_pipeline_is_posted_as_fhir_json_from_its_stored_content(world):
+    """The channel's fhir transformer makes the destination's content; the queue sends it from the
+    store (as after a restart: parsed again from the stored bytes) with FHIR's content type."""
+    from hl7relay.channels import process
+    from hl7relay.hl7.message import Message
+
+    api, build, lines, tmp_path = world
+    running = build("transformers: [{fhir: {bundle: transaction}}]")
+    channel, errors = load_channel(tmp_path / "ch.yaml", {})
+    assert not errors
+    message = Message.from_bytes(MSG.format(id="F1", key="4711").encode())
+    output = process(channel, message).outputs[0].message
+    content = output.to_bytes()
+    running.store.commit([MessageRecord("ch", message.to_bytes(), "PROCESSED", received_at=time.time(), control_id="M1",
+                                        deliveries=[DeliveryRecord("pms", "QUEUED", content, None)])], [])
+    running.queue.nudge()
+    running.queue._poll()
+    running.settle(1)
+    seen = api.requests[-1]
+    assert seen.headers["content-type"] == "application/fhir+json"
+    bundle = json.loads(seen.body)
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    assert any(e["request"]["url"] == "Patient?identifier=H%7C4711" for e in bundle["entry"])
+    assert seen.path == "/api/patients//events"  # HL7 paths name nothing in a FHIR document

@@ -31,6 +31,8 @@ class TransformError(HL7RelayError):
 
 
 class Step:
+    converts = False  # True: convert(message) returns a new document (fhir) instead of editing it
+
     def apply(self, message: Message) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 

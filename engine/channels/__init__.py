@@ -5,7 +5,7 @@ destinations; lint; the message pipeline shared by `run` and `test`."""
 from hl7relay.channels import destinations, filters, http_destination, http_source, sources, validators  # noqa: F401
 from hl7relay.channels.channel import Channel, Destination, load_channel, load_channels
 from hl7relay.channels.pipeline import Processed, Result, process
-from hl7relay.transformers import steps  # noqa: F401
+from hl7relay.transformers import fhir, steps  # noqa: F401
 from hl7relay.yamlsource import ConfigError
 
 __all__ = ["Channel", "Destination", "load_channel", "load_channels", "process", "Processed", "Result", "ConfigError"]

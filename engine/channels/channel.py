@@ -89,9 +89,13 @@ class Channel:
     labels: dict = field(default_factory=dict, compare=False, repr=False)
 
 
+_TAKES_DOCUMENTS = frozenset({"http", "file"})  # destinations that send what they are given, not HL7
+
+
 @dataclass(slots=True)
 class _Context:
     base_dir: Path
+    timezone: str = "UTC"  # the channel's, for DTM values without an offset (fhir)
 
 
 _RESPONSE = ComponentSpec("setting", "response", "ACK behaviour", (
@@ -137,6 +141,8 @@ CHANNEL = ComponentSpec("channel", "channel", "a channel file (channels/NAME.yam
            section=_RETENTION),
     Option("log_level", "enum", None, "this channel's log level (default: the engine's)", LOG_LEVELS),
     Option("log_phi", "bool", False, "true: message content may appear in this channel's trace logs (capped)"),
+    Option("timezone", "str", "UTC", "the sender's time zone, for HL7 times without an offset (fhir), "
+           "e.g. America/New_York"),
 ), title="the channel")
 CHANNEL_KEYS = {option.name: option.description for option in CHANNEL.options}
 
@@ -234,9 +240,21 @@ class _Loader:
         name = values.get("name")
         if isinstance(name, str) and not name.strip():
             self.error(("name",), "the channel needs a name (text)")
+        timezone = values.get("timezone") or "UTC"
+        try:
+            from zoneinfo import ZoneInfo
+
+            ZoneInfo(timezone)
+            self.context.timezone = timezone
+        except (ValueError, KeyError, OSError):
+            self.error(("timezone",), f"timezone: {timezone!r} is not a time zone (e.g. Europe/London, UTC)")
         source_type, source = self.typed("source", data.get("source"), ("source",))
         rule = self.rule(data["filters"], ("filters",)) if data.get("filters") is not None else None
         steps = self.steps("transformer", data.get("transformers"), ("transformers",))
+        for i, step in enumerate(steps or []):
+            if getattr(step, "converts", False):
+                self.error(("transformers", i), "the fhir transformer converts the message for one destination: "
+                                                "put it last in that destination's transformers")
         validators = self.steps("validator", data.get("validators"), ("validators",))
         storage = values.get("storage")
         if storage:
@@ -296,6 +314,15 @@ class _Loader:
             type_name, config = self.typed("destination", item, path, reserved=("name", "filters", "transformers"))
             rule = self.rule(item["filters"], path + ("filters",)) if item.get("filters") is not None else None
             steps = self.steps("transformer", item.get("transformers"), path + ("transformers",))
+            for j, step in enumerate(steps or []):
+                if not getattr(step, "converts", False):
+                    continue
+                if j != len(steps) - 1:
+                    self.error(path + ("transformers", j), "the fhir transformer must be the destination's last "
+                                                           "transformer (HL7 steps cannot edit its JSON)")
+                if type_name not in _TAKES_DOCUMENTS:
+                    self.error(path + ("transformers", j), f"a {type_name} destination sends HL7; a fhir Bundle goes "
+                                                           f"to an {' or '.join(sorted(_TAKES_DOCUMENTS))} destination")
             if config is not None and isinstance(name, str):
                 out.append(Destination(name, type_name, config, rule, steps or []))
         return out

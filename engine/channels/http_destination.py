@@ -49,6 +49,7 @@ class HTTPDestinationConfig:
     max_retry_after: float = DEFAULT_MAX_RETRY_AFTER
     success_when: str | None = None
     queue: QueueOptions = QueueOptions()
+    content_type_given: bool = False  # else a FHIR document goes as application/fhir+json
 
 
 def render_template(template: str, message, message_id: int | None, escape) -> str:
@@ -140,7 +141,8 @@ def _http(options, context=None):
         tls_config({**options, "tls": parts.scheme == "https"}, False, getattr(context, "base_dir", None)),
         options["timeout"], options["connect_timeout"], options["rate_limit"], options["rate_burst"],
         options["idempotency_header"], options["max_retry_after"],
-        success.pattern if hasattr(success, "pattern") else success, queue_options(options))
+        success.pattern if hasattr(success, "pattern") else success, queue_options(options),
+        options["content_type"] is not None)
 
 
 class HTTPDelivery(Delivery):
@@ -176,7 +178,10 @@ class HTTPDelivery(Delivery):
             body = message.to_bytes()
         else:
             body = render_template(config.body, message, message_id, _json_text if self.json else str).encode("utf-8")
-        headers = {"Content-Type": config.content_type, "User-Agent": "hl7relay", **config.headers}
+        content_type = config.content_type
+        if config.body is None and not config.content_type_given:
+            content_type = getattr(message, "content_type", content_type)  # fhir: application/fhir+json
+        headers = {"Content-Type": content_type, "User-Agent": "hl7relay", **config.headers}
         if config.idempotency_header:
             headers[config.idempotency_header] = self.idempotency_key(message, message_id)
         d = self._send(url, headers, body, retried=False)

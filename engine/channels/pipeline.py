@@ -88,7 +88,10 @@ def process(channel: Channel, message: Message, observe=None) -> Processed:
         error = ""
         for index, step in enumerate(destination.steps, start=1):
             try:
-                step.apply(output)
+                if step.converts:  # the fhir transformer: a new document, the destination's last step
+                    output = step.convert(output)
+                else:
+                    step.apply(output)
             except (HL7RelayError, ValueError) as exc:
                 error = f"destination {destination.name} transformer {index}: {exc}"
                 if observe is not None:

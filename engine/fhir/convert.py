@@ -53,26 +53,48 @@ class _Slots(dict):
     """A list being built: element key (slot, segment, repetition) -> element."""
 
 
-class _Element:
-    """One value at a level of the encoding: 0 a repetition (components), 1 a component, 2 a leaf."""
+class _Node(dict):
+    """An element being built (plain dicts and lists in it are finished values)."""
 
-    __slots__ = ("text", "level", "seps")
+
+class _Element:
+    """One value at a level of the encoding: 0 a repetition (components), 1 a component, 2 a leaf.
+    Its parts are split once, when first asked for."""
+
+    __slots__ = ("text", "level", "seps", "_parts")
 
     def __init__(self, text: str, level: int, seps: tuple):
         self.text, self.level, self.seps = text, level, seps
+        self._parts: list | None = None
+
+    def parts(self) -> list:
+        parts = self._parts
+        if parts is None:
+            sep = self.seps[self.level] if self.level < 2 else None
+            parts = self.text.split(sep) if sep and sep in self.text else [self.text]
+            self._parts = parts
+        return parts
+
+    def raw(self, n: int) -> str:
+        """Part ``n``'s text as it stands (escapes kept): "" when absent."""
+        if self.level >= 2:
+            return self.text if n == 1 else ""
+        parts = self.parts()
+        return parts[n - 1] if n <= len(parts) else ""
 
     def part(self, n: int) -> "_Element":
         if self.level >= 2:
             return self if n == 1 else _Element("", 2, self.seps)
-        sep = self.seps[self.level]
-        parts = self.text.split(sep) if sep else [self.text]
-        return _Element(parts[n - 1] if n <= len(parts) else "", self.level + 1, self.seps)
+        return _Element(self.raw(n), self.level + 1, self.seps)
 
     def leaf(self) -> str:
-        element = self
-        while element.level < 2:
-            element = element.part(1)
-        return element.text
+        text, level, seps = self.text, self.level, self.seps
+        while level < 2 and text:
+            sep = seps[level]
+            if sep and sep in text:
+                text = text.split(sep, 1)[0]
+            level += 1
+        return text
 
 
 @dataclass(slots=True)
@@ -99,6 +121,7 @@ class _Run:
         self.rep_sep = d.repetition
         self.seps = (d.component, d.subcomponent)
         self.delimiters = d
+        self.escape = d.escape
         self.codec = message.codec
         self.problems: list[str] = []
         self.resources: list[_Resource] = []
@@ -114,8 +137,10 @@ class _Run:
 
     # -- values ---------------------------------------------------------------------------
     def text(self, element: _Element) -> str:
-        return unescape(element.text, self.delimiters, self.codec) if element.level >= 2 else \
-            unescape(element.leaf(), self.delimiters, self.codec)
+        value = element.text if element.level >= 2 else element.leaf()
+        if self.escape and self.escape in value:
+            return unescape(value, self.delimiters, self.codec)
+        return value
 
     def _field(self, segment: str, number: int) -> tuple[list, int]:
         """The repetitions of a field (raw) of the current segment, else of the message's first one."""
@@ -314,15 +339,24 @@ class _Run:
     def datatype_value(self, element_map: ElementMap, element: _Element, where: str):
         saved = (self.datatype, self.element)
         self.datatype, self.element = element_map.name.split("[", 1)[0], element
-        node: dict = {}
+        node = _Node()
         try:
+            leaf = element.level >= 2
+            parts = [element.text] if leaf else element.parts()
+            count = len(parts)
+            level, seps = element.level + 1, element.seps
             for rule in element_map.rules:
-                part = element.part(rule.number) if rule.number else element
-                if rule.value is None and not self.text(part) and rule.number:
-                    continue
-                if rule.value is not None and rule.number and not self.text(part):
-                    continue
-                if not self.holds(rule.when):
+                number = rule.number
+                if number:
+                    if number > count:
+                        continue
+                    text = parts[number - 1]
+                    if not text or text == '""':
+                        continue
+                    part = element if leaf else _Element(text, level, seps)
+                else:
+                    part = element
+                if rule.when is not None and not self.holds(rule.when):
                     continue
                 value = self.produce(rule, part, f"{where}.{rule.number}" if rule.number else where)
                 if value is not None:
@@ -350,10 +384,13 @@ class _Run:
         return found
 
     def apply_segment(self, segment_map: ElementMap, node: dict, occurrence: int) -> None:
+        fields = self.fields
         for rule in segment_map.rules:
             if rule.number == 0:
                 repetitions = [""]
             else:
+                if rule.number >= len(fields) or not fields[rule.number]:
+                    continue
                 repetitions, _ = self._field(self.segment, rule.number)
                 if not any(step[1] for step in rule.target):
                     repetitions = repetitions[:1]
@@ -363,7 +400,7 @@ class _Run:
                 self.field_number = rule.number
                 self.repetition = _Element(raw, 0, self.seps) if rule.number else None
                 try:
-                    if not self.holds(rule.when):
+                    if rule.when is not None and not self.holds(rule.when):
                         continue
                     where = f"{self.segment}-{rule.number}" if rule.number else self.segment
                     element = self.repetition if self.repetition is not None else _Element("", 0, self.seps)
@@ -376,7 +413,7 @@ class _Run:
     def run(self, message_map: MessageMap) -> list[_Resource]:
         names = self.message.segment_names()
         counts: dict[str, int] = {}
-        bundle_node: dict = {}
+        bundle_node = _Node()
         for position, name in enumerate(names):
             rules = [r for r in message_map.rules if r.segment == name]
             if not rules:
@@ -387,6 +424,7 @@ class _Run:
             for rule in rules:
                 if not self.holds(rule.when):
                     continue
+                node: dict
                 if rule.resource == "Bundle":
                     resource = None
                     node = bundle_node
@@ -424,7 +462,7 @@ class _Run:
         if existing and not rule.each:
             return existing[0]
         resource_type = self.maps.segments[rule.map].resource if rule.map else rule.resource
-        resource = _Resource(rule.resource, resource_type, {}, [])
+        resource = _Resource(rule.resource, resource_type, _Node(), [])
         self.by_name.setdefault(rule.resource, []).append(resource)
         self.resources.append(resource)
         return resource
@@ -445,7 +483,8 @@ def _write(node: dict, target: tuple, value, key: tuple) -> None:
         if slot:
             slots = node.get(name)
             if not isinstance(slots, _Slots):
-                slots = _Slots()
+                # a finished list (from a data type) keeps its items, in front
+                slots = _Slots({(0, i): item for i, item in enumerate(slots)}) if isinstance(slots, list) else _Slots()
                 node[name] = slots
             element_key = (slot,) + (key if first_list else ())
             first_list = False
@@ -453,8 +492,8 @@ def _write(node: dict, target: tuple, value, key: tuple) -> None:
                 _put(slots, element_key, value)
                 return
             child = slots.get(element_key)
-            if not isinstance(child, dict):
-                child = {}
+            if not isinstance(child, _Node):
+                child = _Node(child) if isinstance(child, dict) else _Node()  # a finished element opened again
                 slots[element_key] = child
             node = child
         else:
@@ -462,8 +501,8 @@ def _write(node: dict, target: tuple, value, key: tuple) -> None:
                 _put(node, name, value)
                 return
             child = node.get(name)
-            if not isinstance(child, dict):
-                child = {}
+            if not isinstance(child, _Node):
+                child = _Node(child) if isinstance(child, dict) else _Node()
                 node[name] = child
             node = child
 
@@ -471,6 +510,9 @@ def _write(node: dict, target: tuple, value, key: tuple) -> None:
 def _put(container: dict, key, value) -> None:
     existing = container.get(key)
     if isinstance(existing, dict) and isinstance(value, dict):
+        if not isinstance(existing, _Node):
+            existing = _Node(existing)
+            container[key] = existing
         for k, v in value.items():
             _put(existing, k, v)
     else:
@@ -496,21 +538,18 @@ def _finish(value):
         items = [_finish(value[k]) for k in sorted(value)]
         items = [i for i in items if i is not None]
         return items or None
-    if isinstance(value, dict):
+    if isinstance(value, _Node):
         out = {}
         for k, v in value.items():
             done = _finish(v)
             if done is not None:
                 out[k] = done
-        if not out or (set(out) == {"url"}):
+        if not out or (len(out) == 1 and "url" in out):
             return None
         return out
-    if isinstance(value, list):
-        items = [i for i in (_finish(v) for v in value) if i is not None]
-        return items or None
     if value == "" or value is None:
         return None
-    return value
+    return value  # a primitive, or a value finished where it was made
 
 
 def _canonical(content) -> str:

@@ -11,7 +11,7 @@ import re
 from hl7relay.errors import ParseError
 from hl7relay.hl7.message import Message
 
-__all__ = ["mask_message", "mask_value", "mask_text", "mask_known", "mask_log_text", "person_values", "MASK"]
+__all__ = ["mask_message", "mask_fhir", "mask_value", "mask_text", "mask_known", "mask_log_text", "person_values", "MASK"]
 
 MASK = "***"
 _PERSON_SEGMENTS = frozenset({"PID", "PD1", "NK1", "GT1", "IN1", "IN2", "IN3", "MRG", "ACC", "PV2", "ROL", "PRT"})
@@ -85,8 +85,52 @@ def mask_known(text: str, values) -> str:
     return pattern.sub(lambda m: mask_value(m.group(0)), text)
 
 
+# FHIR: resources that are a person, and elements of others that carry free text or results
+_PERSON_RESOURCES = frozenset({"Patient", "RelatedPerson", "Person", "Practitioner"})
+_FREE_ELEMENTS = frozenset({"text", "comment", "note", "description", "valueString", "valueQuantity",
+                            "valueCodeableConcept", "valueDateTime", "valuePeriod", "valueTime", "valueRange",
+                            "valueRatio", "valueAttachment", "conclusion", "patientInstruction"})
+# the parts of any element that are structure, never a person's data
+_STRUCTURE_KEYS = frozenset({"resourceType", "id", "fullUrl", "reference", "url", "system", "method", "use",
+                             "status", "type", "mode", "versionId", "lastUpdated", "profile"})
+
+
+def _mask_json(value, person: bool):
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key == "url" and isinstance(item, str) and "?identifier=" in item:
+                out[key] = item.split("?identifier=", 1)[0] + "?identifier=" + MASK  # a conditional update's MRN
+            elif key in _STRUCTURE_KEYS and not isinstance(item, (dict, list)):
+                out[key] = item
+            elif key == "resource" and isinstance(item, dict):
+                out[key] = _mask_json(item, item.get("resourceType") in _PERSON_RESOURCES)
+            else:
+                out[key] = _mask_json(item, person or key in _FREE_ELEMENTS)
+        return out
+    if isinstance(value, list):
+        return [_mask_json(item, person) for item in value]
+    if person and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return MASK
+    return value
+
+
+def mask_fhir(data: bytes) -> str:
+    """A FHIR JSON document with person resources' values and results' values masked (indented)."""
+    import json
+
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return f"<{len(data)} bytes that are not HL7 nor JSON; not shown without --show-phi>"
+    person = isinstance(document, dict) and document.get("resourceType") in _PERSON_RESOURCES
+    return json.dumps(_mask_json(document, person), indent=2, ensure_ascii=False)
+
+
 def mask_message(data: bytes) -> str:
     """The message as text with patient data masked (segments joined by newlines for reading)."""
+    if data.lstrip()[:1] in (b"{", b"["):
+        return mask_fhir(data)
     try:
         message = Message.from_bytes(data)
     except ParseError:

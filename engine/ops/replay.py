@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from hl7relay.channels.channel import Channel
 from hl7relay.channels.pipeline import Result, process
 from hl7relay.errors import ParseError
+from hl7relay.fhir.content import parse_content
 from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryStatus, MessageStatus
 from hl7relay.store.database import AuditUpdate, DeliveryRecord, DeliveryUpdate, MessageRecord, Store, delivery_content
@@ -157,7 +158,7 @@ def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, 
         if destination.name in plan.outputs:
             data = plan.outputs[destination.name]
             options = destination.config.queue
-            key = Message.from_bytes(data).get(options.order_key) if options.order == "per_key" else None
+            key = parse_content(data).get(options.order_key) if options.order == "per_key" else None
             record.deliveries.append(DeliveryRecord(destination.name, DeliveryStatus.QUEUED, data, key))
     updates = [AuditUpdate(dict(audit, target=f"message {plan.original_id}", reason=reason,
                                 detail=f"to {', '.join(sorted(plan.outputs))}"))] if audit else []
