@@ -194,9 +194,13 @@ def test_a_time_without_an_offset_takes_the_time_zone_and_one_with_an_offset_kee
     message = sample("siu_s12.hl7")
     assert resources(converted(message, timezone="Europe/London"), "Appointment")[0]["start"] == \
         "2024-01-15T10:00:00+00:00"
+    appointment = resources(converted(message, timezone="Europe/London"), "Appointment")[0]
+    assert appointment["_start"] == {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/originalText",
+                                                   "valueString": "20240115100000"}]}  # the assumption is visible
     message.set("SCH-11.4", "20240715100000+0200")
-    assert resources(converted(message, timezone="America/New_York"), "Appointment")[0]["start"] == \
-        "2024-07-15T10:00:00+02:00"
+    appointment = resources(converted(message, timezone="America/New_York"), "Appointment")[0]
+    assert appointment["start"] == "2024-07-15T10:00:00+02:00"
+    assert "_start" not in appointment  # the sender said the offset: nothing assumed
 
 
 def test_what_cannot_be_converted_is_said_and_left_out():

@@ -25,6 +25,7 @@ from hl7relay.hl7.message import HEADER_SEGMENTS, Message
 __all__ = ["Converter", "Conversion", "ConversionError", "BUNDLE_TYPES", "resource_id"]
 
 BUNDLE_TYPES = ("message", "transaction", "collection")
+ORIGINAL_TEXT = "http://hl7.org/fhir/StructureDefinition/originalText"
 _NAMESPACE = uuid.UUID("6b1f7c1e-6f0a-5d8e-9a53-6c7e1a2b7f10")  # hl7relay's: the ids are ours
 _DTM = re.compile(r"^(?P<y>\d{4})(?P<m>\d{2})?(?P<d>\d{2})?(?P<H>\d{2})?(?P<M>\d{2})?(?P<S>\d{2})?"
                   r"(?:\.(?P<f>\d{1,4}))?(?P<z>[+-]\d{4})?$")
@@ -124,6 +125,7 @@ class _Run:
         self.escape = d.escape
         self.codec = message.codec
         self.problems: list[str] = []
+        self.original_time: str | None = None  # a DTM just read without an offset
         self.resources: list[_Resource] = []
         self.by_name: dict[str, list[_Resource]] = {}
         self.datatype_resources: dict[str, _Resource] = {}
@@ -298,6 +300,7 @@ class _Run:
             return None
         offset = match["z"]
         if offset is None:
+            self.original_time = text  # kept beside the value: the offset is the channel's assumption
             zone_offset = self.converter.zone.utcoffset(moment) or datetime.timedelta(0)
             total = int(zone_offset.total_seconds() // 60)
             sign = "+" if total >= 0 else "-"
@@ -361,6 +364,8 @@ class _Run:
                 value = self.produce(rule, part, f"{where}.{rule.number}" if rule.number else where)
                 if value is not None:
                     _write(node, rule.target, value, ())
+                    if self.original_time is not None and rule.target[-1][0] != "$value":
+                        self.keep_original(node, rule.target, ())
         finally:
             self.datatype, self.element = saved
         value = _finish(node)
@@ -404,11 +409,24 @@ class _Run:
                         continue
                     where = f"{self.segment}-{rule.number}" if rule.number else self.segment
                     element = self.repetition if self.repetition is not None else _Element("", 0, self.seps)
+                    self.original_time = None
                     value = self.produce(rule, element, where)
                 finally:
                     self.field_number, self.repetition = 0, None
                 if value is not None:
                     _write(node, rule.target, value, (occurrence, index))
+                    if self.original_time is not None:
+                        self.keep_original(node, rule.target, (occurrence, index))
+
+    def keep_original(self, node: dict, target: tuple, key: tuple) -> None:
+        """A time given without an offset keeps its HL7 text beside the FHIR value (which carries
+        the channel's zone), so what the sender said is never lost to an assumption."""
+        original, self.original_time = self.original_time, None
+        name, slot = target[-1]
+        if slot or any(step.startswith("_") or step == "extension" for step, _ in target):
+            return  # an extension's value carries no extension of its own
+        _write(node, target[:-1] + ((f"_{name}", 0),),
+               {"extension": [{"url": ORIGINAL_TEXT, "valueString": original}]}, key)
 
     def run(self, message_map: MessageMap) -> list[_Resource]:
         names = self.message.segment_names()
