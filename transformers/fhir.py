@@ -14,7 +14,7 @@ from hl7relay.fhir.maps import MapError, default_maps, load_maps
 from hl7relay.spec import Option, register
 from hl7relay.transformers.steps import Step, TransformError
 
-__all__ = ["FHIRStep"]
+__all__ = ["FHIRStep", "fhir_step"]
 
 
 class FHIRStep(Step):
@@ -40,7 +40,7 @@ class FHIRStep(Step):
     Option("maps", "str", None, "a map file adding to or replacing the shipped maps (relative to the channel file)"),
     Option("timezone", "str", None, "for DTM values without an offset (default: the channel's timezone)"),
 ])
-def _fhir(options, context=None):
+def fhir_step(options, context=None) -> FHIRStep:
     maps = default_maps()
     if options["maps"]:
         base = Path(getattr(context, "base_dir", ".") or ".")

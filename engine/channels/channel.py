@@ -89,7 +89,7 @@ class Channel:
     labels: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-_TAKES_DOCUMENTS = frozenset({"http", "file"})  # destinations that send what they are given, not HL7
+_TAKES_DOCUMENTS = frozenset({"http", "file", "fhir"})  # destinations that send what they are given, not HL7
 
 
 @dataclass(slots=True)
@@ -314,6 +314,9 @@ class _Loader:
             type_name, config = self.typed("destination", item, path, reserved=("name", "filters", "transformers"))
             rule = self.rule(item["filters"], path + ("filters",)) if item.get("filters") is not None else None
             steps = self.steps("transformer", item.get("transformers"), path + ("transformers",))
+            if type_name == "fhir" and config is not None and steps is not None and \
+                    not (steps and getattr(steps[-1], "converts", False)):
+                steps = [*steps, config.step]  # its own conversion, last
             for j, step in enumerate(steps or []):
                 if not getattr(step, "converts", False):
                     continue
@@ -322,7 +325,7 @@ class _Loader:
                                                            "transformer (HL7 steps cannot edit its JSON)")
                 if type_name not in _TAKES_DOCUMENTS:
                     self.error(path + ("transformers", j), f"a {type_name} destination sends HL7; a fhir Bundle goes "
-                                                           f"to an {' or '.join(sorted(_TAKES_DOCUMENTS))} destination")
+                                                           "to a fhir, http or file destination")
             if config is not None and isinstance(name, str):
                 out.append(Destination(name, type_name, config, rule, steps or []))
         return out

@@ -64,3 +64,42 @@ def parse_content(data: bytes):
     if is_json(data):
         return FHIRContent(bytes(data))
     return Message.from_bytes(data)
+
+
+def operation_outcome_text(body: bytes) -> str | None:
+    """An OperationOutcome's issues as one line (``error invalid: Patient.birthDate: bad date``),
+    or None when the body is not one."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(document, dict) or document.get("resourceType") != "OperationOutcome":
+        return None
+    said = []
+    for issue in document.get("issue") or ():
+        if not isinstance(issue, dict):
+            continue
+        where = ", ".join(str(e) for e in (issue.get("expression") or issue.get("location") or ()))
+        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or ""
+        said.append(" ".join(p for p in (f"{issue.get('severity', '')} {issue.get('code', '')}".strip(),
+                                         f"{where}:" if where else "", str(text)) if p))
+    return "; ".join(said) or "an OperationOutcome without issues"
+
+
+def failed_entries(body: bytes) -> list[str]:
+    """The entries of a batch- or transaction-response Bundle that did not succeed, said one each."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if not isinstance(document, dict) or document.get("resourceType") != "Bundle":
+        return []
+    failed = []
+    for index, entry in enumerate(document.get("entry") or (), start=1):
+        response = entry.get("response") if isinstance(entry, dict) else None
+        status = str((response or {}).get("status", ""))
+        if response is not None and not status.startswith("2"):
+            outcome = response.get("outcome")
+            detail = operation_outcome_text(json.dumps(outcome).encode()) if isinstance(outcome, dict) else ""
+            failed.append(f"entry {index}: {status}" + (f": {detail}" if detail else ""))
+    return failed

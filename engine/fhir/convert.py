@@ -24,7 +24,7 @@ from hl7relay.hl7.message import HEADER_SEGMENTS, Message
 
 __all__ = ["Converter", "Conversion", "ConversionError", "BUNDLE_TYPES", "resource_id"]
 
-BUNDLE_TYPES = ("message", "transaction", "collection")
+BUNDLE_TYPES = ("message", "transaction", "batch", "collection")
 ORIGINAL_TEXT = "http://hl7.org/fhir/StructureDefinition/originalText"
 _NAMESPACE = uuid.UUID("6b1f7c1e-6f0a-5d8e-9a53-6c7e1a2b7f10")  # hl7relay's: the ids are ours
 _DTM = re.compile(r"^(?P<y>\d{4})(?P<m>\d{2})?(?P<d>\d{2})?(?P<H>\d{2})?(?P<M>\d{2})?(?P<S>\d{2})?"
@@ -657,7 +657,7 @@ class Converter:
         for resource in ordered:
             entry = {"fullUrl": resource.full_url}
             body = dict(resource.node)
-            if self.bundle_type == "transaction":
+            if self.bundle_type in ("transaction", "batch"):
                 identifier = _first_identifier(body) if not resource.from_datatype or "identifier" in body else None
                 if identifier is not None and identifier.get("system"):
                     search = quote(f"{identifier['system']}|{identifier['value']}", safe="")
@@ -676,7 +676,7 @@ class Converter:
                   "type": self.bundle_type}
         fields = dict(run.bundle_fields)
         fields.pop("type", None)
-        if self.bundle_type == "transaction":  # a transaction's time is the server's
+        if self.bundle_type in ("transaction", "batch"):  # a transaction's time is the server's
             fields.pop("timestamp", None)
         bundle.update(fields)
         bundle["entry"] = entries

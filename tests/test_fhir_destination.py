@@ -1,0 +1,174 @@
+"""The ``fhir`` destination against a FHIR server that behaves like one (tests/fhirserver.py, over
+HTTPS on loopback): Bundles built by the channel's maps, conditional updates so a resent message
+changes nothing twice, the server's OperationOutcome as the delivery's error, conflicts, and the
+queue's retries; the channel is loaded from YAML and the queue runs over a real store."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.epollreactor import EPollReactor
+
+from apiserver import serve, spin
+from fhirserver import FakeFHIR, outcome
+from hl7relay.channels import load_channel, process
+from hl7relay.hl7.message import Message
+from hl7relay.queues import DestinationQueue
+from hl7relay.resources import Resources
+from hl7relay.store.database import DeliveryRecord, MessageRecord, Store
+from hl7relay.store.writer import StoreWriter
+
+from pathlib import Path
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+@pytest.fixture(scope="module")
+def pki(make_pki):
+    return make_pki()
+
+
+class World:
+    def __init__(self, tmp_path, pki):
+        self.reactor = EPollReactor()
+        self.reactor.startRunning(installSignalHandlers=False)
+        self.server = FakeFHIR(self.reactor)
+        self.port = serve(self.reactor, self.server, pki["server"], pki["server_key"])
+        self.store = Store(f"sqlite:///{tmp_path / 'h.db'}")
+        self.store.migrate()
+        self.writer = StoreWriter(self.store, executor=lambda fn, *a: defer.maybeDeferred(fn, *a))
+        self.tmp_path, self.pki = tmp_path, pki
+        self.running = []
+        self.count = 0
+
+    def channel(self, options: str = "", extra: str = ""):
+        (self.tmp_path / "ch.yaml").write_text(
+            f"name: ch\ntimezone: America/New_York\nsource: {{type: mllp, port: 0}}\n{extra}destinations:\n"
+            f"  - {{name: ehr, type: fhir, url: 'https://127.0.0.1:{self.port}/fhir', tls_ca: '{self.pki['ca']}'"
+            + (f", {options}" if options else "") + "}\n")
+        channel, errors = load_channel(self.tmp_path / "ch.yaml", {})
+        assert not errors, [str(e) for e in errors]
+        config = channel.destinations[0].config
+        delivery = config.runner(config, Resources(self.reactor, self.writer, time.time))
+        queue = DestinationQueue("ch", "ehr", delivery.deliver, config.queue, self.writer, self.reactor, time.time,
+                                 poll_interval=0.2, keyed=delivery.keyed)
+        queue.start()
+        self.running.append((queue, delivery))
+        self.queue = queue
+        return channel
+
+    def send(self, channel, data: bytes) -> None:
+        """What the engine does: the pipeline, then the message and its delivery committed."""
+        message = Message.from_bytes(data)
+        output = process(channel, message).outputs[0].message
+        self.count += 1
+        self.store.commit([MessageRecord("ch", data, "PROCESSED", received_at=time.time(), control_id=f"M{self.count}",
+                                         deliveries=[DeliveryRecord("ehr", "QUEUED", output.to_bytes(), None)])], [])
+        self.queue.nudge()
+        self.queue._poll()
+
+    def deliveries(self) -> list:
+        return [self.store.get_message(r["id"])["deliveries"][0] for r in sorted(self.store.latest(100), key=lambda r: r["id"])]
+
+    def settle(self, count: int, status: str = "SENT", limit: float = 30.0) -> None:
+        spin(self.reactor, lambda: [d["status"] for d in self.deliveries()].count(status) >= count, limit,
+             lambda: f"{[(d['status'], d.get('last_error')) for d in self.deliveries()]} {self.queue.view()}")
+
+    def close(self) -> None:
+        for queue, delivery in self.running:
+            queue.stop()
+            delivery.close()
+        for _ in range(20):
+            self.reactor.iterate(0)
+        self.reactor.stop()
+        for _ in range(20):
+            self.reactor.iterate(0)
+        self.reactor.removeAll()
+        self.store.close()
+
+
+@pytest.fixture
+def world(tmp_path, pki):
+    made = World(tmp_path, pki)
+    yield made
+    made.close()
+
+
+def test_the_same_adt_sent_twice_is_one_patient_in_its_second_version(world):
+    channel = world.channel()
+    data = (SAMPLES / "adt_a01.hl7").read_bytes()
+    world.send(channel, data)
+    world.settle(1)
+    world.send(channel, data.replace(b"|MSG00001|", b"|MSG00002|"))  # a resend: a new control id
+    world.settle(2)
+    patients = world.server.of_type("Patient")
+    assert len(patients) == 1 and patients[0].version == 2
+    assert patients[0].resource["name"][0]["family"] == "DOE"
+    assert len(world.server.of_type("Encounter")) == 1
+    # references resolved by the server to its own ids
+    encounter = world.server.of_type("Encounter")[0].resource
+    assert encounter["subject"]["reference"] == f"Patient/{patients[0].resource['id']}"
+    method, path, body = world.server.requests[0]
+    assert (method, path) == ("POST", "/fhir") and json.loads(body)["type"] == "transaction"
+    first = world.deliveries()[0]
+    assert first["last_ack"].startswith("HTTP 200 POST https://127.0.0.1:")  # the answer is stored, like an ACK
+    assert '"transaction-response"' in first["last_ack"]
+
+
+def test_an_appointment_and_its_patient_arrive_together(world):
+    channel = world.channel()
+    world.send(channel, (SAMPLES / "siu_s12.hl7").read_bytes())
+    world.settle(1)
+    [appointment] = world.server.of_type("Appointment")
+    [patient] = world.server.of_type("Patient")
+    actors = [p["actor"]["reference"] for p in appointment.resource["participant"]]
+    assert f"Patient/{patient.resource['id']}" in actors
+    assert appointment.resource["status"] == "booked" and appointment.resource["start"] == "2024-01-15T10:00:00-05:00"
+
+
+def test_a_refused_resource_is_a_dead_letter_in_the_servers_own_words(world):
+    world.server.script.append((422, {}, outcome("invalid", "Patient.birthDate: 1980-13-40 is not a date",
+                                                 expression="Patient.birthDate")))
+    channel = world.channel()
+    world.send(channel, (SAMPLES / "adt_a01.hl7").read_bytes())
+    world.settle(1, "ERROR")
+    [delivery] = world.deliveries()
+    assert delivery["last_error"] == "HTTP 422: error invalid Patient.birthDate: Patient.birthDate: 1980-13-40 is not a date"
+    assert len(world.server.requests) == 1  # not retried: the message is at fault
+
+
+def test_a_412_is_a_conflict_and_a_503_is_waited_out(world):
+    world.server.script.extend([(503, {"Retry-After": "1"}, outcome("transient", "busy")),
+                                (412, {}, outcome("multiple-matches", "2 Patient resources match"))])
+    channel = world.channel()
+    world.send(channel, (SAMPLES / "adt_a01.hl7").read_bytes())
+    world.settle(1, "ERROR", limit=20)
+    [delivery] = world.deliveries()
+    assert "conflict" in delivery["last_error"] and "2 Patient resources match" in delivery["last_error"]
+    assert len(world.server.requests) == 2
+
+
+def test_a_batch_entry_that_fails_fails_the_delivery(world):
+    (world.tmp_path / "maps.yaml").write_text(  # a map that writes what the server refuses
+        'segments:\n  PV1[Encounter]:\n    resource: Encounter\n    fields:\n'
+        '      - {v2: PV1-2, fhir: period.start, value: not-a-date}\n')
+    channel = world.channel("bundle: batch, maps: maps.yaml")
+    world.send(channel, (SAMPLES / "adt_a01.hl7").read_bytes())
+    world.settle(1, "ERROR")
+    [delivery] = world.deliveries()
+    assert "entries failed" in delivery["last_error"] or "entry failed" in delivery["last_error"]
+    assert "422" in delivery["last_error"] and "Encounter" in delivery["last_error"]
+    assert world.server.of_type("Patient")  # a batch keeps what succeeded
+
+
+def test_the_fhir_destination_lints_its_url_and_bundle(tmp_path):
+    for options, expected in (("url: 'https://fhir.example/r4/{PID-3.1}'", "a FHIR server's base URL"),
+                              ("url: 'https://fhir.example/r4', bundle: collection", "bundle"),
+                              ("url: 'ftp://fhir.example/r4'", "is not an http(s) URL")):
+        (tmp_path / "ch.yaml").write_text(f"name: ch\nsource: {{type: mllp, port: 0}}\n"
+                                          f"destinations:\n  - {{name: ehr, type: fhir, {options}}}\n")
+        channel, errors = load_channel(tmp_path / "ch.yaml", {})
+        assert channel is None and any(expected in str(e) for e in errors), [str(e) for e in errors]
