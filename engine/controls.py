@@ -103,8 +103,12 @@ class Controls:
     def carrying(self, types) -> tuple[set, set]:
         """The channels whose source, and the (channel, destination) pairs whose destination, is of
         one of ``types`` (e.g. {"http"}): what a trace narrowed to API calls follows."""
-        return ({name for name, c in self.channels().items() if c.source_type in types},
-                {(owner, name) for owner, name, kind in self.destinations() if kind in types})
+        channels = self.channels()
+        pairs = {(owner, name) for owner, name, kind in self.destinations() if kind in types}
+        if "fhir-content" in types:  # an http or file destination whose last transformer is fhir carries FHIR too
+            pairs |= {(owner, d.name) for owner, channel in channels.items() for d in channel.destinations
+                      if d.steps and getattr(d.steps[-1], "converts", False)}
+        return {name for name, c in channels.items() if c.source_type in types}, pairs
 
     def unbound_channels(self) -> list[str]:
         """Enabled channels whose source is not open (a listener not bound)."""

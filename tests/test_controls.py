@@ -121,3 +121,30 @@ def test_reloads_asked_for_at_once_run_one_after_the_other(tmp_path):
     run(reactor, 3)
     results = [d.result for d in (first, second, third)]
     assert all(r["unchanged"] == ["ch"] for r in results), results
+
+
+def test_a_trace_for_fhir_follows_fhir_destinations_and_any_ending_in_a_fhir_transformer(tmp_path):
+    from hl7relay.controls import Controls
+    from hl7relay.ops.trace import CONTENT_KINDS
+
+    path = tmp_path / "ch.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: ch
+        source: {type: mllp, port: 0}
+        destinations:
+          - {name: lab, type: file, directory: out}
+          - {name: bundles, type: file, directory: fhir, transformers: [{fhir: {}}]}
+          - {name: ehr, type: fhir, url: 'https://127.0.0.1:1/fhir'}
+    """))
+    channel, errors = load_channel(path, {})
+    assert not errors, errors
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    reactor = MemoryReactorClock()
+    engine = Engine([channel], StoreWriter(store, reactor, executor=lambda fn, *a: defer.maybeDeferred(fn, *a)),
+                    reactor=reactor, clock=reactor.seconds)
+    controls = Controls(engine)
+    assert controls.carrying(CONTENT_KINDS["fhir"]) == (set(), {("ch", "bundles"), ("ch", "ehr")})
+    assert controls.carrying(CONTENT_KINDS["file"]) == (set(), {("ch", "lab"), ("ch", "bundles")})
+    assert controls.carrying(CONTENT_KINDS["api"]) == (set(), {("ch", "ehr")})
+    store.close()

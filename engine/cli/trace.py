@@ -36,8 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--destination", help="only deliveries to this destination (outbound)")
     parser.add_argument("--type", dest="message_type", metavar="TYPE", help="ADT (any trigger) or ADT^A01")
     parser.add_argument("--direction", choices=("in", "out", "both"), default="both")
-    parser.add_argument("--kind", choices=("hl7", "api", "file"),
-                        help="only what travels as HL7 (MLLP, channel to channel), API calls (http) or files")
+    parser.add_argument("--kind", choices=("hl7", "api", "file", "fhir"),
+                        help="only what travels as HL7 (MLLP, channel to channel), API calls (http, fhir), files, "
+                             "or FHIR (fhir destinations, and any whose last transformer is fhir)")
     parser.add_argument("--minutes", type=_minutes, default=5.0, help="1 to 60 (default 5)")
     parser.add_argument("--content", action="store_true", help="print each message (masked unless --show-phi)")
     parser.add_argument("--show-phi", action="store_true", help="with --content: unmasked; needs --reason, audited")

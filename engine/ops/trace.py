@@ -41,7 +41,10 @@ __all__ = ["Tracer", "TraceSession", "CONTENT_KINDS", "MAX_SESSIONS", "BUFFER_RO
 
 MAX_SESSIONS = 10
 # what a trace may be narrowed to, by the source and destination types that carry it
-CONTENT_KINDS = {"hl7": frozenset({"mllp", "channel"}), "api": frozenset({"http"}), "file": frozenset({"file"})}
+# what a destination carries, by its type; "fhir-content" stands for any destination whose last
+# transformer is fhir (Controls.carrying)
+CONTENT_KINDS = {"hl7": frozenset({"mllp", "channel"}), "api": frozenset({"http", "fhir"}), "file": frozenset({"file"}),
+                 "fhir": frozenset({"fhir", "fhir-content"})}
 BUFFER_ROWS = 5000
 MIN_SECONDS, MAX_SECONDS, DEFAULT_SECONDS = 60.0, 3600.0, 300.0
 # a delivery's row status: its stored status, or RETRY for an attempt that will be tried again
@@ -87,7 +90,7 @@ class TraceSession:
     read_upto: int = 0  # the last row a client has read
     stopped: bool = False
     everything: bool = False  # no filter at all: every row is wanted
-    kind: str | None = None  # what it carries: hl7, api, file (CONTENT_KINDS)
+    kind: str | None = None  # what it carries: hl7, api, file, fhir (CONTENT_KINDS)
     # with kind: the channels whose source, and the (channel, destination) pairs whose destination, carry it
     scope: tuple | None = None
 
