@@ -396,3 +396,28 @@ def test_bundles_equal_their_reviewed_golden_files(name, data):
         path.write_text(json.dumps(produced, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     assert path.exists(), f"no golden file {path.name}: run with HL7RELAY_UPDATE_GOLDEN=1 and review it"
     assert produced == json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_the_readme_fhir_section_works_as_written(tmp_path):
+    """The README's channel lints (with its credential defined), its coverage total is today's, and
+    the converted appointment is what it shows."""
+    import textwrap
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### FHIR R4: from an SIU channel to Appointments on a FHIR server")[1].split("\n### ")[0]
+    channel_text = textwrap.dedent(section.split("```yaml\n")[1].split("```", 1)[0])
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "siu-to-fhir.yaml").write_text(channel_text)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "credentials.yaml").write_text("ehr-backend: {type: bearer, token: '${env:EHR_TOKEN}'}\n")
+    done = subprocess.run([sys.executable, "-m", "hl7relay", "lint", "channels"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**__import__("os").environ, "EHR_TOKEN": "t"})
+    assert done.returncode == 0 and done.stdout.strip() == "1 channel OK: siu-to-fhir", done.stdout + done.stderr
+    total = [line for line in section.splitlines() if line.endswith(" missing")][0]
+    coverage = hl7relay("fhir", "coverage", "SIU_S12").stdout.decode().strip().splitlines()[-1]
+    assert coverage == total
+    converted = json.loads(hl7relay("fhir", "convert", str(ROOT / "samples" / "siu_s12.hl7"), "--bundle", "transaction",
+                                    "--timezone", "America/New_York").stdout)
+    assert '"url": "Appointment?identifier=CLINIC%7CAPT1001"' in section
+    assert converted["entry"][0]["request"]["url"] == "Appointment?identifier=CLINIC%7CAPT1001"
+    assert converted["entry"][0]["resource"]["start"] == "2024-01-15T10:00:00-05:00"
