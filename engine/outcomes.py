@@ -149,6 +149,8 @@ class DeliveryResult:
     outcome: DeliveryOutcome | None = None
     # RATE_LIMITED: seconds to wait before anything more goes to this destination (no attempt counted)
     wait: float | None = None
+    # store updates that belong with a SENT result, committed in its transaction (FHIR cross-references)
+    records: tuple = ()
 
     @property
     def reached_peer(self) -> bool:

@@ -18,7 +18,7 @@ import time
 import enum
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from twisted.internet import defer, task
@@ -30,7 +30,7 @@ from hl7relay.events import emit
 from hl7relay.fhir.content import parse_content
 from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult, DeliveryStatus
-from hl7relay.store.database import DeliveryUpdate, DestinationStateUpdate, StoreError
+from hl7relay.store.database import DeliveryUpdate, DestinationStateUpdate, StoreError, XrefUpdate
 
 __all__ = ["Queue", "DestinationQueue", "DeliveryResult", "DestinationHealth", "QueuedDelivery", "QueueState", "Pump",
            "retry_delay"]
@@ -683,7 +683,9 @@ class DestinationQueue:
         self.in_flight.pop(message_id, None)
         # recorded through the group commit; the id stays "known" until then so a poll cannot resend it
         if final:
-            update = self._record(message_id, values, lazy=True)
+            extra = tuple(replace(r, channel=self.channel, destination=self.destination) if isinstance(r, XrefUpdate) else r
+                          for r in result.records) if result.ok else ()
+            update = self._record(message_id, values, lazy=True, extra=extra)
         else:  # a retry's schedule: if it is lost, the row is still QUEUED and its next result is recorded
             update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), lazy=True)
         waiters = self._waiters.pop(message_id, None)
@@ -701,14 +703,14 @@ class DestinationQueue:
         if not self.pending:
             self._report()
 
-    def _record(self, message_id: int, values: dict, lazy: bool) -> defer.Deferred:
+    def _record(self, message_id: int, values: dict, lazy: bool, extra: tuple = ()) -> defer.Deferred:
         """Commit a delivery's final values (SENT, ERROR, WITHDRAWN) through the group commit; the
         id stays "known" until they are, so no poll reads the row (still QUEUED in the store) and
         sends it again. While the store does not take them (a database outage) they are tried again
         every few seconds: before, the id was forgotten at the first failure and the delivery sent
         a second time once the store was back. The Deferred fails with the first failure (callers
         log it); the retries go on behind it until they succeed or the queue stops."""
-        update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), lazy=lazy)
+        update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), *extra, lazy=lazy)
 
         def recorded(outcome):
             self.known.discard(message_id)
@@ -720,7 +722,7 @@ class DestinationQueue:
                           "trying again in {delay:g}s, and not sending it meanwhile", channel=self.channel,
                           destination=self.destination, message_id=message_id, error=failure.getErrorMessage(),
                           delay=_RECORD_RETRY)
-                self.reactor.callLater(_RECORD_RETRY, self._record_again, message_id, values)
+                self.reactor.callLater(_RECORD_RETRY, self._record_again, message_id, values, extra)
             else:
                 # stopped: the row stays QUEUED in the store, and the queue that takes over (or
                 # the restart) sends it again: at-least-once, as after a crash
@@ -731,10 +733,10 @@ class DestinationQueue:
 
         return update.addCallbacks(recorded, failed)
 
-    def _record_again(self, message_id: int, values: dict) -> None:
+    def _record_again(self, message_id: int, values: dict, extra: tuple = ()) -> None:
         if self.state is QueueState.STOPPED:
             return
-        self._record(message_id, values, lazy=False).addErrback(lambda f: None)  # it says so, and tries again
+        self._record(message_id, values, lazy=False, extra=extra).addErrback(lambda f: None)  # it says so, and tries again
 
     def _remember_unclaimed(self, message_id: int, result: DeliveryResult, now: float) -> None:
         unclaimed = self._unclaimed

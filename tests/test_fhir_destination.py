@@ -172,3 +172,24 @@ def test_the_fhir_destination_lints_its_url_and_bundle(tmp_path):
                                           f"destinations:\n  - {{name: ehr, type: fhir, {options}}}\n")
         channel, errors = load_channel(tmp_path / "ch.yaml", {})
         assert channel is None and any(expected in str(e) for e in errors), [str(e) for e in errors]
+
+
+def test_each_resource_sent_is_cross_referenced_with_the_servers_id_and_version(world):
+    channel = world.channel()
+    data = (SAMPLES / "adt_a01.hl7").read_bytes()
+    world.send(channel, data)
+    world.settle(1)
+    world.send(channel, data.replace(b"|MSG00001|", b"|MSG00002|"))
+    world.settle(2)
+    spin(world.reactor, lambda: len(world.store.xrefs(resource_type="Patient")) == 1
+         and world.store.xrefs(resource_type="Patient")[0]["version_id"] == "2")
+    [patient] = world.store.xrefs(resource_type="Patient")
+    [stored] = world.server.of_type("Patient")
+    assert (patient["channel"], patient["destination"]) == ("ch", "ehr")
+    assert patient["identifier"] == "CLINIC|100234" and patient["fhir_id"] == stored.resource["id"]
+    assert patient["message_id"] == max(r["id"] for r in world.store.latest(10))  # the latest message that wrote it
+    assert len(patient["content_hash"]) == 64
+    kinds = {x["resource_type"] for x in world.store.xrefs()}
+    assert {"Patient", "Encounter", "RelatedPerson", "Condition", "AllergyIntolerance", "Practitioner"} <= kinds
+    for row in world.store.xrefs():  # every row names what the server really has
+        assert (row["resource_type"], row["fhir_id"]) in world.server.resources

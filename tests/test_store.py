@@ -620,3 +620,21 @@ def test_a_newer_page_is_the_one_before_an_older_page(store, filters):
     back = store.search(**filters, after_id=third[0]["id"], limit=50)
     assert [r["id"] for r in back] == [r["id"] for r in second] and back.newer_exists
     assert store.search(**filters, after_id=first[0]["id"], limit=50) == []  # nothing newer than the newest
+
+
+def test_fhir_cross_references_are_upserted_with_the_delivery_result(store):
+    from hl7relay.store.database import XrefUpdate
+
+    [message_id] = store.commit([record(deliveries=[DeliveryRecord("ehr", "QUEUED")])], [])
+
+    def xref(version, fhir_id="p1"):
+        return XrefUpdate("adt", "ehr", "Patient", "6b1f-local", "CLINIC|100234", fhir_id, version, "h" * 64,
+                          message_id, 1700000000.0 + int(version))
+
+    store.commit([], [DeliveryUpdate(message_id, "ehr", {"status": "SENT", "updated_at": 1.0}), xref("1")])
+    store.commit([], [xref("2"), xref("3")])  # the last of one key in a batch counts
+    [row] = store.xrefs(resource_type="Patient")
+    assert (row["fhir_id"], row["version_id"], row["identifier"], row["message_id"]) == ("p1", "3", "CLINIC|100234", message_id)
+    assert store.xrefs(identifier="CLINIC|100234")[0]["local_key"] == "6b1f-local"
+    assert store.xrefs(destination="other") == []
+    assert store.get_message(message_id)["deliveries"][0]["status"] == "SENT"

@@ -11,6 +11,8 @@ fails the delivery; 409 and 412 are conflicts, as for any API.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -18,6 +20,7 @@ from hl7relay.channels.http_destination import HTTPDelivery, HTTPDestinationConf
 from hl7relay.fhir.content import FHIR_JSON, failed_entries, operation_outcome_text
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult
 from hl7relay.spec import Option, lookup, register
+from hl7relay.store.records import XrefUpdate
 
 __all__ = ["FHIRDestinationConfig", "FHIRDelivery"]
 
@@ -71,6 +74,34 @@ register("destination", "fhir", "send each message to a FHIR R4 server as a Bund
          _options())(build)
 
 
+def cross_references(sent: bytes, answer: bytes, now: float, message_id) -> tuple:
+    """What each sent resource became on the server, from a transaction- or batch-response:
+    entries answer in the order they were sent (FHIR says so), each with its location
+    ``Type/id/_history/version``. The channel and destination are the queue's to fill in."""
+    try:
+        request, response = json.loads(sent), json.loads(answer)
+    except (ValueError, UnicodeDecodeError):
+        return ()
+    if not isinstance(response, dict) or response.get("resourceType") != "Bundle":
+        return ()
+    out = []
+    for entry, answered in zip(request.get("entry") or (), response.get("entry") or ()):
+        resource = entry.get("resource") or {}
+        location = str((answered.get("response") or {}).get("location", ""))
+        parts = location.split("/")
+        if len(parts) < 2 or not str((answered.get("response") or {}).get("status", "")).startswith("2"):
+            continue
+        kind, fhir_id = parts[0], parts[1]
+        version = parts[3] if len(parts) >= 4 and parts[2] == "_history" else \
+            str((answered.get("response") or {}).get("etag", "")).strip('W/"')
+        identifier = next((i for i in resource.get("identifier") or () if isinstance(i, dict) and i.get("value")), None)
+        said = f"{identifier.get('system', '')}|{identifier['value']}" if identifier else ""
+        local = str(entry.get("fullUrl", "")).removeprefix("urn:uuid:")
+        digest = hashlib.sha256(json.dumps(resource, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        out.append(XrefUpdate("", "", kind, local, said, fhir_id, version, digest, message_id, now))
+    return tuple(out)
+
+
 class FHIRDelivery(HTTPDelivery):
     def _answered(self, answer, url, headers, body, authorization, retried):
         result = super()._answered(answer, url, headers, body, authorization, retried)
@@ -82,7 +113,20 @@ class FHIRDelivery(HTTPDelivery):
                 return DeliveryResult(False, True, ack=result.ack,
                                       error=f"HTTP {answer.status}, but {len(failed)} entr{'y' if len(failed) == 1 else 'ies'} "
                                             f"failed: " + "; ".join(failed[:3]))
+            return dataclasses.replace(result, records=cross_references(body, answer.body, self.resources.clock(), None))
+        return self._outcome(result, answer)
+
+    def deliver(self, message, message_id=None):
+        def stamped(result):  # the cross-references name the message they came from
+            if isinstance(result, DeliveryResult) and result.records:
+                records = tuple(dataclasses.replace(r, message_id=message_id) for r in result.records)
+                return dataclasses.replace(result, records=records)
             return result
+
+        return super().deliver(message, message_id).addCallback(stamped)
+
+    @staticmethod
+    def _outcome(result, answer):
         said = operation_outcome_text(answer.body)
         if said:
             kind = "conflict: " if result.outcome is DeliveryOutcome.CONFLICT else ""

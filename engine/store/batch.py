@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from hl7relay.store.schema import deliveries, _D_QUEUED, AUDIT_FIELDS, _audit_row
 from hl7relay.store.records import (
     AuditUpdate, ControlUpdate, DeliveryUpdate, DestinationStateUpdate, MessageRecord, MessageUpdate, StageUpdate, StoreError,
-    TokenUseUpdate, as_update, storable,
+    TokenUseUpdate, XrefUpdate, as_update, storable,
 )
 
 
@@ -34,7 +34,7 @@ class _Rows:
     is only how it sends them (the SQLite driver directly, PostgreSQL through SQLAlchemy)."""
 
     __slots__ = ("records", "messages", "delivery_updates", "message_updates", "stage_upserts", "audit", "controls",
-                 "destination_states", "token_uses")
+                 "destination_states", "token_uses", "xrefs")
 
     def __init__(self, records, updates):
         self.records = records
@@ -47,6 +47,7 @@ class _Rows:
         self.controls: dict[tuple, ControlUpdate] = {}  # (channel, destination, setting) -> update
         self.destination_states: dict[tuple, tuple] = {}  # (channel, destination) -> row
         self.token_uses: dict[str, float] = {}  # token name -> when
+        self.xrefs: dict[tuple, tuple] = {}  # (channel, destination, type, local key) -> row: the last counts
         # Updates of one delivery are merged, later values over earlier ones, before they are
         # grouped by the columns they set: the groups run one after the other, so an attempt's
         # result (QUEUED, with its attempts) and the withdrawal that followed it (WITHDRAWN) in one
@@ -73,6 +74,10 @@ class _Rows:
                     update.channel, update.destination, update.connected, storable(update.error), update.at)
             elif update.__class__ is TokenUseUpdate:
                 self.token_uses[update.name] = update.at
+            elif update.__class__ is XrefUpdate:
+                key = (update.channel, update.destination, update.resource_type, update.local_key)
+                self.xrefs[key] = (*key, storable(update.identifier), update.fhir_id, update.version_id,
+                                   update.content_hash, update.message_id, update.at)
             else:
                 raise ValueError(f"not a store update: {update!r}")
         for (message_id, destination), values in merged.items():
@@ -133,6 +138,12 @@ def _sql(placeholder: str) -> dict:
                               "connected = excluded.connected, last_error = excluded.last_error, "
                               "updated_at = excluded.updated_at"),
         "token_use": f"UPDATE api_tokens SET last_used_at = {p} WHERE name = {p}",
+        "xref": (f"INSERT INTO fhir_xref (channel, destination, resource_type, local_key, identifier, fhir_id, version_id, "
+                 f"content_hash, message_id, last_synced) VALUES ({', '.join([p] * 10)}) "
+                 "ON CONFLICT (channel, destination, resource_type, local_key) DO UPDATE SET "
+                 "identifier = excluded.identifier, fhir_id = excluded.fhir_id, version_id = excluded.version_id, "
+                 "content_hash = excluded.content_hash, message_id = excluded.message_id, "
+                 "last_synced = excluded.last_synced"),
     }
 
 
@@ -155,6 +166,8 @@ def _send_updates(execute, executemany, sql: dict, rows: _Rows) -> None:
         executemany(sql["destination_state"], list(rows.destination_states.values()))
     if rows.token_uses:
         executemany(sql["token_use"], [(at, name) for name, at in rows.token_uses.items()])
+    if rows.xrefs:
+        executemany(sql["xref"], list(rows.xrefs.values()))
 
 
 def _pipeline(driver):

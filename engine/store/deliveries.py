@@ -78,3 +78,27 @@ def waiting_by_destination(connection, status: str, first, *conditions) -> list:
         sa.select(messages.c.channel, deliveries.c.destination, sa.func.count(), sa.func.min(first))
         .select_from(deliveries.join(messages, messages.c.id == deliveries.c.message_id)).where(waiting, *conditions)
         .group_by(messages.c.channel, deliveries.c.destination)))
+
+
+def _xref_query(channel, destination, resource_type, identifier):
+    from hl7relay.store.schema import fhir_xref
+
+    query = sa.select(fhir_xref)
+    for column, value in (("channel", channel), ("destination", destination), ("resource_type", resource_type),
+                          ("identifier", identifier)):
+        if value is not None:
+            query = query.where(fhir_xref.c[column] == value)
+    return query.order_by(fhir_xref.c.channel, fhir_xref.c.destination, fhir_xref.c.resource_type,
+                          fhir_xref.c.identifier, fhir_xref.c.local_key)
+
+
+class XrefQueries:
+    """FHIR cross-references: each resource sent, its PMS identifier, the server's id and version."""
+
+    engine: sa.Engine
+
+    def xrefs(self, channel: str | None = None, destination: str | None = None, resource_type: str | None = None,
+              identifier: str | None = None, limit: int = 100_000) -> list[dict]:
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(
+                _xref_query(channel, destination, resource_type, identifier).limit(limit)).mappings()]

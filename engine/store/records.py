@@ -151,14 +151,30 @@ class TokenUseUpdate:
     at: float
 
 
+@dataclass(slots=True)
+class XrefUpdate:
+    """A FHIR resource as the server now has it (its id and version), written with the delivery's result."""
+
+    channel: str
+    destination: str
+    resource_type: str
+    local_key: str
+    identifier: str
+    fhir_id: str
+    version_id: str
+    content_hash: str
+    message_id: int | None
+    at: float
+
+
 Update = (DeliveryUpdate | MessageUpdate | StageUpdate | AuditUpdate | ControlUpdate | DestinationStateUpdate
-          | TokenUseUpdate)
+          | TokenUseUpdate | XrefUpdate)
 
 
 def as_update(update) -> Update:
     """A typed update; the older ``(kind, key, values)`` tuples are still accepted."""
     if isinstance(update, (DeliveryUpdate, MessageUpdate, StageUpdate, AuditUpdate, ControlUpdate, DestinationStateUpdate,
-                           TokenUseUpdate)):
+                           TokenUseUpdate, XrefUpdate)):
         return update
     kind, key, values = update
     if kind == "delivery":

@@ -152,6 +152,25 @@ audit_log = sa.Table(
 sa.Index("ix_audit_log_at", audit_log.c.at)
 
 
+# FHIR: what each resource sent is on the server (issue #28): written in the same transaction as
+# the delivery's result. The local key is the resource's uuid5 (the Bundle's urn:uuid), the
+# identifier the PMS's (system|value, the system being its assigning authority).
+fhir_xref = sa.Table(
+    "fhir_xref", metadata,
+    sa.Column("channel", sa.String(200), primary_key=True),
+    sa.Column("destination", sa.String(200), primary_key=True),
+    sa.Column("resource_type", sa.String(64), primary_key=True),
+    sa.Column("local_key", sa.String(64), primary_key=True),
+    sa.Column("identifier", sa.String(600), nullable=False, default=""),
+    sa.Column("fhir_id", sa.String(64), nullable=False),
+    sa.Column("version_id", sa.String(64), nullable=False, default=""),
+    sa.Column("content_hash", sa.String(64), nullable=False, default=""),
+    sa.Column("message_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=True),
+    sa.Column("last_synced", sa.Float, nullable=False),
+)
+sa.Index("ix_fhir_xref_fhir_id", fhir_xref.c.destination, fhir_xref.c.resource_type, fhir_xref.c.fhir_id)
+sa.Index("ix_fhir_xref_identifier", fhir_xref.c.resource_type, fhir_xref.c.identifier)
+
 # What operators switched at run time (a channel disabled, a destination paused): survives restarts.
 control_state = sa.Table(
     "control_state", metadata,
@@ -282,4 +301,6 @@ MIGRATIONS = [
     (10, "index: the audit log by time",
      lambda connection: next(i for i in audit_log.indexes if i.name == "ix_audit_log_at").create(connection, checkfirst=True)),
     (11, "the vault: encrypted secrets", lambda connection: secrets.create(connection, checkfirst=True)),
+    (12, "FHIR: identifiers cross-referenced with the server's ids and versions",
+     lambda connection: fhir_xref.create(connection, checkfirst=True)),
 ]
