@@ -31,7 +31,8 @@ from hl7relay.store.schema import AUDIT_FIELDS, MAX_ROW_ID, MIGRATIONS, schema_v
 
 
 __all__ = ["Store", "MessageRecord", "DeliveryRecord", "DeliveryUpdate", "MessageUpdate", "StageUpdate", "AuditUpdate",
-           "ControlUpdate", "DestinationStateUpdate", "TokenUseUpdate", "XrefUpdate", "as_update", "StoreError", "MIGRATIONS", "open_store", "delivery_content", "storable",
+           "ControlUpdate", "DestinationStateUpdate", "TokenUseUpdate", "XrefUpdate", "as_update", "StoreError", "MIGRATIONS",
+           "open_store", "delivery_content", "storable",
            "sqlite_path", "readable_by_others", "AUDIT_FIELDS", "MAX_ROW_ID"]
 
 
