@@ -193,3 +193,59 @@ def test_each_resource_sent_is_cross_referenced_with_the_servers_id_and_version(
     assert {"Patient", "Encounter", "RelatedPerson", "Condition", "AllergyIntolerance", "Practitioner"} <= kinds
     for row in world.store.xrefs():  # every row names what the server really has
         assert (row["resource_type"], row["fhir_id"]) in world.server.resources
+
+
+def _cli(world, folder, *args):
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", *args], cwd=folder, text=True,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    spin(world.reactor, lambda: process.poll() is not None, limit=60)
+    return process.returncode, process.stdout.read()
+
+
+def test_verify_xref_finds_missing_merged_changed_and_duplicated_resources_and_requeues_the_missing(world):
+    import shutil
+
+    channel = world.channel()
+    world.send(channel, (SAMPLES / "adt_a01.hl7").read_bytes())
+    world.settle(1)
+    spin(world.reactor, lambda: len(world.store.xrefs(resource_type="Patient")) == 1)
+    folder = world.tmp_path / "site"
+    (folder / "channels").mkdir(parents=True)
+    (folder / "config").mkdir()
+    shutil.copy(world.tmp_path / "ch.yaml", folder / "channels" / "ch.yaml")
+    (folder / "config" / "hl7relay.yaml").write_text(f"store: {{url: 'sqlite:///{world.tmp_path / 'h.db'}'}}\n")
+    code, out = _cli(world, folder, "verify", "--xref")
+    assert code == 0, out
+    assert out.strip().splitlines()[-1].endswith("every one agrees with its server")
+
+    server = world.server
+    [patient] = server.of_type("Patient")
+    [encounter] = server.of_type("Encounter")
+    condition = server.of_type("Condition")[0]
+    del server.resources[("Encounter", encounter.resource["id"])]  # deleted on the server
+    patient.resource["meta"]["versionId"] = "7"  # edited there since
+    condition.resource["link"] = []  # (not a Patient: a link means nothing for it)
+    twin = dict(patient.resource, id="twin")  # a second Patient with the PMS's identifier
+    server.resources[("Patient", "twin")] = type(patient)(twin, 1, patient.updated)
+    code, out = _cli(world, folder, "verify", "--xref")
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert any(line.startswith("PROBLEM  missing") and f"Encounter/{encounter.resource['id']}" in line for line in lines), out
+    assert any(line.startswith("WARNING  changed") and "version 7 on the server, 1 written by us" in line for line in lines)
+    assert any(line.startswith("PROBLEM  duplicate-identifier") and "2 Patient resources carry CLINIC|100234" in line
+               for line in lines), out
+
+    del server.resources[("Patient", "twin")]  # (a twin would make the resend's conditional update fail: 412)
+    code, out = _cli(world, folder, "verify", "--xref", "--repair")
+    assert "queued again for ch -> ehr" in out, out
+    [entry] = world.store.audit_entries(action="replay")
+    assert "Encounter/" in entry["reason"] and "missing on the server" in entry["reason"]
+    replays = [r for r in world.store.latest(10) if r["id"] != 1]
+    assert len(replays) == 1
+    world.queue.nudge()
+    world.queue._poll()
+    world.settle(2)  # the engine's queue sends the replay: the Encounter is back, one Patient still
+    assert len(server.of_type("Encounter")) == 1 and len(server.of_type("Patient")) == 1

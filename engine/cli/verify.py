@@ -21,6 +21,11 @@ Checks, each answered ok, warning or problem:
                            their channel stores
   overdue deliveries       queued ones more than an hour past their next attempt
 
+--xref checks the FHIR cross-references instead: every resource a fhir destination wrote, read
+back from its server (missing, merged into another, changed there since) and every PMS identifier
+searched for (duplicate-identifier: more than one resource carries it); with --repair, the
+messages that wrote missing resources are queued again (replays, audited); nothing else changes.
+
 --repair applies the safe fixes, each listed before it is applied and written to the audit log:
 migrate an old schema, delete rows of missing messages, move deliveries for undeclared
 destinations to ERROR (dead letters, replayable). Nothing else is changed.
@@ -36,6 +41,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--hours", type=_hours, default=24.0, metavar="H",
                         help="how far back the per-message checks look (default 24; 0: every message)")
     parser.add_argument("--repair", action="store_true", help="apply the safe fixes (listed first, audited)")
+    parser.add_argument("--xref", action="store_true",
+                        help="check the FHIR cross-references against each fhir destination's server")
+    parser.add_argument("--timeout", type=float, default=10.0, help="--xref: seconds per request (default 10)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     add_settings_arguments(parser)
 
@@ -50,6 +58,8 @@ def run(args) -> int:
         print(exc.code, file=sys.stderr)
         return 3
     channels = _channels(settings)
+    if args.xref:
+        return _xref(args, store, channels)
     now = time.time()
     window = args.hours * 3600 if args.hours else now
     try:
@@ -104,3 +114,79 @@ def _channels(settings):
     except Exception:  # noqa: BLE001 - the channel checks are skipped; lint says why
         return None
     return None if errors else channels
+
+
+def _xref(args, store, channels) -> int:
+    """The cross-references of every fhir destination against its server (exit 0 ok, 1 changed, 2 problems)."""
+    import json
+
+    from hl7relay.channels.fhir_destination import FHIRDestinationConfig
+    from hl7relay.cli.check import _run_on_reactor
+    from hl7relay.ops.xref import MISSING, PROBLEMS, verify_xref
+
+    if channels is None:
+        print("cannot check the cross-references: the channel files do not load (hl7relay lint says why)",
+              file=sys.stderr)
+        store.close()
+        return 3
+    channels = {channel.name: channel for channel in channels}
+    targets = [(name, d) for name, channel in sorted(channels.items()) for d in channel.destinations
+               if isinstance(d.config, FHIRDestinationConfig)]
+    if not targets:
+        print("no fhir destination in the channels: nothing to check", file=sys.stderr)
+        store.close()
+        return 1
+    findings, counted = [], 0
+
+    def check_all(reactor):
+        from twisted.internet import defer
+
+        @defer.inlineCallbacks
+        def go():
+            for channel, destination in targets:
+                rows = store.xrefs(channel, destination.name)
+                found = yield verify_xref(rows, destination.config, reactor, args.timeout)
+                findings.extend(found)
+                nonlocal counted
+                counted += len(rows)
+        return go()
+
+    outcome = _run_on_reactor(check_all)
+    if outcome is not None and hasattr(outcome, "getErrorMessage"):
+        print(f"cannot check the cross-references: {outcome.getErrorMessage()}", file=sys.stderr)
+        store.close()
+        return 3
+    repaired = []
+    if args.repair:
+        from hl7relay.ops.auth import cli_audit
+        from hl7relay.ops.replay import commit_replay, plan_replay
+
+        for f in findings:
+            if f.kind != MISSING or f.message_id is None:
+                continue
+            plan = plan_replay(store, channels, f.message_id, {f.destination}, force=True)
+            if plan.skipped:
+                repaired.append(f"message {f.message_id}: not queued again: {plan.skipped}")
+                continue
+            reason = f"verify --xref --repair: {f.resource_type}/{f.fhir_id} missing on the server"
+            new_id = commit_replay(store, channels, plan, reason, cli_audit("replay")["actor"],
+                                   audit=cli_audit("replay", f"message {f.message_id}", reason=reason))
+            repaired.append(f"message {f.message_id} queued again for {f.channel} -> {f.destination} "
+                            f"(replay {new_id}): {f.resource_type}/{f.fhir_id} was missing")
+    worst = 2 if any(f.kind in PROBLEMS for f in findings) else 1 if findings else 0
+    if args.format == "json":
+        print(json.dumps({"checked": counted, "findings": [f.to_dict() for f in findings], "repaired": repaired,
+                          "status": ("ok", "warning", "problem")[worst]}, indent=2))
+    else:
+        for f in findings:
+            level = "PROBLEM" if f.kind in PROBLEMS else "WARNING"
+            said = f" ({f.identifier})" if f.identifier else ""
+            print(f"{level:8} {f.kind:20} {f.channel} -> {f.destination}: {f.resource_type}/{f.fhir_id}{said}: {f.detail}"
+                  + (f" [message {f.message_id}]" if f.message_id is not None else ""))
+        for line in repaired:
+            print(f"  done: {line}")
+        print(f"{counted} cross-reference(s) checked against {len(targets)} fhir destination(s): "
+              + ("every one agrees with its server" if not findings else
+                 f"{sum(f.kind in PROBLEMS for f in findings)} problem(s), {sum(f.kind not in PROBLEMS for f in findings)} warning(s)"))
+    store.close()
+    return worst
