@@ -127,6 +127,7 @@ class DeliveryOutcome(enum.Enum):
     RATE_LIMITED = "rate_limited"  # an API's 429/503: wait as told (Retry-After), not a failed attempt
     NOT_AUTHORISED = "not_authorised"  # an API's 401/403: the credentials, not the message; the queue holds
     CONFLICT = "conflict"  # an API's 409/412: someone changed the record; a person decides
+    HELD_FOR_MATCHING = "held_for_matching"  # FHIR: several patients could be this one; a person picks
 
     @property
     def reached_peer(self) -> bool:

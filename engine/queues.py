@@ -30,7 +30,7 @@ from hl7relay.events import emit
 from hl7relay.fhir.content import parse_content
 from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult, DeliveryStatus
-from hl7relay.store.database import DeliveryUpdate, DestinationStateUpdate, StoreError, XrefUpdate
+from hl7relay.store.database import DeliveryUpdate, DestinationStateUpdate, MatchHoldUpdate, StoreError, XrefUpdate
 
 __all__ = ["Queue", "DestinationQueue", "DeliveryResult", "DestinationHealth", "QueuedDelivery", "QueueState", "Pump",
            "retry_delay"]
@@ -683,8 +683,8 @@ class DestinationQueue:
         self.in_flight.pop(message_id, None)
         # recorded through the group commit; the id stays "known" until then so a poll cannot resend it
         if final:
-            extra = tuple(replace(r, channel=self.channel, destination=self.destination) if isinstance(r, XrefUpdate) else r
-                          for r in result.records) if result.ok else ()
+            extra = tuple(replace(r, channel=self.channel, destination=self.destination)
+                          if isinstance(r, (XrefUpdate, MatchHoldUpdate)) else r for r in result.records)
             update = self._record(message_id, values, lazy=True, extra=extra)
         else:  # a retry's schedule: if it is lost, the row is still QUEUED and its next result is recorded
             update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), lazy=True)
@@ -759,7 +759,8 @@ class DestinationQueue:
 
 _CLASSES = {DeliveryOutcome.NOT_AUTHORISED: "auth", DeliveryOutcome.RATE_LIMITED: "rate limited",
             DeliveryOutcome.CONFLICT: "conflict", DeliveryOutcome.UNREACHABLE: "unreachable",
-            DeliveryOutcome.TIMED_OUT: "timed out", DeliveryOutcome.FAILED: "failed"}
+            DeliveryOutcome.TIMED_OUT: "timed out", DeliveryOutcome.FAILED: "failed",
+            DeliveryOutcome.HELD_FOR_MATCHING: "held for matching"}
 
 
 def _error_class(result: DeliveryResult) -> str:

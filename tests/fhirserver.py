@@ -221,6 +221,19 @@ class FakeFHIR(resource.Resource):
         if "identifier" in query:
             system, _, value = query["identifier"][0].rpartition("|")
             matches = [s for _, s in self.find(kind, system, value)]
+        def named(resource, part):
+            return [str(v).lower() for n in resource.get("name") or () for v in
+                    ([n.get("family")] if part == "family" else n.get("given") or ()) if v]
+
+        for param, test in (("family", lambda r, v: v.lower() in named(r, "family")),
+                            ("given", lambda r, v: v.lower() in named(r, "given")),
+                            ("birthdate", lambda r, v: r.get("birthDate") == v),
+                            ("gender", lambda r, v: r.get("gender") == v)):
+            if param in query:
+                matches = [s for s in matches if test(s.resource, query[param][0])]
+        unknown = set(query) - {"identifier", "_lastUpdated", "family", "given", "birthdate", "gender"}
+        if unknown:
+            raise Refused(400, outcome("not-supported", f"search by {', '.join(sorted(unknown))} is not supported here"))
         if "_lastUpdated" in query:
             bound = query["_lastUpdated"][0]
             if not bound.startswith("gt"):

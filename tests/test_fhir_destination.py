@@ -249,3 +249,82 @@ def test_verify_xref_finds_missing_merged_changed_and_duplicated_resources_and_r
     world.queue._poll()
     world.settle(2)  # the engine's queue sends the replay: the Encounter is back, one Patient still
     assert len(server.of_type("Encounter")) == 1 and len(server.of_type("Patient")) == 1
+
+
+def _someone(server, rid: str, system: str, value: str):
+    from fhirserver import Stored
+
+    resource = {"resourceType": "Patient", "id": rid, "identifier": [{"system": system, "value": value}],
+                "name": [{"family": "DOE", "given": ["JANE"]}], "birthDate": "1980-04-12", "gender": "female",
+                "meta": {"versionId": "1", "lastUpdated": "2023-01-01T00:00:00+00:00"}}
+    server.resources[("Patient", rid)] = Stored(resource, 1, "2023-01-01T00:00:00+00:00")
+
+
+MATCH = "match: {fallback: [family, given, birthDate, gender]}"
+
+
+def test_one_patient_found_by_demographics_is_updated_and_keeps_its_own_identifiers(world):
+    _someone(world.server, "hospital-7", "urn:hospital", "H-7")
+    channel = world.channel(MATCH)
+    world.send(channel, (SAMPLES / "adt_a01.hl7").read_bytes())
+    world.settle(1)
+    [patient] = world.server.of_type("Patient")
+    assert patient.resource["id"] == "hospital-7" and patient.version == 2
+    systems = {(i.get("system"), i["value"]) for i in patient.resource["identifier"]}
+    assert ("CLINIC", "100234") in systems and ("urn:hospital", "H-7") in systems
+    searches = [path for method, path, _ in world.server.requests if method == "GET"]
+    assert searches[-1] == "/fhir/Patient?family=DOE&given=JANE&birthdate=1980-04-12&gender=female"
+
+
+def test_an_ambiguous_patient_is_held_for_a_person_and_resolved_by_one(world):
+    import shutil
+
+    _someone(world.server, "a", "urn:hospital", "H-1")
+    _someone(world.server, "b", "urn:other", "O-2")
+    channel = world.channel(MATCH)
+    world.send(channel, (SAMPLES / "adt_a01.hl7").read_bytes())
+    world.settle(1, "ERROR")
+    [delivery] = world.deliveries()
+    assert delivery["last_error"].startswith("held for matching: 2 patients on the server match by demographics")
+    assert not [m for m, _, _ in world.server.requests if m == "POST"]  # nothing was written: never a guess
+    spin(world.reactor, lambda: len(world.store.match_holds()) == 1)
+    [hold] = world.store.match_holds()
+    assert {c["id"] for c in json.loads(hold["candidates"])} == {"a", "b"}
+
+    folder = world.tmp_path / "site"
+    (folder / "channels").mkdir(parents=True)
+    (folder / "config").mkdir()
+    shutil.copy(world.tmp_path / "ch.yaml", folder / "channels" / "ch.yaml")
+    (folder / "config" / "hl7relay.yaml").write_text(f"store: {{url: 'sqlite:///{world.tmp_path / 'h.db'}'}}\n")
+    code, out = _cli(world, folder, "fhir", "holds")
+    assert code == 0 and "message 1  ch -> ehr" in out and "Patient/a  ***" in out and "JANE" not in out, out
+    code, out = _cli(world, folder, "fhir", "holds", "--show-phi")
+    assert code == 2 and "--show-phi needs --reason" in out
+    code, out = _cli(world, folder, "fhir", "holds", "--show-phi", "--reason", "matching ticket 12")
+    assert code == 0 and "JANE DOE  born 1980-04-12" in out
+    code, out = _cli(world, folder, "fhir", "resolve", "1", "--patient", "zzz", "--reason", "x")
+    assert code == 2 and "not one of the candidates" in out
+    code, out = _cli(world, folder, "fhir", "resolve", "1", "--patient", "b", "--reason", "same DOB, phone matches")
+    assert code == 0 and "sent again as 2 to ehr for Patient/b" in out, out
+    world.queue.nudge()
+    world.queue._poll()
+    world.settle(1)
+    assert len(world.server.of_type("Patient")) == 2
+    b = world.server.resources[("Patient", "b")]
+    assert b.version == 2 and {i["value"] for i in b.resource["identifier"]} == {"100234", "987-65-4320", "O-2"}
+    assert world.store.match_holds() == [] and world.store.match_holds(resolved=True)[0]["decision"] == "b"
+    [resolved] = world.store.audit_entries(action="fhir.match.resolve")
+    assert resolved["reason"] == "same DOB, phone matches" and "Patient/b" in resolved["detail"]
+    [viewed] = world.store.audit_entries(action="phi.view")
+    assert viewed["reason"] == "matching ticket 12"
+    code, out = _cli(world, folder, "fhir", "resolve", "1", "--new", "--reason", "again")
+    assert code == 1 and "not held for matching" in out
+
+
+def test_no_patient_found_is_a_new_one(world):
+    _someone(world.server, "x", "urn:hospital", "H-9")
+    world.server.resources[("Patient", "x")].resource["birthDate"] = "1990-01-01"
+    channel = world.channel(MATCH)
+    world.send(channel, (SAMPLES / "adt_a01.hl7").read_bytes())
+    world.settle(1)
+    assert len(world.server.of_type("Patient")) == 2

@@ -14,13 +14,15 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from hl7relay.channels.http_destination import HTTPDelivery, HTTPDestinationConfig, _http
-from hl7relay.fhir.content import FHIR_JSON, failed_entries, operation_outcome_text
+from twisted.internet import defer
+
+from hl7relay.fhir.content import FHIR_JSON, FHIRContent, failed_entries, operation_outcome_text
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult
-from hl7relay.spec import Option, lookup, register
-from hl7relay.store.records import XrefUpdate
+from hl7relay.spec import ComponentSpec, Option, lookup, register
+from hl7relay.store.records import MatchHoldUpdate, XrefUpdate
 
 __all__ = ["FHIRDestinationConfig", "FHIRDelivery"]
 
@@ -28,10 +30,20 @@ _NOT_FOR_FHIR = ("url", "method", "body", "content_type", "success_when", "idemp
 _BUNDLES = ("transaction", "batch", "message")
 
 
+_MATCH_FIELDS = ("family", "given", "birthDate", "gender")
+_MATCH = ComponentSpec("setting", "match", "how the Bundle's patient is found on the server", (
+    Option("identifiers", "list", [], "identifier systems searched first (default: each of the patient's)", item="str"),
+    Option("fallback", "list", [], f"then these demographics together: {', '.join(_MATCH_FIELDS)}", item="str"),
+    Option("on_ambiguous", "enum", "hold", "several candidates: hold the message for a person (never a guess)",
+           ("hold",)),
+), title="match")
+
+
 @dataclass
 class FHIRDestinationConfig(HTTPDestinationConfig):
     step: object = None  # the fhir transformer that makes its Bundle
     base_url: str = ""
+    match: dict | None = None  # {identifiers, fallback, on_ambiguous}
 
 
 def _options():
@@ -47,6 +59,8 @@ def _options():
         Option("map", "str", "", "the message map (default: chosen by MSH-9)"),
         Option("maps", "str", None, "a map file adding to or replacing the shipped maps (relative to the channel file)"),
         Option("timezone", "str", None, "for HL7 times without an offset (default: the channel's timezone)"),
+        Option("match", "section", None, "find the patient on the server before sending: {identifiers: [SYSTEM], "
+               "fallback: [family, given, birthDate, gender], on_ambiguous: hold}", section=_MATCH),
     ]
 
 
@@ -61,13 +75,20 @@ def build(options, context=None) -> FHIRDestinationConfig:
     target = base + "/$process-message" if bundle == "message" else base
     http_options = {**options, "url": target, "method": "POST", "body": None, "content_type": FHIR_JSON,
                     "success_when": None, "idempotency_header": None}
-    for name in ("bundle", "map", "maps", "timezone"):
+    for name in ("bundle", "map", "maps", "timezone", "match"):
         http_options.pop(name, None)
+    match = options.get("match")
+    if match is not None:
+        unknown = [f for f in match["fallback"] if f not in _MATCH_FIELDS]
+        if unknown:
+            raise ValueError(f"match: fallback: {', '.join(unknown)} (one of {', '.join(_MATCH_FIELDS)})")
+        if bundle != "transaction":
+            raise ValueError("match: works on transaction bundles (the patient's entry is rewritten to the match)")
     config = _http(http_options, context)
     step = fhir_step({"map": options["map"], "bundle": "batch" if bundle == "batch" else bundle,
                       "maps": options["maps"], "timezone": options["timezone"]}, context)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    return FHIRDestinationConfig(**fields, step=step, base_url=base)
+    return FHIRDestinationConfig(**fields, step=step, base_url=base, match=match)
 
 
 register("destination", "fhir", "send each message to a FHIR R4 server as a Bundle (HL7 v2 converted by the maps)",
@@ -102,6 +123,44 @@ def cross_references(sent: bytes, answer: bytes, now: float, message_id) -> tupl
     return tuple(out)
 
 
+class _SearchFailed(Exception):
+    def __init__(self, result: DeliveryResult):
+        super().__init__(result.error)
+        self.result = result
+
+
+_SEARCH_NAMES = {"family": "family", "given": "given", "birthDate": "birthdate", "gender": "gender"}
+
+
+def _demographics(patient: dict, fields: list) -> str | None:
+    """A search on every fallback field, or None when the patient lacks one (no partial matching)."""
+    name = (patient.get("name") or [{}])[0]
+    values = {"family": name.get("family"), "given": (name.get("given") or [None])[0],
+              "birthDate": patient.get("birthDate"), "gender": patient.get("gender")}
+    if any(not values.get(f) for f in fields):
+        return None
+    return "&".join(f"{_SEARCH_NAMES[f]}={quote(str(values[f]), safe='')}" for f in fields)
+
+
+def _candidate(resource: dict) -> dict:
+    name = (resource.get("name") or [{}])[0]
+    return {"id": resource.get("id"), "name": " ".join([*(name.get("given") or []), name.get("family", "")]).strip(),
+            "birthDate": resource.get("birthDate", ""), "gender": resource.get("gender", ""),
+            "identifiers": [f"{i.get('system', '')}|{i.get('value', '')}" for i in resource.get("identifier") or ()]}
+
+
+def with_patient(bundle: dict, entry: dict, server_id: str, existing: dict | None) -> dict:
+    """The Bundle with its patient entry updating ``Patient/server_id`` (the server's identifiers
+    kept beside ours: a match must not take away what others know the patient by)."""
+    patient = dict(entry["resource"], id=server_id)
+    if existing is not None:
+        ours = {(i.get("system"), i.get("value")) for i in patient.get("identifier") or ()}
+        patient["identifier"] = [*(patient.get("identifier") or []),
+                                 *(i for i in existing.get("identifier") or () if (i.get("system"), i.get("value")) not in ours)]
+    changed = dict(entry, resource=patient, request={"method": "PUT", "url": f"Patient/{server_id}"})
+    return dict(bundle, entry=[changed if e is entry else e for e in bundle["entry"]])
+
+
 class FHIRDelivery(HTTPDelivery):
     def _answered(self, answer, url, headers, body, authorization, retried):
         result = super()._answered(answer, url, headers, body, authorization, retried)
@@ -117,13 +176,88 @@ class FHIRDelivery(HTTPDelivery):
         return self._outcome(result, answer)
 
     def deliver(self, message, message_id=None):
-        def stamped(result):  # the cross-references name the message they came from
+        def stamped(result):  # the cross-references and holds name the message they came from
             if isinstance(result, DeliveryResult) and result.records:
                 records = tuple(dataclasses.replace(r, message_id=message_id) for r in result.records)
                 return dataclasses.replace(result, records=records)
             return result
 
-        return super().deliver(message, message_id).addCallback(stamped)
+        if self.config.match is not None and isinstance(message, FHIRContent):
+            d = self._matched(message)
+            d.addCallback(lambda found: found if isinstance(found, DeliveryResult)
+                          else HTTPDelivery.deliver(self, found, message_id))
+        else:
+            d = super().deliver(message, message_id)
+        return d.addCallback(stamped)
+
+    # -- patient matching ---------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def _matched(self, content: FHIRContent):
+        """The content with its patient entry pointed at the one server patient it matches, as it
+        is when none matches, or a DeliveryResult: held for a person (several match) or failed."""
+        bundle = content.json()
+        entry = next((e for e in bundle.get("entry") or () if (e.get("resource") or {}).get("resourceType") == "Patient"
+                      and "?" in str((e.get("request") or {}).get("url", ""))), None)
+        if entry is None:
+            return content  # no patient, or one already decided (PUT Patient/id)
+        patient = entry["resource"]
+        wanted = self.config.match["identifiers"]
+        found: dict[str, dict] = {}
+        try:
+            for identifier in patient.get("identifier") or ():
+                system, value = identifier.get("system", ""), identifier.get("value")
+                if value and (not wanted or system in wanted):
+                    found.update((yield self._search(f"identifier={quote(f'{system}|{value}', safe='')}")))
+            how = "identifier"
+            if not found and self.config.match["fallback"]:
+                query = _demographics(patient, self.config.match["fallback"])
+                if query is not None:
+                    found = yield self._search(query)
+                    how = "demographics"
+        except _SearchFailed as failed:
+            return failed.result
+        if not found:
+            return content
+        if len(found) > 1:
+            candidates = [_candidate(resource) for resource in found.values()]
+            local = str(entry.get("fullUrl", "")).removeprefix("urn:uuid:")
+            hold = MatchHoldUpdate("", "", None, local, json.dumps(candidates), self.resources.clock())
+            return DeliveryResult(False, True, error=f"held for matching: {len(found)} patients on the server match by "
+                                                     f"{how} ({', '.join('Patient/' + i for i in sorted(found))}); "
+                                                     "hl7relay fhir resolve picks one",
+                                  outcome=DeliveryOutcome.HELD_FOR_MATCHING, records=(hold,))
+        [(server_id, existing)] = found.items()
+        return FHIRContent.from_json(with_patient(bundle, entry, server_id, existing), content.problems)
+
+    @defer.inlineCallbacks
+    def _search(self, query: str):
+        from hl7relay.apiclient.http import HTTPFailure
+
+        url = f"{self.config.base_url}/Patient?{query}"
+        headers = {"Accept": FHIR_JSON, "User-Agent": "hl7relay"}
+        if self.authorizer is not None:
+            from hl7relay.apiclient.oauth import TokenError
+
+            try:
+                authorization = yield self.authorizer.authorize()
+            except TokenError as exc:
+                raise _SearchFailed(DeliveryResult(False, error=f"not authorised: {exc}",
+                                                   outcome=DeliveryOutcome.NOT_AUTHORISED)) from None
+            headers.update(authorization.headers)
+        yield self.bucket.acquire()
+        try:
+            answer = yield self.client.request("GET", url, headers, None, self.config.timeout)
+        except HTTPFailure as exc:
+            raise _SearchFailed(DeliveryResult(False, error=f"searching for the patient: {exc}",
+                                               outcome=DeliveryOutcome.UNREACHABLE if exc.unreachable
+                                               else DeliveryOutcome.TIMED_OUT)) from None
+        if answer.status != 200:
+            said = operation_outcome_text(answer.body) or answer.body[:200].decode("utf-8", "replace")
+            raise _SearchFailed(DeliveryResult(False, error=f"searching for the patient: HTTP {answer.status}: {said}"))
+        result = json.loads(answer.body)
+        return {str(e["resource"]["id"]): e["resource"] for e in result.get("entry") or ()
+                if isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == "Patient"
+                and e["resource"].get("id")}
 
     @staticmethod
     def _outcome(result, answer):

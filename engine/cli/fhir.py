@@ -9,12 +9,17 @@ HELP = "convert HL7 v2 to FHIR R4 (a Bundle), and show the maps' coverage of HL7
 DESCRIPTION = """\
   hl7relay fhir convert FILE [--bundle message|transaction|collection] [--timezone ZONE] [--maps FILE]
   hl7relay fhir coverage [MESSAGE] [--maps FILE] [--missing] [--format text|json]
+  hl7relay fhir holds [--show-phi --reason WHY]       messages held for a person to pick their patient
+  hl7relay fhir resolve MESSAGE_ID (--patient ID | --new) --reason WHY [--destination NAME]
 
 convert prints the Bundle of each message in FILE ('-': stdin) as JSON; what the maps left out
 (an unmapped code, a bad date) goes to stderr, one line each. A DTM without an offset takes
 --timezone (default UTC). --maps FILE adds or replaces maps (the shipped ones stay underneath).
 coverage lists every row of HL7's v2-to-FHIR guide for the supported messages (ADT_A01, ADT_A02,
-ADT_A03, SIU_S12, ORU_R01) as implemented, exception (with its reason) or missing."""
+ADT_A03, SIU_S12, ORU_R01) as implemented, exception (with its reason) or missing.
+A fhir destination with match: holds a message whose patient matches several on the server:
+holds lists them (candidates' names and birth dates with --show-phi, audited); resolve sends the
+message again to the patient chosen (--patient) or as a new one (--new), audited."""
 
 
 def add_arguments(parser) -> None:
@@ -30,6 +35,21 @@ def add_arguments(parser) -> None:
     coverage.add_argument("--maps", metavar="FILE", help="a map file adding to or replacing the shipped maps")
     coverage.add_argument("--missing", action="store_true", help="only rows neither implemented nor excepted")
     coverage.add_argument("--format", choices=("text", "json"), default="text")
+    from hl7relay.cli._settings import add_settings_arguments
+
+    holds = actions.add_parser("holds", help="messages held for a person to pick their patient")
+    holds.add_argument("--show-phi", action="store_true", help="the candidates' names and birth dates (audited)")
+    holds.add_argument("--reason", help="why patient data is shown (written to the audit log)")
+    holds.add_argument("--format", choices=("text", "json"), default="text")
+    add_settings_arguments(holds)
+    resolve = actions.add_parser("resolve", help="send a held message to the patient a person picked")
+    resolve.add_argument("message_id", type=int, metavar="MESSAGE_ID")
+    chosen = resolve.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--patient", metavar="ID", help="the server's Patient id it is")
+    chosen.add_argument("--new", action="store_true", help="none of them: a new patient")
+    resolve.add_argument("--destination", help="when the message is held for more than one destination")
+    resolve.add_argument("--reason", required=True, help="why (written to the audit log)")
+    add_settings_arguments(resolve)
 
 
 def _maps(args):
@@ -47,10 +67,117 @@ def run(args) -> int:
     if args.action is None:
         print("hl7relay fhir: say convert or coverage (see hl7relay fhir --help)", file=sys.stderr)
         return 2
+    if args.action == "holds":
+        return _holds(args)
+    if args.action == "resolve":
+        return _resolve(args)
     maps = _maps(args)
     if maps is None:
         return 1
     return _convert(args, maps) if args.action == "convert" else _coverage(args, maps)
+
+
+def _holds(args) -> int:
+    from hl7relay.cli._support import format_time, open_store_from_args, phi_permitted
+    from hl7relay.ops.phi import MASK
+
+    store, _ = open_store_from_args(args)
+    try:
+        if not phi_permitted(args, store, "fhir holds"):
+            return 2
+        rows = store.match_holds()
+        shown = []
+        for row in rows:
+            candidates = json.loads(row["candidates"])
+            if not args.show_phi:
+                candidates = [{"id": c.get("id"), "name": MASK, "birthDate": MASK, "gender": c.get("gender"),
+                               "identifiers": [MASK for _ in c.get("identifiers") or ()]} for c in candidates]
+            shown.append({**{k: row[k] for k in ("channel", "destination", "message_id", "held_at")},
+                          "candidates": candidates})
+        if args.format == "json":
+            print(json.dumps(shown, indent=2))
+            return 0
+        for row in shown:
+            print(f"message {row['message_id']}  {row['channel']} -> {row['destination']}  held {format_time(row['held_at'])}: "
+                  f"{len(row['candidates'])} candidates")
+            for c in row["candidates"]:
+                print(f"    Patient/{c['id']}  {c['name']}  born {c['birthDate']}  {c['gender']}  "
+                      + ", ".join(c["identifiers"]))
+        print(f"{len(shown)} message(s) held for matching" + ("" if args.show_phi or not shown else
+                                                             " (names masked: --show-phi --reason WHY)"))
+        return 0
+    finally:
+        store.close()
+
+
+def _resolve(args) -> int:
+    import time
+
+    from hl7relay.channels import load_channels
+    from hl7relay.channels.fhir_destination import with_patient
+    from hl7relay.cli._support import open_store_from_args
+    from hl7relay.ops.auth import cli_audit
+    from hl7relay.ops.replay import commit_replay, plan_replay
+
+    reason = args.reason.strip()
+    if not reason:
+        print("hl7relay fhir resolve: --reason says why (written to the audit log)", file=sys.stderr)
+        return 2
+    store, settings = open_store_from_args(args)
+    try:
+        holds = store.match_holds(message_id=args.message_id, destination=args.destination)
+        if not holds:
+            print(f"hl7relay fhir resolve: message {args.message_id} is not held for matching"
+                  + (f" for {args.destination}" if args.destination else "") + " (hl7relay fhir holds lists them)",
+                  file=sys.stderr)
+            return 1
+        if len(holds) > 1:
+            print(f"hl7relay fhir resolve: message {args.message_id} is held for "
+                  f"{', '.join(h['destination'] for h in holds)}: say which with --destination", file=sys.stderr)
+            return 2
+        [hold] = holds
+        candidates = {str(c.get("id")): c for c in json.loads(hold["candidates"])}
+        if args.patient is not None and args.patient not in candidates:
+            print(f"hl7relay fhir resolve: Patient/{args.patient} is not one of the candidates "
+                  f"({', '.join('Patient/' + i for i in sorted(candidates))})", file=sys.stderr)
+            return 2
+        channels, errors = load_channels(settings["channels"])
+        if errors:
+            print("hl7relay fhir resolve: the channel files do not load (hl7relay lint says why)", file=sys.stderr)
+            return 1
+        by_name = {c.name: c for c in channels}
+        plan = plan_replay(store, by_name, args.message_id, {hold["destination"]}, force=True)
+        if plan.skipped or hold["destination"] not in plan.outputs:
+            print(f"hl7relay fhir resolve: message {args.message_id} cannot be sent again: {plan.skipped or 'no output'}",
+                  file=sys.stderr)
+            return 1
+        bundle = json.loads(plan.outputs[hold["destination"]])
+        entry = next((e for e in bundle.get("entry") or () if (e.get("resource") or {}).get("resourceType") == "Patient"
+                      and str(e.get("fullUrl", "")).removeprefix("urn:uuid:") == hold["local_key"]), None)
+        if entry is None:
+            print(f"hl7relay fhir resolve: message {args.message_id} no longer makes that patient", file=sys.stderr)
+            return 1
+        if args.new:
+            decision = "new"
+            server_id = hold["local_key"]  # created under our own id: never one of the candidates
+            existing = None
+        else:
+            decision = server_id = args.patient
+            existing = {"identifier": [dict(zip(("system", "value"), i.split("|", 1)))
+                                       for i in candidates[args.patient].get("identifiers") or () if "|" in i]}
+        plan.outputs[hold["destination"]] = json.dumps(with_patient(bundle, entry, server_id, existing)).encode()
+        actor = cli_audit("fhir.match.resolve")["actor"]
+        target = f"message {args.message_id}"
+        detail = f"{hold['channel']} -> {hold['destination']}: " + ("a new patient" if args.new else f"Patient/{args.patient}")
+        replay_id = commit_replay(store, by_name, plan, f"fhir resolve: {reason}", actor,
+                                  audit=cli_audit("replay", target, reason=f"fhir resolve: {reason}"))
+        store.resolve_match_hold(hold["channel"], hold["destination"], args.message_id, decision, actor, time.time(),
+                                 cli_audit("fhir.match.resolve", target, reason=reason,
+                                           detail=f"{detail}; replay {replay_id}"))
+        print(f"message {args.message_id}: sent again as {replay_id} to {hold['destination']} for {detail.split(': ', 1)[1]}")
+        return 0
+    finally:
+        store.close()
 
 
 def _convert(args, maps) -> int:

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from hl7relay.store.schema import deliveries, _D_QUEUED, AUDIT_FIELDS, _audit_row
 from hl7relay.store.records import (
     AuditUpdate, ControlUpdate, DeliveryUpdate, DestinationStateUpdate, MessageRecord, MessageUpdate, StageUpdate, StoreError,
-    TokenUseUpdate, XrefUpdate, as_update, storable,
+    MatchHoldUpdate, TokenUseUpdate, XrefUpdate, as_update, storable,
 )
 
 
@@ -34,7 +34,7 @@ class _Rows:
     is only how it sends them (the SQLite driver directly, PostgreSQL through SQLAlchemy)."""
 
     __slots__ = ("records", "messages", "delivery_updates", "message_updates", "stage_upserts", "audit", "controls",
-                 "destination_states", "token_uses", "xrefs")
+                 "destination_states", "token_uses", "xrefs", "holds")
 
     def __init__(self, records, updates):
         self.records = records
@@ -48,6 +48,7 @@ class _Rows:
         self.destination_states: dict[tuple, tuple] = {}  # (channel, destination) -> row
         self.token_uses: dict[str, float] = {}  # token name -> when
         self.xrefs: dict[tuple, tuple] = {}  # (channel, destination, type, local key) -> row: the last counts
+        self.holds: dict[tuple, tuple] = {}  # (channel, destination, message id) -> row
         # Updates of one delivery are merged, later values over earlier ones, before they are
         # grouped by the columns they set: the groups run one after the other, so an attempt's
         # result (QUEUED, with its attempts) and the withdrawal that followed it (WITHDRAWN) in one
@@ -74,6 +75,9 @@ class _Rows:
                     update.channel, update.destination, update.connected, storable(update.error), update.at)
             elif update.__class__ is TokenUseUpdate:
                 self.token_uses[update.name] = update.at
+            elif update.__class__ is MatchHoldUpdate:
+                key = (update.channel, update.destination, update.message_id)
+                self.holds[key] = (*key, update.local_key, storable(update.candidates), update.at)
             elif update.__class__ is XrefUpdate:
                 key = (update.channel, update.destination, update.resource_type, update.local_key)
                 self.xrefs[key] = (*key, storable(update.identifier), update.fhir_id, update.version_id,
@@ -144,6 +148,10 @@ def _sql(placeholder: str) -> dict:
                  "identifier = excluded.identifier, fhir_id = excluded.fhir_id, version_id = excluded.version_id, "
                  "content_hash = excluded.content_hash, message_id = excluded.message_id, "
                  "last_synced = excluded.last_synced"),
+        "hold": (f"INSERT INTO fhir_match_holds (channel, destination, message_id, local_key, candidates, held_at) "
+                 f"VALUES ({', '.join([p] * 6)}) ON CONFLICT (channel, destination, message_id) DO UPDATE SET "
+                 "local_key = excluded.local_key, candidates = excluded.candidates, held_at = excluded.held_at, "
+                 "resolved_at = NULL, resolved_by = NULL, decision = NULL"),
     }
 
 
@@ -168,6 +176,8 @@ def _send_updates(execute, executemany, sql: dict, rows: _Rows) -> None:
         executemany(sql["token_use"], [(at, name) for name, at in rows.token_uses.items()])
     if rows.xrefs:
         executemany(sql["xref"], list(rows.xrefs.values()))
+    if rows.holds:
+        executemany(sql["hold"], list(rows.holds.values()))
 
 
 def _pipeline(driver):

@@ -102,3 +102,30 @@ class XrefQueries:
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(
                 _xref_query(channel, destination, resource_type, identifier).limit(limit)).mappings()]
+
+    def match_holds(self, resolved: bool = False, channel: str | None = None, destination: str | None = None,
+                    message_id: int | None = None) -> list[dict]:
+        """Messages held for a person to pick their patient (resolved ones with ``resolved=True``)."""
+        from hl7relay.store.schema import fhir_match_holds as holds
+
+        query = sa.select(holds).where(holds.c.resolved_at.isnot(None) if resolved else holds.c.resolved_at.is_(None))
+        for column, value in (("channel", channel), ("destination", destination), ("message_id", message_id)):
+            if value is not None:
+                query = query.where(holds.c[column] == value)
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query.order_by(holds.c.held_at)).mappings()]
+
+    def resolve_match_hold(self, channel: str, destination: str, message_id: int, decision: str, actor: str,
+                           at: float, audit: dict) -> bool:
+        """Mark a hold resolved (with its audit entry, in one transaction); False if it was not open."""
+        from hl7relay.store.schema import _audit_row, audit_log
+        from hl7relay.store.schema import fhir_match_holds as holds
+
+        with self.engine.begin() as connection:
+            done = connection.execute(
+                holds.update().where(holds.c.channel == channel, holds.c.destination == destination,
+                                     holds.c.message_id == message_id, holds.c.resolved_at.is_(None))
+                .values(resolved_at=at, resolved_by=actor, decision=decision)).rowcount
+            if done:
+                connection.execute(audit_log.insert().values(**_audit_row(audit)))
+            return bool(done)

@@ -167,14 +167,26 @@ class XrefUpdate:
     at: float
 
 
+@dataclass(slots=True)
+class MatchHoldUpdate:
+    """A message held until a person picks its patient among ``candidates`` (JSON text)."""
+
+    channel: str
+    destination: str
+    message_id: int | None
+    local_key: str
+    candidates: str
+    at: float
+
+
 Update = (DeliveryUpdate | MessageUpdate | StageUpdate | AuditUpdate | ControlUpdate | DestinationStateUpdate
-          | TokenUseUpdate | XrefUpdate)
+          | TokenUseUpdate | XrefUpdate | MatchHoldUpdate)
 
 
 def as_update(update) -> Update:
     """A typed update; the older ``(kind, key, values)`` tuples are still accepted."""
     if isinstance(update, (DeliveryUpdate, MessageUpdate, StageUpdate, AuditUpdate, ControlUpdate, DestinationStateUpdate,
-                           TokenUseUpdate, XrefUpdate)):
+                           TokenUseUpdate, XrefUpdate, MatchHoldUpdate)):
         return update
     kind, key, values = update
     if kind == "delivery":

@@ -171,6 +171,21 @@ fhir_xref = sa.Table(
 sa.Index("ix_fhir_xref_fhir_id", fhir_xref.c.destination, fhir_xref.c.resource_type, fhir_xref.c.fhir_id)
 sa.Index("ix_fhir_xref_identifier", fhir_xref.c.resource_type, fhir_xref.c.identifier)
 
+# FHIR: a message whose patient matched more than one on the server waits here for a person
+# (hl7relay fhir holds / resolve); candidates: JSON [{id, name, birthDate, gender, identifiers}]
+fhir_match_holds = sa.Table(
+    "fhir_match_holds", metadata,
+    sa.Column("channel", sa.String(200), primary_key=True),
+    sa.Column("destination", sa.String(200), primary_key=True),
+    sa.Column("message_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("local_key", sa.String(64), nullable=False, default=""),
+    sa.Column("candidates", sa.Text, nullable=False),
+    sa.Column("held_at", sa.Float, nullable=False),
+    sa.Column("resolved_at", sa.Float, nullable=True),
+    sa.Column("resolved_by", sa.String(200), nullable=True),
+    sa.Column("decision", sa.String(64), nullable=True),  # the chosen Patient's id, or "new"
+)
+
 # What operators switched at run time (a channel disabled, a destination paused): survives restarts.
 control_state = sa.Table(
     "control_state", metadata,
@@ -303,4 +318,6 @@ MIGRATIONS = [
     (11, "the vault: encrypted secrets", lambda connection: secrets.create(connection, checkfirst=True)),
     (12, "FHIR: identifiers cross-referenced with the server's ids and versions",
      lambda connection: fhir_xref.create(connection, checkfirst=True)),
+    (13, "FHIR: messages held for a person to match their patient",
+     lambda connection: fhir_match_holds.create(connection, checkfirst=True)),
 ]
