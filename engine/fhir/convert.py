@@ -305,6 +305,8 @@ class _Run:
             total = int(zone_offset.total_seconds() // 60)
             sign = "+" if total >= 0 else "-"
             offset = f"{sign}{abs(total) // 60:02d}{abs(total) % 60:02d}"
+        if match["S"] is None:
+            self.original_time = text  # FHIR needs the seconds: the sender's precision is kept beside
         stamp = f"{y}-{m}-{d}T{hour}:{minute}:{second}" + (f".{fraction}" if fraction else "")
         return f"{stamp}{offset[:3]}:{offset[3:]}"
 
@@ -381,6 +383,8 @@ class _Run:
         content = {"resourceType": resource_type, **content}
         rid = _identified(resource_type, content) or resource_id(resource_type, _canonical(content))
         found = self.datatype_resources.get(rid)
+        if found is not None:  # the same one named twice (SCH-12 and AIP-3): what each said, together
+            _merge_into(found.node, content)
         if found is None:
             found = _Resource(resource_type, resource_type, content, [], id=rid, full_url=f"urn:uuid:{rid}",
                               from_datatype=True)
@@ -568,6 +572,22 @@ def _finish(value):
     if value == "" or value is None:
         return None
     return value  # a primitive, or a value finished where it was made
+
+
+def _merge_into(kept: dict, more: dict) -> None:
+    """``more``'s values where ``kept`` has none; lists merged item by item (same position)."""
+    for key, value in more.items():
+        mine = kept.get(key)
+        if mine is None:
+            kept[key] = value
+        elif isinstance(mine, dict) and isinstance(value, dict):
+            _merge_into(mine, value)
+        elif isinstance(mine, list) and isinstance(value, list):
+            for index, item in enumerate(value):
+                if index >= len(mine):
+                    mine.append(item)
+                elif isinstance(mine[index], dict) and isinstance(item, dict):
+                    _merge_into(mine[index], item)
 
 
 def _canonical(content) -> str:
