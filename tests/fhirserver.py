@@ -231,7 +231,7 @@ class FakeFHIR(resource.Resource):
                             ("gender", lambda r, v: r.get("gender") == v)):
             if param in query:
                 matches = [s for s in matches if test(s.resource, query[param][0])]
-        unknown = set(query) - {"identifier", "_lastUpdated", "family", "given", "birthdate", "gender"}
+        unknown = set(query) - {"identifier", "_lastUpdated", "family", "given", "birthdate", "gender", "_sort", "_count"}
         if unknown:
             raise Refused(400, outcome("not-supported", f"search by {', '.join(sorted(unknown))} is not supported here"))
         if "_lastUpdated" in query:
@@ -239,6 +239,10 @@ class FakeFHIR(resource.Resource):
             if not bound.startswith("gt"):
                 raise Refused(400, outcome("not-supported", "_lastUpdated takes gt only here"))
             matches = [s for s in matches if s.updated > bound[2:]]
+        if query.get("_sort", [""])[0] == "_lastUpdated":
+            matches.sort(key=lambda s: s.updated)
+        elif "_sort" in query:
+            raise Refused(400, outcome("not-supported", f"_sort by {query['_sort'][0]}"))
         return 200, {"resourceType": "Bundle", "type": "searchset", "total": len(matches),
                      "entry": [{"resource": s.resource} for s in matches]}, {}
 

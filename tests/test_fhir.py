@@ -501,3 +501,28 @@ def test_the_siu_sample_comes_back_from_fhir_as_it_was_sent_except_for_the_liste
             assert back.get_raw(path) == original.get_raw(path), (path, original.segments[position], text)
             compared += 1
     assert compared >= 8
+
+
+@pytest.mark.parametrize("before, now, expected", [
+    (None, {"status": "booked"}, "new"),
+    (None, {"status": "cancelled"}, None),  # the PMS never knew it
+    ({"status": "booked", "start": "a", "end": "b", "content_hash": "x"}, {"status": "cancelled", "start": "a", "end": "b"},
+     "cancelled"),
+    ({"status": "booked", "start": "a", "end": "b", "content_hash": "x"}, {"status": "noshow", "start": "a", "end": "b"},
+     "noshow"),
+    ({"status": "booked", "start": "a", "end": "b", "content_hash": "x"},
+     {"status": "entered-in-error", "start": "a", "end": "b"}, "entered-in-error"),
+    ({"status": "booked", "start": "a", "end": "b", "content_hash": "x"}, {"status": "booked", "start": "c", "end": "d"},
+     "rescheduled"),
+    ({"status": "booked", "start": "a", "end": "b", "content_hash": "x"},
+     {"status": "booked", "start": "a", "end": "b", "comment": "bring your glasses"}, "modified"),
+])
+def test_what_became_of_an_appointment_is_the_siu_event(before, now, expected):
+    from hl7relay.channels.fhir_source import _digest, appointment_event
+
+    if before is not None and expected is None:
+        before = dict(before, content_hash=_digest(now))
+    assert appointment_event(before, now) == expected
+    if before is not None:  # the same version seen again says nothing
+        assert appointment_event({"status": now["status"], "start": now["start"], "end": now["end"],
+                                  "content_hash": _digest(now)}, now) is None

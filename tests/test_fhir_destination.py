@@ -393,3 +393,75 @@ def test_kill_9_during_fhir_delivery_loses_nothing_and_makes_no_duplicate(world)
     assert len(world.server.of_type("Encounter")) == count
     posts = [m for m, _, _ in world.server.requests if m == "POST"]
     assert len(posts) > count  # some Bundles went twice (sent before the kill, not recorded): no harm done
+
+
+def test_an_appointment_changed_on_the_server_is_one_s13_to_the_pms_and_our_own_write_no_echo(world):
+    """One engine, two channels: the PMS's SIU to the FHIR server, and the server's appointments
+    back to the PMS (a file destination standing for it)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from hl7relay.mllp.framing import MLLPFramer, frame
+    from test_runtime import READY, wait_for_line
+
+    folder = world.tmp_path / "site"
+    (folder / "channels").mkdir(parents=True)
+    server_url = f"https://127.0.0.1:{world.port}/fhir"
+    (folder / "channels" / "siu-in.yaml").write_text(
+        "name: siu-in\ntimezone: America/New_York\nsource: {type: mllp, port: 0}\ndestinations:\n"
+        f"  - {{name: ehr, type: fhir, url: '{server_url}', tls_ca: '{world.pki['ca']}'}}\n")
+    (folder / "channels" / "from-ehr.yaml").write_text(
+        f"name: from-ehr\nsource: {{type: fhir, url: '{server_url}', tls_ca: '{world.pki['ca']}', poll_interval: 0.2, "
+        "since: '2000-01-01T00:00:00Z', receiving_application: PMS}\n"
+        "destinations:\n  - {name: pms, type: file, directory: out}\n")
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", "--console-port", "0"],
+                              cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        startup = "".join(wait_for_line(engine, READY))
+        assert "FHIR appointments from https://127.0.0.1:" in startup
+        port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
+        with socket.create_connection(("127.0.0.1", port)) as pms:
+            pms.sendall(frame((SAMPLES / "siu_s12.hl7").read_bytes()))
+            framer, got = MLLPFramer(), []
+            while not got:
+                got = framer.feed(pms.recv(65536))
+        store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
+        spin(world.reactor, lambda: len(store.xrefs(resource_type="Appointment")) == 1, limit=30,
+             describe=lambda: str([(r[0], r[1]) for r in world.server.requests][-5:]))
+        [appointment] = world.server.of_type("Appointment")
+        polls = len([r for r in world.server.requests if r[1].startswith("/fhir/Appointment?")])
+        spin(world.reactor, lambda: len([r for r in world.server.requests if r[1].startswith("/fhir/Appointment?")])
+             >= polls + 3, limit=30)
+        out = folder / "out"
+        assert not list(out.glob("*")) if out.exists() else True  # our own write is not told back
+
+        changed = json.loads(json.dumps(appointment.resource))
+        changed.update(start="2024-01-15T11:00:00-05:00", end="2024-01-15T11:30:00-05:00")
+        changed.pop("_start", None)
+        world.server._write("PUT", f"Appointment/{changed['id']}", changed, None, {})  # a person moved it
+        spin(world.reactor, lambda: out.exists() and len(list(out.glob("*"))) == 1, limit=30)
+        [told] = list(out.glob("*"))
+        siu = Message.from_bytes(told.read_bytes())
+        assert siu.msh(9, 1) == "SIU" and siu.msh(9, 2) == "S13" and siu.get("MSH-5") == "PMS"
+        assert siu.get("SCH-11.4") == "20240115110000-0500" and siu.get("SCH-1.1") == "APT1001"
+        assert siu.get("PID-3.1") == "100234" and siu.get("AIP-3.1") == "1234567890"
+
+        cancelled = dict(world.server.resources[("Appointment", changed["id"])].resource, status="cancelled")
+        world.server._write("PUT", f"Appointment/{changed['id']}", cancelled, None, {})
+        spin(world.reactor, lambda: len(list(out.glob("*"))) == 2, limit=30)
+        events = sorted(Message.from_bytes(p.read_bytes()).msh(9, 2) for p in out.glob("*"))
+        assert events == ["S13", "S15"]
+        polls = len(world.server.requests)
+        spin(world.reactor, lambda: len(world.server.requests) >= polls + 3, limit=30)
+        assert len(list(out.glob("*"))) == 2  # told once each
+        store.close()
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        spin(world.reactor, lambda: engine.poll() is not None, limit=30)
+        output = engine.stdout.read().decode()
+        engine.stdout.close()
+    assert engine.returncode == 0, output

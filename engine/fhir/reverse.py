@@ -83,14 +83,14 @@ class Reverser:
         return self.join(name, fields)
 
     def join(self, name: str, fields: dict[int, list]) -> str:
-        d = self.d
+        rep_sep, comp_sep, sub_sep = self.d.repetition or "~", self.d.component or "^", self.d.subcomponent or "&"
         top = max(fields, default=0)
         texts = [name]
         for number in range(1, top + 1):
             reps = fields.get(number) or []
-            texts.append(d.repetition.join(_trim(d.component.join(_trim(d.subcomponent.join(_trim(sub)) for sub in rep))
-                                                  for rep in reps)) if reps else "")
-        return d.field.join(_trim(texts))
+            texts.append(rep_sep.join(_trim(comp_sep.join(_trim(sub_sep.join(_trim(sub)) for sub in rep))
+                                            for rep in reps)) if reps else "")
+        return self.d.field.join(_trim(texts))
 
     # -- values -------------------------------------------------------------------------------
     def _goes_back(self, rule: Rule) -> bool:
@@ -175,9 +175,10 @@ class Reverser:
             text = "Y" if value else "N"
         elif kind in ("date", "dateTime", "instant"):
             original = _original(owner, target)
-            text = original if original is not None else _dtm(str(value))
-            if text is None:
+            said = original if original is not None else _dtm(str(value))
+            if said is None:
                 return None
+            text = said
         elif kind == "time":
             text = str(value).replace(":", "")
         elif kind == "system":
@@ -226,7 +227,7 @@ def _coding_code(value: dict) -> str | None:
 
 def _original(owner: dict, target: tuple) -> str | None:
     """The sender's own text kept beside a value (``_start.extension``), if any."""
-    node = owner
+    node: object = owner
     for name, slot in target[:-1]:
         node = node.get(name) if isinstance(node, dict) else None
         if slot and isinstance(node, list):
@@ -283,9 +284,9 @@ def appointment_siu(reverser: Reverser, appointment: dict, resolve, event: str, 
     with an AIS, an AIP per practitioner and an AIL per location taking part. ``resolve`` finds
     a referenced resource (None when it cannot)."""
     d = reverser.d
-    msh = d.field.join(["MSH", d.component + d.repetition + d.escape + d.subcomponent, escape(sender[0], d),
+    msh = d.field.join(["MSH", d.encoding_characters, escape(sender[0], d),
                         escape(sender[1], d), escape(receiver[0], d), escape(receiver[1], d), now, "",
-                        f"SIU{d.component}{event}{d.component}SIU_S12", escape(control_id, d), "P", "2.5.1"])
+                        f"SIU^{event}^SIU_S12", escape(control_id, d), "P", "2.5.1"])
     segments = [msh, reverser.segment("SCH", "SCH[Appointment]", appointment, resolve)]
     by_kind: dict[str, list] = {"Patient": [], "Practitioner": [], "Location": []}
     booked: dict[str, dict] = {}  # one participant per actor (two AIPs for one person are one booking)

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from hl7relay.store.schema import deliveries, _D_QUEUED, AUDIT_FIELDS, _audit_row
 from hl7relay.store.records import (
     AuditUpdate, ControlUpdate, DeliveryUpdate, DestinationStateUpdate, MessageRecord, MessageUpdate, StageUpdate, StoreError,
-    MatchHoldUpdate, TokenUseUpdate, XrefUpdate, as_update, storable,
+    MatchHoldUpdate, SourceStateUpdate, TokenUseUpdate, XrefUpdate, as_update, storable,
 )
 
 
@@ -34,7 +34,7 @@ class _Rows:
     is only how it sends them (the SQLite driver directly, PostgreSQL through SQLAlchemy)."""
 
     __slots__ = ("records", "messages", "delivery_updates", "message_updates", "stage_upserts", "audit", "controls",
-                 "destination_states", "token_uses", "xrefs", "holds")
+                 "destination_states", "token_uses", "xrefs", "holds", "source_states")
 
     def __init__(self, records, updates):
         self.records = records
@@ -49,6 +49,7 @@ class _Rows:
         self.token_uses: dict[str, float] = {}  # token name -> when
         self.xrefs: dict[tuple, tuple] = {}  # (channel, destination, type, local key) -> row: the last counts
         self.holds: dict[tuple, tuple] = {}  # (channel, destination, message id) -> row
+        self.source_states: dict[tuple, tuple] = {}  # (channel, type, fhir id) -> row
         # Updates of one delivery are merged, later values over earlier ones, before they are
         # grouped by the columns they set: the groups run one after the other, so an attempt's
         # result (QUEUED, with its attempts) and the withdrawal that followed it (WITHDRAWN) in one
@@ -75,6 +76,10 @@ class _Rows:
                     update.channel, update.destination, update.connected, storable(update.error), update.at)
             elif update.__class__ is TokenUseUpdate:
                 self.token_uses[update.name] = update.at
+            elif update.__class__ is SourceStateUpdate:
+                key = (update.channel, update.resource_type, update.fhir_id)
+                self.source_states[key] = (*key, update.version_id, update.status, update.start, update.end,
+                                           update.content_hash, update.at)
             elif update.__class__ is MatchHoldUpdate:
                 key = (update.channel, update.destination, update.message_id)
                 self.holds[key] = (*key, update.local_key, storable(update.candidates), update.at)
@@ -152,6 +157,11 @@ def _sql(placeholder: str) -> dict:
                  f"VALUES ({', '.join([p] * 6)}) ON CONFLICT (channel, destination, message_id) DO UPDATE SET "
                  "local_key = excluded.local_key, candidates = excluded.candidates, held_at = excluded.held_at, "
                  "resolved_at = NULL, resolved_by = NULL, decision = NULL"),
+        "source_state": (f'INSERT INTO fhir_source_state (channel, resource_type, fhir_id, version_id, status, start, "end", '
+                         f"content_hash, seen_at) VALUES ({', '.join([p] * 9)}) "
+                         "ON CONFLICT (channel, resource_type, fhir_id) DO UPDATE SET version_id = excluded.version_id, "
+                         'status = excluded.status, start = excluded.start, "end" = excluded."end", '
+                         "content_hash = excluded.content_hash, seen_at = excluded.seen_at"),
     }
 
 
@@ -178,6 +188,8 @@ def _send_updates(execute, executemany, sql: dict, rows: _Rows) -> None:
         executemany(sql["xref"], list(rows.xrefs.values()))
     if rows.holds:
         executemany(sql["hold"], list(rows.holds.values()))
+    if rows.source_states:
+        executemany(sql["source_state"], list(rows.source_states.values()))
 
 
 def _pipeline(driver):

@@ -25,13 +25,14 @@ from hl7relay.store.messages import MessageQueries
 from hl7relay.store.secrets import SecretRows
 from hl7relay.store.records import (  # the records and updates, importable from here as before
     AuditUpdate, ControlUpdate, DeliveryRecord, DeliveryUpdate, DestinationStateUpdate, MessageRecord, MessageUpdate,
-    MatchHoldUpdate, StageUpdate, StoreError, TokenUseUpdate, XrefUpdate, as_update, delivery_content, storable,
+    MatchHoldUpdate, SourceStateUpdate, StageUpdate, StoreError, TokenUseUpdate, XrefUpdate, as_update, delivery_content, storable,
 )
 from hl7relay.store.schema import AUDIT_FIELDS, MAX_ROW_ID, MIGRATIONS, schema_version
 
 
 __all__ = ["Store", "MessageRecord", "DeliveryRecord", "DeliveryUpdate", "MessageUpdate", "StageUpdate", "AuditUpdate",
-           "ControlUpdate", "DestinationStateUpdate", "TokenUseUpdate", "XrefUpdate", "MatchHoldUpdate", "as_update", "StoreError", "MIGRATIONS",
+           "ControlUpdate", "DestinationStateUpdate", "TokenUseUpdate", "XrefUpdate", "MatchHoldUpdate", "SourceStateUpdate", "as_update", "StoreError",
+           "MIGRATIONS",
            "open_store", "delivery_content", "storable",
            "sqlite_path", "readable_by_others", "AUDIT_FIELDS", "MAX_ROW_ID"]
 

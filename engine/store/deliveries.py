@@ -129,3 +129,11 @@ class XrefQueries:
             if done:
                 connection.execute(audit_log.insert().values(**_audit_row(audit)))
             return bool(done)
+
+    def source_states(self, channel: str, resource_type: str) -> dict[str, dict]:
+        """A fhir source's memory: fhir_id -> its last row ("" -> the cursor row)."""
+        from hl7relay.store.schema import fhir_source_state as state
+
+        query = sa.select(state).where(state.c.channel == channel, state.c.resource_type == resource_type)
+        with self.engine.connect() as connection:
+            return {r["fhir_id"]: dict(r) for r in connection.execute(query).mappings()}

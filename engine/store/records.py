@@ -179,14 +179,29 @@ class MatchHoldUpdate:
     at: float
 
 
+@dataclass(slots=True)
+class SourceStateUpdate:
+    """What a fhir source last saw of a resource (fhir_id "": its cursor, in version_id)."""
+
+    channel: str
+    resource_type: str
+    fhir_id: str
+    version_id: str
+    status: str
+    start: str
+    end: str
+    content_hash: str
+    at: float
+
+
 Update = (DeliveryUpdate | MessageUpdate | StageUpdate | AuditUpdate | ControlUpdate | DestinationStateUpdate
-          | TokenUseUpdate | XrefUpdate | MatchHoldUpdate)
+          | TokenUseUpdate | XrefUpdate | MatchHoldUpdate | SourceStateUpdate)
 
 
 def as_update(update) -> Update:
     """A typed update; the older ``(kind, key, values)`` tuples are still accepted."""
     if isinstance(update, (DeliveryUpdate, MessageUpdate, StageUpdate, AuditUpdate, ControlUpdate, DestinationStateUpdate,
-                           TokenUseUpdate, XrefUpdate, MatchHoldUpdate)):
+                           TokenUseUpdate, XrefUpdate, MatchHoldUpdate, SourceStateUpdate)):
         return update
     kind, key, values = update
     if kind == "delivery":

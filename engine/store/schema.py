@@ -186,6 +186,22 @@ fhir_match_holds = sa.Table(
     sa.Column("decision", sa.String(64), nullable=True),  # the chosen Patient's id, or "new"
 )
 
+# FHIR source: the last version of each resource a fhir source saw, what it told the PMS about it
+# (status, start, end, a hash of the rest), and, in the row with fhir_id "", its polling cursor
+# (_lastUpdated of the last resource it finished with), so a restart resumes where it stopped.
+fhir_source_state = sa.Table(
+    "fhir_source_state", metadata,
+    sa.Column("channel", sa.String(200), primary_key=True),
+    sa.Column("resource_type", sa.String(64), primary_key=True),
+    sa.Column("fhir_id", sa.String(64), primary_key=True),
+    sa.Column("version_id", sa.String(64), nullable=False, default=""),
+    sa.Column("status", sa.String(40), nullable=False, default=""),
+    sa.Column("start", sa.String(40), nullable=False, default=""),
+    sa.Column("end", sa.String(40), nullable=False, default=""),
+    sa.Column("content_hash", sa.String(64), nullable=False, default=""),
+    sa.Column("seen_at", sa.Float, nullable=False),
+)
+
 # What operators switched at run time (a channel disabled, a destination paused): survives restarts.
 control_state = sa.Table(
     "control_state", metadata,
@@ -320,4 +336,6 @@ MIGRATIONS = [
      lambda connection: fhir_xref.create(connection, checkfirst=True)),
     (13, "FHIR: messages held for a person to match their patient",
      lambda connection: fhir_match_holds.create(connection, checkfirst=True)),
+    (14, "FHIR: what a fhir source last saw of each resource, and its cursor",
+     lambda connection: fhir_source_state.create(connection, checkfirst=True)),
 ]
