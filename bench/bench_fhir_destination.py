@@ -16,7 +16,6 @@ Printed: deliveries a second and CPU per delivery (best of --repeat), and fhir's
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
