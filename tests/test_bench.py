@@ -135,3 +135,16 @@ def test_bench_transformers_compares_the_same_edits():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert [line.split()[:2] for line in result.stdout.splitlines()[1:]] == [["map", "3"], ["set", "3"], ["upper", "3"]]
+
+
+def test_bench_fhir_measures_each_message_with_and_without_the_conversion():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_fhir.py")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["ADT_A01", "SIU_S12", "ORU_R01"]
+
+
+def test_bench_fhir_destination_sends_every_bundle_both_ways():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_fhir_destination.py"), "--messages", "40", "--repeat", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr  # (it asserts every Patient cross-referenced)
+    assert "fhir / http:" in result.stdout
