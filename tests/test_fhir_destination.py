@@ -465,3 +465,86 @@ def test_an_appointment_changed_on_the_server_is_one_s13_to_the_pms_and_our_own_
         output = engine.stdout.read().decode()
         engine.stdout.close()
     assert engine.returncode == 0, output
+
+
+def test_the_console_shows_what_is_held_for_matching_and_an_operator_resolves_it(world):
+    """The console's Held for matching page: candidates masked for everyone, shown to a person with
+    the PHI permission who says why (audited); an operator picks the patient; the engine sends it."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from hl7relay.mllp.framing import MLLPFramer, frame
+    from hl7relay.ops.auth import hash_password
+    from test_console import PASSWORD, Browser
+    from test_runtime import READY, wait_for_line
+
+    _someone(world.server, "a", "urn:hospital", "H-1")
+    _someone(world.server, "b", "urn:other", "O-2")
+    folder = world.tmp_path / "site"
+    (folder / "channels").mkdir(parents=True)
+    (folder / "channels" / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\ndestinations:\n"
+        f"  - {{name: ehr, type: fhir, url: 'https://127.0.0.1:{world.port}/fhir', tls_ca: '{world.pki['ca']}', "
+        f"{MATCH}}}\n")
+    (folder / "data").mkdir()
+    users = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
+    users.migrate()
+    for name, role in (("admin", "admin"), ("viewer", "viewer"), ("op", "operator")):
+        users.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
+    users.close()
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", "--console-port", "auto"],
+                              cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def call(fn, *args):
+        out = []
+        worker = threading.Thread(target=lambda: out.append(fn(*args)))
+        worker.start()
+        spin(world.reactor, lambda: not worker.is_alive(), limit=60)
+        return out[0]
+
+    try:
+        startup = "".join(wait_for_line(engine, READY))
+        port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
+        console = re.search(r"console: (https?://[^/\s]+)/", startup).group(1)
+        with socket.create_connection(("127.0.0.1", port)) as pms:
+            pms.sendall(frame((SAMPLES / "adt_a01.hl7").read_bytes()))
+            framer, got = MLLPFramer(), []
+            while not got:
+                got = framer.feed(pms.recv(65536))
+        store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
+        spin(world.reactor, lambda: len(store.match_holds()) == 1, limit=30)
+        viewer, operator, admin = Browser(console), Browser(console), Browser(console)
+        for browser, name in ((viewer, "viewer"), (operator, "op"), (admin, "admin")):
+            assert call(browser.login, name)[0] == 303
+        status, _, page = call(viewer.get, "/matching")
+        assert status == 200 and 'id="held-1-ehr"' in page and "Patient/a" in page and "JANE" not in page
+        assert "Send it to this patient" not in page  # a viewer sees, an operator resolves
+        assert call(viewer.post, "/matching/1/resolve", {"patient": "b", "reason": "x", "destination": "ehr"})[0] == 403
+        assert call(operator.post, "/matching/show", {"reason": "to check"})[0] == 403  # no PHI permission
+        assert call(admin.post, "/matching/show", {"reason": ""})[0] == 400
+        status, _, page = call(admin.post, "/matching/show", {"reason": "ticket 4411"})
+        assert status == 200 and "JANE DOE" in page and "1980-04-12" in page
+        [viewed] = store.audit_entries(action="phi.view")
+        assert viewed["actor"] == "user:admin" and viewed["reason"] == "ticket 4411"
+        status, _, page = call(operator.post, "/matching/1/resolve", {"patient": "zzz", "reason": "x", "destination": "ehr"})
+        assert status == 400 and "not one of the candidates" in page
+        status, _, page = call(operator.post, "/matching/1/resolve", {"patient": "b", "reason": "same phone",
+                                                                      "destination": "ehr"})
+        assert status == 200 and "sent again as 2 to ehr for Patient/b" in page, page
+        spin(world.reactor, lambda: world.server.resources[("Patient", "b")].version == 2, limit=30)
+        assert len(world.server.of_type("Patient")) == 2
+        [resolved] = store.audit_entries(action="fhir.match.resolve")
+        assert resolved["actor"] == "user:op" and resolved["reason"] == "same phone"
+        store.close()
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        spin(world.reactor, lambda: engine.poll() is not None, limit=30)
+        output = engine.stdout.read().decode()
+        engine.stdout.close()
+    assert engine.returncode == 0, output

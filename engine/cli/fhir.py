@@ -79,21 +79,13 @@ def run(args) -> int:
 
 def _holds(args) -> int:
     from hl7relay.cli._support import format_time, open_store_from_args, phi_permitted
-    from hl7relay.ops.phi import MASK
+    from hl7relay.ops.matching import held
 
     store, _ = open_store_from_args(args)
     try:
         if not phi_permitted(args, store, "fhir holds"):
             return 2
-        rows = store.match_holds()
-        shown = []
-        for row in rows:
-            candidates = json.loads(row["candidates"])
-            if not args.show_phi:
-                candidates = [{"id": c.get("id"), "name": MASK, "birthDate": MASK, "gender": c.get("gender"),
-                               "identifiers": [MASK for _ in c.get("identifiers") or ()]} for c in candidates]
-            shown.append({**{k: row[k] for k in ("channel", "destination", "message_id", "held_at")},
-                          "candidates": candidates})
+        shown = held(store, args.show_phi)
         if args.format == "json":
             print(json.dumps(shown, indent=2))
             return 0
@@ -111,70 +103,24 @@ def _holds(args) -> int:
 
 
 def _resolve(args) -> int:
-    import time
-
     from hl7relay.channels import load_channels
-    from hl7relay.channels.fhir_destination import with_patient
     from hl7relay.cli._support import open_store_from_args
     from hl7relay.ops.auth import cli_audit
-    from hl7relay.ops.replay import commit_replay, plan_replay
+    from hl7relay.ops.matching import ResolveError, resolve_hold
 
-    reason = args.reason.strip()
-    if not reason:
-        print("hl7relay fhir resolve: --reason says why (written to the audit log)", file=sys.stderr)
-        return 2
     store, settings = open_store_from_args(args)
     try:
-        holds = store.match_holds(message_id=args.message_id, destination=args.destination)
-        if not holds:
-            print(f"hl7relay fhir resolve: message {args.message_id} is not held for matching"
-                  + (f" for {args.destination}" if args.destination else "") + " (hl7relay fhir holds lists them)",
-                  file=sys.stderr)
-            return 1
-        if len(holds) > 1:
-            print(f"hl7relay fhir resolve: message {args.message_id} is held for "
-                  f"{', '.join(h['destination'] for h in holds)}: say which with --destination", file=sys.stderr)
-            return 2
-        [hold] = holds
-        candidates = {str(c.get("id")): c for c in json.loads(hold["candidates"])}
-        if args.patient is not None and args.patient not in candidates:
-            print(f"hl7relay fhir resolve: Patient/{args.patient} is not one of the candidates "
-                  f"({', '.join('Patient/' + i for i in sorted(candidates))})", file=sys.stderr)
-            return 2
         channels, errors = load_channels(settings["channels"])
         if errors:
             print("hl7relay fhir resolve: the channel files do not load (hl7relay lint says why)", file=sys.stderr)
             return 1
-        by_name = {c.name: c for c in channels}
-        plan = plan_replay(store, by_name, args.message_id, {hold["destination"]}, force=True)
-        if plan.skipped or hold["destination"] not in plan.outputs:
-            print(f"hl7relay fhir resolve: message {args.message_id} cannot be sent again: {plan.skipped or 'no output'}",
-                  file=sys.stderr)
-            return 1
-        bundle = json.loads(plan.outputs[hold["destination"]])
-        entry = next((e for e in bundle.get("entry") or () if (e.get("resource") or {}).get("resourceType") == "Patient"
-                      and str(e.get("fullUrl", "")).removeprefix("urn:uuid:") == hold["local_key"]), None)
-        if entry is None:
-            print(f"hl7relay fhir resolve: message {args.message_id} no longer makes that patient", file=sys.stderr)
-            return 1
-        if args.new:
-            decision = "new"
-            server_id = hold["local_key"]  # created under our own id: never one of the candidates
-            existing = None
-        else:
-            decision = server_id = args.patient
-            existing = {"identifier": [dict(zip(("system", "value"), i.split("|", 1)))
-                                       for i in candidates[args.patient].get("identifiers") or () if "|" in i]}
-        plan.outputs[hold["destination"]] = json.dumps(with_patient(bundle, entry, server_id, existing)).encode()
-        actor = cli_audit("fhir.match.resolve")["actor"]
-        target = f"message {args.message_id}"
-        detail = f"{hold['channel']} -> {hold['destination']}: " + ("a new patient" if args.new else f"Patient/{args.patient}")
-        replay_id = commit_replay(store, by_name, plan, f"fhir resolve: {reason}", actor,
-                                  audit=cli_audit("replay", target, reason=f"fhir resolve: {reason}"))
-        store.resolve_match_hold(hold["channel"], hold["destination"], args.message_id, decision, actor, time.time(),
-                                 cli_audit("fhir.match.resolve", target, reason=reason,
-                                           detail=f"{detail}; replay {replay_id}"))
-        print(f"message {args.message_id}: sent again as {replay_id} to {hold['destination']} for {detail.split(': ', 1)[1]}")
+        try:
+            _, done = resolve_hold(store, {c.name: c for c in channels}, args.message_id, args.destination,
+                                   args.patient, args.new, args.reason, cli_audit("fhir.match.resolve"))
+        except ResolveError as exc:
+            print(f"hl7relay fhir resolve: {exc}", file=sys.stderr)
+            return 2 if exc.usage else 1
+        print(f"message {args.message_id}: {done}")
         return 0
     finally:
         store.close()

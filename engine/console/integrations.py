@@ -65,3 +65,51 @@ class IntegrationPages(ConsoleBase):
         yield self._audit(dict(self._action(request, session, "credential.check", name),
                                detail="; ".join(f"{s.name} {s.status}" for s in steps)))
         return self._credentials_page(request, session, steps, name)
+
+    # -- FHIR: messages held for matching -----------------------------------------------------------
+    @app.route("/matching", methods=["GET"])
+    @page("read")
+    def matching(self, request, session):
+        """Messages whose patient matched several on the FHIR server: the candidates (masked
+        unless a person with the PHI permission shows them, with a reason), resolved by an operator."""
+        return self._matching_page(request, session, False)
+
+    @defer.inlineCallbacks
+    def _matching_page(self, request, session, show_phi: bool, said: str = "", status: int = 200):
+        from hl7relay.ops.matching import held
+
+        rows = yield self.support.run(lambda store: held(store, show_phi))
+        return self._render("matching.html", request, status, session=session, active="matching", rows=rows,
+                            shown=show_phi, said=said)
+
+    @app.route("/matching/show", methods=["POST"])
+    @page("phi", post=True)
+    @defer.inlineCallbacks
+    def matching_show(self, request, session):
+        reason = self._field(request, "reason").strip()
+        if not reason:
+            raise HTTPError(400, "say why the candidates' names are shown (the reason goes to the audit log)")
+        yield self._audit(self._action(request, session, "phi.view", "held for matching"))
+        page = yield self._matching_page(request, session, True)
+        return page
+
+    @app.route("/matching/<int:message_id>/resolve", methods=["POST"])
+    @page("replay", post=True)
+    @defer.inlineCallbacks
+    def matching_resolve(self, request, session, message_id):
+        from hl7relay.ops.matching import ResolveError, resolve_hold
+
+        choice = self._field(request, "patient")
+        destination = self._field(request, "destination") or None
+        reason = self._field(request, "reason").strip()
+        channels = self.controls.channels()
+        audit = self._action(request, session, "fhir.match.resolve", f"message {message_id}")
+        try:
+            _, done = yield self.support.run(lambda store: resolve_hold(
+                store, channels, message_id, destination, None if choice == "new" else (choice or None),
+                choice == "new", reason, audit))
+        except ResolveError as exc:
+            page = yield self._matching_page(request, session, False, str(exc), 400 if exc.usage else 409)
+            return page
+        page = yield self._matching_page(request, session, False, f"message {message_id}: {done}")
+        return page
