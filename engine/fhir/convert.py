@@ -348,26 +348,20 @@ class _Run:
         try:
             leaf = element.level >= 2
             parts = [element.text] if leaf else element.parts()
-            count = len(parts)
             level, seps = element.level + 1, element.seps
-            for rule in element_map.rules:
-                number = rule.number
-                if number:
-                    if number > count:
+            index = element_map.by_number()
+            present = [(0, element)] if 0 in index else []
+            present += [(n, element if leaf else _Element(text, level, seps)) for n, text in enumerate(parts, start=1)
+                        if text and text != '""' and n in index]
+            for number, part in present:
+                for rule in index[number]:
+                    if rule.when is not None and not self.holds(rule.when):
                         continue
-                    text = parts[number - 1]
-                    if not text or text == '""':
-                        continue
-                    part = element if leaf else _Element(text, level, seps)
-                else:
-                    part = element
-                if rule.when is not None and not self.holds(rule.when):
-                    continue
-                value = self.produce(rule, part, f"{where}.{rule.number}" if rule.number else where)
-                if value is not None:
-                    _write(node, rule.target, value, ())
-                    if self.original_time is not None and rule.target[-1][0] != "$value":
-                        self.keep_original(node, rule.target, ())
+                    value = self.produce(rule, part, f"{where}.{number}" if number else where)
+                    if value is not None:
+                        _write(node, rule.target, value, ())
+                        if self.original_time is not None and rule.target[-1][0] != "$value":
+                            self.keep_original(node, rule.target, ())
         finally:
             self.datatype, self.element = saved
         value = _finish(node)
@@ -393,34 +387,39 @@ class _Run:
         return found
 
     def apply_segment(self, segment_map: ElementMap, node: dict, occurrence: int) -> None:
+        """The segment map's rules on the fields the segment has (a field it lacks costs nothing)."""
         fields = self.fields
-        for rule in segment_map.rules:
-            if rule.number == 0:
-                repetitions = [""]
-            else:
-                if rule.number >= len(fields) or not fields[rule.number]:
+        index = segment_map.by_number()
+        for rule in index.get(0, ()):
+            self._apply(rule, node, occurrence, 0, [""])
+        for number in range(1, len(fields)):
+            rules = index.get(number)
+            if rules is None or not fields[number]:
+                continue
+            repetitions, _ = self._field(self.segment, number)
+            for rule in rules:
+                self._apply(rule, node, occurrence, number,
+                            repetitions if any(step[1] for step in rule.target) else repetitions[:1])
+
+    def _apply(self, rule: Rule, node: dict, occurrence: int, number: int, repetitions: list) -> None:
+        for index, raw in enumerate(repetitions):
+            if number and (not raw or raw == '""'):
+                continue
+            self.field_number = number
+            self.repetition = _Element(raw, 0, self.seps) if number else None
+            try:
+                if rule.when is not None and not self.holds(rule.when):
                     continue
-                repetitions, _ = self._field(self.segment, rule.number)
-                if not any(step[1] for step in rule.target):
-                    repetitions = repetitions[:1]
-            for index, raw in enumerate(repetitions):
-                if rule.number and (not raw or raw == '""'):
-                    continue
-                self.field_number = rule.number
-                self.repetition = _Element(raw, 0, self.seps) if rule.number else None
-                try:
-                    if rule.when is not None and not self.holds(rule.when):
-                        continue
-                    where = f"{self.segment}-{rule.number}" if rule.number else self.segment
-                    element = self.repetition if self.repetition is not None else _Element("", 0, self.seps)
-                    self.original_time = None
-                    value = self.produce(rule, element, where)
-                finally:
-                    self.field_number, self.repetition = 0, None
-                if value is not None:
-                    _write(node, rule.target, value, (occurrence, index))
-                    if self.original_time is not None:
-                        self.keep_original(node, rule.target, (occurrence, index))
+                where = f"{self.segment}-{number}" if number else self.segment
+                element = self.repetition if self.repetition is not None else _Element("", 0, self.seps)
+                self.original_time = None
+                value = self.produce(rule, element, where)
+            finally:
+                self.field_number, self.repetition = 0, None
+            if value is not None:
+                _write(node, rule.target, value, (occurrence, index))
+                if self.original_time is not None:
+                    self.keep_original(node, rule.target, (occurrence, index))
 
     def keep_original(self, node: dict, target: tuple, key: tuple) -> None:
         """A time given without an offset keeps its HL7 text beside the FHIR value (which carries

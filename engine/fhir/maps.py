@@ -103,6 +103,16 @@ class ElementMap:
     rules: list
     resource: str = ""  # segment maps: the resource type; data type maps: set when it is a resource
     mark: Mark | None = None
+    _by_number: dict | None = field(default=None, repr=False, compare=False)
+
+    def by_number(self) -> dict[int, list]:
+        """The rules by field (or component) number, each number's in their order; 0: the whole."""
+        if self._by_number is None:
+            index: dict[int, list] = {}
+            for rule in self.rules:
+                index.setdefault(rule.number, []).append(rule)
+            self._by_number = index
+        return self._by_number
 
 
 @dataclass(frozen=True, slots=True)
