@@ -548,3 +548,28 @@ def test_the_console_shows_what_is_held_for_matching_and_an_operator_resolves_it
         output = engine.stdout.read().decode()
         engine.stdout.close()
     assert engine.returncode == 0, output
+
+
+def test_if_match_never_overwrites_a_change_made_on_the_server_since_our_write(world):
+    channel = world.channel("if_match: true")
+    siu = (SAMPLES / "siu_s12.hl7").read_bytes()
+    world.send(channel, siu)
+    world.settle(1)
+    spin(world.reactor, lambda: len(world.store.xrefs(resource_type="Appointment")) == 1)
+    world.send(channel, siu.replace(b"|MSG00005|", b"|MSG00006|").replace(b"SIU^S12", b"SIU^S14"))
+    world.settle(2)  # the version we wrote is still there: updated, by its id, If-Match
+    [appointment] = world.server.of_type("Appointment")
+    assert appointment.version == 2
+    method, path, body = world.server.requests[-1]
+    entry = next(e for e in json.loads(body)["entry"] if e["resource"]["resourceType"] == "Appointment")
+    assert entry["request"] == {"method": "PUT", "url": f"Appointment/{appointment.resource['id']}", "ifMatch": 'W/"1"'}
+    spin(world.reactor, lambda: world.store.xrefs(resource_type="Appointment")[0]["version_id"] == "2")
+
+    edited = dict(appointment.resource, comment="moved to room 4 by the front desk")
+    world.server._write("PUT", f"Appointment/{appointment.resource['id']}", edited, None, {})  # version 3, not ours
+    world.send(channel, siu.replace(b"|MSG00005|", b"|MSG00007|").replace(b"SIU^S12", b"SIU^S14"))
+    world.settle(1, "ERROR")
+    failed = [d for d in world.deliveries() if d["status"] == "ERROR"]
+    assert len(failed) == 1 and failed[0]["last_error"].startswith("HTTP 412: conflict:"), failed
+    kept = world.server.resources[("Appointment", appointment.resource["id"])]
+    assert kept.version == 3 and kept.resource["comment"] == "moved to room 4 by the front desk"  # not overwritten

@@ -314,9 +314,11 @@ class _Loader:
             type_name, config = self.typed("destination", item, path, reserved=("name", "filters", "transformers"))
             rule = self.rule(item["filters"], path + ("filters",)) if item.get("filters") is not None else None
             steps = self.steps("transformer", item.get("transformers"), path + ("transformers",))
-            if type_name == "fhir" and config is not None and steps is not None and \
-                    not (steps and getattr(steps[-1], "converts", False)):
-                steps = [*steps, config.step]  # its own conversion, last
+            if type_name == "fhir" and config is not None:
+                # whose cross-references it reads (if_match): its own channel's and name's
+                config.owner = (str(self.doc.data.get("name", "")).strip(), str(name))
+                if steps is not None and not (steps and getattr(steps[-1], "converts", False)):
+                    steps = [*steps, config.step]  # its own conversion, last
             for j, step in enumerate(steps or []):
                 if not getattr(step, "converts", False):
                     continue

@@ -44,6 +44,8 @@ class FHIRDestinationConfig(HTTPDestinationConfig):
     step: object = None  # the fhir transformer that makes its Bundle
     base_url: str = ""
     match: dict | None = None  # {identifiers, fallback, on_ambiguous}
+    if_match: bool = False  # update what we wrote before only if it is still the version we wrote
+    owner: tuple = ("", "")  # (channel, destination): set by the channel loader
 
 
 def _options():
@@ -59,6 +61,8 @@ def _options():
         Option("map", "str", "", "the message map (default: chosen by MSH-9)"),
         Option("maps", "str", None, "a map file adding to or replacing the shipped maps (relative to the channel file)"),
         Option("timezone", "str", None, "for HL7 times without an offset (default: the channel's timezone)"),
+        Option("if_match", "bool", False, "update a resource this destination wrote before only if the server still "
+               "has the version it wrote (If-Match); someone else's change since is a conflict for a person"),
         Option("match", "section", None, "find the patient on the server before sending: {identifiers: [SYSTEM], "
                "fallback: [family, given, birthDate, gender], on_ambiguous: hold}", section=_MATCH),
     ]
@@ -75,7 +79,7 @@ def build(options, context=None) -> FHIRDestinationConfig:
     target = base + "/$process-message" if bundle == "message" else base
     http_options = {**options, "url": target, "method": "POST", "body": None, "content_type": FHIR_JSON,
                     "success_when": None, "idempotency_header": None}
-    for name in ("bundle", "map", "maps", "timezone", "match"):
+    for name in ("bundle", "map", "maps", "timezone", "match", "if_match"):
         http_options.pop(name, None)
     match = options.get("match")
     if match is not None:
@@ -88,7 +92,9 @@ def build(options, context=None) -> FHIRDestinationConfig:
     step = fhir_step({"map": options["map"], "bundle": "batch" if bundle == "batch" else bundle,
                       "maps": options["maps"], "timezone": options["timezone"]}, context)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    return FHIRDestinationConfig(**fields, step=step, base_url=base, match=match)
+    if options["if_match"] and bundle == "message":
+        raise ValueError("if_match: works on transaction and batch bundles (a message bundle has no requests)")
+    return FHIRDestinationConfig(**fields, step=step, base_url=base, match=match, if_match=options["if_match"])
 
 
 register("destination", "fhir", "send each message to a FHIR R4 server as a Bundle (HL7 v2 converted by the maps)",
@@ -182,13 +188,36 @@ class FHIRDelivery(HTTPDelivery):
                 return dataclasses.replace(result, records=records)
             return result
 
-        if self.config.match is not None and isinstance(message, FHIRContent):
-            d = self._matched(message)
+        if isinstance(message, FHIRContent) and (self.config.match is not None or self.config.if_match):
+            d = self._matched(message) if self.config.match is not None else defer.succeed(message)
+            if self.config.if_match:
+                d.addCallback(lambda found: found if isinstance(found, DeliveryResult) else self._if_match(found))
             d.addCallback(lambda found: found if isinstance(found, DeliveryResult)
                           else HTTPDelivery.deliver(self, found, message_id))
         else:
             d = super().deliver(message, message_id)
         return d.addCallback(stamped)
+
+    @defer.inlineCallbacks
+    def _if_match(self, content: FHIRContent):
+        """Each resource this destination wrote before goes to the id the server gave it, only if
+        the server still has the version we wrote (If-Match): a change made there since is a 412,
+        a conflict for a person, never overwritten."""
+        writer = self.resources.writer
+        channel, destination = self.config.owner
+        rows = yield writer.read(writer.store.xrefs, channel, destination)
+        known = {(r["resource_type"], r["local_key"]): r for r in rows}
+        bundle = content.json()
+        entries = []
+        for entry in bundle.get("entry") or ():
+            resource = entry.get("resource") or {}
+            row = known.get((resource.get("resourceType"), str(entry.get("fullUrl", "")).removeprefix("urn:uuid:")))
+            if row is not None and row["version_id"]:
+                entry = dict(entry, resource=dict(resource, id=row["fhir_id"]),
+                             request={"method": "PUT", "url": f"{row['resource_type']}/{row['fhir_id']}",
+                                      "ifMatch": f'W/"{row["version_id"]}"'})
+            entries.append(entry)
+        return FHIRContent.from_json(dict(bundle, entry=entries), content.problems)
 
     # -- patient matching ---------------------------------------------------------------------
     @defer.inlineCallbacks
