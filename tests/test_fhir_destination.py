@@ -573,3 +573,19 @@ def test_if_match_never_overwrites_a_change_made_on_the_server_since_our_write(w
     assert len(failed) == 1 and failed[0]["last_error"].startswith("HTTP 412: conflict:"), failed
     kept = world.server.resources[("Appointment", appointment.resource["id"])]
     assert kept.version == 3 and kept.resource["comment"] == "moved to room 4 by the front desk"  # not overwritten
+
+
+def test_a_stored_bundle_is_shown_masked_in_the_message_view(world):
+    from hl7relay.ops.support import message_view
+
+    channel = world.channel()
+    world.send(channel, (SAMPLES / "adt_a01.hl7").read_bytes())
+    world.settle(1)
+    stored = world.store.get_message(1)
+    assert b'"resourceType":"Bundle"' in stored["stages"]["destination:ehr"]  # the Bundle sent is what is kept
+    shown = message_view(stored, False)
+    bundle = shown["stages"]["destination:ehr"]
+    assert '"resourceType": "Patient"' in bundle and "Patient?identifier=***" in bundle
+    for value in ("DOE", "JANE", "1980-04-12", "100234", "MAIN ST"):
+        assert value not in bundle, value
+    assert "DOE" in message_view(stored, True)["stages"]["destination:ehr"]  # shown to whoever may see it
