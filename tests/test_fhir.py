@@ -526,3 +526,24 @@ def test_what_became_of_an_appointment_is_the_siu_event(before, now, expected):
     if before is not None:  # the same version seen again says nothing
         assert appointment_event({"status": now["status"], "start": now["start"], "end": now["end"],
                                   "content_hash": _digest(now)}, now) is None
+
+
+def test_the_fhir_source_never_follows_a_reference_to_another_server():
+    """Its credentials go to its own server only: an absolute reference elsewhere is not fetched."""
+    import asyncio
+
+    from hl7relay.channels.fhir_source import FHIRSource, FHIRSourceConfig
+
+    class Running:
+        class resources:
+            reactor = None
+
+        class channel:
+            name = "from-ehr"
+
+    source = FHIRSource(FHIRSourceConfig("https://fhir.example/r4", None, None, 60, "", 10, ("", ""), ("", "")),
+                        Running())
+    with pytest.raises(RuntimeError, match="is not on https://fhir.example/r4: not followed"):
+        asyncio.run(source._get("https://elsewhere.example/r4/Patient/1"))
+    with pytest.raises(RuntimeError, match="not followed"):
+        asyncio.run(source._get("https://fhir.example/r4evil/Patient/1"))

@@ -170,7 +170,10 @@ class FHIRSource(Source):
         from hl7relay.apiclient.http import HTTPFailure
 
         headers = {"Accept": "application/fhir+json", "User-Agent": "hl7relay"}
-        url = path if path.startswith("http") else f"{self.config.base_url}/{path}"
+        url = path if path.startswith(("http://", "https://")) else f"{self.config.base_url}/{path}"
+        if not url.startswith(self.config.base_url + "/"):
+            # a reference to another server: our credentials never go there
+            raise RuntimeError(f"{url.split('?')[0]} is not on {self.config.base_url}: not followed")
         if self.authorizer is not None:
             authorization = await self.authorizer.authorize()
             headers.update(authorization.headers)
