@@ -5,7 +5,12 @@ queue's retries; the channel is loaded from YAML and the queue runs over a real 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -330,6 +335,38 @@ def test_no_patient_found_is_a_new_one(world):
     assert len(world.server.of_type("Patient")) == 2
 
 
+def _mllp_send(port: int, data: bytes) -> bytes:
+    """One message over MLLP, its ACK back."""
+    import socket
+
+    from hl7relay.mllp.framing import MLLPFramer, frame
+
+    with socket.create_connection(("127.0.0.1", port)) as pms:
+        pms.sendall(frame(data))
+        framer, got = MLLPFramer(), []
+        while not got:
+            got = framer.feed(pms.recv(65536))
+    return got[0].payload
+
+
+@contextlib.contextmanager
+def _engine(world, folder, *arguments):
+    """``hl7relay run`` in ``folder`` while this test's reactor serves the FHIR server: its startup
+    lines; stopped with SIGTERM after, and it must stop cleanly."""
+    from test_runtime import READY, wait_for_line
+
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", *arguments], cwd=folder,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        yield "".join(wait_for_line(engine, READY))
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        spin(world.reactor, lambda: engine.poll() is not None, limit=30)
+        output = engine.stdout.read().decode()
+        engine.stdout.close()
+    assert engine.returncode == 0, output
+
+
 ADT = ("MSH|^~\\&|PMS|CLINIC|EHR|HOSP|20240105093512||ADT^A04^ADT_A01|K{n}|P|2.5.1\r"
        "PID|1||P{n}^^^CLINIC^MR||DOE^JANE{n}||19800412|F\rPV1|1|O|CLINIC^EXAM3^1^CLINIC||||||||||||||||V{n}^^^CLINIC^VN\r")
 
@@ -339,11 +376,9 @@ def test_kill_9_during_fhir_delivery_loses_nothing_and_makes_no_duplicate(world)
     recorded as sent again; conditional updates make the resends change nothing twice."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
-    from hl7relay.mllp.framing import MLLPFramer, frame
     from test_runtime import READY, wait_for_line
 
     folder = world.tmp_path / "site"
@@ -364,13 +399,8 @@ def test_kill_9_during_fhir_delivery_loses_nothing_and_makes_no_duplicate(world)
     engine, port = start()
     count = 30
     try:
-        with socket.create_connection(("127.0.0.1", port)) as pms:
-            for n in range(count):
-                pms.sendall(frame(ADT.format(n=n).encode()))
-                framer, got = MLLPFramer(), []
-                while not got:
-                    got = framer.feed(pms.recv(65536))
-                assert b"MSA|AA" in got[0].payload
+        for n in range(count):
+            assert b"MSA|AA" in _mllp_send(port, ADT.format(n=n).encode())
         spin(world.reactor, lambda: len(world.server.requests) >= 4, limit=30)
         engine.send_signal(signal.SIGKILL)  # Bundles in flight, results not recorded
         engine.wait()
@@ -398,15 +428,6 @@ def test_kill_9_during_fhir_delivery_loses_nothing_and_makes_no_duplicate(world)
 def test_an_appointment_changed_on_the_server_is_one_s13_to_the_pms_and_our_own_write_no_echo(world):
     """One engine, two channels: the PMS's SIU to the FHIR server, and the server's appointments
     back to the PMS (a file destination standing for it)."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    from hl7relay.mllp.framing import MLLPFramer, frame
-    from test_runtime import READY, wait_for_line
-
     folder = world.tmp_path / "site"
     (folder / "channels").mkdir(parents=True)
     server_url = f"https://127.0.0.1:{world.port}/fhir"
@@ -417,18 +438,10 @@ def test_an_appointment_changed_on_the_server_is_one_s13_to_the_pms_and_our_own_
         f"name: from-ehr\nsource: {{type: fhir, url: '{server_url}', tls_ca: '{world.pki['ca']}', poll_interval: 0.2, "
         "since: '2000-01-01T00:00:00Z', receiving_application: PMS}\n"
         "destinations:\n  - {name: pms, type: file, directory: out}\n")
-    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", "--console-port", "0"],
-                              cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        startup = "".join(wait_for_line(engine, READY))
+    with _engine(world, folder, "--console-port", "0") as startup:
         assert "FHIR appointments from https://127.0.0.1:" in startup
         port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
-        with socket.create_connection(("127.0.0.1", port)) as pms:
-            pms.sendall(frame((SAMPLES / "siu_s12.hl7").read_bytes()))
-            framer, got = MLLPFramer(), []
-            while not got:
-                got = framer.feed(pms.recv(65536))
+        _mllp_send(port, (SAMPLES / "siu_s12.hl7").read_bytes())
         store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
         spin(world.reactor, lambda: len(store.xrefs(resource_type="Appointment")) == 1, limit=30,
              describe=lambda: str([(r[0], r[1]) for r in world.server.requests][-5:]))
@@ -437,7 +450,7 @@ def test_an_appointment_changed_on_the_server_is_one_s13_to_the_pms_and_our_own_
         spin(world.reactor, lambda: len([r for r in world.server.requests if r[1].startswith("/fhir/Appointment?")])
              >= polls + 3, limit=30)
         out = folder / "out"
-        assert not list(out.glob("*")) if out.exists() else True  # our own write is not told back
+        assert not out.exists() or not list(out.glob("*"))  # our own write is not told back
 
         changed = json.loads(json.dumps(appointment.resource))
         changed.update(start="2024-01-15T11:00:00-05:00", end="2024-01-15T11:30:00-05:00")
@@ -459,29 +472,16 @@ def test_an_appointment_changed_on_the_server_is_one_s13_to_the_pms_and_our_own_
         spin(world.reactor, lambda: len(world.server.requests) >= polls + 3, limit=30)
         assert len(list(out.glob("*"))) == 2  # told once each
         store.close()
-    finally:
-        engine.send_signal(signal.SIGTERM)
-        spin(world.reactor, lambda: engine.poll() is not None, limit=30)
-        output = engine.stdout.read().decode()
-        engine.stdout.close()
-    assert engine.returncode == 0, output
 
 
 def test_the_console_shows_what_is_held_for_matching_and_an_operator_resolves_it(world):
     """The console's Held for matching page: candidates masked for everyone, shown to a person with
     the PHI permission who says why (audited); an operator picks the patient; the engine sends it."""
-    import os
     import re
-    import signal
-    import socket
-    import subprocess
-    import sys
     import threading
 
-    from hl7relay.mllp.framing import MLLPFramer, frame
     from hl7relay.ops.auth import hash_password
     from test_console import PASSWORD, Browser
-    from test_runtime import READY, wait_for_line
 
     _someone(world.server, "a", "urn:hospital", "H-1")
     _someone(world.server, "b", "urn:other", "O-2")
@@ -497,9 +497,6 @@ def test_the_console_shows_what_is_held_for_matching_and_an_operator_resolves_it
     for name, role in (("admin", "admin"), ("viewer", "viewer"), ("op", "operator")):
         users.add_user(name, role, hash_password(PASSWORD), {"actor": "test", "action": "user.add", "target": name})
     users.close()
-    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--admin-port", "0", "--console-port", "auto"],
-                              cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def call(fn, *args):
         out = []
@@ -508,15 +505,10 @@ def test_the_console_shows_what_is_held_for_matching_and_an_operator_resolves_it
         spin(world.reactor, lambda: not worker.is_alive(), limit=60)
         return out[0]
 
-    try:
-        startup = "".join(wait_for_line(engine, READY))
+    with _engine(world, folder, "--console-port", "auto") as startup:
         port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
         console = re.search(r"console: (https?://[^/\s]+)/", startup).group(1)
-        with socket.create_connection(("127.0.0.1", port)) as pms:
-            pms.sendall(frame((SAMPLES / "adt_a01.hl7").read_bytes()))
-            framer, got = MLLPFramer(), []
-            while not got:
-                got = framer.feed(pms.recv(65536))
+        _mllp_send(port, (SAMPLES / "adt_a01.hl7").read_bytes())
         store = Store(f"sqlite:///{folder / 'data' / 'hl7relay.db'}")
         spin(world.reactor, lambda: len(store.match_holds()) == 1, limit=30)
         viewer, operator, admin = Browser(console), Browser(console), Browser(console)
@@ -542,12 +534,6 @@ def test_the_console_shows_what_is_held_for_matching_and_an_operator_resolves_it
         [resolved] = store.audit_entries(action="fhir.match.resolve")
         assert resolved["actor"] == "user:op" and resolved["reason"] == "same phone"
         store.close()
-    finally:
-        engine.send_signal(signal.SIGTERM)
-        spin(world.reactor, lambda: engine.poll() is not None, limit=30)
-        output = engine.stdout.read().decode()
-        engine.stdout.close()
-    assert engine.returncode == 0, output
 
 
 def test_if_match_never_overwrites_a_change_made_on_the_server_since_our_write(world):

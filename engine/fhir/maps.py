@@ -252,6 +252,16 @@ class _Loader:
                 getattr(self, "_" + section)(str(name), body, (section, name))
         return self.out
 
+    def _when(self, item: dict, where: tuple) -> tuple:
+        """(the rule's condition or None, whether it reads): a condition that does not is an error here."""
+        if "when" not in item:
+            return None, True
+        when, problem = parse_condition(str(item["when"]))
+        if when is None:
+            self.error(where + ("when",), problem)
+            return None, False
+        return when, True
+
     def _rules(self, body, path: tuple, datatype: bool) -> list:
         rules: list[Rule] = []
         if not isinstance(body, list):
@@ -278,12 +288,9 @@ class _Loader:
                            f"fhir: {item.get('fhir')!r} is not a FHIR path like name[1].given[2]")
                 continue
             type_name = str(item.get("type", "") or "")
-            when = None
-            if "when" in item:
-                when, problem = parse_condition(str(item["when"]))
-                if when is None:
-                    self.error(where + ("when",), problem)
-                    continue
+            when, ok = self._when(item, where)
+            if not ok:
+                continue
             value = item.get("value")
             rules.append(Rule(source, number, target, type_name, str(item.get("vocabulary", "") or ""),
                               None if value is None else str(value), when, self.mark(where),
@@ -352,12 +359,9 @@ class _Loader:
             for key in item:
                 if key not in allowed:
                     self.error(where + (key,), f"unknown key {key!r} ({', '.join(sorted(allowed))})", key=True)
-            when = None
-            if "when" in item:
-                when, problem = parse_condition(str(item["when"]))
-                if when is None:
-                    self.error(where + ("when",), problem)
-                    continue
+            when, ok = self._when(item, where)
+            if not ok:
+                continue
             links = []
             for target, spec in (item.get("links") or {}).items():
                 also: dict = {}
