@@ -335,6 +335,10 @@ def test_no_patient_found_is_a_new_one(world):
     assert len(world.server.of_type("Patient")) == 2
 
 
+def _status(world, folder):
+    return _cli(world, folder, "status")
+
+
 def _mllp_send(port: int, data: bytes) -> bytes:
     """One message over MLLP, its ACK back."""
     import socket
@@ -505,7 +509,7 @@ def test_the_console_shows_what_is_held_for_matching_and_an_operator_resolves_it
         spin(world.reactor, lambda: not worker.is_alive(), limit=60)
         return out[0]
 
-    with _engine(world, folder, "--console-port", "auto") as startup:
+    with _engine(world, folder, "--console-port", "auto", "--admin-port", "auto") as startup:
         port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])
         console = re.search(r"console: (https?://[^/\s]+)/", startup).group(1)
         _mllp_send(port, (SAMPLES / "adt_a01.hl7").read_bytes())
@@ -530,6 +534,10 @@ def test_the_console_shows_what_is_held_for_matching_and_an_operator_resolves_it
                                                                       "destination": "ehr"})
         assert status == 200 and "sent again as 2 to ehr for Patient/b" in page, page
         spin(world.reactor, lambda: world.server.resources[("Patient", "b")].version == 2, limit=30)
+        status, _, page = call(viewer.get, "/sync")  # the sync status says what matching came to
+        assert status == 200 and "patients matched 0, new 0, <a href=\"/matching\">held 1</a>" in page, page
+        code, out = _status(world, folder)
+        assert code == 0 and "FHIR transaction:" in out and "held 1 (hl7relay fhir holds)" in out, out
         assert len(world.server.of_type("Patient")) == 2
         [resolved] = store.audit_entries(action="fhir.match.resolve")
         assert resolved["actor"] == "user:op" and resolved["reason"] == "same phone"

@@ -168,6 +168,17 @@ def with_patient(bundle: dict, entry: dict, server_id: str, existing: dict | Non
 
 
 class FHIRDelivery(HTTPDelivery):
+    def __init__(self, config, resources):
+        super().__init__(config, resources)
+        # since the engine started, for the sync status: how patients were found, what waits for a person
+        self.patients = {"matched": 0, "new": 0, "held": 0}
+        self.written = 0  # resources the server confirmed (cross-referenced)
+
+    def view(self) -> dict:
+        return {**super().view(), "fhir": {"bundle": self.config.step.converter.bundle_type if self.config.step else "",
+                                           "patients": dict(self.patients), "written": self.written,
+                                           "match": self.config.match is not None, "if_match": self.config.if_match}}
+
     def _answered(self, answer, url, headers, body, authorization, retried):
         result = super()._answered(answer, url, headers, body, authorization, retried)
         if not isinstance(result, DeliveryResult):
@@ -178,7 +189,9 @@ class FHIRDelivery(HTTPDelivery):
                 return DeliveryResult(False, True, ack=result.ack,
                                       error=f"HTTP {answer.status}, but {len(failed)} entr{'y' if len(failed) == 1 else 'ies'} "
                                             f"failed: " + "; ".join(failed[:3]))
-            return dataclasses.replace(result, records=cross_references(body, answer.body, self.resources.clock(), None))
+            records = cross_references(body, answer.body, self.resources.clock(), None)
+            self.written += len(records)
+            return dataclasses.replace(result, records=records)
         return self._outcome(result, answer)
 
     def deliver(self, message, message_id=None):
@@ -246,8 +259,10 @@ class FHIRDelivery(HTTPDelivery):
         except _SearchFailed as failed:
             return failed.result
         if not found:
+            self.patients["new"] += 1
             return content
         if len(found) > 1:
+            self.patients["held"] += 1
             candidates = [_candidate(resource) for resource in found.values()]
             local = str(entry.get("fullUrl", "")).removeprefix("urn:uuid:")
             hold = MatchHoldUpdate("", "", None, local, json.dumps(candidates), self.resources.clock())
@@ -255,6 +270,7 @@ class FHIRDelivery(HTTPDelivery):
                                                      f"{how} ({', '.join('Patient/' + i for i in sorted(found))}); "
                                                      "hl7relay fhir resolve picks one",
                                   outcome=DeliveryOutcome.HELD_FOR_MATCHING, records=(hold,))
+        self.patients["matched"] += 1
         [(server_id, existing)] = found.items()
         return FHIRContent.from_json(with_patient(bundle, entry, server_id, existing), content.problems)
 

@@ -148,6 +148,14 @@ def describe_sync(row: dict, now: float) -> str:
     limit = api.get("rate_limit") or {}
     if limit.get("rate"):
         parts.append(f"rate limit {limit['rate']:g}/s ({limit['available']:g} available, {limit['waiting']} waiting)")
+    fhir = api.get("fhir")
+    if fhir:
+        said = f"FHIR {fhir['bundle']}: {fhir['written']} resources written"
+        if fhir.get("match"):
+            patients = fhir["patients"]
+            said += (f", patients matched {patients['matched']}, new {patients['new']}, held {patients['held']}"
+                     + (" (hl7relay fhir holds)" if patients["held"] else ""))
+        parts.append(said)
     return "; ".join(parts)
 
 
