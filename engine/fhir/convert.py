@@ -10,6 +10,7 @@ A DTM without an offset takes the converter's time zone.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import re
 import uuid
@@ -225,7 +226,7 @@ class _Run:
         return None if empty else out
 
     # -- primitives -----------------------------------------------------------------------
-    def primitive(self, kind: str, text: str, where: str):
+    def primitive(self, kind: str, text: str, where: tuple):
         if not text or text == '""':
             return None
         if kind in ("", "string", "markdown", "uri"):
@@ -239,12 +240,12 @@ class _Run:
         if kind == "time":
             digits = text.split("+")[0].split("-")[0]
             if not re.fullmatch(r"\d{2}(\d{2}(\d{2}(\.\d+)?)?)?", digits):
-                self.problems.append(f"{where}: {text!r} is not a time (HHMM[SS])")
+                self.problems.append(f"{_where(where)}: {text!r} is not a time (HHMM[SS])")
                 return None
             return f"{digits[0:2]}:{digits[2:4] or '00'}:{digits[4:6] or '00'}"
         if kind == "decimal":
             if not _NUMBER.match(text.strip()):
-                self.problems.append(f"{where}: {text!r} is not a number")
+                self.problems.append(f"{_where(where)}: {text!r} is not a number")
                 return None
             number = float(text)
             return int(number) if number.is_integer() and "." not in text else number
@@ -252,16 +253,16 @@ class _Run:
             try:
                 number = int(text.strip())
             except ValueError:
-                self.problems.append(f"{where}: {text!r} is not an integer")
+                self.problems.append(f"{_where(where)}: {text!r} is not an integer")
                 return None
             if (kind == "positiveInt" and number < 1) or (kind == "unsignedInt" and number < 0):
-                self.problems.append(f"{where}: {number} is not a {kind}")
+                self.problems.append(f"{_where(where)}: {number} is not a {kind}")
                 return None
             return number
         if kind == "boolean":
             flag = {"Y": True, "N": False, "true": True, "false": False}.get(text.strip())
             if flag is None:
-                self.problems.append(f"{where}: {text!r} is not Y or N")
+                self.problems.append(f"{_where(where)}: {text!r} is not Y or N")
             return flag
         return text
 
@@ -274,20 +275,20 @@ class _Run:
             return f"http://terminology.hl7.org/CodeSystem/v2-{table.group(1)}"
         return name
 
-    def when(self, kind: str, text: str, where: str):
+    def when(self, kind: str, text: str, where: tuple):
         match = _DTM.match(text.strip())
         if match is None:
-            self.problems.append(f"{where}: {text!r} is not an HL7 date/time (YYYY[MM[DD[HHMM[SS[.S]]]]][+/-ZZZZ])")
+            self.problems.append(f"{_where(where)}: {text!r} is not an HL7 date/time (YYYY[MM[DD[HHMM[SS[.S]]]]][+/-ZZZZ])")
             return None
         y, m, d, hour = match["y"], match["m"], match["d"], match["H"]
         try:
             datetime.date(int(y), int(m or 1), int(d or 1))
         except ValueError:
-            self.problems.append(f"{where}: {text!r} is not a date")
+            self.problems.append(f"{_where(where)}: {text!r} is not a date")
             return None
         if kind == "date" or hour is None:
             if kind == "instant":
-                self.problems.append(f"{where}: {text!r} has no time of day")
+                self.problems.append(f"{_where(where)}: {text!r} has no time of day")
                 return None
             return "-".join(p for p in (y, m, d) if p)
         if m is None or d is None:
@@ -296,7 +297,7 @@ class _Run:
         try:
             moment = datetime.datetime(int(y), int(m), int(d), int(hour), int(minute), int(second))
         except ValueError:
-            self.problems.append(f"{where}: {text!r} is not a time of day")
+            self.problems.append(f"{_where(where)}: {text!r} is not a time of day")
             return None
         offset = match["z"]
         if offset is None:
@@ -311,7 +312,7 @@ class _Run:
         return f"{stamp}{offset[:3]}:{offset[3:]}"
 
     # -- building -------------------------------------------------------------------------
-    def produce(self, rule: Rule, element: _Element, where: str):
+    def produce(self, rule: Rule, element: _Element, where: tuple):
         if rule.value is not None:
             text = self.template(rule.value)
             if text is None:
@@ -325,7 +326,7 @@ class _Run:
             value = self.translate(rule.vocabulary, element, value, where)
         return value
 
-    def translate(self, vocabulary: str, element: _Element, value, where: str):
+    def translate(self, vocabulary: str, element: _Element, value, where: tuple):
         code = self.text(element.part(1) if element.level < 2 else element)
         mapped = self.maps.vocabulary[vocabulary].get(code)
         if isinstance(value, dict):
@@ -337,13 +338,13 @@ class _Run:
                 return value
             return {**value, **coding}
         if mapped is None:
-            self.problems.append(f"{where}: code {code!r} is not in {vocabulary}; left out")
+            self.problems.append(f"{_where(where)}: code {code!r} is not in {vocabulary}; left out")
             return None
         return mapped[0]
 
-    def datatype_value(self, element_map: ElementMap, element: _Element, where: str):
+    def datatype_value(self, element_map: ElementMap, element: _Element, where: tuple):
         saved = (self.datatype, self.element)
-        self.datatype, self.element = element_map.name.split("[", 1)[0], element
+        self.datatype, self.element = _short_name(element_map.name), element
         node = _Node()
         try:
             leaf = element.level >= 2
@@ -357,7 +358,7 @@ class _Run:
                 for rule in index[number]:
                     if rule.when is not None and not self.holds(rule.when):
                         continue
-                    value = self.produce(rule, part, f"{where}.{number}" if number else where)
+                    value = self.produce(rule, part, (*where, number) if number else where)
                     if value is not None:
                         _write(node, rule.target, value, ())
                         if self.original_time is not None and rule.target[-1][0] != "$value":
@@ -410,7 +411,7 @@ class _Run:
             try:
                 if rule.when is not None and not self.holds(rule.when):
                     continue
-                where = f"{self.segment}-{number}" if number else self.segment
+                where = (self.segment, number)
                 element = self.repetition if self.repetition is not None else _Element("", 0, self.seps)
                 self.original_time = None
                 value = self.produce(rule, element, where)
@@ -491,6 +492,17 @@ class _Run:
 
 _PRIMITIVE_KINDS = frozenset({"string", "code", "id", "uri", "date", "dateTime", "instant", "time", "decimal",
                               "integer", "positiveInt", "unsignedInt", "boolean", "markdown", "system"})
+
+
+def _where(where: tuple) -> str:
+    """("PID", 11, 9) -> "PID-11.9": said only when there is a problem to say."""
+    segment, number, *parts = where
+    return segment + (f"-{number}" if number else "") + "".join(f".{n}" for n in parts)
+
+
+@functools.lru_cache(maxsize=512)
+def _short_name(map_name: str) -> str:
+    return map_name.split("[", 1)[0]
 
 
 def _write(node: dict, target: tuple, value, key: tuple) -> None:

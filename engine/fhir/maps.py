@@ -25,6 +25,7 @@ each repetition of the source field (each segment, for resources merged from sev
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,7 @@ class MapSet:
 
 
 # -- parsing the small languages ---------------------------------------------------------------
+@functools.lru_cache(maxsize=2048)  # templates are read per value: each path parsed once
 def parse_value_path(text: str) -> ValuePath | None:
     match = _PATH.match(text.strip())
     if match is None:
