@@ -60,10 +60,16 @@ def test_the_shipped_vocabulary_is_the_guides_concept_maps():
             {code: target[0] for code, target in guide.items()}, name
 
 
-def test_every_guide_row_for_the_supported_messages_is_implemented_or_a_reviewed_exception():
-    rows = coverage(default_maps())
+@pytest.mark.parametrize("message", [None, "ADT_A01", "ADT_A02", "ADT_A03", "SIU_S12", "ORU_R01"])
+def test_every_guide_row_for_each_supported_message_is_implemented_or_a_reviewed_exception(message):
+    """Per message map (a segment map one message uses is not implemented for another that lacks it)."""
+    rows = coverage(default_maps(), message)
     missing = [f"{r.map} {r.source}" for r in rows if r.status == "missing"]
     assert missing == []
+
+
+def test_the_coverage_table_counts_the_supported_messages():
+    rows = coverage(default_maps())
     assert sum(r.status == "implemented" for r in rows) > 250
     for name in ("ADT_A01", "ADT_A02", "SIU_S12", "ORU_R01"):
         assert any(r.kind == "message" and r.map == name for r in rows), name

@@ -67,7 +67,10 @@ def coverage(maps: MapSet, message: str | None = None, table: list[IGRow] | None
         if kind != "message" or map_name not in measured:
             continue
         targets = tuple(dict.fromkeys(r.target for r in rows))
-        if source in used_segment_maps:
+        # implemented for this message: every message map of ours measured as it uses that segment map
+        measured_here = [{r.map for r in m.rules if r.map} for m in ours if m.measured_as == map_name]
+        here = set.intersection(*measured_here) if measured_here else set()
+        if source in here:
             status, reason = IMPLEMENTED, ""
         else:
             reason = exceptions.get(f"{map_name} {source}") or exceptions.get(source, "")
