@@ -553,3 +553,32 @@ def test_the_fhir_source_never_follows_a_reference_to_another_server():
         asyncio.run(source._get("https://elsewhere.example/r4/Patient/1"))
     with pytest.raises(RuntimeError, match="not followed"):
         asyncio.run(source._get("https://fhir.example/r4evil/Patient/1"))
+
+
+# -- any input terminates ---------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_FIELD_TEXT = st.lists(st.sampled_from(list("AZaz09 .-+/:^~&\\\"") + ["\\F\\", "\\S\\", '""', "20240230", "2024",
+                                                                       "99999999999999", "20240101120000+0500"]),
+                       max_size=12).map("".join)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(n for n in SAMPLES if n != "ack_aa.hl7")), segment=st.integers(0, 8),
+       field=st.integers(1, 30), value=_FIELD_TEXT, bundle_type=st.sampled_from(["message", "transaction"]))
+def test_any_field_value_gives_a_valid_bundle_or_a_conversion_error(name, segment, field, value, bundle_type):
+    """Whatever a field holds (delimiters, escapes, nulls, impossible dates), the conversion ends
+    with a Bundle that FHIR's structure definitions accept, or with a ConversionError."""
+    message = sample(name)
+    names = message.segment_names()
+    position = segment % len(names)
+    if names[position] == "MSH" and field < 3:
+        return
+    occurrence = names[:position].count(names[position]) + 1
+    message.set_raw(f"{names[position]}[{occurrence}]-{field}", value.replace("|", ""))
+    try:
+        conversion = Converter(default_maps(), bundle=bundle_type, timezone="Europe/London").convert(message)
+    except ConversionError:
+        return
+    Bundle.model_validate(conversion.bundle)
+    json.dumps(conversion.bundle)

@@ -89,7 +89,7 @@ def build(options, context=None) -> FHIRDestinationConfig:
         if bundle != "transaction":
             raise ValueError("match: works on transaction bundles (the patient's entry is rewritten to the match)")
     config = _http(http_options, context)
-    step = fhir_step({"map": options["map"], "bundle": "batch" if bundle == "batch" else bundle,
+    step = fhir_step({"map": options["map"], "bundle": bundle,
                       "maps": options["maps"], "timezone": options["timezone"]}, context)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     if options["if_match"] and bundle == "message":
