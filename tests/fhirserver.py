@@ -236,9 +236,9 @@ class FakeFHIR(resource.Resource):
             raise Refused(400, outcome("not-supported", f"search by {', '.join(sorted(unknown))} is not supported here"))
         if "_lastUpdated" in query:
             bound = query["_lastUpdated"][0]
-            if not bound.startswith("gt"):
-                raise Refused(400, outcome("not-supported", "_lastUpdated takes gt only here"))
-            matches = [s for s in matches if s.updated > bound[2:]]
+            if bound[:2] not in ("gt", "ge"):
+                raise Refused(400, outcome("not-supported", "_lastUpdated takes gt or ge here"))
+            matches = [s for s in matches if (s.updated > bound[2:] if bound[:2] == "gt" else s.updated >= bound[2:])]
         if query.get("_sort", [""])[0] == "_lastUpdated":
             matches.sort(key=lambda s: s.updated)
         elif "_sort" in query:

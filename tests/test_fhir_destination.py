@@ -587,3 +587,63 @@ def test_a_stored_bundle_is_shown_masked_in_the_message_view(world):
     for value in ("DOE", "JANE", "1980-04-12", "100234", "MAIN ST"):
         assert value not in bundle, value
     assert "DOE" in message_view(stored, True)["stages"]["destination:ehr"]  # shown to whoever may see it
+
+
+def test_a_rest_hook_notification_makes_the_fhir_source_poll_at_once(world):
+    """A Subscription's rest-hook POSTs to the source (with its token): the change goes to the PMS
+    now, not at the next poll an hour later; a POST without the token is refused."""
+    import urllib.error
+    import urllib.request
+
+    from fhirserver import Stored
+
+    appointment = {"resourceType": "Appointment", "id": "ap1", "status": "booked",
+                   "start": "2024-02-01T09:00:00+00:00", "end": "2024-02-01T09:30:00+00:00",
+                   "identifier": [{"system": "urn:ehr", "value": "A-1"}], "participant": [],
+                   "meta": {"versionId": "1", "lastUpdated": "2023-11-14T22:13:21+00:00"}}
+    # (the server's next write gets the same instant: ge finds it all the same)
+    world.server.resources[("Appointment", "ap1")] = Stored(appointment, 1, "2023-11-14T22:13:21+00:00")
+    folder = world.tmp_path / "site"
+    (folder / "channels").mkdir(parents=True)
+    (folder / "channels" / "from-ehr.yaml").write_text(
+        f"name: from-ehr\nsource: {{type: fhir, url: 'https://127.0.0.1:{world.port}/fhir', tls_ca: '{world.pki['ca']}', "
+        "poll_interval: 3600, since: '2000-01-01T00:00:00Z', notify_port: 0, notify_token: '${env:EHR_HOOK_TOKEN}'}\n"
+        "destinations:\n  - {name: pms, type: file, directory: out}\n")
+    out = folder / "out"
+
+    def told():
+        return sorted(p for p in out.glob("*") if not p.name.startswith(".")) if out.exists() else []
+
+    def post(url, token):
+        request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    os.environ["EHR_HOOK_TOKEN"] = "hook-token-4f2a"
+    try:
+        with _engine(world, folder, "--console-port", "0") as startup:
+            hook = startup.split("notifications on ")[1].split()[0]
+            spin(world.reactor, lambda: len(told()) == 1, limit=30)  # the first poll: a new booking, S12
+            moved = dict(world.server.resources[("Appointment", "ap1")].resource, start="2024-02-01T10:00:00+00:00",
+                         end="2024-02-01T10:30:00+00:00")
+            world.server._write("PUT", "Appointment/ap1", moved, None, {})
+            assert call_in_thread(world, post, hook, "wrong") == 401
+            assert call_in_thread(world, post, hook, "hook-token-4f2a") == 202
+            spin(world.reactor, lambda: len(told()) == 2, limit=30)  # not in an hour: now
+            events = [Message.from_bytes(p.read_bytes()).msh(9, 2) for p in told()]
+            assert sorted(events) == ["S12", "S13"]
+    finally:
+        del os.environ["EHR_HOOK_TOKEN"]
+
+
+def call_in_thread(world, fn, *args):
+    import threading
+
+    out = []
+    worker = threading.Thread(target=lambda: out.append(fn(*args)))
+    worker.start()
+    spin(world.reactor, lambda: not worker.is_alive(), limit=30)
+    return out[0]

@@ -1,6 +1,6 @@
 """The ``fhir`` source: appointments changed on a FHIR server, told to the PMS as SIU.
 
-It polls ``Appointment?_lastUpdated=gt{cursor}`` and compares each appointment with what it last
+It polls ``Appointment?_lastUpdated=ge{cursor}`` and compares each appointment with what it last
 saw of it (``fhir_source_state``): new and booked → S12, its time changed → S13, another change
 → S14, cancelled → S15, no-show → S26, entered in error → S17. A version this engine wrote
 itself (a fhir destination's cross-reference has it) is remembered but never told back: no echo.
@@ -44,6 +44,7 @@ class FHIRSourceConfig:
     timeout: float
     sender: tuple
     receiver: tuple
+    notify: tuple | None = None  # (host, port, token, TLSConfig or None): rest-hook notifications
     runner: ClassVar[type[Source]]
 
 
@@ -59,6 +60,14 @@ class FHIRSourceConfig:
     Option("sending_facility", "str", "", "MSH-4 of the SIU"),
     Option("receiving_application", "str", "", "MSH-5 of the SIU (the PMS)"),
     Option("receiving_facility", "str", "", "MSH-6 of the SIU"),
+    Option("notify_port", "int", None, "also poll at once when the server's Subscription (rest-hook) POSTs here "
+                                       "(0: any free port, said at start; poll_interval still runs, for what a "
+                                       "notification misses)"),
+    Option("notify_host", "str", "127.0.0.1", "address the notifications are received on"),
+    Option("notify_token", "str", None, "the bearer token the Subscription's header carries (${secret:NAME})",
+           secret=True),
+    Option("notify_tls_cert", "str", None, "PEM certificate of the notification listener (needed off this machine)"),
+    Option("notify_tls_key", "str", None, "PEM private key of notify_tls_cert"),
 ])
 def _fhir_source(options, context=None):
     from hl7relay.apiclient.credentials import lookup_credential
@@ -72,11 +81,23 @@ def _fhir_source(options, context=None):
         raise ValueError("poll_interval and timeout must be more than 0 seconds")
     if options["since"] and not _instant(options["since"]):
         raise ValueError(f"since: {options['since']!r} is not an instant (e.g. 2026-01-01T00:00:00Z)")
+    notify = None
+    if options["notify_port"] is not None:
+        if not options["notify_token"]:
+            raise ValueError("notify_port needs notify_token: who may tell this channel to poll")
+        listen_tls = None
+        if options["notify_tls_cert"]:
+            from hl7relay.mllp.tls import TLSConfig
+
+            listen_tls = TLSConfig(options["notify_tls_cert"], options["notify_tls_key"], None)
+        elif options["notify_host"] not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("notifications off this machine need notify_tls_cert and notify_tls_key (https)")
+        notify = (options["notify_host"], options["notify_port"], options["notify_token"], listen_tls)
     return FHIRSourceConfig(base, credential, tls_config({**options, "tls": parts.scheme == "https"}, False,
                                                            getattr(context, "base_dir", None)),
                             options["poll_interval"], options["since"], options["timeout"],
                             (options["sending_application"], options["sending_facility"]),
-                            (options["receiving_application"], options["receiving_facility"]))
+                            (options["receiving_application"], options["receiving_facility"]), notify)
 
 
 def _instant(text: str) -> bool:
@@ -120,6 +141,9 @@ class FHIRSource(Source):
         self.polls = 0
         self.told = 0
         self.problem = ""  # the last poll's failure, said once
+        self.listener = None
+        self.notifications = 0
+        self.again = False  # a notification came while a poll ran: one more right after
 
     def open(self) -> str:
         from hl7relay.apiclient.credentials import Authorizer
@@ -132,11 +156,66 @@ class FHIRSource(Source):
         self.loop.start(self.config.poll_interval, now=True).addErrback(
             lambda f: log.failure("fhir source of {channel}: its polling stopped", f, channel=self.running.channel.name))
         self.address = self.config.base_url
-        return f"FHIR appointments from {self.config.base_url} every {self.config.poll_interval:g}s"
+        said = f"FHIR appointments from {self.config.base_url} every {self.config.poll_interval:g}s"
+        if self.config.notify is not None:
+            said += f"; notifications on {self._listen()}"
+        return said
+
+    def _listen(self) -> str:
+        """The rest-hook listener: a POST with the token polls at once (another comes after a busy one)."""
+        from twisted.web import resource
+
+        from hl7relay.webserver import bounded_site
+
+        host, port, token, tls = self.config.notify
+        source = self
+
+        class Notified(resource.Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                import hmac
+
+                said = (request.getHeader("authorization") or "").removeprefix("Bearer ")
+                request.setHeader(b"Content-Type", b"application/json")
+                if not hmac.compare_digest(said.encode(), token.encode()):
+                    request.setResponseCode(401)
+                    return b'{"error": "not this channel\'s token"}'
+                request.content.read()
+                source.notified()
+                request.setResponseCode(202)
+                return b'{"polling": true}'
+
+            def render_GET(self, request):
+                request.setResponseCode(405)
+                return b""
+
+        site = bounded_site(Notified())
+        site.log = lambda request: None  # type: ignore[method-assign]  # no access log of a token's requests
+        if tls is not None:
+            from hl7relay.mllp.tls import server_options
+
+            listener = self.reactor.listenSSL(port, site, server_options(tls), interface=host)
+        else:
+            listener = self.reactor.listenTCP(port, site, interface=host)
+        self.listener = listener
+        bound = listener.getHost()
+        return f"{'https' if tls else 'http'}://{bound.host}:{bound.port}/"
+
+    def notified(self) -> None:
+        """The server says something changed: poll now (or right after the poll under way)."""
+        self.notifications += 1
+        if self.busy:
+            self.again = True
+        else:
+            self.poll()
 
     def close(self, close_connections: bool):
         if self.loop is not None and self.loop.running:
             self.loop.stop()
+        if self.listener is not None:
+            self.listener.stopListening()
+            self.listener = None
         if self.authorizer is not None:
             self.authorizer.close()
         if self.client is not None:
@@ -162,6 +241,9 @@ class FHIRSource(Source):
                 self.problem = ""
             self.busy = False
             self.polls += 1
+            if self.again:
+                self.again = False
+                self.reactor.callLater(0, self.poll)
 
         d.addCallbacks(lambda _: None, lambda f: (failed(f), _FAILED)[1])
         return d.addBoth(done)
@@ -202,7 +284,9 @@ class FHIRSource(Source):
             self.config.since or datetime.now(timezone.utc).isoformat(timespec="seconds"))
         if cursor_row is None:  # the starting point is kept: a restart does not move it to its own "now"
             await writer.update(SourceStateUpdate(channel, "Appointment", "", cursor, "", "", "", "", time.time()))
-        found = await self._get(f"Appointment?_lastUpdated={quote('gt' + cursor, safe='')}&_sort=_lastUpdated")
+        # ge, not gt: another change in the same instant as the cursor's is not missed (one already
+        # seen compares equal to what was last seen, and says nothing)
+        found = await self._get(f"Appointment?_lastUpdated={quote('ge' + cursor, safe='')}&_sort=_lastUpdated")
         appointments = sorted((e["resource"] for e in found.get("entry") or ()
                                if (e.get("resource") or {}).get("resourceType") == "Appointment"),
                               key=lambda a: (a.get("meta") or {}).get("lastUpdated", ""))
