@@ -570,7 +570,7 @@ _FIELD_TEXT = st.lists(st.sampled_from(list("AZaz09 .-+/:^~&\\\"") + ["\\F\\", "
                        max_size=12).map("".join)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(n for n in SAMPLES if n != "ack_aa.hl7")), segment=st.integers(0, 8),
        field=st.integers(1, 30), value=_FIELD_TEXT, bundle_type=st.sampled_from(["message", "transaction"]))
 def test_any_field_value_gives_a_valid_bundle_or_a_conversion_error(name, segment, field, value, bundle_type):

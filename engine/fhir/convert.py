@@ -232,7 +232,7 @@ class _Run:
         if kind in ("", "string", "markdown", "uri"):
             return text
         if kind in ("code", "id"):
-            return text.strip() or None
+            return " ".join(text.split()) or None  # FHIR's code: no leading, trailing or double spaces
         if kind == "system":
             return self.system(text)
         if kind in ("date", "dateTime", "instant"):
@@ -400,7 +400,7 @@ class _Run:
             repetitions, _ = self._field(self.segment, number)
             for rule in rules:
                 self._apply(rule, node, occurrence, number,
-                            repetitions if any(step[1] for step in rule.target) else repetitions[:1])
+                            repetitions if rule.repeats and any(step[1] for step in rule.target) else repetitions[:1])
 
     def _apply(self, rule: Rule, node: dict, occurrence: int, number: int, repetitions: list) -> None:
         for index, raw in enumerate(repetitions):

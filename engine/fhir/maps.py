@@ -16,7 +16,8 @@ FILE}``) replaces the shipped maps of the same names and adds others:
 A rule: ``{v2: PID-3, fhir: "identifier[2]", type: "CX[Identifier]"}``; ``type`` is a data type
 map or a FHIR primitive (string, code, id, uri, date, dateTime, instant, time, decimal, integer,
 positiveInt, unsignedInt, boolean); ``vocabulary`` a concept map; ``value`` a constant or a
-template (``"{XTN.6} {XTN.7}"``); ``back: false`` keeps a rule out of FHIR -> v2 (where several fields
+template (``"{XTN.6} {XTN.7}"``); ``repeats: false`` takes only a field's first repetition (a field the
+standard does not repeat, whatever a sender put in it); ``back: false`` keeps a rule out of FHIR -> v2 (where several fields
 fill one list, the one that takes it back); ``when`` a condition (``PID-7 longer than 8``, ``CWE.3 =
 HL70276``, ``PV1-45 not valued``, ``OBX-2 in (ST, TX)``, ``PID-11 count > 1``; joined by ``and``).
 In a target, ``name[n]`` is a list element: rules naming the same ``n`` fill the same element, and
@@ -39,7 +40,7 @@ MAPS_DIR = Path(__file__).with_name("maps")
 PRIMITIVES = frozenset({"string", "code", "id", "uri", "date", "dateTime", "instant", "time", "decimal",
                         "integer", "positiveInt", "unsignedInt", "boolean", "markdown", "system"})
 _SECTIONS = ("messages", "segments", "datatypes", "vocabulary", "systems")
-_RULE_KEYS = {"v2", "fhir", "type", "vocabulary", "value", "when", "note", "back"}
+_RULE_KEYS = {"v2", "fhir", "type", "vocabulary", "value", "when", "note", "back", "repeats"}
 _STEP = re.compile(r"^(?P<name>_?[A-Za-z][A-Za-z0-9]*|\$value|\$merge)(?:\[(?P<slot>[1-9][0-9]*)\])?$")
 _SOURCE = re.compile(r"^(?P<segment>[A-Z][A-Z0-9]{2})(?:-(?P<field>[1-9][0-9]*))?$|"
                      r"^(?P<datatype>[A-Z]{2,3})(?:\.(?P<component>[1-9][0-9]*))?$")
@@ -94,6 +95,7 @@ class Rule:
     # FHIR -> v2: None takes the rule back when it has no condition; False never (where several
     # fields fill one list); True even with its condition (the one of several alternatives)
     back: bool | None = None
+    repeats: bool = True  # false: a field the standard does not repeat; a sender's "~" in it is not a second element
 
 
 @dataclass(slots=True)
@@ -296,7 +298,8 @@ class _Loader:
             value = item.get("value")
             rules.append(Rule(source, number, target, type_name, str(item.get("vocabulary", "") or ""),
                               None if value is None else str(value), when, self.mark(where),
-                              None if item.get("back") is None else bool(item.get("back"))))
+                              None if item.get("back") is None else bool(item.get("back")),
+                              item.get("repeats", True) is not False))
         return rules
 
     def _segments(self, name: str, body, path: tuple) -> None:
