@@ -99,7 +99,8 @@ def rows(port: int, messages: int, parallel: int, repeat: int) -> dict:
                                            content_type_given=True)
             delivery = HTTPDelivery(config, Resources(reactor, writer, time.time))
         else:
-            config = FHIRDestinationConfig(url, content_type="application/fhir+json", queue=queue_options, base_url=url)
+            config = FHIRDestinationConfig(url, content_type="application/fhir+json", queue=queue_options, base_url=url,
+                                           owner=("adt", "ehr"))
             delivery = FHIRDelivery(config, Resources(reactor, writer, time.time))
         queue = DestinationQueue("adt", "ehr", delivery.deliver, config.queue, writer, reactor, time.time,
                                  poll_interval=1.0, keyed=True)
@@ -122,11 +123,9 @@ def rows(port: int, messages: int, parallel: int, repeat: int) -> dict:
                 with tempfile.TemporaryDirectory() as folder:
                     yield run(reactor, kind, Path(folder))
 
-    try:
-        task.react(main)
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise
+    from bench_http import _react
+
+    _react(main)
     return results
 
 

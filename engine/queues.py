@@ -18,7 +18,7 @@ import time
 import enum
 import random
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from twisted.internet import defer, task
@@ -30,7 +30,7 @@ from hl7relay.events import emit
 from hl7relay.fhir.content import parse_content
 from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryOutcome, DeliveryResult, DeliveryStatus
-from hl7relay.store.database import DeliveryUpdate, DestinationStateUpdate, MatchHoldUpdate, StoreError, XrefUpdate
+from hl7relay.store.database import DeliveryUpdate, DestinationStateUpdate, StoreError
 
 __all__ = ["Queue", "DestinationQueue", "DeliveryResult", "DestinationHealth", "QueuedDelivery", "QueueState", "Pump",
            "retry_delay"]
@@ -683,9 +683,7 @@ class DestinationQueue:
         self.in_flight.pop(message_id, None)
         # recorded through the group commit; the id stays "known" until then so a poll cannot resend it
         if final:
-            extra = tuple(replace(r, channel=self.channel, destination=self.destination)
-                          if isinstance(r, (XrefUpdate, MatchHoldUpdate)) else r for r in result.records)
-            update = self._record(message_id, values, lazy=True, extra=extra)
+            update = self._record(message_id, values, lazy=True, extra=result.records)
         else:  # a retry's schedule: if it is lost, the row is still QUEUED and its next result is recorded
             update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), lazy=True)
         waiters = self._waiters.pop(message_id, None)

@@ -282,7 +282,7 @@ def test_fhir_convert_prints_the_bundle_and_problems_on_stderr(tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (("fhir",), "say convert or coverage"),
+    (("fhir",), "say convert, coverage, holds or resolve"),
     (("fhir", "convert"), "required: file"),
     (("fhir", "convert", "/nonexistent.hl7"), "No such file"),
     (("fhir", "convert", str(ROOT / "samples" / "ack_aa.hl7")), "no FHIR map for ACK"),
@@ -605,3 +605,29 @@ def test_a_code_outside_its_required_value_set_is_caught():
     problems = binding_problems(bundle)
     assert len(problems) == 2 and any("Encounter/" in p and "status: 'nonsense'" in p for p in problems)
     assert any("telecom.system: 'mobile'" in p for p in problems)
+
+
+def test_a_hold_whose_destination_no_longer_sends_bundles_is_said_not_a_traceback(tmp_path):
+    """A hold left behind after its channel changed (the destination now sends HL7): resolving it
+    says why it cannot, in one line."""
+    import time as time_
+
+    from hl7relay.channels import load_channel
+    from hl7relay.ops.auth import cli_audit
+    from hl7relay.ops.matching import ResolveError, resolve_hold
+    from hl7relay.store.database import DeliveryRecord, MatchHoldUpdate, MessageRecord, Store
+
+    (tmp_path / "ch.yaml").write_text("name: ch\nsource: {type: mllp, port: 0}\n"
+                                      "destinations: [{name: ehr, type: file, directory: out}]\n")
+    channel, errors = load_channel(tmp_path / "ch.yaml", {})
+    assert not errors
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    store.migrate()
+    [message_id] = store.commit([MessageRecord("ch", (ROOT / "samples" / "adt_a01.hl7").read_bytes(), "PROCESSED",
+                                               received_at=time_.time(),
+                                               deliveries=[DeliveryRecord("ehr", "ERROR")])], [])
+    store.commit([], [MatchHoldUpdate("ch", "ehr", message_id, "k", json.dumps([{"id": "a"}]), time_.time())])
+    with pytest.raises(ResolveError, match="no longer sends FHIR Bundles"):
+        resolve_hold(store, {"ch": channel}, message_id, None, "a", False, "why", cli_audit("fhir.match.resolve"))
+    assert store.match_holds()  # still open
+    store.close()

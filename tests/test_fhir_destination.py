@@ -75,6 +75,17 @@ class World:
         self.queue.nudge()
         self.queue._poll()
 
+    def site(self) -> Path:
+        """A folder where hl7relay's commands find this world's channel and store."""
+        import shutil
+
+        folder = self.tmp_path / "site"
+        (folder / "channels").mkdir(parents=True)
+        (folder / "config").mkdir()
+        shutil.copy(self.tmp_path / "ch.yaml", folder / "channels" / "ch.yaml")
+        (folder / "config" / "hl7relay.yaml").write_text(f"store: {{url: 'sqlite:///{self.tmp_path / 'h.db'}'}}\n")
+        return folder
+
     def deliveries(self) -> list:
         return [self.store.get_message(r["id"])["deliveries"][0] for r in sorted(self.store.latest(100), key=lambda r: r["id"])]
 
@@ -211,17 +222,11 @@ def _cli(world, folder, *args):
 
 
 def test_verify_xref_finds_missing_merged_changed_and_duplicated_resources_and_requeues_the_missing(world):
-    import shutil
-
     channel = world.channel()
     world.send(channel, (SAMPLES / "adt_a01.hl7").read_bytes())
     world.settle(1)
     spin(world.reactor, lambda: len(world.store.xrefs(resource_type="Patient")) == 1)
-    folder = world.tmp_path / "site"
-    (folder / "channels").mkdir(parents=True)
-    (folder / "config").mkdir()
-    shutil.copy(world.tmp_path / "ch.yaml", folder / "channels" / "ch.yaml")
-    (folder / "config" / "hl7relay.yaml").write_text(f"store: {{url: 'sqlite:///{world.tmp_path / 'h.db'}'}}\n")
+    folder = world.site()
     code, out = _cli(world, folder, "verify", "--xref")
     assert code == 0, out
     assert out.strip().splitlines()[-1].endswith("every one agrees with its server")
@@ -282,8 +287,6 @@ def test_one_patient_found_by_demographics_is_updated_and_keeps_its_own_identifi
 
 
 def test_an_ambiguous_patient_is_held_for_a_person_and_resolved_by_one(world):
-    import shutil
-
     _someone(world.server, "a", "urn:hospital", "H-1")
     _someone(world.server, "b", "urn:other", "O-2")
     channel = world.channel(MATCH)
@@ -296,11 +299,7 @@ def test_an_ambiguous_patient_is_held_for_a_person_and_resolved_by_one(world):
     [hold] = world.store.match_holds()
     assert {c["id"] for c in json.loads(hold["candidates"])} == {"a", "b"}
 
-    folder = world.tmp_path / "site"
-    (folder / "channels").mkdir(parents=True)
-    (folder / "config").mkdir()
-    shutil.copy(world.tmp_path / "ch.yaml", folder / "channels" / "ch.yaml")
-    (folder / "config" / "hl7relay.yaml").write_text(f"store: {{url: 'sqlite:///{world.tmp_path / 'h.db'}'}}\n")
+    folder = world.site()
     code, out = _cli(world, folder, "fhir", "holds")
     assert code == 0 and "message 1  ch -> ehr" in out and "Patient/a  ***" in out and "JANE" not in out, out
     code, out = _cli(world, folder, "fhir", "holds", "--show-phi")
@@ -486,7 +485,6 @@ def test_the_console_shows_what_is_held_for_matching_and_an_operator_resolves_it
     """The console's Held for matching page: candidates masked for everyone, shown to a person with
     the PHI permission who says why (audited); an operator picks the patient; the engine sends it."""
     import re
-    import threading
 
     from hl7relay.ops.auth import hash_password
     from test_console import PASSWORD, Browser
@@ -507,11 +505,7 @@ def test_the_console_shows_what_is_held_for_matching_and_an_operator_resolves_it
     users.close()
 
     def call(fn, *args):
-        out = []
-        worker = threading.Thread(target=lambda: out.append(fn(*args)))
-        worker.start()
-        spin(world.reactor, lambda: not worker.is_alive(), limit=60)
-        return out[0]
+        return call_in_thread(world, fn, *args)
 
     with _engine(world, folder, "--console-port", "auto", "--admin-port", "auto") as startup:
         port = int(startup.split("MLLP on 127.0.0.1:")[1].split()[0])

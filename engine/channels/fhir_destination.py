@@ -45,7 +45,7 @@ class FHIRDestinationConfig(HTTPDestinationConfig):
     base_url: str = ""
     match: dict | None = None  # {identifiers, fallback, on_ambiguous}
     if_match: bool = False  # update what we wrote before only if it is still the version we wrote
-    owner: tuple = ("", "")  # (channel, destination): set by the channel loader
+    owner: tuple = ("", "")  # (channel, destination): set by the channel loader; its records name them
 
 
 def _options():
@@ -104,7 +104,7 @@ register("destination", "fhir", "send each message to a FHIR R4 server as a Bund
 def cross_references(sent: bytes, answer: bytes, now: float, message_id) -> tuple:
     """What each sent resource became on the server, from a transaction- or batch-response:
     entries answer in the order they were sent (FHIR says so), each with its location
-    ``Type/id/_history/version``. The channel and destination are the queue's to fill in."""
+    ``Type/id/_history/version``. The delivery fills in its channel, destination and message."""
     try:
         request, response = json.loads(sent), json.loads(answer)
     except (ValueError, UnicodeDecodeError):
@@ -195,9 +195,12 @@ class FHIRDelivery(HTTPDelivery):
         return self._outcome(result, answer)
 
     def deliver(self, message, message_id=None):
-        def stamped(result):  # the cross-references and holds name the message they came from
+        channel, destination = self.config.owner
+
+        def stamped(result):  # the cross-references and holds name where they came from
             if isinstance(result, DeliveryResult) and result.records:
-                records = tuple(dataclasses.replace(r, message_id=message_id) for r in result.records)
+                records = tuple(dataclasses.replace(r, message_id=message_id, channel=channel, destination=destination)
+                                for r in result.records)
                 return dataclasses.replace(result, records=records)
             return result
 

@@ -65,7 +65,7 @@ def _maps(args):
 
 def run(args) -> int:
     if args.action is None:
-        print("hl7relay fhir: say convert or coverage (see hl7relay fhir --help)", file=sys.stderr)
+        print("hl7relay fhir: say convert, coverage, holds or resolve (see hl7relay fhir --help)", file=sys.stderr)
         return 2
     if args.action == "holds":
         return _holds(args)

@@ -58,7 +58,13 @@ def resolve_hold(store, channels: dict, message_id: int, destination: str | None
     plan = plan_replay(store, channels, message_id, {hold["destination"]}, force=True)
     if plan.skipped or hold["destination"] not in plan.outputs:
         raise ResolveError(f"message {message_id} cannot be sent again: {plan.skipped or 'no output'}")
-    bundle = json.loads(plan.outputs[hold["destination"]])
+    try:
+        bundle = json.loads(plan.outputs[hold["destination"]])
+    except ValueError:
+        bundle = None
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise ResolveError(f"{hold['channel']} -> {hold['destination']} no longer sends FHIR Bundles "
+                           "(its channel changed): the message cannot go to a patient")
     entry = next((e for e in bundle.get("entry") or () if (e.get("resource") or {}).get("resourceType") == "Patient"
                   and str(e.get("fullUrl", "")).removeprefix("urn:uuid:") == hold["local_key"]), None)
     if entry is None:
