@@ -56,7 +56,7 @@ class FHIRContent:
 
 
 def is_json(data: bytes) -> bool:
-    return data.lstrip()[:1] in (b"{", b"[")
+    return data[:64].lstrip()[:1] in (b"{", b"[")  # (its head only: the content is not copied)
 
 
 def parse_content(data: bytes):

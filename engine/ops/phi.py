@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from hl7relay.errors import ParseError
+from hl7relay.fhir.content import is_json
 from hl7relay.hl7.message import Message
 
 __all__ = ["mask_message", "mask_fhir", "mask_value", "mask_text", "mask_known", "mask_log_text", "person_values", "MASK"]
@@ -129,7 +130,7 @@ def mask_fhir(data: bytes) -> str:
 
 def mask_message(data: bytes) -> str:
     """The message as text with patient data masked (segments joined by newlines for reading)."""
-    if data.lstrip()[:1] in (b"{", b"["):
+    if is_json(data):
         return mask_fhir(data)
     try:
         message = Message.from_bytes(data)
