@@ -34,8 +34,11 @@ def sample(name: str) -> Message:
     return Message.from_bytes((ROOT / "samples" / name).read_bytes())
 
 
+CONVERTED_AT = 1767225600.0  # 2026-01-01T00:00:00Z: the transformation Provenance's recorded, in the tests
+
+
 def converted(message: Message, bundle: str = "message", timezone: str = "America/New_York") -> dict:
-    return Converter(default_maps(), bundle=bundle, timezone=timezone).convert(message).bundle
+    return Converter(default_maps(), bundle=bundle, timezone=timezone, clock=lambda: CONVERTED_AT).convert(message).bundle
 
 
 def resources(bundle: dict, kind: str) -> list:
@@ -153,7 +156,12 @@ def test_the_same_message_twice_gives_the_same_resources():
     resent.set("MSH-10", "RESENT-1")
     resent.set("MSH-7", "20250101010101")
     third = converted(resent, "transaction")
-    assert [e["fullUrl"] for e in third["entry"]] == [e["fullUrl"] for e in first["entry"]]
+    made = [e["fullUrl"] for e in first["entry"] if e["resource"]["resourceType"] != "Provenance"]
+    assert [e["fullUrl"] for e in third["entry"] if e["resource"]["resourceType"] != "Provenance"] == made
+    # ...and the resend is a message of its own: its Provenances are new, each naming the resources
+    provenances = resources(third, "Provenance")
+    assert len(provenances) == 3 and not {p["id"] for p in provenances} & {p["id"] for p in resources(first, "Provenance")}
+    assert all(set(made) >= {t["reference"] for t in p["target"]} for p in provenances)
 
 
 def test_a_transaction_updates_the_patient_by_identifier_and_links_through_urn_uuids():
@@ -180,6 +188,57 @@ def test_siu_fields_land_where_the_guide_says():
     patient = resources(bundle, "Patient")[0]
     assert patient["gender"] == "female" and patient["birthDate"] == "1980-04-12"
     assert patient["name"][0] == {"family": "DOE", "given": ["JANE", "MARIE"], "use": "official"}
+
+
+PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+
+
+def test_provenance_says_where_the_resources_came_from_and_when_they_were_made():
+    bundle = converted(sample("adt_a01.hl7"), "transaction")
+    kinds = [e["resource"]["resourceType"] for e in bundle["entry"]]
+    assert kinds[-3:] == ["Provenance"] * 3 and "Provenance" not in kinds[:-3]  # last: about all before them
+    by_url = {e["fullUrl"]: e["resource"] for e in bundle["entry"]}
+    made = [e["fullUrl"] for e in bundle["entry"] if not e["request"]["url"].startswith(("Provenance", "Organization",
+                                                                                         "Practitioner", "Location"))]
+    source, transformation, event = resources(bundle, "Provenance")
+    for provenance in (source, transformation, event):
+        assert [t["reference"] for t in provenance["target"]] == made
+    message_entity = {"role": "source", "what": {"identifier": {"system": "urn:hl7relay:v2-message:PMS:CLINIC",
+                                                                "value": "MSG00001"},
+                                                 "display": "HL7 v2 message MSG00001"}}
+    assert source["entity"] == [message_entity]
+    assert source["recorded"] == "2024-01-05T09:35:12-05:00"  # MSH-7 in the channel's zone
+    assert source["activity"]["coding"] == [{"display": "message - ADT^A01^ADT_A01"}]
+    author = by_url[source["agent"][0]["who"]["reference"]]
+    assert author["resourceType"] == "Organization" and author["identifier"][0]["value"] == "CLINIC"  # MSH-4
+    assert source["agent"][0]["type"]["coding"] == [{"code": "author", "system": PARTICIPANT_TYPE}]
+    assert transformation["recorded"] == "2025-12-31T19:00:00-05:00"  # the converter's clock, not the message's
+    assert transformation["activity"]["coding"][0]["code"] == "v2-fhir-transformation"
+    assert transformation["agent"][0]["who"] == {"display": "hl7relay"} and transformation["entity"] == [message_entity]
+    operator = by_url[event["agent"][0]["who"]["reference"]]  # EVN-5
+    assert operator["resourceType"] == "Practitioner" and operator["identifier"][0]["value"] == "OPERATOR01"
+    assert event["recorded"] == "2024-01-05T09:35:12-05:00"  # EVN-2
+
+
+def test_provenance_follows_what_the_message_has():
+    message = sample("adt_a01.hl7")
+    message.set("EVN-5", "")  # no operator: the sending facility is (MSH[Provenance-Operator])
+    event = resources(converted(message), "Provenance")[2]
+    assert event["agent"][0]["who"]["reference"] == resources(converted(message), "Provenance")[0]["agent"][0]["who"]["reference"]
+    message.set("EVN-2", "")  # no recorded time: no event Provenance
+    assert len(resources(converted(message), "Provenance")) == 2
+    message.set("MSH-4", "")
+    message.set("MSH-7", "20240105")  # no sender, no time of day: the agent is unknown, recorded the conversion's
+    source = resources(converted(message), "Provenance")[0]
+    assert source["agent"] == [{"who": {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+                                                        "valueCode": "unknown"}]}}]
+    assert source["recorded"] == "2025-12-31T19:00:00-05:00" and source["occurredDateTime"] == "2024-01-05"
+    siu = converted(sample("siu_s12.hl7"), "message")
+    assert resources(siu, "MessageHeader")[0]["focus"] == [{"reference": siu["entry"][1]["fullUrl"]}]
+    assert siu["entry"][1]["resource"]["resourceType"] == "Appointment"  # a Provenance is never the focus
+    schedule = resources(siu, "Provenance")[2]  # SCH-20, the person who entered the appointment
+    assert schedule["agent"][0]["type"]["coding"] == [{"code": "enterer", "system": PARTICIPANT_TYPE}]
+    assert schedule["recorded"] == "2024-01-10T14:00:00-05:00"  # SCH has no time: the message's
 
 
 def test_the_trigger_event_sets_the_status_the_segments_did_not():
@@ -254,6 +313,8 @@ def test_a_channel_map_file_replaces_a_segment_map(tmp_path):
     ("segments:\n  PID[Patient]:\n    resource: Patient\n    fields:\n      - {v2: PID-3, fhir: identifier, when: \"PID-3 is odd\"}\n",
      "maps.yaml:5:45: cannot read condition 'PID-3 is odd'"),
     ("segmints: {}\n", "maps.yaml:1:1: unknown section 'segmints'"),
+    ("messages:\n  X:\n    segments:\n      - {segment: PID, resource: Patient, links: {subject: Pateint}}\n",
+     "maps.yaml:4:9: X: a link to 'Pateint', which no rule of the message makes (Patient, or '*' for every resource)"),
     ("segments: [\n", "maps.yaml:2:1: YAML syntax"),
 ])
 def test_map_file_errors_say_file_line_and_column(tmp_path, text, expected):
@@ -390,13 +451,15 @@ def _golden_cases():
 @pytest.mark.parametrize("name, data", _golden_cases())
 def test_bundles_equal_their_reviewed_golden_files(name, data):
     """Every sample and corpus message of a supported type against the bundle reviewed for it
-    (nothing in a bundle varies from run to run: ids are uuid5, times come from the message).
+    (nothing in a bundle varies from run to run: ids are uuid5, times come from the message, and
+    the transformation's time from the converter's clock, fixed here).
     HL7RELAY_UPDATE_GOLDEN=1 writes them anew, for review in the diff."""
     import os
 
     path = GOLDEN / (name.replace("#", "-") + ".json")
     try:
-        got = Converter(default_maps(), bundle="transaction", timezone="America/New_York").convert(Message.from_bytes(data))
+        got = Converter(default_maps(), bundle="transaction", timezone="America/New_York",
+                        clock=lambda: CONVERTED_AT).convert(Message.from_bytes(data))
         produced = {"bundle": got.bundle, "problems": got.problems}
     except ConversionError as exc:
         produced = {"error": str(exc)}

@@ -46,6 +46,7 @@ REQUIRED: dict[tuple[str, str], tuple[str, ...]] = {
                                                       "refuted", "entered-in-error"),
     ("Location", "mode"): ("instance", "kind"),
     ("Location", "status"): ("active", "suspended", "inactive"),
+    ("Provenance", "entity.role"): ("derivation", "revision", "quotation", "source", "removal"),
     ("Bundle", "type"): ("document", "message", "transaction", "transaction-response", "batch", "batch-response",
                          "history", "searchset", "collection"),
     ("*", "telecom.system"): _CONTACT_SYSTEM,

@@ -4,7 +4,9 @@ Resource ids are deterministic (uuid5 of the type and the first identifier's sys
 else of the message map's ``identity`` values, else of the resource's content), so the same
 message twice gives the same resources; a transaction bundle updates by identifier
 (``PUT Patient?identifier=system|value``) and references resolve through ``urn:uuid:`` full URLs.
-A DTM without an offset takes the converter's time zone.
+A DTM without an offset takes the converter's time zone. Provenance resources say where the
+resources came from (the message, by its sender and control id) and when they were made (the
+converter's clock); they come last in the Bundle and name every resource as a target.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import datetime
 import functools
 import json
 import re
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from hl7relay.errors import HL7RelayError
-from hl7relay.fhir.maps import _PLACEHOLDER, Condition, ElementMap, MapSet, MessageMap, Rule, parse_value_path
+from hl7relay.fhir.maps import (
+    _PLACEHOLDER, ALL_RESOURCES, NOW, Condition, ElementMap, MapSet, MessageMap, Rule, parse_value_path,
+)
 from hl7relay.hl7.escape import unescape
 from hl7relay.hl7.message import HEADER_SEGMENTS, Message
 
@@ -313,7 +319,9 @@ class _Run:
 
     # -- building -------------------------------------------------------------------------
     def produce(self, rule: Rule, element: _Element, where: tuple):
-        if rule.value is not None:
+        if rule.value == NOW:
+            value = self.converter.now()
+        elif rule.value is not None:
             text = self.template(rule.value)
             if text is None:
                 return None
@@ -490,6 +498,7 @@ class _Run:
         return resource
 
 
+_ABOUT_THE_MESSAGE = frozenset({"MessageHeader", "Provenance"})  # not what the message is about: never a target or focus
 _PRIMITIVE_KINDS = frozenset({"string", "code", "id", "uri", "date", "dateTime", "instant", "time", "decimal",
                               "integer", "positiveInt", "unsignedInt", "boolean", "markdown", "system"})
 
@@ -622,7 +631,8 @@ def _identified(resource_type: str, content: dict) -> str:
 class Converter:
     """Compiled once per channel: the maps, the bundle type, the time zone."""
 
-    def __init__(self, maps: MapSet, *, bundle: str = "message", timezone: str = "UTC", map_name: str = ""):
+    def __init__(self, maps: MapSet, *, bundle: str = "message", timezone: str = "UTC", map_name: str = "",
+                 clock: Callable[[], float] = time.time):
         if bundle not in BUNDLE_TYPES:
             raise ValueError(f"bundle: {bundle!r} is not one of {', '.join(BUNDLE_TYPES)}")
         try:
@@ -631,7 +641,12 @@ class Converter:
             raise ValueError(f"timezone: {timezone!r} is not a time zone (e.g. Europe/London, UTC)") from exc
         if map_name and map_name not in maps.messages:
             raise ValueError(f"map: no message map {map_name!r} ({', '.join(sorted(maps.messages))})")
-        self.maps, self.bundle_type, self.map_name = maps, bundle, map_name
+        self.maps, self.bundle_type, self.map_name, self.clock = maps, bundle, map_name, clock
+
+    def now(self) -> str:
+        """The time of the conversion, an instant in the converter's zone (seconds: FHIR's instant)."""
+        moment = datetime.datetime.fromtimestamp(int(self.clock()), self.zone)
+        return moment.isoformat()
 
     def message_map(self, message: Message) -> MessageMap:
         if self.map_name:
@@ -658,19 +673,25 @@ class Converter:
             if not rid and resource.identity and any(resource.identity):
                 parents = [t.id for _, t, _ in resource.nearest_ids if isinstance(t, _Resource) and t.id]
                 parents += [p.id for p in resource.parents if p.id]
-                rid = resource_id(resource.type, *parents, *resource.identity)
+                # two resources of one type from the same fields (the Provenances) differ by their names
+                named = (resource.name,) if resource.name != resource.type else ()
+                rid = resource_id(resource.type, *named, *parents, *resource.identity)
             resource.id = rid or resource_id(resource.type, _canonical(resource.node))
             resource.full_url = f"urn:uuid:{resource.id}"
+        made = [r for r in resources if not r.from_datatype and r.type not in _ABOUT_THE_MESSAGE]
         for resource in resources:
             for target, linked, also in resource.nearest_ids:
+                if linked == ALL_RESOURCES:
+                    for each in made:
+                        _link(resource.node, target, each.full_url, also)
+                    continue
                 if isinstance(linked, str):
                     found = run.by_name.get(linked)
                     if not found:
                         continue
                     linked = found[0]
                 _link(resource.node, target, linked.full_url, also)
-        main = [r for r in resources if r.type != "MessageHeader" and not r.from_datatype]
-        if not main:
+        if not made:
             raise ConversionError("nothing in the message maps to a FHIR resource")
         return Conversion(self.bundle(message, run, resources), run.problems)
 
@@ -680,8 +701,12 @@ class Converter:
         if self.bundle_type == "message":
             for header in headers:
                 header.node["focus"] = [{"reference": r.full_url} for r in resources
-                                        if not r.from_datatype and r.type != "MessageHeader"][:1]
-        ordered = (headers if self.bundle_type == "message" else []) + [r for r in resources if r.type != "MessageHeader"]
+                                        if not r.from_datatype and r.type not in _ABOUT_THE_MESSAGE][:1]
+        # what the message is about first, then what those resources refer to (organizations,
+        # practitioners, locations), then the Provenances, which are about everything before them
+        ordered = (headers if self.bundle_type == "message" else []) + \
+            [r for r in resources if r.type not in _ABOUT_THE_MESSAGE and not r.from_datatype] + \
+            [r for r in resources if r.from_datatype] + [r for r in resources if r.type == "Provenance"]
         if self.bundle_type != "message":  # the header's own organizations go with it
             cited = _canonical([r.node for r in ordered if not r.from_datatype])
             ordered = [r for r in ordered if not r.from_datatype or r.full_url in cited]

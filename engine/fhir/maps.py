@@ -5,7 +5,8 @@ FILE}``) replaces the shipped maps of the same names and adds others:
 
 - ``messages``: per message structure, which segment goes through which segment map into which
   resource (``resource: Patient`` names one resource per message, ``each: true`` one per segment),
-  the references between them (``links``), and values a resource takes when nothing set them
+  the references between them (``links``; ``"*"``: every resource the message makes, for a
+  Provenance's ``target``), and values a resource takes when nothing set them
   (``defaults``);
 - ``segments``: per segment map (the guide's names, ``PID[Patient]``), field rules;
 - ``datatypes``: per data type map (``CX[Identifier]``), component rules; ``resource:`` makes the
@@ -16,7 +17,7 @@ FILE}``) replaces the shipped maps of the same names and adds others:
 A rule: ``{v2: PID-3, fhir: "identifier[2]", type: "CX[Identifier]"}``; ``type`` is a data type
 map or a FHIR primitive (string, code, id, uri, date, dateTime, instant, time, decimal, integer,
 positiveInt, unsignedInt, boolean); ``vocabulary`` a concept map; ``value`` a constant or a
-template (``"{XTN.6} {XTN.7}"``); ``repeats: false`` takes only a field's first repetition (a field the
+template (``"{XTN.6} {XTN.7}"``) or ``$now``, the time of the conversion; ``repeats: false`` takes only a field's first repetition (a field the
 standard does not repeat, whatever a sender put in it); ``back: false`` keeps a rule out of FHIR -> v2 (where several fields
 fill one list, the one that takes it back); ``when`` a condition (``PID-7 longer than 8``, ``CWE.3 =
 HL70276``, ``PV1-45 not valued``, ``OBX-2 in (ST, TX)``, ``PID-11 count > 1``; joined by ``and``).
@@ -34,9 +35,11 @@ from pathlib import Path
 from hl7relay.yamlsource import ConfigError, Document, Mark, load_document
 
 __all__ = ["MapSet", "MapError", "Rule", "Condition", "MessageRule", "MessageMap", "ElementMap",
-           "load_maps", "default_maps", "PRIMITIVES", "MAPS_DIR"]
+           "load_maps", "default_maps", "PRIMITIVES", "MAPS_DIR", "ALL_RESOURCES", "NOW"]
 
 MAPS_DIR = Path(__file__).with_name("maps")
+ALL_RESOURCES = "*"  # a link to every resource the message makes (a Provenance's targets)
+NOW = "$now"  # a value: the time of the conversion (a Provenance's recorded)
 PRIMITIVES = frozenset({"string", "code", "id", "uri", "date", "dateTime", "instant", "time", "decimal",
                         "integer", "positiveInt", "unsignedInt", "boolean", "markdown", "system"})
 _SECTIONS = ("messages", "segments", "datatypes", "vocabulary", "systems")
@@ -428,6 +431,12 @@ def _check_references(maps: MapSet, problems: list) -> None:
         for rule in message_map.rules:
             if rule.map and rule.map not in maps.segments:
                 problems.append(ConfigError(rule.mark, f"{message_map.name}: unknown segment map {rule.map!r}"))
+            names = {r.resource for r in message_map.rules}
+            for _target, resource, _nearest, _also in rule.links:
+                if resource != ALL_RESOURCES and resource not in names:
+                    problems.append(ConfigError(rule.mark, f"{message_map.name}: a link to {resource!r}, which no rule "
+                                                           f"of the message makes ({', '.join(sorted(names))}, or "
+                                                           f"{ALL_RESOURCES!r} for every resource)"))
 
 
 def load_maps(path: str | Path, base: MapSet | None = None, display_name: str | None = None) -> MapSet:
