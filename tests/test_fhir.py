@@ -233,6 +233,9 @@ def test_provenance_follows_what_the_message_has():
     assert source["agent"] == [{"who": {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
                                                         "valueCode": "unknown"}]}}]
     assert source["recorded"] == "2025-12-31T19:00:00-05:00" and source["occurredDateTime"] == "2024-01-05"
+    # an MSH-4 with components but nothing in them is no sender either (an agent needs its who)
+    empty = Message.from_bytes((ROOT / "samples" / "adt_a01.hl7").read_bytes().replace(b"|CLINIC|HL7RELAY|", b"|^|HL7RELAY|"))
+    assert resources(converted(empty), "Provenance")[0]["agent"] == source["agent"]
     siu = converted(sample("siu_s12.hl7"), "message")
     assert resources(siu, "MessageHeader")[0]["focus"] == [{"reference": siu["entry"][1]["fullUrl"]}]
     assert siu["entry"][1]["resource"]["resourceType"] == "Appointment"  # a Provenance is never the focus

@@ -116,6 +116,7 @@ class _Resource:
     id: str = ""
     full_url: str = ""
     from_datatype: bool = False
+    cited_by: set = field(default_factory=set)  # data type resources: the types of the resources naming them
 
 
 class _Run:
@@ -136,6 +137,7 @@ class _Run:
         self.resources: list[_Resource] = []
         self.by_name: dict[str, list[_Resource]] = {}
         self.datatype_resources: dict[str, _Resource] = {}
+        self.resource_type = ""  # of the resource whose segment map is being applied
         # the context of the rule being applied
         self.segment = ""
         self.fields: list = []
@@ -143,6 +145,7 @@ class _Run:
         self.repetition: _Element | None = None
         self.datatype = ""
         self.element: _Element | None = None
+        self.field_cache: dict = {}  # (segment, number) -> (repetitions, count): the fields read while on one segment
 
     # -- values ---------------------------------------------------------------------------
     def text(self, element: _Element) -> str:
@@ -153,6 +156,13 @@ class _Run:
 
     def _field(self, segment: str, number: int) -> tuple[list, int]:
         """The repetitions of a field (raw) of the current segment, else of the message's first one."""
+        key = (segment, number)
+        found = self.field_cache.get(key)
+        if found is None:
+            found = self.field_cache[key] = self._read_field(segment, number)
+        return found
+
+    def _read_field(self, segment: str, number: int) -> tuple[list, int]:
         if segment == self.segment:
             fields = self.fields
         else:
@@ -204,6 +214,9 @@ class _Run:
                 ok = value in clause.values
             elif test == "not_in":
                 ok = value not in clause.values
+            elif test == "any_valued":  # any component or subcomponent: "^FAC^ISO" is valued
+                raw = element.text if element is not None else ""
+                ok = raw != '""' and any(c not in self.seps and c != self.rep_sep for c in raw)
             elif test == "longer":
                 ok = len(element.leaf() if element is not None else "") > clause.values[0]
             elif test == "count_gt":
@@ -393,42 +406,43 @@ class _Run:
                               from_datatype=True)
             self.datatype_resources[rid] = found
             self.resources.append(found)
+        found.cited_by.add(self.resource_type)
         return found
 
     def apply_segment(self, segment_map: ElementMap, node: dict, occurrence: int) -> None:
         """The segment map's rules on the fields the segment has (a field it lacks costs nothing)."""
         fields = self.fields
         index = segment_map.by_number()
-        for rule in index.get(0, ()):
-            self._apply(rule, node, occurrence, 0, [""])
+        whole = index.get(0)
+        if whole:
+            self._apply(whole, node, occurrence, 0, [(0, _Element("", 0, self.seps))])
         for number in range(1, len(fields)):
             rules = index.get(number)
             if rules is None or not fields[number]:
                 continue
             repetitions, _ = self._field(self.segment, number)
-            for rule in rules:
-                self._apply(rule, node, occurrence, number,
-                            repetitions if rule.repeats and any(step[1] for step in rule.target) else repetitions[:1])
+            elements = [(i, _Element(raw, 0, self.seps)) for i, raw in enumerate(repetitions) if raw and raw != '""']
+            if elements:
+                self._apply(rules, node, occurrence, number, elements)
 
-    def _apply(self, rule: Rule, node: dict, occurrence: int, number: int, repetitions: list) -> None:
-        for index, raw in enumerate(repetitions):
-            if number and (not raw or raw == '""'):
-                continue
-            self.field_number = number
-            self.repetition = _Element(raw, 0, self.seps) if number else None
-            try:
-                if rule.when is not None and not self.holds(rule.when):
-                    continue
-                where = (self.segment, number)
-                element = self.repetition if self.repetition is not None else _Element("", 0, self.seps)
-                self.original_time = None
-                value = self.produce(rule, element, where)
-            finally:
-                self.field_number, self.repetition = 0, None
-            if value is not None:
-                _write(node, rule.target, value, (occurrence, index))
-                if self.original_time is not None:
-                    self.keep_original(node, rule.target, (occurrence, index))
+    def _apply(self, rules: list, node: dict, occurrence: int, number: int, elements: list) -> None:
+        where = (self.segment, number)
+        self.field_number = number
+        try:
+            for rule in rules:
+                # a list target takes each repetition; anything else the first (when it is valued)
+                for index, element in (elements if rule.many else elements[:1] if elements[0][0] == 0 else ()):
+                    self.repetition = element if number else None
+                    if rule.when is not None and not self.holds(rule.when):
+                        continue
+                    self.original_time = None
+                    value = self.produce(rule, element, where)
+                    if value is not None:
+                        _write(node, rule.target, value, (occurrence, index))
+                        if self.original_time is not None:
+                            self.keep_original(node, rule.target, (occurrence, index))
+        finally:
+            self.field_number, self.repetition = 0, None
 
     def keep_original(self, node: dict, target: tuple, key: tuple) -> None:
         """A time given without an offset keeps its HL7 text beside the FHIR value (which carries
@@ -451,6 +465,7 @@ class _Run:
             occurrence = counts.get(name, 0)
             counts[name] = occurrence + 1
             self.segment, self.fields = name, self.message.fields(position)
+            self.field_cache = {}
             for rule in rules:
                 if not self.holds(rule.when):
                     continue
@@ -462,6 +477,7 @@ class _Run:
                     resource = self.resource_for(rule)
                     node = resource.node
                 if rule.map:
+                    self.resource_type = resource.type if resource is not None else "Bundle"
                     self.apply_segment(self.maps.segments[rule.map], node, occurrence)
                 if resource is None:
                     continue
@@ -483,7 +499,7 @@ class _Run:
                 for target, value in rule.defaults:
                     if not _has(node, target):
                         _write(node, target, value, ())
-        self.segment, self.fields = "", []
+        self.segment, self.fields, self.field_cache = "", [], {}
         self.bundle_fields: dict = _finish(bundle_node) or {}
         return self.resources
 
@@ -708,8 +724,7 @@ class Converter:
             [r for r in resources if r.type not in _ABOUT_THE_MESSAGE and not r.from_datatype] + \
             [r for r in resources if r.from_datatype] + [r for r in resources if r.type == "Provenance"]
         if self.bundle_type != "message":  # the header's own organizations go with it
-            cited = _canonical([r.node for r in ordered if not r.from_datatype])
-            ordered = [r for r in ordered if not r.from_datatype or r.full_url in cited]
+            ordered = [r for r in ordered if not r.from_datatype or r.cited_by - {"MessageHeader"}]
         for resource in ordered:
             entry = {"fullUrl": resource.full_url}
             body = dict(resource.node)

@@ -20,7 +20,7 @@ positiveInt, unsignedInt, boolean); ``vocabulary`` a concept map; ``value`` a co
 template (``"{XTN.6} {XTN.7}"``) or ``$now``, the time of the conversion; ``repeats: false`` takes only a field's first repetition (a field the
 standard does not repeat, whatever a sender put in it); ``back: false`` keeps a rule out of FHIR -> v2 (where several fields
 fill one list, the one that takes it back); ``when`` a condition (``PID-7 longer than 8``, ``CWE.3 =
-HL70276``, ``PV1-45 not valued``, ``OBX-2 in (ST, TX)``, ``PID-11 count > 1``; joined by ``and``).
+HL70276``, ``PV1-45 not valued``, ``MSH-4 any valued`` (any component, where ``valued`` asks the first), ``OBX-2 in (ST, TX)``, ``PID-11 count > 1``; joined by ``and``).
 In a target, ``name[n]`` is a list element: rules naming the same ``n`` fill the same element, and
 each repetition of the source field (each segment, for resources merged from several) adds one.
 """
@@ -75,7 +75,7 @@ class ValuePath:
 @dataclass(frozen=True, slots=True)
 class Clause:
     path: ValuePath
-    test: str  # valued, not_valued, eq, ne, in, not_in, longer, count_gt, count_eq
+    test: str  # valued (the first component), any_valued (any component), not_valued, eq, ne, in, not_in, longer, count_gt, count_eq
     values: tuple = ()
 
 
@@ -99,6 +99,10 @@ class Rule:
     # fields fill one list); True even with its condition (the one of several alternatives)
     back: bool | None = None
     repeats: bool = True  # false: a field the standard does not repeat; a sender's "~" in it is not a second element
+    many: bool = field(init=False, default=False, compare=False)  # takes every repetition (a list target)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "many", self.repeats and any(slot for _name, slot in self.target))
 
 
 @dataclass(slots=True)
@@ -185,7 +189,7 @@ def _values(text: str) -> tuple:
     return tuple(v.strip().strip('"') for v in inner.split(",") if v.strip())
 
 
-_CLAUSE = re.compile(r"^(?P<path>\S+)\s+(?:(?P<valued>valued)|(?P<not_valued>not valued)|"
+_CLAUSE = re.compile(r"^(?P<path>\S+)\s+(?:(?P<valued>valued)|(?P<any_valued>any valued)|(?P<not_valued>not valued)|"
                      r"(?P<op>=|!=)\s*(?P<value>.+)|(?P<not_in>not in)\s+(?P<not_in_values>.+)|"
                      r"in\s+(?P<in_values>.+)|longer than\s+(?P<longer>[0-9]+)|"
                      r"count\s*(?P<count_op>[>=])\s*(?P<count>[0-9]+))$")
@@ -197,13 +201,15 @@ def parse_condition(text: str) -> tuple[Condition | None, str]:
     for part in re.split(r"\s+and\s+", text.strip()):
         match = _CLAUSE.match(part.strip())
         if match is None:
-            return None, (f"cannot read condition {part.strip()!r} (PATH valued | not valued | = V | != V | "
+            return None, (f"cannot read condition {part.strip()!r} (PATH valued | any valued | not valued | = V | != V | "
                           f"in (A, B) | not in (A, B) | longer than N | count > N | count = N)")
         path = parse_value_path(match["path"])
         if path is None:
             return None, f"not a v2 path: {match['path']!r} (e.g. PID-7, PID-11.9, CWE.3)"
         if match["valued"]:
             clauses.append(Clause(path, "valued"))
+        elif match["any_valued"]:
+            clauses.append(Clause(path, "any_valued"))
         elif match["not_valued"]:
             clauses.append(Clause(path, "not_valued"))
         elif match["op"]:
