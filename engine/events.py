@@ -28,6 +28,7 @@ EVENTS = {
     "connection_evicted": {"listener"},
     "bytes_discarded": {"listener", "count"},
     "frame_discarded": {"listener", "reason"},
+    "file_read": {"channel", "file", "file_id", "state", "messages", "errors"},
 }
 
 _registered: tuple = ()  # (observer, the events it wants or None for all), in order

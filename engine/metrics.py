@@ -106,6 +106,8 @@ class Metrics:
                                ["listener"], registry=r)
         self.discarded_bytes = Counter("hl7relay_discarded_bytes", "Bytes outside MLLP frames", ["listener"], registry=r)
         self.discarded_frames = Counter("hl7relay_discarded_frames", "Frames dropped (oversize, read timeout)", ["listener", "reason"], registry=r)
+        self.files = Counter("hl7relay_files_read", "Files a source finished with, by state (done, errors, duplicate)",
+                             ["channel", "state"], registry=r)
         self.commit_latency = _HotHistogram("hl7relay_store_commit_seconds", "Store commit duration", [], _LATENCY_BUCKETS)
         self.batch_size = _HotHistogram("hl7relay_store_batch_size", "Messages and updates per group commit", [], _BATCH_BUCKETS)
         r.register(_HotCollector([self.received, self.acked, self.sent, self.ack_latency, self.stage_latency,
@@ -127,6 +129,7 @@ class Metrics:
             "bytes_discarded": lambda f: self._labels(self.discarded_bytes, f["listener"]).inc(f["count"]),
             "frame_discarded": lambda f: self._labels(self.discarded_frames, f["listener"], f["reason"]).inc(),
             "store_commit": self._commit,
+            "file_read": lambda f: self._labels(self.files, f["channel"], f["state"]).inc(),
         }
 
     def _labels(self, metric, *values):

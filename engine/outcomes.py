@@ -115,6 +115,15 @@ class DeliveryStatus(enum.StrEnum):
 STORED_STATUSES = tuple(status.value for status in MessageStatus)  # for choices and counters, in order
 
 
+class FileState(enum.StrEnum):
+    """Where a file a source read stands in the file ledger."""
+
+    READING = "reading"  # messages being stored; a restart resumes after those already stored
+    DONE = "done"  # every message stored; the file archived or deleted
+    ERRORS = "errors"  # every message stored, some of them as ERROR (unreadable, or rejected)
+    DUPLICATE = "duplicate"  # the same content was read before (another name, or again): not imported
+
+
 class DeliveryOutcome(enum.Enum):
     """What one delivery attempt came to."""
 

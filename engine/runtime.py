@@ -78,6 +78,38 @@ class RunningChannel(Responder):
             raise
         return d.addBoth(self._answered, trip, started)
 
+    def store_unreadable(self, raw: bytes, peer, error: str) -> defer.Deferred:
+        """A message a reader could not parse (a file's): stored as ERROR with its bytes, so it is
+        counted, alerted on and can be replayed once fixed; there is no sender to answer. Fires
+        with its id, or None when it could not be stored."""
+        from hl7relay.outcomes import MessageStatus
+        from hl7relay.store.database import MessageRecord, StoreError
+
+        resources, channel = self.resources, self.channel
+        emit = resources.emit
+        emit("message_received", channel=channel.name)
+        now = resources.clock()
+        record = MessageRecord(channel.name, raw, MessageStatus.ERROR.value, now, getattr(peer, "text", str(peer)),
+                               error=error, source_file=getattr(peer, "source_file", None))
+
+        def stored(message_id):
+            emit("message_processed", channel=channel.name, status=MessageStatus.ERROR.value, ack_codes=(),
+                 ack_latency=0.0, stages={}, message_id=message_id, message_type="", control_id="",
+                 peer=record.peer)
+            resources.stats.answered(channel.name, MessageStatus.ERROR.value, 0.0, now)
+            log.warn("channel {channel}: {error} (stored as ERROR, message {message_id})", channel=channel.name,
+                     error=error, message_id=message_id, about_message=True)
+            return message_id
+
+        def failed(failure):
+            failure.trap(StoreError)
+            log.error("channel {channel}: {error}; it could not be stored either: {reason}", channel=channel.name,
+                      error=error, reason=failure.getErrorMessage())
+            emit("store_failed", channel=channel.name)
+            return None
+
+        return resources.writer.write(record).addCallbacks(stored, failed)
+
     def _answered(self, outcome, trip: Trip, started: float):
         resources = self.resources
         resources.in_flight -= 1

@@ -54,7 +54,7 @@ class Header(TypedDict):
 class Trip:
     __slots__ = ("resources", "running", "channel", "message", "peer", "received_at", "raw", "header", "original",
                  "ack_request", "duplicate_key", "record", "outcome", "status", "stage", "message_id", "timings",
-                 "_store_started")
+                 "_store_started", "source_file")
 
     def __init__(self, resources, running, channel, message: Message, peer):
         self.resources = resources  # clock, store writer, events, settings (resources.py)
@@ -63,6 +63,7 @@ class Trip:
         self.message = message
         # 'host:port', as the store records it and the tracer shows it (a listener's Peer made it once)
         self.peer = getattr(peer, "text", None) or str(peer)
+        self.source_file = getattr(peer, "source_file", None)  # read from a file: its ledger id, place, line
         self.received_at = resources.clock()
         self.raw = message.raw if message.raw is not None else message.to_bytes()
         msh = message.msh
@@ -107,7 +108,7 @@ class Trip:
         if processed is not None:
             status, error, outcome = stored_outcome(processed)
         record = MessageRecord(channel.name, self.raw, status, self.received_at, self.peer, message.charset,
-                               error=error, duplicate_key=self.duplicate_key, **header)
+                               error=error, duplicate_key=self.duplicate_key, source_file=self.source_file, **header)
         if processed is not None and processed.findings:
             # what validators with on_error: warn found stays with the message (messages show)
             record.stages["findings"] = _findings_json(processed.findings)
@@ -282,7 +283,7 @@ class Trip:
         acks = outcome.acks
         record = MessageRecord(channel.name, self.raw, _DUPLICATE, self.received_at, self.peer, original.charset,
                                error=error, ack_code=outcome.ack_codes[-1] if outcome.ack_codes else "",
-                               duplicate_key=self.duplicate_key, **self.header)
+                               duplicate_key=self.duplicate_key, source_file=self.source_file, **self.header)
         if acks and "acks" in channel.stages:
             record.stages["ack"] = b"\r".join(acks)
         self.record, self.status, self.stage = record, _DUPLICATE, PROCESSED

@@ -69,8 +69,8 @@ def test_a_sound_store_passes_every_check(env, capsys):
     assert data["status"] == "ok" and "integrity_check" in data["checks"][0]["detail"]
     assert [c["name"] for c in data["checks"]] == [
         "backend integrity", "schema version", "deliveries of missing messages", "stages of missing messages",
-        "queued for undeclared destinations", "duplicates within the window", "stages the channels keep",
-        "overdue deliveries"]
+        "file places of missing messages", "queued for undeclared destinations", "duplicates within the window",
+        "stages the channels keep", "overdue deliveries", "file ledger"]
 
 
 def test_each_check_finds_what_it_is_for_and_repair_fixes_only_the_safe_ones(env, capsys):
@@ -92,8 +92,13 @@ def test_each_check_finds_what_it_is_for_and_repair_fixes_only_the_safe_ones(env
     add(store, "D4", key="PMS|D3")  # outside the window: not a finding
     no_ack = add(store, "NA", stages_kept=("transformed",))
     late = add(store, "LATE", delivery="QUEUED", next_attempt_at=now - 2 * 3600)
+    from hl7relay.store.database import FileSeenUpdate
+
+    store.commit([], [FileSeenUpdate("adt", "file:///in", "stuck.hl7", 10, 1.0, "c" * 64, now - 2 * 3600)])
     checks = by_name(verify(store, _channels(tmp_path), now))
     assert checks["backend integrity"].status == OK  # the file is sound; what is in it is not
+    stuck = checks["file ledger"]
+    assert stuck.status == WARNING and "adt/stuck.hl7 (2.0 h)" in stuck.detail
     orphans = checks["deliveries of missing messages"]
     assert orphans.status == PROBLEM and orphans.count == 1 and orphans.sample == [gone] and orphans.key
     assert checks["stages of missing messages"].count == 2  # ack and transformed
@@ -150,7 +155,7 @@ def test_channel_files_with_problems_skip_the_checks_that_need_them(env, capsys)
     assert "every check ok" not in out and out.strip().splitlines()[-1].endswith(
         "the checks that ran are ok; 3 skipped (queued for undeclared destinations, duplicates within the window, "
         "stages the channels keep)")
-    assert verify(store, None, time.time())[4].status == SKIPPED
+    assert verify(store, None, time.time())[5].status == SKIPPED
 
 
 def test_an_ordinary_replay_is_no_warning(env, capsys):

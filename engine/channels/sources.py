@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from hl7relay.channels.files import FilePoller, FileSourceConfig
 from hl7relay.spec import Option, register
 from hl7relay.mllp.framing import DEFAULT_MAX_FRAME_BYTES
 from hl7relay.mllp.listener import ListenerConfig
@@ -80,33 +81,6 @@ def _mllp(options, context=None):
         tls=tls_config(options, True, getattr(context, "base_dir", None)),
     )
     return MLLPSourceConfig(config)
-
-
-@dataclass(slots=True)
-class FileSourceConfig:
-    directory: str
-    glob: str
-    poll_interval: float
-    after: str  # move | delete
-    move_to: str | None
-    charset: str
-    settle: float  # a file must be unchanged this long before it is read (never half-written)
-    runner: ClassVar[type[Source]]
-
-
-@register("source", "file", "read message files from a directory (batches split)", [
-    Option("directory", "str", description="folder to poll"),
-    Option("glob", "str", "*.hl7", "which files"),
-    Option("poll_interval", "duration", 2.0, "seconds between looks"),
-    Option("after", "enum", "move", "after a successful read: move the file or delete it", ("move", "delete")),
-    Option("move_to", "str", None, "where read files go (default: DIRECTORY/processed)"),
-    Option("charset", "str", "UTF-8", "for messages with an empty MSH-18"),
-    Option("settle", "duration", 1.0, "seconds a file must stay unchanged before it is read"),
-])
-def _file(options, context=None):
-    return FileSourceConfig(options["directory"], options["glob"], options["poll_interval"], options["after"],
-                            options["move_to"], options["charset"], options["settle"])
-
 
 
 # -- the running part of each source type ---------------------------------------------------------
@@ -231,6 +205,8 @@ class MLLPSource(Source):
 
 
 class FileSource(Source):
+    """The file source's runner: its poller (files.py) while open."""
+
     def __init__(self, config, running):
         super().__init__(config, running)
         self.poller = None
@@ -245,96 +221,6 @@ class FileSource(Source):
         if self.poller is not None:
             self.poller.stop()
             self.poller = None
-
-
-class FilePoller:
-    """Reads message files from a folder: only files unchanged for ``settle`` seconds (never a
-    half-written one); every message in a file is committed before the file is moved or deleted."""
-
-    def __init__(self, running, config: FileSourceConfig):
-        from pathlib import Path
-
-        from twisted.internet import task
-
-        self.running = running
-        self.reactor = running.resources.reactor
-        self.config = config
-        self.directory = Path(config.directory)
-        self.seen: dict = {}  # path -> (size, mtime, first seen at)
-        self.loop = task.LoopingCall(self.poll)
-        self.loop.clock = self.reactor
-        self.busy = False
-
-    def start(self):
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.loop.start(self.config.poll_interval, now=True)
-
-    def stop(self):
-        if self.loop.running:
-            self.loop.stop()
-
-    def poll(self):
-        from twisted.internet import defer
-
-        return defer.ensureDeferred(self._poll())
-
-    async def _poll(self):
-        if self.busy:
-            return
-        self.busy = True
-        try:
-            now = self.reactor.seconds()
-            for path in sorted(self.directory.glob(self.config.glob)):
-                if not path.is_file():
-                    continue
-                stat = path.stat()
-                state = (stat.st_size, stat.st_mtime_ns)
-                previous = self.seen.get(path)
-                if previous is None or previous[:2] != state:
-                    self.seen[path] = (*state, now)
-                    continue
-                if now - previous[2] < self.config.settle:
-                    continue
-                await self._read(path)
-                self.seen.pop(path, None)
-        finally:
-            self.busy = False
-
-    async def _read(self, path):
-        import os
-        from pathlib import Path
-
-        from twisted.logger import Logger
-
-        from hl7relay.ack.outcome import Status
-        from hl7relay.hl7.batch import split_messages
-        from hl7relay.errors import ParseError
-        from hl7relay.mllp.listener import Peer
-        from hl7relay.hl7.message import Message
-
-        log = Logger(namespace="hl7relay.engine")
-        channel = self.running.channel
-        data = path.read_bytes()
-        split = split_messages(data)
-        peer = Peer(f"file:{path.name}", 0)
-        for chunk in split.messages:
-            try:
-                message = Message.from_bytes(chunk.data, self.config.charset)
-            except ParseError as exc:
-                log.warn("channel {channel}: {file} line {line}: {error}", channel=channel.name, file=str(path),
-                         line=chunk.line, error=str(exc), about_message=True)
-                continue
-            outcome = await self.running.handle(message, peer)
-            if outcome.status is Status.INTERNAL_ERROR:  # not stored: leave the file for the next poll
-                log.error("channel {channel}: {file} was not fully stored; it stays for the next poll",
-                          channel=channel.name, file=str(path))
-                return
-        if self.config.after == "delete":
-            path.unlink()
-        else:
-            target = Path(self.config.move_to) if self.config.move_to else self.directory / "processed"
-            target.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target / path.name)
 
 
 MLLPSourceConfig.runner = MLLPSource

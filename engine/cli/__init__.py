@@ -40,6 +40,7 @@ VERBS = {
     "destination": "hl7relay.cli.destination",
     "reload": "hl7relay.cli.reload",
     "fhir": "hl7relay.cli.fhir",
+    "files": "hl7relay.cli.files",
 }
 
 

@@ -7,19 +7,21 @@ import time
 
 from hl7relay.cli._settings import add_settings_arguments
 
-HELP = "check the store: backend integrity, schema, orphan rows, queues no channel serves, duplicates, stages"
+HELP = "check the store: backend integrity, schema, orphan rows, queues no channel serves, duplicates, stages, files"
 DESCRIPTION = """\
 Checks, each answered ok, warning or problem:
   backend integrity        SQLite quick_check (--full: integrity_check) and foreign keys; PostgreSQL:
                            every table and index present and valid
   schema version           the store's against this hl7relay's
-  deliveries / stages of missing messages
+  deliveries / stages / file places of missing messages
   queued for undeclared destinations   deliveries no queue will ever send (the channel or the
                            destination was removed from the channel files)
   duplicates within the window         a key stored twice, not as DUPLICATE, within a channel's window
   stages the channels keep             the last --hours' messages without the ACK or transformed stage
                            their channel stores
   overdue deliveries       queued ones more than an hour past their next attempt
+  file ledger              each file's count of stored messages against the places recorded; files
+                           still being read after an hour
 
 --xref checks the FHIR cross-references instead: every resource a fhir destination wrote, read
 back from its server (missing, merged into another, changed there since) and every PMS identifier

@@ -17,10 +17,12 @@ FILE}``) replaces the shipped maps of the same names and adds others:
 A rule: ``{v2: PID-3, fhir: "identifier[2]", type: "CX[Identifier]"}``; ``type`` is a data type
 map or a FHIR primitive (string, code, id, uri, date, dateTime, instant, time, decimal, integer,
 positiveInt, unsignedInt, boolean); ``vocabulary`` a concept map; ``value`` a constant or a
-template (``"{XTN.6} {XTN.7}"``) or ``$now``, the time of the conversion; ``repeats: false`` takes only a field's first repetition (a field the
-standard does not repeat, whatever a sender put in it); ``back: false`` keeps a rule out of FHIR -> v2 (where several fields
-fill one list, the one that takes it back); ``when`` a condition (``PID-7 longer than 8``, ``CWE.3 =
-HL70276``, ``PV1-45 not valued``, ``MSH-4 any valued`` (any component, where ``valued`` asks the first), ``OBX-2 in (ST, TX)``, ``PID-11 count > 1``; joined by ``and``).
+template (``"{XTN.6} {XTN.7}"``) or ``$now``, the time of the conversion; ``repeats: false``
+takes only a field's first repetition (a field the standard does not repeat, whatever a sender put
+in it); ``back: false`` keeps a rule out of FHIR -> v2 (where several fields fill one list, the
+one that takes it back); ``when`` a condition (``PID-7 longer than 8``, ``CWE.3 = HL70276``,
+``PV1-45 not valued``, ``MSH-4 any valued`` (any component, where ``valued`` asks the first),
+``OBX-2 in (ST, TX)``, ``PID-11 count > 1``; joined by ``and``).
 In a target, ``name[n]`` is a list element: rules naming the same ``n`` fill the same element, and
 each repetition of the source field (each segment, for resources merged from several) adds one.
 """

@@ -7,11 +7,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from hl7relay.outcomes import FileState, MessageStatus
 from hl7relay.store.schema import deliveries, _D_QUEUED, AUDIT_FIELDS, _audit_row
 from hl7relay.store.records import (
     AuditUpdate, ControlUpdate, DeliveryUpdate, DestinationStateUpdate, MessageRecord, MessageUpdate, StageUpdate, StoreError,
-    MatchHoldUpdate, SourceStateUpdate, TokenUseUpdate, XrefUpdate, as_update, storable,
+    FileSeenUpdate, FileUpdate, MatchHoldUpdate, SourceStateUpdate, TokenUseUpdate, XrefUpdate, as_update, storable,
 )
+
+_M_ERROR = MessageStatus.ERROR.value
 
 
 _MESSAGE_COLUMNS = ("channel", "received_at", "peer", "raw", "charset", "sending_application", "sending_facility",
@@ -19,6 +22,7 @@ _MESSAGE_COLUMNS = ("channel", "received_at", "peer", "raw", "charset", "sending
                     "replay_of", "replay_reason", "replay_operator")
 _DELIVERY_UPDATE_COLUMNS = frozenset(c.name for c in deliveries.columns) - {"id", "message_id", "destination"}
 _MESSAGE_UPDATE_COLUMNS = frozenset(_MESSAGE_COLUMNS)
+_FILE_UPDATE_COLUMNS = frozenset({"state", "messages", "done_at", "archived_as", "duplicate_of", "problems"})
 
 
 def _checked(columns, allowed) -> tuple:
@@ -34,7 +38,7 @@ class _Rows:
     is only how it sends them (the SQLite driver directly, PostgreSQL through SQLAlchemy)."""
 
     __slots__ = ("records", "messages", "delivery_updates", "message_updates", "stage_upserts", "audit", "controls",
-                 "destination_states", "token_uses", "xrefs", "holds", "source_states")
+                 "destination_states", "token_uses", "xrefs", "holds", "source_states", "files_seen", "file_updates")
 
     def __init__(self, records, updates):
         self.records = records
@@ -50,6 +54,8 @@ class _Rows:
         self.xrefs: dict[tuple, tuple] = {}  # (channel, destination, type, local key) -> row: the last counts
         self.holds: dict[tuple, tuple] = {}  # (channel, destination, message id) -> row
         self.source_states: dict[tuple, tuple] = {}  # (channel, type, fhir id) -> row
+        self.files_seen: dict[tuple, tuple] = {}  # (channel, source, name, sha256) -> row
+        self.file_updates: list = []  # (columns, (values..., id))
         # Updates of one delivery are merged, later values over earlier ones, before they are
         # grouped by the columns they set: the groups run one after the other, so an attempt's
         # result (QUEUED, with its attempts) and the withdrawal that followed it (WITHDRAWN) in one
@@ -83,6 +89,12 @@ class _Rows:
             elif update.__class__ is MatchHoldUpdate:
                 key = (update.channel, update.destination, update.message_id)
                 self.holds[key] = (*key, update.local_key, storable(update.candidates), update.at)
+            elif update.__class__ is FileSeenUpdate:
+                key = (update.channel, update.source, update.name, update.sha256)
+                self.files_seen[key] = (*(storable(k) for k in key), update.size, update.mtime, update.at)
+            elif update.__class__ is FileUpdate:
+                columns = _checked(tuple(sorted(update.values)), _FILE_UPDATE_COLUMNS)
+                self.file_updates.append((columns, (*(storable(update.values[c]) for c in columns), update.file_id)))
             elif update.__class__ is XrefUpdate:
                 key = (update.channel, update.destination, update.resource_type, update.local_key)
                 self.xrefs[key] = (*key, storable(update.identifier), update.fhir_id, update.version_id,
@@ -121,6 +133,24 @@ class _Rows:
                                       r.received_at if d.status == _D_QUEUED else None, r.received_at, storable(d.order_key)))
         return stage_rows, delivery_rows
 
+    def file_rows(self, ids: list[int]) -> tuple[list, dict]:
+        """For messages read from a file: file_messages rows (file_id, ordinal, line, message_id)
+        and per file [stored, of them ERROR, lowest place, highest place]."""
+        rows: list = []
+        counts: dict[int, list] = {}
+        for message_id, r in zip(ids, self.records):
+            if r.source_file is not None:
+                file_id, ordinal, line = r.source_file
+                rows.append((file_id, ordinal, line, message_id))
+                count = counts.get(file_id)
+                if count is None:
+                    counts[file_id] = [1, int(r.status == _M_ERROR), ordinal, ordinal]
+                else:
+                    count[0] += 1
+                    count[1] += r.status == _M_ERROR
+                    count[2], count[3] = min(count[2], ordinal), max(count[3], ordinal)
+        return rows, counts
+
 
 def _sql(placeholder: str) -> dict:
     """The batch's statements, with the driver's placeholder (``?`` or ``%s``)."""
@@ -157,6 +187,13 @@ def _sql(placeholder: str) -> dict:
                  f"VALUES ({', '.join([p] * 6)}) ON CONFLICT (channel, destination, message_id) DO UPDATE SET "
                  "local_key = excluded.local_key, candidates = excluded.candidates, held_at = excluded.held_at, "
                  "resolved_at = NULL, resolved_by = NULL, decision = NULL"),
+        "file_seen": (f"INSERT INTO file_ledger (channel, source, name, sha256, size, mtime, first_seen, state, committed, "
+                      f"errors, archived_as, problems) VALUES ({', '.join([p] * 7)}, '{FileState.READING.value}', 0, 0, '', '') "
+                      "ON CONFLICT (channel, source, name, sha256) DO NOTHING"),
+        "file_update": lambda columns: f"UPDATE file_ledger SET {', '.join(f'{c} = {p}' for c in columns)} WHERE id = {p}",
+        "file_message": f"INSERT INTO file_messages (file_id, ordinal, line, message_id) VALUES ({p}, {p}, {p}, {p})",
+        "file_counts": f"UPDATE file_ledger SET committed = committed + {p}, errors = errors + {p} WHERE id = {p}",
+        "file_committed": f"SELECT committed FROM file_ledger WHERE id = {p}",
         "source_state": (f'INSERT INTO fhir_source_state (channel, resource_type, fhir_id, version_id, status, start, "end", '
                          f"content_hash, seen_at) VALUES ({', '.join([p] * 9)}) "
                          "ON CONFLICT (channel, resource_type, fhir_id) DO UPDATE SET version_id = excluded.version_id, "
@@ -190,6 +227,31 @@ def _send_updates(execute, executemany, sql: dict, rows: _Rows) -> None:
         executemany(sql["hold"], list(rows.holds.values()))
     if rows.source_states:
         executemany(sql["source_state"], list(rows.source_states.values()))
+    if rows.files_seen:
+        executemany(sql["file_seen"], list(rows.files_seen.values()))
+    for columns, values in rows.file_updates:
+        execute(sql["file_update"](columns), values)
+
+
+def _send_file_rows(executemany, sql: dict, rows: _Rows, ids: list[int]) -> dict:
+    """Messages read from files: which file and place each came from, and the files' counts;
+    what :func:`_check_file_order` checks once they are sent."""
+    file_rows, counts = rows.file_rows(ids)
+    if file_rows:
+        executemany(sql["file_message"], file_rows)
+        executemany(sql["file_counts"], [(n, errors, file_id) for file_id, (n, errors, _low, _high) in counts.items()])
+    return counts
+
+
+def _check_file_order(fetch, sql: dict, counts: dict) -> None:
+    """A file's messages are stored in its order or not at all: the places this transaction adds
+    must follow those stored before without a gap (else it fails and rolls back). One message
+    that fails alone (a fault of its own) so holds back the file's later ones, which its next
+    reading stores after it: never a later message before an earlier one."""
+    for file_id, (n, _errors, low, high) in counts.items():
+        [(committed,)] = fetch(sql["file_committed"], (file_id,))
+        if committed != high + 1 or committed - n != low:
+            raise StoreError(f"file {file_id}: places {low}..{high} do not follow the {committed - n} stored before")
 
 
 def _pipeline(driver):
@@ -259,6 +321,9 @@ class _SQLiteBatch:
                         connection.executemany(sql["stage"], stage_rows)
                     if delivery_rows:
                         connection.executemany(sql["delivery"], delivery_rows)
+                    counts = _send_file_rows(connection.executemany, sql, rows, ids)
+                    if counts:
+                        _check_file_order(lambda q, a: connection.execute(q, a).fetchall(), sql, counts)
                 _send_updates(connection.execute, connection.executemany, self._SQL, rows)
             except BaseException:
                 connection.rollback()

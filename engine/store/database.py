@@ -18,20 +18,25 @@ import sqlalchemy as sa
 
 from hl7relay.store.accounts import Accounts
 from hl7relay.store.audit import AuditLog
-from hl7relay.store.batch import _POSTGRES_SQL, _pipeline, _Rows, _send_updates, _SQLiteBatch, psycopg_errors
+from hl7relay.store.batch import (
+    _POSTGRES_SQL, _check_file_order, _pipeline, _Rows, _send_file_rows, _send_updates, _SQLiteBatch, psycopg_errors,
+)
 from hl7relay.store.deliveries import DeliveryQueries, XrefQueries
+from hl7relay.store.files import FileQueries
 from hl7relay.store.maintenance import Maintenance
 from hl7relay.store.messages import MessageQueries
 from hl7relay.store.secrets import SecretRows
 from hl7relay.store.records import (  # the records and updates, importable from here as before
     AuditUpdate, ControlUpdate, DeliveryRecord, DeliveryUpdate, DestinationStateUpdate, MessageRecord, MessageUpdate,
     MatchHoldUpdate, SourceStateUpdate, StageUpdate, StoreError, TokenUseUpdate, XrefUpdate, as_update, delivery_content, storable,
+    FileSeenUpdate, FileUpdate,
 )
 from hl7relay.store.schema import AUDIT_FIELDS, MAX_ROW_ID, MIGRATIONS, schema_version
 
 
 __all__ = ["Store", "MessageRecord", "DeliveryRecord", "DeliveryUpdate", "MessageUpdate", "StageUpdate", "AuditUpdate",
-           "ControlUpdate", "DestinationStateUpdate", "TokenUseUpdate", "XrefUpdate", "MatchHoldUpdate", "SourceStateUpdate", "as_update", "StoreError",
+           "ControlUpdate", "DestinationStateUpdate", "TokenUseUpdate", "XrefUpdate", "MatchHoldUpdate", "SourceStateUpdate",
+           "FileSeenUpdate", "FileUpdate", "as_update", "StoreError",
            "MIGRATIONS",
            "open_store", "delivery_content", "storable",
            "sqlite_path", "readable_by_others", "AUDIT_FIELDS", "MAX_ROW_ID"]
@@ -91,7 +96,7 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
-class Store(MessageQueries, DeliveryQueries, XrefQueries, Accounts, AuditLog, Maintenance, SecretRows):
+class Store(MessageQueries, DeliveryQueries, XrefQueries, FileQueries, Accounts, AuditLog, Maintenance, SecretRows):
     """The message store. ``create``: make the SQLite file (and its folder) when missing, private
     to this user (0600 in a 0700 folder: SQLite gives its WAL and SHM files the database file's
     mode); without it a missing file is an error, so a support verb run in the wrong folder says
@@ -189,7 +194,10 @@ class Store(MessageQueries, DeliveryQueries, XrefQueries, Accounts, AuditLog, Ma
                             cursor.executemany(sql["stage"], stage_rows)
                         if delivery_rows:
                             cursor.executemany(sql["delivery"], delivery_rows)
+                        counts = _send_file_rows(cursor.executemany, sql, rows, ids)
                         _send_updates(cursor.execute, cursor.executemany, sql, rows)
+                    if counts:
+                        _check_file_order(lambda q, a: cursor.execute(q, a).fetchall(), sql, counts)
                 finally:
                     cursor.close()
                 return ids

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from hl7relay.store.schema import messages, stages, deliveries, destination_state, _D_QUEUED, _D_ERROR, _M_ERROR
+from hl7relay.outcomes import FileState
+from hl7relay.store.schema import (
+    messages, stages, deliveries, destination_state, file_ledger, file_messages, _D_QUEUED, _D_ERROR, _M_ERROR,
+)
 from hl7relay.store.records import StoreError
 from hl7relay.store.deliveries import waiting_by_destination
 
@@ -35,12 +38,25 @@ class Maintenance:
             with self.engine.begin() as connection:  # one short transaction per batch: live traffic keeps flowing
                 ids = [r[0] for r in connection.execute(query.order_by(messages.c.id).limit(batch))]
                 if not ids:
+                    self._prune_files(connection, older_than, channel)
                     return deleted
+                connection.execute(file_messages.delete().where(file_messages.c.message_id.in_(ids)))
                 connection.execute(stages.delete().where(stages.c.message_id.in_(ids)))
                 connection.execute(deliveries.delete().where(deliveries.c.message_id.in_(ids)))
                 connection.execute(sa.update(messages).where(messages.c.replay_of.in_(ids)).values(replay_of=None))
                 connection.execute(messages.delete().where(messages.c.id.in_(ids)))
                 deleted += len(ids)
+
+    @staticmethod
+    def _prune_files(connection, older_than: float, channel: str | None) -> None:
+        """Ledger rows go with their messages: a file read to its end before ``older_than`` none of
+        whose messages is left (a file still being read stays, whatever its age)."""
+        has_messages = sa.exists().where(file_messages.c.file_id == file_ledger.c.id)
+        condition = sa.and_(file_ledger.c.first_seen < older_than, file_ledger.c.state != FileState.READING.value,
+                            ~has_messages)
+        if channel is not None:
+            condition = sa.and_(condition, file_ledger.c.channel == channel)
+        connection.execute(file_ledger.delete().where(condition))
 
     def channel_status(self, now: float, window: float | None = 86400.0) -> dict:
         """Per channel: counts by status of the messages received in the last ``window`` seconds

@@ -86,6 +86,9 @@ class MessageRecord:
     replay_operator: str | None = None
     stages: dict = field(default_factory=dict)  # name -> bytes
     deliveries: list = field(default_factory=list)
+    # read from a file: (its file_ledger id, the message's place in it from 0, its MSH's line);
+    # the ledger counts it in the same transaction, so a re-read skips it
+    source_file: tuple | None = None
 
 
 @dataclass(slots=True)
@@ -194,8 +197,30 @@ class SourceStateUpdate:
     at: float
 
 
+@dataclass(slots=True)
+class FileSeenUpdate:
+    """A file a source is about to read: its ledger row, made once per (channel, source, name,
+    content); an existing row is left as it is (a re-read resumes it)."""
+
+    channel: str
+    source: str  # where it was read: file:///DIR or sftp://HOST:PORT/DIR
+    name: str
+    size: int
+    mtime: float
+    sha256: str
+    at: float
+
+
+@dataclass(slots=True)
+class FileUpdate:
+    """A ledger row's new values (state, messages, done_at, archived_as, duplicate_of, problems)."""
+
+    file_id: int
+    values: dict
+
+
 Update = (DeliveryUpdate | MessageUpdate | StageUpdate | AuditUpdate | ControlUpdate | DestinationStateUpdate
-          | TokenUseUpdate | XrefUpdate | MatchHoldUpdate | SourceStateUpdate)
+          | TokenUseUpdate | XrefUpdate | MatchHoldUpdate | SourceStateUpdate | FileSeenUpdate | FileUpdate)
 
 
 def as_update(update) -> Update:

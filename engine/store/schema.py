@@ -202,6 +202,46 @@ fhir_source_state = sa.Table(
     sa.Column("seen_at", sa.Float, nullable=False),
 )
 
+# Files: one row per file a source read (issue #29), by its content (sha256): a file named as an
+# earlier one (ADT.txt every night) with other content is another row; the same content again is
+# a duplicate. ``committed`` counts its messages stored, each in the transaction that stored it
+# (file_messages says which), so a re-read after a crash or a store outage skips them.
+file_ledger = sa.Table(
+    "file_ledger", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("channel", sa.String(200), nullable=False),
+    sa.Column("source", sa.String(600), nullable=False),
+    sa.Column("name", sa.String(600), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("mtime", sa.Float, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),  # FileState
+    sa.Column("messages", sa.Integer, nullable=True),  # how many it holds, once read to its end
+    sa.Column("committed", sa.Integer, nullable=False, default=0),
+    sa.Column("errors", sa.Integer, nullable=False, default=0),  # of those, stored as ERROR
+    sa.Column("duplicate_of", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=True),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.Column("done_at", sa.Float, nullable=True),
+    sa.Column("archived_as", sa.String(1000), nullable=False, default=""),
+    sa.Column("problems", sa.Text, nullable=False, default=""),  # the envelope's errors, stray segments; one a line
+)
+sa.Index("ix_file_ledger_file", file_ledger.c.channel, file_ledger.c.source, file_ledger.c.name, file_ledger.c.sha256,
+         unique=True)
+sa.Index("ix_file_ledger_content", file_ledger.c.channel, file_ledger.c.sha256)
+sa.Index("ix_file_ledger_seen", file_ledger.c.first_seen)
+
+file_messages = sa.Table(
+    "file_messages", metadata,
+    sa.Column("file_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+              sa.ForeignKey("file_ledger.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("ordinal", sa.Integer, primary_key=True),  # its place in the file, from 0
+    sa.Column("line", sa.Integer, nullable=False),  # its MSH's line (segment) number
+    sa.Column("message_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+              sa.ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+)
+sa.Index("ix_file_messages_message", file_messages.c.message_id)
+
+
 # What operators switched at run time (a channel disabled, a destination paused): survives restarts.
 control_state = sa.Table(
     "control_state", metadata,
@@ -317,6 +357,11 @@ def _migration_8(connection) -> None:
         if _ADDED_LATER_INDEXES.get(str(index.name)) == 8:
             index.create(connection)
 
+def _migration_15(connection) -> None:
+    file_ledger.create(connection, checkfirst=True)
+    file_messages.create(connection, checkfirst=True)
+
+
 # (version, description, function). Append; never edit a released one.
 MIGRATIONS = [
     (1, "messages, stages and deliveries", _migration_1),
@@ -338,4 +383,5 @@ MIGRATIONS = [
      lambda connection: fhir_match_holds.create(connection, checkfirst=True)),
     (14, "FHIR: what a fhir source last saw of each resource, and its cursor",
      lambda connection: fhir_source_state.create(connection, checkfirst=True)),
+    (15, "files: the ledger of files read and of the messages each held", _migration_15),
 ]

@@ -18,7 +18,8 @@ import sqlalchemy as sa
 
 from hl7relay.outcomes import DeliveryStatus, MessageStatus
 from hl7relay.store.database import MIGRATIONS, Store
-from hl7relay.store.schema import deliveries, messages, metadata, stages
+from hl7relay.outcomes import FileState
+from hl7relay.store.schema import deliveries, file_ledger, file_messages, messages, metadata, stages
 from hl7relay.store.deliveries import waiting_by_destination
 
 
@@ -57,6 +58,7 @@ def verify(store: Store, channels: list | None, now: float, full: bool = False, 
         checks.append(_duplicates(store, channels, now))
         checks.append(_stages(store, channels, now, window))
     checks.append(_overdue(store, now))
+    checks.append(_files(store, now))
     return checks
 
 
@@ -117,7 +119,8 @@ def _schema(store: Store) -> Check:
 def _orphans(store: Store) -> list[Check]:
     out = []
     with store.engine.connect() as connection:
-        for table, label, one in ((deliveries, "deliveries", "delivery"), (stages, "stages", "stage")):
+        for table, label, one in ((deliveries, "deliveries", "delivery"), (stages, "stages", "stage"),
+                                  (file_messages, "file places", "file place")):
             orphan = ~sa.exists().where(messages.c.id == table.c.message_id)
             count = connection.execute(sa.select(sa.func.count()).select_from(table).where(orphan)).scalar()
             name = f"{label} of missing messages"
@@ -127,7 +130,8 @@ def _orphans(store: Store) -> list[Check]:
             sample = sorted({r[0] for r in connection.execute(sa.select(table.c.message_id).where(orphan).limit(10))})
             out.append(Check(name, PROBLEM, f"{count} {one} row{'s' * (count != 1)} of messages no longer stored "
                                             f"(message ids {', '.join(map(str, sample))}): nothing can use them",
-                             count, sample, fix=f"delete the {count} {one} row{'s' * (count != 1)}", key=f"orphan_{label}"))
+                             count, sample, fix=f"delete the {count} {one} row{'s' * (count != 1)}",
+                             key=f"orphan_{label.replace(' ', '_')}"))
     return out
 
 
@@ -218,6 +222,34 @@ def _overdue(store: Store, now: float) -> Check:
                                 "stuck (hl7relay status; hl7relay destination retry)", total)
 
 
+STUCK_FILE_SECONDS = 3600  # a file still being read after this long: its source stopped, or it keeps failing
+
+
+def _files(store: Store, now: float) -> Check:
+    """The ledger agrees with itself: a file's count of stored messages is the places it holds
+    (fewer places only once prune took its messages), and no file stays half read."""
+    name = "file ledger"
+    places = (sa.select(sa.func.count()).where(file_messages.c.file_id == file_ledger.c.id)
+              .correlate(file_ledger).scalar_subquery())
+    with store.engine.connect() as connection:
+        miscounted = [r[0] for r in connection.execute(
+            sa.select(file_ledger.c.id).where(places > file_ledger.c.committed).limit(10))]
+        stuck = list(connection.execute(
+            sa.select(file_ledger.c.id, file_ledger.c.channel, file_ledger.c.name, file_ledger.c.first_seen)
+            .where(file_ledger.c.state == FileState.READING.value,
+                   file_ledger.c.first_seen < now - STUCK_FILE_SECONDS).order_by(file_ledger.c.id).limit(10)))
+    if miscounted:
+        return Check(name, PROBLEM, f"files whose count of stored messages is below the places recorded for them "
+                                    f"(file ids {', '.join(map(str, miscounted))}): written outside the engine",
+                     len(miscounted), miscounted)
+    if stuck:
+        where = ", ".join(f"{c}/{n} ({(now - t) / 3600:.1f} h)" for _, c, n, t in stuck)
+        return Check(name, WARNING, f"files still being read after an hour ({where}): their channel is stopped, or "
+                                    "a message of theirs cannot be stored (hl7relay files; the engine log)",
+                     len(stuck), [i for i, *_ in stuck])
+    return Check(name, OK, "every file's count matches its messages; none is left half read")
+
+
 # -- repairs --------------------------------------------------------------------------------------------
 def repair(store: Store, checks: list[Check], now: float, channels=None) -> list[str]:
     """Apply the safe fix of each check that has one; what was done, a line each. Each fix is
@@ -238,8 +270,8 @@ def repair(store: Store, checks: list[Check], now: float, channels=None) -> list
         elif check.key == "migrate":
             version = store.migrate()
             done.append(f"{check.name}: migrated to {version}")
-        elif check.key in ("orphan_deliveries", "orphan_stages"):
-            table = deliveries if check.key == "orphan_deliveries" else stages
+        elif check.key in ("orphan_deliveries", "orphan_stages", "orphan_file_places"):
+            table = {"orphan_deliveries": deliveries, "orphan_stages": stages}.get(check.key, file_messages)
             with store.engine.begin() as connection:
                 count = connection.execute(table.delete().where(
                     ~sa.exists().where(messages.c.id == table.c.message_id))).rowcount

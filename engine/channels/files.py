@@ -1,0 +1,362 @@
+"""The ``file`` source: message files from a folder, through the store's file ledger.
+
+A file is read once it is complete (``complete``: unchanged for ``settle`` seconds, matched only
+once renamed from its upload name, or announced by a marker file), hashed, and entered in the
+ledger by its content. Its messages are split as a stream (one message buffered at a time) and
+stored in file order; each message's commit counts it in the ledger in the same transaction, so
+a re-read after a crash or a store outage skips exactly what is stored. A message that cannot be
+read is stored too, as ERROR with its bytes, file and line. A file whose content was read to its
+end before is a duplicate: said, not imported. Archived names never overwrite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import hashlib
+import os
+import shutil
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from hl7relay.outcomes import FileState
+from hl7relay.spec import Option, register
+
+__all__ = ["FileSourceConfig", "FilePoller", "archive", "COMPLETE_MODES", "AFTER"]
+
+log = Logger(namespace="hl7relay.engine")
+
+COMPLETE_MODES = ("settle", "rename", "marker")
+AFTER = ("move", "delete", "keep")
+READ_BYTES = 1024 * 1024  # what is read from a file at a time
+
+
+@dataclass(slots=True)
+class FileSourceConfig:
+    directory: str
+    glob: str
+    poll_interval: float
+    after: str  # move | delete | keep
+    move_to: str | None
+    error_to: str | None
+    archive_name: str
+    charset: str
+    complete: str  # settle | rename | marker
+    settle: float  # complete: settle: a file must be unchanged this long before it is read
+    marker: str  # complete: marker: NAME + this announces NAME
+    max_message_bytes: int
+    runner: ClassVar[type]
+
+
+@register("source", "file", "read message files from a directory (batches split)", [
+    Option("directory", "str", description="folder to poll"),
+    Option("glob", "str", "*.hl7", "which files"),
+    Option("poll_interval", "duration", 2.0, "seconds between looks"),
+    Option("complete", "enum", "settle", "when a file is complete: settle (unchanged for `settle` seconds), "
+           "rename (the uploader renames it to a name the glob matches), marker (NAME.done exists)", COMPLETE_MODES),
+    Option("settle", "duration", 1.0, "complete: settle: seconds a file must stay unchanged before it is read"),
+    Option("marker", "str", ".done", "complete: marker: the suffix of the marker file that announces a file"),
+    Option("after", "enum", "move", "after a file is read: move it (to move_to), delete it, or keep it "
+           "(the ledger remembers it)", AFTER),
+    Option("move_to", "str", None, "where read files go (default: DIRECTORY/processed)"),
+    Option("error_to", "str", None, "where files with unreadable messages, stray segments or content read "
+           "before go, never deleted (default: DIRECTORY/error)"),
+    Option("archive_name", "str", "{name}", "the name a file is moved under: {name}, {stem}, {suffix}, {date} "
+           "(YYYYMMDD), {time} (HHMMSS), {file_id}; a name taken gets .1, .2... before the suffix"),
+    Option("charset", "str", "UTF-8", "for messages with an empty MSH-18"),
+    Option("max_message_bytes", "int", 64 * 1024 * 1024, "a longer message is stored cut, as ERROR"),
+])
+def _file(options, context=None):
+    if options["max_message_bytes"] < 1024:
+        raise ValueError("max_message_bytes: at least 1024")
+    try:
+        _archive_name(options["archive_name"], "ADT.txt", 0.0, 1)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise ValueError(f"archive_name: {options['archive_name']!r} is not a name pattern ({exc}); "
+                         "use {name}, {stem}, {suffix}, {date}, {time}, {file_id}") from None
+    if options["complete"] == "marker" and not options["marker"]:
+        raise ValueError("marker: the marker files' suffix (e.g. .done)")
+    return FileSourceConfig(options["directory"], options["glob"], options["poll_interval"], options["after"],
+                            options["move_to"], options["error_to"], options["archive_name"], options["charset"],
+                            options["complete"], options["settle"], options["marker"], options["max_message_bytes"])
+
+
+def _archive_name(pattern: str, name: str, at: float, file_id: int) -> str:
+    moment = datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
+    path = Path(name)
+    made = pattern.format(name=name, stem=path.stem, suffix=path.suffix, date=moment.strftime("%Y%m%d"),
+                          time=moment.strftime("%H%M%S"), file_id=file_id)
+    if not made or "/" in made or made in (".", ".."):
+        raise ValueError(f"it makes {made!r}, not a file name")
+    return made
+
+
+def archive(source: Path, folder: Path, name: str) -> Path:
+    """Move ``source`` into ``folder`` as ``name``, or NAME.1.EXT, NAME.2.EXT... when taken: never
+    over an earlier file (the PMS sends ADT.txt every night). A hard link claims the name
+    atomically; across file systems the file is copied to the claimed name, then removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, suffix = Path(name).stem, Path(name).suffix
+    for counter in range(100_000):
+        target = folder / (name if counter == 0 else f"{stem}.{counter}{suffix}")
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            try:
+                with open(target, "xb") as out, open(source, "rb") as data:
+                    shutil.copyfileobj(data, out, READ_BYTES)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except FileExistsError:
+                continue
+        os.unlink(source)
+        return target
+    raise OSError(f"no free name for {name} in {folder}")
+
+
+def sha256_of(path: Path) -> tuple[str, int, float]:
+    """The file's content hash, size and modification time (read in pieces: bounded memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        stat = os.fstat(handle.fileno())
+        while True:
+            piece = handle.read(READ_BYTES)
+            if not piece:
+                break
+            digest.update(piece)
+    return digest.hexdigest(), stat.st_size, stat.st_mtime
+
+
+def off_reactor(reactor, fn, *args) -> defer.Deferred:
+    """A blocking call (hashing, archiving) on the reactor's threads; inline under a test clock."""
+    pool = getattr(reactor, "getThreadPool", None)
+    if pool is None:
+        return defer.maybeDeferred(fn, *args)
+    return threads.deferToThreadPool(reactor, pool(), fn, *args)
+
+
+@dataclass(slots=True)
+class FileMessage:
+    """Where a message read from a file came from: the trip stores it with the message
+    (``source_file``), and the store counts it in the ledger in the same transaction."""
+
+    text: str  # the peer the store records: file:NAME
+    source_file: tuple  # (ledger id, place in the file from 0, line)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class FilePoller:
+    """Looks at a folder every ``poll_interval`` seconds and reads the complete files in name order."""
+
+    def __init__(self, running, config: FileSourceConfig):
+        self.running = running
+        self.reactor = running.resources.reactor
+        self.config = config
+        self.directory = Path(config.directory)
+        self.source_uri = self.directory.resolve().as_uri()
+        self.seen: dict = {}  # path -> (size, mtime_ns, first seen unchanged at)
+        self.finished: dict = {}  # path -> (size, mtime_ns) of a kept file the ledger has done (after: keep)
+        self.loop = task.LoopingCall(self.poll)
+        self.loop.clock = self.reactor
+        self.busy = False
+        self.reading: str | None = None  # the file being read, for status
+
+    def start(self):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.loop.start(self.config.poll_interval, now=True)
+
+    def stop(self):
+        if self.loop.running:
+            self.loop.stop()
+
+    def poll(self):
+        return defer.ensureDeferred(self._poll())
+
+    def _complete(self, now: float) -> list[Path]:
+        config, out = self.config, []
+        for path in sorted(self.directory.glob(config.glob)):
+            if not path.is_file() or (config.complete == "marker" and path.name.endswith(config.marker)):
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            state = (stat.st_size, stat.st_mtime_ns)
+            if self.finished.get(path) == state:
+                continue  # kept after it was read (after: keep)
+            if config.complete == "rename":
+                out.append(path)
+            elif config.complete == "marker":
+                if path.with_name(path.name + config.marker).exists():
+                    out.append(path)
+            else:
+                previous = self.seen.get(path)
+                if previous is None or previous[:2] != state:
+                    self.seen[path] = (*state, now)
+                elif now - previous[2] >= config.settle:
+                    out.append(path)
+        return out
+
+    async def _poll(self):
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            for path in self._complete(self.reactor.seconds()):
+                try:
+                    finished = await self._file(path)
+                except OSError as exc:
+                    log.error("channel {channel}: cannot read {file}: {error}", channel=self.running.channel.name,
+                              file=str(path), error=exc.strerror or str(exc))
+                    finished = False
+                if not finished:
+                    break  # the rest waits: files are read in name order
+                self.seen.pop(path, None)
+        finally:
+            self.busy, self.reading = False, None
+
+    async def _file(self, path: Path) -> bool:
+        """Read one complete file through the ledger; True when it is finished with."""
+        from hl7relay.store.records import FileSeenUpdate, FileUpdate
+
+        running = self.running
+        writer, clock, channel = running.resources.writer, running.resources.clock, running.channel.name
+        self.reading = path.name
+        sha256, size, mtime = await off_reactor(self.reactor, sha256_of, path)
+        await writer.update(FileSeenUpdate(channel, self.source_uri, path.name, size, mtime, sha256, clock()))
+        entry = await writer.read(writer.store.file_entry, channel, self.source_uri, path.name, sha256)
+        if entry is None:  # pragma: no cover - the row was just committed
+            return False
+        if entry["state"] == FileState.READING.value and not entry["committed"]:
+            earlier = await writer.read(writer.store.file_read_before, channel, sha256, entry["id"])
+            if earlier is not None:
+                return await self._duplicate(path, entry, earlier)
+        if entry["state"] in (FileState.DONE.value, FileState.ERRORS.value, FileState.DUPLICATE.value):
+            # finished before a crash took it away: only its archiving is left
+            await self._archive(path, entry, entry["state"] != FileState.DONE.value)
+            return True
+        done = await writer.read(writer.store.file_ordinals, entry["id"]) if entry["committed"] else set()
+        read = await self._messages(path, entry["id"], done)
+        if read is None:
+            return False  # not all stored: the next look reads it again and skips what is
+        count, problems = read
+        final = await writer.read(writer.store.file, entry["id"])
+        errors = bool(final and final["errors"]) or bool(problems)
+        state = FileState.ERRORS if errors else FileState.DONE
+        values = {"state": state.value, "messages": count, "done_at": clock(), "problems": "\n".join(problems)}
+        await writer.update(FileUpdate(entry["id"], values))
+        emit = running.resources.emit  # named so: the events test finds every emit() by name
+        emit("file_read", channel=channel, file=path.name, file_id=entry["id"], state=state.value, messages=count,
+             errors=final["errors"] if final else 0)
+        log.info("channel {channel}: {file}: {count} messages stored{errors}", channel=channel, file=path.name,
+                 count=count, errors=f", {final['errors']} as ERROR" if final and final["errors"] else "")
+        for problem in problems:
+            log.warn("channel {channel}: {file}: {problem}", channel=channel, file=path.name, problem=problem)
+        await self._archive(path, entry, errors)
+        return True
+
+    async def _messages(self, path: Path, file_id: int, done: set) -> tuple[int, list[str]] | None:
+        """Split and store the file's messages in order, those not stored yet; (how many it holds,
+        its envelope problems), or None when one could not be stored."""
+        from hl7relay.ack.outcome import Status
+        from hl7relay.hl7.batch import MessageSplitter
+
+        running, config = self.running, self.config
+        splitter = MessageSplitter(config.max_message_bytes)
+        # messages go to the store in file order, several in flight so they share commits; one at
+        # a time when the channel looks for duplicates (its look-up first must not reorder them)
+        window = 1 if running.channel.duplicates is not None else 256
+        in_flight: deque = deque()
+        count = 0
+        failed = False
+
+        async def settle(limit: int) -> None:
+            nonlocal failed
+            while len(in_flight) > limit:
+                outcome = await in_flight.popleft()
+                if outcome is None or getattr(outcome, "status", None) is Status.INTERNAL_ERROR:
+                    failed = True
+
+        with open(path, "rb") as handle:
+            while not failed:
+                piece = handle.read(READ_BYTES)
+                chunks = splitter.feed(piece) if piece else splitter.finish()
+                for chunk in chunks:
+                    ordinal, count = count, count + 1
+                    if ordinal in done:
+                        continue
+                    in_flight.append(self._store(path, file_id, ordinal, chunk))
+                    await settle(window - 1)
+                    if failed:
+                        break
+                if not piece:
+                    break
+        await settle(0)
+        if failed:
+            log.error("channel {channel}: {file} was not fully stored; it stays for the next look, which skips "
+                      "what is stored", channel=running.channel.name, file=str(path))
+            return None
+        return count, [str(p) for p in splitter.problems if p.severity == "E"]
+
+    def _store(self, path: Path, file_id: int, ordinal: int, chunk) -> defer.Deferred:
+        from hl7relay.errors import ParseError
+        from hl7relay.hl7.message import Message
+
+        running = self.running
+        peer = FileMessage(f"file:{path.name}", (file_id, ordinal, chunk.line))
+        if chunk.oversize:
+            return running.store_unreadable(chunk.data, peer, f"{path.name} line {chunk.line}: the message is "
+                                            f"{len(chunk.data) + chunk.oversize} bytes, more than max_message_bytes "
+                                            f"({self.config.max_message_bytes}); its first {len(chunk.data)} are stored")
+        try:
+            message = Message.from_bytes(chunk.data, self.config.charset)
+        except ParseError as exc:
+            return running.store_unreadable(chunk.data, peer, f"{path.name} line {chunk.line}: {exc}")
+        return defer.maybeDeferred(running.handle, message, peer)
+
+    async def _duplicate(self, path: Path, entry: dict, earlier: dict) -> bool:
+        from hl7relay.store.records import FileUpdate
+
+        running = self.running
+        channel = running.channel.name
+        await running.resources.writer.update(FileUpdate(entry["id"], {
+            "state": FileState.DUPLICATE.value, "duplicate_of": earlier["id"], "done_at": running.resources.clock(),
+            "problems": f"the same content as {earlier['name']} (file {earlier['id']}), read before: not imported"}))
+        log.warn("channel {channel}: {file} holds the same content as {earlier} (file {earlier_id}), read before: "
+                 "not imported", channel=channel, file=path.name, earlier=earlier["name"], earlier_id=earlier["id"])
+        emit = running.resources.emit
+        emit("file_read", channel=channel, file=path.name, file_id=entry["id"], state=FileState.DUPLICATE.value,
+             messages=0, errors=0)
+        await self._archive(path, entry, True)
+        return True
+
+    async def _archive(self, path: Path, entry: dict, problem: bool) -> None:
+        """After: a file with a problem goes to error_to (never deleted); others as ``after`` says."""
+        from hl7relay.store.records import FileUpdate
+
+        config, running = self.config, self.running
+        marker = path.with_name(path.name + config.marker) if config.complete == "marker" else None
+        if not problem and config.after == "keep":
+            stat = path.stat()
+            self.finished[path] = (stat.st_size, stat.st_mtime_ns)
+        elif not problem and config.after == "delete":
+            path.unlink(missing_ok=True)
+        elif path.exists():
+            folder = Path(config.error_to if problem and config.error_to else config.move_to if not problem and
+                          config.move_to else self.directory / ("error" if problem else "processed"))
+            name = _archive_name(config.archive_name, path.name, running.resources.clock(), entry["id"])
+            target = await off_reactor(self.reactor, archive, path, folder, name)
+            await running.resources.writer.update(FileUpdate(entry["id"], {"archived_as": str(target)}))
+        if marker is not None:
+            marker.unlink(missing_ok=True)

@@ -1,0 +1,88 @@
+"""The file ledger's queries: the files sources read, what each held, where a message came from."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from hl7relay.outcomes import FileState
+
+__all__ = ["FileQueries"]
+
+_FINISHED = (FileState.DONE.value, FileState.ERRORS.value)
+
+
+class FileQueries:
+    engine: sa.Engine
+
+    def file_entry(self, channel: str, source: str, name: str, sha256: str) -> dict | None:
+        """The ledger row of one file (by its content): None when it was never seen."""
+        from hl7relay.store.schema import file_ledger as files
+
+        query = sa.select(files).where(files.c.channel == channel, files.c.source == source, files.c.name == name,
+                                       files.c.sha256 == sha256)
+        with self.engine.connect() as connection:
+            row = connection.execute(query).mappings().first()
+        return dict(row) if row is not None else None
+
+    def file_read_before(self, channel: str, sha256: str, other_than: int) -> dict | None:
+        """The first file of this channel with the same content that was read to its end."""
+        from hl7relay.store.schema import file_ledger as files
+
+        query = (sa.select(files).where(files.c.channel == channel, files.c.sha256 == sha256, files.c.id != other_than,
+                                        files.c.state.in_(_FINISHED)).order_by(files.c.id).limit(1))
+        with self.engine.connect() as connection:
+            row = connection.execute(query).mappings().first()
+        return dict(row) if row is not None else None
+
+    def file_ordinals(self, file_id: int) -> set[int]:
+        """The places (from 0) of the file's messages already stored."""
+        from hl7relay.store.schema import file_messages
+
+        query = sa.select(file_messages.c.ordinal).where(file_messages.c.file_id == file_id)
+        with self.engine.connect() as connection:
+            return set(connection.execute(query).scalars())
+
+    def files(self, channel: str | None = None, since: float | None = None, state: str | None = None,
+              limit: int = 1000) -> list[dict]:
+        """Ledger rows, newest first."""
+        from hl7relay.store.schema import file_ledger as files
+
+        query = sa.select(files)
+        if channel is not None:
+            query = query.where(files.c.channel == channel)
+        if since is not None:
+            query = query.where(files.c.first_seen >= since)
+        if state is not None:
+            query = query.where(files.c.state == state)
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query.order_by(files.c.id.desc()).limit(limit)).mappings()]
+
+    def file(self, file_id: int) -> dict | None:
+        from hl7relay.store.schema import file_ledger as files
+
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(files).where(files.c.id == file_id)).mappings().first()
+        return dict(row) if row is not None else None
+
+    def file_message_rows(self, file_id: int, limit: int = 100_000) -> list[dict]:
+        """A file's stored messages in file order: place, line, id, status, type, control id, error."""
+        from hl7relay.store.schema import file_messages, messages
+
+        query = (sa.select(file_messages.c.ordinal, file_messages.c.line, messages.c.id, messages.c.status,
+                           messages.c.message_type, messages.c.control_id, messages.c.error)
+                 .join(messages, messages.c.id == file_messages.c.message_id)
+                 .where(file_messages.c.file_id == file_id).order_by(file_messages.c.ordinal).limit(limit))
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()]
+
+    def file_of_message(self, message_id: int) -> dict | None:
+        """Where a message read from a file came from: the ledger row with the message's place and line."""
+        from hl7relay.store.schema import file_ledger as files
+        from hl7relay.store.schema import file_messages
+
+        query = (sa.select(files, file_messages.c.ordinal, file_messages.c.line)
+                 .join(file_messages, file_messages.c.file_id == files.c.id)
+                 .where(file_messages.c.message_id == message_id))
+        with self.engine.connect() as connection:
+            row = connection.execute(query).mappings().first()
+        return dict(row) if row is not None else None
