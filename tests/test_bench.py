@@ -148,3 +148,10 @@ def test_bench_fhir_destination_sends_every_bundle_both_ways():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr  # (it asserts every Patient cross-referenced)
     assert "fhir / http:" in result.stdout
+
+
+def test_bench_files_imports_the_batch_beside_the_mllp_path():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_files.py"), "--messages", "300", "--mllp-messages", "100",
+                             "--connections", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "file, 300 messages" in result.stdout and "file import vs the fastest MLLP row" in result.stdout

@@ -292,3 +292,109 @@ def test_hl7relay_files_lists_the_ledger_and_a_files_messages(tmp_path, capsys):
     assert [m["status"] for m in data["messages"]] == ["PROCESSED", "ERROR"] and data["file"]["state"] == "errors"
     assert main(["files", "--file", "99", *url]) == 2
     assert "no file 99 in the ledger" in capsys.readouterr().err
+
+
+# -- kill -9 of a real engine in the middle of a file ----------------------------------------------
+@pytest.mark.parametrize("duplicates", [False, True], ids=["plain", "with-duplicates"])
+def test_kill_9_mid_file_then_restart_stores_every_message_once_in_file_order(tmp_path, duplicates):
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    count = 6000
+    inbox, channels, data = tmp_path / "inbox", tmp_path / "channels", tmp_path / "data"
+    inbox.mkdir()
+    channels.mkdir()
+    (channels / "files.yaml").write_text(
+        f"name: files\nsource: {{type: file, directory: '{inbox}', glob: '*.hl7', complete: rename, poll_interval: 0.2}}\n"
+        + ("duplicates: {window: 86400}\n" if duplicates else ""))
+    ids = [f"F{n:05d}" for n in range(count)]
+    (inbox / "night.part").write_bytes(batch(*ids))
+    (inbox / "night.part").rename(inbox / "night.hl7")
+    db = data / "hl7relay.db"
+
+    def stored():
+        if not db.exists():
+            return []
+        with sqlite3.connect(db, timeout=30) as connection:
+            return [row[0] for row in connection.execute("SELECT control_id FROM messages ORDER BY id")]
+
+    def start(log):
+        return subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(channels), "--data-dir",
+                                 str(data), "--admin-port", "0", "--console-port", "0"], cwd=tmp_path,
+                                stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def wait(predicate, what, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    engine = start("engine1.log")
+    try:
+        wait(lambda: len(stored()) >= 500, "500 messages stored")
+        engine.send_signal(signal.SIGKILL)  # mid-file: no shutdown, no flush
+        engine.wait(timeout=30)
+        at_kill = stored()
+        assert 500 <= len(at_kill) < count, len(at_kill)
+        assert at_kill == ids[:len(at_kill)]  # what was committed is the file's first messages, in order
+        engine = start("engine2.log")
+        wait(lambda: not (inbox / "night.hl7").exists(), "the file to be finished and archived")
+        assert stored() == ids  # every message once, in file order: nothing lost, nothing twice
+        with sqlite3.connect(db) as connection:
+            [(state, messages, committed)] = connection.execute("SELECT state, messages, committed FROM file_ledger")
+        assert (state, messages, committed) == ("done", count, count)
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=60) == 0
+
+
+def test_a_200_mb_batch_is_imported_in_bounded_memory(tmp_path):
+    """The file is split as a stream and stored a window of messages at a time: the engine's peak
+    RSS stays far below the file's size (measured from /proc while the engine runs)."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    inbox, channels, data = tmp_path / "inbox", tmp_path / "channels", tmp_path / "data"
+    inbox.mkdir()
+    channels.mkdir()
+    (channels / "files.yaml").write_text(
+        f"name: files\nsource: {{type: file, directory: '{inbox}', glob: '*.hl7', complete: rename, poll_interval: 0.2}}\n")
+    note = "OBX|1|TX|NOTE^Note^L||" + "x" * 9_900 + "||||||F\r"
+    count = 20_000
+    with open(inbox / "big.part", "wb") as out:
+        for n in range(count):
+            out.write((ADT.format(id=f"B{n:05d}") + note).encode())
+    size = (inbox / "big.part").stat().st_size
+    assert size > 200_000_000
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(channels), "--data-dir",
+                               str(data), "--admin-port", "0", "--console-port", "0"], cwd=tmp_path,
+                              stdout=open(tmp_path / "engine.log", "w"), stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 60
+        while "ready" not in (tmp_path / "engine.log").read_text():
+            assert time.monotonic() < deadline and engine.poll() is None, (tmp_path / "engine.log").read_text()
+            time.sleep(0.05)
+        (inbox / "big.part").rename(inbox / "big.hl7")
+        deadline = time.monotonic() + 600
+        while (inbox / "big.hl7").exists():
+            assert time.monotonic() < deadline and engine.poll() is None, "the import did not finish"
+            time.sleep(0.2)
+        status = dict(line.split(":", 1) for line in open(f"/proc/{engine.pid}/status").read().splitlines())
+        peak_mb = int(status["VmHWM"].split()[0]) / 1024
+        with sqlite3.connect(data / "hl7relay.db") as connection:
+            [(stored,)] = connection.execute("SELECT count(*) FROM messages")
+        print(f"{size / 1e6:.0f} MB batch: {stored} messages stored, engine peak RSS {peak_mb:.0f} MB")
+        assert stored == count and peak_mb < 200  # the file alone is 200 MB
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=60) == 0
