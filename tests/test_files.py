@@ -32,9 +32,9 @@ def batch(*ids, broken: int | None = None) -> bytes:
 
 
 class FileEngine:
-    def __init__(self, tmp_path, source: str = "", body: str = "", store: Store | None = None):
+    def __init__(self, tmp_path, source: str = "", body: str = "", store: Store | None = None, directory=None):
         tmp_path.mkdir(parents=True, exist_ok=True)
-        self.inbox = tmp_path / "inbox"
+        self.inbox = directory or tmp_path / "inbox"
         path = tmp_path / "files.yaml"
         path.write_text(f"name: files\nsource: {{type: file, directory: '{self.inbox}', poll_interval: 2, settle: 1"
                         f"{', ' + source if source else ''}}}\n" + textwrap.dedent(body))
@@ -398,3 +398,46 @@ def test_a_200_mb_batch_is_imported_in_bounded_memory(tmp_path):
     finally:
         engine.send_signal(signal.SIGTERM)
         assert engine.wait(timeout=60) == 0
+
+
+def test_the_readme_file_section_works_as_written(tmp_path, capsys):
+    """The README's channel lints; its source, run, archives as the README says and `hl7relay files`
+    prints lines of the README's shape."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from hl7relay.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Batch files: the file source and its ledger")[1].split("\n### ")[0]
+    text = section.split("```yaml\n")[1].split("```", 1)[0]
+    export = tmp_path / "pms-export"
+    text = text.replace("/srv/pms-export", str(export))
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "nightly-adt.yaml").write_text(text)
+    done = subprocess.run([sys.executable, "-m", "hl7relay", "lint", "channels"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "1 channel OK: nightly-adt", done.stdout + done.stderr
+    source = yaml.safe_load(text)["source"]
+    options = ", ".join(f"{k}: '{v}'" for k, v in source.items() if k not in ("type", "directory"))
+    files = FileEngine(tmp_path / "run", options, directory=export)
+    inbox = files.inbox
+    (inbox / "ADT.txt.part").write_bytes(batch("R1", "R2"))
+    files.looks(1)
+    assert files.stored() == []  # still named .part
+    (inbox / "ADT.txt.part").rename(inbox / "ADT.txt")
+    files.looks(1)
+    assert files.stored() == [("R1", "PROCESSED"), ("R2", "PROCESSED")]
+    [archived] = list((export / "done").iterdir())
+    assert re.fullmatch(r"ADT-\d{8}-\d{6}\.txt", archived.name)
+    assert main(["files", "--since", "2023-11-01", "--store", files.store.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    shown = [line for line in section.splitlines() if line.startswith("file ")]
+    assert re.sub(r"\S+", "W", out[0].split("first seen")[0]).split() == \
+        re.sub(r"\S+", "W", shown[1].split("first seen")[0]).split()
+    assert re.sub(r"\d+", "N", out[-1].split(" since ")[1].split(": ", 1)[1]) == \
+        re.sub(r"\d+", "N", [line for line in section.splitlines() if " since " in line][0].split(": ", 1)[1])
