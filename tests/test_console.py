@@ -267,6 +267,7 @@ ROUTES = [  # (method, path, least role, status when allowed); "phi": operator w
     ("POST", "/tokens/nope/revoke", "admin", 404),
     ("GET", "/account", "viewer", 200),
     ("GET", "/sync", "viewer", 200),
+    ("GET", "/files", "viewer", 200),
     ("GET", "/credentials", "admin", 200),
     ("POST", "/credentials/check", "admin", 404),  # allowed: no credential of that name (none here)
 ]
@@ -1273,3 +1274,35 @@ def test_a_delivery_given_up_counts_as_a_dead_letter_at_once_on_the_strip(unit_e
         assert console.health()["dead"] == 5
     finally:
         events.unsubscribe(console._dead_letter_event)
+
+
+def test_the_files_page_shows_the_ledger_and_each_files_messages_masked(engine):
+    """Files the file sources read: the totals and a row a file; a file's messages in file order
+    with their statuses (errors masked); a message read from a file says which, where."""
+    import time
+
+    from hl7relay.store.database import FileSeenUpdate, FileUpdate, MessageRecord
+
+    store = engine["store"]
+    store.commit([], [FileSeenUpdate("adt", "file:///srv/in", "night.hl7", 2048, 1.0, "f" * 64, time.time())])
+    entry = store.file_entry("adt", "file:///srv/in", "night.hl7", "f" * 64)
+    good, bad = store.commit([
+        MessageRecord("adt", ADT.format(id="FV1").encode(), "PROCESSED", control_id="FV1", message_type="ADT^A01",
+                      peer="file:night.hl7", source_file=(entry["id"], 0, 3)),
+        MessageRecord("adt", b"MSH\rPID|1||X||DOE^JANE", "ERROR", peer="file:night.hl7",
+                      error="night.hl7 line 7: not an HL7 message: it must start with 'MSH', got 'MSH\\rPID|1||X||DOE^JANE'",
+                      source_file=(entry["id"], 1, 7))], [])
+    store.commit([], [FileUpdate(entry["id"], {"state": "errors", "messages": 2, "done_at": time.time(),
+                                               "problems": "E line 9: segment 'ZZZ' is outside any message"})])
+    browser = signed_in(engine, "viewer")
+    status, _, body = browser.get("/files")
+    assert status == 200 and f'data-file="{entry["id"]}" data-state="errors"' in body and "night.hl7" in body
+    assert re.search(r"1 with errors", body)
+    status, _, body = browser.get(f"/files/{entry['id']}")
+    assert status == 200 and "segment &#39;ZZZ&#39; is outside any message" in body
+    assert f'<a href="/messages/{good}">{good}</a>' in body and f'<a href="/messages/{bad}">{bad}</a>' in body
+    assert "line 7" in body and "DOE^JANE" not in body  # the quoted message is masked
+    status, _, body = browser.get(f"/messages/{bad}")
+    assert status == 200 and f'<a href="/files/{entry["id"]}">file {entry["id"]}</a> night.hl7: message 2 of 2, line 7' in body
+    assert browser.get("/files/999999")[0] == 404
+    assert browser.get("/files?hours=soon")[0] == 400

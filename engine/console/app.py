@@ -7,6 +7,7 @@ from hl7relay.console.accounts import AccountPages
 from hl7relay.console.base import CSP, ConsoleBase
 from hl7relay.console.channels import ChannelPages
 from hl7relay.console.dashboard import DashboardPages
+from hl7relay.console.files import FilePages
 from hl7relay.console.integrations import IntegrationPages
 from hl7relay.console.messages import MessagePages
 from hl7relay.console.signin import SignInPages
@@ -17,5 +18,5 @@ __all__ = ["Console", "CSP"]
 
 
 class Console(SignInPages, DashboardPages, MessagePages, AccountPages, ChannelPages, TroubleshootingPages,
-              IntegrationPages, ConsoleBase):
+              IntegrationPages, FilePages, ConsoleBase):
     """The console: every page's routes on one app (``resource()`` serves them)."""

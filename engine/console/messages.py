@@ -251,17 +251,19 @@ class MessagePages(ConsoleBase):
         def load(store):
             stored = store.get_message(message_id)
             if stored is None:
-                return None, [], None, {}, []
+                return None, [], None, None, {}, []
             view = message_view(stored, reason is not None)
             # the viewer's fields and the changes between stages, off the reactor (the standard's
             # field names are compiled once per version, on first use)
-            return stored, store.replays_of(message_id), view, *_fields_and_changes(stored, view, reason is not None)
+            return (stored, store.replays_of(message_id), view, store.file_of_message(message_id),
+                    *_fields_and_changes(stored, view, reason is not None))
 
-        stored, replays, view, fields, changes = yield self.support.run(load)
+        stored, replays, view, source_file, fields, changes = yield self.support.run(load)
         if stored is None:
             raise HTTPError(404, f"no message {message_id}")
         return self._render("message.html", request, session=session, message=view, revealed=reason, replays=replays,
-                            fields=fields, changes=changes, settling=self._settling(stored), active="messages")
+                            fields=fields, changes=changes, settling=self._settling(stored), active="messages",
+                            source_file=source_file)
 
     @app.route("/dead-letters", methods=["GET"])
     @page("replay")
