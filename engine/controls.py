@@ -125,6 +125,9 @@ class Controls:
     def connections_view(self, name: str) -> dict:
         return self._engine.connections_view(name)
 
+    def source_views(self) -> dict[str, dict]:
+        return self._engine.source_views()
+
     def queue_view(self, channel: str, destination: str) -> dict:
         return self._engine.queue(channel, destination).view()
 

@@ -519,6 +519,15 @@ class Engine:
                 "address": running.address if running.enabled else "", **(view or {"open_connections": 0,
                                                                                   "connections": [], "peers": []})}
 
+    def source_views(self) -> dict[str, dict]:
+        """Each open source's view (only those that have one: pollers), by channel."""
+        views = {}
+        for name, running in self.channels.items():
+            view = running.source.view() if running.source is not None and running.enabled else None
+            if view is not None:
+                views[name] = view
+        return views
+
     def status(self) -> dict:
         return {"started": self.started, "stopping": self.stopping, "in_flight": self.in_flight,
                 "channels": {name: self.channel_view(name) for name in self.channels}}

@@ -40,6 +40,10 @@ class FakeEngine:
         self.channels = {"adt": FakeRunning(queues)}
         self.performance = Performance(clock.seconds)
         self.writer = type("W", (), {"commit_failure": None})()
+        self.sources = {}  # channel -> its source's view (a poller's)
+
+    def source_views(self):
+        return self.sources
 
 
 class Recorder:
@@ -309,3 +313,13 @@ def test_refused_credentials_page_at_once_and_a_long_rate_limit_warns():
     clock.advance(1)
     [(status, view)] = alerts.evaluate()
     assert view["rule"] == "HL7RelayRateLimited" and view["summary"].endswith("for 600s (it keeps answering 429/503)")
+
+
+def test_a_file_that_has_not_come_pages_at_once_and_resolves_when_one_comes():
+    clock, lab, engine, recorder, alerts = setup()
+    engine.sources["adt"] = {"missing_since": clock.seconds() - 3700}
+    [(status, view)] = alerts.evaluate()
+    assert (status, view["rule"], view["severity"]) == ("firing", "HL7RelayFileMissing", "page")
+    assert view["summary"] == "adt: the file due 3700s ago has not come (its source's expect:; hl7relay files)"
+    engine.sources["adt"] = {"missing_since": None}
+    assert [(s, v["rule"]) for s, v in alerts.evaluate()] == [("resolved", "HL7RelayFileMissing")]

@@ -43,10 +43,14 @@ class FileEngine:
         self.store = store or Store(f"sqlite:///{tmp_path / 's.db'}")
         self.store.migrate()
         self.clock = task.Clock()
-        self.now = 1_700_000_000.0
+        self.clock.advance(1_700_000_000.0)  # 2023-11-14 22:13:20 UTC: schedules and ledger times alike
         self.engine = Engine([channel], StoreWriter(self.store, executor=lambda fn, *a: defer.maybeDeferred(fn, *a)),
-                             reactor=self.clock, clock=lambda: self.now)
+                             reactor=self.clock, clock=self.clock.seconds)
         self.engine.start()
+
+    @property
+    def now(self) -> float:
+        return self.clock.seconds()
 
     def drop(self, name: str, data: bytes):
         (self.inbox / name).write_bytes(data)
@@ -54,7 +58,6 @@ class FileEngine:
     def looks(self, n: int = 2):
         for _ in range(n):
             self.clock.advance(2)
-            self.now += 2
 
     def stored(self) -> list[tuple[str, str]]:
         return [(m["control_id"], m["status"]) for m in reversed(self.store.latest(10_000))]
@@ -441,3 +444,60 @@ def test_the_readme_file_section_works_as_written(tmp_path, capsys):
         re.sub(r"\S+", "W", shown[1].split("first seen")[0]).split()
     assert re.sub(r"\d+", "N", out[-1].split(" since ")[1].split(": ", 1)[1]) == \
         re.sub(r"\d+", "N", [line for line in section.splitlines() if " since " in line][0].split(": ", 1)[1])
+
+
+# -- schedules and files that are due -------------------------------------------------------------
+def test_a_cron_schedule_looks_at_its_times_and_again_while_a_file_settles(tmp_path):
+    import datetime
+
+    files = FileEngine(tmp_path, "schedule: {cron: '5 2 * * *', timezone: UTC}")
+    files.drop("adt.hl7", batch("C1"))
+    files.clock.advance(3600)  # 23:13: nothing looks before 02:05
+    assert files.stored() == []
+    [view] = files.engine.source_views().values()
+    assert view["schedule"] == "at '5 2 * * *' (UTC)"
+    assert datetime.datetime.fromtimestamp(view["next_look"], datetime.timezone.utc).strftime("%H:%M") == "02:05"
+    files.clock.advance(view["next_look"] - files.now)  # 02:05: the file is seen...
+    assert files.stored() == []
+    files.clock.advance(2)  # ...and, unchanged a poll_interval later, read
+    assert files.stored() == [("C1", "PROCESSED")]
+    [view] = files.engine.source_views().values()
+    assert datetime.datetime.fromtimestamp(view["next_look"], datetime.timezone.utc).strftime("%d %H:%M") == "16 02:05"
+
+
+def test_every_says_how_often_it_looks(tmp_path):
+    files = FileEngine(tmp_path, "schedule: {every: 300}")
+    files.drop("adt.hl7", batch("E1"))
+    files.clock.advance(299)
+    assert files.stored() == []
+    files.clock.advance(1)  # seen at 300 s...
+    files.clock.advance(2)  # ...settling: looked at again after poll_interval
+    assert files.stored() == [("E1", "PROCESSED")]
+
+
+def test_a_file_due_that_has_not_come_is_missing_until_one_comes(tmp_path):
+    files = FileEngine(tmp_path, "glob: '*', expect: {cron: '0 3 * * *', within: 3600}")
+    [view] = files.engine.source_views().values()
+    assert view["missing_since"] is None and view["expect"] == "a file at '0 3 * * *' (UTC) within 3600s"
+    files.clock.advance(4 * 3600 + 2 * 60)  # 02:15 the next day: its window (02:00-04:00) is open
+    assert files.engine.source_views()["files"]["missing_since"] is None
+    files.clock.advance(2 * 3600)  # 04:15: none came
+    missing = files.engine.source_views()["files"]["missing_since"]
+    assert missing is not None and files.now - missing == 3600 + 15 * 60 + 20  # due 03:00, now 04:15:20
+    files.drop("late.hl7", batch("X1"))  # a late file answers it
+    files.looks()
+    assert files.stored() == [("X1", "PROCESSED")] and files.engine.source_views()["files"]["missing_since"] is None
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("schedule: {every: 60, cron: '* * * * *'}", "schedule: give either every (seconds) or cron"),
+    ("schedule: {cron: 'nightly'}", "cron: 'nightly' is not a cron expression"),
+    ("schedule: {cron: '5 2 * * *', timezone: Mars/Olympus}", "timezone: 'Mars/Olympus' is not a time zone"),
+    ("expect: {within: 60}", "cron"),
+    ("poll_interval: 0", "poll_interval: a number of seconds above 0"),
+])
+def test_wrong_schedules_are_lint_errors(tmp_path, source, expected):
+    path = tmp_path / "files.yaml"
+    path.write_text(f"name: files\nsource: {{type: file, directory: in, {source}}}\n")
+    _channel, errors = load_channel(path, {})
+    assert errors and expected in str(errors[0]), errors

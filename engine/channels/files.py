@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from hl7relay.channels.schedules import EXPECT, SCHEDULE, Expectation, Schedule, expectation_from, schedule_from
 from hl7relay.outcomes import FileState
 from hl7relay.spec import Option, register
 
@@ -50,13 +51,19 @@ class FileSourceConfig:
     settle: float  # complete: settle: a file must be unchanged this long before it is read
     marker: str  # complete: marker: NAME + this announces NAME
     max_message_bytes: int
+    schedule: Schedule  # when it looks (poll_interval, unless schedule says otherwise)
+    expectation: Expectation | None  # when a file is due (expect:)
     runner: ClassVar[type]
 
 
 @register("source", "file", "read message files from a directory (batches split)", [
     Option("directory", "str", description="folder to poll"),
     Option("glob", "str", "*.hl7", "which files"),
-    Option("poll_interval", "duration", 2.0, "seconds between looks"),
+    Option("poll_interval", "duration", 2.0, "seconds between looks (with a cron schedule: while a file settles)"),
+    Option("schedule", "section", None, "when it looks: {every: SECONDS} or {cron: '5 2 * * *', timezone: ...}",
+           section=SCHEDULE),
+    Option("expect", "section", None, "when a file is due: {cron: '0 3 * * *', within: 3600}; an alert "
+           "(HL7RelayFileMissing) when none has come", section=EXPECT),
     Option("complete", "enum", "settle", "when a file is complete: settle (unchanged for `settle` seconds), "
            "rename (the uploader renames it to a name the glob matches), marker (NAME.done exists)", COMPLETE_MODES),
     Option("settle", "duration", 1.0, "complete: settle: seconds a file must stay unchanged before it is read"),
@@ -81,9 +88,13 @@ def _file(options, context=None):
                          "use {name}, {stem}, {suffix}, {date}, {time}, {file_id}") from None
     if options["complete"] == "marker" and not options["marker"]:
         raise ValueError("marker: the marker files' suffix (e.g. .done)")
+    if options["poll_interval"] <= 0:
+        raise ValueError("poll_interval: a number of seconds above 0")
     return FileSourceConfig(options["directory"], options["glob"], options["poll_interval"], options["after"],
                             options["move_to"], options["error_to"], options["archive_name"], options["charset"],
-                            options["complete"], options["settle"], options["marker"], options["max_message_bytes"])
+                            options["complete"], options["settle"], options["marker"], options["max_message_bytes"],
+                            schedule_from(options["schedule"], options["poll_interval"]),
+                            expectation_from(options["expect"]))
 
 
 def _archive_name(pattern: str, name: str, at: float, file_id: int) -> str:
@@ -167,21 +178,65 @@ class FilePoller:
         self.source_uri = self.directory.resolve().as_uri()
         self.seen: dict = {}  # path -> (size, mtime_ns, first seen unchanged at)
         self.finished: dict = {}  # path -> (size, mtime_ns) of a kept file the ledger has done (after: keep)
-        self.loop = task.LoopingCall(self.poll)
-        self.loop.clock = self.reactor
         self.busy = False
         self.reading: str | None = None  # the file being read, for status
+        self.next_look: float | None = None
+        self._call = None  # the next look's delayed call
+        self._stopped = False
+        self.watching_since = 0.0
+        self.last_file_at: float | None = None  # when the newest file of the channel was first seen (expect:)
 
     def start(self):
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.loop.start(self.config.poll_interval, now=True)
+        self.watching_since = self.running.resources.clock()
+        if self.config.expectation is not None:
+            writer = self.running.resources.writer
+            d = writer.read(writer.store.files, self.running.channel.name, None, None, 1)
+            d.addCallbacks(self._newest, lambda failure: log.error(
+                "channel {channel}: cannot read its files from the store: {error}", channel=self.running.channel.name,
+                error=failure.getErrorMessage()))
+        self._look()
+
+    def _newest(self, rows) -> None:
+        if rows and (self.last_file_at is None or rows[0]["first_seen"] > self.last_file_at):
+            self.last_file_at = rows[0]["first_seen"]
 
     def stop(self):
-        if self.loop.running:
-            self.loop.stop()
+        self._stopped = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _look(self):
+        self._call = None
+        d = self.poll()
+        d.addBoth(self._schedule_next)
+
+    def _schedule_next(self, _):
+        if self._call is not None or self._stopped:
+            return
+        now = self.reactor.seconds()
+        # a file that is settling is looked at again soon, whatever the schedule
+        wait = self.config.poll_interval if self.seen else self.config.schedule.next_after(now) - now
+        self.next_look = now + max(0.0, wait)
+        self._call = self.reactor.callLater(max(0.0, wait), self._look)
 
     def poll(self):
         return defer.ensureDeferred(self._poll())
+
+    def missing_since(self) -> float | None:
+        """The due time of the file that has not come (expect:), or None."""
+        expectation = self.config.expectation
+        if expectation is None:
+            return None
+        return expectation.missing(self.running.resources.clock(), self.last_file_at, self.watching_since)
+
+    def view(self) -> dict:
+        expectation = self.config.expectation
+        return {"directory": str(self.directory), "glob": self.config.glob, "schedule": self.config.schedule.describe(),
+                "next_look": self.next_look, "reading": self.reading,
+                "expect": expectation.describe() if expectation is not None else None,
+                "missing_since": self.missing_since(), "last_file_at": self.last_file_at}
 
     def _complete(self, now: float) -> list[Path]:
         config, out = self.config, []
@@ -238,6 +293,8 @@ class FilePoller:
         entry = await writer.read(writer.store.file_entry, channel, self.source_uri, path.name, sha256)
         if entry is None:  # pragma: no cover - the row was just committed
             return False
+        if self.last_file_at is None or entry["first_seen"] > self.last_file_at:
+            self.last_file_at = entry["first_seen"]
         if entry["state"] == FileState.READING.value and not entry["committed"]:
             earlier = await writer.read(writer.store.file_read_before, channel, sha256, entry["id"])
             if earlier is not None:

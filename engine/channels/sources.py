@@ -132,6 +132,10 @@ class Source:
     def open_connections(self) -> int:
         return 0
 
+    def view(self) -> dict | None:
+        """What the source is doing, for status and alerts (a poller's schedule, a file due)."""
+        return None
+
     def connections_view(self) -> dict | None:
         """Who is connected and who has been (sources that take connections); None otherwise."""
         return None
@@ -216,6 +220,9 @@ class FileSource(Source):
         self.poller.start()
         self.address = str(self.config.directory)
         return f"files {self.config.glob} in {self.config.directory}"
+
+    def view(self) -> dict | None:
+        return self.poller.view() if self.poller is not None else None
 
     def close(self, close_connections: bool):
         if self.poller is not None:

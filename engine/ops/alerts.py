@@ -14,6 +14,7 @@ HL7RelayErrorRate          > ``error_rate`` of a channel's messages (10 min) ERR
 HL7RelayDeadLetters        deliveries went to ERROR in the last 15 minutes           at once
 HL7RelayStoreFailing       the store refuses writes (messages answered AR)           at once
 HL7RelaySlowAcks           a channel's p99 ACK latency (5 min) > ``slow_ack`` s       10 min
+HL7RelayFileMissing        a file source's ``expect:`` file has not come in time     at once
 =========================  ========================================================  ========
 
 An alert is *pending* while its condition holds for less than its "for", then *firing*: notified
@@ -61,6 +62,8 @@ RULES = (
          "credentials, then hl7relay destination resume {channel} {destination})"),
     Rule("HL7RelayRateLimited", "warn", 600, "destination",
          "{channel} -> {destination}: rate limited by the API for {value:.0f}s (it keeps answering 429/503)"),
+    Rule("HL7RelayFileMissing", "page", 0, "channel",
+         "{channel}: the file due {value:.0f}s ago has not come (its source's expect:; hl7relay files)"),
 )
 _RULES = {rule.name: rule for rule in RULES}
 
@@ -179,6 +182,9 @@ class Alerts:
             recent = sum(1 for at in failures if at > now - 300) if failures else 0
             if recent or getattr(self.controls.writer, "commit_failure", None):
                 holding[("HL7RelayStoreFailing", name, None)] = float(recent)
+        for name, view in self.controls.source_views().items():
+            if view.get("missing_since") is not None:
+                holding[("HL7RelayFileMissing", name, None)] = now - view["missing_since"]
         performance = self.controls.performance
         if performance is not None:
             for name, c in performance.view(10)["channels"].items():
