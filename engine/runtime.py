@@ -402,6 +402,9 @@ class Engine:
         queues = [queue for queue in queues if not queue.remote]
         for queue in queues:
             queue.stop()
+            delivery = self._deliveries.get((running.channel.name, queue.destination))
+            if delivery is not None:
+                delivery.stopping()
         retired = self.forwarder.retire(remote, self.stop_timeout) if remote else None
         deadline = self.reactor.seconds() + self.stop_timeout
         while any(queue.in_flight for queue in queues) and self.reactor.seconds() < deadline:
@@ -559,6 +562,8 @@ class Engine:
         # Deliveries already on the wire: their ACKs are waited for (bounded by the same
         # deadline), so a clean restart does not send them again; what is still unanswered then
         # is resent after the restart.
+        for delivery in self._deliveries.values():
+            delivery.stopping()
         remaining = max(0.0, deadline - self.reactor.seconds())
         forwarder = self.forwarder.stop(remaining) if self.forwarder is not None else defer.succeed(0)
         while self._deliveries_in_flight() and self.reactor.seconds() < deadline:

@@ -66,6 +66,9 @@ class _Config:
             def skip_backoff(self):
                 pass
 
+            def stopping(self):
+                pass
+
             def close(self):
                 self.closed = True
 

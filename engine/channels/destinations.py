@@ -183,6 +183,9 @@ class Delivery:
     def skip_backoff(self) -> None:
         """An operator's retry now: connect again at once."""
 
+    def stopping(self) -> None:
+        """The engine is stopping: finish what is held (a batch is written now, not at its age)."""
+
     view: Any = None  # or a method: what the destination adds to its queue's view (sync status)
 
     def close(self) -> None:

@@ -269,6 +269,7 @@ class Forwarder(Protocol):
         for queue in queues:
             queue.stop()
         keys = {(q.channel, q.destination) for q in queues}
+        self._stopping(keys)
         d = self._wait_in_flight(queues, timeout)
         d.addCallback(lambda _: self._close_deliveries(keys))
         d.addCallback(lambda _: self._answer(request, sum(len(q.in_flight) for q in queues)))
@@ -277,6 +278,7 @@ class Forwarder(Protocol):
         queues = list(self.queues.values())
         for queue in queues:
             queue.stop()
+        self._stopping(list(self.deliveries))
         d = self._wait_in_flight(queues, timeout)
 
         def done(_):
@@ -299,6 +301,13 @@ class Forwarder(Protocol):
         deadline = self.reactor.seconds() + timeout
         while any(q.in_flight for q in queues) and self.reactor.seconds() < deadline:
             yield task.deferLater(self.reactor, 0.05, lambda: None)
+
+    def _stopping(self, keys) -> None:
+        """Their queues stop: what a delivery holds is finished now (a batch is written)."""
+        for key in keys:
+            delivery = self.deliveries.get(key)
+            if delivery is not None:
+                delivery.stopping()
 
     def _close_deliveries(self, keys) -> None:
         open_keys = {(q.channel, q.destination) for q in self.queues.values() if not q.stopped}
