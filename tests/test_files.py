@@ -443,7 +443,7 @@ def test_the_readme_file_section_works_as_written(tmp_path, capsys):
     assert re.sub(r"\S+", "W", out[0].split("first seen")[0]).split() == \
         re.sub(r"\S+", "W", shown[1].split("first seen")[0]).split()
     assert re.sub(r"\d+", "N", out[-1].split(" since ")[1].split(": ", 1)[1]) == \
-        re.sub(r"\d+", "N", [line for line in section.splitlines() if " since " in line][0].split(": ", 1)[1])
+        re.sub(r"\d+", "N", [line for line in section.splitlines() if " files since " in line][0].split(": ", 1)[1])
 
 
 # -- schedules and files that are due -------------------------------------------------------------

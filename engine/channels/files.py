@@ -25,10 +25,12 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from hl7relay.channels.schedules import EXPECT, SCHEDULE, Expectation, Schedule, expectation_from, schedule_from
+from hl7relay.errors import HL7RelayError
 from hl7relay.outcomes import FileState
 from hl7relay.spec import Option, register
 
-__all__ = ["FileSourceConfig", "FilePoller", "archive", "COMPLETE_MODES", "AFTER"]
+__all__ = ["FileSourceConfig", "FilePoller", "LocalFilePoller", "Candidate", "archive", "COMPLETE_MODES", "AFTER",
+           "FILE_OPTIONS", "off_reactor"]
 
 log = Logger(namespace="hl7relay.engine")
 
@@ -167,17 +169,27 @@ class FileMessage:
         return self.text
 
 
-class FilePoller:
-    """Looks at a folder every ``poll_interval`` seconds and reads the complete files in name order."""
+@dataclass(slots=True)
+class Candidate:
+    """A file a poller found complete: its name and what identifies this version of it."""
 
-    def __init__(self, running, config: FileSourceConfig):
+    name: str
+    state: tuple  # (size, mtime) as the transport reports them
+
+
+class FilePoller:
+    """Looks for complete files on its schedule and reads them in name order through the ledger.
+    What differs between a local folder and an SFTP server (listing, fetching a local copy,
+    archiving) is each subclass's; the ledger, the order, completion and schedules are here."""
+
+    source_uri = ""
+
+    def __init__(self, running, config):
         self.running = running
         self.reactor = running.resources.reactor
         self.config = config
-        self.directory = Path(config.directory)
-        self.source_uri = self.directory.resolve().as_uri()
-        self.seen: dict = {}  # path -> (size, mtime_ns, first seen unchanged at)
-        self.finished: dict = {}  # path -> (size, mtime_ns) of a kept file the ledger has done (after: keep)
+        self.seen: dict = {}  # name -> (size, mtime, first seen unchanged at)
+        self.finished: dict = {}  # name -> (size, mtime) of a kept file the ledger has done (after: keep)
         self.busy = False
         self.reading: str | None = None  # the file being read, for status
         self.next_look: float | None = None
@@ -187,7 +199,7 @@ class FilePoller:
         self.last_file_at: float | None = None  # when the newest file of the channel was first seen (expect:)
 
     def start(self):
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         self.watching_since = self.running.resources.clock()
         if self.config.expectation is not None:
             writer = self.running.resources.writer
@@ -233,34 +245,63 @@ class FilePoller:
 
     def view(self) -> dict:
         expectation = self.config.expectation
-        return {"directory": str(self.directory), "glob": self.config.glob, "schedule": self.config.schedule.describe(),
+        return {"directory": self.source_uri, "glob": self.config.glob, "schedule": self.config.schedule.describe(),
                 "next_look": self.next_look, "reading": self.reading,
                 "expect": expectation.describe() if expectation is not None else None,
                 "missing_since": self.missing_since(), "last_file_at": self.last_file_at}
 
-    def _complete(self, now: float) -> list[Path]:
+    # -- what the transport does (a subclass's) --------------------------------------------------------
+    def prepare(self) -> None:
+        """Before the first look."""
+
+    async def listing(self) -> list[Candidate]:  # pragma: no cover - interface
+        """The files matching the glob, with their (size, mtime)."""
+        raise NotImplementedError
+
+    async def marked(self, name: str, names: set) -> bool:
+        return name + self.config.marker in names
+
+    async def fetch(self, candidate: Candidate) -> Path:  # pragma: no cover - interface
+        """A local, readable copy of the file (the file itself when it is local)."""
+        raise NotImplementedError
+
+    def release(self, candidate: Candidate, local: Path) -> None:
+        """The local copy is no longer needed."""
+
+    async def put_away(self, candidate: Candidate, entry: dict, problem: bool) -> str:  # pragma: no cover - interface
+        """after: move / delete / keep (a file with a problem to error_to); where it went, or ""."""
+        raise NotImplementedError
+
+    async def remove_marker(self, candidate: Candidate) -> None:
+        """complete: marker: the marker goes with its file."""
+
+    def failed(self, error: Exception) -> None:
+        """A look failed (the transport): the next look tries again."""
+        log.error("channel {channel}: {error}", channel=self.running.channel.name, error=str(error))
+
+    # -- completion ------------------------------------------------------------------------------------
+    async def _complete(self, now: float) -> list[Candidate]:
         config, out = self.config, []
-        for path in sorted(self.directory.glob(config.glob)):
-            if not path.is_file() or (config.complete == "marker" and path.name.endswith(config.marker)):
+        listed = await self.listing()
+        names = {c.name for c in listed}
+        for candidate in sorted(listed, key=lambda c: c.name):
+            if config.complete == "marker" and candidate.name.endswith(config.marker):
                 continue
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            state = (stat.st_size, stat.st_mtime_ns)
-            if self.finished.get(path) == state:
+            if self.finished.get(candidate.name) == candidate.state:
                 continue  # kept after it was read (after: keep)
             if config.complete == "rename":
-                out.append(path)
+                out.append(candidate)
             elif config.complete == "marker":
-                if path.with_name(path.name + config.marker).exists():
-                    out.append(path)
+                if await self.marked(candidate.name, names):
+                    out.append(candidate)
             else:
-                previous = self.seen.get(path)
-                if previous is None or previous[:2] != state:
-                    self.seen[path] = (*state, now)
+                previous = self.seen.get(candidate.name)
+                if previous is None or previous[:2] != candidate.state:
+                    self.seen[candidate.name] = (*candidate.state, now)
                 elif now - previous[2] >= config.settle:
-                    out.append(path)
+                    out.append(candidate)
+        for name in [n for n in self.seen if n not in names]:
+            del self.seen[name]  # gone (taken by someone else, or renamed)
         return out
 
     async def _poll(self):
@@ -268,29 +309,42 @@ class FilePoller:
             return
         self.busy = True
         try:
-            for path in self._complete(self.reactor.seconds()):
+            try:
+                complete = await self._complete(self.reactor.seconds())
+            except (OSError, HL7RelayError) as exc:
+                self.failed(exc)
+                return
+            for candidate in complete:
                 try:
-                    finished = await self._file(path)
-                except OSError as exc:
+                    finished = await self._file(candidate)
+                except (OSError, HL7RelayError) as exc:
                     log.error("channel {channel}: cannot read {file}: {error}", channel=self.running.channel.name,
-                              file=str(path), error=exc.strerror or str(exc))
+                              file=candidate.name, error=getattr(exc, "strerror", None) or str(exc))
                     finished = False
                 if not finished:
                     break  # the rest waits: files are read in name order
-                self.seen.pop(path, None)
+                self.seen.pop(candidate.name, None)
         finally:
             self.busy, self.reading = False, None
 
-    async def _file(self, path: Path) -> bool:
+    async def _file(self, candidate: Candidate) -> bool:
         """Read one complete file through the ledger; True when it is finished with."""
+        self.reading = candidate.name
+        local = await self.fetch(candidate)
+        try:
+            return await self._read(candidate, local)
+        finally:
+            self.release(candidate, local)
+
+    async def _read(self, candidate: Candidate, path: Path) -> bool:
         from hl7relay.store.records import FileSeenUpdate, FileUpdate
 
         running = self.running
         writer, clock, channel = running.resources.writer, running.resources.clock, running.channel.name
-        self.reading = path.name
+        name = candidate.name
         sha256, size, mtime = await off_reactor(self.reactor, sha256_of, path)
-        await writer.update(FileSeenUpdate(channel, self.source_uri, path.name, size, mtime, sha256, clock()))
-        entry = await writer.read(writer.store.file_entry, channel, self.source_uri, path.name, sha256)
+        await writer.update(FileSeenUpdate(channel, self.source_uri, name, size, mtime, sha256, clock()))
+        entry = await writer.read(writer.store.file_entry, channel, self.source_uri, name, sha256)
         if entry is None:  # pragma: no cover - the row was just committed
             return False
         if self.last_file_at is None or entry["first_seen"] > self.last_file_at:
@@ -298,13 +352,13 @@ class FilePoller:
         if entry["state"] == FileState.READING.value and not entry["committed"]:
             earlier = await writer.read(writer.store.file_read_before, channel, sha256, entry["id"])
             if earlier is not None:
-                return await self._duplicate(path, entry, earlier)
+                return await self._duplicate(candidate, entry, earlier)
         if entry["state"] in (FileState.DONE.value, FileState.ERRORS.value, FileState.DUPLICATE.value):
             # finished before a crash took it away: only its archiving is left
-            await self._archive(path, entry, entry["state"] != FileState.DONE.value)
+            await self._archive(candidate, entry, entry["state"] != FileState.DONE.value)
             return True
         done = await writer.read(writer.store.file_ordinals, entry["id"]) if entry["committed"] else set()
-        read = await self._messages(path, entry["id"], done)
+        read = await self._messages(path, name, entry["id"], done)
         if read is None:
             return False  # not all stored: the next look reads it again and skips what is
         count, problems = read
@@ -314,16 +368,16 @@ class FilePoller:
         values = {"state": state.value, "messages": count, "done_at": clock(), "problems": "\n".join(problems)}
         await writer.update(FileUpdate(entry["id"], values))
         emit = running.resources.emit  # named so: the events test finds every emit() by name
-        emit("file_read", channel=channel, file=path.name, file_id=entry["id"], state=state.value, messages=count,
+        emit("file_read", channel=channel, file=name, file_id=entry["id"], state=state.value, messages=count,
              errors=final["errors"] if final else 0)
-        log.info("channel {channel}: {file}: {count} messages stored{errors}", channel=channel, file=path.name,
+        log.info("channel {channel}: {file}: {count} messages stored{errors}", channel=channel, file=name,
                  count=count, errors=f", {final['errors']} as ERROR" if final and final["errors"] else "")
         for problem in problems:
-            log.warn("channel {channel}: {file}: {problem}", channel=channel, file=path.name, problem=problem)
-        await self._archive(path, entry, errors)
+            log.warn("channel {channel}: {file}: {problem}", channel=channel, file=name, problem=problem)
+        await self._archive(candidate, entry, errors)
         return True
 
-    async def _messages(self, path: Path, file_id: int, done: set) -> tuple[int, list[str]] | None:
+    async def _messages(self, path: Path, name: str, file_id: int, done: set) -> tuple[int, list[str]] | None:
         """Split and store the file's messages in order, those not stored yet; (how many it holds,
         its envelope problems), or None when one could not be stored."""
         from hl7relay.ack.outcome import Status
@@ -353,7 +407,7 @@ class FilePoller:
                     ordinal, count = count, count + 1
                     if ordinal in done:
                         continue
-                    in_flight.append(self._store(path, file_id, ordinal, chunk))
+                    in_flight.append(self._store(name, file_id, ordinal, chunk))
                     await settle(window - 1)
                     if failed:
                         break
@@ -362,27 +416,27 @@ class FilePoller:
         await settle(0)
         if failed:
             log.error("channel {channel}: {file} was not fully stored; it stays for the next look, which skips "
-                      "what is stored", channel=running.channel.name, file=str(path))
+                      "what is stored", channel=running.channel.name, file=name)
             return None
         return count, [str(p) for p in splitter.problems if p.severity == "E"]
 
-    def _store(self, path: Path, file_id: int, ordinal: int, chunk) -> defer.Deferred:
+    def _store(self, name: str, file_id: int, ordinal: int, chunk) -> defer.Deferred:
         from hl7relay.errors import ParseError
         from hl7relay.hl7.message import Message
 
         running = self.running
-        peer = FileMessage(f"file:{path.name}", (file_id, ordinal, chunk.line))
+        peer = FileMessage(f"file:{name}", (file_id, ordinal, chunk.line))
         if chunk.oversize:
-            return running.store_unreadable(chunk.data, peer, f"{path.name} line {chunk.line}: the message is "
+            return running.store_unreadable(chunk.data, peer, f"{name} line {chunk.line}: the message is "
                                             f"{len(chunk.data) + chunk.oversize} bytes, more than max_message_bytes "
                                             f"({self.config.max_message_bytes}); its first {len(chunk.data)} are stored")
         try:
             message = Message.from_bytes(chunk.data, self.config.charset)
         except ParseError as exc:
-            return running.store_unreadable(chunk.data, peer, f"{path.name} line {chunk.line}: {exc}")
+            return running.store_unreadable(chunk.data, peer, f"{name} line {chunk.line}: {exc}")
         return defer.maybeDeferred(running.handle, message, peer)
 
-    async def _duplicate(self, path: Path, entry: dict, earlier: dict) -> bool:
+    async def _duplicate(self, candidate: Candidate, entry: dict, earlier: dict) -> bool:
         from hl7relay.store.records import FileUpdate
 
         running = self.running
@@ -391,29 +445,66 @@ class FilePoller:
             "state": FileState.DUPLICATE.value, "duplicate_of": earlier["id"], "done_at": running.resources.clock(),
             "problems": f"the same content as {earlier['name']} (file {earlier['id']}), read before: not imported"}))
         log.warn("channel {channel}: {file} holds the same content as {earlier} (file {earlier_id}), read before: "
-                 "not imported", channel=channel, file=path.name, earlier=earlier["name"], earlier_id=earlier["id"])
+                 "not imported", channel=channel, file=candidate.name, earlier=earlier["name"], earlier_id=earlier["id"])
         emit = running.resources.emit
-        emit("file_read", channel=channel, file=path.name, file_id=entry["id"], state=FileState.DUPLICATE.value,
+        emit("file_read", channel=channel, file=candidate.name, file_id=entry["id"], state=FileState.DUPLICATE.value,
              messages=0, errors=0)
-        await self._archive(path, entry, True)
+        await self._archive(candidate, entry, True)
         return True
 
-    async def _archive(self, path: Path, entry: dict, problem: bool) -> None:
+    async def _archive(self, candidate: Candidate, entry: dict, problem: bool) -> None:
         """After: a file with a problem goes to error_to (never deleted); others as ``after`` says."""
         from hl7relay.store.records import FileUpdate
 
-        config, running = self.config, self.running
-        marker = path.with_name(path.name + config.marker) if config.complete == "marker" else None
+        if not problem and self.config.after == "keep":
+            self.finished[candidate.name] = candidate.state
+        target = await self.put_away(candidate, entry, problem)
+        if target:
+            await self.running.resources.writer.update(FileUpdate(entry["id"], {"archived_as": target}))
+        if self.config.complete == "marker":
+            await self.remove_marker(candidate)
+
+
+class LocalFilePoller(FilePoller):
+    """The ``file`` source's: a folder on this machine."""
+
+    def __init__(self, running, config: FileSourceConfig):
+        super().__init__(running, config)
+        self.directory = Path(config.directory)
+        self.source_uri = self.directory.resolve().as_uri()
+
+    def prepare(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    async def listing(self) -> list[Candidate]:
+        out = []
+        for path in self.directory.glob(self.config.glob):
+            try:
+                if not path.is_file():
+                    continue
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append(Candidate(path.name, (stat.st_size, stat.st_mtime_ns)))
+        return out
+
+    async def fetch(self, candidate: Candidate) -> Path:
+        return self.directory / candidate.name
+
+    async def put_away(self, candidate: Candidate, entry: dict, problem: bool) -> str:
+        config, path = self.config, self.directory / candidate.name
         if not problem and config.after == "keep":
-            stat = path.stat()
-            self.finished[path] = (stat.st_size, stat.st_mtime_ns)
-        elif not problem and config.after == "delete":
+            return ""
+        if not problem and config.after == "delete":
             path.unlink(missing_ok=True)
-        elif path.exists():
-            folder = Path(config.error_to if problem and config.error_to else config.move_to if not problem and
-                          config.move_to else self.directory / ("error" if problem else "processed"))
-            name = _archive_name(config.archive_name, path.name, running.resources.clock(), entry["id"])
-            target = await off_reactor(self.reactor, archive, path, folder, name)
-            await running.resources.writer.update(FileUpdate(entry["id"], {"archived_as": str(target)}))
-        if marker is not None:
-            marker.unlink(missing_ok=True)
+            return ""
+        if not path.exists():
+            return ""
+        folder = Path(config.error_to if problem and config.error_to else config.move_to if not problem and
+                      config.move_to else self.directory / ("error" if problem else "processed"))
+        name = _archive_name(config.archive_name, candidate.name, self.running.resources.clock(), entry["id"])
+        target = await off_reactor(self.reactor, archive, path, folder, name)
+        return str(target)
+
+    async def remove_marker(self, candidate: Candidate) -> None:
+        (self.directory / (candidate.name + self.config.marker)).unlink(missing_ok=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from hl7relay.channels.files import FilePoller, FileSourceConfig
+from hl7relay.channels.files import FileSourceConfig, LocalFilePoller
 from hl7relay.spec import Option, register
 from hl7relay.mllp.framing import DEFAULT_MAX_FRAME_BYTES
 from hl7relay.mllp.listener import ListenerConfig
 from hl7relay.mllp.tls import TLSConfig
 
-__all__ = ["MLLPSourceConfig", "FileSourceConfig", "TLS_OPTIONS", "Source", "MLLPSource", "FileSource", "FilePoller"]
+__all__ = ["MLLPSourceConfig", "FileSourceConfig", "TLS_OPTIONS", "Source", "MLLPSource", "FileSource"]
 
 TLS_OPTIONS = [
     Option("tls_cert", "str", None, "PEM certificate (listener: server certificate; sender: client certificate)"),
@@ -216,7 +216,7 @@ class FileSource(Source):
         self.poller = None
 
     def open(self) -> str:
-        self.poller = FilePoller(self.running, self.config)
+        self.poller = LocalFilePoller(self.running, self.config)
         self.poller.start()
         self.address = str(self.config.directory)
         return f"files {self.config.glob} in {self.config.directory}"

@@ -22,6 +22,9 @@ DESCRIPTION = """\
   hl7relay check --inbound [CHANNEL]     the running engine's listeners: the address each is bound to,
                                          open connections, and each peer's last connection and message
   hl7relay check https://pms.example/api  any HTTP(S) endpoint: DNS, TCP, TLS, then a GET and its status
+  hl7relay check sftp://host:22 [--known-hosts FILE]   an SFTP server's host key: its SHA256 fingerprint
+                                         and the known_hosts line that pins it (confirm the fingerprint with
+                                         the server's owner first); with --known-hosts, whether it is pinned
   hl7relay check --credentials NAME      test a credential now: its token endpoint reached, a token obtained
                                          (expiry, scopes) or the endpoint's error verbatim; with check_url,
                                          a GET carrying it
@@ -45,6 +48,7 @@ def add_arguments(parser) -> None:
                         help="show the running engine's listeners instead (TARGET: a channel name, default all)")
     parser.add_argument("--credentials", metavar="NAME",
                         help="test the credential NAME of the settings (credentials: section or credentials.yaml)")
+    parser.add_argument("--known-hosts", metavar="FILE", help="sftp://: say whether the server's key is pinned in FILE")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     add_tls_arguments(parser, server=False)
     add_settings_arguments(parser)
@@ -58,6 +62,8 @@ def run(args) -> int:
         return _credentials(args)
     if args.target and args.target.startswith(("http://", "https://")):
         return _url(args)
+    if args.target and args.target.startswith("sftp://"):
+        return _sftp(args)
     if args.inbound:
         return _inbound(args)
     targets, code = _targets(args)
@@ -290,6 +296,43 @@ def _url(args) -> int:
         return 1
     _print_steps(safe_url(args.target), steps, "reachable", args.format, {"target": safe_url(args.target)})
     return 0 if all(step.status in ("ok", "warning", "skipped") for step in steps) else 1
+
+
+def _sftp(args) -> int:
+    """An SFTP server's host key, to pin it (and, with --known-hosts, whether it is pinned)."""
+    from urllib.parse import urlsplit
+
+    from hl7relay.sftp import SFTPError, _refusal, SFTPSettings, fingerprint, host_key, known_hosts_line
+
+    parts = urlsplit(args.target)
+    try:
+        port = parts.port or 22
+    except ValueError:
+        print(f"{args.target}: not a port", file=sys.stderr)
+        return 2
+    if not parts.hostname:
+        print(f"{args.target}: no host in the URL (sftp://HOST:PORT)", file=sys.stderr)
+        return 2
+    key = _run_on_reactor(lambda reactor: host_key(reactor, parts.hostname, port, args.timeout))
+    if not hasattr(key, "blob"):
+        error = key.value if hasattr(key, "value") else key
+        print(str(error) if isinstance(error, SFTPError) else f"sftp://{parts.hostname}:{port}: {error}", file=sys.stderr)
+        return 1
+    line = known_hosts_line(parts.hostname, port, key)
+    pinned = None
+    if args.known_hosts:
+        refusal = _refusal(SFTPSettings(parts.hostname, port, "", args.known_hosts), key)
+        pinned = refusal is None
+    if args.format == "json":
+        print(json.dumps({"target": f"sftp://{parts.hostname}:{port}", "type": key.sshType().decode(),
+                          "fingerprint": fingerprint(key), "known_hosts_line": line, "pinned": pinned}, indent=2))
+    else:
+        print(f"sftp://{parts.hostname}:{port}")
+        print(f"  host key  {key.sshType().decode()} {fingerprint(key)}")
+        print(f"  pin it    (after confirming the fingerprint with the server's owner) add to known_hosts:\n    {line}")
+        if pinned is not None:
+            print(f"  {'pinned in ' + args.known_hosts if pinned else 'NOT pinned: ' + str(refusal)}")
+    return 0 if pinned in (None, True) else 1
 
 
 def _api_destination(args, target) -> int:
