@@ -30,7 +30,7 @@ from hl7relay.outcomes import FileState
 from hl7relay.spec import Option, register
 
 __all__ = ["FileSourceConfig", "FilePoller", "LocalFilePoller", "Candidate", "archive", "COMPLETE_MODES", "AFTER",
-           "FILE_OPTIONS", "off_reactor"]
+           "FILE_OPTIONS", "file_source_values", "off_reactor"]
 
 log = Logger(namespace="hl7relay.engine")
 
@@ -58,8 +58,8 @@ class FileSourceConfig:
     runner: ClassVar[type]
 
 
-@register("source", "file", "read message files from a directory (batches split)", [
-    Option("directory", "str", description="folder to poll"),
+# what every source of files takes (the folder's own options come first: directory, host...)
+FILE_OPTIONS = [
     Option("glob", "str", "*.hl7", "which files"),
     Option("poll_interval", "duration", 2.0, "seconds between looks (with a cron schedule: while a file settles)"),
     Option("schedule", "section", None, "when it looks: {every: SECONDS} or {cron: '5 2 * * *', timezone: ...}",
@@ -79,8 +79,11 @@ class FileSourceConfig:
            "(YYYYMMDD), {time} (HHMMSS), {file_id}; a name taken gets .1, .2... before the suffix"),
     Option("charset", "str", "UTF-8", "for messages with an empty MSH-18"),
     Option("max_message_bytes", "int", 64 * 1024 * 1024, "a longer message is stored cut, as ERROR"),
-])
-def _file(options, context=None):
+]
+
+
+def file_source_values(options) -> dict:
+    """FILE_OPTIONS checked and built, as the keyword arguments of FileSourceConfig (less directory)."""
     if options["max_message_bytes"] < 1024:
         raise ValueError("max_message_bytes: at least 1024")
     try:
@@ -92,11 +95,16 @@ def _file(options, context=None):
         raise ValueError("marker: the marker files' suffix (e.g. .done)")
     if options["poll_interval"] <= 0:
         raise ValueError("poll_interval: a number of seconds above 0")
-    return FileSourceConfig(options["directory"], options["glob"], options["poll_interval"], options["after"],
-                            options["move_to"], options["error_to"], options["archive_name"], options["charset"],
-                            options["complete"], options["settle"], options["marker"], options["max_message_bytes"],
-                            schedule_from(options["schedule"], options["poll_interval"]),
-                            expectation_from(options["expect"]))
+    keys = ("glob", "poll_interval", "after", "move_to", "error_to", "archive_name", "charset", "complete", "settle",
+            "marker", "max_message_bytes")
+    return {**{k: options[k] for k in keys}, "schedule": schedule_from(options["schedule"], options["poll_interval"]),
+            "expectation": expectation_from(options["expect"])}
+
+
+@register("source", "file", "read message files from a directory (batches split)",
+          [Option("directory", "str", description="folder to poll"), *FILE_OPTIONS])
+def _file(options, context=None):
+    return FileSourceConfig(options["directory"], **file_source_values(options))
 
 
 def _archive_name(pattern: str, name: str, at: float, file_id: int) -> str:
