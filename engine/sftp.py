@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from twisted.conch.client.knownhosts import KnownHostsFile
 from twisted.conch.error import HostKeyChanged
 from twisted.conch.ssh import channel, common, connection, filetransfer, keys, transport, userauth
-from twisted.internet import defer, protocol
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
 from hl7relay.errors import HL7RelayError
@@ -28,6 +29,9 @@ __all__ = ["SFTPSettings", "SFTPError", "SFTPSession", "connect", "host_key", "f
            "RemoteFile"]
 
 CHUNK = 32 * 1024  # bytes per read or write request (OpenSSH's own limit is 255 KB)
+# conch logs every packet it dispatches at info: the engine says what matters itself
+_QUIET = Logger(observer=lambda event: None)
+_LOST = (error.ConnectionLost, error.ConnectionDone)
 IN_FLIGHT = 16  # read or write requests outstanding at once
 
 
@@ -91,6 +95,8 @@ def _refusal(settings: SFTPSettings, key) -> SFTPError | None:
 
 
 class _Transport(transport.SSHClientTransport):
+    _log = _QUIET
+
     def verifyHostKey(self, hostKey, fingerprint_):
         factory = self.factory
         key = keys.Key.fromString(hostKey)
@@ -120,6 +126,7 @@ class _Transport(transport.SSHClientTransport):
 
 class _UserAuth(userauth.SSHUserAuthClient):
     preferredOrder = [b"publickey", b"password"]
+    _log = _QUIET
 
     def __init__(self, settings: SFTPSettings, service):
         super().__init__(settings.username.encode(), service)
@@ -147,6 +154,8 @@ class _UserAuth(userauth.SSHUserAuthClient):
 
 
 class _Connection(connection.SSHConnection):
+    _log = _QUIET
+
     def __init__(self, factory):
         super().__init__()
         self.factory = factory
@@ -157,6 +166,7 @@ class _Connection(connection.SSHConnection):
 
 class _SFTPChannel(channel.SSHChannel):
     name = b"session"
+    _log = _QUIET
 
     def channelOpen(self, data):
         d = self.conn.sendRequest(self, b"subsystem", common.NS(b"sftp"), wantReply=True)
@@ -176,6 +186,8 @@ class _SFTPChannel(channel.SSHChannel):
 
 
 class _Client(filetransfer.FileTransferClient):
+    _log = _QUIET
+
     def __init__(self, factory):
         super().__init__()
         self.factory = factory
@@ -186,6 +198,7 @@ class _Client(filetransfer.FileTransferClient):
 
 class _Factory(protocol.ClientFactory):
     protocol = _Transport
+    noisy = False
 
     def __init__(self, settings: SFTPSettings, reactor):
         self.settings = settings
@@ -256,11 +269,17 @@ def host_key(reactor, host: str, port: int, timeout: float = 15.0):
     return factory.server_key
 
 
+def _quietly(d: defer.Deferred) -> defer.Deferred:
+    """True once done; False when it failed (a close on a dropped connection)."""
+    return d.addCallbacks(lambda _: True, lambda failure: False)
+
+
 class SFTPSession:
     """One signed-in SFTP session: listing, reading, writing, renaming, removing."""
 
     def __init__(self, client: _Client, extensions: dict):
         self.client = client
+        self.address = client.factory.settings.address
         self.extensions = extensions
         self.transport = None
 
@@ -286,6 +305,8 @@ class SFTPSession:
                     entries = yield directory.read()
                 except EOFError:
                     break
+                except _LOST as exc:
+                    raise SFTPError(f"{self.address}: the connection dropped while {path} was listed") from exc
                 for name, _longname, attrs in entries:
                     name = name.decode("utf-8", "surrogateescape") if isinstance(name, bytes) else name
                     if name in (".", ".."):
@@ -294,7 +315,7 @@ class SFTPSession:
                     out.append(RemoteFile(name, attrs.get("size", 0), float(attrs.get("mtime", 0)),
                                           stat_module.S_ISREG(mode) if mode else True))
         finally:
-            yield directory.close()
+            yield _quietly(directory.close())
         return out
 
     @defer.inlineCallbacks
@@ -302,6 +323,8 @@ class SFTPSession:
         """(size, mtime), or None when there is no such file."""
         try:
             attrs = yield self.client.getAttrs(path.encode())
+        except _LOST as exc:
+            raise SFTPError(f"{self.address}: the connection dropped") from exc
         except filetransfer.SFTPError as exc:
             if exc.code == filetransfer.FX_NO_SUCH_FILE:
                 return None
@@ -311,34 +334,30 @@ class SFTPSession:
     @defer.inlineCallbacks
     def download(self, path: str, consume):
         """Read the file in order, handing each piece to ``consume(bytes)`` (several requests in
-        flight, bounded); returns the bytes read."""
+        flight, bounded); returns the bytes read. SFTPError when the connection drops."""
         handle = yield self._call(self.client.openFile, path, filetransfer.FXF_READ, {})
         offset, total, pending, done = 0, 0, [], False
         try:
-            while not done or pending:
-                while not done and len(pending) < IN_FLIGHT:
+            while not done:
+                while len(pending) < IN_FLIGHT:
                     pending.append(handle.readChunk(offset, CHUNK))
                     offset += CHUNK
                 try:
                     piece = yield pending.pop(0)
                 except EOFError:
-                    done = True
-                    for d in pending:
-                        d.addErrback(lambda f: None)
-                    pending = []
-                    continue
-                if not piece:
-                    done = True
-                    continue
-                consume(piece)
-                total += len(piece)
-                if len(piece) < CHUNK:
-                    done = True  # a short read is the end (the requests after it answer EOF)
-                    for d in pending:
-                        d.addErrback(lambda f: None)
-                    pending = []
+                    break
+                if piece:
+                    consume(piece)
+                    total += len(piece)
+                done = len(piece) < CHUNK  # a short read is the end (the requests after it answer EOF)
+        except _LOST as exc:
+            raise SFTPError(f"{path}: the connection dropped while it was read ({total} bytes in)") from exc
+        except filetransfer.SFTPError as exc:
+            raise SFTPError(f"{path}: {exc.message}") from exc
         finally:
-            yield handle.close()
+            for d in pending:
+                d.addErrback(lambda failure: None)  # answered after the end, or lost with the connection
+            yield _quietly(handle.close())
         return total
 
     @defer.inlineCallbacks
@@ -346,16 +365,24 @@ class SFTPSession:
         """Write ``data`` to ``path`` (created or truncated), all of it acknowledged before this returns."""
         flags = filetransfer.FXF_WRITE | filetransfer.FXF_CREAT | filetransfer.FXF_TRUNC
         handle = yield self._call(self.client.openFile, path, flags, {"permissions": 0o640})
+        pending: list = []
         try:
-            pending = []
             for offset in range(0, len(data), CHUNK):
                 pending.append(handle.writeChunk(offset, data[offset:offset + CHUNK]))
                 if len(pending) >= IN_FLIGHT:
                     yield pending.pop(0)
-            for d in pending:
-                yield d
+            while pending:
+                yield pending.pop(0)
+        except _LOST as exc:
+            raise SFTPError(f"{path}: the connection dropped while it was written") from exc
+        except filetransfer.SFTPError as exc:
+            raise SFTPError(f"{path}: {exc.message}") from exc
         finally:
-            yield handle.close()
+            for d in pending:
+                d.addErrback(lambda failure: None)
+            closed = yield _quietly(handle.close())
+        if closed is False:
+            raise SFTPError(f"{path}: the server did not confirm it closed the file")
 
     @defer.inlineCallbacks
     def rename(self, old: str, new: str, replace: bool = False):
@@ -388,6 +415,8 @@ class SFTPSession:
         d = method(path if raw else path.encode(), *args)
 
         def said(failure):
+            if failure.check(*_LOST):
+                raise SFTPError(f"{self.address}: the connection dropped")
             failure.trap(filetransfer.SFTPError, NotImplementedError, EOFError)
             value = failure.value
             message = getattr(value, "message", None) or str(value) or type(value).__name__

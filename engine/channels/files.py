@@ -205,6 +205,7 @@ class FilePoller:
         self._stopped = False
         self.watching_since = 0.0
         self.last_file_at: float | None = None  # when the newest file of the channel was first seen (expect:)
+        self.retry_in: float | None = None  # a transport that failed asks for its next look this soon
 
     def start(self):
         self.prepare()
@@ -238,6 +239,8 @@ class FilePoller:
         now = self.reactor.seconds()
         # a file that is settling is looked at again soon, whatever the schedule
         wait = self.config.poll_interval if self.seen else self.config.schedule.next_after(now) - now
+        if self.retry_in is not None:
+            wait, self.retry_in = min(wait, self.retry_in), None
         self.next_look = now + max(0.0, wait)
         self._call = self.reactor.callLater(max(0.0, wait), self._look)
 
