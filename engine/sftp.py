@@ -30,7 +30,7 @@ __all__ = ["SFTPSettings", "SFTPError", "SFTPSession", "connect", "host_key", "f
 
 CHUNK = 32 * 1024  # bytes per read or write request (OpenSSH's own limit is 255 KB)
 # conch logs every packet it dispatches at info: the engine says what matters itself
-_QUIET = Logger(observer=lambda event: None)
+_QUIET = Logger(observer=lambda event: None)  # type: ignore[arg-type]  # a function is an ILogObserver
 _LOST = (error.ConnectionLost, error.ConnectionDone)
 IN_FLIGHT = 16  # read or write requests outstanding at once
 
@@ -293,7 +293,7 @@ class SFTPSession:
 
     @property
     def connected(self) -> bool:
-        return self.client.connected
+        return bool(self.client.connected)
 
     @defer.inlineCallbacks
     def listdir(self, path: str):
@@ -336,7 +336,8 @@ class SFTPSession:
         """Read the file in order, handing each piece to ``consume(bytes)`` (several requests in
         flight, bounded); returns the bytes read. SFTPError when the connection drops."""
         handle = yield self._call(self.client.openFile, path, filetransfer.FXF_READ, {})
-        offset, total, pending, done = 0, 0, [], False
+        offset, total, done = 0, 0, False
+        pending: list = []
         try:
             while not done:
                 while len(pending) < IN_FLIGHT:

@@ -189,3 +189,85 @@ def test_wrong_sftp_source_options_are_lint_errors(tmp_path, options, expected):
     path.write_text(f"name: ch\nsource: {{type: sftp, {listed}}}\n")
     _channel, errors = load_channel(path, {})
     assert errors and expected in str(errors[0]), (errors, key)
+
+
+# -- onto the server ----------------------------------------------------------------------------------
+class Outbound(Engine):
+    """`hl7relay run` with a local file source and a destination onto the SFTP server."""
+
+    def __init__(self, folder: Path, server: SFTPServer, destination: str, name: str = "engine"):
+        self.folder = folder
+        self.inbox = folder / "inbox"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        channels = folder / "channels"
+        channels.mkdir(parents=True, exist_ok=True)
+        connection = (f"host: 127.0.0.1, port: {server.port}, username: hl7relay, known_hosts: '{server.known_hosts}', "
+                      f"private_key: '${{file:{server.folder / 'client_key'}}}'")
+        (channels / "out.yaml").write_text(
+            f"name: out\nsource: {{type: file, directory: '{self.inbox}', glob: '*.hl7', complete: rename, "
+            f"poll_interval: 0.2}}\ndestinations:\n  - {destination.replace('CONNECTION', connection)}\n")
+        self.log = folder / f"{name}.log"
+        self.process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(channels),
+                                         "--data-dir", str(folder / "data"), "--admin-port", "0", "--console-port", "0"],
+                                        cwd=folder, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.wait(lambda: "ready" in self.log.read_text(), "the engine to be ready", 60)
+
+    def deliveries(self) -> list[str]:
+        try:
+            with sqlite3.connect(self.folder / "data" / "hl7relay.db", timeout=30) as connection:
+                return [r[0] for r in connection.execute("SELECT status FROM deliveries ORDER BY message_id")]
+        except sqlite3.OperationalError:
+            return []
+
+
+def test_the_sftp_destination_uploads_each_message_under_a_hidden_name_then_renames_it(server, tmp_path):
+    engine = Outbound(tmp_path / "engine", server, "{name: pms, type: sftp, CONNECTION, directory: /inbound}")
+    try:
+        (engine.inbox / "a.part").write_bytes(batch("U1", "U2", "U3"))
+        (engine.inbox / "a.part").rename(engine.inbox / "a.hl7")
+        engine.wait(lambda: engine.deliveries() == ["SENT"] * 3, "three deliveries SENT")
+        inbound = server.root / "inbound"
+        assert sorted(p.name for p in inbound.iterdir()) == ["U1.hl7", "U2.hl7", "U3.hl7"]  # nothing .part left
+        assert (inbound / "U2.hl7").read_bytes() == ADT.format(id="U2").encode()
+    finally:
+        assert engine.stop() == 0
+
+
+def test_a_batch_over_sftp_survives_a_connection_dropped_mid_upload_and_is_written_whole_once(tmp_path):
+    server = SFTPServer(tmp_path / "sftp", drop_after=200_000)
+    try:
+        engine = Outbound(tmp_path / "engine", server,
+                          "{name: nightly, type: batch, directory: /batches, max_messages: 80, max_age: 2, retry_initial: 0.2, "
+                          "retry_max: 1, sftp: {CONNECTION}}")
+        try:
+            ids = [f"B{n:03d}" for n in range(80)]
+            (engine.inbox / "night.part").write_bytes(batch(*ids, note=4000))  # about 340 KB: dropped mid-upload
+            (engine.inbox / "night.part").rename(engine.inbox / "night.hl7")
+            engine.wait(lambda: engine.deliveries() == ["SENT"] * 80, "the batch SENT after the drop", 90)
+            files = list((server.root / "batches").iterdir())
+            assert len(files) == 1 and files[0].suffix == ".hl7", files  # whole, once; its .part written over and renamed
+            from hl7relay.hl7.batch import split_messages
+            from hl7relay.hl7.message import Message
+
+            split = split_messages(files[0].read_bytes())
+            assert not split.problems and [Message.from_bytes(c.data).control_id for c in split.messages] == ids
+            assert "the batch could not be written" in engine.log.read_text()  # the drop happened
+        finally:
+            assert engine.stop() == 0
+    finally:
+        server.stop()
+
+
+def test_the_readme_sftp_channel_lints_with_its_key_and_pin_in_place(server, tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Batch files: the file source and its ledger")[1].split("\n### ")[0]
+    text = [block.split("```", 1)[0] for block in section.split("```yaml\n")[1:] if "type: sftp" in block][0]
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    (channels / "sftp_known_hosts").write_text(server.known_hosts.read_text())
+    text = text.replace("${secret:pms-sftp-key}", f"${{file:{server.folder / 'client_key'}}}")
+    (channels / "nightly-adt-sftp.yaml").write_text(text)
+    done = subprocess.run([sys.executable, "-m", "hl7relay", "lint", "channels"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "1 channel OK: nightly-adt-sftp", done.stdout + done.stderr

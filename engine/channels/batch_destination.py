@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -48,9 +49,16 @@ class BatchDestinationConfig:
     receiving_facility: str | None
     mode: int
     queue: QueueOptions
+    sftp: Any = None  # SFTPSettings: the batches go to this server's ``directory`` instead
 
 
 _TIME = re.compile(r"\{now(?::([^{}]*))?\}")
+
+
+def _sftp_section():
+    from hl7relay.channels.sftp_destination import SFTP_SECTION
+
+    return SFTP_SECTION
 
 
 @register("destination", "batch", "gather messages into HL7 batch files (FHS/BHS ... BTS/FTS), each written whole", [
@@ -67,6 +75,8 @@ _TIME = re.compile(r"\{now(?::([^{}]*))?\}")
     Option("receiving_application", "str", None, "FHS-5/BHS-5 (default: MSH-5)"),
     Option("receiving_facility", "str", None, "FHS-6/BHS-6 (default: MSH-6)"),
     Option("mode", "str", "0640", "permissions of the files written, in octal (they hold PHI)"),
+    Option("sftp", "section", None, "write the batches to an SFTP server's `directory` instead: {host, port, username, "
+           "known_hosts, private_key | password}", section=_sftp_section()),
     *[o for o in QUEUE_OPTIONS if o.name not in ("order", "order_key", "parallel")],
 ])
 def _batch(options, context=None):
@@ -94,10 +104,15 @@ def _batch(options, context=None):
     queue = queue_options({**options, "order": "none", "order_key": "PID-3.1", "parallel": 1})
     queue = QueueOptions(queue.max_attempts, queue.retry_initial, queue.retry_max, "none", "PID-3.1",
                          options["max_messages"], queue.give_up_after)
+    sftp = None
+    if options["sftp"]:
+        from hl7relay.channels.sftp_source import sftp_settings
+
+        sftp = sftp_settings(options["sftp"], context)
     return BatchDestinationConfig(options["directory"], options["filename"], options["max_messages"],
                                   options["max_bytes"], options["max_age"], flush, options["sending_application"],
                                   options["sending_facility"], options["receiving_application"],
-                                  options["receiving_facility"], mode, queue)
+                                  options["receiving_facility"], mode, queue, sftp)
 
 
 def _field(value: str, separator: str) -> str:
@@ -189,7 +204,13 @@ class BatchDelivery(Delivery):
         self.written = 0  # batches written since the engine started
         self.last_file = ""
         self._tag = re.sub(r"[^A-Za-z0-9_-]", "_", config.filename.split("{")[0] or "batch")[:40]
-        self._remove_stale_parts()
+        self.uploader = None
+        if config.sftp is not None:
+            from hl7relay.channels.sftp_destination import SFTPUploader
+
+            self.uploader = SFTPUploader(config.sftp, resources.reactor)
+        else:
+            self._remove_stale_parts()
         self._schedule_flush()
 
     def _remove_stale_parts(self) -> None:
@@ -214,7 +235,7 @@ class BatchDelivery(Delivery):
             self._write()
         self._schedule_flush()
 
-    def deliver(self, message, message_id: int):
+    def deliver(self, message, message_id=None):
         data = message.to_bytes()
         waiter: defer.Deferred = defer.Deferred()
         if self.entries and self.size + len(data) > self.config.max_bytes and not self.writing:
@@ -250,18 +271,24 @@ class BatchDelivery(Delivery):
         receiver = (config.receiving_application or _msh(first, 5), config.receiving_facility or _msh(first, 6))
         control_id = f"{entries[0].message_id}-{entries[-1].message_id}"
         data = batch_bytes(messages, name, now, sender, receiver, control_id)
-        d = threads.deferToThread(write_batch, self.directory, name, data, config.mode, self._tag) \
-            if hasattr(self.reactor, "getThreadPool") else defer.maybeDeferred(write_batch, self.directory, name, data,
-                                                                               config.mode, self._tag)
+        if self.uploader is not None:  # the directory is the server's; a taken name gets .1, .2...
+            d = self.uploader.put(config.directory.rstrip("/") or ".", name, data, replace=False,
+                                  part=f"{_PART_PREFIX}{self._tag}.part")
+        elif hasattr(self.reactor, "getThreadPool"):
+            d = threads.deferToThread(write_batch, self.directory, name, data, config.mode, self._tag)
+        else:
+            d = defer.maybeDeferred(write_batch, self.directory, name, data, config.mode, self._tag)
 
-        def written(target: Path) -> None:
+        def written(target) -> None:
             self.written += 1
             self.last_file = str(target)
             log.info("batch {file}: {count} messages", file=str(target), count=len(entries))
             for entry in entries:
-                entry.waiter.callback(DeliveryResult(True, ack=f"in {target.name} (batch of {len(entries)})"))
+                entry.waiter.callback(DeliveryResult(True, ack=f"in {Path(str(target)).name} (batch of {len(entries)})"))
 
         def failed(failure) -> None:
+            if self.uploader is not None:
+                self.uploader.failed()
             error = f"the batch could not be written: {failure.getErrorMessage()}"
             log.error("batch {name}: {error}", name=name, error=error)
             for entry in entries:
@@ -283,6 +310,8 @@ class BatchDelivery(Delivery):
                           "written": self.written, "last_file": self.last_file}}
 
     def close(self) -> None:
+        if self.uploader is not None:
+            self.uploader.close()
         for timer in (self._age_timer, self._flush_timer):
             if timer is not None and timer.active():
                 timer.cancel()
