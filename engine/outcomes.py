@@ -122,6 +122,7 @@ class FileState(enum.StrEnum):
     DONE = "done"  # every message stored; the file archived or deleted
     ERRORS = "errors"  # every message stored, some of them as ERROR (unreadable, or rejected)
     DUPLICATE = "duplicate"  # the same content was read before (another name, or again): not imported
+    REIMPORT = "reimport"  # a duplicate an operator asked to import anyway: read when it is back in the folder
 
 
 class DeliveryOutcome(enum.Enum):

@@ -1306,3 +1306,8 @@ def test_the_files_page_shows_the_ledger_and_each_files_messages_masked(engine):
     assert status == 200 and f'<a href="/files/{entry["id"]}">file {entry["id"]}</a> night.hl7: message 2 of 2, line 7' in body
     assert browser.get("/files/999999")[0] == 404
     assert browser.get("/files?hours=soon")[0] == 400
+    assert "file-reimport" not in body  # only a duplicate is offered to be imported again
+    assert browser.post(f"/files/{entry['id']}/reimport", {"reason": "x"})[0] == 403  # a viewer may not
+    operator = signed_in(engine, "operator")
+    status, _, said = operator.post(f"/files/{entry['id']}/reimport", {"reason": "resent"})
+    assert status == 409 and "only a duplicate is imported again" in said

@@ -504,3 +504,28 @@ def test_wrong_schedules_are_lint_errors(tmp_path, source, expected):
     path.write_text(f"name: files\nsource: {{type: file, directory: in, {source}}}\n")
     _channel, errors = load_channel(path, {})
     assert errors and expected in str(errors[0]), errors
+
+
+def test_a_duplicate_imported_anyway_by_an_operator_is_read_again_and_audited(tmp_path, capsys):
+    from hl7relay.cli import main
+
+    files = FileEngine(tmp_path)
+    files.drop("monday.hl7", batch("R1", "R2"))
+    files.looks()
+    files.drop("again.hl7", batch("R1", "R2"))  # the PMS sent it again, on purpose this time
+    files.looks()
+    duplicate = files.store.files()[0]
+    assert duplicate["state"] == "duplicate" and (files.inbox / "error" / "again.hl7").exists()
+    arguments = ["files", "--reimport", str(duplicate["id"]), "--store", files.store.url, "--channels",
+                 str(tmp_path / "files.yaml")]
+    assert main(arguments) == 2 and "--reimport needs --reason" in capsys.readouterr().err
+    assert main([*arguments, "--reason", "PMS resent after their restore (ticket 88)"]) == 0
+    assert capsys.readouterr().out.startswith(f"again.hl7 is back in {files.inbox}")
+    assert (files.inbox / "again.hl7").exists() and files.store.file(duplicate["id"])["state"] == "reimport"
+    files.looks()
+    assert files.stored() == [("R1", "PROCESSED"), ("R2", "PROCESSED"), ("R1", "PROCESSED"), ("R2", "PROCESSED")]
+    assert files.store.file(duplicate["id"])["state"] == "done"
+    [entry] = files.store.audit_entries(action="file.reimport")
+    assert entry["target"] == f"file {duplicate['id']}" and "ticket 88" in entry["reason"]
+    assert main([*arguments, "--reason", "again"]) == 1  # done now: only a duplicate is imported again
+    assert "only a duplicate is imported again" in capsys.readouterr().err

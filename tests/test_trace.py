@@ -53,7 +53,7 @@ def test_the_tracer_listens_only_while_a_trace_is_open():
     tracer = Tracer(clock, subs.subscribe, subs.unsubscribe)
     assert subs.observers == []  # nobody traces: no observer, no cost
     session = tracer.start("user:ana", seconds=60)
-    assert subs.observers == [tracer._inbound, tracer._outbound]  # message_processed; delivery_*
+    assert subs.observers == [tracer._inbound, tracer._outbound, tracer._file]  # message_processed; delivery_*; file_read
     subs.emit("message_processed", processed())
     clock.advance(61)
     subs.emit("message_processed", processed(message_id=2))  # after its end: not recorded, and it detaches
@@ -107,6 +107,21 @@ def test_a_trace_of_api_calls_shows_their_method_url_and_status_and_nothing_else
                                                                         "HTTP 201", 1200)
     with pytest.raises(ValueError):
         tracer.start("a", kind="fax")
+
+
+def test_a_trace_of_files_shows_each_file_finished_beside_its_messages():
+    clock, subs = task.Clock(), Subscriptions()
+    tracer = Tracer(clock, subs.subscribe, subs.unsubscribe)
+    files = tracer.start("a", kind="file", scope=({"nightly"}, set()))
+    subs.emit("message_processed", processed(message_id=1))  # an MLLP channel's: not files
+    subs.emit("message_processed", dict(processed(channel="nightly", message_id=2), peer="file:ADT.txt"))
+    subs.emit("file_read", {"channel": "nightly", "file": "ADT.txt", "file_id": 7, "state": "errors", "messages": 120,
+                            "errors": 1})
+    rows = files.read(0)
+    assert [(r["channel"], r["message_id"], r["peer"]) for r in rows] == [("nightly", 2, "file:ADT.txt"),
+                                                                          ("nightly", None, "file:ADT.txt")]
+    assert (rows[1]["message_type"], rows[1]["control_id"], rows[1]["status"], rows[1]["error"]) == (
+        "FILE", "ADT.txt", "errors", "file 7: 120 messages, 1 as ERROR")
 
 
 def test_a_slow_reader_loses_the_oldest_rows_never_the_engine_time():

@@ -360,7 +360,7 @@ class FilePoller:
             return False
         if self.last_file_at is None or entry["first_seen"] > self.last_file_at:
             self.last_file_at = entry["first_seen"]
-        if entry["state"] == FileState.READING.value and not entry["committed"]:
+        if entry["state"] == FileState.READING.value and not entry["committed"]:  # (an operator's REIMPORT is not asked)
             earlier = await writer.read(writer.store.file_read_before, channel, sha256, entry["id"])
             if earlier is not None:
                 return await self._duplicate(candidate, entry, earlier)

@@ -22,6 +22,9 @@ message stored, some as ERROR, or the file had stray segments: it went to error_
 --file ID lists that file's messages in file order: place, line, message id, status, type,
 control id and error (values quoted in errors are masked unless --show-phi --reason).
 
+--reimport ID --reason TEXT imports a duplicate file anyway (the PMS meant to send it again): it
+goes back into its source's folder and is read at the next look; audited.
+
 Exit status: 0, 1 when a listed file has errors or is a duplicate (for monitoring), 2 wrong
 arguments, 3 the store could not be opened."""
 
@@ -34,6 +37,7 @@ def add_arguments(parser) -> None:
                         help="first seen since WHEN: an age ago (90m, 12h, 7d) or an ISO date (default: 24h)")
     parser.add_argument("--state", choices=[s.value for s in FileState], help="only files in this state")
     parser.add_argument("--file", type=int, metavar="ID", help="this file's messages, in file order")
+    parser.add_argument("--reimport", type=int, metavar="ID", help="import this duplicate file anyway (needs --reason)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--show-phi", action="store_true",
                         help="show values quoted in error texts (masked by default); needs --reason, and is audited")
@@ -45,7 +49,9 @@ def run(args) -> int:
     from hl7relay.cli._support import format_time, open_store_from_args, phi_permitted
     from hl7relay.ops.phi import mask_text
 
-    store, _ = open_store_from_args(args)
+    store, settings = open_store_from_args(args)
+    if args.reimport is not None:
+        return _reimport(args, store, settings)
     if not phi_permitted(args, store, "files"):
         return 2
     text = (lambda value: value) if args.show_phi else mask_text
@@ -87,3 +93,25 @@ def _line(entry: dict, format_time) -> str:
     duplicate = f" of file {entry['duplicate_of']}" if entry["duplicate_of"] else ""
     return (f"file {entry['id']:<6} {entry['channel']:<16} {entry['name']:<28} {entry['state']}{duplicate:<9} "
             f"{entry['committed']}/{held} stored{errors}  first seen {format_time(entry['first_seen'])}{archived}")
+
+
+def _reimport(args, store, settings) -> int:
+    from hl7relay.channels import load_channels
+    from hl7relay.ops.auth import cli_audit
+    from hl7relay.ops.files import ReimportError, reimport
+
+    if not (args.reason or "").strip():
+        print("--reimport needs --reason: importing a duplicate file is written to the audit log with why", file=sys.stderr)
+        return 2
+    channels, problems = load_channels(settings["channels"])
+    if problems:
+        print(f"the channel files have problems (hl7relay lint says which): {problems[0]}", file=sys.stderr)
+        return 2
+    try:
+        done = reimport(store, {c.name: c for c in channels}, args.reimport, args.reason,
+                        cli_audit("file.reimport", f"file {args.reimport}"))
+    except ReimportError as exc:
+        print(f"hl7relay files: {exc}", file=sys.stderr)
+        return 2 if exc.usage else 1
+    print(done)
+    return 0

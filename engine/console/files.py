@@ -32,8 +32,11 @@ class FilePages(ConsoleBase):
 
     @app.route("/files/<int:file_id>", methods=["GET"])
     @page("read")
+    def file_page(self, request, session, file_id):
+        return self.file(request, session, file_id)
+
     @defer.inlineCallbacks
-    def file(self, request, session, file_id):
+    def file(self, request, session, file_id, said: str = ""):
         def load(store):
             entry = store.file(file_id)
             if entry is None:
@@ -49,4 +52,21 @@ class FilePages(ConsoleBase):
             raise HTTPError(404, f"no file {file_id} in the ledger")
         problems = [p for p in (entry.get("problems") or "").splitlines() if p]
         return self._render("file.html", request, session=session, active="files", entry=entry, rows=rows,
-                            problems=problems, now=time.time())
+                            problems=problems, now=time.time(), said=said)
+
+    @app.route("/files/<int:file_id>/reimport", methods=["POST"])
+    @page("replay", post=True)
+    @defer.inlineCallbacks
+    def file_reimport(self, request, session, file_id):
+        """A duplicate file imported anyway, by an operator with a reason (audited)."""
+        from hl7relay.ops.files import ReimportError, reimport
+
+        reason = self._field(request, "reason").strip()
+        channels = self.controls.channels()
+        audit = self._action(request, session, "file.reimport", f"file {file_id}")
+        try:
+            said = yield self.support.run(lambda store: reimport(store, channels, file_id, reason, audit))
+        except ReimportError as exc:
+            raise HTTPError(400 if exc.usage else 409, str(exc)) from None
+        page = yield self.file(request, session, file_id, said=said)
+        return page

@@ -43,7 +43,8 @@ MAX_SESSIONS = 10
 # what a trace may be narrowed to, by the source and destination types that carry it
 # what a destination carries, by its type; "fhir-content" stands for any destination whose last
 # transformer is fhir (Controls.carrying)
-CONTENT_KINDS = {"hl7": frozenset({"mllp", "channel"}), "api": frozenset({"http", "fhir"}), "file": frozenset({"file"}),
+CONTENT_KINDS = {"hl7": frozenset({"mllp", "channel"}), "api": frozenset({"http", "fhir"}),
+                 "file": frozenset({"file", "sftp", "batch"}),
                  "fhir": frozenset({"fhir", "fhir-content"})}
 BUFFER_ROWS = 5000
 MIN_SECONDS, MAX_SECONDS, DEFAULT_SECONDS = 60.0, 3600.0, 300.0
@@ -257,10 +258,12 @@ class Tracer:
             if not self._subscribed:
                 self._subscribe(self._inbound, events=("message_processed",))
                 self._subscribe(self._outbound, events=tuple(_OUT_EVENTS))
+                self._subscribe(self._file, events=("file_read",))
                 self._subscribed = True
         elif self._subscribed:
             self._unsubscribe(self._inbound)  # nobody traces: the engine's events reach no tracer
             self._unsubscribe(self._outbound)
+            self._unsubscribe(self._file)
             self._subscribed = False
             for kept in (self._types, self._ids, self._old_types, self._old_ids, self._in_tails, self._out_tails):
                 kept.clear()
@@ -282,6 +285,20 @@ class Tracer:
                _NULL if latency is None else int(latency * 1e6), _NULL, control_id, tail, _EMPTY)
         for session in self._live:
             if session.everything or session.wants("in", key[0], None, key[2]):
+                i = session.next_seq % BUFFER_ROWS * _WIDTH
+                session.ring[i:i + _WIDTH] = row
+                session.next_seq += 1
+
+    def _file(self, event: str, f: dict) -> None:
+        """A file a source finished with: a row of its own beside its messages' (type FILE, its
+        name as the control id, its ledger state as the status; what it held as the error column)."""
+        key = (f["channel"], f"file:{f['file']}", "FILE", f["state"], "")
+        tail = self._new_tail(self._in_tails, key, "in", key[0], None, key[1]) if key not in self._in_tails \
+            else self._in_tails[key]
+        said = f"file {f['file_id']}: {f['messages']} messages" + (f", {f['errors']} as ERROR" if f["errors"] else "")
+        row = (_time_ns() // 1_000_000, _NULL, _NULL, _NULL, f["file"], tail, _encode(said))
+        for session in self._live:
+            if session.everything or session.wants("in", key[0], None, "FILE"):
                 i = session.next_seq % BUFFER_ROWS * _WIDTH
                 session.ring[i:i + _WIDTH] = row
                 session.next_seq += 1
