@@ -236,6 +236,10 @@ def test_provenance_follows_what_the_message_has():
     # an MSH-4 with components but nothing in them is no sender either (an agent needs its who)
     empty = Message.from_bytes((ROOT / "samples" / "adt_a01.hl7").read_bytes().replace(b"|CLINIC|HL7RELAY|", b"|^|HL7RELAY|"))
     assert resources(converted(empty), "Provenance")[0]["agent"] == source["agent"]
+    # nor one whose first component holds only subcomponents with nothing in the first (no identifier)
+    hollow = Message.from_bytes((ROOT / "samples" / "adt_a01.hl7").read_bytes().replace(b"|CLINIC|HL7RELAY|", b"|&A|HL7RELAY|"))
+    assert resources(converted(hollow), "Provenance")[0]["agent"] == source["agent"]
+    Bundle.model_validate(converted(hollow))
     siu = converted(sample("siu_s12.hl7"), "message")
     assert resources(siu, "MessageHeader")[0]["focus"] == [{"reference": siu["entry"][1]["fullUrl"]}]
     assert siu["entry"][1]["resource"]["resourceType"] == "Appointment"  # a Provenance is never the focus

@@ -271,3 +271,25 @@ def test_the_readme_sftp_channel_lints_with_its_key_and_pin_in_place(server, tmp
     done = subprocess.run([sys.executable, "-m", "hl7relay", "lint", "channels"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "1 channel OK: nightly-adt-sftp", done.stdout + done.stderr
+
+
+def test_kill_9_mid_sftp_file_then_restart_stores_every_message_once_in_order(server, tmp_path):
+    outbox = server.root / "outbox"
+    outbox.mkdir()
+    ids = [f"K{n:04d}" for n in range(4000)]
+    (outbox / "night.part").write_bytes(batch(*ids))
+    engine = Engine(tmp_path / "engine", server, "complete: rename")
+    (outbox / "night.part").rename(outbox / "night.txt")
+    engine.wait(lambda: len(engine.stored()) >= 300, "300 messages stored")
+    engine.process.send_signal(signal.SIGKILL)  # mid-file
+    engine.process.wait(timeout=30)
+    at_kill = [c for c, _ in engine.stored()]
+    assert 300 <= len(at_kill) < len(ids) and at_kill == ids[:len(at_kill)]
+    assert (outbox / "night.txt").exists()  # not moved: it was not finished
+    again = Engine(tmp_path / "engine", server, "complete: rename", name="engine2")
+    try:
+        again.wait(lambda: not (outbox / "night.txt").exists(), "the file finished and moved", 120)
+        assert [c for c, _ in again.stored()] == ids  # nothing lost, nothing twice, in file order
+        assert [r[2:5] for r in again.ledger()] == [("done", 4000, 4000)]
+    finally:
+        assert again.stop() == 0

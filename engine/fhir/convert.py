@@ -681,6 +681,8 @@ class Converter:
             if resource.from_datatype:
                 continue
             content = _finish(resource.node) or {}
+            if resource.type == "Provenance":
+                _agents_with_who(content)
             resource.node = {"resourceType": resource.type, **content}
         for resource in resources:  # ids in creation order: a nearest link's target has its id already
             if resource.from_datatype:
@@ -752,6 +754,17 @@ class Converter:
         bundle.update(fields)
         bundle["entry"] = entries
         return bundle
+
+
+_UNKNOWN_AGENT = {"who": {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+                                         "valueCode": "unknown"}]}}
+
+
+def _agents_with_who(content: dict) -> None:
+    """R4: a Provenance agent is its ``who`` (required): an agent whose who came to nothing (an
+    MSH-4 of "&A") is left out, and a Provenance with none left has an unknown one."""
+    agents = [a for a in content.get("agent") or () if isinstance(a, dict) and a.get("who")]
+    content["agent"] = agents or [dict(_UNKNOWN_AGENT)]
 
 
 def _link(node: dict, target: tuple, reference: str, also: tuple = ()) -> None:
