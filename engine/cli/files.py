@@ -75,7 +75,9 @@ def run(args) -> int:
         return 0
     since = args.since if args.since is not None else time.time() - 86400
     files = store.files(channel=args.channel, since=since, state=args.state)
-    totals = {state.value: sum(1 for f in files if f["state"] == state.value) for state in FileState}
+    from hl7relay.ops.files import file_totals
+
+    totals = file_totals(files)
     if args.format == "json":
         print(json.dumps({"files": files, "totals": totals}, indent=1))
     else:
@@ -115,3 +117,4 @@ def _reimport(args, store, settings) -> int:
         return 2 if exc.usage else 1
     print(done)
     return 0
+

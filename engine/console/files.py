@@ -7,7 +7,6 @@ import time
 from twisted.internet import defer
 
 from hl7relay.console.base import ConsoleBase, HTTPError, _masked_error, app, page
-from hl7relay.outcomes import FileState
 
 
 class FilePages(ConsoleBase):
@@ -26,7 +25,9 @@ class FilePages(ConsoleBase):
             raise HTTPError(400, "hours: more than 0, at most a year (8784)")
         since = self.controls.clock() - hours * 3600
         rows = yield self.support.run(lambda store: store.files(channel=channel, since=since, limit=500))
-        totals = {state.value: sum(1 for r in rows if r["state"] == state.value) for state in FileState}
+        from hl7relay.ops.files import file_totals
+
+        totals = file_totals(rows)
         return self._render("files.html", request, session=session, active="files", rows=rows, totals=totals,
                             channel=channel, channels=self.controls.channel_names(), hours=hours_text)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from hl7relay.outcomes import FileState
 from hl7relay.store.database import AuditUpdate, FileUpdate, Store
 
-__all__ = ["ReimportError", "reimport"]
+__all__ = ["ReimportError", "reimport", "file_totals"]
 
 
 class ReimportError(Exception):
@@ -49,8 +49,18 @@ def reimport(store: Store, channels: dict, file_id: int, reason: str, audit: dic
     target = folder / entry["name"]
     if target.exists():
         raise ReimportError(f"{target} exists: a file of that name waits to be read; try again once it is")
-    store.commit([], [FileUpdate(file_id, {"state": FileState.REIMPORT.value}),
-                      AuditUpdate(dict(audit, target=f"file {file_id}", reason=reason,
-                                       detail=f"{entry['name']} back into {folder} to be imported"))])
+    updates: list = [FileUpdate(file_id, {"state": FileState.REIMPORT.value}),
+                     AuditUpdate(dict(audit, target=f"file {file_id}", reason=reason,
+                                      detail=f"{entry['name']} back into {folder} to be imported"))]
+    store.commit([], updates)
     os.replace(archived, target)  # after the ledger says so: the source reads it as a re-import
     return f"{entry['name']} is back in {folder}: it is imported at the source's next look"
+
+
+def file_totals(files: list[dict]) -> dict[str, int]:
+    """Files by state as people read them: a re-import is being read."""
+    totals = {"reading": 0, "done": 0, "errors": 0, "duplicate": 0}
+    for entry in files:
+        state = "reading" if entry["state"] == FileState.REIMPORT.value else entry["state"]
+        totals[state] = totals.get(state, 0) + 1
+    return totals
