@@ -26,10 +26,11 @@ _SYNC_KEYS = ("state", "paused", "held", "depth", "oldest_age", "in_flight", "la
 
 
 class Controls:
-    def __init__(self, engine: Engine, performance: Any = None, alerts: Any = None):
+    def __init__(self, engine: Engine, performance: Any = None, alerts: Any = None, environment: Any = None):
         self._engine = engine
         self.performance = performance  # ops/perf.Performance, when installed
         self.alerts = alerts  # ops/alerts.Alerts, when running
+        self.environment = environment  # environments.Environment the engine runs in (--env), or None
 
     # -- what it runs on ------------------------------------------------------------------------------
     @property

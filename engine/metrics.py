@@ -81,8 +81,12 @@ class _HotCollector:
 class Metrics:
     """The metric objects in their own registry, and the event observer that updates them."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, environment: str = ""):
         r = self.registry = registry or CollectorRegistry()
+        # the environment (--env) as an info metric: join on it rather than label every series
+        self.environment = Gauge("hl7relay_environment", "1, labelled with the environment the engine runs in (--env)",
+                                 ["environment"], registry=r)
+        self.environment.labels(environment or "none").set(1)
         self.received = _HotCounter("hl7relay_messages_received", "Messages received", ["channel"])
         self.filtered = Counter("hl7relay_messages_filtered", "Messages filtered out by the channel", ["channel"], registry=r)
         self.errored = Counter("hl7relay_messages_errored", "Messages stored as ERROR (transformer or validator)", ["channel"], registry=r)

@@ -19,13 +19,30 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["Mark", "ConfigError", "Document", "load_document", "SECRET_MASK", "set_secret_resolver"]
+__all__ = ["Mark", "ConfigError", "Document", "load_document", "SECRET_MASK", "set_secret_resolver", "set_environment",
+           "ONLY_ENVIRONMENT"]
 
 SECRET_MASK = "******"
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*|env:[A-Za-z_][A-Za-z0-9_]*|file:[^}]+|secret:[^}:]+)"
                        r"(?::-(?P<default>[^}]*))?\}")
 # name -> value (None: no such secret; an exception: the vault cannot be read), set by the settings
 _secret_resolver = None
+# the values of the environment the process runs in (--env), over the process's own variables
+_environment: dict = {}
+_environment_name = ""
+
+
+class _OnlyEnvironment(dict):
+    """A marker environ: the environment's values alone (not the process's variables)."""
+
+
+ONLY_ENVIRONMENT = _OnlyEnvironment()
+
+
+def set_environment(name: str, values: dict) -> None:
+    """The environment (``--env``) whose values ``${env:NAME}`` and ``${NAME}`` take first."""
+    global _environment, _environment_name
+    _environment, _environment_name = dict(values), name
 
 
 def set_secret_resolver(resolver) -> None:
@@ -169,7 +186,9 @@ class _Builder:
                 return self.environ[name]
             if default is not None:
                 return default
-            self.doc.error(path, f"environment variable {name} is not set (write ${{{name}:-default}} for a default)")
+            where = "" if not _environment_name else f" in environment {_environment_name}" + (
+                "" if isinstance(self.environ, _OnlyEnvironment) else " or the process's variables")
+            self.doc.error(path, f"environment variable {name} is not set{where} (write ${{{name}:-default}} for a default)")
             return ""
 
         return _VARIABLE.sub(replace, value)
@@ -215,5 +234,9 @@ def load_document(path: str | Path, environ=None, display_name: str | None = Non
     if node is None:
         doc.errors.append(ConfigError(Mark(name, 1, 1), "the file is empty"))
         return doc
-    doc.data = _Builder(doc, os.environ if environ is None else environ, path.parent).build(node, ())
+    if environ is None:
+        environ = {**os.environ, **_environment} if _environment_name else os.environ
+    elif environ is ONLY_ENVIRONMENT:
+        environ = _OnlyEnvironment(_environment)  # lint --all-envs: nothing of the shell's leaks in
+    doc.data = _Builder(doc, environ, path.parent).build(node, ())
     return doc

@@ -41,6 +41,7 @@ VERBS = {
     "reload": "hl7relay.cli.reload",
     "fhir": "hl7relay.cli.fhir",
     "files": "hl7relay.cli.files",
+    "diff": "hl7relay.cli.diff",
 }
 
 

@@ -16,6 +16,9 @@ def specs():
         Option("store", "any", None, "the message store: {url: sqlite:///PATH | postgresql+psycopg://USER@HOST/DB} "
                "(default: SQLite at DATA_DIR/hl7relay.db)"),
         Option("channels", "strlist", ["channels"], "channel folders or files"),
+        Option("environment", "str", None, "the environment to run in (environments/NAME.yaml: the values "
+               "${env:NAME} takes); --env or HL7RELAY_ENV say it too"),
+        Option("environments", "str", "environments", "the folder of environment files"),
         Option("data_dir", "str", "data", "where the SQLite store, the local API token and endpoint live"),
         Option("vault_key_file", "str", None, "the vault's key file (default: vault.key in data_dir; "
                                               "HL7RELAY_VAULT_KEY overrides it)"),
@@ -110,13 +113,16 @@ def settings_schema() -> dict:
     return schema
 
 
-def add_settings_arguments(parser, channels: bool = True) -> None:
+def add_settings_arguments(parser, channels: bool = True, env: bool = True) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help="engine config file (default: $HL7RELAY_CONFIG, else config/hl7relay.yaml if present)")
     if channels:
         parser.add_argument("--channels", action="append", metavar="DIR", help="channel folder or file (repeatable; default: channels)")
     parser.add_argument("--store", metavar="URL", help="store URL (default: sqlite:///DATA_DIR/hl7relay.db)")
     parser.add_argument("--data-dir", metavar="DIR", help="where the SQLite store and file outputs live (default: data)")
+    if env:
+        parser.add_argument("--env", metavar="NAME", help="the environment: environments/NAME.yaml gives the values "
+                                                          "${env:VAR} takes (default: $HL7RELAY_ENV, else none)")
 
 
 def _checked(doc, settings: dict) -> list[str]:
@@ -139,7 +145,7 @@ def _checked(doc, settings: dict) -> list[str]:
         if isinstance(data.get("channels"), list) and not data["channels"]:
             doc.error(("channels",), "channels needs at least one folder")
         for key in ("channels", "data_dir", "vault_key_file", "log_level", "log_format", "log_phi", "log_phi_bytes", "stop_timeout",
-                    "forwarding"):
+                    "forwarding", "environment", "environments"):
             if key in data and data[key] is not None:
                 settings[key] = values[key]
     if data.get("store") is not None:  # the nested settings are checked whatever the rest says
@@ -248,6 +254,7 @@ def resolve_settings(args, for_engine: bool = False) -> tuple[dict, list[str]]:
     named: list[str] = []
     set_secret_resolver(lambda name: named.append(name) or "")  # where the vault is, is not known yet
     settings, problems = _resolve(args, path, for_engine, config)
+    problems += _environment(args, settings)
     resolver = secret_resolver(settings)
     set_secret_resolver(resolver)
     if named:
@@ -267,6 +274,26 @@ def resolve_settings(args, for_engine: bool = False) -> tuple[dict, list[str]]:
 CREDENTIALS_FILE = "credentials.yaml"  # beside the config file: the credentials: section on its own
 
 
+def _environment(args, settings: dict) -> list[str]:
+    """--env (else HL7RELAY_ENV, else the config file's environment:): its values for ${env:NAME}."""
+    import os
+
+    from hl7relay.environments import load_environment
+    from hl7relay.yamlsource import set_environment
+
+    name = getattr(args, "env", None) or os.environ.get("HL7RELAY_ENV") or settings.get("environment")
+    settings["environment"] = None
+    set_environment("", {})
+    if not name:
+        return []
+    environment, problems = load_environment(settings["environments"], name)
+    if environment is None:
+        return [str(p) for p in problems]
+    set_environment(environment.name, environment.values)
+    settings["environment"] = environment
+    return []
+
+
 def _resolve(args, path, for_engine: bool, config) -> tuple[dict, list[str]]:
     from hl7relay.yamlsource import load_document
 
@@ -275,7 +302,8 @@ def _resolve(args, path, for_engine: bool, config) -> tuple[dict, list[str]]:
                 "console": {"host": "127.0.0.1", "port": 9103, "allow_insecure_remote": False, "idle_timeout": 900.0,
                             "absolute_timeout": 43200.0},
                 "log_format": "text", "log_phi": False, "log_phi_bytes": 512,
-                "stop_timeout": 10.0, "forwarding": "inline", "alerts": None}
+                "stop_timeout": 10.0, "forwarding": "inline", "alerts": None, "environment": None,
+                "environments": "environments"}
     problems = []
     settings["config_file"] = str(path) if path is not None else None
     if path is not None and not path.is_file():

@@ -141,8 +141,10 @@ def run(args) -> int:
                     tracer=Tracer(reactor), channel_paths=settings["channels"])
     # what operators reach the engine through (API, console, alerts); the analyzer (the last hour,
     # minute by minute: hl7relay stats) and the alerts are installed beside the engine, not in it
-    controls = Controls(engine, performance=Performance())
+    controls = Controls(engine, performance=Performance(), environment=settings.get("environment"))
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
+    if settings.get("environment") is not None:
+        announce(settings["environment"].describe(), "environment")
     # the admin and console ports before any channel: one that is taken stops the start (the CLI
     # would otherwise talk to whatever holds it, a stale or another engine)
     problem = _start_admin(controls, settings, reactor, announce) or (
@@ -228,7 +230,8 @@ def _start_admin(controls, settings: dict, reactor, announce) -> str | None:
             if admin.get("tls_cert"):
                 tls = TLSConfig(admin["tls_cert"], admin.get("tls_key"), admin.get("tls_ca"),
                                 require_client_cert=bool(admin.get("require_client_cert")))
-            site = start_admin(controls, Metrics().install(), admin["host"],
+            environment = settings.get("environment")
+            site = start_admin(controls, Metrics(environment=environment.name if environment else "").install(), admin["host"],
                                0 if admin["port"] == "auto" else int(admin["port"]), reactor, local_token, tls)
             scheme = "https" if tls else "http"
             write_endpoint(settings["data_dir"], admin["host"], site.getHost().port, scheme)

@@ -208,6 +208,7 @@ class ConsoleBase:
         # whole pages carry the health strip; a fragment a page refreshes (_deliveries.html) does not
         if values.get("session") is not None and "health" not in values and not name.startswith("_"):
             values["health"] = self.health()
+        values.setdefault("environment", getattr(self.controls, "environment", None))
         if request is not None:
             request.setResponseCode(code)
             request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
