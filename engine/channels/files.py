@@ -231,6 +231,8 @@ class FilePoller:
     def _look(self):
         self._call = None
         d = self.poll()
+        d.addErrback(lambda failure: log.failure("channel {channel}: a look at its files failed", failure,
+                                                 channel=self.running.channel.name))
         d.addBoth(self._schedule_next)
 
     def _schedule_next(self, _):
