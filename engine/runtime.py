@@ -328,6 +328,7 @@ class Engine:
             outcome = "refused"
         else:
             result = self.reload(channels)
+            result.addCallback(self._snapshot, actor)
             outcome = "ok"
 
         def audited(summary):
@@ -347,6 +348,30 @@ class Engine:
         self._reloading = defer.Deferred()
         result.addBoth(finished)
         return result
+
+    def _snapshot(self, summary, actor: str):
+        """What a reload applied, recorded beside what it started with (hl7relay config history)."""
+        from hl7relay.snapshots import take_snapshot
+
+        try:
+            snapshot = take_snapshot(self.channel_paths, actor or "engine", "reload", self.clock())
+        except Exception as exc:  # noqa: BLE001 - the reload stands; its record is said missing
+            log.error("the configuration snapshot of the reload was not taken: {error}", error=str(exc))
+            return summary
+        record = getattr(self.writer.store, "record_snapshot", None)
+        if record is None:  # a store without them (a test's stand-in)
+            return summary
+        d = self.writer.read(record, snapshot)
+
+        def recorded(snapshot_id):
+            log.info("configuration: snapshot {snapshot_id} after the reload", snapshot_id=snapshot_id)
+            return summary
+
+        def failed(failure):
+            log.error("the configuration snapshot of the reload was not recorded: {error}", error=failure.getErrorMessage())
+            return summary
+
+        return d.addCallbacks(recorded, failed)
 
     @defer.inlineCallbacks
     def reload(self, channels: list[Channel]):

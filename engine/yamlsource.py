@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 __all__ = ["Mark", "ConfigError", "Document", "load_document", "SECRET_MASK", "set_secret_resolver", "set_environment",
-           "ONLY_ENVIRONMENT"]
+           "current_environment", "ONLY_ENVIRONMENT"]
 
 SECRET_MASK = "******"
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*|env:[A-Za-z_][A-Za-z0-9_]*|file:[^}]+|secret:[^}:]+)"
@@ -37,6 +37,11 @@ class _OnlyEnvironment(dict):
 
 
 ONLY_ENVIRONMENT = _OnlyEnvironment()
+
+
+def current_environment() -> tuple[str, dict]:
+    """The environment the process runs in (its name, "" for none) and its values."""
+    return _environment_name, dict(_environment)
 
 
 def set_environment(name: str, values: dict) -> None:

@@ -42,6 +42,7 @@ VERBS = {
     "fhir": "hl7relay.cli.fhir",
     "files": "hl7relay.cli.files",
     "diff": "hl7relay.cli.diff",
+    "config": "hl7relay.cli.config",
 }
 
 

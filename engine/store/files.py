@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from hl7relay.outcomes import FileState
 
-__all__ = ["FileQueries"]
+__all__ = ["FileQueries", "SnapshotQueries"]
 
 _FINISHED = (FileState.DONE.value, FileState.ERRORS.value)
 
@@ -86,3 +86,43 @@ class FileQueries:
         with self.engine.connect() as connection:
             row = connection.execute(query).mappings().first()
         return dict(row) if row is not None else None
+
+
+class SnapshotQueries:
+    """Configuration snapshots (snapshots.py): recorded at start and reload, read by ``config``."""
+
+    engine: sa.Engine
+
+    def record_snapshot(self, snapshot) -> int:
+        from hl7relay.store.schema import config_snapshots as snapshots
+
+        with self.engine.begin() as connection:
+            result = connection.execute(snapshots.insert().values(
+                taken_at=snapshot.taken_at, sha256=snapshot.sha256, environment=snapshot.environment,
+                node=snapshot.node, actor=snapshot.actor, reason=snapshot.reason, git_commit=snapshot.git_commit,
+                git_dirty=snapshot.git_dirty, files=len(snapshot.files), bundle=snapshot.compressed()))
+            return int(result.inserted_primary_key[0])
+
+    def snapshots(self, limit: int = 100) -> list[dict]:
+        """Newest first, without their bundles."""
+        from hl7relay.store.schema import config_snapshots as snapshots
+
+        columns = [c for c in snapshots.c if c.name != "bundle"]
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(
+                sa.select(*columns).order_by(snapshots.c.id.desc()).limit(limit)).mappings()]
+
+    def snapshot(self, snapshot_id: int) -> dict | None:
+        """One snapshot with its files (path -> rendered text)."""
+        import json
+        import zlib
+
+        from hl7relay.store.schema import config_snapshots as snapshots
+
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(snapshots).where(snapshots.c.id == snapshot_id)).mappings().first()
+        if row is None:
+            return None
+        out = dict(row)
+        out["files"] = json.loads(zlib.decompress(out.pop("bundle")).decode("utf-8"))
+        return out

@@ -242,6 +242,25 @@ file_messages = sa.Table(
 sa.Index("ix_file_messages_message", file_messages.c.message_id)
 
 
+# What the engine ran: a row per start and reload (snapshots.py), the rendered configuration
+# compressed (never a secret's value: references only).
+config_snapshots = sa.Table(
+    "config_snapshots", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("taken_at", sa.Float, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("environment", sa.String(64), nullable=False, default=""),
+    sa.Column("node", sa.String(200), nullable=False, default=""),
+    sa.Column("actor", sa.String(200), nullable=False, default=""),
+    sa.Column("reason", sa.String(200), nullable=False, default=""),
+    sa.Column("git_commit", sa.String(64), nullable=False, default=""),
+    sa.Column("git_dirty", sa.Boolean, nullable=False, default=False),
+    sa.Column("files", sa.Integer, nullable=False, default=0),
+    sa.Column("bundle", sa.LargeBinary, nullable=False),
+)
+sa.Index("ix_config_snapshots_taken", config_snapshots.c.taken_at)
+
+
 # What operators switched at run time (a channel disabled, a destination paused): survives restarts.
 control_state = sa.Table(
     "control_state", metadata,
@@ -384,4 +403,6 @@ MIGRATIONS = [
     (14, "FHIR: what a fhir source last saw of each resource, and its cursor",
      lambda connection: fhir_source_state.create(connection, checkfirst=True)),
     (15, "files: the ledger of files read and of the messages each held", _migration_15),
+    (16, "configuration snapshots: what the engine ran, at each start and reload",
+     lambda connection: config_snapshots.create(connection, checkfirst=True)),
 ]

@@ -1,0 +1,88 @@
+"""``hl7relay config``: the configuration snapshots the engine recorded at each start and reload."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+
+from hl7relay.cli._settings import add_settings_arguments
+
+HELP = "what the engine ran: configuration snapshots (history, show, diff)"
+DESCRIPTION = """\
+  hl7relay config history              the snapshots, newest first: when, why (start, reload), who,
+                                       the environment, git commit (+ with changes), files, sha256
+  hl7relay config show ID [PATH]       a snapshot's files (one of them with PATH)
+  hl7relay config diff ID1 ID2         what changed between two snapshots, file by file
+
+A snapshot holds the channel folders' files as the engine loaded them: the environment's values in
+place of ${env:NAME}; ${secret:NAME} and ${file:PATH} stay references, never values.
+Exit status: 0, 1 (diff: they differ), 2 wrong arguments or no such snapshot."""
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    history = sub.add_parser("history", help="the snapshots, newest first")
+    history.add_argument("--limit", type=int, default=50)
+    history.add_argument("--format", choices=("text", "json"), default="text")
+    show = sub.add_parser("show", help="a snapshot's files")
+    show.add_argument("id", type=int)
+    show.add_argument("path", nargs="?", help="only this file")
+    diff = sub.add_parser("diff", help="what changed between two snapshots")
+    diff.add_argument("first", type=int)
+    diff.add_argument("second", type=int)
+    for p in (parser, *sub.choices.values()):
+        add_settings_arguments(p, channels=False, env=False)
+
+
+def run(args) -> int:
+    from hl7relay.cli._support import format_time, open_store_from_args
+
+    store, _ = open_store_from_args(args)
+    action = args.action or "history"
+    if action == "history":
+        rows = store.snapshots(getattr(args, "limit", 50))
+        if getattr(args, "format", "text") == "json":
+            print(json.dumps(rows, indent=1))
+            return 0
+        for r in rows:
+            git = f"git {r['git_commit'][:12]}{'+changes' if r['git_dirty'] else ''}" if r["git_commit"] else "no git"
+            print(f"{r['id']:<6} {format_time(r['taken_at'])}  {r['reason']:<7} {r['actor']:<24} "
+                  f"{r['environment'] or '-':<8} {git:<22} {r['files']} files  sha256 {r['sha256'][:12]}")
+        if not rows:
+            print("no snapshot yet (the engine records one at each start and reload)")
+        return 0
+    if action == "show":
+        snapshot = store.snapshot(args.id)
+        if snapshot is None:
+            print(f"hl7relay config: no snapshot {args.id} (hl7relay config history)", file=sys.stderr)
+            return 2
+        files = snapshot["files"]
+        if args.path:
+            if args.path not in files:
+                print(f"hl7relay config: snapshot {args.id} has no {args.path} ({', '.join(sorted(files))})", file=sys.stderr)
+                return 2
+            sys.stdout.write(files[args.path])
+            return 0
+        for path in sorted(files):
+            print(f"# {path}")
+            sys.stdout.write(files[path] if files[path].endswith("\n") else files[path] + "\n")
+        return 0
+    first, second = store.snapshot(args.first), store.snapshot(args.second)
+    for number, snapshot in ((args.first, first), (args.second, second)):
+        if snapshot is None:
+            print(f"hl7relay config: no snapshot {number} (hl7relay config history)", file=sys.stderr)
+            return 2
+    left, right = first["files"], second["files"]
+    changed = False
+    for path in sorted(set(left) | set(right)):
+        a, b = left.get(path, ""), right.get(path, "")
+        if a == b:
+            continue
+        changed = True
+        sys.stdout.writelines(difflib.unified_diff(a.splitlines(keepends=True), b.splitlines(keepends=True),
+                                                   f"{path} (snapshot {args.first})" if path in left else "/dev/null",
+                                                   f"{path} (snapshot {args.second})" if path in right else "/dev/null"))
+    if not changed:
+        print(f"snapshots {args.first} and {args.second} hold the same files")
+    return 1 if changed else 0
