@@ -327,8 +327,10 @@ class Engine:
             result = defer.succeed({"errors": texts})
             outcome = "refused"
         else:
-            result = self.reload(channels)
-            result.addCallback(self._snapshot, actor)
+            # what is applied is recorded first, so each message says the snapshot it ran under
+            result = self._record_snapshot(actor)
+            result.addCallback(lambda snapshot_id: self._stamp(snapshot_id, channels))
+            result.addCallback(lambda _: self.reload(channels))
             outcome = "ok"
 
         def audited(summary):
@@ -349,29 +351,37 @@ class Engine:
         result.addBoth(finished)
         return result
 
-    def _snapshot(self, summary, actor: str):
-        """What a reload applied, recorded beside what it started with (hl7relay config history)."""
+    def _record_snapshot(self, actor: str) -> defer.Deferred:
+        """The configuration a reload applies, recorded (hl7relay config history): its id, or None."""
         from hl7relay.snapshots import take_snapshot
 
-        try:
-            snapshot = take_snapshot(self.channel_paths, actor or "engine", "reload", self.clock())
-        except Exception as exc:  # noqa: BLE001 - the reload stands; its record is said missing
-            log.error("the configuration snapshot of the reload was not taken: {error}", error=str(exc))
-            return summary
         record = getattr(self.writer.store, "record_snapshot", None)
         if record is None:  # a store without them (a test's stand-in)
-            return summary
-        d = self.writer.read(record, snapshot)
+            return defer.succeed(None)
+        try:
+            snapshot = take_snapshot(self.channel_paths, actor or "engine", "reload", self.clock())
+        except Exception as exc:  # noqa: BLE001 - the reload goes on; its record is said missing
+            log.error("the configuration snapshot of the reload was not taken: {error}", error=str(exc))
+            return defer.succeed(None)
 
         def recorded(snapshot_id):
-            log.info("configuration: snapshot {snapshot_id} after the reload", snapshot_id=snapshot_id)
-            return summary
+            log.info("configuration: snapshot {snapshot_id} for the reload", snapshot_id=snapshot_id)
+            return snapshot_id
 
         def failed(failure):
             log.error("the configuration snapshot of the reload was not recorded: {error}", error=failure.getErrorMessage())
-            return summary
+            return None
 
-        return d.addCallbacks(recorded, failed)
+        return self.writer.read(record, snapshot).addCallbacks(recorded, failed)
+
+    def _stamp(self, snapshot_id: int | None, channels=()) -> None:
+        """The snapshot the running channels (and ``channels``, about to replace some) run under."""
+        for channel in [*(running.channel for running in self.channels.values()), *channels]:
+            channel.snapshot_id = snapshot_id
+
+    def stamp_snapshot(self, snapshot_id: int | None) -> None:
+        """At start: the snapshot recorded for what the engine starts with."""
+        self._stamp(snapshot_id)
 
     @defer.inlineCallbacks
     def reload(self, channels: list[Channel]):

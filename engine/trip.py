@@ -108,7 +108,8 @@ class Trip:
         if processed is not None:
             status, error, outcome = stored_outcome(processed)
         record = MessageRecord(channel.name, self.raw, status, self.received_at, self.peer, message.charset,
-                               error=error, duplicate_key=self.duplicate_key, source_file=self.source_file, **header)
+                               error=error, duplicate_key=self.duplicate_key, source_file=self.source_file,
+                               snapshot_id=channel.snapshot_id, **header)
         if processed is not None and processed.findings:
             # what validators with on_error: warn found stays with the message (messages show)
             record.stages["findings"] = _findings_json(processed.findings)
@@ -283,7 +284,8 @@ class Trip:
         acks = outcome.acks
         record = MessageRecord(channel.name, self.raw, _DUPLICATE, self.received_at, self.peer, original.charset,
                                error=error, ack_code=outcome.ack_codes[-1] if outcome.ack_codes else "",
-                               duplicate_key=self.duplicate_key, source_file=self.source_file, **self.header)
+                               duplicate_key=self.duplicate_key, source_file=self.source_file,
+                               snapshot_id=channel.snapshot_id, **self.header)
         if acks and "acks" in channel.stages:
             record.stages["ack"] = b"\r".join(acks)
         self.record, self.status, self.stage = record, _DUPLICATE, PROCESSED

@@ -17,6 +17,20 @@ def git(folder: Path, *args) -> str:
     return done.stdout.strip()
 
 
+def send(port: int, control_id: str) -> None:
+    import socket
+
+    from hl7relay.mllp.framing import MLLPFramer, frame
+
+    message = (f"MSH|^~\\&|PMS|CLINIC|LAB|LABFAC|20240105||ADT^A04^ADT_A01|{control_id}|P|2.5.1\r"
+               f"PID|1||{control_id}^^^H^MR||DOE^JANE\rPV1|1|O\r")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(frame(message.encode()))
+        framer, events = MLLPFramer(), []
+        while not events:
+            events = framer.feed(connection.recv(65536))
+
+
 def hl7relay(folder: Path, *args):
     return subprocess.run([sys.executable, "-m", "hl7relay", *args], cwd=folder, capture_output=True, text=True, timeout=60)
 
@@ -47,12 +61,21 @@ def test_start_and_reload_record_what_ran_and_config_reads_it_back(tmp_path):
             time.sleep(0.05)
         assert "configuration: snapshot 1 (2 files, sha256 " in log.read_text()
         assert f"git {commit[:12]})" in log.read_text()
+        port = int(log.read_text().split("MLLP on 127.0.0.1:")[1].split()[0])
+        send(port, "S1")  # processed under A
         (channels / "lookups" / "class.csv").write_text("I,IP\nO,OUT\n")  # B: a mapping changed, not committed
         engine.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 60
-        while "snapshot 2 after the reload" not in log.read_text():
+        while "snapshot 2 for the reload" not in log.read_text():
             assert time.monotonic() < deadline and engine.poll() is None, log.read_text()
             time.sleep(0.05)
+        time.sleep(0.5)  # the reload applies right after its snapshot is recorded
+        send(port, "S2")  # processed under B
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "data" / "hl7relay.db") as connection:
+            rows = list(connection.execute("SELECT control_id, snapshot_id FROM messages ORDER BY id"))
+        assert rows == [("S1", 1), ("S2", 2)]  # each message says what configuration processed it
     finally:
         engine.send_signal(signal.SIGTERM)
         assert engine.wait(timeout=60) == 0

@@ -87,6 +87,8 @@ class Channel:
     # id(filter rule, transformer or validator) -> how the file names it: "map at channels/adt.yaml:14:7"
     # (what the dry run shows; the components themselves know only their options)
     labels: dict = field(default_factory=dict, compare=False, repr=False)
+    # the configuration snapshot it runs under (set by the engine at start and reload; None: not recorded)
+    snapshot_id: int | None = field(default=None, compare=False)
 
 
 _TAKES_DOCUMENTS = frozenset({"http", "file", "fhir"})  # destinations that send what they are given, not HL7

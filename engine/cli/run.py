@@ -145,7 +145,7 @@ def run(args) -> int:
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
     if settings.get("environment") is not None:
         announce(settings["environment"].describe(), "environment")
-    _snapshot(store, settings["channels"], announce)
+    engine.stamp_snapshot(_snapshot(store, settings["channels"], announce))
     # the admin and console ports before any channel: one that is taken stops the start (the CLI
     # would otherwise talk to whatever holds it, a stale or another engine)
     problem = _start_admin(controls, settings, reactor, announce) or (
@@ -292,7 +292,7 @@ def _start_console(controls, console: dict, reactor, announce) -> str | None:
     return None
 
 
-def _snapshot(store, paths, announce) -> None:
+def _snapshot(store, paths, announce) -> int | None:
     """What the engine starts with, recorded (hl7relay config history); a failure is said, not fatal."""
     import time
 
@@ -304,7 +304,8 @@ def _snapshot(store, paths, announce) -> None:
         snapshot_id = store.record_snapshot(snapshot)
     except Exception as exc:  # noqa: BLE001 - the engine runs without its record; it says so
         print(f"warning: the configuration snapshot was not recorded: {exc}", file=sys.stderr)
-        return
+        return None
     git = f", git {snapshot.git_commit[:12]}{' with changes' if snapshot.git_dirty else ''}" if snapshot.git_commit else ""
     announce(f"configuration: snapshot {snapshot_id} ({len(snapshot.files)} files, sha256 {snapshot.sha256[:12]}{git})",
              "snapshot")
+    return snapshot_id

@@ -19,7 +19,7 @@ _M_ERROR = MessageStatus.ERROR.value
 
 _MESSAGE_COLUMNS = ("channel", "received_at", "peer", "raw", "charset", "sending_application", "sending_facility",
                     "message_type", "control_id", "patient_id", "status", "error", "ack_code", "duplicate_key",
-                    "replay_of", "replay_reason", "replay_operator")
+                    "replay_of", "replay_reason", "replay_operator", "snapshot_id")
 _DELIVERY_UPDATE_COLUMNS = frozenset(c.name for c in deliveries.columns) - {"id", "message_id", "destination"}
 _MESSAGE_UPDATE_COLUMNS = frozenset(_MESSAGE_COLUMNS)
 _FILE_UPDATE_COLUMNS = frozenset({"state", "messages", "done_at", "archived_as", "duplicate_of", "problems"})
@@ -112,7 +112,7 @@ class _Rows:
     def _message(r: MessageRecord) -> tuple:
         row = (r.channel, r.received_at, r.peer, r.raw, r.charset, r.sending_application, r.sending_facility,
                r.message_type, r.control_id, r.patient_id, r.status, r.error, r.ack_code, r.duplicate_key,
-               r.replay_of, r.replay_reason, r.replay_operator)
+               r.replay_of, r.replay_reason, r.replay_operator, r.snapshot_id)
         text = "".join([r.sending_application, r.sending_facility, r.message_type, r.control_id, r.patient_id,
                         r.error, r.duplicate_key or "", r.peer, r.replay_reason or "", r.replay_operator or ""])
         if not text.isascii() or "\x00" in text:

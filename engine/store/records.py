@@ -86,6 +86,7 @@ class MessageRecord:
     replay_operator: str | None = None
     stages: dict = field(default_factory=dict)  # name -> bytes
     deliveries: list = field(default_factory=list)
+    snapshot_id: int | None = None  # the configuration snapshot it was processed under
     # read from a file: (its file_ledger id, the message's place in it from 0, its MSH's line);
     # the ledger counts it in the same transaction, so a re-read skips it
     source_file: tuple | None = None

@@ -38,6 +38,8 @@ messages = sa.Table(
     sa.Column("replay_of", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=True),
     sa.Column("replay_reason", sa.Text, nullable=True),
     sa.Column("replay_operator", sa.String(200), nullable=True),
+    # the configuration snapshot it was processed under (config_snapshots; migration 17)
+    sa.Column("snapshot_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=True),
 )
 sa.Index("ix_messages_channel_time", messages.c.channel, messages.c.received_at)
 sa.Index("ix_messages_status_time", messages.c.status, messages.c.received_at)
@@ -297,8 +299,12 @@ def _migration_5(connection) -> None:
 
 
 def _add_columns(connection, table_name: str, names) -> None:
+    """The columns the table lacks (a migration run again, by verify --repair, finds them there)."""
     ddl = connection.dialect.ddl_compiler(connection.dialect, None)
+    present = {column["name"] for column in sa.inspect(connection).get_columns(table_name)}
     for name in names:
+        if name in present:
+            continue
         spec = ddl.get_column_specification(metadata.tables[table_name].c[name])
         connection.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {spec}")
 
@@ -311,7 +317,8 @@ def _migration_7(connection) -> None:
 def _migration_1(connection) -> None:
     for table in (messages, stages, deliveries):
         # version 1 of these tables: the columns added by later migrations are left out
-        columns = [c._copy() for c in table.columns if c.name not in _ADDED_LATER.get(table.name, ())]
+        later = (*_ADDED_LATER.get(table.name, ()), *_ADDED_AFTER_16.get(table.name, ()))
+        columns = [c._copy() for c in table.columns if c.name not in later]
         version_1 = sa.Table(table.name, sa.MetaData(), *columns)
         version_1.create(connection)
     for index in (*messages.indexes, *deliveries.indexes):
@@ -364,6 +371,8 @@ _ADDED_LATER = {
     "messages": ("duplicate_key", "replay_of", "replay_reason", "replay_operator"),
     "deliveries": ("order_key",),
 }
+# columns that migration 17 adds (migration 2 adds _ADDED_LATER's)
+_ADDED_AFTER_16 = {"messages": ("snapshot_id",)}
 # columns of migration 5's tables that later migrations add (7: users; 9: audit_log)
 _ADDED_AFTER_5 = {"users": ("phi", "disabled", "last_login_at"), "audit_log": ("role",)}
 _ADDED_LATER_INDEXES = {"ix_deliveries_message_destination": 3, "ix_deliveries_queued": 4, "ix_messages_duplicate_key": 4,
@@ -405,4 +414,6 @@ MIGRATIONS = [
     (15, "files: the ledger of files read and of the messages each held", _migration_15),
     (16, "configuration snapshots: what the engine ran, at each start and reload",
      lambda connection: config_snapshots.create(connection, checkfirst=True)),
+    (17, "messages: the configuration snapshot each was processed under",
+     lambda connection: _add_columns(connection, "messages", _ADDED_AFTER_16["messages"])),
 ]
