@@ -328,9 +328,11 @@ class Engine:
             outcome = "refused"
         else:
             # what is applied is recorded first, so each message says the snapshot it ran under
-            result = self._record_snapshot(actor)
-            result.addCallback(lambda snapshot_id: self._stamp(snapshot_id, channels))
-            result.addCallback(lambda _: self.reload(channels))
+            def apply(snapshot_id):
+                self._stamp(snapshot_id, channels)
+                return self.reload(channels)
+
+            result = self._record_snapshot(actor).addCallback(apply)
             outcome = "ok"
 
         def audited(summary):

@@ -101,7 +101,9 @@ class SnapshotQueries:
                 taken_at=snapshot.taken_at, sha256=snapshot.sha256, environment=snapshot.environment,
                 node=snapshot.node, actor=snapshot.actor, reason=snapshot.reason, git_commit=snapshot.git_commit,
                 git_dirty=snapshot.git_dirty, files=len(snapshot.files), bundle=snapshot.compressed()))
-            return int(result.inserted_primary_key[0])
+            key = result.inserted_primary_key
+            assert key is not None  # an INSERT of one row has one
+            return int(key[0])
 
     def snapshots(self, limit: int = 100) -> list[dict]:
         """Newest first, without their bundles."""
