@@ -268,6 +268,7 @@ ROUTES = [  # (method, path, least role, status when allowed); "phi": operator w
     ("GET", "/account", "viewer", 200),
     ("GET", "/sync", "viewer", 200),
     ("GET", "/files", "viewer", 200),
+    ("GET", "/configuration", "viewer", 200),
     ("GET", "/credentials", "admin", 200),
     ("POST", "/credentials/check", "admin", 404),  # allowed: no credential of that name (none here)
 ]
@@ -1311,3 +1312,32 @@ def test_the_files_page_shows_the_ledger_and_each_files_messages_masked(engine):
     operator = signed_in(engine, "operator")
     status, _, said = operator.post(f"/files/{entry['id']}/reimport", {"reason": "resent"})
     assert status == 409 and "only a duplicate is imported again" in said
+
+
+def test_the_configuration_page_lists_the_snapshots_and_shows_what_changed(engine):
+    """The engine recorded its start; two more snapshots written here: the page lists them, a
+    snapshot's page shows what changed since the one before, and a message links to its own."""
+    import time
+
+    from hl7relay.snapshots import Snapshot
+
+    store = engine["store"]
+    before = Snapshot(time.time(), "a" * 64, "test", "host", "user:ana", "reload", "", False,
+                      {"channels/adt.yaml": "name: adt\nport: 2575\n", "channels/lookups/x.csv": "I,IP\n"})
+    after = Snapshot(time.time(), "b" * 64, "test", "host", "user:ana", "reload", "1a2b3c4d5e6f7a8b", True,
+                     {"channels/adt.yaml": "name: adt\nport: 2576\n", "channels/lookups/x.csv": "I,IP\n"})
+    first, second = store.record_snapshot(before), store.record_snapshot(after)
+    browser = signed_in(engine, "viewer")
+    status, _, body = browser.get("/configuration")
+    assert status == 200 and f'data-snapshot="{second}"' in body and f'data-snapshot="{first}"' in body
+    assert 'data-snapshot="1"' in body  # the engine's own, at its start
+    status, _, body = browser.get(f"/configuration/{second}")
+    assert status == 200 and f"Changed since <a href=\"/configuration/{first}\">snapshot {first}</a>" in body
+    assert 'data-path="channels/adt.yaml"' in body and 'data-path="channels/lookups/x.csv"' not in body
+    assert '<span class="removed">-port: 2575</span>' in body and '<span class="added">+port: 2576</span>' in body
+    assert "with changes not committed" in body
+    status, _, body = browser.get(f"/configuration/{second}?against={second}")
+    assert status == 200 and 'id="no-change"' in body
+    assert browser.get("/configuration/999999")[0] == 404 and browser.get(f"/configuration/{first}?against=x")[0] == 400
+    status, _, page = browser.get("/messages/1")
+    assert status == 200 and '<a href="/configuration/1">snapshot 1</a>' in page  # the message the fixture sent

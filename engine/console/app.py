@@ -6,6 +6,7 @@ from __future__ import annotations
 from hl7relay.console.accounts import AccountPages
 from hl7relay.console.base import CSP, ConsoleBase
 from hl7relay.console.channels import ChannelPages
+from hl7relay.console.configuration import ConfigurationPages
 from hl7relay.console.dashboard import DashboardPages
 from hl7relay.console.files import FilePages
 from hl7relay.console.integrations import IntegrationPages
@@ -18,5 +19,5 @@ __all__ = ["Console", "CSP"]
 
 
 class Console(SignInPages, DashboardPages, MessagePages, AccountPages, ChannelPages, TroubleshootingPages,
-              IntegrationPages, FilePages, ConsoleBase):
+              IntegrationPages, FilePages, ConfigurationPages, ConsoleBase):
     """The console: every page's routes on one app (``resource()`` serves them)."""
