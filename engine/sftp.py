@@ -396,6 +396,19 @@ class SFTPSession:
             raise SFTPError(f"rename {old} -> {new}: {new} exists")
         yield self._call(self.client.renameFile, old, new)
 
+    @defer.inlineCallbacks
+    def rename_to_free_name(self, old: str, folder: str, name: str):
+        """``old`` into ``folder`` as ``name``, or NAME.1.EXT, NAME.2.EXT... when taken (never over
+        a file); the path it got."""
+        stem, dot, suffix = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
+        for counter in range(10_000):
+            target = f"{folder}/{name if counter == 0 else f'{stem}.{counter}{dot}{suffix}'}"
+            if (yield self.stat(target)) is not None:
+                continue
+            yield self.rename(old, target)
+            return target
+        raise SFTPError(f"no free name for {name} in {folder}")
+
     def remove(self, path: str):
         return self._call(self.client.removeFile, path)
 

@@ -21,6 +21,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from hl7relay.channels.destinations import QUEUE_OPTIONS, Delivery, QueueOptions, queue_options
+from hl7relay.channels.files import archive
 from hl7relay.channels.schedules import Schedule, schedule_from
 from hl7relay.outcomes import DeliveryResult
 from hl7relay.spec import Option, register
@@ -158,16 +159,7 @@ def write_batch(directory: Path, name: str, data: bytes, mode: int, part_tag: st
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        stem, suffix = Path(name).stem, Path(name).suffix
-        for counter in range(100_000):
-            target = directory / (name if counter == 0 else f"{stem}.{counter}{suffix}")
-            try:
-                os.link(part, target)
-            except FileExistsError:
-                continue
-            break
-        else:  # pragma: no cover - 100,000 files of one name
-            raise OSError(f"no free name for {name} in {directory}")
+        target = archive(part, directory, name)  # a name never taken over, the .part gone with it
     finally:
         part.unlink(missing_ok=True)
     folder = os.open(directory, os.O_RDONLY)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -73,15 +72,7 @@ class SFTPUploader:
                     yield session.remove(target)
                 yield session.rename(part, target)
             return target
-        stem, suffix = Path(name).stem, Path(name).suffix
-        for counter in range(10_000):
-            target = f"{directory}/{name if counter == 0 else f'{stem}.{counter}{suffix}'}"
-            if (yield session.stat(target)) is not None:
-                continue
-            yield session.rename(part, target)
-            return target
-        yield session.remove(part)
-        raise SFTPError(f"no free name for {name} in {directory}")
+        return (yield session.rename_to_free_name(part, directory, name))
 
     def failed(self) -> None:
         if self.session is not None and not self.session.connected:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from hl7relay.channels.files import FILE_OPTIONS, Candidate, FilePoller, _archive_name, file_source_values
 from hl7relay.channels.schedules import Expectation, Schedule
-from hl7relay.channels.sources import Source
+from hl7relay.channels.sources import FileSource
 from hl7relay.sftp import SFTPError, SFTPSettings, connect
 from hl7relay.spec import Option, register
 
@@ -187,15 +187,9 @@ class SFTPPoller(FilePoller):
                   else f"{config.directory}/{'error' if problem else 'processed'}")
         await session.makedirs(folder)
         name = _archive_name(config.archive_name, candidate.name, self.running.resources.clock(), entry["id"])
-        stem, suffix = Path(name).stem, Path(name).suffix
-        for counter in range(10_000):
-            target = f"{folder}/{name if counter == 0 else f'{stem}.{counter}{suffix}'}"
-            if await session.stat(target) is not None:
-                continue
-            await session.rename(remote, target)
-            settings = config.settings
-            return f"sftp://{settings.host}:{settings.port}/{target.lstrip('/')}"
-        raise SFTPError(f"no free name for {name} in {folder}")
+        target = await session.rename_to_free_name(remote, folder, name)
+        settings = config.settings
+        return f"sftp://{settings.host}:{settings.port}/{target.lstrip('/')}"
 
     async def remove_marker(self, candidate: Candidate) -> None:
         session = await self._connected()
@@ -205,30 +199,13 @@ class SFTPPoller(FilePoller):
             pass  # gone already
 
 
-class SFTPSource(Source):
-    """The sftp source's runner: its poller while open."""
+class SFTPSource(FileSource):
+    """The sftp source's runner: an SFTPPoller while open."""
 
-    def __init__(self, config, running):
-        super().__init__(config, running)
-        self.poller = None
+    poller_class = SFTPPoller
 
-    def open(self) -> str:
-        self.poller = SFTPPoller(self.running, self.config)
-        self.poller.start()
-        self.address = self.poller.source_uri
-        return f"files {self.config.glob} in {self.poller.source_uri}"
-
-    def view(self) -> dict | None:
-        return self.poller.view() if self.poller is not None else None
-
-    def close(self, close_connections: bool):
-        if self.poller is not None:
-            self.poller.stop()
-            self.poller = None
-
-    @property
-    def bound(self) -> bool:
-        return self.poller is not None
+    def where(self, poller) -> str:
+        return poller.source_uri
 
 
 SFTPSourceConfig.runner = SFTPSource

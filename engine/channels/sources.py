@@ -209,17 +209,22 @@ class MLLPSource(Source):
 
 
 class FileSource(Source):
-    """The file source's runner: its poller (files.py) while open."""
+    """A file source's runner: its poller (files.py; the sftp source's, sftp_source.py) while open."""
+
+    poller_class: type = LocalFilePoller
 
     def __init__(self, config, running):
         super().__init__(config, running)
         self.poller = None
 
     def open(self) -> str:
-        self.poller = LocalFilePoller(self.running, self.config)
+        self.poller = self.poller_class(self.running, self.config)
         self.poller.start()
-        self.address = str(self.config.directory)
-        return f"files {self.config.glob} in {self.config.directory}"
+        self.address = self.where(self.poller)
+        return f"files {self.config.glob} in {self.address}"
+
+    def where(self, poller) -> str:
+        return str(self.config.directory)
 
     def view(self) -> dict | None:
         return self.poller.view() if self.poller is not None else None
