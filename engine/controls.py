@@ -149,5 +149,15 @@ class Controls:
     def reload_from_files(self, actor: str = "", audit: dict | None = None) -> Deferred:
         return self._engine.reload_from_files(actor, audit)
 
+    def rollback(self, snapshot_id: int, actor: str = "", note: str = "", audit: dict | None = None) -> Deferred:
+        return self._engine.rollback(snapshot_id, actor, note, audit)
+
+    def configuration_view(self) -> dict:
+        return self._engine.configuration_view()
+
+    def channel_paths(self) -> list:
+        """Where the engine reads its channel files (replay as processed reads snapshots for them)."""
+        return list(self._engine.channel_paths)
+
     def _running(self, name: str):
         return self._engine.running_channel(name)

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass
 
 __all__ = ["ErrorCode", "Severity", "AckCode", "AnswerStatus", "MessageStatus", "DeliveryStatus", "DeliveryOutcome", "DeliveryResult",
-           "NOT_STORED", "STORED_STATUSES", "PRUNABLE_STATUSES"]
+           "NOT_STORED", "PromotionState", "FileState", "STORED_STATUSES", "PRUNABLE_STATUSES"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -123,6 +123,13 @@ class FileState(enum.StrEnum):
     ERRORS = "errors"  # every message stored, some of them as ERROR (unreadable, or rejected)
     DUPLICATE = "duplicate"  # the same content was read before (another name, or again): not imported
     REIMPORT = "reimport"  # a duplicate an operator asked to import anyway: read when it is back in the folder
+
+
+class PromotionState(enum.StrEnum):
+    """A promotion (hl7relay promote) of channel files from one environment to another."""
+
+    PENDING = "pending"  # asked for; waits for another admin's approval
+    APPROVED = "approved"  # cleared: an engine of the target environment that needs promotion runs them
 
 
 class DeliveryOutcome(enum.Enum):

@@ -192,6 +192,8 @@ class Engine:
                 self.channels[channel.name] = RunningChannel(channel, self.resources)
         self.channel_paths: list = list(channel_paths)  # where reload_from_files reads the channel files
         self._reloading: defer.Deferred | None = None
+        # the snapshot the channels run under (and, after a rollback, the one it re-applied and its files)
+        self.configuration: dict = {}
         self._deliver: dict[tuple[str, str], object] = {}  # (channel, destination) -> deliver(message)
         for running in self.channels.values():
             for destination in running.channel.destinations:
@@ -312,32 +314,81 @@ class Engine:
         """Lint the channel files first; on any problem change nothing and return the problems
         (``{"errors": ["file:line:col: ..."]}``); otherwise apply them (:meth:`reload`)."""
         from hl7relay.channels import load_channels
+        from hl7relay.snapshots import take_snapshot
 
+        note = (audit or {}).get("reason", "")
+
+        def load():
+            try:
+                channels, errors = load_channels(self.channel_paths)
+            except Exception as exc:  # noqa: BLE001 - unreadable folders are problems like any other
+                return [], [f"cannot read the channel files: {exc}"], None
+            return channels, errors, lambda: take_snapshot(self.channel_paths, actor or "engine", "reload",
+                                                           self.clock(), note)
+
+        return self._apply_configuration(load, "reload", audit)
+
+    def rollback(self, snapshot_id: int, actor: str = "", note: str = "", audit: dict | None = None) -> defer.Deferred:
+        """Run a stored snapshot's configuration again: the same lint-then-apply as a reload, from
+        the snapshot's files (certificates and other files it does not hold are read from the
+        disk). Records a new snapshot; the engine runs it (a restart too) until a reload applies
+        the files. ``{"missing": ...}`` / ``{"refused": ...}`` / ``{"errors": [...]}`` when it
+        cannot; nothing changes then."""
+        from hl7relay.snapshots import load_snapshot_channels, reapplied
+        from hl7relay.yamlsource import current_environment
+
+        @defer.inlineCallbacks
+        def load():
+            row = yield self.writer.read(self.writer.store.snapshot, snapshot_id)
+            if row is None:
+                return [], {"missing": f"no snapshot {snapshot_id} (hl7relay config history)"}, None
+            environment = current_environment()[0]
+            if row["environment"] != environment:
+                return [], {"refused": f"snapshot {snapshot_id} ran in environment {row['environment'] or '(none)'}; "
+                                       f"this engine runs in {environment or '(none)'} (hl7relay promote moves "
+                                       "configuration between environments)"}, None
+            channels, errors = load_snapshot_channels(row, self.channel_paths)
+            return channels, errors, lambda: reapplied(row, actor or "engine", "rollback", note, self.clock())
+
+        return self._apply_configuration(load, "rollback", audit)
+
+    def _apply_configuration(self, load, kind: str, audit: dict | None) -> defer.Deferred:
+        """One reload or rollback at a time: ``load()`` gives (channels, problems, the snapshot to
+        record); on problems nothing changes; otherwise the snapshot is recorded, then applied."""
         if self._reloading is not None:  # one at a time: a second SIGHUP waits for the first
-            return self._reloading.addCallback(lambda _: self.reload_from_files(actor, audit))
-        try:
-            channels, errors = load_channels(self.channel_paths)
-        except Exception as exc:  # noqa: BLE001 - unreadable folders are problems like any other
-            channels, errors = [], [f"cannot read the channel files: {exc}"]  # type: ignore[list-item]
-        if errors:
-            texts = [str(e) for e in errors]
-            for text in texts:
-                log.error("reload refused: {problem}", problem=text)
-            log.error("reload refused: {count} problem(s) in the channel files; nothing changed", count=len(texts))
-            result = defer.succeed({"errors": texts})
-            outcome = "refused"
-        else:
-            # what is applied is recorded first, so each message says the snapshot it ran under
-            def apply(snapshot_id):
-                self._stamp(snapshot_id, channels)
-                return self.reload(channels)
+            return self._reloading.addCallback(lambda _: self._apply_configuration(load, kind, audit))
+        self._reloading = defer.Deferred()
+        outcome = {"result": "ok"}
 
-            result = self._record_snapshot(actor).addCallback(apply)
-            outcome = "ok"
+        def loaded(found):
+            channels, errors, snapshot = found
+            if isinstance(errors, dict):  # the snapshot itself is missing or refused
+                outcome["result"] = "refused"
+                log.error("{kind} refused: {problem}", kind=kind, problem=next(iter(errors.values())))
+                return errors
+            if errors:
+                texts = [str(e) for e in errors]
+                for text in texts:
+                    log.error("{kind} refused: {problem}", kind=kind, problem=text)
+                log.error("{kind} refused: {count} problem(s) in the channel files; nothing changed", kind=kind,
+                          count=len(texts))
+                outcome["result"] = "refused"
+                return {"errors": texts}
+
+            # what is applied is recorded first, so each message says the snapshot it ran under
+            def apply(recorded):
+                snapshot_id, taken = recorded
+                self._stamp(snapshot_id, channels)
+                self.configuration = {"snapshot": snapshot_id, "from_snapshot": taken.from_snapshot if taken else None,
+                                      "files": taken.files if taken is not None and taken.from_snapshot else None}
+                return self.reload(channels).addCallback(
+                    lambda summary: dict(summary, snapshot=snapshot_id) if kind == "rollback" else summary)
+
+            return self._record_snapshot(snapshot, kind).addCallback(apply)
 
         def audited(summary):
             if audit:
-                entry = dict(audit, result=outcome, detail=json.dumps(summary)[:2000])
+                entry = dict(audit, result=outcome["result"], detail=json.dumps(summary)[:2000])
                 return self.writer.update(AuditUpdate(entry)).addBoth(lambda _: summary)
             return summary
 
@@ -348,31 +399,30 @@ class Engine:
                 waiting.callback(None)
             return value
 
-        result.addCallback(audited)
-        self._reloading = defer.Deferred()
+        result = defer.maybeDeferred(load).addCallback(loaded).addCallback(audited)
         result.addBoth(finished)
         return result
 
-    def _record_snapshot(self, actor: str) -> defer.Deferred:
-        """The configuration a reload applies, recorded (hl7relay config history): its id, or None."""
-        from hl7relay.snapshots import take_snapshot
-
+    def _record_snapshot(self, make, kind: str) -> defer.Deferred:
+        """The configuration a reload or rollback applies, recorded (hl7relay config history):
+        (its id or None, the snapshot or None)."""
         record = getattr(self.writer.store, "record_snapshot", None)
-        if record is None:  # a store without them (a test's stand-in)
-            return defer.succeed(None)
+        if record is None or make is None:  # a store without them (a test's stand-in)
+            return defer.succeed((None, None))
         try:
-            snapshot = take_snapshot(self.channel_paths, actor or "engine", "reload", self.clock())
+            snapshot = make()
         except Exception as exc:  # noqa: BLE001 - the reload goes on; its record is said missing
-            log.error("the configuration snapshot of the reload was not taken: {error}", error=str(exc))
-            return defer.succeed(None)
+            log.error("the configuration snapshot of the {kind} was not taken: {error}", kind=kind, error=str(exc))
+            return defer.succeed((None, None))
 
         def recorded(snapshot_id):
-            log.info("configuration: snapshot {snapshot_id} for the reload", snapshot_id=snapshot_id)
-            return snapshot_id
+            log.info("configuration: snapshot {snapshot_id} for the {kind}", snapshot_id=snapshot_id, kind=kind)
+            return snapshot_id, snapshot
 
         def failed(failure):
-            log.error("the configuration snapshot of the reload was not recorded: {error}", error=failure.getErrorMessage())
-            return None
+            log.error("the configuration snapshot of the {kind} was not recorded: {error}", kind=kind,
+                      error=failure.getErrorMessage())
+            return None, snapshot
 
         return self.writer.read(record, snapshot).addCallbacks(recorded, failed)
 
@@ -381,9 +431,23 @@ class Engine:
         for channel in [*(running.channel for running in self.channels.values()), *channels]:
             channel.snapshot_id = snapshot_id
 
-    def stamp_snapshot(self, snapshot_id: int | None) -> None:
-        """At start: the snapshot recorded for what the engine starts with."""
+    def stamp_snapshot(self, snapshot_id: int | None, from_snapshot: int | None = None, files: dict | None = None) -> None:
+        """At start: the snapshot recorded for what the engine starts with (``from_snapshot``:
+        the stored one it runs again, after a rollback, and its files)."""
         self._stamp(snapshot_id)
+        self.configuration = {"snapshot": snapshot_id, "from_snapshot": from_snapshot, "files": files}
+
+    def configuration_view(self) -> dict:
+        """The snapshot the engine runs, and whether the channel files on disk differ from it
+        (after a rollback: until they are fixed, or a reload applies them)."""
+        from hl7relay.snapshots import differs_from_files
+
+        view = {"snapshot": self.configuration.get("snapshot"), "from_snapshot": self.configuration.get("from_snapshot"),
+                "differs_from_files": False}
+        files = self.configuration.get("files")
+        if files is not None:
+            view["differs_from_files"] = differs_from_files({"files": files}, self.channel_paths)
+        return view
 
     @defer.inlineCallbacks
     def reload(self, channels: list[Channel]):
@@ -570,6 +634,7 @@ class Engine:
 
     def status(self) -> dict:
         return {"started": self.started, "stopping": self.stopping, "in_flight": self.in_flight,
+                "configuration": self.configuration_view(),
                 "channels": {name: self.channel_view(name) for name in self.channels}}
 
     @defer.inlineCallbacks

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import zlib
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from hl7relay.environments import render
 
-__all__ = ["Snapshot", "take_snapshot", "bundle_of", "BUNDLE_SUFFIXES", "MAX_BUNDLE_BYTES"]
+__all__ = ["Snapshot", "take_snapshot", "bundle_of", "source_files", "source_sha256", "reapplied",
+           "load_snapshot_channels", "differs_from_files", "files_now", "BUNDLE_SUFFIXES", "MAX_BUNDLE_BYTES"]
 
 BUNDLE_SUFFIXES = (".yaml", ".yml", ".csv", ".json", ".txt")
 MAX_BUNDLE_BYTES = 16 * 1024 * 1024  # a folder with more than this in configuration is not all configuration
@@ -33,17 +35,27 @@ class Snapshot:
     environment: str
     node: str
     actor: str
-    reason: str
+    reason: str  # start, reload, rollback
     git_commit: str
     git_dirty: bool
     files: dict  # relative path -> rendered text
+    note: str = ""  # what the person said (--reason)
+    from_snapshot: int | None = None  # the snapshot whose files this re-applies (a rollback)
+    source_sha256: str = ""  # the files before the environment's values went in
 
     def compressed(self) -> bytes:
         return zlib.compress(json.dumps(self.files, sort_keys=True).encode("utf-8"), 6)
 
 
-def bundle_of(paths, values: dict) -> dict[str, str]:
-    """The configuration files of the channel folders (or files), rendered with ``values``."""
+def _digest(files: dict, *extra: str) -> str:
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode("utf-8"))
+    for part in extra:
+        digest.update(part.encode())
+    return digest.hexdigest()
+
+
+def source_files(paths) -> dict[str, str]:
+    """The configuration files of the channel folders (or files), as written."""
     out: dict[str, str] = {}
     total = 0
     for item in map(Path, paths):
@@ -58,8 +70,19 @@ def bundle_of(paths, values: dict) -> dict[str, str]:
             total += len(text)
             if total > MAX_BUNDLE_BYTES:
                 break
-            out[str(path)] = render(text, values)
+            out[str(path)] = text
     return out
+
+
+def bundle_of(paths, values: dict) -> dict[str, str]:
+    """The configuration files of the channel folders (or files), rendered with ``values``."""
+    return {path: render(text, values) for path, text in source_files(paths).items()}
+
+
+def source_sha256(paths) -> str:
+    """The files' hash before any environment's values go in: the same files give the same hash in
+    test and in prod (what ``hl7relay promote`` compares)."""
+    return _digest(source_files(paths))
 
 
 def _git(folder: Path) -> tuple[str, bool]:
@@ -75,14 +98,46 @@ def _git(folder: Path) -> tuple[str, bool]:
         return "", False
 
 
-def take_snapshot(paths, actor: str, reason: str, now: float) -> Snapshot:
+def take_snapshot(paths, actor: str, reason: str, now: float, note: str = "") -> Snapshot:
     """The channel folders as the engine loads them now, in the environment it runs in."""
     from hl7relay.yamlsource import current_environment
 
     name, values = current_environment()
-    files = bundle_of(paths, values)
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode("utf-8"))
-    digest.update(name.encode())
+    # the values the loader uses: the environment's over the process's own (only those the files
+    # name are written in)
+    raw = source_files(paths)
+    files = {path: render(text, {**os.environ, **values}) for path, text in raw.items()}  # as files_now
     first = next((Path(p) for p in paths if Path(p).exists()), Path("."))
     commit, dirty = _git(first if first.is_dir() else first.parent)
-    return Snapshot(now, digest.hexdigest(), name, socket.gethostname(), actor, reason, commit, dirty, files)
+    return Snapshot(now, _digest(files, name), name, socket.gethostname(), actor, reason, commit, dirty, files,
+                    note=note, source_sha256=_digest(raw))
+
+
+def reapplied(row: dict, actor: str, reason: str, note: str, now: float) -> Snapshot:
+    """A new snapshot of a stored one's files (a rollback to it, or a start that runs it again)."""
+    return Snapshot(now, row["sha256"], row["environment"], socket.gethostname(), actor, reason, row["git_commit"],
+                    bool(row["git_dirty"]), row["files"], note=note, from_snapshot=int(row["id"]),
+                    source_sha256=row.get("source_sha256") or "")
+
+
+def load_snapshot_channels(row: dict, paths) -> tuple[list, list]:
+    """The channels as a stored snapshot defines them (its files in place of the disk's; what it
+    does not hold, such as certificates, read from the disk), checked like a reload's."""
+    from hl7relay.channels import load_channels
+    from hl7relay.yamlsource import reading_snapshot
+
+    with reading_snapshot(row["files"]):
+        return load_channels(paths)
+
+
+def files_now(paths) -> dict[str, str]:
+    """The channel files on disk as a snapshot taken now would hold them."""
+    from hl7relay.yamlsource import current_environment
+
+    _, values = current_environment()
+    return {path: render(text, {**os.environ, **values}) for path, text in source_files(paths).items()}
+
+
+def differs_from_files(row: dict | None, paths) -> bool:
+    """Whether the files on disk, rendered now, are not what this snapshot holds."""
+    return row is not None and files_now(paths) != row["files"]

@@ -12,6 +12,8 @@ remembered as secrets and can be masked wherever config is shown.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["Mark", "ConfigError", "Document", "load_document", "SECRET_MASK", "set_secret_resolver", "set_environment",
+__all__ = ["reading_snapshot", "read_config_text", "collecting_reads", "snapshot_listing", "Mark", "ConfigError", "Document", "load_document", "SECRET_MASK", "set_secret_resolver", "set_environment",
            "current_environment", "ONLY_ENVIRONMENT"]
 
 SECRET_MASK = "******"
@@ -30,6 +32,61 @@ _secret_resolver = None
 # the values of the environment the process runs in (--env), over the process's own variables
 _environment: dict = {}
 _environment_name = ""
+
+
+# the files of a configuration snapshot, read in place of the disk's (config rollback, replay as
+# processed): absolute path -> text. Per context (a thread reading one does not change another's).
+_snapshot_files: contextvars.ContextVar[dict | None] = contextvars.ContextVar("snapshot_files", default=None)
+
+
+@contextlib.contextmanager
+def reading_snapshot(files: dict):
+    """Within it, the configuration files a snapshot holds are read from it (those it does not
+    hold, such as certificates, from the disk), and a folder lists the files it held."""
+    token = _snapshot_files.set({os.path.abspath(path): text for path, text in files.items()})
+    try:
+        yield
+    finally:
+        _snapshot_files.reset(token)
+
+
+# the configuration files read while one is collecting (a channel's load: its fingerprint covers
+# the lookup tables, maps and profiles it names, so a reload sees a change in any of them)
+_files_read: contextvars.ContextVar[list | None] = contextvars.ContextVar("files_read", default=None)
+
+
+@contextlib.contextmanager
+def collecting_reads():
+    """Within it, each configuration file read is listed (path, text) in the list it gives."""
+    reads: list = []
+    token = _files_read.set(reads)
+    try:
+        yield reads
+    finally:
+        _files_read.reset(token)
+
+
+def read_config_text(path, errors: str = "strict") -> str:
+    """A configuration file's text: from the snapshot being read, or from the disk."""
+    files = _snapshot_files.get()
+    text = files.get(os.path.abspath(path)) if files is not None else None
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8", errors=errors)
+    reads = _files_read.get()
+    if reads is not None:
+        reads.append((str(path), text))
+    return text
+
+
+def snapshot_listing(folder, suffixes: tuple) -> list[Path] | None:
+    """The files directly in ``folder`` that the snapshot being read held (None: none is read)."""
+    files = _snapshot_files.get()
+    if files is None:
+        return None
+    where = os.path.abspath(folder)
+    relative = Path(folder)
+    return sorted(relative / Path(path).name for path in files
+                  if os.path.dirname(path) == where and Path(path).suffix.lower() in suffixes)
 
 
 class _OnlyEnvironment(dict):
@@ -220,7 +277,7 @@ def load_document(path: str | Path, environ=None, display_name: str | None = Non
     name = display_name or str(path)
     doc = Document(name, None)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_config_text(path)
     except (OSError, UnicodeDecodeError) as exc:
         doc.errors.append(ConfigError(Mark(name, 1, 1), f"cannot read: {getattr(exc, 'strerror', None) or exc}"))
         return doc

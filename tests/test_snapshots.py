@@ -98,3 +98,131 @@ def test_start_and_reload_record_what_ran_and_config_reads_it_back(tmp_path):
     assert hl7relay(tmp_path, "config", "show", "9", "--data-dir", "data").returncode == 2
     same = hl7relay(tmp_path, "config", "diff", "1", "1", "--data-dir", "data")
     assert same.returncode == 0 and "hold the same files" in same.stdout
+
+
+def wait_for(log: Path, text: str, engine, count: int = 1) -> None:
+    deadline = time.monotonic() + 60
+    while log.read_text().count(text) < count:
+        assert time.monotonic() < deadline and engine.poll() is None, log.read_text()
+        time.sleep(0.05)
+
+
+def start(folder: Path, log: Path, *extra):
+    return subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--env", "test", "--channels", "channels",
+                             "--data-dir", "data", "--admin-port", "auto", "--console-port", "0", *extra], cwd=folder,
+                            stdout=open(log, "a"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def stop(engine) -> None:
+    engine.send_signal(signal.SIGTERM)
+    assert engine.wait(timeout=60) == 0
+
+
+def output(folder: Path, control_id: str, before: float = 0.0) -> bytes:
+    path = folder / "out" / f"{control_id}.hl7"
+    deadline = time.monotonic() + 60
+    while not path.exists() or path.stat().st_mtime <= before:
+        assert time.monotonic() < deadline, f"no output for {control_id}"
+        time.sleep(0.05)
+    return path.read_bytes()
+
+
+def test_rollback_runs_the_old_configuration_until_a_reload_and_replay_can_use_either(tmp_path):
+    """Issue #30's end-to-end: A runs; B (a mapping changed) is reloaded; a rollback to A makes
+    outputs equal A's again, survives a restart, and shows in status until a reload applies the
+    files; replay as processed of a B message uses B, replay with the current configuration A."""
+    channels = tmp_path / "channels"
+    (channels / "lookups").mkdir(parents=True)
+    (tmp_path / "out.secret").write_text("rollback-secret-never-shown\n")
+    (channels / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\n"
+        "transformers:\n  - map: {path: PV1-2, file: lookups/class.csv}\n"
+        "  - set: {path: ZZZ-1, value: '${file:../out.secret}'}\n  - delete_segment: ZZZ\n"
+        "destinations:\n  - {name: files, type: file, directory: '${env:OUT_DIR}', mode: '0600'}\n")
+    (channels / "lookups" / "class.csv").write_text("I,IP\nO,OP\n")
+    (tmp_path / "environments").mkdir()
+    (tmp_path / "environments" / "test.yaml").write_text("OUT_DIR: out\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "channels", "environments")
+    git(tmp_path, "commit", "-q", "-m", "A")
+    log = tmp_path / "engine.log"
+    engine = start(tmp_path, log)
+    try:
+        wait_for(log, "ready; Ctrl-C", engine)
+        port = int(log.read_text().split("MLLP on 127.0.0.1:")[1].split()[0])
+        send(port, "S1")
+        under_a = output(tmp_path, "S1")
+        assert b"PV1|1|OP" in under_a
+        (channels / "lookups" / "class.csv").write_text("I,IP\nO,OUT\n")  # B
+        git(tmp_path, "commit", "-q", "-am", "B")
+        engine.send_signal(signal.SIGHUP)
+        wait_for(log, "snapshot 2 for the reload", engine)
+        time.sleep(0.5)  # the reload applies right after its snapshot is recorded
+        send(port, "S2")
+        assert b"PV1|1|OUT" in output(tmp_path, "S2")
+
+        refused = hl7relay(tmp_path, "config", "rollback", "1", "--data-dir", "data")
+        assert refused.returncode == 2 and "--reason" in refused.stderr  # why, always
+        missing = hl7relay(tmp_path, "config", "rollback", "99", "--reason", "x", "--data-dir", "data")
+        assert missing.returncode == 2 and "no snapshot 99" in missing.stderr, missing.stderr
+        rolled = hl7relay(tmp_path, "config", "rollback", "1", "--reason", "B broke the lab's class codes",
+                          "--data-dir", "data", "--env", "test")
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+        assert "rolled back to snapshot 1: now snapshot 3; changed adt" in rolled.stdout
+        assert "already sent stays sent" in rolled.stdout
+        send(port, "S3")
+        assert output(tmp_path, "S3").replace(b"S3", b"S1") == under_a  # A's output, byte for byte
+
+        status = hl7relay(tmp_path, "status", "--data-dir", "data", "--channels", "channels", "--env", "test")
+        assert "configuration: snapshot 3 (rollback" in status.stdout and "rolled back to snapshot 1" in status.stdout
+        assert "the channel files DIFFER from what runs (hl7relay config diff 3; hl7relay reload applies them)" in status.stdout
+        against_files = hl7relay(tmp_path, "config", "diff", "3", "--data-dir", "data", "--channels", "channels",
+                                 "--env", "test")
+        changed = [line for line in against_files.stdout.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        assert against_files.returncode == 1 and changed == ["-O,OP", "+O,OUT"], against_files.stdout
+        diff = hl7relay(tmp_path, "config", "diff", "1", "2", "--data-dir", "data")
+        changed = [line for line in diff.stdout.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        assert changed == ["-O,OP", "+O,OUT"]  # A to B: only the mapping
+
+        before = (tmp_path / "out" / "S2.hl7").stat().st_mtime
+        replayed = hl7relay(tmp_path, "replay", "2", "--as-processed", "--force", "--reason", "resend as B did",
+                            "--data-dir", "data", "--channels", "channels", "--env", "test")
+        assert replayed.returncode == 0 and "as processed (snapshot 2)" in replayed.stdout, replayed.stdout + replayed.stderr
+        assert b"PV1|1|OUT" in output(tmp_path, "S2", before)  # B's configuration, though A runs
+        before = (tmp_path / "out" / "S2.hl7").stat().st_mtime
+        current = hl7relay(tmp_path, "replay", "2", "--force", "--reason", "resend as now",
+                           "--data-dir", "data", "--channels", "channels", "--env", "test")
+        assert current.returncode == 0, current.stdout + current.stderr
+        assert b"PV1|1|OP" in output(tmp_path, "S2", before)  # the current configuration: A, rolled back to
+    finally:
+        stop(engine)
+    engine = start(tmp_path, log)  # a restart keeps the rollback
+    try:
+        wait_for(log, "ready; Ctrl-C", engine, 2)
+        assert "configuration: rolled back to snapshot 1, not the channel files" in log.read_text()
+        port = int(log.read_text().split("MLLP on 127.0.0.1:")[-1].split()[0])
+        send(port, "S4")
+        assert b"PV1|1|OP" in output(tmp_path, "S4")
+        reload = hl7relay(tmp_path, "reload", "--reason", "B fixed", "--data-dir", "data")
+        assert reload.returncode == 0, reload.stderr
+        send(port, "S5")
+        assert b"PV1|1|OUT" in output(tmp_path, "S5")  # the files again
+    finally:
+        stop(engine)
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / "hl7relay.db") as connection:
+        rows = list(connection.execute("SELECT control_id, snapshot_id, replay_of FROM messages ORDER BY id"))
+        snapshots = list(connection.execute("SELECT id, reason, from_snapshot, note FROM config_snapshots ORDER BY id"))
+        audit = list(connection.execute("SELECT action, target, reason, result FROM audit_log WHERE action LIKE 'config.%'"))
+    assert rows == [("S1", 1, None), ("S2", 2, None), ("S3", 3, None), ("S2", 2, 2), ("S2", 3, 2), ("S4", 4, None),
+                    ("S5", 5, None)]
+    assert snapshots == [(1, "start", None, ""), (2, "reload", None, ""), (3, "rollback", 1, "B broke the lab's class codes"),
+                         (4, "start", 1, "B broke the lab's class codes"), (5, "reload", None, "B fixed")]
+    assert audit == [("config.rollback", "snapshot 99", "x", "refused"),  # a refused one is audited too
+                     ("config.rollback", "snapshot 1", "B broke the lab's class codes", "ok")]
+    status = hl7relay(tmp_path, "status", "--data-dir", "data", "--channels", "channels", "--env", "test")
+    assert "configuration: snapshot 5 (reload" in status.stdout and "the channel files are what runs" in status.stdout
+    every = log.read_text() + (tmp_path / "data" / "hl7relay.db").read_bytes().decode("latin-1")
+    every += "".join(p.read_text() for p in (tmp_path / "out").iterdir())
+    assert "rollback-secret-never-shown" not in every

@@ -11,6 +11,7 @@ a segment nobody sent).
 from __future__ import annotations
 
 import csv
+import io
 import datetime
 import importlib
 import re
@@ -177,7 +178,9 @@ class MapValue(Step):
 def load_lookup_csv(path: Path) -> dict:
     """Two columns, from and to; blank lines and lines starting with # are skipped."""
     table = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    from hl7relay.yamlsource import read_config_text
+
+    with io.StringIO(read_config_text(path), newline="") as f:
         for row in csv.reader(f):
             if not row or row[0].startswith("#"):
                 continue

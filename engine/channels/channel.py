@@ -81,8 +81,8 @@ class Channel:
     retention: Retention | None = None
     log_level: str | None = None
     log_phi: bool = False
-    # what the file says, after ${...} substitution: a reload leaves a channel whose fingerprint
-    # did not change untouched (files it names, such as lookup tables, are read when it changes)
+    # what the file says, after ${...} substitution, and the files it names (lookup tables, maps,
+    # profiles): a reload leaves a channel whose fingerprint did not change untouched
     fingerprint: str = ""
     # id(filter rule, transformer or validator) -> how the file names it: "map at channels/adt.yaml:14:7"
     # (what the dry run shows; the components themselves know only their options)
@@ -336,25 +336,39 @@ class _Loader:
 
 
 def load_channel(path: str | Path, environ=None, display_name: str | None = None) -> tuple[Channel | None, list[ConfigError]]:
+    from hl7relay.yamlsource import collecting_reads
+
     doc = load_document(path, environ, display_name)
     if doc.errors:
         return None, doc.errors
-    channel = _Loader(doc, _Context(Path(path).resolve().parent)).channel()
+    with collecting_reads() as reads:  # the lookup tables, maps and profiles it names
+        channel = _Loader(doc, _Context(Path(path).resolve().parent)).channel()
     if channel is not None:
         import hashlib
         import json
 
-        channel.fingerprint = hashlib.sha256(json.dumps(doc.data, sort_keys=True, default=str).encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(doc.data, sort_keys=True, default=str).encode())
+        for name, text in sorted(reads):
+            digest.update(f"\0{name}\0{text}".encode("utf-8", "replace"))
+        channel.fingerprint = digest.hexdigest()
     return channel, sorted(doc.errors, key=lambda e: (e.mark.line, e.mark.column))
 
 
 def channel_files(paths) -> list[Path]:
     """The channel files among ``paths`` (folders are searched for *.yaml; *.test.yaml are tests,
     and files that start ``profile:`` are conformance profiles)."""
+    from hl7relay.yamlsource import snapshot_listing
+
     files = []
     for item in paths:
         item = Path(item)
-        candidates = sorted(item.glob("*.yaml")) + sorted(item.glob("*.yml")) if item.is_dir() else [item]
+        listed = snapshot_listing(item, (".yaml", ".yml"))  # a snapshot's files are what it held
+        if listed:
+            candidates = listed
+        elif item.is_dir() and listed is None:
+            candidates = sorted(item.glob("*.yaml")) + sorted(item.glob("*.yml"))
+        else:
+            candidates = [] if listed is not None and item.is_dir() else [item]
         files += [f for f in candidates if not f.name.endswith((".test.yaml", ".test.yml"))]
     from hl7relay.validation.conformance import is_profile_file
 

@@ -9,7 +9,7 @@ import sys
 from hl7relay.cli._args import count, row_id
 from hl7relay.cli._settings import add_settings_arguments
 
-HELP = "replay stored messages (by id or filters) through the current channel configuration"
+HELP = "replay stored messages (by id or filters) through the current channel configuration, or as processed"
 DESCRIPTION = """\
   hl7relay replay 1042 1043 --reason "lab was down"
   hl7relay replay --failed --channel adt-to-lab --since 1d --dry-run
@@ -20,7 +20,12 @@ its deliveries are queued and the running engine sends them. Without --destinati
 goes to the destinations whose delivery failed (dead letters), or to all when none did. --dry-run
 shows what would be sent (and a diff when the channel changed since). A message already delivered
 to a chosen destination, or still queued for it (that copy is on its way), is only replayed with
---force."""
+--force.
+
+The configuration: the current one by default (what the engine runs: the channel files, or after
+hl7relay config rollback the snapshot rolled back to); --as-processed the one each message was
+processed under (the configuration snapshot it records; hl7relay config show ID), to the
+destinations the current configuration still has."""
 
 
 def add_arguments(parser) -> None:
@@ -32,6 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--destination", action="append", metavar="NAME", help="only these destinations (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="show what would be sent; change nothing")
     parser.add_argument("--force", action="store_true", help="also replay messages already delivered")
+    parser.add_argument("--as-processed", action="store_true",
+                        help="through the configuration that processed each message (its snapshot), not the current one")
     parser.add_argument("--reason", help="why (recorded with the replay; required unless --dry-run)")
     parser.add_argument("--operator", default=None, help="who (default: the login name)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -60,7 +67,17 @@ def run(args) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    channels, errors = load_channels(settings["channels"])
+    from hl7relay.ops.replay import SnapshotChannels
+    from hl7relay.snapshots import load_snapshot_channels
+
+    running = store.snapshot()  # after a rollback the engine runs that snapshot, not the files
+    if running is not None and running.get("from_snapshot") is not None:
+        channels, errors = load_snapshot_channels(running, settings["channels"])
+        for channel in channels:
+            channel.snapshot_id = running["id"]
+    else:
+        channels, errors = load_channels(settings["channels"])
+    as_processed = SnapshotChannels(store, settings["channels"]) if args.as_processed else None
     if errors:
         for error in errors:
             print(error, file=sys.stderr)
@@ -81,12 +98,13 @@ def run(args) -> int:
 
     render = None if args.show_phi else (lambda data: mask_message(data).split("\n"))
     for done, message_id in enumerate(ids, start=1):
-        plan = (plan_replay(store, by_name, message_id, args.destination, args.force) if render is None
-                else plan_replay(store, by_name, message_id, args.destination, args.force, render))
+        plan = (plan_replay(store, by_name, message_id, args.destination, args.force, as_processed=as_processed)
+                if render is None else
+                plan_replay(store, by_name, message_id, args.destination, args.force, render, as_processed))
         if not args.show_phi:
             plan.skipped = mask_text(plan.skipped)
         entry = {"id": message_id, "control_id": plan.control_id, "destinations": sorted(plan.outputs),
-                 "skipped": plan.skipped, "changed": plan.changes}
+                 "skipped": plan.skipped, "changed": plan.changes, "snapshot": plan.snapshot_id}
         if not plan.skipped and not args.dry_run:
             entry["replay_id"] = commit_replay(store, by_name, plan, args.reason, operator,
                                                audit=cli_audit("replay"))
@@ -104,7 +122,8 @@ def run(args) -> int:
                 print(f"{entry['id']} {entry['control_id']}: skipped: {entry['skipped']}")
                 continue
             verb = "would send" if args.dry_run else f"queued as message {entry['replay_id']}"
-            print(f"{entry['id']} {entry['control_id']}: {verb} to {', '.join(entry['destinations'])}")
+            print(f"{entry['id']} {entry['control_id']}: {verb} to {', '.join(entry['destinations'])}"
+                  + (f" as processed (snapshot {entry['snapshot']})" if args.as_processed else ""))
             for name, diff in entry["changed"].items():
                 print(f"  {name}: the channel changed since it was sent:")
                 print("    " + diff.replace("\n", "\n    "))

@@ -44,6 +44,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stop-timeout", type=seconds, metavar="SECONDS",
                         help="on SIGTERM, how long to wait for the messages in flight and the ACKs of deliveries "
                              "already sent (default 10)")
+    parser.add_argument("--from-files", action="store_true",
+                        help="after a rollback (hl7relay config rollback) the engine starts with the configuration "
+                             "rolled back to, until a reload applies the files: start with the files instead")
     parser.add_argument("--lock-wait", type=seconds, metavar="SECONDS",
                         help="how long to wait for another engine on the same store to stop before refusing to "
                              "start (default 10)")
@@ -117,6 +120,20 @@ def run(args) -> int:
         print(f"cannot open the store {settings['store']}: {detail[0] if detail else exc.__class__.__name__}",
               file=sys.stderr)
         return 1
+    pinned = None if getattr(args, "from_files", False) else _rolled_back(store)
+    if pinned is not None:
+        from hl7relay.snapshots import load_snapshot_channels
+
+        channels, errors = load_snapshot_channels(pinned, settings["channels"])
+        for error in errors:
+            print(error, file=sys.stderr)
+        if errors:
+            lock.release()
+            print(f"not starting: the configuration rolled back to (snapshot {pinned['id']}) has "
+                  f"{len(errors)} problem{'s' * (len(errors) != 1)}; --from-files starts with the channel files",
+                  file=sys.stderr)
+            return 1
+        enabled = [c for c in channels if c.enabled]
     from hl7relay.store.database import readable_by_others
 
     exposed = readable_by_others(settings["store"])
@@ -145,7 +162,8 @@ def run(args) -> int:
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
     if settings.get("environment") is not None:
         announce(settings["environment"].describe(), "environment")
-    engine.stamp_snapshot(_snapshot(store, settings["channels"], announce))
+    snapshot_id = _snapshot(store, settings["channels"], announce, pinned)
+    engine.stamp_snapshot(snapshot_id, pinned["from_snapshot"] if pinned else None, pinned["files"] if pinned else None)
     # the admin and console ports before any channel: one that is taken stops the start (the CLI
     # would otherwise talk to whatever holds it, a stale or another engine)
     problem = _start_admin(controls, settings, reactor, announce) or (
@@ -292,15 +310,33 @@ def _start_console(controls, console: dict, reactor, announce) -> str | None:
     return None
 
 
-def _snapshot(store, paths, announce) -> int | None:
+def _rolled_back(store) -> dict | None:
+    """The snapshot to start with when the engine was rolled back and no reload has applied the
+    files since (the newest snapshot re-applies a stored one), in the environment it runs in."""
+    from hl7relay.yamlsource import current_environment
+
+    try:
+        newest = store.snapshot()
+    except Exception:  # noqa: BLE001 - no snapshots readable: the files, as before
+        return None
+    if newest is None or newest.get("from_snapshot") is None or newest["environment"] != current_environment()[0]:
+        return None
+    return newest
+
+
+def _snapshot(store, paths, announce, pinned: dict | None = None) -> int | None:
     """What the engine starts with, recorded (hl7relay config history); a failure is said, not fatal."""
     import time
 
     from hl7relay.ops.auth import os_actor
-    from hl7relay.snapshots import take_snapshot
+    from hl7relay.snapshots import reapplied, take_snapshot
 
     try:
-        snapshot = take_snapshot(paths, os_actor(), "start", time.time())
+        if pinned is not None:
+            snapshot = reapplied(pinned, os_actor(), "start", pinned.get("note") or "", time.time())
+            snapshot.from_snapshot = pinned["from_snapshot"]
+        else:
+            snapshot = take_snapshot(paths, os_actor(), "start", time.time())
         snapshot_id = store.record_snapshot(snapshot)
     except Exception as exc:  # noqa: BLE001 - the engine runs without its record; it says so
         print(f"warning: the configuration snapshot was not recorded: {exc}", file=sys.stderr)
@@ -308,4 +344,7 @@ def _snapshot(store, paths, announce) -> int | None:
     git = f", git {snapshot.git_commit[:12]}{' with changes' if snapshot.git_dirty else ''}" if snapshot.git_commit else ""
     announce(f"configuration: snapshot {snapshot_id} ({len(snapshot.files)} files, sha256 {snapshot.sha256[:12]}{git})",
              "snapshot")
+    if pinned is not None:
+        announce(f"configuration: rolled back to snapshot {pinned['from_snapshot']}, not the channel files "
+                 "(hl7relay reload applies the files; hl7relay status says whether they differ)", "rolled_back", "warn")
     return snapshot_id

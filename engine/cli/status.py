@@ -88,6 +88,8 @@ def run(args) -> int:
     if not status:
         print("no channels configured and no messages stored yet")
         return 0
+    for line in _configuration(store, settings):
+        print(line)
     period = f"last {args.hours:g}h" if args.hours else "all stored"
     for channel, entry in sorted(status.items()):
         counts = entry["counts"]
@@ -114,6 +116,34 @@ def run(args) -> int:
     for line in _engine_sync(settings) + _engine_alerts(settings):
         print(line)
     return 0
+
+
+def _configuration(store, settings) -> list[str]:
+    """The snapshot the engine last started, reloaded or rolled back with, and whether the channel
+    files on disk differ from it (after a rollback they do, until fixed or reloaded)."""
+    from hl7relay.cli._support import format_time
+    from hl7relay.snapshots import differs_from_files
+
+    try:
+        newest = store.snapshot()
+    except Exception:  # noqa: BLE001 - an older store: nothing to say
+        return []
+    if newest is None:
+        return []
+    line = f"configuration: snapshot {newest['id']} ({newest['reason']} at {format_time(newest['taken_at'])}"
+    if newest.get("from_snapshot"):
+        line += f", rolled back to snapshot {newest['from_snapshot']}"
+    line += ")"
+    try:
+        differs = differs_from_files(newest, settings["channels"])
+    except Exception:  # noqa: BLE001 - unreadable folders: say nothing rather than guess
+        return [line]
+    if differs:
+        line += (f"; the channel files DIFFER from what runs (hl7relay config diff {newest['id']}; "
+                 + ("hl7relay reload applies them)" if newest.get("from_snapshot") else "not applied yet: hl7relay reload)"))
+    else:
+        line += "; the channel files are what runs"
+    return [line]
 
 
 def _engine_sync(settings) -> list[str]:

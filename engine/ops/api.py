@@ -96,14 +96,26 @@ ROUTES = (
     Route("GET", "/api/v1/messages/{message_id}", "read", "get_message",
           "one message: every stage, validation findings, each destination's ACK; masked unless ?show_phi=1&reason=..."),
     Route("POST", "/api/v1/messages/{message_id}/replay", "replay", "post_replay",
-          "replay through the channel's current configuration ({reason, destinations?, force?, dry_run?})", "replay"),
+          "replay through the channel's current configuration, or as_processed: the one that processed it ({reason, "
+          "destinations?, force?, dry_run?, as_processed?})", "replay"),
     Route("POST", "/api/v1/prune", "prune", "post_prune",
           "delete old messages ({older_than_days, errors_older_than_days?, channel?, dry_run?}); queued ones never", "prune"),
     Route("POST", "/api/v1/reload", "reload", "post_reload",
           "lint the channel files, then apply them without a restart (422 with the problems: nothing changed)", "reload"),
+    Route("GET", "/api/v1/config", "read", "get_config",
+          "the snapshot the engine runs, whether the channel files differ from it, and the last ?limit= snapshots"),
+    Route("POST", "/api/v1/config/rollback", "reload", "post_rollback",
+          "run a stored snapshot's configuration again ({snapshot, reason}): lint, then apply; recorded as a new "
+          "snapshot (422 with the problems, 404 no such snapshot, 409 another environment's: nothing changed)",
+          "config.rollback"),
     Route("GET", "/api/v1/audit", "audit", "get_audit", "the audit log, newest first (?limit=, ?action=, ?before=)"),
     Route("GET", "/api/v1/openapi.json", "read", "get_openapi", "this API's OpenAPI document"),
 )
+
+
+# what a rollback does not undo, said with it (the CLI and the console say it too)
+ROLLBACK_NOTE = ("what was already sent stays sent: messages processed since go to their destinations as they were; "
+                 "hl7relay replay --as-processed or --current sends chosen ones again")
 
 
 class Bulk(dict):
@@ -151,7 +163,8 @@ def openapi_document() -> dict:
                           "401": {"description": "no or unknown token"},
                           "403": {"description": "the token's role may not do this"},
                           "404": {"description": "no such channel or destination"},
-                          "422": {"description": "reload: the channel files have problems; nothing changed"}},
+                          "409": {"description": "rollback: a snapshot of another environment"},
+                          "422": {"description": "reload, rollback: the channel files have problems; nothing changed"}},
         }
         if route.method == "POST":
             operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": {
@@ -309,6 +322,31 @@ class ApiResource(resource.Resource):
         result = yield self.controls.reload_from_files(caller["actor"], caller["audit"])
         if "errors" in result:
             request.setResponseCode(422)
+        return result
+
+    @defer.inlineCallbacks
+    def get_config(self, request, caller, body):
+        limit = self._number(self._args(request), "limit", 20, low=1, high=500)
+        rows = yield self._off_reactor(lambda store: store.snapshots(limit))
+        return {"running": self.controls.configuration_view(), "snapshots": rows}
+
+    @defer.inlineCallbacks
+    def post_rollback(self, request, caller, body):
+        number, reason = body.get("snapshot"), body.get("reason")
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 < number <= MAX_ROW_ID:
+            raise ApiError(400, "snapshot is a snapshot's id (hl7relay config history)")
+        if not isinstance(reason, str) or not reason.strip():
+            raise ApiError(400, "a rollback needs a reason ({\"reason\": \"...\"}): it is recorded with the snapshot")
+        audit = dict(caller["audit"], target=f"snapshot {number}")
+        result = yield self.controls.rollback(number, caller["actor"], reason.strip(), audit)
+        if "missing" in result:
+            raise ApiError(404, result["missing"])
+        if "refused" in result:
+            raise ApiError(409, result["refused"])
+        if "errors" in result:
+            request.setResponseCode(422)
+        else:
+            result["note"] = ROLLBACK_NOTE
         return result
 
     @staticmethod
@@ -519,11 +557,15 @@ class ApiResource(resource.Resource):
             raise ApiError(400, "destinations is a list of names")
         channels: dict[str, Channel] = self.controls.channels()
         render = lambda data: mask_message(data).split("\n")  # noqa: E731 - diffs are masked here, always
+        paths = self.controls.channel_paths()
 
         def replay(store):
-            plan = plan_replay(store, channels, number, destinations, bool(body.get("force")), render)
+            from hl7relay.ops.replay import SnapshotChannels
+
+            as_processed = SnapshotChannels(store, paths) if body.get("as_processed") else None
+            plan = plan_replay(store, channels, number, destinations, bool(body.get("force")), render, as_processed)
             result = {"message_id": number, "destinations": sorted(plan.outputs), "skipped": plan.skipped,
-                      "changed": plan.changes, "dry_run": dry_run}
+                      "changed": plan.changes, "dry_run": dry_run, "snapshot": plan.snapshot_id}
             if not plan.skipped and not dry_run:
                 result["replay_id"] = commit_replay(store, channels, plan, reason, caller["actor"], audit=caller["audit"])
             return result

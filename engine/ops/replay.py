@@ -1,4 +1,5 @@
-"""Replaying stored messages through a channel's current configuration.
+"""Replaying stored messages through a channel's current configuration, or the one that processed
+them (``as processed``: the configuration snapshot the message records).
 
 A replay is a new message row linked to the original (``replay_of``), with the operator and
 reason recorded, and QUEUED deliveries that the running engine's queues pick up. A message that
@@ -20,7 +21,7 @@ from hl7relay.hl7.message import Message
 from hl7relay.outcomes import DeliveryStatus, MessageStatus
 from hl7relay.store.database import AuditUpdate, DeliveryRecord, DeliveryUpdate, MessageRecord, Store, delivery_content
 
-__all__ = ["ReplayPlan", "plan_replay", "commit_replay", "diff_messages"]
+__all__ = ["ReplayPlan", "SnapshotChannels", "plan_replay", "commit_replay", "diff_messages"]
 
 # what a replay goes to by default: the dead letters. Not a delivery still QUEUED: its queue
 # sends it yet, and a replay beside it would deliver the message twice
@@ -40,6 +41,7 @@ class ReplayPlan:
     chosen: list = field(default_factory=list)  # the destinations it was planned for (chosen, or the default)
     delivered: list = field(default_factory=list)  # the destinations that already accepted it (SENT)
     dead: list = field(default_factory=list)  # the destinations where it is a dead letter (ERROR)
+    snapshot_id: int | None = None  # the configuration it goes through (as processed: the message's)
 
 
 def _plain(data: bytes) -> list[str]:
@@ -79,10 +81,39 @@ def _changed_fields(before: str, after: str, separator: str) -> list[str]:
             if (old[index] if index < len(old) else "") != (new[index] if index < len(new) else "")]
 
 
+class SnapshotChannels:
+    """The channels as each configuration snapshot defined them (replay as processed), loaded once
+    per snapshot from its files."""
+
+    def __init__(self, store: Store, paths):
+        self.store, self.paths = store, list(paths)
+        self._loaded: dict[int, tuple[dict, str]] = {}
+
+    def __call__(self, snapshot_id: int | None) -> tuple[dict[str, Channel], str]:
+        """(channel name -> channel, "") or ({}, why they cannot be had)."""
+        from hl7relay.snapshots import load_snapshot_channels
+
+        if snapshot_id is None:
+            return {}, "it records no configuration snapshot (stored before hl7relay recorded them)"
+        if snapshot_id not in self._loaded:
+            row = self.store.snapshot(snapshot_id)
+            if row is None:
+                self._loaded[snapshot_id] = {}, f"its configuration snapshot {snapshot_id} is not stored any more"
+            else:
+                channels, errors = load_snapshot_channels(row, self.paths)
+                for channel in channels:
+                    channel.snapshot_id = snapshot_id
+                self._loaded[snapshot_id] = (({}, f"snapshot {snapshot_id} does not load now: {errors[0]}") if errors
+                                             else ({c.name: c for c in channels}, ""))
+        return self._loaded[snapshot_id]
+
+
 def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, destinations=None, force=False,
-                render=_plain) -> ReplayPlan:
+                render=_plain, as_processed: SnapshotChannels | None = None) -> ReplayPlan:
     """What replaying ``message_id`` would do. ``render`` turns a message into the lines its diff
-    shows (the CLI masks patient data with it unless asked not to)."""
+    shows (the CLI masks patient data with it unless asked not to). With ``as_processed`` the
+    message goes through the configuration that processed it (its snapshot's), to destinations
+    the current configuration has (their queues send it)."""
     stored = store.get_message(message_id)
     if stored is None:
         return ReplayPlan(message_id, "", "", skipped=f"no message {message_id}")
@@ -91,6 +122,20 @@ def plan_replay(store: Store, channels: dict[str, Channel], message_id: int, des
     if channel is None:
         plan.skipped = f"channel {stored['channel']!r} is not configured any more"
         return plan
+    if as_processed is not None:
+        then, problem = as_processed(stored.get("snapshot_id"))
+        if problem or stored["channel"] not in then:
+            plan.skipped = f"not as processed: {problem or 'its snapshot has no channel ' + repr(stored['channel'])}"
+            return plan
+        missing = {d.name for d in then[stored["channel"]].destinations} - {d.name for d in channel.destinations}
+        if destinations:
+            missing &= set(destinations)
+        if missing:
+            plan.skipped = (f"not as processed: destination {', '.join(sorted(missing))} is not configured any more "
+                            "(nothing would send it)")
+            return plan
+        channel = then[stored["channel"]]
+        plan.snapshot_id = channel.snapshot_id
     if stored["status"] == MessageStatus.DUPLICATE:
         plan.skipped = "a duplicate; replay the original instead"
         return plan
@@ -153,6 +198,7 @@ def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, 
         sending_application=stored["sending_application"], sending_facility=stored["sending_facility"],
         message_type=stored["message_type"], control_id=stored["control_id"], patient_id=stored["patient_id"],
         replay_of=plan.original_id, replay_reason=reason, replay_operator=operator,
+        snapshot_id=plan.snapshot_id if plan.snapshot_id is not None else channel.snapshot_id,
     )
     for destination in channel.destinations:
         if destination.name in plan.outputs:

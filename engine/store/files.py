@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from hl7relay.outcomes import FileState
 
-__all__ = ["FileQueries", "SnapshotQueries"]
+__all__ = ["FileQueries", "SnapshotQueries", "PromotionQueries", "error_class"]
 
 _FINISHED = (FileState.DONE.value, FileState.ERRORS.value)
 
@@ -100,7 +100,8 @@ class SnapshotQueries:
             result = connection.execute(snapshots.insert().values(
                 taken_at=snapshot.taken_at, sha256=snapshot.sha256, environment=snapshot.environment,
                 node=snapshot.node, actor=snapshot.actor, reason=snapshot.reason, git_commit=snapshot.git_commit,
-                git_dirty=snapshot.git_dirty, files=len(snapshot.files), bundle=snapshot.compressed()))
+                git_dirty=snapshot.git_dirty, files=len(snapshot.files), bundle=snapshot.compressed(),
+                note=snapshot.note[:500], from_snapshot=snapshot.from_snapshot, source_sha256=snapshot.source_sha256))
             key = result.inserted_primary_key
             assert key is not None  # an INSERT of one row has one
             return int(key[0])
@@ -114,17 +115,117 @@ class SnapshotQueries:
             return [dict(r) for r in connection.execute(
                 sa.select(*columns).order_by(snapshots.c.id.desc()).limit(limit)).mappings()]
 
-    def snapshot(self, snapshot_id: int) -> dict | None:
-        """One snapshot with its files (path -> rendered text)."""
+    def snapshot(self, snapshot_id: int | None = None) -> dict | None:
+        """One snapshot with its files (path -> rendered text); the newest without an id."""
         import json
         import zlib
 
         from hl7relay.store.schema import config_snapshots as snapshots
 
+        query = (sa.select(snapshots).where(snapshots.c.id == snapshot_id) if snapshot_id is not None
+                 else sa.select(snapshots).order_by(snapshots.c.id.desc()).limit(1))
         with self.engine.connect() as connection:
-            row = connection.execute(sa.select(snapshots).where(snapshots.c.id == snapshot_id)).mappings().first()
+            row = connection.execute(query).mappings().first()
         if row is None:
             return None
         out = dict(row)
         out["files"] = json.loads(zlib.decompress(out.pop("bundle")).decode("utf-8"))
         return out
+
+
+class PromotionQueries:
+    """Promotions (hl7relay promote): what was cleared to run in an environment, and by whom."""
+
+    engine: sa.Engine
+
+    def snapshots_with_source(self, source_sha256: str, environment: str) -> list[dict]:
+        """The snapshots (without bundles) of these files in this environment, oldest first."""
+        from hl7relay.store.schema import config_snapshots as snapshots
+
+        columns = [c for c in snapshots.c if c.name != "bundle"]
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(
+                sa.select(*columns).where(snapshots.c.source_sha256 == source_sha256,
+                                          snapshots.c.environment == environment)
+                .order_by(snapshots.c.id)).mappings()]
+
+    def error_classes(self, snapshot_ids, limit: int = 5000) -> dict[str, int]:
+        """The errors of the messages processed under these snapshots, by class (the error text
+        with its numbers and quoted values taken out), and how many of each."""
+        from hl7relay.outcomes import DeliveryStatus, MessageStatus
+        from hl7relay.store.schema import deliveries, messages
+
+        ids = list(snapshot_ids)
+        if not ids:
+            return {}
+        classes: dict[str, int] = {}
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(messages.c.channel, messages.c.error).where(
+                    messages.c.snapshot_id.in_(ids), messages.c.status == MessageStatus.ERROR.value).limit(limit)).all()
+            rows += connection.execute(
+                sa.select(messages.c.channel, deliveries.c.destination, deliveries.c.last_error)
+                .join(deliveries, deliveries.c.message_id == messages.c.id)
+                .where(messages.c.snapshot_id.in_(ids), deliveries.c.status == DeliveryStatus.ERROR.value)
+                .limit(limit)).all()
+        for row in rows:
+            key = error_class(" ".join(str(part) for part in row[:-1]) + ": " + (row[-1] or ""))
+            classes[key] = classes.get(key, 0) + 1
+        return classes
+
+    def record_promotion(self, row: dict, audit: dict) -> int:
+        from hl7relay.store.schema import _audit_row, audit_log, promotions
+
+        with self.engine.begin() as connection:
+            key = connection.execute(promotions.insert().values(**row)).inserted_primary_key
+            assert key is not None
+            connection.execute(audit_log.insert().values(**_audit_row(dict(audit, target=f"promotion {int(key[0])}"))))
+            return int(key[0])
+
+    def promotions(self, limit: int = 50) -> list[dict]:
+        from hl7relay.store.schema import promotions
+
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(
+                sa.select(promotions).order_by(promotions.c.id.desc()).limit(limit)).mappings()]
+
+    def promotion(self, promotion_id: int) -> dict | None:
+        from hl7relay.store.schema import promotions
+
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(promotions).where(promotions.c.id == promotion_id)).mappings().first()
+        return dict(row) if row is not None else None
+
+    def approve_promotion(self, promotion_id: int, approver: str, now: float, audit: dict) -> bool:
+        """Approved by ``approver`` (not the one who asked); False when it was not pending."""
+        from hl7relay.outcomes import PromotionState
+        from hl7relay.store.schema import _audit_row, audit_log, promotions
+
+        with self.engine.begin() as connection:
+            done = connection.execute(promotions.update().where(
+                promotions.c.id == promotion_id, promotions.c.state == PromotionState.PENDING.value,
+                promotions.c.requested_by != approver).values(state=PromotionState.APPROVED.value, approved_by=approver, approved_at=now))
+            if done.rowcount != 1:
+                return False
+            connection.execute(audit_log.insert().values(**_audit_row(dict(audit, target=f"promotion {promotion_id}"))))
+            return True
+
+    def promoted(self, source_sha256: str, environment: str) -> dict | None:
+        """The approved promotion of these files to this environment, if there is one."""
+        from hl7relay.outcomes import PromotionState
+        from hl7relay.store.schema import promotions
+
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(promotions).where(
+                promotions.c.source_sha256 == source_sha256, promotions.c.to_env == environment,
+                promotions.c.state == PromotionState.APPROVED.value).order_by(promotions.c.id.desc()).limit(1)).mappings().first()
+        return dict(row) if row is not None else None
+
+
+def error_class(text: str) -> str:
+    """An error's kind: its text without what differs from one message to the next (numbers,
+    quoted values), so a hundred 'PID-7 '19xx' is not a date' are one class."""
+    import re
+
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
+    return re.sub(r"\d+", "N", text).strip()[:300]

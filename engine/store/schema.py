@@ -259,8 +259,34 @@ config_snapshots = sa.Table(
     sa.Column("git_dirty", sa.Boolean, nullable=False, default=False),
     sa.Column("files", sa.Integer, nullable=False, default=0),
     sa.Column("bundle", sa.LargeBinary, nullable=False),
+    # migration 18: what the person said (reload --reason, rollback --reason); the snapshot whose
+    # bundle this one re-applied (a rollback, or a start after one: the engine runs it, not the files);
+    # the hash of the files before the environment's values went in (the same in test and prod)
+    sa.Column("note", sa.String(500), nullable=False, default="", server_default=""),
+    sa.Column("from_snapshot", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=True),
+    sa.Column("source_sha256", sa.String(64), nullable=False, default="", server_default=""),
 )
 sa.Index("ix_config_snapshots_taken", config_snapshots.c.taken_at)
+sa.Index("ix_config_snapshots_source", config_snapshots.c.source_sha256)
+
+# Promotions (hl7relay promote): files that ran in one environment, cleared for another; with
+# approvals required, pending until another admin approves.
+promotions = sa.Table(
+    "promotions", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("requested_at", sa.Float, nullable=False),
+    sa.Column("from_env", sa.String(64), nullable=False),
+    sa.Column("to_env", sa.String(64), nullable=False),
+    sa.Column("source_sha256", sa.String(64), nullable=False),
+    sa.Column("evidence", sa.Text, nullable=False),  # JSON: the snapshot that ran, its messages, the tests
+    sa.Column("requested_by", sa.String(200), nullable=False),
+    sa.Column("reason", sa.String(500), nullable=False),
+    sa.Column("approvals_needed", sa.Integer, nullable=False),
+    sa.Column("approved_by", sa.String(200), nullable=False, default=""),
+    sa.Column("approved_at", sa.Float, nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),  # PromotionState
+)
+sa.Index("ix_promotions_source", promotions.c.source_sha256, promotions.c.to_env)
 
 
 # What operators switched at run time (a channel disabled, a destination paused): survives restarts.
@@ -373,6 +399,8 @@ _ADDED_LATER = {
 }
 # columns that migration 17 adds (migration 2 adds _ADDED_LATER's)
 _ADDED_AFTER_16 = {"messages": ("snapshot_id",)}
+# columns that migration 18 adds to migration 16's table
+_ADDED_AFTER_17 = {"config_snapshots": ("note", "from_snapshot", "source_sha256")}
 # columns of migration 5's tables that later migrations add (7: users; 9: audit_log)
 _ADDED_AFTER_5 = {"users": ("phi", "disabled", "last_login_at"), "audit_log": ("role",)}
 _ADDED_LATER_INDEXES = {"ix_deliveries_message_destination": 3, "ix_deliveries_queued": 4, "ix_messages_duplicate_key": 4,
@@ -388,6 +416,13 @@ def _migration_8(connection) -> None:
 def _migration_15(connection) -> None:
     file_ledger.create(connection, checkfirst=True)
     file_messages.create(connection, checkfirst=True)
+
+
+def _migration_18(connection) -> None:
+    _add_columns(connection, "config_snapshots", _ADDED_AFTER_17["config_snapshots"])
+    index = next(i for i in config_snapshots.indexes if i.name == "ix_config_snapshots_source")
+    index.create(connection, checkfirst=True)
+    promotions.create(connection, checkfirst=True)
 
 
 # (version, description, function). Append; never edit a released one.
@@ -416,4 +451,5 @@ MIGRATIONS = [
      lambda connection: config_snapshots.create(connection, checkfirst=True)),
     (17, "messages: the configuration snapshot each was processed under",
      lambda connection: _add_columns(connection, "messages", _ADDED_AFTER_16["messages"])),
+    (18, "configuration: rollbacks, notes, the files' hash across environments; promotions", _migration_18),
 ]

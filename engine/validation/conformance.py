@@ -52,7 +52,7 @@ from pathlib import Path
 
 from hl7relay.outcomes import ErrorCode, Severity
 from hl7relay.spec import did_you_mean
-from hl7relay.yamlsource import ConfigError, Document, load_document
+from hl7relay.yamlsource import ConfigError, Document, load_document, read_config_text
 from hl7relay.errors import PathError
 from hl7relay.hl7.message import HEADER_SEGMENTS, Message
 from hl7relay.hl7.path import Path as HL7Path, parse_path
@@ -74,7 +74,7 @@ _MESSAGE_KEY = re.compile(r"\*|[A-Z0-9]{3}(\^[A-Z0-9]{3})?")
 def is_profile_file(path) -> bool:
     """A YAML file whose top level says ``profile:`` (how lint tells profiles from channels)."""
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        text = read_config_text(path, errors="replace")
     except OSError:
         return False
     return re.search(r"^profile\s*:", text, re.MULTILINE) is not None
@@ -364,7 +364,7 @@ def _value_set(file, doc: Document, path: tuple, base: Path) -> frozenset | None
         return None
     target = Path(file) if Path(file).is_absolute() else base / file
     try:
-        lines = target.read_text(encoding="utf-8").splitlines()
+        lines = read_config_text(target).splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         doc.error(path, f"value_set: cannot read {target}: {getattr(exc, 'strerror', None) or exc}")
         return None
