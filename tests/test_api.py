@@ -67,7 +67,7 @@ PERMISSION_LEAST = {"read": "viewer", "control": "operator", "audit": "admin", "
                     "prune": "admin"}
 BODIES = {"post_replay": {"reason": "matrix", "force": True}, "post_prune": {"older_than_days": 3650, "reason": "matrix"},
           "post_silence": {"rule": "HL7RelayQueueStuck", "channel": "adt", "minutes": 5, "reason": "matrix"},
-          "post_unsilence": {"rule": "HL7RelayQueueGrowing"}}
+          "post_unsilence": {"rule": "HL7RelayQueueGrowing"}, "post_rollback": {"snapshot": 1, "reason": "matrix"}}
 
 
 def _concrete(pattern):

@@ -269,6 +269,7 @@ ROUTES = [  # (method, path, least role, status when allowed); "phi": operator w
     ("GET", "/sync", "viewer", 200),
     ("GET", "/files", "viewer", 200),
     ("GET", "/configuration", "viewer", 200),
+    ("POST", "/configuration/1/rollback", "admin", 303),  # to the engine's own first snapshot: the same files
     ("GET", "/credentials", "admin", 200),
     ("POST", "/credentials/check", "admin", 404),  # allowed: no credential of that name (none here)
 ]
@@ -1341,3 +1342,43 @@ def test_the_configuration_page_lists_the_snapshots_and_shows_what_changed(engin
     assert browser.get("/configuration/999999")[0] == 404 and browser.get(f"/configuration/{first}?against=x")[0] == 400
     status, _, page = browser.get("/messages/1")
     assert status == 200 and '<a href="/configuration/1">snapshot 1</a>' in page  # the message the fixture sent
+
+
+def test_an_admin_rolls_back_to_a_snapshot_with_a_reason_and_it_is_audited(engine):
+    """The snapshot page offers the rollback to admins only; without a reason it is refused; a
+    snapshot whose files do not load changes nothing; one that does runs (recorded as a new
+    snapshot) and the audit log says who, to what and why."""
+    import time
+
+    from hl7relay.snapshots import Snapshot
+
+    store = engine["store"]
+    viewer = signed_in(engine, "viewer")
+    assert 'id="rollback"' not in viewer.get("/configuration/1")[2]
+    assert viewer.post("/configuration/1/rollback", {"reason": "x"})[0] == 403
+    admin = signed_in(engine, "admin")
+    assert 'id="rollback"' in admin.get("/configuration/1")[2] or 'id="rollback-none"' in admin.get("/configuration/1")[2]
+    assert admin.post("/configuration/1/rollback", {"reason": " "})[0] == 400
+    assert admin.post("/configuration/999999/rollback", {"reason": "x"})[0] == 404
+    folder = str(engine["folder"] / "channels")
+    broken = store.record_snapshot(Snapshot(time.time(), "c" * 64, "", "host", "user:ana", "reload", "", False,
+                                            {f"{folder}/adt.yaml": "name: adt\nsource: {type: mllp, prot: 0}\n"}))
+    status, _, page = admin.post(f"/configuration/{broken}/rollback", {"reason": "try the broken one"})
+    assert status == 422 and "refused, nothing changed" in page and "unknown key" in page
+    elsewhere = store.record_snapshot(Snapshot(time.time(), "d" * 64, "prod", "host", "user:ana", "reload", "", False, {}))
+    status, _, page = admin.post(f"/configuration/{elsewhere}/rollback", {"reason": "x"})
+    assert status == 409 and "ran in environment prod" in page
+    before = len(store.audit_entries(action="config.rollback", limit=1000))
+    status, headers, _ = admin.post("/configuration/1/rollback", {"reason": "INC-30 back to the start"})
+    assert status == 303 and headers["Location"].startswith("/configuration?done=rollback&to=1&now=")
+    now = int(headers["Location"].rsplit("now=", 1)[1])
+    _, _, page = admin.get(headers["Location"])
+    assert "Rolled back to snapshot 1" in page and "already sent stays sent" in page
+    assert f'The engine runs <a href="/configuration/{now}">snapshot {now}</a>, rolled back to snapshot 1' in page
+    assert "INC-30 back to the start" in page  # the reason, with the snapshot
+    entries = store.audit_entries(action="config.rollback", limit=1000)
+    assert len(entries) == before + 1 and entries[1]["result"] == "refused"  # the refused ones are audited too
+    assert (entries[0]["actor"], entries[0]["target"], entries[0]["reason"], entries[0]["result"]) == (
+        "user:admin", "snapshot 1", "INC-30 back to the start", "ok")
+    assert store.snapshot(now)["from_snapshot"] == 1 and store.snapshot(now)["reason"] == "rollback"
+    assert 'id="rollback-none"' in admin.get(f"/configuration/{now}")[2]  # what runs is not offered again

@@ -770,3 +770,56 @@ def test_sessions_and_audit_leave_no_gap(browser, night_shift):
     assert "last run" in page.inner_text("#checked-at")
     admin.shot("database-checked")
     admin.close()
+
+
+def test_configuration_history_diff_and_a_rollback_with_its_audit_row(browser, engine):
+    """Issue #30 in the browser: a changed channel file reloaded from the Channels page shows in
+    the Configuration history with its diff; an admin rolls back to the snapshot before, with a
+    reason; the page says what runs and that the files differ; the audit log has the row."""
+    from playwright.sync_api import expect
+
+    channel = Path(engine["folder"]) / "channels" / "adt.yaml"
+    original = channel.read_text()
+    channel.write_text(original.replace("retry_initial: 30", "retry_initial: 45"))
+    watched = Watched(browser, engine, "configuration")
+    try:
+        page = watched.sign_in("ada")
+        page.click("nav >> text=Channels")
+        page.fill("form[action='/reload'] input[name=reason]", "INC-30 slower retries")
+        page.click("text=Reload channel files")
+        page.wait_for_load_state()
+        assert "Channel files reloaded" in page.inner_text("main")
+        page.click("nav >> text=Configuration")
+        page.wait_for_load_state()
+        watched.shot("history")
+        newest = page.locator("#snapshots tbody tr").first
+        assert "reload" in newest.inner_text() and "INC-30 slower retries" in newest.inner_text()
+        reloaded = int(newest.get_attribute("data-snapshot"))
+        newest.locator("a").first.click()
+        page.wait_for_load_state()
+        watched.shot("snapshot-diff")
+        change = page.locator("section.change").first
+        assert "-destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 9, retry_initial: 30" in change.inner_text()
+        assert "+destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 9, retry_initial: 45" in change.inner_text()
+        assert page.locator("#rollback-none").is_visible()  # what runs is not offered again
+        earlier = int(re.search(r"Changed since snapshot (\d+)", page.inner_text("main")).group(1))
+        page.click(f"text=snapshot {earlier}")
+        page.wait_for_load_state()
+        page.fill("#rollback input[name=reason]", "INC-31 the lab wants the old retries")
+        page.click("text=Roll back to this snapshot")
+        page.wait_for_load_state()
+        watched.shot("rolled-back")
+        expect(page.locator("#done")).to_contain_text(f"Rolled back to snapshot {earlier}")
+        expect(page.locator("#done")).to_contain_text("already sent stays sent")
+        expect(page.locator("#running")).to_contain_text(f"rolled back to snapshot {earlier}")
+        expect(page.locator("#running")).to_contain_text("The channel files on disk differ from it")
+        entry = engine["store"].audit_entries(action="config.rollback", limit=1)[0]
+        assert (entry["actor"], entry["target"], entry["reason"], entry["result"]) == (
+            "user:ada", f"snapshot {earlier}", "INC-31 the lab wants the old retries", "ok")
+        assert reloaded < int(re.search(r"runs snapshot (\d+)", page.inner_text("#running")).group(1))
+    finally:
+        channel.write_text(original)  # the files as they run again: a reload leaves the engine as it was
+        page.click("nav >> text=Channels")
+        page.click("text=Reload channel files")
+        page.wait_for_load_state()
+        watched.close()

@@ -1,12 +1,15 @@
-"""Configuration: the snapshots the engine recorded at each start and reload, and what changed."""
+"""Configuration: the snapshots the engine recorded at each start, reload and rollback, what
+changed, and a rollback to one (admins, with a reason, audited)."""
 
 from __future__ import annotations
 
 import difflib
+from urllib.parse import urlencode
 
 from twisted.internet import defer
 
 from hl7relay.console.base import ConsoleBase, HTTPError, app, page
+from hl7relay.ops.api import ROLLBACK_NOTE
 
 
 class ConfigurationPages(ConsoleBase):
@@ -15,7 +18,33 @@ class ConfigurationPages(ConsoleBase):
     @defer.inlineCallbacks
     def configuration(self, request, session):
         rows = yield self.support.run(lambda store: store.snapshots(200))
-        return self._render("configuration.html", request, session=session, active="configuration", rows=rows)
+        running = yield self.support.run(lambda store: self.controls.configuration_view())
+        done = None
+        if self._field(request, "done") == "rollback":
+            done = (f"Rolled back to snapshot {self._field(request, 'to')}: the engine now runs it as snapshot "
+                    f"{self._field(request, 'now')}. {ROLLBACK_NOTE.capitalize()}.")
+        return self._render("configuration.html", request, session=session, active="configuration", rows=rows,
+                            running=running, done=done)
+
+    @app.route("/configuration/<int:snapshot_id>/rollback", methods=["POST"])
+    @page("reload", post=True)
+    @defer.inlineCallbacks
+    def rollback(self, request, session, snapshot_id):
+        audit = self._action(request, session, "config.rollback", f"snapshot {snapshot_id}")
+        if not audit["reason"]:
+            raise HTTPError(400, "a rollback needs a reason: it is recorded with the snapshot and in the audit log")
+        result = yield self.controls.rollback(snapshot_id, audit["actor"], audit["reason"], audit)
+        for key, status in (("missing", 404), ("refused", 409)):
+            if key in result:
+                raise HTTPError(status, result[key])
+        if "errors" in result:
+            request.setResponseCode(422)
+            return self._render("error.html", request, 422, status=422, session=session,
+                                text=f"Rollback to snapshot {snapshot_id} refused, nothing changed: " + "; ".join(result["errors"]))
+        request.redirect(b"/configuration?" + urlencode({"done": "rollback", "to": snapshot_id,
+                                                         "now": result.get("snapshot") or "?"}).encode())
+        request.setResponseCode(303)
+        return b""
 
     @app.route("/configuration/<int:snapshot_id>", methods=["GET"])
     @page("read")
@@ -51,5 +80,7 @@ class ConfigurationPages(ConsoleBase):
                                                       lineterm="", n=2))[2:]
                     changes.append({"path": path, "lines": lines, "added": path not in before,
                                     "removed": path not in after})
+        running = self.controls.configuration_view()
         return self._render("configuration_snapshot.html", request, session=session, active="configuration",
-                            snapshot=snapshot, other=other, changes=changes, files=sorted(snapshot["files"].items()))
+                            snapshot=snapshot, other=other, changes=changes, files=sorted(snapshot["files"].items()),
+                            running=running)

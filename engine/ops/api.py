@@ -115,7 +115,7 @@ ROUTES = (
 
 # what a rollback does not undo, said with it (the CLI and the console say it too)
 ROLLBACK_NOTE = ("what was already sent stays sent: messages processed since go to their destinations as they were; "
-                 "hl7relay replay --as-processed or --current sends chosen ones again")
+                 "hl7relay replay sends chosen ones again, with the configuration running now or --as-processed")
 
 
 class Bulk(dict):
