@@ -1,9 +1,11 @@
 """Environments: one set of values per place the channels run (dev, test, prod).
 
 ``environments/<name>.yaml`` holds only values: a mapping of variable names (``LAB_HOST``,
-``LAB_PORT``) to plain values, and two settings of the engine's own, in lower case: ``colour``
+``LAB_PORT``) to plain values, and settings of the engine's own, in lower case: ``colour``
 (the console's banner: red, amber, green, blue or grey; by default red for prod*, amber for test
-and staging, green for dev) and ``read_only`` (a PMS sandbox: said on the banner). Channel files
+and staging, green for dev), ``read_only`` (a PMS sandbox: said on the banner), ``promoted_only``
+(an engine in it runs only channel files promoted to it: hl7relay promote) and ``approvals``
+(how many admins a promotion to it needs: 2 is four eyes). Channel files
 use ``${env:LAB_HOST}`` (or ``${LAB_HOST}``): under ``--env prod`` the value comes from the
 environment's file first, then from the process's environment variables.
 """
@@ -21,7 +23,7 @@ __all__ = ["Environment", "load_environment", "environment_names", "render", "CO
 ENVIRONMENT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 COLOURS = ("red", "amber", "green", "blue", "grey")
-_RESERVED = {"colour", "read_only"}
+_RESERVED = {"colour", "read_only", "promoted_only", "approvals"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +33,12 @@ class Environment:
     values: dict = field(default_factory=dict)  # variable -> its text
     colour: str = "blue"
     read_only: bool = False
+    promoted_only: bool = False  # runs only channel files promoted to it (hl7relay promote)
+    approvals: int = 1  # admins a promotion to it needs (2: a second one approves)
 
     def describe(self) -> str:
-        return f"environment {self.name} ({self.file}{', read only' if self.read_only else ''})"
+        extra = (", read only" if self.read_only else "") + (", promoted files only" if self.promoted_only else "")
+        return f"environment {self.name} ({self.file}{extra})"
 
 
 def _default_colour(name: str) -> str:
@@ -74,7 +79,20 @@ def load_environment(folder: str | Path, name: str) -> tuple[Environment | None,
         return None, list(doc.errors)
     values: dict[str, str] = {}
     colour, read_only = _default_colour(name), False
+    flags = {"promoted_only": False, "approvals": 1}
     for key, value in data.items():
+        if key == "promoted_only":
+            if not isinstance(value, bool):
+                doc.error((key,), "promoted_only: true or false")
+            else:
+                flags[key] = value
+            continue
+        if key == "approvals":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2:
+                doc.error((key,), "approvals: how many admins a promotion needs, 1 or 2 (2: four eyes)")
+            else:
+                flags[key] = value
+            continue
         if key == "colour":
             if value not in COLOURS:
                 doc.error((key,), f"colour: one of {', '.join(COLOURS)}")
@@ -98,7 +116,7 @@ def load_environment(folder: str | Path, name: str) -> tuple[Environment | None,
             doc.error((key,), f"{key}: a plain value (text, a number, true/false), not a list or a mapping")
     if doc.errors:
         return None, list(doc.errors)
-    return Environment(name, str(path), values, colour, read_only), []
+    return Environment(name, str(path), values, colour, read_only, flags["promoted_only"], flags["approvals"]), []
 
 
 def render(text: str, values: dict) -> str:

@@ -194,6 +194,7 @@ class Engine:
         self._reloading: defer.Deferred | None = None
         # the snapshot the channels run under (and, after a rollback, the one it re-applied and its files)
         self.configuration: dict = {}
+        self.environment = None  # environments.Environment it runs in (promoted_only: reloads check it)
         self._deliver: dict[tuple[str, str], object] = {}  # (channel, destination) -> deliver(message)
         for running in self.channels.values():
             for destination in running.channel.destinations:
@@ -318,11 +319,18 @@ class Engine:
 
         note = (audit or {}).get("reason", "")
 
+        @defer.inlineCallbacks
         def load():
             try:
                 channels, errors = load_channels(self.channel_paths)
             except Exception as exc:  # noqa: BLE001 - unreadable folders are problems like any other
                 return [], [f"cannot read the channel files: {exc}"], None
+            if not errors and self.environment is not None and self.environment.promoted_only:
+                from hl7relay.promotion import not_promoted
+
+                problem = yield self.writer.read(not_promoted, self.channel_paths, self.environment, self.writer.store)
+                if problem:
+                    errors = [problem]
             return channels, errors, lambda: take_snapshot(self.channel_paths, actor or "engine", "reload",
                                                            self.clock(), note)
 

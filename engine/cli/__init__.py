@@ -43,6 +43,7 @@ VERBS = {
     "files": "hl7relay.cli.files",
     "diff": "hl7relay.cli.diff",
     "config": "hl7relay.cli.config",
+    "promote": "hl7relay.cli.promote",
 }
 
 

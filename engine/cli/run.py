@@ -134,6 +134,14 @@ def run(args) -> int:
                   file=sys.stderr)
             return 1
         enabled = [c for c in channels if c.enabled]
+    elif settings.get("environment") is not None and settings["environment"].promoted_only:
+        from hl7relay.promotion import not_promoted
+
+        problem = not_promoted(settings["channels"], settings["environment"], store)
+        if problem:
+            lock.release()
+            print(f"not starting: {problem}", file=sys.stderr)
+            return 1
     from hl7relay.store.database import readable_by_others
 
     exposed = readable_by_others(settings["store"])
@@ -158,6 +166,7 @@ def run(args) -> int:
                     tracer=Tracer(reactor), channel_paths=settings["channels"])
     # what operators reach the engine through (API, console, alerts); the analyzer (the last hour,
     # minute by minute: hl7relay stats) and the alerts are installed beside the engine, not in it
+    engine.environment = settings.get("environment")
     controls = Controls(engine, performance=Performance(), environment=settings.get("environment"))
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
     if settings.get("environment") is not None:

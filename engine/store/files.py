@@ -149,6 +149,17 @@ class PromotionQueries:
                                           snapshots.c.environment == environment)
                 .order_by(snapshots.c.id)).mappings()]
 
+    def messages_under(self, snapshot_ids) -> int:
+        """How many stored messages were processed under these snapshots."""
+        from hl7relay.store.schema import messages
+
+        ids = list(snapshot_ids)
+        if not ids:
+            return 0
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.select(sa.func.count()).select_from(messages)
+                                          .where(messages.c.snapshot_id.in_(ids))).scalar() or 0)
+
     def error_classes(self, snapshot_ids, limit: int = 5000) -> dict[str, int]:
         """The errors of the messages processed under these snapshots, by class (the error text
         with its numbers and quoted values taken out), and how many of each."""
