@@ -79,19 +79,19 @@ def load_environment(folder: str | Path, name: str) -> tuple[Environment | None,
         return None, list(doc.errors)
     values: dict[str, str] = {}
     colour, read_only = _default_colour(name), False
-    flags = {"promoted_only": False, "approvals": 1}
+    promoted_only, approvals = False, 1
     for key, value in data.items():
         if key == "promoted_only":
             if not isinstance(value, bool):
                 doc.error((key,), "promoted_only: true or false")
             else:
-                flags[key] = value
+                promoted_only = value
             continue
         if key == "approvals":
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2:
                 doc.error((key,), "approvals: how many admins a promotion needs, 1 or 2 (2: four eyes)")
             else:
-                flags[key] = value
+                approvals = value
             continue
         if key == "colour":
             if value not in COLOURS:
@@ -116,7 +116,7 @@ def load_environment(folder: str | Path, name: str) -> tuple[Environment | None,
             doc.error((key,), f"{key}: a plain value (text, a number, true/false), not a list or a mapping")
     if doc.errors:
         return None, list(doc.errors)
-    return Environment(name, str(path), values, colour, read_only, flags["promoted_only"], flags["approvals"]), []
+    return Environment(name, str(path), values, colour, read_only, promoted_only, approvals), []
 
 
 def render(text: str, values: dict) -> str:

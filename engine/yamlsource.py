@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["reading_snapshot", "read_config_text", "collecting_reads", "snapshot_listing", "Mark", "ConfigError", "Document", "load_document", "SECRET_MASK", "set_secret_resolver", "set_environment",
-           "current_environment", "ONLY_ENVIRONMENT"]
+__all__ = ["Mark", "ConfigError", "Document", "load_document", "SECRET_MASK", "set_secret_resolver", "set_environment",
+           "current_environment", "ONLY_ENVIRONMENT", "reading_snapshot", "read_config_text", "collecting_reads",
+           "snapshot_listing"]
 
 SECRET_MASK = "******"
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*|env:[A-Za-z_][A-Za-z0-9_]*|file:[^}]+|secret:[^}:]+)"

@@ -95,9 +95,9 @@ class RunningEngine:
         import signal
 
         self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=30)
-        self.process.stdout.close()
-        return code
+        rest, _ = self.process.communicate(timeout=30)  # its log, for the suite's secret scan
+        (self.folder / "engine.log").write_bytes(self.startup.encode() + (rest or b""))
+        return self.process.returncode
 
 
 @pytest.fixture(scope="session")
@@ -186,3 +186,24 @@ def issue_pki(folder: Path, server_days: float = 1.0) -> dict:
 def make_pki(tmp_path_factory):
     """make_pki(server_days=1.0) -> the files of :func:`issue_pki`, in a folder of their own."""
     return lambda server_days=1.0: issue_pki(tmp_path_factory.mktemp("pki"), server_days)
+
+
+def pytest_sessionstart(session):
+    import secret_scan  # by name (pythonpath = tests): the one module the tests' helpers record into
+
+    secret_scan.ROOT[0] = session.config._tmp_path_factory.getbasetemp()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No secret a test set is in a snapshot, an audit entry, a log or an answer of the suite."""
+    import secret_scan
+
+    hits = secret_scan.scan(secret_scan.ROOT[0]) if secret_scan.ROOT[0] is not None else []
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if hits:
+        for hit in hits[:50]:
+            if reporter is not None:
+                reporter.write_line(f"SECRET LEAK: {hit}", red=True)
+        session.exitstatus = 1
+    elif reporter is not None:
+        reporter.write_line("secret scan: no secret of the suite's in its snapshots, audit entries, logs or answers")

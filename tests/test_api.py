@@ -55,11 +55,15 @@ def call(engine, method, path, token=None, body=None, headers=None):
         request.add_header("Authorization", f"Bearer {token}")
     for key, value in (headers or {}).items():
         request.add_header(key, value)
+    from secret_scan import record_output
+
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
+            status, text = response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        status, text = exc.code, exc.read().decode()
+    record_output(text)
+    return status, text
 
 
 ROLE_ORDER = ["viewer", "operator", "admin"]

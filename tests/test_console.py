@@ -129,11 +129,15 @@ class Browser:
     def request(self, method, path, form=None, headers=None):
         data = urllib.parse.urlencode(form).encode() if form is not None else (b"" if method == "POST" else None)
         request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers or {})
+        from secret_scan import record_output
+
         try:
             with self.opener.open(request, timeout=30) as response:
-                return response.status, dict(response.headers), response.read().decode()
+                answer = response.status, dict(response.headers), response.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read().decode()
+            answer = exc.code, dict(exc.headers), exc.read().decode()
+        record_output(answer[2])
+        return answer
 
     def get(self, path, **kw):
         return self.request("GET", path, **kw)

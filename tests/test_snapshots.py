@@ -226,3 +226,44 @@ def test_rollback_runs_the_old_configuration_until_a_reload_and_replay_can_use_e
     every = log.read_text() + (tmp_path / "data" / "hl7relay.db").read_bytes().decode("latin-1")
     every += "".join(p.read_text() for p in (tmp_path / "out").iterdir())
     assert "rollback-secret-never-shown" not in every
+
+
+def test_the_suites_secret_scan_finds_a_planted_leak():
+    """The scan run at the end of the suite (conftest.py) can fail: a vault value and a *.secret
+    file's value, planted in a snapshot and a log, are each found. (Planted outside the session's
+    temporary folder, which the real scan reads.)"""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        _planted_leaks_are_found(Path(folder))
+
+
+def _planted_leaks_are_found(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+    import zlib
+
+    from cryptography.fernet import Fernet
+    from secret_scan import scan
+
+    from hl7relay.store.database import Store
+
+    data = tmp_path / "data"
+    store = Store(f"sqlite:///{data / 'hl7relay.db'}")
+    store.migrate()
+    key = Fernet.generate_key()
+    (data / "vault.key").write_bytes(key)
+    (tmp_path / "token.secret").write_text("file-secret-planted\n")
+    with sqlite3.connect(data / "hl7relay.db") as connection:
+        connection.execute("INSERT INTO secrets (name, ciphertext, created_at, created_by) VALUES (?, ?, 1, 'test')",
+                           ("api-key", Fernet(key).encrypt(b"vault-secret-planted")))
+    assert scan(tmp_path) == []
+    with sqlite3.connect(data / "hl7relay.db") as connection:
+        connection.execute("INSERT INTO config_snapshots (taken_at, sha256, environment, node, actor, reason, git_commit, "
+                           "git_dirty, files, bundle) VALUES (1, 'x', '', '', '', 'start', '', 0, 1, ?)",
+                           (zlib.compress(json.dumps({"a.yaml": "key: vault-secret-planted"}).encode()),))
+    (tmp_path / "engine.log").write_text("sent with file-secret-planted\n")
+    hits = scan(tmp_path)
+    assert len(hits) == 2 and any("snapshot 1: the secret of" in hit and "secret api-key" in hit for hit in hits)
+    assert any("engine.log: the secret of" in hit and "token.secret" in hit for hit in hits)
+    assert not any("planted" in hit for hit in hits)  # the leak is named, the value not repeated

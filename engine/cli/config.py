@@ -61,7 +61,7 @@ def _rollback(args) -> int:
     if status in (404, 400):
         print(f"hl7relay config: {payload.get('error') if isinstance(payload, dict) else payload}", file=sys.stderr)
         return 2
-    if status != 200:
+    if status != 200 or not isinstance(payload, dict):
         return print_error(status, payload)
     done = [f"{what} {', '.join(names)}" for what, names in payload.items() if isinstance(names, list) and names]
     print(f"rolled back to snapshot {args.id}: now snapshot {payload.get('snapshot')}; " + ("; ".join(done) or "nothing changed"))

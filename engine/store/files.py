@@ -171,9 +171,9 @@ class PromotionQueries:
             return {}
         classes: dict[str, int] = {}
         with self.engine.connect() as connection:
-            rows = connection.execute(
+            rows: list = list(connection.execute(
                 sa.select(messages.c.channel, messages.c.error).where(
-                    messages.c.snapshot_id.in_(ids), messages.c.status == MessageStatus.ERROR.value).limit(limit)).all()
+                    messages.c.snapshot_id.in_(ids), messages.c.status == MessageStatus.ERROR.value).limit(limit)).all())
             rows += connection.execute(
                 sa.select(messages.c.channel, deliveries.c.destination, deliveries.c.last_error)
                 .join(deliveries, deliveries.c.message_id == messages.c.id)
