@@ -7,7 +7,7 @@ a validation error means the message was read but breaks the standard.
 
 __all__ = [
     "HL7RelayError", "ParseError", "PathError", "ValidationError",
-    "PeerApplicationError", "PeerRejected", "AckTimeout", "SendConnectionError",
+    "PeerApplicationError", "PeerRejected", "AckTimeout", "SendConnectionError", "ReadOnlyEnvironment",
 ]
 
 
@@ -46,3 +46,7 @@ class AckTimeout(HL7RelayError):
 
 class SendConnectionError(HL7RelayError):
     """The peer could not be reached (refused, unreachable, TLS failure, connect timeout)."""
+
+
+class ReadOnlyEnvironment(HL7RelayError):
+    """What an engine in a read-only environment (``read_only: true``: a PMS sandbox) does not do: send."""

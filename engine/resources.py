@@ -29,6 +29,9 @@ class Settings:
     log_phi_bytes: int = 512  # how much of a message a channel's log_phi trace line shows
     log_levels: Any = None  # what the log output lets through (logs.LogLevels); None: everything
     stop_timeout: float = 10.0  # how long a stop (or a retired queue) waits for what is in flight
+    # the environment is read only (a PMS sandbox): every destination holds what it would send, and
+    # sources leave the files they read where they are on a server
+    read_only: bool = False
 
 
 @dataclass(slots=True)

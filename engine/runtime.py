@@ -22,6 +22,7 @@ from hl7relay.ack import AckPolicy, Outcome
 from hl7relay.ack.answer import Answer
 from hl7relay.channels.channel import Channel
 from hl7relay.channels.sources import Source
+from hl7relay.errors import ReadOnlyEnvironment
 from hl7relay.hl7.message import Message
 from hl7relay.queues import DeliveryResult, DestinationQueue, Queue
 from hl7relay.receiving import Responder
@@ -168,7 +169,8 @@ class Engine:
 
     def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data",
                  queue_poll_interval: float = 1.0, log_phi_bytes: int = 512, log_levels=None,
-                 stop_timeout: float = 10.0, forwarder=None, tracer=None, channel_paths=("channels",)):
+                 stop_timeout: float = 10.0, forwarder=None, tracer=None, channel_paths=("channels",),
+                 read_only: bool = False):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -176,7 +178,7 @@ class Engine:
         self.reactor = reactor
         self.writer = writer
         self.channels: dict[str, RunningChannel] = {}
-        settings = Settings(Path(data_dir), queue_poll_interval, log_phi_bytes, log_levels, stop_timeout)
+        settings = Settings(Path(data_dir), queue_poll_interval, log_phi_bytes, log_levels, stop_timeout, read_only)
         # message traces (ops/trace.py), handed in by the command that runs the engine: the core
         # does not import the operations tools
         self.resources = Resources(reactor, writer, clock, settings, ChannelStats(clock), tracer=tracer,
@@ -278,7 +280,7 @@ class Engine:
         for running in self.channels.values():
             name = running.channel.name
             for destination, queue in running.queues.items():
-                queue.paused = (name, destination, "paused") in controls
+                queue.paused = (name, destination, "paused") in controls or self.settings.read_only
             if (name, "", "disabled") in controls:
                 running.enabled = False
                 lines.append(f"channel {name}: disabled (hl7relay channel enable {name})")
@@ -500,7 +502,7 @@ class Engine:
         for destination in running.channel.destinations:
             self._build_delivery(name, destination)
             queue = self._new_queue(running, destination)
-            queue.paused = (name, destination.name, "paused") in controls
+            queue.paused = (name, destination.name, "paused") in controls or self.settings.read_only
             running.queues[destination.name] = queue
 
     @defer.inlineCallbacks
@@ -594,6 +596,9 @@ class Engine:
     def set_destination_paused(self, channel: str, destination: str, paused: bool, actor: str = "",
                                audit: dict | None = None):
         queue = self.queue(channel, destination)
+        if not paused and self.settings.read_only:
+            raise ReadOnlyEnvironment(f"the environment is read only (read_only: true): {channel}/{destination} holds what it "
+                           "would send; nothing is sent")
         yield self.writer.update(*self._control(channel, destination, "paused", paused, actor, audit))
         # a forwarder's queue answers once it is paused there (its view then current)
         yield defer.maybeDeferred(queue.pause if paused else queue.resume)

@@ -84,11 +84,20 @@ MISTAKES = [
     (["listen", "--http", "--status", "99"], "not an HTTP status", False),
     (["simulate", "--url", "ftp://x"], "is not an http(s) URL", False),
     (["simulate", "--token-file", "t", "--port", "2575"], "--token-file goes with --url", False),
+    (["config", "rollback", "3", "--reason", "x"], "no running engine found", False),
+    (["config", "show", "7"], "no snapshot 7", True),
+    (["config", "diff", "abc"], "invalid int value", False),
+    (["promote", "--from", "test", "--reason", "x"], "name two environments", True),
+    (["promote", "--from", "test", "--to", "prod", "--reason", "x"], "no environment 'test'", True),
+    (["promote", "--approve", "5", "--reason", "x"], "no promotion 5", True),
+    (["promote", "--from", "test", "--to", "prod"], "--reason", False),
+    (["replay", "1", "--as-processed", "--dry-run"], "no message 1", True),
 ]
 
 
 ARGUMENT_MISTAKES = [["send", "--port", "abc"], ["trace", "--kind", "fax"], ["secret", "set"], ["nosuchverb"],
-                     ["check", "--timeout", "soon"], ["listen", "--http", "--status", "99"]]
+                     ["check", "--timeout", "soon"], ["listen", "--http", "--status", "99"], ["config", "rollback"],
+                     ["promote", "--approve", "x"]]
 
 
 @pytest.mark.parametrize("argv", ARGUMENT_MISTAKES, ids=[" ".join(a) for a in ARGUMENT_MISTAKES])

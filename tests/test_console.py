@@ -666,6 +666,10 @@ def test_a_message_is_replayed_from_its_page_after_a_dry_run(engine):
     assert status == 303
     replay_id = int(headers["Location"].rsplit("/", 1)[1])
     assert store.get_message(replay_id)["replay_of"] == 1
+    status, _, page = operator.post("/messages/1/replay", {"destination": "lab", "force": "1", "as_processed": "1"})
+    processed_under = store.get_message(1)["snapshot_id"]
+    assert status == 200 and 'id="plan"' in page  # the dry run, through the snapshot that processed it
+    assert f'Through the configuration that processed it (<a href="/configuration/{processed_under}">snapshot ' in page
     entries = store.audit_entries(action="replay", limit=1000)
     assert len(entries) == before + 1 and (entries[0]["actor"], entries[0]["role"], entries[0]["reason"]) == (
         "user:operator", "operator", "INC-8")

@@ -147,3 +147,55 @@ def test_the_readme_environment_example_works_as_written(tmp_path):
     every = hl7relay(tmp_path, "lint", "channels", "--all-envs")
     shown = [line for line in section.splitlines() if "[prod] environment variable" in line][0].strip().rstrip(".").strip("`")
     assert shown.replace("[prod]", "[test]").replace("environment prod", "environment test") in every.stdout, every.stdout
+
+
+def test_a_read_only_environment_holds_every_delivery_and_will_not_resume_one(tmp_path):
+    """read_only: true (a PMS sandbox): messages are received, processed and stored, their
+    deliveries held (nothing reaches the listening peer), and no one can resume a destination."""
+    import socket
+
+    from hl7relay.mllp.framing import MLLPFramer, frame
+    from hl7relay.store.database import Store
+
+    peer = socket.socket()
+    peer.bind(("127.0.0.1", 0))
+    peer.listen(5)
+    peer.setblocking(False)
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\n"
+        "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: '${env:LAB_PORT}', retry_initial: 0.1}]\n")
+    (tmp_path / "environments").mkdir()
+    (tmp_path / "environments" / "sandbox.yaml").write_text(f"LAB_PORT: {peer.getsockname()[1]}\nread_only: true\n")
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--env", "sandbox", "--admin-port", "auto",
+                                "--console-port", "0"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        while not any(line.startswith("ready") for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, lines
+            lines.append(process.stdout.readline())
+        text = "".join(lines)
+        assert "environment sandbox (environments/sandbox.yaml, read only)" in text
+        assert "read only: every destination holds what it would send" in text
+        port = int(text.split("MLLP on 127.0.0.1:")[1].split()[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as pms:
+            pms.sendall(frame(b"MSH|^~\\&|PMS|C|LAB|L|20240105||ADT^A04^ADT_A01|RO1|P|2.5.1\rPID|1||1^^^H^MR||DOE^JANE\r"))
+            framer, answer = MLLPFramer(), []
+            while not answer:
+                answer = framer.feed(pms.recv(65536))
+        assert b"MSA|AA|RO1" in answer[0].payload  # received and stored: the sender is answered as always
+        status = hl7relay(tmp_path, "destination", "resume", "adt", "lab", "--reason", "try", "--env", "sandbox")
+        assert status.returncode != 0 and "read only" in status.stderr, status.stdout + status.stderr
+        shown = hl7relay(tmp_path, "status", "--env", "sandbox")
+        assert "-> lab (mllp)" in shown.stdout and "queued 1" in shown.stdout, shown.stdout
+        with pytest.raises(BlockingIOError):
+            peer.accept()  # the queue never even connected
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        process.stdout.close()
+        peer.close()
+    deliveries = Store(f"sqlite:///{tmp_path / 'data' / 'hl7relay.db'}").get_message(1)["deliveries"]
+    assert [(d["destination"], d["status"], d["attempts"]) for d in deliveries] == [("lab", "QUEUED", 0)]

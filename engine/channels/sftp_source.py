@@ -176,8 +176,8 @@ class SFTPPoller(FilePoller):
 
     async def put_away(self, candidate: Candidate, entry: dict, problem: bool) -> str:
         config = self.config
-        if not problem and config.after == "keep":
-            return ""
+        if (not problem and config.after == "keep") or self.running.resources.settings.read_only:
+            return ""  # (a read-only environment changes nothing on the server: the ledger knows the file)
         session = await self._connected()
         remote = self._remote(candidate.name)
         if not problem and config.after == "delete":
@@ -192,6 +192,8 @@ class SFTPPoller(FilePoller):
         return f"sftp://{settings.host}:{settings.port}/{target.lstrip('/')}"
 
     async def remove_marker(self, candidate: Candidate) -> None:
+        if self.running.resources.settings.read_only:
+            return
         session = await self._connected()
         try:
             await session.remove(self._remote(candidate.name + self.config.marker))

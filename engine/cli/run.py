@@ -163,7 +163,8 @@ def run(args) -> int:
 
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
                     log_levels=log_levels, stop_timeout=settings["stop_timeout"], forwarder=forwarder,
-                    tracer=Tracer(reactor), channel_paths=settings["channels"])
+                    tracer=Tracer(reactor), channel_paths=settings["channels"],
+                    read_only=bool(settings.get("environment") is not None and settings["environment"].read_only))
     # what operators reach the engine through (API, console, alerts); the analyzer (the last hour,
     # minute by minute: hl7relay stats) and the alerts are installed beside the engine, not in it
     engine.environment = settings.get("environment")
@@ -171,6 +172,10 @@ def run(args) -> int:
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
     if settings.get("environment") is not None:
         announce(settings["environment"].describe(), "environment")
+        if settings["environment"].read_only:
+            announce("read only: every destination holds what it would send (nothing is sent; the console and "
+                     "hl7relay messages show it), and SFTP sources leave the files they read on the server",
+                     "read_only", "warn")
     snapshot_id = _snapshot(store, settings["channels"], announce, pinned)
     engine.stamp_snapshot(snapshot_id, pinned["from_snapshot"] if pinned else None, pinned["files"] if pinned else None)
     # the admin and console ports before any channel: one that is taken stops the start (the CLI

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.internet import defer, threads
 
+from hl7relay.errors import ReadOnlyEnvironment
 from hl7relay.ops.support import masked_view
 
 from hl7relay.console.base import ConsoleBase, DONE, HTTPError, _file_and_findings, _target, app, page
@@ -63,7 +64,10 @@ class ChannelPages(ConsoleBase):
         if action == "retry":
             yield self.controls.retry_now(channel, destination, audit["actor"], audit)
         else:
-            yield self.controls.set_destination_paused(channel, destination, action == "pause", audit["actor"], audit)
+            try:
+                yield self.controls.set_destination_paused(channel, destination, action == "pause", audit["actor"], audit)
+            except ReadOnlyEnvironment as exc:
+                raise HTTPError(409, str(exc)) from None
         return self._back(request, f"destination.{action}", f"{channel}/{destination}")
 
     @app.route("/reload", methods=["POST"])

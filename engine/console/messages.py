@@ -212,11 +212,16 @@ class MessagePages(ConsoleBase):
 
         chosen = [v.decode("utf-8", "replace") for v in (request.args or {}).get(b"destination", [])] or None
         force = self._field(request, "force") == "1"
+        as_processed = self._field(request, "as_processed") == "1"
         confirm, reason, channels, render = self._replay_form(request)
         audit = self._action(request, session, "replay", f"message {message_id}")
+        paths = self.controls.channel_paths()
 
         def work(store):
-            plan = plan_replay(store, channels, message_id, chosen, force, render)
+            from hl7relay.ops.replay import SnapshotChannels
+
+            plan = plan_replay(store, channels, message_id, chosen, force, render,
+                               SnapshotChannels(store, paths) if as_processed else None)
             if confirm and not plan.skipped:
                 return plan, commit_replay(store, channels, plan, reason, audit["actor"], audit=audit)
             return plan, None
@@ -232,7 +237,8 @@ class MessagePages(ConsoleBase):
         channel = channels.get(plan.channel)
         return self._render("replay_message.html", request, 409 if confirm else 200, session=session, plan=plan,
                             destinations=[d.name for d in channel.destinations] if channel else [],
-                            delivered=set(plan.delivered), dead=set(plan.dead), force=force, active="messages")
+                            delivered=set(plan.delivered), dead=set(plan.dead), force=force, as_processed=as_processed,
+                            active="messages")
 
     def _replay_form(self, request):
         """What both replay forms share: (confirmed, reason, the running channels, how a diff's

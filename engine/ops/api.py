@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from hl7relay.ops.auth import can, new_token, token_hash
 from hl7relay.outcomes import STORED_STATUSES, MessageStatus
 from hl7relay.ops.support import masked_view
+from hl7relay.errors import ReadOnlyEnvironment
 from hl7relay.store.database import MAX_ROW_ID, StoreError, TokenUseUpdate
 
 __all__ = ["ROUTES", "ApiResource", "write_local_token", "write_endpoint", "LOCAL_TOKEN_FILE", "ENDPOINT_FILE",
@@ -206,6 +207,9 @@ class ApiResource(resource.Resource):
             if failure.check(ApiError):
                 request.setResponseCode(failure.value.status)
                 body = {"error": failure.value.text}
+            elif failure.check(ReadOnlyEnvironment):
+                request.setResponseCode(409)
+                body = {"error": failure.getErrorMessage()}
             elif failure.check(KeyError):
                 request.setResponseCode(404)
                 body = {"error": str(failure.value.args[0]) if failure.value.args else "not found"}
