@@ -119,10 +119,11 @@ def load_environment(folder: str | Path, name: str) -> tuple[Environment | None,
     return Environment(name, str(path), values, colour, read_only, promoted_only, approvals), []
 
 
-def render(text: str, values: dict) -> str:
+def render(text: str, values: dict, keep_missing: bool = False) -> str:
     """A channel file's text with an environment's values in place of ``${env:NAME}`` and
     ``${NAME}`` (their defaults where it has none); ``${secret:...}`` and ``${file:...}`` stay the
-    references they are (a value is never shown); a variable it lacks says so."""
+    references they are (a value is never shown); a variable it lacks says so, or with
+    ``keep_missing`` stays the reference it is (the process's own variables are read when it loads)."""
     from hl7relay.yamlsource import _VARIABLE as PLACEHOLDER
 
     def replace(match):
@@ -132,6 +133,8 @@ def render(text: str, values: dict) -> str:
         name = name.removeprefix("env:")
         if name in values:
             return values[name]
+        if keep_missing:
+            return match.group(0)
         return default if default is not None else f"<{name} not set>"
 
     return PLACEHOLDER.sub(replace, text)

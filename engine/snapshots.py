@@ -1,18 +1,18 @@
-"""Configuration snapshots: what the engine ran, recorded at every start and reload.
+"""Configuration snapshots: what the engine ran, recorded at every start, reload and rollback.
 
 A snapshot is the rendered bundle of the channel folders (every channel file, lookup table, map and
-profile in them, with the environment's values in place of ``${env:NAME}``; ``${secret:...}`` and
-``${file:...}`` stay the references they are, so no secret value is ever in one), its sha256, the
-git commit (and whether the checkout had changes) when the folders are in one, the environment,
-the host, who and why. The bundle is stored compressed; ``hl7relay config history | show | diff``
-read them back.
+profile in them, with the environment file's values in place of ``${env:NAME}``; ``${secret:...}``,
+``${file:...}`` and the process's own variables stay the references they are, so no secret value
+is ever in one), its sha256, the hash of the files as written (the same in every environment:
+what ``hl7relay promote`` compares), the git commit (and whether the checkout had changes) when
+the folders are in one, the environment, the host, who and why. The bundle is stored compressed;
+``hl7relay config history | show | diff`` read them back and ``config rollback`` loads one again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import subprocess
 import zlib
@@ -103,10 +103,10 @@ def take_snapshot(paths, actor: str, reason: str, now: float, note: str = "") ->
     from hl7relay.yamlsource import current_environment
 
     name, values = current_environment()
-    # the values the loader uses: the environment's over the process's own (only those the files
-    # name are written in)
+    # the environment's values are written in; the process's own variables stay references (one may
+    # hold a credential), read again from the process when a rollback loads the snapshot
     raw = source_files(paths)
-    files = {path: render(text, {**os.environ, **values}) for path, text in raw.items()}  # as files_now
+    files = {path: render(text, values, keep_missing=True) for path, text in raw.items()}  # as files_now
     first = next((Path(p) for p in paths if Path(p).exists()), Path("."))
     commit, dirty = _git(first if first.is_dir() else first.parent)
     return Snapshot(now, _digest(files, name), name, socket.gethostname(), actor, reason, commit, dirty, files,
@@ -135,7 +135,7 @@ def files_now(paths) -> dict[str, str]:
     from hl7relay.yamlsource import current_environment
 
     _, values = current_environment()
-    return {path: render(text, {**os.environ, **values}) for path, text in source_files(paths).items()}
+    return {path: render(text, values, keep_missing=True) for path, text in source_files(paths).items()}
 
 
 def differs_from_files(row: dict | None, paths) -> bool:

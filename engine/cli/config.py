@@ -23,8 +23,9 @@ DESCRIPTION = """\
                                        hl7relay status says whether they differ. What was already
                                        sent stays sent (hl7relay replay sends chosen ones again).
 
-A snapshot holds the channel folders' files as the engine loaded them: the environment's values in
-place of ${env:NAME}; ${secret:NAME} and ${file:PATH} stay references, never values.
+A snapshot holds the channel folders' files as the engine loaded them: the environment file's values
+in place of ${env:NAME}; ${secret:NAME}, ${file:PATH} and the process's own variables stay
+references, never values.
 Exit status: 0, 1 (diff: they differ; rollback: refused), 2 wrong arguments or no such snapshot."""
 
 
