@@ -197,6 +197,7 @@ class Engine:
         # the snapshot the channels run under (and, after a rollback, the one it re-applied and its files)
         self.configuration: dict = {}
         self.environment = None  # environments.Environment it runs in (promoted_only: reloads check it)
+        self.settings_file: str | None = None  # the engine's settings file (a snapshot holds it too)
         self._deliver: dict[tuple[str, str], object] = {}  # (channel, destination) -> deliver(message)
         for running in self.channels.values():
             for destination in running.channel.destinations:
@@ -334,7 +335,7 @@ class Engine:
                 if problem:
                     errors = [problem]
             return channels, errors, lambda: take_snapshot(self.channel_paths, actor or "engine", "reload",
-                                                           self.clock(), note)
+                                                           self.clock(), note, channels, self.settings_file)
 
         return self._apply_configuration(load, "reload", audit)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import subprocess
 import zlib
@@ -22,7 +23,7 @@ from pathlib import Path
 from hl7relay.environments import render
 
 __all__ = ["Snapshot", "take_snapshot", "bundle_of", "source_files", "source_sha256", "reapplied",
-           "load_snapshot_channels", "differs_from_files", "files_now", "BUNDLE_SUFFIXES", "MAX_BUNDLE_BYTES"]
+           "load_snapshot_channels", "differs_from_files", "files_now", "in_folders", "BUNDLE_SUFFIXES", "MAX_BUNDLE_BYTES"]
 
 BUNDLE_SUFFIXES = (".yaml", ".yml", ".csv", ".json", ".txt")
 MAX_BUNDLE_BYTES = 16 * 1024 * 1024  # a folder with more than this in configuration is not all configuration
@@ -98,19 +99,49 @@ def _git(folder: Path) -> tuple[str, bool]:
         return "", False
 
 
-def take_snapshot(paths, actor: str, reason: str, now: float, note: str = "") -> Snapshot:
-    """The channel folders as the engine loads them now, in the environment it runs in."""
+def _named_files(channels, settings_file, known: dict) -> dict[str, str]:
+    """The files the channels read from outside their folders (a profile in config/profiles), and
+    the engine's settings file (a store URL's password masked), as written."""
+    import os
+
+    from hl7relay.yamlsource import read_config_text
+
+    held = {os.path.abspath(path) for path in known}
+    out: dict[str, str] = {}
+    for path in sorted({p for channel in channels for p in getattr(channel, "config_files", ())}):
+        if os.path.abspath(path) not in held and Path(path).suffix.lower() in BUNDLE_SUFFIXES:
+            try:
+                out[path] = read_config_text(path)
+            except (OSError, UnicodeDecodeError):
+                continue
+    if settings_file:
+        try:
+            out[str(settings_file)] = _URL_PASSWORD.sub(r"\1***\2", Path(settings_file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            pass
+    return out
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s/]+(@)")  # user:password@ in a URL
+
+
+def take_snapshot(paths, actor: str, reason: str, now: float, note: str = "", channels=(),
+                  settings_file=None) -> Snapshot:
+    """The channel folders as the engine loads them now, in the environment it runs in, with the
+    files ``channels`` read from elsewhere and the engine's settings file."""
     from hl7relay.yamlsource import current_environment
 
     name, values = current_environment()
     # the environment's values are written in; the process's own variables stay references (one may
     # hold a credential), read again from the process when a rollback loads the snapshot
     raw = source_files(paths)
+    source = _digest(raw)  # the channel folders as written: the same in every environment (promote)
+    raw.update(_named_files(channels, settings_file, raw))
     files = {path: render(text, values, keep_missing=True) for path, text in raw.items()}  # as files_now
     first = next((Path(p) for p in paths if Path(p).exists()), Path("."))
     commit, dirty = _git(first if first.is_dir() else first.parent)
     return Snapshot(now, _digest(files, name), name, socket.gethostname(), actor, reason, commit, dirty, files,
-                    note=note, source_sha256=_digest(raw))
+                    note=note, source_sha256=source)
 
 
 def reapplied(row: dict, actor: str, reason: str, note: str, now: float) -> Snapshot:
@@ -138,6 +169,16 @@ def files_now(paths) -> dict[str, str]:
     return {path: render(text, values, keep_missing=True) for path, text in source_files(paths).items()}
 
 
+def in_folders(files: dict, paths) -> dict:
+    """Those of a snapshot's files that are in the channel folders (not a settings file or a
+    profile kept elsewhere): what ``files_now`` reads again."""
+    import os
+
+    roots = [os.path.abspath(p) for p in paths]
+    return {path: text for path, text in files.items()
+            if any(os.path.abspath(path) == root or os.path.abspath(path).startswith(root + os.sep) for root in roots)}
+
+
 def differs_from_files(row: dict | None, paths) -> bool:
-    """Whether the files on disk, rendered now, are not what this snapshot holds."""
-    return row is not None and files_now(paths) != row["files"]
+    """Whether the channel folders' files on disk, rendered now, are not what this snapshot holds."""
+    return row is not None and files_now(paths) != in_folders(row["files"], paths)

@@ -267,3 +267,37 @@ def _planted_leaks_are_found(tmp_path: Path) -> None:
     assert len(hits) == 2 and any("snapshot 1: the secret of" in hit and "secret api-key" in hit for hit in hits)
     assert any("engine.log: the secret of" in hit and "token.secret" in hit for hit in hits)
     assert not any("planted" in hit for hit in hits)  # the leak is named, the value not repeated
+
+
+def test_a_snapshot_holds_the_files_a_channel_reads_elsewhere_and_the_settings_without_a_password(tmp_path):
+    """A lookup table outside the channel folder is in the snapshot and a rollback reads it from
+    there; the settings file is in it too, a store URL's password masked; the promotion hash is
+    the channel folder's alone (a host's settings differ between test and prod)."""
+    from hl7relay.channels import load_channels
+    from hl7relay.snapshots import differs_from_files, load_snapshot_channels, source_sha256, take_snapshot
+
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "class.csv").write_text("O,OP\n")
+    (tmp_path / "channels" / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\ntransformers:\n  - map: {path: PV1-2, file: ../shared/class.csv}\n")
+    settings = tmp_path / "hl7relay.yaml"
+    settings.write_text("store:\n  url: postgresql+psycopg://relay:hunter2-db@db.example/hl7relay\n")
+    channels, errors = load_channels([tmp_path / "channels"])
+    assert not errors
+    snapshot = take_snapshot([tmp_path / "channels"], "os:ana", "start", 1.0, channels=channels, settings_file=settings)
+    outside = str((tmp_path / "channels" / "../shared/class.csv"))
+    assert snapshot.files[outside] == "O,OP\n"
+    assert "relay:***@db.example" in snapshot.files[str(settings)] and "hunter2-db" not in str(snapshot.files)
+    assert snapshot.source_sha256 == source_sha256([tmp_path / "channels"])
+    (tmp_path / "shared" / "class.csv").write_text("O,OUT\n")  # changed on disk since
+    row = {"id": 1, "files": snapshot.files}
+    assert not differs_from_files(row, [tmp_path / "channels"])  # the channel folder itself did not change
+    [channel], errors = load_snapshot_channels(row, [tmp_path / "channels"])
+    from hl7relay.hl7.message import Message
+    from hl7relay.channels.pipeline import process
+
+    raw = b"MSH|^~\\&|A|B|C|D|20240105||ADT^A04|1|P|2.5.1\rPV1|1|O\r"
+    assert not errors and process(channel, Message.from_bytes(raw)).message.get("PV1-2") == "OP"  # the snapshot's table
+    [from_disk], _ = load_channels([tmp_path / "channels"])
+    assert process(from_disk, Message.from_bytes(raw)).message.get("PV1-2") == "OUT"  # the disk's

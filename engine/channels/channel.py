@@ -89,6 +89,9 @@ class Channel:
     labels: dict = field(default_factory=dict, compare=False, repr=False)
     # the configuration snapshot it runs under (set by the engine at start and reload; None: not recorded)
     snapshot_id: int | None = field(default=None, compare=False)
+    # the files it read besides its own (lookup tables, maps, profiles): a snapshot holds them too,
+    # wherever they are
+    config_files: tuple = field(default=(), compare=False, repr=False)
 
 
 _TAKES_DOCUMENTS = frozenset({"http", "file", "fhir"})  # destinations that send what they are given, not HL7
@@ -351,6 +354,7 @@ def load_channel(path: str | Path, environ=None, display_name: str | None = None
         for name, text in sorted(reads):
             digest.update(f"\0{name}\0{text}".encode("utf-8", "replace"))
         channel.fingerprint = digest.hexdigest()
+        channel.config_files = tuple(sorted({name for name, _ in reads}))
     return channel, sorted(doc.errors, key=lambda e: (e.mark.line, e.mark.column))
 
 

@@ -111,9 +111,11 @@ def run(args) -> int:
         return 0
     first = store.snapshot(args.first)
     if args.second is None:
-        from hl7relay.snapshots import files_now
+        from hl7relay.snapshots import files_now, in_folders
 
         second, label = {"files": files_now(settings["channels"])}, "the files now"
+        if first is not None:  # the channel folders' files (a settings file is not read again here)
+            first = dict(first, files=in_folders(first["files"], settings["channels"]))
     else:
         second, label = store.snapshot(args.second), f"snapshot {args.second}"
     for number, snapshot in ((args.first, first), (args.second, second)):

@@ -176,7 +176,8 @@ def run(args) -> int:
             announce("read only: every destination holds what it would send (nothing is sent; the console and "
                      "hl7relay messages show it), and SFTP sources leave the files they read on the server",
                      "read_only", "warn")
-    snapshot_id = _snapshot(store, settings["channels"], announce, pinned)
+    engine.settings_file = settings.get("config_file")
+    snapshot_id = _snapshot(store, settings["channels"], announce, pinned, enabled, engine.settings_file)
     engine.stamp_snapshot(snapshot_id, pinned["from_snapshot"] if pinned else None, pinned["files"] if pinned else None)
     # the admin and console ports before any channel: one that is taken stops the start (the CLI
     # would otherwise talk to whatever holds it, a stale or another engine)
@@ -338,7 +339,7 @@ def _rolled_back(store) -> dict | None:
     return newest
 
 
-def _snapshot(store, paths, announce, pinned: dict | None = None) -> int | None:
+def _snapshot(store, paths, announce, pinned: dict | None = None, channels=(), settings_file=None) -> int | None:
     """What the engine starts with, recorded (hl7relay config history); a failure is said, not fatal."""
     import time
 
@@ -350,7 +351,8 @@ def _snapshot(store, paths, announce, pinned: dict | None = None) -> int | None:
             snapshot = reapplied(pinned, os_actor(), "start", pinned.get("note") or "", time.time())
             snapshot.from_snapshot = pinned["from_snapshot"]
         else:
-            snapshot = take_snapshot(paths, os_actor(), "start", time.time())
+            snapshot = take_snapshot(paths, os_actor(), "start", time.time(), channels=channels,
+                                     settings_file=settings_file)
         snapshot_id = store.record_snapshot(snapshot)
     except Exception as exc:  # noqa: BLE001 - the engine runs without its record; it says so
         print(f"warning: the configuration snapshot was not recorded: {exc}", file=sys.stderr)
