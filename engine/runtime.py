@@ -391,7 +391,8 @@ class Engine:
                 snapshot_id, taken = recorded
                 self._stamp(snapshot_id, channels)
                 self.configuration = {"snapshot": snapshot_id, "from_snapshot": taken.from_snapshot if taken else None,
-                                      "files": taken.files if taken is not None and taken.from_snapshot else None}
+                                      "files": taken.files if taken is not None and taken.from_snapshot else None,
+                                      "sha256": taken.sha256 if taken is not None else ""}
                 return self.reload(channels).addCallback(
                     lambda summary: dict(summary, snapshot=snapshot_id) if kind == "rollback" else summary)
 
@@ -442,11 +443,12 @@ class Engine:
         for channel in [*(running.channel for running in self.channels.values()), *channels]:
             channel.snapshot_id = snapshot_id
 
-    def stamp_snapshot(self, snapshot_id: int | None, from_snapshot: int | None = None, files: dict | None = None) -> None:
+    def stamp_snapshot(self, snapshot_id: int | None, from_snapshot: int | None = None, files: dict | None = None,
+                       sha256: str = "") -> None:
         """At start: the snapshot recorded for what the engine starts with (``from_snapshot``:
         the stored one it runs again, after a rollback, and its files)."""
         self._stamp(snapshot_id)
-        self.configuration = {"snapshot": snapshot_id, "from_snapshot": from_snapshot, "files": files}
+        self.configuration = {"snapshot": snapshot_id, "from_snapshot": from_snapshot, "files": files, "sha256": sha256}
 
     def configuration_view(self) -> dict:
         """The snapshot the engine runs, and whether the channel files on disk differ from it

@@ -1350,6 +1350,14 @@ def test_the_configuration_page_lists_the_snapshots_and_shows_what_changed(engin
     assert browser.get("/configuration/999999")[0] == 404 and browser.get(f"/configuration/{first}?against=x")[0] == 400
     status, _, page = browser.get("/messages/1")
     assert status == 200 and '<a href="/configuration/1">snapshot 1</a>' in page  # the message the fixture sent
+    assert 'id="nodes"' not in browser.get("/configuration")[2]  # one engine on SQLite: no node table
+    store.register_node("node-a", "host-a", 11, "0.1.0", first, "a" * 64)
+    store.register_node("node-b", "host-b", 12, "0.1.0", second, "b" * 64)
+    _, _, body = browser.get("/configuration")
+    assert 'data-node="node-a"' in body and 'data-node="node-b"' in body
+    assert "Configuration drift: the nodes run different snapshots (node-a: " in body
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("DELETE FROM nodes")
 
 
 def test_an_admin_rolls_back_to_a_snapshot_with_a_reason_and_it_is_audited(engine):

@@ -177,8 +177,9 @@ def run(args) -> int:
                      "hl7relay messages show it), and SFTP sources leave the files they read on the server",
                      "read_only", "warn")
     engine.settings_file = settings.get("config_file")
-    snapshot_id = _snapshot(store, settings["channels"], announce, pinned, enabled, engine.settings_file)
-    engine.stamp_snapshot(snapshot_id, pinned["from_snapshot"] if pinned else None, pinned["files"] if pinned else None)
+    snapshot_id, sha256 = _snapshot(store, settings["channels"], announce, pinned, enabled, engine.settings_file)
+    engine.stamp_snapshot(snapshot_id, pinned["from_snapshot"] if pinned else None, pinned["files"] if pinned else None,
+                          sha256)
     # the admin and console ports before any channel: one that is taken stops the start (the CLI
     # would otherwise talk to whatever holds it, a stale or another engine)
     problem = _start_admin(controls, settings, reactor, announce) or (
@@ -204,6 +205,13 @@ def run(args) -> int:
     for line in lines:
         announce(line, "channel_started")
     controls.performance.install()
+    beat = None
+    if store.engine.dialect.name == "postgresql":  # the store several engines share: say who runs here
+        from hl7relay.nodes import NodeBeat
+
+        beat = NodeBeat(writer, reactor, lambda: engine.configuration, __version__)
+        beat.start().addErrback(lambda failure: announce(f"node not registered: {failure.getErrorMessage()}",
+                                                         "node_unregistered", "warn"))
     from hl7relay.ops.alerts import Alerts, AlertSettings
 
     try:
@@ -217,6 +225,8 @@ def run(args) -> int:
         announce(f"stopping: no new messages; finishing those in flight (up to {engine.stop_timeout:g}s)", "stopping")
         if controls.alerts is not None:
             controls.alerts.stop()  # a stopping engine's queues are not an outage
+        if beat is not None:
+            yield beat.stop()
         try:
             report = yield engine.stop()
         except Exception:  # noqa: BLE001
@@ -339,7 +349,7 @@ def _rolled_back(store) -> dict | None:
     return newest
 
 
-def _snapshot(store, paths, announce, pinned: dict | None = None, channels=(), settings_file=None) -> int | None:
+def _snapshot(store, paths, announce, pinned: dict | None = None, channels=(), settings_file=None) -> tuple:
     """What the engine starts with, recorded (hl7relay config history); a failure is said, not fatal."""
     import time
 
@@ -356,11 +366,11 @@ def _snapshot(store, paths, announce, pinned: dict | None = None, channels=(), s
         snapshot_id = store.record_snapshot(snapshot)
     except Exception as exc:  # noqa: BLE001 - the engine runs without its record; it says so
         print(f"warning: the configuration snapshot was not recorded: {exc}", file=sys.stderr)
-        return None
+        return None, ""
     git = f", git {snapshot.git_commit[:12]}{' with changes' if snapshot.git_dirty else ''}" if snapshot.git_commit else ""
     announce(f"configuration: snapshot {snapshot_id} ({len(snapshot.files)} files, sha256 {snapshot.sha256[:12]}{git})",
              "snapshot")
     if pinned is not None:
         announce(f"configuration: rolled back to snapshot {pinned['from_snapshot']}, not the channel files "
                  "(hl7relay reload applies the files; hl7relay status says whether they differ)", "rolled_back", "warn")
-    return snapshot_id
+    return snapshot_id, snapshot.sha256

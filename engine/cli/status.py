@@ -88,7 +88,7 @@ def run(args) -> int:
     if not status:
         print("no channels configured and no messages stored yet")
         return 0
-    for line in _configuration(store, settings):
+    for line in _configuration(store, settings) + _nodes(store):
         print(line)
     period = f"last {args.hours:g}h" if args.hours else "all stored"
     for channel, entry in sorted(status.items()):
@@ -144,6 +144,29 @@ def _configuration(store, settings) -> list[str]:
     else:
         line += "; the channel files are what runs"
     return [line]
+
+
+def _nodes(store) -> list[str]:
+    """The engines on this store (PostgreSQL), and whether they run different snapshots."""
+    from hl7relay.nodes import ALIVE_SECONDS, drift
+
+    try:
+        _, rows = store.nodes()
+    except Exception:  # noqa: BLE001 - an older store: nothing to say
+        return []
+    lines = []
+    for r in rows:
+        if r["state"] == "running" and r["heartbeat_age"] > ALIVE_SECONDS:
+            state = f"LOST (no heartbeat for {_age(r['heartbeat_age'])})"
+        else:
+            state = f"{r['state']}, heartbeat {_age(r['heartbeat_age'])} ago"
+        lines.append(f"  node {r['node_id']} ({r['host']} pid {r['pid']}, {r['version']}): {state}; "
+                     f"snapshot {r['snapshot_id'] or '-'} (sha256 {(r['snapshot_sha256'] or '-')[:12]})")
+    drifting = drift(rows)
+    if drifting:
+        lines.append("  configuration DRIFT: the nodes run different snapshots (" +
+                     ", ".join(f"{r['node_id']}: {r['snapshot_id']}" for r in drifting) + "); hl7relay reload on each")
+    return (["nodes on this store:"] + lines) if lines else []
 
 
 def _engine_sync(settings) -> list[str]:

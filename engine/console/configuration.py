@@ -19,12 +19,17 @@ class ConfigurationPages(ConsoleBase):
     def configuration(self, request, session):
         rows = yield self.support.run(lambda store: store.snapshots(200))
         running = yield self.support.run(lambda store: self.controls.configuration_view())
+        _, nodes = yield self.support.run(lambda store: store.nodes())
+        from hl7relay.nodes import ALIVE_SECONDS, drift
+
+        for node in nodes:
+            node["lost"] = node["state"] == "running" and node["heartbeat_age"] > ALIVE_SECONDS
         done = None
         if self._field(request, "done") == "rollback":
             done = (f"Rolled back to snapshot {self._field(request, 'to')}: the engine now runs it as snapshot "
                     f"{self._field(request, 'now')}. {ROLLBACK_NOTE.capitalize()}.")
         return self._render("configuration.html", request, session=session, active="configuration", rows=rows,
-                            running=running, done=done)
+                            running=running, done=done, nodes=nodes, drift=drift(nodes))
 
     @app.route("/configuration/<int:snapshot_id>/rollback", methods=["POST"])
     @page("reload", post=True)

@@ -103,6 +103,8 @@ ROUTES = (
           "delete old messages ({older_than_days, errors_older_than_days?, channel?, dry_run?}); queued ones never", "prune"),
     Route("POST", "/api/v1/reload", "reload", "post_reload",
           "lint the channel files, then apply them without a restart (422 with the problems: nothing changed)", "reload"),
+    Route("GET", "/api/v1/nodes", "read", "get_nodes",
+          "the engines on this store (PostgreSQL): heartbeat, version, the snapshot each runs, and any drift"),
     Route("GET", "/api/v1/config", "read", "get_config",
           "the snapshot the engine runs, whether the channel files differ from it, and the last ?limit= snapshots"),
     Route("POST", "/api/v1/config/rollback", "reload", "post_rollback",
@@ -327,6 +329,16 @@ class ApiResource(resource.Resource):
         if "errors" in result:
             request.setResponseCode(422)
         return result
+
+    @defer.inlineCallbacks
+    def get_nodes(self, request, caller, body):
+        from hl7relay.nodes import ALIVE_SECONDS, drift
+
+        now, rows = yield self._off_reactor(lambda store: store.nodes())
+        drifting = drift(rows)
+        for row in rows:
+            row["alive"] = row["state"] == "running" and row["heartbeat_age"] <= ALIVE_SECONDS
+        return {"now": now, "nodes": rows, "drift": [r["node_id"] for r in drifting]}
 
     @defer.inlineCallbacks
     def get_config(self, request, caller, body):

@@ -22,6 +22,7 @@ from hl7relay.store.batch import (
     _POSTGRES_SQL, _check_file_order, _pipeline, _Rows, _send_file_rows, _send_updates, _SQLiteBatch, psycopg_errors,
 )
 from hl7relay.store.deliveries import DeliveryQueries, XrefQueries
+from hl7relay.store.cluster import ClusterQueries
 from hl7relay.store.files import FileQueries, PromotionQueries, SnapshotQueries
 from hl7relay.store.maintenance import Maintenance
 from hl7relay.store.messages import MessageQueries
@@ -96,8 +97,8 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
-class Store(MessageQueries, DeliveryQueries, XrefQueries, FileQueries, SnapshotQueries, PromotionQueries, Accounts, AuditLog, Maintenance,
-            SecretRows):
+class Store(MessageQueries, DeliveryQueries, XrefQueries, FileQueries, SnapshotQueries, PromotionQueries, ClusterQueries,
+            Accounts, AuditLog, Maintenance, SecretRows):
     """The message store. ``create``: make the SQLite file (and its folder) when missing, private
     to this user (0600 in a 0700 folder: SQLite gives its WAL and SHM files the database file's
     mode); without it a missing file is an error, so a support verb run in the wrong folder says

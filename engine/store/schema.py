@@ -425,6 +425,37 @@ def _migration_18(connection) -> None:
     promotions.create(connection, checkfirst=True)
 
 
+# The engines on one store (issue #31): each registers, beats and says the snapshot it runs.
+nodes = sa.Table(
+    "nodes", metadata,
+    sa.Column("node_id", sa.String(100), primary_key=True),
+    sa.Column("host", sa.String(200), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("version", sa.String(40), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),  # the database's clock, as heartbeat_at
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("snapshot_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=True),
+    sa.Column("snapshot_sha256", sa.String(64), nullable=False, default=""),
+    sa.Column("state", sa.String(16), nullable=False),  # NodeState
+)
+
+# Leases: who may do a thing (deliver a queue's partition, run a singleton) until when; the epoch
+# grows at each change of owner, and a write made under a lease checks it (fencing).
+leases = sa.Table(
+    "leases", metadata,
+    sa.Column("name", sa.String(300), primary_key=True),
+    sa.Column("owner", sa.String(100), nullable=False),
+    sa.Column("epoch", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=False),
+    sa.Column("acquired_at", sa.Float, nullable=False),  # the database's clock
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+
+def _migration_19(connection) -> None:
+    nodes.create(connection, checkfirst=True)
+    leases.create(connection, checkfirst=True)
+
+
 # (version, description, function). Append; never edit a released one.
 MIGRATIONS = [
     (1, "messages, stages and deliveries", _migration_1),
@@ -452,4 +483,5 @@ MIGRATIONS = [
     (17, "messages: the configuration snapshot each was processed under",
      lambda connection: _add_columns(connection, "messages", _ADDED_AFTER_16["messages"])),
     (18, "configuration: rollbacks, notes, the files' hash across environments; promotions", _migration_18),
+    (19, "cluster: the nodes on the store and their leases", _migration_19),
 ]

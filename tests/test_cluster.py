@@ -1,0 +1,150 @@
+"""Nodes and leases on one store (issue #31, first step): epochs, expiry by the database's clock,
+fencing of a late writer, and the nodes' registry; on SQLite and on the real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from hl7relay.store.database import Store
+
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    from test_store import _postgres_store
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}") if request.param == "sqlite" else _postgres_store()
+    store.migrate()
+    yield store
+    store.close()
+
+
+def test_a_lease_is_one_owners_until_it_expires_and_each_new_owner_has_a_new_epoch(store):
+    assert store.acquire_lease("queue:adt/lab/0", "node-a", 10, now=T0) == 1
+    assert store.acquire_lease("queue:adt/lab/0", "node-b", 10, now=T0 + 5) is None  # a's, live
+    assert store.acquire_lease("queue:adt/lab/0", "node-a", 10, now=T0 + 5) == 1  # a renews: the same epoch
+    assert store.renew_lease("queue:adt/lab/0", "node-a", 1, 10, now=T0 + 12)  # live until T0+15
+    assert store.acquire_lease("queue:adt/lab/0", "node-b", 10, now=T0 + 21.9) is None
+    assert store.acquire_lease("queue:adt/lab/0", "node-b", 10, now=T0 + 22.1) == 2  # expired: b's, epoch 2
+    assert not store.renew_lease("queue:adt/lab/0", "node-a", 1, 10, now=T0 + 23)  # a woke late: not a's
+    assert store.acquire_lease("queue:adt/lab/0", "node-a", 10, now=T0 + 23) is None
+    [row] = store.leases(now=T0 + 23)
+    assert (row["owner"], row["epoch"], round(row["left"], 1)) == ("node-b", 2, 9.1)
+    assert store.release_lease("queue:adt/lab/0", "node-b", 2, now=T0 + 24)  # a clean stop lets go at once
+    assert store.acquire_lease("queue:adt/lab/0", "node-a", 10, now=T0 + 24) == 3
+    assert store.acquire_lease("singleton:pruner", "node-a", 10, now=T0) == 1  # each name its own
+
+
+def test_a_writer_whose_lease_moved_on_is_fenced_and_writes_nothing(store):
+    from hl7relay.store.schema import audit_log
+
+    def write(connection):
+        connection.execute(audit_log.insert().values(at=T0, actor="node", role="", source="", action="fenced.test",
+                                                     target="", reason="", result="ok", detail=""))
+
+    assert store.acquire_lease("queue:adt/lab/1", "node-a", 10, now=T0) == 1
+    assert store.write_under_lease("queue:adt/lab/1", "node-a", 1, write, now=T0 + 1)
+    # node-a is paused past its lease (SIGSTOP); node-b takes the partition
+    assert store.acquire_lease("queue:adt/lab/1", "node-b", 10, now=T0 + 30) == 2
+    assert not store.write_under_lease("queue:adt/lab/1", "node-a", 1, write, now=T0 + 31)  # late: refused
+    assert not store.write_under_lease("queue:adt/lab/1", "node-a", 1, write, now=T0 + 5)  # the epoch, not only time
+    assert store.write_under_lease("queue:adt/lab/1", "node-b", 2, write, now=T0 + 31)
+    assert not store.write_under_lease("queue:adt/lab/1", "node-b", 2, write, now=T0 + 40.5)  # its own expired
+    with store.engine.connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(audit_log)
+                                  .where(audit_log.c.action == "fenced.test")).scalar() == 2
+
+
+def test_nodes_register_beat_say_their_snapshot_and_stop(store):
+    assert store.register_node("node-a", "host1", 100, "0.1.0", 7, "a" * 64, now=T0) == T0
+    store.register_node("node-b", "host2", 200, "0.1.0", 7, "a" * 64, now=T0)
+    store.heartbeat("node-a", 8, "b" * 64, now=T0 + 3)  # reloaded: drift until b reloads too
+    store.heartbeat("node-b", now=T0 + 2)
+    now, rows = store.nodes(now=T0 + 4)
+    assert now == T0 + 4
+    assert [(r["node_id"], r["state"], r["snapshot_id"], r["heartbeat_age"]) for r in rows] == [
+        ("node-a", "running", 8, 1.0), ("node-b", "running", 7, 2.0)]
+    store.node_stopped("node-b", now=T0 + 5)
+    store.register_node("node-a", "host1", 101, "0.1.1", 8, "b" * 64, now=T0 + 6)  # a restart: the same row
+    _, rows = store.nodes(now=T0 + 6)
+    assert [(r["node_id"], r["state"], r["pid"], r["started_at"]) for r in rows] == [
+        ("node-a", "running", 101, T0 + 6), ("node-b", "stopped", 200, T0)]
+
+
+def test_the_database_clock_decides_and_two_nodes_racing_for_a_lease_get_one_owner(store):
+    """No ``now`` given: the database's clock. Eight nodes take one fresh lease at once: one owner."""
+    results = {}
+    barrier = threading.Barrier(8)
+
+    def take(node):
+        barrier.wait()
+        results[node] = store.acquire_lease("queue:race/x/0", node, 30)
+
+    threads = [threading.Thread(target=take, args=(f"node-{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    winners = [node for node, epoch in results.items() if epoch is not None]
+    assert len(results) == 8 and len(winners) == 1 and results[winners[0]] == 1
+    [row] = store.leases()
+    assert row["owner"] == winners[0] and 29 < row["left"] <= 30
+
+
+
+def test_an_engine_on_postgresql_registers_its_node_beats_and_says_drift(tmp_path):
+    """A real `hl7relay run` on PostgreSQL: its node row (host, pid, the snapshot it runs), the
+    status and the API list it; a second node running another snapshot is drift; a clean stop marks
+    it stopped."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from test_store import POSTGRES_URL, _postgres_store
+
+    store = _postgres_store()  # an empty schema (skips without a server, fails under CI)
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n")
+    log = tmp_path / "engine.log"
+    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--store", POSTGRES_URL, "--admin-port", "auto",
+                               "--console-port", "0"], cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 60
+        while "ready; Ctrl-C" not in log.read_text():
+            assert time.monotonic() < deadline and engine.poll() is None, log.read_text()
+            time.sleep(0.05)
+        while not store.nodes()[1]:  # registered once the reactor runs
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        [node] = store.nodes()[1]
+        assert (node["node_id"], node["pid"], node["state"], node["snapshot_id"]) == (
+            socket.gethostname(), engine.pid, "running", 1)
+        assert node["snapshot_sha256"] == store.snapshot(1)["sha256"]
+        store.register_node("other-host", "other-host", 4242, "0.0.9", None, "f" * 64)  # runs something else
+        status = subprocess.run([sys.executable, "-m", "hl7relay", "status", "--store", POSTGRES_URL], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert f"node {socket.gethostname()} (" in status.stdout and f"pid {engine.pid}" in status.stdout
+        assert "configuration DRIFT: the nodes run different snapshots" in status.stdout, status.stdout
+        base = (tmp_path / "data" / "api-endpoint").read_text().strip()
+        request = urllib.request.Request(base + "/api/v1/nodes", headers={
+            "Authorization": "Bearer " + (tmp_path / "data" / "api-token").read_text().strip()})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            nodes = json.loads(answer.read())
+        assert sorted(nodes["drift"]) == sorted([socket.gethostname(), "other-host"])
+        assert len(nodes["nodes"]) == 2 and all(n["alive"] for n in nodes["nodes"])
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=60) == 0
+    states = {n["node_id"]: n["state"] for n in store.nodes()[1]}
+    assert states == {socket.gethostname(): "stopped", "other-host": "running"}
+    store.close()
