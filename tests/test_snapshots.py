@@ -301,3 +301,39 @@ def test_a_snapshot_holds_the_files_a_channel_reads_elsewhere_and_the_settings_w
     assert not errors and process(channel, Message.from_bytes(raw)).message.get("PV1-2") == "OP"  # the snapshot's table
     [from_disk], _ = load_channels([tmp_path / "channels"])
     assert process(from_disk, Message.from_bytes(raw)).message.get("PV1-2") == "OUT"  # the disk's
+
+
+def test_a_start_after_a_rollback_runs_the_snapshot_unless_told_from_files(tmp_path, monkeypatch):
+    """The newest snapshot re-applies another (a rollback): a start runs that one again; with
+    --from-files the files, and the rollback is over."""
+    from hl7relay.snapshots import reapplied, take_snapshot
+    from hl7relay.store.database import Store
+    from hl7relay.yamlsource import set_environment
+
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "environments").mkdir()
+    (tmp_path / "environments" / "test.yaml").write_text("UNUSED: 1\n")
+    (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n")
+    store = Store(f"sqlite:///{tmp_path / 'data' / 'hl7relay.db'}")
+    store.migrate()
+    monkeypatch.chdir(tmp_path)  # the snapshot's paths as the engine, run there, names them
+    set_environment("test", {"UNUSED": "1"})
+    try:
+        first = store.record_snapshot(take_snapshot(["channels"], "os:ana", "start", 1.0))
+    finally:
+        set_environment("", {})
+    store.record_snapshot(reapplied(dict(store.snapshot(first)), "user:ana", "rollback", "INC-1", 2.0))
+    (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n# changed\n")
+    log = tmp_path / "engine.log"
+    for extra, expected in (((), True), (("--from-files",), False)):
+        log.write_text("")
+        engine = start(tmp_path, log, *extra)
+        try:
+            wait_for(log, "ready; Ctrl-C", engine)
+            assert ("configuration: rolled back to snapshot 1, not the channel files" in log.read_text()) is expected
+        finally:
+            stop(engine)
+    rows = store.snapshots()
+    assert [(r["id"], r["reason"], r["from_snapshot"]) for r in rows[:2]] == [(4, "start", None), (3, "start", 1)]
+    assert "# changed" not in store.snapshot(3)["files"]["channels/adt.yaml"]
+    assert "# changed" in store.snapshot(4)["files"]["channels/adt.yaml"]
