@@ -148,3 +148,25 @@ def test_an_engine_on_postgresql_registers_its_node_beats_and_says_drift(tmp_pat
     states = {n["node_id"]: n["state"] for n in store.nodes()[1]}
     assert states == {socket.gethostname(): "stopped", "other-host": "running"}
     store.close()
+
+
+def test_a_commit_leaves_out_the_delivery_results_written_under_a_lease_that_moved_on(store):
+    """A group commit with new messages, results under a lease still held and results under one
+    another node took since: the last are left out (counted), the rest commits."""
+    from hl7relay.store.database import DeliveryRecord, DeliveryUpdate, MessageRecord
+
+    raw = b"MSH|^~\\&|A|B|||1||ADT^A04|{}|P|2.5\r"
+    ids = store.commit([MessageRecord("adt", raw.replace(b"{}", str(i).encode()), "PROCESSED", 1.0, control_id=str(i),
+                                      deliveries=[DeliveryRecord("lab", "QUEUED")]) for i in range(3)], [])
+    kept = store.acquire_lease("queue:adt/lab/0", "node-a", 60)
+    lost = store.acquire_lease("queue:adt/lab/1", "node-a", 60)
+    assert store.release_lease("queue:adt/lab/1", "node-a", lost)
+    assert store.acquire_lease("queue:adt/lab/1", "node-b", 60) == lost + 1  # node-b took partition 1
+    sent = {"status": "SENT", "attempts": 1, "updated_at": 2.0}
+    new = store.commit([MessageRecord("adt", raw.replace(b"{}", b"9"), "PROCESSED", 2.0, control_id="9")], [
+        DeliveryUpdate(ids[0], "lab", sent, ("queue:adt/lab/0", "node-a", kept)),
+        DeliveryUpdate(ids[1], "lab", sent, ("queue:adt/lab/1", "node-a", lost)),  # node-a's, late
+        DeliveryUpdate(ids[2], "lab", sent)])  # not under a lease (one engine, or not partitioned)
+    assert len(new) == 1 and store.last_fenced == [(ids[1], "lab")] and store.fenced_updates == 1
+    statuses = [store.get_message(i)["deliveries"][0]["status"] for i in ids]
+    assert statuses == ["SENT", "QUEUED", "SENT"]  # the fenced one stays for partition 1's new owner

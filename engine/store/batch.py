@@ -38,7 +38,8 @@ class _Rows:
     is only how it sends them (the SQLite driver directly, PostgreSQL through SQLAlchemy)."""
 
     __slots__ = ("records", "messages", "delivery_updates", "message_updates", "stage_upserts", "audit", "controls",
-                 "destination_states", "token_uses", "xrefs", "holds", "source_states", "files_seen", "file_updates")
+                 "destination_states", "token_uses", "xrefs", "holds", "source_states", "files_seen", "file_updates",
+                 "_merged", "_leased")
 
     def __init__(self, records, updates):
         self.records = records
@@ -61,6 +62,7 @@ class _Rows:
         # result (QUEUED, with its attempts) and the withdrawal that followed it (WITHDRAWN) in one
         # batch ran in the groups' order, and the delivery came out QUEUED: sent after all.
         merged: dict[tuple, dict] = {}
+        leased: dict[tuple, tuple] = {}  # (message id, destination) -> the lease its update was written under
         for update in updates:
             if update.__class__ is tuple:
                 update = as_update(update)
@@ -68,6 +70,8 @@ class _Rows:
                 key = (update.message_id, update.destination)
                 earlier = merged.get(key)
                 merged[key] = update.values if earlier is None else {**earlier, **update.values}
+                if update.lease is not None:
+                    leased[key] = update.lease
             elif update.__class__ is MessageUpdate:
                 columns = _checked(tuple(sorted(update.values)), _MESSAGE_UPDATE_COLUMNS)
                 self.message_updates.append((columns, (*(storable(update.values[c]) for c in columns), update.message_id)))
@@ -101,12 +105,31 @@ class _Rows:
                                    update.content_hash, update.message_id, update.at)
             else:
                 raise ValueError(f"not a store update: {update!r}")
-        for (message_id, destination), values in merged.items():
+        self._merged, self._leased = merged, leased
+        if not leased:  # one engine on its store: nothing to fence
+            self._group_delivery_updates()
+
+    def _group_delivery_updates(self) -> None:
+        for (message_id, destination), values in self._merged.items():
             columns = tuple(sorted(values))
             self.delivery_updates.setdefault(columns, []).append(
                 (*(storable(values[c]) for c in columns), message_id, destination))
         for columns in self.delivery_updates:
             _checked(columns, _DELIVERY_UPDATE_COLUMNS)
+
+    def fence(self, held) -> list[tuple]:
+        """Leave out the delivery updates written under a lease that is no longer the writer's
+        (``held(lease)`` asks the store, inside the commit's transaction); returns them (message
+        id, destination). A node paused past its lease and woken late writes nothing."""
+        if not self._leased:
+            return []
+        answers = {lease: held(lease) for lease in set(self._leased.values())}
+        fenced = [key for key, lease in self._leased.items() if not answers[lease]]
+        for key in fenced:
+            del self._merged[key]
+        self._leased = {}
+        self._group_delivery_updates()
+        return fenced
 
     @staticmethod
     def _message(r: MessageRecord) -> tuple:
@@ -160,6 +183,11 @@ def _sql(placeholder: str) -> dict:
         "message_with_id": (f"INSERT INTO messages (id, {', '.join(_MESSAGE_COLUMNS)}) "
                             f"VALUES ({', '.join([p] * (1 + len(_MESSAGE_COLUMNS)))})"),
         "next_ids": f"SELECT nextval(pg_get_serial_sequence('messages', 'id')) FROM generate_series(1, {p})",
+        # a lease still the writer's, at its epoch, live by the database's clock (PostgreSQL: the row
+        # share-locked until the commit, so a new owner's take waits for it)
+        "lease_held": (f"SELECT 1 FROM leases WHERE name = {p} AND owner = {p} AND epoch = {p} AND expires_at > " +
+                       ("extract(epoch from clock_timestamp()) FOR SHARE" if p == "%s"
+                        else "(julianday('now') - 2440587.5) * 86400.0")),
         "stage": f"INSERT INTO message_stages (message_id, stage, content) VALUES ({p}, {p}, {p})",
         "delivery": ("INSERT INTO deliveries (message_id, destination, status, attempts, last_ack, last_error, "
                      f"next_attempt_at, updated_at, order_key) VALUES ({p}, {p}, {p}, 0, '', '', {p}, {p}, {p})"),
@@ -290,6 +318,7 @@ class _SQLiteBatch:
     def __init__(self, engine: sa.Engine):
         self._proxy = engine.raw_connection()  # has the pragmas (WAL, synchronous=FULL) from the pool's connect hook
         self._connection: Any = self._proxy.driver_connection
+        self.fenced: list = []  # the last batch's delivery updates left out (fencing): (message id, destination)
         if not _SQLiteBatch._SQL:
             _SQLiteBatch._SQL = _sql("?")
 
@@ -324,6 +353,8 @@ class _SQLiteBatch:
                     counts = _send_file_rows(connection.executemany, sql, rows, ids)
                     if counts:
                         _check_file_order(lambda q, a: connection.execute(q, a).fetchall(), sql, counts)
+                self.fenced = rows.fence(lambda lease: connection.execute(self._SQL["lease_held"], lease).fetchone()
+                                         is not None)
                 _send_updates(connection.execute, connection.executemany, self._SQL, rows)
             except BaseException:
                 connection.rollback()

@@ -123,6 +123,9 @@ class Store(MessageQueries, DeliveryQueries, XrefQueries, FileQueries, SnapshotQ
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sqlite_batch: _SQLiteBatch | None = None
+        # delivery updates left out because the lease they were written under had moved on (fencing)
+        self.fenced_updates = 0
+        self.last_fenced: list = []  # those of the last commit: (message id, destination)
 
     @property
     def display_url(self) -> str:
@@ -159,7 +162,11 @@ class Store(MessageQueries, DeliveryQueries, XrefQueries, FileQueries, SnapshotQ
         """:meth:`commit` up to its COMMIT (SQLite only): the statements run, the transaction
         stays open with the write lock held, and nothing may use the store's batch connection
         until :meth:`finish_batch` (from any one thread) commits it. The messages' ids."""
-        return self._batch().write(records, updates)
+        batch = self._batch()
+        ids = batch.write(records, updates)
+        self.last_fenced = batch.fenced
+        self.fenced_updates += len(batch.fenced)
+        return ids
 
     def finish_batch(self) -> None:
         """COMMIT what :meth:`write_batch` wrote: durable when it returns; StoreError when not."""
@@ -173,7 +180,11 @@ class Store(MessageQueries, DeliveryQueries, XrefQueries, FileQueries, SnapshotQ
         On SQLite this is the engine's hot path, so it talks to the driver directly (see
         :class:`_SQLiteBatch`); PostgreSQL goes through SQLAlchemy on the writer's thread."""
         if self.engine.dialect.name == "sqlite":
-            return self._batch().commit(records, updates)
+            batch = self._batch()
+            ids = batch.commit(records, updates)
+            self.last_fenced = batch.fenced
+            self.fenced_updates += len(batch.fenced)
+            return ids
         try:
             rows = _Rows(records, updates)
             with self.engine.begin() as connection:
@@ -189,6 +200,8 @@ class Store(MessageQueries, DeliveryQueries, XrefQueries, FileQueries, SnapshotQ
                         cursor.execute(sql["next_ids"], (len(rows.messages),))
                         ids = [row[0] for row in cursor.fetchall()]
                     stage_rows, delivery_rows = rows.children(ids)
+                    self.last_fenced = rows.fence(lambda lease: cursor.execute(sql["lease_held"], lease).fetchone()
+                                                  is not None)
                     with _pipeline(driver):  # everything else in one round trip
                         if ids:
                             cursor.executemany(sql["message_with_id"], [(i, *row) for i, row in zip(ids, rows.messages)])
@@ -202,6 +215,7 @@ class Store(MessageQueries, DeliveryQueries, XrefQueries, FileQueries, SnapshotQ
                         _check_file_order(lambda q, a: cursor.execute(q, a).fetchall(), sql, counts)
                 finally:
                     cursor.close()
+                self.fenced_updates += len(self.last_fenced)
                 return ids
         except psycopg_errors() as exc:
             raise StoreError(f"store commit failed: {exc.__class__.__name__}: {exc}") from exc

@@ -94,11 +94,14 @@ class MessageRecord:
 
 @dataclass(slots=True)
 class DeliveryUpdate:
-    """A delivery's new values (status, attempts, last_ack, last_error, next_attempt_at, updated_at)."""
+    """A delivery's new values (status, attempts, last_ack, last_error, next_attempt_at, updated_at).
+    ``lease``: (name, owner, epoch) it is written under (a cluster's partition): the commit leaves
+    it out, fenced, unless that lease is still the owner's at that epoch and live."""
 
     message_id: int
     destination: str
     values: dict
+    lease: tuple | None = None
 
 
 @dataclass(slots=True)
