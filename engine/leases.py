@@ -20,6 +20,7 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -41,7 +42,7 @@ class _Lease:
     state: LeaseState = LeaseState.FREE
     epoch: int | None = None
     renewed_at: float = 0.0  # the local clock when the last successful renewal (or take) began
-    deadline: object = None  # the timer that stops the work unless a renewal comes first
+    deadline: Any = None  # the timer (IDelayedCall) that stops the work unless a renewal comes first
 
 
 class LeaseKeeper:
