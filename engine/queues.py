@@ -182,9 +182,12 @@ class DestinationQueue:
 
     def __init__(self, channel: str, destination: str, deliver, options: QueueOptions, writer, reactor, clock,
                  poll_interval: float = 1.0, rng: random.Random | None = None, keyed: bool = False,
-                 describe=None):
+                 describe=None, partition: int | None = None, lease: tuple | None = None):
         """``keyed``: ``deliver`` takes the delivery's message id too (``deliver(message, message_id)``),
-        e.g. for an idempotency key that stays the same however often the delivery is tried."""
+        e.g. for an idempotency key that stays the same however often the delivery is tried.
+        ``partition``: only that partition of the destination's deliveries (a cluster's), whose
+        results are written under ``lease`` (name, owner, epoch): fenced once it moved on."""
+        self.partition, self.lease = partition, lease
         self.channel = channel
         self.keyed = keyed
         self.describe = describe  # the destination's own view (an API's token and rate limit), for sync status
@@ -446,7 +449,7 @@ class DestinationQueue:
         known_before = len(self.known)
         try:
             rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH,
-                                          after_id, frozenset(self.known))
+                                          after_id, frozenset(self.known), self.partition)
         except StoreError as exc:
             log.error("queue {channel}/{destination}: cannot read the queue: {error}", channel=self.channel,
                       destination=self.destination, error=str(exc))
@@ -472,7 +475,8 @@ class DestinationQueue:
         if not complete:
             self._polling = True
             try:
-                depth = yield self.writer.read(self.writer.store.queue_depth, self.channel, self.destination)
+                depth = yield self.writer.read(self.writer.store.queue_depth, self.channel, self.destination,
+                                               self.partition)
                 # what memory holds (pending, in flight, sent but not yet recorded) is not backlog;
                 # counting it would make every finished delivery poll again
                 self.backlog = max(0, depth - len(self.known))
@@ -685,7 +689,7 @@ class DestinationQueue:
         if final:
             update = self._record(message_id, values, lazy=True, extra=result.records)
         else:  # a retry's schedule: if it is lost, the row is still QUEUED and its next result is recorded
-            update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), lazy=True)
+            update = self.writer.update(DeliveryUpdate(message_id, self.destination, values, self.lease), lazy=True)
         waiters = self._waiters.pop(message_id, None)
         if waiters:
             for waiter in waiters:
@@ -708,7 +712,7 @@ class DestinationQueue:
         every few seconds: before, the id was forgotten at the first failure and the delivery sent
         a second time once the store was back. The Deferred fails with the first failure (callers
         log it); the retries go on behind it until they succeed or the queue stops."""
-        update = self.writer.update(DeliveryUpdate(message_id, self.destination, values), *extra, lazy=lazy)
+        update = self.writer.update(DeliveryUpdate(message_id, self.destination, values, self.lease), *extra, lazy=lazy)
 
         def recorded(outcome):
             self.known.discard(message_id)

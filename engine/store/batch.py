@@ -144,7 +144,7 @@ class _Rows:
 
     def children(self, ids: list[int]) -> tuple[list, list]:
         """Stage rows (message_id, stage, content) and delivery rows (message_id, destination,
-        status, next_attempt_at, updated_at, order_key), once the messages have their ids."""
+        status, next_attempt_at, updated_at, order_key, queue_partition), once the messages have their ids."""
         stage_rows, delivery_rows = [], []
         for message_id, r in zip(ids, self.records):
             for name, content in r.stages.items():
@@ -153,7 +153,8 @@ class _Rows:
                 if d.content is not None:
                     stage_rows.append((message_id, "destination:" + d.destination, d.content))
                 delivery_rows.append((message_id, d.destination, d.status,
-                                      r.received_at if d.status == _D_QUEUED else None, r.received_at, storable(d.order_key)))
+                                      r.received_at if d.status == _D_QUEUED else None, r.received_at, storable(d.order_key),
+                                      d.partition))
         return stage_rows, delivery_rows
 
     def file_rows(self, ids: list[int]) -> tuple[list, dict]:
@@ -190,7 +191,8 @@ def _sql(placeholder: str) -> dict:
                         else "(julianday('now') - 2440587.5) * 86400.0")),
         "stage": f"INSERT INTO message_stages (message_id, stage, content) VALUES ({p}, {p}, {p})",
         "delivery": ("INSERT INTO deliveries (message_id, destination, status, attempts, last_ack, last_error, "
-                     f"next_attempt_at, updated_at, order_key) VALUES ({p}, {p}, {p}, 0, '', '', {p}, {p}, {p})"),
+                     f"next_attempt_at, updated_at, order_key, queue_partition) "
+                     f"VALUES ({p}, {p}, {p}, 0, '', '', {p}, {p}, {p}, {p})"),
         "stage_upsert": (f"INSERT INTO message_stages (message_id, stage, content) VALUES ({p}, {p}, {p}) "
                          "ON CONFLICT (message_id, stage) DO UPDATE SET content = excluded.content"),
         "audit": f"INSERT INTO audit_log ({audit_columns}) VALUES ({', '.join([p] * len(AUDIT_FIELDS))})",

@@ -16,6 +16,7 @@ _QUEUED_IDS = (
            deliveries.c.message_id > sa.bindparam("after_id"))
     .order_by(deliveries.c.message_id).limit(sa.bindparam("limit"))
 )
+_PARTITION_IDS = _QUEUED_IDS.where(deliveries.c.queue_partition == sa.bindparam("partition"))
 _content, _transformed = stages.alias("content"), stages.alias("transformed")
 _QUEUED_ROWS = (  # the content as delivery_content() finds it
     sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.next_attempt_at,
@@ -37,15 +38,19 @@ class DeliveryQueries:
     engine: sa.Engine
 
     def queued_deliveries(self, channel: str, destination: str, limit: int = 200, after_id: int | None = None,
-                          skip: frozenset[int] | set[int] = frozenset()) -> list[dict]:
+                          skip: frozenset[int] | set[int] = frozenset(), partition: int | None = None) -> list[dict]:
         """The destination's QUEUED deliveries in order of receipt, with what to send: of the first
         ``limit`` (only those of messages after ``after_id``, when given), all but the ``skip`` ids.
 
         The ids are read first, then the content of the others only: a queue polls with what it
         holds in memory as ``skip``, so a poll that finds nothing new reads no message bodies."""
+        arguments = {"destination": destination, "channel": channel, "limit": limit,
+                     "after_id": -1 if after_id is None else after_id}
         with self.engine.connect() as connection:
-            ids = connection.execute(_QUEUED_IDS, {"destination": destination, "channel": channel, "limit": limit,
-                                                   "after_id": -1 if after_id is None else after_id}).scalars().all()
+            if partition is None:
+                ids = connection.execute(_QUEUED_IDS, arguments).scalars().all()
+            else:  # a cluster's partition: the node holding its lease reads it
+                ids = connection.execute(_PARTITION_IDS, {**arguments, "partition": partition}).scalars().all()
             wanted = [i for i in ids if i not in skip]
             if not wanted:
                 return []
@@ -53,9 +58,11 @@ class DeliveryQueries:
                                                      "ids": wanted}).mappings()
             return [dict(r) for r in rows]
 
-    def queue_depth(self, channel: str, destination: str) -> int:
+    def queue_depth(self, channel: str, destination: str, partition: int | None = None) -> int:
         query = (sa.select(sa.func.count()).select_from(deliveries).join(messages, messages.c.id == deliveries.c.message_id)
                  .where(deliveries.c.destination == destination, _QUEUED, messages.c.channel == channel))
+        if partition is not None:
+            query = query.where(deliveries.c.queue_partition == partition)
         with self.engine.connect() as connection:
             return connection.execute(query).scalar() or 0
 

@@ -28,6 +28,7 @@ class DeliveryRecord:
     content: bytes | None = None
     order_key: str | None = None
     payload: bytes | None = None  # what the queue sends now (in memory; not a column)
+    partition: int = 0  # its queue's partition (a cluster's; 0 otherwise)
     message: object = None  # the payload as the pipeline left it (a Message), so the queue need not parse it again
 
 

@@ -73,6 +73,9 @@ deliveries = sa.Table(
     sa.Column("next_attempt_at", sa.Float, nullable=True),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("order_key", sa.String(200), nullable=True),  # order: per_key: deliveries with one key go in order
+    # a cluster's queues are split into partitions, each delivered by the node holding its lease
+    # (0 when not split: one engine); migration 20
+    sa.Column("queue_partition", sa.SmallInteger, nullable=False, default=0, server_default="0"),
 )
 # one delivery row per destination per message; updates find their row by both (migration 3)
 sa.Index("ix_deliveries_message_destination", deliveries.c.message_id, deliveries.c.destination, unique=True)
@@ -88,6 +91,9 @@ sa.Index("ix_deliveries_queued", deliveries.c.destination, deliveries.c.message_
 # dead letters, for the console's page of them: only ERROR rows (migration 8)
 _DEAD = deliveries.c.status == sa.literal_column(f"'{_D_ERROR}'")
 sa.Index("ix_deliveries_dead", deliveries.c.destination, deliveries.c.message_id, sqlite_where=_DEAD, postgresql_where=_DEAD)
+# a partition's queued deliveries in order (migration 20)
+sa.Index("ix_deliveries_partition", deliveries.c.destination, deliveries.c.queue_partition, deliveries.c.message_id,
+         sqlite_where=_QUEUED, postgresql_where=_QUEUED)
 # a message's replays (its page links them): only rows that are replays (migration 8)
 _REPLAY = messages.c.replay_of.isnot(None)
 sa.Index("ix_messages_replay_of", messages.c.replay_of, sqlite_where=_REPLAY, postgresql_where=_REPLAY)
@@ -343,7 +349,8 @@ def _migration_7(connection) -> None:
 def _migration_1(connection) -> None:
     for table in (messages, stages, deliveries):
         # version 1 of these tables: the columns added by later migrations are left out
-        later = (*_ADDED_LATER.get(table.name, ()), *_ADDED_AFTER_16.get(table.name, ()))
+        later = (*_ADDED_LATER.get(table.name, ()), *_ADDED_AFTER_16.get(table.name, ()),
+                 *_ADDED_AFTER_19.get(table.name, ()))
         columns = [c._copy() for c in table.columns if c.name not in later]
         version_1 = sa.Table(table.name, sa.MetaData(), *columns)
         version_1.create(connection)
@@ -401,10 +408,12 @@ _ADDED_LATER = {
 _ADDED_AFTER_16 = {"messages": ("snapshot_id",)}
 # columns that migration 18 adds to migration 16's table
 _ADDED_AFTER_17 = {"config_snapshots": ("note", "from_snapshot", "source_sha256")}
+# columns that migration 20 adds (migration 1 makes its tables without them)
+_ADDED_AFTER_19 = {"deliveries": ("queue_partition",)}
 # columns of migration 5's tables that later migrations add (7: users; 9: audit_log)
 _ADDED_AFTER_5 = {"users": ("phi", "disabled", "last_login_at"), "audit_log": ("role",)}
 _ADDED_LATER_INDEXES = {"ix_deliveries_message_destination": 3, "ix_deliveries_queued": 4, "ix_messages_duplicate_key": 4,
-                        "ix_deliveries_dead": 8, "ix_messages_replay_of": 8}
+                        "ix_deliveries_dead": 8, "ix_messages_replay_of": 8, "ix_deliveries_partition": 20}
 
 
 def _migration_8(connection) -> None:
@@ -451,6 +460,12 @@ leases = sa.Table(
 )
 
 
+def _migration_20(connection) -> None:
+    _add_columns(connection, "deliveries", _ADDED_AFTER_19["deliveries"])
+    index = next(i for i in deliveries.indexes if i.name == "ix_deliveries_partition")
+    index.create(connection, checkfirst=True)
+
+
 def _migration_19(connection) -> None:
     nodes.create(connection, checkfirst=True)
     leases.create(connection, checkfirst=True)
@@ -484,4 +499,5 @@ MIGRATIONS = [
      lambda connection: _add_columns(connection, "messages", _ADDED_AFTER_16["messages"])),
     (18, "configuration: rollbacks, notes, the files' hash across environments; promotions", _migration_18),
     (19, "cluster: the nodes on the store and their leases", _migration_19),
+    (20, "deliveries: the queue partition each is in (a cluster's nodes deliver the partitions they hold)", _migration_20),
 ]
