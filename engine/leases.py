@@ -5,10 +5,13 @@ Every ``renew`` seconds the keeper renews what it holds; a renewal refused (anot
 it: this node was paused past its ttl) stops that work at once. A renewal that cannot be made
 (the store does not answer, or answers late) is not waited for: ``ttl - renew`` seconds after the
 last successful renewal began, a timer stops the work (self-fencing), before the lease can have
-expired; it resumes when a lease is taken again. Then the keeper takes free leases up to its fair share
-(the names divided by the live nodes, rounded up) and, when it holds more than its share plus one
-(hysteresis: a slow database or a node that comes and goes does not make leases ping-pong), lets
-one go after ``on_loss`` has drained it. Each change of owner is counted (``churn``).
+expired; it resumes when a lease is taken again. Then, from the store's nodes (live: heard from within the
+ttl) and leases, the keeper takes free leases up to its fair share (the names divided by the live
+nodes, rounded up), and one more of those a dead node left (so the survivors absorb them without
+waiting); it lets leases go, each after ``on_loss`` has drained it, when it holds more than its
+share plus one, or more than its share while another live node holds less than its share minus
+one (hysteresis: a slow database or a node that comes and goes does not make leases ping-pong).
+Each change of owner is counted (``churn``).
 
 The times of the leases are the database's (``ClusterQueries``); ``db_now``, when given, is
 passed to it instead (tests, with a ``task.Clock``).
@@ -47,19 +50,38 @@ class _Lease:
 
 class LeaseKeeper:
     def __init__(self, run, reactor, store, node: str, names: list[str], ttl: float, renew: float,
-                 live_nodes: Callable[[], int], on_gain: Callable[[str, int], object],
-                 on_loss: Callable[[str], object], db_now: Callable[[], float] | None = None):
+                 on_gain: Callable[[str, int], object], on_loss: Callable[[str], object],
+                 db_now: Callable[[], float] | None = None):
         if not 0 < renew * 2 <= ttl:
             raise ValueError(f"lease_renew ({renew:g}s) must be at most half of lease_ttl ({ttl:g}s)")
         self.run, self.reactor, self.store, self.node = run, reactor, store, node
         self.ttl, self.renew = ttl, renew
-        self.live_nodes, self.on_gain, self.on_loss = live_nodes, on_gain, on_loss
+        self.on_gain, self.on_loss = on_gain, on_loss
+        self.live = 1  # the live nodes at the last tick
         self.db_now = db_now
         self.leases = {name: _Lease(name) for name in names}
         self.churn = 0  # leases taken or lost by this node
         self.fenced = 0  # leases this node found taken by another while it thought it held them
         self._loop: task.LoopingCall | None = None
         self._ticking = False
+
+    def set_names(self, names: list[str]):
+        """The leases wanted now (a reload changed the destinations): those held and still wanted
+        are handed to their new work again (``on_gain``); those no longer wanted are let go (their
+        work is gone already); new ones are free to be taken."""
+        wanted = set(names)
+        for name in [n for n in self.leases if n not in wanted]:
+            lease = self.leases.pop(name)
+            if lease.state is LeaseState.HELD and lease.epoch is not None:
+                if lease.deadline is not None and lease.deadline.active():
+                    lease.deadline.cancel()
+                self.run(self.store.release_lease, name, self.node, lease.epoch, **self._now()).addErrback(lambda f: None)
+        for name in names:
+            kept = self.leases.get(name)
+            if kept is None:
+                self.leases[name] = _Lease(name)
+            elif kept.state is LeaseState.HELD and kept.epoch is not None:
+                self.on_gain(name, kept.epoch)
 
     def _now(self) -> dict:
         return {} if self.db_now is None else {"now": self.db_now()}
@@ -153,19 +175,38 @@ class LeaseKeeper:
 
     def share(self) -> int:
         """This node's fair share of the leases."""
-        return math.ceil(len(self.leases) / max(1, self.live_nodes()))
+        return math.ceil(len(self.leases) / max(1, self.live))
 
     @defer.inlineCallbacks
     def _take_share(self):
-        share = self.share()
-        held = [lease for lease in self.leases.values() if lease.state is LeaseState.HELD]
-        if len(held) > share + 1:  # hysteresis: one more than the share is kept
-            yield self._let_go(held[-1])
+        try:
+            _, nodes = yield self.run(self.store.nodes, **self._now())
+            rows = yield self.run(self.store.leases, **self._now())
+        except Exception as exc:  # noqa: BLE001 - the store is down: nothing is taken or let go now
+            log.warn("leases: the store does not answer ({error})", error=str(exc))
             return
+        live = {n["node_id"] for n in nodes if n["state"] == "running" and n["heartbeat_age"] <= self.ttl} | {self.node}
+        self.live = len(live)
+        share = self.share()
+        owners = {r["name"]: r["owner"] for r in rows if r["name"] in self.leases and r["left"] > 0}
+        held = [lease for lease in self.leases.values() if lease.state is LeaseState.HELD]
+        others = [sum(1 for owner in owners.values() if owner == node) for node in live if node != self.node]
+        if len(held) > share + 1:
+            shed = held[share + 1:]
+        elif len(held) > share and others and min(others) < share - 1:
+            shed = held[-1:]  # one at a time: the one below its share takes it, then we look again
+        else:
+            shed = []
+        for lease in shed:
+            yield self._let_go(lease)
+        if shed:
+            return
+        last_owner = {r["name"]: r["owner"] for r in rows}
         for lease in self.leases.values():
-            if len(held) >= share:
-                break
-            if lease.state is not LeaseState.FREE:
+            if lease.state is not LeaseState.FREE or lease.name in owners:
+                continue
+            orphan = last_owner.get(lease.name) not in live and lease.name in last_owner  # a dead node's
+            if len(held) >= share + (1 if orphan else 0):
                 continue
             began = self.reactor.seconds()
             try:
@@ -174,7 +215,7 @@ class LeaseKeeper:
                 log.warn("lease {name}: cannot be taken now ({error})", name=lease.name, error=str(exc))
                 return
             if epoch is None:
-                continue  # another node's, live
+                continue  # another node took it meanwhile
             lease.state, lease.epoch = LeaseState.HELD, epoch
             self._arm(lease, began)
             self.churn += 1

@@ -82,6 +82,9 @@ class Queue(Protocol):
 
     def stop(self) -> None: ...
 
+    def partition_of(self, order_key: str | None, content: bytes | None) -> int:
+        """The partition a new delivery goes to (0 unless the queue is a cluster's, cluster.py)."""
+
     def enqueue(self, message_id: int, content: bytes, order_key: str | None, received_at: float,
                 message: Message | None = None) -> None:
         """A delivery row was just committed: send it (``message``: its content parsed)."""
@@ -186,8 +189,12 @@ class DestinationQueue:
         """``keyed``: ``deliver`` takes the delivery's message id too (``deliver(message, message_id)``),
         e.g. for an idempotency key that stays the same however often the delivery is tried.
         ``partition``: only that partition of the destination's deliveries (a cluster's), whose
-        results are written under ``lease`` (name, owner, epoch): fenced once it moved on."""
+        results are written under ``lease`` (name, owner, epoch): fenced once it moved on. Other
+        nodes write rows into it too, and their ids do not grow in commit order (a lower id may
+        commit after a higher one is seen): such a queue takes rows only from its polls, each read
+        from the oldest queued row, never "after the newest held" nor from memory first."""
         self.partition, self.lease = partition, lease
+        self.shared = partition is not None
         self.channel = channel
         self.keyed = keyed
         self.describe = describe  # the destination's own view (an API's token and rate limit), for sync status
@@ -207,6 +214,7 @@ class DestinationQueue:
         self.pump = Pump.IDLE
         self._nudge_call = None  # the run a nudge scheduled for the next reactor turn, until it runs
         self._polling = False  # a read of the queued rows is under way (one at a time)
+        self._poll_soon = None  # a shared queue's read scheduled by a row stored here (nudge_poll)
         self.in_flight: dict[int, QueuedDelivery] = {}  # by message id: being delivered
         self.connected: bool | None = None
         self.backlog = 0  # queued rows the last poll saw beyond what memory holds
@@ -260,6 +268,9 @@ class DestinationQueue:
         if self._nudge_call is not None and self._nudge_call.active():
             self._nudge_call.cancel()
         self._nudge_call = None
+        if self._poll_soon is not None and self._poll_soon.active():
+            self._poll_soon.cancel()
+        self._poll_soon = None
         if self.loop.running:
             self.loop.stop()
         if self._wake is not None and self._wake.active():
@@ -275,11 +286,17 @@ class DestinationQueue:
                 waiter.callback(DeliveryResult(False, error="not sent: the destination's queue stopped (engine stopping "
                                                            "or channel reloaded)", outcome=DeliveryOutcome.FAILED))
 
+    def partition_of(self, order_key: str | None, content: bytes | None) -> int:
+        return self.partition or 0
+
     def enqueue(self, message_id: int, content: bytes, order_key: str | None, received_at: float,
                 message: Message | None = None) -> None:
         """A delivery row was just committed: send it without reading it back (``message``: the
         content already parsed; nothing may change it afterwards)."""
         if message_id in self.known or self.stopped:
+            return
+        if self.shared:  # rows of other nodes may come before it: the poll reads them all in order
+            self.nudge_poll()
             return
         if self.spilled or len(self.pending) >= _MEMORY_LIMIT:
             # a slow or down destination: the rest waits on disk, read back in order as memory
@@ -370,6 +387,18 @@ class DestinationQueue:
             return DestinationHealth.OK
         return DestinationHealth.IDLE
 
+    def nudge_poll(self) -> None:
+        """A row was just stored here for this (shared) queue: read the queue on the next turn
+        (once, however many come meanwhile), rather than at the next poll_interval."""
+        if self.state is QueueState.STOPPED or self._poll_soon is not None:
+            return
+        self._poll_soon = self.reactor.callLater(0.01, self._poll_now)
+
+    def _poll_now(self):
+        self._poll_soon = None
+        if self.state is not QueueState.STOPPED:
+            return self._poll()
+
     def nudge(self) -> None:
         """Look for due deliveries: now if the pump is running (it looks again), else on the
         next reactor turn (once, however many nudges come meanwhile)."""
@@ -443,7 +472,7 @@ class DestinationQueue:
         the window)."""
         if self._polling:
             return
-        if after_id is None and self.spilled and self.known:
+        if after_id is None and self.spilled and self.known and not self.shared:
             after_id = max(self.known)
         self._polling = True
         known_before = len(self.known)

@@ -23,6 +23,7 @@ from hl7relay.ack.answer import Answer
 from hl7relay.channels.channel import Channel
 from hl7relay.channels.sources import Source
 from hl7relay.errors import ReadOnlyEnvironment
+from hl7relay.leases import LeaseKeeper
 from hl7relay.hl7.message import Message
 from hl7relay.queues import DeliveryResult, DestinationQueue, Queue
 from hl7relay.receiving import Responder
@@ -170,7 +171,7 @@ class Engine:
     def __init__(self, channels: list[Channel], writer: StoreWriter, reactor=None, clock=time.time, data_dir="data",
                  queue_poll_interval: float = 1.0, log_phi_bytes: int = 512, log_levels=None,
                  stop_timeout: float = 10.0, forwarder=None, tracer=None, channel_paths=("channels",),
-                 read_only: bool = False):
+                 read_only: bool = False, cluster=None):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -198,6 +199,9 @@ class Engine:
         self.configuration: dict = {}
         self.environment = None  # environments.Environment it runs in (promoted_only: reloads check it)
         self.settings_file: str | None = None  # the engine's settings file (a snapshot holds it too)
+        # several engines on one store (cluster.ClusterSettings): queues in partitions, held by lease
+        self.cluster = cluster
+        self.keeper: LeaseKeeper | None = None  # once started
         self._deliver: dict[tuple[str, str], object] = {}  # (channel, destination) -> deliver(message)
         for running in self.channels.values():
             for destination in running.channel.destinations:
@@ -261,11 +265,52 @@ class Engine:
         if self._remote(destination):
             return self.forwarder.queue(running.channel.name, destination.name, destination.config,
                                         self.settings.queue_poll_interval)
-        return DestinationQueue(running.channel.name, destination.name, self._deliver[(running.channel.name, destination.name)],
-                                destination.config.queue, self.writer, self.reactor, self.clock,
-                                self.settings.queue_poll_interval,
-                                keyed=getattr(self._deliveries.get((running.channel.name, destination.name)), "keyed", False),
-                                describe=getattr(self._deliveries.get((running.channel.name, destination.name)), "view", None))
+        name = (running.channel.name, destination.name)
+
+        def make(partition: int | None = None, lease: tuple | None = None) -> DestinationQueue:
+            return DestinationQueue(name[0], name[1], self._deliver[name], destination.config.queue, self.writer,
+                                    self.reactor, self.clock, self.settings.queue_poll_interval,
+                                    keyed=getattr(self._deliveries.get(name), "keyed", False),
+                                    describe=getattr(self._deliveries.get(name), "view", None),
+                                    partition=partition, lease=lease)
+
+        if self.cluster is not None:  # the partitions this node holds a lease on (cluster.py)
+            from hl7relay.cluster import PartitionedQueue
+
+            return PartitionedQueue(name[0], name[1], destination.config.queue, self.cluster.partitions, make,
+                                    self.reactor, self.stop_timeout)
+        return make()
+
+    # -- a cluster's leases (cluster.py, leases.py) --------------------------------------------------
+    def _lease_names(self) -> list[str]:
+        return [name for running in self.channels.values() for queue in running.queues.values()
+                for name in getattr(queue, "lease_names", lambda: [])()]
+
+    def _partitioned(self, lease: str):
+        from hl7relay.cluster import parse_lease_name
+
+        parsed = parse_lease_name(lease)
+        if parsed is None:
+            return None, 0
+        channel, destination, partition = parsed
+        running = self.channels.get(channel)
+        queue = running.queues.get(destination) if running is not None else None
+        return (queue, partition) if hasattr(queue, "gain") else (None, partition)
+
+    def _gained(self, lease: str, epoch: int) -> None:
+        queue, partition = self._partitioned(lease)
+        if queue is not None:
+            queue.gain(partition, (lease, self.cluster.node_id, epoch))
+
+    def _lost(self, lease: str):
+        queue, partition = self._partitioned(lease)
+        return queue.lose(partition) if queue is not None else None
+
+    def _start_leases(self) -> None:
+        cluster = self.cluster
+        self.keeper = LeaseKeeper(self.writer.read, self.reactor, self.writer.store, cluster.node_id, self._lease_names(),
+                                  cluster.lease_ttl, cluster.lease_renew, self._gained, self._lost)
+        self.keeper.start()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, controls: set | None = None) -> list[str]:
@@ -288,6 +333,8 @@ class Engine:
                 continue
             lines.append(self._open(running))
         self.started = True
+        if self.cluster is not None:
+            self._start_leases()
         return lines
 
     def _open(self, running: RunningChannel) -> str:
@@ -497,6 +544,8 @@ class Engine:
                 rebound = yield self._replace(current, channel, controls)
                 summary["rebound" if rebound else "changed"].append(name)
         log.info("reload: {summary}", summary=", ".join(f"{k} {', '.join(v)}" for k, v in summary.items() if v) or "nothing to do")
+        if self.keeper is not None:  # the new queues take the partitions still held; others come and go
+            self.keeper.set_names(self._lease_names())
         return summary
 
     def _make_queues(self, running: RunningChannel, controls) -> None:
@@ -699,6 +748,8 @@ class Engine:
                      "after the restart (at-least-once)", count=report.deliveries_unanswered, timeout=self.stop_timeout)
         for delivery in self._deliveries.values():
             delivery.close()
+        if self.keeper is not None:  # drained above: the leases are let go, the other nodes take over at once
+            yield self.keeper.stop()
         yield self.writer.close()
         return report
 

@@ -124,14 +124,16 @@ class Trip:
             if output.message is None:
                 record.deliveries.append(DeliveryRecord(output.name, _D_FILTERED))
                 continue
-            options = queues[output.name].options
+            queue = queues[output.name]
+            options = queue.options
             key = output.message.get(options.order_key) if options.order == "per_key" else None
             content = output.message.to_bytes()
             # the queue resends from the stored content; it is stored apart only when it differs
             # from the transformed stage (or the raw message) that the queue falls back to
             kept = transformed if transformed is not None and "transformed" in channel.stages else self.raw
             record.deliveries.append(DeliveryRecord(output.name, _D_QUEUED, content if content != kept else None, key,
-                                                    payload=content, message=output.message))
+                                                    payload=content, message=output.message,
+                                                    partition=queue.partition_of(key, content)))
         original = self.original
         if channel.response.when == "on_store" or self.ack_request.is_ack or not outputs:
             self.running.policy.prepare(original, outcome, self.ack_request)

@@ -170,3 +170,80 @@ def test_a_commit_leaves_out_the_delivery_results_written_under_a_lease_that_mov
     assert len(new) == 1 and store.last_fenced == [(ids[1], "lab")] and store.fenced_updates == 1
     statuses = [store.get_message(i)["deliveries"][0]["status"] for i in ids]
     assert statuses == ["SENT", "QUEUED", "SENT"]  # the fenced one stays for partition 1's new owner
+
+
+CLUSTER_CONFIG = """\
+store: {{url: "{url}"}}
+channels: [channels]
+cluster: {{node_id: {node}, partitions: 8, lease_ttl: 4, lease_renew: 1}}
+"""
+
+
+def _cluster_node(folder, name, url, sink_port):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
+    from harness import Engine, relay_channel, write_channel
+
+    node = folder / name
+    node.mkdir(exist_ok=True)
+    write_channel(node, "relay", relay_channel(sink_port, "per_key", parallel=2))
+    (node / "hl7relay.yaml").write_text(CLUSTER_CONFIG.format(url=url, node=name))
+    return Engine(node, "--config", "hl7relay.yaml")
+
+
+def test_three_nodes_share_the_partitions_and_a_killed_ones_are_taken_over_with_nothing_lost(tmp_path):
+    """Three `hl7relay run` nodes on one PostgreSQL store, a sender on each, one MLLP receiver: every
+    partition has one owner; kill -9 of a node under load: its partitions are taken over within
+    lease_ttl + lease_renew (plus a poll), every ACKed message reaches the receiver, per patient in
+    order, a copy sent twice only within the window of the kill. Three rounds, a node killed and
+    started again in each."""
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
+    from harness import Load, Sink, delivery_figures, wait_for
+    from test_store import POSTGRES_URL, _postgres_store
+
+    store = _postgres_store()
+    sink = Sink(delay=0.002).up()
+    nodes = {name: _cluster_node(tmp_path, name, POSTGRES_URL, sink.port) for name in ("node-a", "node-b", "node-c")}
+    loads, kills, takeovers = [], [], []
+    try:
+        def owners():
+            return {row["name"]: row["owner"] for row in store.leases() if row["left"] > 0}
+
+        wait_for(lambda: len(owners()) == 8 and len(set(owners().values())) == 3, 60, "every partition owned, by all three")
+        for number in range(3):
+            running = {name: engine for name, engine in nodes.items() if engine is not None}
+            round_loads = [Load(engine.ports["relay"], connections=2, prefix=f"{name[-1]}{number}-",
+                                key_prefix=f"{name[-1]}K").start() for name, engine in running.items()]
+            loads += round_loads
+            wait_for(lambda loads=round_loads: sum(load.accepted_count() for load in loads) >= 300, 120,
+                     "300 messages ACKed")
+            victim = f"node-{'abc'[number]}"
+            held = {lease for lease, owner in owners().items() if owner == victim}
+            kills.append(time.monotonic())
+            nodes[victim].kill9()
+            nodes[victim] = None
+            started = time.monotonic()
+            wait_for(lambda held=held, victim=victim: held and all(owners().get(lease) not in (None, victim)
+                                                                   for lease in held), 30, f"{victim}'s partitions taken over")
+            takeovers.append(round(time.monotonic() - started, 1))
+            for load in round_loads:
+                load.finish()
+            nodes[victim] = _cluster_node(tmp_path, victim, POSTGRES_URL, sink.port)  # it comes back
+        accepted = [a for load in loads for a in load.accepted()]
+        wanted = {a.control_id for a in accepted}
+        wait_for(lambda: wanted <= set(sink.ids()), 120, "every ACKed message at the receiver")
+        figures = delivery_figures(accepted, sink.received, kills, answered_at=sink.answered_at)
+        assert figures["lost"] == 0 and figures["inversions"] == 0 and figures["outside_window"] == 0, figures
+        assert max(takeovers) <= 4 + 1 + 1.5, takeovers  # lease_ttl + lease_renew, and the look's own second
+    finally:
+        for engine in nodes.values():
+            if engine is not None:
+                engine.terminate()
+        sink.down()
+        store.close()

@@ -317,6 +317,7 @@ class Load:
     hangs: list = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     prefix: str = "C"
+    key_prefix: str = "K"  # two loads with keys of their own (a key's messages come from one sender)
 
     def __post_init__(self):
         self._threads: list[threading.Thread] = []
@@ -365,7 +366,7 @@ class Load:
                 control_id, key = pending_resend
             else:
                 control_id = f"{self.prefix}{index}-{number:06d}"
-                key = f"K{index}-{number % self.keys_per_connection}"
+                key = f"{self.key_prefix}{index}-{number % self.keys_per_connection}"
             sent_at = time.monotonic()
             code = ""
             try:

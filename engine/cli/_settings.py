@@ -37,6 +37,8 @@ def specs():
                "oauth2_client_credentials | api_key | basic | bearer, ...}} (or in credentials.yaml beside this file)"),
         Option("alerts", "any", None, "the engine's own alerts and where they go: {queue_age, queue_depth, error_rate, "
                "slow_ack, hold, repeat_every, webhook: {url, headers}, email: {host, port, security, from, to, channels}}"),
+        Option("cluster", "any", None, "several engines on one PostgreSQL store: {node_id, partitions, lease_ttl, "
+               "lease_renew}; each destination's queue is split into partitions, delivered by the node holding each"),
     ))
     store = ComponentSpec("settings", "store", "the message store", (
         Option("url", "str", description="sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"),))
@@ -162,6 +164,8 @@ def _checked(doc, settings: dict) -> list[str]:
                 settings["admin"].update({k: v for k, v in checked.items() if k in data["admin"]})
     if data.get("alerts") is not None:
         _check_alerts(doc, data["alerts"], settings)
+    if data.get("cluster") is not None:
+        _check_cluster(doc, data["cluster"], settings)
     if data.get("console") is not None:
         checked = check_options(console, data["console"], doc, ("console",))
         if checked is not None:
@@ -171,6 +175,42 @@ def _checked(doc, settings: dict) -> list[str]:
             else:
                 settings["console"].update({k: v for k, v in checked.items() if k in data["console"]})
     return sorted(str(e) for e in doc.errors)
+
+
+def cluster_spec():
+    """The ``cluster:`` section."""
+    from hl7relay.spec import ComponentSpec, Option
+
+    return ComponentSpec("settings", "cluster", "several engines on one PostgreSQL store", (
+        Option("node_id", "str", None, "this engine's name among the nodes (default: the host's name); unique"),
+        Option("partitions", "int", 16, "how many partitions each destination's queue is split into (the same on "
+                                        "every node); a destination with order: in_order is one"),
+        Option("lease_ttl", "duration", 10.0, "how long a partition's lease lasts unless renewed: a dead node's "
+                                              "partitions move to the others within lease_ttl + lease_renew"),
+        Option("lease_renew", "duration", 3.0, "how often leases are renewed (at most half of lease_ttl)"),
+    ))
+
+
+def _check_cluster(doc, data, settings: dict) -> None:
+    import socket
+
+    from hl7relay.cluster import ClusterSettings
+    from hl7relay.spec import check_options
+
+    checked = check_options(cluster_spec(), data, doc, ("cluster",))
+    if checked is None:
+        return
+    if not 1 <= checked["partitions"] <= 256:
+        doc.error(("cluster", "partitions"), "partitions: 1 to 256")
+        return
+    if not 0 < checked["lease_renew"] * 2 <= checked["lease_ttl"]:
+        doc.error(("cluster", "lease_renew"), "lease_renew must be more than 0 and at most half of lease_ttl")
+        return
+    node = checked["node_id"] or socket.gethostname()
+    if not 0 < len(node) <= 100:
+        doc.error(("cluster", "node_id"), "node_id: 1 to 100 characters")
+        return
+    settings["cluster"] = ClusterSettings(node, checked["partitions"], checked["lease_ttl"], checked["lease_renew"])
 
 
 def _check_alerts(doc, data, settings: dict) -> None:
@@ -302,7 +342,7 @@ def _resolve(args, path, for_engine: bool, config) -> tuple[dict, list[str]]:
                 "console": {"host": "127.0.0.1", "port": 9103, "allow_insecure_remote": False, "idle_timeout": 900.0,
                             "absolute_timeout": 43200.0},
                 "log_format": "text", "log_phi": False, "log_phi_bytes": 512,
-                "stop_timeout": 10.0, "forwarding": "inline", "alerts": None, "environment": None,
+                "stop_timeout": 10.0, "forwarding": "inline", "alerts": None, "environment": None, "cluster": None,
                 "environments": "environments"}
     problems = []
     settings["config_file"] = str(path) if path is not None else None

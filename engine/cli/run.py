@@ -77,7 +77,7 @@ def run(args) -> int:
     from hl7relay.store.writer import StoreWriter
 
     settings, problems = resolve_settings(args, for_engine=True)
-    problems += [p for p in (_console_problem(settings["console"]),) if p]
+    problems += [p for p in (_console_problem(settings["console"]), _cluster_problem(settings)) if p]
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
@@ -95,6 +95,11 @@ def run(args) -> int:
     if not enabled:
         print("no enabled channels", file=sys.stderr)
         return 1
+    waiting = [c.name for c in enabled if c.response.when == "after_delivery"]
+    if settings.get("cluster") is not None and waiting:
+        print(f"not starting: channel {waiting[0]} answers after_delivery, which a cluster does not do yet (the "
+              "delivery may be another node's): response: {when: on_store}", file=sys.stderr)
+        return 1
     log_levels = start_logging(settings["log_level"], settings["log_format"],
                                {c.name: c.log_level for c in enabled if c.log_level})
     import os
@@ -102,7 +107,8 @@ def run(args) -> int:
     os.umask(0o077)  # what the engine creates (store, WAL, data folder) is readable by its own user only
     from hl7relay.store.lock import StoreLock, StoreLocked
 
-    lock = StoreLock(settings["store"])
+    cluster = settings.get("cluster")
+    lock = StoreLock(settings["store"], cluster.node_id if cluster is not None else None)
     try:
         store = Store(settings["store"])
         # one engine per store: a second one would deliver the same queued messages again; one
@@ -164,12 +170,16 @@ def run(args) -> int:
     engine = Engine(enabled, writer, reactor, data_dir=settings["data_dir"], log_phi_bytes=settings["log_phi_bytes"],
                     log_levels=log_levels, stop_timeout=settings["stop_timeout"], forwarder=forwarder,
                     tracer=Tracer(reactor), channel_paths=settings["channels"],
-                    read_only=bool(settings.get("environment") is not None and settings["environment"].read_only))
+                    read_only=bool(settings.get("environment") is not None and settings["environment"].read_only),
+                    cluster=cluster)
     # what operators reach the engine through (API, console, alerts); the analyzer (the last hour,
     # minute by minute: hl7relay stats) and the alerts are installed beside the engine, not in it
     engine.environment = settings.get("environment")
     controls = Controls(engine, performance=Performance(), environment=settings.get("environment"))
     announce(f"hl7relay {__version__}: store {store.display_url} (schema v{version})", "starting")
+    if cluster is not None:
+        announce(f"cluster: node {cluster.node_id}, {cluster.partitions} partitions per destination queue, leases "
+                 f"{cluster.lease_ttl:g}s renewed every {cluster.lease_renew:g}s", "cluster")
     if settings.get("environment") is not None:
         announce(settings["environment"].describe(), "environment")
         if settings["environment"].read_only:
@@ -207,9 +217,11 @@ def run(args) -> int:
     controls.performance.install()
     beat = None
     if store.engine.dialect.name == "postgresql":  # the store several engines share: say who runs here
-        from hl7relay.nodes import NodeBeat
+        from hl7relay.nodes import HEARTBEAT_SECONDS, NodeBeat
 
-        beat = NodeBeat(writer, reactor, lambda: engine.configuration, __version__)
+        beat = NodeBeat(writer, reactor, lambda: engine.configuration, __version__,
+                        interval=cluster.lease_renew if cluster is not None else HEARTBEAT_SECONDS,
+                        name=cluster.node_id if cluster is not None else None)
         beat.start().addErrback(lambda failure: announce(f"node not registered: {failure.getErrorMessage()}",
                                                          "node_unregistered", "warn"))
     from hl7relay.ops.alerts import Alerts, AlertSettings
@@ -332,6 +344,18 @@ def _start_console(controls, console: dict, reactor, announce) -> str | None:
         announce(f"console: {scheme}://{shown}:{listening.getHost().port}/", "console_started")
     except Exception as exc:  # noqa: BLE001 - a taken port, a bad certificate: the start stops
         return f"the console cannot start on {host}:{console['port']}: {exc}"
+    return None
+
+
+def _cluster_problem(settings: dict) -> str | None:
+    cluster = settings.get("cluster")
+    if cluster is None:
+        return None
+    if not str(settings["store"]).startswith("postgresql"):
+        return ("cluster: needs a PostgreSQL store (store: {url: postgresql+psycopg://USER@HOST/DB}); several "
+                "engines cannot share a SQLite file")
+    if settings["forwarding"] == "process":
+        return "cluster: forwarding: process is not supported in a cluster yet (forwarding: inline)"
     return None
 
 

@@ -58,6 +58,9 @@ class RemoteQueue:
         self.forwarder.send(("stop", self.queue_id))
 
     # -- a message's deliveries -----------------------------------------------------------------------
+    def partition_of(self, order_key, content) -> int:
+        return 0  # the forwarder runs one engine's queues (not a cluster's)
+
     def enqueue(self, message_id: int, content: bytes, order_key, received_at: float, message=None) -> None:
         if not self.stopped:
             self.forwarder.send(("enqueue", self.queue_id, message_id, content, order_key, received_at))

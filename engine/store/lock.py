@@ -9,8 +9,8 @@ The file says who holds it (pid, host, start time) for the error message.
 PostgreSQL: a session advisory lock per schema, held by a connection of its own for the engine's
 life. The forwarder takes a shared lock of a second key on its own connection; a new engine waits
 until it can take that key exclusively (no forwarder of an older engine left), then lets it go.
-Clustering (several engines on one database) is for a later release: until then a second engine
-is refused.
+In a cluster (several engines on one database, each with its own ``node_id``) the lock is the
+node's: a second engine with the same node id is refused, engines with other ids share the store.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ _KEYS = "hashtext(:key), hashtext(coalesce(current_schema(), current_setting('se
 _TRY_LOCK = sa.text(f"SELECT pg_try_advisory_lock({_KEYS})")
 _UNLOCK = sa.text(f"SELECT pg_advisory_unlock({_KEYS})")
 _LOCK_SHARED = sa.text(f"SELECT pg_advisory_lock_shared({_KEYS})")
+_TRY_LOCK_SHARED = sa.text(f"SELECT pg_try_advisory_lock_shared({_KEYS})")
 _FORWARDER_KEY = "hl7relay-forwarder"
 
 
@@ -43,8 +44,10 @@ class StoreLocked(StoreError):
 
 
 class StoreLock:
-    def __init__(self, url: str):
+    def __init__(self, url: str, node_id: str | None = None):
         self.url = url
+        # one engine per store, or in a cluster one per node id
+        self.key = _ENGINE_KEY if node_id is None else f"{_ENGINE_KEY}:{node_id}"
         self.path = sqlite_path(url)
         self._fd: int | None = None
         self._connection = None
@@ -106,7 +109,14 @@ class StoreLock:
             self._engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
         connection = self._engine.connect()
         try:
-            taken = connection.execute(_TRY_LOCK, {"key": _ENGINE_KEY}).scalar()
+            if self.key != _ENGINE_KEY:
+                # a cluster's node shares the engine's key with the other nodes: an engine that is
+                # not in the cluster (it would deliver every partition) holds it alone, and is refused
+                shared = connection.execute(_TRY_LOCK_SHARED, {"key": _ENGINE_KEY}).scalar()
+                if not shared:
+                    connection.close()
+                    return "an hl7relay engine that is not in the cluster (no cluster: in its settings)"
+            taken = connection.execute(_TRY_LOCK, {"key": self.key}).scalar()
             if taken:
                 # a forwarder of an engine that died may still be sending: wait for it to go
                 free = connection.execute(_TRY_LOCK, {"key": _FORWARDER_KEY}).scalar()
@@ -115,7 +125,7 @@ class StoreLock:
                     connection.commit()
                     self._connection = connection
                     return None
-                connection.execute(_UNLOCK, {"key": _ENGINE_KEY})
+                connection.execute(_UNLOCK, {"key": self.key})
                 connection.commit()
                 connection.close()
                 return "the forwarder process of an engine that stopped is still running"
@@ -123,7 +133,7 @@ class StoreLock:
                 holder = connection.execute(sa.text(
                     "SELECT a.pid, a.client_addr FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                     "WHERE l.locktype = 'advisory' AND l.classid = (hashtext(:key)::bigint & 4294967295)::oid "
-                    "AND l.granted LIMIT 1"), {"key": _ENGINE_KEY}).first()
+                    "AND l.granted LIMIT 1"), {"key": self.key}).first()
             except sa.exc.SQLAlchemyError:  # who it is only adds to the message
                 holder = None
             connection.close()

@@ -1,0 +1,168 @@
+"""Several engines on one PostgreSQL store (issue #31): each destination's queue is split into
+partitions, and a node delivers only the partitions it holds a lease on (leases.py).
+
+A delivery's partition is decided when its message is stored: ``per_key`` by its key's hash (a
+key's deliveries stay in one partition, in order, whichever node holds it), ``in_order`` the one
+partition 0 (the destination's order is one queue's), ``none`` by its content's hash (spread).
+The :class:`PartitionedQueue` stands where the engine expects a destination's queue; for each
+partition this node holds it runs a :class:`~hl7relay.queues.DestinationQueue` of that partition
+alone, whose results are written under the lease (fenced once the lease moved on). A message
+stored here for a partition another node holds waits in the store: its owner's poll reads it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, task
+
+from hl7relay.channels.destinations import QueueOptions
+
+__all__ = ["ClusterSettings", "PartitionedQueue", "partition_of", "lease_name", "parse_lease_name"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    node_id: str
+    partitions: int = 16
+    lease_ttl: float = 10.0
+    lease_renew: float = 3.0
+
+
+def partition_of(options: QueueOptions, order_key: str | None, content: bytes | None, partitions: int) -> int:
+    if partitions <= 1 or options.order == "in_order":
+        return 0
+    if options.order == "per_key":
+        return zlib.crc32((order_key or "").encode("utf-8", "replace")) % partitions
+    return zlib.crc32(content or b"") % partitions
+
+
+def lease_name(channel: str, destination: str, partition: int) -> str:
+    return f"queue:{channel}/{destination}/{partition}"
+
+
+def parse_lease_name(name: str) -> tuple[str, str, int] | None:
+    if not name.startswith("queue:"):
+        return None
+    path, _, number = name[len("queue:"):].rpartition("/")
+    channel, _, destination = path.partition("/")
+    return channel, destination, int(number)
+
+
+class PartitionedQueue:
+    """A destination's queue in a cluster: the partitions this node holds, each a queue of its
+    own. ``make(partition, lease)`` builds one (a DestinationQueue of that partition)."""
+
+    remote = False
+
+    def __init__(self, channel: str, destination: str, options: QueueOptions, partitions: int, make, reactor,
+                 stop_timeout: float):
+        self.channel, self.destination, self.options = channel, destination, options
+        self.count = 1 if options.order == "in_order" else partitions
+        self.make, self.reactor, self.stop_timeout = make, reactor, stop_timeout
+        self.parts: dict[int, Any] = {}  # partition -> its running queue (a DestinationQueue)
+        self.paused = False
+        self._stopped = False
+
+    # -- what the engine and its trips use (hl7relay.queues.Queue) -------------------------------
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def lease_names(self) -> list[str]:
+        return [lease_name(self.channel, self.destination, p) for p in range(self.count)]
+
+    def partition_of(self, order_key: str | None, content: bytes | None) -> int:
+        return partition_of(self.options, order_key, content, self.count)
+
+    def start(self) -> None:
+        """Nothing runs until a lease is taken (:meth:`gain`)."""
+
+    def stop(self) -> None:
+        self._stopped = True
+        for part in self.parts.values():
+            part.stop()
+
+    def enqueue(self, message_id: int, content: bytes, order_key: str | None, received_at: float, message=None) -> None:
+        part = self.parts.get(self.partition_of(order_key, content))
+        if part is not None:
+            part.enqueue(message_id, content, order_key, received_at, message)
+        # else: another node holds the partition; its poll reads the row
+
+    def first_result(self, message_id: int) -> defer.Deferred:  # pragma: no cover - refused at start (run.py)
+        raise RuntimeError("response: after_delivery is not supported in a cluster")
+
+    def release(self, message_id: int) -> None:  # pragma: no cover - after_delivery only
+        for part in self.parts.values():
+            part.release(message_id)
+
+    def withdraw(self, message_id: int, reason: str):  # pragma: no cover - after_delivery only
+        return None
+
+    def pause(self) -> None:
+        self.paused = True
+        for part in self.parts.values():
+            part.pause()
+
+    def resume(self) -> None:
+        self.paused = False
+        for part in self.parts.values():
+            part.resume()
+
+    def retry_now(self) -> int:
+        return sum(part.retry_now() for part in self.parts.values())
+
+    @property
+    def in_flight(self) -> dict:
+        merged: dict = {}
+        for part in self.parts.values():
+            merged.update(part.in_flight)
+        return merged
+
+    def view(self) -> dict:
+        views = [part.view() for part in self.parts.values()]
+        first = views[0] if views else {}
+        states = [v["state"] for v in views]
+        state = ("paused" if self.paused else next((s for s in ("held", "down", "failing", "rate_limited") if s in states),
+                                                   "ok" if "ok" in states else "idle"))
+        return {
+            "channel": self.channel, "destination": self.destination, "paused": self.paused,
+            "connected": first.get("connected"), "state": state,
+            "depth": sum(v["depth"] for v in views), "in_memory": sum(v["in_memory"] for v in views),
+            "on_disk": sum(v["on_disk"] for v in views), "in_flight": sum(v["in_flight"] for v in views),
+            "oldest_age": max((v["oldest_age"] for v in views if v["oldest_age"] is not None), default=None),
+            "head": first.get("head"), "last_error": next((v["last_error"] for v in views if v["last_error"]), ""),
+            "last_error_at": max((v["last_error_at"] for v in views if v["last_error_at"]), default=None),
+            "last_error_class": next((v["last_error_class"] for v in views if v["last_error_class"]), None),
+            "last_sent_at": max((v["last_sent_at"] for v in views if v["last_sent_at"]), default=None),
+            "held": next((v["held"] for v in views if v["held"]), None),
+            "rate_limited_since": None, "wait_left": None,
+            "sent": sum(v["sent"] for v in views), "failed": sum(v["failed"] for v in views),
+            "retried": sum(v["retried"] for v in views),
+            "partitions": {"count": self.count, "held": sorted(self.parts)},
+        }
+
+    # -- leases (the engine's LeaseKeeper) ---------------------------------------------------------
+    def gain(self, partition: int, lease: tuple) -> None:
+        """This node holds the partition now: its queue reads the partition's backlog in order."""
+        if self._stopped or partition in self.parts:
+            return
+        part = self.make(partition, lease)
+        if self.paused:
+            part.pause()
+        self.parts[partition] = part
+        part.start()
+
+    @defer.inlineCallbacks
+    def lose(self, partition: int):
+        """Stop the partition's queue and wait (bounded) for its deliveries on the wire: their
+        results are written under the old lease (kept if it is still ours, fenced if not)."""
+        part = self.parts.pop(partition, None)
+        if part is None:
+            return
+        part.stop()
+        deadline = self.reactor.seconds() + self.stop_timeout
+        while part.in_flight and self.reactor.seconds() < deadline:
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
