@@ -29,6 +29,8 @@ EVENTS = {
     "bytes_discarded": {"listener", "count"},
     "frame_discarded": {"listener", "reason"},
     "file_read": {"channel", "file", "file_id", "state", "messages", "errors"},
+    "lease_changed": {"change", "held", "lease"},  # a cluster's lease taken, lost or released (leases.py)
+    "writes_fenced": {"count"},  # delivery results left out: their lease had moved on (store/writer.py)
 }
 
 _registered: tuple = ()  # (observer, the events it wants or None for all), in order

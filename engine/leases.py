@@ -28,6 +28,8 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from hl7relay.events import emit
+
 __all__ = ["LeaseKeeper", "LeaseState"]
 
 log = Logger(namespace="hl7relay.leases")
@@ -124,6 +126,7 @@ class LeaseKeeper:
         was = lease.state
         lease.state, lease.epoch = LeaseState.FREE, None
         self.churn += 1
+        emit("lease_changed", change="lost", held=len(self.held), lease=lease.name)
         log.warn("lease {name}: {why}; its work stops", name=lease.name, why=why)
         if was is LeaseState.HELD:
             return defer.maybeDeferred(self.on_loss, lease.name)
@@ -138,6 +141,7 @@ class LeaseKeeper:
         yield defer.maybeDeferred(self.on_loss, lease.name)  # drained: nothing of it in flight
         lease.state, lease.epoch = LeaseState.FREE, None
         self.churn += 1
+        emit("lease_changed", change="released", held=len(self.held), lease=lease.name)
         if epoch is not None:
             try:
                 yield self.run(self.store.release_lease, lease.name, self.node, epoch, **self._now())
@@ -219,6 +223,7 @@ class LeaseKeeper:
             lease.state, lease.epoch = LeaseState.HELD, epoch
             self._arm(lease, began)
             self.churn += 1
+            emit("lease_changed", change="taken", held=len(self.held), lease=lease.name)
             held.append(lease)
             log.info("lease {name}: taken (epoch {epoch})", name=lease.name, epoch=epoch)
             yield defer.maybeDeferred(self.on_gain, lease.name, epoch)

@@ -112,6 +112,12 @@ class Metrics:
         self.discarded_frames = Counter("hl7relay_discarded_frames", "Frames dropped (oversize, read timeout)", ["listener", "reason"], registry=r)
         self.files = Counter("hl7relay_files_read", "Files a source finished with, by state (done, errors, duplicate)",
                              ["channel", "state"], registry=r)
+        self.leases_held = Gauge("hl7relay_leases_held", "Leases this node holds (a cluster's queue partitions)", [],
+                                 registry=r)
+        self.lease_changes = Counter("hl7relay_lease_changes", "Leases this node took, lost or let go (churn)", ["change"],
+                                     registry=r)
+        self.fenced = Counter("hl7relay_fenced_writes", "Delivery results left out of a commit: written under a lease "
+                              "another node held by then", [], registry=r)
         self.commit_latency = _HotHistogram("hl7relay_store_commit_seconds", "Store commit duration", [], _LATENCY_BUCKETS)
         self.batch_size = _HotHistogram("hl7relay_store_batch_size", "Messages and updates per group commit", [], _BATCH_BUCKETS)
         r.register(_HotCollector([self.received, self.acked, self.sent, self.ack_latency, self.stage_latency,
@@ -119,6 +125,8 @@ class Metrics:
         self._children: dict = {}  # (metric, label values) -> child: labels() validates and locks on every call
         self._handlers = {
             "message_received": lambda f: self.received.inc((f["channel"],)),
+            "lease_changed": self._lease_changed,
+            "writes_fenced": lambda f: self.fenced.inc(f["count"]),
             "message_processed": self._processed,
             "store_failed": lambda f: self._labels(self.store_failures, f["channel"]).inc(),
             "delivery_sent": lambda f: self.sent.inc((f["channel"], f["destination"])),
@@ -136,6 +144,10 @@ class Metrics:
             "file_read": lambda f: self._labels(self.files, f["channel"], f["state"]).inc(),
         }
 
+
+    def _lease_changed(self, f) -> None:
+        self.lease_changes.labels(f["change"]).inc()
+        self.leases_held.set(f["held"])
     def _labels(self, metric, *values):
         key = (metric, values)
         child = self._children.get(key)

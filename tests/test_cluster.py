@@ -247,3 +247,112 @@ def test_three_nodes_share_the_partitions_and_a_killed_ones_are_taken_over_with_
                 engine.terminate()
         sink.down()
         store.close()
+
+
+def test_a_node_paused_past_its_lease_has_its_late_writes_fenced_and_nothing_reordered(tmp_path):
+    """SIGSTOP of a node for twice its lease while its deliveries are on the wire, then SIGCONT:
+    the others took its partitions; its late results are left out of the store (counted, in its
+    metrics), nothing is lost and no patient's messages are reordered at the receiver."""
+    import signal
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
+    from harness import Load, Sink, delivery_figures, wait_for
+    from test_store import POSTGRES_URL, _postgres_store
+
+    store = _postgres_store()
+    sink = Sink(delay=0.05).up()  # slow: deliveries are on the wire when the node stops
+    nodes = {name: _cluster_node(tmp_path, name, POSTGRES_URL, sink.port) for name in ("node-a", "node-b")}
+    try:
+        def owners():
+            return {row["name"]: row["owner"] for row in store.leases() if row["left"] > 0}
+
+        wait_for(lambda: len(owners()) == 8 and len(set(owners().values())) == 2, 60, "every partition owned, by both")
+        loads = [Load(engine.ports["relay"], connections=2, prefix=f"{name[-1]}-", key_prefix=f"{name[-1]}K").start()
+                 for name, engine in nodes.items()]
+        wait_for(lambda: sum(load.accepted_count() for load in loads) >= 100, 60, "100 messages ACKed")
+        paused = nodes["node-a"]
+        held = {lease for lease, owner in owners().items() if owner == "node-a"}
+        paused.process.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        wait_for(lambda: all(owners().get(lease) == "node-b" for lease in held), 30, "node-a's partitions taken over")
+        time.sleep(max(0.0, 2 * 4 - (time.monotonic() - stopped_at)))  # paused for twice lease_ttl
+        paused.process.send_signal(signal.SIGCONT)
+        resumed_at = time.monotonic()
+        for load in loads:
+            load.finish()
+        accepted = [a for load in loads for a in load.accepted()]
+        wanted = {a.control_id for a in accepted}
+        wait_for(lambda: wanted <= set(sink.ids()), 120, "every ACKed message at the receiver")
+        with urllib.request.urlopen(paused.admin + "/metrics", timeout=30) as answer:
+            metrics = answer.read().decode()
+        fenced = float(next(line.split()[-1] for line in metrics.splitlines()
+                            if line.startswith("hl7relay_fenced_writes_total")))
+        assert fenced >= 1, "the paused node's late results were not fenced"
+        assert 'hl7relay_lease_changes_total{change="lost"}' in metrics
+        figures = delivery_figures(accepted, sink.received, [stopped_at, resumed_at], window=1.0,
+                                   answered_at=sink.answered_at)
+        assert figures["lost"] == 0 and figures["inversions"] == 0, figures
+    finally:
+        for engine in nodes.values():
+            if engine.process.poll() is None:
+                engine.process.send_signal(signal.SIGCONT)
+                engine.terminate()
+        sink.down()
+        store.close()
+
+
+def test_a_cluster_needs_postgresql_inline_forwarding_and_on_store_answers(tmp_path):
+    import subprocess
+    import sys
+
+    from test_store import POSTGRES_URL
+
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n")
+
+    def run(config: str, *extra):
+        (tmp_path / "hl7relay.yaml").write_text(config)
+        return subprocess.run([sys.executable, "-m", "hl7relay", "run", "--config", "hl7relay.yaml", "--admin-port", "0",
+                               "--console-port", "0", *extra], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    sqlite = run("channels: [channels]\ncluster: {node_id: a}\n")
+    assert sqlite.returncode == 1 and "cluster: needs a PostgreSQL store" in sqlite.stderr
+    process = run(f"store: {{url: '{POSTGRES_URL}'}}\nchannels: [channels]\nforwarding: process\ncluster: {{node_id: a}}\n")
+    assert process.returncode == 1 and "forwarding: process is not supported in a cluster" in process.stderr
+    renew = run(f"store: {{url: '{POSTGRES_URL}'}}\nchannels: [channels]\ncluster: {{lease_ttl: 4, lease_renew: 3}}\n")
+    assert renew.returncode == 1 and "hl7relay.yaml:3:" in renew.stderr and "at most half of lease_ttl" in renew.stderr
+    typo = run(f"store: {{url: '{POSTGRES_URL}'}}\nchannels: [channels]\ncluster: {{partitons: 4}}\n")
+    assert typo.returncode == 1 and "hl7relay.yaml:3:11: unknown key 'partitons'" in typo.stderr and "(did you mean 'partitions')" in typo.stderr
+    (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n"
+                                                    "response: {when: after_delivery}\n"
+                                                    "destinations: [{name: lab, type: file, directory: out}]\n")
+    waiting = run(f"store: {{url: '{POSTGRES_URL}'}}\nchannels: [channels]\ncluster: {{node_id: a}}\n")
+    assert waiting.returncode == 1 and "channel adt answers after_delivery" in waiting.stderr
+
+
+def test_the_store_lock_lets_nodes_share_and_refuses_an_engine_outside_the_cluster_and_a_second_same_node():
+    from test_store import POSTGRES_URL, _postgres_store
+
+    from hl7relay.store.lock import StoreLock, StoreLocked
+
+    _postgres_store().close()
+    a, b, again, single = (StoreLock(POSTGRES_URL, "node-a"), StoreLock(POSTGRES_URL, "node-b"),
+                           StoreLock(POSTGRES_URL, "node-a"), StoreLock(POSTGRES_URL))
+    a.acquire()
+    b.acquire()  # another node: shares the store
+    try:
+        with pytest.raises(StoreLocked):
+            again.acquire(0.2)  # the same node id twice
+        with pytest.raises(StoreLocked):
+            single.acquire(0.2)  # an engine outside the cluster would deliver every partition
+    finally:
+        a.release()
+        b.release()
+    single.acquire()  # alone again
+    with pytest.raises(StoreLocked, match="not in the cluster"):
+        StoreLock(POSTGRES_URL, "node-c").acquire(0.2)
+    single.release()

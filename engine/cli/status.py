@@ -152,6 +152,7 @@ def _nodes(store) -> list[str]:
 
     try:
         _, rows = store.nodes()
+        leases = store.leases()
     except Exception:  # noqa: BLE001 - an older store: nothing to say
         return []
     lines = []
@@ -160,8 +161,12 @@ def _nodes(store) -> list[str]:
             state = f"LOST (no heartbeat for {_age(r['heartbeat_age'])})"
         else:
             state = f"{r['state']}, heartbeat {_age(r['heartbeat_age'])} ago"
+        held = [lease["name"].removeprefix("queue:") for lease in leases
+                if lease["owner"] == r["node_id"] and lease["left"] > 0]
         lines.append(f"  node {r['node_id']} ({r['host']} pid {r['pid']}, {r['version']}): {state}; "
-                     f"snapshot {r['snapshot_id'] or '-'} (sha256 {(r['snapshot_sha256'] or '-')[:12]})")
+                     f"snapshot {r['snapshot_id'] or '-'} (sha256 {(r['snapshot_sha256'] or '-')[:12]})"
+                     + (f"; delivers {len(held)} partition(s): {', '.join(held[:8])}{' …' if len(held) > 8 else ''}"
+                        if held else ""))
     drifting = drift(rows)
     if drifting:
         lines.append("  configuration DRIFT: the nodes run different snapshots (" +

@@ -104,7 +104,8 @@ ROUTES = (
     Route("POST", "/api/v1/reload", "reload", "post_reload",
           "lint the channel files, then apply them without a restart (422 with the problems: nothing changed)", "reload"),
     Route("GET", "/api/v1/nodes", "read", "get_nodes",
-          "the engines on this store (PostgreSQL): heartbeat, version, the snapshot each runs, and any drift"),
+          "the engines on this store (PostgreSQL): heartbeat, version, the snapshot each runs, the leases each holds "
+          "(a cluster's queue partitions), and any drift"),
     Route("GET", "/api/v1/config", "read", "get_config",
           "the snapshot the engine runs, whether the channel files differ from it, and the last ?limit= snapshots"),
     Route("POST", "/api/v1/config/rollback", "reload", "post_rollback",
@@ -335,10 +336,13 @@ class ApiResource(resource.Resource):
         from hl7relay.nodes import ALIVE_SECONDS, drift
 
         now, rows = yield self._off_reactor(lambda store: store.nodes())
+        leases = yield self._off_reactor(lambda store: store.leases())
         drifting = drift(rows)
         for row in rows:
             row["alive"] = row["state"] == "running" and row["heartbeat_age"] <= ALIVE_SECONDS
-        return {"now": now, "nodes": rows, "drift": [r["node_id"] for r in drifting]}
+            row["leases"] = [lease["name"] for lease in leases if lease["owner"] == row["node_id"] and lease["left"] > 0]
+        return {"now": now, "nodes": rows, "drift": [r["node_id"] for r in drifting],
+                "leases": leases}
 
     @defer.inlineCallbacks
     def get_config(self, request, caller, body):

@@ -189,6 +189,12 @@ class StoreWriter:
 
     def _committed(self, ids, records, updates):
         self.commit_failure = None
+        fenced = getattr(self.store, "last_fenced", None)
+        if fenced:  # results written under a lease that moved on: left out (their new owner sends them)
+            log.warn("fencing: {count} delivery results written under a lease another node holds now were left out",
+                     count=len(fenced))
+            emit("writes_fenced", count=len(fenced))
+            self.store.last_fenced = []
         for (_, waiter), message_id in zip(records, ids):
             waiter.callback(message_id)
         for _, waiter in updates:
