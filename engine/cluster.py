@@ -58,10 +58,11 @@ class PartitionedQueue:
     remote = False
 
     def __init__(self, channel: str, destination: str, options: QueueOptions, partitions: int, make, reactor,
-                 stop_timeout: float):
+                 stop_timeout: float, drain=None):
         self.channel, self.destination, self.options = channel, destination, options
         self.count = 1 if options.order == "in_order" else partitions
         self.make, self.reactor, self.stop_timeout = make, reactor, stop_timeout
+        self.drain = drain  # () -> Deferred: the store writer's pending results committed
         self.parts: dict[int, Any] = {}  # partition -> its running queue (a DestinationQueue)
         self.paused = False
         self._stopped = False
@@ -157,8 +158,10 @@ class PartitionedQueue:
 
     @defer.inlineCallbacks
     def lose(self, partition: int):
-        """Stop the partition's queue and wait (bounded) for its deliveries on the wire: their
-        results are written under the old lease (kept if it is still ours, fenced if not)."""
+        """Stop the partition's queue, wait (bounded) for its deliveries on the wire, then for
+        their results to be committed: the lease is let go only then, so the next owner does not
+        find a delivered row still QUEUED and send it again. (Results written under a lease that
+        is no longer ours are fenced.)"""
         part = self.parts.pop(partition, None)
         if part is None:
             return
@@ -166,3 +169,5 @@ class PartitionedQueue:
         deadline = self.reactor.seconds() + self.stop_timeout
         while part.in_flight and self.reactor.seconds() < deadline:
             yield task.deferLater(self.reactor, 0.05, lambda: None)
+        if self.drain is not None:
+            yield self.drain()

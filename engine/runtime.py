@@ -278,7 +278,7 @@ class Engine:
             from hl7relay.cluster import PartitionedQueue
 
             return PartitionedQueue(name[0], name[1], destination.config.queue, self.cluster.partitions, make,
-                                    self.reactor, self.stop_timeout)
+                                    self.reactor, self.stop_timeout, self.writer.drain)
         return make()
 
     # -- a cluster's leases (cluster.py, leases.py) --------------------------------------------------

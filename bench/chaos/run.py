@@ -383,33 +383,47 @@ def _pg_bin() -> Path | None:
     return versions[-1].parent if versions else None
 
 
+class PrivatePostgres:
+    """A PostgreSQL cluster of the scenario's own (initdb in a temporary folder, a free port), so a
+    scenario may stop it or fill it without touching anyone else's database."""
+
+    def __init__(self):
+        binaries = _pg_bin()
+        if binaries is None:
+            raise ChaosFailure("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
+        self.binaries = binaries
+        # a folder of its own outside the work folder (private to root): the server runs as postgres
+        self.folder = Path(tempfile.mkdtemp(prefix="hl7relay-chaos-pg-"))
+        self.as_postgres = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(self.folder, "postgres", "postgres")
+            self.as_postgres = ["runuser", "-u", "postgres", "--"]
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        subprocess.run([*self.as_postgres, str(binaries / "initdb"), "-D", str(self.folder / "data"), "-A", "trust",
+                        "-U", "postgres"], check=True, capture_output=True)
+        self.options = f"-p {port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=on"
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        if self.pg_ctl("-o", self.options, "-l", str(self.folder / "log"), "start").returncode != 0:
+            raise ChaosFailure("could not start the private PostgreSQL cluster")
+
+    def pg_ctl(self, *args):
+        return subprocess.run([*self.as_postgres, str(self.binaries / "pg_ctl"), "-D", str(self.folder / "data"), "-w",
+                               *args], capture_output=True, text=True)
+
+    def remove(self) -> None:
+        self.pg_ctl("-m", "immediate", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @scenario("postgres_down")
 def postgres_down(work: Path, full: bool) -> dict:
-    binaries = _pg_bin()
-    if binaries is None:
-        raise ChaosFailure("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
-    # a folder of its own outside the work folder (private to root): the server runs as postgres
-    cluster = Path(tempfile.mkdtemp(prefix="hl7relay-chaos-pg-"))
-    as_postgres = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(cluster, "postgres", "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    subprocess.run([*as_postgres, str(binaries / "initdb"), "-D", str(cluster / "data"), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    options = f"-p {port} -k {cluster} -c listen_addresses=127.0.0.1 -c fsync=on"
-
-    def pg_ctl(*args):
-        return subprocess.run([*as_postgres, str(binaries / "pg_ctl"), "-D", str(cluster / "data"), "-w", *args],
-                              capture_output=True, text=True)
-
-    if pg_ctl("-o", options, "-l", str(cluster / "log"), "start").returncode != 0:
-        raise ChaosFailure("could not start the private PostgreSQL cluster")
+    server = PrivatePostgres()
+    pg_ctl, options, cluster = server.pg_ctl, server.options, server.folder
     try:
-        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        url = server.url
         sink = Sink().up()
         write_channel(work, "relay", relay_channel(sink.port, "per_key", parallel=4))
         engine = Engine(work, "--store", url)
@@ -440,8 +454,68 @@ def postgres_down(work: Path, full: bool) -> dict:
         check(figures, duplicates=0)
         return figures
     finally:
-        pg_ctl("-m", "immediate", "stop")
-        shutil.rmtree(cluster, ignore_errors=True)
+        server.remove()
+
+
+# -- a cluster: three nodes on one PostgreSQL, one killed (-9) and started again per round -------------------
+@scenario("cluster")
+def cluster(work: Path, full: bool) -> dict:
+    rounds, per_round, ttl, renew = (20, 1000, 4, 1) if full else (10, 150, 4, 1)
+    server = PrivatePostgres()
+    sink = Sink(delay=0.002).up()
+    names = ("node-a", "node-b", "node-c")
+
+    def start(name):
+        folder = work / name
+        write_channel(folder, "relay", relay_channel(sink.port, "per_key", parallel=2))
+        (folder / "hl7relay.yaml").write_text(
+            f'store: {{url: "{server.url}"}}\nchannels: [channels]\n'
+            f"cluster: {{node_id: {name}, partitions: 8, lease_ttl: {ttl}, lease_renew: {renew}}}\n")
+        return Engine(folder, "--config", "hl7relay.yaml")
+
+    try:
+        from hl7relay.store.database import Store
+
+        nodes = {name: start(name) for name in names}
+        store = Store(server.url, create=False)
+
+        def owners():
+            return {row["name"]: row["owner"] for row in store.leases() if row["left"] > 0}
+
+        wait_for(lambda: len(owners()) == 8 and len(set(owners().values())) == 3, 60, "every partition owned, by all three")
+        loads, kills, takeovers = [], [], []
+        for number in range(rounds):
+            victim = names[number % 3]
+            round_loads = [Load(engine.ports["relay"], connections=2, prefix=f"{name[-1]}{number}-",
+                                key_prefix=f"{name[-1]}K").start() for name, engine in nodes.items()]
+            loads += round_loads
+            wait_for(lambda loads=round_loads: sum(load.accepted_count() for load in loads) >= per_round, 120,
+                     f"round {number}: {per_round} messages ACKed")
+            held = {lease for lease, owner in owners().items() if owner == victim}
+            kills.append(time.monotonic())
+            nodes[victim].kill9()
+            wait_for(lambda held=held, victim=victim: all(owners().get(lease) not in (None, victim) for lease in held),
+                     60, f"round {number}: {victim}'s partitions taken over")
+            takeovers.append(time.monotonic() - kills[-1])
+            for load in round_loads:
+                load.finish()
+            nodes[victim] = start(victim)
+        accepted = [a for load in loads for a in load.accepted()]
+        wanted = {a.control_id for a in accepted}
+        wait_for(lambda: wanted <= set(sink.ids()), 300, "every ACKed message delivered")
+        for engine in nodes.values():
+            engine.terminate()
+        store.close()
+        figures = delivery_figures(accepted, sink.received, kills, window=1.0, answered_at=sink.answered_at)
+        figures.update(rounds=rounds, max_takeover_s=round(max(takeovers), 1), lease_ttl=ttl, lease_renew=renew,
+                       hangs=sum(len(load.hangs) for load in loads))
+        if max(takeovers) > ttl + renew + 1.5:  # the look itself polls the store every 50 ms, and a node must see the death
+            raise ChaosFailure(f"a takeover took {max(takeovers):.1f}s (lease_ttl {ttl} + lease_renew {renew})", figures)
+        check(figures)
+        return figures
+    finally:
+        sink.down()
+        server.remove()
 
 
 # -- SIGTERM under sustained load -------------------------------------------------------------------------------
@@ -500,6 +574,9 @@ _WHAT = {
     "disk_full": lambda f: "the data folder a 6 MB tmpfs: filled under load, then grown",
     "postgres_down": lambda f: "a private PostgreSQL cluster stopped (immediate) under load, then started",
     "sigterm": lambda f: f"{f.get('rounds')} SIGTERMs under sustained load (8 connections), stop_timeout 5 s",
+    "cluster": lambda f: f"three nodes on one PostgreSQL, a sender on each; {f.get('rounds')} rounds of kill -9 of one "
+                         f"and its restart; takeover at most {f.get('max_takeover_s')} s (lease_ttl {f.get('lease_ttl')} "
+                         f"+ lease_renew {f.get('lease_renew')})",
 }
 
 
