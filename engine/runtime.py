@@ -163,6 +163,10 @@ class StopReport:
         return "stopped: " + "; ".join(parts) + "; store flushed"
 
 
+# sources that read (a folder, a server) rather than listen: in a cluster one node reads each
+POLLERS = frozenset({"file", "sftp", "fhir"})
+
+
 class Engine:
     """The running engine: it owns the running channels and their lifecycle. Its parts are given
     :class:`~hl7relay.resources.Resources`, never the engine; operators reach it through
@@ -284,7 +288,8 @@ class Engine:
     # -- a cluster's leases (cluster.py, leases.py) --------------------------------------------------
     def _lease_names(self) -> list[str]:
         return [name for running in self.channels.values() for queue in running.queues.values()
-                for name in getattr(queue, "lease_names", lambda: [])()]
+                for name in getattr(queue, "lease_names", lambda: [])()] + [
+            f"source:{name}" for name, running in self.channels.items() if running.channel.source_type in POLLERS]
 
     def _partitioned(self, lease: str):
         from hl7relay.cluster import parse_lease_name
@@ -298,11 +303,24 @@ class Engine:
         return (queue, partition) if hasattr(queue, "gain") else (None, partition)
 
     def _gained(self, lease: str, epoch: int) -> None:
+        if lease.startswith("source:"):
+            running = self.channels.get(lease[len("source:"):])
+            if running is not None and running.enabled and running.source is None and not self.stopping:
+                log.info("{line}", line=self._open_source(running))
+            return
         queue, partition = self._partitioned(lease)
         if queue is not None:
             queue.gain(partition, (lease, self.cluster.node_id, epoch))
 
     def _lost(self, lease: str):
+        if lease.startswith("source:"):
+            running = self.channels.get(lease[len("source:"):])
+            source = running.source if running is not None else None
+            if source is None:
+                return None
+            running.source = None
+            log.info("channel {channel}: its source is another node's now", channel=running.channel.name)
+            return source.close(False)
         queue, partition = self._partitioned(lease)
         return queue.lose(partition) if queue is not None else None
 
@@ -344,6 +362,14 @@ class Engine:
         channel = running.channel
         targets = ", ".join(f"{d.name} ({d.type})" for d in channel.destinations) or "no destinations"
         running.enabled = True
+        if self.cluster is not None and channel.source_type in POLLERS:
+            # one node reads a folder or a server: the one holding the channel's source lease
+            return (f"channel {channel.name}: {channel.source_type} source, read by the node holding lease "
+                    f"source:{channel.name} -> {targets}")
+        return self._open_source(running, targets)
+
+    def _open_source(self, running: RunningChannel, targets: str = "") -> str:
+        channel = running.channel
         source = running.source = channel.source.runner(channel.source, running)
         what = source.open()
         running.address = source.address

@@ -323,3 +323,23 @@ def test_a_file_that_has_not_come_pages_at_once_and_resolves_when_one_comes():
     assert view["summary"] == "adt: the file due 3700s ago has not come (its source's expect:; hl7relay files)"
     engine.sources["adt"] = {"missing_since": None}
     assert [(s, v["rule"]) for s, v in alerts.evaluate()] == [("resolved", "HL7RelayFileMissing")]
+
+
+def test_leases_changing_more_than_twenty_times_in_ten_minutes_warn():
+    from hl7relay import events
+
+    clock, lab, engine, recorder, alerts = setup()
+    alerts.start()
+    try:
+        for _ in range(20):
+            events.emit("lease_changed", change="taken", held=1, lease="queue:adt/lab/0")
+        assert alerts.evaluate() == []  # a rebalance
+        events.emit("lease_changed", change="lost", held=0, lease="queue:adt/lab/0")
+        [(status, view)] = alerts.evaluate()
+        assert (status, view["rule"], view["severity"]) == ("firing", "HL7RelayLeaseChurn", "warn")
+        assert view["summary"].startswith("cluster: this node's leases changed 21 times in 10 minutes")
+        clock.advance(601)  # the engine's own evaluation (started above) runs meanwhile
+        alerts.evaluate()
+        assert recorder.sent[-1] == ("resolved", "HL7RelayLeaseChurn", None)
+    finally:
+        alerts.stop()

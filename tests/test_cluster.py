@@ -356,3 +356,59 @@ def test_the_store_lock_lets_nodes_share_and_refuses_an_engine_outside_the_clust
     with pytest.raises(StoreLocked, match="not in the cluster"):
         StoreLock(POSTGRES_URL, "node-c").acquire(0.2)
     single.release()
+
+
+def test_a_file_source_is_read_by_one_node_and_by_another_when_that_one_dies(tmp_path):
+    """In a cluster a folder is read by the node holding the channel's source lease: each file's
+    messages are stored once; kill -9 of that node and the other reads the files that come next."""
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
+    from harness import Engine, wait_for, write_channel
+    from test_store import POSTGRES_URL, _postgres_store
+
+    store = _postgres_store()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    nodes = {}
+    for name in ("node-a", "node-b"):
+        folder = tmp_path / name
+        write_channel(folder, "batch", f"name: batch\nsource: {{type: file, directory: '{inbox}', poll_interval: 0.2, "
+                                       "settle: 0.2}\n")
+        (folder / "hl7relay.yaml").write_text(CLUSTER_CONFIG.format(url=POSTGRES_URL, node=name))
+        nodes[name] = Engine(folder, "--config", "hl7relay.yaml")
+    try:
+        def reader():
+            return {row["name"]: row["owner"] for row in store.leases() if row["left"] > 0}.get("source:batch")
+
+        wait_for(reader, 30, "the source's lease taken")
+
+        def drop(number):
+            text = "".join(f"MSH|^~\\&|PMS|C|LAB|L|20240105||ADT^A04^ADT_A01|F{number}-{i}|P|2.5.1\r"
+                           f"PID|1||{i}^^^H^MR||DOE^JANE\r" for i in range(5))
+            (inbox / f".f{number}.tmp").write_text(text)
+            (inbox / f".f{number}.tmp").rename(inbox / f"f{number}.hl7")
+
+        def stored():
+            with store.engine.connect() as connection:
+                return sorted(row[0] for row in connection.exec_driver_sql("SELECT control_id FROM messages"))
+
+        for number in range(3):
+            drop(number)
+        wait_for(lambda: len(stored()) == 15, 60, "three files' messages stored")
+        first = reader()
+        nodes[first].kill9()
+        other = "node-b" if first == "node-a" else "node-a"
+        wait_for(lambda: reader() == other, 30, "the other node reading the folder")
+        for number in range(3, 5):
+            drop(number)
+        wait_for(lambda: len(stored()) == 25, 60, "the next files' messages stored")
+        time.sleep(1)  # one more look: nothing read twice
+        assert stored() == sorted(f"F{n}-{i}" for n in range(5) for i in range(5))
+    finally:
+        for engine in nodes.values():
+            if engine.process.poll() is None:
+                engine.terminate()
+        store.close()

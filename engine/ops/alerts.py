@@ -15,6 +15,7 @@ HL7RelayDeadLetters        deliveries went to ERROR in the last 15 minutes      
 HL7RelayStoreFailing       the store refuses writes (messages answered AR)           at once
 HL7RelaySlowAcks           a channel's p99 ACK latency (5 min) > ``slow_ack`` s       10 min
 HL7RelayFileMissing        a file source's ``expect:`` file has not come in time     at once
+HL7RelayLeaseChurn         a cluster node's leases changed > 20 times in 10 min      at once
 =========================  ========================================================  ========
 
 An alert is *pending* while its condition holds for less than its "for", then *firing*: notified
@@ -64,7 +65,11 @@ RULES = (
          "{channel} -> {destination}: rate limited by the API for {value:.0f}s (it keeps answering 429/503)"),
     Rule("HL7RelayFileMissing", "page", 0, "channel",
          "{channel}: the file due {value:.0f}s ago has not come (its source's expect:; hl7relay files)"),
+    Rule("HL7RelayLeaseChurn", "warn", 0, "channel",
+         "{channel}: this node's leases changed {value:.0f} times in 10 minutes (nodes coming and going, or a "
+         "database too slow for lease_renew: hl7relay status)"),
 )
+LEASE_CHURN = 20  # lease changes of one node in 10 minutes: more is not a rebalance, it is ping-pong
 _RULES = {rule.name: rule for rule in RULES}
 
 
@@ -136,6 +141,7 @@ class Alerts:
         self.resolved: deque = deque(maxlen=100)  # recently resolved, for the console and status
         self.silences: dict[tuple, dict] = {}  # (rule, channel or None, destination or None) -> {until, actor, reason}
         self._store_failures: dict[str, deque] = {}
+        self._lease_changes: deque = deque(maxlen=1000)  # when this node's leases changed (a cluster's)
         self._loop = None
         self.notifications_sent = 0
         self.notifications_failed = 0
@@ -144,7 +150,7 @@ class Alerts:
     def start(self) -> "Alerts":
         from twisted.internet import task
 
-        events.subscribe(self._observe, events=("store_failed",))
+        events.subscribe(self._observe, events=("store_failed", "lease_changed"))
         self._loop = task.LoopingCall(self.evaluate)
         self._loop.clock = self.controls.reactor
         self._loop.start(self.settings.evaluate_every, now=False)
@@ -158,6 +164,8 @@ class Alerts:
     def _observe(self, event: str, fields: dict) -> None:
         if event == "store_failed":
             self._store_failures.setdefault(fields["channel"], deque(maxlen=1000)).append(self.clock())
+        elif event == "lease_changed":
+            self._lease_changes.append(self.clock())
 
     # -- conditions ------------------------------------------------------------------------------------
     def conditions(self, now: float) -> dict[tuple, float]:
@@ -185,6 +193,9 @@ class Alerts:
         for name, view in self.controls.source_views().items():
             if view.get("missing_since") is not None:
                 holding[("HL7RelayFileMissing", name, None)] = now - view["missing_since"]
+        churn = sum(1 for at in self._lease_changes if at > now - 600)
+        if churn > LEASE_CHURN:
+            holding[("HL7RelayLeaseChurn", "cluster", None)] = float(churn)
         performance = self.controls.performance
         if performance is not None:
             for name, c in performance.view(10)["channels"].items():
