@@ -412,3 +412,23 @@ def test_a_file_source_is_read_by_one_node_and_by_another_when_that_one_dies(tmp
             if engine.process.poll() is None:
                 engine.terminate()
         store.close()
+
+
+def test_a_store_url_with_every_database_host_connects_to_the_one_that_answers():
+    """The README's multi-host URL: the first host refuses (a failed primary), the next answers."""
+    import socket
+
+    from test_store import POSTGRES_URL, _postgres_store
+
+    _postgres_store().close()
+    url = sa.engine.make_url(POSTGRES_URL)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    hosts = f"host=127.0.0.1:{dead_port}&host={url.host}:{url.port or 5432}&target_session_attrs=read-write"
+    store = Store(f"postgresql+psycopg://{url.username}@/{url.database}?{hosts}")
+    try:
+        assert store.migrate() >= 20 and store.acquire_lease("queue:x/y/0", "node-a", 5) == 1
+    finally:
+        store.close()
