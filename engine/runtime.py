@@ -315,10 +315,9 @@ class Engine:
     def _lost(self, lease: str):
         if lease.startswith("source:"):
             running = self.channels.get(lease[len("source:"):])
-            source = running.source if running is not None else None
-            if source is None:
+            if running is None or running.source is None:
                 return None
-            running.source = None
+            source, running.source = running.source, None
             log.info("channel {channel}: its source is another node's now", channel=running.channel.name)
             return source.close(False)
         queue, partition = self._partitioned(lease)
