@@ -107,6 +107,7 @@ def settings_schema() -> dict:
     engine, store, admin, console = specs()
     schema = engine.json_schema()
     schema["properties"]["store"] = store.json_schema()
+    schema["properties"]["cluster"] = cluster_spec().json_schema()
     for name, spec in (("admin", admin), ("console", console)):
         schema["properties"][name] = spec.json_schema()
         port = schema["properties"][name]["properties"]["port"]

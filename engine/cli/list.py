@@ -24,7 +24,7 @@ def run(args) -> int:
     from hl7relay.spec import KINDS, REQUIRED, registry
 
     from hl7relay.apiclient.credentials import credential_specs
-    from hl7relay.cli._settings import settings_schema, specs
+    from hl7relay.cli._settings import cluster_spec, settings_schema, specs
 
     if args.schema:
         print(json.dumps(channel_schema(), indent=2))
@@ -51,7 +51,7 @@ def run(args) -> int:
             _print_options(spec, indent="      ")
         print()
     print("engine settings (config/hl7relay.yaml):")
-    for spec in specs():
+    for spec in [*specs(), cluster_spec()]:
         print(f"  {spec.name}: {spec.description}")
         _print_options(spec, indent="      ")
     print()
