@@ -23,7 +23,9 @@ def node_id() -> str:
 
 
 def drift(rows: list[dict]) -> list[dict]:
-    """The live running nodes when they do not all run the same snapshot (else [])."""
+    """The live running nodes when they do not all run the same channel files (else []): each
+    reports the hash of the files as written (snapshot_sha256: its snapshot's source hash), the
+    same on every node that runs them whatever its own settings file says."""
     live = [r for r in rows if r["state"] == "running" and r["heartbeat_age"] <= ALIVE_SECONDS]
     return live if len({r["snapshot_sha256"] for r in live}) > 1 else []
 

@@ -464,7 +464,9 @@ class Engine:
                 self._stamp(snapshot_id, channels)
                 self.configuration = {"snapshot": snapshot_id, "from_snapshot": taken.from_snapshot if taken else None,
                                       "files": taken.files if taken is not None and taken.from_snapshot else None,
-                                      "sha256": taken.sha256 if taken is not None else ""}
+                                      # the channel files' own hash: the same on every node running them
+                                      # (the snapshot's sha256 covers each node's settings file too)
+                                      "sha256": taken.source_sha256 if taken is not None else ""}
                 return self.reload(channels).addCallback(
                     lambda summary: dict(summary, snapshot=snapshot_id) if kind == "rollback" else summary)
 

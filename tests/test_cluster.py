@@ -129,7 +129,7 @@ def test_an_engine_on_postgresql_registers_its_node_beats_and_says_drift(tmp_pat
         [node] = store.nodes()[1]
         assert (node["node_id"], node["pid"], node["state"], node["snapshot_id"]) == (
             socket.gethostname(), engine.pid, "running", 1)
-        assert node["snapshot_sha256"] == store.snapshot(1)["sha256"]
+        assert node["snapshot_sha256"] == store.snapshot(1)["source_sha256"]  # the channel files' own hash
         store.register_node("other-host", "other-host", 4242, "0.0.9", None, "f" * 64)  # runs something else
         status = subprocess.run([sys.executable, "-m", "hl7relay", "status", "--store", POSTGRES_URL], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=60)
@@ -431,4 +431,44 @@ def test_a_store_url_with_every_database_host_connects_to_the_one_that_answers()
     try:
         assert store.migrate() >= 20 and store.acquire_lease("queue:x/y/0", "node-a", 5) == 1
     finally:
+        store.close()
+
+
+def test_a_rolling_reload_shows_drift_until_every_node_runs_the_same_files(tmp_path):
+    """Two nodes (settings files of their own: node ids differ); a change reloaded on one is drift
+    in status until the other runs it too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
+    from harness import wait_for
+    from test_store import POSTGRES_URL, _postgres_store
+
+    store = _postgres_store()
+    sink_port = 9  # nothing is sent here: only the configuration matters
+    nodes = {name: _cluster_node(tmp_path, name, POSTGRES_URL, sink_port) for name in ("node-a", "node-b")}
+
+    def status():
+        return subprocess.run([sys.executable, "-m", "hl7relay", "status", "--store", POSTGRES_URL], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60).stdout
+
+    def running():
+        return {row["node_id"]: row["snapshot_sha256"] for row in store.nodes()[1] if row["state"] == "running"}
+
+    try:
+        wait_for(lambda: len(running()) == 2, 30, "both nodes registered")
+        assert len(set(running().values())) == 1 and "DRIFT" not in status()
+        for number, name in enumerate(("node-a", "node-b")):
+            channel = tmp_path / name / "channels" / "relay.yaml"
+            channel.write_text(channel.read_text().replace("retry_max: 1", "retry_max: 2"))
+            nodes[name].reload()
+            if number == 0:
+                wait_for(lambda: len(set(running().values())) == 2, 30, "node-a's new snapshot in its heartbeat")
+                assert "configuration DRIFT: the nodes run different snapshots" in status()
+        wait_for(lambda: len(set(running().values())) == 1, 30, "both nodes on the new files")
+        assert "DRIFT" not in status()
+    finally:
+        for engine in nodes.values():
+            engine.terminate()
         store.close()

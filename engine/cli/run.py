@@ -397,4 +397,4 @@ def _snapshot(store, paths, announce, pinned: dict | None = None, channels=(), s
     if pinned is not None:
         announce(f"configuration: rolled back to snapshot {pinned['from_snapshot']}, not the channel files "
                  "(hl7relay reload applies the files; hl7relay status says whether they differ)", "rolled_back", "warn")
-    return snapshot_id, snapshot.sha256
+    return snapshot_id, snapshot.source_sha256  # what the nodes of a cluster compare (drift)

@@ -85,11 +85,11 @@ def run(args) -> int:
     if args.format == "json":
         print(json.dumps(status, indent=2, default=str))
         return 0
+    for line in _configuration(store, settings) + _nodes(store):
+        print(line)
     if not status:
         print("no channels configured and no messages stored yet")
         return 0
-    for line in _configuration(store, settings) + _nodes(store):
-        print(line)
     period = f"last {args.hours:g}h" if args.hours else "all stored"
     for channel, entry in sorted(status.items()):
         counts = entry["counts"]
