@@ -445,6 +445,10 @@ class Engine:
 
         def loaded(found):
             channels, errors, snapshot = found
+            if not errors and self.cluster is not None:  # as at start (run.py)
+                errors = [f"{c.file}: channel {c.name} answers after_delivery, which a cluster does not do yet "
+                          "(the delivery may be another node's): response: {when: on_store}"
+                          for c in channels if c.enabled and c.response.when == "after_delivery"]
             if isinstance(errors, dict):  # the snapshot itself is missing or refused
                 outcome["result"] = "refused"
                 log.error("{kind} refused: {problem}", kind=kind, problem=next(iter(errors.values())))

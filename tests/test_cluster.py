@@ -468,6 +468,11 @@ def test_a_rolling_reload_shows_drift_until_every_node_runs_the_same_files(tmp_p
                 assert "configuration DRIFT: the nodes run different snapshots" in status()
         wait_for(lambda: len(set(running().values())) == 1, 30, "both nodes on the new files")
         assert "DRIFT" not in status()
+        channel = tmp_path / "node-a" / "channels" / "relay.yaml"
+        channel.write_text(channel.read_text() + "response: {when: after_delivery}\n")
+        nodes["node-a"].reload()  # refused: nothing changes
+        wait_for(lambda: "reload refused" in nodes["node-a"].output(), 30, "the reload refused")
+        assert "answers after_delivery, which a cluster does not do yet" in nodes["node-a"].output()
     finally:
         for engine in nodes.values():
             engine.terminate()
