@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet import defer, task
 
 from hl7relay.channels.destinations import QueueOptions
+from hl7relay.events import emit
 
 __all__ = ["ClusterSettings", "PartitionedQueue", "partition_of", "lease_name", "parse_lease_name"]
 
@@ -145,12 +146,19 @@ class PartitionedQueue:
             "partitions": {"count": self.count, "held": sorted(self.parts)},
         }
 
+    def report(self) -> None:
+        """The destination's queue as the metrics see it: the partitions this node holds, summed."""
+        view = self.view()
+        emit("queue_state", channel=self.channel, destination=self.destination, depth=view["depth"],
+             oldest_age=view["oldest_age"])
+
     # -- leases (the engine's LeaseKeeper) ---------------------------------------------------------
     def gain(self, partition: int, lease: tuple) -> None:
         """This node holds the partition now: its queue reads the partition's backlog in order."""
         if self._stopped or partition in self.parts:
             return
         part = self.make(partition, lease)
+        part.on_report = self.report
         if self.paused:
             part.pause()
         self.parts[partition] = part

@@ -195,6 +195,7 @@ class DestinationQueue:
         from the oldest queued row, never "after the newest held" nor from memory first."""
         self.partition, self.lease = partition, lease
         self.shared = partition is not None
+        self.on_report = None  # () -> None: a partition's state changed (cluster.PartitionedQueue reports)
         self.channel = channel
         self.keyed = keyed
         self.describe = describe  # the destination's own view (an API's token and rate limit), for sync status
@@ -599,6 +600,9 @@ class DestinationQueue:
             self._wake = self.reactor.callLater(min(later) - now, self.run)
 
     def _report(self) -> None:
+        if self.on_report is not None:  # one partition of a cluster's queue: its destination reports the sum
+            self.on_report()
+            return
         oldest = min((row.received_at for row in self.pending.values()), default=None)
         emit("queue_state", channel=self.channel, destination=self.destination, depth=len(self.pending) + self.backlog,
              oldest_age=None if oldest is None else max(0.0, self.clock() - oldest))
