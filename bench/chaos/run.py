@@ -518,6 +518,60 @@ def cluster(work: Path, full: bool) -> dict:
         server.remove()
 
 
+@scenario("cluster_postgres_down")
+def cluster_postgres_down(work: Path, full: bool) -> dict:
+    """Two nodes; PostgreSQL stopped (immediate) under load, then started: AR (never AA) while it is
+    down, the nodes stop delivering before their leases can have expired, and recover on their own."""
+    ttl, renew = 4, 1
+    server = PrivatePostgres()
+    sink = Sink(delay=0.002).up()
+    try:
+        nodes = {}
+        for name in ("node-a", "node-b"):
+            folder = work / name
+            write_channel(folder, "relay", relay_channel(sink.port, "per_key", parallel=2))
+            (folder / "hl7relay.yaml").write_text(
+                f'store: {{url: "{server.url}"}}\nchannels: [channels]\n'
+                f"cluster: {{node_id: {name}, partitions: 8, lease_ttl: {ttl}, lease_renew: {renew}}}\n")
+            nodes[name] = Engine(folder, "--config", "hl7relay.yaml")
+        loads = [Load(engine.ports["relay"], connections=2, prefix=f"{name[-1]}-", key_prefix=f"{name[-1]}K",
+                      answer_timeout=60).start() for name, engine in nodes.items()]
+        wait_for(lambda: sum(load.accepted_count() for load in loads) >= 400, 60, "400 messages ACKed")
+        server.pg_ctl("-m", "immediate", "stop")
+        down_at = time.monotonic()
+        for load in loads:
+            wait_for(lambda load=load: sum(1 for a in load.answers if a.code == "AR" and a.sent_at > down_at) >= 3,
+                     120, "AR answers from every node while PostgreSQL is down")
+        accepted_while_down = [a for load in loads for a in load.accepted() if a.sent_at > down_at + 1.0]
+        not_ready = [engine.readyz() for engine in nodes.values()]
+        time.sleep(ttl)  # down longer than a lease: every node must have stopped delivering
+        server.pg_ctl("-o", server.options, "-l", str(server.folder / "log"), "start")
+        up_at = time.monotonic()
+        for load in loads:
+            wait_for(lambda load=load: any(a.code == "AA" and a.sent_at > up_at for a in load.answers), 120,
+                     "AA again from every node once PostgreSQL is back")
+        wait_for(lambda: sum(load.accepted_count() for load in loads) >= 800, 120, "800 messages ACKed")
+        for load in loads:
+            load.finish()
+        accepted = [a for load in loads for a in load.accepted()]
+        wanted = {a.control_id for a in accepted}
+        wait_for(lambda: wanted <= set(sink.ids()), 300, "every ACKed message delivered")
+        stops = [engine.terminate()[1] for engine in nodes.values()]
+        # a copy sent again was on the wire when the database went, or delivered in the seconds before
+        # the nodes stopped (their leases' deadline: lease_ttl - lease_renew)
+        figures = delivery_figures(accepted, sink.received, [down_at], window=ttl, answered_at=sink.answered_at)
+        figures.update(refused_AR=sum(1 for load in loads for a in load.answers if a.code == "AR"),
+                       readyz_when_down=max(not_ready), aa_while_down=len(accepted_while_down),
+                       hangs=sum(len(load.hangs) for load in loads), stop_s=round(max(stops), 2))
+        if accepted_while_down:
+            raise ChaosFailure(f"{len(accepted_while_down)} messages answered AA while the database was down", figures)
+        check(figures)
+        return figures
+    finally:
+        sink.down()
+        server.remove()
+
+
 # -- SIGTERM under sustained load -------------------------------------------------------------------------------
 @scenario("sigterm")
 def sigterm(work: Path, full: bool) -> dict:
@@ -574,6 +628,8 @@ _WHAT = {
     "disk_full": lambda f: "the data folder a 6 MB tmpfs: filled under load, then grown",
     "postgres_down": lambda f: "a private PostgreSQL cluster stopped (immediate) under load, then started",
     "sigterm": lambda f: f"{f.get('rounds')} SIGTERMs under sustained load (8 connections), stop_timeout 5 s",
+    "cluster_postgres_down": lambda f: "two nodes; PostgreSQL stopped (immediate) under load for longer than a lease, "
+                                       "then started",
     "cluster": lambda f: f"three nodes on one PostgreSQL, a sender on each; {f.get('rounds')} rounds of kill -9 of one "
                          f"and its restart; takeover at most {f.get('max_takeover_s')} s (lease_ttl {f.get('lease_ttl')} "
                          f"+ lease_renew {f.get('lease_renew')})",
