@@ -35,14 +35,21 @@ class NodeBeat:
     beat is logged once until one succeeds again (the store being down is said elsewhere)."""
 
     def __init__(self, writer, reactor, configuration, version: str, interval: float = HEARTBEAT_SECONDS,
-                 name: str | None = None):
+                 name: str | None = None, on_command=None):
         self.writer, self.reactor, self.version, self.interval = writer, reactor, version, interval
+        # a cluster's commands (hl7relay reload --cluster): on_command(row) -> Deferred (result, detail),
+        # for those asked after this node started, looked for at each beat
+        self.on_command = on_command
+        self._last_command: int | None = None
         self.configuration = configuration  # () -> {"snapshot": id, "sha256": ...}: what the engine runs now
         self.name = name or node_id()
         self._loop: task.LoopingCall | None = None
         self._failing = False
 
     def start(self) -> defer.Deferred:
+        if self.on_command is not None:
+            self.writer.read(self.writer.store.last_command_id).addCallbacks(
+                lambda last: setattr(self, "_last_command", last), lambda failure: None)
         running = self.configuration()
         registered = self.writer.read(self.writer.store.register_node, self.name, socket.gethostname(), os.getpid(),
                                       self.version, running.get("snapshot"), running.get("sha256") or "")
@@ -60,6 +67,8 @@ class NodeBeat:
             if self._failing:
                 log.info("node heartbeat: recorded again")
             self._failing = False
+            if self.on_command is not None and self._last_command is not None:
+                return self.writer.read(self.writer.store.commands_after, self._last_command).addCallback(self._carry_out)
 
         def failed(failure):
             if not self._failing:
@@ -67,6 +76,18 @@ class NodeBeat:
             self._failing = True
 
         return beat.addCallbacks(beaten, failed)
+
+    @defer.inlineCallbacks
+    def _carry_out(self, commands: list[dict]):
+        for command in commands:
+            self._last_command = command["id"]
+            log.info("cluster command {id}: {command} by {by}", id=command["id"], command=command["command"],
+                     by=command["requested_by"])
+            try:
+                result, detail = yield defer.maybeDeferred(self.on_command, command)
+            except Exception as exc:  # noqa: BLE001 - said in the answer, not a crash
+                result, detail = "failed", str(exc)
+            yield self.writer.read(self.writer.store.record_command_result, command["id"], self.name, result, detail)
 
     def stop(self) -> defer.Deferred:
         if self._loop is not None and self._loop.running:

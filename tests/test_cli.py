@@ -92,6 +92,9 @@ MISTAKES = [
     (["promote", "--approve", "5", "--reason", "x"], "no promotion 5", True),
     (["promote", "--from", "test", "--to", "prod"], "--reason", False),
     (["replay", "1", "--as-processed", "--dry-run"], "no message 1", True),
+    (["reload", "--cluster"], "no store at", False),
+    (["reload", "--cluster"], "no running node on this store", True),
+    (["reload", "--cluster", "--wait", "soon"], "invalid float value", False),
 ]
 
 

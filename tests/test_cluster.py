@@ -477,3 +477,45 @@ def test_a_rolling_reload_shows_drift_until_every_node_runs_the_same_files(tmp_p
         for engine in nodes.values():
             engine.terminate()
         store.close()
+
+
+def test_reload_cluster_reaches_every_node_through_the_store_and_says_what_each_did(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
+    from harness import wait_for
+    from test_store import POSTGRES_URL, _postgres_store
+
+    store = _postgres_store()
+    nodes = {name: _cluster_node(tmp_path, name, POSTGRES_URL, 9) for name in ("node-a", "node-b")}
+
+    def reload_cluster(reason):
+        return subprocess.run([sys.executable, "-m", "hl7relay", "reload", "--cluster", "--store", POSTGRES_URL,
+                               "--reason", reason, "--wait", "30"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=90)
+
+    try:
+        wait_for(lambda: len([n for n in store.nodes()[1] if n["state"] == "running"]) == 2, 30, "both nodes registered")
+        for name in nodes:
+            channel = tmp_path / name / "channels" / "relay.yaml"
+            channel.write_text(channel.read_text().replace("retry_max: 1", "retry_max: 3"))
+        done = reload_cluster("CHG-7 slower retries")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.splitlines() == ["node-a: reloaded: changed relay", "node-b: reloaded: changed relay"]
+        wait_for(lambda: len({n["snapshot_sha256"] for n in store.nodes()[1] if n["state"] == "running"}) == 1, 30,
+                 "one snapshot on both")
+        broken = tmp_path / "node-b" / "channels" / "relay.yaml"
+        broken.write_text(broken.read_text().replace("retry_max: 3", "retry_max: 3, retyr: 1"))
+        refused = reload_cluster("CHG-8")
+        assert refused.returncode == 1
+        lines = refused.stdout.splitlines()
+        assert lines[0] == "node-a: reloaded: unchanged relay"
+        assert lines[1].startswith("node-b: refused: channels/relay.yaml:") and "unknown key 'retyr'" in lines[1]
+        audit = store.audit_entries(action="reload", limit=50)
+        assert {e["actor"] for e in audit} >= {"cluster:os:" + __import__("getpass").getuser()}
+    finally:
+        for engine in nodes.values():
+            engine.terminate()
+        store.close()

@@ -219,9 +219,22 @@ def run(args) -> int:
     if store.engine.dialect.name == "postgresql":  # the store several engines share: say who runs here
         from hl7relay.nodes import HEARTBEAT_SECONDS, NodeBeat
 
+        def carry_out(command: dict):
+            """A cluster's command: reload (the channel files, linted first), answered per node."""
+            import json as _json
+
+            if command["command"] != "reload":
+                return "refused", f"unknown command {command['command']!r}"
+            audit = {"actor": f"cluster:{command['requested_by']}", "source": "cluster", "action": "reload",
+                     "target": "channels", "reason": command["reason"]}
+            return engine.reload_from_files(f"cluster:{command['requested_by']}", audit).addCallback(
+                lambda result: ("refused", "; ".join(result["errors"])) if "errors" in result
+                else ("ok", _json.dumps(result)))
+
         beat = NodeBeat(writer, reactor, lambda: engine.configuration, __version__,
                         interval=cluster.lease_renew if cluster is not None else HEARTBEAT_SECONDS,
-                        name=cluster.node_id if cluster is not None else None)
+                        name=cluster.node_id if cluster is not None else None,
+                        on_command=carry_out if cluster is not None else None)
         beat.start().addErrback(lambda failure: announce(f"node not registered: {failure.getErrorMessage()}",
                                                          "node_unregistered", "warn"))
     from hl7relay.ops.alerts import Alerts, AlertSettings

@@ -168,3 +168,44 @@ class ClusterQueries:
                 return False
             write(connection)
             return True
+
+    # -- commands to every node (hl7relay reload --cluster) ----------------------------------------
+    def request_command(self, command: str, requested_by: str, reason: str, audit: dict) -> int:
+        """A command every running node carries out at its next heartbeat; its id."""
+        from hl7relay.store.schema import _audit_row, audit_log, cluster_commands
+
+        with self.engine.begin() as connection:
+            key = connection.execute(cluster_commands.insert().values(
+                command=command, requested_at=db_now(connection), requested_by=requested_by,
+                reason=reason[:500])).inserted_primary_key
+            assert key is not None
+            connection.execute(audit_log.insert().values(**_audit_row(dict(audit, target=f"cluster command {key[0]}"))))
+            return int(key[0])
+
+    def commands_after(self, command_id: int) -> list[dict]:
+        from hl7relay.store.schema import cluster_commands
+
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(sa.select(cluster_commands).where(
+                cluster_commands.c.id > command_id).order_by(cluster_commands.c.id)).mappings()]
+
+    def last_command_id(self) -> int:
+        from hl7relay.store.schema import cluster_commands
+
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.select(sa.func.max(cluster_commands.c.id))).scalar() or 0)
+
+    def record_command_result(self, command_id: int, node_id: str, result: str, detail: str) -> None:
+        from hl7relay.store.schema import cluster_command_results as results
+
+        with self.engine.begin() as connection:
+            connection.execute(results.insert().values(command_id=command_id, node_id=node_id,
+                                                       finished_at=db_now(connection), result=result,
+                                                       detail=detail[:4000]))
+
+    def command_results(self, command_id: int) -> list[dict]:
+        from hl7relay.store.schema import cluster_command_results as results
+
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(sa.select(results).where(
+                results.c.command_id == command_id).order_by(results.c.node_id)).mappings()]

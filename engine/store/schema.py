@@ -460,6 +460,31 @@ leases = sa.Table(
 )
 
 
+# What an operator asked every node of a cluster to do (hl7relay reload --cluster), and each node's answer.
+cluster_commands = sa.Table(
+    "cluster_commands", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("command", sa.String(40), nullable=False),  # reload
+    sa.Column("requested_at", sa.Float, nullable=False),  # the database's clock
+    sa.Column("requested_by", sa.String(200), nullable=False),
+    sa.Column("reason", sa.String(500), nullable=False, default=""),
+)
+cluster_command_results = sa.Table(
+    "cluster_command_results", metadata,
+    sa.Column("command_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+              sa.ForeignKey("cluster_commands.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("node_id", sa.String(100), primary_key=True),
+    sa.Column("finished_at", sa.Float, nullable=False),
+    sa.Column("result", sa.String(16), nullable=False),  # ok, refused
+    sa.Column("detail", sa.Text, nullable=False, default=""),
+)
+
+
+def _migration_21(connection) -> None:
+    cluster_commands.create(connection, checkfirst=True)
+    cluster_command_results.create(connection, checkfirst=True)
+
+
 def _migration_20(connection) -> None:
     _add_columns(connection, "deliveries", _ADDED_AFTER_19["deliveries"])
     index = next(i for i in deliveries.indexes if i.name == "ix_deliveries_partition")
@@ -500,4 +525,5 @@ MIGRATIONS = [
     (18, "configuration: rollbacks, notes, the files' hash across environments; promotions", _migration_18),
     (19, "cluster: the nodes on the store and their leases", _migration_19),
     (20, "deliveries: the queue partition each is in (a cluster's nodes deliver the partitions they hold)", _migration_20),
+    (21, "cluster: commands to every node (reload) and each node's answer", _migration_21),
 ]
