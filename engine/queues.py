@@ -393,7 +393,7 @@ class DestinationQueue:
         (once, however many come meanwhile), rather than at the next poll_interval."""
         if self.state is QueueState.STOPPED or self._poll_soon is not None:
             return
-        self._poll_soon = self.reactor.callLater(0.01, self._poll_now)
+        self._poll_soon = self.reactor.callLater(0.05, self._poll_now)
 
     def _poll_now(self):
         self._poll_soon = None

@@ -519,3 +519,27 @@ def test_reload_cluster_reaches_every_node_through_the_store_and_says_what_each_
         for engine in nodes.values():
             engine.terminate()
         store.close()
+
+
+def test_nodes_starting_together_on_a_new_database_migrate_one_at_a_time():
+    from test_store import POSTGRES_URL, _postgres_store
+
+    from hl7relay.store.schema import MIGRATIONS
+
+    _postgres_store().close()  # an empty schema
+    stores = [Store(POSTGRES_URL) for _ in range(4)]
+    versions: list = []
+    barrier = threading.Barrier(4)
+
+    def migrate(store):
+        barrier.wait()
+        versions.append(store.migrate())
+
+    threads = [threading.Thread(target=migrate, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for store in stores:
+        store.close()
+    assert versions == [MIGRATIONS[-1][0]] * 4

@@ -135,6 +135,11 @@ class Store(MessageQueries, DeliveryQueries, XrefQueries, FileQueries, SnapshotQ
     def migrate(self) -> int:
         """Create or upgrade the schema; returns the version now in place."""
         with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # nodes of a cluster starting together on a new database migrate one at a time (the
+                # others wait, then find it done); the lock ends with the transaction
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('hl7relay-migrate'), "
+                                           "hashtext(coalesce(current_schema(), current_setting('search_path'))))")
             schema_version.create(connection, checkfirst=True)
             current = connection.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
             for version, _description, function in MIGRATIONS:
