@@ -264,16 +264,20 @@ def test_a_node_paused_past_its_lease_has_its_late_writes_fenced_and_nothing_reo
     from test_store import POSTGRES_URL, _postgres_store
 
     store = _postgres_store()
-    sink = Sink(delay=0.05).up()  # slow: deliveries are on the wire when the node stops
+    # slow: the paused node's partitions have deliveries on the wire when it stops (2 per partition), and
+    # their ACKs wait in its socket buffer until it wakes, before its lease deadline (I/O comes before timers)
+    sink = Sink(delay=0.3).up()
     nodes = {name: _cluster_node(tmp_path, name, POSTGRES_URL, sink.port) for name in ("node-a", "node-b")}
     try:
         def owners():
             return {row["name"]: row["owner"] for row in store.leases() if row["left"] > 0}
 
         wait_for(lambda: len(owners()) == 8 and len(set(owners().values())) == 2, 60, "every partition owned, by both")
-        loads = [Load(engine.ports["relay"], connections=2, prefix=f"{name[-1]}-", key_prefix=f"{name[-1]}K").start()
-                 for name, engine in nodes.items()]
+        # a steady trickle (the receiver takes 0.3 s a message, 16 connections): ~40 messages a second
+        loads = [Load(engine.ports["relay"], connections=2, prefix=f"{name[-1]}-", key_prefix=f"{name[-1]}K",
+                      interval=0.1).start() for name, engine in nodes.items()]
         wait_for(lambda: sum(load.accepted_count() for load in loads) >= 100, 60, "100 messages ACKed")
+        wait_for(lambda: len(sink.received) >= 20, 60, "deliveries flowing")
         paused = nodes["node-a"]
         held = {lease for lease, owner in owners().items() if owner == "node-a"}
         paused.process.send_signal(signal.SIGSTOP)
