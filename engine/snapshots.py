@@ -80,10 +80,26 @@ def bundle_of(paths, values: dict) -> dict[str, str]:
     return {path: render(text, values) for path, text in source_files(paths).items()}
 
 
+def _portable(files: dict, paths) -> dict:
+    """The files keyed by where they are in their channel folder (its position among ``paths`` and
+    the path inside it), not by how the folder was named: the engine may say ``channels``, a
+    command run elsewhere ``/srv/hl7relay/channels``; the same files must hash the same."""
+    import os
+
+    roots = [os.path.abspath(p) for p in paths]
+    out = {}
+    for path, text in files.items():
+        absolute = os.path.abspath(path)
+        index = next((i for i, root in enumerate(roots) if absolute == root or absolute.startswith(root + os.sep)), None)
+        key = path if index is None else f"{index}:{os.path.relpath(absolute, roots[index])}"
+        out[key] = text
+    return out
+
+
 def source_sha256(paths) -> str:
     """The files' hash before any environment's values go in: the same files give the same hash in
-    test and in prod (what ``hl7relay promote`` compares)."""
-    return _digest(source_files(paths))
+    test and in prod, wherever the folders are (what ``hl7relay promote`` compares)."""
+    return _digest(_portable(source_files(paths), paths))
 
 
 def _git(folder: Path) -> tuple[str, bool]:
@@ -135,7 +151,7 @@ def take_snapshot(paths, actor: str, reason: str, now: float, note: str = "", ch
     # the environment's values are written in; the process's own variables stay references (one may
     # hold a credential), read again from the process when a rollback loads the snapshot
     raw = source_files(paths)
-    source = _digest(raw)  # the channel folders as written: the same in every environment (promote)
+    source = _digest(_portable(raw, paths))  # the channel folders as written: the same in every environment
     raw.update(_named_files(channels, settings_file, raw))
     files = {path: render(text, values, keep_missing=True) for path, text in raw.items()}  # as files_now
     first = next((Path(p) for p in paths if Path(p).exists()), Path("."))
@@ -180,5 +196,6 @@ def in_folders(files: dict, paths) -> dict:
 
 
 def differs_from_files(row: dict | None, paths) -> bool:
-    """Whether the channel folders' files on disk, rendered now, are not what this snapshot holds."""
-    return row is not None and files_now(paths) != in_folders(row["files"], paths)
+    """Whether the channel folders' files on disk, rendered now, are not what this snapshot holds
+    (compared by where they are, however the folders are named)."""
+    return row is not None and _portable(files_now(paths), paths) != _portable(in_folders(row["files"], paths), paths)

@@ -337,3 +337,20 @@ def test_a_start_after_a_rollback_runs_the_snapshot_unless_told_from_files(tmp_p
     assert [(r["id"], r["reason"], r["from_snapshot"]) for r in rows[:2]] == [(4, "start", None), (3, "start", 1)]
     assert "# changed" not in store.snapshot(3)["files"]["channels/adt.yaml"]
     assert "# changed" in store.snapshot(4)["files"]["channels/adt.yaml"]
+
+
+def test_the_files_hash_and_compare_the_same_however_their_folder_is_named(tmp_path, monkeypatch):
+    """The engine names its folder `channels` (from its settings), a command run later may name it
+    `/srv/.../channels`: the promotion hash and the files-differ check must not see a difference."""
+    from hl7relay.snapshots import differs_from_files, source_sha256, take_snapshot
+
+    (tmp_path / "channels" / "lookups").mkdir(parents=True)
+    (tmp_path / "channels" / "adt.yaml").write_text("name: adt\nsource: {type: mllp, port: 0}\n")
+    (tmp_path / "channels" / "lookups" / "x.csv").write_text("I,IP\n")
+    monkeypatch.chdir(tmp_path)
+    snapshot = take_snapshot(["channels"], "os:ana", "start", 1.0)
+    absolute = [str(tmp_path / "channels")]
+    assert snapshot.source_sha256 == source_sha256(absolute) == source_sha256(["channels"])
+    assert not differs_from_files({"files": snapshot.files}, absolute)
+    (tmp_path / "channels" / "lookups" / "x.csv").write_text("I,IN\n")
+    assert differs_from_files({"files": snapshot.files}, absolute)

@@ -113,9 +113,15 @@ def run(args) -> int:
     if args.second is None:
         from hl7relay.snapshots import files_now, in_folders
 
-        second, label = {"files": files_now(settings["channels"])}, "the files now"
-        if first is not None:  # the channel folders' files (a settings file is not read again here)
-            first = dict(first, files=in_folders(first["files"], settings["channels"]))
+        now = files_now(settings["channels"])
+        second, label = {"files": now}, "the files now"
+        if first is not None:  # the channel folders' files (a settings file is not read again here), each
+            import os        # named as the snapshot names it (the folders may be named otherwise here)
+
+            held = in_folders(first["files"], settings["channels"])
+            by_place = {os.path.abspath(path): path for path in held}
+            first = dict(first, files=held)
+            second = {"files": {by_place.get(os.path.abspath(path), path): text for path, text in now.items()}}
     else:
         second, label = store.snapshot(args.second), f"snapshot {args.second}"
     for number, snapshot in ((args.first, first), (args.second, second)):
