@@ -106,6 +106,18 @@ def running_engine():
     return RunningEngine
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """A migrated store on SQLite, then on the PostgreSQL of test_store.py (an emptied schema)."""
+    from hl7relay.store.database import Store
+    from test_store import _postgres_store
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}") if request.param == "sqlite" else _postgres_store()
+    store.migrate()
+    yield store
+    store.close()
+
+
 @pytest.fixture
 def unit_engine(tmp_path, manual_executor):
     """An Engine on a task.Clock with one ADT channel (a file destination) and a SQLite store whose

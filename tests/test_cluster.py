@@ -13,14 +13,6 @@ from hl7relay.store.database import Store
 T0 = 1_800_000_000.0
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    from test_store import _postgres_store
-
-    store = Store(f"sqlite:///{tmp_path / 'store.db'}") if request.param == "sqlite" else _postgres_store()
-    store.migrate()
-    yield store
-    store.close()
 
 
 def test_a_lease_is_one_owners_until_it_expires_and_each_new_owner_has_a_new_epoch(store):
@@ -172,25 +164,15 @@ def test_a_commit_leaves_out_the_delivery_results_written_under_a_lease_that_mov
     assert statuses == ["SENT", "QUEUED", "SENT"]  # the fenced one stays for partition 1's new owner
 
 
-CLUSTER_CONFIG = """\
-store: {{url: "{url}"}}
-channels: [channels]
-cluster: {{node_id: {node}, partitions: 8, lease_ttl: 4, lease_renew: 1}}
-"""
-
-
 def _cluster_node(folder, name, url, sink_port):
+    """A node (lease_ttl 4 s, lease_renew 1 s) in ``folder/name``: the chaos suite's."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
-    from harness import Engine, relay_channel, write_channel
+    from harness import cluster_node
 
-    node = folder / name
-    node.mkdir(exist_ok=True)
-    write_channel(node, "relay", relay_channel(sink_port, "per_key", parallel=2))
-    (node / "hl7relay.yaml").write_text(CLUSTER_CONFIG.format(url=url, node=name))
-    return Engine(node, "--config", "hl7relay.yaml")
+    return cluster_node(folder / name, name, url, sink_port)
 
 
 def test_three_nodes_share_the_partitions_and_a_killed_ones_are_taken_over_with_nothing_lost(tmp_path):
@@ -370,7 +352,7 @@ def test_a_file_source_is_read_by_one_node_and_by_another_when_that_one_dies(tmp
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
-    from harness import Engine, wait_for, write_channel
+    from harness import wait_for, write_channel
     from test_store import POSTGRES_URL, _postgres_store
 
     store = _postgres_store()
@@ -381,8 +363,7 @@ def test_a_file_source_is_read_by_one_node_and_by_another_when_that_one_dies(tmp
         folder = tmp_path / name
         write_channel(folder, "batch", f"name: batch\nsource: {{type: file, directory: '{inbox}', poll_interval: 0.2, "
                                        "settle: 0.2}\n")
-        (folder / "hl7relay.yaml").write_text(CLUSTER_CONFIG.format(url=POSTGRES_URL, node=name))
-        nodes[name] = Engine(folder, "--config", "hl7relay.yaml")
+        nodes[name] = _cluster_node(tmp_path, name, POSTGRES_URL, 9)  # the relay channel beside it sends nothing
     try:
         def reader():
             return {row["name"]: row["owner"] for row in store.leases() if row["left"] > 0}.get("source:batch")

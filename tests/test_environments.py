@@ -93,21 +93,36 @@ def test_diff_shows_what_two_environments_make_of_the_channels_and_never_a_secre
     assert hl7relay(tmp_path, "diff", "--env", "test").returncode == 2
 
 
+def start_engine(folder, env: str, console: str = "auto"):
+    """`hl7relay run --env ENV` in ``folder``: (the process, its start lines up to "ready")."""
+    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--env", env, "--admin-port", "auto",
+                                "--console-port", console], cwd=folder, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines: list = []
+    deadline = time.monotonic() + 60
+    try:
+        while not any(line.startswith("ready") for line in lines):
+            assert time.monotonic() < deadline and process.poll() is None, lines
+            lines.append(process.stdout.readline())
+    except BaseException:
+        stop_engine(process)
+        raise
+    return process, "".join(lines)
+
+
+def stop_engine(process) -> None:
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    process.stdout.close()
+
+
 def test_the_running_engine_says_its_environment_in_its_start_line_console_and_metrics(tmp_path):
     (tmp_path / "channels").mkdir()
     (tmp_path / "channels" / "adt.yaml").write_text('name: adt\nsource: {type: mllp, port: "${env:ADT_PORT}"}\n')
     (tmp_path / "environments").mkdir()
     (tmp_path / "environments" / "prod.yaml").write_text("ADT_PORT: 0\n")
-    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--env", "prod", "--admin-port", "auto",
-                                "--console-port", "auto"], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    lines = []
+    process, text = start_engine(tmp_path, "prod")
     try:
-        deadline = time.monotonic() + 60
-        while not any(line.startswith("ready") for line in lines):
-            assert time.monotonic() < deadline and process.poll() is None, lines
-            lines.append(process.stdout.readline())
-        text = "".join(lines)
         assert "environment prod (environments/prod.yaml)" in text
         console = re.search(r"console: (http://[^/\s]+)/", text).group(1)
         admin = re.search(r"admin: (http://[^/\s]+)/metrics", text).group(1)
@@ -117,9 +132,7 @@ def test_the_running_engine_says_its_environment_in_its_start_line_console_and_m
         with urllib.request.urlopen(admin + "/metrics", timeout=30) as page:
             assert 'hl7relay_environment{environment="prod"} 1.0' in page.read().decode()
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-        process.stdout.close()
+        stop_engine(process)
 
 
 @pytest.mark.parametrize("text", ["LAB: 1\n", "read_only: true\n"])
@@ -167,16 +180,8 @@ def test_a_read_only_environment_holds_every_delivery_and_will_not_resume_one(tm
         "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: '${env:LAB_PORT}', retry_initial: 0.1}]\n")
     (tmp_path / "environments").mkdir()
     (tmp_path / "environments" / "sandbox.yaml").write_text(f"LAB_PORT: {peer.getsockname()[1]}\nread_only: true\n")
-    process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--env", "sandbox", "--admin-port", "auto",
-                                "--console-port", "0"], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    lines = []
+    process, text = start_engine(tmp_path, "sandbox", console="0")
     try:
-        deadline = time.monotonic() + 60
-        while not any(line.startswith("ready") for line in lines):
-            assert time.monotonic() < deadline and process.poll() is None, lines
-            lines.append(process.stdout.readline())
-        text = "".join(lines)
         assert "environment sandbox (environments/sandbox.yaml, read only)" in text
         assert "read only: every destination holds what it would send" in text
         port = int(text.split("MLLP on 127.0.0.1:")[1].split()[0])
@@ -193,9 +198,7 @@ def test_a_read_only_environment_holds_every_delivery_and_will_not_resume_one(tm
         with pytest.raises(BlockingIOError):
             peer.accept()  # the queue never even connected
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-        process.stdout.close()
+        stop_engine(process)
         peer.close()
     deliveries = Store(f"sqlite:///{tmp_path / 'data' / 'hl7relay.db'}").get_message(1)["deliveries"]
     assert [(d["destination"], d["status"], d["attempts"]) for d in deliveries] == [("lab", "QUEUED", 0)]

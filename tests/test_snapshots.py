@@ -51,24 +51,16 @@ def test_start_and_reload_record_what_ran_and_config_reads_it_back(tmp_path):
     git(tmp_path, "commit", "-q", "-m", "A")
     commit = git(tmp_path, "rev-parse", "HEAD")
     log = tmp_path / "engine.log"
-    engine = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--env", "test", "--channels", "channels",
-                               "--data-dir", "data", "--admin-port", "0", "--console-port", "0"], cwd=tmp_path,
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    engine = start(tmp_path, log)
     try:
-        deadline = time.monotonic() + 60
-        while "ready" not in log.read_text():
-            assert time.monotonic() < deadline and engine.poll() is None, log.read_text()
-            time.sleep(0.05)
+        wait_for(log, "ready; Ctrl-C", engine)
         assert "configuration: snapshot 1 (2 files, sha256 " in log.read_text()
         assert f"git {commit[:12]})" in log.read_text()
         port = int(log.read_text().split("MLLP on 127.0.0.1:")[1].split()[0])
         send(port, "S1")  # processed under A
         (channels / "lookups" / "class.csv").write_text("I,IP\nO,OUT\n")  # B: a mapping changed, not committed
         engine.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 60
-        while "snapshot 2 for the reload" not in log.read_text():
-            assert time.monotonic() < deadline and engine.poll() is None, log.read_text()
-            time.sleep(0.05)
+        wait_for(log, "snapshot 2 for the reload", engine)
         time.sleep(0.5)  # the reload applies right after its snapshot is recorded
         send(port, "S2")  # processed under B
         import sqlite3
@@ -77,8 +69,7 @@ def test_start_and_reload_record_what_ran_and_config_reads_it_back(tmp_path):
             rows = list(connection.execute("SELECT control_id, snapshot_id FROM messages ORDER BY id"))
         assert rows == [("S1", 1), ("S2", 2)]  # each message says what configuration processed it
     finally:
-        engine.send_signal(signal.SIGTERM)
-        assert engine.wait(timeout=60) == 0
+        stop(engine)
     history = hl7relay(tmp_path, "config", "history", "--data-dir", "data")
     lines = history.stdout.strip().splitlines()
     assert history.returncode == 0 and len(lines) == 2, history.stdout + history.stderr

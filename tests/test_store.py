@@ -30,12 +30,6 @@ def _postgres_store():
     return store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'store.db'}") if request.param == "sqlite" else _postgres_store()
-    store.migrate()
-    yield store
-    store.close()
 
 
 def record(control_id="M1", raw=b"MSH|^~\\&|A|B\rPID|1\r", **kw):

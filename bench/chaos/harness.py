@@ -429,6 +429,15 @@ def relay_channel(sink_port: int, order: str = "per_key", parallel: int = 4, ext
             f"retry_initial: 0.2, retry_max: 1}}\n{extra}")
 
 
+def cluster_node(folder: Path, name: str, url: str, sink_port: int, ttl: float = 4, renew: float = 1) -> Engine:
+    """A node of a cluster on ``url``: the relay channel to the sink, 8 partitions."""
+    write_channel(folder, "relay", relay_channel(sink_port, "per_key", parallel=2))
+    (folder / "hl7relay.yaml").write_text(
+        f'store: {{url: "{url}"}}\nchannels: [channels]\n'
+        f"cluster: {{node_id: {name}, partitions: 8, lease_ttl: {ttl}, lease_renew: {renew}}}\n")
+    return Engine(folder, "--config", "hl7relay.yaml")
+
+
 def delivery_figures(accepted: list[Answer], received: list[tuple[str, float]], kills: list[float] = (),
                      window: float = 0.5, answered_at: dict | None = None) -> dict:
     """Lost (ACKed, never delivered), duplicates (delivered twice) and those outside the documented

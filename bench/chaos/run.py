@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (ADT, ROOT, ChaosFailure, Engine, Load, Sink, delivery_figures, first_frame,  # noqa: E402
-                     mutations, relay_channel, stored_control_ids, wait_for, write_channel)
+from harness import (ADT, ROOT, ChaosFailure, Engine, Load, Sink, cluster_node, delivery_figures,  # noqa: E402
+                     first_frame, mutations, relay_channel, stored_control_ids, wait_for, write_channel)
 
 from hl7relay.mllp.framing import MLLPFramer, frame  # noqa: E402
 
@@ -466,12 +466,7 @@ def cluster(work: Path, full: bool) -> dict:
     names = ("node-a", "node-b", "node-c")
 
     def start(name):
-        folder = work / name
-        write_channel(folder, "relay", relay_channel(sink.port, "per_key", parallel=2))
-        (folder / "hl7relay.yaml").write_text(
-            f'store: {{url: "{server.url}"}}\nchannels: [channels]\n'
-            f"cluster: {{node_id: {name}, partitions: 8, lease_ttl: {ttl}, lease_renew: {renew}}}\n")
-        return Engine(folder, "--config", "hl7relay.yaml")
+        return cluster_node(work / name, name, server.url, sink.port, ttl, renew)
 
     try:
         from hl7relay.store.database import Store
@@ -526,14 +521,7 @@ def cluster_postgres_down(work: Path, full: bool) -> dict:
     server = PrivatePostgres()
     sink = Sink(delay=0.002).up()
     try:
-        nodes = {}
-        for name in ("node-a", "node-b"):
-            folder = work / name
-            write_channel(folder, "relay", relay_channel(sink.port, "per_key", parallel=2))
-            (folder / "hl7relay.yaml").write_text(
-                f'store: {{url: "{server.url}"}}\nchannels: [channels]\n'
-                f"cluster: {{node_id: {name}, partitions: 8, lease_ttl: {ttl}, lease_renew: {renew}}}\n")
-            nodes[name] = Engine(folder, "--config", "hl7relay.yaml")
+        nodes = {name: cluster_node(work / name, name, server.url, sink.port, ttl, renew) for name in ("node-a", "node-b")}
         loads = [Load(engine.ports["relay"], connections=2, prefix=f"{name[-1]}-", key_prefix=f"{name[-1]}K",
                       answer_timeout=60).start() for name, engine in nodes.items()]
         wait_for(lambda: sum(load.accepted_count() for load in loads) >= 400, 60, "400 messages ACKed")
