@@ -30,6 +30,7 @@ class ClusterSettings:
     partitions: int = 16
     lease_ttl: float = 10.0
     lease_renew: float = 3.0
+    workers: int = 1  # engine processes on this host (hl7relay run --workers N), each a node of its own
 
 
 def partition_of(options: QueueOptions, order_key: str | None, content: bytes | None, partitions: int) -> int:

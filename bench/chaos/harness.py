@@ -53,7 +53,7 @@ class Engine:
     started: list["Engine"] = []  # every engine of the run: a failed scenario's are ended by end_all()
 
     def __init__(self, folder: Path, *arguments: str, env: dict | None = None, ready_timeout: float = 60.0,
-                 limits=None):
+                 limits=None, ready_line: str = READY):
         Engine.runs += 1
         self.folder = folder
         self.log_path = folder / f"engine-{Engine.runs}.log"
@@ -62,6 +62,7 @@ class Engine:
         self.process = subprocess.Popen(command, cwd=folder, stdout=self.log, stderr=subprocess.STDOUT,
                                         env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), preexec_fn=limits)
         self.started_at = time.monotonic()
+        self.ready_line = ready_line
         Engine.started.append(self)
         text = wait_for(lambda: self._ready(), ready_timeout, f"the engine's ready line ({self.log_path})")
         self.ports = {name: int(port) for name, port in re.findall(r"channel (\S+): MLLP on 127\.0\.0\.1:(\d+)", text)}
@@ -70,7 +71,7 @@ class Engine:
 
     def _ready(self):
         text = self.log_path.read_text(errors="replace")
-        if READY in text:
+        if self.ready_line in text:
             return text
         if self.process.poll() is not None:
             raise ChaosFailure(f"the engine exited ({self.process.returncode}) before it was ready:\n{text[-2000:]}")
@@ -420,21 +421,27 @@ def write_channel(folder: Path, name: str, body: str) -> None:
     (folder / "channels" / f"{name}.yaml").write_text(body)
 
 
-def relay_channel(sink_port: int, order: str = "per_key", parallel: int = 4, extra: str = "") -> str:
+def relay_channel(sink_port: int, order: str = "per_key", parallel: int = 4, extra: str = "",
+                  listen_port: int = 0) -> str:
     """A channel that stores, ACKs on store and forwards to the sink."""
     keyed = "order_key: PID-3.1, " if order == "per_key" else ""
-    return (f"name: relay\nsource: {{type: mllp, host: 127.0.0.1, port: 0}}\n"
+    return (f"name: relay\nsource: {{type: mllp, host: 127.0.0.1, port: {listen_port}}}\n"
             f"destinations:\n  - {{name: lab, type: mllp, host: 127.0.0.1, port: {sink_port}, order: {order}, "
             f"{keyed}parallel: {parallel if order != 'in_order' else 1}, connect_timeout: 1, ack_timeout: 5, "
             f"retry_initial: 0.2, retry_max: 1}}\n{extra}")
 
 
-def cluster_node(folder: Path, name: str, url: str, sink_port: int, ttl: float = 4, renew: float = 1) -> Engine:
-    """A node of a cluster on ``url``: the relay channel to the sink, 8 partitions."""
-    write_channel(folder, "relay", relay_channel(sink_port, "per_key", parallel=2))
+def cluster_node(folder: Path, name: str, url: str, sink_port: int, ttl: float = 4, renew: float = 1,
+                 workers: int = 1, listen_port: int = 0) -> Engine:
+    """A node of a cluster on ``url``: the relay channel to the sink, 8 partitions; with
+    ``workers`` > 1, that many worker processes (hl7relay run --workers) sharing ``listen_port``."""
+    write_channel(folder, "relay", relay_channel(sink_port, "per_key", parallel=2, listen_port=listen_port))
     (folder / "hl7relay.yaml").write_text(
         f'store: {{url: "{url}"}}\nchannels: [channels]\n'
         f"cluster: {{node_id: {name}, partitions: 8, lease_ttl: {ttl}, lease_renew: {renew}}}\n")
+    if workers > 1:
+        return Engine(folder, "--config", "hl7relay.yaml", "--workers", str(workers),
+                      ready_line=f"ready: {workers} workers; Ctrl-C or SIGTERM stops")
     return Engine(folder, "--config", "hl7relay.yaml")
 
 

@@ -192,12 +192,10 @@ class FHIRSource(Source):
 
         site = bounded_site(Notified())
         site.log = lambda request: None  # type: ignore[method-assign]  # no access log of a token's requests
-        if tls is not None:
-            from hl7relay.mllp.tls import server_options
+        from hl7relay.mllp.tls import server_options
+        from hl7relay.sharedports import listen
 
-            listener = self.reactor.listenSSL(port, site, server_options(tls), interface=host)
-        else:
-            listener = self.reactor.listenTCP(port, site, interface=host)
+        listener = listen(self.reactor, port, site, host, server_options(tls) if tls is not None else None)
         self.listener = listener
         bound = listener.getHost()
         return f"{'https' if tls else 'http'}://{bound.host}:{bound.port}/"

@@ -129,12 +129,11 @@ class HTTPSource(Source):
     def open(self) -> str:
         config = self.config
         factory = protocol.Factory.forProtocol(lambda: _Connection(self))
-        if config.tls is not None:
-            from hl7relay.mllp.tls import server_options
+        from hl7relay.mllp.tls import server_options
+        from hl7relay.sharedports import listen
 
-            port = self.reactor.listenSSL(config.port, factory, server_options(config.tls), interface=config.host)
-        else:
-            port = self.reactor.listenTCP(config.port, factory, interface=config.host)
+        port = listen(self.reactor, config.port, factory, config.host,
+                      server_options(config.tls) if config.tls is not None else None)
         self.port = port
         address = port.getHost()
         self.address = f"{address.host}:{address.port}"

@@ -178,6 +178,9 @@ def _checked(doc, settings: dict) -> list[str]:
     return sorted(str(e) for e in doc.errors)
 
 
+MAX_WORKERS = 64
+
+
 def cluster_spec():
     """The ``cluster:`` section."""
     from hl7relay.spec import ComponentSpec, Option
@@ -189,6 +192,8 @@ def cluster_spec():
         Option("lease_ttl", "duration", 10.0, "how long a partition's lease lasts unless renewed: a dead node's "
                                               "partitions move to the others within lease_ttl + lease_renew"),
         Option("lease_renew", "duration", 3.0, "how often leases are renewed (at most half of lease_ttl)"),
+        Option("workers", "int", 1, "engine processes on this host sharing its listeners (hl7relay run --workers "
+                                    "N), each a node of its own (NODE_ID-w1, -w2, ...); a dead one is restarted"),
     ))
 
 
@@ -211,7 +216,11 @@ def _check_cluster(doc, data, settings: dict) -> None:
     if not 0 < len(node) <= 100:
         doc.error(("cluster", "node_id"), "node_id: 1 to 100 characters")
         return
-    settings["cluster"] = ClusterSettings(node, checked["partitions"], checked["lease_ttl"], checked["lease_renew"])
+    if not 1 <= checked["workers"] <= MAX_WORKERS:
+        doc.error(("cluster", "workers"), f"workers: 1 to {MAX_WORKERS}")
+        return
+    settings["cluster"] = ClusterSettings(node, checked["partitions"], checked["lease_ttl"], checked["lease_renew"],
+                                          checked["workers"])
 
 
 def _check_alerts(doc, data, settings: dict) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from hl7relay.cli._args import port, seconds
-from hl7relay.cli._settings import add_settings_arguments, resolve_settings
+from hl7relay.cli._args import number_in, port, seconds
+from hl7relay.cli._settings import MAX_WORKERS, add_settings_arguments, resolve_settings
 
 HELP = "run the engine: every enabled channel, with the message store"
 DESCRIPTION = """\
@@ -47,6 +48,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--from-files", action="store_true",
                         help="after a rollback (hl7relay config rollback) the engine starts with the configuration "
                              "rolled back to, until a reload applies the files: start with the files instead")
+    parser.add_argument("--workers", type=number_in(1, MAX_WORKERS, "", whole=True,
+                                                   why=f"1 to {MAX_WORKERS} engine processes"),
+                        metavar="N", help="run N engine processes sharing the listeners (PostgreSQL store; each a "
+                                          "node of the cluster: NODE_ID-w1, -w2, ...); a dead one is restarted "
+                                          "(default: cluster.workers, else 1)")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor for worker K
     parser.add_argument("--lock-wait", type=seconds, metavar="SECONDS",
                         help="how long to wait for another engine on the same store to stop before refusing to "
                              "start (default 10)")
@@ -54,8 +61,6 @@ def add_arguments(parser) -> None:
 
 def _admin_port(text: str):
     """A listener port of the engine's own (admin, console): a number, 0 for off, or auto."""
-    import argparse
-
     if text.strip().lower() == "auto":
         return "auto"
     try:
@@ -77,6 +82,7 @@ def run(args) -> int:
     from hl7relay.store.writer import StoreWriter
 
     settings, problems = resolve_settings(args, for_engine=True)
+    workers = _workers(args, settings, problems)
     problems += [p for p in (_console_problem(settings["console"]), _cluster_problem(settings)) if p]
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -103,6 +109,13 @@ def run(args) -> int:
     log_levels = start_logging(settings["log_level"], settings["log_format"],
                                {c.name: c.log_level for c in enabled if c.log_level})
     import os
+
+    if workers > 1 and settings["worker"] is None:
+        return _supervise(settings, workers)
+    if settings["worker"] is not None:
+        from hl7relay.sharedports import share_ports
+
+        share_ports()  # the channels' listeners: on the ports the other workers listen on too
 
     os.umask(0o077)  # what the engine creates (store, WAL, data folder) is readable by its own user only
     from hl7relay.store.lock import StoreLock, StoreLocked
@@ -200,17 +213,21 @@ def run(args) -> int:
         return 1
     from hl7relay.cli._settings import write_engine_file
 
-    engine_file = write_engine_file(settings)  # support verbs run elsewhere read the channels we run
+    # support verbs run elsewhere read the channels we run (a supervisor's workers: it writes it)
+    engine_file = write_engine_file(settings) if settings["worker"] is None else None
     if forwarder is not None:
         forwarder.start()
     try:
         lines = engine.start()
     except Exception as exc:  # noqa: BLE001 - e.g. the port is taken
-        engine_file.unlink(missing_ok=True)
+        if engine_file is not None:
+            engine_file.unlink(missing_ok=True)
         print(f"cannot start: {exc}", file=sys.stderr)
         if forwarder is not None:  # it stops when its stdin closes
             forwarder.stopping = True
             forwarder.transport.closeStdin()
+        writer.close_now()
+        lock.release()
         return 1
     for line in lines:
         announce(line, "channel_started")
@@ -275,8 +292,14 @@ def run(args) -> int:
     signal.signal(signal.SIGHUP, hangup)
     # "ready" only once the reactor runs, so its SIGTERM/SIGINT handlers (the graceful stop) are in place
     reactor.callWhenRunning(announce, "ready; Ctrl-C or SIGTERM stops", "ready")
+    if settings["worker"] is not None:
+        from hl7relay.workers import say_ready, watch_parent
+
+        reactor.callWhenRunning(say_ready)
+        watch_parent(reactor, lambda: reactor.running and reactor.stop())  # the supervisor is gone: stop
     reactor.run()
-    engine_file.unlink(missing_ok=True)
+    if engine_file is not None:
+        engine_file.unlink(missing_ok=True)
     lock.release()
     return 0 if stopped["clean"] else 1
 
@@ -289,10 +312,12 @@ def _start_admin(controls, settings: dict, reactor, announce) -> str | None:
         from hl7relay.metrics import Metrics
 
         try:
-            from hl7relay.ops.api import write_endpoint, write_local_token
+            from hl7relay.ops.api import read_local_token, write_endpoint, write_local_token
 
-            # the CLI on this host reaches the API with it (hl7relay channel / destination ...)
-            local_token = write_local_token(settings["data_dir"])
+            # the CLI on this host reaches the API with it (hl7relay channel / destination ...); a
+            # supervisor's workers share the one it wrote, so the CLI reaches any of them
+            local_token = read_local_token(settings["data_dir"]) if settings.get("worker") else \
+                write_local_token(settings["data_dir"])
             from hl7relay.mllp.tls import TLSConfig
 
             tls = None
@@ -303,7 +328,8 @@ def _start_admin(controls, settings: dict, reactor, announce) -> str | None:
             site = start_admin(controls, Metrics(environment=environment.name if environment else "").install(), admin["host"],
                                0 if admin["port"] == "auto" else int(admin["port"]), reactor, local_token, tls)
             scheme = "https" if tls else "http"
-            write_endpoint(settings["data_dir"], admin["host"], site.getHost().port, scheme)
+            if settings.get("worker") in (None, 1):  # the CLI talks to the first worker
+                write_endpoint(settings["data_dir"], admin["host"], site.getHost().port, scheme)
             announce(f"admin: {scheme}://{admin['host']}:{site.getHost().port}/metrics, /healthz, /readyz, /api/v1/"
                      + (" (TLS" + (", client certificates required)" if tls.require_client_cert else ")") if tls else ""),
                      "admin_started")
@@ -358,6 +384,109 @@ def _start_console(controls, console: dict, reactor, announce) -> str | None:
     except Exception as exc:  # noqa: BLE001 - a taken port, a bad certificate: the start stops
         return f"the console cannot start on {host}:{console['port']}: {exc}"
     return None
+
+
+WORKER_PORT_STRIDE = 100  # worker K's admin listener: the admin port + 100 x (K - 1): 9102, 9202, 9302...
+
+
+def _workers(args, settings: dict, problems: list) -> int:
+    """How many engine processes run (--workers, else cluster.workers); for worker K (--worker K,
+    given by the supervisor) its own node id and admin port, and no console but the first's."""
+    import dataclasses
+    import socket
+
+    from hl7relay.cluster import ClusterSettings
+    from hl7relay.workers import worker_node_id
+
+    cluster = settings.get("cluster")
+    count = getattr(args, "workers", None) or (cluster.workers if cluster is not None else 1)
+    worker = settings["worker"] = getattr(args, "worker", None)
+    if count == 1 and worker is None:
+        return count
+    # --workers alone: the host's workers make a cluster of their own, on the defaults
+    cluster = dataclasses.replace(cluster or ClusterSettings(socket.gethostname()), workers=count)
+    if worker is not None:
+        if not 1 <= worker <= count:
+            problems.append(f"--worker {worker}: 1 to {count}")
+            return count
+        cluster = dataclasses.replace(cluster, node_id=worker_node_id(cluster.node_id, worker))
+        admin = settings["admin"]
+        if isinstance(admin["port"], int) and admin["port"] and worker > 1:
+            admin["port"] += WORKER_PORT_STRIDE * (worker - 1)
+        if worker > 1:
+            settings["console"]["port"] = 0
+    elif isinstance(settings["admin"]["port"], int) and settings["admin"]["port"] and \
+            settings["admin"]["port"] + WORKER_PORT_STRIDE * (count - 1) > 65535:
+        problems.append(f"--workers {count}: worker {count}'s admin port would be "
+                        f"{settings['admin']['port'] + WORKER_PORT_STRIDE * (count - 1)} (the admin port + "
+                        f"{WORKER_PORT_STRIDE} for each worker after the first); choose a lower admin port")
+    settings["cluster"] = cluster
+    return count
+
+
+def _supervise(settings: dict, count: int) -> int:
+    """Run ``count`` workers (hl7relay run --worker K) and keep them running until SIGTERM."""
+    from twisted.internet import reactor
+
+    from hl7relay.cli._settings import write_engine_file
+    from hl7relay.logs import announce
+    from hl7relay.workers import Supervisor, worker_node_id
+
+    cluster = settings["cluster"]
+    if settings["admin"]["port"]:
+        from hl7relay.ops.api import write_local_token
+
+        write_local_token(settings["data_dir"])  # one token for the CLI, whichever worker it reaches
+    arguments, skip = [], False
+    for argument in sys.argv[1:]:  # the supervisor's own arguments, less its --workers
+        if skip:
+            skip = False
+        elif argument == "--workers":
+            skip = True
+        elif not argument.startswith("--workers="):
+            arguments.append(argument)
+
+    def argv(number: int) -> list[str]:
+        return [sys.executable, "-m", "hl7relay", *arguments, "--workers", str(count), "--worker", str(number)]
+
+    supervisor = Supervisor(reactor, count, argv, cluster.node_id, announce, settings["stop_timeout"])
+    nodes = ", ".join(worker_node_id(cluster.node_id, n) for n in range(1, count + 1))
+    admin = settings["admin"]["port"]
+    ports = (f"; their admin listeners on {', '.join(str(admin + WORKER_PORT_STRIDE * n) for n in range(count))}"
+             if isinstance(admin, int) and admin else "")
+    announce(f"workers: starting {count} engine processes on the shared listeners (nodes {nodes}){ports}", "workers")
+    engine_file = write_engine_file(settings)
+    outcome = {"clean": True}
+
+    def ready(_):
+        announce(f"ready: {count} workers; Ctrl-C or SIGTERM stops", "ready")
+
+    def failed(failure):
+        outcome["clean"] = False
+        announce(f"not starting: {failure.getErrorMessage()}; the others were stopped", "workers_failed", "error")
+        if reactor.running:
+            reactor.stop()
+
+    def shutdown():
+        if not supervisor.stopping:
+            announce(f"stopping: {count} workers finish their messages in flight (up to "
+                     f"{settings['stop_timeout']:g}s)", "stopping")
+        return supervisor.stop().addCallback(lambda _: announce(
+            "stopped: every worker stopped" if supervisor.clean() else
+            "stopped: " + ", ".join(f"worker {w['worker']} {w['last_exit']}" for w in supervisor.view()), "stopped"))
+
+    import signal
+
+    def hangup(signum, frame):  # SIGHUP: each worker reloads the channel files
+        for worker in supervisor.workers:
+            reactor.callFromThread(supervisor.send_signal, worker, signal.SIGHUP)
+
+    signal.signal(signal.SIGHUP, hangup)
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.callWhenRunning(lambda: supervisor.start().addCallbacks(ready, failed))
+    reactor.run()
+    engine_file.unlink(missing_ok=True)
+    return 0 if outcome["clean"] and supervisor.clean() else 1
 
 
 def _cluster_problem(settings: dict) -> str | None:

@@ -429,6 +429,7 @@ def listen(receiver: Receiver, config: ListenerConfig, reactor=None, name: str =
     factory = MLLPListenerFactory(receiver, config, reactor, name)
     if peers is not None:
         factory.peers = peers
-    if config.tls is not None:
-        return reactor.listenSSL(config.port, factory, server_options(config.tls), interface=config.host)
-    return reactor.listenTCP(config.port, factory, interface=config.host)
+    from hl7relay.sharedports import listen as listen_shared
+
+    return listen_shared(reactor, config.port, factory, config.host,
+                         server_options(config.tls) if config.tls is not None else None)

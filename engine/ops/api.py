@@ -31,7 +31,7 @@ from hl7relay.ops.support import masked_view
 from hl7relay.errors import ReadOnlyEnvironment
 from hl7relay.store.database import MAX_ROW_ID, StoreError, TokenUseUpdate
 
-__all__ = ["ROUTES", "ApiResource", "write_local_token", "write_endpoint", "LOCAL_TOKEN_FILE", "ENDPOINT_FILE",
+__all__ = ["ROUTES", "ApiResource", "write_local_token", "read_local_token", "write_endpoint", "LOCAL_TOKEN_FILE", "ENDPOINT_FILE",
            "openapi_document"]
 
 log = Logger(namespace="hl7relay.api")
@@ -144,6 +144,11 @@ def write_local_token(data_dir) -> str:
     token = new_token()
     write_private(Path(data_dir) / LOCAL_TOKEN_FILE, token + "\n")
     return token
+
+
+def read_local_token(data_dir) -> str:
+    """The local token a supervisor wrote for its workers (hl7relay run --workers N)."""
+    return (Path(data_dir) / LOCAL_TOKEN_FILE).read_text().strip()
 
 
 def write_endpoint(data_dir, host: str, port: int, scheme: str = "http") -> None:

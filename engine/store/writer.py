@@ -257,6 +257,14 @@ class StoreWriter:
             self._flush()
         return d
 
+    def close_now(self) -> None:
+        """Stop the store's threads and close it, nothing to drain: an engine whose start failed
+        (a taken port) exits rather than waiting on a thread the reactor never ran to stop."""
+        if self._pool is not None:
+            self._pool.stop()
+        self._stop_committer()
+        self.store.close()
+
     def close(self) -> defer.Deferred:
         d = self.drain()
 
