@@ -1,4 +1,4 @@
-"""A raw durable MLLP server: frames, commits each message's bytes to SQLite, then ACKs.
+"""A raw durable MLLP server: frames, commits each message's bytes to SQLite (or PostgreSQL), then ACKs.
 
 The ceiling for "accepted and stored" on this machine: the sink's framing and ACKs
 (bench/mllp_sink.py) plus what no durable engine can skip, a group commit of the payloads to a
@@ -7,6 +7,10 @@ one commit per reactor turn, as the engine commits. No parsing, no indexes, no d
 How fast it goes is mostly how fast this disk syncs, which on a VM moves a lot between runs.
 
     python bench/mllp_durable.py PORT DATABASE_FILE
+    python bench/mllp_durable.py PORT postgresql://USER@HOST/DB   # bare psycopg, the same group commit
+
+With PostgreSQL the commit is psycopg's on the reactor thread (one round trip and the server's WAL
+flush per reactor turn): the ceiling for the engine's PostgreSQL store on this machine.
 """
 
 import sqlite3
@@ -58,10 +62,29 @@ class Durable(protocol.Protocol):
             store.add(self.transport, payloads, acks)
 
 
+class PostgresGroupCommit(GroupCommit):
+    def __init__(self, url: str):
+        import psycopg
+
+        self.db = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+        with self.db.transaction():
+            self.db.execute("CREATE TABLE IF NOT EXISTS messages (id BIGSERIAL PRIMARY KEY, raw BYTEA NOT NULL)")
+        self.waiting = []
+        self.scheduled = False
+
+    def commit(self) -> None:
+        self.scheduled = False
+        batch, self.waiting = self.waiting, []
+        with self.db.transaction(), self.db.cursor() as cursor:
+            cursor.executemany("INSERT INTO messages (raw) VALUES (%s)", [(p,) for _, payloads, _ in batch for p in payloads])
+        for transport, _, acks in batch:
+            transport.write(b"".join(acks))
+
+
 def main():
     global store
     port, path = int(sys.argv[1]), sys.argv[2]
-    store = GroupCommit(path)
+    store = PostgresGroupCommit(path) if path.startswith("postgresql") else GroupCommit(path)
     serve(port, Durable)
 
 

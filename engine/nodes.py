@@ -1,16 +1,22 @@
 """This engine on its store's node registry (issue #31): registered at start, a heartbeat every
 few seconds with the configuration snapshot it runs, stopped at a clean stop. PostgreSQL stores
-only (the store several engines share); ``hl7relay status``, the API and the console read it."""
+only (the store several engines share); ``hl7relay status``, the API and the console read it.
+
+A cluster's commands (``hl7relay reload --cluster``) are rows in the store: a node hears of one
+at once through PostgreSQL's LISTEN/NOTIFY (a connection of its own the reactor reads), and looks
+for them at each heartbeat too, so that a notification lost with that connection (a database
+restart) only delays a command until the next beat."""
 
 from __future__ import annotations
 
+import enum
 import os
 import socket
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-__all__ = ["NodeBeat", "HEARTBEAT_SECONDS", "ALIVE_SECONDS", "node_id", "drift"]
+__all__ = ["NodeBeat", "CommandListener", "HEARTBEAT_SECONDS", "ALIVE_SECONDS", "node_id", "drift"]
 
 log = Logger(namespace="hl7relay.nodes")
 HEARTBEAT_SECONDS = 5.0
@@ -45,11 +51,16 @@ class NodeBeat:
         self.name = name or node_id()
         self._loop: task.LoopingCall | None = None
         self._failing = False
+        self.listener: CommandListener | None = None
+        self._looking: defer.Deferred | None = None
+        self._look_again = False
 
     def start(self) -> defer.Deferred:
         if self.on_command is not None:
             self.writer.read(self.writer.store.last_command_id).addCallbacks(
                 lambda last: setattr(self, "_last_command", last), lambda failure: None)
+            self.listener = CommandListener(self.writer, self.reactor, self.look_for_commands)
+            self.listener.listen()
         running = self.configuration()
         registered = self.writer.read(self.writer.store.register_node, self.name, socket.gethostname(), os.getpid(),
                                       self.version, running.get("snapshot"), running.get("sha256") or "")
@@ -67,8 +78,9 @@ class NodeBeat:
             if self._failing:
                 log.info("node heartbeat: recorded again")
             self._failing = False
-            if self.on_command is not None and self._last_command is not None:
-                return self.writer.read(self.writer.store.commands_after, self._last_command).addCallback(self._carry_out)
+            if self.listener is not None and not self.listener.listening:
+                self.listener.listen()  # e.g. after the database came back
+            return self.look_for_commands()
 
         def failed(failure):
             if not self._failing:
@@ -76,6 +88,26 @@ class NodeBeat:
             self._failing = True
 
         return beat.addCallbacks(beaten, failed)
+
+    def look_for_commands(self) -> defer.Deferred | None:
+        """Carry out the commands asked since the last one seen (one look at a time: a notice
+        that comes during a look is looked at after it)."""
+        if self.on_command is None or self._last_command is None:
+            return None
+        if self._looking is not None:
+            self._look_again = True
+            return None
+
+        def looked(result):
+            self._looking = None
+            if self._look_again:
+                self._look_again = False
+                self.look_for_commands()
+            return result
+
+        self._looking = self.writer.read(self.writer.store.commands_after, self._last_command).addCallback(
+            self._carry_out).addBoth(looked)
+        return self._looking
 
     @defer.inlineCallbacks
     def _carry_out(self, commands: list[dict]):
@@ -92,5 +124,101 @@ class NodeBeat:
     def stop(self) -> defer.Deferred:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self.listener is not None:
+            self.listener.close()
         return self.writer.read(self.writer.store.node_stopped, self.name).addErrback(
             lambda failure: log.warn("node not marked stopped: {error}", error=failure.getErrorMessage()))
+
+
+class ListenerState(enum.Enum):
+    CLOSED = "closed"
+    CONNECTING = "connecting"  # the connection and its LISTEN, on the store's thread
+    LISTENING = "listening"  # its socket read by the reactor
+    STOPPED = "stopped"  # the node stops: no new connection
+
+
+class CommandListener:
+    """LISTEN on the store's commands channel: ``heard()`` on each notification. The connection is
+    the store's own kind (the same URL, hosts and TLS), opened on the store's thread; its socket
+    is read by the reactor without blocking. When it breaks it is closed, and ``listen()`` (the
+    next heartbeat) opens another."""
+
+    def __init__(self, writer, reactor, heard):
+        self.writer, self.reactor, self.heard = writer, reactor, heard
+        self.state = ListenerState.CLOSED
+        self.connection = None
+        self._fd = -1
+        self.notices = 0
+
+    @property
+    def listening(self) -> bool:
+        return self.state in (ListenerState.LISTENING, ListenerState.CONNECTING)
+
+    def listen(self) -> None:
+        if self.state is not ListenerState.CLOSED or not hasattr(self.writer.store, "command_listener"):
+            return
+        self.state = ListenerState.CONNECTING
+        self.writer.read(self.writer.store.command_listener).addCallbacks(self._connected, self._failed)
+
+    def _connected(self, connection) -> None:
+        if self.state is not ListenerState.CONNECTING:  # stopped meanwhile
+            connection.close()
+            return
+        self.connection, self.state = connection, ListenerState.LISTENING
+        # the reactor watches a descriptor of our own: libpq closes its socket when the connection
+        # breaks, and a closed (or reused) number must never be what the reactor unregisters
+        self._fd = os.dup(connection.pgconn.socket)
+        self.reactor.addReader(self)
+        self.heard()  # what was asked while it was not listening
+
+    def _failed(self, failure) -> None:
+        if self.state is ListenerState.CONNECTING:
+            self.state = ListenerState.CLOSED
+        log.warn("cluster commands: not listening ({error}); looked for at each heartbeat",
+                  error=failure.getErrorMessage())
+
+    # IReadDescriptor
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self):
+        from twisted.internet import main
+
+        pgconn = self.connection.pgconn
+        try:
+            pgconn.consume_input()
+            notified = False
+            while pgconn.notifies() is not None:
+                notified = True
+            if pgconn.status != 0:  # CONNECTION_OK
+                return main.CONNECTION_LOST
+        except Exception:  # noqa: BLE001 - the database went away: read again from a new connection
+            return main.CONNECTION_LOST
+        if notified:
+            self.notices += 1
+            self.heard()
+        return None
+
+    def connectionLost(self, reason) -> None:
+        self._drop()
+
+    def logPrefix(self) -> str:
+        return "cluster-commands"
+
+    def _drop(self) -> None:
+        if self._fd != -1:
+            self.reactor.removeReader(self)
+            os.close(self._fd)
+            self._fd = -1
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+        if self.state is not ListenerState.STOPPED:
+            self.state = ListenerState.CLOSED
+
+    def close(self) -> None:
+        self.state = ListenerState.STOPPED
+        self._drop()

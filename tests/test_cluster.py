@@ -506,6 +506,51 @@ def test_reload_cluster_reaches_every_node_through_the_store_and_says_what_each_
         store.close()
 
 
+def test_reload_cluster_is_heard_at_once_through_listen_notify_not_at_the_next_heartbeat(tmp_path):
+    """Nodes that beat every 20 s (lease_renew) still answer `reload --cluster` within seconds:
+    each hears the command's NOTIFY on a connection of its own. When the database drops those
+    connections, the next heartbeat carries the command out and listens again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import sqlalchemy as sa
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
+    from harness import cluster_node, wait_for
+    from test_store import POSTGRES_URL, _postgres_store
+
+    store = _postgres_store()
+    nodes = {name: cluster_node(tmp_path / name, name, POSTGRES_URL, 9, ttl=40, renew=20) for name in ("node-a", "node-b")}
+
+    def reload_cluster(wait):
+        return subprocess.run([sys.executable, "-m", "hl7relay", "reload", "--cluster", "--store", POSTGRES_URL,
+                               "--reason", "CHG-9", "--wait", str(wait)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=90)
+
+    def listeners():
+        with store.engine.connect() as connection:
+            return connection.execute(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                              "AND query = 'LISTEN hl7relay_commands'")).scalars().all()
+
+    try:
+        wait_for(lambda: len([n for n in store.nodes()[1] if n["state"] == "running"]) == 2, 30, "both nodes registered")
+        wait_for(lambda: len(listeners()) == 2, 30, "both nodes listening")
+        done = reload_cluster(8)  # a heartbeat is 20 s away: only the notification answers within 8
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.splitlines() == ["node-a: reloaded: unchanged relay", "node-b: reloaded: unchanged relay"]
+        with store.engine.begin() as connection:
+            for pid in listeners():
+                connection.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        done = reload_cluster(45)
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for(lambda: len(listeners()) == 2, 30, "both nodes listening again")
+    finally:
+        for engine in nodes.values():
+            engine.terminate()
+        store.close()
+
+
 def test_nodes_starting_together_on_a_new_database_migrate_one_at_a_time():
     from test_store import POSTGRES_URL, _postgres_store
 

@@ -22,6 +22,9 @@ class NodeState(enum.StrEnum):
     STOPPED = "stopped"  # stopped cleanly (a node that died stays RUNNING with an old heartbeat)
 
 
+COMMANDS_CHANNEL = "hl7relay_commands"  # NOTIFY: a cluster command was asked (its id)
+
+
 def db_now(connection) -> float:
     """The database's clock, in seconds since the epoch."""
     if connection.dialect.name == "postgresql":
@@ -180,7 +183,20 @@ class ClusterQueries:
                 reason=reason[:500])).inserted_primary_key
             assert key is not None
             connection.execute(audit_log.insert().values(**_audit_row(dict(audit, target=f"cluster command {key[0]}"))))
+            if connection.dialect.name == "postgresql":  # the nodes listening hear of it at its commit
+                connection.execute(sa.text("SELECT pg_notify(:channel, :id)"),
+                                   {"channel": COMMANDS_CHANNEL, "id": str(key[0])})
             return int(key[0])
+
+    def command_listener(self):
+        """A connection of its own, autocommit, listening on the commands' channel (PostgreSQL):
+        its ``pgconn`` is read by the reactor (nodes.CommandListener); the caller closes it."""
+        raw = self.engine.raw_connection()
+        connection = raw.driver_connection
+        raw.detach()  # not the pool's: it stays open, listening, for as long as the node runs
+        connection.autocommit = True
+        connection.execute(f"LISTEN {COMMANDS_CHANNEL}")
+        return connection
 
     def commands_after(self, command_id: int) -> list[dict]:
         from hl7relay.store.schema import cluster_commands
