@@ -32,6 +32,18 @@ from bench_engine import (CHANNEL, children, cpu_seconds, free_port, load, sink_
                           stop, wait_port)
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of every core so far (/proc/stat): a row's share of the machine."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_since(before: tuple[float, float]) -> float:
+    after = machine_busy()
+    return (after[0] - before[0]) / max(1.0, after[1] - before[1])
+
+
 def _schema(url: str):
     import sqlalchemy as sa
 
@@ -97,14 +109,14 @@ def run_nodes(work: Path, nodes: int, mode: str, connections: int, per_connectio
         pids = [p for engine in engines for p in (engine.pid, *children(engine.pid))]
         before = {p: cpu_seconds(p) for p in pids}
         results: list[dict] = []
-        started = time.monotonic()
+        started, machine = time.monotonic(), machine_busy()
         threads = [threading.Thread(target=lambda port=port: results.append(load(port, connections, per_connection,
                                                                                   message))) for port in targets]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        acked_seconds = time.monotonic() - started
+        acked_seconds, busy = time.monotonic() - started, busy_since(machine)
         acked = sum(r["acked"] for r in results)
         deadline = time.monotonic() + 180
         delivered = sink_stats(sink, stats)
@@ -117,7 +129,7 @@ def run_nodes(work: Path, nodes: int, mode: str, connections: int, per_connectio
                 "msgs_per_s": acked / acked_seconds,
                 "end_to_end_msgs_per_s": (delivered["received"] - warm) / e2e_seconds,
                 "delivered": delivered["received"] - warm, "cpu_us_per_msg": cpu / max(1, acked) * 1e6,
-                "p99_ms": max(r["p99_ms"] for r in results)}
+                "p99_ms": max(r["p99_ms"] for r in results), "machine_busy": busy}
     finally:
         for engine in engines:
             stop(engine)
@@ -138,19 +150,19 @@ def run_bare(work: Path, connections: int, per_connection: int, message: Path, u
             load(port, connections, 50, message)
         before = cpu_seconds(server.pid)
         results: list[dict] = []
-        started = time.monotonic()
+        started, machine = time.monotonic(), machine_busy()
         threads = [threading.Thread(target=lambda: results.append(load(port, connections, per_connection, message)))
                    for _ in range(loads)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        seconds = time.monotonic() - started
+        seconds, busy = time.monotonic() - started, busy_since(machine)
         acked = sum(r["acked"] for r in results)
         return {"nodes": 0, "mode": "bare", "workers": 0, "loads": loads, "acked": acked, "msgs_per_s": acked / seconds,
                 "end_to_end_msgs_per_s": None, "delivered": 0,
                 "cpu_us_per_msg": (cpu_seconds(server.pid) - before) / max(1, acked) * 1e6,
-                "p99_ms": max(r["p99_ms"] for r in results)}
+                "p99_ms": max(r["p99_ms"] for r in results), "machine_busy": busy}
     finally:
         stop(server)
         with admin.begin() as connection:
@@ -197,8 +209,9 @@ def main() -> None:
         rows.append(row)
         e2e = f"{row['end_to_end_msgs_per_s']:,.0f}" if row["end_to_end_msgs_per_s"] is not None else "-"
         print(f"{_label(row):42} {row['msgs_per_s']:7,.0f} msgs/s ACKed, {e2e:>6} msgs/s end to end, "
-              f"{row['cpu_us_per_msg']:5,.0f} µs CPU/msg (all its processes), ACK p99 {row['p99_ms']:.1f} ms "
-              f"({row['loads']} load generator{'s' * (row['loads'] > 1)} x {args.connections} connections)", flush=True)
+              f"{row['cpu_us_per_msg']:5,.0f} µs CPU/msg (all its processes), ACK p99 {row['p99_ms']:.1f} ms, "
+              f"machine {row['machine_busy']:.0%} busy ({row['loads']} load generator{'s' * (row['loads'] > 1)} x "
+              f"{args.connections} connections)", flush=True)
     bare, sqlite, single = rows[0], rows[1], rows[2]
     one_worker, two_workers = rows[4], rows[5]
     print(f"  PostgreSQL engine / bare psycopg: {single['msgs_per_s'] / bare['msgs_per_s']:.0%} ACKed, "

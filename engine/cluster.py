@@ -68,6 +68,7 @@ class PartitionedQueue:
         self.parts: dict[int, Any] = {}  # partition -> its running queue (a DestinationQueue)
         self.paused = False
         self._stopped = False
+        self._reporting: Any = None  # the report due on the next reactor turn
 
     # -- what the engine and its trips use (hl7relay.queues.Queue) -------------------------------
     @property
@@ -85,6 +86,9 @@ class PartitionedQueue:
 
     def stop(self) -> None:
         self._stopped = True
+        if self._reporting is not None and self._reporting.active():
+            self._reporting.cancel()
+        self._reporting = None
         for part in self.parts.values():
             part.stop()
 
@@ -148,10 +152,17 @@ class PartitionedQueue:
         }
 
     def report(self) -> None:
-        """The destination's queue as the metrics see it: the partitions this node holds, summed."""
-        view = self.view()
-        emit("queue_state", channel=self.channel, destination=self.destination, depth=view["depth"],
-             oldest_age=view["oldest_age"])
+        """The destination's queue as the metrics see it: the partitions this node holds, summed
+        (once per reactor turn, however many partitions changed in it)."""
+        if self._reporting is None:
+            self._reporting = self.reactor.callLater(0, self._report)
+
+    def _report(self) -> None:
+        self._reporting = None
+        depths = [(part.depth(), part.clock) for part in self.parts.values()]
+        oldest = min(((at, clock) for (_, at), clock in depths if at is not None), default=None, key=lambda o: o[0])
+        emit("queue_state", channel=self.channel, destination=self.destination, depth=sum(d for (d, _), _ in depths),
+             oldest_age=None if oldest is None else max(0.0, oldest[1]() - oldest[0]))
 
     # -- leases (the engine's LeaseKeeper) ---------------------------------------------------------
     def gain(self, partition: int, lease: tuple) -> None:

@@ -478,8 +478,9 @@ class DestinationQueue:
         self._polling = True
         known_before = len(self.known)
         try:
-            rows = yield self.writer.read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH,
-                                          after_id, frozenset(self.known), self.partition)
+            read = self.writer.read_aside if self.shared else self.writer.read
+            rows = yield read(self.writer.store.queued_deliveries, self.channel, self.destination, _FETCH,
+                              after_id, frozenset(self.known), self.partition)
         except StoreError as exc:
             log.error("queue {channel}/{destination}: cannot read the queue: {error}", channel=self.channel,
                       destination=self.destination, error=str(exc))
@@ -599,12 +600,16 @@ class DestinationQueue:
         if later:
             self._wake = self.reactor.callLater(min(later) - now, self.run)
 
+    def depth(self) -> tuple[int, float | None]:
+        """(deliveries queued, when the oldest of them was received): what the metrics show."""
+        return len(self.pending) + self.backlog, min((row.received_at for row in self.pending.values()), default=None)
+
     def _report(self) -> None:
         if self.on_report is not None:  # one partition of a cluster's queue: its destination reports the sum
             self.on_report()
             return
-        oldest = min((row.received_at for row in self.pending.values()), default=None)
-        emit("queue_state", channel=self.channel, destination=self.destination, depth=len(self.pending) + self.backlog,
+        depth, oldest = self.depth()
+        emit("queue_state", channel=self.channel, destination=self.destination, depth=depth,
              oldest_age=None if oldest is None else max(0.0, self.clock() - oldest))
 
     def _attempt(self, row: QueuedDelivery) -> defer.Deferred:

@@ -60,10 +60,12 @@ class StoreWriter:
             executor = lambda fn, *args: defer.maybeDeferred(fn, *args)  # noqa: E731
             if overlap_commits and getattr(store, "splits_commits", False):
                 self._commit_runner = commit_runner or self._on_commit_thread  # fn -> Deferred (tests: by hand)
+        self._reader: ThreadPool | None = None  # read_aside's thread, once used
+        self._pooled = None
         if executor is None:
             self._pool = ThreadPool(1, 1, name="hl7relay-store")
             self._pool.start()
-            executor = lambda fn, *args: threads.deferToThreadPool(reactor, self._pool, fn, *args)  # noqa: E731
+            executor = self._pooled = lambda fn, *args: threads.deferToThreadPool(reactor, self._pool, fn, *args)  # noqa: E731
         self.executor = executor
         # Updates that nobody waits for (delivery results) ride along with the next commit of
         # messages, or go on their own after lazy_delay seconds: under load that saves a disk
@@ -124,6 +126,18 @@ class StoreWriter:
         a write goes in as an update, so it joins the group commit (and the forwarder's queues,
         whose updates the engine commits, write the same way)."""
         return self.executor(fn, *args).addErrback(as_store_error)
+
+    def read_aside(self, fn, *args) -> defer.Deferred:
+        """A query that need not wait behind the commits (a cluster's partition polls, read again
+        and again, tolerate seeing the store just before a commit): on a network database a
+        thread of its own, so the commits the ACKs wait for never queue behind it; elsewhere
+        :meth:`read`."""
+        if self._pool is None or self.executor is not self._pooled:
+            return self.read(fn, *args)
+        if self._reader is None:
+            self._reader = ThreadPool(1, 1, name="hl7relay-reads")
+            self._reader.start()
+        return threads.deferToThreadPool(self.reactor, self._reader, fn, *args).addErrback(as_store_error)
 
     @property
     def pending(self) -> int:
@@ -257,9 +271,15 @@ class StoreWriter:
             self._flush()
         return d
 
+    def _stop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
+
     def close_now(self) -> None:
         """Stop the store's threads and close it, nothing to drain: an engine whose start failed
         (a taken port) exits rather than waiting on a thread the reactor never ran to stop."""
+        self._stop_reader()
         if self._pool is not None:
             self._pool.stop()
         self._stop_committer()
@@ -269,6 +289,7 @@ class StoreWriter:
         d = self.drain()
 
         def stop(_):
+            self._stop_reader()
             if self._pool is not None:
                 self._pool.stop()
             self._stop_committer()
