@@ -17,9 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.logger import Logger
 
 from hl7relay.channels.destinations import QueueOptions
+from hl7relay.store.database import StoreError
 from hl7relay.events import emit
+
+log = Logger(namespace="hl7relay.cluster")
+FETCH = 200  # each partition's first queued deliveries a read looks at (queues._FETCH)
+READ_EVERY = 0.05  # seconds between two reads of a destination's partitions
 
 __all__ = ["ClusterSettings", "PartitionedQueue", "partition_of", "lease_name", "parse_lease_name"]
 
@@ -69,6 +75,10 @@ class PartitionedQueue:
         self.paused = False
         self._stopped = False
         self._reporting: Any = None  # the report due on the next reactor turn
+        self._asked: set[int] = set()  # partitions whose queue asked for a read of the store
+        self._read_call: Any = None  # the read due on the next reactor turn
+        self._reading = False
+        self._last_read = float("-inf")
 
     # -- what the engine and its trips use (hl7relay.queues.Queue) -------------------------------
     @property
@@ -86,9 +96,10 @@ class PartitionedQueue:
 
     def stop(self) -> None:
         self._stopped = True
-        if self._reporting is not None and self._reporting.active():
-            self._reporting.cancel()
-        self._reporting = None
+        for call in (self._reporting, self._read_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._reporting = self._read_call = None
         for part in self.parts.values():
             part.stop()
 
@@ -164,6 +175,55 @@ class PartitionedQueue:
         emit("queue_state", channel=self.channel, destination=self.destination, depth=sum(d for (d, _), _ in depths),
              oldest_age=None if oldest is None else max(0.0, oldest[1]() - oldest[0]))
 
+    # -- reading the store: one read for every partition that asks ------------------------------------
+    def request(self, part) -> None:
+        """A partition's queue wants to read its queued rows (its poll, a row stored here): the
+        partitions asking in the same turn, or while a read is under way, are read together."""
+        self._asked.add(part.partition)
+        self._schedule_read()
+
+    def _schedule_read(self) -> None:
+        # at most one read every READ_EVERY: under load every stored row asks, and reads back to
+        # back kept a thread and the GIL busy rereading the same queued ids
+        if not self._reading and self._read_call is None and not self._stopped:
+            delay = max(0.0, self._last_read + READ_EVERY - self.reactor.seconds())
+            self._read_call = self.reactor.callLater(delay, self._read)
+
+    @defer.inlineCallbacks
+    def _read(self):
+        self._read_call = None
+        parts = {p: self.parts[p] for p in sorted(self._asked) if p in self.parts and not self.parts[p].stopped}
+        self._asked.clear()
+        if not parts or self._stopped:
+            return
+        first = next(iter(parts.values()))
+        self._last_read = self.reactor.seconds()
+        known_before = {p: len(part.known) for p, part in parts.items()}
+        skip = frozenset().union(*(part.known for part in parts.values()))
+        self._reading = True
+        for part in parts.values():
+            part._polling = True
+        try:
+            rows = yield first.writer.read_aside(first.writer.store.queued_in_partitions, self.channel,
+                                                 self.destination, FETCH, tuple(parts), skip)
+        except StoreError as exc:
+            log.error("queue {channel}/{destination}: cannot read the queue: {error}", channel=self.channel,
+                      destination=self.destination, error=str(exc))
+            rows = None
+        finally:
+            self._reading = False
+            for part in parts.values():
+                part._polling = False
+        if rows is not None:
+            found: dict[int, list] = {p: [] for p in parts}
+            for row in rows:
+                found[row["queue_partition"]].append(row)
+            for p, part in parts.items():
+                if self.parts.get(p) is part and not part.stopped:  # still ours
+                    part.take(found[p], None, known_before[p])
+        if self._asked:
+            self._schedule_read()
+
     # -- leases (the engine's LeaseKeeper) ---------------------------------------------------------
     def gain(self, partition: int, lease: tuple) -> None:
         """This node holds the partition now: its queue reads the partition's backlog in order."""
@@ -171,6 +231,7 @@ class PartitionedQueue:
             return
         part = self.make(partition, lease)
         part.on_report = self.report
+        part.poller = self
         if self.paused:
             part.pause()
         self.parts[partition] = part

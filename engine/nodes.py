@@ -41,7 +41,7 @@ class NodeBeat:
     beat is logged once until one succeeds again (the store being down is said elsewhere)."""
 
     def __init__(self, writer, reactor, configuration, version: str, interval: float = HEARTBEAT_SECONDS,
-                 name: str | None = None, on_command=None):
+                 name: str | None = None, on_command=None, partitions: int | None = None):
         self.writer, self.reactor, self.version, self.interval = writer, reactor, version, interval
         # a cluster's commands (hl7relay reload --cluster): on_command(row) -> Deferred (result, detail),
         # for those asked after this node started, looked for at each beat
@@ -49,6 +49,7 @@ class NodeBeat:
         self._last_command: int | None = None
         self.configuration = configuration  # () -> {"snapshot": id, "sha256": ...}: what the engine runs now
         self.name = name or node_id()
+        self.partitions = partitions  # a cluster node's split of the queues, recorded for the others to compare
         self._loop: task.LoopingCall | None = None
         self._failing = False
         self.listener: CommandListener | None = None
@@ -63,7 +64,8 @@ class NodeBeat:
             self.listener.listen()
         running = self.configuration()
         registered = self.writer.read(self.writer.store.register_node, self.name, socket.gethostname(), os.getpid(),
-                                      self.version, running.get("snapshot"), running.get("sha256") or "")
+                                      self.version, running.get("snapshot"), running.get("sha256") or "", None,
+                                      self.partitions)
         self._loop = task.LoopingCall(self._beat)
         self._loop.clock = self.reactor
         self._loop.start(self.interval, now=False)

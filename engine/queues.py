@@ -196,6 +196,7 @@ class DestinationQueue:
         self.partition, self.lease = partition, lease
         self.shared = partition is not None
         self.on_report = None  # () -> None: a partition's state changed (cluster.PartitionedQueue reports)
+        self.poller = None  # a cluster's destination, which reads the partitions it holds together (request(part))
         self.channel = channel
         self.keyed = keyed
         self.describe = describe  # the destination's own view (an API's token and rate limit), for sync status
@@ -393,6 +394,9 @@ class DestinationQueue:
         (once, however many come meanwhile), rather than at the next poll_interval."""
         if self.state is QueueState.STOPPED or self._poll_soon is not None:
             return
+        if self.poller is not None:  # its destination's reads come at most every 50 ms already
+            self.poller.request(self)
+            return
         self._poll_soon = self.reactor.callLater(0.05, self._poll_now)
 
     def _poll_now(self):
@@ -473,6 +477,10 @@ class DestinationQueue:
         the window)."""
         if self._polling:
             return
+        if self.poller is not None and after_id is None:
+            # a cluster's partition: its destination reads every partition that asks in one go
+            self.poller.request(self)
+            return
         if after_id is None and self.spilled and self.known and not self.shared:
             after_id = max(self.known)
         self._polling = True
@@ -487,6 +495,12 @@ class DestinationQueue:
             return
         finally:
             self._polling = False
+        yield self.take(rows, after_id, known_before)
+
+    @defer.inlineCallbacks
+    def take(self, rows: list[dict], after_id: int | None, known_before: int):
+        """What a read of the queued rows found (``rows``: those memory did not know of the first
+        _FETCH read; ``known_before``: how many memory knew when the read began), into memory."""
         room = max(0, _MEMORY_LIMIT - len(self.pending))
         unknown = [row for row in rows if row["message_id"] not in self.known]
         fresh = unknown[:room]

@@ -573,3 +573,113 @@ def test_nodes_starting_together_on_a_new_database_migrate_one_at_a_time():
     for store in stores:
         store.close()
     assert versions == [MIGRATIONS[-1][0]] * 4
+
+
+def test_a_message_sent_again_to_another_node_is_a_duplicate_there_and_delivered_once(tmp_path):
+    """duplicates: holds across nodes (the original is looked for in the shared store): a PMS
+    that did not get its ACK from node-a sends the message again to node-b (its failover host);
+    node-b stores it as DUPLICATE, answers the original's code, and the receiver gets it once."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "chaos"))
+    from harness import ADT, Engine, Sink, first_frame, relay_channel, wait_for, write_channel
+    from test_store import POSTGRES_URL, _postgres_store
+
+    from hl7relay.mllp.framing import frame
+
+    store = _postgres_store()
+    sink = Sink(delay=0.0).up()
+    nodes = {}
+    for name in ("node-a", "node-b"):
+        folder = tmp_path / name
+        write_channel(folder, "relay", relay_channel(sink.port, "per_key", parallel=2,
+                                                     extra="duplicates: {key: [MSH-3, MSH-4, MSH-10], window: 3600}\n"))
+        (folder / "hl7relay.yaml").write_text(
+            f'store: {{url: "{POSTGRES_URL}"}}\nchannels: [channels]\n'
+            f"cluster: {{node_id: {name}, partitions: 4, lease_ttl: 4, lease_renew: 1}}\n")
+        nodes[name] = Engine(folder, "--config", "hl7relay.yaml")
+
+    def send(name, text):
+        with socket.create_connection(("127.0.0.1", nodes[name].ports["relay"]), timeout=30) as connection:
+            connection.sendall(frame(text.encode()))
+            answer = first_frame(connection)
+        return answer.decode().split("\r")[1].split("|")[1]
+
+    try:
+        original = ADT.format(id="DUP-1", key="P1")
+        assert send("node-a", original) == "AA"
+        assert send("node-b", original) == "AA"  # answered as the original was
+        assert send("node-b", ADT.format(id="DUP-2", key="P1")) == "AA"
+        wait_for(lambda: sorted(sink.ids()) == ["DUP-1", "DUP-2"], 30, "both messages at the receiver")
+        statuses = sorted((m["status"], m["control_id"]) for m in store.search(channel="relay", limit=10))
+        assert statuses == [("DUPLICATE", "DUP-1"), ("PROCESSED", "DUP-1"), ("PROCESSED", "DUP-2")], statuses
+        assert sink.ids().count("DUP-1") == 1
+    finally:
+        for engine in nodes.values():
+            engine.terminate()
+        sink.down()
+        store.close()
+
+
+def test_a_node_splitting_the_queues_otherwise_than_the_others_is_refused(store):
+    """partitions must be the same on every node: a node starting with another count is refused
+    while a node with the old count runs, and while deliveries split the old way are queued."""
+    import time
+
+    from hl7relay.store.database import DeliveryRecord, DeliveryUpdate, MessageRecord
+
+    store.register_node("node-a", "host1", 100, "0.1.0", partitions=16)
+    assert store.partitions_problem("node-b", 16, alive=10) is None
+    assert store.partitions_problem("node-b", 8, alive=10) == (
+        "partitions: 8 here, but node node-a runs with 16: every node must split the queues the same way")
+    store.node_stopped("node-a")
+    assert store.partitions_problem("node-b", 8, alive=10) is None  # nothing queued: a clean change
+    raw = b"MSH|^~\\&|A|B|||1||ADT^A04|1|P|2.5\r"
+    store.commit([MessageRecord("adt", raw, "PROCESSED", 1.0, control_id="1",
+                                deliveries=[DeliveryRecord("lab", "QUEUED", partition=5)])], [])
+    assert store.partitions_problem("node-b", 8, alive=10) == (
+        "partitions: 8 here, but 1 deliveries are queued in the 16 partitions the nodes used before: a patient's "
+        "queued and new messages would be in different partitions and could overtake each other; keep "
+        "partitions: 16 until the queues are empty")
+    assert store.partitions_problem("node-a", 16, alive=10) is None  # the old count: fine
+    assert store.partitions_problem("node-a", 12, alive=10).startswith(  # 5 < 12, but split the old way
+        "partitions: 12 here, but 1 deliveries are queued in the 16 partitions")
+    # a node long dead with the old count does not hold back nodes that all moved on since; a row
+    # in a partition none of them has would never be delivered: refused whatever came before
+    store.register_node("node-a", "host1", 100, "0.1.0", now=time.time() - 3600, partitions=16)
+    store.register_node("node-b", "host2", 101, "0.1.0", partitions=8)
+    store.commit([MessageRecord("adt", raw.replace(b"|1|P", b"|2|P"), "PROCESSED", 1.0, control_id="2",
+                                deliveries=[DeliveryRecord("lab", "QUEUED", partition=11)])], [])
+    assert store.partitions_problem("node-c", 8, alive=10) == (
+        "partitions: 8 here, but 1 deliveries are queued in partitions 8 and above, which no node would deliver; "
+        "use the partitions the nodes used before until the queues are empty")
+    store.commit([], [DeliveryUpdate(i, "lab", {"status": "SENT", "attempts": 1, "updated_at": 2.0}) for i in (1, 2)])
+    assert store.partitions_problem("node-c", 8, alive=10) is None
+
+
+def test_a_replay_in_a_cluster_is_queued_in_its_keys_partition(store, tmp_path):
+    """A replay stored outside the engine (hl7relay replay, the API, the console) goes to the
+    partition the engine would choose for its key, so it keeps its place in the patient's order."""
+    import zlib
+
+    from hl7relay.channels.channel import load_channel
+    from hl7relay.ops.replay import commit_replay, plan_replay
+    from hl7relay.store.database import DeliveryRecord, MessageRecord
+
+    (tmp_path / "adt.yaml").write_text(
+        "name: adt\nsource: {type: mllp, port: 0}\ndestinations:\n"
+        "  - {name: lab, type: mllp, host: 127.0.0.1, port: 9, order: per_key, order_key: PID-3.1}\n")
+    channel, errors = load_channel(tmp_path / "adt.yaml")
+    assert not errors and channel is not None
+    raw = b"MSH|^~\\&|A|B|||1||ADT^A08|7|P|2.5\rPID|1||MRN123^^^X^MR||DOE^J\r"
+    [original] = store.commit([MessageRecord("adt", raw, "PROCESSED", 1.0, control_id="7",
+                                             deliveries=[DeliveryRecord("lab", "ERROR")])], [])
+    plan = plan_replay(store, {"adt": channel}, original)
+    single = commit_replay(store, {"adt": channel}, plan, "before a cluster", "tester")
+    assert store.get_message(single)["deliveries"][0]["queue_partition"] == 0
+    store.register_node("node-a", "host1", 100, "0.1.0", partitions=8)
+    plan = plan_replay(store, {"adt": channel}, original, force=True)
+    replay = commit_replay(store, {"adt": channel}, plan, "CHG-1 resend", "tester")
+    assert store.get_message(replay)["deliveries"][0]["queue_partition"] == zlib.crc32(b"MRN123") % 8

@@ -139,6 +139,15 @@ def run(args) -> int:
         print(f"cannot open the store {settings['store']}: {detail[0] if detail else exc.__class__.__name__}",
               file=sys.stderr)
         return 1
+    if cluster is not None:
+        try:
+            problem = store.partitions_problem(cluster.node_id, cluster.partitions, cluster.lease_ttl)
+        except Exception as exc:  # noqa: BLE001 - the store went away since: said as any store failure
+            problem = f"the store did not answer ({exc.__class__.__name__})"
+        if problem:
+            lock.release()
+            print(f"not starting: cluster: {problem}", file=sys.stderr)
+            return 1
     pinned = None if getattr(args, "from_files", False) else _rolled_back(store)
     if pinned is not None:
         from hl7relay.snapshots import load_snapshot_channels
@@ -251,6 +260,7 @@ def run(args) -> int:
         beat = NodeBeat(writer, reactor, lambda: engine.configuration, __version__,
                         interval=cluster.lease_renew if cluster is not None else HEARTBEAT_SECONDS,
                         name=cluster.node_id if cluster is not None else None,
+                        partitions=cluster.partitions if cluster is not None else None,
                         on_command=carry_out if cluster is not None else None)
         beat.start().addErrback(lambda failure: announce(f"node not registered: {failure.getErrorMessage()}",
                                                          "node_unregistered", "warn"))

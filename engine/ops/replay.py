@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from hl7relay.channels.channel import Channel
 from hl7relay.channels.pipeline import Result, process
+from hl7relay.cluster import partition_of
 from hl7relay.errors import ParseError
 from hl7relay.fhir.content import parse_content
 from hl7relay.hl7.message import Message
@@ -200,12 +201,14 @@ def commit_replay(store: Store, channels: dict[str, Channel], plan: ReplayPlan, 
         replay_of=plan.original_id, replay_reason=reason, replay_operator=operator,
         snapshot_id=plan.snapshot_id if plan.snapshot_id is not None else channel.snapshot_id,
     )
+    partitions = store.cluster_partitions()  # a cluster's queues: the partition the engine would choose
     for destination in channel.destinations:
         if destination.name in plan.outputs:
             data = plan.outputs[destination.name]
             options = destination.config.queue
             key = parse_content(data).get(options.order_key) if options.order == "per_key" else None
-            record.deliveries.append(DeliveryRecord(destination.name, DeliveryStatus.QUEUED, data, key))
+            record.deliveries.append(DeliveryRecord(destination.name, DeliveryStatus.QUEUED, data, key,
+                                                    partition=partition_of(options, key, data, partitions or 1)))
     updates = [AuditUpdate(dict(audit, target=f"message {plan.original_id}", reason=reason,
                                 detail=f"to {', '.join(sorted(plan.outputs))}"))] if audit else []
     # a dead letter replayed is one no more: the replay carries it (the original keeps its history)

@@ -119,12 +119,13 @@ class _Rows:
 
     def fence(self, held) -> list[tuple]:
         """Leave out the delivery updates written under a lease that is no longer the writer's
-        (``held(lease)`` asks the store, inside the commit's transaction); returns them (message
-        id, destination). A node paused past its lease and woken late writes nothing."""
+        (``held(leases)`` asks the store, inside the commit's transaction, which of them are still
+        held: one query for them all); returns them (message id, destination). A node paused past
+        its lease and woken late writes nothing."""
         if not self._leased:
             return []
-        answers = {lease: held(lease) for lease in set(self._leased.values())}
-        fenced = [key for key, lease in self._leased.items() if not answers[lease]]
+        live = held(sorted(set(self._leased.values())))
+        fenced = [key for key, lease in self._leased.items() if lease not in live]
         for key in fenced:
             del self._merged[key]
         self._leased = {}
@@ -189,6 +190,9 @@ def _sql(placeholder: str) -> dict:
         "lease_held": (f"SELECT 1 FROM leases WHERE name = {p} AND owner = {p} AND epoch = {p} AND expires_at > " +
                        ("extract(epoch from clock_timestamp()) FOR SHARE" if p == "%s"
                         else "(julianday('now') - 2440587.5) * 86400.0")),
+        # PostgreSQL: every lease of a commit in one round trip
+        "leases_live": ("SELECT name, owner, epoch FROM leases WHERE name = ANY(%s) AND expires_at > "
+                        "extract(epoch from clock_timestamp()) FOR SHARE"),
         "stage": f"INSERT INTO message_stages (message_id, stage, content) VALUES ({p}, {p}, {p})",
         "delivery": ("INSERT INTO deliveries (message_id, destination, status, attempts, last_ack, last_error, "
                      f"next_attempt_at, updated_at, order_key, queue_partition) "
@@ -355,8 +359,8 @@ class _SQLiteBatch:
                     counts = _send_file_rows(connection.executemany, sql, rows, ids)
                     if counts:
                         _check_file_order(lambda q, a: connection.execute(q, a).fetchall(), sql, counts)
-                self.fenced = rows.fence(lambda lease: connection.execute(self._SQL["lease_held"], lease).fetchone()
-                                         is not None)
+                self.fenced = rows.fence(lambda leases: {lease for lease in leases if connection.execute(
+                    self._SQL["lease_held"], lease).fetchone() is not None})
                 _send_updates(connection.execute, connection.executemany, self._SQL, rows)
             except BaseException:
                 connection.rollback()

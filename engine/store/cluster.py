@@ -51,14 +51,15 @@ class ClusterQueries:
 
     # -- nodes ---------------------------------------------------------------------------------
     def register_node(self, node_id: str, host: str, pid: int, version: str, snapshot_id: int | None = None,
-                      snapshot_sha256: str = "", now: float | None = None) -> float:
+                      snapshot_sha256: str = "", now: float | None = None, partitions: int | None = None) -> float:
         """This node is running (again): its row, started and beating now. Returns the time."""
         from hl7relay.store.schema import nodes
 
         with self.engine.begin() as connection:
             moment = db_now(connection) if now is None else now
             values = {"host": host, "pid": pid, "version": version, "started_at": moment, "heartbeat_at": moment,
-                      "snapshot_id": snapshot_id, "snapshot_sha256": snapshot_sha256, "state": NodeState.RUNNING.value}
+                      "snapshot_id": snapshot_id, "snapshot_sha256": snapshot_sha256, "state": NodeState.RUNNING.value,
+                      "partitions": partitions}
             done = connection.execute(nodes.update().where(nodes.c.node_id == node_id).values(**values))
             if done.rowcount == 0:
                 connection.execute(nodes.insert().values(node_id=node_id, **values))
@@ -95,6 +96,50 @@ class ClusterQueries:
         for row in rows:
             row["heartbeat_age"] = max(0.0, moment - row["heartbeat_at"])
         return moment, rows
+
+    def cluster_partitions(self) -> int | None:
+        """How many partitions the cluster's nodes split the queues into (the node heard from
+        last), None on a store no cluster ran on: where a delivery stored outside the engine (a
+        replay) goes, so that its key's order holds."""
+        from hl7relay.store.schema import nodes
+
+        with self.engine.connect() as connection:
+            return connection.execute(sa.select(nodes.c.partitions).where(nodes.c.partitions.is_not(None))
+                                      .order_by(nodes.c.heartbeat_at.desc()).limit(1)).scalar()
+
+    def partitions_problem(self, node_id: str, partitions: int, alive: float) -> str | None:
+        """Why a node splitting the queues into ``partitions`` must not start, or None: another
+        node that runs (heard from within ``alive`` seconds) splits them otherwise (the same key
+        would be two partitions, delivered by two nodes at once), or the queues hold deliveries
+        split otherwise by the nodes before (a patient's queued messages and new ones would sit in
+        different partitions and overtake each other)."""
+        from hl7relay.store.schema import _QUEUED, deliveries, nodes
+
+        with self.engine.connect() as connection:
+            moment = db_now(connection)
+            others = connection.execute(sa.select(nodes.c.node_id, nodes.c.partitions, nodes.c.state, nodes.c.heartbeat_at)
+                                        .where(nodes.c.node_id != node_id, nodes.c.partitions.is_not(None))
+                                        .order_by(nodes.c.heartbeat_at.desc())).mappings().all()
+            for other in others:
+                if other["partitions"] != partitions and other["state"] == NodeState.RUNNING.value and \
+                        moment - other["heartbeat_at"] <= alive:
+                    return (f"partitions: {partitions} here, but node {other['node_id']} runs with "
+                            f"{other['partitions']}: every node must split the queues the same way")
+            queued = connection.execute(sa.select(sa.func.count()).select_from(deliveries).where(
+                _QUEUED, deliveries.c.queue_partition.is_not(None))).scalar() or 0
+            beyond = connection.execute(sa.select(sa.func.count()).select_from(deliveries).where(
+                _QUEUED, deliveries.c.queue_partition >= partitions)).scalar() or 0
+            mine = connection.execute(sa.select(nodes.c.partitions).where(nodes.c.node_id == node_id)).scalar()
+        if beyond:
+            return (f"partitions: {partitions} here, but {beyond} deliveries are queued in partitions {partitions} "
+                    "and above, which no node would deliver; use the partitions the nodes used before until the "
+                    "queues are empty")
+        before = others[0]["partitions"] if others else mine  # what split the queues last
+        if before not in (None, partitions) and queued:
+            return (f"partitions: {partitions} here, but {queued} deliveries are queued in the {before} partitions "
+                    f"the nodes used before: a patient's queued and new messages would be in different partitions "
+                    f"and could overtake each other; keep partitions: {before} until the queues are empty")
+        return None
 
     # -- leases --------------------------------------------------------------------------------
     def acquire_lease(self, name: str, owner: str, ttl: float, now: float | None = None) -> int | None:

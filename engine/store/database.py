@@ -233,8 +233,8 @@ class Store(MessageQueries, DeliveryQueries, XrefQueries, FileQueries, SnapshotQ
                         cursor.execute(sql["next_ids"], (len(rows.messages),))
                         ids = [row[0] for row in cursor.fetchall()]
                     stage_rows, delivery_rows = rows.children(ids)
-                    self.last_fenced = rows.fence(lambda lease: cursor.execute(sql["lease_held"], lease).fetchone()
-                                                  is not None)
+                    self.last_fenced = rows.fence(lambda leases: set(leases) & {tuple(row) for row in cursor.execute(
+                        sql["leases_live"], ([name for name, _, _ in leases],)).fetchall()})
                     with _pipeline(driver):  # everything else in one round trip
                         if ids:
                             cursor.executemany(sql["message_with_id"], [(i, *row) for i, row in zip(ids, rows.messages)])

@@ -17,11 +17,24 @@ _QUEUED_IDS = (
     .order_by(deliveries.c.message_id).limit(sa.bindparam("limit"))
 )
 _PARTITION_IDS = _QUEUED_IDS.where(deliveries.c.queue_partition == sa.bindparam("partition"))
+_PARTITIONS_IDS: dict[tuple[int, ...], sa.Executable] = {}  # built once per set of partitions
+
+
+def _partitions_ids(partitions: tuple[int, ...]) -> sa.Executable:
+    statement = _PARTITIONS_IDS.get(partitions)
+    if statement is None:
+        branches = [_QUEUED_IDS.where(deliveries.c.queue_partition == p).subquery().select() for p in partitions]
+        statement = sa.union_all(*branches) if len(branches) > 1 else branches[0]
+        if len(_PARTITIONS_IDS) < 4096:  # the sets a node holds: few, and bounded
+            _PARTITIONS_IDS[partitions] = statement
+    return statement
+
+
 _content, _transformed = stages.alias("content"), stages.alias("transformed")
 _QUEUED_ROWS = (  # the content as delivery_content() finds it
     sa.select(deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts, deliveries.c.next_attempt_at,
               deliveries.c.order_key, sa.func.coalesce(_content.c.content, _transformed.c.content).label("content"),
-              messages.c.raw, messages.c.received_at)
+              messages.c.raw, messages.c.received_at, deliveries.c.queue_partition)
     .join(messages, messages.c.id == deliveries.c.message_id)
     .outerjoin(_content, sa.and_(_content.c.message_id == deliveries.c.message_id, _content.c.stage == sa.bindparam("stage")))
     .outerjoin(_transformed, sa.and_(_transformed.c.message_id == deliveries.c.message_id,
@@ -51,6 +64,22 @@ class DeliveryQueries:
                 ids = connection.execute(_QUEUED_IDS, arguments).scalars().all()
             else:  # a cluster's partition: the node holding its lease reads it
                 ids = connection.execute(_PARTITION_IDS, {**arguments, "partition": partition}).scalars().all()
+            wanted = [i for i in ids if i not in skip]
+            if not wanted:
+                return []
+            rows = connection.execute(_QUEUED_ROWS, {"destination": destination, "stage": "destination:" + destination,
+                                                     "ids": wanted}).mappings()
+            return [dict(r) for r in rows]
+
+    def queued_in_partitions(self, channel: str, destination: str, limit: int, partitions: tuple[int, ...],
+                             skip: frozenset[int] | set[int] = frozenset()) -> list[dict]:
+        """:meth:`queued_deliveries` of several partitions in one read (a cluster node's polls of
+        the partitions it holds): of each partition's first ``limit`` queued deliveries, all but
+        the ``skip`` ids, each row with its ``queue_partition``. Each partition's ids come from its
+        own index range (one branch of a UNION ALL each), however long the others' queues are."""
+        arguments = {"destination": destination, "channel": channel, "limit": limit, "after_id": -1}
+        with self.engine.connect() as connection:
+            ids = connection.execute(_partitions_ids(tuple(sorted(partitions))), arguments).scalars().all()
             wanted = [i for i in ids if i not in skip]
             if not wanted:
                 return []

@@ -446,6 +446,8 @@ nodes = sa.Table(
     sa.Column("snapshot_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=True),
     sa.Column("snapshot_sha256", sa.String(64), nullable=False, default=""),
     sa.Column("state", sa.String(16), nullable=False),  # NodeState
+    # how many partitions the node splits each destination's queue into (the same on every node)
+    sa.Column("partitions", sa.Integer, nullable=True),
 )
 
 # Leases: who may do a thing (deliver a queue's partition, run a singleton) until when; the epoch
@@ -478,6 +480,10 @@ cluster_command_results = sa.Table(
     sa.Column("result", sa.String(16), nullable=False),  # ok, refused
     sa.Column("detail", sa.Text, nullable=False, default=""),
 )
+
+
+def _migration_22(connection) -> None:
+    _add_columns(connection, "nodes", ("partitions",))
 
 
 def _migration_21(connection) -> None:
@@ -526,4 +532,5 @@ MIGRATIONS = [
     (19, "cluster: the nodes on the store and their leases", _migration_19),
     (20, "deliveries: the queue partition each is in (a cluster's nodes deliver the partitions they hold)", _migration_20),
     (21, "cluster: commands to every node (reload) and each node's answer", _migration_21),
+    (22, "cluster: the partitions each node splits the queues into", _migration_22),
 ]
