@@ -243,9 +243,10 @@ def test_the_rate_limit_holds_at_the_server_across_parallel_workers(world):
     for i in range(len(times)):
         for j in range(i + 1, len(times)):
             # a bucket of 2 that refills 10 a second: no window holds more than 2 + 10 a second of requests
-            # (give or take one request: a new connection's TLS handshake comes between the bucket and the
-            # server's clock; without the limit all 14 arrive within a few milliseconds)
-            assert j - i + 1 <= 3 + 10 * (times[j] - times[i]), (i, j, times[j] - times[i])
+            # (give or take two: a new connection's TLS handshake comes between the bucket and the
+            # server's clock, and delays one request into the next's; seen on a loaded 2-core machine:
+            # 5 in 0.199 s. Without the limit all 14 arrive within a few milliseconds)
+            assert j - i + 1 <= 4 + 10 * (times[j] - times[i]), (i, j, times[j] - times[i])
     assert times[-1] - times[0] >= (14 - 3) / 10
 
 

@@ -225,23 +225,24 @@ def test_repeated_log_lines_are_bounded_and_summarised():
 
 
 def _hold_store_lock(database, seconds: float):
-    """Hold the store's engine lock as a stopping engine would, for ``seconds``, on a thread."""
+    """Hold the store's engine lock as a stopping engine would, on a thread, until the returned
+    event is set (the engine said it waits) or ``seconds`` passed: (thread, event)."""
     import fcntl
     import os
     import threading
-    import time
 
     database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(str(database) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    said = threading.Event()
 
     def release():
-        time.sleep(seconds)
+        said.wait(seconds)
         os.close(fd)
 
     thread = threading.Thread(target=release)
     thread.start()
-    return thread
+    return thread, said
 
 
 def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
@@ -254,7 +255,8 @@ def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
     (tmp_path / "channels").mkdir()
     (tmp_path / "channels" / "ch.yaml").write_text("name: ch\nsource: {type: mllp, port: 0}\n")
     # another engine on the store is stopping: the wait for it is a JSON line too
-    waiting = _hold_store_lock(tmp_path / "data" / "hl7relay.db", seconds=1.0)
+    # (held until the engine says it waits: how long its start takes to get there is the machine's)
+    waiting, said = _hold_store_lock(tmp_path / "data" / "hl7relay.db", seconds=20.0)
     process = subprocess.Popen([sys.executable, "-m", "hl7relay", "run", "--channels", str(tmp_path / "channels"),
                                 "--data-dir", str(tmp_path / "data"), "--admin-port", "0", "--log-format", "json",
                                 "--console-port", "0"],
@@ -266,6 +268,8 @@ def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
         while time.monotonic() < deadline:
             line = process.stderr.readline()
             lines.append(line)
+            if '"event": "waiting_for_store"' in line:
+                said.set()
             if '"event": "ready"' in line:
                 break
         port = int(next(json.loads(x)["text"] for x in lines if '"channel_started"' in x).split("127.0.0.1:")[1].split()[0])
@@ -274,6 +278,7 @@ def test_json_log_lines_are_flat_objects_with_our_fields(tmp_path):
                 junk.sendall(b"junk outside any frame")
                 time.sleep(0.005)
     finally:
+        said.set()
         process.send_signal(15)
         out, err = process.communicate(timeout=30)
         waiting.join()

@@ -402,17 +402,17 @@ WORKER_PORT_STRIDE = 100  # worker K's admin listener: the admin port + 100 x (K
 def _workers(args, settings: dict, problems: list) -> int:
     """How many engine processes run (--workers, else cluster.workers); for worker K (--worker K,
     given by the supervisor) its own node id and admin port, and no console but the first's."""
+    cluster = settings.get("cluster")
+    count = getattr(args, "workers", None) or (cluster.workers if cluster is not None else 1)
+    worker = settings["worker"] = getattr(args, "worker", None)
+    if count == 1 and worker is None:
+        return count
     import dataclasses
     import socket
 
     from hl7relay.cluster import ClusterSettings
     from hl7relay.workers import worker_node_id
 
-    cluster = settings.get("cluster")
-    count = getattr(args, "workers", None) or (cluster.workers if cluster is not None else 1)
-    worker = settings["worker"] = getattr(args, "worker", None)
-    if count == 1 and worker is None:
-        return count
     # --workers alone: the host's workers make a cluster of their own, on the defaults
     cluster = dataclasses.replace(cluster or ClusterSettings(socket.gethostname()), workers=count)
     if worker is not None:
