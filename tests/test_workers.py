@@ -300,8 +300,8 @@ def test_workers_need_postgresql_and_a_count_from_1(tmp_path):
 
     sqlite = run("--workers", "2")
     assert sqlite.returncode == 1 and sqlite.stderr.strip().splitlines() == [
-        "cluster: needs a PostgreSQL store (store: {url: postgresql+psycopg://USER@HOST/DB}); several engines "
-        "cannot share a SQLite file"], sqlite.stderr
+        "--workers 2: the workers share a PostgreSQL store (store: {url: postgresql+psycopg://USER@HOST/DB}); "
+        "several processes cannot share a SQLite file"], sqlite.stderr
     for bad in ("0", "two", "65"):
         answer = run("--workers", bad)
         assert answer.returncode == 2 and "Traceback" not in answer.stderr

@@ -407,6 +407,10 @@ def _workers(args, settings: dict, problems: list) -> int:
     worker = settings["worker"] = getattr(args, "worker", None)
     if count == 1 and worker is None:
         return count
+    if cluster is None and not str(settings["store"]).startswith("postgresql"):
+        problems.append(f"--workers {count}: the workers share a PostgreSQL store (store: {{url: "
+                        "postgresql+psycopg://USER@HOST/DB}); several processes cannot share a SQLite file")
+        return count
     import dataclasses
     import socket
 
