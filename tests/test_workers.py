@@ -166,15 +166,6 @@ def test_shared_ports_take_connections_in_each_process_and_a_taken_port_says_so(
 
 
 # -- real workers ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    try:
-        return probe.getsockname()[1]
-    finally:
-        probe.close()
-
-
 def _harness():
     import sys
     from pathlib import Path
@@ -185,19 +176,12 @@ def _harness():
     return harness
 
 
-def _worker_pids(supervisor_pid: int) -> dict[int, int]:
-    """Worker number -> pid, from the supervisor's children's command lines."""
-    from pathlib import Path
+def _free_port() -> int:
+    return _harness().free_port()
 
-    pids = {}
-    for pid in _harness()._children(supervisor_pid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--worker" in argv:
-            pids[int(argv[argv.index(b"--worker") + 1])] = pid
-    return pids
+
+def _worker_pids(supervisor_pid: int) -> dict[int, int]:
+    return _harness().worker_pids(supervisor_pid)
 
 
 def test_two_workers_share_the_listener_and_one_killed_under_load_is_restarted_with_nothing_lost(tmp_path):

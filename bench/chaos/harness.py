@@ -158,6 +158,29 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def worker_pids(supervisor_pid: int) -> dict[int, int]:
+    """``hl7relay run --workers N``'s workers: number -> pid, from its children's command lines."""
+    pids = {}
+    for pid in _children(supervisor_pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--worker" in argv:
+            pids[int(argv[argv.index(b"--worker") + 1])] = pid
+    return pids
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a listener that must be given one: workers share it)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    try:
+        return probe.getsockname()[1]
+    finally:
+        probe.close()
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]

@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (ADT, ROOT, ChaosFailure, Engine, Load, Sink, cluster_node, delivery_figures,  # noqa: E402
-                     first_frame, mutations, relay_channel, stored_control_ids, wait_for, write_channel)
+                     first_frame, free_port, mutations, relay_channel, stored_control_ids, wait_for, worker_pids,
+                     write_channel)
 
 from hl7relay.mllp.framing import MLLPFramer, frame  # noqa: E402
 
@@ -506,6 +507,58 @@ def cluster(work: Path, full: bool) -> dict:
                        hangs=sum(len(load.hangs) for load in loads))
         if max(takeovers) > ttl + renew + 1.5:  # the look itself polls the store every 50 ms, and a node must see the death
             raise ChaosFailure(f"a takeover took {max(takeovers):.1f}s (lease_ttl {ttl} + lease_renew {renew})", figures)
+        check(figures)
+        return figures
+    finally:
+        sink.down()
+        server.remove()
+
+
+# -- one host's workers: `hl7relay run --workers 2`, a worker killed (-9) per round --------------------------
+@scenario("workers")
+def workers(work: Path, full: bool) -> dict:
+    """The supervisor starts the killed worker again; meanwhile the other takes its partitions and
+    the senders' new connections (the shared port); nothing acknowledged is lost or reordered."""
+    rounds, per_round = (10, 1000) if full else (6, 150)
+    server = PrivatePostgres()
+    sink = Sink(delay=0.002).up()
+    port = free_port()
+    engine = cluster_node(work / "host", "host", server.url, sink.port, 4, 1, workers=2, listen_port=port)
+    try:
+        from hl7relay.store.database import Store
+
+        store = Store(server.url, create=False)
+
+        def owners():
+            return {row["name"]: row["owner"] for row in store.leases() if row["left"] > 0}
+
+        both = {"host-w1", "host-w2"}
+        wait_for(lambda: len(owners()) == 8 and set(owners().values()) == both, 60, "every partition owned, by both")
+        loads, kills = [], []
+        for number in range(rounds):
+            victim = 1 + number % 2
+            load = Load(port, connections=4, prefix=f"{number}-", key_prefix=f"R{number}K").start()
+            loads.append(load)
+            wait_for(lambda load=load: load.accepted_count() >= per_round, 120, f"round {number}: {per_round} ACKed")
+            restarts = engine.output().count(f"worker {victim} (host-w{victim}) is running again")
+            kills.append(time.monotonic())
+            os.kill(worker_pids(engine.pid)[victim], 9)
+            wait_for(lambda victim=victim, restarts=restarts: engine.output().count(
+                f"worker {victim} (host-w{victim}) is running again") > restarts, 120,
+                f"round {number}: worker {victim} started again")
+            wait_for(lambda: set(owners().values()) == both, 60, f"round {number}: the partitions shared again")
+            load.wait_answered(load.accepted_count() + 50, 120)  # the senders reconnected and go on
+            load.finish()
+        accepted = [a for load in loads for a in load.accepted()]
+        wanted = {a.control_id for a in accepted}
+        wait_for(lambda: wanted <= set(sink.ids()), 300, "every ACKed message delivered")
+        code, stop = engine.terminate()
+        store.close()
+        figures = delivery_figures(accepted, sink.received, kills, window=1.0, answered_at=sink.answered_at)
+        figures.update(rounds=rounds, restarts=engine.output().count("is running again"), exit=code,
+                       stop_s=round(stop, 2), hangs=sum(len(load.hangs) for load in loads))
+        if code != 0 or "stopped: every worker stopped" not in engine.output():
+            raise ChaosFailure("SIGTERM did not stop every worker cleanly", figures)
         check(figures)
         return figures
     finally:
