@@ -326,3 +326,51 @@ def test_the_backoff_survives_any_number_of_failures():
     h = Harness(backoff_initial=1.0, backoff_max=60.0)
     h.sender._failures = 5000
     assert 30.0 <= h.sender.backoff_delay() <= 60.0
+
+
+def test_deliveries_beyond_parallel_wait_for_a_free_connection():
+    """A cluster's partitions of one destination share its `parallel` connections: a delivery
+    that finds none free waits for the next to finish (it raised IndexError and counted a failed
+    attempt, under load, once the partitions were read together)."""
+    from hl7relay.channels.destinations import MLLPDelivery
+
+    class Engine:
+        reactor = MemoryReactorClock()
+
+    import tempfile
+    from pathlib import Path
+
+    from twisted.internet import defer
+
+    from hl7relay.channels import load_channel
+
+    path = Path(tempfile.mkdtemp()) / "ch.yaml"
+    path.write_text("name: ch\nsource: {type: mllp, port: 0}\n"
+                    "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 2576, parallel: 2, order: none}]\n")
+    channel, errors = load_channel(path, {})
+    assert not errors
+    delivery = MLLPDelivery(channel.destinations[0].config, Engine)
+    pending: list = []
+
+    class FakeSender:
+        def send(self, payload):
+            d = defer.Deferred()
+            pending.append((self, payload, d))
+            return d
+
+        def close(self):
+            pass
+
+    delivery.senders = [FakeSender(), FakeSender()]
+    delivery._idle = list(delivery.senders)
+    results = []
+    for number in range(4):
+        delivery.deliver(message(f"M{number}")).addBoth(results.append)
+    assert len(pending) == 2 and not results  # two on the wire, two waiting
+    ok = type("R", (), {"ok": True, "status": None, "ack_as_text": lambda self: "MSA|AA", "ack_code": "AA", "text": ""})()
+    first = pending.pop(0)
+    first[2].callback(ok)
+    assert len(pending) == 2 and pending[-1][0] is first[0]  # its connection went to the next at once
+    assert len(results) == 1 and results[0].ok
+    delivery.close()  # the destination goes: the one still waiting fails, nothing hangs
+    assert len(results) == 2 and isinstance(results[1], Failure)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import os
 import re
 from dataclasses import dataclass
@@ -193,7 +195,9 @@ class Delivery:
 
 
 class MLLPDelivery(Delivery):
-    """One connection per delivery in flight (the queue never has more than ``parallel`` out)."""
+    """One connection per delivery in flight, ``parallel`` at most. One queue never has more out;
+    a cluster's partitions of the destination share these connections, so a delivery may wait
+    for one to be free (the queues' own order per key holds: a key is in one partition)."""
 
     def __init__(self, config, resources):
         super().__init__(config, resources)
@@ -207,12 +211,24 @@ class MLLPDelivery(Delivery):
         sender = dataclasses.replace(config.sender, backoff_initial=0.0, backoff_max=0.0)
         self.senders = [MLLPSender(sender, resources.reactor) for _ in range(config.queue.parallel)]
         self._idle = list(self.senders)
+        self._waiting: deque = deque()  # deliveries waiting for a free connection (a cluster's partitions)
 
     def deliver(self, message):
+        if not self._idle:
+            from twisted.internet import defer
+
+            waiting: defer.Deferred = defer.Deferred()
+            self._waiting.append(waiting)
+            return waiting.addCallback(lambda _: self.deliver(message))
         sender = self._idle.pop()
 
-        def answered(r):
+        def release(result):
             self._idle.append(sender)
+            if self._waiting:  # the next waiting delivery takes it at once
+                self._waiting.popleft().callback(None)
+            return result
+
+        def answered(r):
             status = r.status
             # the peer's ACK itself is kept, so support can read what it said (masked)
             return DeliveryResult(r.ok, status is SendStatus.APPLICATION_ERROR,
@@ -222,7 +238,7 @@ class MLLPDelivery(Delivery):
                                   outcome=_UNREACHABLE if status is SendStatus.CONNECTION_FAILED
                                   else _TIMED_OUT if status is SendStatus.TIMED_OUT else None)
 
-        return sender.send(message).addCallback(answered)
+        return sender.send(message).addBoth(release).addCallback(answered)
 
     def skip_backoff(self) -> None:
         for sender in self.senders:
@@ -231,6 +247,8 @@ class MLLPDelivery(Delivery):
     def close(self) -> None:
         for sender in self.senders:
             sender.close()
+        while self._waiting:  # their queues are stopping: they record a failed attempt, not a send
+            self._waiting.popleft().errback(RuntimeError("the destination closed"))
 
 
 class FileDelivery(Delivery):
