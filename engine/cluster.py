@@ -193,8 +193,12 @@ class PartitionedQueue:
     def _read(self):
         self._read_call = None
         parts = {p: self.parts[p] for p in sorted(self._asked) if p in self.parts and not self.parts[p].stopped}
-        self._asked.clear()
+        busy = {p for p, part in parts.items() if part._polling}  # still counting its backlog: next read
+        self._asked = busy
+        parts = {p: part for p, part in parts.items() if p not in busy}
         if not parts or self._stopped:
+            if self._asked and not self._stopped:
+                self._schedule_read()
             return
         first = next(iter(parts.values()))
         self._last_read = self.reactor.seconds()

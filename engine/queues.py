@@ -520,8 +520,11 @@ class DestinationQueue:
         if not complete:
             self._polling = True
             try:
-                depth = yield self.writer.read(self.writer.store.queue_depth, self.channel, self.destination,
-                                               self.partition)
+                # a cluster's partition counts off the commit thread: after a take-over every
+                # partition with a backlog counts at each read, and the commits (and the lease
+                # renewals behind them) waited seconds for those counts
+                read = self.writer.read_aside if self.shared else self.writer.read
+                depth = yield read(self.writer.store.queue_depth, self.channel, self.destination, self.partition)
                 # what memory holds (pending, in flight, sent but not yet recorded) is not backlog;
                 # counting it would make every finished delivery poll again
                 self.backlog = max(0, depth - len(self.known))
