@@ -44,6 +44,19 @@ def busy_since(before: tuple[float, float]) -> float:
     return (after[0] - before[0]) / max(1.0, after[1] - before[1])
 
 
+def loads_together(ports: list[int], connections: int, per_connection: int, message: Path) -> tuple[list, float, float]:
+    """One load generator per port in ``ports``, all at once: (their results, seconds, machine busy)."""
+    results: list[dict] = []
+    started, machine = time.monotonic(), machine_busy()
+    threads = [threading.Thread(target=lambda port=port: results.append(load(port, connections, per_connection,
+                                                                              message))) for port in ports]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, time.monotonic() - started, busy_since(machine)
+
+
 def _schema(url: str):
     import sqlalchemy as sa
 
@@ -108,15 +121,8 @@ def run_nodes(work: Path, nodes: int, mode: str, connections: int, per_connectio
         warm = sink_stats(sink, stats)["received"]
         pids = [p for engine in engines for p in (engine.pid, *children(engine.pid))]
         before = {p: cpu_seconds(p) for p in pids}
-        results: list[dict] = []
-        started, machine = time.monotonic(), machine_busy()
-        threads = [threading.Thread(target=lambda port=port: results.append(load(port, connections, per_connection,
-                                                                                  message))) for port in targets]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        acked_seconds, busy = time.monotonic() - started, busy_since(machine)
+        started = time.monotonic()
+        results, acked_seconds, busy = loads_together(targets, connections, per_connection, message)
         acked = sum(r["acked"] for r in results)
         deadline = time.monotonic() + 180
         delivered = sink_stats(sink, stats)
@@ -149,15 +155,7 @@ def run_bare(work: Path, connections: int, per_connection: int, message: Path, u
         for _ in range(loads):
             load(port, connections, 50, message)
         before = cpu_seconds(server.pid)
-        results: list[dict] = []
-        started, machine = time.monotonic(), machine_busy()
-        threads = [threading.Thread(target=lambda: results.append(load(port, connections, per_connection, message)))
-                   for _ in range(loads)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        seconds, busy = time.monotonic() - started, busy_since(machine)
+        results, seconds, busy = loads_together([port] * loads, connections, per_connection, message)
         acked = sum(r["acked"] for r in results)
         return {"nodes": 0, "mode": "bare", "workers": 0, "loads": loads, "acked": acked, "msgs_per_s": acked / seconds,
                 "end_to_end_msgs_per_s": None, "delivered": 0,

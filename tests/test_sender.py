@@ -292,31 +292,34 @@ def test_the_byte_matcher_agrees_with_the_parser_whenever_it_answers(code, acked
     assert not parsed.get("MSA-3") and not parsed.count("ERR")
 
 
-def test_a_queues_sender_connects_when_the_queue_says_with_no_backoff_of_its_own():
-    """The sender's own backoff (up to 60 s) stacked on the queue's retry schedule: a lab that came
-    back waited past retry_max, and an after_delivery sender waited a minute for an AR."""
+def _mllp_delivery(options: str):
+    """An MLLP destination (``options`` added to its YAML) as a queue uses it, on a memory reactor."""
+    import tempfile
+    from pathlib import Path
+
+    from hl7relay.channels import load_channel
     from hl7relay.channels.destinations import MLLPDelivery
 
     class Engine:
         reactor = MemoryReactorClock()
 
-    import tempfile
-    from pathlib import Path
-
-    from hl7relay.channels import load_channel
-
     path = Path(tempfile.mkdtemp()) / "ch.yaml"
     path.write_text("name: ch\nsource: {type: mllp, port: 0}\n"
-                    "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 2576, connect_timeout: 1}]\n")
+                    f"destinations: [{{name: lab, type: mllp, host: 127.0.0.1, port: 2576, {options}}}]\n")
     channel, errors = load_channel(path, {})
-    assert not errors
-    config = channel.destinations[0].config
-    delivery = MLLPDelivery(config, Engine)
+    assert not errors, errors
+    return MLLPDelivery(channel.destinations[0].config, Engine), Engine.reactor
+
+
+def test_a_queues_sender_connects_when_the_queue_says_with_no_backoff_of_its_own():
+    """The sender's own backoff (up to 60 s) stacked on the queue's retry schedule: a lab that came
+    back waited past retry_max, and an after_delivery sender waited a minute for an AR."""
+    delivery, reactor = _mllp_delivery("connect_timeout: 1")
     for attempt in range(8):  # eight refused connections in a row
         results = []
         delivery.deliver(message(f"M{attempt}")).addCallback(results.append)
-        assert len(Engine.reactor.tcpClients) == attempt + 1  # tried at once, every time
-        Engine.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        assert len(reactor.tcpClients) == attempt + 1  # tried at once, every time
+        reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
         assert results and not results[0].ok
 
 
@@ -332,24 +335,9 @@ def test_deliveries_beyond_parallel_wait_for_a_free_connection():
     """A cluster's partitions of one destination share its `parallel` connections: a delivery
     that finds none free waits for the next to finish (it raised IndexError and counted a failed
     attempt, under load, once the partitions were read together)."""
-    from hl7relay.channels.destinations import MLLPDelivery
-
-    class Engine:
-        reactor = MemoryReactorClock()
-
-    import tempfile
-    from pathlib import Path
-
     from twisted.internet import defer
 
-    from hl7relay.channels import load_channel
-
-    path = Path(tempfile.mkdtemp()) / "ch.yaml"
-    path.write_text("name: ch\nsource: {type: mllp, port: 0}\n"
-                    "destinations: [{name: lab, type: mllp, host: 127.0.0.1, port: 2576, parallel: 2, order: none}]\n")
-    channel, errors = load_channel(path, {})
-    assert not errors
-    delivery = MLLPDelivery(channel.destinations[0].config, Engine)
+    delivery, _ = _mllp_delivery("parallel: 2, order: none")
     pending: list = []
 
     class FakeSender:

@@ -45,6 +45,16 @@ _QUEUED_ROWS = (  # the content as delivery_content() finds it
 )
 
 
+def _queued_rows(connection, destination: str, ids, skip) -> list[dict]:
+    """The rows, with what to send, of the queued ``ids`` but the ``skip`` ones (memory has them)."""
+    wanted = [i for i in ids if i not in skip]
+    if not wanted:
+        return []
+    rows = connection.execute(_QUEUED_ROWS, {"destination": destination, "stage": "destination:" + destination,
+                                             "ids": wanted}).mappings()
+    return [dict(r) for r in rows]
+
+
 class DeliveryQueries:
     """Part of :class:`~hl7relay.store.database.Store`; ``engine``: its SQLAlchemy engine."""
 
@@ -64,12 +74,7 @@ class DeliveryQueries:
                 ids = connection.execute(_QUEUED_IDS, arguments).scalars().all()
             else:  # a cluster's partition: the node holding its lease reads it
                 ids = connection.execute(_PARTITION_IDS, {**arguments, "partition": partition}).scalars().all()
-            wanted = [i for i in ids if i not in skip]
-            if not wanted:
-                return []
-            rows = connection.execute(_QUEUED_ROWS, {"destination": destination, "stage": "destination:" + destination,
-                                                     "ids": wanted}).mappings()
-            return [dict(r) for r in rows]
+            return _queued_rows(connection, destination, ids, skip)
 
     def queued_in_partitions(self, channel: str, destination: str, limit: int, partitions: tuple[int, ...],
                              skip: frozenset[int] | set[int] = frozenset()) -> list[dict]:
@@ -80,12 +85,7 @@ class DeliveryQueries:
         arguments = {"destination": destination, "channel": channel, "limit": limit, "after_id": -1}
         with self.engine.connect() as connection:
             ids = connection.execute(_partitions_ids(tuple(sorted(partitions))), arguments).scalars().all()
-            wanted = [i for i in ids if i not in skip]
-            if not wanted:
-                return []
-            rows = connection.execute(_QUEUED_ROWS, {"destination": destination, "stage": "destination:" + destination,
-                                                     "ids": wanted}).mappings()
-            return [dict(r) for r in rows]
+            return _queued_rows(connection, destination, ids, skip)
 
     def queue_depth(self, channel: str, destination: str, partition: int | None = None) -> int:
         query = (sa.select(sa.func.count()).select_from(deliveries).join(messages, messages.c.id == deliveries.c.message_id)
